@@ -1,0 +1,1654 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""pamsignal - see who gets into this server, the moment they do.
+
+Follows the systemd journal, recognises every SSH, sudo, su and console login
+and every failed attempt, and reports each as one event (Elastic Common Schema
+JSON, or a readable line).
+
+commands:
+  run [--json]             follow the journal and report each event (default)
+  scan [--json] [FILE|-]   read a `journalctl -o json` export (or stdin) and
+                           print the events it holds; sends nothing
+  check-config             validate the configuration; exit 78 on problems
+
+examples:
+  sudo python3 pamsignal.py
+  journalctl -o json --since today | python3 pamsignal.py scan --json -
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error.
+Configuration: /etc/pamsignal/pamsignal.conf (INI); without it, built-in
+defaults apply and events are printed on the console.
+"""
+
+# ---------------------------------------------------------------------------
+# 0 header: version gate
+# ---------------------------------------------------------------------------
+import sys
+
+__version__ = "0.1.0"
+
+if sys.version_info < (3, 6):  # pragma: no cover - needs an old interpreter
+    sys.exit("pamsignal needs Python 3.6 or newer")
+
+# ---------------------------------------------------------------------------
+# 1 imports
+# ---------------------------------------------------------------------------
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import configparser  # noqa: E402
+import difflib  # noqa: E402
+import errno  # noqa: E402
+import ipaddress  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import select  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+# ---------------------------------------------------------------------------
+# 2 constants
+# ---------------------------------------------------------------------------
+
+#: Where the service looks for its configuration when --config is not given.
+DEFAULT_CONFIG_PATH = "/etc/pamsignal/pamsignal.conf"
+
+#: Exit codes of main(), as documented in the README and DESIGN.md.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+
+#: Journal fields the parser reads; journalctl prints only these (plus cursor
+#: and timestamps), which roughly doubles its throughput.
+JOURNAL_FIELDS = ("MESSAGE", "SYSLOG_IDENTIFIER", "_PID", "_UID", "_COMM",
+                  "_EXE", "_TRANSPORT", "_HOSTNAME", "_BOOT_ID")
+
+#: Longest MESSAGE the parser looks at; real auth lines are far shorter and
+#: the cap keeps a hostile megabyte line cheap.
+MAX_MESSAGE_CHARS = 8192
+
+#: Longest journalctl output line kept; a longer one is dropped whole.
+MAX_LINE_BYTES = 4 * 1024 * 1024
+
+#: Open sessions remembered for pairing; the oldest are forgotten first.
+MAX_OPEN_SESSIONS = 10000
+
+#: Transports through which the real services write (syslog(3), the native
+#: journal API, or stdout of a unit); kernel and audit lines are never logins.
+TRUSTED_TRANSPORTS = frozenset(("syslog", "journal", "stdout"))
+
+#: Directories a genuine service binary lives in; an unprivileged user cannot
+#: put a program there, so `_EXE` in them cannot be faked.
+TRUSTED_EXE_DIRS = frozenset((
+    "/usr/bin", "/bin", "/usr/sbin", "/sbin", "/usr/local/bin",
+    "/usr/local/sbin", "/usr/lib/openssh", "/usr/libexec/openssh",
+    "/usr/libexec", "/usr/lib/systemd", "/lib/systemd"))
+
+#: Restart delays for journalctl, in seconds; the last one repeats.
+RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+
+#: A journalctl that ran this long is considered healthy again.
+HEALTHY_RUN_S = 60.0
+
+#: After this long without a line, ask the journal whether we fell behind.
+STALL_CHECK_S = 300.0
+
+#: How often the cursor of entries that produced nothing is saved.
+STATE_FLUSH_S = 2.0
+
+# ---------------------------------------------------------------------------
+# 3 errors
+# ---------------------------------------------------------------------------
+
+
+class PamSignalError(Exception):
+    """Root of all errors the command line turns into an exit code."""
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(PamSignalError):
+    """The configuration is unusable; carries every problem found."""
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        PamSignalError.__init__(self, "\n".join(str(p) for p in self.problems))
+
+
+class UsageError(PamSignalError):
+    exit_code = EXIT_USAGE
+
+
+class SourceError(PamSignalError):
+    """journalctl cannot be started at all."""
+
+
+class StateError(PamSignalError):
+    """The state directory cannot be created or written."""
+
+
+# ---------------------------------------------------------------------------
+# 4 small pure helpers
+# ---------------------------------------------------------------------------
+
+#: Characters that must never reach a terminal raw: C0/C1 controls, DEL, and
+#: Unicode format characters that reorder or hide text (bidi overrides, zero
+#: width, line and paragraph separators, BOM).
+_UNSAFE_CHARS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
+    "\u2060-\u206f\ufeff\ufff9-\ufffb]")
+
+
+def _escape_char(match):
+    code = ord(match.group(0))
+    return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code
+
+
+def escape_text(text):
+    """Make attacker-chosen text safe to print: unsafe characters as \\xNN."""
+    return _UNSAFE_CHARS.sub(_escape_char, text)
+
+
+def _json_escape_char(match):
+    return "\\u%04x" % ord(match.group(0))
+
+
+def dumps_safe(obj):
+    """JSON that is readable UTF-8 yet carries no raw control characters."""
+    return _UNSAFE_CHARS.sub(_json_escape_char,
+                             json.dumps(obj, ensure_ascii=False,
+                                        separators=(", ", ": ")))
+
+
+def format_timestamp(timestamp_us):
+    """Microseconds since the epoch -> RFC 3339 UTC with microseconds."""
+    seconds, micros = divmod(timestamp_us, 1000000)
+    return "%s.%06dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S",
+                                       time.gmtime(seconds)), micros)
+
+
+def normalise_address(text):
+    """Split a peer as sshd or PAM wrote it into (ip, domain).
+
+    IPv4-mapped IPv6 becomes plain IPv4; a host name is returned as the domain
+    and never resolved; anything else is (None, None).
+    """
+    if not text:
+        return None, None
+    candidate = text[1:-1] if text.startswith("[") and text.endswith("]") \
+        else text
+    candidate = candidate.split("%", 1)[0]  # drop an IPv6 zone index
+    try:
+        address = ipaddress.ip_address(candidate)
+    except ValueError:
+        if _HOST_NAME.match(text) and not text.replace(".", "").isdigit():
+            return None, text.lower()
+        return None, None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return str(address), None
+
+
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*"
+                        r"[A-Za-z0-9_])?$")
+
+
+def parse_port(text):
+    """A TCP port number, or None for anything that is not one."""
+    if text is None or not text.isdigit() or len(text) > 5:
+        return None
+    port = int(text)
+    return port if port <= 65535 else None
+
+
+def journal_text(value):
+    """One journal field as text, whatever shape journalctl gave it.
+
+    journalctl prints non-UTF-8 values as arrays of byte values and repeated
+    fields as arrays; the first value of a repeated field is used.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if all(isinstance(b, int) and 0 <= b <= 255 for b in value):
+            return bytes(value).decode("utf-8", "replace")
+        return journal_text(value[0])
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def parse_int(text):
+    """A non-negative decimal integer field, or None."""
+    if text is None or not text.isdigit() or len(text) > 19:
+        return None
+    return int(text)
+
+
+def split_at_from(text, tail_pattern, accept=None, marker=" from "):
+    """Split `USER from TAIL` where USER is attacker-chosen text.
+
+    The user name may itself contain " from 10.0.0.1 port 22"; the split
+    that counts is the first one whose whole remainder matches the strict
+    grammar of what the service writes after the user name (and passes
+    `accept`). Returns (user, tail_match) or (None, None).
+    """
+    start = 0
+    while True:
+        position = text.find(marker, start)
+        if position < 0:
+            return None, None
+        tail = tail_pattern.match(text, position + len(marker))
+        if tail is not None and (accept is None or accept(tail)):
+            return text[:position], tail
+        start = position + 1
+
+
+# ---------------------------------------------------------------------------
+# 5 model
+# ---------------------------------------------------------------------------
+
+#: Every field an event can carry. `session_key` is internal (pairs a session
+#: close with its open) and never rendered.
+EVENT_FIELDS = (
+    "timestamp_us", "action", "reason", "severity", "user", "user_id",
+    "target_user", "source_ip", "source_domain", "source_port",
+    "destination_ip", "destination_port", "hostname", "service", "pid",
+    "process_name", "process_executable", "command_line",
+    "working_directory", "tty", "auth_method", "key", "certificate_id",
+    "certificate_serial", "certificate_ca", "session_id",
+    "session_duration_s", "attempts", "writer_uid", "claimed_action",
+    "detail", "cursor", "message", "session_key")
+
+Event = collections.namedtuple("Event", EVENT_FIELDS)
+Event.__new__.__defaults__ = (None,) * len(EVENT_FIELDS)
+Event.__doc__ = """One thing that happened, in the shape of the event contract.
+
+Immutable; stages add to it with `_replace`. Render with `event_to_ecs`."""
+
+#: action -> (ECS category, ECS type, outcome, default severity 0-10).
+ACTIONS = {
+    "login_success": ("authentication", "start", "success", 5),
+    "login_failure": ("authentication", "start", "failure", 3),
+    "session_opened": ("session", "start", "success", 2),
+    "session_closed": ("session", "end", "success", 1),
+    "sudo_command": ("process", "start", "success", 4),
+    "brute_force_detected": ("intrusion_detection", "info", "unknown", 8),
+    "spoofed_entry": ("intrusion_detection", "info", "unknown", 8),
+}
+
+
+def _put(tree, path, value):
+    """Set tree[a][b][c] = value for path "a.b.c", skipping absent values."""
+    if value is None or value == "":
+        return
+    node = tree
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+#: (ECS path, Event field) in the order they are rendered.
+_ECS_LAYOUT = (
+    ("event.reason", "reason"),
+    ("user.name", "user"), ("user.id", "user_id"),
+    ("user.target.name", "target_user"),
+    ("source.ip", "source_ip"), ("source.domain", "source_domain"),
+    ("source.port", "source_port"),
+    ("destination.ip", "destination_ip"),
+    ("destination.port", "destination_port"),
+    ("host.hostname", "hostname"), ("service.name", "service"),
+    ("process.pid", "pid"), ("process.name", "process_name"),
+    ("process.executable", "process_executable"),
+    ("process.command_line", "command_line"),
+    ("process.working_directory", "working_directory"),
+    ("pamsignal.auth_method", "auth_method"), ("pamsignal.key", "key"),
+    ("pamsignal.certificate.id", "certificate_id"),
+    ("pamsignal.certificate.serial", "certificate_serial"),
+    ("pamsignal.certificate.ca", "certificate_ca"),
+    ("pamsignal.tty", "tty"), ("pamsignal.session_id", "session_id"),
+    ("pamsignal.session_duration_s", "session_duration_s"),
+    ("pamsignal.attempts", "attempts"),
+    ("pamsignal.writer_uid", "writer_uid"),
+    ("pamsignal.claimed_action", "claimed_action"),
+    ("pamsignal.detail", "detail"), ("pamsignal.cursor", "cursor"),
+)
+
+
+def event_to_ecs(event):
+    """The event as the nested ECS object of the event contract (no nulls)."""
+    category, kind, outcome, default_severity = ACTIONS[event.action]
+    ecs = {"@timestamp": format_timestamp(event.timestamp_us),
+           "event": {"action": event.action, "category": [category],
+                     "type": [kind], "outcome": outcome,
+                     "severity": (default_severity if event.severity is None
+                                  else event.severity)}}
+    for path, field in _ECS_LAYOUT:
+        _put(ecs, path, getattr(event, field))
+    _put(ecs, "pamsignal.version", __version__)
+    _put(ecs, "message", event.message)
+    return ecs
+
+
+# ---------------------------------------------------------------------------
+# 6 config
+# ---------------------------------------------------------------------------
+
+Config = collections.namedtuple(
+    "Config", "path state_dir log_dir first_start journalctl channels")
+Config.__doc__ = "The validated configuration; `channels` is a tuple."
+
+ChannelConfig = collections.namedtuple("ChannelConfig",
+                                       "name type events options")
+
+ConfigProblem = collections.namedtuple("ConfigProblem",
+                                       "path line section key message")
+
+
+def _problem_text(problem):
+    where = problem.path if problem.line is None \
+        else "%s:%d" % (problem.path, problem.line)
+    what = "[%s]" % problem.section if problem.section else ""
+    if problem.key:
+        what += " %s" % problem.key
+    return "%s: %s%s" % (where, what + ": " if what else "", problem.message)
+
+
+ConfigProblem.__str__ = _problem_text
+
+
+def _absolute_path(value):
+    if not value.startswith("/") or "\0" in value:
+        raise ValueError("expected an absolute path, got %r" % value)
+    return os.path.normpath(value)
+
+
+def _program_path(value):
+    if not value or "\0" in value or (
+            "/" in value and not value.startswith("/")):
+        raise ValueError("expected a program name or an absolute path, "
+                         "got %r" % value)
+    return value
+
+
+_RELATIVE_START = re.compile(r"^-\d{1,6}[smhd]$")
+
+
+def _first_start(value):
+    value = value.strip().lower()
+    if value in ("now", "boot", "all") or _RELATIVE_START.match(value):
+        return value
+    raise ValueError("expected now, boot, all or a time back such as -1h "
+                     "(s, m, h or d), got %r" % value)
+
+
+def _event_filter(value):
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if names == ["*"]:
+        return frozenset(ACTIONS)
+    unknown = [name for name in names if name not in ACTIONS]
+    if unknown or not names:
+        raise ValueError("expected * or a comma-separated list of: %s; got %r"
+                         % (", ".join(sorted(ACTIONS)), value))
+    return frozenset(names)
+
+
+def _console_format(value):
+    if value not in ("text", "json"):
+        raise ValueError("expected text or json, got %r" % value)
+    return value
+
+
+#: [pamsignal] keys: key -> (validator, default).
+GLOBAL_OPTIONS = collections.OrderedDict((
+    ("state_dir", (_absolute_path, "/var/lib/pamsignal")),
+    ("log_dir", (_absolute_path, "/var/log/pamsignal")),
+    ("first_start", (_first_start, "now")),
+    ("journalctl", (_program_path, "journalctl")),
+))
+
+#: Keys every [channel:NAME] section takes, whatever its type.
+CHANNEL_COMMON_OPTIONS = {"type": None, "events": _event_filter}
+
+
+def _index_lines(text):
+    """(section, key) -> line number, so problems can point at the file."""
+    index = {}
+    section = None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        header = re.match(r"^\[([^\]]*)\]", stripped)
+        if header:
+            section = header.group(1).strip()
+            index.setdefault((section, None), number)
+        elif line[:1] not in " \t":
+            key = re.split(r"\s*[=:]", stripped, 1)[0].strip().lower()
+            index.setdefault((section, key), number)
+    return index
+
+
+def _read_ini(text, path):
+    parser = configparser.ConfigParser(
+        interpolation=None, strict=True, empty_lines_in_values=False,
+        inline_comment_prefixes=(";", "#"), default_section="\0none")
+    try:
+        parser.read_string(text, source=path)
+    except configparser.DuplicateSectionError as error:
+        raise ConfigError([ConfigProblem(path, error.lineno, error.section,
+                                         None, "section given twice")])
+    except configparser.DuplicateOptionError as error:
+        raise ConfigError([ConfigProblem(path, error.lineno, error.section,
+                                         error.option, "key given twice")])
+    except configparser.MissingSectionHeaderError as error:
+        raise ConfigError([ConfigProblem(
+            path, error.lineno, None, None,
+            "expected a [section] header before %r" % error.line.strip())])
+    except configparser.ParsingError as error:
+        raise ConfigError([ConfigProblem(
+            path, lineno, None, None,
+            "expected 'key = value', got %r" % line.strip())
+            for lineno, line in error.errors])
+    return parser
+
+
+def _suggest(name, choices):
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return " (did you mean %r?)" % close[0] if close else ""
+
+
+def parse_config(text, path="<config>"):
+    """Validate INI text into a Config, or raise ConfigError with every
+    problem found (file, line, section, key, what was expected)."""
+    parser = _read_ini(text, path)
+    lines = _index_lines(text)
+    problems = []
+
+    def problem(section, key, message):
+        problems.append(ConfigProblem(path, lines.get((section, key)),
+                                      section, key, message))
+
+    settings = {key: default for key, (_, default) in GLOBAL_OPTIONS.items()}
+    channels = []
+    for section in parser.sections():
+        values = parser[section]
+        if section == "pamsignal":
+            for key, raw in values.items():
+                if key not in GLOBAL_OPTIONS:
+                    problem(section, key, "unknown key" +
+                            _suggest(key, GLOBAL_OPTIONS))
+                    continue
+                try:
+                    settings[key] = GLOBAL_OPTIONS[key][0](raw.strip())
+                except ValueError as error:
+                    problem(section, key, str(error))
+        elif section.startswith("channel:") and section[8:].strip():
+            channel = _parse_channel(section, values, problem)
+            if channel is not None:
+                channels.append(channel)
+        else:
+            problem(section, None, "unknown section; expected [pamsignal] "
+                    "or [channel:NAME]")
+    if problems:
+        raise ConfigError(problems)
+    return Config(path=path, channels=tuple(channels), **settings)
+
+
+def _parse_channel(section, values, problem):
+    kind = values.get("type", "").strip()
+    if kind not in CHANNEL_TYPES:
+        problem(section, "type", "expected one of: %s; got %r"
+                % (", ".join(sorted(CHANNEL_TYPES)), kind))
+        return None
+    known = dict(CHANNEL_COMMON_OPTIONS, **CHANNEL_TYPES[kind].OPTIONS)
+    events = frozenset(ACTIONS)
+    options = {}
+    for key, raw in values.items():
+        if key == "type":
+            continue
+        if key not in known:
+            problem(section, key, "unknown key for a %s channel%s"
+                    % (kind, _suggest(key, known)))
+            continue
+        try:
+            value = known[key](raw.strip())
+        except ValueError as error:
+            problem(section, key, str(error))
+            continue
+        if key == "events":
+            events = value
+        else:
+            options[key] = value
+    return ChannelConfig(section[8:].strip(), kind, events, options)
+
+
+def default_config(path=DEFAULT_CONFIG_PATH):
+    """What runs when there is no configuration file at all."""
+    return parse_config("", path)
+
+
+def load_config(path=None):
+    """Read the configuration file; a missing default file means defaults,
+    a missing explicitly named file is an error."""
+    named = path is not None
+    path = path or DEFAULT_CONFIG_PATH
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        if named:
+            raise ConfigError([ConfigProblem(path, None, None, None,
+                                             "no such file")])
+        return default_config(path)
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError([ConfigProblem(path, None, None, None,
+                                         "cannot read: %s" % error)])
+    return parse_config(text, path)
+
+
+# ---------------------------------------------------------------------------
+# 7 parsing
+# ---------------------------------------------------------------------------
+#
+# parse_entry(entry) -> Event | None is pure: one journal entry in, at most
+# one event out. RULES is the single table of what each service writes; the
+# journalctl match arguments are derived from WATCHED_SERVICES.
+
+Service = collections.namedtuple("Service", "family name programs setuid")
+Service.__doc__ = """A watched journal identifier: which rules apply, the
+service name to report, the program names its real writer runs as, and
+whether it is setuid (logs with the caller's UID)."""
+
+_SSHD_PROGRAMS = frozenset(("sshd", "sshd-session", "sshd-auth"))
+
+#: SYSLOG_IDENTIFIER -> Service. Only these cross the journalctl pipe.
+WATCHED_SERVICES = {
+    "sshd": Service("sshd", "sshd", _SSHD_PROGRAMS, False),
+    "sshd-session": Service("sshd", "sshd", _SSHD_PROGRAMS, False),
+    "sshd-auth": Service("sshd", "sshd", _SSHD_PROGRAMS, False),
+    "sudo": Service("sudo", "sudo", frozenset(("sudo",)), True),
+    "su": Service("su", "su", frozenset(("su",)), True),
+    "login": Service("login", "login", frozenset(("login",)), False),
+    "systemd-logind": Service("logind", "systemd-logind",
+                              frozenset(("systemd-logind",)), False),
+}
+
+#: PAM services that switch identity: their session's user is the target.
+SWITCHING_PAM_SERVICES = frozenset(("sudo", "sudo-i", "su", "su-l",
+                                    "runuser", "runuser-l"))
+
+#: sshd method -> reason of a failure with it.
+_METHOD_REASONS = {"password": "bad_password",
+                   "keyboard-interactive": "bad_password",
+                   "publickey": "bad_key", "hostbased": "bad_key",
+                   "none": "no_credentials"}
+
+_KEY = r"[A-Za-z0-9@._-]+ (?:SHA256|MD5):[A-Za-z0-9+/=:]+"
+#: What sshd writes after "ssh2: ": a key, or a certificate with its ID.
+_KEY_INFO = re.compile(
+    r"(?P<key>%s)(?: ID (?P<cert_id>.*) \(serial (?P<serial>\d+)\) "
+    r"CA (?P<ca>%s))?\Z" % (_KEY, _KEY))
+#: What sshd writes after the user name in an auth_log() line.
+_SSHD_AUTH_TAIL = re.compile(r"(?P<addr>\S+) port (?P<port>\d+) ssh2"
+                             r"(?:: (?P<info>.*))?\Z")
+_SSHD_ADDR_PORT_TAIL = re.compile(
+    r"(?P<addr>\S+)(?: port (?P<port>\d+))?\Z")
+_ADDR_ONLY_TAIL = re.compile(r"(?P<addr>\S+)\Z")
+
+_LOG_PREFIX = re.compile(r"^(?:error|fatal|warning): ")
+_LOG_SUFFIX = re.compile(r" \[(?:preauth|postauth)\]\Z")
+
+
+def _source(addr, port=None):
+    ip, domain = normalise_address(addr)
+    return {"source_ip": ip, "source_domain": domain,
+            "source_port": parse_port(port)}
+
+
+def _split_invalid(rest):
+    if rest.startswith("invalid user "):
+        return True, rest[len("invalid user "):]
+    return False, rest
+
+
+def _known_key_info(tail):
+    info = tail.group("info")
+    return info is None or _KEY_INFO.match(info) is not None
+
+
+def _build_auth_log(match):
+    """sshd auth_log(): Accepted/Failed METHOD for [invalid user ]U from ..."""
+    verb, method = match.group("verb"), match.group("method")
+    invalid, rest = _split_invalid(match.group("rest"))
+    user, tail = split_at_from(rest, _SSHD_AUTH_TAIL, _known_key_info)
+    if tail is None:
+        # Key text of a form this version does not know: the last split.
+        user, tail = split_at_from(rest, _SSHD_AUTH_TAIL,
+                                   lambda t: " from " not in t.group(0))
+    if tail is None:
+        return None
+    if verb == "Failed" and invalid and method == "none":
+        return None  # the probe the "Invalid user" line already reported
+    fields = dict(_source(tail.group("addr"), tail.group("port")),
+                  user=user, auth_method=method)
+    key_info = _KEY_INFO.match(tail.group("info") or "")
+    if key_info is not None:
+        fields.update(key=key_info.group("key"),
+                      certificate_id=key_info.group("cert_id"),
+                      certificate_serial=parse_int(key_info.group("serial")),
+                      certificate_ca=key_info.group("ca"))
+    elif tail.group("info"):
+        fields["key"] = tail.group("info")
+    if verb == "Accepted":
+        fields["action"] = "login_success"
+    else:
+        fields["action"] = "login_failure"
+        fields["reason"] = "invalid_user" if invalid else _METHOD_REASONS.get(
+            method.split("/", 1)[0], "bad_credentials")
+    return fields
+
+
+def _build_invalid_user(match):
+    user, tail = split_at_from(match.group("rest"), _SSHD_ADDR_PORT_TAIL)
+    if tail is None:
+        return None
+    return dict(_source(tail.group("addr"), tail.group("port")),
+                action="login_failure", reason="invalid_user", user=user)
+
+
+def _build_not_allowed(match):
+    user, tail = split_at_from(match.group("rest"), _ADDR_ONLY_TAIL)
+    if tail is None:
+        return None
+    return dict(_source(tail.group("addr")), action="login_failure",
+                reason="not_allowed", user=user, detail=match.group("why"))
+
+
+def _build_root_refused(match):
+    return dict(_source(match.group("addr"), match.group("port")),
+                action="login_failure", reason="root_refused", user="root")
+
+
+def _build_max_attempts(match):
+    invalid, rest = _split_invalid(match.group("rest"))
+    user, tail = split_at_from(rest, _SSHD_AUTH_TAIL)
+    if tail is None:
+        return None
+    return dict(_source(tail.group("addr"), tail.group("port")),
+                action="login_failure", reason="max_attempts", user=user)
+
+
+def _companion(match):
+    """Recognised, but another line reports the same attempt."""
+    return None
+
+
+def _build_session_opened(match):
+    service, user = match.group("pam_service"), match.group("user")
+    by_name, by_uid = match.group("by"), match.group("by_uid")
+    fields = {"action": "session_opened", "service": service}
+    if service in SWITCHING_PAM_SERVICES:
+        fields.update(target_user=user, user=by_name or None,
+                      user_id=None if by_name else by_uid)
+    else:
+        fields["user"] = user
+    return fields
+
+
+def _build_session_closed(match):
+    service, user = match.group("pam_service"), match.group("user")
+    fields = {"action": "session_closed", "service": service}
+    fields["target_user" if service in SWITCHING_PAM_SERVICES
+           else "user"] = user
+    return fields
+
+
+_PAM_PAIR = re.compile(r"(\w+)=(\S*)")
+
+
+def _build_pam_auth_failure(match):
+    """pam_unix's own failure line counts only where the service writes no
+    line per attempt itself (sudo); sshd, su and login do."""
+    if match.group("pam_service") not in ("sudo", "sudo-i"):
+        return None
+    pairs = dict(_PAM_PAIR.findall(match.group("pairs")))
+    fields = dict(_source(pairs.get("rhost")), action="login_failure",
+                  reason="bad_password", service="sudo",
+                  user=pairs.get("ruser") or pairs.get("logname") or
+                  pairs.get("user") or None, tty=pairs.get("tty") or None)
+    return fields
+
+
+_SUDO_FAILURES = (
+    (re.compile(r"^\d+ incorrect password attempts? ; "), None),
+    (re.compile(r"^user NOT in sudoers ; "), "not_in_sudoers"),
+    (re.compile(r"^user NOT authorized on host ; "), "not_in_sudoers"),
+    (re.compile(r"^command not allowed ; "), "command_not_allowed"),
+    (re.compile(r"^a password is required ; "), "password_required"),
+)
+_SUDO_USER = re.compile(r"(?:^| ; )USER=(\S+) ; ")
+_SUDO_COMMAND = " ; COMMAND="
+
+
+def _sudo_fields(body):
+    """TTY=t ; PWD=d ; USER=r [; KEY=v ...] ; COMMAND=c, where the directory
+    and the command are the user's own text and may imitate the keys."""
+    candidates = []
+    for user_match in _SUDO_USER.finditer(body):
+        command_at = body.find(_SUDO_COMMAND, user_match.end(1))
+        if command_at < 0:
+            continue
+        candidates.append((user_match, command_at))
+    if not candidates:
+        return None
+    # Several USER= keys means the text imitates one; the loud reading wins.
+    user_match, command_at = next(
+        (c for c in candidates if c[0].group(1) == "root"), candidates[0])
+    head = body[:user_match.start()]
+    tty = re.match(r"^TTY=(\S*?)(?: ; |\Z)", head)
+    pwd_at = head.find("PWD=")
+    return {"target_user": user_match.group(1),
+            "command_line": body[command_at + len(_SUDO_COMMAND):],
+            "working_directory": head[pwd_at + 4:] if pwd_at >= 0 else None,
+            "tty": tty.group(1) if tty else None}
+
+
+def _build_sudo(match):
+    body, action, reason = match.group("body"), "sudo_command", None
+    for failure, failure_reason in _SUDO_FAILURES:
+        prefix = failure.match(body)
+        if prefix:
+            if failure_reason is None:
+                return None  # pam_unix(sudo:auth) lines count the attempts
+            body = body[prefix.end():]
+            action, reason = "login_failure", failure_reason
+            break
+    fields = _sudo_fields(body)
+    if fields is None:
+        return None
+    fields.update(action=action, reason=reason, user=match.group("user"))
+    return fields
+
+
+def _build_su(match):
+    failed = match.group("failed") or match.group("shadow_failed")
+    fields = {"user": match.group("user") or match.group("shadow_user"),
+              "target_user": match.group("target") or
+              match.group("shadow_target"),
+              "tty": match.group("tty")}
+    if failed:
+        fields.update(action="login_failure", reason="bad_password")
+    else:
+        fields["action"] = "login_success"
+    return fields
+
+
+def _build_login_success(match):
+    fields = dict(_source(match.group("host")), action="login_success",
+                  tty=match.group("tty"))
+    fields["user"] = match.groupdict().get("user") or "root"
+    return fields
+
+
+def _build_login_failure(match):
+    user, why = match.group("user"), match.group("why")
+    unknown = why.startswith("User not known")
+    if user == "UNKNOWN":
+        user = None
+    return dict(_source(match.group("host")), action="login_failure",
+                reason="invalid_user" if unknown else "bad_password",
+                user=user, tty=match.group("tty"), detail=why)
+
+
+def _build_logind_new(match):
+    return {"action": "session_opened", "user": match.group("user"),
+            "session_id": match.group("session")}
+
+
+def _build_logind_removed(match):
+    return {"action": "session_closed", "session_id": match.group("session")}
+
+
+Rule = collections.namedtuple("Rule", "family name pattern build")
+Rule.__doc__ = """One message form: the family of identifiers it applies to
+("pam" applies to all), a name, an anchored regex and the function that turns
+its match into event fields (None: recognised, but not an event)."""
+
+_PAM_HEAD = r"^pam_unix\((?P<pam_service>[^:()\s]+):"
+
+#: Every message form the parser knows, in the order they are tried.
+RULES = (
+    Rule("sshd", "auth_log", re.compile(
+        r"^(?P<verb>Accepted|Failed) (?P<method>\S+) for (?P<rest>.*)\Z"),
+        _build_auth_log),
+    Rule("sshd", "invalid_user", re.compile(r"^Invalid user (?P<rest>.*)\Z"),
+         _build_invalid_user),
+    Rule("sshd", "not_allowed", re.compile(
+        r"^User (?P<rest>.+) not allowed because (?P<why>.+)\Z"),
+        _build_not_allowed),
+    Rule("sshd", "root_refused", re.compile(
+        r"^ROOT LOGIN REFUSED FROM (?P<addr>\S+)(?: port (?P<port>\d+))?\Z"),
+        _build_root_refused),
+    Rule("sshd", "max_attempts", re.compile(
+        r"^maximum authentication attempts exceeded for (?P<rest>.*)\Z"),
+        _build_max_attempts),
+    Rule("sshd", "too_many_failures", re.compile(
+        r"^Disconnecting\b.*: Too many authentication failures"),
+        _companion),
+    Rule("sshd", "pam_failure_summary", re.compile(
+        r"^PAM(?::)? (?:Authentication failure for |\d+ more authentication"
+        r" failures?)"), _companion),
+    Rule("sshd", "input_userauth_invalid", re.compile(
+        r"^input_userauth_request: invalid user "), _companion),
+    Rule("pam", "session_opened", re.compile(
+        _PAM_HEAD + r"session\): session opened for user (?P<user>\S+?)"
+        r"(?:\(uid=\d+\))? by (?P<by>\S*?)(?:\(uid=(?P<by_uid>\d+)\))?\Z"),
+        _build_session_opened),
+    Rule("pam", "session_closed", re.compile(
+        _PAM_HEAD + r"session\): session closed for user (?P<user>\S+?)"
+        r"(?:\(uid=\d+\))?\Z"), _build_session_closed),
+    Rule("pam", "auth_failure", re.compile(
+        _PAM_HEAD + r"auth\): authentication failure; (?P<pairs>.*)\Z"),
+        _build_pam_auth_failure),
+    Rule("pam", "check_pass", re.compile(
+        _PAM_HEAD + r"auth\): check pass; user unknown\Z"), _companion),
+    Rule("sudo", "continued", re.compile(
+        r"^\s*\S+ : \(command continued\) "), _companion),
+    Rule("sudo", "sudo", re.compile(r"^\s*(?P<user>\S+) : (?P<body>.*)\Z"),
+         _build_sudo),
+    Rule("su", "su", re.compile(
+        r"^(?:(?P<failed>FAILED SU )?\(to (?P<target>\S+)\) (?P<user>\S+) "
+        r"on (?P<tty>\S+)|(?:Successful|(?P<shadow_failed>FAILED)) su for "
+        r"(?P<shadow_target>\S+) by (?P<shadow_user>\S+))\Z"), _build_su),
+    Rule("su", "sulog", re.compile(r"^[+-] \S+ \S+:\S+\Z"), _companion),
+    Rule("login", "login", re.compile(
+        r"^LOGIN ON (?P<tty>\S+) BY (?P<user>\S+)(?: FROM (?P<host>\S+))?\Z"),
+        _build_login_success),
+    Rule("login", "root_login", re.compile(
+        r"^ROOT LOGIN\s+(?:ON|on) '?(?P<tty>[^'\s]+)'?"
+        r"(?: (?:FROM|from) '?(?P<host>[^'\s]+)'?)?\Z"),
+        _build_login_success),
+    Rule("login", "failed_login", re.compile(
+        r"^FAILED LOGIN \(?\d+\)?(?: (?:ON|on) '?(?P<tty>[^'\s]+)'?)?"
+        r"(?: (?:FROM|from) '?(?P<host>[^'\s]+)'?)? FOR '?(?P<user>.*?)'?, "
+        r"(?P<why>[^,]*)\Z"), _build_login_failure),
+    Rule("logind", "new_session", re.compile(
+        r"^New session '?(?P<session>[^'\s]+?)'? of user "
+        r"'?(?P<user>[^'\s]+?)'?(?: with class .*)?\.?\Z"),
+        _build_logind_new),
+    Rule("logind", "removed_session", re.compile(
+        r"^Removed session '?(?P<session>[^'\s]+?)'?\.?\Z"),
+        _build_logind_removed),
+)
+
+_RULES_BY_FAMILY = {
+    family: tuple(rule for rule in RULES if rule.family in (family, "pam"))
+    for family in set(service.family for service in WATCHED_SERVICES.values())
+}
+
+
+def classify_message(family, message):
+    """(rule, fields) for a message of a service family; fields is None for
+    a recognised line that is not an event, rule is None when unknown."""
+    message = _LOG_SUFFIX.sub("", _LOG_PREFIX.sub("", message, 1), 1)
+    for rule in _RULES_BY_FAMILY[family]:
+        match = rule.pattern.match(message)
+        if match is not None:
+            return rule, rule.build(match)
+    return None, None
+
+
+def writer_is_genuine(entry, service):
+    """Whether the trusted journal fields show the real service wrote this.
+
+    Anyone can `logger -t sshd`; only journald sets the underscore fields.
+    `_EXE` is missing when the writer exited before journald looked, so the
+    program name and UID must then suffice.
+    """
+    if journal_text(entry.get("_TRANSPORT")) not in TRUSTED_TRANSPORTS:
+        return False
+    uid = journal_text(entry.get("_UID"))
+    if uid is None or (uid != "0" and not service.setuid):
+        return False
+    exe = journal_text(entry.get("_EXE"))
+    comm = journal_text(entry.get("_COMM"))
+    if exe is not None:
+        directory, program = os.path.split(exe)
+        return directory in TRUSTED_EXE_DIRS and program in service.programs \
+            and (comm is None or comm in service.programs)
+    if comm is not None:
+        return comm in service.programs
+    return uid == "0"
+
+
+def _entry_timestamp(entry):
+    return parse_int(journal_text(entry.get("__REALTIME_TIMESTAMP")))
+
+
+def _session_key(entry, fields, service):
+    boot = journal_text(entry.get("_BOOT_ID")) or ""
+    if fields.get("session_id") is not None:
+        return "%s/logind/%s" % (boot, fields["session_id"])
+    return "%s/%s/%s" % (boot, journal_text(entry.get("_PID")),
+                         fields.get("service") or service.name)
+
+
+def parse_entry(entry):
+    """One journal entry (dict as journalctl -o json gives it) -> Event|None.
+
+    Pure: no clock, file or socket. Entries of unwatched identifiers, unknown
+    messages and companion lines give None; an auth message written by a
+    process that is not the real service gives a `spoofed_entry`.
+    """
+    service = WATCHED_SERVICES.get(
+        journal_text(entry.get("SYSLOG_IDENTIFIER")))
+    if service is None:
+        return None
+    message = journal_text(entry.get("MESSAGE"))
+    timestamp_us = _entry_timestamp(entry)
+    if not message or timestamp_us is None:
+        return None
+    message = message[:MAX_MESSAGE_CHARS]
+    rule, fields = classify_message(service.family, message)
+    if fields is None:
+        return None
+    common = {"timestamp_us": timestamp_us,
+              "hostname": journal_text(entry.get("_HOSTNAME")),
+              "pid": parse_int(journal_text(entry.get("_PID"))),
+              "cursor": journal_text(entry.get("__CURSOR")),
+              "message": message.rstrip("\n")}
+    if not writer_is_genuine(entry, service):
+        return Event(action="spoofed_entry", service=service.name,
+                     writer_uid=parse_int(journal_text(entry.get("_UID"))),
+                     process_name=journal_text(entry.get("_COMM")),
+                     process_executable=journal_text(entry.get("_EXE")),
+                     claimed_action=fields["action"], **common)
+    fields.setdefault("service", service.name)
+    if fields["action"] in ("session_opened", "session_closed"):
+        fields["session_key"] = _session_key(entry, fields, service)
+    fields.update(common)
+    return Event(**fields)
+
+
+def decode_line(line):
+    """One line of journalctl -o json output -> entry dict, or None."""
+    try:
+        entry = json.loads(line.decode("utf-8", "replace")
+                           if isinstance(line, bytes) else line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+# ---------------------------------------------------------------------------
+# 9 detection
+# ---------------------------------------------------------------------------
+
+
+class SessionTracker:
+    """Pairs session_closed with its session_opened and adds the duration.
+
+    Time is the events' own; the table is bounded (oldest forgotten first)
+    and can be saved and restored with the journal cursor.
+    """
+
+    #: Fields a close takes from its open when the close line lacks them.
+    CARRIED = ("user", "user_id", "target_user", "source_ip",
+               "source_domain", "source_port", "tty")
+
+    def __init__(self, limit=MAX_OPEN_SESSIONS):
+        self.limit = limit
+        self.open_sessions = collections.OrderedDict()
+
+    def observe(self, event):
+        """Return the event, a closed one completed from its open."""
+        if event.action == "session_opened" and event.session_key:
+            self.open_sessions.pop(event.session_key, None)
+            self.open_sessions[event.session_key] = dict(
+                {field: getattr(event, field) for field in self.CARRIED},
+                opened_us=event.timestamp_us)
+            while len(self.open_sessions) > self.limit:
+                self.open_sessions.popitem(last=False)
+        elif event.action == "session_closed" and event.session_key:
+            opened = self.open_sessions.pop(event.session_key, None)
+            if opened is not None:
+                carried = {field: opened[field] for field in self.CARRIED
+                           if getattr(event, field) is None}
+                duration_us = max(0, event.timestamp_us - opened["opened_us"])
+                event = event._replace(
+                    session_duration_s=round(duration_us / 1e6, 3), **carried)
+        return event
+
+    def to_state(self):
+        return [[key, value] for key, value in self.open_sessions.items()]
+
+    def load_state(self, saved):
+        """Restore from to_state(); anything malformed is skipped."""
+        self.open_sessions.clear()
+        for item in saved if isinstance(saved, list) else ():
+            if (isinstance(item, list) and len(item) == 2
+                    and isinstance(item[0], str) and isinstance(item[1], dict)
+                    and isinstance(item[1].get("opened_us"), int)):
+                record = {field: item[1].get(field) for field in self.CARRIED}
+                record["opened_us"] = item[1]["opened_us"]
+                self.open_sessions[item[0]] = record
+        while len(self.open_sessions) > self.limit:
+            self.open_sessions.popitem(last=False)
+
+
+# ---------------------------------------------------------------------------
+# 10 rendering
+# ---------------------------------------------------------------------------
+
+_NEEDS_QUOTES = re.compile(r'[\s"\\=]')
+
+
+def _text_value(value):
+    """A value for key=value output: escaped, and quoted when it has spaces,
+    so a hostile user name cannot pose as another field."""
+    text = escape_text(str(value).replace("\\", "\\\\"))
+    if not text or _NEEDS_QUOTES.search(text):
+        return '"%s"' % text.replace('"', '\\"')
+    return text
+
+
+def _endpoint(ip, domain, port):
+    host = ip or domain
+    if host is None:
+        return None
+    if port is None:
+        return host
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def render_text(event):
+    """One readable line: time, action, then who/where/how as key=value."""
+    pairs = [
+        ("user", event.user or (event.user_id and "uid " + event.user_id)),
+        ("as", event.target_user),
+        ("source", _endpoint(event.source_ip, event.source_domain,
+                             event.source_port)),
+        ("service", event.service), ("method", event.auth_method),
+        ("reason", event.reason), ("key", event.key),
+        ("tty", event.tty), ("command", event.command_line),
+        ("duration", None if event.session_duration_s is None
+         else "%gs" % event.session_duration_s),
+        ("writer_uid", event.writer_uid), ("program", event.process_name),
+        ("claimed", event.claimed_action), ("host", event.hostname),
+    ]
+    if event.action == "spoofed_entry":
+        pairs.append(("message", event.message))
+    stamp = format_timestamp(event.timestamp_us)
+    return "%sZ %s %s" % (stamp[:19].replace("T", " "), event.action, " ".join(
+        "%s=%s" % (name, _text_value(value)) for name, value in pairs
+        if value is not None and value != ""))
+
+
+def render_json(event):
+    """The event contract, one line, safe for a terminal."""
+    return dumps_safe(event_to_ecs(event))
+
+
+# ---------------------------------------------------------------------------
+# 12 sinks and state (I/O)
+# ---------------------------------------------------------------------------
+
+
+def say(level, message, stream=None):
+    """A diagnostic on stderr; under systemd with the journal's priority."""
+    stream = stream or sys.stderr
+    if os.environ.get("JOURNAL_STREAM"):
+        prefix = {"error": "<3>", "warning": "<4>", "info": "<6>"}[level]
+    else:
+        prefix = "pamsignal: " if level == "info" else \
+            "pamsignal: %s: " % level
+    try:
+        stream.write(prefix + escape_text(message) + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass  # nowhere left to complain to
+
+
+class ConsoleSink:
+    """Prints each event on standard output: a readable line or ECS JSON."""
+
+    OPTIONS = {"format": _console_format}
+
+    def __init__(self, name, events=frozenset(ACTIONS), options=None,
+                 stream=None):
+        self.name = name
+        self.events = events
+        self.format = (options or {}).get("format", "text")
+        self.stream = stream
+
+    def open(self):
+        if self.stream is None:
+            self.stream = sys.stdout
+
+    def send(self, event):
+        line = render_json(event) if self.format == "json" \
+            else render_text(event)
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        pass
+
+
+#: channel type -> sink class; a new destination is one class here.
+CHANNEL_TYPES = {"console": ConsoleSink}
+
+
+def build_sinks(config, json_output=False):
+    """The configured channels, or the console when none is configured."""
+    channels = config.channels or (
+        ChannelConfig("console", "console", frozenset(ACTIONS), {}),)
+    sinks = []
+    for channel in channels:
+        options = dict(channel.options)
+        if json_output and channel.type == "console":
+            options["format"] = "json"
+        sinks.append(CHANNEL_TYPES[channel.type](channel.name, channel.events,
+                                                 options))
+    return sinks
+
+
+class StateStore:
+    """The journal cursor and open sessions, saved atomically together so a
+    restart resumes exactly where the last handled entry left off."""
+
+    FILE_NAME = "state.json"
+
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+        self.path = os.path.join(state_dir, self.FILE_NAME)
+
+    def prepare(self):
+        """Create the directory if missing and prove it can be written."""
+        try:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+            probe = os.path.join(self.state_dir, ".write-test")
+            with open(probe, "w") as handle:
+                handle.write("ok")
+            os.unlink(probe)
+        except OSError as error:
+            raise StateError(
+                "cannot write the state directory %s: %s (run as root, or set"
+                " state_dir in [pamsignal] of the configuration)"
+                % (self.state_dir, error.strerror or error))
+
+    def load(self):
+        """The saved state, or {} when there is none or it is unreadable."""
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                state = json.load(handle)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as error:
+            say("warning", "ignoring unreadable state %s: %s"
+                % (self.path, error))
+            return {}
+        return state if isinstance(state, dict) else {}
+
+    def save(self, state):
+        temporary = self.path + ".tmp"
+        try:
+            descriptor = os.open(temporary,
+                                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(state, handle, separators=(",", ":"))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.path)
+        except OSError as error:
+            raise StateError("cannot save state to %s: %s"
+                             % (self.path, error.strerror or error))
+
+
+_CURSOR_SHAPE = re.compile(r"^[A-Za-z0-9=;_-]{1,512}$")
+
+
+def valid_cursor(cursor):
+    """Cursors are opaque, but a saved one must at least look like one."""
+    return isinstance(cursor, str) and bool(_CURSOR_SHAPE.match(cursor))
+
+
+# ---------------------------------------------------------------------------
+# 13 journal source (I/O)
+# ---------------------------------------------------------------------------
+
+
+def journal_matches():
+    """journalctl match arguments: one field repeated means OR."""
+    return ["SYSLOG_IDENTIFIER=%s" % name for name in sorted(WATCHED_SERVICES)]
+
+
+def start_arguments(first_start, now_s):
+    """Where a follower with no saved cursor begins."""
+    if first_start == "now":
+        return ["--since=@%.6f" % now_s]
+    if first_start == "boot":
+        return ["--boot"]
+    if first_start == "all":
+        return []
+    return ["--since=%s" % first_start]
+
+
+def follow_command(journalctl, position):
+    """The journalctl command line that follows the watched services."""
+    return ([journalctl, "--follow", "--output=json", "--no-pager",
+             "--all", "--quiet", "--no-tail",
+             "--output-fields=" + ",".join(JOURNAL_FIELDS)]
+            + position + journal_matches())
+
+
+class JournalSource:
+    """Runs `journalctl -f -o json` and hands out its lines.
+
+    Restarts it with backoff when it exits, resumes after the last handled
+    entry's cursor, and restarts it when it has silently stopped following
+    (seen when inotify watches run out).
+    """
+
+    def __init__(self, journalctl, first_start, cursor=None,
+                 last_realtime_us=None):
+        self.journalctl = journalctl
+        self.first_start = first_start
+        self.cursor = cursor
+        self.last_realtime_us = last_realtime_us
+        self.initial_position = None
+        self.process = None
+        self.pending = b""
+        self.discarding = False
+        self.errors = b""
+        self.failures = 0
+        self.cursor_rejections = 0
+        self.restart_at = 0.0
+        self.started_at = 0.0
+        self.last_activity = 0.0
+        self.restarts = 0
+        self.dropped_lines = 0
+
+    # -- position ---------------------------------------------------------
+
+    def advance(self, cursor, realtime_us):
+        """Record the last fully handled entry."""
+        self.cursor = cursor
+        if realtime_us is not None:
+            self.last_realtime_us = realtime_us
+
+    def position(self):
+        if self.cursor is not None:
+            return ["--after-cursor=%s" % self.cursor]
+        if self.last_realtime_us is not None:
+            return ["--since=@%.6f" % (self.last_realtime_us / 1e6)]
+        if self.initial_position is None:
+            self.initial_position = start_arguments(self.first_start,
+                                                    time.time())
+        return self.initial_position
+
+    # -- process ----------------------------------------------------------
+
+    def start(self, now):
+        command = follow_command(self.journalctl, self.position())
+        try:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, close_fds=True)
+        except OSError as error:
+            self.process = None
+            raise SourceError("cannot start %s: %s" % (
+                self.journalctl, error.strerror or error))
+        self.pending, self.discarding, self.errors = b"", False, b""
+        self.started_at = self.last_activity = now
+
+    def stop(self):
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+    def read(self, timeout, now_fn=time.monotonic):
+        """Complete lines available within `timeout` seconds (maybe none)."""
+        if self.process is None:
+            wait = max(0.0, min(timeout, self.restart_at - now_fn()))
+            time.sleep(wait)
+            return []
+        streams = [self.process.stdout, self.process.stderr]
+        readable, _, _ = select.select(streams, [], [], timeout)
+        lines = []
+        if self.process.stderr in readable:
+            chunk = os.read(self.process.stderr.fileno(), 65536)
+            self.errors = (self.errors + chunk)[-4096:]
+        if self.process.stdout in readable:
+            chunk = os.read(self.process.stdout.fileno(), 262144)
+            if not chunk:
+                self._exited(now_fn())
+            else:
+                self.last_activity = now_fn()
+                lines = self._split(chunk)
+        return lines
+
+    def _split(self, chunk):
+        if self.discarding:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                return []
+            chunk, self.discarding = chunk[newline + 1:], False
+        parts = (self.pending + chunk).split(b"\n")
+        self.pending = parts.pop()
+        if len(self.pending) > MAX_LINE_BYTES:
+            self.pending, self.discarding = b"", True
+            self.dropped_lines += 1
+            say("warning", "dropped a journal line longer than %d bytes"
+                % MAX_LINE_BYTES)
+        return parts
+
+    def _exited(self, now):
+        process = self.process
+        try:
+            process.wait(timeout=5)
+            self.errors = (self.errors + process.stderr.read())[-4096:]
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            pass
+        self.stop()
+        code = process.returncode
+        detail = self.errors.decode("utf-8", "replace").strip()
+        ran_for = now - self.started_at
+        self.failures = 0 if ran_for >= HEALTHY_RUN_S else self.failures + 1
+        if code != 0 and ran_for < 5 and self.cursor is not None:
+            self.cursor_rejections += 1
+            if self.cursor_rejections >= 3:
+                say("warning", "journalctl keeps refusing the saved cursor; "
+                    "resuming from the time of the last handled entry")
+                self.cursor, self.cursor_rejections = None, 0
+        delay = RESTART_BACKOFF_S[min(self.failures,
+                                      len(RESTART_BACKOFF_S) - 1)]
+        self.restart_at = now + delay
+        self.restarts += 1
+        say("warning", "journalctl exited with status %s%s; restarting in "
+            "%ds" % (code, ": " + detail.splitlines()[-1] if detail else "",
+                     delay))
+
+    def supervise(self, now, probe=None):
+        """Restart a dead follower when its backoff is over, and a silent
+        one when the journal holds entries it should have delivered."""
+        if self.process is None:
+            if now >= self.restart_at:
+                try:
+                    self.start(now)
+                except SourceError as error:
+                    self.failures += 1
+                    delay = RESTART_BACKOFF_S[min(
+                        self.failures, len(RESTART_BACKOFF_S) - 1)]
+                    self.restart_at = now + delay
+                    say("error", "%s; retrying in %ds" % (error, delay))
+            return
+        if now - self.last_activity >= STALL_CHECK_S:
+            self.last_activity = now
+            if (probe or self.missed_entries)():
+                say("warning", "journalctl stopped delivering entries; "
+                    "restarting it")
+                self.stop()
+                self.restart_at = now
+
+    def missed_entries(self):
+        """Whether the journal has a watched entry older than 30 s that the
+        follower has not delivered."""
+        command = [self.journalctl, "--output=json", "--no-pager", "--quiet",
+                   "--lines=1", "--output-fields=MESSAGE"] + \
+            self.position() + journal_matches()
+        try:
+            result = subprocess.run(command, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        entry = decode_line(result.stdout.strip().split(b"\n")[-1])
+        realtime_us = entry and _entry_timestamp(entry)
+        return bool(realtime_us) and realtime_us < (time.time() - 30) * 1e6
+
+
+# ---------------------------------------------------------------------------
+# 14 runtime
+# ---------------------------------------------------------------------------
+
+
+class Pipeline:
+    """Entry -> event -> sessions -> sinks, shared by `run` and `scan`.
+
+    A failing sink is reported and never stops the others or the reader.
+    """
+
+    def __init__(self, sinks, sessions=None):
+        self.sinks = sinks
+        self.sessions = sessions or SessionTracker()
+        self.entries = 0
+        self.events = 0
+        self.malformed = 0
+
+    def handle_line(self, line):
+        """One journalctl output line; returns the events it produced."""
+        entry = decode_line(line)
+        if entry is None:
+            self.malformed += 1
+            if self.malformed <= 5 or self.malformed % 1000 == 0:
+                say("warning", "skipped a line that is not a journal JSON "
+                    "object (%d so far): %.80r" % (self.malformed, line))
+            return None, 0
+        self.entries += 1
+        return entry, self.handle_entry(entry)
+
+    def handle_entry(self, entry):
+        event = parse_entry(entry)
+        if event is None:
+            return 0
+        event = self.sessions.observe(event)
+        self.events += 1
+        for sink in self.sinks:
+            if event.action not in sink.events:
+                continue
+            try:
+                sink.send(event)
+            except BrokenPipeError:
+                raise
+            except Exception as error:  # a sink must not stop the agent
+                say("error", "channel %s failed: %s" % (sink.name, error))
+        return 1
+
+
+class Agent:
+    """The `run` command: follows the journal until told to stop."""
+
+    def __init__(self, config, sinks):
+        self.config = config
+        self.store = StateStore(config.state_dir)
+        self.pipeline = Pipeline(sinks)
+        self.source = JournalSource(config.journalctl, config.first_start)
+        self.stopping = False
+        self.last_save = 0.0
+        self.unsaved = False
+
+    def request_stop(self, signum=None, frame=None):
+        self.stopping = True
+
+    def restore(self):
+        state = self.store.load()
+        cursor = state.get("cursor")
+        if cursor is not None and not valid_cursor(cursor):
+            say("warning", "ignoring a malformed saved cursor")
+            cursor = None
+        realtime_us = state.get("realtime_us")
+        self.source.advance(cursor, realtime_us
+                            if isinstance(realtime_us, int) else None)
+        self.pipeline.sessions.load_state(state.get("sessions"))
+
+    def save(self, now):
+        if self.source.cursor is None and self.source.last_realtime_us is None:
+            return
+        self.store.save({"version": 1, "cursor": self.source.cursor,
+                         "realtime_us": self.source.last_realtime_us,
+                         "sessions": self.pipeline.sessions.to_state()})
+        self.last_save, self.unsaved = now, False
+
+    def handle_lines(self, lines, now):
+        for line in lines:
+            entry, produced = self.pipeline.handle_line(line)
+            if entry is None:
+                continue
+            cursor = journal_text(entry.get("__CURSOR"))
+            if cursor is not None and valid_cursor(cursor):
+                self.source.advance(cursor, _entry_timestamp(entry))
+                self.unsaved = True
+            if produced:
+                # Saved before the next entry: a crash never repeats it.
+                self.save(now)
+
+    def run(self):
+        self.store.prepare()
+        self.restore()
+        for sink in self.pipeline.sinks:
+            sink.open()
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        now = time.monotonic()
+        self.source.start(now)
+        say("info", "pamsignal %s following the journal (%s)" % (
+            __version__, "resuming after the saved cursor"
+            if self.source.cursor else "first start: %s"
+            % self.config.first_start))
+        try:
+            while not self.stopping:
+                lines = self.source.read(1.0)
+                now = time.monotonic()
+                self.handle_lines(lines, now)
+                if self.unsaved and now - self.last_save >= STATE_FLUSH_S:
+                    self.save(now)
+                if not self.stopping:
+                    self.source.supervise(now)
+        finally:
+            if self.unsaved:
+                self.save(time.monotonic())
+            self.source.stop()
+            for sink in self.pipeline.sinks:
+                sink.close()
+        say("info", "stopped after %d entries, %d events"
+            % (self.pipeline.entries, self.pipeline.events))
+        return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# 15 CLI
+# ---------------------------------------------------------------------------
+
+
+def build_parser():
+    doc_body = __doc__.split("\n\n", 2)
+    parser = argparse.ArgumentParser(
+        prog="pamsignal", description="\n\n".join(doc_body[:2]),
+        epilog=doc_body[2] if len(doc_body) > 2 else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="PATH",
+                        help="configuration file (default %s)"
+                        % DEFAULT_CONFIG_PATH)
+    parser.add_argument("--version", action="version",
+                        version="pamsignal %s" % __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser("run", help="follow the journal and report")
+    run.add_argument("--json", action="store_true",
+                     help="print ECS JSON, one object per line")
+    scan = commands.add_parser(
+        "scan", help="print the events in a journalctl -o json export")
+    scan.add_argument("--json", action="store_true",
+                      help="print ECS JSON, one object per line")
+    scan.add_argument("file", nargs="?", metavar="FILE|-",
+                      help="the export; - or nothing reads standard input")
+    commands.add_parser("check-config", help="validate the configuration")
+    return parser
+
+
+def command_scan(args, stdout):
+    if args.file in (None, "-"):
+        if args.file is None and sys.stdin.isatty():
+            raise UsageError("scan reads a `journalctl -o json` export: give"
+                             " a FILE, or - to read standard input")
+        stream = sys.stdin.buffer
+    else:
+        try:
+            stream = open(args.file, "rb")
+        except OSError as error:
+            raise PamSignalError("cannot read %s: %s"
+                                 % (args.file, error.strerror or error))
+    sink = ConsoleSink("console", options={
+        "format": "json" if args.json else "text"}, stream=stdout)
+    pipeline = Pipeline([sink])
+    with stream:
+        for line in stream:
+            if line.strip():
+                pipeline.handle_line(line)
+    if pipeline.malformed and not pipeline.entries:
+        raise PamSignalError("no journal entries found; export them with "
+                             "`journalctl -o json`")
+    return EXIT_OK
+
+
+def command_check_config(args, stdout):
+    config = load_config(args.config)
+    if args.config is None and not os.path.exists(config.path):
+        stdout.write("%s: no such file; built-in defaults apply\n"
+                     % config.path)
+    else:
+        stdout.write("%s: OK (%d channel%s)\n" % (
+            config.path, len(config.channels),
+            "" if len(config.channels) == 1 else "s"))
+    return EXIT_OK
+
+
+def command_run(args, stdout):
+    config = load_config(args.config)
+    return Agent(config, build_sinks(config, args.json)).run()
+
+
+COMMANDS = {"run": command_run, "scan": command_scan,
+            "check-config": command_check_config}
+
+
+def main(argv=None, stdout=None):
+    """The command line; returns the exit code."""
+    stdout = stdout or sys.stdout
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_request:
+        return exit_request.code
+    if args.command is None:
+        args.command, args.json = "run", False
+    try:
+        return COMMANDS[args.command](args, stdout)
+    except ConfigError as error:
+        for problem in error.problems:
+            say("error", str(problem))
+        return error.exit_code
+    except PamSignalError as error:
+        say("error", str(error))
+        return error.exit_code
+    except BrokenPipeError:
+        # The reader went away (`scan | head`); nothing left to report to.
+        sys.stderr.close()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""Drive the real thing: systemd-journald, OpenSSH, sudo, su, logger.
+
+Plain functions for the end-to-end tests (see TESTING.md).  Everything needs
+root and the real binaries: run by hand without them, a test skips with the
+reason; under CI (CI=true) the same condition fails the test instead, since
+.ci/run installs everything and nothing may skip there.
+
+Measured on Debian 12 (OpenSSH 9.2p1, sudo 1.9.13p3, util-linux 2.38.1,
+systemd 252 journald, no systemd as PID 1), from `journalctl -o json`:
+
+- sshd logs with SYSLOG_IDENTIFIER=sshd, _TRANSPORT=syslog, _COMM=sshd.
+  Pre-auth and session lines ("Failed password ...", "Accepted ...",
+  "pam_unix(sshd:auth|session) ...", "Connection closed by ... [preauth]")
+  carry _UID=0 and _EXE=/usr/sbin/sshd.  The post-auth child lines
+  ("Received disconnect from ...", "Disconnected from user ...") carry the
+  *user's* _UID and no _EXE at all.
+- One wrong password (sshpass, NumberOfPasswordPrompts=1) gives three lines:
+  "pam_unix(sshd:auth): authentication failure; ... rhost=127.0.0.1  user=U",
+  "Failed password for U from 127.0.0.1 port N ssh2",
+  "Connection closed by authenticating user U 127.0.0.1 port N [preauth]".
+- sudo is setuid: its lines carry SYSLOG_IDENTIFIER=sudo, _COMM=sudo,
+  _EXE=/usr/bin/sudo and the *caller's* _UID (e.g. 1002), facility authpriv:
+  " U : PWD=/tmp ; USER=root ; COMMAND=/usr/bin/echo X" (no TTY= with
+  `sudo -S` and no tty; note the leading space), then
+  "pam_unix(sudo:session): session opened for user root(uid=0) by (uid=1002)".
+  A wrong password: "pam_unix(sudo:auth): authentication failure; logname=
+  uid=1002 euid=0 tty= ruser=U rhost=  user=U", "... conversation failed",
+  "... auth could not identify password for [U]",
+  " U : 1 incorrect password attempt ; PWD=... ; USER=root ; COMMAND=...".
+- util-linux su likewise: SYSLOG_IDENTIFIER=su, _EXE=/usr/bin/su, the
+  caller's _UID.  Success "(to T) U on pts/0" (facility auth, PRIORITY 5),
+  then "pam_unix(su:session): session opened for user T(uid=..) by (uid=..)";
+  failure "pam_unix(su:auth): authentication failure; ... ruser=U ... user=T"
+  and "FAILED SU (to T) U on pts/0".  su reads the password from stdin even
+  without a tty (then the line says "on none"); su_as() below uses a real
+  pty so the tty is "pts/N" as for a person.
+- runuser (used to become the test users) logs its own
+  "pam_unix(runuser:session): session opened for user U(uid=..) by (uid=0)"
+  with SYSLOG_IDENTIFIER=runuser, _UID=0.
+- `runuser -u nobody -- logger -t sshd MSG` lands as SYSLOG_IDENTIFIER=sshd,
+  _TRANSPORT=syslog, _UID=65534, _COMM=logger and no _EXE (logger has
+  exited before journald looks it up).
+- pam_limits / pam_systemd complain in this environment (no systemd, no
+  CAP_SYS_RESOURCE): harmless extra lines under sshd, sudo, su, runuser.
+- systemd 252 journalctl skips the first matching entry when --after-cursor
+  is combined with a match (-t, FIELD=) and the cursor's entry does not
+  match (systemd issue #30288, fixed in 255).  The helpers below therefore
+  never filter in journalctl, only in Python.
+"""
+
+import json
+import os
+import re
+import secrets
+import select
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+import termios
+import time
+
+import pytest
+
+SSHD = "/usr/sbin/sshd"
+JOURNALD = "/lib/systemd/systemd-journald"
+JOURNAL_DIR = "/run/systemd/journal"
+SSH_PORT = int(os.environ.get("PAMSIGNAL_E2E_SSH_PORT", "2222"))
+SSH_HOSTS = ("127.0.0.1", "::1")
+# Fixed place (not mkdtemp) so a second call, even from another session,
+# finds the sshd this module started.
+SSHD_DIR = os.path.join(tempfile.gettempdir(), "pamsignal-e2e-sshd")
+
+_state = {"sshd_pid": None, "sshd_foreign": [], "users": [], "keydir": None}
+
+
+# ---------------------------------------------------------------- skipping
+
+def in_ci():
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(reason):
+    """Skip (by hand) or fail (in CI, where nothing may skip)."""
+    if in_ci():
+        pytest.fail("e2e prerequisite missing in CI: " + reason, pytrace=False)
+    pytest.skip(reason)
+
+
+def require_root():
+    if os.geteuid() != 0:
+        unavailable("end-to-end tests need root (real sshd, useradd, journald)")
+
+
+def require_binaries(*names):
+    for name in names:
+        if os.path.isabs(name):
+            if not os.access(name, os.X_OK):
+                unavailable("%s is missing (apt-get install it, see .ci/run)" % name)
+        elif shutil.which(name) is None:
+            unavailable("%s is not on PATH (apt-get install it, see .ci/run)" % name)
+
+
+def _run(cmd, **kw):
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    kw.setdefault("universal_newlines", True)
+    kw.setdefault("timeout", 60)
+    return subprocess.run(cmd, **kw)
+
+
+def _check(cmd, **kw):
+    p = _run(cmd, **kw)
+    if p.returncode != 0:
+        raise RuntimeError("%s failed (%d): %s%s" % (
+            " ".join(shlex.quote(c) for c in cmd), p.returncode,
+            p.stdout or "", p.stderr or ""))
+    return p
+
+
+# ---------------------------------------------------------------- journal
+
+def journald_running():
+    return _run(["pgrep", "-x", "systemd-journal"]).returncode == 0
+
+
+def ensure_journald(timeout=20):
+    """Make sure a real systemd-journald runs and /dev/log reaches it."""
+    require_root()
+    require_binaries("pgrep", "journalctl", "setsid", JOURNALD)
+    os.makedirs(JOURNAL_DIR, exist_ok=True)
+    if not journald_running():
+        # setsid -f: fork, new session, detached from pytest entirely.
+        _check(["setsid", "-f", JOURNALD], stdin=subprocess.DEVNULL,
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dev_log = os.path.join(JOURNAL_DIR, "dev-log")
+    deadline = time.time() + timeout
+    while True:
+        ok = os.path.exists(dev_log) and _run(
+            ["journalctl", "-n", "0", "--no-pager"]).returncode == 0
+        if ok:
+            break
+        if time.time() > deadline:
+            raise RuntimeError("systemd-journald did not come up within %ss" % timeout)
+        time.sleep(0.1)
+    if os.path.realpath("/dev/log") != dev_log:
+        _check(["ln", "-sf", dev_log, "/dev/log"])
+
+
+def journal_cursor():
+    """Cursor of the newest entry now in the journal (None if it is empty)."""
+    p = _check(["journalctl", "-n", "0", "--show-cursor", "--no-pager"])
+    for line in p.stdout.splitlines():
+        if line.startswith("-- cursor: "):
+            return line[len("-- cursor: "):].strip()
+    p = _check(["journalctl", "-n", "1", "-o", "json", "--no-pager"])
+    for line in p.stdout.splitlines():
+        return json.loads(line)["__CURSOR"]
+    return None
+
+
+def _text(value):
+    # journalctl -o json gives non-UTF-8 or binary fields as a list of bytes.
+    if isinstance(value, list):
+        return bytes(value).decode("utf-8", "replace")
+    return value if value is not None else ""
+
+
+def journal_entries(after_cursor=None):
+    """All entries after the cursor, as dicts (no journalctl-side filter)."""
+    cmd = ["journalctl", "-o", "json", "--no-pager"]
+    if after_cursor:
+        cmd += ["--after-cursor", after_cursor]
+    p = _check(cmd)
+    out = []
+    for line in p.stdout.splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out
+
+
+def wait_for_journal(pattern, after_cursor, timeout=15, identifier=None, **fields):
+    """Wait until the journal holds, after `after_cursor`, an entry whose
+    MESSAGE matches the regex `pattern` (and SYSLOG_IDENTIFIER / other
+    fields, when given); return that entry."""
+    rx = re.compile(pattern)
+    deadline = time.time() + timeout
+    seen = []
+    while True:
+        seen = journal_entries(after_cursor)
+        for e in seen:
+            if identifier is not None and e.get("SYSLOG_IDENTIFIER") != identifier:
+                continue
+            if any(_text(e.get(k)) != str(v) for k, v in fields.items()):
+                continue
+            if rx.search(_text(e.get("MESSAGE"))):
+                return e
+        if time.time() > deadline:
+            tail = "\n".join("  %s[%s] uid=%s: %s" % (
+                e.get("SYSLOG_IDENTIFIER"), e.get("_PID"), e.get("_UID"),
+                _text(e.get("MESSAGE"))) for e in seen[-30:])
+            raise AssertionError("journal never logged /%s/ within %ss; last entries:\n%s"
+                                 % (pattern, timeout, tail))
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- sshd
+
+def _ssh_banner(host, port, timeout=2.0):
+    """True when something answers on host:port with an SSH banner."""
+    try:
+        s = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return False
+    try:
+        s.settimeout(timeout)
+        return s.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _pid_alive_sshd(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return b"sshd" in f.read()
+    except (OSError, ValueError):
+        return False
+
+
+def _read_pid(path):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def sshd_config_path():
+    return os.path.join(SSHD_DIR, "sshd_config")
+
+
+def ensure_sshd(timeout=20):
+    """A real sshd with UsePAM and password logins on 127.0.0.1 and ::1,
+    port SSH_PORT.  Idempotent.  If another sshd already serves one of the
+    addresses on that port (a machine set up by hand per TESTING.md), it is
+    used as it is and never stopped; ours serves the others."""
+    require_root()
+    require_binaries(SSHD, "ssh", "ssh-keygen", "sshpass")
+    os.makedirs(SSHD_DIR, exist_ok=True)
+    pidfile = os.path.join(SSHD_DIR, "sshd.pid")
+    pid = _read_pid(pidfile)
+    if pid and _pid_alive_sshd(pid) and all(_ssh_banner(h, SSH_PORT) for h in SSH_HOSTS):
+        _state["sshd_pid"] = pid
+        return SSH_PORT
+    if not any(os.path.exists("/etc/ssh/ssh_host_%s_key" % t)
+               for t in ("ed25519", "ecdsa", "rsa")):
+        _check(["ssh-keygen", "-A"])
+    free, foreign = [], []
+    for h in SSH_HOSTS:
+        (foreign if _ssh_banner(h, SSH_PORT) else free).append(h)
+    _state["sshd_foreign"] = foreign
+    if not free:
+        return SSH_PORT
+    os.makedirs("/run/sshd", exist_ok=True)   # privilege separation dir
+    os.chmod("/run/sshd", 0o755)
+    lines = ["Port %d" % SSH_PORT]
+    lines += ["ListenAddress %s" % h for h in free]
+    for t in ("ed25519", "ecdsa", "rsa"):
+        key = "/etc/ssh/ssh_host_%s_key" % t
+        if os.path.exists(key):
+            lines.append("HostKey " + key)
+    lines += [
+        "PidFile " + pidfile,
+        "UsePAM yes",
+        "PasswordAuthentication yes",
+        "KbdInteractiveAuthentication no",
+        "PubkeyAuthentication yes",
+        "AuthorizedKeysFile .ssh/authorized_keys",
+        "PermitRootLogin no",
+        "SyslogFacility AUTH",
+        "LogLevel INFO",
+        "UseDNS no",
+        "PrintMotd no",
+        "MaxStartups 100:30:200",
+        "MaxAuthTries 6",
+        "Subsystem sftp /usr/lib/openssh/sftp-server",
+    ]
+    cfg = sshd_config_path()
+    with open(cfg, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _check([SSHD, "-t", "-f", cfg])
+    try:
+        os.unlink(pidfile)
+    except OSError:
+        pass
+    # sshd daemonises itself (new session, parent init) and writes the pid file.
+    _check([SSHD, "-f", cfg], stdin=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while True:
+        pid = _read_pid(pidfile)
+        if pid and all(_ssh_banner(h, SSH_PORT) for h in SSH_HOSTS):
+            break
+        if time.time() > deadline:
+            raise RuntimeError("sshd did not come up on %s port %d" % (free, SSH_PORT))
+        time.sleep(0.1)
+    _state["sshd_pid"] = pid
+    return SSH_PORT
+
+
+def stop_sshd():
+    """Stop the sshd this module started (listener only, by its pid)."""
+    pid = _state.get("sshd_pid")
+    _state["sshd_pid"] = None
+    if not pid or not _pid_alive_sshd(pid):
+        return
+    try:
+        os.kill(pid, 15)
+    except OSError:
+        return
+    for _ in range(50):
+        if not _pid_alive_sshd(pid):
+            break
+        time.sleep(0.1)
+    try:
+        os.unlink(os.path.join(SSHD_DIR, "sshd.pid"))
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- users
+
+def new_password():
+    return "Pw-" + secrets.token_hex(8)
+
+
+def create_user(prefix="pse", password=None, groups=()):
+    """A throw-away local user with a password; returns (name, password)."""
+    require_root()
+    require_binaries("useradd", "chpasswd", "userdel")
+    name = prefix + secrets.token_hex(4)
+    password = password or new_password()
+    cmd = ["useradd", "-m", "-s", "/bin/bash"]
+    if groups:
+        cmd += ["-G", ",".join(groups)]
+    _check(cmd + [name])
+    _state["users"].append(name)
+    _check(["chpasswd"], input="%s:%s\n" % (name, password))
+    return name, password
+
+
+def delete_user(name):
+    _run(["userdel", "-r", "-f", name])
+    if name in _state["users"]:
+        _state["users"].remove(name)
+
+
+def delete_all_users():
+    for name in list(_state["users"]):
+        delete_user(name)
+
+
+def make_keypair(directory=None):
+    """A fresh ed25519 key pair; returns (private_path, "ED25519 SHA256:...")."""
+    directory = directory or tempfile.mkdtemp(prefix="pamsignal-e2e-key-")
+    path = os.path.join(directory, "id_ed25519")
+    _check(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pamsignal-e2e", "-f", path])
+    out = _check(["ssh-keygen", "-l", "-E", "sha256", "-f", path + ".pub"]).stdout.split()
+    # "256 SHA256:abc... pamsignal-e2e (ED25519)"
+    return path, "%s %s" % (out[-1].strip("()"), out[1])
+
+
+def authorize_key(user, private_path):
+    home = os.path.expanduser("~" + user)
+    sshdir = os.path.join(home, ".ssh")
+    os.makedirs(sshdir, exist_ok=True)
+    with open(private_path + ".pub") as f:
+        pub = f.read()
+    ak = os.path.join(sshdir, "authorized_keys")
+    with open(ak, "a") as f:
+        f.write(pub)
+    _check(["chown", "-R", "%s:" % user, sshdir])
+    os.chmod(sshdir, 0o700)
+    os.chmod(ak, 0o600)
+
+
+# ---------------------------------------------------------------- actions
+
+_SSH_COMMON = ["-F", "/dev/null",
+               "-o", "StrictHostKeyChecking=no",
+               "-o", "UserKnownHostsFile=/dev/null",
+               "-o", "GlobalKnownHostsFile=/dev/null",
+               "-o", "LogLevel=ERROR",
+               "-o", "ConnectTimeout=10",
+               "-o", "IdentityAgent=none"]
+
+
+def _cmd_list(cmd):
+    return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+
+
+def ssh_password(user, password, cmd="true", host="127.0.0.1", port=None, timeout=60):
+    """One password login (exactly one password attempt); CompletedProcess."""
+    env = dict(os.environ, SSHPASS=password)
+    argv = (["sshpass", "-e", "ssh"] + _SSH_COMMON +
+            ["-o", "PreferredAuthentications=password",
+             "-o", "PubkeyAuthentication=no",
+             "-o", "NumberOfPasswordPrompts=1",
+             "-p", str(port or SSH_PORT), "-l", user, host, cmd])
+    return _run(argv, env=env, stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def ssh_key(user, key_path, cmd="true", host="127.0.0.1", port=None, timeout=60):
+    """One public-key login with the given private key; CompletedProcess."""
+    argv = (["ssh"] + _SSH_COMMON +
+            ["-o", "BatchMode=yes",
+             "-o", "IdentitiesOnly=yes",
+             "-o", "PreferredAuthentications=publickey",
+             "-o", "PasswordAuthentication=no",
+             "-i", key_path,
+             "-p", str(port or SSH_PORT), "-l", user, host, cmd])
+    return _run(argv, stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+def sudo_as(user, password, cmd, timeout=60):
+    """`user` runs `cmd` through sudo (fresh credentials, password on stdin)."""
+    argv = ["runuser", "-u", user, "--", "sudo", "-S", "-k", "-p", "", "--"] + _cmd_list(cmd)
+    return _run(argv, input=password + "\n", timeout=timeout)
+
+
+def su_as(user, password, target, cmd="true", timeout=30):
+    """`user` runs `su -c cmd target`, typing `password` at su's prompt on a
+    real pty (so su logs "on pts/N").  Returns (returncode, output)."""
+    require_binaries("runuser", "su")
+    master, slave = os.openpty()
+    try:
+        p = subprocess.Popen(["runuser", "-u", user, "--", "su", "-c", cmd, target],
+                             stdin=slave, stdout=slave, stderr=slave,
+                             start_new_session=True, close_fds=True)
+    finally:
+        os.close(slave)
+    out = b""
+    sent = False
+    deadline = time.time() + timeout
+    try:
+        while True:
+            r, _, _ = select.select([master], [], [], 0.05)
+            if r:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:        # EIO: every slave end is closed
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if not sent and b"assword" in out:
+                # PAM's prompt turns echo off with TCSAFLUSH, which throws
+                # away anything typed before: wait for it, as a person would.
+                if not termios.tcgetattr(master)[3] & termios.ECHO:
+                    os.write(master, password.encode() + b"\n")
+                    sent = True
+            if time.time() > deadline:
+                p.kill()
+                raise RuntimeError("su did not finish; output so far: %r" % out)
+    finally:
+        os.close(master)
+    rc = p.wait(timeout=timeout)
+    return rc, out.decode("utf-8", "replace")
+
+
+def forge(uid_user, identifier, message):
+    """Write `message` to syslog as `identifier`, from an unprivileged user."""
+    require_binaries("runuser", "logger")
+    return _check(["runuser", "-u", uid_user, "--", "logger", "-t", identifier, "--", message])
