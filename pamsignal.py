@@ -38,7 +38,6 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 import configparser  # noqa: E402
 import difflib  # noqa: E402
-import errno  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -425,9 +424,27 @@ def _index_lines(text):
             section = header.group(1).strip()
             index.setdefault((section, None), number)
         elif line[:1] not in " \t":
-            key = re.split(r"\s*[=:]", stripped, 1)[0].strip().lower()
+            key = re.split(r"\s*[=:]", stripped, maxsplit=1)[0].strip().lower()
             index.setdefault((section, key), number)
     return index
+
+
+def _ini_syntax_problems(error, path):
+    """configparser's own complaint, as problems with line numbers."""
+    if isinstance(error, configparser.DuplicateSectionError):
+        return [ConfigProblem(path, error.lineno, error.section, None,
+                              "section given twice")]
+    if isinstance(error, configparser.DuplicateOptionError):
+        return [ConfigProblem(path, error.lineno, error.section,
+                              error.option, "key given twice")]
+    if isinstance(error, configparser.MissingSectionHeaderError):
+        return [ConfigProblem(path, error.lineno, None, None,
+                              "expected a [section] header before %r"
+                              % error.line.strip())]
+    return [ConfigProblem(path, lineno, None, None,
+                          "expected 'key = value', got %r" % line.strip())
+            for lineno, line in getattr(error, "errors", ())] or [
+        ConfigProblem(path, None, None, None, str(error))]
 
 
 def _read_ini(text, path):
@@ -436,22 +453,11 @@ def _read_ini(text, path):
         inline_comment_prefixes=(";", "#"), default_section="\0none")
     try:
         parser.read_string(text, source=path)
-    except configparser.DuplicateSectionError as error:
-        raise ConfigError([ConfigProblem(path, error.lineno, error.section,
-                                         None, "section given twice")])
-    except configparser.DuplicateOptionError as error:
-        raise ConfigError([ConfigProblem(path, error.lineno, error.section,
-                                         error.option, "key given twice")])
-    except configparser.MissingSectionHeaderError as error:
-        raise ConfigError([ConfigProblem(
-            path, error.lineno, None, None,
-            "expected a [section] header before %r" % error.line.strip())])
-    except configparser.ParsingError as error:
-        raise ConfigError([ConfigProblem(
-            path, lineno, None, None,
-            "expected 'key = value', got %r" % line.strip())
-            for lineno, line in error.errors])
-    return parser
+    except configparser.Error as error:
+        problems = _ini_syntax_problems(error, path)
+    else:
+        return parser
+    raise ConfigError(problems)
 
 
 def _suggest(name, choices):
@@ -540,11 +546,11 @@ def load_config(path=None):
     except FileNotFoundError:
         if named:
             raise ConfigError([ConfigProblem(path, None, None, None,
-                                             "no such file")])
+                                             "no such file")]) from None
         return default_config(path)
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError([ConfigProblem(path, None, None, None,
-                                         "cannot read: %s" % error)])
+                                         "cannot read: %s" % error)]) from None
     return parse_config(text, path)
 
 
@@ -1177,7 +1183,7 @@ class StateStore:
             raise StateError(
                 "cannot write the state directory %s: %s (run as root, or set"
                 " state_dir in [pamsignal] of the configuration)"
-                % (self.state_dir, error.strerror or error))
+                % (self.state_dir, error.strerror or error)) from None
 
     def load(self):
         """The saved state, or {} when there is none or it is unreadable."""
@@ -1204,7 +1210,7 @@ class StateStore:
             os.replace(temporary, self.path)
         except OSError as error:
             raise StateError("cannot save state to %s: %s"
-                             % (self.path, error.strerror or error))
+                             % (self.path, error.strerror or error)) from None
 
 
 _CURSOR_SHAPE = re.compile(r"^[A-Za-z0-9=;_-]{1,512}$")
@@ -1300,7 +1306,7 @@ class JournalSource:
         except OSError as error:
             self.process = None
             raise SourceError("cannot start %s: %s" % (
-                self.journalctl, error.strerror or error))
+                self.journalctl, error.strerror or error)) from None
         self.pending, self.discarding, self.errors = b"", False, b""
         self.started_at = self.last_activity = now
 
@@ -1587,8 +1593,9 @@ def command_scan(args, stdout):
         try:
             stream = open(args.file, "rb")
         except OSError as error:
-            raise PamSignalError("cannot read %s: %s"
-                                 % (args.file, error.strerror or error))
+            message = "cannot read %s: %s" % (args.file,
+                                              error.strerror or error)
+            raise PamSignalError(message) from None
     sink = ConsoleSink("console", options={
         "format": "json" if args.json else "text"}, stream=stdout)
     pipeline = Pipeline([sink])
