@@ -247,8 +247,8 @@ def split_at_from(text, tail_pattern, accept=None, marker=" from "):
 # 5 model
 # ---------------------------------------------------------------------------
 
-#: Every field an event can carry. `session_key` is internal (pairs a session
-#: close with its open) and never rendered.
+#: Every field an event can carry. `context_key` is internal (ties lines of
+#: one process or session together: boot, PID, service) and never rendered.
 EVENT_FIELDS = (
     "timestamp_us", "action", "reason", "severity", "user", "user_id",
     "target_user", "source_ip", "source_domain", "source_port",
@@ -257,7 +257,7 @@ EVENT_FIELDS = (
     "working_directory", "tty", "auth_method", "key", "certificate_id",
     "certificate_serial", "certificate_ca", "session_id",
     "session_duration_s", "attempts", "writer_uid", "claimed_action",
-    "detail", "cursor", "message", "session_key")
+    "detail", "cursor", "message", "context_key")
 
 Event = collections.namedtuple("Event", EVENT_FIELDS)
 Event.__new__.__defaults__ = (None,) * len(EVENT_FIELDS)
@@ -429,7 +429,7 @@ def _index_lines(text):
     return index
 
 
-def _ini_syntax_problems(error, path):
+def _ini_syntax_problems(error, path, text):
     """configparser's own complaint, as problems with line numbers."""
     if isinstance(error, configparser.DuplicateSectionError):
         return [ConfigProblem(path, error.lineno, error.section, None,
@@ -441,9 +441,12 @@ def _ini_syntax_problems(error, path):
         return [ConfigProblem(path, error.lineno, None, None,
                               "expected a [section] header before %r"
                               % error.line.strip())]
+    lines = text.splitlines()
     return [ConfigProblem(path, lineno, None, None,
-                          "expected 'key = value', got %r" % line.strip())
-            for lineno, line in getattr(error, "errors", ())] or [
+                          "expected 'key = value', got %r"
+                          % lines[lineno - 1].strip())
+            for lineno, _ in getattr(error, "errors", ())
+            if 0 < lineno <= len(lines)] or [
         ConfigProblem(path, None, None, None, str(error))]
 
 
@@ -454,7 +457,7 @@ def _read_ini(text, path):
     try:
         parser.read_string(text, source=path)
     except configparser.Error as error:
-        problems = _ini_syntax_problems(error, path)
+        problems = _ini_syntax_problems(error, path, text)
     else:
         return parser
     raise ConfigError(problems)
@@ -473,8 +476,8 @@ def parse_config(text, path="<config>"):
     problems = []
 
     def problem(section, key, message):
-        problems.append(ConfigProblem(path, lines.get((section, key)),
-                                      section, key, message))
+        line = lines.get((section, key)) or lines.get((section, None))
+        problems.append(ConfigProblem(path, line, section, key, message))
 
     settings = {key: default for key, (_, default) in GLOBAL_OPTIONS.items()}
     channels = []
@@ -592,10 +595,12 @@ _METHOD_REASONS = {"password": "bad_password",
                    "none": "no_credentials"}
 
 _KEY = r"[A-Za-z0-9@._-]+ (?:SHA256|MD5):[A-Za-z0-9+/=:]+"
-#: What sshd writes after "ssh2: ": a key, or a certificate with its ID.
+#: What sshd writes after "ssh2: ": a key, a certificate with its ID, or
+#: (hostbased) a key with the client's claimed user and host.
 _KEY_INFO = re.compile(
     r"(?P<key>%s)(?: ID (?P<cert_id>.*) \(serial (?P<serial>\d+)\) "
-    r"CA (?P<ca>%s))?\Z" % (_KEY, _KEY))
+    r"CA (?P<ca>%s)|(?P<client>, client user \"[^\"]*\", "
+    r"client host \"[^\"]*\"))?\Z" % (_KEY, _KEY))
 #: What sshd writes after the user name in an auth_log() line.
 _SSHD_AUTH_TAIL = re.compile(r"(?P<addr>\S+) port (?P<port>\d+) ssh2"
                              r"(?:: (?P<info>.*))?\Z")
@@ -644,9 +649,10 @@ def _build_auth_log(match):
         fields.update(key=key_info.group("key"),
                       certificate_id=key_info.group("cert_id"),
                       certificate_serial=parse_int(key_info.group("serial")),
-                      certificate_ca=key_info.group("ca"))
+                      certificate_ca=key_info.group("ca"),
+                      detail=(key_info.group("client") or "")[2:] or None)
     elif tail.group("info"):
-        fields["key"] = tail.group("info")
+        fields["detail"] = tail.group("info")  # e.g. a Kerberos principal
     if verb == "Accepted":
         fields["action"] = "login_success"
     else:
@@ -665,11 +671,12 @@ def _build_invalid_user(match):
 
 
 def _build_not_allowed(match):
+    """Checks on the account itself (locked, no shell) name no source."""
     user, tail = split_at_from(match.group("rest"), _ADDR_ONLY_TAIL)
-    if tail is None:
-        return None
-    return dict(_source(tail.group("addr")), action="login_failure",
-                reason="not_allowed", user=user, detail=match.group("why"))
+    fields = {} if tail is None else _source(tail.group("addr"))
+    return dict(fields, action="login_failure", reason="not_allowed",
+                user=match.group("rest") if tail is None else user,
+                detail=match.group("why"))
 
 
 def _build_root_refused(match):
@@ -719,16 +726,17 @@ def _build_pam_auth_failure(match):
     line per attempt itself (sudo); sshd, su and login do."""
     if match.group("pam_service") not in ("sudo", "sudo-i"):
         return None
+    # No source: sudo sets PAM's rhost to this very host, if at all.
     pairs = dict(_PAM_PAIR.findall(match.group("pairs")))
-    fields = dict(_source(pairs.get("rhost")), action="login_failure",
-                  reason="bad_password", service="sudo",
-                  user=pairs.get("ruser") or pairs.get("logname") or
-                  pairs.get("user") or None, tty=pairs.get("tty") or None)
-    return fields
+    return {"action": "login_failure", "reason": "bad_password",
+            "service": "sudo", "tty": pairs.get("tty") or None,
+            "user": pairs.get("ruser") or pairs.get("logname") or
+            pairs.get("user") or None}
 
 
 _SUDO_FAILURES = (
-    (re.compile(r"^\d+ incorrect password attempts? ; "), None),
+    (re.compile(r"^(?P<attempts>\d+) incorrect password attempts? ; "),
+     "bad_password"),
     (re.compile(r"^user NOT in sudoers ; "), "not_in_sudoers"),
     (re.compile(r"^user NOT authorized on host ; "), "not_in_sudoers"),
     (re.compile(r"^command not allowed ; "), "command_not_allowed"),
@@ -758,16 +766,16 @@ def _sudo_fields(body):
     return {"target_user": user_match.group(1),
             "command_line": body[command_at + len(_SUDO_COMMAND):],
             "working_directory": head[pwd_at + 4:] if pwd_at >= 0 else None,
-            "tty": tty.group(1) if tty else None}
+            "tty": tty.group(1) if tty and tty.group(1) != "unknown"
+            else None}
 
 
 def _build_sudo(match):
     body, action, reason = match.group("body"), "sudo_command", None
+    prefix = None
     for failure, failure_reason in _SUDO_FAILURES:
         prefix = failure.match(body)
         if prefix:
-            if failure_reason is None:
-                return None  # pam_unix(sudo:auth) lines count the attempts
             body = body[prefix.end():]
             action, reason = "login_failure", failure_reason
             break
@@ -775,6 +783,10 @@ def _build_sudo(match):
     if fields is None:
         return None
     fields.update(action=action, reason=reason, user=match.group("user"))
+    if prefix and "attempts" in prefix.groupdict():
+        # A total for the whole sudo run; SudoAttempts subtracts the ones
+        # pam_unix already reported one by one.
+        fields["attempts"] = parse_int(prefix.group("attempts"))
     return fields
 
 
@@ -798,14 +810,30 @@ def _build_login_success(match):
     return fields
 
 
+_TERMINAL = re.compile(r"^(?:/dev/)?(?:tty|pts/|console|hvc|vc/|ttyS|:)")
+
+
 def _build_login_failure(match):
+    """util-linux writes FROM the host, or FROM the tty when local; both
+    hide a mistyped name as UNKNOWN or (unknown)."""
     user, why = match.group("user"), match.group("why")
-    unknown = why.startswith("User not known")
-    if user == "UNKNOWN":
-        user = None
-    return dict(_source(match.group("host")), action="login_failure",
-                reason="invalid_user" if unknown else "bad_password",
-                user=user, tty=match.group("tty"), detail=why)
+    place, tty = match.group("host"), match.group("tty")
+    if place and _TERMINAL.match(place) and not tty:
+        place, tty = None, place
+    return dict(_source(place), action="login_failure",
+                reason="invalid_user" if why.startswith("User not known")
+                else "bad_password", detail=why, tty=tty,
+                user=None if user in ("UNKNOWN", "(unknown)") else user)
+
+
+def _build_login_tries(match):
+    place, tty = match.group("host"), match.group("tty")
+    if place and _TERMINAL.match(place) and not tty:
+        place, tty = None, place
+    return dict(_source(place), action="login_failure",
+                reason="max_attempts", tty=tty,
+                attempts=parse_int(match.group("count")),
+                user=match.group("user") or None)
 
 
 def _build_logind_new(match):
@@ -880,6 +908,10 @@ RULES = (
         r"^FAILED LOGIN \(?\d+\)?(?: (?:ON|on) '?(?P<tty>[^'\s]+)'?)?"
         r"(?: (?:FROM|from) '?(?P<host>[^'\s]+)'?)? FOR '?(?P<user>.*?)'?, "
         r"(?P<why>[^,]*)\Z"), _build_login_failure),
+    Rule("login", "too_many_tries", re.compile(
+        r"^TOO MANY LOGIN TRIES \((?P<count>\d+)\)(?: (?:ON|on) "
+        r"'?(?P<tty>[^'\s]+)'?)?(?: (?:FROM|from) '?(?P<host>[^'\s]+)'?)?"
+        r"(?: FOR '?(?P<user>.*?)'?)?(?:, .*)?\Z"), _build_login_tries),
     Rule("logind", "new_session", re.compile(
         r"^New session '?(?P<session>[^'\s]+?)'? of user "
         r"'?(?P<user>[^'\s]+?)'?(?: with class .*)?\.?\Z"),
@@ -933,7 +965,7 @@ def _entry_timestamp(entry):
     return parse_int(journal_text(entry.get("__REALTIME_TIMESTAMP")))
 
 
-def _session_key(entry, fields, service):
+def _context_key(entry, fields, service):
     boot = journal_text(entry.get("_BOOT_ID")) or ""
     if fields.get("session_id") is not None:
         return "%s/logind/%s" % (boot, fields["session_id"])
@@ -972,8 +1004,7 @@ def parse_entry(entry):
                      process_executable=journal_text(entry.get("_EXE")),
                      claimed_action=fields["action"], **common)
     fields.setdefault("service", service.name)
-    if fields["action"] in ("session_opened", "session_closed"):
-        fields["session_key"] = _session_key(entry, fields, service)
+    fields["context_key"] = _context_key(entry, fields, service)
     fields.update(common)
     return Event(**fields)
 
@@ -1010,15 +1041,15 @@ class SessionTracker:
 
     def observe(self, event):
         """Return the event, a closed one completed from its open."""
-        if event.action == "session_opened" and event.session_key:
-            self.open_sessions.pop(event.session_key, None)
-            self.open_sessions[event.session_key] = dict(
+        if event.action == "session_opened" and event.context_key:
+            self.open_sessions.pop(event.context_key, None)
+            self.open_sessions[event.context_key] = dict(
                 {field: getattr(event, field) for field in self.CARRIED},
                 opened_us=event.timestamp_us)
             while len(self.open_sessions) > self.limit:
                 self.open_sessions.popitem(last=False)
-        elif event.action == "session_closed" and event.session_key:
-            opened = self.open_sessions.pop(event.session_key, None)
+        elif event.action == "session_closed" and event.context_key:
+            opened = self.open_sessions.pop(event.context_key, None)
             if opened is not None:
                 carried = {field: opened[field] for field in self.CARRIED
                            if getattr(event, field) is None}
@@ -1042,6 +1073,34 @@ class SessionTracker:
                 self.open_sessions[item[0]] = record
         while len(self.open_sessions) > self.limit:
             self.open_sessions.popitem(last=False)
+
+
+class SudoAttempts:
+    """Makes each failed sudo password count once.
+
+    pam_unix reports some failed attempts one by one as they happen; sudo
+    then totals the whole run ("3 incorrect password attempts"). The total
+    is reduced by what the same process already reported, and dropped when
+    nothing is left.
+    """
+
+    def __init__(self, limit=MAX_OPEN_SESSIONS):
+        self.limit = limit
+        self.reported = collections.OrderedDict()
+
+    def observe(self, event):
+        """The event, a sudo total reduced to the unreported rest, or None."""
+        if event.service != "sudo" or event.action != "login_failure" \
+                or event.reason != "bad_password":
+            return event
+        key = event.context_key
+        if event.attempts is None:
+            self.reported[key] = self.reported.pop(key, 0) + 1
+            while len(self.reported) > self.limit:
+                self.reported.popitem(last=False)
+            return event
+        remaining = event.attempts - self.reported.pop(key, 0)
+        return event._replace(attempts=remaining) if remaining > 0 else None
 
 
 # ---------------------------------------------------------------------------
@@ -1439,6 +1498,7 @@ class Pipeline:
     def __init__(self, sinks, sessions=None):
         self.sinks = sinks
         self.sessions = sessions or SessionTracker()
+        self.sudo_attempts = SudoAttempts()
         self.entries = 0
         self.events = 0
         self.malformed = 0
@@ -1457,6 +1517,8 @@ class Pipeline:
 
     def handle_entry(self, entry):
         event = parse_entry(entry)
+        if event is not None:
+            event = self.sudo_attempts.observe(event)
         if event is None:
             return 0
         event = self.sessions.observe(event)

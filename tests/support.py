@@ -1,0 +1,171 @@
+"""Shared test helpers: the module under test, journal entries, a fake
+journalctl for faults a real journal cannot be made to show."""
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAMSIGNAL = os.path.join(REPO, "pamsignal.py")
+sys.path.insert(0, REPO)
+
+import pamsignal  # noqa: E402
+
+#: The usual writer of each watched identifier, as journald records it.
+DEFAULT_WRITERS = {
+    "sshd": ("/usr/sbin/sshd", "0"),
+    "sshd-session": ("/usr/lib/openssh/sshd-session", "0"),
+    "sshd-auth": ("/usr/lib/openssh/sshd-auth", "0"),
+    "sudo": ("/usr/bin/sudo", "1000"),
+    "su": ("/usr/bin/su", "1000"),
+    "login": ("/usr/bin/login", "0"),
+    "systemd-logind": ("/lib/systemd/systemd-logind", "0"),
+}
+
+
+def make_entry(identifier, message, sequence=1, **overrides):
+    """A journal entry as `journalctl -o json` prints it, from a real
+    writer unless the overrides say otherwise (None removes a field)."""
+    exe, uid = DEFAULT_WRITERS.get(identifier, ("/usr/bin/" + identifier,
+                                                "0"))
+    entry = {
+        "__CURSOR": "s=0123456789abcdef;i=%x;b=feedface;m=1;t=2;x=3"
+                    % sequence,
+        "__REALTIME_TIMESTAMP": str(1795780000000000 + sequence * 1000000),
+        "__MONOTONIC_TIMESTAMP": "123",
+        "_BOOT_ID": "feedface",
+        "SYSLOG_IDENTIFIER": identifier,
+        "MESSAGE": message,
+        "_COMM": os.path.basename(exe)[:15],
+        "_EXE": exe,
+        "_UID": uid,
+        "_PID": "4242",
+        "_TRANSPORT": "syslog",
+        "_HOSTNAME": "web1",
+    }
+    for key, value in overrides.items():
+        if value is None:
+            entry.pop(key, None)
+        else:
+            entry[key] = value
+    return entry
+
+
+def flatten(tree, prefix=""):
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    flat = {}
+    for key, value in tree.items():
+        path = prefix + key
+        if isinstance(value, dict):
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def parse_flat(entry):
+    event = pamsignal.parse_entry(entry)
+    return None if event is None else flatten(pamsignal.event_to_ecs(event))
+
+
+FAKE_JOURNALCTL = r'''#!%(python)s
+"""Fake journalctl: invocation N plays step N of the plan in $FAKE_PLAN
+(the last step repeats) and appends its argv to $FAKE_PLAN.calls."""
+import json, os, sys, time
+plan_path = os.environ["FAKE_PLAN"]
+with open(plan_path) as handle:
+    plan = json.load(handle)
+calls = plan_path + ".calls"
+with open(calls, "a") as handle:
+    handle.write(json.dumps(sys.argv[1:]) + "\n")
+with open(calls) as handle:
+    number = sum(1 for _ in handle) - 1
+mode = "follow" if "--follow" in sys.argv else "once"
+steps = plan[mode]
+step = steps[min(number if mode == "follow" else 0, len(steps) - 1)]
+out = sys.stdout.buffer
+for chunk in step.get("output", []):
+    if isinstance(chunk, (int, float)):
+        out.flush()
+        time.sleep(chunk)
+    else:
+        out.write(chunk.encode("utf-8", "surrogateescape"))
+out.flush()
+if step.get("stderr"):
+    sys.stderr.write(step["stderr"])
+    sys.stderr.flush()
+if step.get("hang"):
+    time.sleep(3600)
+sys.exit(step.get("exit", 0))
+'''
+
+
+class FakeJournal:
+    """A fake journalctl program and the plan it plays.
+
+    plan = {"follow": [step, ...], "once": [step]}; a step is
+    {"output": [text or seconds-to-sleep, ...], "exit": N, "hang": bool,
+     "stderr": text}.
+    """
+
+    def __init__(self, directory, plan):
+        self.directory = str(directory)
+        self.program = os.path.join(self.directory, "journalctl")
+        self.plan_path = os.path.join(self.directory, "plan.json")
+        with open(self.program, "w") as handle:
+            handle.write(FAKE_JOURNALCTL % {"python": sys.executable})
+        os.chmod(self.program, os.stat(self.program).st_mode | stat.S_IXUSR)
+        self.write_plan(plan)
+
+    def write_plan(self, plan):
+        plan = dict({"once": [{}]}, **plan)
+        with open(self.plan_path, "w") as handle:
+            json.dump(plan, handle)
+
+    def calls(self):
+        try:
+            with open(self.plan_path + ".calls") as handle:
+                return [json.loads(line) for line in handle]
+        except FileNotFoundError:
+            return []
+
+    def env(self):
+        return dict(os.environ, FAKE_PLAN=self.plan_path)
+
+
+def json_line(entry):
+    return json.dumps(entry) + "\n"
+
+
+def write_config(path, text):
+    with open(str(path), "w") as handle:
+        handle.write(text)
+    return str(path)
+
+
+class AgentProcess:
+    """`pamsignal.py --config CFG run --json` as a user would start it."""
+
+    def __init__(self, config_path, env=None):
+        self.process = subprocess.Popen(
+            [sys.executable, PAMSIGNAL, "--config", config_path, "run",
+             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=env)
+
+    def stop(self, timeout=15):
+        if self.process.poll() is None:
+            self.process.terminate()
+        out, err = self.process.communicate(timeout=timeout)
+        return ([json.loads(line) for line in out.decode().splitlines()],
+                err.decode(), self.process.returncode)
+
+
+def wait_for(predicate, timeout=20.0, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

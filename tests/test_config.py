@@ -1,0 +1,170 @@
+"""Configuration: built-in defaults, validation with file/line/key, the
+check-config command and the state directory."""
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+from support import PAMSIGNAL, pamsignal, write_config
+
+
+def problems_of(text):
+    with pytest.raises(pamsignal.ConfigError) as caught:
+        pamsignal.parse_config(text, "/etc/p.conf")
+    return [str(p) for p in caught.value.problems]
+
+
+def test_empty_file_means_built_in_defaults():
+    config = pamsignal.parse_config("")
+    assert config.state_dir == "/var/lib/pamsignal"
+    assert config.first_start == "now"
+    assert config.channels == ()
+
+
+def test_values_are_read_and_normalised():
+    config = pamsignal.parse_config(
+        "[pamsignal]\nstate_dir = /srv/ps/../state/   ; inline comment\n"
+        "first_start = -2h\n\n[channel:screen]\ntype = console\n"
+        "format = json\nevents = login_success, login_failure\n")
+    assert config.state_dir == "/srv/state"
+    assert config.first_start == "-2h"
+    (channel,) = config.channels
+    assert channel.name == "screen" and channel.options == {"format": "json"}
+    assert channel.events == {"login_success", "login_failure"}
+
+
+def test_every_problem_is_reported_with_line_and_expectation():
+    found = problems_of(
+        "[pamsignal]\n"
+        "state_dir = relative/path\n"
+        "stat_dir = /x\n"
+        "first_start = yesterday\n"
+        "\n"
+        "[channel:phone]\n"
+        "type = pager\n"
+        "[channel:screen]\n"
+        "type = console\n"
+        "format = xml\n"
+        "events = login_success, logout\n"
+        "[geoip2]\n")
+    assert found == [
+        "/etc/p.conf:2: [pamsignal] state_dir: expected an absolute path, "
+        "got 'relative/path'",
+        "/etc/p.conf:3: [pamsignal] stat_dir: unknown key (did you mean "
+        "'state_dir'?)",
+        "/etc/p.conf:4: [pamsignal] first_start: expected now, boot, all or "
+        "a time back such as -1h (s, m, h or d), got 'yesterday'",
+        "/etc/p.conf:7: [channel:phone] type: expected one of: console; got "
+        "'pager'",
+        "/etc/p.conf:10: [channel:screen] format: expected text or json, got"
+        " 'xml'",
+        "/etc/p.conf:11: [channel:screen] events: expected * or a "
+        "comma-separated list of: brute_force_detected, login_failure, "
+        "login_success, session_closed, session_opened, spoofed_entry, "
+        "sudo_command; got 'login_success, logout'",
+        "/etc/p.conf:12: [geoip2]: unknown section; expected [pamsignal] or "
+        "[channel:NAME]",
+    ]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("state_dir = /x\n", "/etc/p.conf:1: expected a [section] header before "
+     "'state_dir = /x'"),
+    ("[pamsignal]\n[pamsignal]\n", "/etc/p.conf:2: [pamsignal]: section "
+     "given twice"),
+    ("[pamsignal]\nstate_dir = /a\nstate_dir = /b\n", "/etc/p.conf:3: "
+     "[pamsignal] state_dir: key given twice"),
+    ("[pamsignal]\njust words\n", "/etc/p.conf:2: expected 'key = value', "
+     "got 'just words'"),
+    ("[DEFAULT]\nstate_dir = /x\n", "/etc/p.conf:1: [DEFAULT]: unknown "
+     "section; expected [pamsignal] or [channel:NAME]"),
+    ("[channel:x]\nformat = json\n", "/etc/p.conf:1: [channel:x] type: "
+     "expected one of: console; got ''"),
+])
+def test_syntax_errors_point_at_the_line(text, expected):
+    assert problems_of(text) == [expected]
+
+
+def test_percent_signs_are_not_interpolated():
+    config = pamsignal.parse_config("[pamsignal]\nstate_dir = /var/%(x)s\n")
+    assert config.state_dir == "/var/%(x)s"
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, PAMSIGNAL] + list(args),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60, **kwargs)
+
+
+def test_check_config_exits_78_and_names_each_problem(tmp_path):
+    path = write_config(tmp_path / "p.conf",
+                        "[pamsignal]\nfirst_start = soon\nbogus = 1\n")
+    result = run_cli("--config", path, "check-config")
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [
+        "pamsignal: error: %s:2: [pamsignal] first_start: expected now, boot,"
+        " all or a time back such as -1h (s, m, h or d), got 'soon'" % path,
+        "pamsignal: error: %s:3: [pamsignal] bogus: unknown key" % path]
+
+
+def test_check_config_accepts_the_shipped_example():
+    example = os.path.join(os.path.dirname(PAMSIGNAL),
+                           "pamsignal.conf.example")
+    result = run_cli("--config", example, "check-config")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("OK (1 channel)")
+
+
+def test_named_config_that_does_not_exist_is_an_error(tmp_path):
+    result = run_cli("--config", str(tmp_path / "none.conf"), "check-config")
+    assert result.returncode == 78
+    assert "none.conf: no such file" in result.stderr
+
+
+def test_run_with_a_bad_config_exits_78_before_doing_anything(tmp_path):
+    path = write_config(tmp_path / "p.conf", "[pamsignal]\nstate_dir = x\n")
+    assert run_cli("--config", path, "run").returncode == 78
+
+
+def test_state_directory_is_created_private(tmp_path):
+    store = pamsignal.StateStore(str(tmp_path / "a" / "state"))
+    store.prepare()
+    assert oct(os.stat(store.state_dir).st_mode & 0o777) == "0o700"
+    store.save({"cursor": "s=1"})
+    assert oct(os.stat(store.path).st_mode & 0o777) == "0o600"
+    assert store.load() == {"cursor": "s=1"}
+
+
+def test_unwritable_state_directory_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    path = write_config(tmp_path / "p.conf", "[pamsignal]\nstate_dir = %s\n"
+                        % (blocker / "state"))
+    result = run_cli("--config", path, "run")
+    assert result.returncode == 1
+    assert "cannot write the state directory %s" % (blocker / "state") \
+        in result.stderr
+
+
+def test_corrupt_state_is_ignored_with_a_warning(tmp_path, capsys):
+    store = pamsignal.StateStore(str(tmp_path))
+    (tmp_path / "state.json").write_text("{not json")
+    assert store.load() == {}
+    assert "ignoring unreadable state" in capsys.readouterr().err
+
+
+def test_version_and_usage_exit_codes():
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == "pamsignal %s" % pamsignal.__version__
+    assert run_cli("frobnicate").returncode == 2
+    assert pamsignal.main(["scan", "--nope"], stdout=io.StringIO()) == 2
+
+
+def test_help_lists_the_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("run", "scan", "check-config"):
+        assert command in result.stdout

@@ -1,0 +1,150 @@
+"""parse_entry against one fixture line per message form (real wording of
+OpenSSH, sudo, su, login, PAM and logind; see tests/fixtures/messages.json)."""
+import json
+import os
+
+import pytest
+
+from support import flatten, make_entry, pamsignal, parse_flat
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures",
+                        "messages.json")
+
+with open(FIXTURES, encoding="utf-8") as _handle:
+    CASES = json.load(_handle)
+
+
+def entry_of(case):
+    fields = dict(case["entry"])
+    identifier = fields.pop("SYSLOG_IDENTIFIER")
+    message = fields.pop("MESSAGE")
+    return make_entry(identifier, message, **fields)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_fixture(case):
+    got = parse_flat(entry_of(case))
+    if case["expect"] is None:
+        assert got is None
+        return
+    assert got is not None, "no event for %r" % case["entry"]["MESSAGE"]
+    for key, value in case["expect"].items():
+        assert got.get(key) == value, key
+    for key in case.get("absent", ()):
+        assert key not in got
+    assert got["message"] == case["entry"]["MESSAGE"]
+    assert got["@timestamp"].endswith("Z")
+
+
+def test_fixtures_cover_every_rule_and_action():
+    rules = set()
+    for case in CASES:
+        entry = entry_of(case)
+        service = pamsignal.WATCHED_SERVICES.get(entry["SYSLOG_IDENTIFIER"])
+        if service is not None:
+            rule, _ = pamsignal.classify_message(service.family,
+                                                 entry["MESSAGE"])
+            if rule is not None:
+                rules.add(rule.name)
+    assert rules == set(rule.name for rule in pamsignal.RULES)
+    actions = set(case["expect"]["event.action"] for case in CASES
+                  if case["expect"])
+    assert actions >= set(pamsignal.ACTIONS) - {"brute_force_detected"}
+
+
+def test_common_fields_come_from_trusted_journal_fields():
+    got = parse_flat(make_entry(
+        "sshd", "Accepted password for alice from 203.0.113.5 port 2 ssh2",
+        _PID="77", _HOSTNAME="db2", __REALTIME_TIMESTAMP="1795787242706862"))
+    assert got["process.pid"] == 77
+    assert got["host.hostname"] == "db2"
+    assert got["@timestamp"] == "2026-11-27T13:47:22.706862Z"
+    assert got["pamsignal.cursor"].startswith("s=0123456789abcdef")
+    assert got["pamsignal.version"] == pamsignal.__version__
+
+
+def test_ecs_has_no_nulls_or_empty_values():
+    event = pamsignal.parse_entry(make_entry(
+        "sshd", "Invalid user  from 203.0.113.5 port 2"))
+    flat = flatten(pamsignal.event_to_ecs(event))
+    assert "user.name" not in flat
+    assert all(value not in (None, "", [], {}) for value in flat.values())
+
+
+@pytest.mark.parametrize("missing", ["MESSAGE", "__REALTIME_TIMESTAMP",
+                                     "SYSLOG_IDENTIFIER"])
+def test_entry_without_essential_field_gives_nothing(missing):
+    entry = make_entry(
+        "sshd", "Accepted password for alice from 203.0.113.5 port 2 ssh2")
+    del entry[missing]
+    assert pamsignal.parse_entry(entry) is None
+
+
+@pytest.mark.parametrize("value", [None, 12, {"a": 1}, [], ["x", "y"],
+                                   [300, 1]])
+def test_odd_message_shapes_never_raise(value):
+    entry = make_entry("sshd", "x")
+    entry["MESSAGE"] = value
+    event = pamsignal.parse_entry(entry)
+    assert event is None
+
+
+def test_message_as_byte_array_is_decoded():
+    message = "Failed password for b\xe9a from 203.0.113.5 port 9 ssh2"
+    entry = make_entry("sshd", "x")
+    entry["MESSAGE"] = list(message.encode("latin-1"))
+    assert parse_flat(entry)["user.name"] == "b\ufffda"
+
+
+def test_repeated_field_uses_first_value():
+    entry = make_entry("sshd", "x")
+    entry["MESSAGE"] = [
+        "Accepted password for alice from 203.0.113.5 port 2 ssh2", "y"]
+    assert parse_flat(entry)["user.name"] == "alice"
+
+
+def test_huge_message_is_cut_before_matching():
+    entry = make_entry("sshd", "Failed password for " + "a" * 500000 +
+                       " from 203.0.113.5 port 2 ssh2")
+    assert pamsignal.parse_entry(entry) is None
+
+
+@pytest.mark.parametrize("overrides", [
+    {"_UID": "1000", "_COMM": "sshd", "_EXE": "/usr/sbin/sshd"},
+    {"_EXE": "/tmp/sshd", "_COMM": "sshd"},
+    {"_EXE": "/home/eve/bin/sshd", "_COMM": "sshd", "_UID": "0"},
+    {"_EXE": "/usr/bin/logger", "_COMM": "logger"},
+    {"_TRANSPORT": "kernel"},
+    {"_TRANSPORT": None},
+    {"_UID": None},
+    {"_EXE": None, "_COMM": "logger"},
+    {"_EXE": None, "_COMM": None, "_UID": "1000"},
+])
+def test_untrusted_writer_gives_spoofed_entry(overrides):
+    got = parse_flat(make_entry(
+        "sshd", "Accepted password for root from 6.6.6.6 port 1 ssh2",
+        **overrides))
+    assert got["event.action"] == "spoofed_entry"
+    assert got["pamsignal.claimed_action"] == "login_success"
+    assert "source.ip" not in got and "user.name" not in got
+
+
+@pytest.mark.parametrize("identifier, overrides", [
+    ("sshd", {"_EXE": None}),
+    ("sshd", {"_EXE": None, "_COMM": None}),
+    ("sshd-session", {}),
+    ("sudo", {"_UID": "1000", "_EXE": None}),
+    ("sudo", {"_TRANSPORT": "journal"}),
+])
+def test_genuine_writers_are_trusted(identifier, overrides):
+    message = "Accepted password for root from 6.6.6.6 port 1 ssh2" \
+        if identifier.startswith("sshd") else \
+        "alice : TTY=pts/0 ; PWD=/home/alice ; USER=root ; COMMAND=/bin/id"
+    got = parse_flat(make_entry(identifier, message, **overrides))
+    assert got["event.action"] in ("login_success", "sudo_command")
+
+
+def test_forged_line_that_claims_nothing_is_ignored():
+    assert pamsignal.parse_entry(make_entry(
+        "sshd", "hello", _UID="65534", _EXE="/usr/bin/logger",
+        _COMM="logger")) is None

@@ -1,0 +1,177 @@
+"""The journal source against a fake journalctl: deaths, garbage, hangs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from support import (PAMSIGNAL, AgentProcess, FakeJournal, json_line,
+                     make_entry, pamsignal, wait_for, write_config)
+
+FAILED = "Failed password for alice from 203.0.113.5 port %d ssh2"
+
+
+def agent_config(tmp_path, fake, extra=""):
+    return write_config(tmp_path / "pamsignal.conf", (
+        "[pamsignal]\nstate_dir = %s\njournalctl = %s\n%s"
+        % (tmp_path / "state", fake.program, extra)))
+
+
+def ports(events):
+    return [e["source"]["port"] for e in events
+            if e["event"]["action"] == "login_failure"]
+
+
+def read_state(tmp_path):
+    with open(str(tmp_path / "state" / "state.json")) as handle:
+        return json.load(handle)
+
+
+def test_follow_command_asks_only_for_watched_services_from_now(tmp_path):
+    fake = FakeJournal(tmp_path, {"follow": [{"hang": True}]})
+    agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
+    assert wait_for(lambda: fake.calls())
+    agent.stop()
+    argv = fake.calls()[0]
+    assert argv[:3] == ["--follow", "--output=json", "--no-pager"]
+    assert "SYSLOG_IDENTIFIER=sshd-session" in argv
+    assert "SYSLOG_IDENTIFIER=sudo" in argv
+    assert not any(a.startswith("SYSLOG_IDENTIFIER=cron") for a in argv)
+    assert any(a.startswith("--output-fields=MESSAGE,") for a in argv)
+    since = [a for a in argv if a.startswith("--since=@")]
+    assert len(since) == 1 and float(since[0][9:]) > 1.7e9
+
+
+def test_restarts_after_death_mid_line_and_resumes_after_cursor(tmp_path):
+    first = make_entry("sshd", FAILED % 1001, sequence=1)
+    second = make_entry("sshd", FAILED % 1002, sequence=2)
+    fake = FakeJournal(tmp_path, {"follow": [
+        {"output": [json_line(first), json_line(second)[:40]], "exit": 1,
+         "stderr": "journal corrupted\n"},
+        {"output": [json_line(second)], "hang": True}]})
+    agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
+    assert wait_for(lambda: len(fake.calls()) >= 2)
+    assert wait_for(lambda: read_state(tmp_path)["cursor"] ==
+                    second["__CURSOR"])
+    events, stderr, code = agent.stop()
+    assert ports(events) == [1001, 1002]
+    assert "--after-cursor=%s" % first["__CURSOR"] in fake.calls()[1]
+    assert "exited with status 1: journal corrupted" in stderr
+    assert code == 0
+
+
+def test_garbage_huge_and_unknown_fields_do_not_stop_it(tmp_path):
+    odd = make_entry("sshd", FAILED % 2002, sequence=3,
+                     FOO=[1, 2, 3], BAR=None, _UNKNOWN={"x": 1})
+    odd["BAR"] = None
+    binary = make_entry("sshd", None, sequence=4)
+    binary["MESSAGE"] = list(
+        (FAILED % 2003).replace("alice", "al\xffce").encode("latin-1"))
+    huge = make_entry("sshd", "Failed password for " + "x" * 1000000 +
+                      " from 198.51.100.1 port 1 ssh2", sequence=5)
+    oversized = "{" + " " * (5 * 1024 * 1024) + "}\n"
+    fake = FakeJournal(tmp_path, {"follow": [{"output": [
+        "not json at all\n", "[1, 2, 3]\n", "{\"MESSAGE\": \n",
+        json_line(huge), oversized, json_line(odd), json_line(binary),
+        "\n"], "hang": True}]})
+    agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
+    assert wait_for(lambda: os.path.exists(
+        str(tmp_path / "state" / "state.json")) and
+        read_state(tmp_path)["cursor"] == binary["__CURSOR"])
+    events, stderr, _ = agent.stop()
+    assert ports(events) == [2002, 2003]
+    assert events[1]["user"]["name"] == "al\ufffdce"
+    assert "not a journal JSON object" in stderr
+    assert "dropped a journal line longer than" in stderr
+
+
+def test_journalctl_that_cannot_start_is_a_plain_error(tmp_path):
+    config = write_config(tmp_path / "c.conf", (
+        "[pamsignal]\nstate_dir = %s\njournalctl = /nonexistent/journalctl\n"
+        % (tmp_path / "state")))
+    result = subprocess.run([sys.executable, PAMSIGNAL, "--config", config,
+                             "run"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, timeout=30)
+    assert result.returncode == 1
+    assert b"cannot start /nonexistent/journalctl: No such file" \
+        in result.stderr
+
+
+def test_refused_cursor_falls_back_to_time_of_last_entry(tmp_path):
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    (state_dir / "state.json").write_text(json.dumps(
+        {"version": 1, "cursor": "s=dead;i=1", "realtime_us":
+         1795780000123456, "sessions": []}))
+    fake = FakeJournal(tmp_path, {"follow": [
+        {"exit": 1, "stderr": "Failed to seek to cursor: Invalid argument"},
+        {"exit": 1, "stderr": "Failed to seek to cursor: Invalid argument"},
+        {"exit": 1, "stderr": "Failed to seek to cursor: Invalid argument"},
+        {"hang": True}]})
+    agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
+    assert wait_for(lambda: len(fake.calls()) >= 4, timeout=30)
+    _, stderr, _ = agent.stop()
+    calls = fake.calls()
+    assert all("--after-cursor=s=dead;i=1" in c for c in calls[:3])
+    assert "--since=@1795780000.123456" in calls[3]
+    assert "refusing the saved cursor" in stderr
+
+
+def test_sigterm_saves_cursor_of_entries_that_gave_no_event(tmp_path):
+    quiet = make_entry("sshd", "Server listening on 0.0.0.0 port 22.",
+                       sequence=9)
+    fake = FakeJournal(tmp_path, {"follow": [
+        {"output": [json_line(quiet)], "hang": True}]})
+    agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
+    assert wait_for(lambda: fake.calls())
+    wait_for(lambda: False, timeout=1.0)
+    events, _, code = agent.stop()
+    assert code == 0 and events == []
+    assert read_state(tmp_path)["cursor"] == quiet["__CURSOR"]
+
+
+def test_a_silent_follower_is_restarted_when_entries_were_missed(tmp_path):
+    fake = FakeJournal(tmp_path, {"follow": [{"hang": True}]})
+    source = pamsignal.JournalSource(fake.program, "now", cursor="s=1;i=2")
+    os.environ["FAKE_PLAN"] = fake.plan_path
+    try:
+        source.start(now=0.0)
+        assert wait_for(lambda: len(fake.calls()) == 1)
+        source.supervise(now=10.0, probe=lambda: True)
+        assert source.process is not None, "checked too early"
+        source.supervise(now=pamsignal.STALL_CHECK_S + 1,
+                         probe=lambda: False)
+        assert source.process is not None, "nothing missed, no restart"
+        source.supervise(now=2 * pamsignal.STALL_CHECK_S + 2,
+                         probe=lambda: True)
+        assert source.process is None
+        source.supervise(now=2 * pamsignal.STALL_CHECK_S + 3)
+        assert source.process is not None
+        assert wait_for(lambda: len(fake.calls()) == 2)
+        assert "--after-cursor=s=1;i=2" in fake.calls()[1]
+    finally:
+        source.stop()
+        del os.environ["FAKE_PLAN"]
+
+
+@pytest.mark.parametrize("age_s, missed", [(3600, True), (0, False),
+                                           (None, False)])
+def test_missed_entries_probe_compares_the_newest_entry_age(
+        tmp_path, age_s, missed):
+    import time
+    output = [] if age_s is None else [json_line(make_entry(
+        "sshd", "x", __REALTIME_TIMESTAMP=str(int((time.time() - age_s)
+                                                   * 1e6))))]
+    fake = FakeJournal(tmp_path, {"follow": [{"hang": True}],
+                                  "once": [{"output": output}]})
+    source = pamsignal.JournalSource(fake.program, "now", cursor="s=1;i=2")
+    os.environ["FAKE_PLAN"] = fake.plan_path
+    try:
+        assert source.missed_entries() is missed
+    finally:
+        del os.environ["FAKE_PLAN"]
+    probe_argv = fake.calls()[0]
+    assert "--follow" not in probe_argv
+    assert "--after-cursor=s=1;i=2" in probe_argv
+    assert "--lines=1" in probe_argv
