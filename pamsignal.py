@@ -38,6 +38,7 @@ import argparse  # noqa: E402
 import collections  # noqa: E402
 import configparser  # noqa: E402
 import difflib  # noqa: E402
+import functools  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -152,11 +153,13 @@ def _json_escape_char(match):
     return "\\u%04x" % ord(match.group(0))
 
 
+#: Built once: json.dumps() with options makes a new encoder every call.
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
+
+
 def dumps_safe(obj):
     """JSON that is readable UTF-8 yet carries no raw control characters."""
-    return _UNSAFE_CHARS.sub(_json_escape_char,
-                             json.dumps(obj, ensure_ascii=False,
-                                        separators=(", ", ": ")))
+    return _UNSAFE_CHARS.sub(_json_escape_char, _JSON_ENCODER.encode(obj))
 
 
 def format_timestamp(timestamp_us):
@@ -166,6 +169,7 @@ def format_timestamp(timestamp_us):
                                        time.gmtime(seconds)), micros)
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise_address(text):
     """Split a peer as sshd or PAM wrote it into (ip, domain).
 
@@ -277,17 +281,6 @@ ACTIONS = {
 }
 
 
-def _put(tree, path, value):
-    """Set tree[a][b][c] = value for path "a.b.c", skipping absent values."""
-    if value is None or value == "":
-        return
-    node = tree
-    parts = path.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
 #: (ECS path, Event field) in the order they are rendered.
 _ECS_LAYOUT = (
     ("event.reason", "reason"),
@@ -314,6 +307,10 @@ _ECS_LAYOUT = (
     ("pamsignal.detail", "detail"), ("pamsignal.cursor", "cursor"),
 )
 
+#: The layout as (field index, ECS path parts), computed once.
+_ECS_PLAN = tuple((EVENT_FIELDS.index(field), tuple(path.split(".")))
+                  for path, field in _ECS_LAYOUT)
+
 
 def event_to_ecs(event):
     """The event as the nested ECS object of the event contract (no nulls)."""
@@ -323,10 +320,17 @@ def event_to_ecs(event):
                      "type": [kind], "outcome": outcome,
                      "severity": (default_severity if event.severity is None
                                   else event.severity)}}
-    for path, field in _ECS_LAYOUT:
-        _put(ecs, path, getattr(event, field))
-    _put(ecs, "pamsignal.version", __version__)
-    _put(ecs, "message", event.message)
+    for index, parts in _ECS_PLAN:
+        value = event[index]
+        if value is None or value == "":
+            continue  # the contract has no nulls
+        node = ecs
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    ecs.setdefault("pamsignal", {})["version"] = __version__
+    if event.message:
+        ecs["message"] = event.message
     return ecs
 
 
@@ -1009,6 +1013,11 @@ def parse_entry(entry):
     return Event(**fields)
 
 
+#: '"sshd"', '"sudo"', ...: an entry lacking all of them cannot be watched.
+_WATCHED_NAME_BYTES = tuple(('"%s"' % name).encode()
+                            for name in WATCHED_SERVICES)
+
+
 def decode_line(line):
     """One line of journalctl -o json output -> entry dict, or None."""
     try:
@@ -1182,11 +1191,12 @@ class ConsoleSink:
     OPTIONS = {"format": _console_format}
 
     def __init__(self, name, events=frozenset(ACTIONS), options=None,
-                 stream=None):
+                 stream=None, flush_each=True):
         self.name = name
         self.events = events
         self.format = (options or {}).get("format", "text")
         self.stream = stream
+        self.flush_each = flush_each  # live: each event shows at once
 
     def open(self):
         if self.stream is None:
@@ -1196,10 +1206,12 @@ class ConsoleSink:
         line = render_json(event) if self.format == "json" \
             else render_text(event)
         self.stream.write(line + "\n")
-        self.stream.flush()
+        if self.flush_each:
+            self.stream.flush()
 
     def close(self):
-        pass
+        if self.stream is not None:
+            self.stream.flush()
 
 
 #: channel type -> sink class; a new destination is one class here.
@@ -1257,7 +1269,9 @@ class StateStore:
             return {}
         return state if isinstance(state, dict) else {}
 
-    def save(self, state):
+    def save(self, state, durable=True):
+        """Replace the state atomically; `durable` also survives a power
+        cut (fsync), while a plain save already survives a crash."""
         temporary = self.path + ".tmp"
         try:
             descriptor = os.open(temporary,
@@ -1265,7 +1279,8 @@ class StateStore:
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
                 json.dump(state, handle, separators=(",", ":"))
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(temporary, self.path)
         except OSError as error:
             raise StateError("cannot save state to %s: %s"
@@ -1290,15 +1305,17 @@ def journal_matches():
     return ["SYSLOG_IDENTIFIER=%s" % name for name in sorted(WATCHED_SERVICES)]
 
 
-def start_arguments(first_start, now_s):
-    """Where a follower with no saved cursor begins."""
+_SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def first_start_time_us(first_start, now_s):
+    """The absolute start of `now` or `-2h`; None for boot and all."""
     if first_start == "now":
-        return ["--since=@%.6f" % now_s]
-    if first_start == "boot":
-        return ["--boot"]
-    if first_start == "all":
-        return []
-    return ["--since=%s" % first_start]
+        return int(now_s * 1e6)
+    if first_start.startswith("-"):
+        seconds = int(first_start[1:-1]) * _SECONDS_PER_UNIT[first_start[-1]]
+        return int((now_s - seconds) * 1e6)
+    return None
 
 
 def follow_command(journalctl, position):
@@ -1323,7 +1340,7 @@ class JournalSource:
         self.first_start = first_start
         self.cursor = cursor
         self.last_realtime_us = last_realtime_us
-        self.initial_position = None
+        self.since_us = None
         self.process = None
         self.pending = b""
         self.discarding = False
@@ -1345,14 +1362,17 @@ class JournalSource:
             self.last_realtime_us = realtime_us
 
     def position(self):
+        """After the last handled entry; before any, from the first start,
+        fixed once so a restart never skips what happened in between."""
         if self.cursor is not None:
             return ["--after-cursor=%s" % self.cursor]
         if self.last_realtime_us is not None:
             return ["--since=@%.6f" % (self.last_realtime_us / 1e6)]
-        if self.initial_position is None:
-            self.initial_position = start_arguments(self.first_start,
-                                                    time.time())
-        return self.initial_position
+        if self.since_us is None:
+            self.since_us = first_start_time_us(self.first_start, time.time())
+        if self.since_us is not None:
+            return ["--since=@%.6f" % (self.since_us / 1e6)]
+        return ["--boot"] if self.first_start == "boot" else []
 
     # -- process ----------------------------------------------------------
 
@@ -1495,16 +1515,28 @@ class Pipeline:
     A failing sink is reported and never stops the others or the reader.
     """
 
-    def __init__(self, sinks, sessions=None):
+    def __init__(self, sinks, sessions=None, skip_unwatched=False):
         self.sinks = sinks
         self.sessions = sessions or SessionTracker()
         self.sudo_attempts = SudoAttempts()
+        self.skip_unwatched = skip_unwatched
         self.entries = 0
         self.events = 0
         self.malformed = 0
 
     def handle_line(self, line):
-        """One journalctl output line; returns the events it produced."""
+        """One journalctl output line -> (entry or None, events produced).
+
+        With skip_unwatched (scan of a whole export), an object line that
+        does not even contain a watched identifier is counted unparsed:
+        most of a full export is other programs.
+        """
+        if self.skip_unwatched and isinstance(line, bytes) and \
+                not any(name in line for name in _WATCHED_NAME_BYTES):
+            if line.lstrip().startswith(b"{") and \
+                    line.rstrip().endswith(b"}"):
+                self.entries += 1
+                return None, 0
         entry = decode_line(line)
         if entry is None:
             self.malformed += 1
@@ -1556,31 +1588,39 @@ class Agent:
         if cursor is not None and not valid_cursor(cursor):
             say("warning", "ignoring a malformed saved cursor")
             cursor = None
-        realtime_us = state.get("realtime_us")
+        realtime_us, since_us = state.get("realtime_us"), state.get("since_us")
         self.source.advance(cursor, realtime_us
                             if isinstance(realtime_us, int) else None)
+        if isinstance(since_us, int):
+            self.source.since_us = since_us
         self.pipeline.sessions.load_state(state.get("sessions"))
 
-    def save(self, now):
-        if self.source.cursor is None and self.source.last_realtime_us is None:
-            return
+    def save(self, now, durable=True):
         self.store.save({"version": 1, "cursor": self.source.cursor,
                          "realtime_us": self.source.last_realtime_us,
-                         "sessions": self.pipeline.sessions.to_state()})
-        self.last_save, self.unsaved = now, False
+                         "since_us": self.source.since_us,
+                         "sessions": self.pipeline.sessions.to_state()},
+                        durable)
+        self.unsaved = False
+        if durable:
+            self.last_save = now
 
     def handle_lines(self, lines, now):
+        produced = 0
         for line in lines:
-            entry, produced = self.pipeline.handle_line(line)
+            entry, events = self.pipeline.handle_line(line)
             if entry is None:
                 continue
+            produced += events
             cursor = journal_text(entry.get("__CURSOR"))
             if cursor is not None and valid_cursor(cursor):
                 self.source.advance(cursor, _entry_timestamp(entry))
                 self.unsaved = True
-            if produced:
-                # Saved before the next entry: a crash never repeats it.
-                self.save(now)
+        if produced:
+            # Saved as soon as the batch is out, so a restart after a crash
+            # does not report it again; fsync follows within STATE_FLUSH_S.
+            self.save(now, durable=False)
+            self.unsaved = True
 
     def run(self):
         self.store.prepare()
@@ -1591,6 +1631,7 @@ class Agent:
         signal.signal(signal.SIGINT, self.request_stop)
         now = time.monotonic()
         self.source.start(now)
+        self.save(now)  # the start position, should it stop before any entry
         say("info", "pamsignal %s following the journal (%s)" % (
             __version__, "resuming after the saved cursor"
             if self.source.cursor else "first start: %s"
@@ -1659,12 +1700,14 @@ def command_scan(args, stdout):
                                               error.strerror or error)
             raise PamSignalError(message) from None
     sink = ConsoleSink("console", options={
-        "format": "json" if args.json else "text"}, stream=stdout)
-    pipeline = Pipeline([sink])
+        "format": "json" if args.json else "text"}, stream=stdout,
+        flush_each=False)
+    pipeline = Pipeline([sink], skip_unwatched=True)
     with stream:
         for line in stream:
             if line.strip():
                 pipeline.handle_line(line)
+    sink.close()
     if pipeline.malformed and not pipeline.entries:
         raise PamSignalError("no journal entries found; export them with "
                              "`journalctl -o json`")

@@ -4,6 +4,7 @@ tests/realsys.py and are only set up by tests that ask for them."""
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,17 +17,24 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import realsys  # noqa: E402
 
-AGENT_SCRIPT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                             "..", "pamsignal.py"))
+AGENT_SCRIPT = os.path.normpath(
+    os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "pamsignal.py"
+    )
+)
 READY_TEXT = "following the journal"
 
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "e2e: end to end against real journald/sshd/sudo/su (root; see TESTING.md)")
+        "markers",
+        "e2e: end to end against real journald, sshd, sudo, su "
+        "(root; see TESTING.md)",
+    )
 
 
 # ---------------------------------------------------------------- real system
+
 
 @pytest.fixture(scope="session")
 def journald():
@@ -58,6 +66,7 @@ def users(journald):
     realsys.authorize_key(u.plain, u.key_path)
     yield u
     realsys.delete_all_users()
+    shutil.rmtree(keydir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -69,12 +78,14 @@ def make_user(journald):
         name, pw = realsys.create_user("psef", groups=groups)
         made.append(name)
         return name, pw
+
     yield make
     for name in made:
         realsys.delete_user(name)
 
 
 # ---------------------------------------------------------------- the agent
+
 
 def field(obj, dotted, default=None):
     """ev["a"]["b"]["c"] for "a.b.c", or default."""
@@ -97,14 +108,20 @@ class Agent(object):
         self.state_dir = os.path.join(workdir, "state")
         self.config = os.path.join(workdir, "pamsignal.conf")
         with open(self.config, "w") as f:
-            f.write("[pamsignal]\nstate_dir = %s\nfirst_start = now\n" % self.state_dir)
+            f.write(
+                "[pamsignal]\nstate_dir = %s\nfirst_start = now\n"
+                % self.state_dir
+            )
         os.chmod(self.config, 0o600)
-        self.python = python or os.environ.get("PAMSIGNAL_PYTHON") or sys.executable
+        self.python = (
+            python or os.environ.get("PAMSIGNAL_PYTHON") or sys.executable
+        )
         self.proc = None
         self.returncodes = []
-        self._events = []       # decoded objects, all runs, in order read
-        self._run_starts = []   # index into _events where each run began
-        self.bad_lines = []     # stdout lines that were not a JSON object
+        self.leftovers = []  # (pid, cmdline) left in its group at stop
+        self._events = []  # decoded objects, all runs, in order read
+        self._run_starts = []  # index into _events where each run began
+        self.bad_lines = []  # stdout lines that were not a JSON object
         self.stderr_lines = []
         self._cond = threading.Condition()
         self._threads = []
@@ -112,7 +129,14 @@ class Agent(object):
 
     @property
     def cmd(self):
-        return [self.python, AGENT_SCRIPT, "--config", self.config, "run", "--json"]
+        return [
+            self.python,
+            AGENT_SCRIPT,
+            "--config",
+            self.config,
+            "run",
+            "--json",
+        ]
 
     def _read_stdout(self, stream):
         for raw in iter(stream.readline, b""):
@@ -152,12 +176,21 @@ class Agent(object):
             self.stderr_lines.append("---- start %s" % " ".join(self.cmd))
         # Own process group: stop() can clean up what the agent leaves
         # behind, as systemd does with the service's cgroup.
-        self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     cwd=self.workdir, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
         self._threads = [
-            threading.Thread(target=self._read_stdout, args=(self.proc.stdout,), daemon=True),
-            threading.Thread(target=self._read_stderr, args=(self.proc.stderr,), daemon=True),
+            threading.Thread(
+                target=self._read_stdout, args=(self.proc.stdout,), daemon=True
+            ),
+            threading.Thread(
+                target=self._read_stderr, args=(self.proc.stderr,), daemon=True
+            ),
         ]
         for t in self._threads:
             t.start()
@@ -165,11 +198,17 @@ class Agent(object):
         while not self._ready.wait(0.1):
             if self.proc.poll() is not None:
                 self._join(5)
-                pytest.fail("agent exited with %s before it was ready:\n%s"
-                            % (self.proc.returncode, self.stderr_text()), pytrace=False)
+                pytest.fail(
+                    "agent exited with %s before it was ready:\n%s"
+                    % (self.proc.returncode, self.stderr_text()),
+                    pytrace=False,
+                )
             if time.time() > deadline:
-                pytest.fail("agent not ready (no %r on stderr) within %ss:\n%s"
-                            % (READY_TEXT, timeout, self.stderr_text()), pytrace=False)
+                pytest.fail(
+                    "agent not ready (no %r on stderr) within %ss:\n%s"
+                    % (READY_TEXT, timeout, self.stderr_text()),
+                    pytrace=False,
+                )
         return self
 
     def _join(self, timeout):
@@ -177,7 +216,8 @@ class Agent(object):
             t.join(timeout)
 
     def stop(self, sig=signal.SIGTERM, timeout=20):
-        """Send `sig`, wait for the exit, drain its output; return the exit code."""
+        """Send `sig`, wait for the exit, drain the output; return the
+        exit code."""
         if self.proc is None:
             return None
         proc = self.proc
@@ -188,7 +228,9 @@ class Agent(object):
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait(10)
-            self.stderr_lines.append("---- agent ignored signal %s for %ss; killed" % (sig, timeout))
+            self.stderr_lines.append(
+                "---- agent ignored signal %s for %ss; killed" % (sig, timeout)
+            )
         # Whatever it left behind in its process group (e.g. journalctl after
         # SIGKILL) goes too, or our pipes never reach EOF.
         self.leftovers = self._group_members(proc.pid)
@@ -214,7 +256,14 @@ class Agent(object):
                 fields = stat.rsplit(")", 1)[1].split()
                 if int(fields[2]) == pgid and fields[0] != "Z":
                     with open("/proc/%s/cmdline" % d, "rb") as f:
-                        found.append((int(d), f.read().replace(b"\0", b" ").decode(errors="replace")))
+                        found.append(
+                            (
+                                int(d),
+                                f.read()
+                                .replace(b"\0", b" ")
+                                .decode(errors="replace"),
+                            )
+                        )
             except (OSError, IndexError, ValueError):
                 continue
         return found
@@ -240,10 +289,10 @@ class Agent(object):
         with self._cond:
             starts = self._run_starts + [len(self._events)]
             idx = run if run >= 0 else len(self._run_starts) + run
-            return list(self._events[starts[idx]:starts[idx + 1]])
+            return list(self._events[starts[idx] : starts[idx + 1]])
 
     def wait_event(self, predicate, timeout=20, since=0):
-        """First decoded object (at index >= since) for which predicate holds."""
+        """First decoded object (index >= since) for which predicate holds."""
         deadline = time.time() + timeout
         with self._cond:
             i = since
@@ -257,12 +306,18 @@ class Agent(object):
                 if left <= 0:
                     break
                 self._cond.wait(min(left, 0.5))
-        pytest.fail("no matching event within %ss. Events since #%d:\n%s\nstderr:\n%s"
-                    % (timeout, since, self.dump(since), self.stderr_text()), pytrace=False)
+        pytest.fail(
+            "no matching event within %ss. Events since #%d:\n%s\nstderr:\n%s"
+            % (timeout, since, self.dump(since), self.stderr_text()),
+            pytrace=False,
+        )
 
     def dump(self, since=0, limit=40):
         evs = self.events(since)[-limit:]
-        return "\n".join("  " + json.dumps(e, sort_keys=True) for e in evs) or "  (none)"
+        return (
+            "\n".join("  " + json.dumps(e, sort_keys=True) for e in evs)
+            or "  (none)"
+        )
 
     def stderr_text(self, limit=60):
         with self._cond:
@@ -270,9 +325,10 @@ class Agent(object):
 
 
 @pytest.fixture
-def agent(journald, tmp_path):
+def agent(journald, sshd, tmp_path):
     """A fresh agent per test (first_start = now, so it reports only what
-    happens after it started), stopped at the end of the test."""
+    happens after it started), stopped at the end of the test.  Needs sshd
+    for the tests' barrier logins."""
     if not os.path.exists(AGENT_SCRIPT):
         realsys.unavailable("%s does not exist yet" % AGENT_SCRIPT)
     a = Agent(str(tmp_path))
@@ -280,6 +336,12 @@ def agent(journald, tmp_path):
     yield a
     if a.running():
         a.stop(signal.SIGTERM)
+    if a.bad_lines:
+        pytest.fail(
+            "agent printed non-JSON lines on stdout (run --json):\n%s"
+            % "\n".join("  " + s for s in a.bad_lines[:20]),
+            pytrace=False,
+        )
 
 
 def random_name(prefix="psez"):

@@ -38,8 +38,8 @@ systemd 252 journald, no systemd as PID 1), from `journalctl -o json`:
   "pam_unix(runuser:session): session opened for user U(uid=..) by (uid=0)"
   with SYSLOG_IDENTIFIER=runuser, _UID=0.
 - `runuser -u nobody -- logger -t sshd MSG` lands as SYSLOG_IDENTIFIER=sshd,
-  _TRANSPORT=syslog, _UID=65534, _COMM=logger and no _EXE (logger has
-  exited before journald looks it up).
+  _TRANSPORT=syslog, _UID=65534, _COMM=logger and _EXE=/usr/bin/logger,
+  or no _EXE at all when logger exited before journald looked it up.
 - pam_limits / pam_systemd complain in this environment (no systemd, no
   CAP_SYS_RESOURCE): harmless extra lines under sshd, sudo, su, runuser.
 - systemd 252 journalctl skips the first matching entry when --after-cursor
@@ -48,6 +48,8 @@ systemd 252 journald, no systemd as PID 1), from `journalctl -o json`:
   never filter in journalctl, only in Python.
 """
 
+import fcntl
+import glob
 import json
 import os
 import re
@@ -57,6 +59,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import termios
 import time
@@ -77,6 +80,7 @@ _state = {"sshd_pid": None, "sshd_foreign": [], "users": [], "keydir": None}
 
 # ---------------------------------------------------------------- skipping
 
+
 def in_ci():
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -90,16 +94,22 @@ def unavailable(reason):
 
 def require_root():
     if os.geteuid() != 0:
-        unavailable("end-to-end tests need root (real sshd, useradd, journald)")
+        unavailable(
+            "end-to-end tests need root (real sshd, useradd, journald)"
+        )
 
 
 def require_binaries(*names):
     for name in names:
         if os.path.isabs(name):
             if not os.access(name, os.X_OK):
-                unavailable("%s is missing (apt-get install it, see .ci/run)" % name)
+                unavailable(
+                    "%s is missing (apt-get install it, see .ci/run)" % name
+                )
         elif shutil.which(name) is None:
-            unavailable("%s is not on PATH (apt-get install it, see .ci/run)" % name)
+            unavailable(
+                "%s is not on PATH (apt-get install it, see .ci/run)" % name
+            )
 
 
 def _run(cmd, **kw):
@@ -113,13 +123,20 @@ def _run(cmd, **kw):
 def _check(cmd, **kw):
     p = _run(cmd, **kw)
     if p.returncode != 0:
-        raise RuntimeError("%s failed (%d): %s%s" % (
-            " ".join(shlex.quote(c) for c in cmd), p.returncode,
-            p.stdout or "", p.stderr or ""))
+        raise RuntimeError(
+            "%s failed (%d): %s%s"
+            % (
+                " ".join(shlex.quote(c) for c in cmd),
+                p.returncode,
+                p.stdout or "",
+                p.stderr or "",
+            )
+        )
     return p
 
 
 # ---------------------------------------------------------------- journal
+
 
 def journald_running():
     return _run(["pgrep", "-x", "systemd-journal"]).returncode == 0
@@ -132,17 +149,25 @@ def ensure_journald(timeout=20):
     os.makedirs(JOURNAL_DIR, exist_ok=True)
     if not journald_running():
         # setsid -f: fork, new session, detached from pytest entirely.
-        _check(["setsid", "-f", JOURNALD], stdin=subprocess.DEVNULL,
-               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _check(
+            ["setsid", "-f", JOURNALD],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     dev_log = os.path.join(JOURNAL_DIR, "dev-log")
     deadline = time.time() + timeout
     while True:
-        ok = os.path.exists(dev_log) and _run(
-            ["journalctl", "-n", "0", "--no-pager"]).returncode == 0
+        ok = (
+            os.path.exists(dev_log)
+            and _run(["journalctl", "-n", "0", "--no-pager"]).returncode == 0
+        )
         if ok:
             break
         if time.time() > deadline:
-            raise RuntimeError("systemd-journald did not come up within %ss" % timeout)
+            raise RuntimeError(
+                "systemd-journald did not come up within %ss" % timeout
+            )
         time.sleep(0.1)
     if os.path.realpath("/dev/log") != dev_log:
         _check(["ln", "-sf", dev_log, "/dev/log"])
@@ -153,7 +178,7 @@ def journal_cursor():
     p = _check(["journalctl", "-n", "0", "--show-cursor", "--no-pager"])
     for line in p.stdout.splitlines():
         if line.startswith("-- cursor: "):
-            return line[len("-- cursor: "):].strip()
+            return line[len("-- cursor: ") :].strip()
     p = _check(["journalctl", "-n", "1", "-o", "json", "--no-pager"])
     for line in p.stdout.splitlines():
         return json.loads(line)["__CURSOR"]
@@ -180,7 +205,9 @@ def journal_entries(after_cursor=None):
     return out
 
 
-def wait_for_journal(pattern, after_cursor, timeout=15, identifier=None, **fields):
+def wait_for_journal(
+    pattern, after_cursor, timeout=15, identifier=None, **fields
+):
     """Wait until the journal holds, after `after_cursor`, an entry whose
     MESSAGE matches the regex `pattern` (and SYSLOG_IDENTIFIER / other
     fields, when given); return that entry."""
@@ -190,22 +217,35 @@ def wait_for_journal(pattern, after_cursor, timeout=15, identifier=None, **field
     while True:
         seen = journal_entries(after_cursor)
         for e in seen:
-            if identifier is not None and e.get("SYSLOG_IDENTIFIER") != identifier:
+            if (
+                identifier is not None
+                and e.get("SYSLOG_IDENTIFIER") != identifier
+            ):
                 continue
             if any(_text(e.get(k)) != str(v) for k, v in fields.items()):
                 continue
             if rx.search(_text(e.get("MESSAGE"))):
                 return e
         if time.time() > deadline:
-            tail = "\n".join("  %s[%s] uid=%s: %s" % (
-                e.get("SYSLOG_IDENTIFIER"), e.get("_PID"), e.get("_UID"),
-                _text(e.get("MESSAGE"))) for e in seen[-30:])
-            raise AssertionError("journal never logged /%s/ within %ss; last entries:\n%s"
-                                 % (pattern, timeout, tail))
+            tail = "\n".join(
+                "  %s[%s] uid=%s: %s"
+                % (
+                    e.get("SYSLOG_IDENTIFIER"),
+                    e.get("_PID"),
+                    e.get("_UID"),
+                    _text(e.get("MESSAGE")),
+                )
+                for e in seen[-30:]
+            )
+            raise AssertionError(
+                "journal never logged /%s/ within %ss; last entries:\n%s"
+                % (pattern, timeout, tail)
+            )
         time.sleep(0.2)
 
 
 # ---------------------------------------------------------------- sshd
+
 
 def _ssh_banner(host, port, timeout=2.0):
     """True when something answers on host:port with an SSH banner."""
@@ -252,11 +292,17 @@ def ensure_sshd(timeout=20):
     os.makedirs(SSHD_DIR, exist_ok=True)
     pidfile = os.path.join(SSHD_DIR, "sshd.pid")
     pid = _read_pid(pidfile)
-    if pid and _pid_alive_sshd(pid) and all(_ssh_banner(h, SSH_PORT) for h in SSH_HOSTS):
+    if (
+        pid
+        and _pid_alive_sshd(pid)
+        and all(_ssh_banner(h, SSH_PORT) for h in SSH_HOSTS)
+    ):
         _state["sshd_pid"] = pid
         return SSH_PORT
-    if not any(os.path.exists("/etc/ssh/ssh_host_%s_key" % t)
-               for t in ("ed25519", "ecdsa", "rsa")):
+    if not any(
+        os.path.exists("/etc/ssh/ssh_host_%s_key" % t)
+        for t in ("ed25519", "ecdsa", "rsa")
+    ):
         _check(["ssh-keygen", "-A"])
     free, foreign = [], []
     for h in SSH_HOSTS:
@@ -264,7 +310,7 @@ def ensure_sshd(timeout=20):
     _state["sshd_foreign"] = foreign
     if not free:
         return SSH_PORT
-    os.makedirs("/run/sshd", exist_ok=True)   # privilege separation dir
+    os.makedirs("/run/sshd", exist_ok=True)  # privilege separation dir
     os.chmod("/run/sshd", 0o755)
     lines = ["Port %d" % SSH_PORT]
     lines += ["ListenAddress %s" % h for h in free]
@@ -296,7 +342,7 @@ def ensure_sshd(timeout=20):
         os.unlink(pidfile)
     except OSError:
         pass
-    # sshd daemonises itself (new session, parent init) and writes the pid file.
+    # sshd daemonises itself (new session, parent init), writes the pid file.
     _check([SSHD, "-f", cfg], stdin=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while True:
@@ -304,7 +350,9 @@ def ensure_sshd(timeout=20):
         if pid and all(_ssh_banner(h, SSH_PORT) for h in SSH_HOSTS):
             break
         if time.time() > deadline:
-            raise RuntimeError("sshd did not come up on %s port %d" % (free, SSH_PORT))
+            raise RuntimeError(
+                "sshd did not come up on %s port %d" % (free, SSH_PORT)
+            )
         time.sleep(0.1)
     _state["sshd_pid"] = pid
     return SSH_PORT
@@ -331,6 +379,7 @@ def stop_sshd():
 
 
 # ---------------------------------------------------------------- users
+
 
 def new_password():
     return "Pw-" + secrets.token_hex(8)
@@ -363,11 +412,26 @@ def delete_all_users():
 
 
 def make_keypair(directory=None):
-    """A fresh ed25519 key pair; returns (private_path, "ED25519 SHA256:...")."""
+    """A fresh ed25519 key pair: (private_path, "ED25519 SHA256:...")."""
     directory = directory or tempfile.mkdtemp(prefix="pamsignal-e2e-key-")
     path = os.path.join(directory, "id_ed25519")
-    _check(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "pamsignal-e2e", "-f", path])
-    out = _check(["ssh-keygen", "-l", "-E", "sha256", "-f", path + ".pub"]).stdout.split()
+    _check(
+        [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "pamsignal-e2e",
+            "-f",
+            path,
+        ]
+    )
+    out = _check(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", path + ".pub"]
+    ).stdout.split()
     # "256 SHA256:abc... pamsignal-e2e (ED25519)"
     return path, "%s %s" % (out[-1].strip("()"), out[1])
 
@@ -388,45 +452,98 @@ def authorize_key(user, private_path):
 
 # ---------------------------------------------------------------- actions
 
-_SSH_COMMON = ["-F", "/dev/null",
-               "-o", "StrictHostKeyChecking=no",
-               "-o", "UserKnownHostsFile=/dev/null",
-               "-o", "GlobalKnownHostsFile=/dev/null",
-               "-o", "LogLevel=ERROR",
-               "-o", "ConnectTimeout=10",
-               "-o", "IdentityAgent=none"]
+_SSH_COMMON = [
+    "-F",
+    "/dev/null",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "GlobalKnownHostsFile=/dev/null",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "ConnectTimeout=10",
+    "-o",
+    "IdentityAgent=none",
+]
 
 
 def _cmd_list(cmd):
     return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
 
 
-def ssh_password(user, password, cmd="true", host="127.0.0.1", port=None, timeout=60):
+def ssh_password(
+    user, password, cmd="true", host="127.0.0.1", port=None, timeout=60
+):
     """One password login (exactly one password attempt); CompletedProcess."""
     env = dict(os.environ, SSHPASS=password)
-    argv = (["sshpass", "-e", "ssh"] + _SSH_COMMON +
-            ["-o", "PreferredAuthentications=password",
-             "-o", "PubkeyAuthentication=no",
-             "-o", "NumberOfPasswordPrompts=1",
-             "-p", str(port or SSH_PORT), "-l", user, host, cmd])
+    argv = (
+        ["sshpass", "-e", "ssh"]
+        + _SSH_COMMON
+        + [
+            "-o",
+            "PreferredAuthentications=password",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "NumberOfPasswordPrompts=1",
+            "-p",
+            str(port or SSH_PORT),
+            "-l",
+            user,
+            host,
+            cmd,
+        ]
+    )
     return _run(argv, env=env, stdin=subprocess.DEVNULL, timeout=timeout)
 
 
-def ssh_key(user, key_path, cmd="true", host="127.0.0.1", port=None, timeout=60):
+def ssh_key(
+    user, key_path, cmd="true", host="127.0.0.1", port=None, timeout=60
+):
     """One public-key login with the given private key; CompletedProcess."""
-    argv = (["ssh"] + _SSH_COMMON +
-            ["-o", "BatchMode=yes",
-             "-o", "IdentitiesOnly=yes",
-             "-o", "PreferredAuthentications=publickey",
-             "-o", "PasswordAuthentication=no",
-             "-i", key_path,
-             "-p", str(port or SSH_PORT), "-l", user, host, cmd])
+    argv = (
+        ["ssh"]
+        + _SSH_COMMON
+        + [
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "PreferredAuthentications=publickey",
+            "-o",
+            "PasswordAuthentication=no",
+            "-i",
+            key_path,
+            "-p",
+            str(port or SSH_PORT),
+            "-l",
+            user,
+            host,
+            cmd,
+        ]
+    )
     return _run(argv, stdin=subprocess.DEVNULL, timeout=timeout)
 
 
 def sudo_as(user, password, cmd, timeout=60):
-    """`user` runs `cmd` through sudo (fresh credentials, password on stdin)."""
-    argv = ["runuser", "-u", user, "--", "sudo", "-S", "-k", "-p", "", "--"] + _cmd_list(cmd)
+    """`user` runs `cmd` through sudo (no cached credentials, password
+    on stdin)."""
+    argv = [
+        "runuser",
+        "-u",
+        user,
+        "--",
+        "sudo",
+        "-S",
+        "-k",
+        "-p",
+        "",
+        "--",
+    ] + _cmd_list(cmd)
     return _run(argv, input=password + "\n", timeout=timeout)
 
 
@@ -436,9 +553,14 @@ def su_as(user, password, target, cmd="true", timeout=30):
     require_binaries("runuser", "su")
     master, slave = os.openpty()
     try:
-        p = subprocess.Popen(["runuser", "-u", user, "--", "su", "-c", cmd, target],
-                             stdin=slave, stdout=slave, stderr=slave,
-                             start_new_session=True, close_fds=True)
+        p = subprocess.Popen(
+            ["runuser", "-u", user, "--", "su", "-c", cmd, target],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            close_fds=True,
+        )
     finally:
         os.close(slave)
     out = b""
@@ -450,7 +572,7 @@ def su_as(user, password, target, cmd="true", timeout=30):
             if r:
                 try:
                     chunk = os.read(master, 4096)
-                except OSError:        # EIO: every slave end is closed
+                except OSError:  # EIO: every slave end is closed
                     break
                 if not chunk:
                     break
@@ -463,7 +585,9 @@ def su_as(user, password, target, cmd="true", timeout=30):
                     sent = True
             if time.time() > deadline:
                 p.kill()
-                raise RuntimeError("su did not finish; output so far: %r" % out)
+                raise RuntimeError(
+                    "su did not finish; output so far: %r" % out
+                )
     finally:
         os.close(master)
     rc = p.wait(timeout=timeout)
@@ -473,4 +597,457 @@ def su_as(user, password, target, cmd="true", timeout=30):
 def forge(uid_user, identifier, message):
     """Write `message` to syslog as `identifier`, from an unprivileged user."""
     require_binaries("runuser", "logger")
-    return _check(["runuser", "-u", uid_user, "--", "logger", "-t", identifier, "--", message])
+    return _check(
+        [
+            "runuser",
+            "-u",
+            uid_user,
+            "--",
+            "logger",
+            "-t",
+            identifier,
+            "--",
+            message,
+        ]
+    )
+
+
+# ---------------------------------------------------------------- Debian 13
+#
+# Debian 12's OpenSSH 9.2 logs as `sshd`; 9.8 and later log each connection
+# as `sshd-session` (10.x also has `sshd-auth`), and Debian 13 has Python
+# 3.13.  A debootstrapped Debian 13 (trixie) tree, cached between runs,
+# lets the tests run that newer software for real (TESTING.md).  Build it
+# with `python3 tests/realsys.py trixie-tree` (.ci/run does).
+#
+# Measured (Debian 13 tree, OpenSSH 10.0p2 Debian-7+deb13u4, Linux-PAM 1.7,
+# Python 3.13.5; host journald of Debian 12):
+#
+# - The tree's sshd run in a chroot logs through /dev/log like any sshd, but
+#   journald takes _EXE from /proc/PID/exe as *it* sees it: the host path
+#   of the tree, e.g. /var/cache/pamsignal-tests/trixie/usr/lib/openssh/
+#   sshd-session.  _COMM is sshd-session, _UID 0, _TRANSPORT syslog.
+# - The listener logs as `sshd` ("Server listening on ...").  Every line of
+#   a connection, pre-auth ones included, is written by sshd-session with
+#   SYSLOG_IDENTIFIER=sshd-session: sshd-auth's own messages (the "[preauth]"
+#   ones) travel over the monitor's log channel and sshd-session writes them.
+# - The post-login child ("Received disconnect ...", "Disconnected from user
+#   ...") logs as sshd-session with the user's _UID and no _EXE.
+# - Linux-PAM 1.7 pam_unix: "session opened for user U(uid=N) by U(uid=0)".
+
+TRIXIE_TREE = os.environ.get(
+    "PAMSIGNAL_TRIXIE_TREE", "/var/cache/pamsignal-tests/trixie"
+)
+TRIXIE_SSH_PORT = int(os.environ.get("PAMSIGNAL_TRIXIE_SSH_PORT", "2223"))
+TRIXIE_PACKAGES = ("openssh-server", "sudo", "python3")
+# Written last, after debootstrap succeeded: a tree without it is not done.
+TRIXIE_MARKER = ".pamsignal-tree-complete"
+TRIXIE_NEEDS = (
+    "usr/sbin/sshd",
+    "usr/lib/openssh/sshd-session",
+    "usr/lib/openssh/sshd-auth",
+    "usr/bin/python3",
+    "usr/bin/sudo",
+    "usr/sbin/useradd",
+    "usr/sbin/chpasswd",
+    "etc/ssh/ssh_host_ed25519_key",
+)
+DEBIAN_SUITES = frozenset(
+    (
+        "buster",
+        "bullseye",
+        "bookworm",
+        "trixie",
+        "forky",
+        "sid",
+        "oldoldstable",
+        "oldstable",
+        "stable",
+        "testing",
+        "unstable",
+    )
+)
+
+
+def _deb822_stanzas(text):
+    stanza, key = {}, None
+    for line in text.splitlines() + [""]:
+        if not line.strip():
+            if stanza:
+                yield stanza
+            stanza, key = {}, None
+        elif line.startswith("#"):
+            continue
+        elif line[0] in " \t" and key:
+            stanza[key] += " " + line.strip()
+        else:
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            stanza[key] = value.strip()
+
+
+def apt_debian_mirror():
+    """The Debian archive URL this machine's apt uses (from
+    /etc/apt/sources.list*; PAMSIGNAL_DEBIAN_MIRROR overrides), or None."""
+    if os.environ.get("PAMSIGNAL_DEBIAN_MIRROR"):
+        return os.environ["PAMSIGNAL_DEBIAN_MIRROR"]
+    found = []
+    paths = ["/etc/apt/sources.list"]
+    paths += sorted(glob.glob("/etc/apt/sources.list.d/*.list"))
+    paths += sorted(glob.glob("/etc/apt/sources.list.d/*.sources"))
+    for path in paths:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError:
+            continue
+        if path.endswith(".sources"):
+            for st in _deb822_stanzas(text):
+                if "deb" not in st.get("types", "").split():
+                    continue
+                if st.get("enabled", "yes").lower() == "no":
+                    continue
+                if DEBIAN_SUITES & set(st.get("suites", "").split()):
+                    found += st.get("uris", "").split()
+            continue
+        for line in text.splitlines():
+            words = line.split()
+            if not words or words[0] != "deb":
+                continue
+            words = words[1:]
+            if words and words[0].startswith("["):  # [arch=.. signed-by=..]
+                end = [i for i, w in enumerate(words) if w.endswith("]")]
+                words = words[end[0] + 1 :] if end else []
+            if len(words) >= 2 and words[1] in DEBIAN_SUITES:
+                found.append(words[0])
+    for uri in found:
+        if uri.startswith(("http://", "https://")):
+            return uri.rstrip("/")
+    return None
+
+
+def apt_proxy_env():
+    """http_proxy/https_proxy for debootstrap, from apt's own settings."""
+    env = {}
+    for scheme in ("http", "https"):
+        try:
+            p = _run(
+                ["apt-config", "shell", "P", "Acquire::%s::Proxy" % scheme]
+            )
+        except OSError:
+            return env
+        m = re.match(r"^P='(.*)'$", p.stdout.strip())
+        if p.returncode == 0 and m and m.group(1).lower() not in (
+            "",
+            "direct",
+            "false",
+        ):
+            env[scheme + "_proxy"] = m.group(1)
+    return env
+
+
+def trixie_tree_complete(tree=None):
+    tree = tree or TRIXIE_TREE
+    return os.path.isfile(os.path.join(tree, TRIXIE_MARKER)) and all(
+        os.path.lexists(os.path.join(tree, f)) for f in TRIXIE_NEEDS
+    )
+
+
+def _mounts_under(path):
+    path = os.path.realpath(path)
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = re.sub(
+                r"\\([0-7]{3})",
+                lambda m: chr(int(m.group(1), 8)),
+                line.split()[4],
+            )
+            if point == path or point.startswith(path + "/"):
+                found.append(point)
+    return found
+
+
+def _remove_tree(path):
+    """rm -rf a (partial) tree, never through a mount inside it: a host
+    /dev or /proc bound into it must not be deleted with it."""
+    for point in sorted(_mounts_under(path), key=len, reverse=True):
+        _run(["umount", "-l", point])
+    left = _mounts_under(path)
+    if left:
+        raise RuntimeError(
+            "will not delete %s: still mounted inside it: %s" % (path, left)
+        )
+    _check(["rm", "-rf", "--one-file-system", path])
+
+
+def build_trixie_tree(tree=None, mirror=None, timeout=900):
+    """Make sure the Debian 13 tree exists and is complete; build it with
+    debootstrap from this machine's apt mirror if not.  Returns
+    (tree, seconds the build took), seconds None when it was cached.
+    Idempotent and safe to run concurrently (a lock file)."""
+    tree = os.path.abspath(tree or TRIXIE_TREE)
+    if len([p for p in tree.split("/") if p]) < 2:
+        raise RuntimeError("refusing tree path %r" % tree)
+    os.makedirs(os.path.dirname(tree), exist_ok=True)
+    with open(tree + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if trixie_tree_complete(tree):
+            return tree, None
+        if os.path.lexists(tree):
+            if not os.path.exists(os.path.join(tree, TRIXIE_MARKER)):
+                raise RuntimeError(
+                    "%s exists but was not built by these tests (no %s); "
+                    "remove it or set PAMSIGNAL_TRIXIE_TREE"
+                    % (tree, TRIXIE_MARKER)
+                )
+            _remove_tree(tree)  # ours, but damaged: build it again
+        if shutil.which("debootstrap") is None:
+            raise RuntimeError(
+                "debootstrap is not installed (apt-get install -y debootstrap)"
+            )
+        mirror = mirror or apt_debian_mirror()
+        if not mirror:
+            raise RuntimeError(
+                "no Debian mirror in /etc/apt/sources.list*; "
+                "set PAMSIGNAL_DEBIAN_MIRROR"
+            )
+        work = tree + ".build"
+        if os.path.lexists(work):
+            _remove_tree(work)  # left by a build that was interrupted
+        cmd = [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=" + ",".join(TRIXIE_PACKAGES),
+            "trixie",
+            work,
+            mirror,
+        ]
+        started = time.time()
+        p = _run(
+            cmd,
+            env=dict(os.environ, **apt_proxy_env()),
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+        seconds = time.time() - started
+        if p.returncode != 0:
+            raise RuntimeError(
+                "%s failed (%d) after %.0f s:\n%s"
+                % (
+                    " ".join(cmd),
+                    p.returncode,
+                    seconds,
+                    "\n".join(p.stdout.splitlines()[-15:]),
+                )
+            )
+        missing = [
+            f
+            for f in TRIXIE_NEEDS
+            if not os.path.lexists(os.path.join(work, f))
+        ]
+        if missing:
+            raise RuntimeError(
+                "debootstrap left %s without %s" % (work, ", ".join(missing))
+            )
+        with open(os.path.join(work, TRIXIE_MARKER), "w") as f:
+            json.dump(
+                {
+                    "built": time.strftime(
+                        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()
+                    ),
+                    "mirror": mirror,
+                    "packages": list(TRIXIE_PACKAGES),
+                    "seconds": round(seconds, 1),
+                },
+                f,
+            )
+            f.write("\n")
+        os.rename(work, tree)
+        return tree, seconds
+
+
+def chroot_run(tree, cmd, **kw):
+    """Run `cmd` chrooted into the tree (no mounts); CompletedProcess."""
+    return _run(["chroot", tree] + _cmd_list(cmd), **kw)
+
+
+def create_tree_user(tree, prefix="psn", password=None):
+    """A throw-away user with a password inside the tree's own
+    /etc/passwd and /etc/shadow; returns (name, password)."""
+    name = prefix + secrets.token_hex(4)
+    password = password or new_password()
+    p = chroot_run(tree, ["useradd", "-m", "-s", "/bin/bash", name])
+    if p.returncode != 0:
+        raise RuntimeError("useradd in %s failed: %s" % (tree, p.stderr))
+    p = chroot_run(tree, ["chpasswd"], input="%s:%s\n" % (name, password))
+    if p.returncode != 0:
+        chroot_run(tree, ["userdel", "-r", name])
+        raise RuntimeError("chpasswd in %s failed: %s" % (tree, p.stderr))
+    return name, password
+
+
+def delete_tree_user(tree, name):
+    chroot_run(tree, ["userdel", "-r", name])
+
+
+def _procs_rooted_in(tree):
+    """PIDs of the processes chrooted into the tree (other than us)."""
+    tree = os.path.realpath(tree)
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            if os.readlink("/proc/%s/root" % d) == tree:
+                found.append(int(d))
+        except OSError:
+            continue
+    return found
+
+
+class ChrootSshd(object):
+    """The tree's own sshd, run chrooted into it in a private mount
+    namespace (`unshare --mount`), with the host's /proc, /dev, /dev/pts
+    and /run/systemd/journal bound in: /dev/log (a link to
+    /run/systemd/journal/dev-log) then reaches the host journald.  The
+    mounts exist only in that namespace and vanish with its processes, so
+    nothing is left mounted inside the cached tree."""
+
+    def __init__(self, tree, port=None):
+        self.tree = os.path.realpath(tree)
+        self.port = port or TRIXIE_SSH_PORT
+        self.proc = None
+        self.rundir = None  # host path; inside the tree it is self.inside
+        self.inside = None
+        self.log_path = None
+
+    def start(self, timeout=20):
+        require_binaries("unshare", "chroot", "mount")
+        if _ssh_banner("127.0.0.1", self.port):
+            raise RuntimeError(
+                "something already serves SSH on 127.0.0.1 port %d "
+                "(PAMSIGNAL_TRIXIE_SSH_PORT picks another)" % self.port
+            )
+        os.makedirs(os.path.join(self.tree, "run", "sshd"), exist_ok=True)
+        os.chmod(os.path.join(self.tree, "run", "sshd"), 0o755)
+        self.rundir = tempfile.mkdtemp(
+            prefix="pamsignal-e2e-", dir=os.path.join(self.tree, "run")
+        )
+        self.inside = "/" + os.path.relpath(self.rundir, self.tree)
+        cfg = os.path.join(self.inside, "sshd_config")
+        lines = ["Port %d" % self.port, "ListenAddress 127.0.0.1"]
+        for t in ("ed25519", "ecdsa", "rsa"):
+            key = "etc/ssh/ssh_host_%s_key" % t
+            if os.path.exists(os.path.join(self.tree, key)):
+                lines.append("HostKey /" + key)
+        lines += [
+            "PidFile none",
+            "UsePAM yes",
+            "PasswordAuthentication yes",
+            "KbdInteractiveAuthentication no",
+            "PubkeyAuthentication yes",
+            "PermitRootLogin no",
+            "SyslogFacility AUTH",
+            "LogLevel INFO",
+            "UseDNS no",
+            "PrintMotd no",
+            "MaxStartups 100:30:200",
+        ]
+        with open(os.path.join(self.rundir, "sshd_config"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        p = chroot_run(self.tree, ["/usr/sbin/sshd", "-t", "-f", cfg])
+        if p.returncode != 0:
+            raise RuntimeError("sshd -t in the tree: %s" % p.stderr)
+        t = shlex.quote(self.tree)
+        script = " && ".join(
+            [
+                "mount --bind /proc %s/proc" % t,
+                "mount --bind /dev %s/dev" % t,
+                "mount --bind /dev/pts %s/dev/pts" % t,
+                "mkdir -p %s%s" % (t, JOURNAL_DIR),
+                "mount --bind %s %s%s" % (JOURNAL_DIR, t, JOURNAL_DIR),
+                "exec chroot %s /usr/sbin/sshd -D -f %s"
+                % (t, shlex.quote(cfg)),
+            ]
+        )
+        self.log_path = os.path.join(self.rundir, "sshd.log")
+        cursor = journal_cursor()
+        with open(self.log_path, "w") as log:
+            # unshare and sh exec: self.proc.pid ends up being sshd itself.
+            self.proc = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "--"]
+                + ["sh", "-c", "set -e; " + script],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = time.time() + timeout
+        while not _ssh_banner("127.0.0.1", self.port, timeout=0.5):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    "the tree's sshd did not come up on port %d: %s"
+                    % (self.port, self.log_text())
+                )
+            time.sleep(0.1)
+        # Its first line proves that /dev/log inside reaches our journald.
+        wait_for_journal(
+            r"^Server listening on 127\.0\.0\.1 port %d\.$" % self.port,
+            cursor,
+            timeout=timeout,
+        )
+        return self
+
+    def log_text(self):
+        try:
+            with open(self.log_path) as f:
+                return f.read()
+        except (OSError, TypeError):
+            return ""
+
+    def stop(self, timeout=10):
+        """Stop the listener (by its pid), then whatever it left running
+        chrooted in the tree (connection processes, by their pids)."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout)
+            self.proc = None
+            for pid in _procs_rooted_in(self.tree):
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
+        if self.rundir:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+            self.rundir = None
+
+
+def _main(argv):
+    if argv[1:] != ["trixie-tree"]:
+        sys.stderr.write("usage: %s trixie-tree\n" % argv[0])
+        return 2
+    if os.geteuid() != 0:
+        sys.stderr.write("building the Debian 13 tree needs root\n")
+        return 1
+    try:
+        tree, seconds = build_trixie_tree()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        sys.stderr.write("Debian 13 tree: %s\n" % e)
+        return 1
+    if seconds is None:
+        print("Debian 13 tree: %s is complete (cached)" % tree)
+    else:
+        print("Debian 13 tree: built %s in %.0f s" % (tree, seconds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv))

@@ -175,3 +175,20 @@ def test_missed_entries_probe_compares_the_newest_entry_age(
     assert "--follow" not in probe_argv
     assert "--after-cursor=s=1;i=2" in probe_argv
     assert "--lines=1" in probe_argv
+
+
+def test_start_position_is_kept_when_stopped_before_any_entry(tmp_path):
+    fake = FakeJournal(tmp_path, {"follow": [{"hang": True}]})
+    config = agent_config(tmp_path, fake, "first_start = -1h\n")
+    agent = AgentProcess(config, env=fake.env())
+    assert wait_for(lambda: len(fake.calls()) == 1)
+    agent.stop()
+    again = AgentProcess(config, env=fake.env())
+    assert wait_for(lambda: len(fake.calls()) == 2)
+    again.stop()
+    first, second = [[a for a in call if a.startswith("--since=@")]
+                     for call in fake.calls()]
+    assert first == second and len(first) == 1
+    import time
+    assert abs(float(first[0][9:]) - (time.time() - 3600)) < 120
+    assert read_state(tmp_path)["cursor"] is None

@@ -1,0 +1,42 @@
+# PAMSignal: one file, Python 3.6+ standard library only.
+PREFIX ?= /usr
+SYSCONFDIR ?= /etc
+DESTDIR ?=
+PYTHON ?= python3
+
+BINDIR = $(DESTDIR)$(PREFIX)/bin
+MANDIR = $(DESTDIR)$(PREFIX)/share/man/man8
+DOCDIR = $(DESTDIR)$(PREFIX)/share/doc/pamsignal
+CONFDIR = $(DESTDIR)$(SYSCONFDIR)/pamsignal
+
+.PHONY: all test lint bench install uninstall
+
+all:
+	@echo "targets: test, lint, bench, install, uninstall (DESTDIR, PREFIX)"
+
+# The README's test command; .ci/run calls it after installing what the
+# end-to-end tests drive (journald, sshd, sudo, su).
+test:
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	vermin -t=3.6- --violations pamsignal.py
+	ruff check pamsignal.py tests bench
+
+bench:
+	$(PYTHON) bench/bench_pipeline.py
+
+install:
+	install -d -m 0755 $(BINDIR) $(MANDIR) $(DOCDIR)
+	install -m 0755 pamsignal.py $(BINDIR)/pamsignal
+	install -m 0644 pamsignal.8 $(MANDIR)/pamsignal.8
+	install -m 0644 README.md pamsignal.conf.example $(DOCDIR)/
+	install -d -m 0755 $(CONFDIR)
+	# An existing configuration is the admin's: never overwrite it.
+	test -e $(CONFDIR)/pamsignal.conf || \
+		install -m 0600 pamsignal.conf.example $(CONFDIR)/pamsignal.conf
+
+uninstall:
+	rm -f $(BINDIR)/pamsignal $(MANDIR)/pamsignal.8
+	rm -rf $(DOCDIR)
+	@echo "kept $(CONFDIR)/pamsignal.conf and /var/lib/pamsignal"
