@@ -849,84 +849,101 @@ def _build_logind_removed(match):
     return {"action": "session_closed", "session_id": match.group("session")}
 
 
-Rule = collections.namedtuple("Rule", "family name pattern build")
+Rule = collections.namedtuple("Rule", "family name words pattern build")
 Rule.__doc__ = """One message form: the family of identifiers it applies to
-("pam" applies to all), a name, an anchored regex and the function that turns
-its match into event fields (None: recognised, but not an event)."""
+("pam" applies to all), a name, the first words its lines can start with
+(None: any; only those rules are tried, for speed), an anchored regex and
+the function that turns its match into event fields (None: recognised, but
+not an event)."""
 
 _PAM_HEAD = r"^pam_unix\((?P<pam_service>[^:()\s]+):"
 
 #: Every message form the parser knows, in the order they are tried.
 RULES = (
-    Rule("sshd", "auth_log", re.compile(
+    Rule("sshd", "auth_log", ("Accepted", "Failed"), re.compile(
         r"^(?P<verb>Accepted|Failed) (?P<method>\S+) for (?P<rest>.*)\Z"),
         _build_auth_log),
-    Rule("sshd", "invalid_user", re.compile(r"^Invalid user (?P<rest>.*)\Z"),
-         _build_invalid_user),
-    Rule("sshd", "not_allowed", re.compile(
+    Rule("sshd", "invalid_user", ("Invalid",), re.compile(
+        r"^Invalid user (?P<rest>.*)\Z"), _build_invalid_user),
+    Rule("sshd", "not_allowed", ("User",), re.compile(
         r"^User (?P<rest>.+) not allowed because (?P<why>.+)\Z"),
         _build_not_allowed),
-    Rule("sshd", "root_refused", re.compile(
+    Rule("sshd", "root_refused", ("ROOT",), re.compile(
         r"^ROOT LOGIN REFUSED FROM (?P<addr>\S+)(?: port (?P<port>\d+))?\Z"),
         _build_root_refused),
-    Rule("sshd", "max_attempts", re.compile(
+    Rule("sshd", "max_attempts", ("maximum",), re.compile(
         r"^maximum authentication attempts exceeded for (?P<rest>.*)\Z"),
         _build_max_attempts),
-    Rule("sshd", "too_many_failures", re.compile(
+    Rule("sshd", "too_many_failures", ("Disconnecting",), re.compile(
         r"^Disconnecting\b.*: Too many authentication failures"),
         _companion),
-    Rule("sshd", "pam_failure_summary", re.compile(
+    Rule("sshd", "pam_failure_summary", ("PAM", "PAM:"), re.compile(
         r"^PAM(?::)? (?:Authentication failure for |\d+ more authentication"
         r" failures?)"), _companion),
-    Rule("sshd", "input_userauth_invalid", re.compile(
-        r"^input_userauth_request: invalid user "), _companion),
-    Rule("pam", "session_opened", re.compile(
+    Rule("sshd", "input_userauth_invalid", ("input_userauth_request:",),
+         re.compile(r"^input_userauth_request: invalid user "), _companion),
+    Rule("pam", "session_opened", ("pam_unix",), re.compile(
         _PAM_HEAD + r"session\): session opened for user (?P<user>\S+?)"
         r"(?:\(uid=\d+\))? by (?P<by>\S*?)(?:\(uid=(?P<by_uid>\d+)\))?\Z"),
         _build_session_opened),
-    Rule("pam", "session_closed", re.compile(
+    Rule("pam", "session_closed", ("pam_unix",), re.compile(
         _PAM_HEAD + r"session\): session closed for user (?P<user>\S+?)"
         r"(?:\(uid=\d+\))?\Z"), _build_session_closed),
-    Rule("pam", "auth_failure", re.compile(
+    Rule("pam", "auth_failure", ("pam_unix",), re.compile(
         _PAM_HEAD + r"auth\): authentication failure; (?P<pairs>.*)\Z"),
         _build_pam_auth_failure),
-    Rule("pam", "check_pass", re.compile(
+    Rule("pam", "check_pass", ("pam_unix",), re.compile(
         _PAM_HEAD + r"auth\): check pass; user unknown\Z"), _companion),
-    Rule("sudo", "continued", re.compile(
+    Rule("sudo", "continued", None, re.compile(
         r"^\s*\S+ : \(command continued\) "), _companion),
-    Rule("sudo", "sudo", re.compile(r"^\s*(?P<user>\S+) : (?P<body>.*)\Z"),
-         _build_sudo),
-    Rule("su", "su", re.compile(
+    Rule("sudo", "sudo", None, re.compile(
+        r"^\s*(?P<user>\S+) : (?P<body>.*)\Z"), _build_sudo),
+    Rule("su", "su", ("", "FAILED", "Successful"), re.compile(
         r"^(?:(?P<failed>FAILED SU )?\(to (?P<target>\S+)\) (?P<user>\S+) "
         r"on (?P<tty>\S+)|(?:Successful|(?P<shadow_failed>FAILED)) su for "
         r"(?P<shadow_target>\S+) by (?P<shadow_user>\S+))\Z"), _build_su),
-    Rule("su", "sulog", re.compile(r"^[+-] \S+ \S+:\S+\Z"), _companion),
-    Rule("login", "login", re.compile(
+    Rule("su", "sulog", ("",), re.compile(r"^[+-] \S+ \S+:\S+\Z"), _companion),
+    Rule("login", "login", ("LOGIN",), re.compile(
         r"^LOGIN ON (?P<tty>\S+) BY (?P<user>\S+)(?: FROM (?P<host>\S+))?\Z"),
         _build_login_success),
-    Rule("login", "root_login", re.compile(
+    Rule("login", "root_login", ("ROOT",), re.compile(
         r"^ROOT LOGIN\s+(?:ON|on) '?(?P<tty>[^'\s]+)'?"
         r"(?: (?:FROM|from) '?(?P<host>[^'\s]+)'?)?\Z"),
         _build_login_success),
-    Rule("login", "failed_login", re.compile(
+    Rule("login", "failed_login", ("FAILED",), re.compile(
         r"^FAILED LOGIN \(?\d+\)?(?: (?:ON|on) '?(?P<tty>[^'\s]+)'?)?"
         r"(?: (?:FROM|from) '?(?P<host>[^'\s]+)'?)? FOR '?(?P<user>.*?)'?, "
         r"(?P<why>[^,]*)\Z"), _build_login_failure),
-    Rule("login", "too_many_tries", re.compile(
+    Rule("login", "too_many_tries", ("TOO",), re.compile(
         r"^TOO MANY LOGIN TRIES \((?P<count>\d+)\)(?: (?:ON|on) "
         r"'?(?P<tty>[^'\s]+)'?)?(?: (?:FROM|from) '?(?P<host>[^'\s]+)'?)?"
         r"(?: FOR '?(?P<user>.*?)'?)?(?:, .*)?\Z"), _build_login_tries),
-    Rule("logind", "new_session", re.compile(
+    Rule("logind", "new_session", ("New",), re.compile(
         r"^New session '?(?P<session>[^'\s]+?)'? of user "
         r"'?(?P<user>[^'\s]+?)'?(?: with class .*)?\.?\Z"),
         _build_logind_new),
-    Rule("logind", "removed_session", re.compile(
+    Rule("logind", "removed_session", ("Removed",), re.compile(
         r"^Removed session '?(?P<session>[^'\s]+?)'?\.?\Z"),
         _build_logind_removed),
 )
 
+#: The leading word a rule's `words` name: letters, "_" and ":" only, so
+#: "pam_unix(sshd:auth)" gives "pam_unix" and "(to root)" gives "".
+_FIRST_WORD = re.compile(r"[A-Za-z_:]*")
+
+
+def _rule_index(family):
+    """first word -> the rules worth trying, in table order (a rule with
+    no `words` is tried whatever the word)."""
+    rules = [rule for rule in RULES if rule.family in (family, "pam")]
+    words = set(word for rule in rules for word in rule.words or ())
+    anywhere = tuple(rule for rule in rules if rule.words is None)
+    return ({word: tuple(rule for rule in rules if rule.words is None or
+                         word in rule.words) for word in words}, anywhere)
+
+
 _RULES_BY_FAMILY = {
-    family: tuple(rule for rule in RULES if rule.family in (family, "pam"))
+    family: _rule_index(family)
     for family in set(service.family for service in WATCHED_SERVICES.values())
 }
 
@@ -935,7 +952,8 @@ def classify_message(family, message):
     """(rule, fields) for a message of a service family; fields is None for
     a recognised line that is not an event, rule is None when unknown."""
     message = _LOG_SUFFIX.sub("", _LOG_PREFIX.sub("", message, 1), 1)
-    for rule in _RULES_BY_FAMILY[family]:
+    by_word, anywhere = _RULES_BY_FAMILY[family]
+    for rule in by_word.get(_FIRST_WORD.match(message).group(0), anywhere):
         match = rule.pattern.match(message)
         if match is not None:
             return rule, rule.build(match)
@@ -1014,8 +1032,8 @@ def parse_entry(entry):
 
 
 #: '"sshd"', '"sudo"', ...: an entry lacking all of them cannot be watched.
-_WATCHED_NAME_BYTES = tuple(('"%s"' % name).encode()
-                            for name in WATCHED_SERVICES)
+_WATCHED_NAME_BYTES = re.compile(("\"(?:%s)\"" % "|".join(
+    re.escape(name) for name in sorted(WATCHED_SERVICES))).encode())
 
 
 def decode_line(line):
@@ -1532,7 +1550,7 @@ class Pipeline:
         most of a full export is other programs.
         """
         if self.skip_unwatched and isinstance(line, bytes) and \
-                not any(name in line for name in _WATCHED_NAME_BYTES):
+                _WATCHED_NAME_BYTES.search(line) is None:
             if line.lstrip().startswith(b"{") and \
                     line.rstrip().endswith(b"}"):
                 self.entries += 1
