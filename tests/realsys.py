@@ -632,7 +632,8 @@ def forge(uid_user, identifier, message):
 #   SYSLOG_IDENTIFIER=sshd-session: sshd-auth's own messages (the "[preauth]"
 #   ones) travel over the monitor's log channel and sshd-session writes them.
 # - The post-login child ("Received disconnect ...", "Disconnected from user
-#   ...") logs as sshd-session with the user's _UID and no _EXE.
+#   ...") logs as sshd-session with the user's _UID and usually no _EXE
+#   (it has exited before journald looks it up; now and then it has not).
 # - Linux-PAM 1.7 pam_unix: "session opened for user U(uid=N) by U(uid=0)".
 
 TRIXIE_TREE = os.environ.get(
@@ -781,7 +782,7 @@ def _remove_tree(path):
     _check(["rm", "-rf", "--one-file-system", path])
 
 
-def build_trixie_tree(tree=None, mirror=None, timeout=900):
+def build_trixie_tree(tree=None, mirror=None, timeout=600):
     """Make sure the Debian 13 tree exists and is complete; build it with
     debootstrap from this machine's apt mirror if not.  Returns
     (tree, seconds the build took), seconds None when it was cached.
@@ -833,6 +834,10 @@ def build_trixie_tree(tree=None, mirror=None, timeout=900):
         )
         seconds = time.time() - started
         if p.returncode != 0:
+            try:
+                _remove_tree(work)
+            except RuntimeError:
+                pass  # the next build tries again
             raise RuntimeError(
                 "%s failed (%d) after %.0f s:\n%s"
                 % (
