@@ -67,6 +67,9 @@ JOURNAL_FIELDS = ("MESSAGE", "SYSLOG_IDENTIFIER", "_PID", "_UID", "_COMM",
 #: the cap keeps a hostile megabyte line cheap.
 MAX_MESSAGE_CHARS = 8192
 
+#: How much of a forged entry's MESSAGE is read to name what it claims.
+MAX_UNTRUSTED_MESSAGE_CHARS = 1024
+
 #: Longest journalctl output line kept; a longer one is dropped whole.
 MAX_LINE_BYTES = 4 * 1024 * 1024
 
@@ -198,10 +201,8 @@ _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*"
 
 def parse_port(text):
     """A TCP port number, or None for anything that is not one."""
-    if text is None or not text.isdigit() or len(text) > 5:
-        return None
-    port = int(text)
-    return port if port <= 65535 else None
+    port = parse_int(text)
+    return port if port is not None and port <= 65535 else None
 
 
 def journal_text(value):
@@ -221,30 +222,33 @@ def journal_text(value):
     return None
 
 
+_DIGITS = re.compile(r"[0-9]{1,19}\Z")
+
+
 def parse_int(text):
-    """A non-negative decimal integer field, or None."""
-    if text is None or not text.isdigit() or len(text) > 19:
+    """A non-negative decimal integer field, or None (ASCII digits only:
+    str.isdigit() also accepts "²")."""
+    if text is None or not _DIGITS.match(text):
         return None
     return int(text)
 
 
 def split_at_from(text, tail_pattern, accept=None, marker=" from "):
-    """Split `USER from TAIL` where USER is attacker-chosen text.
+    """Every reading of `USER from TAIL` as [(user, tail_match)].
 
-    The user name may itself contain " from 10.0.0.1 port 22"; the split
-    that counts is the first one whose whole remainder matches the strict
+    USER is attacker-chosen text and may itself contain " from 10.0.0.1
+    port 22". A reading counts when the whole remainder matches the strict
     grammar of what the service writes after the user name (and passes
-    `accept`). Returns (user, tail_match) or (None, None).
+    `accept(tail)`).
     """
-    start = 0
-    while True:
-        position = text.find(marker, start)
-        if position < 0:
-            return None, None
+    found = []
+    position = text.find(marker)
+    while position >= 0:
         tail = tail_pattern.match(text, position + len(marker))
         if tail is not None and (accept is None or accept(tail)):
-            return text[:position], tail
-        start = position + 1
+            found.append((text[:position], tail))
+        position = text.find(marker, position + 1)
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -628,7 +632,37 @@ def _split_invalid(rest):
     return False, rest
 
 
+_WHITE_SPACE = re.compile(r"\s")
+
+#: pamsignal.detail of an event whose user name imitates sshd's own text
+#: so that more than one reading fits: no user or source is reported.
+AMBIGUOUS = "ambiguous: the user name imitates the address text"
+
+
+def _user_and_source(rest, tail_pattern, accept=None, account=False):
+    """(fields, tail) for `USER from TAIL`.
+
+    One reading gives user and source. Several mean the user name imitates
+    sshd's text: if the account exists (`account`), its name has no white
+    space, which settles it; otherwise no side is picked and the event has
+    neither user nor source, only the AMBIGUOUS detail. No reading at all
+    gives (None, None).
+    """
+    readings = split_at_from(rest, tail_pattern, accept)
+    if len(readings) > 1 and account:
+        readings = [(user, tail) for user, tail in readings
+                    if not _WHITE_SPACE.search(user)] or readings
+    if len(readings) > 1:
+        return {"detail": AMBIGUOUS}, None
+    if not readings:
+        return None, None
+    user, tail = readings[0]
+    groups = tail.groupdict()
+    return dict(_source(groups["addr"], groups.get("port")), user=user), tail
+
+
 def _known_key_info(tail):
+    """The text after "ssh2: " is a key sshd writes (or absent)."""
     info = tail.group("info")
     return info is None or _KEY_INFO.match(info) is not None
 
@@ -637,26 +671,27 @@ def _build_auth_log(match):
     """sshd auth_log(): Accepted/Failed METHOD for [invalid user ]U from ..."""
     verb, method = match.group("verb"), match.group("method")
     invalid, rest = _split_invalid(match.group("rest"))
-    user, tail = split_at_from(rest, _SSHD_AUTH_TAIL, _known_key_info)
-    if tail is None:
-        # Key text of a form this version does not know: the last split.
-        user, tail = split_at_from(rest, _SSHD_AUTH_TAIL,
-                                   lambda t: " from " not in t.group(0))
-    if tail is None:
+    fields, tail = _user_and_source(rest, _SSHD_AUTH_TAIL, _known_key_info,
+                                    account=not invalid)
+    if fields is None:
+        # Key text of a form this version does not know.
+        fields, tail = _user_and_source(rest, _SSHD_AUTH_TAIL,
+                                        account=not invalid)
+    if fields is None:
         return None
     if verb == "Failed" and invalid and method == "none":
         return None  # the probe the "Invalid user" line already reported
-    fields = dict(_source(tail.group("addr"), tail.group("port")),
-                  user=user, auth_method=method)
-    key_info = _KEY_INFO.match(tail.group("info") or "")
+    fields["auth_method"] = method
+    info = tail.group("info") if tail is not None else None
+    key_info = _KEY_INFO.match(info or "")
     if key_info is not None:
         fields.update(key=key_info.group("key"),
                       certificate_id=key_info.group("cert_id"),
                       certificate_serial=parse_int(key_info.group("serial")),
                       certificate_ca=key_info.group("ca"),
                       detail=(key_info.group("client") or "")[2:] or None)
-    elif tail.group("info"):
-        fields["detail"] = tail.group("info")  # e.g. a Kerberos principal
+    elif info:
+        fields["detail"] = info  # e.g. a Kerberos principal
     if verb == "Accepted":
         fields["action"] = "login_success"
     else:
@@ -667,20 +702,19 @@ def _build_auth_log(match):
 
 
 def _build_invalid_user(match):
-    user, tail = split_at_from(match.group("rest"), _SSHD_ADDR_PORT_TAIL)
-    if tail is None:
+    fields, _ = _user_and_source(match.group("rest"), _SSHD_ADDR_PORT_TAIL)
+    if fields is None:
         return None
-    return dict(_source(tail.group("addr"), tail.group("port")),
-                action="login_failure", reason="invalid_user", user=user)
+    return dict(fields, action="login_failure", reason="invalid_user")
 
 
 def _build_not_allowed(match):
     """Checks on the account itself (locked, no shell) name no source."""
-    user, tail = split_at_from(match.group("rest"), _ADDR_ONLY_TAIL)
-    fields = {} if tail is None else _source(tail.group("addr"))
+    fields, _ = _user_and_source(match.group("rest"), _ADDR_ONLY_TAIL)
+    if fields is None:
+        fields = {"user": match.group("rest")}
     return dict(fields, action="login_failure", reason="not_allowed",
-                user=match.group("rest") if tail is None else user,
-                detail=match.group("why"))
+                detail=fields.get("detail") or match.group("why"))
 
 
 def _build_root_refused(match):
@@ -690,11 +724,12 @@ def _build_root_refused(match):
 
 def _build_max_attempts(match):
     invalid, rest = _split_invalid(match.group("rest"))
-    user, tail = split_at_from(rest, _SSHD_AUTH_TAIL)
-    if tail is None:
+    fields, _ = _user_and_source(rest, _SSHD_AUTH_TAIL,
+                                 lambda tail: tail.group("info") is None,
+                                 account=not invalid)
+    if fields is None:
         return None
-    return dict(_source(tail.group("addr"), tail.group("port")),
-                action="login_failure", reason="max_attempts", user=user)
+    return dict(fields, action="login_failure", reason="max_attempts")
 
 
 def _companion(match):
@@ -750,28 +785,36 @@ _SUDO_USER = re.compile(r"(?:^| ; )USER=(\S+) ; ")
 _SUDO_COMMAND = " ; COMMAND="
 
 
+#: pamsignal.detail of a sudo line whose directory or command imitates
+#: its keys: the target shown is root if any reading says so, and the
+#: command is everything that could be it.
+SUDO_AMBIGUOUS = "ambiguous: the directory or command imitates sudo's keys"
+
+
 def _sudo_fields(body):
     """TTY=t ; PWD=d ; USER=r [; KEY=v ...] ; COMMAND=c, where the directory
     and the command are the user's own text and may imitate the keys."""
-    candidates = []
+    readings = []
     for user_match in _SUDO_USER.finditer(body):
         command_at = body.find(_SUDO_COMMAND, user_match.end(1))
-        if command_at < 0:
-            continue
-        candidates.append((user_match, command_at))
-    if not candidates:
+        if command_at >= 0:
+            readings.append((user_match, command_at))
+    if not readings:
         return None
-    # Several USER= keys means the text imitates one; the loud reading wins.
-    user_match, command_at = next(
-        (c for c in candidates if c[0].group(1) == "root"), candidates[0])
-    head = body[:user_match.start()]
+    first_user, first_command_at = readings[0]
+    # Louder, never quieter: root if any reading says root; the command
+    # from the first COMMAND=, whose text holds the real one whatever came.
+    user_match = next((r[0] for r in readings if r[0].group(1) == "root"),
+                      first_user)
+    head = body[:first_user.start()]
     tty = re.match(r"^TTY=(\S*?)(?: ; |\Z)", head)
     pwd_at = head.find("PWD=")
     return {"target_user": user_match.group(1),
-            "command_line": body[command_at + len(_SUDO_COMMAND):],
+            "command_line": body[first_command_at + len(_SUDO_COMMAND):],
             "working_directory": head[pwd_at + 4:] if pwd_at >= 0 else None,
             "tty": tty.group(1) if tty and tty.group(1) != "unknown"
-            else None}
+            else None,
+            "detail": SUDO_AMBIGUOUS if len(readings) > 1 else None}
 
 
 def _build_sudo(match):
@@ -917,7 +960,8 @@ RULES = (
     Rule("login", "too_many_tries", ("TOO",), re.compile(
         r"^TOO MANY LOGIN TRIES \((?P<count>\d+)\)(?: (?:ON|on) "
         r"'?(?P<tty>[^'\s]+)'?)?(?: (?:FROM|from) '?(?P<host>[^'\s]+)'?)?"
-        r"(?: FOR '?(?P<user>.*?)'?)?(?:, .*)?\Z"), _build_login_tries),
+        r"(?: FOR '?(?P<user>[^',\s]*)'?)?(?:, [^\n]*)?\Z"),
+        _build_login_tries),
     Rule("logind", "new_session", ("New",), re.compile(
         r"^New session '?(?P<session>[^'\s]+?)'? of user "
         r"'?(?P<user>[^'\s]+?)'?(?: with class .*)?\.?\Z"),
@@ -960,12 +1004,18 @@ def classify_message(family, message):
     return None, None
 
 
+#: What the kernel appends to /proc/PID/exe when the file was replaced.
+_DELETED = " (deleted)"
+
+
 def writer_is_genuine(entry, service):
     """Whether the trusted journal fields show the real service wrote this.
 
     Anyone can `logger -t sshd`; only journald sets the underscore fields.
-    `_EXE` is missing when the writer exited before journald looked, so the
-    program name and UID must then suffice.
+    `_EXE` is missing when the writer exited before journald looked; then
+    the program name decides, but only for root writers: any process can
+    name itself "sudo" (prctl) and exit, so a non-root writer (the caller
+    of setuid sudo or su) must show the real executable.
     """
     if journal_text(entry.get("_TRANSPORT")) not in TRUSTED_TRANSPORTS:
         return False
@@ -975,12 +1025,14 @@ def writer_is_genuine(entry, service):
     exe = journal_text(entry.get("_EXE"))
     comm = journal_text(entry.get("_COMM"))
     if exe is not None:
+        if exe.endswith(_DELETED):  # the binary was upgraded while running
+            exe = exe[:-len(_DELETED)]
         directory, program = os.path.split(exe)
         return directory in TRUSTED_EXE_DIRS and program in service.programs \
             and (comm is None or comm in service.programs)
-    if comm is not None:
-        return comm in service.programs
-    return uid == "0"
+    if uid != "0":
+        return False
+    return comm is None or comm in service.programs
 
 
 def _entry_timestamp(entry):
@@ -1010,7 +1062,10 @@ def parse_entry(entry):
     timestamp_us = _entry_timestamp(entry)
     if not message or timestamp_us is None:
         return None
-    message = message[:MAX_MESSAGE_CHARS]
+    genuine = writer_is_genuine(entry, service)
+    # A forger's text only needs reading far enough to see what it claims.
+    message = message[:MAX_MESSAGE_CHARS if genuine else
+                      MAX_UNTRUSTED_MESSAGE_CHARS]
     rule, fields = classify_message(service.family, message)
     if fields is None:
         return None
@@ -1019,13 +1074,16 @@ def parse_entry(entry):
               "pid": parse_int(journal_text(entry.get("_PID"))),
               "cursor": journal_text(entry.get("__CURSOR")),
               "message": message.rstrip("\n")}
-    if not writer_is_genuine(entry, service):
+    if not genuine:
         return Event(action="spoofed_entry", service=service.name,
                      writer_uid=parse_int(journal_text(entry.get("_UID"))),
                      process_name=journal_text(entry.get("_COMM")),
                      process_executable=journal_text(entry.get("_EXE")),
                      claimed_action=fields["action"], **common)
     fields.setdefault("service", service.name)
+    writer_uid = journal_text(entry.get("_UID"))
+    if service.setuid and writer_uid != "0" and not fields.get("user_id"):
+        fields["user_id"] = writer_uid  # the caller of setuid sudo or su
     fields["context_key"] = _context_key(entry, fields, service)
     fields.update(common)
     return Event(**fields)
@@ -1041,7 +1099,7 @@ def decode_line(line):
     try:
         entry = json.loads(line.decode("utf-8", "replace")
                            if isinstance(line, bytes) else line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: [[[[...]]]]
         return None
     return entry if isinstance(entry, dict) else None
 
@@ -1196,8 +1254,12 @@ def say(level, message, stream=None):
     else:
         prefix = "pamsignal: " if level == "info" else \
             "pamsignal: %s: " % level
+    text = prefix + escape_text(message) + "\n"
     try:
-        stream.write(prefix + escape_text(message) + "\n")
+        try:
+            stream.write(text)
+        except UnicodeEncodeError:  # an ASCII locale (Python 3.6, LANG=C)
+            stream.write(text.encode("ascii", "backslashreplace").decode())
         stream.flush()
     except (OSError, ValueError):
         pass  # nowhere left to complain to
@@ -1218,7 +1280,7 @@ class ConsoleSink:
 
     def open(self):
         if self.stream is None:
-            self.stream = sys.stdout
+            self.stream = utf8_stdout()
 
     def send(self, event):
         line = render_json(event) if self.format == "json" \
@@ -1275,17 +1337,28 @@ class StateStore:
                 % (self.state_dir, error.strerror or error)) from None
 
     def load(self):
-        """The saved state, or {} when there is none or it is unreadable."""
+        """The saved state; {} when there is none. Unreadable state resumes
+        from a minute before the file was last written, so a damaged file
+        costs some repeats, never lost logins."""
         try:
             with open(self.path, encoding="utf-8") as handle:
                 state = json.load(handle)
+            if isinstance(state, dict):
+                return state
+            problem = "not a JSON object"
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:
+            problem = str(error)
+        try:
+            written_s = os.stat(self.path).st_mtime
+        except OSError:
             say("warning", "ignoring unreadable state %s: %s"
-                % (self.path, error))
+                % (self.path, problem))
             return {}
-        return state if isinstance(state, dict) else {}
+        say("warning", "unreadable state %s (%s); resuming from a minute "
+            "before it was last written" % (self.path, problem))
+        return {"since_us": int((written_s - 60) * 1e6)}
 
     def save(self, state, durable=True):
         """Replace the state atomically; `durable` also survives a power
@@ -1358,8 +1431,10 @@ class JournalSource:
         self.first_start = first_start
         self.cursor = cursor
         self.last_realtime_us = last_realtime_us
-        self.since_us = None
+        self.since_us = None  # the first start as an absolute time
+        self.skip_cursor = None  # handled already; seen again after fallback
         self.process = None
+        self.errors_open = False
         self.pending = b""
         self.discarding = False
         self.errors = b""
@@ -1368,26 +1443,30 @@ class JournalSource:
         self.restart_at = 0.0
         self.started_at = 0.0
         self.last_activity = 0.0
-        self.restarts = 0
-        self.dropped_lines = 0
 
     # -- position ---------------------------------------------------------
 
     def advance(self, cursor, realtime_us):
         """Record the last fully handled entry."""
         self.cursor = cursor
+        self.cursor_rejections = 0  # journalctl took the cursor it was given
         if realtime_us is not None:
             self.last_realtime_us = realtime_us
 
+    def pin_first_start(self, now_s):
+        """Fix `now` or `-1h` to an absolute time, once, so that a restart
+        before any entry was handled does not skip what happened since."""
+        if self.cursor is None and self.last_realtime_us is None and \
+                self.since_us is None:
+            self.since_us = first_start_time_us(self.first_start, now_s)
+
     def position(self):
-        """After the last handled entry; before any, from the first start,
-        fixed once so a restart never skips what happened in between."""
+        """journalctl arguments: after the last handled entry, else from its
+        time (the cursor was refused), else from the first start."""
         if self.cursor is not None:
             return ["--after-cursor=%s" % self.cursor]
         if self.last_realtime_us is not None:
             return ["--since=@%.6f" % (self.last_realtime_us / 1e6)]
-        if self.since_us is None:
-            self.since_us = first_start_time_us(self.first_start, time.time())
         if self.since_us is not None:
             return ["--since=@%.6f" % (self.since_us / 1e6)]
         return ["--boot"] if self.first_start == "boot" else []
@@ -1395,6 +1474,7 @@ class JournalSource:
     # -- process ----------------------------------------------------------
 
     def start(self, now):
+        self.pin_first_start(time.time())
         command = follow_command(self.journalctl, self.position())
         try:
             self.process = subprocess.Popen(
@@ -1404,6 +1484,8 @@ class JournalSource:
             self.process = None
             raise SourceError("cannot start %s: %s" % (
                 self.journalctl, error.strerror or error)) from None
+        os.set_blocking(self.process.stderr.fileno(), False)
+        self.errors_open = True
         self.pending, self.discarding, self.errors = b"", False, b""
         self.started_at = self.last_activity = now
 
@@ -1427,12 +1509,13 @@ class JournalSource:
             wait = max(0.0, min(timeout, self.restart_at - now_fn()))
             time.sleep(wait)
             return []
-        streams = [self.process.stdout, self.process.stderr]
+        streams = [self.process.stdout]
+        if self.errors_open:
+            streams.append(self.process.stderr)
         readable, _, _ = select.select(streams, [], [], timeout)
         lines = []
         if self.process.stderr in readable:
-            chunk = os.read(self.process.stderr.fileno(), 65536)
-            self.errors = (self.errors + chunk)[-4096:]
+            self._drain_errors()
         if self.process.stdout in readable:
             chunk = os.read(self.process.stdout.fileno(), 262144)
             if not chunk:
@@ -1441,6 +1524,17 @@ class JournalSource:
                 self.last_activity = now_fn()
                 lines = self._split(chunk)
         return lines
+
+    def _drain_errors(self):
+        """Keep the tail of journalctl's complaints without ever blocking."""
+        while self.errors_open:
+            try:
+                chunk = os.read(self.process.stderr.fileno(), 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.errors_open = False  # closed; select must not spin
+            self.errors = (self.errors + chunk)[-4096:]
 
     def _split(self, chunk):
         if self.discarding:
@@ -1452,33 +1546,38 @@ class JournalSource:
         self.pending = parts.pop()
         if len(self.pending) > MAX_LINE_BYTES:
             self.pending, self.discarding = b"", True
-            self.dropped_lines += 1
             say("warning", "dropped a journal line longer than %d bytes"
                 % MAX_LINE_BYTES)
         return parts
 
+    def _schedule_restart(self, now):
+        delay = RESTART_BACKOFF_S[min(self.failures,
+                                      len(RESTART_BACKOFF_S) - 1)]
+        self.restart_at = now + delay
+        return delay
+
     def _exited(self, now):
-        process = self.process
         try:
-            process.wait(timeout=5)
-            self.errors = (self.errors + process.stderr.read())[-4096:]
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            pass
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass  # closed its output but lingers: stop() ends it
+        self._drain_errors()
+        code = self.process.returncode
         self.stop()
-        code = process.returncode
         detail = self.errors.decode("utf-8", "replace").strip()
         ran_for = now - self.started_at
-        self.failures = 0 if ran_for >= HEALTHY_RUN_S else self.failures + 1
+        if ran_for >= HEALTHY_RUN_S:
+            self.failures = self.cursor_rejections = 0
+        else:
+            self.failures += 1
         if code != 0 and ran_for < 5 and self.cursor is not None:
             self.cursor_rejections += 1
             if self.cursor_rejections >= 3:
                 say("warning", "journalctl keeps refusing the saved cursor; "
                     "resuming from the time of the last handled entry")
-                self.cursor, self.cursor_rejections = None, 0
-        delay = RESTART_BACKOFF_S[min(self.failures,
-                                      len(RESTART_BACKOFF_S) - 1)]
-        self.restart_at = now + delay
-        self.restarts += 1
+                self.skip_cursor, self.cursor = self.cursor, None
+                self.cursor_rejections = 0
+        delay = self._schedule_restart(now)
         say("warning", "journalctl exited with status %s%s; restarting in "
             "%ds" % (code, ": " + detail.splitlines()[-1] if detail else "",
                      delay))
@@ -1492,9 +1591,7 @@ class JournalSource:
                     self.start(now)
                 except SourceError as error:
                     self.failures += 1
-                    delay = RESTART_BACKOFF_S[min(
-                        self.failures, len(RESTART_BACKOFF_S) - 1)]
-                    self.restart_at = now + delay
+                    delay = self._schedule_restart(now)
                     say("error", "%s; retrying in %ds" % (error, delay))
             return
         if now - self.last_activity >= STALL_CHECK_S:
@@ -1542,8 +1639,9 @@ class Pipeline:
         self.events = 0
         self.malformed = 0
 
-    def handle_line(self, line):
-        """One journalctl output line -> (entry or None, events produced).
+    def decode(self, line):
+        """One journalctl output line -> entry dict, or None (counted, and
+        complained about when it is not a journal JSON object).
 
         With skip_unwatched (scan of a whole export), an object line that
         does not even contain a watched identifier is counted unparsed:
@@ -1554,18 +1652,20 @@ class Pipeline:
             if line.lstrip().startswith(b"{") and \
                     line.rstrip().endswith(b"}"):
                 self.entries += 1
-                return None, 0
+                return None
         entry = decode_line(line)
         if entry is None:
             self.malformed += 1
             if self.malformed <= 5 or self.malformed % 1000 == 0:
                 say("warning", "skipped a line that is not a journal JSON "
                     "object (%d so far): %.80r" % (self.malformed, line))
-            return None, 0
+            return None
         self.entries += 1
-        return entry, self.handle_entry(entry)
+        return entry
 
-    def handle_entry(self, entry):
+    def report(self, entry):
+        """Parse one entry and send its event; returns how many were sent
+        (0 or 1)."""
         event = parse_entry(entry)
         if event is not None:
             event = self.sudo_attempts.observe(event)
@@ -1608,8 +1708,8 @@ class Agent:
             cursor = None
         realtime_us, since_us = state.get("realtime_us"), state.get("since_us")
         self.source.advance(cursor, realtime_us
-                            if isinstance(realtime_us, int) else None)
-        if isinstance(since_us, int):
+                            if type(realtime_us) is int else None)
+        if type(since_us) is int:
             self.source.since_us = since_us
         self.pipeline.sessions.load_state(state.get("sessions"))
 
@@ -1623,14 +1723,16 @@ class Agent:
         if durable:
             self.last_save = now
 
-    def handle_lines(self, lines, now):
+    def follow_lines(self, lines, now):
         produced = 0
         for line in lines:
-            entry, events = self.pipeline.handle_line(line)
+            entry = self.pipeline.decode(line)
             if entry is None:
                 continue
-            produced += events
             cursor = journal_text(entry.get("__CURSOR"))
+            if cursor is not None and cursor == self.source.skip_cursor:
+                continue  # the last entry before a refused cursor, again
+            produced += self.pipeline.report(entry)
             if cursor is not None and valid_cursor(cursor):
                 self.source.advance(cursor, _entry_timestamp(entry))
                 self.unsaved = True
@@ -1658,7 +1760,7 @@ class Agent:
             while not self.stopping:
                 lines = self.source.read(1.0)
                 now = time.monotonic()
-                self.handle_lines(lines, now)
+                self.follow_lines(lines, now)
                 if self.unsaved and now - self.last_save >= STATE_FLUSH_S:
                     self.save(now)
                 if not self.stopping:
@@ -1723,8 +1825,9 @@ def command_scan(args, stdout):
     pipeline = Pipeline([sink], skip_unwatched=True)
     with stream:
         for line in stream:
-            if line.strip():
-                pipeline.handle_line(line)
+            entry = pipeline.decode(line) if line.strip() else None
+            if entry is not None:
+                pipeline.report(entry)
     sink.close()
     if pipeline.malformed and not pipeline.entries:
         raise PamSignalError("no journal entries found; export them with "
@@ -1753,9 +1856,16 @@ COMMANDS = {"run": command_run, "scan": command_scan,
             "check-config": command_check_config}
 
 
+def utf8_stdout():
+    """Standard output as UTF-8 whatever the locale: under LANG=C (the
+    default of Python 3.6 without a UTF-8 locale) a user name such as
+    "josé" must not make the console channel fail and lose the event."""
+    return open(sys.stdout.fileno(), "w", encoding="utf-8",
+                errors="backslashreplace", closefd=False)
+
+
 def main(argv=None, stdout=None):
     """The command line; returns the exit code."""
-    stdout = stdout or sys.stdout
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -1763,6 +1873,8 @@ def main(argv=None, stdout=None):
         return exit_request.code
     if args.command is None:
         args.command, args.json = "run", False
+    if stdout is None:
+        stdout = utf8_stdout()
     try:
         return COMMANDS[args.command](args, stdout)
     except ConfigError as error:
@@ -1773,11 +1885,17 @@ def main(argv=None, stdout=None):
         say("error", str(error))
         return error.exit_code
     except BrokenPipeError:
-        # The reader went away (`scan | head`); nothing left to report to.
-        sys.stderr.close()
-        return EXIT_OK
+        if args.command != "run":
+            return EXIT_OK  # the reader went away: fine for `scan | head`
+        say("error", "standard output was closed")
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK
+    finally:
+        try:
+            stdout.flush()
+        except (OSError, ValueError):
+            pass  # a closed pipe: nothing left to flush to
 
 
 if __name__ == "__main__":

@@ -167,7 +167,9 @@ def in_process_rate(lines):
     pipeline = pamsignal.Pipeline([])
     started = time.perf_counter()
     for line in lines:
-        pipeline.handle_line(line)
+        entry = pipeline.decode(line)
+        if entry is not None:
+            pipeline.report(entry)
     return len(lines) / (time.perf_counter() - started), pipeline.events
 
 

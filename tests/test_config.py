@@ -148,11 +148,13 @@ def test_unwritable_state_directory_is_a_clear_error(tmp_path):
         in result.stderr
 
 
-def test_corrupt_state_is_ignored_with_a_warning(tmp_path, capsys):
+def test_corrupt_state_resumes_a_minute_before_it_was_written(
+        tmp_path, capsys):
     store = pamsignal.StateStore(str(tmp_path))
     (tmp_path / "state.json").write_text("{not json")
-    assert store.load() == {}
-    assert "ignoring unreadable state" in capsys.readouterr().err
+    os.utime(str(tmp_path / "state.json"), (1795780000, 1795780000))
+    assert store.load() == {"since_us": (1795780000 - 60) * 1000000}
+    assert "resuming from a minute before" in capsys.readouterr().err
 
 
 def test_version_and_usage_exit_codes():

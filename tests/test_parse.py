@@ -119,6 +119,7 @@ def test_huge_message_is_cut_before_matching():
     {"_UID": None},
     {"_EXE": None, "_COMM": "logger"},
     {"_EXE": None, "_COMM": None, "_UID": "1000"},
+    {"_EXE": "/usr/sbin/sshd (deleted)", "_COMM": "sshd", "_UID": "1000"},
 ])
 def test_untrusted_writer_gives_spoofed_entry(overrides):
     got = parse_flat(make_entry(
@@ -133,7 +134,6 @@ def test_untrusted_writer_gives_spoofed_entry(overrides):
     ("sshd", {"_EXE": None}),
     ("sshd", {"_EXE": None, "_COMM": None}),
     ("sshd-session", {}),
-    ("sudo", {"_UID": "1000", "_EXE": None}),
     ("sudo", {"_TRANSPORT": "journal"}),
 ])
 def test_genuine_writers_are_trusted(identifier, overrides):
@@ -142,6 +142,41 @@ def test_genuine_writers_are_trusted(identifier, overrides):
         "alice : TTY=pts/0 ; PWD=/home/alice ; USER=root ; COMMAND=/bin/id"
     got = parse_flat(make_entry(identifier, message, **overrides))
     assert got["event.action"] in ("login_success", "sudo_command")
+
+
+def test_non_root_writer_without_executable_is_not_trusted():
+    """A process can name itself "sudo" (prctl) and exit before journald
+    reads /proc/PID/exe; only the setuid binary's own _EXE proves it."""
+    got = parse_flat(make_entry(
+        "sudo", "mallory : PWD=/ ; USER=root ; COMMAND=/bin/forged",
+        _UID="65534", _EXE=None, _COMM="sudo"))
+    assert got["event.action"] == "spoofed_entry"
+    assert got["pamsignal.writer_uid"] == 65534
+
+
+def test_upgraded_binary_is_still_genuine():
+    got = parse_flat(make_entry(
+        "login", "LOGIN ON tty1 BY alice", _EXE="/usr/bin/login (deleted)"))
+    assert got["event.action"] == "login_success"
+
+
+def test_setuid_callers_uid_is_the_acting_user_id():
+    got = parse_flat(make_entry(
+        "su", "(to root) alice on pts/0", _UID="1000"))
+    assert got["user.name"] == "alice" and got["user.id"] == "1000"
+    assert "user.id" not in parse_flat(make_entry(
+        "su", "(to alice) root on pts/0", _UID="0"))
+
+
+def test_forged_text_is_read_only_as_far_as_its_claim():
+    long_name = "a" * 2000
+    got = parse_flat(make_entry(
+        "sshd", "Accepted password for %s from 6.6.6.6 port 1 ssh2"
+        % long_name, _UID="65534", _EXE="/usr/bin/logger", _COMM="logger"))
+    assert got is None, "past 1024 characters a forgery claims nothing"
+    genuine = parse_flat(make_entry(
+        "sshd", "Invalid user %s from 203.0.113.5 port 1" % long_name))
+    assert genuine["user.name"] == long_name
 
 
 def test_forged_line_that_claims_nothing_is_ignored():

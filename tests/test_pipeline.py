@@ -85,7 +85,8 @@ def test_su_close_is_completed_with_who_opened_it(tmp_path):
                "root(uid=0) by alice(uid=1000)"),
         ("su", "pam_unix(su:session): session closed for user root")))
     closed = events[1]
-    assert closed["user"] == {"name": "alice", "target": {"name": "root"}}
+    assert closed["user"] == {"name": "alice", "id": "1000",
+                              "target": {"name": "root"}}
     assert closed["pamsignal"]["session_duration_s"] == 1.0
 
 

@@ -104,18 +104,45 @@ def test_refused_cursor_falls_back_to_time_of_last_entry(tmp_path):
     (state_dir / "state.json").write_text(json.dumps(
         {"version": 1, "cursor": "s=dead;i=1", "realtime_us":
          1795780000123456, "sessions": []}))
+    # From its time, journalctl shows the last handled entry once more.
+    handled = make_entry("sshd", FAILED % 3001, __CURSOR="s=dead;i=1")
+    new = make_entry("sshd", FAILED % 3002, sequence=7)
+    refusal = {"exit": 1,
+               "stderr": "Failed to seek to cursor: Invalid argument"}
     fake = FakeJournal(tmp_path, {"follow": [
-        {"exit": 1, "stderr": "Failed to seek to cursor: Invalid argument"},
-        {"exit": 1, "stderr": "Failed to seek to cursor: Invalid argument"},
-        {"exit": 1, "stderr": "Failed to seek to cursor: Invalid argument"},
-        {"hang": True}]})
+        refusal, refusal, refusal,
+        {"output": [json_line(handled), json_line(new)], "hang": True}]})
     agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
-    assert wait_for(lambda: len(fake.calls()) >= 4, timeout=30)
-    _, stderr, _ = agent.stop()
+    assert wait_for(lambda: read_state(tmp_path)["cursor"] ==
+                    new["__CURSOR"], timeout=30)
+    events, stderr, _ = agent.stop()
     calls = fake.calls()
     assert all("--after-cursor=s=dead;i=1" in c for c in calls[:3])
     assert "--since=@1795780000.123456" in calls[3]
     assert "refusing the saved cursor" in stderr
+    assert ports(events) == [3002]
+
+
+def test_journalctl_closing_its_stderr_early_is_no_busy_loop(tmp_path):
+    """A wrapper that sends journalctl's stderr away closes the pipe at
+    once; the agent must not spin on it (it did, at 100% CPU)."""
+    fake = FakeJournal(tmp_path, {"follow": [{"hang": True}]})
+    wrapper = tmp_path / "quiet-journalctl"
+    wrapper.write_text("#!/bin/sh\nexec %s \"$@\" 2>&-\n" % fake.program)
+    wrapper.chmod(0o755)
+    config = write_config(tmp_path / "q.conf", (
+        "[pamsignal]\nstate_dir = %s\njournalctl = %s\n"
+        % (tmp_path / "state", wrapper)))
+    agent = AgentProcess(config, env=fake.env())
+    assert wait_for(lambda: fake.calls())
+    wait_for(lambda: False, timeout=2.0)
+    with open("/proc/%d/stat" % agent.process.pid) as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    cpu_ticks = int(fields[11]) + int(fields[12])  # utime + stime
+    agent.stop()
+    ticks_per_second = os.sysconf("SC_CLK_TCK")
+    # A spinning loop burns the whole 2 s; an idle one a few start-up ticks.
+    assert cpu_ticks < ticks_per_second, cpu_ticks
 
 
 def test_sigterm_saves_cursor_of_entries_that_gave_no_event(tmp_path):
