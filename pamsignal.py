@@ -222,15 +222,14 @@ def journal_text(value):
     return None
 
 
-_DIGITS = re.compile(r"[0-9]{1,19}\Z")
-
-
 def parse_int(text):
-    """A non-negative decimal integer field, or None (ASCII digits only:
-    str.isdigit() also accepts "²")."""
-    if text is None or not _DIGITS.match(text):
+    """A non-negative decimal integer field, or None."""
+    if text is None or len(text) > 19 or not text.isdigit():
         return None
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:  # isdigit() also accepts "²", which int() does not
+        return None
 
 
 def split_at_from(text, tail_pattern, accept=None, marker=" from "):
@@ -616,6 +615,7 @@ _SSHD_ADDR_PORT_TAIL = re.compile(
     r"(?P<addr>\S+)(?: port (?P<port>\d+))?\Z")
 _ADDR_ONLY_TAIL = re.compile(r"(?P<addr>\S+)\Z")
 
+_LOG_PREFIXES = ("error: ", "fatal: ", "warning: ")
 _LOG_PREFIX = re.compile(r"^(?:error|fatal|warning): ")
 _LOG_SUFFIX = re.compile(r" \[(?:preauth|postauth)\]\Z")
 
@@ -995,7 +995,10 @@ _RULES_BY_FAMILY = {
 def classify_message(family, message):
     """(rule, fields) for a message of a service family; fields is None for
     a recognised line that is not an event, rule is None when unknown."""
-    message = _LOG_SUFFIX.sub("", _LOG_PREFIX.sub("", message, 1), 1)
+    if message.startswith(_LOG_PREFIXES):
+        message = _LOG_PREFIX.sub("", message, 1)
+    if message.endswith("]"):
+        message = _LOG_SUFFIX.sub("", message, 1)
     by_word, anywhere = _RULES_BY_FAMILY[family]
     for rule in by_word.get(_FIRST_WORD.match(message).group(0), anywhere):
         match = rule.pattern.match(message)
@@ -1027,7 +1030,7 @@ def writer_is_genuine(entry, service):
     if exe is not None:
         if exe.endswith(_DELETED):  # the binary was upgraded while running
             exe = exe[:-len(_DELETED)]
-        directory, program = os.path.split(exe)
+        directory, _, program = exe.rpartition("/")
         return directory in TRUSTED_EXE_DIRS and program in service.programs \
             and (comm is None or comm in service.programs)
     if uid != "0":
@@ -1271,12 +1274,11 @@ class ConsoleSink:
     OPTIONS = {"format": _console_format}
 
     def __init__(self, name, events=frozenset(ACTIONS), options=None,
-                 stream=None, flush_each=True):
+                 stream=None):
         self.name = name
         self.events = events
         self.format = (options or {}).get("format", "text")
         self.stream = stream
-        self.flush_each = flush_each  # live: each event shows at once
 
     def open(self):
         if self.stream is None:
@@ -1286,12 +1288,14 @@ class ConsoleSink:
         line = render_json(event) if self.format == "json" \
             else render_text(event)
         self.stream.write(line + "\n")
-        if self.flush_each:
+
+    def flush(self):
+        """Everything sent so far is out: called after each batch."""
+        if self.stream is not None:
             self.stream.flush()
 
     def close(self):
-        if self.stream is not None:
-            self.stream.flush()
+        self.flush()
 
 
 #: channel type -> sink class; a new destination is one class here.
@@ -1673,16 +1677,22 @@ class Pipeline:
             return 0
         event = self.sessions.observe(event)
         self.events += 1
-        for sink in self.sinks:
-            if event.action not in sink.events:
-                continue
-            try:
-                sink.send(event)
-            except BrokenPipeError:
-                raise
-            except Exception as error:  # a sink must not stop the agent
-                say("error", "channel %s failed: %s" % (sink.name, error))
+        self._each_sink(lambda sink: sink.send(event)
+                        if event.action in sink.events else None)
         return 1
+
+    def flush(self):
+        """Push out what the sinks hold (after each batch)."""
+        self._each_sink(lambda sink: sink.flush())
+
+    def _each_sink(self, call):
+        for sink in self.sinks:
+            try:
+                call(sink)
+            except BrokenPipeError:
+                raise  # our own output is gone: the caller decides
+            except Exception as error:  # a sink must not stop the others
+                say("error", "channel %s failed: %s" % (sink.name, error))
 
 
 class Agent:
@@ -1737,6 +1747,7 @@ class Agent:
                 self.source.advance(cursor, _entry_timestamp(entry))
                 self.unsaved = True
         if produced:
+            self.pipeline.flush()
             # Saved as soon as the batch is out, so a restart after a crash
             # does not report it again; fsync follows within STATE_FLUSH_S.
             self.save(now, durable=False)
@@ -1820,8 +1831,7 @@ def command_scan(args, stdout):
                                               error.strerror or error)
             raise PamSignalError(message) from None
     sink = ConsoleSink("console", options={
-        "format": "json" if args.json else "text"}, stream=stdout,
-        flush_each=False)
+        "format": "json" if args.json else "text"}, stream=stdout)
     pipeline = Pipeline([sink], skip_unwatched=True)
     with stream:
         for line in stream:

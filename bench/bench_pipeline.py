@@ -9,7 +9,7 @@ file (systemd-journal-remote), then times:
                                 exactly as the agent runs it
   scan (in process)             decode + parse + sessions, one core
   scan (command)                `pamsignal.py scan --json FILE`, end to end
-  run (command)                 `pamsignal.py run --json` fed by the real
+  run (command)                 `pamsignal.py run [--json]` fed by the real
                                 journalctl over the journal file
 
 and the peak memory of scan for N and 4N entries (flat memory means the
@@ -32,26 +32,37 @@ import pamsignal  # noqa: E402
 
 JOURNAL_REMOTE = "/lib/systemd/systemd-journal-remote"
 
-#: (weight, identifier, message template, writer uid) of a busy SSH host:
-#: mostly scanner noise, some failures, few logins; plus unrelated units.
+#: (weight, identifier, message template) of a server under SSH brute
+#: force, line for line as OpenSSH 9 and sudo write it: each failed attempt
+#: is a pam_unix line, sshd's "Failed" line and a disconnect; a few logins,
+#: sessions and sudo; and the rest of the system (cron, kernel, units).
+#: About a third of all entries become events.
 MIX = (
-    (20, "sshd", "Failed password for root from 203.0.113.%d port %d ssh2"),
-    (10, "sshd", "Invalid user admin%d from 198.51.100.%d port 22"),
-    (15, "sshd", "Connection closed by authenticating user root "
-     "203.0.113.%d port %d [preauth]"),
-    (10, "sshd", "pam_unix(sshd:auth): authentication failure; logname= "
+    (20, "sshd", "pam_unix(sshd:auth): authentication failure; logname= "
      "uid=0 euid=0 tty=ssh ruser= rhost=203.0.113.%d  user=root%d"),
-    (3, "sshd", "Accepted publickey for alice from 192.0.2.%d port %d ssh2: "
+    (20, "sshd", "Failed password for root from 203.0.113.%d port %d ssh2"),
+    (10, "sshd", "Connection closed by authenticating user root "
+     "203.0.113.%d port %d [preauth]"),
+    (10, "sshd", "Received disconnect from 203.0.113.%d port %d:11: Bye "
+     "Bye [preauth]"),
+    (5, "sshd", "Invalid user admin%d from 198.51.100.%d port 22"),
+    (5, "sshd", "Failed password for invalid user admin%d from "
+     "198.51.100.%d port 22 ssh2"),
+    (5, "sshd", "pam_unix(sshd:auth): check pass; user unknown%d%d"),
+    (2, "sshd", "Accepted publickey for alice from 192.0.2.%d port %d ssh2: "
      "ED25519 SHA256:Yx1c0FfZ4u3q0Wm1bqjz0Wj2n7I1s5r7m3x2kP4QvXw"),
-    (3, "sshd", "pam_unix(sshd:session): session opened for user "
+    (2, "sshd", "pam_unix(sshd:session): session opened for user "
      "alice(uid=1000) by (uid=%d%d)"),
-    (3, "sshd", "pam_unix(sshd:session): session closed for user alice%d%d"),
-    (3, "sudo", "   alice : TTY=pts/%d ; PWD=/home/alice ; USER=root ; "
+    (2, "sshd", "pam_unix(sshd:session): session closed for user alice%d%d"),
+    (2, "sudo", "   alice : TTY=pts/%d ; PWD=/home/alice ; USER=root ; "
      "COMMAND=/usr/bin/systemctl restart app%d"),
+    (2, "sudo", "pam_unix(sudo:session): session opened for user "
+     "root(uid=0) by alice(uid=%d%d)"),
     (15, "CRON", "pam_unix(cron:session): session opened for user "
      "root(uid=0) by (uid=%d%d)"),
-    (18, "kernel", "audit: type=1400 audit(%d.1:2): apparmor=\"DENIED\" "
+    (10, "kernel", "audit: type=1400 audit(%d.1:2): apparmor=\"DENIED\" "
      "operation=\"open\" pid=%d"),
+    (10, "systemd", "Started session-%d.scope - Session %d of User alice."),
 )
 
 
@@ -123,7 +134,7 @@ def scan_peak_rss_mib(export):
     return int(result.stdout) / 1024.0
 
 
-def run_command_seconds(directory, journal, count, last_cursor):
+def run_command_seconds(directory, journal, last_cursor, *flags):
     """`pamsignal run` with the real journalctl reading the journal file."""
     wrapper = os.path.join(directory, "journalctl-file")
     with open(wrapper, "w") as handle:
@@ -134,14 +145,14 @@ def run_command_seconds(directory, journal, count, last_cursor):
                      "\"$@\"\n" % journal)
     os.chmod(wrapper, 0o755)
     config = os.path.join(directory, "run.conf")
-    state = os.path.join(directory, "state")
+    state = os.path.join(directory, "state" + "".join(flags))
     with open(config, "w") as handle:
         handle.write("[pamsignal]\nstate_dir = %s\njournalctl = %s\n"
                      "first_start = all\n" % (state, wrapper))
     started = time.perf_counter()
     with open(os.devnull, "w") as sink:
         agent = subprocess.Popen([sys.executable, PAMSIGNAL, "--config",
-                                  config, "run", "--json"], stdout=sink,
+                                  config, "run"] + list(flags), stdout=sink,
                                  stderr=subprocess.DEVNULL)
     state_file = os.path.join(state, "state.json")
     try:
@@ -200,8 +211,10 @@ def main():
             scan_seconds = timed([sys.executable, PAMSIGNAL, "scan", "--json",
                                   export], sink)
         rate, events = in_process_rate(lines)
-        run_seconds = run_command_seconds(directory, journal, count,
-                                          last_cursor)
+        run_seconds = run_command_seconds(directory, journal, last_cursor,
+                                          "--json")
+        run_text_seconds = run_command_seconds(directory, journal,
+                                               last_cursor)
         big = os.path.join(directory, "export4.json")
         with open(big, "wb") as handle:
             for _ in range(4):
@@ -221,6 +234,8 @@ def main():
                                        count / scan_seconds))
     print("%-44s %10.0f entries/s" % ("pamsignal.py run --json (+journalctl)",
                                        count / run_seconds))
+    print("%-44s %10.0f entries/s" % ("pamsignal.py run, text (+journalctl)",
+                                       count / run_text_seconds))
     print("%-44s %7.1f MiB / %.1f MiB" % (
         "scan peak RSS, N / 4N entries", rss_small, rss_big))
 
