@@ -25,6 +25,7 @@ lint:
 
 bench:
 	$(PYTHON) bench/bench_pipeline.py
+	$(PYTHON) bench/bench_hostile.py
 
 install:
 	install -d -m 0755 $(BINDIR) $(MANDIR) $(DOCDIR)

@@ -1677,16 +1677,17 @@ class Pipeline:
             return 0
         event = self.sessions.observe(event)
         self.events += 1
-        self._each_sink(lambda sink: sink.send(event)
-                        if event.action in sink.events else None)
+        self._each_sink(lambda sink: sink.send(event), [
+            sink for sink in self.sinks if event.action in sink.events])
         return 1
 
     def flush(self):
         """Push out what the sinks hold (after each batch)."""
-        self._each_sink(lambda sink: sink.flush())
+        self._each_sink(lambda sink: sink.flush(), self.sinks)
 
-    def _each_sink(self, call):
-        for sink in self.sinks:
+    @staticmethod
+    def _each_sink(call, sinks):
+        for sink in sinks:
             try:
                 call(sink)
             except BrokenPipeError:
