@@ -1190,6 +1190,19 @@ class SudoAttempts:
         remaining = event.attempts - self.reported.pop(key, 0)
         return event._replace(attempts=remaining) if remaining > 0 else None
 
+    def to_state(self):
+        return [[key, count] for key, count in self.reported.items()]
+
+    def load_state(self, saved):
+        """Restore from to_state(); anything malformed is skipped."""
+        self.reported.clear()
+        for item in saved if isinstance(saved, list) else ():
+            if (isinstance(item, list) and len(item) == 2
+                    and isinstance(item[0], str) and type(item[1]) is int):
+                self.reported[item[0]] = item[1]
+        while len(self.reported) > self.limit:
+            self.reported.popitem(last=False)
+
 
 # ---------------------------------------------------------------------------
 # 10 rendering
@@ -1723,12 +1736,15 @@ class Agent:
         if type(since_us) is int:
             self.source.since_us = since_us
         self.pipeline.sessions.load_state(state.get("sessions"))
+        self.pipeline.sudo_attempts.load_state(state.get("sudo_attempts"))
 
     def save(self, now, durable=True):
         self.store.save({"version": 1, "cursor": self.source.cursor,
                          "realtime_us": self.source.last_realtime_us,
                          "since_us": self.source.since_us,
-                         "sessions": self.pipeline.sessions.to_state()},
+                         "sessions": self.pipeline.sessions.to_state(),
+                         "sudo_attempts":
+                             self.pipeline.sudo_attempts.to_state()},
                         durable)
         self.unsaved = False
         if durable:

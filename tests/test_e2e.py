@@ -428,3 +428,35 @@ def test_restart_before_anything_was_seen_keeps_position(
     barrier(agent, since=mark)
     n = count(agent.events(mark), is_event("login_success", user__name=user))
     assert n == 1, agent.dump(mark)
+
+
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"]
+)
+def test_open_session_survives_an_agent_restart(sshd, agent, make_user, sig):
+    """The session table is saved with the cursor: a session opened before
+    a restart and closed after it still gets its duration."""
+    import threading
+
+    user, pw = make_user()
+    login = threading.Thread(
+        target=realsys.ssh_password, args=(user, pw, "sleep 6")
+    )
+    login.start()
+    try:
+        opened = agent.wait_event(
+            is_event("session_opened", user__name=user, service__name="sshd")
+        )
+        barrier(agent)  # its state (and the open session) is saved
+        agent.stop(sig)
+        mark = agent.mark()
+        agent.start()
+    finally:
+        login.join(60)
+    closed = agent.wait_event(
+        is_event("session_closed", user__name=user, service__name="sshd"),
+        since=mark,
+    )
+    duration = field(closed, "pamsignal.session_duration_s")
+    assert isinstance(duration, float) and duration >= 5.0, closed
+    assert field(closed, "process.pid") == field(opened, "process.pid")

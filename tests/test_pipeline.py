@@ -179,3 +179,15 @@ def test_scan_of_missing_file_is_a_plain_error(tmp_path, capsys):
                           stdout=io.StringIO())
     assert code == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_sudo_attempt_ledger_survives_a_restart():
+    fail = pamsignal.parse_entry(make_entry(*SUDO_FAIL, sequence=1))
+    total = pamsignal.parse_entry(make_entry(*sudo_total(3), sequence=2))
+    before = pamsignal.SudoAttempts()
+    assert before.observe(fail) is fail
+    after = pamsignal.SudoAttempts()
+    after.load_state(json.loads(json.dumps(before.to_state())) +
+                     [["x", "1"], "junk", ["y", True]])
+    assert after.observe(total).attempts == 2
+    assert after.reported == {}
