@@ -1112,6 +1112,34 @@ def decode_line(line):
 # ---------------------------------------------------------------------------
 
 
+class BoundedTable(collections.OrderedDict):
+    """A map that forgets its oldest keys past `limit`; saved as
+    [[key, value], ...] and restored skipping whatever is malformed."""
+
+    def __init__(self, limit):
+        collections.OrderedDict.__init__(self)
+        self.limit = limit
+
+    def put(self, key, value):
+        self.pop(key, None)
+        self[key] = value
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+    def to_state(self):
+        return [[key, value] for key, value in self.items()]
+
+    def load_state(self, saved, restore):
+        """`restore(value)` gives the value to keep, or None to skip it."""
+        self.clear()
+        for item in saved if isinstance(saved, list) else ():
+            if isinstance(item, list) and len(item) == 2 and \
+                    isinstance(item[0], str):
+                value = restore(item[1])
+                if value is not None:
+                    self.put(item[0], value)
+
+
 class SessionTracker:
     """Pairs session_closed with its session_opened and adds the duration.
 
@@ -1124,18 +1152,14 @@ class SessionTracker:
                "source_domain", "source_port", "tty")
 
     def __init__(self, limit=MAX_OPEN_SESSIONS):
-        self.limit = limit
-        self.open_sessions = collections.OrderedDict()
+        self.open_sessions = BoundedTable(limit)
 
     def observe(self, event):
         """Return the event, a closed one completed from its open."""
         if event.action == "session_opened" and event.context_key:
-            self.open_sessions.pop(event.context_key, None)
-            self.open_sessions[event.context_key] = dict(
+            self.open_sessions.put(event.context_key, dict(
                 {field: getattr(event, field) for field in self.CARRIED},
-                opened_us=event.timestamp_us)
-            while len(self.open_sessions) > self.limit:
-                self.open_sessions.popitem(last=False)
+                opened_us=event.timestamp_us))
         elif event.action == "session_closed" and event.context_key:
             opened = self.open_sessions.pop(event.context_key, None)
             if opened is not None:
@@ -1147,20 +1171,18 @@ class SessionTracker:
         return event
 
     def to_state(self):
-        return [[key, value] for key, value in self.open_sessions.items()]
+        return self.open_sessions.to_state()
 
     def load_state(self, saved):
-        """Restore from to_state(); anything malformed is skipped."""
-        self.open_sessions.clear()
-        for item in saved if isinstance(saved, list) else ():
-            if (isinstance(item, list) and len(item) == 2
-                    and isinstance(item[0], str) and isinstance(item[1], dict)
-                    and isinstance(item[1].get("opened_us"), int)):
-                record = {field: item[1].get(field) for field in self.CARRIED}
-                record["opened_us"] = item[1]["opened_us"]
-                self.open_sessions[item[0]] = record
-        while len(self.open_sessions) > self.limit:
-            self.open_sessions.popitem(last=False)
+        self.open_sessions.load_state(saved, self._restore)
+
+    @classmethod
+    def _restore(cls, saved):
+        if not isinstance(saved, dict) or type(saved.get("opened_us")) \
+                is not int:
+            return None
+        return dict({field: saved.get(field) for field in cls.CARRIED},
+                    opened_us=saved["opened_us"])
 
 
 class SudoAttempts:
@@ -1173,8 +1195,7 @@ class SudoAttempts:
     """
 
     def __init__(self, limit=MAX_OPEN_SESSIONS):
-        self.limit = limit
-        self.reported = collections.OrderedDict()
+        self.reported = BoundedTable(limit)
 
     def observe(self, event):
         """The event, a sudo total reduced to the unreported rest, or None."""
@@ -1183,25 +1204,17 @@ class SudoAttempts:
             return event
         key = event.context_key
         if event.attempts is None:
-            self.reported[key] = self.reported.pop(key, 0) + 1
-            while len(self.reported) > self.limit:
-                self.reported.popitem(last=False)
+            self.reported.put(key, self.reported.get(key, 0) + 1)
             return event
         remaining = event.attempts - self.reported.pop(key, 0)
         return event._replace(attempts=remaining) if remaining > 0 else None
 
     def to_state(self):
-        return [[key, count] for key, count in self.reported.items()]
+        return self.reported.to_state()
 
     def load_state(self, saved):
-        """Restore from to_state(); anything malformed is skipped."""
-        self.reported.clear()
-        for item in saved if isinstance(saved, list) else ():
-            if (isinstance(item, list) and len(item) == 2
-                    and isinstance(item[0], str) and type(item[1]) is int):
-                self.reported[item[0]] = item[1]
-        while len(self.reported) > self.limit:
-            self.reported.popitem(last=False)
+        self.reported.load_state(
+            saved, lambda count: count if type(count) is int else None)
 
 
 # ---------------------------------------------------------------------------
