@@ -73,6 +73,16 @@ MAX_UNTRUSTED_MESSAGE_CHARS = 1024
 #: Longest journalctl output line kept; a longer one is dropped whole.
 MAX_LINE_BYTES = 4 * 1024 * 1024
 
+#: Failure counters (per address, /64 or account) kept at most; the least
+#: recently seen are forgotten first, so memory stays flat under attack.
+MAX_FAILURE_KEYS = 20000
+
+#: Most user names remembered per counter for "which users were tried".
+MAX_USERS_TRIED = 10
+
+#: How often the detection state is saved (it is also saved at shutdown).
+DETECTION_FLUSH_S = 60.0
+
 #: Open sessions remembered for pairing; the oldest are forgotten first.
 MAX_OPEN_SESSIONS = 10000
 
@@ -163,6 +173,10 @@ _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
 def dumps_safe(obj):
     """JSON that is readable UTF-8 yet carries no raw control characters."""
     return _UNSAFE_CHARS.sub(_json_escape_char, _JSON_ENCODER.encode(obj))
+
+
+#: Units of the durations in the configuration ("10m", "-1h", "7d").
+_SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def format_timestamp(timestamp_us):
@@ -264,7 +278,8 @@ EVENT_FIELDS = (
     "working_directory", "tty", "auth_method", "key", "certificate_id",
     "certificate_serial", "certificate_ca", "session_id",
     "session_duration_s", "attempts", "writer_uid", "claimed_action",
-    "detail", "cursor", "message", "context_key")
+    "detail", "counted_by", "network", "window_s", "users_tried", "cursor",
+    "message", "context_key")
 
 Event = collections.namedtuple("Event", EVENT_FIELDS)
 Event.__new__.__defaults__ = (None,) * len(EVENT_FIELDS)
@@ -280,6 +295,7 @@ ACTIONS = {
     "session_closed": ("session", "end", "success", 1),
     "sudo_command": ("process", "start", "success", 4),
     "brute_force_detected": ("intrusion_detection", "info", "unknown", 8),
+    "success_after_failures": ("intrusion_detection", "info", "success", 9),
     "spoofed_entry": ("intrusion_detection", "info", "unknown", 8),
 }
 
@@ -307,7 +323,9 @@ _ECS_LAYOUT = (
     ("pamsignal.attempts", "attempts"),
     ("pamsignal.writer_uid", "writer_uid"),
     ("pamsignal.claimed_action", "claimed_action"),
-    ("pamsignal.detail", "detail"), ("pamsignal.cursor", "cursor"),
+    ("pamsignal.detail", "detail"), ("pamsignal.counted_by", "counted_by"),
+    ("pamsignal.network", "network"), ("pamsignal.window_s", "window_s"),
+    ("pamsignal.users_tried", "users_tried"), ("pamsignal.cursor", "cursor"),
 )
 
 #: The layout as (field index, ECS path parts), computed once.
@@ -330,7 +348,7 @@ def event_to_ecs(event):
         node = ecs
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        node[parts[-1]] = list(value) if isinstance(value, tuple) else value
     ecs.setdefault("pamsignal", {})["version"] = __version__
     if event.message:
         ecs["message"] = event.message
@@ -342,11 +360,19 @@ def event_to_ecs(event):
 # ---------------------------------------------------------------------------
 
 Config = collections.namedtuple(
-    "Config", "path state_dir log_dir first_start journalctl channels")
+    "Config", "path state_dir log_dir first_start journalctl channels "
+    "detection")
 Config.__doc__ = "The validated configuration; `channels` is a tuple."
 
 ChannelConfig = collections.namedtuple("ChannelConfig",
                                        "name type events options")
+
+#: N failures within window_s seconds (window_s 0: the rule is off).
+Threshold = collections.namedtuple("Threshold", "attempts window_s")
+
+DetectionConfig = collections.namedtuple(
+    "DetectionConfig", "brute_force_fast brute_force_slow "
+    "success_after_failures")
 
 ConfigProblem = collections.namedtuple("ConfigProblem",
                                        "path line section key message")
@@ -400,6 +426,32 @@ def _event_filter(value):
     return frozenset(names)
 
 
+_DURATION = re.compile(r"^(\d{1,7})([smhd])$")
+_THRESHOLD = re.compile(r"^(\d{1,6})\s+in\s+(\S+)$")
+
+
+def _duration_s(text):
+    match = _DURATION.match(text.strip().lower())
+    if not match:
+        raise ValueError("expected a duration such as 90s, 10m, 24h or 7d, "
+                         "got %r" % text)
+    return int(match.group(1)) * _SECONDS_PER_UNIT[match.group(2)]
+
+
+def _threshold(value):
+    """"5 in 10m" -> Threshold(5, 600); "off" -> Threshold(0, 0)."""
+    if value.strip().lower() == "off":
+        return Threshold(0, 0)
+    match = _THRESHOLD.match(value.strip())
+    try:
+        if not match or int(match.group(1)) < 1:
+            raise ValueError
+        return Threshold(int(match.group(1)), _duration_s(match.group(2)))
+    except ValueError:
+        raise ValueError("expected 'N in DURATION' (such as 5 in 10m) or "
+                         "off, got %r" % value) from None
+
+
 def _console_format(value):
     if value not in ("text", "json"):
         raise ValueError("expected text or json, got %r" % value)
@@ -412,6 +464,13 @@ GLOBAL_OPTIONS = collections.OrderedDict((
     ("log_dir", (_absolute_path, "/var/log/pamsignal")),
     ("first_start", (_first_start, "now")),
     ("journalctl", (_program_path, "journalctl")),
+))
+
+#: [detection] keys: key -> (validator, default).
+DETECTION_OPTIONS = collections.OrderedDict((
+    ("brute_force_fast", (_threshold, "5 in 10m")),
+    ("brute_force_slow", (_threshold, "20 in 24h")),
+    ("success_after_failures", (_threshold, "3 in 1h")),
 ))
 
 #: Keys every [channel:NAME] section takes, whatever its type.
@@ -486,30 +545,42 @@ def parse_config(text, path="<config>"):
         line = lines.get((section, key)) or lines.get((section, None))
         problems.append(ConfigProblem(path, line, section, key, message))
 
-    settings = {key: default for key, (_, default) in GLOBAL_OPTIONS.items()}
+    settings = _plain_section(parser, "pamsignal", GLOBAL_OPTIONS, problem)
+    detection = _plain_section(parser, "detection", DETECTION_OPTIONS,
+                               problem)
     channels = []
     for section in parser.sections():
         values = parser[section]
-        if section == "pamsignal":
-            for key, raw in values.items():
-                if key not in GLOBAL_OPTIONS:
-                    problem(section, key, "unknown key" +
-                            _suggest(key, GLOBAL_OPTIONS))
-                    continue
-                try:
-                    settings[key] = GLOBAL_OPTIONS[key][0](raw.strip())
-                except ValueError as error:
-                    problem(section, key, str(error))
-        elif section.startswith("channel:") and section[8:].strip():
+        if section in ("pamsignal", "detection"):
+            continue
+        if section.startswith("channel:") and section[8:].strip():
             channel = _parse_channel(section, values, problem)
             if channel is not None:
                 channels.append(channel)
         else:
-            problem(section, None, "unknown section; expected [pamsignal] "
-                    "or [channel:NAME]")
+            problem(section, None, "unknown section; expected [pamsignal], "
+                    "[detection] or [channel:NAME]")
     if problems:
         raise ConfigError(problems)
-    return Config(path=path, channels=tuple(channels), **settings)
+    return Config(path=path, channels=tuple(channels),
+                  detection=DetectionConfig(**detection), **settings)
+
+
+def _plain_section(parser, section, options, problem):
+    """A section of fixed keys: their values (defaults where absent)."""
+    values = {key: validate(default)
+              for key, (validate, default) in options.items()}
+    if not parser.has_section(section):
+        return values
+    for key, raw in parser[section].items():
+        if key not in options:
+            problem(section, key, "unknown key" + _suggest(key, options))
+            continue
+        try:
+            values[key] = options[key][0](raw.strip())
+        except ValueError as error:
+            problem(section, key, str(error))
+    return values
 
 
 def _parse_channel(section, values, problem):
@@ -1217,6 +1288,149 @@ class SudoAttempts:
             saved, lambda count: count if type(count) is int else None)
 
 
+#: Failure reasons that restate an attempt another line already counts:
+#: the MaxAuthTries disconnect, and ROOT LOGIN REFUSED before its "Failed".
+_RESTATED_FAILURES = frozenset(("max_attempts", "root_refused"))
+
+
+def failure_counters(event):
+    """The counters a failed attempt adds to, as (kind, value): its source
+    address, the /64 of an IPv6 source, and the account it tried (for su,
+    the account switched to; sudo asks for the caller's own password)."""
+    counters = []
+    source = event.source_ip or event.source_domain
+    if source:
+        counters.append(("source", source))
+    if event.source_ip and ":" in event.source_ip:
+        counters.append(("network", str(ipaddress.ip_network(
+            event.source_ip + "/64", strict=False))))
+    account = event.target_user if event.service in ("su", "su-l") \
+        else event.user
+    if account:
+        counters.append(("user", account))
+    return counters
+
+
+class FailureDetector:
+    """Brute force and success after failures, from the events' own times.
+
+    Each counter (source, IPv6 /64, account) keeps the times of its latest
+    failures, whatever the service. Crossing a threshold gives one
+    `brute_force_detected` per counter and window; a success whose source
+    or account has enough recent failures gives `success_after_failures`.
+    Counters are bounded (least recently seen forgotten first) and saved.
+    """
+
+    def __init__(self, settings, limit=MAX_FAILURE_KEYS):
+        self.windows = [(name, threshold) for name, threshold in (
+            ("fast", settings.brute_force_fast),
+            ("slow", settings.brute_force_slow)) if threshold.attempts]
+        self.success = settings.success_after_failures
+        self.keep = max([t.attempts for _, t in self.windows] +
+                        [self.success.attempts, 1])
+        self.counters = BoundedTable(limit)
+
+    def observe(self, event):
+        """Detections the event gives rise to (a list, often empty)."""
+        if event.action == "login_failure" and \
+                event.reason not in _RESTATED_FAILURES:
+            return [found for kind, value in failure_counters(event)
+                    for found in self._count(event, kind, value)]
+        if event.action == "login_success" and self.success.attempts:
+            return self._judge_success(event)
+        return []
+
+    def _count(self, event, kind, value):
+        key = "%s %s" % (kind, value)
+        record = self.counters.get(key) or {"times": [], "users": [],
+                                            "fired": {}}
+        now = event.timestamp_us
+        record["times"] = (record["times"] + [now] * min(
+            event.attempts or 1, self.keep))[-self.keep:]
+        if event.user and event.user not in record["users"] and \
+                len(record["users"]) < MAX_USERS_TRIED:
+            record["users"].append(event.user)
+        self.counters.put(key, record)
+        found = []
+        for name, threshold in self.windows:
+            window_us = threshold.window_s * 1000000
+            recent = [t for t in record["times"] if t > now - window_us]
+            if len(recent) < threshold.attempts or \
+                    now - record["fired"].get(name, -window_us) < window_us:
+                continue
+            record["fired"][name] = now
+            found.append(self._brute_force(event, kind, value, record,
+                                           len(recent), threshold))
+        return found
+
+    @staticmethod
+    def _brute_force(event, kind, value, record, attempts, threshold):
+        where = {"source": "from %s" % value, "network": "from %s" % value,
+                 "user": "for %s" % value}[kind]
+        return Event(
+            action="brute_force_detected", timestamp_us=event.timestamp_us,
+            counted_by=kind, attempts=attempts, window_s=threshold.window_s,
+            users_tried=tuple(record["users"]) if kind != "user" else None,
+            user=value if kind == "user" else None,
+            source_ip=event.source_ip if kind == "source" else None,
+            source_domain=event.source_domain if kind == "source" else None,
+            network=value if kind == "network" else None,
+            service=event.service, hostname=event.hostname,
+            cursor=event.cursor,
+            message="%d failed logins in %d s %s" % (
+                attempts, threshold.window_s, where))
+
+    def _judge_success(self, event):
+        """The counter with the most failures within the window, if it has
+        enough; counted failures are not counted again."""
+        now = event.timestamp_us
+        window_us = self.success.window_s * 1000000
+        worst = None
+        for kind, value in failure_counters(event):
+            record = self.counters.get("%s %s" % (kind, value))
+            if record is None:
+                continue
+            since = max(now - window_us,
+                        record["fired"].get("success", now - window_us))
+            failures = len([t for t in record["times"] if since < t <= now])
+            if failures >= self.success.attempts and (
+                    worst is None or failures > worst[0]):
+                worst = (failures, kind, value)
+            record["fired"]["success"] = now
+        if worst is None:
+            return []
+        failures, kind, value = worst
+        return [event._replace(
+            action="success_after_failures", severity=None, reason=None,
+            counted_by=kind, attempts=failures,
+            window_s=self.success.window_s, context_key=None,
+            message="login of %s after %d failed attempts %s within %d s: %s"
+            % (event.user, failures, "from " + value if kind != "user"
+               else "for the account", self.success.window_s,
+               event.message))]
+
+    def to_state(self):
+        return self.counters.to_state()
+
+    def load_state(self, saved):
+        self.counters.load_state(saved, self._restore)
+
+    def _restore(self, saved):
+        if not isinstance(saved, dict):
+            return None
+        times, users, fired = (saved.get("times"), saved.get("users"),
+                               saved.get("fired"))
+        if not (isinstance(times, list) and isinstance(users, list) and
+                isinstance(fired, dict)):
+            return None
+        return {"times": [t for t in times if type(t) is int][-self.keep:],
+                "users": [u for u in users if isinstance(u, str)]
+                [:MAX_USERS_TRIED],
+                "fired": {k: v for k, v in fired.items()
+                          if k in ("fast", "slow", "success")
+                          and type(v) is int}}
+
+
 # ---------------------------------------------------------------------------
 # 10 rendering
 # ---------------------------------------------------------------------------
@@ -1254,6 +1468,11 @@ def render_text(event):
         ("tty", event.tty), ("command", event.command_line),
         ("duration", None if event.session_duration_s is None
          else "%gs" % event.session_duration_s),
+        ("counted_by", event.counted_by), ("network", event.network),
+        ("attempts", event.attempts),
+        ("window", None if event.window_s is None
+         else "%ds" % event.window_s),
+        ("users_tried", ",".join(event.users_tried or ()) or None),
         ("writer_uid", event.writer_uid), ("program", event.process_name),
         ("claimed", event.claimed_action), ("host", event.hostname),
     ]
@@ -1343,14 +1562,14 @@ def build_sinks(config, json_output=False):
 
 
 class StateStore:
-    """The journal cursor and open sessions, saved atomically together so a
-    restart resumes exactly where the last handled entry left off."""
+    """A JSON file in the state directory, replaced atomically: the journal
+    cursor with open sessions (state.json), or the detectors' counters
+    (detection.json)."""
 
-    FILE_NAME = "state.json"
-
-    def __init__(self, state_dir):
+    def __init__(self, state_dir, file_name="state.json"):
         self.state_dir = state_dir
-        self.path = os.path.join(state_dir, self.FILE_NAME)
+        self.path = os.path.join(state_dir, file_name)
+        self.damaged_at = None
 
     def prepare(self):
         """Create the directory if missing and prove it can be written."""
@@ -1367,9 +1586,9 @@ class StateStore:
                 % (self.state_dir, error.strerror or error)) from None
 
     def load(self):
-        """The saved state; {} when there is none. Unreadable state resumes
-        from a minute before the file was last written, so a damaged file
-        costs some repeats, never lost logins."""
+        """The saved state; {} when there is none or it is damaged (then
+        with a warning, and `damaged_at` is when the file was written)."""
+        self.damaged_at = None
         try:
             with open(self.path, encoding="utf-8") as handle:
                 state = json.load(handle)
@@ -1381,14 +1600,12 @@ class StateStore:
         except (OSError, ValueError, RecursionError) as error:
             problem = str(error)
         try:
-            written_s = os.stat(self.path).st_mtime
+            self.damaged_at = os.stat(self.path).st_mtime
         except OSError:
-            say("warning", "ignoring unreadable state %s: %s"
-                % (self.path, problem))
-            return {}
-        say("warning", "unreadable state %s (%s); resuming from a minute "
-            "before it was last written" % (self.path, problem))
-        return {"since_us": int((written_s - 60) * 1e6)}
+            pass
+        say("warning", "ignoring unreadable state %s: %s"
+            % (self.path, problem))
+        return {}
 
     def save(self, state, durable=True):
         """Replace the state atomically; `durable` also survives a power
@@ -1424,9 +1641,6 @@ def valid_cursor(cursor):
 def journal_matches():
     """journalctl match arguments: one field repeated means OR."""
     return ["SYSLOG_IDENTIFIER=%s" % name for name in sorted(WATCHED_SERVICES)]
-
-
-_SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def first_start_time_us(first_start, now_s):
@@ -1660,10 +1874,11 @@ class Pipeline:
     A failing sink is reported and never stops the others or the reader.
     """
 
-    def __init__(self, sinks, sessions=None, skip_unwatched=False):
+    def __init__(self, sinks, detection, skip_unwatched=False):
         self.sinks = sinks
-        self.sessions = sessions or SessionTracker()
+        self.sessions = SessionTracker()
         self.sudo_attempts = SudoAttempts()
+        self.detector = FailureDetector(detection)
         self.skip_unwatched = skip_unwatched
         self.entries = 0
         self.events = 0
@@ -1694,18 +1909,20 @@ class Pipeline:
         return entry
 
     def report(self, entry):
-        """Parse one entry and send its event; returns how many were sent
-        (0 or 1)."""
+        """Parse one entry and send its event, then what it made the
+        detector find; returns how many events were sent."""
         event = parse_entry(entry)
         if event is not None:
             event = self.sudo_attempts.observe(event)
         if event is None:
             return 0
         event = self.sessions.observe(event)
-        self.events += 1
-        self._each_sink(lambda sink: sink.send(event), [
-            sink for sink in self.sinks if event.action in sink.events])
-        return 1
+        events = [event] + self.detector.observe(event)
+        for each in events:
+            self._each_sink(lambda sink, sent=each: sink.send(sent), [
+                sink for sink in self.sinks if each.action in sink.events])
+        self.events += len(events)
+        return len(events)
 
     def flush(self):
         """Push out what the sinks hold (after each batch)."""
@@ -1728,7 +1945,9 @@ class Agent:
     def __init__(self, config, sinks):
         self.config = config
         self.store = StateStore(config.state_dir)
-        self.pipeline = Pipeline(sinks)
+        self.detection_store = StateStore(config.state_dir, "detection.json")
+        self.last_detection_save = 0.0
+        self.pipeline = Pipeline(sinks, config.detection)
         self.source = JournalSource(config.journalctl, config.first_start)
         self.stopping = False
         self.last_save = 0.0
@@ -1739,6 +1958,12 @@ class Agent:
 
     def restore(self):
         state = self.store.load()
+        if self.store.damaged_at is not None:
+            # Some repeats, never lost logins: from before its last write.
+            say("warning", "resuming from a minute before it was written")
+            state = {"since_us": int((self.store.damaged_at - 60) * 1e6)}
+        detection = self.detection_store.load().get("counters")
+        self.pipeline.detector.load_state(detection)
         cursor = state.get("cursor")
         if cursor is not None and not valid_cursor(cursor):
             say("warning", "ignoring a malformed saved cursor")
@@ -1762,6 +1987,11 @@ class Agent:
         self.unsaved = False
         if durable:
             self.last_save = now
+
+    def save_detection(self, now):
+        self.detection_store.save({"version": 1, "counters":
+                                   self.pipeline.detector.to_state()})
+        self.last_detection_save = now
 
     def follow_lines(self, lines, now):
         produced = 0
@@ -1804,11 +2034,14 @@ class Agent:
                 self.follow_lines(lines, now)
                 if self.unsaved and now - self.last_save >= STATE_FLUSH_S:
                     self.save(now)
+                if now - self.last_detection_save >= DETECTION_FLUSH_S:
+                    self.save_detection(now)
                 if not self.stopping:
                     self.source.supervise(now)
         finally:
             if self.unsaved:
                 self.save(time.monotonic())
+            self.save_detection(time.monotonic())
             self.source.stop()
             for sink in self.pipeline.sinks:
                 sink.close()
@@ -1860,9 +2093,10 @@ def command_scan(args, stdout):
             message = "cannot read %s: %s" % (args.file,
                                               error.strerror or error)
             raise PamSignalError(message) from None
+    config = load_config(args.config)
     sink = ConsoleSink("console", options={
         "format": "json" if args.json else "text"}, stream=stdout)
-    pipeline = Pipeline([sink], skip_unwatched=True)
+    pipeline = Pipeline([sink], config.detection, skip_unwatched=True)
     with stream:
         for line in stream:
             entry = pipeline.decode(line) if line.strip() else None

@@ -175,7 +175,7 @@ def run_command_seconds(directory, journal, last_cursor, *flags):
 
 
 def in_process_rate(lines):
-    pipeline = pamsignal.Pipeline([])
+    pipeline = pamsignal.Pipeline([], pamsignal.default_config().detection)
     started = time.perf_counter()
     for line in lines:
         entry = pipeline.decode(line)

@@ -63,9 +63,9 @@ def test_every_problem_is_reported_with_line_and_expectation():
         "/etc/p.conf:11: [channel:screen] events: expected * or a "
         "comma-separated list of: brute_force_detected, login_failure, "
         "login_success, session_closed, session_opened, spoofed_entry, "
-        "sudo_command; got 'login_success, logout'",
-        "/etc/p.conf:12: [geoip2]: unknown section; expected [pamsignal] or "
-        "[channel:NAME]",
+        "success_after_failures, sudo_command; got 'login_success, logout'",
+        "/etc/p.conf:12: [geoip2]: unknown section; expected [pamsignal], "
+        "[detection] or [channel:NAME]",
     ]
 
 
@@ -79,12 +79,27 @@ def test_every_problem_is_reported_with_line_and_expectation():
     ("[pamsignal]\njust words\n", "/etc/p.conf:2: expected 'key = value', "
      "got 'just words'"),
     ("[DEFAULT]\nstate_dir = /x\n", "/etc/p.conf:1: [DEFAULT]: unknown "
-     "section; expected [pamsignal] or [channel:NAME]"),
+     "section; expected [pamsignal], [detection] or [channel:NAME]"),
     ("[channel:x]\nformat = json\n", "/etc/p.conf:1: [channel:x] type: "
      "expected one of: console; got ''"),
 ])
 def test_syntax_errors_point_at_the_line(text, expected):
     assert problems_of(text) == [expected]
+
+
+def test_detection_thresholds_are_read_and_checked():
+    config = pamsignal.parse_config(
+        "[detection]\nbrute_force_fast = 3 in 90s\n"
+        "brute_force_slow = off\n")
+    assert config.detection.brute_force_fast == (3, 90)
+    assert config.detection.brute_force_slow == (0, 0)
+    assert config.detection.success_after_failures == (3, 3600)
+    assert problems_of("[detection]\nbrute_force_fast = 5 per hour\n"
+                       "success_after_failures = 0 in 1h\n") == [
+        "/etc/p.conf:2: [detection] brute_force_fast: expected 'N in "
+        "DURATION' (such as 5 in 10m) or off, got '5 per hour'",
+        "/etc/p.conf:3: [detection] success_after_failures: expected 'N in "
+        "DURATION' (such as 5 in 10m) or off, got '0 in 1h'"]
 
 
 def test_percent_signs_are_not_interpolated():
@@ -150,11 +165,21 @@ def test_unwritable_state_directory_is_a_clear_error(tmp_path):
 
 def test_corrupt_state_resumes_a_minute_before_it_was_written(
         tmp_path, capsys):
-    store = pamsignal.StateStore(str(tmp_path))
     (tmp_path / "state.json").write_text("{not json")
     os.utime(str(tmp_path / "state.json"), (1795780000, 1795780000))
-    assert store.load() == {"since_us": (1795780000 - 60) * 1000000}
-    assert "resuming from a minute before" in capsys.readouterr().err
+    (tmp_path / "detection.json").write_text("[1, 2")
+    config = pamsignal.parse_config("[pamsignal]\nstate_dir = %s\n"
+                                    % tmp_path)
+    agent = pamsignal.Agent(config, [])
+    agent.restore()
+    assert agent.source.since_us == (1795780000 - 60) * 1000000
+    assert agent.source.cursor is None
+    assert len(agent.pipeline.detector.counters) == 0
+    err = capsys.readouterr().err
+    assert "ignoring unreadable state %s" % (tmp_path / "state.json") in err
+    assert "ignoring unreadable state %s" % (tmp_path / "detection.json") \
+        in err
+    assert "resuming from a minute before it was written" in err
 
 
 def test_version_and_usage_exit_codes():

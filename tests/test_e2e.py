@@ -460,3 +460,27 @@ def test_open_session_survives_an_agent_restart(sshd, agent, make_user, sig):
     duration = field(closed, "pamsignal.session_duration_s")
     assert isinstance(duration, float) and duration >= 5.0, closed
     assert field(closed, "process.pid") == field(opened, "process.pid")
+
+
+def test_brute_force_then_success_raises_both_alerts(sshd, agent, make_user):
+    """Real failed logins until the brute force fires, then the right
+    password from the same address: the success-after-failures alert."""
+    user, pw = make_user()
+    for _ in range(5):
+        assert realsys.ssh_password(user, "wrong-" + pw).returncode != 0
+    account = agent.wait_event(
+        is_event("brute_force_detected", user__name=user))
+    assert field(account, "pamsignal.counted_by") == "user", account
+    assert field(account, "pamsignal.attempts") == 5, account
+    assert field(account, "pamsignal.window_s") == 600, account
+    source = agent.wait_event(
+        is_event("brute_force_detected", source__ip="127.0.0.1"))
+    assert user in field(source, "pamsignal.users_tried"), source
+
+    assert realsys.ssh_password(user, pw).returncode == 0
+    alert = agent.wait_event(
+        is_event("success_after_failures", user__name=user))
+    assert field(alert, "event.severity") == 9, alert
+    assert field(alert, "source.ip") == "127.0.0.1", alert
+    assert field(alert, "pamsignal.attempts") >= 5, alert
+    assert field(alert, "pamsignal.auth_method") == "password", alert

@@ -1,0 +1,210 @@
+"""The failure detector, driven by events with their own times (no sleeps):
+brute force per source, IPv6 /64 and account, and success after failures."""
+import json
+
+from support import make_entry, pamsignal
+
+MINUTE = 60 * 1000000
+
+
+def detector(**settings):
+    detection = pamsignal.default_config().detection._replace(**{
+        key: pamsignal._threshold(value) for key, value in settings.items()})
+    return pamsignal.FailureDetector(detection)
+
+
+def failure(at_minute, ip="203.0.113.5", user="root", service="sshd",
+            reason="bad_password", **fields):
+    return pamsignal.Event(
+        action="login_failure", reason=reason, service=service,
+        timestamp_us=int(at_minute * MINUTE), source_ip=ip, user=user,
+        hostname="web1", **fields)
+
+
+def success(at_minute, ip="203.0.113.5", user="root"):
+    return pamsignal.Event(
+        action="login_success", service="sshd", auth_method="password",
+        timestamp_us=int(at_minute * MINUTE), source_ip=ip, user=user,
+        hostname="web1", message="Accepted password for %s" % user)
+
+
+def feed(found, events):
+    results = []
+    for event in events:
+        results.extend(found.observe(event))
+    return results
+
+
+def by(results, kind):
+    return [e for e in results if e.counted_by == kind]
+
+
+def test_fast_window_fires_once_at_the_threshold():
+    found = feed(detector(), [failure(minute, user="u%d" % minute)
+                              for minute in range(8)])
+    (fired,) = by(found, "source")
+    assert fired.action == "brute_force_detected"
+    assert fired.timestamp_us == 4 * MINUTE
+    assert (fired.attempts, fired.window_s) == (5, 600)
+    assert fired.users_tried == ("u0", "u1", "u2", "u3", "u4")
+    assert fired.source_ip == "203.0.113.5" and fired.user is None
+    ecs = pamsignal.event_to_ecs(fired)
+    assert ecs["event"]["severity"] == 8
+    assert ecs["pamsignal"]["users_tried"] == ["u0", "u1", "u2", "u3", "u4"]
+
+
+def test_window_boundary_is_exclusive():
+    spread = [0, 2.5, 5, 7.5, 10]  # the fifth exactly 10 minutes on
+    assert by(feed(detector(), [failure(m, user="u%s" % m)
+                                for m in spread]), "source") == []
+    spread[-1] = 9.99
+    assert len(by(feed(detector(), [failure(m, user="u%s" % m)
+                                    for m in spread]), "source")) == 1
+
+
+def test_fires_again_only_after_a_window():
+    found = feed(detector(), [failure(m * 0.5) for m in range(40)])
+    assert [(e.timestamp_us / MINUTE, e.window_s)
+            for e in by(found, "source")] == [
+        (2.0, 600), (9.5, 86400), (12.0, 600)]
+
+
+def test_ipv6_sources_add_up_per_64():
+    found = feed(detector(), [failure(m, ip="2001:db8:1:2::%x" % m,
+                                      user="u%d" % m) for m in range(5)])
+    (network,) = by(found, "network")
+    assert network.network == "2001:db8:1:2::/64"
+    assert network.source_ip is None
+    assert by(found, "source") == []
+    other = feed(detector(), [failure(m, ip="2001:db8:1:%x::1" % m,
+                                      user="u%d" % m) for m in range(5)])
+    assert by(other, "network") == []
+
+
+def test_one_account_counts_across_services_and_sources():
+    events = [failure(0, ip="198.51.100.1", user="alice"),
+              failure(1, ip=None, user="alice", service="sudo"),
+              failure(2, ip=None, user="bob", target_user="alice",
+                      service="su"),
+              failure(3, ip="198.51.100.2", user="alice"),
+              failure(4, ip="2001:db8::7", user="alice")]
+    (account,) = by(feed(detector(), events), "user")
+    assert account.user == "alice" and account.attempts == 5
+    assert "for alice" in account.message
+
+
+def test_slow_window_catches_what_the_fast_one_misses():
+    found = feed(detector(), [failure(m * 30, user="u%d" % m)
+                              for m in range(21)])
+    assert [(e.window_s, e.attempts) for e in by(found, "source")] == [
+        (86400, 20)]
+
+
+def test_restated_failures_are_not_counted():
+    found = feed(detector(), [failure(m, reason=reason) for m, reason in
+                              enumerate(["max_attempts", "root_refused"] * 5)])
+    assert found == []
+
+
+def test_sudo_total_counts_its_attempts():
+    (fired,) = by(feed(detector(), [
+        failure(0, ip=None, user="alice", service="sudo", attempts=3),
+        failure(1, ip=None, user="alice", service="sudo", attempts=2)]),
+        "user")
+    assert fired.attempts == 5
+
+
+def test_success_after_failures_from_the_same_source():
+    found = feed(detector(), [failure(0, user="admin"), failure(1),
+                              failure(2), success(3)])
+    (alert,) = [e for e in found if e.action == "success_after_failures"]
+    assert (alert.counted_by, alert.attempts, alert.window_s) == (
+        "source", 3, 3600)
+    assert alert.user == "root" and alert.source_ip == "203.0.113.5"
+    ecs = pamsignal.event_to_ecs(alert)
+    assert ecs["event"]["severity"] == 9
+    assert ecs["event"]["outcome"] == "success"
+    assert "after 3 failed attempts from 203.0.113.5" in ecs["message"]
+
+
+def test_success_after_failures_for_the_account_from_elsewhere():
+    found = feed(detector(), [
+        failure(0, ip=None, user="bob", target_user="root", service="su"),
+        failure(1, ip="198.51.100.9"), failure(2, ip="198.51.100.10"),
+        success(3, ip="192.0.2.1")])
+    (alert,) = [e for e in found if e.action == "success_after_failures"]
+    assert alert.counted_by == "user" and alert.attempts == 3
+
+
+def test_a_typo_or_old_failures_do_not_alert():
+    assert feed(detector(), [failure(0), failure(1), success(2)]) == []
+    assert feed(detector(), [failure(0), failure(1), failure(2),
+                             success(63)]) == []
+
+
+def test_failures_lead_to_one_alert_not_one_per_success():
+    found = feed(detector(), [failure(0), failure(1), failure(2),
+                              success(3), success(4), failure(5),
+                              success(6)])
+    assert len([e for e in found
+                if e.action == "success_after_failures"]) == 1
+
+
+def test_thresholds_are_configurable_and_can_be_off():
+    found = feed(detector(brute_force_fast="2 in 1m", brute_force_slow="off",
+                          success_after_failures="off"),
+                 [failure(0), failure(0.5), success(0.7)])
+    assert [(e.action, e.attempts, e.window_s) for e in found] == [
+        ("brute_force_detected", 2, 60), ("brute_force_detected", 2, 60)]
+
+
+def test_a_restart_in_the_middle_of_a_window_keeps_counting():
+    before = detector()
+    assert feed(before, [failure(m, user="u%d" % m) for m in range(3)]) == []
+    saved = json.loads(json.dumps(before.to_state()))
+    after = detector()
+    after.load_state(saved)
+    (fired,) = by(feed(after, [failure(m, user="u%d" % m)
+                               for m in (3, 4)]), "source")
+    assert fired.attempts == 5
+    assert fired.users_tried == ("u0", "u1", "u2", "u3", "u4")
+
+
+def test_foreign_or_corrupt_state_is_skipped():
+    found = detector()
+    found.load_state([["source 1.2.3.4", {"times": "x"}], "junk",
+                      ["source 5.6.7.8", {"times": [1, "2", None],
+                                          "users": [1, "a"],
+                                          "fired": {"fast": "x"}}], 7])
+    assert dict(found.counters) == {"source 5.6.7.8": {
+        "times": [1], "users": ["a"], "fired": {}}}
+    found.load_state({"not": "a list"})
+    assert len(found.counters) == 0
+
+
+def test_counters_are_bounded():
+    found = pamsignal.FailureDetector(
+        pamsignal.default_config().detection, limit=100)
+    feed(found, [failure(0, ip="10.0.%d.%d" % (n // 250, n % 250),
+                         user=None) for n in range(1000)])
+    assert len(found.counters) == 100
+    assert "source 10.0.3.249" in found.counters
+
+
+def test_scan_finds_the_attack_in_an_old_export(tmp_path):
+    import io
+    export = tmp_path / "old.json"
+    lines = [make_entry("sshd", "Failed password for root from 203.0.113.5 "
+                        "port %d ssh2" % (4000 + n), sequence=n)
+             for n in range(5)]
+    lines.append(make_entry("sshd", "Accepted password for root from "
+                            "203.0.113.5 port 4100 ssh2", sequence=9))
+    export.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    out = io.StringIO()
+    assert pamsignal.main(["--config", str(tmp_path / "none.conf"), "scan",
+                           "--json", str(export)], stdout=out) == 78
+    assert pamsignal.main(["scan", "--json", str(export)], stdout=out) == 0
+    actions = [json.loads(line)["event"]["action"]
+               for line in out.getvalue().splitlines()]
+    assert actions.count("brute_force_detected") == 2  # source and account
+    assert actions[-2:] == ["login_success", "success_after_failures"]
