@@ -26,6 +26,7 @@ lint:
 bench:
 	$(PYTHON) bench/bench_pipeline.py
 	$(PYTHON) bench/bench_hostile.py
+	$(PYTHON) bench/bench_detection.py
 
 install:
 	install -d -m 0755 $(BINDIR) $(MANDIR) $(DOCDIR)

@@ -35,6 +35,7 @@ if sys.version_info < (3, 6):  # pragma: no cover - needs an old interpreter
 # 1 imports
 # ---------------------------------------------------------------------------
 import argparse  # noqa: E402
+import bisect  # noqa: E402
 import collections  # noqa: E402
 import configparser  # noqa: E402
 import difflib  # noqa: E402
@@ -1345,8 +1346,10 @@ class FailureDetector:
         record = self.counters.get(key) or {"times": [], "users": [],
                                             "fired": {}}
         now = event.timestamp_us
-        record["times"] = (record["times"] + [now] * min(
-            event.attempts or 1, self.keep))[-self.keep:]
+        times = record["times"]
+        for _ in range(min(event.attempts or 1, self.keep)):
+            bisect.insort(times, now)  # sorted, even if entries arrive late
+        del times[:-self.keep]
         if event.user and event.user not in record["users"] and \
                 len(record["users"]) < MAX_USERS_TRIED:
             record["users"].append(event.user)
@@ -1354,13 +1357,13 @@ class FailureDetector:
         found = []
         for name, threshold in self.windows:
             window_us = threshold.window_s * 1000000
-            recent = [t for t in record["times"] if t > now - window_us]
-            if len(recent) < threshold.attempts or \
+            recent = len(times) - bisect.bisect_right(times, now - window_us)
+            if recent < threshold.attempts or \
                     now - record["fired"].get(name, -window_us) < window_us:
                 continue
             record["fired"][name] = now
             found.append(self._brute_force(event, kind, value, record,
-                                           len(recent), threshold))
+                                           recent, threshold))
         return found
 
     @staticmethod
@@ -1423,7 +1426,8 @@ class FailureDetector:
         if not (isinstance(times, list) and isinstance(users, list) and
                 isinstance(fired, dict)):
             return None
-        return {"times": [t for t in times if type(t) is int][-self.keep:],
+        return {"times": sorted(t for t in times
+                                if type(t) is int)[-self.keep:],
                 "users": [u for u in users if isinstance(u, str)]
                 [:MAX_USERS_TRIED],
                 "fired": {k: v for k, v in fired.items()

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""A brute force from many distinct addresses through the whole pipeline
+(a benchmark, not a test): events per second and peak memory.
+
+Each entry is sshd's "Failed password" from a new address (IPv4 and IPv6
+mixed, a few per /64), with a pam_unix companion line for every attempt,
+as a real attack looks in the journal. Memory must stay flat however many
+addresses come: the detectors forget the least recently seen.
+Usage: python3 bench/bench_detection.py [ADDRESSES]   (default 1000000)
+"""
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import pamsignal  # noqa: E402
+
+
+def attack_lines(count):
+    """journalctl -o json lines (bytes) of `count` failed attempts."""
+    base = {"_BOOT_ID": "0f6c6b5d", "_HOSTNAME": "web1", "_PID": "4242",
+            "_UID": "0", "_COMM": "sshd", "_EXE": "/usr/sbin/sshd",
+            "_TRANSPORT": "syslog", "SYSLOG_IDENTIFIER": "sshd"}
+    for number in range(count):
+        if number % 2:
+            address = "2001:db8:%x:%x::%x" % (number >> 16, (number >> 2)
+                                               & 0xffff, number & 3)
+        else:
+            address = "10.%d.%d.%d" % (number >> 16 & 255, number >> 8 & 255,
+                                       number & 255)
+        for offset, message in enumerate((
+                "pam_unix(sshd:auth): authentication failure; logname= "
+                "uid=0 euid=0 tty=ssh ruser= rhost=%s  user=root" % address,
+                "Failed password for root from %s port %d ssh2"
+                % (address, 1024 + number % 60000))):
+            yield json.dumps(dict(
+                base, MESSAGE=message,
+                __CURSOR="s=1;i=%x" % (2 * number + offset),
+                __REALTIME_TIMESTAMP=str(1795780000000000 + number * 1000
+                                         + offset))).encode()
+
+
+def peak_rss_mib():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def main():
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 1000000
+    pipeline = pamsignal.Pipeline([], pamsignal.default_config().detection)
+    with tempfile.TemporaryFile() as export:
+        for line in attack_lines(count):  # written first, not timed
+            export.write(line + b"\n")
+        export.seek(0)
+        started = time.perf_counter()
+        lines = 0
+        for line in export:
+            entry = pipeline.decode(line)
+            if entry is not None:
+                pipeline.report(entry)
+            lines += 1
+        seconds = time.perf_counter() - started
+    detections = len(pipeline.detector.counters)
+    print("addresses: %d, journal lines: %d, events: %d, Python %s" % (
+        count, lines, pipeline.events, sys.version.split()[0]))
+    print("%-36s %10.0f" % ("journal lines per second", lines / seconds))
+    print("%-36s %10.0f" % ("events per second", pipeline.events / seconds))
+    print("%-36s %10d" % ("counters kept (bounded)", detections))
+    print("%-36s %10.1f MiB" % ("peak RSS", peak_rss_mib()))
+
+
+if __name__ == "__main__":
+    main()
