@@ -40,12 +40,12 @@ import collections  # noqa: E402
 import configparser  # noqa: E402
 import difflib  # noqa: E402
 import functools  # noqa: E402
-import ipaddress  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import select  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
@@ -187,6 +187,12 @@ def format_timestamp(timestamp_us):
                                        time.gmtime(seconds)), micros)
 
 
+#: A dotted quad as sshd prints it (no leading zeros): already normal.
+_PLAIN_IPV4 = re.compile(
+    r"^(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+    r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\Z")
+
+
 @functools.lru_cache(maxsize=4096)
 def normalise_address(text):
     """Split a peer as sshd or PAM wrote it into (ip, domain).
@@ -194,21 +200,27 @@ def normalise_address(text):
     IPv4-mapped IPv6 becomes plain IPv4; a host name is returned as the domain
     and never resolved; anything else is (None, None).
     """
-    if not text:
+    if not text or text == "UNKNOWN":  # sshd's word for a peer it lost
         return None, None
+    if _PLAIN_IPV4.match(text):
+        return text, None  # the common case, already normal
     candidate = text[1:-1] if text.startswith("[") and text.endswith("]") \
         else text
     candidate = candidate.split("%", 1)[0]  # drop an IPv6 zone index
-    try:
-        address = ipaddress.ip_address(candidate)
-    except ValueError:
-        if _HOST_NAME.match(text) and not text.replace(".", "").isdigit():
-            return None, text.lower()
-        return None, None
-    if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address), None
+    if ":" in candidate:
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, candidate)
+        except (OSError, ValueError):
+            return None, None  # no host name has a colon
+        if packed[:12] == _IPV4_MAPPED_PREFIX:
+            return socket.inet_ntop(socket.AF_INET, packed[12:]), None
+        return socket.inet_ntop(socket.AF_INET6, packed), None
+    if _HOST_NAME.match(text) and not text.replace(".", "").isdigit():
+        return None, text.lower()
+    return None, None
 
+
+_IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*"
                         r"[A-Za-z0-9_])?$")
@@ -1193,7 +1205,9 @@ class BoundedTable(collections.OrderedDict):
         self.limit = limit
 
     def put(self, key, value):
-        self.pop(key, None)
+        """Store as the most recently seen, forgetting the least."""
+        if key in self:
+            self.move_to_end(key)
         self[key] = value
         while len(self) > self.limit:
             self.popitem(last=False)
@@ -1289,6 +1303,13 @@ class SudoAttempts:
             saved, lambda count: count if type(count) is int else None)
 
 
+def ipv6_network_64(address):
+    """The /64 a (normalised) IPv6 address belongs to, "2001:db8:1:2::/64"."""
+    packed = socket.inet_pton(socket.AF_INET6, address)
+    return "%s/64" % socket.inet_ntop(socket.AF_INET6,
+                                      packed[:8] + bytes(8))
+
+
 #: Failure reasons that restate an attempt another line already counts:
 #: the MaxAuthTries disconnect, and ROOT LOGIN REFUSED before its "Failed".
 _RESTATED_FAILURES = frozenset(("max_attempts", "root_refused"))
@@ -1303,8 +1324,7 @@ def failure_counters(event):
     if source:
         counters.append(("source", source))
     if event.source_ip and ":" in event.source_ip:
-        counters.append(("network", str(ipaddress.ip_network(
-            event.source_ip + "/64", strict=False))))
+        counters.append(("network", ipv6_network_64(event.source_ip)))
     account = event.target_user if event.service in ("su", "su-l") \
         else event.user
     if account:
