@@ -341,9 +341,9 @@ _ECS_LAYOUT = (
     ("pamsignal.users_tried", "users_tried"), ("pamsignal.cursor", "cursor"),
 )
 
-#: The layout as (field index, ECS path parts), computed once.
-_ECS_PLAN = tuple((EVENT_FIELDS.index(field), tuple(path.split(".")))
-                  for path, field in _ECS_LAYOUT)
+#: The layout as (field index, parent objects, leaf name), computed once.
+_ECS_PLAN = tuple((EVENT_FIELDS.index(field), tuple(path.split(".")[:-1]),
+                   path.split(".")[-1]) for path, field in _ECS_LAYOUT)
 
 
 def event_to_ecs(event):
@@ -354,14 +354,14 @@ def event_to_ecs(event):
                      "type": [kind], "outcome": outcome,
                      "severity": (default_severity if event.severity is None
                                   else event.severity)}}
-    for index, parts in _ECS_PLAN:
+    for index, parents, leaf in _ECS_PLAN:
         value = event[index]
         if value is None or value == "":
             continue  # the contract has no nulls
         node = ecs
-        for part in parts[:-1]:
+        for part in parents:
             node = node.setdefault(part, {})
-        node[parts[-1]] = list(value) if isinstance(value, tuple) else value
+        node[leaf] = list(value) if type(value) is tuple else value
     ecs.setdefault("pamsignal", {})["version"] = __version__
     if event.message:
         ecs["message"] = event.message
@@ -2123,7 +2123,7 @@ def command_scan(args, stdout):
     pipeline = Pipeline([sink], config.detection, skip_unwatched=True)
     with stream:
         for line in stream:
-            entry = pipeline.decode(line) if line.strip() else None
+            entry = None if line.isspace() else pipeline.decode(line)
             if entry is not None:
                 pipeline.report(entry)
     sink.close()
