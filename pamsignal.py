@@ -291,8 +291,8 @@ EVENT_FIELDS = (
     "working_directory", "tty", "auth_method", "key", "certificate_id",
     "certificate_serial", "certificate_ca", "session_id",
     "session_duration_s", "attempts", "writer_uid", "claimed_action",
-    "detail", "counted_by", "network", "window_s", "users_tried", "cursor",
-    "message", "context_key")
+    "detail", "counted_by", "network", "window_s", "users_tried", "sources",
+    "cursor", "message", "context_key")
 
 Event = collections.namedtuple("Event", EVENT_FIELDS)
 Event.__new__.__defaults__ = (None,) * len(EVENT_FIELDS)
@@ -338,7 +338,8 @@ _ECS_LAYOUT = (
     ("pamsignal.claimed_action", "claimed_action"),
     ("pamsignal.detail", "detail"), ("pamsignal.counted_by", "counted_by"),
     ("pamsignal.network", "network"), ("pamsignal.window_s", "window_s"),
-    ("pamsignal.users_tried", "users_tried"), ("pamsignal.cursor", "cursor"),
+    ("pamsignal.users_tried", "users_tried"),
+    ("pamsignal.sources", "sources"), ("pamsignal.cursor", "cursor"),
 )
 
 #: The layout as (field index, parent objects, leaf name), computed once.
@@ -384,8 +385,8 @@ ChannelConfig = collections.namedtuple("ChannelConfig",
 Threshold = collections.namedtuple("Threshold", "attempts window_s")
 
 DetectionConfig = collections.namedtuple(
-    "DetectionConfig", "brute_force_fast brute_force_slow "
-    "success_after_failures")
+    "DetectionConfig", "brute_force_fast brute_force_slow user_enumeration "
+    "distributed_attack success_after_failures")
 
 ConfigProblem = collections.namedtuple("ConfigProblem",
                                        "path line section key message")
@@ -483,6 +484,8 @@ GLOBAL_OPTIONS = collections.OrderedDict((
 DETECTION_OPTIONS = collections.OrderedDict((
     ("brute_force_fast", (_threshold, "5 in 10m")),
     ("brute_force_slow", (_threshold, "20 in 24h")),
+    ("user_enumeration", (_threshold, "10 in 10m")),
+    ("distributed_attack", (_threshold, "10 in 1h")),
     ("success_after_failures", (_threshold, "3 in 1h")),
 ))
 
@@ -1310,6 +1313,10 @@ def ipv6_network_64(address):
                                       packed[:8] + bytes(8))
 
 
+#: The rules that remember when they last fired, per counter.
+_RULE_NAMES = frozenset(("fast", "slow", "enumeration", "distributed",
+                         "success"))
+
 #: Failure reasons that restate an attempt another line already counts:
 #: the MaxAuthTries disconnect, and ROOT LOGIN REFUSED before its "Failed".
 _RESTATED_FAILURES = frozenset(("max_attempts", "root_refused"))
@@ -1336,19 +1343,26 @@ class FailureDetector:
     """Brute force and success after failures, from the events' own times.
 
     Each counter (source, IPv6 /64, account) keeps the times of its latest
-    failures, whatever the service. Crossing a threshold gives one
-    `brute_force_detected` per counter and window; a success whose source
-    or account has enough recent failures gives `success_after_failures`.
-    Counters are bounded (least recently seen forgotten first) and saved.
+    failures whatever the service, the invalid user names its source tried
+    and the sources that tried its account. Crossing a threshold gives one
+    `brute_force_detected` per counter, rule and window (event.reason:
+    repeated_failures, user_enumeration or distributed_attack); a success
+    whose source or account has enough recent failures gives
+    `success_after_failures`. Counters are bounded (least recently seen
+    forgotten first) and saved.
     """
 
     def __init__(self, settings, limit=MAX_FAILURE_KEYS):
         self.windows = [(name, threshold) for name, threshold in (
             ("fast", settings.brute_force_fast),
             ("slow", settings.brute_force_slow)) if threshold.attempts]
+        self.enumeration = settings.user_enumeration
+        self.distributed = settings.distributed_attack
         self.success = settings.success_after_failures
         self.keep = max([t.attempts for _, t in self.windows] +
                         [self.success.attempts, 1])
+        self.keep_distinct = max(self.enumeration.attempts,
+                                 self.distributed.attempts, 1)
         self.counters = BoundedTable(limit)
 
     def observe(self, event):
@@ -1378,30 +1392,73 @@ class FailureDetector:
         for name, threshold in self.windows:
             window_us = threshold.window_s * 1000000
             recent = len(times) - bisect.bisect_right(times, now - window_us)
-            if recent < threshold.attempts or \
-                    now - record["fired"].get(name, -window_us) < window_us:
-                continue
-            record["fired"][name] = now
-            found.append(self._brute_force(event, kind, value, record,
-                                           recent, threshold))
+            if self._fires(record, name, recent, threshold, now):
+                found.append(self._brute_force(
+                    event, kind, value, recent, threshold,
+                    "repeated_failures", users_tried=record["users"]))
+        if kind != "user" and event.reason == "invalid_user" and \
+                event.user and self.enumeration.attempts:
+            names = self._recent(self._remember(
+                record, "invalid", event.user, now), now, self.enumeration)
+            if self._fires(record, "enumeration", len(names),
+                           self.enumeration, now):
+                found.append(self._brute_force(
+                    event, kind, value, len(names), self.enumeration,
+                    "user_enumeration", users_tried=names))
+        source = event.source_ip or event.source_domain
+        if kind == "user" and source and self.distributed.attempts:
+            sources = self._recent(self._remember(
+                record, "sources", source, now), now, self.distributed)
+            if self._fires(record, "distributed", len(sources),
+                           self.distributed, now):
+                found.append(self._brute_force(
+                    event, kind, value, len(sources), self.distributed,
+                    "distributed_attack", sources=sources))
         return found
 
     @staticmethod
-    def _brute_force(event, kind, value, record, attempts, threshold):
+    def _fires(record, rule, count, threshold, now):
+        """Whether `count` reaches the threshold, at most once a window."""
+        window_us = threshold.window_s * 1000000
+        if count < threshold.attempts or \
+                now - record["fired"].get(rule, -window_us) < window_us:
+            return False
+        record["fired"][rule] = now
+        return True
+
+    def _remember(self, record, field, value, now):
+        """Note `value` as seen now in the record's distinct list."""
+        seen = [item for item in record.get(field, ()) if item[0] != value]
+        seen.append([value, now])
+        record[field] = seen[-self.keep_distinct:]
+        return record[field]
+
+    @staticmethod
+    def _recent(seen, now, threshold):
+        since = now - threshold.window_s * 1000000
+        return [value for value, at in seen if at > since]
+
+    @staticmethod
+    def _brute_force(event, kind, value, count, threshold, reason,
+                     users_tried=None, sources=None):
         where = {"source": "from %s" % value, "network": "from %s" % value,
                  "user": "for %s" % value}[kind]
+        what = {"repeated_failures": "%d failed logins",
+                "user_enumeration": "%d invalid user names tried",
+                "distributed_attack": "%d sources failed to log in"}[reason]
         return Event(
-            action="brute_force_detected", timestamp_us=event.timestamp_us,
-            counted_by=kind, attempts=attempts, window_s=threshold.window_s,
-            users_tried=tuple(record["users"]) if kind != "user" else None,
+            action="brute_force_detected", reason=reason,
+            timestamp_us=event.timestamp_us, counted_by=kind, attempts=count,
+            window_s=threshold.window_s,
+            users_tried=tuple(users_tried) if users_tried and kind != "user"
+            else None, sources=tuple(sources) if sources else None,
             user=value if kind == "user" else None,
             source_ip=event.source_ip if kind == "source" else None,
             source_domain=event.source_domain if kind == "source" else None,
             network=value if kind == "network" else None,
             service=event.service, hostname=event.hostname,
-            cursor=event.cursor,
-            message="%d failed logins in %d s %s" % (
-                attempts, threshold.window_s, where))
+            cursor=event.cursor, message="%s in %d s %s" % (
+                what % count, threshold.window_s, where))
 
     def _judge_success(self, event):
         """The counter with the most failures within the window, if it has
@@ -1446,13 +1503,20 @@ class FailureDetector:
         if not (isinstance(times, list) and isinstance(users, list) and
                 isinstance(fired, dict)):
             return None
-        return {"times": sorted(t for t in times
-                                if type(t) is int)[-self.keep:],
-                "users": [u for u in users if isinstance(u, str)]
-                [:MAX_USERS_TRIED],
-                "fired": {k: v for k, v in fired.items()
-                          if k in ("fast", "slow", "success")
-                          and type(v) is int}}
+        restored = {
+            "times": sorted(t for t in times if type(t) is int)[-self.keep:],
+            "users": [u for u in users if isinstance(u, str)]
+            [:MAX_USERS_TRIED],
+            "fired": {k: v for k, v in fired.items() if k in _RULE_NAMES
+                      and type(v) is int}}
+        for field in ("invalid", "sources"):
+            seen = saved.get(field)
+            if isinstance(seen, list):
+                restored[field] = [
+                    item for item in seen if isinstance(item, list) and
+                    len(item) == 2 and isinstance(item[0], str) and
+                    type(item[1]) is int][-self.keep_distinct:]
+        return restored
 
 
 # ---------------------------------------------------------------------------
@@ -1497,6 +1561,7 @@ def render_text(event):
         ("window", None if event.window_s is None
          else "%ds" % event.window_s),
         ("users_tried", ",".join(event.users_tried or ()) or None),
+        ("sources", ",".join(event.sources or ()) or None),
         ("writer_uid", event.writer_uid), ("program", event.process_name),
         ("claimed", event.claimed_action), ("host", event.hostname),
     ]

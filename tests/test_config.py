@@ -94,6 +94,8 @@ def test_detection_thresholds_are_read_and_checked():
     assert config.detection.brute_force_fast == (3, 90)
     assert config.detection.brute_force_slow == (0, 0)
     assert config.detection.success_after_failures == (3, 3600)
+    assert config.detection.user_enumeration == (10, 600)
+    assert config.detection.distributed_attack == (10, 3600)
     assert problems_of("[detection]\nbrute_force_fast = 5 per hour\n"
                        "success_after_failures = 0 in 1h\n") == [
         "/etc/p.conf:2: [detection] brute_force_fast: expected 'N in "

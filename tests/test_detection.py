@@ -48,6 +48,7 @@ def test_fast_window_fires_once_at_the_threshold():
     assert (fired.attempts, fired.window_s) == (5, 600)
     assert fired.users_tried == ("u0", "u1", "u2", "u3", "u4")
     assert fired.source_ip == "203.0.113.5" and fired.user is None
+    assert fired.reason == "repeated_failures"
     ecs = pamsignal.event_to_ecs(fired)
     assert ecs["event"]["severity"] == 8
     assert ecs["pamsignal"]["users_tried"] == ["u0", "u1", "u2", "u3", "u4"]
@@ -208,3 +209,57 @@ def test_scan_finds_the_attack_in_an_old_export(tmp_path):
                for line in out.getvalue().splitlines()]
     assert actions.count("brute_force_detected") == 2  # source and account
     assert actions[-2:] == ["login_success", "success_after_failures"]
+
+
+def test_many_invalid_user_names_from_one_source_are_enumeration():
+    names = ["admin", "oracle", "test", "admin", "ubuntu", "pi", "git",
+             "ftp", "www", "guest", "postgres"]
+    found = feed(detector(brute_force_fast="off", brute_force_slow="off"), [
+        failure(m * 0.5, user=name, reason="invalid_user")
+        for m, name in enumerate(names)])
+    (enumeration,) = [e for e in found if e.reason == "user_enumeration"]
+    assert enumeration.counted_by == "source"
+    assert enumeration.attempts == 10  # distinct names; "admin" twice
+    assert enumeration.timestamp_us == 10 * 0.5 * MINUTE
+    assert sorted(enumeration.users_tried) == sorted(set(names))
+    ecs = pamsignal.event_to_ecs(enumeration)
+    assert ecs["event"]["reason"] == "user_enumeration"
+    assert "10 invalid user names tried in 600 s from 203.0.113.5" \
+        == ecs["message"]
+
+
+def test_wrong_passwords_of_real_accounts_are_not_enumeration():
+    found = feed(detector(brute_force_fast="off", brute_force_slow="off"), [
+        failure(m, user="u%d" % m) for m in range(12)])
+    assert found == []
+
+
+def test_one_account_from_many_sources_is_a_distributed_attack():
+    found = feed(detector(brute_force_fast="off", brute_force_slow="off"), [
+        failure(m * 5, ip="198.51.100.%d" % m, user="alice")
+        for m in range(11)])
+    (attack,) = [e for e in found if e.reason == "distributed_attack"]
+    assert attack.counted_by == "user" and attack.user == "alice"
+    assert attack.attempts == 10 and attack.window_s == 3600
+    assert attack.sources == tuple("198.51.100.%d" % m for m in range(10))
+    assert pamsignal.event_to_ecs(attack)["pamsignal"]["sources"][0] == \
+        "198.51.100.0"
+    spread = feed(detector(brute_force_fast="off", brute_force_slow="off"), [
+        failure(m * 7, ip="198.51.100.%d" % m, user="alice")
+        for m in range(11)])
+    assert spread == [], "10 sources over more than an hour"
+
+
+def test_enumeration_and_sources_survive_a_restart():
+    before = detector()
+    feed(before, [failure(m, user="n%d" % m, reason="invalid_user",
+                          ip="203.0.113.9") for m in range(6)])
+    after = detector()
+    after.load_state(json.loads(json.dumps(before.to_state())) + [
+        ["source 9.9.9.9", {"times": [], "users": [], "fired": {},
+                            "invalid": [["x", "late"], "junk"]}]])
+    assert after.counters["source 9.9.9.9"]["invalid"] == []
+    found = feed(after, [failure(6 + m, user="m%d" % m, reason="invalid_user",
+                                 ip="203.0.113.9") for m in range(4)])
+    assert [e.attempts for e in found if e.reason == "user_enumeration"] == [
+        10]
