@@ -78,6 +78,12 @@ MAX_LINE_BYTES = 4 * 1024 * 1024
 #: recently seen are forgotten first, so memory stays flat under attack.
 MAX_FAILURE_KEYS = 20000
 
+#: Users whose usual networks and sudo use are remembered.
+MAX_BASELINE_USERS = 10000
+
+#: Networks remembered per user (the most recently used kept).
+MAX_NETWORKS_PER_USER = 32
+
 #: Most user names remembered per counter for "which users were tried".
 MAX_USERS_TRIED = 10
 
@@ -309,8 +315,15 @@ ACTIONS = {
     "sudo_command": ("process", "start", "success", 4),
     "brute_force_detected": ("intrusion_detection", "info", "unknown", 8),
     "success_after_failures": ("intrusion_detection", "info", "success", 9),
+    "new_source": ("intrusion_detection", "info", "success", 6),
+    "new_sudo_user": ("intrusion_detection", "info", "success", 7),
     "spoofed_entry": ("intrusion_detection", "info", "unknown", 8),
 }
+
+#: The actions the detection stage adds; the parser gives all the others.
+DETECTION_ACTIONS = frozenset(("brute_force_detected",
+                               "success_after_failures", "new_source",
+                               "new_sudo_user"))
 
 
 #: (ECS path, Event field) in the order they are rendered.
@@ -386,7 +399,7 @@ Threshold = collections.namedtuple("Threshold", "attempts window_s")
 
 DetectionConfig = collections.namedtuple(
     "DetectionConfig", "brute_force_fast brute_force_slow user_enumeration "
-    "distributed_attack success_after_failures")
+    "distributed_attack success_after_failures learning_period")
 
 ConfigProblem = collections.namedtuple("ConfigProblem",
                                        "path line section key message")
@@ -487,6 +500,7 @@ DETECTION_OPTIONS = collections.OrderedDict((
     ("user_enumeration", (_threshold, "10 in 10m")),
     ("distributed_attack", (_threshold, "10 in 1h")),
     ("success_after_failures", (_threshold, "3 in 1h")),
+    ("learning_period", (_duration_s, "7d")),
 ))
 
 #: Keys every [channel:NAME] section takes, whatever its type.
@@ -1519,6 +1533,93 @@ class FailureDetector:
         return restored
 
 
+def network_of(event):
+    """The network a login came from, as the baseline remembers it: the
+    /24 of an IPv4 source, the /64 of an IPv6 one, or the host name."""
+    if event.source_ip and ":" in event.source_ip:
+        return ipv6_network_64(event.source_ip)
+    if event.source_ip:
+        return "%s.0/24" % event.source_ip.rsplit(".", 1)[0]
+    return event.source_domain
+
+
+def privileged_severity(event):
+    """Root access weighs more: a login as root 7, su to root 6, a sudo
+    command as root 5 (the defaults are 5, 5 and 4)."""
+    if event.severity is not None:
+        return event
+    if event.action == "login_success":
+        if event.service in ("su", "su-l") and event.target_user == "root":
+            return event._replace(severity=6)
+        if event.user == "root" and event.service not in ("su", "su-l"):
+            return event._replace(severity=7)
+    if event.action == "sudo_command" and event.target_user == "root":
+        return event._replace(severity=5)
+    return event
+
+
+class Baseline:
+    """What is usual here, learned from the events themselves: the networks
+    each user logs in from, and who uses sudo. A login from a network never
+    seen for that user gives `new_source`; a first sudo by a user,
+    `new_sudo_user`. Quiet during the learning period that starts with the
+    first event it sees. Bounded per user and in users, and saved."""
+
+    def __init__(self, learning_period_s, limit=MAX_BASELINE_USERS):
+        self.learning_us = learning_period_s * 1000000
+        self.started_us = None
+        self.networks = BoundedTable(limit)
+        self.sudo_users = BoundedTable(limit)
+
+    def observe(self, event):
+        """Detections the event gives rise to (a list, often empty)."""
+        if self.started_us is None:
+            self.started_us = event.timestamp_us
+        quiet = event.timestamp_us < self.started_us + self.learning_us
+        if event.action == "login_success" and event.user:
+            return self._login(event, quiet)
+        if event.action == "sudo_command" and event.user:
+            known = event.user in self.sudo_users
+            self.sudo_users.put(event.user, event.timestamp_us)
+            if known or quiet:
+                return []
+            return [event._replace(
+                action="new_sudo_user", severity=None, context_key=None,
+                message="first sudo by %s seen here: %s"
+                % (event.user, event.message))]
+        return []
+
+    def _login(self, event, quiet):
+        network = network_of(event)
+        if network is None:
+            return []
+        known = self.networks.get(event.user, [])
+        self.networks.put(event.user, ([n for n in known if n != network]
+                                       + [network])[-MAX_NETWORKS_PER_USER:])
+        if network in known or quiet:
+            return []
+        return [event._replace(
+            action="new_source", severity=None, network=network,
+            context_key=None, message="%s logged in from %s, never seen for "
+            "this user: %s" % (event.user, network, event.message))]
+
+    def to_state(self):
+        return {"started_us": self.started_us,
+                "networks": self.networks.to_state(),
+                "sudo_users": self.sudo_users.to_state()}
+
+    def load_state(self, saved):
+        saved = saved if isinstance(saved, dict) else {}
+        started = saved.get("started_us")
+        self.started_us = started if type(started) is int else None
+        self.networks.load_state(saved.get("networks"), lambda networks: [
+            n for n in networks if isinstance(n, str)][
+                -MAX_NETWORKS_PER_USER:] if isinstance(networks, list)
+            else None)
+        self.sudo_users.load_state(saved.get("sudo_users"), lambda seen:
+                                   seen if type(seen) is int else None)
+
+
 # ---------------------------------------------------------------------------
 # 10 rendering
 # ---------------------------------------------------------------------------
@@ -1968,6 +2069,7 @@ class Pipeline:
         self.sessions = SessionTracker()
         self.sudo_attempts = SudoAttempts()
         self.detector = FailureDetector(detection)
+        self.baseline = Baseline(detection.learning_period)
         self.skip_unwatched = skip_unwatched
         self.entries = 0
         self.events = 0
@@ -2005,8 +2107,9 @@ class Pipeline:
             event = self.sudo_attempts.observe(event)
         if event is None:
             return 0
-        event = self.sessions.observe(event)
-        events = [event] + self.detector.observe(event)
+        event = privileged_severity(self.sessions.observe(event))
+        events = [event] + self.detector.observe(event) + \
+            self.baseline.observe(event)
         for each in events:
             self._each_sink(lambda sink, sent=each: sink.send(sent), [
                 sink for sink in self.sinks if each.action in sink.events])
@@ -2051,8 +2154,9 @@ class Agent:
             # Some repeats, never lost logins: from before its last write.
             say("warning", "resuming from a minute before it was written")
             state = {"since_us": int((self.store.damaged_at - 60) * 1e6)}
-        detection = self.detection_store.load().get("counters")
-        self.pipeline.detector.load_state(detection)
+        detection = self.detection_store.load()
+        self.pipeline.detector.load_state(detection.get("counters"))
+        self.pipeline.baseline.load_state(detection.get("baseline"))
         cursor = state.get("cursor")
         if cursor is not None and not valid_cursor(cursor):
             say("warning", "ignoring a malformed saved cursor")
@@ -2078,8 +2182,9 @@ class Agent:
             self.last_save = now
 
     def save_detection(self, now):
-        self.detection_store.save({"version": 1, "counters":
-                                   self.pipeline.detector.to_state()})
+        self.detection_store.save({
+            "version": 1, "counters": self.pipeline.detector.to_state(),
+            "baseline": self.pipeline.baseline.to_state()})
         self.last_detection_save = now
 
     def follow_lines(self, lines, now):

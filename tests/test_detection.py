@@ -263,3 +263,94 @@ def test_enumeration_and_sources_survive_a_restart():
                                  ip="203.0.113.9") for m in range(4)])
     assert [e.attempts for e in found if e.reason == "user_enumeration"] == [
         10]
+
+
+DAY = 24 * 60 * MINUTE
+
+
+def sudo(at_minute, user="alice", target="root"):
+    return pamsignal.Event(
+        action="sudo_command", service="sudo", user=user, target_user=target,
+        command_line="/usr/bin/id", timestamp_us=int(at_minute * MINUTE),
+        message="%s : USER=%s ; COMMAND=/usr/bin/id" % (user, target))
+
+
+def baseline_feed(baseline, events):
+    return [(e.action, e.user, e.network) for e in feed(baseline, events)]
+
+
+def test_new_network_for_a_user_alerts_after_learning():
+    baseline = pamsignal.Baseline(learning_period_s=7 * 86400)
+    assert baseline_feed(baseline, [
+        success(0, ip="203.0.113.5", user="alice"),
+        success(1, ip="2001:db8:1:2::9", user="alice")]) == []  # learning
+    week = 7 * DAY / MINUTE
+    assert baseline_feed(baseline, [
+        success(week + 1, ip="203.0.113.77", user="alice"),  # same /24
+        success(week + 2, ip="2001:db8:1:2::1", user="alice"),  # same /64
+        success(week + 3, ip="198.51.100.7", user="alice"),
+        success(week + 4, ip="198.51.100.8", user="alice"),
+        success(week + 5, ip="198.51.100.7", user="bob"),
+    ]) == [("new_source", "alice", "198.51.100.0/24"),
+           ("new_source", "bob", "198.51.100.0/24")]
+
+
+def test_new_source_event_carries_the_login():
+    baseline = pamsignal.Baseline(learning_period_s=0)
+    (alert,) = feed(baseline, [success(5, ip="192.0.2.44", user="carol")])
+    ecs = pamsignal.event_to_ecs(alert)
+    assert ecs["event"]["action"] == "new_source"
+    assert ecs["event"]["severity"] == 6
+    assert ecs["source"]["ip"] == "192.0.2.44"
+    assert ecs["pamsignal"]["network"] == "192.0.2.0/24"
+    assert ecs["message"].startswith("carol logged in from 192.0.2.0/24")
+
+
+def test_first_sudo_by_a_user_alerts_once():
+    baseline = pamsignal.Baseline(learning_period_s=DAY // 1000000)
+    assert feed(baseline, [sudo(0, user="alice")]) == []
+    found = feed(baseline, [sudo(24 * 60 + 1, user="alice"),
+                            sudo(24 * 60 + 2, user="mallory"),
+                            sudo(24 * 60 + 3, user="mallory")])
+    assert [(e.action, e.user, pamsignal.event_to_ecs(e)["event"]
+             ["severity"]) for e in found] == [
+        ("new_sudo_user", "mallory", 7)]
+
+
+def test_baseline_survives_a_restart_and_skips_damage():
+    before = pamsignal.Baseline(learning_period_s=0)
+    feed(before, [success(0, ip="203.0.113.5", user="alice"),
+                  sudo(1, user="alice")])
+    after = pamsignal.Baseline(learning_period_s=0)
+    saved = json.loads(json.dumps(before.to_state()))
+    saved["networks"].append(["bob", "not a list"])
+    after.load_state(saved)
+    assert after.started_us == 0
+    assert feed(after, [success(2, ip="203.0.113.9", user="alice"),
+                        sudo(3, user="alice")]) == []
+    assert "bob" not in after.networks
+    after.load_state("junk")
+    assert after.started_us is None and len(after.networks) == 0
+
+
+def test_baseline_is_bounded():
+    baseline = pamsignal.Baseline(learning_period_s=0, limit=50)
+    feed(baseline, [success(n, ip="10.%d.0.1" % (n % 250), user="u%d" % n)
+                    for n in range(500)])
+    assert len(baseline.networks) == 50
+    feed(baseline, [success(600 + n, ip="10.9.%d.1" % n, user="u499")
+                    for n in range(100)])
+    assert len(baseline.networks["u499"]) == pamsignal.MAX_NETWORKS_PER_USER
+
+
+def test_root_access_weighs_more():
+    def severity(event):
+        return pamsignal.event_to_ecs(
+            pamsignal.privileged_severity(event))["event"]["severity"]
+    assert severity(success(0, user="root")) == 7
+    assert severity(success(0, user="alice")) == 5
+    su_root = success(0, user="alice")._replace(service="su",
+                                                target_user="root")
+    assert severity(su_root) == 6
+    assert severity(sudo(0, target="root")) == 5
+    assert severity(sudo(0, target="www-data")) == 4
