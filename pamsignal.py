@@ -84,11 +84,15 @@ MAX_BASELINE_USERS = 10000
 #: Networks remembered per user (the most recently used kept).
 MAX_NETWORKS_PER_USER = 32
 
+#: Largest N of an "N in DURATION" threshold (each counter keeps N times).
+MAX_THRESHOLD = 1000
+
 #: Most user names remembered per counter for "which users were tried".
 MAX_USERS_TRIED = 10
 
-#: How often the detection state is saved (it is also saved at shutdown).
-DETECTION_FLUSH_S = 60.0
+#: How often the detection state is saved when events came (and at
+#: shutdown); a crash forgets at most this much counting.
+DETECTION_FLUSH_S = 10.0
 
 #: Open sessions remembered for pairing; the oldest are forgotten first.
 MAX_OPEN_SESSIONS = 10000
@@ -471,12 +475,16 @@ def _threshold(value):
         return Threshold(0, 0)
     match = _THRESHOLD.match(value.strip())
     try:
-        if not match or int(match.group(1)) < 1:
+        if not match or not 1 <= int(match.group(1)) <= MAX_THRESHOLD:
             raise ValueError
-        return Threshold(int(match.group(1)), _duration_s(match.group(2)))
+        window_s = _duration_s(match.group(2))
+        if window_s < 1:
+            raise ValueError
+        return Threshold(int(match.group(1)), window_s)
     except ValueError:
-        raise ValueError("expected 'N in DURATION' (such as 5 in 10m) or "
-                         "off, got %r" % value) from None
+        raise ValueError("expected 'N in DURATION' (N from 1 to %d, such as "
+                         "5 in 10m) or off, got %r"
+                         % (MAX_THRESHOLD, value)) from None
 
 
 def _console_format(value):
@@ -1320,6 +1328,31 @@ class SudoAttempts:
             saved, lambda count: count if type(count) is int else None)
 
 
+#: The rules that remember when they last fired, per counter.
+_RULE_NAMES = frozenset(("fast", "slow", "enumeration", "distributed",
+                         "success"))
+
+#: Failures that are no guess at a credential: the MaxAuthTries disconnect
+#: and ROOT LOGIN REFUSED restate an attempt another line counts, and
+#: sudo's refusals are policy, not a wrong password.
+_NOT_GUESSES = frozenset(("max_attempts", "root_refused", "not_in_sudoers",
+                          "command_not_allowed", "password_required"))
+
+#: Times further ahead than this are a clock that was wrong: dropped.
+_FUTURE_SLACK_US = 86400 * 1000000
+
+
+def is_guess(event):
+    """A failed attempt at a credential. sshd's "Invalid user" and "not
+    allowed" lines announce a connection whose attempts follow as "Failed
+    ... for invalid user" lines; they count as names tried, not guesses."""
+    if event.reason in _NOT_GUESSES:
+        return False
+    return not (event.service == "sshd" and event.auth_method is None and
+                event.reason in ("invalid_user", "not_allowed"))
+
+
+@functools.lru_cache(maxsize=4096)
 def ipv6_network_64(address):
     """The /64 a (normalised) IPv6 address belongs to, "2001:db8:1:2::/64"."""
     packed = socket.inet_pton(socket.AF_INET6, address)
@@ -1327,19 +1360,19 @@ def ipv6_network_64(address):
                                       packed[:8] + bytes(8))
 
 
-#: The rules that remember when they last fired, per counter.
-_RULE_NAMES = frozenset(("fast", "slow", "enumeration", "distributed",
-                         "success"))
-
-#: Failure reasons that restate an attempt another line already counts:
-#: the MaxAuthTries disconnect, and ROOT LOGIN REFUSED before its "Failed".
-_RESTATED_FAILURES = frozenset(("max_attempts", "root_refused"))
+def attacker_of(event):
+    """Who tried, for counting distinct sources: the address, but a whole
+    IPv6 /64 as one (one attacker holds it), or the host name."""
+    if event.source_ip and ":" in event.source_ip:
+        return ipv6_network_64(event.source_ip)
+    return event.source_ip or event.source_domain
 
 
 def failure_counters(event):
-    """The counters a failed attempt adds to, as (kind, value): its source
-    address, the /64 of an IPv6 source, and the account it tried (for su,
-    the account switched to; sudo asks for the caller's own password)."""
+    """The counters a failed attempt adds to, most specific first, as
+    (kind, value): its source address, the /64 of an IPv6 source, and the
+    account it tried (for su, the account switched to; sudo asks for the
+    caller's own password)."""
     counters = []
     source = event.source_ip or event.source_domain
     if source:
@@ -1353,17 +1386,25 @@ def failure_counters(event):
     return counters
 
 
+def _in_window(at, now, window_us):
+    return now - window_us < at <= now
+
+
 class FailureDetector:
     """Brute force and success after failures, from the events' own times.
 
-    Each counter (source, IPv6 /64, account) keeps the times of its latest
-    failures whatever the service, the invalid user names its source tried
+    Each counter (source, IPv6 /64, account) keeps the times of its recent
+    guesses whatever the service, the invalid user names its source tried
     and the sources that tried its account. Crossing a threshold gives one
-    `brute_force_detected` per counter, rule and window (event.reason:
-    repeated_failures, user_enumeration or distributed_attack); a success
-    whose source or account has enough recent failures gives
-    `success_after_failures`. Counters are bounded (least recently seen
-    forgotten first) and saved.
+    `brute_force_detected` per event and rule (event.reason:
+    repeated_failures, user_enumeration or distributed_attack), from the
+    most specific counter that crossed; each rule fires at most once a
+    window per counter. A success whose source or account has enough recent
+    failures gives `success_after_failures`.
+
+    Memory stays flat under attack: a counter seen once waits on probation
+    (bounded), so a flood of new addresses cannot push out the counters
+    that keep failing (bounded too), and each list in a counter is capped.
     """
 
     def __init__(self, settings, limit=MAX_FAILURE_KEYS):
@@ -1373,120 +1414,151 @@ class FailureDetector:
         self.enumeration = settings.user_enumeration
         self.distributed = settings.distributed_attack
         self.success = settings.success_after_failures
-        self.keep = max([t.attempts for _, t in self.windows] +
-                        [self.success.attempts, 1])
+        rules = [t for _, t in self.windows] + [self.success]
+        self.keep = max([t.attempts for t in rules] + [1])
         self.keep_distinct = max(self.enumeration.attempts,
                                  self.distributed.attempts, 1)
+        self.horizon_us = max(t.window_s for t in rules + [
+            self.enumeration, self.distributed]) * 1000000
+        self.probation = BoundedTable(limit)
         self.counters = BoundedTable(limit)
 
     def observe(self, event):
         """Detections the event gives rise to (a list, often empty)."""
-        if event.action == "login_failure" and \
-                event.reason not in _RESTATED_FAILURES:
-            return [found for kind, value in failure_counters(event)
-                    for found in self._count(event, kind, value)]
+        if event.action == "login_failure":
+            return self._failure(event)
         if event.action == "login_success" and self.success.attempts:
             return self._judge_success(event)
         return []
 
-    def _count(self, event, kind, value):
-        key = "%s %s" % (kind, value)
-        record = self.counters.get(key) or {"times": [], "users": [],
-                                            "fired": {}}
-        now = event.timestamp_us
-        times = record["times"]
-        for _ in range(min(event.attempts or 1, self.keep)):
-            bisect.insort(times, now)  # sorted, even if entries arrive late
-        del times[:-self.keep]
-        if event.user and event.user not in record["users"] and \
-                len(record["users"]) < MAX_USERS_TRIED:
-            record["users"].append(event.user)
-        self.counters.put(key, record)
+    def _lookup(self, key):
+        return self.counters.get(key) or self.probation.get(key)
+
+    def _failure(self, event):
+        now, guess = event.timestamp_us, is_guess(event)
+        touched = []
+        for kind, value in failure_counters(event):
+            key = "%s %s" % (kind, value)
+            record = self.counters.pop(key, None) or self.probation.pop(
+                key, None)
+            again = record is not None
+            record = record or {"times": [], "users": [], "fired": {}}
+            if guess:
+                self._add_times(record, now, event.attempts or 1)
+            users = record["users"]
+            if event.user and (not users or users[-1] != event.user):
+                record["users"] = ([u for u in users if u != event.user]
+                                   + [event.user])[-MAX_USERS_TRIED:]
+            (self.counters if again else self.probation).put(key, record)
+            touched.append((kind, value, record))
         found = []
-        for name, threshold in self.windows:
-            window_us = threshold.window_s * 1000000
-            recent = len(times) - bisect.bisect_right(times, now - window_us)
-            if self._fires(record, name, recent, threshold, now):
-                found.append(self._brute_force(
-                    event, kind, value, recent, threshold,
-                    "repeated_failures", users_tried=record["users"]))
-        if kind != "user" and event.reason == "invalid_user" and \
-                event.user and self.enumeration.attempts:
-            names = self._recent(self._remember(
-                record, "invalid", event.user, now), now, self.enumeration)
-            if self._fires(record, "enumeration", len(names),
-                           self.enumeration, now):
-                found.append(self._brute_force(
-                    event, kind, value, len(names), self.enumeration,
-                    "user_enumeration", users_tried=names))
-        source = event.source_ip or event.source_domain
-        if kind == "user" and source and self.distributed.attempts:
-            sources = self._recent(self._remember(
-                record, "sources", source, now), now, self.distributed)
-            if self._fires(record, "distributed", len(sources),
-                           self.distributed, now):
-                found.append(self._brute_force(
-                    event, kind, value, len(sources), self.distributed,
-                    "distributed_attack", sources=sources))
+        for name, threshold in self.windows if guess else ():
+            found += self._fire_once(event, name, threshold, [
+                (kind, value, record, self._recent_count(record, now,
+                                                         threshold))
+                for kind, value, record in touched
+                if len(record["times"]) >= threshold.attempts],
+                "repeated_failures")
+        if event.reason == "invalid_user" and event.user and \
+                self.enumeration.attempts:
+            found += self._fire_once(event, "enumeration", self.enumeration, [
+                (kind, value, record, self._remember(
+                    record, "invalid", event.user, now, self.enumeration))
+                for kind, value, record in touched if kind != "user"],
+                "user_enumeration")
+        attacker = attacker_of(event)
+        if guess and attacker and self.distributed.attempts:
+            found += self._fire_once(event, "distributed", self.distributed, [
+                (kind, value, record, self._remember(
+                    record, "sources", attacker, now, self.distributed))
+                for kind, value, record in touched if kind == "user"],
+                "distributed_attack")
         return found
 
-    @staticmethod
-    def _fires(record, rule, count, threshold, now):
-        """Whether `count` reaches the threshold, at most once a window."""
-        window_us = threshold.window_s * 1000000
-        if count < threshold.attempts or \
-                now - record["fired"].get(rule, -window_us) < window_us:
-            return False
-        record["fired"][rule] = now
-        return True
+    def _fire_once(self, event, rule, threshold, candidates, reason):
+        """One detection from the most specific counter that crossed; all
+        that crossed with it are marked, so one attack is one alert."""
+        now, window_us = event.timestamp_us, threshold.window_s * 1000000
+        crossed = [c for c in candidates if len(c[3]) >= threshold.attempts
+                   and not _in_window(c[2]["fired"].get(rule, now + 1), now,
+                                      window_us)]
+        for _, _, record, _ in crossed:
+            record["fired"][rule] = now
+        if not crossed:
+            return []
+        kind, value, record, seen = crossed[0]
+        return [self._brute_force(event, kind, value, seen, threshold,
+                                  reason, record["users"])]
 
-    def _remember(self, record, field, value, now):
-        """Note `value` as seen now in the record's distinct list."""
-        seen = [item for item in record.get(field, ()) if item[0] != value]
+    def _add_times(self, record, now, count):
+        """Insert `count` guesses at `now`; keep only times within the
+        longest window, none from a clock that was far ahead, at most
+        `keep` of them (the latest)."""
+        times = record["times"]
+        if times and not (now - self.horizon_us < times[0] and
+                          times[-1] <= now + _FUTURE_SLACK_US):
+            times = [t for t in times if now - self.horizon_us < t
+                     <= now + _FUTURE_SLACK_US]
+        for _ in range(min(count, self.keep)):
+            bisect.insort(times, now)  # sorted, even if entries arrive late
+        record["times"] = times[-self.keep:]
+
+    @staticmethod
+    def _recent_count(record, now, threshold):
+        """The guesses within the window, as a list (its length counts)."""
+        times = record["times"]
+        start = bisect.bisect_right(times, now - threshold.window_s * 1000000)
+        return times[start:bisect.bisect_right(times, now)]
+
+    def _remember(self, record, field, value, now, threshold):
+        """Note `value` as seen now in the record's distinct list; the
+        values seen within the threshold's window."""
+        latest = now + _FUTURE_SLACK_US
+        seen = [item for item in record.get(field, ()) if item[0] != value
+                and item[1] <= latest]
         seen.append([value, now])
-        record[field] = seen[-self.keep_distinct:]
-        return record[field]
+        record[field] = seen = seen[-self.keep_distinct:]
+        earliest = now - threshold.window_s * 1000000
+        return [v for v, at in seen if earliest < at <= now]
 
     @staticmethod
-    def _recent(seen, now, threshold):
-        since = now - threshold.window_s * 1000000
-        return [value for value, at in seen if at > since]
-
-    @staticmethod
-    def _brute_force(event, kind, value, count, threshold, reason,
-                     users_tried=None, sources=None):
+    def _brute_force(event, kind, value, seen, threshold, reason, users):
         where = {"source": "from %s" % value, "network": "from %s" % value,
                  "user": "for %s" % value}[kind]
         what = {"repeated_failures": "%d failed logins",
                 "user_enumeration": "%d invalid user names tried",
                 "distributed_attack": "%d sources failed to log in"}[reason]
+        names = seen if reason == "user_enumeration" else users
         return Event(
             action="brute_force_detected", reason=reason,
-            timestamp_us=event.timestamp_us, counted_by=kind, attempts=count,
-            window_s=threshold.window_s,
-            users_tried=tuple(users_tried) if users_tried and kind != "user"
-            else None, sources=tuple(sources) if sources else None,
+            timestamp_us=event.timestamp_us, counted_by=kind,
+            attempts=len(seen), window_s=threshold.window_s,
+            users_tried=tuple(names) if names and kind != "user" else None,
+            sources=tuple(seen) if reason == "distributed_attack" else None,
             user=value if kind == "user" else None,
             source_ip=event.source_ip if kind == "source" else None,
             source_domain=event.source_domain if kind == "source" else None,
             network=value if kind == "network" else None,
             service=event.service, hostname=event.hostname,
             cursor=event.cursor, message="%s in %d s %s" % (
-                what % count, threshold.window_s, where))
+                what % len(seen), threshold.window_s, where))
 
     def _judge_success(self, event):
-        """The counter with the most failures within the window, if it has
-        enough; counted failures are not counted again."""
+        """The counter with the most guesses within the window, if it has
+        enough; guesses counted for one success are not counted again."""
         now = event.timestamp_us
         window_us = self.success.window_s * 1000000
         worst = None
         for kind, value in failure_counters(event):
-            record = self.counters.get("%s %s" % (kind, value))
+            record = self._lookup("%s %s" % (kind, value))
             if record is None:
                 continue
-            since = max(now - window_us,
-                        record["fired"].get("success", now - window_us))
-            failures = len([t for t in record["times"] if since < t <= now])
+            last = record["fired"].get("success")
+            since = last if last is not None and _in_window(
+                last, now, window_us) else now - window_us
+            times = record["times"]
+            failures = bisect.bisect_right(times, now) - \
+                bisect.bisect_right(times, since)
             if failures >= self.success.attempts and (
                     worst is None or failures > worst[0]):
                 worst = (failures, kind, value)
@@ -1504,12 +1576,21 @@ class FailureDetector:
                event.message))]
 
     def to_state(self):
-        return self.counters.to_state()
+        return {"repeated": self.counters.to_state(),
+                "once": self.probation.to_state()}
 
-    def load_state(self, saved):
-        self.counters.load_state(saved, self._restore)
+    def load_state(self, saved, now_us):
+        """Restore from to_state(); anything malformed, or dated more than
+        a day after `now_us` (wall clock), is skipped."""
+        saved = saved if isinstance(saved, dict) else {}
+        latest = now_us + _FUTURE_SLACK_US
 
-    def _restore(self, saved):
+        def restore(record):
+            return self._restore(record, latest)
+        self.counters.load_state(saved.get("repeated"), restore)
+        self.probation.load_state(saved.get("once"), restore)
+
+    def _restore(self, saved, latest):
         if not isinstance(saved, dict):
             return None
         times, users, fired = (saved.get("times"), saved.get("users"),
@@ -1518,18 +1599,20 @@ class FailureDetector:
                 isinstance(fired, dict)):
             return None
         restored = {
-            "times": sorted(t for t in times if type(t) is int)[-self.keep:],
+            "times": sorted(t for t in times if type(t) is int and
+                            t <= latest)[-self.keep:],
             "users": [u for u in users if isinstance(u, str)]
-            [:MAX_USERS_TRIED],
+            [-MAX_USERS_TRIED:],
             "fired": {k: v for k, v in fired.items() if k in _RULE_NAMES
-                      and type(v) is int}}
+                      and type(v) is int and v <= latest}}
         for field in ("invalid", "sources"):
             seen = saved.get(field)
             if isinstance(seen, list):
                 restored[field] = [
                     item for item in seen if isinstance(item, list) and
                     len(item) == 2 and isinstance(item[0], str) and
-                    type(item[1]) is int][-self.keep_distinct:]
+                    type(item[1]) is int and item[1] <= latest
+                ][-self.keep_distinct:]
         return restored
 
 
@@ -1608,10 +1691,13 @@ class Baseline:
                 "networks": self.networks.to_state(),
                 "sudo_users": self.sudo_users.to_state()}
 
-    def load_state(self, saved):
+    def load_state(self, saved, now_us):
+        """Restore from to_state(); a start dated after `now_us` (wall
+        clock) would keep it learning for ever, so it is dropped too."""
         saved = saved if isinstance(saved, dict) else {}
         started = saved.get("started_us")
-        self.started_us = started if type(started) is int else None
+        self.started_us = started if type(started) is int and \
+            started <= now_us + _FUTURE_SLACK_US else None
         self.networks.load_state(saved.get("networks"), lambda networks: [
             n for n in networks if isinstance(n, str)][
                 -MAX_NETWORKS_PER_USER:] if isinstance(networks, list)
@@ -2108,13 +2194,21 @@ class Pipeline:
         if event is None:
             return 0
         event = privileged_severity(self.sessions.observe(event))
-        events = [event] + self.detector.observe(event) + \
-            self.baseline.observe(event)
-        for each in events:
-            self._each_sink(lambda sink, sent=each: sink.send(sent), [
-                sink for sink in self.sinks if each.action in sink.events])
-        self.events += len(events)
-        return len(events)
+        self._send(event)
+        try:
+            found = self.detector.observe(event) + \
+                self.baseline.observe(event)
+        except Exception as error:  # a detector bug must not stop reading
+            say("error", "detection failed on %s: %r" % (event.action, error))
+            found = []
+        for detection in found:
+            self._send(detection)
+        return 1 + len(found)
+
+    def _send(self, event):
+        self.events += 1
+        self._each_sink(lambda sink: sink.send(event), [
+            sink for sink in self.sinks if event.action in sink.events])
 
     def flush(self):
         """Push out what the sinks hold (after each batch)."""
@@ -2139,6 +2233,7 @@ class Agent:
         self.store = StateStore(config.state_dir)
         self.detection_store = StateStore(config.state_dir, "detection.json")
         self.last_detection_save = 0.0
+        self.events_at_detection_save = 0
         self.pipeline = Pipeline(sinks, config.detection)
         self.source = JournalSource(config.journalctl, config.first_start)
         self.stopping = False
@@ -2155,8 +2250,13 @@ class Agent:
             say("warning", "resuming from a minute before it was written")
             state = {"since_us": int((self.store.damaged_at - 60) * 1e6)}
         detection = self.detection_store.load()
-        self.pipeline.detector.load_state(detection.get("counters"))
-        self.pipeline.baseline.load_state(detection.get("baseline"))
+        if detection and detection.get("version") != 1:
+            say("warning", "ignoring %s of another version"
+                % self.detection_store.path)
+            detection = {}
+        now_us = int(time.time() * 1e6)
+        self.pipeline.detector.load_state(detection.get("counters"), now_us)
+        self.pipeline.baseline.load_state(detection.get("baseline"), now_us)
         cursor = state.get("cursor")
         if cursor is not None and not valid_cursor(cursor):
             say("warning", "ignoring a malformed saved cursor")
@@ -2182,10 +2282,14 @@ class Agent:
             self.last_save = now
 
     def save_detection(self, now):
+        """Save counters and baseline if any event came since last time."""
+        self.last_detection_save = now
+        if self.pipeline.events == self.events_at_detection_save:
+            return
         self.detection_store.save({
             "version": 1, "counters": self.pipeline.detector.to_state(),
             "baseline": self.pipeline.baseline.to_state()})
-        self.last_detection_save = now
+        self.events_at_detection_save = self.pipeline.events
 
     def follow_lines(self, lines, now):
         produced = 0

@@ -100,9 +100,13 @@ def test_detection_thresholds_are_read_and_checked():
     assert problems_of("[detection]\nbrute_force_fast = 5 per hour\n"
                        "success_after_failures = 0 in 1h\n") == [
         "/etc/p.conf:2: [detection] brute_force_fast: expected 'N in "
-        "DURATION' (such as 5 in 10m) or off, got '5 per hour'",
+        "DURATION' (N from 1 to 1000, such as 5 in 10m) or off, got "
+        "'5 per hour'",
         "/etc/p.conf:3: [detection] success_after_failures: expected 'N in "
-        "DURATION' (such as 5 in 10m) or off, got '0 in 1h'"]
+        "DURATION' (N from 1 to 1000, such as 5 in 10m) or off, got "
+        "'0 in 1h'"]
+    assert len(problems_of("[detection]\nuser_enumeration = 5 in 0s\n"
+                           "distributed_attack = 1001 in 1h\n")) == 2
 
 
 def test_percent_signs_are_not_interpolated():

@@ -155,8 +155,9 @@ def test_thresholds_are_configurable_and_can_be_off():
     found = feed(detector(brute_force_fast="2 in 1m", brute_force_slow="off",
                           success_after_failures="off"),
                  [failure(0), failure(0.5), success(0.7)])
-    assert [(e.action, e.attempts, e.window_s) for e in found] == [
-        ("brute_force_detected", 2, 60), ("brute_force_detected", 2, 60)]
+    # One attack, one alert: the source and the account crossed together.
+    assert [(e.action, e.counted_by, e.attempts, e.window_s)
+            for e in found] == [("brute_force_detected", "source", 2, 60)]
 
 
 def test_a_restart_in_the_middle_of_a_window_keeps_counting():
@@ -164,7 +165,7 @@ def test_a_restart_in_the_middle_of_a_window_keeps_counting():
     assert feed(before, [failure(m, user="u%d" % m) for m in range(3)]) == []
     saved = json.loads(json.dumps(before.to_state()))
     after = detector()
-    after.load_state(saved)
+    after.load_state(saved, now_us=5 * MINUTE)
     (fired,) = by(feed(after, [failure(m, user="u%d" % m)
                                for m in (3, 4)]), "source")
     assert fired.attempts == 5
@@ -173,23 +174,29 @@ def test_a_restart_in_the_middle_of_a_window_keeps_counting():
 
 def test_foreign_or_corrupt_state_is_skipped():
     found = detector()
-    found.load_state([["source 1.2.3.4", {"times": "x"}], "junk",
-                      ["source 5.6.7.8", {"times": [1, "2", None],
-                                          "users": [1, "a"],
-                                          "fired": {"fast": "x"}}], 7])
+    found.load_state({"repeated": [
+        ["source 1.2.3.4", {"times": "x"}], "junk",
+        ["source 5.6.7.8", {"times": [1, "2", None, 10 ** 30],
+                            "users": [1, "a"],
+                            "fired": {"fast": "x", "slow": 10 ** 30}}], 7],
+        "once": "junk"}, now_us=MINUTE)
     assert dict(found.counters) == {"source 5.6.7.8": {
         "times": [1], "users": ["a"], "fired": {}}}
-    found.load_state({"not": "a list"})
-    assert len(found.counters) == 0
+    found.load_state([["not", "a dict"]], now_us=MINUTE)
+    assert len(found.counters) == 0 and len(found.probation) == 0
 
 
-def test_counters_are_bounded():
+def test_counters_are_bounded_and_a_flood_cannot_evict_repeat_offenders():
     found = pamsignal.FailureDetector(
         pamsignal.default_config().detection, limit=100)
-    feed(found, [failure(0, ip="10.0.%d.%d" % (n // 250, n % 250),
-                         user=None) for n in range(1000)])
-    assert len(found.counters) == 100
-    assert "source 10.0.3.249" in found.counters
+    feed(found, [failure(m * 0.01) for m in range(4)])  # root, 4 guesses
+    feed(found, [failure(1 + n * 0.001, ip="10.0.%d.%d" % (n // 250,
+                                                          n % 250),
+                         user="n%d" % n) for n in range(1000)])
+    assert len(found.probation) == 100 and len(found.counters) == 2
+    assert "source 10.0.3.249" in found.probation
+    (fired,) = by(feed(found, [failure(2)]), "source")
+    assert fired.attempts == 5, "the flood did not wipe the 4 guesses"
 
 
 def test_scan_finds_the_attack_in_an_old_export(tmp_path):
@@ -207,7 +214,7 @@ def test_scan_finds_the_attack_in_an_old_export(tmp_path):
     assert pamsignal.main(["scan", "--json", str(export)], stdout=out) == 0
     actions = [json.loads(line)["event"]["action"]
                for line in out.getvalue().splitlines()]
-    assert actions.count("brute_force_detected") == 2  # source and account
+    assert actions.count("brute_force_detected") == 1  # one attack
     assert actions[-2:] == ["login_success", "success_after_failures"]
 
 
@@ -255,9 +262,11 @@ def test_enumeration_and_sources_survive_a_restart():
     feed(before, [failure(m, user="n%d" % m, reason="invalid_user",
                           ip="203.0.113.9") for m in range(6)])
     after = detector()
-    after.load_state(json.loads(json.dumps(before.to_state())) + [
+    saved = json.loads(json.dumps(before.to_state()))
+    saved["repeated"].append(
         ["source 9.9.9.9", {"times": [], "users": [], "fired": {},
-                            "invalid": [["x", "late"], "junk"]}]])
+                            "invalid": [["x", "late"], "junk"]}])
+    after.load_state(saved, now_us=6 * MINUTE)
     assert after.counters["source 9.9.9.9"]["invalid"] == []
     found = feed(after, [failure(6 + m, user="m%d" % m, reason="invalid_user",
                                  ip="203.0.113.9") for m in range(4)])
@@ -324,13 +333,15 @@ def test_baseline_survives_a_restart_and_skips_damage():
     after = pamsignal.Baseline(learning_period_s=0)
     saved = json.loads(json.dumps(before.to_state()))
     saved["networks"].append(["bob", "not a list"])
-    after.load_state(saved)
+    after.load_state(saved, now_us=MINUTE)
     assert after.started_us == 0
     assert feed(after, [success(2, ip="203.0.113.9", user="alice"),
                         sudo(3, user="alice")]) == []
     assert "bob" not in after.networks
-    after.load_state("junk")
+    after.load_state("junk", now_us=MINUTE)
     assert after.started_us is None and len(after.networks) == 0
+    after.load_state({"started_us": 10 ** 18}, now_us=MINUTE)
+    assert after.started_us is None, "a start far ahead: learning for ever"
 
 
 def test_baseline_is_bounded():
@@ -354,3 +365,46 @@ def test_root_access_weighs_more():
     assert severity(su_root) == 6
     assert severity(sudo(0, target="root")) == 5
     assert severity(sudo(0, target="www-data")) == 4
+
+
+def test_a_clock_set_back_does_not_inflate_the_count():
+    found = feed(detector(), [failure(60 + m * 0.1, user="u%d" % m)
+                              for m in range(4)] + [failure(1, user="x")])
+    assert by(found, "source") == []
+
+
+def test_times_from_a_clock_far_ahead_are_dropped():
+    ahead = 30 * DAY / MINUTE
+    events = [failure(ahead + m, user="u%d" % m) for m in range(20)]
+    events += [failure(m * 0.1, user="v%d" % m) for m in range(5)]
+    found = feed(detector(brute_force_slow="off"), events)
+    assert [e.timestamp_us for e in by(found, "source")] == [
+        int((ahead + 4) * MINUTE), int((ahead + 14) * MINUTE),
+        int(0.4 * MINUTE)]
+
+
+def test_invalid_user_announcements_are_names_not_guesses():
+    events = []
+    for n in range(5):
+        events.append(failure(n, user="bot%d" % n, reason="invalid_user"))
+        events.append(failure(n + 0.5, user="bot%d" % n,
+                              reason="invalid_user", auth_method="password"))
+    found = feed(detector(), events)
+    (fired,) = by(found, "source")
+    assert fired.attempts == 5 and fired.timestamp_us == 4.5 * MINUTE
+
+
+def test_sudo_refusals_are_not_guesses():
+    events = [failure(m, ip=None, user="alice", service="sudo",
+                      reason="password_required") for m in range(6)]
+    events.append(pamsignal.Event(
+        action="login_success", service="sshd", user="alice",
+        source_ip="192.0.2.1", timestamp_us=7 * MINUTE))
+    assert feed(detector(), events) == []
+
+
+def test_a_distributed_attack_counts_an_ipv6_64_as_one_source():
+    found = feed(detector(brute_force_fast="off", brute_force_slow="off"), [
+        failure(m, ip="2001:db8:7:7::%x" % m, user="alice")
+        for m in range(12)])
+    assert [e for e in found if e.reason == "distributed_attack"] == []
