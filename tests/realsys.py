@@ -474,59 +474,35 @@ def _cmd_list(cmd):
     return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
 
 
+def _ssh(user, options, cmd, host, port, timeout, prefix=(), env=None):
+    """One ssh login to the test sshd with the given -o options."""
+    argv = list(prefix) + ["ssh"] + _SSH_COMMON
+    for option in options:
+        argv += ["-o", option]
+    argv += ["-p", str(port or SSH_PORT), "-l", user, host, cmd]
+    return _run(argv, env=env, stdin=subprocess.DEVNULL, timeout=timeout)
+
+
 def ssh_password(
     user, password, cmd="true", host="127.0.0.1", port=None, timeout=60
 ):
     """One password login (exactly one password attempt); CompletedProcess."""
-    env = dict(os.environ, SSHPASS=password)
-    argv = (
-        ["sshpass", "-e", "ssh"]
-        + _SSH_COMMON
-        + [
-            "-o",
-            "PreferredAuthentications=password",
-            "-o",
-            "PubkeyAuthentication=no",
-            "-o",
-            "NumberOfPasswordPrompts=1",
-            "-p",
-            str(port or SSH_PORT),
-            "-l",
-            user,
-            host,
-            cmd,
-        ]
-    )
-    return _run(argv, env=env, stdin=subprocess.DEVNULL, timeout=timeout)
+    return _ssh(user, ["PreferredAuthentications=password",
+                       "PubkeyAuthentication=no",
+                       "NumberOfPasswordPrompts=1"], cmd, host, port, timeout,
+                prefix=["sshpass", "-e"],
+                env=dict(os.environ, SSHPASS=password))
 
 
 def ssh_key(
     user, key_path, cmd="true", host="127.0.0.1", port=None, timeout=60
 ):
     """One public-key login with the given private key; CompletedProcess."""
-    argv = (
-        ["ssh"]
-        + _SSH_COMMON
-        + [
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "PreferredAuthentications=publickey",
-            "-o",
-            "PasswordAuthentication=no",
-            "-i",
-            key_path,
-            "-p",
-            str(port or SSH_PORT),
-            "-l",
-            user,
-            host,
-            cmd,
-        ]
-    )
-    return _run(argv, stdin=subprocess.DEVNULL, timeout=timeout)
+    return _ssh(user, ["BatchMode=yes", "IdentitiesOnly=yes",
+                       "PreferredAuthentications=publickey",
+                       "PasswordAuthentication=no",
+                       "IdentityFile=%s" % key_path], cmd, host, port,
+                timeout)
 
 
 def sudo_as(user, password, cmd, timeout=60):
