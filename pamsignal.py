@@ -1129,13 +1129,19 @@ def writer_is_genuine(entry, service):
     name itself "sudo" (prctl) and exit, so a non-root writer (the caller
     of setuid sudo or su) must show the real executable.
     """
-    if journal_text(entry.get("_TRANSPORT")) not in TRUSTED_TRANSPORTS:
+    return _writer_verdict(journal_text(entry.get("_TRANSPORT")),
+                           journal_text(entry.get("_UID")),
+                           journal_text(entry.get("_EXE")),
+                           journal_text(entry.get("_COMM")), service)
+
+
+@functools.lru_cache(maxsize=1024)
+def _writer_verdict(transport, uid, exe, comm, service):
+    """writer_is_genuine on the fields themselves (writers repeat)."""
+    if transport not in TRUSTED_TRANSPORTS:
         return False
-    uid = journal_text(entry.get("_UID"))
     if uid is None or (uid != "0" and not service.setuid):
         return False
-    exe = journal_text(entry.get("_EXE"))
-    comm = journal_text(entry.get("_COMM"))
     if exe is not None:
         if exe.endswith(_DELETED):  # the binary was upgraded while running
             exe = exe[:-len(_DELETED)]
@@ -1174,13 +1180,17 @@ def parse_entry(entry):
     timestamp_us = _entry_timestamp(entry)
     if not message or timestamp_us is None:
         return None
-    genuine = writer_is_genuine(entry, service)
-    # A forger's text only needs reading far enough to see what it claims.
-    message = message[:MAX_MESSAGE_CHARS if genuine else
-                      MAX_UNTRUSTED_MESSAGE_CHARS]
+    genuine = None
+    if len(message) > MAX_UNTRUSTED_MESSAGE_CHARS:
+        # A forger's text only needs reading far enough to see its claim.
+        genuine = writer_is_genuine(entry, service)
+        message = message[:MAX_MESSAGE_CHARS if genuine else
+                          MAX_UNTRUSTED_MESSAGE_CHARS]
     rule, fields = classify_message(service.family, message)
     if fields is None:
         return None
+    if genuine is None:
+        genuine = writer_is_genuine(entry, service)
     common = {"timestamp_us": timestamp_us,
               "hostname": journal_text(entry.get("_HOSTNAME")),
               "pid": parse_int(journal_text(entry.get("_PID"))),
