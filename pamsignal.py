@@ -1400,6 +1400,12 @@ def _in_window(at, now, window_us):
     return now - window_us < at <= now
 
 
+def _times_between(times, since, now):
+    """The sorted times t with since < t <= now."""
+    return times[bisect.bisect_right(times, since):
+                 bisect.bisect_right(times, now)]
+
+
 class FailureDetector:
     """Brute force and success after failures, from the events' own times.
 
@@ -1464,8 +1470,8 @@ class FailureDetector:
         found = []
         for name, threshold in self.windows if guess else ():
             found += self._fire_once(event, name, threshold, [
-                (kind, value, record, self._recent_count(record, now,
-                                                         threshold))
+                (kind, value, record, _times_between(
+                    record["times"], now - threshold.window_s * 1000000, now))
                 for kind, value, record in touched
                 if len(record["times"]) >= threshold.attempts],
                 "repeated_failures")
@@ -1513,13 +1519,6 @@ class FailureDetector:
             bisect.insort(times, now)  # sorted, even if entries arrive late
         record["times"] = times[-self.keep:]
 
-    @staticmethod
-    def _recent_count(record, now, threshold):
-        """The guesses within the window, as a list (its length counts)."""
-        times = record["times"]
-        start = bisect.bisect_right(times, now - threshold.window_s * 1000000)
-        return times[start:bisect.bisect_right(times, now)]
-
     def _remember(self, record, field, value, now, threshold):
         """Note `value` as seen now in the record's distinct list; the
         values seen within the threshold's window."""
@@ -1566,9 +1565,7 @@ class FailureDetector:
             last = record["fired"].get("success")
             since = last if last is not None and _in_window(
                 last, now, window_us) else now - window_us
-            times = record["times"]
-            failures = bisect.bisect_right(times, now) - \
-                bisect.bisect_right(times, since)
+            failures = len(_times_between(record["times"], since, now))
             if failures >= self.success.attempts and (
                     worst is None or failures > worst[0]):
                 worst = (failures, kind, value)

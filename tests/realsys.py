@@ -320,18 +320,9 @@ def ensure_sshd(timeout=20):
             lines.append("HostKey " + key)
     lines += [
         "PidFile " + pidfile,
-        "UsePAM yes",
-        "PasswordAuthentication yes",
-        "KbdInteractiveAuthentication no",
-        "PubkeyAuthentication yes",
         "AuthorizedKeysFile .ssh/authorized_keys",
-        "PermitRootLogin no",
-        "SyslogFacility AUTH",
-        "LogLevel INFO",
-        "UseDNS no",
-        "PrintMotd no",
-        "MaxStartups 100:30:200",
         "MaxAuthTries 6",
+    ] + _SSHD_TEST_OPTIONS + [
         "Subsystem sftp /usr/lib/openssh/sftp-server",
     ]
     cfg = sshd_config_path()
@@ -467,6 +458,22 @@ _SSH_COMMON = [
     "ConnectTimeout=10",
     "-o",
     "IdentityAgent=none",
+]
+
+
+#: sshd_config lines every test sshd (host and Debian 13 tree) shares:
+#: PAM and passwords on, INFO logging to AUTH, no DNS, room for bursts.
+_SSHD_TEST_OPTIONS = [
+    "UsePAM yes",
+    "PasswordAuthentication yes",
+    "KbdInteractiveAuthentication no",
+    "PubkeyAuthentication yes",
+    "PermitRootLogin no",
+    "SyslogFacility AUTH",
+    "LogLevel INFO",
+    "UseDNS no",
+    "PrintMotd no",
+    "MaxStartups 100:30:200",
 ]
 
 
@@ -923,19 +930,7 @@ class ChrootSshd(object):
             key = "etc/ssh/ssh_host_%s_key" % t
             if os.path.exists(os.path.join(self.tree, key)):
                 lines.append("HostKey /" + key)
-        lines += [
-            "PidFile none",
-            "UsePAM yes",
-            "PasswordAuthentication yes",
-            "KbdInteractiveAuthentication no",
-            "PubkeyAuthentication yes",
-            "PermitRootLogin no",
-            "SyslogFacility AUTH",
-            "LogLevel INFO",
-            "UseDNS no",
-            "PrintMotd no",
-            "MaxStartups 100:30:200",
-        ]
+        lines += ["PidFile none"] + _SSHD_TEST_OPTIONS
         with open(os.path.join(self.rundir, "sshd_config"), "w") as f:
             f.write("\n".join(lines) + "\n")
         p = chroot_run(self.tree, ["/usr/sbin/sshd", "-t", "-f", cfg])
