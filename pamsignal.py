@@ -41,11 +41,13 @@ import configparser  # noqa: E402
 import difflib  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
+import mmap  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import select  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
+import struct  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
@@ -391,8 +393,8 @@ def event_to_ecs(event):
 # ---------------------------------------------------------------------------
 
 Config = collections.namedtuple(
-    "Config", "path state_dir log_dir first_start journalctl channels "
-    "detection")
+    "Config", "path state_dir log_dir first_start journalctl host_provider "
+    "channels detection geoip")
 Config.__doc__ = "The validated configuration; `channels` is a tuple."
 
 ChannelConfig = collections.namedtuple("ChannelConfig",
@@ -404,6 +406,10 @@ Threshold = collections.namedtuple("Threshold", "attempts window_s")
 DetectionConfig = collections.namedtuple(
     "DetectionConfig", "brute_force_fast brute_force_slow user_enumeration "
     "distributed_attack success_after_failures learning_period")
+
+#: The MaxMind DB files of [geoip]; None where a field is off.
+GeoipConfig = collections.namedtuple("GeoipConfig",
+                                     "asn_db country_db city_db")
 
 ConfigProblem = collections.namedtuple("ConfigProblem",
                                        "path line section key message")
@@ -425,6 +431,23 @@ def _absolute_path(value):
     if not value.startswith("/") or "\0" in value:
         raise ValueError("expected an absolute path, got %r" % value)
     return os.path.normpath(value)
+
+
+def _optional_path(value):
+    return _absolute_path(value) if value else None
+
+
+_PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._&/()-]{0,63}\Z")
+
+
+def _host_provider(value):
+    """auto (from DMI), none, or the provider's name as it should show."""
+    if value.lower() in ("auto", "none"):
+        return value.lower()
+    if not _PROVIDER_NAME.match(value):
+        raise ValueError("expected auto, none or a provider name (letters, "
+                         "digits, spaces, ._&/()-), got %r" % value)
+    return value
 
 
 def _program_path(value):
@@ -499,6 +522,14 @@ GLOBAL_OPTIONS = collections.OrderedDict((
     ("log_dir", (_absolute_path, "/var/log/pamsignal")),
     ("first_start", (_first_start, "now")),
     ("journalctl", (_program_path, "journalctl")),
+    ("host_provider", (_host_provider, "auto")),
+))
+
+#: [geoip] keys: key -> (validator, default); empty means off.
+GEOIP_OPTIONS = collections.OrderedDict((
+    ("asn_db", (_optional_path, "")),
+    ("country_db", (_optional_path, "")),
+    ("city_db", (_optional_path, "")),
 ))
 
 #: [detection] keys: key -> (validator, default).
@@ -586,10 +617,11 @@ def parse_config(text, path="<config>"):
     settings = _plain_section(parser, "pamsignal", GLOBAL_OPTIONS, problem)
     detection = _plain_section(parser, "detection", DETECTION_OPTIONS,
                                problem)
+    geoip = _plain_section(parser, "geoip", GEOIP_OPTIONS, problem)
     channels = []
     for section in parser.sections():
         values = parser[section]
-        if section in ("pamsignal", "detection"):
+        if section in ("pamsignal", "detection", "geoip"):
             continue
         if section.startswith("channel:") and section[8:].strip():
             channel = _parse_channel(section, values, problem)
@@ -597,11 +629,12 @@ def parse_config(text, path="<config>"):
                 channels.append(channel)
         else:
             problem(section, None, "unknown section; expected [pamsignal], "
-                    "[detection] or [channel:NAME]")
+                    "[detection], [geoip] or [channel:NAME]")
     if problems:
         raise ConfigError(problems)
     return Config(path=path, channels=tuple(channels),
-                  detection=DetectionConfig(**detection), **settings)
+                  detection=DetectionConfig(**detection),
+                  geoip=GeoipConfig(**geoip), **settings)
 
 
 def _plain_section(parser, section, options, problem):
@@ -1224,6 +1257,542 @@ def decode_line(line):
     except (ValueError, RecursionError):  # RecursionError: [[[[...]]]]
         return None
     return entry if isinstance(entry, dict) else None
+
+
+# ---------------------------------------------------------------------------
+# 8 enrichment
+# ---------------------------------------------------------------------------
+#
+# Context for an event: who holds its source address (MaxMind DB files:
+# ASN, country, city), which local address a session came in through
+# (/proc/net/tcp*), and which provider runs this server (DMI). Every byte
+# of a database is hostile: the reader bounds every read, nesting and size
+# and says DatabaseError rather than crash, hang or fill the memory.
+
+
+class DatabaseError(PamSignalError):
+    """A MaxMind DB file is unreadable, corrupt or hostile."""
+
+
+#: What precedes the metadata map of every MaxMind DB file.
+MMDB_MARKER = b"\xab\xcd\xefMaxMind.com"
+
+#: The metadata and its marker lie within this many bytes of the end.
+MMDB_METADATA_MAX = 128 * 1024
+
+#: Deepest nesting of maps and arrays accepted (libmaxminddb's limit).
+MMDB_MAX_DEPTH = 512
+
+#: Most values one record may decode to, pointers followed: bounds the
+#: work a file of pointers to shared maps could ask for.
+MMDB_MAX_VALUES = 65536
+
+#: Most bytes of text and bytes one record may decode to.
+MMDB_MAX_RECORD_BYTES = 2 * 1024 * 1024
+
+#: Answers remembered per database, by address.
+MMDB_CACHE_SIZE = 4096
+
+#: Decoded texts remembered per database, by offset (map keys are shared).
+MMDB_TEXT_CACHE_SIZE = 8192
+
+_MMDB_TYPE_NAMES = {1: "pointer", 2: "utf8_string", 3: "double",
+                    4: "bytes", 5: "uint16", 6: "uint32", 7: "map",
+                    8: "int32", 9: "uint64", 10: "uint128", 11: "array",
+                    12: "data cache container", 13: "end marker",
+                    14: "boolean", 15: "float"}
+
+#: Largest payload of each integer type, in bytes.
+_MMDB_INT_BYTES = {5: 2, 6: 4, 8: 4, 9: 8, 10: 16}
+
+_DOUBLE = struct.Struct(">d")
+_FLOAT = struct.Struct(">f")
+
+
+class _Decoder:
+    """Decodes data fields of one section of a MaxMind DB buffer: `base`
+    is where its pointers count from, `end` where it stops."""
+
+    def __init__(self, buffer, base, end):
+        self.buffer = buffer
+        self.base = base
+        self.end = end
+        self.texts = {}
+
+    def decode(self, offset):
+        """The value at absolute `offset` (one whole record)."""
+        budget = [MMDB_MAX_VALUES, MMDB_MAX_RECORD_BYTES]
+        try:
+            return self._value(offset, 0, budget)[0]
+        except RecursionError:  # a very deep stack at the caller already
+            raise DatabaseError("data nested too deeply") from None
+
+    def _fail(self, offset, message):
+        raise DatabaseError("corrupt data at byte %d: %s" % (offset, message))
+
+    def _take(self, offset, size, what):
+        if size > self.end - offset:
+            self._fail(offset, "%s of %d bytes runs past the end of the "
+                       "section" % (what, size))
+        return self.buffer[offset:offset + size]
+
+    def _value(self, offset, depth, budget):
+        """(value, offset after it); one Python frame per nesting level."""
+        buffer, end = self.buffer, self.end
+        if not 0 <= offset < end:
+            self._fail(offset, "offset outside the data section")
+        budget[0] -= 1
+        if budget[0] < 0:
+            self._fail(offset, "more than %d values in one record"
+                       % MMDB_MAX_VALUES)
+        control = buffer[offset]
+        resume = None
+        if control >> 5 == 1:
+            target, resume = self._pointer(control, offset)
+            if not 0 <= target < end:
+                self._fail(offset, "pointer to %d, outside the section"
+                           % (target - self.base))
+            control = buffer[target]
+            if control >> 5 == 1:
+                self._fail(offset, "pointer to a pointer")
+            cached = self.texts.get(target)
+            if cached is not None:
+                budget[1] -= len(cached)
+                if budget[1] < 0:
+                    self._fail(offset, "record larger than %d bytes"
+                               % MMDB_MAX_RECORD_BYTES)
+                return cached, resume
+            offset = target
+        start = offset
+        offset += 1
+        kind = control >> 5
+        if kind == 0:
+            if offset >= end:
+                self._fail(start, "extended type past the end")
+            kind = buffer[offset] + 7
+            offset += 1
+            if not 8 <= kind <= 15:
+                self._fail(start, "invalid extended type %d" % kind)
+        size = control & 0x1F
+        if size >= 29:
+            extra = size - 28
+            raw = self._take(offset, extra, "a size")
+            offset += extra
+            size = (29, 285, 65821)[extra - 1] + int.from_bytes(raw, "big")
+        if kind == 2:
+            budget[1] -= size
+            if budget[1] < 0:
+                self._fail(start, "record larger than %d bytes"
+                           % MMDB_MAX_RECORD_BYTES)
+            value = self._take(offset, size, "a string").decode(
+                "utf-8", "replace")
+            if resume is not None and size <= 256:
+                if len(self.texts) >= MMDB_TEXT_CACHE_SIZE:
+                    self.texts.clear()
+                self.texts[start] = value
+            offset += size
+        elif kind == 7:  # maps and arrays here: one frame a level
+            self._check_count(size, offset, depth, budget, start, 2)
+            value = {}
+            for _ in range(size):
+                key_at = offset
+                key, offset = self._value(offset, depth + 1, budget)
+                if type(key) is not str:
+                    self._fail(key_at, "map key is not a string")
+                value[key], offset = self._value(offset, depth + 1, budget)
+        elif kind == 11:
+            self._check_count(size, offset, depth, budget, start, 1)
+            value = []
+            for _ in range(size):
+                item, offset = self._value(offset, depth + 1, budget)
+                value.append(item)
+        elif kind in _MMDB_INT_BYTES:
+            if size > _MMDB_INT_BYTES[kind]:
+                self._fail(start, "%s of %d bytes"
+                           % (_MMDB_TYPE_NAMES[kind], size))
+            value = int.from_bytes(self._take(offset, size, "an integer"),
+                                   "big", signed=kind == 8 and size == 4)
+            offset += size
+        elif kind == 4:
+            budget[1] -= size
+            if budget[1] < 0:
+                self._fail(start, "record larger than %d bytes"
+                           % MMDB_MAX_RECORD_BYTES)
+            value = bytes(self._take(offset, size, "bytes"))
+            offset += size
+        elif kind == 3 or kind == 15:
+            width, layout = (8, _DOUBLE) if kind == 3 else (4, _FLOAT)
+            if size != width:
+                self._fail(start, "%s of %d bytes (must be %d)"
+                           % (_MMDB_TYPE_NAMES[kind], size, width))
+            value = layout.unpack(self._take(offset, size, "a number"))[0]
+            offset += size
+        elif kind == 14:
+            if size > 1:
+                self._fail(start, "boolean of value %d" % size)
+            value = size == 1
+        else:  # 12, 13: never a value
+            self._fail(start, "unexpected %s" % _MMDB_TYPE_NAMES[kind])
+        return value, offset if resume is None else resume
+
+    def _pointer(self, control, offset):
+        """(absolute target, offset after the pointer)."""
+        length = ((control >> 3) & 3) + 1
+        raw = self._take(offset + 1, length, "a pointer")
+        if length == 4:
+            target = int.from_bytes(raw, "big")
+        else:
+            target = ((control & 7) << (8 * length)) + int.from_bytes(
+                raw, "big") + (0, 2048, 526336)[length - 1]
+        return self.base + target, offset + 1 + length
+
+    def _check_count(self, count, offset, depth, budget, start, per_item):
+        if depth >= MMDB_MAX_DEPTH:
+            self._fail(start, "maps and arrays nested deeper than %d"
+                       % MMDB_MAX_DEPTH)
+        if count > budget[0]:
+            self._fail(start, "more than %d values in one record"
+                       % MMDB_MAX_VALUES)
+        if count * per_item > self.end - offset:
+            self._fail(start, "%d items cannot fit" % count)
+
+
+def _metadata_problem(metadata):
+    """What is wrong with a decoded metadata map, or None."""
+    if not isinstance(metadata, dict):
+        return "the metadata is not a map"
+    for key in ("node_count", "record_size", "ip_version",
+                "binary_format_major_version"):
+        if type(metadata.get(key)) is not int:
+            return "the metadata lacks %s" % key
+    if metadata["node_count"] < 0:
+        return "a negative node count"
+    if metadata["binary_format_major_version"] != 2:
+        return "binary format version %d, not 2" % metadata[
+            "binary_format_major_version"]
+    if metadata["record_size"] not in (24, 28, 32):
+        return "record size %d (must be 24, 28 or 32)" % metadata[
+            "record_size"]
+    if metadata["ip_version"] not in (4, 6):
+        return "IP version %d (must be 4 or 6)" % metadata["ip_version"]
+    return None
+
+
+class MMDBReader:
+    """A MaxMind DB (format 2) in a buffer: bytes, or a file mapped with
+    `MMDBReader.open(path)`. `lookup(address)` gives the record of the
+    network holding the address, or None; answers are cached per address
+    (records are shared: do not modify them)."""
+
+    def __init__(self, buffer, name="<buffer>"):
+        self.name = name
+        self.buffer = buffer
+        self._closers = ()
+        size = len(buffer)
+        marker = buffer.rfind(MMDB_MARKER, max(0, size - MMDB_METADATA_MAX))
+        if marker < 0:
+            raise DatabaseError("%s: not a MaxMind DB file (no metadata "
+                                "marker)" % name)
+        meta_start = marker + len(MMDB_MARKER)
+        try:
+            metadata = _Decoder(buffer, meta_start, size).decode(meta_start)
+        except DatabaseError as error:
+            raise DatabaseError("%s: unreadable metadata: %s"
+                                % (name, error)) from None
+        problem = _metadata_problem(metadata)
+        if problem:
+            raise DatabaseError("%s: %s" % (name, problem))
+        self.metadata = metadata
+        self.node_count = metadata["node_count"]
+        self.record_size = metadata["record_size"]
+        self.ip_version = metadata["ip_version"]
+        self.node_bytes = self.record_size // 4
+        tree_size = self.node_count * self.node_bytes
+        if tree_size + 16 > marker:
+            raise DatabaseError("%s: the search tree of %d nodes does not fit"
+                                " in the file" % (name, self.node_count))
+        if buffer[tree_size:tree_size + 16] != bytes(16):
+            raise DatabaseError("%s: no data section separator after the "
+                                "search tree" % name)
+        self.data_start = tree_size + 16
+        self.data_end = marker
+        self.decoder = _Decoder(buffer, self.data_start, marker)
+        self.cache = collections.OrderedDict()
+        self.ipv4_start = 0
+        if self.ip_version == 6:
+            node = 0
+            for _ in range(96):
+                if node >= self.node_count:
+                    break
+                node = self._record(node, 0)
+            self.ipv4_start = node
+
+    @classmethod
+    def open(cls, path):
+        """Map the file at `path` (read-only) and read it."""
+        try:
+            with open(path, "rb") as handle:
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as error:  # ValueError: an empty file
+            raise DatabaseError("cannot read %s: %s" % (
+                path, getattr(error, "strerror", None) or error)) from None
+        try:
+            reader = cls(mapped, path)
+        except DatabaseError:
+            mapped.close()
+            raise
+        reader._closers = (mapped.close,)
+        return reader
+
+    def close(self):
+        for close in self._closers:
+            close()
+        self._closers = ()
+
+    def _record(self, node, bit):
+        """The left (bit 0) or right record of a node."""
+        buffer, at = self.buffer, node * self.node_bytes
+        if self.record_size == 24:
+            at += 3 * bit
+            return buffer[at] << 16 | buffer[at + 1] << 8 | buffer[at + 2]
+        if self.record_size == 28:
+            if bit:
+                return ((buffer[at + 3] & 0x0F) << 24 | buffer[at + 4] << 16
+                        | buffer[at + 5] << 8 | buffer[at + 6])
+            return ((buffer[at + 3] & 0xF0) << 20 | buffer[at] << 16
+                    | buffer[at + 1] << 8 | buffer[at + 2])
+        at += 4 * bit
+        return (buffer[at] << 24 | buffer[at + 1] << 16 | buffer[at + 2] << 8
+                | buffer[at + 3])
+
+    def lookup(self, address):
+        """The record for an address (text or packed bytes), or None."""
+        return self.lookup_prefix(address)[0]
+
+    def lookup_prefix(self, address):
+        """(record or None, prefix length of the network that answered;
+        for IPv4 in an IPv6 tree counted from the IPv4 part)."""
+        packed = address if isinstance(address, bytes) else \
+            _packed_address(address)
+        answer = self.cache.get(packed)
+        if answer is None:
+            answer = self._find(packed)
+            if len(self.cache) >= MMDB_CACHE_SIZE:
+                self.cache.popitem(last=False)
+            self.cache[packed] = answer
+        return answer
+
+    def _find(self, packed):
+        if len(packed) == 16 and self.ip_version == 4:
+            raise ValueError("an IPv6 address cannot be looked up in the "
+                             "IPv4-only %s" % self.name)
+        node_count = self.node_count
+        bits = len(packed) * 8
+        node = self.ipv4_start if bits == 32 else 0
+        number = int.from_bytes(packed, "big")
+        depth = 0
+        record = self._record
+        while depth < bits and node < node_count:
+            depth += 1
+            node = record(node, number >> (bits - depth) & 1)
+        if node == node_count:
+            return None, depth
+        if node < node_count:
+            raise DatabaseError("%s: corrupt search tree: %d address bits "
+                                "end in node %d" % (self.name, bits, node))
+        offset = node - node_count - 16 + self.data_start
+        if not self.data_start <= offset < self.data_end:
+            raise DatabaseError("%s: corrupt search tree: record %d points "
+                                "outside the data section" % (self.name, node))
+        try:
+            return self.decoder.decode(offset), depth
+        except DatabaseError as error:
+            raise DatabaseError("%s: %s" % (self.name, error)) from None
+
+
+def _packed_address(text):
+    """An address as 4 or 16 bytes (IPv4-mapped IPv6 as IPv4)."""
+    try:
+        if ":" not in text:
+            return socket.inet_pton(socket.AF_INET, text)
+        packed = socket.inet_pton(socket.AF_INET6, text.split("%", 1)[0])
+    except (OSError, ValueError, TypeError):
+        raise ValueError("not an IP address: %r" % (text,)) from None
+    return packed[12:] if packed[:12] == _IPV4_MAPPED_PREFIX else packed
+
+
+#: How often a database file is checked for replacement, in seconds.
+GEOIP_RECHECK_S = 5.0
+
+
+class GeoDatabase:
+    """One configured database file. geoipupdate writes a new file and
+    renames it over the old one: a changed inode, time or size is noticed
+    within GEOIP_RECHECK_S and the new file read, without a restart. A
+    missing or broken file disables it with one warning (per change)."""
+
+    def __init__(self, path, role="database"):
+        self.path = path
+        self.role = role
+        self.reader = None
+        self.identity = None
+        self.checked_at = None
+        self.generation = 0
+
+    def current(self, now):
+        """The reader for the file as it is now (None when unusable)."""
+        if self.checked_at is None or not \
+                0 <= now - self.checked_at < GEOIP_RECHECK_S:
+            self.checked_at = now
+            self.refresh()
+        return self.reader
+
+    def refresh(self):
+        try:
+            status = os.stat(self.path)
+            identity = (status.st_dev, status.st_ino, status.st_mtime_ns,
+                        status.st_size)
+        except OSError as error:
+            identity, problem = None, error.strerror or str(error)
+        if identity == self.identity and self.checked_at is not None and \
+                self.generation:
+            return
+        self.identity = identity
+        self.generation += 1
+        old, self.reader = self.reader, None
+        if identity is not None:
+            try:
+                self.reader = MMDBReader.open(self.path)
+            except DatabaseError as error:
+                problem = str(error)
+        if old is not None:
+            old.close()
+        if self.reader is None:
+            say("warning", "%s %s unusable (%s): its fields are left out "
+                "until the file is replaced" % (self.role, self.path,
+                                                problem))
+
+    def close(self):
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+
+#: Address ranges that need no lookup: (network, prefix length, label),
+#: the more specific first.
+SPECIAL_RANGES = tuple(
+    (socket.inet_pton(socket.AF_INET6 if ":" in net else socket.AF_INET,
+                      net), length, label)
+    for net, length, label in (
+        ("0.0.0.0", 8, "unspecified"),
+        ("10.0.0.0", 8, "private"),
+        ("100.64.0.0", 10, "cgnat"),
+        ("127.0.0.0", 8, "loopback"),
+        ("169.254.0.0", 16, "link_local"),
+        ("172.16.0.0", 12, "private"),
+        ("192.0.0.0", 24, "reserved"),
+        ("192.0.2.0", 24, "documentation"),
+        ("192.88.99.0", 24, "reserved"),
+        ("192.168.0.0", 16, "private"),
+        ("198.18.0.0", 15, "benchmarking"),
+        ("198.51.100.0", 24, "documentation"),
+        ("203.0.113.0", 24, "documentation"),
+        ("224.0.0.0", 4, "multicast"),
+        ("240.0.0.0", 4, "reserved"),
+        ("::", 128, "unspecified"),
+        ("::1", 128, "loopback"),
+        ("100::", 64, "reserved"),
+        ("2001:2::", 48, "benchmarking"),
+        ("2001:db8::", 32, "documentation"),
+        ("3fff::", 20, "documentation"),
+        ("fc00::", 7, "private"),
+        ("fe80::", 10, "link_local"),
+        ("fec0::", 10, "private"),
+        ("ff00::", 8, "multicast"),
+    ))
+
+
+@functools.lru_cache(maxsize=4096)
+def address_scope(address):
+    """"public", or what kind of special range holds the address
+    (private, loopback, link_local, cgnat, documentation, ...); None for
+    something that is not an address."""
+    try:
+        packed = _packed_address(address)
+    except ValueError:
+        return None
+    for network, length, label in SPECIAL_RANGES:
+        if len(network) == len(packed) and _prefix_equal(packed, network,
+                                                         length):
+            return label
+    return "public"
+
+
+def _prefix_equal(packed, network, length):
+    whole, rest = divmod(length, 8)
+    if packed[:whole] != network[:whole]:
+        return False
+    mask = (0xFF00 >> rest) & 0xFF
+    return not rest or packed[whole] & mask == network[whole] & mask
+
+
+SourceContext = collections.namedtuple(
+    "SourceContext", "as_number as_org country city network_type provider")
+SourceContext.__doc__ = """What the databases say about a source address,
+normalised across GeoLite2/GeoIP2, DB-IP and IPinfo."""
+
+
+def _text_at(record, *path):
+    """record[path[0]][path[1]]... when it is non-empty text, else None."""
+    for key in path:
+        if not isinstance(record, dict):
+            return None
+        record = record.get(key)
+    return record if isinstance(record, str) and record else None
+
+
+def _as_number(value):
+    """An AS number from 15169, "15169" or "AS15169" (IPinfo)."""
+    if isinstance(value, str):
+        value = value[2:] if value[:2].upper() == "AS" else value
+        value = parse_int(value)
+    if type(value) is int and 0 < value < 1 << 32:
+        return value
+    return None
+
+
+_COUNTRY_CODE = re.compile(r"^[A-Z]{2}\Z")
+
+
+def context_from_records(records):
+    """SourceContext from database records (any vendor, any mix); the
+    first record that has a field gives it."""
+    found = {}
+    for record in records:
+        if not isinstance(record, dict):
+            continue
+        number = _as_number(record.get("autonomous_system_number"))
+        if number is None:
+            number = _as_number(record.get("asn"))
+        candidates = {
+            "as_number": number,
+            "as_org": _text_at(record, "autonomous_system_organization")
+            or _text_at(record, "as_name") or _text_at(record, "asn_name"),
+            "country": _text_at(record, "country", "iso_code")
+            or _text_at(record, "registered_country", "iso_code")
+            or _text_at(record, "country_code")
+            or _text_at(record, "country"),
+            "city": _text_at(record, "city", "names", "en")
+            or _text_at(record, "city")}
+        if candidates["country"] is not None:
+            candidates["country"] = candidates["country"].upper()
+            if not _COUNTRY_CODE.match(candidates["country"]):
+                candidates["country"] = None  # IPinfo's country *name*
+        for key, value in candidates.items():
+            if value is not None:
+                found.setdefault(key, value)
+    return SourceContext(found.get("as_number"), found.get("as_org"),
+                         found.get("country"), found.get("city"), None, None)
 
 
 # ---------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def test_every_problem_is_reported_with_line_and_expectation():
         "session_opened, spoofed_entry, success_after_failures, "
         "sudo_command; got 'login_success, logout'",
         "/etc/p.conf:12: [geoip2]: unknown section; expected [pamsignal], "
-        "[detection] or [channel:NAME]",
+        "[detection], [geoip] or [channel:NAME]",
     ]
 
 
@@ -80,7 +80,7 @@ def test_every_problem_is_reported_with_line_and_expectation():
     ("[pamsignal]\njust words\n", "/etc/p.conf:2: expected 'key = value', "
      "got 'just words'"),
     ("[DEFAULT]\nstate_dir = /x\n", "/etc/p.conf:1: [DEFAULT]: unknown "
-     "section; expected [pamsignal], [detection] or [channel:NAME]"),
+     "section; expected [pamsignal], [detection], [geoip] or [channel:NAME]"),
     ("[channel:x]\nformat = json\n", "/etc/p.conf:1: [channel:x] type: "
      "expected one of: console; got ''"),
 ])
@@ -202,3 +202,29 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     for command in ("run", "scan", "check-config"):
         assert command in result.stdout
+
+
+def test_geoip_databases_are_absolute_paths_or_off():
+    config = pamsignal.parse_config(
+        "[geoip]\nasn_db = /var/lib/GeoIP/../GeoIP/GeoLite2-ASN.mmdb\n"
+        "country_db =\n")
+    assert config.geoip == (
+        "/var/lib/GeoIP/GeoLite2-ASN.mmdb", None, None)
+    assert pamsignal.parse_config("").geoip == (None, None, None)
+    assert problems_of("[geoip]\ncity_db = GeoLite2-City.mmdb\n"
+                       "asn = /x\n") == [
+        "/etc/p.conf:2: [geoip] city_db: expected an absolute path, got "
+        "'GeoLite2-City.mmdb'",
+        "/etc/p.conf:3: [geoip] asn: unknown key (did you mean 'asn_db'?)"]
+
+
+def test_host_provider_is_auto_none_or_a_name():
+    assert pamsignal.parse_config("").host_provider == "auto"
+    assert pamsignal.parse_config(
+        "[pamsignal]\nhost_provider = None\n").host_provider == "none"
+    assert pamsignal.parse_config(
+        "[pamsignal]\nhost_provider = Home lab (rack 2)\n"
+    ).host_provider == "Home lab (rack 2)"
+    assert problems_of("[pamsignal]\nhost_provider = <b>x</b>\n") == [
+        "/etc/p.conf:2: [pamsignal] host_provider: expected auto, none or a "
+        "provider name (letters, digits, spaces, ._&/()-), got '<b>x</b>'"]
