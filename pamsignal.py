@@ -11,6 +11,9 @@ commands:
   scan [--json] [FILE|-]   read a `journalctl -o json` export (or stdin) and
                            print the events it holds; sends nothing
   check-config             validate the configuration; exit 78 on problems
+  lookup [--json|--raw] [--db PATH] IP...|-
+                           ASN, country and provider of addresses, from the
+                           [geoip] databases or --db
 
 examples:
   sudo python3 pamsignal.py
@@ -304,6 +307,8 @@ EVENT_FIELDS = (
     "certificate_serial", "certificate_ca", "session_id",
     "session_duration_s", "attempts", "writer_uid", "claimed_action",
     "detail", "counted_by", "network", "window_s", "users_tried", "sources",
+    "source_as_number", "source_as_org", "source_country", "source_city",
+    "source_network_type", "source_provider", "host_provider",
     "cursor", "message", "context_key")
 
 Event = collections.namedtuple("Event", EVENT_FIELDS)
@@ -339,9 +344,14 @@ _ECS_LAYOUT = (
     ("user.target.name", "target_user"),
     ("source.ip", "source_ip"), ("source.domain", "source_domain"),
     ("source.port", "source_port"),
+    ("source.as.number", "source_as_number"),
+    ("source.as.organization.name", "source_as_org"),
+    ("source.geo.country_iso_code", "source_country"),
+    ("source.geo.city_name", "source_city"),
     ("destination.ip", "destination_ip"),
     ("destination.port", "destination_port"),
-    ("host.hostname", "hostname"), ("service.name", "service"),
+    ("host.hostname", "hostname"), ("cloud.provider", "host_provider"),
+    ("service.name", "service"),
     ("process.pid", "pid"), ("process.name", "process_name"),
     ("process.executable", "process_executable"),
     ("process.command_line", "command_line"),
@@ -358,7 +368,10 @@ _ECS_LAYOUT = (
     ("pamsignal.detail", "detail"), ("pamsignal.counted_by", "counted_by"),
     ("pamsignal.network", "network"), ("pamsignal.window_s", "window_s"),
     ("pamsignal.users_tried", "users_tried"),
-    ("pamsignal.sources", "sources"), ("pamsignal.cursor", "cursor"),
+    ("pamsignal.sources", "sources"),
+    ("pamsignal.source_network_type", "source_network_type"),
+    ("pamsignal.source_provider", "source_provider"),
+    ("pamsignal.cursor", "cursor"),
 )
 
 #: The layout as (field index, parent objects, leaf name), computed once.
@@ -1795,6 +1808,329 @@ def context_from_records(records):
                          found.get("country"), found.get("city"), None, None)
 
 
+#: Well-known cloud and hosting networks: AS number -> provider.
+CLOUD_ASNS = {
+    16509: "AWS", 14618: "AWS", 8987: "AWS",
+    15169: "Google Cloud", 396982: "Google Cloud", 19527: "Google Cloud",
+    8075: "Azure", 8068: "Azure", 12076: "Azure",
+    14061: "DigitalOcean", 393406: "DigitalOcean", 200130: "DigitalOcean",
+    24940: "Hetzner", 213230: "Hetzner", 212317: "Hetzner",
+    16276: "OVH", 35540: "OVH",
+    63949: "Linode/Akamai", 20473: "Vultr",
+    31898: "Oracle Cloud", 45102: "Alibaba Cloud", 37963: "Alibaba Cloud",
+    12876: "Scaleway", 51167: "Contabo", 40021: "Contabo",
+    141995: "Contabo", 132203: "Tencent Cloud", 45090: "Tencent Cloud",
+    36351: "IBM Cloud", 13335: "Cloudflare", 60781: "Leaseweb",
+    28753: "Leaseweb", 47583: "Hostinger", 8560: "IONOS",
+    197540: "netcup", 202053: "UpCloud", 9009: "M247", 54290: "Hostwinds",
+    136907: "Huawei Cloud", 55990: "Huawei Cloud", 61317: "Hivelocity",
+}
+
+#: Organisation names of cloud and hosting networks not in CLOUD_ASNS.
+CLOUD_ORG_PATTERNS = tuple((re.compile(pattern, re.IGNORECASE), name)
+                           for pattern, name in (
+    (r"\bamazon|\baws\b", "AWS"), (r"\bgoogle", "Google Cloud"),
+    (r"microsoft|azure", "Azure"), (r"digitalocean", "DigitalOcean"),
+    (r"hetzner", "Hetzner"), (r"\bovh", "OVH"),
+    (r"linode|akamai", "Linode/Akamai"),
+    (r"vultr|choopa|the constant company", "Vultr"),
+    (r"oracle", "Oracle Cloud"), (r"alibaba|aliyun", "Alibaba Cloud"),
+    (r"scaleway|online s\.a\.s", "Scaleway"), (r"contabo", "Contabo"),
+    (r"tencent", "Tencent Cloud"), (r"leaseweb", "Leaseweb"),
+    (r"hostinger", "Hostinger"), (r"ionos", "IONOS"),
+    (r"netcup", "netcup"), (r"upcloud", "UpCloud"),
+    (r"huawei cloud", "Huawei Cloud"), (r"\bm247\b", "M247"),
+))
+
+
+def source_provider(as_number, as_organization):
+    """The cloud or hosting provider holding an AS, or None (an ISP, a
+    company, an AS nobody listed)."""
+    if as_number in CLOUD_ASNS:
+        return CLOUD_ASNS[as_number]
+    for pattern, name in CLOUD_ORG_PATTERNS if as_organization else ():
+        if pattern.search(as_organization):
+            return name
+    return None
+
+
+#: Files of /sys/class/dmi/id that name the maker of a (virtual) machine.
+DMI_FIELDS = ("sys_vendor", "product_name", "product_version", "bios_vendor",
+              "bios_version", "board_vendor", "chassis_vendor",
+              "chassis_asset_tag")
+
+#: This server's provider from its DMI data ("field=value" lines, lower
+#: case); the first match wins, generic OpenStack last.
+HOST_PROVIDER_RULES = tuple((re.compile(pattern, re.MULTILINE), name)
+                            for pattern, name in (
+    (r"^(?:sys_vendor|bios_vendor)=amazon ec2$|^(?:bios|product)_version="
+     r".*\bamazon$", "AWS"),
+    (r"^(?:sys_vendor|bios_vendor)=google$|^product_name=google compute "
+     r"engine$", "Google Cloud"),
+    (r"^chassis_asset_tag=7783-7084-3265-9085-8269-3286-77$", "Azure"),
+    (r"^sys_vendor=digitalocean$", "DigitalOcean"),
+    (r"^sys_vendor=hetzner$", "Hetzner"),
+    (r"^(?:sys|board|chassis)_vendor=ovh", "OVH"),
+    (r"^sys_vendor=(?:linode|akamai)", "Linode/Akamai"),
+    (r"^sys_vendor=vultr$", "Vultr"),
+    (r"^chassis_asset_tag=oraclecloud\.com$", "Oracle Cloud"),
+    (r"^(?:sys_vendor|product_name)=alibaba cloud", "Alibaba Cloud"),
+    (r"^(?:sys_vendor|product_name)=scaleway", "Scaleway"),
+    (r"^[a-z_]+=.*\bcontabo\b", "Contabo"),
+    (r"^sys_vendor=tencent cloud$", "Tencent Cloud"),
+    (r"^sys_vendor=upcloud$", "UpCloud"),
+    (r"^sys_vendor=exoscale$", "Exoscale"),
+    (r"^product_name=openstack (?:nova|compute)$", "OpenStack"),
+))
+
+
+def host_provider_from_dmi(values):
+    """The provider named by DMI values ({field: text}), or None."""
+    text = "\n".join("%s=%s" % (field, values[field].strip().lower())
+                     for field in DMI_FIELDS if values.get(field))
+    for pattern, name in HOST_PROVIDER_RULES:
+        if pattern.search(text):
+            return name
+    return None
+
+
+def read_dmi(root="/"):
+    """The DMI fields this machine shows (unreadable ones left out)."""
+    values = {}
+    for field in DMI_FIELDS:
+        try:
+            with open(os.path.join(root, "sys/class/dmi/id", field),
+                      encoding="utf-8", errors="replace") as handle:
+                values[field] = handle.read(256)
+        except OSError:
+            continue  # absent, or root-only (chassis serials)
+    return values
+
+
+def detect_host_provider(setting, root="/"):
+    """[pamsignal] host_provider: auto reads DMI (no network), none is
+    off, anything else is the name to show."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return host_provider_from_dmi(read_dmi(root))
+    return setting
+
+
+def _proc_address(hex_text, byteorder):
+    """An address as /proc/net/tcp* prints it: 32-bit words in host order."""
+    if len(hex_text) not in (8, 32):
+        raise ValueError(hex_text)
+    packed = b"".join(int(hex_text[at:at + 8], 16).to_bytes(4, byteorder)
+                      for at in range(0, len(hex_text), 8))
+    if packed[:12] == _IPV4_MAPPED_PREFIX:
+        packed = packed[12:]
+    family = socket.AF_INET if len(packed) == 4 else socket.AF_INET6
+    return socket.inet_ntop(family, packed)
+
+
+def parse_tcp_table(text, byteorder=sys.byteorder):
+    """/proc/net/tcp or tcp6 -> {(remote ip, port): (local ip, port)} of
+    the ESTABLISHED connections; malformed rows are skipped."""
+    found = {}
+    for line in text.splitlines()[1:]:
+        columns = line.split()
+        if len(columns) < 4 or columns[3] != "01":
+            continue
+        try:
+            local_ip, local_port = columns[1].split(":")
+            remote_ip, remote_port = columns[2].split(":")
+            found[(_proc_address(remote_ip, byteorder),
+                   int(remote_port, 16))] = (
+                _proc_address(local_ip, byteorder), int(local_port, 16))
+        except ValueError:
+            continue
+    return found
+
+
+def _read_text(path, limit=16 * 1024 * 1024):
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            return handle.read(limit)
+    except OSError:
+        return ""  # no IPv6, or hidden (ProcSubset=pid)
+
+
+def established_connections(root="/"):
+    """Every ESTABLISHED TCP connection of this network namespace."""
+    found = parse_tcp_table(_read_text(os.path.join(root, "proc/net/tcp")))
+    found.update(parse_tcp_table(_read_text(
+        os.path.join(root, "proc/net/tcp6"))))
+    return found
+
+
+#: A peer not in the last reading of /proc/net/tcp* is looked for again
+#: only when that reading is older than this (a flood stays cheap).
+CONNECTIONS_REREAD_S = 0.2
+
+
+class ConnectionTable:
+    """Finds which local address and port a TCP client is connected to."""
+
+    def __init__(self, root="/"):
+        self.root = root
+        self.peers = {}
+        self.read_at = None
+
+    def destination(self, ip, port, now):
+        """(local ip, local port) of the connection from ip:port, or None."""
+        found = self.peers.get((ip, port))
+        if found is None and (self.read_at is None or not
+                              0 <= now - self.read_at < CONNECTIONS_REREAD_S):
+            self.peers = established_connections(self.root)
+            self.read_at = now
+            found = self.peers.get((ip, port))
+        return found
+
+
+_FIB_ADDRESS = re.compile(r"^\s*\|-- (\S+)$")
+_FIB_LOCAL = re.compile(r"^\s*/32 host LOCAL$")
+
+
+def parse_fib_trie(text):
+    """The local IPv4 addresses in /proc/net/fib_trie."""
+    found, last = set(), None
+    for line in text.splitlines():
+        address = _FIB_ADDRESS.match(line)
+        if address:
+            last = address.group(1)
+        elif last and _FIB_LOCAL.match(line):
+            found.add(last)
+    return found
+
+
+def parse_if_inet6(text):
+    """The IPv6 addresses in /proc/net/if_inet6 (hex, network order)."""
+    found = set()
+    for line in text.splitlines():
+        columns = line.split()
+        if columns and len(columns[0]) == 32:
+            try:
+                found.add(socket.inet_ntop(socket.AF_INET6,
+                                           bytes.fromhex(columns[0])))
+            except ValueError:
+                continue
+    return found
+
+
+def host_addresses(root="/"):
+    """Every address of this host (IPv4 first), for alerts and status."""
+    ipv4 = parse_fib_trie(_read_text(os.path.join(root, "proc/net/fib_trie")))
+    ipv6 = parse_if_inet6(_read_text(os.path.join(root, "proc/net/if_inet6")))
+    return sorted(ipv4, key=_packed_address) + sorted(ipv6,
+                                                      key=_packed_address)
+
+
+#: Only events this recent are matched against the live connections.
+LIVE_EVENT_S = 120
+
+#: Source addresses whose context is remembered.
+SOURCE_CONTEXT_CACHE = 4096
+
+#: What an event gets from a SourceContext.
+_CONTEXT_FIELDS = (("source_as_number", "as_number"),
+                   ("source_as_org", "as_org"), ("source_country", "country"),
+                   ("source_city", "city"),
+                   ("source_network_type", "network_type"),
+                   ("source_provider", "provider"))
+
+
+class Enricher:
+    """Adds context to events: ASN, country, city and provider of the
+    source (no lookup for private and other special ranges), this
+    server's provider, and, for a live sshd login, the local address the
+    client connected to. A failing database only loses its own fields."""
+
+    def __init__(self, databases=(), host_provider=None, root="/"):
+        self.databases = tuple(databases)
+        self.host_provider = host_provider
+        self.connections = ConnectionTable(root)
+        self.contexts = collections.OrderedDict()
+        self.generations = None
+        self.complained = set()
+
+    @classmethod
+    def from_config(cls, config, live, root="/"):
+        """Databases from [geoip]; the host provider only when `live`
+        (an export may come from another server)."""
+        roles = zip(("asn_db", "country_db", "city_db"), config.geoip)
+        return cls([GeoDatabase(path, role) for role, path in roles if path],
+                   detect_host_provider(config.host_provider, root)
+                   if live else None, root)
+
+    def close(self):
+        for database in self.databases:
+            database.close()
+
+    def enrich(self, event, now_s=None):
+        """The event with context added. `now_s` (wall clock) is given for
+        live events only: without it nothing of this moment is added."""
+        changes = {}
+        if event.source_ip:
+            context = self.source_context(event.source_ip, now_s or 0.0)
+            for field, part in _CONTEXT_FIELDS:
+                if getattr(context, part) is not None:
+                    changes[field] = getattr(context, part)
+        live = now_s is not None and \
+            event.timestamp_us >= (now_s - LIVE_EVENT_S) * 1e6
+        if live and self.host_provider:
+            changes["host_provider"] = self.host_provider
+        if live and event.service == "sshd" and event.source_ip and \
+                event.source_port and event.destination_ip is None and \
+                event.action in ("login_success", "login_failure"):
+            found = self.connections.destination(event.source_ip,
+                                                 event.source_port, now_s)
+            if found is not None:
+                changes["destination_ip"], changes["destination_port"] = \
+                    found
+        return event._replace(**changes) if changes else event
+
+    def source_context(self, address, now):
+        """SourceContext of an address, from the cache when it can be."""
+        readers = [database.current(now) for database in self.databases]
+        generations = tuple(d.generation for d in self.databases)
+        if generations != self.generations:
+            self.generations = generations
+            self.contexts.clear()  # a database was replaced
+        context = self.contexts.get(address)
+        if context is None:
+            context = self._look_up(address, readers)
+            if len(self.contexts) >= SOURCE_CONTEXT_CACHE:
+                self.contexts.popitem(last=False)
+            self.contexts[address] = context
+        return context
+
+    def _look_up(self, address, readers):
+        scope = address_scope(address)
+        if scope != "public":
+            return SourceContext(None, None, None, None, scope, None)
+        records = []
+        for database, reader in zip(self.databases, readers):
+            if reader is None:
+                continue
+            try:
+                records.append(reader.lookup(address))
+            except ValueError:
+                continue  # IPv6 address, IPv4-only database
+            except DatabaseError as error:
+                key = (database.path, database.generation)
+                if key not in self.complained:
+                    self.complained.add(key)
+                    say("warning", "%s: %s" % (database.role, error))
+        context = context_from_records(records)
+        provider = source_provider(context.as_number, context.as_org)
+        known = context.as_number is not None or context.as_org is not None
+        return context._replace(
+            provider=provider,
+            network_type="cloud" if provider else "other" if known
+            else "public")
+
+
 # ---------------------------------------------------------------------------
 # 9 detection
 # ---------------------------------------------------------------------------
@@ -2314,6 +2650,14 @@ def render_text(event):
         ("as", event.target_user),
         ("source", _endpoint(event.source_ip, event.source_domain,
                              event.source_port)),
+        ("asn", None if event.source_as_number is None
+         else "AS%d" % event.source_as_number),
+        ("org", event.source_as_org), ("country", event.source_country),
+        ("city", event.source_city),
+        ("source_type", event.source_network_type),
+        ("provider", event.source_provider),
+        ("destination", _endpoint(event.destination_ip, None,
+                                  event.destination_port)),
         ("service", event.service), ("method", event.auth_method),
         ("reason", event.reason), ("key", event.key),
         ("tty", event.tty), ("command", event.command_line),
@@ -2327,6 +2671,7 @@ def render_text(event):
         ("sources", ",".join(event.sources or ()) or None),
         ("writer_uid", event.writer_uid), ("program", event.process_name),
         ("claimed", event.claimed_action), ("host", event.hostname),
+        ("host_provider", event.host_provider),
     ]
     if event.action == "spoofed_entry":
         pairs.append(("message", event.message))
@@ -2726,8 +3071,10 @@ class Pipeline:
     A failing sink is reported and never stops the others or the reader.
     """
 
-    def __init__(self, sinks, detection, skip_unwatched=False):
+    def __init__(self, sinks, detection, skip_unwatched=False,
+                 enricher=None):
         self.sinks = sinks
+        self.enricher = enricher
         self.sessions = SessionTracker()
         self.sudo_attempts = SudoAttempts()
         self.detector = FailureDetector(detection)
@@ -2761,15 +3108,22 @@ class Pipeline:
         self.entries += 1
         return entry
 
-    def report(self, entry):
+    def report(self, entry, now_s=None):
         """Parse one entry and send its event, then what it made the
-        detector find; returns how many events were sent."""
+        detector find; returns how many events were sent. `now_s` (wall
+        clock) is given when the entry is live (`run`, not `scan`)."""
         event = parse_entry(entry)
         if event is not None:
             event = self.sudo_attempts.observe(event)
         if event is None:
             return 0
         event = privileged_severity(self.sessions.observe(event))
+        if self.enricher is not None:
+            try:
+                event = self.enricher.enrich(event, now_s)
+            except Exception as error:  # context must not cost the event
+                say("error", "enrichment failed on %s: %r"
+                    % (event.action, error))
         self._send(event)
         try:
             found = self.detector.observe(event) + \
@@ -2810,7 +3164,8 @@ class Agent:
         self.detection_store = StateStore(config.state_dir, "detection.json")
         self.last_detection_save = 0.0
         self.events_at_detection_save = 0
-        self.pipeline = Pipeline(sinks, config.detection)
+        self.pipeline = Pipeline(sinks, config.detection,
+                                 enricher=Enricher.from_config(config, True))
         self.source = JournalSource(config.journalctl, config.first_start)
         self.stopping = False
         self.last_save = 0.0
@@ -2876,7 +3231,7 @@ class Agent:
             cursor = journal_text(entry.get("__CURSOR"))
             if cursor is not None and cursor == self.source.skip_cursor:
                 continue  # the last entry before a refused cursor, again
-            produced += self.pipeline.report(entry)
+            produced += self.pipeline.report(entry, time.time())
             if cursor is not None and valid_cursor(cursor):
                 self.source.advance(cursor, _entry_timestamp(entry))
                 self.unsaved = True
@@ -2919,6 +3274,7 @@ class Agent:
             self.source.stop()
             for sink in self.pipeline.sinks:
                 sink.close()
+            self.pipeline.enricher.close()
         say("info", "stopped after %d entries, %d events"
             % (self.pipeline.entries, self.pipeline.events))
         return EXIT_OK
@@ -2951,6 +3307,19 @@ def build_parser():
     scan.add_argument("file", nargs="?", metavar="FILE|-",
                       help="the export; - or nothing reads standard input")
     commands.add_parser("check-config", help="validate the configuration")
+    lookup = commands.add_parser(
+        "lookup", help="ASN, country and provider of addresses")
+    output = lookup.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true",
+                        help="print the event's source object per address")
+    output.add_argument("--raw", action="store_true",
+                        help="print each database's own record as JSON")
+    lookup.add_argument("--db", action="append", metavar="PATH",
+                        help="a MaxMind DB file to use instead of [geoip] "
+                        "(repeatable)")
+    lookup.add_argument("addresses", nargs="+", metavar="IP|-",
+                        help="addresses; - reads them from standard input, "
+                        "one a line")
     return parser
 
 
@@ -2970,7 +3339,8 @@ def command_scan(args, stdout):
     config = load_config(args.config)
     sink = ConsoleSink("console", options={
         "format": "json" if args.json else "text"}, stream=stdout)
-    pipeline = Pipeline([sink], config.detection, skip_unwatched=True)
+    pipeline = Pipeline([sink], config.detection, skip_unwatched=True,
+                        enricher=Enricher.from_config(config, False))
     with stream:
         for line in stream:
             entry = None if line.isspace() else pipeline.decode(line)
@@ -2995,13 +3365,121 @@ def command_check_config(args, stdout):
     return EXIT_OK
 
 
+def _lookup_addresses(arguments, stdin):
+    """The command line's addresses, with `-` standing for stdin's lines."""
+    for argument in arguments:
+        if argument != "-":
+            yield argument
+            continue
+        for line in stdin:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield line
+
+
+def _plain_json(value):
+    """A database value as JSON can hold it: bytes as lowercase hex, a
+    float that is not finite as text."""
+    if isinstance(value, dict):
+        return {key: _plain_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain_json(item) for item in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, float) and value - value != 0:
+        return repr(value)
+    return value
+
+
+def _network_text(address, prefix_length):
+    packed = _packed_address(address)
+    bits = len(packed) * 8
+    number = int.from_bytes(packed, "big") >> (bits - prefix_length) << (
+        bits - prefix_length)
+    family = socket.AF_INET if bits == 32 else socket.AF_INET6
+    return "%s/%d" % (socket.inet_ntop(family, number.to_bytes(
+        len(packed), "big")), prefix_length)
+
+
+def lookup_line(address, databases, enricher, raw, as_json):
+    """What `lookup` prints for one normalised address."""
+    if raw:
+        lines = []
+        for database in databases:
+            reader = database.current(0.0)
+            if reader is None:
+                continue
+            try:
+                record, prefix = reader.lookup_prefix(address)
+            except ValueError:
+                continue  # IPv6 address, IPv4-only database
+            lines.append(dumps_safe({
+                "ip": address, "database": database.path,
+                "network": _network_text(address, prefix),
+                "record": _plain_json(record)}))
+        return "\n".join(lines)
+    event = enricher.enrich(Event(action="login_success", timestamp_us=0,
+                                  source_ip=address))
+    if as_json:
+        ecs = event_to_ecs(event)
+        source = ecs["source"]
+        for key in ("network_type", "provider"):
+            value = ecs.get("pamsignal", {}).get("source_" + key)
+            if value is not None:
+                source[key] = value
+        return dumps_safe(source)
+    return " ".join([address] + ["%s=%s" % (name, _text_value(value))
+                                 for name, value in (
+        ("asn", None if event.source_as_number is None
+         else "AS%d" % event.source_as_number),
+        ("org", event.source_as_org), ("country", event.source_country),
+        ("city", event.source_city),
+        ("source_type", event.source_network_type),
+        ("provider", event.source_provider)) if value is not None])
+
+
+def command_lookup(args, stdout):
+    if args.db:
+        databases = [GeoDatabase(os.path.abspath(path), "database")
+                     for path in args.db]
+        for database in databases:
+            database.refresh()
+            if database.reader is None:
+                raise PamSignalError("cannot use %s" % database.path)
+    else:
+        config = load_config(args.config)
+        databases = list(Enricher.from_config(config, False).databases)
+        if not databases:
+            say("warning", "no databases: set [geoip] in %s or give --db; "
+                "only special ranges are named" % config.path)
+    enricher = Enricher(databases)
+    failed = False
+    for text in _lookup_addresses(args.addresses, sys.stdin):
+        address, _ = normalise_address(text)
+        if address is None:
+            say("error", "not an IP address: %r" % text)
+            failed = True
+            continue
+        try:
+            line = lookup_line(address, databases, enricher, args.raw,
+                               args.json)
+        except DatabaseError as error:
+            say("error", "%s: %s" % (address, error))
+            failed = True
+            continue
+        if line:
+            stdout.write(line + "\n")
+    enricher.close()
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
 def command_run(args, stdout):
     config = load_config(args.config)
     return Agent(config, build_sinks(config, args.json)).run()
 
 
 COMMANDS = {"run": command_run, "scan": command_scan,
-            "check-config": command_check_config}
+            "check-config": command_check_config, "lookup": command_lookup}
 
 
 def utf8_stdout():

@@ -139,7 +139,8 @@ def test_scan_text_output_is_one_readable_line_per_event(tmp_path):
     assert code == 0
     assert out.splitlines() == [
         "2026-11-27 11:46:41Z login_success user=alice "
-        "source=[2001:db8::5]:22 service=sshd method=publickey "
+        "source=[2001:db8::5]:22 source_type=documentation service=sshd "
+        "method=publickey "
         "key=\"ED25519 SHA256:abc\" host=web1",
         "2026-11-27 11:46:42Z sudo_command user=alice as=root service=sudo "
         "tty=pts/0 command=\"/usr/bin/systemctl restart nginx\" host=web1"]

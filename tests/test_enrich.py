@@ -1,0 +1,439 @@
+"""Enrichment: source ASN/country/provider from MaxMind DB files, the
+destination of a live SSH session from /proc/net/tcp*, the host's
+addresses and provider (fixture trees under tests/fixtures), the
+`lookup` command, and the stage in the pipeline."""
+import io
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from mmdb_writer import MMDBWriter, Typed
+from support import make_entry, pamsignal, write_config
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "fixtures")
+NET_ROOT = os.path.join(FIXTURES, "netroot")
+
+little_endian_only = pytest.mark.skipif(
+    sys.byteorder != "little",
+    reason="the /proc/net fixtures were written on a little-endian host")
+
+
+def write_database(path, networks, ip_version=6, **options):
+    writer = MMDBWriter(ip_version=ip_version, **options)
+    for network, record in networks:
+        writer.insert(network, record)
+    with open(str(path), "wb") as handle:
+        handle.write(writer.to_bytes())
+    return str(path)
+
+
+ASN_NETWORKS = [
+    ("8.8.8.0/24", {"autonomous_system_number": Typed("uint32", 15169),
+                    "autonomous_system_organization": "GOOGLE"}),
+    ("31.13.64.0/18", {"autonomous_system_number": Typed("uint32", 64500),
+                       "autonomous_system_organization": "Viettel Home"}),
+    ("10.0.0.0/8", {"autonomous_system_number": Typed("uint32", 1),
+                    "autonomous_system_organization": "MUST NOT BE USED"}),
+    ("2a01:4f8::/32", {"autonomous_system_number": Typed("uint32", 24940),
+                       "autonomous_system_organization":
+                       "Hetzner Online GmbH"}),
+]
+COUNTRY_NETWORKS = [
+    ("8.8.8.0/24", {"country": {"iso_code": "US", "names": {"en": "USA"}}}),
+    ("31.13.64.0/18", {"country": {"iso_code": "VN"}}),
+    ("2a01:4f8::/32", {"country": {"iso_code": "DE"}}),
+]
+
+
+@pytest.fixture
+def databases(tmp_path):
+    asn = write_database(tmp_path / "asn.mmdb", ASN_NETWORKS,
+                         database_type="GeoLite2-ASN")
+    country = write_database(tmp_path / "country.mmdb", COUNTRY_NETWORKS,
+                             record_size=24,
+                             database_type="GeoLite2-Country")
+    return asn, country
+
+
+def enricher_for(paths, **options):
+    return pamsignal.Enricher([pamsignal.GeoDatabase(path, role)
+                               for role, path in zip(("asn_db", "country_db",
+                                                      "city_db"), paths)],
+                              **options)
+
+
+def login(ip="8.8.8.8", port=51234, action="login_success", at_s=1000,
+          **fields):
+    return pamsignal.Event(action=action, timestamp_us=at_s * 1000000,
+                           user="alice", service="sshd", source_ip=ip,
+                           source_port=port, **fields)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_a_public_source_gets_asn_country_and_provider(databases):
+    enricher = enricher_for(databases)
+    event = enricher.enrich(login("8.8.8.8"))
+    ecs = pamsignal.event_to_ecs(event)
+    assert ecs["source"] == {
+        "ip": "8.8.8.8", "port": 51234,
+        "as": {"number": 15169, "organization": {"name": "GOOGLE"}},
+        "geo": {"country_iso_code": "US"}}
+    assert ecs["pamsignal"]["source_provider"] == "Google Cloud"
+    assert ecs["pamsignal"]["source_network_type"] == "cloud"
+    home = enricher.enrich(login("31.13.70.1"))
+    assert (home.source_as_number, home.source_country, home.source_provider,
+            home.source_network_type) == (64500, "VN", None, "other")
+    six = enricher.enrich(login("2a01:4f8:c17:1::2"))
+    assert (six.source_as_org, six.source_country, six.source_provider) == (
+        "Hetzner Online GmbH", "DE", "Hetzner")
+
+
+def test_special_ranges_are_labelled_without_a_lookup(databases):
+    enricher = enricher_for(databases)
+    event = enricher.enrich(login("10.1.2.3"))
+    assert event.source_network_type == "private"
+    assert event.source_as_number is None  # the database says AS1
+    assert enricher.enrich(login("100.64.1.1")).source_network_type == "cgnat"
+    assert enricher.enrich(login("::1")).source_network_type == "loopback"
+
+
+def test_unknown_public_sources_and_no_databases():
+    assert enricher_for([]).enrich(login("9.9.9.9")).source_network_type \
+        == "public"
+    event = pamsignal.Event(action="sudo_command", timestamp_us=1, user="a")
+    assert enricher_for([]).enrich(event) is event
+
+
+def test_results_are_cached_until_a_database_is_replaced(databases,
+                                                         tmp_path):
+    asn_path, _ = databases
+    enricher = enricher_for([asn_path])
+    assert enricher.enrich(login("31.13.70.1"), 1000.0).source_as_number \
+        == 64500
+    assert list(enricher.contexts) == ["31.13.70.1"]
+    write_database(tmp_path / "new.mmdb", [(
+        "31.13.64.0/18", {"autonomous_system_number": 64501})])
+    os.replace(str(tmp_path / "new.mmdb"), asn_path)
+    assert enricher.enrich(login("31.13.70.1"), 1001.0).source_as_number \
+        == 64500  # not checked again yet
+    assert enricher.enrich(login("31.13.70.1"), 1010.0).source_as_number \
+        == 64501
+
+
+def test_a_broken_record_loses_only_its_own_fields(tmp_path, capsys):
+    asn = write_database(tmp_path / "asn.mmdb", ASN_NETWORKS)
+    data = bytearray(open(asn, "rb").read())
+    organisation = data.find(b"GOOGLE")
+    data[organisation - 1] = 0x5F  # a string "as long as" the rest
+    with open(asn, "wb") as handle:
+        handle.write(bytes(data))
+    country = write_database(tmp_path / "c.mmdb", COUNTRY_NETWORKS)
+    enricher = enricher_for([asn, country])
+    for _ in range(3):
+        event = enricher.enrich(login("8.8.8.8", port=None))
+        enricher.contexts.clear()
+    assert event.source_country == "US" and event.source_as_number is None
+    warnings = capsys.readouterr().err
+    assert warnings.count("asn_db: %s: corrupt data" % asn) == 1
+
+
+def test_a_missing_database_is_one_warning(tmp_path, capsys):
+    enricher = enricher_for([str(tmp_path / "absent.mmdb")])
+    for now in (1.0, 10.0, 20.0):
+        assert enricher.enrich(login(), now).source_as_number is None
+    assert capsys.readouterr().err.count("unusable") == 1
+
+
+# ---------------------------------------------------------------- network
+
+
+@little_endian_only
+def test_established_connections_from_proc_net_tcp():
+    assert pamsignal.established_connections(NET_ROOT) == {
+        ("203.0.113.5", 51234): ("198.51.100.7", 22),
+        ("127.0.0.1", 40001): ("127.0.0.2", 2222),
+        ("192.0.2.33", 60000): ("198.51.100.7", 443),
+        ("2001:db8:5::1", 40022): ("2001:db8::7", 22),
+        ("203.0.113.77", 45678): ("198.51.100.8", 22),  # ::ffff: mapped
+    }
+
+
+def test_tcp_rows_are_words_in_host_order():
+    row = ("  sl  local rem st\n   0: %s %s 01 0\n")
+    assert pamsignal.parse_tcp_table(
+        row % ("0100007F:0016", "0200007F:C822"), "little") == {
+            ("127.0.0.2", 51234): ("127.0.0.1", 22)}
+    assert pamsignal.parse_tcp_table(
+        row % ("7F000001:0016", "7F000002:C822"), "big") == {
+            ("127.0.0.2", 51234): ("127.0.0.1", 22)}
+    assert pamsignal.parse_tcp_table(
+        row % ("0100007F:0016", "0200007F") + "  1: x y 01\n", "little") \
+        == {}
+
+
+@little_endian_only
+def test_live_sshd_logins_get_their_destination(tmp_path):
+    enricher = enricher_for([], root=NET_ROOT)
+    now = 1000.0
+    event = enricher.enrich(login("203.0.113.5", 51234, at_s=990), now)
+    assert (event.destination_ip, event.destination_port) == (
+        "198.51.100.7", 22)
+    failure = enricher.enrich(login("203.0.113.77", 45678, at_s=999,
+                                    action="login_failure"), now)
+    assert failure.destination_ip == "198.51.100.8"
+    # not live (scan), too old, another service, no port, another action
+    for event, now_s in ((login("203.0.113.5", 51234), None),
+                         (login("203.0.113.5", 51234, at_s=800), now),
+                         (login("203.0.113.5", 51234)._replace(
+                             service="login"), now),
+                         (login("203.0.113.5", None), now),
+                         (login("203.0.113.5", 51234)._replace(
+                             action="session_opened"), now)):
+        assert enricher.enrich(event, now_s).destination_ip is None
+    # TIME_WAIT is no session
+    assert enricher.enrich(login("203.0.113.9", 50000), now).destination_ip \
+        is None
+
+
+@little_endian_only
+def test_connections_are_read_again_only_when_a_peer_is_missing(tmp_path):
+    root = str(tmp_path / "root")
+    shutil.copytree(NET_ROOT, root)
+    table = pamsignal.ConnectionTable(root)
+    assert table.destination("203.0.113.5", 51234, 100.0) == (
+        "198.51.100.7", 22)
+    os.unlink(os.path.join(root, "proc/net/tcp"))
+    # Known peers come from the last reading; a missing one is looked for
+    # again only after CONNECTIONS_REREAD_S.
+    assert table.destination("203.0.113.5", 51234, 100.0) is not None
+    assert table.destination("192.0.2.99", 1, 100.1) is None
+    assert table.destination("203.0.113.5", 51234, 100.1) is not None
+    assert table.destination("192.0.2.99", 1, 100.3) is None
+    assert table.destination("203.0.113.5", 51234, 100.3) is None
+    assert table.destination("203.0.113.77", 45678, 100.3) == (
+        "198.51.100.8", 22)
+
+
+def test_host_addresses_from_fib_trie_and_if_inet6():
+    assert pamsignal.host_addresses(NET_ROOT) == [
+        "127.0.0.1", "198.51.100.7", "198.51.100.8", "::1", "2001:db8::7",
+        "fe80::1"]
+    assert pamsignal.host_addresses(os.path.join(FIXTURES, "dmi")) == []
+
+
+def test_this_hosts_addresses_include_loopback():
+    addresses = pamsignal.host_addresses("/")
+    if not os.path.exists("/proc/net/fib_trie"):
+        pytest.skip("no /proc/net/fib_trie here")
+    assert "127.0.0.1" in addresses
+
+
+# ---------------------------------------------------------------- providers
+
+
+@pytest.mark.parametrize("tree, provider", [
+    ("aws", "AWS"), ("aws-xen", "AWS"), ("azure", "Azure"),
+    ("hyperv", None), ("gce", "Google Cloud"),
+    ("digitalocean", "DigitalOcean"), ("hetzner", "Hetzner"),
+    ("oracle", "Oracle Cloud"), ("qemu", None), ("netroot", None),
+])
+def test_host_provider_from_dmi(tree, provider):
+    root = os.path.join(FIXTURES, "dmi", tree)
+    assert pamsignal.detect_host_provider("auto", root) == provider
+
+
+def test_host_provider_setting_overrides_dmi():
+    aws = os.path.join(FIXTURES, "dmi", "aws")
+    assert pamsignal.detect_host_provider("none", aws) is None
+    assert pamsignal.detect_host_provider("Home lab", aws) == "Home lab"
+
+
+@pytest.mark.parametrize("vendor, provider", [
+    ("Vultr", "Vultr"), ("Linode", "Linode/Akamai"),
+    ("Alibaba Cloud", "Alibaba Cloud"), ("Scaleway", "Scaleway"),
+    ("OVH SAS", "OVH"), ("Tencent Cloud", "Tencent Cloud"),
+    ("Dell Inc.", None),
+])
+def test_more_host_providers(vendor, provider):
+    assert pamsignal.host_provider_from_dmi({"sys_vendor": vendor + "\n"}) \
+        == provider
+    assert pamsignal.host_provider_from_dmi(
+        {"board_vendor": "Contabo GmbH"}) == "Contabo"
+
+
+@pytest.mark.parametrize("number, organisation, provider", [
+    (16509, "AMAZON-02", "AWS"), (14061, "DIGITALOCEAN-ASN", "DigitalOcean"),
+    (24940, None, "Hetzner"), (64512, "Amazon Data Services NoVa", "AWS"),
+    (64513, "OVH SAS", "OVH"), (64514, "Choopa, LLC", "Vultr"),
+    (64515, "Viettel Group", None), (None, None, None),
+    (7922, "COMCAST-7922", None),
+])
+def test_source_provider_from_asn_and_organisation(number, organisation,
+                                                   provider):
+    assert pamsignal.source_provider(number, organisation) == provider
+
+
+def test_host_provider_only_on_live_events():
+    aws = os.path.join(FIXTURES, "dmi", "aws")
+    config = pamsignal.parse_config("")
+    live = pamsignal.Enricher.from_config(config, True, root=aws)
+    assert live.host_provider == "AWS"
+    event = live.enrich(login(at_s=1000), 1000.0)
+    assert pamsignal.event_to_ecs(event)["cloud"] == {"provider": "AWS"}
+    assert "host_provider=AWS" in pamsignal.render_text(event)
+    assert live.enrich(login(at_s=1000)).host_provider is None
+    assert pamsignal.Enricher.from_config(config, False,
+                                          root=aws).host_provider is None
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+class Collect:
+    name = "collect"
+    events = frozenset(pamsignal.ACTIONS)
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, event):
+        self.sent.append(event)
+
+    def flush(self):
+        pass
+
+
+def test_the_pipeline_enriches_before_detection(databases):
+    sink = Collect()
+    pipeline = pamsignal.Pipeline(
+        [sink], pamsignal.parse_config(
+            "[detection]\nlearning_period = 0s\n").detection,
+        enricher=enricher_for(databases))
+    pipeline.report(make_entry(
+        "sshd", "Accepted password for alice from 8.8.8.8 port 4242 ssh2"))
+    login_event, new_source = sink.sent
+    assert login_event.source_as_number == 15169
+    assert new_source.action == "new_source"
+    assert new_source.source_country == "US"
+    text = pamsignal.render_text(login_event)
+    assert 'asn=AS15169 org=GOOGLE country=US source_type=cloud ' \
+           'provider="Google Cloud"' in text
+
+
+def test_a_failing_enricher_never_costs_the_event(capsys):
+    class Failing(pamsignal.Enricher):
+        def enrich(self, event, now_s=None):
+            raise RuntimeError("boom")
+
+    sink = Collect()
+    pipeline = pamsignal.Pipeline([sink], pamsignal.default_config().detection,
+                                  enricher=Failing())
+    assert pipeline.report(make_entry(
+        "sshd", "Accepted password for bob from 8.8.8.8 port 1 ssh2")) >= 1
+    assert sink.sent[0].user == "bob"
+    assert "enrichment failed on login_success" in capsys.readouterr().err
+
+
+def test_scan_enriches_from_the_configured_databases(databases, tmp_path,
+                                                     capsys):
+    asn, country = databases
+    config = write_config(tmp_path / "p.conf", "[geoip]\nasn_db = %s\n"
+                          "country_db = %s\n" % (asn, country))
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(make_entry(
+        "sshd", "Accepted password for alice from 31.13.64.9 port 4242 "
+        "ssh2")) + "\n")
+    out = io.StringIO()
+    assert pamsignal.main(["--config", config, "scan", "--json",
+                           str(export)], out) == 0
+    event = json.loads(out.getvalue().splitlines()[0])
+    assert event["source"]["as"]["number"] == 64500
+    assert event["source"]["geo"] == {"country_iso_code": "VN"}
+    assert "destination" not in event and "cloud" not in event
+
+
+# ---------------------------------------------------------------- lookup
+
+
+def lookup(*argv, stdin=None):
+    out = io.StringIO()
+    if stdin is not None:
+        saved, sys.stdin = sys.stdin, io.StringIO(stdin)
+    try:
+        code = pamsignal.main(["lookup"] + list(argv), out)
+    finally:
+        if stdin is not None:
+            sys.stdin = saved
+    return code, out.getvalue().splitlines()
+
+
+def test_lookup_prints_one_line_per_address(databases):
+    asn, country = databases
+    code, lines = lookup("--db", asn, "--db", country, "8.8.8.8",
+                         "::ffff:31.13.64.1", "10.0.0.1", "9.9.9.9")
+    assert code == 0
+    assert lines == [
+        '8.8.8.8 asn=AS15169 org=GOOGLE country=US source_type=cloud '
+        'provider="Google Cloud"',
+        '31.13.64.1 asn=AS64500 org="Viettel Home" country=VN '
+        'source_type=other',
+        "10.0.0.1 source_type=private",
+        "9.9.9.9 source_type=public"]
+
+
+def test_lookup_json_is_the_source_object(databases):
+    code, lines = lookup("--json", "--db", databases[0], "--db",
+                         databases[1], "2a01:4f8::1")
+    assert code == 0
+    assert json.loads(lines[0]) == {
+        "ip": "2a01:4f8::1",
+        "as": {"number": 24940,
+               "organization": {"name": "Hetzner Online GmbH"}},
+        "geo": {"country_iso_code": "DE"},
+        "network_type": "cloud", "provider": "Hetzner"}
+
+
+def test_lookup_raw_is_the_record_itself(tmp_path):
+    path = write_database(tmp_path / "raw.mmdb", [
+        ("192.0.2.0/25", {"hash": b"\x00\xab", "n": Typed("uint16", 7),
+                          "list": [1.5, True]})], ip_version=4)
+    code, lines = lookup("--raw", "--db", path, "192.0.2.9", "192.0.2.200")
+    assert code == 0
+    assert [json.loads(line) for line in lines] == [
+        {"ip": "192.0.2.9", "database": path, "network": "192.0.2.0/25",
+         "record": {"hash": "00ab", "n": 7, "list": [1.5, True]}},
+        {"ip": "192.0.2.200", "database": path, "network": "192.0.2.128/25",
+         "record": None}]
+
+
+def test_lookup_reads_stdin_and_reports_bad_lines(databases, capsys):
+    code, lines = lookup("--db", databases[0], "-", "8.8.4.4",
+                         stdin="8.8.8.8\n\n# comment\nnot-an-ip\n10.9.9.9\n")
+    assert code == 1
+    assert [line.split()[0] for line in lines] == ["8.8.8.8", "10.9.9.9",
+                                                   "8.8.4.4"]
+    assert "not an IP address: 'not-an-ip'" in capsys.readouterr().err
+
+
+def test_lookup_uses_the_configured_databases(databases, tmp_path):
+    config = write_config(tmp_path / "p.conf", "[geoip]\nasn_db = %s\n"
+                          % databases[0])
+    out = io.StringIO()
+    assert pamsignal.main(["--config", config, "lookup", "8.8.8.8"],
+                          out) == 0
+    assert "asn=AS15169" in out.getvalue()
+
+
+def test_lookup_exit_codes(tmp_path, capsys):
+    assert lookup("--db", str(tmp_path / "none.mmdb"), "8.8.8.8")[0] == 1
+    assert "cannot use" in capsys.readouterr().err
+    assert pamsignal.main(["lookup"], io.StringIO()) == 2
+    bad = write_config(tmp_path / "bad.conf", "[geoip]\nasn_db = x\n")
+    assert pamsignal.main(["--config", bad, "lookup", "8.8.8.8"],
+                          io.StringIO()) == 78
