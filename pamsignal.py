@@ -86,7 +86,8 @@ MAX_FAILURE_KEYS = 20000
 #: Users whose usual networks and sudo use are remembered.
 MAX_BASELINE_USERS = 10000
 
-#: Networks remembered per user (the most recently used kept).
+#: Networks, ASNs and countries remembered per user (the most recently
+#: used kept).
 MAX_NETWORKS_PER_USER = 32
 
 #: Largest N of an "N in DURATION" threshold (each counter keeps N times).
@@ -2555,8 +2556,12 @@ def privileged_severity(event):
 
 class Baseline:
     """What is usual here, learned from the events themselves: the networks
-    each user logs in from, and who uses sudo. A login from a network never
-    seen for that user gives `new_source`; a first sudo by a user,
+    (/24, /64 or host name), network operators (ASN) and countries each
+    user logs in from, and who uses sudo. A login from something never seen
+    for that user gives one `new_source` whose event.reason says the most
+    telling novelty: new_country, new_asn or new_network. ASN and country
+    count only once enrichment has given some for that user, so adding a
+    database does not make every user new. A first sudo by a user gives
     `new_sudo_user`. Quiet during the learning period that starts with the
     first event it sees. Bounded per user and in users, and saved."""
 
@@ -2564,6 +2569,8 @@ class Baseline:
         self.learning_us = learning_period_s * 1000000
         self.started_us = None
         self.networks = BoundedTable(limit)
+        self.asns = BoundedTable(limit)
+        self.countries = BoundedTable(limit)
         self.sudo_users = BoundedTable(limit)
 
     def observe(self, event):
@@ -2584,38 +2591,71 @@ class Baseline:
                 % (event.user, event.message))]
         return []
 
+    @staticmethod
+    def _remember(table, user, value):
+        """Note `value` as the user's latest; whether it was new (None: the
+        user had nothing in this table yet)."""
+        known = table.get(user)
+        table.put(user, ([v for v in known or () if v != value]
+                         + [value])[-MAX_NETWORKS_PER_USER:])
+        return None if known is None else value not in known
+
     def _login(self, event, quiet):
         network = network_of(event)
         if network is None:
             return []
-        known = self.networks.get(event.user, [])
-        self.networks.put(event.user, ([n for n in known if n != network]
-                                       + [network])[-MAX_NETWORKS_PER_USER:])
-        if network in known or quiet:
+        novelties = []
+        for table, value, reason, what in (
+                (self.countries, event.source_country, "new_country",
+                 "country %s" % event.source_country),
+                (self.asns, event.source_as_number, "new_asn",
+                 "AS%s (%s)" % (event.source_as_number,
+                                event.source_as_org or "?")),
+                (self.networks, network, "new_network", network)):
+            if value is None:
+                continue
+            new = self._remember(table, event.user, value)
+            if new or (new is None and reason == "new_network"):
+                novelties.append((reason, what))
+        if not novelties or quiet:
             return []
+        reason, what = novelties[0]
         return [event._replace(
             action="new_source", severity=None, network=network,
-            context_key=None, message="%s logged in from %s, never seen for "
-            "this user: %s" % (event.user, network, event.message))]
+            reason=reason, context_key=None,
+            message="%s logged in from %s, never seen for this user: %s"
+            % (event.user, what, event.message))]
 
     def to_state(self):
         return {"started_us": self.started_us,
                 "networks": self.networks.to_state(),
+                "asns": self.asns.to_state(),
+                "countries": self.countries.to_state(),
                 "sudo_users": self.sudo_users.to_state()}
 
     def load_state(self, saved, now_us):
-        """Restore from to_state(); a start dated after `now_us` (wall
-        clock) would keep it learning for ever, so it is dropped too."""
+        """Restore from to_state() (older states lack asns and countries);
+        a start dated after `now_us` (wall clock) would keep it learning
+        for ever, so it is dropped too."""
         saved = saved if isinstance(saved, dict) else {}
         started = saved.get("started_us")
         self.started_us = started if type(started) is int and \
             started <= now_us + _FUTURE_SLACK_US else None
-        self.networks.load_state(saved.get("networks"), lambda networks: [
-            n for n in networks if isinstance(n, str)][
-                -MAX_NETWORKS_PER_USER:] if isinstance(networks, list)
-            else None)
+        for table, key, kind in ((self.networks, "networks", str),
+                                 (self.asns, "asns", int),
+                                 (self.countries, "countries", str)):
+            table.load_state(saved.get(key), functools.partial(
+                _restore_seen, kind))
         self.sudo_users.load_state(saved.get("sudo_users"), lambda seen:
                                    seen if type(seen) is int else None)
+
+
+def _restore_seen(kind, seen):
+    """A saved list of what a user was seen with: the values of `kind`."""
+    if not isinstance(seen, list):
+        return None
+    return [value for value in seen if type(value) is kind][
+        -MAX_NETWORKS_PER_USER:]
 
 
 # ---------------------------------------------------------------------------

@@ -312,7 +312,72 @@ def test_new_source_event_carries_the_login():
     assert ecs["event"]["severity"] == 6
     assert ecs["source"]["ip"] == "192.0.2.44"
     assert ecs["pamsignal"]["network"] == "192.0.2.0/24"
+    assert ecs["event"]["reason"] == "new_network"
     assert ecs["message"].startswith("carol logged in from 192.0.2.0/24")
+
+
+def located(at_minute, ip, asn=None, country=None, user="alice"):
+    """A login as the enrichment stage leaves it."""
+    return success(at_minute, ip=ip, user=user)._replace(
+        source_as_number=asn, source_country=country,
+        source_as_org=None if asn is None else "ORG-%d" % asn)
+
+
+def test_new_asn_and_new_country_are_noticed_once_enriched():
+    baseline = pamsignal.Baseline(learning_period_s=0)
+    found = feed(baseline, [
+        located(0, "203.0.113.5"),                           # first ever
+        located(1, "203.0.113.6", 64500, "VN"),   # first with context
+        located(2, "203.0.114.6", 64500, "VN"),   # other /24, same AS
+        located(3, "203.0.113.7", 64501, "VN"),   # known /24, other AS
+        located(4, "198.51.100.1", 64502, "DE"),  # all new: country wins
+        located(5, "198.51.100.2", 64502, "DE"),  # nothing new
+        located(6, "192.0.2.1", 64500, "VN"),     # a /24 never seen
+    ])
+    assert [(e.action, e.reason, e.network) for e in found] == [
+        ("new_source", "new_network", "203.0.113.0/24"),
+        ("new_source", "new_network", "203.0.114.0/24"),
+        ("new_source", "new_asn", "203.0.113.0/24"),
+        ("new_source", "new_country", "198.51.100.0/24"),
+        ("new_source", "new_network", "192.0.2.0/24")]
+    assert found[2].message.startswith(
+        "alice logged in from AS64501 (ORG-64501), never seen")
+    assert found[3].message.startswith(
+        "alice logged in from country DE, never seen")
+    ecs = pamsignal.event_to_ecs(found[3])
+    assert ecs["event"]["reason"] == "new_country"
+    assert ecs["source"]["geo"] == {"country_iso_code": "DE"}
+    assert baseline.asns["alice"] == [64501, 64502, 64500]  # latest last
+    assert baseline.countries["alice"] == ["DE", "VN"]
+
+
+def test_new_asn_and_country_are_learned_quietly_too():
+    baseline = pamsignal.Baseline(learning_period_s=DAY // 1000000)
+    assert feed(baseline, [located(0, "203.0.113.5", 64500, "VN"),
+                           located(1, "198.51.100.1", 64501, "DE")]) == []
+    later = 24 * 60 + 1
+    assert [e.reason for e in feed(baseline, [
+        located(later, "198.51.100.9", 64501, "DE"),
+        located(later + 1, "198.51.100.10", 64502, "DE"),
+        located(later + 2, "198.51.100.11", 64502, "FR")])] == [
+        "new_asn", "new_country"]
+
+
+def test_a_baseline_saved_before_enrichment_still_loads():
+    old = {"started_us": 0, "networks": [["alice", ["203.0.113.0/24"]]],
+           "sudo_users": [["alice", 5]]}
+    baseline = pamsignal.Baseline(learning_period_s=0)
+    baseline.load_state(json.loads(json.dumps(old)), now_us=MINUTE)
+    assert baseline.networks["alice"] == ["203.0.113.0/24"]
+    assert len(baseline.asns) == 0 and len(baseline.countries) == 0
+    assert feed(baseline, [located(1, "203.0.113.9", 64500, "VN")]) == []
+    saved = json.loads(json.dumps(baseline.to_state()))
+    assert saved["asns"] == [["alice", [64500]]]
+    saved["asns"].append(["bob", [1, "two", None, 3]])
+    saved["countries"] = "junk"
+    restored = pamsignal.Baseline(learning_period_s=0)
+    restored.load_state(saved, now_us=MINUTE)
+    assert restored.asns["bob"] == [1, 3] and len(restored.countries) == 0
 
 
 def test_first_sudo_by_a_user_alerts_once():
