@@ -1307,8 +1307,13 @@ MMDB_MAX_RECORD_BYTES = 2 * 1024 * 1024
 #: Answers remembered per database, by address.
 MMDB_CACHE_SIZE = 4096
 
-#: Decoded texts remembered per database, by offset (map keys are shared).
-MMDB_TEXT_CACHE_SIZE = 8192
+#: Shared values (map keys, country maps: what pointers point at)
+#: remembered per database, by offset...
+MMDB_SHARED_CACHE_SIZE = 4096
+
+#: ... when they are this small (in values, and bytes of text), so the
+#: cache stays within a few MiB whatever the file holds.
+MMDB_SHARED_MAX_VALUES, MMDB_SHARED_MAX_BYTES = 64, 512
 
 _MMDB_TYPE_NAMES = {1: "pointer", 2: "utf8_string", 3: "double",
                     4: "bytes", 5: "uint16", 6: "uint32", 7: "map",
@@ -1331,7 +1336,7 @@ class _Decoder:
         self.buffer = buffer
         self.base = base
         self.end = end
-        self.texts = {}
+        self.shared = {}  # offset -> (value, values in it, bytes in it)
 
     def decode(self, offset):
         """The value at absolute `offset` (one whole record)."""
@@ -1369,13 +1374,18 @@ class _Decoder:
             control = buffer[target]
             if control >> 5 == 1:
                 self._fail(offset, "pointer to a pointer")
-            cached = self.texts.get(target)
+            cached = self.shared.get(target)
             if cached is not None:
-                budget[1] -= len(cached)
-                if budget[1] < 0:
-                    self._fail(offset, "record larger than %d bytes"
-                               % MMDB_MAX_RECORD_BYTES)
-                return cached, resume
+                # Shared, but charged in full: a record stays as bounded
+                # as if every pointer had been decoded again.
+                budget[0] -= cached[1] - 1
+                budget[1] -= cached[2]
+                if budget[0] < 0 or budget[1] < 0:
+                    self._fail(offset, "more than %d values or %d bytes in "
+                               "one record" % (MMDB_MAX_VALUES,
+                                               MMDB_MAX_RECORD_BYTES))
+                return cached[0], resume
+            before = (budget[0] + 1, budget[1])
             offset = target
         start = offset
         offset += 1
@@ -1400,10 +1410,6 @@ class _Decoder:
                            % MMDB_MAX_RECORD_BYTES)
             value = self._take(offset, size, "a string").decode(
                 "utf-8", "replace")
-            if resume is not None and size <= 256:
-                if len(self.texts) >= MMDB_TEXT_CACHE_SIZE:
-                    self.texts.clear()
-                self.texts[start] = value
             offset += size
         elif kind == 7:  # maps and arrays here: one frame a level
             self._check_count(size, offset, depth, budget, start, 2)
@@ -1447,7 +1453,14 @@ class _Decoder:
             value = size == 1
         else:  # 12, 13: never a value
             self._fail(start, "unexpected %s" % _MMDB_TYPE_NAMES[kind])
-        return value, offset if resume is None else resume
+        if resume is None:
+            return value, offset
+        values, size = before[0] - budget[0], before[1] - budget[1]
+        if values <= MMDB_SHARED_MAX_VALUES and size <= MMDB_SHARED_MAX_BYTES:
+            if len(self.shared) >= MMDB_SHARED_CACHE_SIZE:
+                self.shared.clear()
+            self.shared[start] = (value, values, size)
+        return value, resume
 
     def _pointer(self, control, offset):
         """(absolute target, offset after the pointer)."""
@@ -1501,6 +1514,7 @@ class MMDBReader:
     def __init__(self, buffer, name="<buffer>"):
         self.name = name
         self.buffer = buffer
+        self._file = None  # set by open(): to notice a file cut short
         self._closers = ()
         size = len(buffer)
         marker = buffer.rfind(MMDB_MARKER, max(0, size - MMDB_METADATA_MAX))
@@ -1545,18 +1559,34 @@ class MMDBReader:
     def open(cls, path):
         """Map the file at `path` (read-only) and read it."""
         try:
-            with open(path, "rb") as handle:
-                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            handle = open(path, "rb")
+        except OSError as error:
+            raise DatabaseError("cannot read %s: %s"
+                                % (path, error.strerror or error)) from None
+        try:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as error:  # ValueError: an empty file
+            handle.close()
             raise DatabaseError("cannot read %s: %s" % (
                 path, getattr(error, "strerror", None) or error)) from None
         try:
             reader = cls(mapped, path)
         except DatabaseError:
             mapped.close()
+            handle.close()
             raise
-        reader._closers = (mapped.close,)
+        reader._file = handle
+        reader._closers = (mapped.close, handle.close)
         return reader
+
+    def shrunk(self):
+        """Whether the mapped file was cut short in place (`cp` over it):
+        reading past its new end would kill the process (SIGBUS)."""
+        try:
+            return self._file is not None and \
+                os.fstat(self._file.fileno()).st_size < len(self.buffer)
+        except (OSError, ValueError):
+            return True
 
     def close(self):
         for close in self._closers:
@@ -1600,15 +1630,33 @@ class MMDBReader:
         if len(packed) == 16 and self.ip_version == 4:
             raise ValueError("an IPv6 address cannot be looked up in the "
                              "IPv4-only %s" % self.name)
-        node_count = self.node_count
+        node_count, buffer = self.node_count, self.buffer
         bits = len(packed) * 8
         node = self.ipv4_start if bits == 32 else 0
         number = int.from_bytes(packed, "big")
         depth = 0
-        record = self._record
-        while depth < bits and node < node_count:
-            depth += 1
-            node = record(node, number >> (bits - depth) & 1)
+        # One loop per record size: this is the hot path of every lookup.
+        if self.record_size == 24:
+            while depth < bits and node < node_count:
+                depth += 1
+                at = node * 6 + 3 * (number >> (bits - depth) & 1)
+                node = buffer[at] << 16 | buffer[at + 1] << 8 | buffer[at + 2]
+        elif self.record_size == 28:
+            while depth < bits and node < node_count:
+                depth += 1
+                at = node * 7
+                if number >> (bits - depth) & 1:
+                    node = ((buffer[at + 3] & 0x0F) << 24 | buffer[at + 4]
+                            << 16 | buffer[at + 5] << 8 | buffer[at + 6])
+                else:
+                    node = ((buffer[at + 3] & 0xF0) << 20 | buffer[at] << 16
+                            | buffer[at + 1] << 8 | buffer[at + 2])
+        else:
+            while depth < bits and node < node_count:
+                depth += 1
+                at = node * 8 + 4 * (number >> (bits - depth) & 1)
+                node = (buffer[at] << 24 | buffer[at + 1] << 16
+                        | buffer[at + 2] << 8 | buffer[at + 3])
         if node == node_count:
             return None, depth
         if node < node_count:
@@ -1656,7 +1704,8 @@ class GeoDatabase:
     def current(self, now):
         """The reader for the file as it is now (None when unusable)."""
         if self.checked_at is None or not \
-                0 <= now - self.checked_at < GEOIP_RECHECK_S:
+                0 <= now - self.checked_at < GEOIP_RECHECK_S or (
+                    self.reader is not None and self.reader.shrunk()):
             self.checked_at = now
             self.refresh()
         return self.reader
@@ -3296,6 +3345,10 @@ class Agent:
             __version__, "resuming after the saved cursor"
             if self.source.cursor else "first start: %s"
             % self.config.first_start))
+        addresses = host_addresses()
+        say("info", "this host: %s; addresses %s" % (
+            self.pipeline.enricher.host_provider or "provider unknown",
+            ", ".join(addresses[:16]) or "unknown"))
         try:
             while not self.stopping:
                 lines = self.source.read(1.0)

@@ -285,6 +285,23 @@ def test_pointers_that_multiply_work_are_cut_short():
         reader.lookup("1.2.3.4")
 
 
+def test_shared_values_are_charged_each_time_they_are_used():
+    # A small map is decoded once and then taken from the cache of shared
+    # values, yet each use still counts against the record's limits.
+    small = encode({"k%d" % n: n for n in range(30)})  # 61 values
+    for uses, fits in ((1000, True), (1100, False)):
+        data = small + control("array", uses) + pointer(0) * uses
+        top = len(small)
+        reader = reader_of(raw_database(pack_node(24, 1 + 16 + top,
+                                                  1 + 16 + top), data))
+        if fits:
+            record = reader.lookup("1.2.3.4")
+            assert len(record) == uses and record[-1]["k29"] == 29
+        else:
+            with pytest.raises(DatabaseError, match="more than 65536"):
+                reader.lookup("1.2.3.4")
+
+
 def test_pointers_to_one_long_text_are_cut_short():
     data = encode("x" * 60000)
     top = len(data)
@@ -473,3 +490,26 @@ def test_special_ranges_need_no_lookup(address, scope):
 ])
 def test_records_of_every_vendor_are_normalised(records, expected):
     assert tuple(pamsignal.context_from_records(records))[:4] == expected
+
+
+def test_a_file_cut_short_in_place_is_never_read(tmp_path, capsys):
+    # `cp new.mmdb GeoLite2-ASN.mmdb` truncates the mapped file: touching
+    # a page past its new end would kill the process with SIGBUS.
+    path = str(tmp_path / "cp.mmdb")
+    big = MMDBWriter(ip_version=4)
+    for n in range(2000):
+        big.insert("10.%d.%d.0/24" % (n >> 8, n & 255), {"n": n, "pad": "x"
+                                                        * 40})
+    with open(path, "wb") as handle:
+        handle.write(big.to_bytes())
+    database = pamsignal.GeoDatabase(path, "asn_db")
+    assert database.current(100.0).lookup("10.7.207.1") == {
+        "n": 2000 - 1, "pad": "x" * 40}
+    with open(path, "r+b") as handle:
+        handle.truncate(4096)
+    assert database.current(100.0) is None  # within the recheck interval
+    assert "unusable" in capsys.readouterr().err
+    with open(path, "wb") as handle:
+        handle.write(small_database())
+    assert database.current(110.0).lookup("1.2.3.200") == {"half": "upper"}
+    database.close()
