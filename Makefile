@@ -27,6 +27,7 @@ bench:
 	$(PYTHON) bench/bench_pipeline.py
 	$(PYTHON) bench/bench_hostile.py
 	$(PYTHON) bench/bench_detection.py
+	$(PYTHON) bench/bench_mmdb.py
 
 install:
 	install -d -m 0755 $(BINDIR) $(MANDIR) $(DOCDIR)
