@@ -1315,6 +1315,10 @@ MMDB_SHARED_CACHE_SIZE = 4096
 #: cache stays within a few MiB whatever the file holds.
 MMDB_SHARED_MAX_VALUES, MMDB_SHARED_MAX_BYTES = 64, 512
 
+#: Below this depth a shared value may come from the cache (its own
+#: nesting cannot then reach MMDB_MAX_DEPTH).
+_MMDB_SHARED_DEPTH = MMDB_MAX_DEPTH - MMDB_SHARED_MAX_VALUES
+
 _MMDB_TYPE_NAMES = {1: "pointer", 2: "utf8_string", 3: "double",
                     4: "bytes", 5: "uint16", 6: "uint32", 7: "map",
                     8: "int32", 9: "uint64", 10: "uint128", 11: "array",
@@ -1374,7 +1378,9 @@ class _Decoder:
             control = buffer[target]
             if control >> 5 == 1:
                 self._fail(offset, "pointer to a pointer")
-            cached = self.shared.get(target)
+            # Deep down, decode again: the depth limit must see it all.
+            cached = self.shared.get(target) if depth < _MMDB_SHARED_DEPTH \
+                else None
             if cached is not None:
                 # Shared, but charged in full: a record stays as bounded
                 # as if every pointer had been decoded again.
@@ -1403,15 +1409,7 @@ class _Decoder:
             raw = self._take(offset, extra, "a size")
             offset += extra
             size = (29, 285, 65821)[extra - 1] + int.from_bytes(raw, "big")
-        if kind == 2:
-            budget[1] -= size
-            if budget[1] < 0:
-                self._fail(start, "record larger than %d bytes"
-                           % MMDB_MAX_RECORD_BYTES)
-            value = self._take(offset, size, "a string").decode(
-                "utf-8", "replace")
-            offset += size
-        elif kind == 7:  # maps and arrays here: one frame a level
+        if kind == 7:  # maps and arrays here: one frame a level
             self._check_count(size, offset, depth, budget, start, 2)
             value = {}
             for _ in range(size):
@@ -1426,33 +1424,8 @@ class _Decoder:
             for _ in range(size):
                 item, offset = self._value(offset, depth + 1, budget)
                 value.append(item)
-        elif kind in _MMDB_INT_BYTES:
-            if size > _MMDB_INT_BYTES[kind]:
-                self._fail(start, "%s of %d bytes"
-                           % (_MMDB_TYPE_NAMES[kind], size))
-            value = int.from_bytes(self._take(offset, size, "an integer"),
-                                   "big", signed=kind == 8 and size == 4)
-            offset += size
-        elif kind == 4:
-            budget[1] -= size
-            if budget[1] < 0:
-                self._fail(start, "record larger than %d bytes"
-                           % MMDB_MAX_RECORD_BYTES)
-            value = bytes(self._take(offset, size, "bytes"))
-            offset += size
-        elif kind == 3 or kind == 15:
-            width, layout = (8, _DOUBLE) if kind == 3 else (4, _FLOAT)
-            if size != width:
-                self._fail(start, "%s of %d bytes (must be %d)"
-                           % (_MMDB_TYPE_NAMES[kind], size, width))
-            value = layout.unpack(self._take(offset, size, "a number"))[0]
-            offset += size
-        elif kind == 14:
-            if size > 1:
-                self._fail(start, "boolean of value %d" % size)
-            value = size == 1
-        else:  # 12, 13: never a value
-            self._fail(start, "unexpected %s" % _MMDB_TYPE_NAMES[kind])
+        else:
+            value, offset = self._scalar(kind, size, offset, start, budget)
         if resume is None:
             return value, offset
         values, size = before[0] - budget[0], before[1] - budget[1]
@@ -1461,6 +1434,37 @@ class _Decoder:
                 self.shared.clear()
             self.shared[start] = (value, values, size)
         return value, resume
+
+    def _scalar(self, kind, size, offset, start, budget):
+        """(value, offset after it) of a field that holds no other."""
+        if kind == 2 or kind == 4:
+            budget[1] -= size
+            if budget[1] < 0:
+                self._fail(start, "record larger than %d bytes"
+                           % MMDB_MAX_RECORD_BYTES)
+            raw = self._take(offset, size, "a string" if kind == 2
+                             else "bytes")
+            return (raw.decode("utf-8", "replace") if kind == 2
+                    else bytes(raw)), offset + size
+        if kind in _MMDB_INT_BYTES:
+            if size > _MMDB_INT_BYTES[kind]:
+                self._fail(start, "%s of %d bytes"
+                           % (_MMDB_TYPE_NAMES[kind], size))
+            return int.from_bytes(self._take(offset, size, "an integer"),
+                                  "big", signed=kind == 8 and size == 4), \
+                offset + size
+        if kind == 3 or kind == 15:
+            width, layout = (8, _DOUBLE) if kind == 3 else (4, _FLOAT)
+            if size != width:
+                self._fail(start, "%s of %d bytes (must be %d)"
+                           % (_MMDB_TYPE_NAMES[kind], size, width))
+            return layout.unpack(self._take(offset, size, "a number"))[0], \
+                offset + size
+        if kind == 14:
+            if size > 1:
+                self._fail(start, "boolean of value %d" % size)
+            return size == 1, offset
+        self._fail(start, "unexpected %s" % _MMDB_TYPE_NAMES[kind])  # 12, 13
 
     def _pointer(self, control, offset):
         """(absolute target, offset after the pointer)."""
@@ -1805,13 +1809,19 @@ SourceContext.__doc__ = """What the databases say about a source address,
 normalised across GeoLite2/GeoIP2, DB-IP and IPinfo."""
 
 
+#: Longest organisation or city name an event takes from a database.
+MAX_CONTEXT_TEXT = 256
+
+
 def _text_at(record, *path):
-    """record[path[0]][path[1]]... when it is non-empty text, else None."""
+    """record[path[0]][path[1]]... when it is non-empty text (cut to
+    MAX_CONTEXT_TEXT), else None."""
     for key in path:
         if not isinstance(record, dict):
             return None
         record = record.get(key)
-    return record if isinstance(record, str) and record else None
+    return record[:MAX_CONTEXT_TEXT] if isinstance(record, str) and record \
+        else None
 
 
 def _as_number(value):

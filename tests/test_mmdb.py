@@ -327,6 +327,23 @@ def test_nesting_up_to_512_is_read_and_deeper_refused():
         reader.lookup("1.2.3.4")
 
 
+def test_a_shared_value_cannot_smuggle_nesting_past_the_limit():
+    # Ten nested arrays, shared: decoded (and cached) near the top, then
+    # pointed at again 505 levels down, where 505 + 10 is too deep.
+    shared = nested_arrays(10)
+    top = len(shared)
+    for levels, fits in ((500, True), (505, False)):
+        data = shared + control("array", 2) + pointer(0) + control(
+            "array", 1) * levels + pointer(0)
+        reader = reader_of(raw_database(pack_node(24, 1 + 16 + top,
+                                                  1 + 16 + top), data))
+        if fits:
+            assert len(reader.lookup("1.2.3.4")) == 2
+        else:
+            with pytest.raises(DatabaseError, match="deeper than 512"):
+                reader.lookup("1.2.3.4")
+
+
 def test_records_outside_the_data_section_are_refused():
     data = encode("only")
     for record, message in (
@@ -487,6 +504,9 @@ def test_special_ranges_need_no_lookup(address, scope):
        "city": ["x"], "asn": -5}], (None, None, None, None)),
     ([{"autonomous_system_number": 1 << 40, "country": "Germany"}],
      (None, None, None, None)),
+    # a database cannot make every event megabytes long
+    ([{"as_name": "N" * 100000, "city": {"names": {"en": "C" * 300}}}],
+     (None, "N" * 256, None, "C" * 256)),
 ])
 def test_records_of_every_vendor_are_normalised(records, expected):
     assert tuple(pamsignal.context_from_records(records))[:4] == expected
