@@ -1551,13 +1551,8 @@ class MMDBReader:
         self.decoder = _Decoder(buffer, self.data_start, marker)
         self.cache = collections.OrderedDict()
         self.ipv4_start = 0
-        if self.ip_version == 6:
-            node = 0
-            for _ in range(96):
-                if node >= self.node_count:
-                    break
-                node = self._record(node, 0)
-            self.ipv4_start = node
+        if self.ip_version == 6:  # IPv4 lives at ::/96: 96 left turns
+            self.ipv4_start = self._walk(0, 0, 96)[0]
 
     @classmethod
     def open(cls, path):
@@ -1597,22 +1592,6 @@ class MMDBReader:
             close()
         self._closers = ()
 
-    def _record(self, node, bit):
-        """The left (bit 0) or right record of a node."""
-        buffer, at = self.buffer, node * self.node_bytes
-        if self.record_size == 24:
-            at += 3 * bit
-            return buffer[at] << 16 | buffer[at + 1] << 8 | buffer[at + 2]
-        if self.record_size == 28:
-            if bit:
-                return ((buffer[at + 3] & 0x0F) << 24 | buffer[at + 4] << 16
-                        | buffer[at + 5] << 8 | buffer[at + 6])
-            return ((buffer[at + 3] & 0xF0) << 20 | buffer[at] << 16
-                    | buffer[at + 1] << 8 | buffer[at + 2])
-        at += 4 * bit
-        return (buffer[at] << 24 | buffer[at + 1] << 16 | buffer[at + 2] << 8
-                | buffer[at + 3])
-
     def lookup(self, address):
         """The record for an address (text or packed bytes), or None."""
         return self.lookup_prefix(address)[0]
@@ -1634,12 +1613,30 @@ class MMDBReader:
         if len(packed) == 16 and self.ip_version == 4:
             raise ValueError("an IPv6 address cannot be looked up in the "
                              "IPv4-only %s" % self.name)
-        node_count, buffer = self.node_count, self.buffer
         bits = len(packed) * 8
-        node = self.ipv4_start if bits == 32 else 0
-        number = int.from_bytes(packed, "big")
+        node, depth = self._walk(self.ipv4_start if bits == 32 else 0,
+                                 int.from_bytes(packed, "big"), bits)
+        node_count = self.node_count
+        if node == node_count:
+            return None, depth
+        if node < node_count:
+            raise DatabaseError("%s: corrupt search tree: %d address bits "
+                                "end in node %d" % (self.name, bits, node))
+        offset = node - node_count - 16 + self.data_start
+        if not self.data_start <= offset < self.data_end:
+            raise DatabaseError("%s: corrupt search tree: record %d points "
+                                "outside the data section" % (self.name, node))
+        try:
+            return self.decoder.decode(offset), depth
+        except DatabaseError as error:
+            raise DatabaseError("%s: %s" % (self.name, error)) from None
+
+    def _walk(self, node, number, bits):
+        """(record, bits used): follow the `bits` low bits of `number`,
+        high first, from `node` until a record is no node."""
+        node_count, buffer = self.node_count, self.buffer
         depth = 0
-        # One loop per record size: this is the hot path of every lookup.
+        # One loop per record size: the hot path of every lookup.
         if self.record_size == 24:
             while depth < bits and node < node_count:
                 depth += 1
@@ -1661,19 +1658,7 @@ class MMDBReader:
                 at = node * 8 + 4 * (number >> (bits - depth) & 1)
                 node = (buffer[at] << 24 | buffer[at + 1] << 16
                         | buffer[at + 2] << 8 | buffer[at + 3])
-        if node == node_count:
-            return None, depth
-        if node < node_count:
-            raise DatabaseError("%s: corrupt search tree: %d address bits "
-                                "end in node %d" % (self.name, bits, node))
-        offset = node - node_count - 16 + self.data_start
-        if not self.data_start <= offset < self.data_end:
-            raise DatabaseError("%s: corrupt search tree: record %d points "
-                                "outside the data section" % (self.name, node))
-        try:
-            return self.decoder.decode(offset), depth
-        except DatabaseError as error:
-            raise DatabaseError("%s: %s" % (self.name, error)) from None
+        return node, depth
 
 
 def _packed_address(text):
@@ -1738,6 +1723,12 @@ class GeoDatabase:
             say("warning", "%s %s unusable (%s): its fields are left out "
                 "until the file is replaced" % (self.role, self.path,
                                                 problem))
+
+    def disable(self, problem):
+        """Stop using a file found corrupt, until it is replaced."""
+        say("warning", "%s: %s; not used until the file is replaced"
+            % (self.role, problem))
+        self.close()
 
     def close(self):
         if self.reader is not None:
@@ -2092,12 +2083,14 @@ LIVE_EVENT_S = 120
 #: Source addresses whose context is remembered.
 SOURCE_CONTEXT_CACHE = 4096
 
-#: What an event gets from a SourceContext.
-_CONTEXT_FIELDS = (("source_as_number", "as_number"),
-                   ("source_as_org", "as_org"), ("source_country", "country"),
-                   ("source_city", "city"),
-                   ("source_network_type", "network_type"),
-                   ("source_provider", "provider"))
+#: What an event gets from a SourceContext: (Event field index, part).
+_CONTEXT_FIELDS = tuple((EVENT_FIELDS.index(field), part) for field, part in (
+    ("source_as_number", "as_number"), ("source_as_org", "as_org"),
+    ("source_country", "country"), ("source_city", "city"),
+    ("source_network_type", "network_type"), ("source_provider", "provider")))
+_HOST_PROVIDER_INDEX = EVENT_FIELDS.index("host_provider")
+_DESTINATION_INDEXES = (EVENT_FIELDS.index("destination_ip"),
+                        EVENT_FIELDS.index("destination_port"))
 
 
 class Enricher:
@@ -2112,7 +2105,6 @@ class Enricher:
         self.connections = ConnectionTable(root)
         self.contexts = collections.OrderedDict()
         self.generations = None
-        self.complained = set()
 
     @classmethod
     def from_config(cls, config, live, root="/"):
@@ -2130,40 +2122,49 @@ class Enricher:
     def enrich(self, event, now_s=None):
         """The event with context added. `now_s` (wall clock) is given for
         live events only: without it nothing of this moment is added."""
-        changes = {}
+        changes = []
         if event.source_ip:
-            context = self.source_context(event.source_ip, now_s or 0.0)
-            for field, part in _CONTEXT_FIELDS:
-                if getattr(context, part) is not None:
-                    changes[field] = getattr(context, part)
+            changes += self._source_fields(event.source_ip, now_s or 0.0)[1]
         live = now_s is not None and \
             event.timestamp_us >= (now_s - LIVE_EVENT_S) * 1e6
         if live and self.host_provider:
-            changes["host_provider"] = self.host_provider
+            changes.append((_HOST_PROVIDER_INDEX, self.host_provider))
         if live and event.service == "sshd" and event.source_ip and \
                 event.source_port and event.destination_ip is None and \
                 event.action in ("login_success", "login_failure"):
             found = self.connections.destination(event.source_ip,
                                                  event.source_port, now_s)
             if found is not None:
-                changes["destination_ip"], changes["destination_port"] = \
-                    found
-        return event._replace(**changes) if changes else event
+                changes += zip(_DESTINATION_INDEXES, found)
+        if not changes:
+            return event
+        values = list(event)  # faster than _replace, which names them all
+        for index, value in changes:
+            values[index] = value
+        return Event._make(values)
 
     def source_context(self, address, now):
         """SourceContext of an address, from the cache when it can be."""
+        return self._source_fields(address, now)[0]
+
+    def _source_fields(self, address, now):
+        """(SourceContext, [(Event field index, value)]), cached."""
         readers = [database.current(now) for database in self.databases]
         generations = tuple(d.generation for d in self.databases)
         if generations != self.generations:
             self.generations = generations
             self.contexts.clear()  # a database was replaced
-        context = self.contexts.get(address)
-        if context is None:
+        cached = self.contexts.get(address)
+        if cached is None:
             context = self._look_up(address, readers)
+            cached = (context, tuple(
+                (index, getattr(context, part))
+                for index, part in _CONTEXT_FIELDS
+                if getattr(context, part) is not None))
             if len(self.contexts) >= SOURCE_CONTEXT_CACHE:
                 self.contexts.popitem(last=False)
-            self.contexts[address] = context
-        return context
+            self.contexts[address] = cached
+        return cached
 
     def _look_up(self, address, readers):
         scope = address_scope(address)
@@ -2178,10 +2179,7 @@ class Enricher:
             except ValueError:
                 continue  # IPv6 address, IPv4-only database
             except DatabaseError as error:
-                key = (database.path, database.generation)
-                if key not in self.complained:
-                    self.complained.add(key)
-                    say("warning", "%s: %s" % (database.role, error))
+                database.disable(error)
         context = context_from_records(records)
         provider = source_provider(context.as_number, context.as_org)
         known = context.as_number is not None or context.as_org is not None

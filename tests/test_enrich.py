@@ -141,6 +141,15 @@ def test_a_broken_record_loses_only_its_own_fields(tmp_path, capsys):
     assert event.source_country == "US" and event.source_as_number is None
     warnings = capsys.readouterr().err
     assert warnings.count("asn_db: %s: corrupt data" % asn) == 1
+    assert "not used until the file is replaced" in warnings
+    # A corrupt file is not read again (every lookup could cost the whole
+    # record budget) until a new one takes its place.
+    assert enricher.enrich(login("31.13.70.1"), 100.0).source_as_number \
+        is None
+    write_database(tmp_path / "new.mmdb", ASN_NETWORKS)
+    os.replace(str(tmp_path / "new.mmdb"), asn)
+    assert enricher.enrich(login("31.13.70.1"), 200.0).source_as_number \
+        == 64500
 
 
 def test_a_missing_database_is_one_warning(tmp_path, capsys):
