@@ -2115,6 +2115,11 @@ class Enricher:
                    detect_host_provider(config.host_provider, root)
                    if live else None, root)
 
+    def open(self, now):
+        """Read the databases now, so a wrong path is said at start."""
+        for database in self.databases:
+            database.current(now)
+
     def close(self):
         for database in self.databases:
             database.close()
@@ -3353,6 +3358,7 @@ class Agent:
             __version__, "resuming after the saved cursor"
             if self.source.cursor else "first start: %s"
             % self.config.first_start))
+        self.pipeline.enricher.open(time.time())
         addresses = host_addresses()
         say("info", "this host: %s; addresses %s" % (
             self.pipeline.enricher.host_provider or "provider unknown",
@@ -3463,7 +3469,28 @@ def command_check_config(args, stdout):
         stdout.write("%s: OK (%d channel%s)\n" % (
             config.path, len(config.channels),
             "" if len(config.channels) == 1 else "s"))
+    for role, path in zip(GeoipConfig._fields, config.geoip):
+        if path:
+            stdout.write("[geoip] %s %s: %s\n" % (role, path,
+                                                  describe_database(path)))
     return EXIT_OK
+
+
+def describe_database(path):
+    """One line on a database file: its type and age, or why it is unusable
+    (a warning only: geoipupdate may bring the file later)."""
+    try:
+        reader = MMDBReader.open(path)
+    except DatabaseError as error:
+        return "not usable yet (%s)" % error
+    metadata = reader.metadata
+    reader.close()
+    built = metadata.get("build_epoch")
+    return "%s, IPv%d, built %s" % (
+        escape_text(str(metadata.get("database_type") or "MaxMind DB")),
+        metadata["ip_version"], time.strftime(
+            "%Y-%m-%d", time.gmtime(built)) if type(built) is int and
+        0 <= built < 1 << 40 else "at an unknown time")
 
 
 def _lookup_addresses(arguments, stdin):

@@ -446,3 +446,17 @@ def test_lookup_exit_codes(tmp_path, capsys):
     bad = write_config(tmp_path / "bad.conf", "[geoip]\nasn_db = x\n")
     assert pamsignal.main(["--config", bad, "lookup", "8.8.8.8"],
                           io.StringIO()) == 78
+
+
+def test_check_config_describes_each_database(databases, tmp_path):
+    config = write_config(tmp_path / "p.conf", "[geoip]\nasn_db = %s\n"
+                          "city_db = %s\n" % (databases[0],
+                                              tmp_path / "later.mmdb"))
+    out = io.StringIO()
+    assert pamsignal.main(["--config", config, "check-config"], out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[1:] == [
+        "[geoip] asn_db %s: GeoLite2-ASN, IPv6, built 2026-11-27"
+        % databases[0],
+        "[geoip] city_db %s: not usable yet (cannot read %s: No such file "
+        "or directory)" % (tmp_path / "later.mmdb", tmp_path / "later.mmdb")]
