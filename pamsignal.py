@@ -39,9 +39,13 @@ import bisect  # noqa: E402
 import collections  # noqa: E402
 import configparser  # noqa: E402
 import difflib  # noqa: E402
+import fnmatch  # noqa: E402
 import functools  # noqa: E402
+import grp  # noqa: E402
+import ipaddress  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import pwd  # noqa: E402
 import re  # noqa: E402
 import select  # noqa: E402
 import signal  # noqa: E402
@@ -93,6 +97,17 @@ MAX_USERS_TRIED = 10
 #: How often the detection state is saved when events came (and at
 #: shutdown); a crash forgets at most this much counting.
 DETECTION_FLUSH_S = 10.0
+
+#: Keys (action, source, user) a channel remembers a cooldown for; past
+#: this the soonest to end are let go, their held-back events kept.
+MAX_COOLDOWN_KEYS = 10000
+
+#: Sources and users a digest names; the rest are counted.
+MAX_DIGEST_NAMES = 10
+
+#: How long group memberships are trusted before the group database is
+#: read again (for ignore_groups / always_groups).
+GROUP_CACHE_S = 300.0
 
 #: Open sessions remembered for pairing; the oldest are forgotten first.
 MAX_OPEN_SESSIONS = 10000
@@ -302,7 +317,7 @@ EVENT_FIELDS = (
     "certificate_serial", "certificate_ca", "session_id",
     "session_duration_s", "attempts", "writer_uid", "claimed_action",
     "detail", "counted_by", "network", "window_s", "users_tried", "sources",
-    "cursor", "message", "context_key")
+    "held_back", "cursor", "message", "context_key")
 
 Event = collections.namedtuple("Event", EVENT_FIELDS)
 Event.__new__.__defaults__ = (None,) * len(EVENT_FIELDS)
@@ -322,12 +337,25 @@ ACTIONS = {
     "new_source": ("intrusion_detection", "info", "success", 6),
     "new_sudo_user": ("intrusion_detection", "info", "success", 7),
     "spoofed_entry": ("intrusion_detection", "info", "unknown", 8),
+    "alert_digest": ("intrusion_detection", "info", "unknown", 5),
 }
 
-#: The actions the detection stage adds; the parser gives all the others.
-DETECTION_ACTIONS = frozenset(("brute_force_detected",
-                               "success_after_failures", "new_source",
-                               "new_sudo_user"))
+#: What a small server does not alert on by default: it is counted (and
+#: detected as brute force), not sent one by one.
+ROUTINE_ACTIONS = frozenset(("login_failure", "session_opened",
+                             "session_closed"))
+
+#: Access that was granted: never held back by a cooldown or a rate limit,
+#: so no flood of failures can delay the news that someone got in.
+NEVER_HELD_ACTIONS = frozenset(("login_success", "sudo_command",
+                                "success_after_failures", "new_source",
+                                "new_sudo_user"))
+
+#: The actions the parser gives; detection, policy and the runtime add
+#: the others.
+PARSED_ACTIONS = frozenset(("login_success", "login_failure",
+                            "session_opened", "session_closed",
+                            "sudo_command", "spoofed_entry"))
 
 
 #: (ECS path, Event field) in the order they are rendered.
@@ -356,7 +384,8 @@ _ECS_LAYOUT = (
     ("pamsignal.detail", "detail"), ("pamsignal.counted_by", "counted_by"),
     ("pamsignal.network", "network"), ("pamsignal.window_s", "window_s"),
     ("pamsignal.users_tried", "users_tried"),
-    ("pamsignal.sources", "sources"), ("pamsignal.cursor", "cursor"),
+    ("pamsignal.sources", "sources"), ("pamsignal.held_back", "held_back"),
+    ("pamsignal.cursor", "cursor"),
 )
 
 #: The layout as (field index, parent objects, leaf name), computed once.
@@ -364,14 +393,19 @@ _ECS_PLAN = tuple((EVENT_FIELDS.index(field), tuple(path.split(".")[:-1]),
                    path.split(".")[-1]) for path, field in _ECS_LAYOUT)
 
 
+def event_severity(event):
+    """0 to 10: the event's own, or its action's default."""
+    return ACTIONS[event.action][3] if event.severity is None \
+        else event.severity
+
+
 def event_to_ecs(event):
     """The event as the nested ECS object of the event contract (no nulls)."""
-    category, kind, outcome, default_severity = ACTIONS[event.action]
+    category, kind, outcome, _ = ACTIONS[event.action]
     ecs = {"@timestamp": format_timestamp(event.timestamp_us),
            "event": {"action": event.action, "category": [category],
                      "type": [kind], "outcome": outcome,
-                     "severity": (default_severity if event.severity is None
-                                  else event.severity)}}
+                     "severity": event_severity(event)}}
     for index, parents, leaf in _ECS_PLAN:
         value = event[index]
         if value is None or value == "":
@@ -392,11 +426,18 @@ def event_to_ecs(event):
 
 Config = collections.namedtuple(
     "Config", "path state_dir log_dir first_start journalctl channels "
-    "detection")
+    "detection alerts")
 Config.__doc__ = "The validated configuration; `channels` is a tuple."
 
 ChannelConfig = collections.namedtuple("ChannelConfig",
-                                       "name type events options")
+                                       "name type policy options")
+
+AlertPolicy = collections.namedtuple(
+    "AlertPolicy", "events min_severity ignore_users ignore_groups "
+    "ignore_sources always_users always_groups always_sources cooldown "
+    "rate_limit")
+AlertPolicy.__doc__ = """Which events a channel alerts on and how often:
+[alerts] gives the default, a channel's own keys override it."""
 
 #: N failures within window_s seconds (window_s 0: the rule is off).
 Threshold = collections.namedtuple("Threshold", "attempts window_s")
@@ -447,14 +488,72 @@ def _first_start(value):
 
 
 def _event_filter(value):
+    """Actions, read left to right: `*` (all), `default` (all but the
+    routine ones), a name to add, `-name` to take one away."""
     names = [name.strip() for name in value.split(",") if name.strip()]
-    if names == ["*"]:
-        return frozenset(ACTIONS)
-    unknown = [name for name in names if name not in ACTIONS]
-    if unknown or not names:
-        raise ValueError("expected * or a comma-separated list of: %s; got %r"
-                         % (", ".join(sorted(ACTIONS)), value))
-    return frozenset(names)
+    chosen = set()
+    for name in names:
+        if name == "*":
+            chosen |= set(ACTIONS)
+        elif name == "default":
+            chosen |= set(ACTIONS) - ROUTINE_ACTIONS
+        elif name.lstrip("-") in ACTIONS:
+            (chosen.discard if name[0] == "-" else chosen.add)(
+                name.lstrip("-"))
+        else:
+            raise ValueError(
+                "expected *, default or a comma-separated list of actions "
+                "(-action leaves one out): %s; got %r"
+                % (", ".join(sorted(ACTIONS)), name))
+    if not names:
+        raise ValueError("expected *, default or a list of actions, got "
+                         "nothing")
+    return frozenset(chosen)
+
+
+def _severity(value):
+    if not re.match(r"^\d{1,2}$", value) or int(value) > 10:
+        raise ValueError("expected a severity from 0 to 10, got %r" % value)
+    return int(value)
+
+
+_ACCOUNT_PATTERN = re.compile(r"^[\w.*?\[\]$@-]+$")
+
+
+def _names(value):
+    """A comma-separated list of user or group names (shell patterns
+    such as deploy-* allowed)."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    bad = [name for name in names if not _ACCOUNT_PATTERN.match(name)]
+    if bad:
+        raise ValueError("expected comma-separated names (patterns such as "
+                         "deploy-* allowed), got %r" % bad[0])
+    return names
+
+
+def _networks(value):
+    """A comma-separated list of addresses or CIDR blocks."""
+    networks = []
+    for text in (part.strip() for part in value.split(",")):
+        if not text:
+            continue
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+            mapped = getattr(network.network_address, "ipv4_mapped", None)
+            if mapped is not None and network.prefixlen >= 96:
+                # sources are normalised to plain IPv4: match them so
+                network = ipaddress.ip_network(
+                    "%s/%d" % (mapped, network.prefixlen - 96))
+            networks.append(network)
+        except ValueError:
+            raise ValueError("expected addresses or CIDR blocks such as "
+                             "192.0.2.0/24 or 2001:db8::/32, got %r"
+                             % text) from None
+    return tuple(networks)
+
+
+def _cooldown(value):
+    return 0 if value.strip().lower() == "off" else _duration_s(value)
 
 
 _DURATION = re.compile(r"^(\d{1,7})([smhd])$")
@@ -511,8 +610,28 @@ DETECTION_OPTIONS = collections.OrderedDict((
     ("learning_period", (_duration_s, "7d")),
 ))
 
-#: Keys every [channel:NAME] section takes, whatever its type.
-CHANNEL_COMMON_OPTIONS = {"type": None, "events": _event_filter}
+#: [alerts] keys, which a [channel:NAME] may override: key -> (validator,
+#: default). The defaults fit a small server: everything but the routine,
+#: one alert per attack and key every 10 minutes, at most 20 a minute.
+ALERT_OPTIONS = collections.OrderedDict((
+    ("events", (_event_filter, "default")),
+    ("min_severity", (_severity, "0")),
+    ("ignore_users", (_names, "")),
+    ("ignore_groups", (_names, "")),
+    ("ignore_sources", (_networks, "")),
+    ("always_users", (_names, "")),
+    ("always_groups", (_names, "")),
+    ("always_sources", (_networks, "")),
+    ("cooldown", (_cooldown, "10m")),
+    ("rate_limit", (_threshold, "20 in 1m")),
+))
+
+#: The policy of the console when no channel is configured: it is a log,
+#: so it shows every event at once.
+SHOW_EVERYTHING = AlertPolicy(
+    events=frozenset(ACTIONS), min_severity=0, ignore_users=(),
+    ignore_groups=(), ignore_sources=(), always_users=(), always_groups=(),
+    always_sources=(), cooldown=0, rate_limit=Threshold(0, 0))
 
 
 def _index_lines(text):
@@ -586,22 +705,25 @@ def parse_config(text, path="<config>"):
     settings = _plain_section(parser, "pamsignal", GLOBAL_OPTIONS, problem)
     detection = _plain_section(parser, "detection", DETECTION_OPTIONS,
                                problem)
+    alerts = AlertPolicy(**_plain_section(parser, "alerts", ALERT_OPTIONS,
+                                          problem))
     channels = []
     for section in parser.sections():
         values = parser[section]
-        if section in ("pamsignal", "detection"):
+        if section in ("pamsignal", "detection", "alerts"):
             continue
         if section.startswith("channel:") and section[8:].strip():
-            channel = _parse_channel(section, values, problem)
+            channel = _parse_channel(section, values, alerts, problem)
             if channel is not None:
                 channels.append(channel)
         else:
             problem(section, None, "unknown section; expected [pamsignal], "
-                    "[detection] or [channel:NAME]")
+                    "[detection], [alerts] or [channel:NAME]")
     if problems:
         raise ConfigError(problems)
     return Config(path=path, channels=tuple(channels),
-                  detection=DetectionConfig(**detection), **settings)
+                  detection=DetectionConfig(**detection), alerts=alerts,
+                  **settings)
 
 
 def _plain_section(parser, section, options, problem):
@@ -621,15 +743,17 @@ def _plain_section(parser, section, options, problem):
     return values
 
 
-def _parse_channel(section, values, problem):
+def _parse_channel(section, values, alerts, problem):
+    """A [channel:NAME]: its type's own options, and the [alerts] policy
+    with whatever the channel overrides."""
     kind = values.get("type", "").strip()
     if kind not in CHANNEL_TYPES:
         problem(section, "type", "expected one of: %s; got %r"
                 % (", ".join(sorted(CHANNEL_TYPES)), kind))
         return None
-    known = dict(CHANNEL_COMMON_OPTIONS, **CHANNEL_TYPES[kind].OPTIONS)
-    events = frozenset(ACTIONS)
-    options = {}
+    known = dict(((key, validate) for key, (validate, _)
+                  in ALERT_OPTIONS.items()), **CHANNEL_TYPES[kind].OPTIONS)
+    overrides, options = {}, {}
     for key, raw in values.items():
         if key == "type":
             continue
@@ -642,11 +766,9 @@ def _parse_channel(section, values, problem):
         except ValueError as error:
             problem(section, key, str(error))
             continue
-        if key == "events":
-            events = value
-        else:
-            options[key] = value
-    return ChannelConfig(section[8:].strip(), kind, events, options)
+        (overrides if key in ALERT_OPTIONS else options)[key] = value
+    return ChannelConfig(section[8:].strip(), kind,
+                         alerts._replace(**overrides), options)
 
 
 def default_config(path=DEFAULT_CONFIG_PATH):
@@ -1713,6 +1835,244 @@ class Baseline:
                                    seen if type(seen) is int else None)
 
 
+def _matches_any(name, patterns):
+    return name is not None and any(
+        fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _in_networks(address, networks):
+    if not address or not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks
+               if network.version == ip.version)
+
+
+def _named_in(policy_users, policy_groups, event, groups_of):
+    if _matches_any(event.user, policy_users):
+        return True
+    return bool(policy_groups and event.user) and any(
+        _matches_any(group, policy_groups) for group in groups_of(event.user))
+
+
+def policy_admits(policy, event, groups_of=lambda user: ()):
+    """Whether a channel with this policy alerts on the event at all.
+
+    The always_* lists win over everything; then the action must be one the
+    channel wants, of at least its minimum severity, and not from an
+    ignored user (the account logged into, or the person running sudo/su),
+    group or source. `groups_of(user)` names the user's groups."""
+    if event.action == "alert_digest":
+        return True  # it only ever holds what this channel admitted
+    if _in_networks(event.source_ip, policy.always_sources) or _named_in(
+            policy.always_users, policy.always_groups, event, groups_of):
+        return True
+    if event.action not in policy.events or \
+            event_severity(event) < policy.min_severity:
+        return False
+    return not (_in_networks(event.source_ip, policy.ignore_sources) or
+                _named_in(policy.ignore_users, policy.ignore_groups, event,
+                          groups_of))
+
+
+def throttle_key(event):
+    """What repeats of one thing share: the action and who is behind it,
+    the source (an IPv6 /64 as one, whatever accounts it tries) or, with no
+    source, the account; for forgeries the forger's UID."""
+    return "\0".join((event.action, attacker_of(event) or event.user or "",
+                       event.writer_uid or ""))
+
+
+class HeldBack:
+    """Events a channel held back: counted by action, with their sources and
+    users named (up to MAX_DIGEST_NAMES), for one digest."""
+
+    def __init__(self, since_us):
+        self.since_us = since_us
+        self.count = 0
+        self.actions = collections.Counter()
+        self.sources = collections.OrderedDict()
+        self.users = collections.OrderedDict()
+        self.severity = 0
+        self.hostname = None
+
+    def add(self, event):
+        self.count += 1
+        self.actions[event.action] += 1
+        self.severity = max(self.severity, event_severity(event))
+        self.hostname = self.hostname or event.hostname
+        for names, name in ((self.sources, attacker_of(event)),
+                            (self.users, event.user)):
+            if name is not None and len(names) < MAX_DIGEST_NAMES:
+                names[name] = True
+
+    def merge(self, other):
+        self.since_us = min(self.since_us, other.since_us)
+        self.count += other.count
+        self.actions.update(other.actions)
+        self.severity = max(self.severity, other.severity)
+        self.hostname = self.hostname or other.hostname
+        for names, more in ((self.sources, other.sources),
+                            (self.users, other.users)):
+            for name in more:
+                if len(names) < MAX_DIGEST_NAMES:
+                    names[name] = True
+
+    def digest(self, now_us, reason):
+        """One `alert_digest` event: how many of which kind, from where."""
+        kinds = ", ".join("%d %s" % (count, action) for action, count
+                          in sorted(self.actions.items(),
+                                    key=lambda item: (-item[1], item[0])))
+        sources = tuple(self.sources)
+        window_s = max(0, (now_us - self.since_us) // 1000000)
+        why = "a cooldown" if reason == "cooldown" else "the rate limit"
+        return Event(
+            timestamp_us=now_us, action="alert_digest", reason=reason,
+            severity=self.severity, held_back=self.count, detail=kinds,
+            sources=sources or None, users_tried=tuple(self.users) or None,
+            window_s=window_s, hostname=self.hostname,
+            message="%s held back %d alert%s over %ds: %s%s" % (
+                why, self.count, "" if self.count == 1 else "s", window_s,
+                kinds, "; from " + ", ".join(sources) if sources else ""))
+
+
+class Throttle:
+    """One channel's cooldowns and rate limit, on a clock given by the
+    caller (microseconds).
+
+    The first event of a key goes out and starts its cooldown; repeats
+    during it are held back, and when it ends one digest says what was
+    held (the cooldown then runs again while repeats keep coming). Past the
+    rate limit the channel holds back everything but NEVER_HELD_ACTIONS
+    and sends one digest per rate window until the flood stops. Nothing
+    held is lost: `drain()` gives what is pending (at shutdown)."""
+
+    def __init__(self, cooldown_s, rate_limit, limit=MAX_COOLDOWN_KEYS):
+        self.cooldown_us = cooldown_s * 1000000
+        self.rate_count = rate_limit.attempts
+        self.rate_window_us = rate_limit.window_s * 1000000
+        self.limit = limit
+        self.cooling = collections.OrderedDict()  # key -> [until, HeldBack]
+        self.sent = collections.deque()  # times of recent sends
+        self.flood_until = None
+        self.overflow = None
+        self.now_us = 0
+
+    def admit(self, event, now_us):
+        """The alerts to send now for this event: digests that came due,
+        then the event itself unless it is held back."""
+        out = self.due(now_us)
+        now_us = self.now_us
+        if event.action in NEVER_HELD_ACTIONS:
+            self._count_send(now_us)
+            return out + [event]
+        key = throttle_key(event)
+        cooling = self.cooling.get(key)
+        if cooling is not None:
+            cooling[1] = cooling[1] or HeldBack(now_us)
+            cooling[1].add(event)
+            return out
+        if self.flood_until is not None or self._rate_full(now_us):
+            self._hold_in_flood(now_us).add(event)
+            return out
+        self._count_send(now_us)
+        self._cool(key, now_us)
+        return out + [event]
+
+    def due(self, now_us):
+        """Digests whose time came (call about once a second)."""
+        self.now_us = now_us = max(now_us, self.now_us)  # never backwards
+        out = []
+        while self.cooling:
+            key, (until, held) = next(iter(self.cooling.items()))
+            if until > now_us:
+                break
+            del self.cooling[key]
+            if held is not None:
+                digest = self._digest_or_flood(held, now_us)
+                out.extend(digest)
+                self._cool(key, now_us)  # repeats may still be coming
+        if self.flood_until is not None and self.flood_until <= now_us:
+            if self.overflow is not None:
+                out.append(self.overflow.digest(now_us, "rate_limit"))
+                self._count_send(now_us)
+                self.overflow = None
+                self.flood_until = now_us + self.rate_window_us
+            else:
+                self.flood_until = None
+        return out
+
+    def drain(self):
+        """Every digest still pending, now."""
+        now_us = self.now_us
+        held = [entry[1] for entry in self.cooling.values() if entry[1]]
+        out = [each.digest(now_us, "cooldown") for each in held]
+        if self.overflow is not None:
+            out.append(self.overflow.digest(now_us, "rate_limit"))
+        self.cooling.clear()
+        self.overflow, self.flood_until = None, None
+        return out
+
+    def _cool(self, key, now_us):
+        if not self.cooldown_us:
+            return
+        self.cooling[key] = [now_us + self.cooldown_us, None]
+        while len(self.cooling) > self.limit:
+            _, (_, held) = self.cooling.popitem(last=False)
+            if held is not None:  # forgotten key, its events are not
+                self._hold_in_flood(now_us, start=False).merge(held)
+
+    def _digest_or_flood(self, held, now_us):
+        if self.flood_until is None and not self._rate_full(now_us):
+            self._count_send(now_us)
+            return [held.digest(now_us, "cooldown")]
+        self._hold_in_flood(now_us).merge(held)
+        return []
+
+    def _hold_in_flood(self, now_us, start=True):
+        if self.overflow is None:
+            self.overflow = HeldBack(now_us)
+        if self.flood_until is None:
+            self.flood_until = now_us + (self.rate_window_us if start else 0)
+        return self.overflow
+
+    def _rate_full(self, now_us):
+        if not self.rate_count:
+            return False
+        while self.sent and self.sent[0] <= now_us - self.rate_window_us:
+            self.sent.popleft()
+        return len(self.sent) >= self.rate_count
+
+    def _count_send(self, now_us):
+        if self.rate_count:
+            self.sent.append(now_us)
+            if len(self.sent) > self.rate_count:
+                self.sent.popleft()
+
+
+class ChannelGate:
+    """A channel's policy and throttle in front of its sink."""
+
+    def __init__(self, policy, groups_of=lambda user: ()):
+        self.policy = policy
+        self.groups_of = groups_of
+        self.throttle = Throttle(policy.cooldown, policy.rate_limit)
+
+    def admit(self, event, now_us):
+        if not policy_admits(self.policy, event, self.groups_of):
+            return self.throttle.due(now_us)
+        return self.throttle.admit(event, now_us)
+
+    def due(self, now_us):
+        return self.throttle.due(now_us)
+
+    def drain(self):
+        return self.throttle.drain()
+
+
 # ---------------------------------------------------------------------------
 # 10 rendering
 # ---------------------------------------------------------------------------
@@ -1756,6 +2116,8 @@ def render_text(event):
          else "%ds" % event.window_s),
         ("users_tried", ",".join(event.users_tried or ()) or None),
         ("sources", ",".join(event.sources or ()) or None),
+        ("held_back", event.held_back), ("kinds", event.detail
+                                          if event.held_back else None),
         ("writer_uid", event.writer_uid), ("program", event.process_name),
         ("claimed", event.claimed_action), ("host", event.hostname),
     ]
@@ -1801,10 +2163,8 @@ class ConsoleSink:
 
     OPTIONS = {"format": _console_format}
 
-    def __init__(self, name, events=frozenset(ACTIONS), options=None,
-                 stream=None):
+    def __init__(self, name, options=None, stream=None):
         self.name = name
-        self.events = events
         self.format = (options or {}).get("format", "text")
         self.stream = stream
 
@@ -1830,18 +2190,64 @@ class ConsoleSink:
 CHANNEL_TYPES = {"console": ConsoleSink}
 
 
-def build_sinks(config, json_output=False):
-    """The configured channels, or the console when none is configured."""
-    channels = config.channels or (
-        ChannelConfig("console", "console", frozenset(ACTIONS), {}),)
-    sinks = []
-    for channel in channels:
+class GroupDirectory:
+    """Which groups a user is in (primary and supplementary), from the
+    account databases, reread after GROUP_CACHE_S so a change is seen."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.members = None
+        self.read_at = None
+
+    def groups_of(self, user):
+        now = self.clock()
+        if self.members is None or now - self.read_at >= GROUP_CACHE_S:
+            self.members, self.read_at = self._read(), now
+        return self.members.get(user, ())
+
+    @staticmethod
+    def _read():
+        by_gid, members = {}, collections.defaultdict(set)
+        try:
+            for group in grp.getgrall():
+                by_gid[group.gr_gid] = group.gr_name
+                for user in group.gr_mem:
+                    members[user].add(group.gr_name)
+            for account in pwd.getpwall():
+                if account.pw_gid in by_gid:
+                    members[account.pw_name].add(by_gid[account.pw_gid])
+        except (OSError, KeyError) as error:
+            say("warning", "cannot read the group database: %s" % error)
+        return {user: tuple(sorted(groups))
+                for user, groups in members.items()}
+
+
+Channel = collections.namedtuple("Channel", "sink gate")
+Channel.__doc__ = "A destination: its sink behind its policy gate."
+
+
+def _uses_groups(policy):
+    return bool(policy.ignore_groups or policy.always_groups)
+
+
+def build_channels(config, json_output=False):
+    """The configured channels, or the console showing every event when
+    none is configured."""
+    configured = config.channels or (
+        ChannelConfig("console", "console", SHOW_EVERYTHING, {}),)
+    directory = GroupDirectory() if any(
+        _uses_groups(channel.policy) for channel in configured) else None
+    channels = []
+    for channel in configured:
         options = dict(channel.options)
         if json_output and channel.type == "console":
             options["format"] = "json"
-        sinks.append(CHANNEL_TYPES[channel.type](channel.name, channel.events,
-                                                 options))
-    return sinks
+        gate = ChannelGate(channel.policy, directory.groups_of
+                           if _uses_groups(channel.policy) else
+                           lambda user: ())
+        channels.append(Channel(CHANNEL_TYPES[channel.type](
+            channel.name, options), gate))
+    return channels
 
 
 class StateStore:
@@ -2152,18 +2558,22 @@ class JournalSource:
 
 
 class Pipeline:
-    """Entry -> event -> sessions -> sinks, shared by `run` and `scan`.
+    """Entry -> event -> sessions -> detection -> channels (policy gate,
+    then sink), shared by `run` and `scan`.
 
     A failing sink is reported and never stops the others or the reader.
+    `clock` gives the wall time that cooldowns and rate limits run on.
     """
 
-    def __init__(self, sinks, detection, skip_unwatched=False):
-        self.sinks = sinks
+    def __init__(self, channels, detection, skip_unwatched=False,
+                 clock=time.time):
+        self.channels = channels
         self.sessions = SessionTracker()
         self.sudo_attempts = SudoAttempts()
         self.detector = FailureDetector(detection)
         self.baseline = Baseline(detection.learning_period)
         self.skip_unwatched = skip_unwatched
+        self.clock = clock
         self.entries = 0
         self.events = 0
         self.malformed = 0
@@ -2214,34 +2624,49 @@ class Pipeline:
 
     def _send(self, event):
         self.events += 1
-        self._each_sink(lambda sink: sink.send(event), [
-            sink for sink in self.sinks if event.action in sink.events])
+        now_us = int(self.clock() * 1000000)
+        self._each_channel(lambda gate: gate.admit(event, now_us))
+
+    def tick(self):
+        """Send the digests whose cooldown or rate window ended."""
+        now_us = int(self.clock() * 1000000)
+        self._each_channel(lambda gate: gate.due(now_us))
+
+    def drain(self):
+        """Send every digest still held (before stopping)."""
+        self._each_channel(lambda gate: gate.drain())
 
     def flush(self):
         """Push out what the sinks hold (after each batch)."""
-        self._each_sink(lambda sink: sink.flush(), self.sinks)
+        self._each_channel(None)
 
-    @staticmethod
-    def _each_sink(call, sinks):
-        for sink in sinks:
+    def _each_channel(self, alerts_of):
+        """For each channel, send what `alerts_of(gate)` gives (flush when
+        None), containing each channel's failure to itself."""
+        for channel in self.channels:
             try:
-                call(sink)
+                if alerts_of is None:
+                    channel.sink.flush()
+                    continue
+                for alert in alerts_of(channel.gate):
+                    channel.sink.send(alert)
             except BrokenPipeError:
                 raise  # our own output is gone: the caller decides
             except Exception as error:  # a sink must not stop the others
-                say("error", "channel %s failed: %s" % (sink.name, error))
+                say("error", "channel %s failed: %s"
+                    % (channel.sink.name, error))
 
 
 class Agent:
     """The `run` command: follows the journal until told to stop."""
 
-    def __init__(self, config, sinks):
+    def __init__(self, config, channels):
         self.config = config
         self.store = StateStore(config.state_dir)
         self.detection_store = StateStore(config.state_dir, "detection.json")
         self.last_detection_save = 0.0
         self.events_at_detection_save = 0
-        self.pipeline = Pipeline(sinks, config.detection)
+        self.pipeline = Pipeline(channels, config.detection)
         self.source = JournalSource(config.journalctl, config.first_start)
         self.stopping = False
         self.last_save = 0.0
@@ -2321,8 +2746,8 @@ class Agent:
     def run(self):
         self.store.prepare()
         self.restore()
-        for sink in self.pipeline.sinks:
-            sink.open()
+        for channel in self.pipeline.channels:
+            channel.sink.open()
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         now = time.monotonic()
@@ -2337,6 +2762,8 @@ class Agent:
                 lines = self.source.read(1.0)
                 now = time.monotonic()
                 self.follow_lines(lines, now)
+                self.pipeline.tick()
+                self.pipeline.flush()
                 if self.unsaved and now - self.last_save >= STATE_FLUSH_S:
                     self.save(now)
                 if now - self.last_detection_save >= DETECTION_FLUSH_S:
@@ -2344,12 +2771,13 @@ class Agent:
                 if not self.stopping:
                     self.source.supervise(now)
         finally:
+            self.pipeline.drain()
             if self.unsaved:
                 self.save(time.monotonic())
             self.save_detection(time.monotonic())
             self.source.stop()
-            for sink in self.pipeline.sinks:
-                sink.close()
+            for channel in self.pipeline.channels:
+                channel.sink.close()
         say("info", "stopped after %d entries, %d events"
             % (self.pipeline.entries, self.pipeline.events))
         return EXIT_OK
@@ -2401,7 +2829,8 @@ def command_scan(args, stdout):
     config = load_config(args.config)
     sink = ConsoleSink("console", options={
         "format": "json" if args.json else "text"}, stream=stdout)
-    pipeline = Pipeline([sink], config.detection, skip_unwatched=True)
+    pipeline = Pipeline([Channel(sink, ChannelGate(SHOW_EVERYTHING))],
+                        config.detection, skip_unwatched=True)
     with stream:
         for line in stream:
             entry = None if line.isspace() else pipeline.decode(line)
@@ -2428,7 +2857,7 @@ def command_check_config(args, stdout):
 
 def command_run(args, stdout):
     config = load_config(args.config)
-    return Agent(config, build_sinks(config, args.json)).run()
+    return Agent(config, build_channels(config, args.json)).run()
 
 
 COMMANDS = {"run": command_run, "scan": command_scan,

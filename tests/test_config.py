@@ -32,7 +32,7 @@ def test_values_are_read_and_normalised():
     assert config.first_start == "-2h"
     (channel,) = config.channels
     assert channel.name == "screen" and channel.options == {"format": "json"}
-    assert channel.events == {"login_success", "login_failure"}
+    assert channel.policy.events == {"login_success", "login_failure"}
 
 
 def test_every_problem_is_reported_with_line_and_expectation():
@@ -60,13 +60,11 @@ def test_every_problem_is_reported_with_line_and_expectation():
         "'pager'",
         "/etc/p.conf:10: [channel:screen] format: expected text or json, got"
         " 'xml'",
-        "/etc/p.conf:11: [channel:screen] events: expected * or a "
-        "comma-separated list of: brute_force_detected, login_failure, "
-        "login_success, new_source, new_sudo_user, session_closed, "
-        "session_opened, spoofed_entry, success_after_failures, "
-        "sudo_command; got 'login_success, logout'",
+        "/etc/p.conf:11: [channel:screen] events: expected *, default or a "
+        "comma-separated list of actions (-action leaves one out): %s; got "
+        "'logout'" % ", ".join(sorted(pamsignal.ACTIONS)),
         "/etc/p.conf:12: [geoip2]: unknown section; expected [pamsignal], "
-        "[detection] or [channel:NAME]",
+        "[detection], [alerts] or [channel:NAME]",
     ]
 
 
@@ -80,7 +78,8 @@ def test_every_problem_is_reported_with_line_and_expectation():
     ("[pamsignal]\njust words\n", "/etc/p.conf:2: expected 'key = value', "
      "got 'just words'"),
     ("[DEFAULT]\nstate_dir = /x\n", "/etc/p.conf:1: [DEFAULT]: unknown "
-     "section; expected [pamsignal], [detection] or [channel:NAME]"),
+     "section; expected [pamsignal], [detection], [alerts] or "
+     "[channel:NAME]"),
     ("[channel:x]\nformat = json\n", "/etc/p.conf:1: [channel:x] type: "
      "expected one of: console; got ''"),
 ])
