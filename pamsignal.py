@@ -3352,6 +3352,7 @@ class Courier(threading.Thread):
         self.delivered = 0
         self.failed = 0
         self.last_error = None
+        self.last_wait_s = None
 
     def stop(self, timeout=2.0):
         self.stopping.set()
@@ -3398,6 +3399,7 @@ class Courier(threading.Thread):
         self.failures += 1
         wait_s = error.retry_after if error.retry_after is not None \
             else retry_delay_s(self.failures)
+        self.last_wait_s = wait_s
         if self.failures == 1 or self.failures % 10 == 0:
             say("warning", "channel %s: %s; retrying in %.0f s (%d alert%s "
                 "waiting)" % (self.sink.name, error, wait_s,
