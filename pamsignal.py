@@ -3171,6 +3171,8 @@ class Spool:
         self.ready = collections.deque()  # (created, id), oldest first
         self.staged = []
         self.dropped = collections.Counter()
+        self.in_memory = {}  # id -> event, when the disk refused it
+        self.disk_error = None
 
     def _path(self, name):
         return os.path.join(self.directory, name)
@@ -3207,11 +3209,34 @@ class Spool:
 
     def put(self, event):
         """Write an alert (not yet durable); False if this very alert is
-        already here or was delivered within the hour."""
+        already here or was delivered within the hour. If the disk refuses
+        it (full, read-only), it is kept in memory and still delivered:
+        only a crash before then can lose it."""
         name = alert_id(event)
         if os.path.exists(self._path(name + ".alert")) or \
                 os.path.exists(self._path(name + ".sent")):
             return False
+        try:
+            self._write_alert(name, event)
+        except OSError as error:
+            with self.lock:
+                if self.disk_error is None:
+                    say("error", "cannot write the spool %s: %s; keeping "
+                        "alerts in memory" % (self.directory,
+                                              error.strerror or error))
+                self.disk_error = str(error.strerror or error)
+                self.in_memory[name] = event
+                self.staged.append((self.clock(), name))
+            return True
+        with self.lock:
+            if self.disk_error is not None:
+                say("info", "the spool %s is writable again"
+                    % self.directory)
+                self.disk_error = None
+            self.staged.append((self.clock(), name))
+        return True
+
+    def _write_alert(self, name, event):
         temporary = self._path(name + ".tmp")
         with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                           0o600), "w", encoding="utf-8") as handle:
@@ -3220,9 +3245,6 @@ class Spool:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, self._path(name + ".alert"))
-        with self.lock:
-            self.staged.append((self.clock(), name))
-        return True
 
     def flush(self):
         """Make what was put durable and hand it to the courier."""
@@ -3230,7 +3252,10 @@ class Spool:
             staged, self.staged = self.staged, []
         if not staged:
             return
-        _fsync_directory(self.directory)
+        try:
+            _fsync_directory(self.directory)
+        except OSError:
+            pass  # put() already said the disk is in trouble
         with self.lock:
             self.ready.extend(staged)
             self._enforce_bounds()
@@ -3255,6 +3280,10 @@ class Spool:
 
     def delivered(self, name):
         """The alert reached its channel: leave a tombstone."""
+        if self.in_memory.pop(name, None) is not None:
+            with self.lock:
+                self._forget(name)
+            return
         try:
             os.replace(self._path(name + ".alert"), self._path(name + ".sent"))
             os.truncate(self._path(name + ".sent"), 0)
@@ -3289,7 +3318,8 @@ class Spool:
             self._drop_locked(self.ready[0][1], "spool_full")
 
     def _drop_locked(self, name, reason):
-        self._unlink(name + ".alert")
+        if self.in_memory.pop(name, None) is None:
+            self._unlink(name + ".alert")
         self._forget(name)
         self.dropped[reason] += 1
         self._write_json("dropped.json", dict(self.dropped))
@@ -3302,6 +3332,8 @@ class Spool:
                 item for item in self.ready if item[1] != name)
 
     def _load(self, name):
+        if name in self.in_memory:
+            return self.in_memory[name]
         record = self._read_json(name + ".alert")
         if isinstance(record, dict) and record.get("version") == 1:
             event = event_from_record(record.get("event"))

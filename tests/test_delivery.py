@@ -299,3 +299,29 @@ def test_test_alert_reports_each_channel(receiver, tmp_path, capsys):
     assert "no channel 'nope'; configured: good, bad" in \
         capsys.readouterr().err
     json.dumps(receiver.requests[0].json)  # the sample is plain JSON
+
+
+def test_a_spool_the_disk_refuses_keeps_alerts_in_memory(receiver, tmp_path,
+                                                         capsys):
+    sink = sink_for("[channel:h]\ntype = webhook\nurl = %s/hook\n"
+                    % receiver.url)
+    courier, spool = courier_for(sink, tmp_path)
+    directory = tmp_path / "spool"
+    directory.rmdir()
+    directory.write_text("not a directory any more")  # ENOTDIR on write
+    assert spool.put(login("kept"))
+    spool.flush()
+    assert "keeping alerts in memory" in capsys.readouterr().err
+    courier.start()
+    try:
+        assert wait_for(lambda: courier.delivered == 1, timeout=20)
+        directory.unlink()
+        directory.mkdir()
+        assert spool.put(login("on-disk"))
+        spool.flush()
+        assert wait_for(lambda: courier.delivered == 2, timeout=20)
+    finally:
+        courier.stop()
+    assert [r.json["user"]["name"] for r in receiver.requests] == [
+        "kept", "on-disk"]
+    assert "is writable again" in capsys.readouterr().err
