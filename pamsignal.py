@@ -2129,8 +2129,10 @@ def throttle_key(event):
     """What repeats of one thing share: the action and who is behind it,
     the source (an IPv6 /64 as one, whatever accounts it tries) or, with no
     source, the account; for forgeries the forger's UID."""
-    return "\0".join((event.action, attacker_of(event) or event.user or "",
-                       event.writer_uid or ""))
+    return "%s\0%s\0%s" % (event.action,
+                           attacker_of(event) or event.user or "",
+                           "" if event.writer_uid is None
+                           else event.writer_uid)
 
 
 class HeldBack:
@@ -2309,9 +2311,14 @@ class ChannelGate:
         self.throttle = Throttle(policy.cooldown, policy.rate_limit)
 
     def admit(self, event, now_us):
-        if not policy_admits(self.policy, event, self.groups_of):
-            return self.throttle.due(now_us)
-        return self.throttle.admit(event, now_us)
+        try:
+            if not policy_admits(self.policy, event, self.groups_of):
+                return self.throttle.due(now_us)
+            return self.throttle.admit(event, now_us)
+        except Exception as error:  # a policy bug must not eat an alert
+            say("error", "alert policy failed on %s (%r); sending it "
+                "unfiltered" % (event.action, error))
+            return [event]
 
     def due(self, now_us):
         return self.throttle.due(now_us)

@@ -202,6 +202,11 @@ def test_keys_are_per_action_source_and_user():
     assert gate.admit(event(ip=None, user="admin", service="sudo"), 2)
     assert gate.admit(event(ip=None, user="alice", service="sudo"), 2)
     assert gate.admit(event("brute_force_detected"), 3)
+    # Forgeries are keyed by the forging UID (an int).
+    forged = event("spoofed_entry", ip=None, user=None, writer_uid=1000)
+    assert gate.admit(forged, 6)
+    assert gate.admit(forged, 7) == []
+    assert gate.admit(forged._replace(writer_uid=1001), 8)
     # One IPv6 /64 is one attacker.
     assert gate.admit(event(ip="2001:db8:1:2::1"), 4)
     assert gate.admit(event(ip="2001:db8:1:2::99"), 5) == []
