@@ -38,21 +38,38 @@ if sys.version_info < (3, 6):  # pragma: no cover - needs an old interpreter
 # 1 imports
 # ---------------------------------------------------------------------------
 import argparse  # noqa: E402
+import base64  # noqa: E402
 import bisect  # noqa: E402
 import collections  # noqa: E402
 import configparser  # noqa: E402
 import difflib  # noqa: E402
+import email.message  # noqa: E402
+import email.utils  # noqa: E402
+import fnmatch  # noqa: E402
 import functools  # noqa: E402
+import grp  # noqa: E402
+import hashlib  # noqa: E402
+import hmac  # noqa: E402
+import http.client  # noqa: E402
+import ipaddress  # noqa: E402
 import json  # noqa: E402
 import mmap  # noqa: E402
 import os  # noqa: E402
+import pwd  # noqa: E402
+import random  # noqa: E402
 import re  # noqa: E402
 import select  # noqa: E402
 import signal  # noqa: E402
+import smtplib  # noqa: E402
 import socket  # noqa: E402
+import ssl  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.parse  # noqa: E402
+import urllib.request  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # 2 constants
@@ -100,6 +117,17 @@ MAX_USERS_TRIED = 10
 #: shutdown); a crash forgets at most this much counting.
 DETECTION_FLUSH_S = 10.0
 
+#: Keys (action, source, user) a channel remembers a cooldown for; past
+#: this the soonest to end are let go, their held-back events kept.
+MAX_COOLDOWN_KEYS = 10000
+
+#: Sources and users a digest names; the rest are counted.
+MAX_DIGEST_NAMES = 10
+
+#: How long group memberships are trusted before the group database is
+#: read again (for ignore_groups / always_groups).
+GROUP_CACHE_S = 300.0
+
 #: Open sessions remembered for pairing; the oldest are forgotten first.
 MAX_OPEN_SESSIONS = 10000
 
@@ -143,6 +171,17 @@ class ConfigError(PamSignalError):
     def __init__(self, problems):
         self.problems = list(problems)
         PamSignalError.__init__(self, "\n".join(str(p) for p in self.problems))
+
+
+class DeliveryError(PamSignalError):
+    """A channel did not take an alert. `permanent`: retrying cannot help
+    (a bad token, a refused payload); `retry_after`: seconds the service
+    asked to wait."""
+
+    def __init__(self, reason, permanent=False, retry_after=None):
+        PamSignalError.__init__(self, reason)
+        self.permanent = permanent
+        self.retry_after = retry_after
 
 
 class UsageError(PamSignalError):
@@ -308,6 +347,7 @@ EVENT_FIELDS = (
     "certificate_serial", "certificate_ca", "session_id",
     "session_duration_s", "attempts", "writer_uid", "claimed_action",
     "detail", "counted_by", "network", "window_s", "users_tried", "sources",
+    "held_back",
     "source_as_number", "source_as_org", "source_country", "source_city",
     "source_network_type", "source_provider", "host_provider",
     "cursor", "message", "context_key")
@@ -330,12 +370,26 @@ ACTIONS = {
     "new_source": ("intrusion_detection", "info", "success", 6),
     "new_sudo_user": ("intrusion_detection", "info", "success", 7),
     "spoofed_entry": ("intrusion_detection", "info", "unknown", 8),
+    "alert_digest": ("intrusion_detection", "info", "unknown", 5),
+    "alerts_dropped": ("intrusion_detection", "info", "failure", 6),
 }
 
-#: The actions the detection stage adds; the parser gives all the others.
-DETECTION_ACTIONS = frozenset(("brute_force_detected",
-                               "success_after_failures", "new_source",
-                               "new_sudo_user"))
+#: What a small server does not alert on by default: it is counted (and
+#: detected as brute force), not sent one by one.
+ROUTINE_ACTIONS = frozenset(("login_failure", "session_opened",
+                             "session_closed"))
+
+#: Access that was granted: never held back by a cooldown or a rate limit,
+#: so no flood of failures can delay the news that someone got in.
+NEVER_HELD_ACTIONS = frozenset(("login_success", "sudo_command",
+                                "success_after_failures", "new_source",
+                                "new_sudo_user"))
+
+#: The actions the parser gives; detection, policy and the runtime add
+#: the others.
+PARSED_ACTIONS = frozenset(("login_success", "login_failure",
+                            "session_opened", "session_closed",
+                            "sudo_command", "spoofed_entry"))
 
 
 #: (ECS path, Event field) in the order they are rendered.
@@ -369,7 +423,7 @@ _ECS_LAYOUT = (
     ("pamsignal.detail", "detail"), ("pamsignal.counted_by", "counted_by"),
     ("pamsignal.network", "network"), ("pamsignal.window_s", "window_s"),
     ("pamsignal.users_tried", "users_tried"),
-    ("pamsignal.sources", "sources"),
+    ("pamsignal.sources", "sources"), ("pamsignal.held_back", "held_back"),
     ("pamsignal.source_network_type", "source_network_type"),
     ("pamsignal.source_provider", "source_provider"),
     ("pamsignal.cursor", "cursor"),
@@ -380,14 +434,19 @@ _ECS_PLAN = tuple((EVENT_FIELDS.index(field), tuple(path.split(".")[:-1]),
                    path.split(".")[-1]) for path, field in _ECS_LAYOUT)
 
 
+def event_severity(event):
+    """0 to 10: the event's own, or its action's default."""
+    return ACTIONS[event.action][3] if event.severity is None \
+        else event.severity
+
+
 def event_to_ecs(event):
     """The event as the nested ECS object of the event contract (no nulls)."""
-    category, kind, outcome, default_severity = ACTIONS[event.action]
+    category, kind, outcome, _ = ACTIONS[event.action]
     ecs = {"@timestamp": format_timestamp(event.timestamp_us),
            "event": {"action": event.action, "category": [category],
                      "type": [kind], "outcome": outcome,
-                     "severity": (default_severity if event.severity is None
-                                  else event.severity)}}
+                     "severity": event_severity(event)}}
     for index, parents, leaf in _ECS_PLAN:
         value = event[index]
         if value is None or value == "":
@@ -408,11 +467,18 @@ def event_to_ecs(event):
 
 Config = collections.namedtuple(
     "Config", "path state_dir log_dir first_start journalctl host_provider "
-    "channels detection geoip")
+    "spool_max_alerts spool_max_age channels detection alerts geoip")
 Config.__doc__ = "The validated configuration; `channels` is a tuple."
 
 ChannelConfig = collections.namedtuple("ChannelConfig",
-                                       "name type events options")
+                                       "name type policy options")
+
+AlertPolicy = collections.namedtuple(
+    "AlertPolicy", "events min_severity ignore_users ignore_groups "
+    "ignore_sources always_users always_groups always_sources cooldown "
+    "rate_limit")
+AlertPolicy.__doc__ = """Which events a channel alerts on and how often:
+[alerts] gives the default, a channel's own keys override it."""
 
 #: N failures within window_s seconds (window_s 0: the rule is off).
 Threshold = collections.namedtuple("Threshold", "attempts window_s")
@@ -484,14 +550,72 @@ def _first_start(value):
 
 
 def _event_filter(value):
+    """Actions, read left to right: `*` (all), `default` (all but the
+    routine ones), a name to add, `-name` to take one away."""
     names = [name.strip() for name in value.split(",") if name.strip()]
-    if names == ["*"]:
-        return frozenset(ACTIONS)
-    unknown = [name for name in names if name not in ACTIONS]
-    if unknown or not names:
-        raise ValueError("expected * or a comma-separated list of: %s; got %r"
-                         % (", ".join(sorted(ACTIONS)), value))
-    return frozenset(names)
+    chosen = set()
+    for name in names:
+        if name == "*":
+            chosen |= set(ACTIONS)
+        elif name == "default":
+            chosen |= set(ACTIONS) - ROUTINE_ACTIONS
+        elif name.lstrip("-") in ACTIONS:
+            (chosen.discard if name[0] == "-" else chosen.add)(
+                name.lstrip("-"))
+        else:
+            raise ValueError(
+                "expected *, default or a comma-separated list of actions "
+                "(-action leaves one out): %s; got %r"
+                % (", ".join(sorted(ACTIONS)), name))
+    if not names:
+        raise ValueError("expected *, default or a list of actions, got "
+                         "nothing")
+    return frozenset(chosen)
+
+
+def _severity(value):
+    if not re.match(r"^\d{1,2}$", value) or int(value) > 10:
+        raise ValueError("expected a severity from 0 to 10, got %r" % value)
+    return int(value)
+
+
+_ACCOUNT_PATTERN = re.compile(r"^[\w.*?\[\]$@-]+$")
+
+
+def _names(value):
+    """A comma-separated list of user or group names (shell patterns
+    such as deploy-* allowed)."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    bad = [name for name in names if not _ACCOUNT_PATTERN.match(name)]
+    if bad:
+        raise ValueError("expected comma-separated names (patterns such as "
+                         "deploy-* allowed), got %r" % bad[0])
+    return names
+
+
+def _networks(value):
+    """A comma-separated list of addresses or CIDR blocks."""
+    networks = []
+    for text in (part.strip() for part in value.split(",")):
+        if not text:
+            continue
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+            mapped = getattr(network.network_address, "ipv4_mapped", None)
+            if mapped is not None and network.prefixlen >= 96:
+                # sources are normalised to plain IPv4: match them so
+                network = ipaddress.ip_network(
+                    "%s/%d" % (mapped, network.prefixlen - 96))
+            networks.append(network)
+        except ValueError:
+            raise ValueError("expected addresses or CIDR blocks such as "
+                             "192.0.2.0/24 or 2001:db8::/32, got %r"
+                             % text) from None
+    return tuple(networks)
+
+
+def _cooldown(value):
+    return 0 if value.strip().lower() == "off" else _duration_s(value)
 
 
 _DURATION = re.compile(r"^(\d{1,7})([smhd])$")
@@ -530,12 +654,176 @@ def _console_format(value):
     return value
 
 
+class Secret:
+    """A token, password or secret URL. Its repr never shows the value, so
+    no log line or error can leak it; written as `credential:NAME` it is
+    read from the systemd credential NAME when the config is loaded."""
+
+    __slots__ = ("value", "credential")
+
+    def __init__(self, value, credential=None):
+        self.value = value
+        self.credential = credential
+
+    def __repr__(self):
+        return "Secret(%s)" % ("credential:" + self.credential
+                               if self.credential else "***")
+
+    __str__ = __repr__
+
+    def __eq__(self, other):
+        return isinstance(other, Secret) and (self.value, self.credential) \
+            == (other.value, other.credential)
+
+    def __hash__(self):
+        return hash((self.value, self.credential))
+
+
+_CREDENTIAL = re.compile(r"^credential:([A-Za-z0-9_.@-]{1,128})$")
+
+
+def _secret(value):
+    """A secret written in the file, or credential:NAME."""
+    credential = _CREDENTIAL.match(value)
+    if credential:
+        return Secret(None, credential.group(1))
+    if not value or re.search(r"[\s\x00-\x1f\x7f]", value):
+        raise ValueError("expected a secret without spaces, or "
+                         "credential:NAME for a systemd credential")
+    return Secret(value)
+
+
+def is_loopback_host(host):
+    if host is None:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url):
+    """An http(s) URL a channel may post to: https, or http only to this
+    host itself (loopback), so nothing leaves the host unencrypted."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018  (raises on a bad port)
+    except ValueError:
+        host, parts = None, None
+    if parts is None or not host or re.search(r"[\s\x00-\x1f\x7f]", url):
+        raise ValueError("expected an http(s) URL, got something else")
+    if parts.scheme == "https" or (parts.scheme == "http" and
+                                   is_loopback_host(host)):
+        return url
+    raise ValueError("expected an https:// URL (http:// only to a loopback "
+                     "address), got a %s:// URL to %s" % (parts.scheme, host))
+
+
+def _url(value):
+    return check_url(value)
+
+
+def _secret_url(value):
+    """A URL that is itself the credential (Slack, Discord, Teams...)."""
+    secret = _secret(value)
+    if secret.value is not None:
+        check_url(secret.value)
+    return secret
+
+
+def _timeout(value):
+    seconds = _duration_s(value)
+    if not 1 <= seconds <= 300:
+        raise ValueError("expected a timeout from 1s to 300s, got %r"
+                         % value)
+    return seconds
+
+
+def _template(value):
+    """Alert text with {placeholders}; \\n writes a new line."""
+    unknown = sorted(set(_PLACEHOLDER.findall(value)) -
+                     set(TEMPLATE_FIELDS))
+    if unknown:
+        raise ValueError("unknown placeholder {%s}; expected some of: %s"
+                         % (unknown[0], ", ".join(
+                             "{%s}" % name for name in TEMPLATE_FIELDS)))
+    return value.replace("\\n", "\n")
+
+
+def _chat_id(value):
+    if not re.match(r"^(?:-?\d{1,20}|@[A-Za-z][A-Za-z0-9_]{4,31})$", value):
+        raise ValueError("expected a numeric chat id (such as -1001234567) "
+                         "or @channelname, got %r" % value)
+    return value
+
+
+_EMAIL_ADDRESS = re.compile(r"^[^@\s<>,;\"]{1,64}@[A-Za-z0-9.-]{1,253}$")
+
+
+def _email_addresses(value):
+    addresses = tuple(part.strip() for part in value.split(",")
+                      if part.strip())
+    bad = [a for a in addresses if not _EMAIL_ADDRESS.match(a)]
+    if bad or not addresses:
+        raise ValueError("expected comma-separated e-mail addresses such as "
+                         "admin@example.com, got %r" % (bad or [value])[0])
+    return addresses
+
+
+def _email_address(value):
+    (address,) = _email_addresses(value) if "," not in value else (None,)
+    if address is None:
+        raise ValueError("expected one e-mail address, got %r" % value)
+    return address
+
+
+def _host(value):
+    if not _HOST_NAME.match(value) and not is_loopback_host(value):
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("expected a host name or address, got %r"
+                             % value) from None
+    return value
+
+
+def _port(value):
+    port = parse_port(value)
+    if not port:
+        raise ValueError("expected a port from 1 to 65535, got %r" % value)
+    return port
+
+
+def _smtp_security(value):
+    if value not in ("starttls", "tls", "none"):
+        raise ValueError("expected starttls, tls or none, got %r" % value)
+    return value
+
+
+def _plain_text(value):
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        raise ValueError("expected text without control characters")
+    return value
+
+
+def _spool_size(value):
+    if not re.match(r"^\d{1,7}$", value) or not 1 <= int(value) <= 1000000:
+        raise ValueError("expected a number of alerts from 1 to 1000000, "
+                         "got %r" % value)
+    return int(value)
+
+
 #: [pamsignal] keys: key -> (validator, default).
 GLOBAL_OPTIONS = collections.OrderedDict((
     ("state_dir", (_absolute_path, "/var/lib/pamsignal")),
     ("log_dir", (_absolute_path, "/var/log/pamsignal")),
     ("first_start", (_first_start, "now")),
     ("journalctl", (_program_path, "journalctl")),
+    ("spool_max_alerts", (_spool_size, "1000")),
+    ("spool_max_age", (_duration_s, "7d")),
     ("host_provider", (_host_provider, "auto")),
 ))
 
@@ -556,8 +844,28 @@ DETECTION_OPTIONS = collections.OrderedDict((
     ("learning_period", (_duration_s, "7d")),
 ))
 
-#: Keys every [channel:NAME] section takes, whatever its type.
-CHANNEL_COMMON_OPTIONS = {"type": None, "events": _event_filter}
+#: [alerts] keys, which a [channel:NAME] may override: key -> (validator,
+#: default). The defaults fit a small server: everything but the routine,
+#: one alert per attack and key every 10 minutes, at most 20 a minute.
+ALERT_OPTIONS = collections.OrderedDict((
+    ("events", (_event_filter, "default")),
+    ("min_severity", (_severity, "0")),
+    ("ignore_users", (_names, "")),
+    ("ignore_groups", (_names, "")),
+    ("ignore_sources", (_networks, "")),
+    ("always_users", (_names, "")),
+    ("always_groups", (_names, "")),
+    ("always_sources", (_networks, "")),
+    ("cooldown", (_cooldown, "10m")),
+    ("rate_limit", (_threshold, "20 in 1m")),
+))
+
+#: The policy of the console when no channel is configured: it is a log,
+#: so it shows every event at once.
+SHOW_EVERYTHING = AlertPolicy(
+    events=frozenset(ACTIONS), min_severity=0, ignore_users=(),
+    ignore_groups=(), ignore_sources=(), always_users=(), always_groups=(),
+    always_sources=(), cooldown=0, rate_limit=Threshold(0, 0))
 
 
 def _index_lines(text):
@@ -631,23 +939,25 @@ def parse_config(text, path="<config>"):
     settings = _plain_section(parser, "pamsignal", GLOBAL_OPTIONS, problem)
     detection = _plain_section(parser, "detection", DETECTION_OPTIONS,
                                problem)
+    alerts = AlertPolicy(**_plain_section(parser, "alerts", ALERT_OPTIONS,
+                                          problem))
     geoip = _plain_section(parser, "geoip", GEOIP_OPTIONS, problem)
     channels = []
     for section in parser.sections():
         values = parser[section]
-        if section in ("pamsignal", "detection", "geoip"):
+        if section in ("pamsignal", "detection", "alerts", "geoip"):
             continue
         if section.startswith("channel:") and section[8:].strip():
-            channel = _parse_channel(section, values, problem)
+            channel = _parse_channel(section, values, alerts, problem)
             if channel is not None:
                 channels.append(channel)
         else:
             problem(section, None, "unknown section; expected [pamsignal], "
-                    "[detection], [geoip] or [channel:NAME]")
+                    "[detection], [alerts], [geoip] or [channel:NAME]")
     if problems:
         raise ConfigError(problems)
     return Config(path=path, channels=tuple(channels),
-                  detection=DetectionConfig(**detection),
+                  detection=DetectionConfig(**detection), alerts=alerts,
                   geoip=GeoipConfig(**geoip), **settings)
 
 
@@ -668,15 +978,17 @@ def _plain_section(parser, section, options, problem):
     return values
 
 
-def _parse_channel(section, values, problem):
+def _parse_channel(section, values, alerts, problem):
+    """A [channel:NAME]: its type's own options, and the [alerts] policy
+    with whatever the channel overrides."""
     kind = values.get("type", "").strip()
     if kind not in CHANNEL_TYPES:
         problem(section, "type", "expected one of: %s; got %r"
                 % (", ".join(sorted(CHANNEL_TYPES)), kind))
         return None
-    known = dict(CHANNEL_COMMON_OPTIONS, **CHANNEL_TYPES[kind].OPTIONS)
-    events = frozenset(ACTIONS)
-    options = {}
+    known = dict(((key, validate) for key, (validate, _)
+                  in ALERT_OPTIONS.items()), **CHANNEL_TYPES[kind].OPTIONS)
+    overrides, options = {}, {}
     for key, raw in values.items():
         if key == "type":
             continue
@@ -689,11 +1001,12 @@ def _parse_channel(section, values, problem):
         except ValueError as error:
             problem(section, key, str(error))
             continue
-        if key == "events":
-            events = value
-        else:
-            options[key] = value
-    return ChannelConfig(section[8:].strip(), kind, events, options)
+        (overrides if key in ALERT_OPTIONS else options)[key] = value
+    for key in CHANNEL_TYPES[kind].REQUIRED:
+        if key not in values:
+            problem(section, None, "a %s channel needs %s" % (kind, key))
+    return ChannelConfig(section[8:].strip(), kind,
+                         alerts._replace(**overrides), options)
 
 
 def default_config(path=DEFAULT_CONFIG_PATH):
@@ -701,14 +1014,62 @@ def default_config(path=DEFAULT_CONFIG_PATH):
     return parse_config("", path)
 
 
-def load_config(path=None):
+def inline_secrets(config):
+    """(channel, key) of every secret written in the file itself."""
+    return [(channel.name, key) for channel in config.channels
+            for key, value in sorted(channel.options.items())
+            if isinstance(value, Secret) and value.credential is None]
+
+
+def resolve_credentials(config, directory):
+    """The config with each credential:NAME secret read from the systemd
+    credentials directory ($CREDENTIALS_DIRECTORY)."""
+    problems, channels = [], []
+    for channel in config.channels:
+        options = dict(channel.options)
+        for key, value in sorted(options.items()):
+            if not isinstance(value, Secret) or value.credential is None:
+                continue
+            where = "[channel:%s] %s" % (channel.name, key)
+            if not directory:
+                problems.append("%s: credential:%s, but no credentials were"
+                                " passed ($CREDENTIALS_DIRECTORY is unset; "
+                                "LoadCredential= in the unit)" % (
+                                    where, value.credential))
+                continue
+            path = os.path.join(directory, value.credential)
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    secret = handle.read(65536).strip()
+                resolved = CHANNEL_TYPES[channel.type].OPTIONS[key](secret)
+            except (OSError, UnicodeDecodeError) as error:
+                problems.append("%s: cannot read credential %s: %s" % (
+                    where, value.credential,
+                    getattr(error, "strerror", None) or error))
+                continue
+            except ValueError as error:
+                problems.append("%s: credential %s: %s" % (
+                    where, value.credential, error))
+                continue
+            options[key] = Secret(resolved.value)
+        channels.append(channel._replace(options=options))
+    if problems:
+        raise ConfigError([ConfigProblem(config.path, None, None, None, text)
+                           for text in problems])
+    return config._replace(channels=tuple(channels))
+
+
+def load_config(path=None, environ=None):
     """Read the configuration file; a missing default file means defaults,
-    a missing explicitly named file is an error."""
+    a missing explicitly named file is an error. A file holding secrets
+    must not be readable by other users."""
+    environ = os.environ if environ is None else environ
     named = path is not None
     path = path or DEFAULT_CONFIG_PATH
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
+            mode = os.fstat(handle.fileno()).st_mode
     except FileNotFoundError:
         if named:
             raise ConfigError([ConfigProblem(path, None, None, None,
@@ -717,7 +1078,14 @@ def load_config(path=None):
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError([ConfigProblem(path, None, None, None,
                                          "cannot read: %s" % error)]) from None
-    return parse_config(text, path)
+    config = parse_config(text, path)
+    exposed = inline_secrets(config)
+    if exposed and mode & 0o004:
+        raise ConfigError([ConfigProblem(
+            path, None, None, None, "holds secrets ([channel:%s] %s) but "
+            "other users can read it; run: chmod 600 %s (or move secrets to"
+            " credential:NAME)" % (exposed[0][0], exposed[0][1], path))])
+    return resolve_credentials(config, environ.get("CREDENTIALS_DIRECTORY"))
 
 
 # ---------------------------------------------------------------------------
@@ -2720,6 +3088,251 @@ def _restore_seen(kind, seen):
         -MAX_NETWORKS_PER_USER:]
 
 
+def _matches_any(name, patterns):
+    return name is not None and any(
+        fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _in_networks(address, networks):
+    if not address or not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks
+               if network.version == ip.version)
+
+
+def _named_in(policy_users, policy_groups, event, groups_of):
+    if _matches_any(event.user, policy_users):
+        return True
+    return bool(policy_groups and event.user) and any(
+        _matches_any(group, policy_groups) for group in groups_of(event.user))
+
+
+def policy_admits(policy, event, groups_of=lambda user: ()):
+    """Whether a channel with this policy alerts on the event at all.
+
+    The always_* lists win over everything; then the action must be one the
+    channel wants, of at least its minimum severity, and not from an
+    ignored user (the account logged into, or the person running sudo/su),
+    group or source. `groups_of(user)` names the user's groups."""
+    if event.action == "alert_digest":
+        return True  # it only ever holds what this channel admitted
+    if _in_networks(event.source_ip, policy.always_sources) or _named_in(
+            policy.always_users, policy.always_groups, event, groups_of):
+        return True
+    if event.action not in policy.events or \
+            event_severity(event) < policy.min_severity:
+        return False
+    return not (_in_networks(event.source_ip, policy.ignore_sources) or
+                _named_in(policy.ignore_users, policy.ignore_groups, event,
+                          groups_of))
+
+
+def throttle_key(event):
+    """What repeats of one thing share: the action and who is behind it,
+    the source (an IPv6 /64 as one, whatever accounts it tries) or, with no
+    source, the account; for forgeries the forger's UID."""
+    return "%s\0%s\0%s" % (event.action,
+                           attacker_of(event) or event.user or "",
+                           "" if event.writer_uid is None
+                           else event.writer_uid)
+
+
+class HeldBack:
+    """Events a channel held back: counted by action, with their sources and
+    users named (up to MAX_DIGEST_NAMES), for one digest."""
+
+    def __init__(self, since_us):
+        self.since_us = since_us
+        self.count = 0
+        self.actions = collections.Counter()
+        self.sources = collections.OrderedDict()
+        self.users = collections.OrderedDict()
+        self.severity = 0
+        self.hostname = None
+
+    def add(self, event):
+        self.count += 1
+        self.actions[event.action] += 1
+        self.severity = max(self.severity, event_severity(event))
+        self.hostname = self.hostname or event.hostname
+        for names, name in ((self.sources, attacker_of(event)),
+                            (self.users, event.user)):
+            if name is not None and len(names) < MAX_DIGEST_NAMES:
+                names[name] = True
+
+    def merge(self, other):
+        self.since_us = min(self.since_us, other.since_us)
+        self.count += other.count
+        self.actions.update(other.actions)
+        self.severity = max(self.severity, other.severity)
+        self.hostname = self.hostname or other.hostname
+        for names, more in ((self.sources, other.sources),
+                            (self.users, other.users)):
+            for name in more:
+                if len(names) < MAX_DIGEST_NAMES:
+                    names[name] = True
+
+    def digest(self, now_us, reason):
+        """One `alert_digest` event: how many of which kind, from where."""
+        kinds = ", ".join("%d %s" % (count, action) for action, count
+                          in sorted(self.actions.items(),
+                                    key=lambda item: (-item[1], item[0])))
+        sources = tuple(self.sources)
+        window_s = max(0, (now_us - self.since_us) // 1000000)
+        why = "a cooldown" if reason == "cooldown" else "the rate limit"
+        return Event(
+            timestamp_us=now_us, action="alert_digest", reason=reason,
+            severity=self.severity, held_back=self.count, detail=kinds,
+            sources=sources or None, users_tried=tuple(self.users) or None,
+            window_s=window_s, hostname=self.hostname,
+            message="%s held back %d alert%s over %ds: %s%s" % (
+                why, self.count, "" if self.count == 1 else "s", window_s,
+                kinds, "; from " + ", ".join(sources) if sources else ""))
+
+
+class Throttle:
+    """One channel's cooldowns and rate limit, on a clock given by the
+    caller (microseconds).
+
+    The first event of a key goes out and starts its cooldown; repeats
+    during it are held back, and when it ends one digest says what was
+    held (the cooldown then runs again while repeats keep coming). Past the
+    rate limit the channel holds back everything but NEVER_HELD_ACTIONS
+    and sends one digest per rate window until the flood stops. Nothing
+    held is lost: `drain()` gives what is pending (at shutdown)."""
+
+    def __init__(self, cooldown_s, rate_limit, limit=MAX_COOLDOWN_KEYS):
+        self.cooldown_us = cooldown_s * 1000000
+        self.rate_count = rate_limit.attempts
+        self.rate_window_us = rate_limit.window_s * 1000000
+        self.limit = limit
+        self.cooling = collections.OrderedDict()  # key -> [until, HeldBack]
+        self.sent = collections.deque()  # times of recent sends
+        self.flood_until = None
+        self.overflow = None
+        self.now_us = 0
+
+    def admit(self, event, now_us):
+        """The alerts to send now for this event: digests that came due,
+        then the event itself unless it is held back."""
+        out = self.due(now_us)
+        now_us = self.now_us
+        if event.action in NEVER_HELD_ACTIONS:
+            self._count_send(now_us)
+            return out + [event]
+        key = throttle_key(event)
+        cooling = self.cooling.get(key)
+        if cooling is not None:
+            cooling[1] = cooling[1] or HeldBack(now_us)
+            cooling[1].add(event)
+            return out
+        if self.flood_until is not None or self._rate_full(now_us):
+            self._hold_in_flood(now_us).add(event)
+            return out
+        self._count_send(now_us)
+        self._cool(key, now_us)
+        return out + [event]
+
+    def due(self, now_us):
+        """Digests whose time came (call about once a second)."""
+        self.now_us = now_us = max(now_us, self.now_us)  # never backwards
+        out = []
+        while self.cooling:
+            key, (until, held) = next(iter(self.cooling.items()))
+            if until > now_us:
+                break
+            del self.cooling[key]
+            if held is not None:
+                digest = self._digest_or_flood(held, now_us)
+                out.extend(digest)
+                self._cool(key, now_us)  # repeats may still be coming
+        if self.flood_until is not None and self.flood_until <= now_us:
+            if self.overflow is not None:
+                out.append(self.overflow.digest(now_us, "rate_limit"))
+                self._count_send(now_us)
+                self.overflow = None
+                self.flood_until = now_us + self.rate_window_us
+            else:
+                self.flood_until = None
+        return out
+
+    def drain(self):
+        """Every digest still pending, now."""
+        now_us = self.now_us
+        held = [entry[1] for entry in self.cooling.values() if entry[1]]
+        out = [each.digest(now_us, "cooldown") for each in held]
+        if self.overflow is not None:
+            out.append(self.overflow.digest(now_us, "rate_limit"))
+        self.cooling.clear()
+        self.overflow, self.flood_until = None, None
+        return out
+
+    def _cool(self, key, now_us):
+        if not self.cooldown_us:
+            return
+        self.cooling[key] = [now_us + self.cooldown_us, None]
+        while len(self.cooling) > self.limit:
+            _, (_, held) = self.cooling.popitem(last=False)
+            if held is not None:  # forgotten key, its events are not
+                self._hold_in_flood(now_us, start=False).merge(held)
+
+    def _digest_or_flood(self, held, now_us):
+        if self.flood_until is None and not self._rate_full(now_us):
+            self._count_send(now_us)
+            return [held.digest(now_us, "cooldown")]
+        self._hold_in_flood(now_us).merge(held)
+        return []
+
+    def _hold_in_flood(self, now_us, start=True):
+        if self.overflow is None:
+            self.overflow = HeldBack(now_us)
+        if self.flood_until is None:
+            self.flood_until = now_us + (self.rate_window_us if start else 0)
+        return self.overflow
+
+    def _rate_full(self, now_us):
+        if not self.rate_count:
+            return False
+        while self.sent and self.sent[0] <= now_us - self.rate_window_us:
+            self.sent.popleft()
+        return len(self.sent) >= self.rate_count
+
+    def _count_send(self, now_us):
+        if self.rate_count:
+            self.sent.append(now_us)
+            if len(self.sent) > self.rate_count:
+                self.sent.popleft()
+
+
+class ChannelGate:
+    """A channel's policy and throttle in front of its sink."""
+
+    def __init__(self, policy, groups_of=lambda user: ()):
+        self.policy = policy
+        self.groups_of = groups_of
+        self.throttle = Throttle(policy.cooldown, policy.rate_limit)
+
+    def admit(self, event, now_us):
+        try:
+            if not policy_admits(self.policy, event, self.groups_of):
+                return self.throttle.due(now_us)
+            return self.throttle.admit(event, now_us)
+        except Exception as error:  # a policy bug must not eat an alert
+            say("error", "alert policy failed on %s (%r); sending it "
+                "unfiltered" % (event.action, error))
+            return [event]
+
+    def due(self, now_us):
+        return self.throttle.due(now_us)
+
+    def drain(self):
+        return self.throttle.drain()
+
+
 # ---------------------------------------------------------------------------
 # 10 rendering
 # ---------------------------------------------------------------------------
@@ -2771,6 +3384,8 @@ def render_text(event):
          else "%ds" % event.window_s),
         ("users_tried", ",".join(event.users_tried or ()) or None),
         ("sources", ",".join(event.sources or ()) or None),
+        ("held_back", event.held_back), ("kinds", event.detail
+                                          if event.held_back else None),
         ("writer_uid", event.writer_uid), ("program", event.process_name),
         ("claimed", event.claimed_action), ("host", event.hostname),
         ("host_provider", event.host_provider),
@@ -2786,6 +3401,220 @@ def render_text(event):
 def render_json(event):
     """The event contract, one line, safe for a terminal."""
     return dumps_safe(event_to_ecs(event))
+
+
+#: An alert's headline per action; other actions read as their name.
+ALERT_HEADLINES = {
+    "login_success": "Login", "login_failure": "Failed login",
+    "session_opened": "Session opened", "session_closed": "Session closed",
+    "sudo_command": "sudo", "brute_force_detected": "Brute force",
+    "success_after_failures": "Login after failed attempts",
+    "new_source": "Login from a new network",
+    "new_sudo_user": "First sudo by this user",
+    "spoofed_entry": "Forged log entry", "alert_digest": "Alerts held back",
+    "alerts_dropped": "Alerts lost",
+}
+
+#: What an admin should do about the alerts that call for action.
+ALERT_ADVICE = {
+    "brute_force_detected": (
+        "If this source has no business here, block it (firewall or "
+        "fail2ban). Make sure SSH passwords are off (PasswordAuthentication "
+        "no) or strong."),
+    "success_after_failures": (
+        "Confirm with the user that this login was theirs. If not, the "
+        "password may have been guessed: lock the account (passwd -l), end "
+        "its sessions (loginctl terminate-user) and check what it did."),
+    "new_source": "Check with the user that this login was theirs.",
+    "new_sudo_user": "Check that this user is meant to use sudo.",
+    "spoofed_entry": (
+        "A local process wrote a fake authentication message: find it by "
+        "its program and UID above; it may be hiding an intrusion."),
+    "alerts_dropped": (
+        "The channel was unreachable for long: look at the journal of "
+        "this host for what was lost."),
+}
+
+#: Longest value shown in an alert (a hostile user name can be huge).
+MAX_ALERT_VALUE_CHARS = 300
+
+#: Alerts that waited longer than this say how late they are.
+LATE_AFTER_S = 60
+
+AlertText = collections.namedtuple("AlertText", "title facts advice")
+AlertText.__doc__ = """An alert as plain text parts: a title, (label, value)
+facts and advice (or None). Values are raw; each channel escapes them."""
+
+
+def shorten(text, limit):
+    """At most `limit` characters, an ellipsis marking the cut."""
+    return text if len(text) <= limit else text[:max(limit - 1, 0)] + "\u2026"
+
+
+def _shown(value):
+    """A value as an alert shows it: safe characters, bounded length."""
+    return shorten(escape_text(str(value)), MAX_ALERT_VALUE_CHARS)
+
+
+def _who(event):
+    if event.user and event.target_user and event.target_user != event.user:
+        return "%s as %s" % (event.user, event.target_user)
+    return event.user or _endpoint(event.source_ip, event.source_domain,
+                                   None) or event.network or (
+        "uid %s" % event.writer_uid if event.writer_uid is not None else None)
+
+
+def _lateness(delay_s):
+    if delay_s < 3600:
+        return "%d min" % (delay_s // 60)
+    return "%.1f h" % (delay_s / 3600.0)
+
+
+def alert_text(event, delay_s=0):
+    """The default layout of an alert: what happened, who, from where, on
+    which host, when, and what to do. `delay_s`: how long it waited."""
+    headline = ALERT_HEADLINES.get(event.action) or \
+        event.action.replace("_", " ").capitalize()
+    who = _who(event)
+    title = headline + (": %s" % who if who else "") + (
+        " on %s" % event.hostname if event.hostname else "")
+    stamp = format_timestamp(event.timestamp_us)
+    when = "%s %s UTC" % (stamp[:10], stamp[11:19])
+    if delay_s >= LATE_AFTER_S:
+        when += " (delivered %s late)" % _lateness(delay_s)
+    method = " ".join(part for part in (event.service, event.auth_method and
+                                        "(%s)" % event.auth_method) if part)
+    window = None if event.window_s is None else "%d s" % event.window_s
+    facts = [
+        ("User", event.user or (event.user_id and "uid " + str(
+            event.user_id))),
+        ("As", event.target_user),
+        ("From", _endpoint(event.source_ip, event.source_domain,
+                           event.source_port)),
+        ("Network", event.network), ("Service", method or None),
+        ("TTY", event.tty), ("Command", event.command_line),
+        ("Reason", event.reason), ("Counted by", event.counted_by),
+        ("Attempts", event.attempts and "%d%s" % (
+            event.attempts, " in %s" % window if window else "")),
+        ("Users tried", ", ".join(event.users_tried or ()) or None),
+        ("Sources", ", ".join(event.sources or ()) or None),
+        ("Held back", event.held_back and "%d (%s)%s" % (
+            event.held_back, event.detail, " over " + window if window
+            else "")),
+        ("Writer UID", event.writer_uid), ("Program", event.process_name),
+        ("Claimed", event.claimed_action),
+        ("Severity", "%d/10" % event_severity(event)),
+        ("Host", event.hostname), ("Time", when),
+        ("Log line", event.message if event.held_back is None else None),
+    ]
+    return AlertText(_shown(title), [(label, _shown(value))
+                                     for label, value in facts
+                                     if value is not None and value != ""],
+                     ALERT_ADVICE.get(event.action))
+
+
+#: Placeholders a channel template may use.
+TEMPLATE_FIELDS = ("title", "facts", "advice", "action", "severity", "user",
+                   "target_user", "source", "service", "reason", "host",
+                   "time", "command", "attempts", "message")
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_]+)\}")
+
+
+def template_values(event, text):
+    """Raw values of the template placeholders for one alert."""
+    facts = dict(text.facts)
+    return {
+        "title": text.title, "advice": text.advice or "",
+        "facts": "\n".join("%s: %s" % fact for fact in text.facts),
+        "action": event.action, "severity": str(event_severity(event)),
+        "user": facts.get("User", ""), "target_user": facts.get("As", ""),
+        "source": facts.get("From", ""), "service": facts.get("Service", ""),
+        "reason": facts.get("Reason", ""), "host": facts.get("Host", ""),
+        "time": facts.get("Time", ""), "command": facts.get("Command", ""),
+        "attempts": facts.get("Attempts", ""),
+        "message": facts.get("Log line", "")}
+
+
+def fill_template(template, values, escape):
+    """The admin's template with each {placeholder} replaced by its value,
+    escaped for the channel's markup (the template's own text is not)."""
+    return _PLACEHOLDER.sub(lambda match: escape(values[match.group(1)]),
+                            template)
+
+
+def escape_html(text):
+    """For Telegram's HTML parse mode: only &, < and > are special."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(
+        ">", "&gt;")
+
+
+def escape_slack(text):
+    """Slack mrkdwn: &, < and > (links, mentions) are the control
+    characters; emphasis marks are neutralised so a name cannot restyle
+    the alert."""
+    return escape_html(text).translate(_SLACK_MARKS)
+
+
+_SLACK_MARKS = {ord("*"): "\u2217", ord("_"): "\uff3f", ord("~"): "\u223c",
+                ord("`"): "\u02cb"}
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\*_~`|>\[\]<])")
+
+
+def escape_markdown(text):
+    """Discord markdown: emphasis, code, quote, link and mention marks
+    escaped, and @ broken with a word joiner so nothing can ping."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text).replace("@", "@\u2060")
+
+
+#: Teams' Adaptive Card markdown has no escape: look-alikes instead.
+_TEAMS_MARKS = dict(_SLACK_MARKS)
+_TEAMS_MARKS.update({ord("["): "\uff3b", ord("]"): "\uff3d",
+                     ord("#"): "\uff03"})
+
+
+def escape_teams(text):
+    return text.translate(_TEAMS_MARKS)
+
+
+def escape_plain(text):
+    return text
+
+
+def fit_escaped(plain, limit, escape):
+    """`plain` shortened until its escaped form has at most `limit`
+    characters (escaping lengthens text, so cut, escape, measure)."""
+    cut = limit
+    while True:
+        escaped = escape(shorten(plain, cut))
+        if len(escaped) <= limit or cut <= 1:
+            return escaped
+        cut -= len(escaped) - limit
+
+
+def compose(text, line, heading, limit, escape, template=None,
+            values=None):
+    """A message in one markup: the title as `heading`, then one `line` per
+    fact and the advice; facts from the end are dropped until it fits
+    `limit` characters, so markup is never cut in half. With a template,
+    the admin's text with escaped values instead."""
+    if template is not None:
+        body = fill_template(template, values, escape)
+        if len(body) <= limit:
+            return body
+        return fit_escaped(fill_template(template, values, escape_plain),
+                           limit, escape)
+    head = heading % escape(text.title) if heading else None
+    tail = "\n\n" + escape(text.advice) if text.advice else ""
+    lines = [line % (escape(label), escape(value))
+             for label, value in text.facts]
+    while lines and len(head or "") + len(tail) + sum(
+            len(each) + 1 for each in lines) > limit:
+        lines.pop()
+    message = "\n".join(([head] if head else []) + lines) + tail
+    return message if len(message) <= limit else fit_escaped(
+        text.title, limit, escape)
 
 
 # ---------------------------------------------------------------------------
@@ -2816,11 +3645,11 @@ class ConsoleSink:
     """Prints each event on standard output: a readable line or ECS JSON."""
 
     OPTIONS = {"format": _console_format}
+    REQUIRED = ()
+    SPOOLED = False
 
-    def __init__(self, name, events=frozenset(ACTIONS), options=None,
-                 stream=None):
+    def __init__(self, name, options=None, stream=None):
         self.name = name
-        self.events = events
         self.format = (options or {}).get("format", "text")
         self.stream = stream
 
@@ -2828,7 +3657,7 @@ class ConsoleSink:
         if self.stream is None:
             self.stream = utf8_stdout()
 
-    def send(self, event):
+    def send(self, event, delay_s=0):
         line = render_json(event) if self.format == "json" \
             else render_text(event)
         self.stream.write(line + "\n")
@@ -2842,22 +3671,877 @@ class ConsoleSink:
         self.flush()
 
 
+#: The most of a service's answer read (error text, JSON status).
+MAX_RESPONSE_BYTES = 65536
+
+#: Longest wait a service may ask for with 429 before we retry anyway.
+MAX_RETRY_AFTER_S = 3600
+
+#: What the service is told it is talking to.
+USER_AGENT = "pamsignal/%s" % __version__
+
+
+def redact(text, secrets):
+    """`text` with every secret value replaced by ***."""
+    for value in secrets:
+        if value:
+            text = text.replace(value, "***")
+    return text
+
+
+def _retry_after_s(headers, body):
+    """Seconds a service asked us to wait: the Retry-After header (seconds
+    or an HTTP date), or Telegram's and Discord's JSON `retry_after`."""
+    value = headers.get("Retry-After") if headers is not None else None
+    seconds = None
+    if value is not None:
+        value = value.strip()
+        if re.match(r"^\d{1,12}(?:\.\d{1,6})?$", value):
+            seconds = float(value)
+        else:
+            try:
+                seconds = email.utils.parsedate_to_datetime(
+                    value).timestamp() - time.time()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                seconds = None
+    if seconds is None:
+        try:
+            answer = json.loads(body.decode("utf-8", "replace"))
+            hint = answer.get("retry_after", (answer.get(
+                "parameters") or {}).get("retry_after"))
+            seconds = float(hint) if not isinstance(hint, bool) else None
+        except (ValueError, TypeError, AttributeError):
+            seconds = None
+    if seconds is None or seconds != seconds:  # absent, or NaN
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
+
+
+def judge_response(status, headers, body):
+    """None when the service took the alert, else the DeliveryError: 429
+    waits as asked; 408, 425 and 5xx are retried; other 4xx are final."""
+    if 200 <= status < 300:
+        return None
+    text = escape_text(body[:200].decode("utf-8", "replace").strip())
+    reason = "HTTP %d%s" % (status, ": " + text if text else "")
+    if status == 429:
+        return DeliveryError("rate limited, " + reason,
+                             retry_after=_retry_after_s(headers, body))
+    if status >= 500 or status in (408, 425):
+        return DeliveryError(reason)
+    return DeliveryError(reason, permanent=True)
+
+
+def _network_reason(error):
+    """What went wrong on the way, without the URL (it may hold a token)."""
+    reason = getattr(error, "reason", None) or error
+    if isinstance(reason, ssl.SSLError):
+        detail = getattr(reason, "verify_message", None) or reason.reason
+        if reason.reason == "CERTIFICATE_VERIFY_FAILED":
+            return "TLS certificate not trusted: %s" % detail
+        return "TLS failed: %s" % (detail or reason)
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
+
+
+def tls_context(ca_file=None):
+    """Certificates and host names always verified; `ca_file` to trust a
+    private CA instead of the system's."""
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def http_post(url, body, headers, timeout, context):
+    """POST and return (status, headers, body); network failures raise a
+    retryable DeliveryError. Proxies come from the usual environment
+    variables (https_proxy, no_proxy)."""
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers=dict(headers, **{
+                                         "User-Agent": USER_AGENT}))
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.status, response.headers, \
+                response.read(MAX_RESPONSE_BYTES)
+    except urllib.error.HTTPError as error:
+        try:
+            answer = error.read(MAX_RESPONSE_BYTES)
+        except (OSError, http.client.HTTPException):
+            answer = b""
+        return error.code, error.headers, answer
+    except (urllib.error.URLError, OSError, http.client.HTTPException,
+            ValueError) as error:
+        raise DeliveryError("cannot reach %s: %s" % (
+            urllib.parse.urlsplit(url).hostname, _network_reason(error))) \
+            from None
+
+
+def _json_body(payload):
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
+class RemoteSink:
+    """A channel that delivers over the network, behind the spool.
+
+    Shared here: options, secrets (redacted from every error), TLS, the
+    timeout and the text of an alert; a subclass says how it delivers
+    (`deliver`) and which options it takes."""
+
+    SPOOLED = True
+    OPTIONS = {"timeout": _timeout, "ca_file": _absolute_path,
+               "template": _template}
+    REQUIRED = ()
+
+    def __init__(self, name, options=None):
+        self.name = name
+        self.options = dict(options or {})
+        self.timeout = self.options.get("timeout", 10)
+        self.template = self.options.get("template")
+        self.context = None
+
+    def open(self):
+        if self.context is None:
+            self.context = tls_context(self.options.get("ca_file"))
+
+    def secret(self, key):
+        value = self.options.get(key)
+        return value.value if isinstance(value, Secret) else value
+
+    def secrets(self):
+        return [value.value for value in self.options.values()
+                if isinstance(value, Secret)]
+
+    def text(self, event, delay_s, line, heading, limit, escape):
+        """The alert in this channel's markup: the default layout, or the
+        admin's template."""
+        alert = alert_text(event, delay_s)
+        values = template_values(event, alert) if self.template else None
+        return compose(alert, line, heading, limit, escape, self.template,
+                       values)
+
+    def send(self, event, delay_s=0):
+        """Deliver one alert now or raise DeliveryError (secrets redacted).
+        `delay_s`: how long it waited, which the alert then says."""
+        self.open()
+        try:
+            self.deliver(event, delay_s)
+        except DeliveryError as error:
+            error.args = (redact(str(error), self.secrets()),)
+            raise
+
+    def deliver(self, event, delay_s):
+        raise NotImplementedError
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class HttpSink(RemoteSink):
+    """A channel that POSTs each alert to a web service; a type says what
+    its request looks like (`request`) and may judge the answer."""
+
+    def request(self, event, delay_s):
+        """(url, headers, body bytes) for one alert."""
+        raise NotImplementedError
+
+    def judge(self, status, headers, body):
+        return judge_response(status, headers, body)
+
+    def deliver(self, event, delay_s):
+        url, headers, body = self.request(event, delay_s)
+        status, answer_headers, answer = http_post(
+            url, body, headers, self.timeout, self.context)
+        failure = self.judge(status, answer_headers, answer)
+        if failure is not None:
+            raise failure
+
+
+def severity_level(event, levels):
+    """The event's severity on a service's own scale: `levels` lists the
+    lowest severity of each step, from the top."""
+    severity = event_severity(event)
+    for level, lowest in levels:
+        if severity >= lowest:
+            return level
+    return levels[-1][0]
+
+
+class TelegramSink(HttpSink):
+    """Telegram Bot API sendMessage, HTML parse mode."""
+
+    OPTIONS = dict(HttpSink.OPTIONS, bot_token=_secret, chat_id=_chat_id,
+                   api_url=_url)
+    REQUIRED = ("bot_token", "chat_id")
+
+    def request(self, event, delay_s):
+        api = self.options.get("api_url", "https://api.telegram.org")
+        text = self.text(event, delay_s, "<b>%s:</b> %s", "<b>%s</b>",
+                         4096, escape_html)
+        return ("%s/bot%s/sendMessage" % (api.rstrip("/"),
+                                          self.secret("bot_token")),
+                {"Content-Type": "application/json"},
+                _json_body({"chat_id": self.options["chat_id"], "text": text,
+                            "parse_mode": "HTML",
+                            "link_preview_options": {"is_disabled": True}}))
+
+    def judge(self, status, headers, body):
+        failure = judge_response(status, headers, body)
+        if failure is None and b'"ok":false' in body.replace(b" ", b""):
+            return DeliveryError("Telegram refused the message: %s"
+                                 % escape_text(body[:200].decode(
+                                     "utf-8", "replace")), permanent=True)
+        return failure
+
+
+class SlackSink(HttpSink):
+    """A Slack incoming webhook: mrkdwn in a section block."""
+
+    OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url)
+    REQUIRED = ("url",)
+
+    def request(self, event, delay_s):
+        text = self.text(event, delay_s, "*%s:* %s", "*%s*", 3000,
+                         escape_slack)
+        return (self.secret("url"), {"Content-Type": "application/json"},
+                _json_body({"text": escape_slack(alert_text(event).title),
+                            "blocks": [{"type": "section", "text": {
+                                "type": "mrkdwn", "text": text}}]}))
+
+
+class DiscordSink(HttpSink):
+    """A Discord webhook: markdown content, no mentions, no embeds."""
+
+    OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url)
+    REQUIRED = ("url",)
+
+    def request(self, event, delay_s):
+        text = self.text(event, delay_s, "**%s:** %s", "**%s**", 2000,
+                         escape_markdown)
+        return (self.secret("url"), {"Content-Type": "application/json"},
+                _json_body({"content": text, "username": "PAMSignal",
+                            "allowed_mentions": {"parse": []},
+                            "flags": 4}))  # SUPPRESS_EMBEDS
+
+
+class TeamsSink(HttpSink):
+    """A Teams Workflows webhook: an Adaptive Card."""
+
+    OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url)
+    REQUIRED = ("url",)
+
+    def request(self, event, delay_s):
+        alert = alert_text(event, delay_s)
+        if self.template:
+            body = [{"type": "TextBlock", "wrap": True, "text": self.text(
+                event, delay_s, "%s: %s", None, 20000, escape_teams)}]
+        else:
+            body = [{"type": "TextBlock", "text": escape_teams(alert.title),
+                     "weight": "Bolder", "size": "Medium", "wrap": True},
+                    {"type": "FactSet", "facts": [
+                        {"title": escape_teams(label),
+                         "value": escape_teams(value)}
+                        for label, value in alert.facts]}]
+            if alert.advice:
+                body.append({"type": "TextBlock", "wrap": True,
+                             "text": escape_teams(alert.advice)})
+        card = {"type": "AdaptiveCard", "version": "1.4", "body": body,
+                "$schema": "http://adaptivecards.io/schemas/adaptive-card.json"}
+        return (self.secret("url"), {"Content-Type": "application/json"},
+                _json_body({"type": "message", "attachments": [{
+                    "contentType": "application/vnd.microsoft.card.adaptive",
+                    "content": card}]}))
+
+
+class NtfySink(HttpSink):
+    """ntfy: JSON publish to the server with the topic of the URL."""
+
+    OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url, token=_secret)
+    REQUIRED = ("url",)
+
+    def request(self, event, delay_s):
+        parts = urllib.parse.urlsplit(self.secret("url"))
+        server = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/",
+                                          "", ""))
+        alert = alert_text(event, delay_s)
+        headers = {"Content-Type": "application/json"}
+        if self.options.get("token"):
+            headers["Authorization"] = "Bearer " + self.secret("token")
+        return (server, headers, _json_body({
+            "topic": parts.path.strip("/"), "title": alert.title,
+            "message": self.text(event, delay_s, "%s: %s", None, 4000,
+                                 escape_plain),
+            "priority": severity_level(event, ((5, 9), (4, 7), (3, 5),
+                                               (2, 0))),
+            "tags": ["rotating_light" if event_severity(event) >= 7
+                     else "key"]}))
+
+
+class GotifySink(HttpSink):
+    """Gotify: POST /message with an application token."""
+
+    OPTIONS = dict(HttpSink.OPTIONS, url=_url, token=_secret)
+    REQUIRED = ("url", "token")
+
+    def request(self, event, delay_s):
+        alert = alert_text(event, delay_s)
+        return (self.options["url"].rstrip("/") + "/message",
+                {"Content-Type": "application/json",
+                 "X-Gotify-Key": self.secret("token")},
+                _json_body({"title": alert.title, "priority":
+                            event_severity(event), "message": self.text(
+                                event, delay_s, "%s: %s", None, 8000,
+                                escape_plain)}))
+
+
+def webhook_signature(key, message_id, timestamp, body):
+    """Standard Webhooks: v1,base64(HMAC-SHA256(key, id.timestamp.body)).
+    A `whsec_` key is base64 after the prefix; any other is used as is."""
+    if key.startswith("whsec_"):
+        try:
+            key_bytes = base64.b64decode(key[6:], validate=True)
+        except ValueError:
+            key_bytes = key.encode("utf-8")
+    else:
+        key_bytes = key.encode("utf-8")
+    signed = ("%s.%d." % (message_id, timestamp)).encode() + body
+    return "v1," + base64.b64encode(hmac.new(
+        key_bytes, signed, hashlib.sha256).digest()).decode()
+
+
+class WebhookSink(HttpSink):
+    """POSTs the ECS event itself; with a secret, signed the Standard
+    Webhooks way (webhook-id, webhook-timestamp, webhook-signature)."""
+
+    OPTIONS = {"timeout": _timeout, "ca_file": _absolute_path,
+               "url": _secret_url, "secret": _secret}
+    REQUIRED = ("url",)
+
+    def request(self, event, delay_s):
+        body = _json_body(event_to_ecs(event))
+        headers = {"Content-Type": "application/json"}
+        if self.options.get("secret"):
+            message_id = "ps_" + hashlib.sha256(body).hexdigest()[:32]
+            timestamp = int(time.time())
+            headers.update({
+                "webhook-id": message_id,
+                "webhook-timestamp": str(timestamp),
+                "webhook-signature": webhook_signature(
+                    self.secret("secret"), message_id, timestamp, body)})
+        return self.secret("url"), headers, body
+
+
+class EmailSink(RemoteSink):
+    """E-mail through an SMTP server: STARTTLS or TLS, login optional."""
+
+    OPTIONS = {"timeout": _timeout, "ca_file": _absolute_path,
+               "template": _template, "host": _host, "port": _port,
+               "security": _smtp_security, "username": _plain_text,
+               "password": _secret, "sender": _email_address,
+               "recipients": _email_addresses}
+    REQUIRED = ("host", "sender", "recipients")
+
+    def message(self, event, delay_s):
+        alert = alert_text(event, delay_s)
+        message = email.message.EmailMessage()
+        message["Subject"] = shorten("[PAMSignal] " + alert.title, 200)
+        message["From"] = self.options["sender"]
+        message["To"] = ", ".join(self.options["recipients"])
+        message["Date"] = email.utils.formatdate(localtime=False)
+        message["Message-ID"] = email.utils.make_msgid("pamsignal")
+        message.set_content(self.text(event, delay_s, "%s: %s", "%s\n",
+                                      100000, escape_plain))
+        return message
+
+    def deliver(self, event, delay_s):
+        self._submit(self.message(event, delay_s))
+
+    def _submit(self, message):
+        host = self.options["host"]
+        security = self.options.get("security", "starttls")
+        port = self.options.get("port", 465 if security == "tls" else 587)
+        if security == "none" and not is_loopback_host(host):
+            raise DeliveryError("security = none is only allowed to a "
+                                "loopback SMTP server", permanent=True)
+        try:
+            if security == "tls":
+                server = smtplib.SMTP_SSL(host, port, timeout=self.timeout,
+                                          context=self.context)
+            else:
+                server = smtplib.SMTP(host, port, timeout=self.timeout)
+            with server:
+                if security == "starttls":
+                    server.starttls(context=self.context)
+                if self.options.get("username"):
+                    server.login(self.options["username"],
+                                 self.secret("password") or "")
+                server.send_message(message)
+        except smtplib.SMTPRecipientsRefused as error:
+            raise DeliveryError("recipients refused: %s" % ", ".join(
+                sorted(error.recipients)), permanent=True) from None
+        except smtplib.SMTPResponseException as error:
+            text = escape_text(error.smtp_error.decode("utf-8", "replace")
+                               if isinstance(error.smtp_error, bytes)
+                               else str(error.smtp_error))
+            raise DeliveryError("SMTP %d: %s" % (error.smtp_code, text),
+                                permanent=500 <= error.smtp_code < 600) \
+                from None
+        except (smtplib.SMTPException, OSError) as error:
+            raise DeliveryError("cannot reach %s: %s" % (
+                host, _network_reason(error))) from None
+
+
 #: channel type -> sink class; a new destination is one class here.
-CHANNEL_TYPES = {"console": ConsoleSink}
+CHANNEL_TYPES = {"console": ConsoleSink, "telegram": TelegramSink,
+                 "slack": SlackSink, "discord": DiscordSink,
+                 "teams": TeamsSink, "ntfy": NtfySink, "gotify": GotifySink,
+                 "email": EmailSink, "webhook": WebhookSink}
 
 
-def build_sinks(config, json_output=False):
-    """The configured channels, or the console when none is configured."""
-    channels = config.channels or (
-        ChannelConfig("console", "console", frozenset(ACTIONS), {}),)
-    sinks = []
-    for channel in channels:
+#: Retry delays after a failed delivery grow from this (seconds)...
+RETRY_FIRST_S = 2.0
+
+#: ...doubling up to this, each with +-20% jitter so hosts spread out.
+RETRY_MAX_S = 600.0
+
+#: How long a delivered alert's tombstone is kept, so that entries read
+#: again after a crash do not send it twice (and at most how many).
+TOMBSTONE_KEEP_S = 3600
+MAX_TOMBSTONES = 5000
+
+#: Largest spool file read back (an alert is a few KiB).
+MAX_SPOOL_FILE_BYTES = 1024 * 1024
+
+
+def retry_delay_s(failures, jitter=random.random):
+    """Exponential backoff with jitter: about 2, 4, 8 s ... 10 minutes."""
+    base = min(RETRY_FIRST_S * 2 ** min(failures - 1, 20), RETRY_MAX_S)
+    return base * (0.8 + 0.4 * jitter())
+
+
+def event_to_record(event):
+    """An event as plain JSON data (no internal fields, no nulls)."""
+    return {field: list(value) if type(value) is tuple else value
+            for field, value in zip(EVENT_FIELDS, event)
+            if value is not None and field != "context_key"}
+
+
+def event_from_record(record):
+    """The event back from event_to_record's data, or None when the data
+    is not one (a damaged or foreign spool file)."""
+    if not isinstance(record, dict) or record.get("action") not in ACTIONS \
+            or type(record.get("timestamp_us")) is not int:
+        return None
+    fields = {}
+    for field, value in record.items():
+        if field not in EVENT_FIELDS or field == "context_key":
+            return None
+        if isinstance(value, list):
+            if not all(isinstance(item, str) for item in value):
+                return None
+            value = tuple(value)
+        elif isinstance(value, bool) or not isinstance(
+                value, (str, int, float)):
+            return None
+        fields[field] = value
+    return Event(**fields)
+
+
+def alert_id(event):
+    """The same alert always gets the same name in the spool."""
+    return hashlib.sha256(json.dumps(
+        event_to_record(event), sort_keys=True).encode("utf-8")).hexdigest(
+    )[:32]
+
+
+def spool_directory_name(channel):
+    """A file name for a channel name the admin chose."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", channel)[:64].lstrip(".")
+    if safe == channel:
+        return safe
+    return "%s-%s" % (safe, hashlib.sha256(channel.encode()).hexdigest()[:8])
+
+
+def _fsync_directory(path):
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class Spool:
+    """A channel's durable queue: one file per alert in its directory.
+
+    The reader puts alerts in and commits them (fsync) before the journal
+    cursor moves past their entries; the courier thread takes the oldest,
+    and it leaves only once delivered, as a tombstone that stops a second
+    copy (from entries read again after a crash) for an hour. Bounded in
+    number and age; what it drops is counted until reported."""
+
+    def __init__(self, directory, max_alerts, max_age_s, clock=time.time):
+        self.directory = directory
+        self.max_alerts = max_alerts
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self.lock = threading.Condition()
+        self.ready = collections.deque()  # (created, id), oldest first
+        self.staged = []
+        self.dropped = collections.Counter()
+        self.in_memory = {}  # id -> event, when the disk refused it
+        self.disk_error = None
+
+    def _path(self, name):
+        return os.path.join(self.directory, name)
+
+    def open(self):
+        """Create the directory; alerts left by a previous run come first."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        waiting, tombstones = [], []
+        for name in os.listdir(self.directory):
+            try:
+                mtime = os.stat(self._path(name)).st_mtime
+            except OSError:
+                continue
+            if name.endswith(".alert"):
+                waiting.append((mtime, name[:-6]))
+            elif name.endswith(".sent"):
+                tombstones.append((mtime, name))
+            elif name.endswith(".tmp"):
+                self._unlink(name)
+        tombstones.sort()
+        now = self.clock()
+        for index, (mtime, name) in enumerate(tombstones):
+            if now - mtime > TOMBSTONE_KEEP_S or \
+                    len(tombstones) - index > MAX_TOMBSTONES:
+                self._unlink(name)
+        dropped = self._read_json("dropped.json")
+        with self.lock:
+            self.ready.extend(sorted(waiting))
+            self.dropped.update({reason: count for reason, count in (
+                dropped.items() if isinstance(dropped, dict) else ())
+                if isinstance(reason, str) and type(count) is int
+                and count > 0})
+            self._enforce_bounds()
+
+    def put(self, event):
+        """Write an alert (not yet durable); False if this very alert is
+        already here or was delivered within the hour. If the disk refuses
+        it (full, read-only), it is kept in memory and still delivered:
+        only a crash before then can lose it."""
+        name = alert_id(event)
+        if os.path.exists(self._path(name + ".alert")) or \
+                os.path.exists(self._path(name + ".sent")):
+            return False
+        try:
+            self._write_alert(name, event)
+        except OSError as error:
+            with self.lock:
+                if self.disk_error is None:
+                    say("error", "cannot write the spool %s: %s; keeping "
+                        "alerts in memory" % (self.directory,
+                                              error.strerror or error))
+                self.disk_error = str(error.strerror or error)
+                self.in_memory[name] = event
+                self.staged.append((self.clock(), name))
+            return True
+        with self.lock:
+            if self.disk_error is not None:
+                say("info", "the spool %s is writable again"
+                    % self.directory)
+                self.disk_error = None
+            self.staged.append((self.clock(), name))
+        return True
+
+    def _write_alert(self, name, event):
+        temporary = self._path(name + ".tmp")
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                          0o600), "w", encoding="utf-8") as handle:
+            json.dump({"version": 1, "event": event_to_record(event)},
+                      handle, separators=(",", ":"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self._path(name + ".alert"))
+
+    def flush(self):
+        """Make what was put durable and hand it to the courier."""
+        with self.lock:
+            staged, self.staged = self.staged, []
+        if not staged:
+            return
+        try:
+            _fsync_directory(self.directory)
+        except OSError:
+            pass  # put() already said the disk is in trouble
+        with self.lock:
+            self.ready.extend(staged)
+            self._enforce_bounds()
+            self.lock.notify_all()
+
+    def take(self, timeout):
+        """The oldest alert waiting, as (name, event), without removing it;
+        None when there is none within `timeout` seconds."""
+        with self.lock:
+            if not self.ready:
+                self.lock.wait(timeout)
+            while self.ready:
+                created, name = self.ready[0]
+                if self.clock() - created > self.max_age_s:
+                    self._drop_locked(name, "too_old")
+                    continue
+                event = self._load(name)
+                if event is not None:
+                    return name, event
+                self._drop_locked(name, "unreadable")
+        return None
+
+    def delivered(self, name):
+        """The alert reached its channel: leave a tombstone."""
+        if self.in_memory.pop(name, None) is not None:
+            with self.lock:
+                self._forget(name)
+            return
+        try:
+            os.replace(self._path(name + ".alert"), self._path(name + ".sent"))
+            os.truncate(self._path(name + ".sent"), 0)
+        except OSError:
+            pass
+        with self.lock:
+            self._forget(name)
+
+    def refused(self, name):
+        """The channel will never take this alert (it said why)."""
+        with self.lock:
+            self._drop_locked(name, "refused")
+
+    def take_dropped(self):
+        """What was dropped since last asked, {reason: count}."""
+        with self.lock:
+            dropped, self.dropped = dict(self.dropped), collections.Counter()
+        if dropped:
+            self._write_json("dropped.json", {})
+        return dropped
+
+    def depth(self):
+        with self.lock:
+            return len(self.ready)
+
+    def oldest_age_s(self):
+        with self.lock:
+            return self.clock() - self.ready[0][0] if self.ready else 0.0
+
+    def _enforce_bounds(self):
+        while len(self.ready) > self.max_alerts:
+            self._drop_locked(self.ready[0][1], "spool_full")
+
+    def _drop_locked(self, name, reason):
+        if self.in_memory.pop(name, None) is None:
+            self._unlink(name + ".alert")
+        self._forget(name)
+        self.dropped[reason] += 1
+        self._write_json("dropped.json", dict(self.dropped))
+
+    def _forget(self, name):
+        if self.ready and self.ready[0][1] == name:
+            self.ready.popleft()
+        else:
+            self.ready = collections.deque(
+                item for item in self.ready if item[1] != name)
+
+    def _load(self, name):
+        if name in self.in_memory:
+            return self.in_memory[name]
+        record = self._read_json(name + ".alert")
+        if isinstance(record, dict) and record.get("version") == 1:
+            event = event_from_record(record.get("event"))
+            if event is not None:
+                return event
+        say("warning", "dropping unreadable spool file %s"
+            % self._path(name + ".alert"))
+        return None
+
+    def _read_json(self, name):
+        try:
+            with open(self._path(name), "rb") as handle:
+                return json.loads(handle.read(MAX_SPOOL_FILE_BYTES).decode(
+                    "utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return None
+
+    def _write_json(self, name, value):
+        temporary = self._path(name + ".tmp")
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump(value, handle)
+            os.replace(temporary, self._path(name))
+        except OSError as error:
+            say("warning", "cannot write %s: %s" % (self._path(name), error))
+
+    def _unlink(self, name):
+        try:
+            os.unlink(self._path(name))
+        except OSError:
+            pass
+
+
+class Courier(threading.Thread):
+    """Delivers a channel's spool in order, in the background, so sending
+    never blocks the journal reader. Retries with backoff and jitter (or
+    as long as a 429 asks), drops what the service refuses for good with
+    the reason logged, and reports drops once delivery works again."""
+
+    def __init__(self, sink, spool, clock=time.time):
+        threading.Thread.__init__(self, name="courier-%s" % sink.name,
+                                  daemon=True)
+        self.sink = sink
+        self.spool = spool
+        self.clock = clock
+        self.stopping = threading.Event()
+        self.failures = 0
+        self.delivered = 0
+        self.failed = 0
+        self.last_error = None
+        self.last_wait_s = None
+
+    def stop(self, timeout=2.0):
+        self.stopping.set()
+        with self.spool.lock:
+            self.spool.lock.notify_all()
+        self.join(timeout)
+
+    def run(self):
+        while not self.stopping.is_set():
+            taken = self.spool.take(1.0)
+            if taken is not None:
+                self.deliver_one(*taken)
+
+    def deliver_one(self, name, event):
+        """One attempt at the oldest alert; waits out a failure."""
+        delay_s = max(0.0, self.clock() - event.timestamp_us / 1e6)
+        try:
+            self.sink.send(event, delay_s)
+        except DeliveryError as error:
+            self._failed(name, event, error)
+            return
+        except Exception as error:  # a sink bug: keep the alert, retry
+            self._failed(name, event, DeliveryError(
+                "unexpected %s: %s" % (type(error).__name__, error)))
+            return
+        self.spool.delivered(name)
+        self.delivered += 1
+        if self.failures:
+            say("info", "channel %s: delivering again after %d failed "
+                "attempt%s" % (self.sink.name, self.failures,
+                               "" if self.failures == 1 else "s"))
+        self.failures = 0
+        self._report_drops()
+
+    def _failed(self, name, event, error):
+        self.failed += 1
+        self.last_error = str(error)
+        if error.permanent:
+            say("error", "channel %s refused the %s alert of %s, dropped: %s"
+                % (self.sink.name, event.action,
+                   format_timestamp(event.timestamp_us), error))
+            self.spool.refused(name)
+            return
+        self.failures += 1
+        wait_s = error.retry_after if error.retry_after is not None \
+            else retry_delay_s(self.failures)
+        self.last_wait_s = wait_s
+        if self.failures == 1 or self.failures % 10 == 0:
+            say("warning", "channel %s: %s; retrying in %.0f s (%d alert%s "
+                "waiting)" % (self.sink.name, error, wait_s,
+                              self.spool.depth(),
+                              "" if self.spool.depth() == 1 else "s"))
+        self.stopping.wait(wait_s)
+
+    def _report_drops(self):
+        dropped = self.spool.take_dropped()
+        if not dropped:
+            return
+        total = sum(dropped.values())
+        detail = ", ".join("%d %s" % (count, reason.replace("_", " "))
+                           for reason, count in sorted(dropped.items()))
+        say("warning", "channel %s lost %d alert%s: %s" % (
+            self.sink.name, total, "" if total == 1 else "s", detail))
+        self.spool.put(Event(
+            action="alerts_dropped", timestamp_us=int(self.clock() * 1e6),
+            held_back=total, detail=detail, hostname=socket.gethostname(),
+            message="%d alert%s could not be delivered to %s: %s" % (
+                total, "" if total == 1 else "s", self.sink.name, detail)))
+        self.spool.flush()
+
+
+class GroupDirectory:
+    """Which groups a user is in (primary and supplementary), from the
+    account databases, reread after GROUP_CACHE_S so a change is seen."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.members = None
+        self.read_at = None
+
+    def groups_of(self, user):
+        now = self.clock()
+        if self.members is None or now - self.read_at >= GROUP_CACHE_S:
+            self.members, self.read_at = self._read(), now
+        return self.members.get(user, ())
+
+    @staticmethod
+    def _read():
+        by_gid, members = {}, collections.defaultdict(set)
+        try:
+            for group in grp.getgrall():
+                by_gid[group.gr_gid] = group.gr_name
+                for user in group.gr_mem:
+                    members[user].add(group.gr_name)
+            for account in pwd.getpwall():
+                if account.pw_gid in by_gid:
+                    members[account.pw_name].add(by_gid[account.pw_gid])
+        except (OSError, KeyError) as error:
+            say("warning", "cannot read the group database: %s" % error)
+        return {user: tuple(sorted(groups))
+                for user, groups in members.items()}
+
+
+Channel = collections.namedtuple("Channel", "sink gate spool")
+Channel.__new__.__defaults__ = (None,)
+Channel.__doc__ = """A destination: its sink behind its policy gate, and
+for network sinks the spool its courier delivers from."""
+
+
+def _uses_groups(policy):
+    return bool(policy.ignore_groups or policy.always_groups)
+
+
+def build_channels(config, json_output=False):
+    """The configured channels, or the console showing every event when
+    none is configured."""
+    configured = config.channels or (
+        ChannelConfig("console", "console", SHOW_EVERYTHING, {}),)
+    directory = GroupDirectory() if any(
+        _uses_groups(channel.policy) for channel in configured) else None
+    channels = []
+    for channel in configured:
         options = dict(channel.options)
         if json_output and channel.type == "console":
             options["format"] = "json"
-        sinks.append(CHANNEL_TYPES[channel.type](channel.name, channel.events,
-                                                 options))
-    return sinks
+        gate = ChannelGate(channel.policy, directory.groups_of
+                           if _uses_groups(channel.policy) else
+                           lambda user: ())
+        sink = CHANNEL_TYPES[channel.type](channel.name, options)
+        spool = Spool(os.path.join(config.state_dir, "spool",
+                                   spool_directory_name(channel.name)),
+                      config.spool_max_alerts, config.spool_max_age) \
+            if sink.SPOOLED else None
+        channels.append(Channel(sink, gate, spool))
+    return channels
 
 
 class StateStore:
@@ -3168,20 +4852,23 @@ class JournalSource:
 
 
 class Pipeline:
-    """Entry -> event -> sessions -> sinks, shared by `run` and `scan`.
+    """Entry -> event -> sessions -> detection -> channels (policy gate,
+    then sink), shared by `run` and `scan`.
 
     A failing sink is reported and never stops the others or the reader.
+    `clock` gives the wall time that cooldowns and rate limits run on.
     """
 
-    def __init__(self, sinks, detection, skip_unwatched=False,
-                 enricher=None):
-        self.sinks = sinks
+    def __init__(self, channels, detection, skip_unwatched=False,
+                 clock=time.time, enricher=None):
+        self.channels = channels
         self.enricher = enricher
         self.sessions = SessionTracker()
         self.sudo_attempts = SudoAttempts()
         self.detector = FailureDetector(detection)
         self.baseline = Baseline(detection.learning_period)
         self.skip_unwatched = skip_unwatched
+        self.clock = clock
         self.entries = 0
         self.events = 0
         self.malformed = 0
@@ -3239,34 +4926,53 @@ class Pipeline:
 
     def _send(self, event):
         self.events += 1
-        self._each_sink(lambda sink: sink.send(event), [
-            sink for sink in self.sinks if event.action in sink.events])
+        now_us = int(self.clock() * 1000000)
+        self._each_channel(lambda gate: gate.admit(event, now_us))
+
+    def tick(self):
+        """Send the digests whose cooldown or rate window ended."""
+        now_us = int(self.clock() * 1000000)
+        self._each_channel(lambda gate: gate.due(now_us))
+
+    def drain(self):
+        """Send every digest still held (before stopping)."""
+        self._each_channel(lambda gate: gate.drain())
 
     def flush(self):
-        """Push out what the sinks hold (after each batch)."""
-        self._each_sink(lambda sink: sink.flush(), self.sinks)
+        """Push out what the sinks hold, and make spooled alerts durable
+        (after each batch, before the cursor is saved)."""
+        self._each_channel(None)
 
-    @staticmethod
-    def _each_sink(call, sinks):
-        for sink in sinks:
+    def _each_channel(self, alerts_of):
+        """For each channel, send or spool what `alerts_of(gate)` gives
+        (flush when None), containing each channel's failure to itself."""
+        for channel in self.channels:
             try:
-                call(sink)
+                if alerts_of is None:
+                    (channel.spool or channel.sink).flush()
+                    continue
+                for alert in alerts_of(channel.gate):
+                    if channel.spool is not None:
+                        channel.spool.put(alert)
+                    else:
+                        channel.sink.send(alert)
             except BrokenPipeError:
                 raise  # our own output is gone: the caller decides
             except Exception as error:  # a sink must not stop the others
-                say("error", "channel %s failed: %s" % (sink.name, error))
+                say("error", "channel %s failed: %s"
+                    % (channel.sink.name, error))
 
 
 class Agent:
     """The `run` command: follows the journal until told to stop."""
 
-    def __init__(self, config, sinks):
+    def __init__(self, config, channels):
         self.config = config
         self.store = StateStore(config.state_dir)
         self.detection_store = StateStore(config.state_dir, "detection.json")
         self.last_detection_save = 0.0
         self.events_at_detection_save = 0
-        self.pipeline = Pipeline(sinks, config.detection,
+        self.pipeline = Pipeline(channels, config.detection,
                                  enricher=Enricher.from_config(config, True))
         self.source = JournalSource(config.journalctl, config.first_start)
         self.stopping = False
@@ -3324,6 +5030,25 @@ class Agent:
             "baseline": self.pipeline.baseline.to_state()})
         self.events_at_detection_save = self.pipeline.events
 
+    def open_channels(self):
+        """Open every sink, and start a courier for each spooled one."""
+        couriers = []
+        for channel in self.pipeline.channels:
+            channel.sink.open()
+            if channel.spool is not None:
+                try:
+                    channel.spool.open()
+                except OSError as error:
+                    raise StateError("cannot open the spool of channel %s "
+                                     "in %s: %s" % (
+                                         channel.sink.name,
+                                         channel.spool.directory,
+                                         error.strerror or error)) from None
+                couriers.append(Courier(channel.sink, channel.spool))
+        for courier in couriers:
+            courier.start()
+        return couriers
+
     def follow_lines(self, lines, now):
         produced = 0
         for line in lines:
@@ -3347,8 +5072,7 @@ class Agent:
     def run(self):
         self.store.prepare()
         self.restore()
-        for sink in self.pipeline.sinks:
-            sink.open()
+        couriers = self.open_channels()
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         now = time.monotonic()
@@ -3368,6 +5092,8 @@ class Agent:
                 lines = self.source.read(1.0)
                 now = time.monotonic()
                 self.follow_lines(lines, now)
+                self.pipeline.tick()
+                self.pipeline.flush()
                 if self.unsaved and now - self.last_save >= STATE_FLUSH_S:
                     self.save(now)
                 if now - self.last_detection_save >= DETECTION_FLUSH_S:
@@ -3375,12 +5101,16 @@ class Agent:
                 if not self.stopping:
                     self.source.supervise(now)
         finally:
+            self.pipeline.drain()
             if self.unsaved:
                 self.save(time.monotonic())
             self.save_detection(time.monotonic())
             self.source.stop()
-            for sink in self.pipeline.sinks:
-                sink.close()
+            self.pipeline.flush()
+            for courier in couriers:
+                courier.stop()
+            for channel in self.pipeline.channels:
+                channel.sink.close()
             self.pipeline.enricher.close()
         say("info", "stopped after %d entries, %d events"
             % (self.pipeline.entries, self.pipeline.events))
@@ -3414,6 +5144,10 @@ def build_parser():
     scan.add_argument("file", nargs="?", metavar="FILE|-",
                       help="the export; - or nothing reads standard input")
     commands.add_parser("check-config", help="validate the configuration")
+    test_alert = commands.add_parser(
+        "test-alert", help="send a sample alert through each channel")
+    test_alert.add_argument("--channel", metavar="NAME", action="append",
+                            help="only this channel (may be repeated)")
     lookup = commands.add_parser(
         "lookup", help="ASN, country and provider of addresses")
     output = lookup.add_mutually_exclusive_group()
@@ -3446,7 +5180,8 @@ def command_scan(args, stdout):
     config = load_config(args.config)
     sink = ConsoleSink("console", options={
         "format": "json" if args.json else "text"}, stream=stdout)
-    pipeline = Pipeline([sink], config.detection, skip_unwatched=True,
+    pipeline = Pipeline([Channel(sink, ChannelGate(SHOW_EVERYTHING))],
+                        config.detection, skip_unwatched=True,
                         enricher=Enricher.from_config(config, False))
     with stream:
         for line in stream:
@@ -3474,6 +5209,48 @@ def command_check_config(args, stdout):
             stdout.write("[geoip] %s %s: %s\n" % (role, path,
                                                   describe_database(path)))
     return EXIT_OK
+
+
+def sample_alert(now_s):
+    """What test-alert sends: a realistic login, marked as a test."""
+    hostname = socket.gethostname()
+    return Event(
+        action="login_success", timestamp_us=int(now_s * 1e6),
+        user="alice", source_ip="203.0.113.5", source_port=51234,
+        service="sshd", auth_method="publickey", hostname=hostname,
+        reason="test", detail="a test alert from pamsignal test-alert",
+        message="test alert: Accepted publickey for alice from 203.0.113.5 "
+        "port 51234 ssh2")
+
+
+def command_test_alert(args, stdout):
+    config = load_config(args.config)
+    channels = build_channels(config)
+    if not config.channels:
+        raise UsageError("no channel is configured in %s: add a "
+                         "[channel:NAME] section" % config.path)
+    names = [channel.sink.name for channel in channels]
+    unknown = [name for name in args.channel or () if name not in names]
+    if unknown:
+        raise UsageError("no channel %r; configured: %s"
+                         % (unknown[0], ", ".join(names)))
+    failed = 0
+    for channel in channels:
+        if args.channel and channel.sink.name not in args.channel:
+            continue
+        try:
+            channel.sink.open()
+            channel.sink.send(sample_alert(time.time()))
+            channel.sink.flush()
+            outcome = "delivered"
+        except (DeliveryError, OSError, ssl.SSLError) as error:
+            failed += 1
+            outcome = "NOT delivered: %s" % escape_text(str(error))
+        stdout.write("%s (%s): %s\n" % (channel.sink.name,
+                                         type(channel.sink).__name__[:-4]
+                                         .lower(), outcome))
+    stdout.flush()
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def describe_database(path):
@@ -3603,11 +5380,12 @@ def command_lookup(args, stdout):
 
 def command_run(args, stdout):
     config = load_config(args.config)
-    return Agent(config, build_sinks(config, args.json)).run()
+    return Agent(config, build_channels(config, args.json)).run()
 
 
 COMMANDS = {"run": command_run, "scan": command_scan,
-            "check-config": command_check_config, "lookup": command_lookup}
+            "check-config": command_check_config,
+            "test-alert": command_test_alert, "lookup": command_lookup}
 
 
 def utf8_stdout():

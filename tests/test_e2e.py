@@ -484,3 +484,48 @@ def test_brute_force_then_success_raises_both_alerts(sshd, agent, make_user):
     assert field(alert, "source.ip") == "127.0.0.1", alert
     assert field(alert, "pamsignal.attempts") >= 5, alert
     assert field(alert, "pamsignal.auth_method") == "password", alert
+
+
+@pytest.fixture
+def paging_agent(journald, sshd, tmp_path):
+    """An agent with a configured channel, so the alert policy applies:
+    the defaults plus individual failures, with a 10 minute cooldown."""
+    from conftest import Agent
+
+    paging = Agent(str(tmp_path))
+    with open(paging.config, "a") as config:
+        config.write("[alerts]\nevents = default, login_failure\n"
+                     "cooldown = 10m\n[channel:screen]\ntype = console\n"
+                     "format = json\n")
+    paging.start()
+    yield paging
+    if paging.running():
+        paging.stop(signal.SIGTERM)
+
+
+def test_policy_holds_repeats_never_a_success_and_digests_at_stop(
+        paging_agent, make_user):
+    """Real failures from one address: the first is sent, repeats are held
+    by the cooldown, the success after them is sent at once, and what was
+    held comes out as one digest when the agent stops."""
+    user, pw = make_user()
+    for _ in range(5):
+        assert realsys.ssh_password(user, "wrong-" + pw).returncode != 0
+    paging_agent.wait_event(is_event("brute_force_detected",
+                                     source__ip="127.0.0.1"))
+    assert realsys.ssh_password(user, pw).returncode == 0
+    paging_agent.wait_event(is_event("success_after_failures",
+                                     user__name=user))
+    paging_agent.wait_event(is_event("login_success", user__name=user))
+    failures = [e for e in paging_agent.events()
+                if is_event("login_failure")(e)]
+    assert len(failures) == 1, failures
+    assert paging_agent.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    (digest,) = [e for e in paging_agent.events()
+                 if is_event("alert_digest")(e)]
+    summary = field(digest, "event.reason"), field(
+        digest, "pamsignal.sources"), field(digest, "pamsignal.users_tried")
+    assert summary == ("cooldown", ["127.0.0.1"], [user]), digest
+    held = field(digest, "pamsignal.held_back")
+    assert held >= 4 and field(digest, "pamsignal.detail") == \
+        "%d login_failure" % held, digest

@@ -83,34 +83,30 @@ def open_session(user, password, host, port):
                             start_new_session=True)
 
 
-def test_the_destination_of_an_ssh_login_is_reported(agent, second_sshd,
-                                                     make_user):
+def reported_login(agent, make_user, host, port):
+    """A fresh user logs in to host:port; the agent's login_success. The
+    session stays open until the agent has reported it, so the connection
+    is surely in /proc/net/tcp when the agent looks."""
     user, password = make_user()
     mark = agent.mark()
-    # The session stays open until the agent has reported the login, so
-    # the connection is surely in /proc/net/tcp when it looks.
-    client = open_session(user, password, SECOND_LOOPBACK, second_sshd)
+    client = open_session(user, password, host, port)
     try:
-        event = agent.wait_event(
+        return agent.wait_event(
             lambda e: field(e, "event.action") == "login_success"
             and field(e, "user.name") == user, since=mark)
     finally:
         client.terminate()
         client.wait(10)
+
+
+def test_the_destination_of_an_ssh_login_is_reported(agent, second_sshd,
+                                                     make_user):
+    event = reported_login(agent, make_user, SECOND_LOOPBACK, second_sshd)
     assert field(event, "destination.ip") == SECOND_LOOPBACK, event
     assert field(event, "destination.port") == second_sshd, event
     assert field(event, "source.ip") == "127.0.0.1", event
     assert field(event, "pamsignal.source_network_type") == "loopback", event
     # The shared sshd's logins in the same agent go to 127.0.0.1:2222.
-    other, other_password = make_user()
-    mark = agent.mark()
-    client = open_session(other, other_password, "127.0.0.1", realsys.SSH_PORT)
-    try:
-        event = agent.wait_event(
-            lambda e: field(e, "event.action") == "login_success"
-            and field(e, "user.name") == other, since=mark)
-    finally:
-        client.terminate()
-        client.wait(10)
+    event = reported_login(agent, make_user, "127.0.0.1", realsys.SSH_PORT)
     assert (field(event, "destination.ip"), field(event, "destination.port")
             ) == ("127.0.0.1", realsys.SSH_PORT), event

@@ -318,10 +318,16 @@ class Collect:
         pass
 
 
+def everything_to(sink):
+    """The sink as a channel that is shown every event, as `scan` does."""
+    return [pamsignal.Channel(sink, pamsignal.ChannelGate(
+        pamsignal.SHOW_EVERYTHING))]
+
+
 def test_the_pipeline_enriches_before_detection(databases):
     sink = Collect()
     pipeline = pamsignal.Pipeline(
-        [sink], pamsignal.parse_config(
+        everything_to(sink), pamsignal.parse_config(
             "[detection]\nlearning_period = 0s\n").detection,
         enricher=enricher_for(databases))
     pipeline.report(make_entry(
@@ -341,7 +347,8 @@ def test_a_failing_enricher_never_costs_the_event(capsys):
             raise RuntimeError("boom")
 
     sink = Collect()
-    pipeline = pamsignal.Pipeline([sink], pamsignal.default_config().detection,
+    pipeline = pamsignal.Pipeline(everything_to(sink),
+                                  pamsignal.default_config().detection,
                                   enricher=Failing())
     assert pipeline.report(make_entry(
         "sshd", "Accepted password for bob from 8.8.8.8 port 1 ssh2")) >= 1

@@ -1,0 +1,420 @@
+"""Alert channels without the network: configuration, the text of an
+alert in each markup, escaping of hostile names, length limits, how a
+service's answer is judged, signatures, and the durable spool."""
+import base64
+import hashlib
+import hmac
+import json
+import os
+
+import pytest
+
+from support import pamsignal
+
+HOSTILE_NAMES = [
+    "<b>root</b>&amp;", "*bold* _it_ ~strike~ `code`", "[click](http://evil)",
+    "@everyone @here <@123>", "line1\nline2\r\nFailed: fake", "x" * 5000,
+    "\u202eevil\u202c", "a|b>c#d\\e",
+]
+
+
+def event(action="login_success", user="alice", **fields):
+    values = dict(action=action, user=user, source_ip="203.0.113.5",
+                  source_port=51234, service="sshd", auth_method="password",
+                  hostname="web1", timestamp_us=1795780000000000,
+                  message="Accepted password for %s from 203.0.113.5 port "
+                  "51234 ssh2" % user)
+    values.update(fields)
+    return pamsignal.Event(**values)
+
+
+def channel(text, path="/etc/p.conf"):
+    (configured,) = pamsignal.parse_config(text, path).channels
+    return configured
+
+
+def problems_of(text):
+    with pytest.raises(pamsignal.ConfigError) as raised:
+        pamsignal.parse_config(text, "/etc/p.conf")
+    return [str(problem) for problem in raised.value.problems]
+
+
+def sink_for(text):
+    configured = channel(text)
+    return pamsignal.CHANNEL_TYPES[configured.type](configured.name,
+                                                    configured.options)
+
+
+# ------------------------------------------------------------- configuration
+
+
+def test_every_type_is_configured_and_its_secrets_never_show():
+    config = pamsignal.parse_config(
+        "[channel:tg]\ntype = telegram\nbot_token = 123:ABC-def\n"
+        "chat_id = -1001234567\n"
+        "[channel:sl]\ntype = slack\nurl = https://hooks.slack.com/s/T/B/X\n"
+        "[channel:mail]\ntype = email\nhost = smtp.example.com\n"
+        "sender = ps@example.com\nrecipients = a@example.com, b@example.com\n"
+        "username = ps\npassword = hunter2\n")
+    tg, slack, mail = config.channels
+    assert tg.options["bot_token"].value == "123:ABC-def"
+    assert mail.options["recipients"] == ("a@example.com", "b@example.com")
+    shown = repr(config)
+    for secret in ("123:ABC-def", "hooks.slack.com", "hunter2"):
+        assert secret not in shown
+    assert "Secret(***)" in shown
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[channel:s]\ntype = slack\nurl = http://hooks.slack.com/x\n",
+     "/etc/p.conf:3: [channel:s] url: expected an https:// URL (http:// "
+     "only to a loopback address), got a http:// URL to hooks.slack.com"),
+    ("[channel:t]\ntype = telegram\nbot_token = 1:a\n",
+     "/etc/p.conf:1: [channel:t]: a telegram channel needs chat_id"),
+    ("[channel:t]\ntype = telegram\nbot_token = 1:a b\nchat_id = 5\n",
+     "/etc/p.conf:3: [channel:t] bot_token: expected a secret without "
+     "spaces, or credential:NAME for a systemd credential"),
+    ("[channel:t]\ntype = telegram\nbot_token = 1:a\nchat_id = me\n",
+     "/etc/p.conf:4: [channel:t] chat_id: expected a numeric chat id (such "
+     "as -1001234567) or @channelname, got 'me'"),
+    ("[channel:w]\ntype = webhook\nurl = https://x.example\ntimeout = 1h\n",
+     "/etc/p.conf:4: [channel:w] timeout: expected a timeout from 1s to "
+     "300s, got '1h'"),
+    ("[channel:d]\ntype = discord\nurl = https://d.example/w\n"
+     "template = {user} {password}\n",
+     "/etc/p.conf:4: [channel:d] template: unknown placeholder {password};"
+     " expected some of: {title}, {facts}, {advice}, {action}, {severity}, "
+     "{user}, {target_user}, {source}, {service}, {reason}, {host}, "
+     "{time}, {command}, {attempts}, {message}"),
+    ("[channel:m]\ntype = email\nhost = smtp.example.com\nsender = me\n"
+     "recipients = a@example.com\n",
+     "/etc/p.conf:4: [channel:m] sender: expected comma-separated e-mail "
+     "addresses such as admin@example.com, got 'me'"),
+    ("[channel:n]\ntype = ntfy\nurl = https://ntfy.sh/t\nsecret = x\n",
+     "/etc/p.conf:4: [channel:n] secret: unknown key for a ntfy channel"),
+])
+def test_bad_channel_settings_are_named(text, message):
+    found = problems_of(text)
+    assert found == [message]
+
+
+def test_http_is_allowed_to_loopback_only():
+    for url in ("http://127.0.0.1:8080/x", "http://[::1]/x",
+                "http://localhost/x", "https://example.com/x"):
+        assert pamsignal.check_url(url) == url
+    for url in ("http://10.0.0.1/x", "ftp://127.0.0.1/x", "https:///x",
+                "http://127.0.0.1:99999/x"):
+        with pytest.raises(ValueError):
+            pamsignal.check_url(url)
+
+
+def write_config(tmp_path, text, mode):
+    path = tmp_path / "pamsignal.conf"
+    path.write_text(text)
+    os.chmod(str(path), mode)
+    return str(path)
+
+
+def test_a_world_readable_file_with_secrets_is_refused(tmp_path):
+    path = write_config(tmp_path, "[channel:tg]\ntype = telegram\n"
+                        "bot_token = 1:SECRET\nchat_id = 5\n", 0o644)
+    with pytest.raises(pamsignal.ConfigError) as raised:
+        pamsignal.load_config(path, environ={})
+    (problem,) = raised.value.problems
+    assert str(problem) == (
+        "%s: holds secrets ([channel:tg] bot_token) but other users can "
+        "read it; run: chmod 600 %s (or move secrets to credential:NAME)"
+        % (path, path))
+    assert "SECRET" not in str(problem)
+    os.chmod(path, 0o600)
+    assert pamsignal.load_config(path, environ={}).channels[0].options[
+        "bot_token"].value == "1:SECRET"
+
+
+def test_secrets_come_from_systemd_credentials(tmp_path):
+    credentials = tmp_path / "creds"
+    credentials.mkdir()
+    (credentials / "tg-token").write_text("42:FROM-CREDENTIAL\n")
+    (credentials / "hook").write_text("http://10.1.1.1/insecure\n")
+    path = write_config(tmp_path, "[channel:tg]\ntype = telegram\n"
+                        "bot_token = credential:tg-token\nchat_id = 5\n",
+                        0o644)  # no secret in the file: readable is fine
+    config = pamsignal.load_config(path, environ={
+        "CREDENTIALS_DIRECTORY": str(credentials)})
+    assert config.channels[0].options["bot_token"].value == \
+        "42:FROM-CREDENTIAL"
+    with pytest.raises(pamsignal.ConfigError) as raised:
+        pamsignal.load_config(path, environ={})
+    assert "credential:tg-token, but no credentials were passed" in str(
+        raised.value)
+    bad = write_config(tmp_path, "[channel:h]\ntype = webhook\n"
+                       "url = credential:hook\n", 0o600)
+    with pytest.raises(pamsignal.ConfigError) as raised:
+        pamsignal.load_config(bad, environ={
+            "CREDENTIALS_DIRECTORY": str(credentials)})
+    assert "credential hook: expected an https:// URL" in str(raised.value)
+    missing = write_config(tmp_path, "[channel:h]\ntype = webhook\n"
+                           "url = credential:nope\n", 0o600)
+    with pytest.raises(pamsignal.ConfigError) as raised:
+        pamsignal.load_config(missing, environ={
+            "CREDENTIALS_DIRECTORY": str(credentials)})
+    assert "cannot read credential nope: No such file or directory" in str(
+        raised.value)
+
+
+# ------------------------------------------------------------------ messages
+
+
+def test_the_default_layout_says_what_who_where_when_and_what_to_do():
+    alert = pamsignal.alert_text(event("success_after_failures",
+                                       attempts=7, counted_by="source"),
+                                 delay_s=900)
+    assert alert.title == "Login after failed attempts: alice on web1"
+    facts = dict(alert.facts)
+    assert facts["From"] == "203.0.113.5:51234"
+    assert facts["Service"] == "sshd (password)"
+    assert facts["Severity"] == "9/10"
+    assert facts["Time"] == "2026-11-27 11:46:40 UTC (delivered 15 min late)"
+    assert "passwd -l" in alert.advice
+    assert pamsignal.alert_text(event()).advice is None
+    brute = pamsignal.alert_text(pamsignal.Event(
+        action="brute_force_detected", source_ip="198.51.100.7",
+        hostname="web1", timestamp_us=0, attempts=5, window_s=600))
+    assert brute.title == "Brute force: 198.51.100.7 on web1"
+    assert dict(brute.facts)["Attempts"] == "5 in 600 s"
+    assert "block it" in brute.advice
+
+
+def sinks():
+    return [
+        ("telegram", sink_for("[channel:t]\ntype = telegram\n"
+                              "bot_token = 1:A\nchat_id = 5\n")),
+        ("slack", sink_for("[channel:s]\ntype = slack\n"
+                           "url = https://hooks.example/s\n")),
+        ("discord", sink_for("[channel:d]\ntype = discord\n"
+                             "url = https://discord.example/w\n")),
+        ("teams", sink_for("[channel:m]\ntype = teams\n"
+                           "url = https://teams.example/w\n")),
+        ("ntfy", sink_for("[channel:n]\ntype = ntfy\n"
+                          "url = https://ntfy.example/topic\n")),
+        ("gotify", sink_for("[channel:g]\ntype = gotify\n"
+                            "url = https://gotify.example\ntoken = T\n")),
+    ]
+
+
+def visible_text(kind, body):
+    """The text a person reads, from the request body of each service."""
+    payload = json.loads(body)
+    if kind == "telegram":
+        return payload["text"]
+    if kind == "slack":
+        return payload["blocks"][0]["text"]["text"]
+    if kind == "discord":
+        return payload["content"]
+    if kind == "teams":
+        card = payload["attachments"][0]["content"]
+        return "\n".join(json.dumps(block, ensure_ascii=False)
+                         for block in card["body"])
+    return payload["title"] + "\n" + payload["message"]
+
+
+LIMITS = {"telegram": 4096, "slack": 3000, "discord": 2000, "ntfy": 4000}
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_hostile_user_names_render_safely_on_every_channel(name):
+    for kind, sink in sinks():
+        url, headers, body = sink.request(event(user=name), 0)
+        text = visible_text(kind, body)
+        assert "\n\nline2" not in text and "line2\r" not in text, kind
+        assert "\u202e" not in text, kind
+        if kind == "telegram":
+            assert "<b>root</b>" not in text  # only our own tags
+            assert "&amp;amp;" in text or "&amp;" not in name
+        if kind == "slack":
+            assert "<b>" not in text and "*bold*" not in text
+        if kind == "discord":
+            assert "@everyone" not in text and "[click](" not in text
+            assert json.loads(body)["allowed_mentions"] == {"parse": []}
+        if kind == "teams":
+            assert "[click](" not in text and "*bold*" not in text
+        if kind in LIMITS:
+            assert len(text) <= LIMITS[kind], kind
+
+
+def test_long_alerts_are_shortened_never_refused():
+    huge = event(user="u" * 300, command_line="c" * 300,
+                 message="m" * 5000, users_tried=("x" * 299,) * 50)
+    for kind, sink in sinks():
+        _, _, body = sink.request(huge, 0)
+        text = visible_text(kind, body)
+        assert len(text) <= LIMITS.get(kind, 30000), kind
+        assert "Login: " in text or "Login\\: " in text, kind
+    tight = pamsignal.compose(pamsignal.alert_text(huge), "<b>%s:</b> %s",
+                              "<b>%s</b>", 120, pamsignal.escape_html)
+    assert len(tight) <= 120 and tight.count("<b>") == tight.count("</b>")
+
+
+def test_templates_escape_values_but_not_the_admins_markup():
+    sink = sink_for("[channel:t]\ntype = telegram\nbot_token = 1:A\n"
+                    "chat_id = 5\ntemplate = <b>{title}</b>\\n{user} "
+                    "from {source}\n")
+    _, _, body = sink.request(event(user="<i>x</i>"), 0)
+    assert json.loads(body)["text"] == (
+        "<b>Login: &lt;i&gt;x&lt;/i&gt; on web1</b>\n&lt;i&gt;x&lt;/i&gt; "
+        "from 203.0.113.5:51234")
+
+
+def test_requests_go_where_each_service_expects():
+    (_, telegram), (_, slack), _, _, (_, ntfy), (_, gotify) = sinks()
+    url, headers, body = telegram.request(event(), 0)
+    assert url == "https://api.telegram.org/bot1:A/sendMessage"
+    payload = json.loads(body)
+    assert payload["parse_mode"] == "HTML" and payload["chat_id"] == "5"
+    assert payload["link_preview_options"] == {"is_disabled": True}
+    url, headers, body = ntfy.request(event(), 0)
+    assert url == "https://ntfy.example/"
+    assert json.loads(body)["topic"] == "topic"
+    assert json.loads(body)["priority"] == 3
+    url, headers, body = gotify.request(event(severity=9), 0)
+    assert url == "https://gotify.example/message"
+    assert headers["X-Gotify-Key"] == "T"
+    assert json.loads(body)["priority"] == 9
+
+
+def test_webhook_posts_the_event_contract_signed():
+    sink = sink_for("[channel:h]\ntype = webhook\nurl = https://h.example/\n"
+                    "secret = whsec_" + base64.b64encode(b"k" * 24).decode()
+                    + "\n")
+    url, headers, body = sink.request(event(), 0)
+    assert json.loads(body) == pamsignal.event_to_ecs(event())
+    signed = ("%s.%s." % (headers["webhook-id"], headers[
+        "webhook-timestamp"])).encode() + body
+    expected = base64.b64encode(hmac.new(b"k" * 24, signed,
+                                         hashlib.sha256).digest()).decode()
+    assert headers["webhook-signature"] == "v1," + expected
+    plain = sink_for("[channel:h]\ntype = webhook\nurl = https://h.example/\n")
+    assert "webhook-signature" not in plain.request(event(), 0)[1]
+
+
+# ------------------------------------------------------------------ answers
+
+
+class Headers(dict):
+    def get(self, key, default=None):
+        return dict.get(self, key, default)
+
+
+@pytest.mark.parametrize("status, headers, body, permanent, retry_after", [
+    (429, {"Retry-After": "7"}, b"", False, 7.0),
+    (429, {}, b'{"ok":false,"error_code":429,"parameters":'
+     b'{"retry_after":31}}', False, 31.0),
+    (429, {}, b'{"message":"rate limited","retry_after":1.5,"global":false}',
+     False, 1.5),
+    (429, {"Retry-After": "99999999"}, b"", False, 3600.0),
+    (500, {}, b"oops", False, None),
+    (503, {}, b"", False, None),
+    (408, {}, b"", False, None),
+    (400, {}, b"invalid_payload", True, None),
+    (404, {}, b'{"ok":false,"description":"Not Found"}', True, None),
+    (403, {}, b"\x1b[31mred", True, None),
+])
+def test_answers_are_judged_retry_or_give_up(status, headers, body,
+                                              permanent, retry_after):
+    failure = pamsignal.judge_response(status, Headers(headers), body)
+    assert failure.permanent is permanent
+    assert failure.retry_after == retry_after
+    assert str(failure).startswith(("HTTP %d" % status,
+                                    "rate limited, HTTP 429"))
+    assert "\x1b" not in str(failure)
+    assert pamsignal.judge_response(204, Headers(), b"") is None
+
+
+def test_backoff_grows_with_jitter_to_a_cap():
+    assert pamsignal.retry_delay_s(1, lambda: 0.5) == 2.0
+    assert pamsignal.retry_delay_s(3, lambda: 0.5) == 8.0
+    assert pamsignal.retry_delay_s(50, lambda: 0.5) == 600.0
+    assert pamsignal.retry_delay_s(2, lambda: 0.0) == pytest.approx(3.2)
+    assert pamsignal.retry_delay_s(2, lambda: 1.0) == pytest.approx(4.8)
+
+
+def test_errors_never_show_secrets():
+    assert pamsignal.redact("GET /bot1:SECRET/sendMessage failed",
+                            ["1:SECRET"]) == "GET /bot***/sendMessage failed"
+
+
+# -------------------------------------------------------------------- spool
+
+
+def test_events_survive_the_spool_exactly():
+    original = event(users_tried=("a", "b"), attempts=3, severity=9)
+    record = json.loads(json.dumps(pamsignal.event_to_record(original)))
+    assert pamsignal.event_from_record(record) == original
+    for damaged in (None, [], {"action": "nope", "timestamp_us": 1},
+                    dict(record, timestamp_us="1"), dict(record, user=[1]),
+                    dict(record, unknown_field="x"), dict(record, user=True),
+                    dict(record, user={"a": 1})):
+        assert pamsignal.event_from_record(damaged) is None
+
+
+def spool(tmp_path, clock, max_alerts=100, max_age_s=3600):
+    opened = pamsignal.Spool(str(tmp_path / "spool"), max_alerts, max_age_s,
+                             clock=lambda: clock[0])
+    opened.open()
+    return opened
+
+
+def test_spool_keeps_order_until_delivered_and_refuses_a_second_copy(
+        tmp_path):
+    clock = [1000.0]
+    queue = spool(tmp_path, clock)
+    first, second = event(user="a"), event(user="b")
+    assert queue.put(first) and queue.put(second)
+    assert queue.take(0) is None  # not handed over before flush
+    queue.flush()
+    name, taken = queue.take(0)
+    assert taken == first
+    assert queue.take(0)[1] == first  # still there until delivered
+    queue.delivered(name)
+    assert queue.put(first) is False  # read again after a crash: no repeat
+    assert queue.take(0)[1] == second
+    # A restart finds what was waiting.
+    again = spool(tmp_path, clock)
+    assert again.take(0)[1] == second
+    assert again.depth() == 1
+
+
+def test_spool_bounds_drop_the_oldest_and_count_why(tmp_path):
+    clock = [1000.0]
+    queue = spool(tmp_path, clock, max_alerts=3, max_age_s=60)
+    for n in range(5):
+        queue.put(event(user="u%d" % n))
+    queue.flush()
+    assert queue.depth() == 3
+    assert queue.take(0)[1].user == "u2"
+    clock[0] += 61
+    assert queue.take(0) is None
+    assert queue.take_dropped() == {"spool_full": 2, "too_old": 3}
+    assert queue.take_dropped() == {}
+    files = os.listdir(str(tmp_path / "spool"))
+    assert not [f for f in files if f.endswith(".alert")]
+
+
+def test_a_damaged_spool_file_is_dropped_with_a_warning(tmp_path, capsys):
+    clock = [1000.0]
+    queue = spool(tmp_path, clock)
+    queue.put(event())
+    queue.flush()
+    (name,) = [f for f in os.listdir(str(tmp_path / "spool"))
+               if f.endswith(".alert")]
+    (tmp_path / "spool" / name).write_text('{"version": 1, "event": [')
+    assert queue.take(0) is None
+    assert queue.take_dropped() == {"unreadable": 1}
+    assert "dropping unreadable spool file" in capsys.readouterr().err
+
+
+def test_channel_names_become_safe_directory_names():
+    assert pamsignal.spool_directory_name("ops-telegram") == "ops-telegram"
+    odd = pamsignal.spool_directory_name("../../etc")
+    assert "/" not in odd and not odd.startswith(".")
+    assert odd != pamsignal.spool_directory_name("__.._etc")

@@ -1,0 +1,327 @@
+"""Delivery against real local receivers (tests/receivers.py): each channel
+type over HTTP and HTTPS with a verified certificate, e-mail over SMTP
+with STARTTLS, TLS and login, and the courier's retries, waits and drops
+on 429, 500, refusals, timeouts, dropped connections and a receiver that
+is down for a while. Nothing is mocked: the requests cross real sockets."""
+import json
+import os
+
+import pytest
+
+import receivers
+from receivers import HttpReceiver, SmtpReceiver
+from support import pamsignal, wait_for
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return receivers.make_cert(str(tmp_path_factory.mktemp("certs")))
+
+
+@pytest.fixture
+def receiver():
+    with HttpReceiver() as rx:
+        yield rx
+
+
+def login(user="alice", at_s=1795780000):
+    return pamsignal.Event(
+        action="login_success", user=user, source_ip="203.0.113.5",
+        source_port=51234, service="sshd", auth_method="publickey",
+        hostname="web1", timestamp_us=at_s * 1000000,
+        cursor="s=1;i=%x" % (hash(user) & 0xffff),
+        message="Accepted publickey for %s from 203.0.113.5 port 51234 "
+        "ssh2" % user)
+
+
+def sink_for(text):
+    (configured,) = pamsignal.parse_config(text).channels
+    return pamsignal.CHANNEL_TYPES[configured.type](configured.name,
+                                                    configured.options)
+
+
+# ------------------------------------------------------------ each channel
+
+
+def test_telegram_posts_html_to_the_bot_api(receiver):
+    receiver.script(receivers.telegram_ok())
+    sink = sink_for("[channel:t]\ntype = telegram\nbot_token = 123:TOKEN\n"
+                    "chat_id = -100200\napi_url = %s\n" % receiver.url)
+    sink.send(login("<b>mallory</b>"))
+    (request,) = receiver.wait_for(1)
+    assert request.path == "/bot123:TOKEN/sendMessage"
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.json["chat_id"] == "-100200"
+    assert request.json["parse_mode"] == "HTML"
+    assert "&lt;b&gt;mallory&lt;/b&gt;" in request.json["text"]
+    assert request.headers["User-Agent"].startswith("pamsignal/")
+
+
+def test_each_webhook_service_gets_its_own_shape(receiver):
+    receiver.script([receivers.slack_ok(), receivers.discord_ok(),
+                     receivers.teams_ok(), receivers.ntfy_ok(),
+                     receivers.gotify_ok()])
+    for kind, extra in (("slack", ""), ("discord", ""), ("teams", ""),
+                        ("ntfy", "token = tk_abc\n"),
+                        ("gotify", "token = app-token\n")):
+        path = "/topic" if kind == "ntfy" else "/" + kind
+        sink_for("[channel:c]\ntype = %s\nurl = %s%s\n%s"
+                 % (kind, receiver.url, path, extra)).send(login())
+    slack, discord, teams, ntfy, gotify = receiver.wait_for(5)
+    assert slack.path == "/slack"
+    assert slack.json["blocks"][0]["text"]["type"] == "mrkdwn"
+    assert discord.json["allowed_mentions"] == {"parse": []}
+    assert teams.json["attachments"][0]["contentType"] == \
+        "application/vnd.microsoft.card.adaptive"
+    assert ntfy.path == "/" and ntfy.json["topic"] == "topic"
+    assert ntfy.headers["Authorization"] == "Bearer tk_abc"
+    assert gotify.path == "/gotify/message"
+    assert gotify.headers["X-Gotify-Key"] == "app-token"
+    for request in (slack, discord, teams, ntfy, gotify):
+        assert "alice" in request.text
+
+
+def test_tls_is_verified_against_the_configured_ca(certs):
+    with HttpReceiver(tls=certs) as rx:
+        good = sink_for("[channel:h]\ntype = webhook\nurl = %s/x\n"
+                        "ca_file = %s\n" % (rx.localhost_url, certs.ca_file))
+        good.send(login())
+        assert rx.wait_for(1)[0].tls
+        wrong = sink_for("[channel:h]\ntype = webhook\nurl = %s/x\n"
+                         "ca_file = %s\n" % (rx.localhost_url,
+                                             certs.other_ca_file))
+        with pytest.raises(pamsignal.DeliveryError) as raised:
+            wrong.send(login())
+        assert "TLS certificate not trusted" in str(raised.value)
+        assert not raised.value.permanent
+        system = sink_for("[channel:h]\ntype = webhook\nurl = %s/x\n"
+                          % rx.localhost_url)
+        with pytest.raises(pamsignal.DeliveryError):
+            system.send(login())  # a self-signed CA is not in the system's
+    assert len(rx.requests) == 1
+
+
+def test_a_proxy_from_the_environment_is_used(receiver, monkeypatch):
+    with HttpReceiver() as proxy:
+        monkeypatch.setenv("http_proxy", proxy.url)
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        sink_for("[channel:h]\ntype = webhook\nurl = %s/hook\n"
+                 % receiver.url).send(login())
+        (request,) = proxy.wait_for(1)
+    assert request.target == receiver.url + "/hook"
+    assert receiver.requests == []
+
+
+@pytest.mark.parametrize("response, permanent, text", [
+    (receivers.Respond(500, b"boom"), False, "HTTP 500: boom"),
+    (receivers.slack_error(400, "invalid_payload"), True,
+     "HTTP 400: invalid_payload"),
+    (receivers.Drop(), False, "cannot reach 127.0.0.1"),
+    (receivers.Reset(), False, "cannot reach 127.0.0.1"),
+    (receivers.Hang(5), False, "timed out"),
+])
+def test_failures_are_reported_with_their_reason(receiver, response,
+                                                 permanent, text):
+    receiver.script(response)
+    sink = sink_for("[channel:s]\ntype = slack\nurl = %s/T0/B0/SECRETPART\n"
+                    "timeout = 1s\n" % receiver.url)
+    with pytest.raises(pamsignal.DeliveryError) as raised:
+        sink.send(login())
+    assert text in str(raised.value)
+    assert raised.value.permanent is permanent
+    assert "SECRETPART" not in str(raised.value)
+
+
+# ------------------------------------------------------------------ e-mail
+
+
+def email_sink(mx, certs, security="starttls", password="s3cret"):
+    return sink_for(
+        "[channel:m]\ntype = email\nhost = 127.0.0.1\nport = %d\n"
+        "security = %s\nusername = ps\npassword = %s\nca_file = %s\n"
+        "sender = pamsignal@example.com\n"
+        "recipients = admin@example.com, ops@example.com\n"
+        % (mx.port, security, password, certs.ca_file))
+
+
+def test_email_over_starttls_with_login(certs):
+    with SmtpReceiver(tls=certs, user="ps", password="s3cret") as mx:
+        email_sink(mx, certs).send(login("eve\r\nBcc: victim@example.com"))
+        (mail,) = mx.wait_for(1)
+    assert mail.tls and mail.auth_user == "ps"
+    assert mail.rcpt_to == ["admin@example.com", "ops@example.com"]
+    assert mail.message["Subject"].startswith("[PAMSignal] Login: eve")
+    assert "Bcc" not in mail.message
+    assert "victim@example.com" not in mail.rcpt_to
+    assert "203.0.113.5:51234" in mail.text
+
+
+def test_email_over_implicit_tls(certs):
+    with SmtpReceiver(tls=certs, implicit_tls=True, user="ps",
+                      password="s3cret") as mx:
+        email_sink(mx, certs, security="tls").send(login())
+        (mail,) = mx.wait_for(1)
+    assert mail.tls
+
+
+def test_email_failures_say_retry_or_give_up(certs):
+    with SmtpReceiver(tls=certs, user="ps", password="s3cret") as mx:
+        with pytest.raises(pamsignal.DeliveryError) as raised:
+            email_sink(mx, certs, password="wrong").send(login())
+        assert raised.value.permanent and "SMTP 535" in str(raised.value)
+        assert "wrong" not in str(raised.value)
+        mx.fail_next(451, command="MAIL")
+        with pytest.raises(pamsignal.DeliveryError) as raised:
+            email_sink(mx, certs).send(login())
+        assert not raised.value.permanent and "SMTP 451" in str(raised.value)
+        email_sink(mx, certs).send(login())
+        assert len(mx.wait_for(1)) == 1
+
+
+# ----------------------------------------------------------------- courier
+
+
+def courier_for(sink, tmp_path, max_alerts=100):
+    spool = pamsignal.Spool(str(tmp_path / "spool"), max_alerts, 86400)
+    spool.open()
+    return pamsignal.Courier(sink, spool), spool
+
+
+def test_courier_waits_as_a_429_asks_then_delivers(receiver, tmp_path):
+    receiver.script([receivers.telegram_429(1), receivers.telegram_ok()])
+    sink = sink_for("[channel:t]\ntype = telegram\nbot_token = 1:T\n"
+                    "chat_id = 5\napi_url = %s\n" % receiver.url)
+    courier, spool = courier_for(sink, tmp_path)
+    spool.put(login())
+    spool.flush()
+    courier.start()
+    try:
+        receiver.wait_for(2, timeout=20)
+        assert wait_for(lambda: courier.delivered == 1, timeout=20)
+    finally:
+        courier.stop()
+    assert courier.last_wait_s == 1.0
+    assert courier.failed == 1 and spool.depth() == 0
+
+
+def test_courier_drops_what_is_refused_and_goes_on(receiver, tmp_path,
+                                                   capsys):
+    receiver.script([receivers.slack_error(404, "no_team"),
+                     receivers.slack_ok()])
+    sink = sink_for("[channel:s]\ntype = slack\nurl = %s/hook\n"
+                    % receiver.url)
+    courier, spool = courier_for(sink, tmp_path)
+    spool.put(login("first"))
+    spool.put(login("second"))
+    spool.flush()
+    courier.start()
+    try:
+        assert wait_for(lambda: courier.delivered == 2, timeout=20)
+    finally:
+        courier.stop()
+    first, second, notice = receiver.requests
+    assert "first" in first.text and "second" in second.text
+    assert "Alerts lost" in notice.text and "1 refused" in notice.text
+    assert "refused the login_success alert" in capsys.readouterr().err
+    assert "HTTP 404: no_team" in courier.last_error
+
+
+def test_a_receiver_down_for_a_while_gets_everything_once(receiver,
+                                                         tmp_path):
+    sink = sink_for("[channel:h]\ntype = webhook\nurl = %s/hook\n"
+                    % receiver.url)
+    receiver.down()
+    courier, spool = courier_for(sink, tmp_path)
+    for n in range(3):
+        spool.put(login("user%d" % n))
+    spool.flush()
+    courier.start()
+    try:
+        assert wait_for(lambda: courier.failed >= 2, timeout=20)
+        assert receiver.requests == []
+        receiver.up()
+        assert wait_for(lambda: courier.delivered == 3, timeout=30)
+    finally:
+        courier.stop()
+    users = [request.json["user"]["name"] for request in receiver.requests]
+    assert users == ["user0", "user1", "user2"]
+    # The alerts that waited say so.
+    assert all(request.json["@timestamp"].startswith("2026-11-27T11:46:40")
+               for request in receiver.requests)
+
+
+def test_a_full_spool_reports_what_it_lost_once_delivery_works(
+        receiver, tmp_path):
+    sink = sink_for("[channel:h]\ntype = webhook\nurl = %s/hook\n"
+                    % receiver.url)
+    courier, spool = courier_for(sink, tmp_path, max_alerts=2)
+    for n in range(5):
+        spool.put(login("user%d" % n))
+    spool.flush()
+    courier.start()
+    try:
+        assert wait_for(lambda: courier.delivered == 3, timeout=20)
+    finally:
+        courier.stop()
+    actions = [r.json["event"]["action"] for r in receiver.requests]
+    assert actions == ["login_success", "login_success", "alerts_dropped"]
+    notice = receiver.requests[2].json
+    assert notice["pamsignal"]["held_back"] == 3
+    assert notice["pamsignal"]["detail"] == "3 spool full"
+
+
+# ------------------------------------------------------------- test-alert
+
+
+def test_test_alert_reports_each_channel(receiver, tmp_path, capsys):
+    receiver.script([receivers.slack_ok(), receivers.Respond(403, b"nope")])
+    config = tmp_path / "pamsignal.conf"
+    config.write_text(
+        "[pamsignal]\nstate_dir = %s\n"
+        "[channel:good]\ntype = slack\nurl = %s/good\n"
+        "[channel:bad]\ntype = discord\nurl = %s/bad\n"
+        % (tmp_path / "state", receiver.url, receiver.url))
+    os.chmod(str(config), 0o600)
+    out = __import__("io").StringIO()
+    assert pamsignal.main(["--config", str(config), "test-alert"], out) == 1
+    assert out.getvalue().splitlines() == [
+        "good (slack): delivered",
+        "bad (discord): NOT delivered: HTTP 403: nope"]
+    sample = receiver.requests[0].json["blocks"][0]["text"]["text"]
+    assert "alice" in sample and "test" in sample
+    out = __import__("io").StringIO()
+    assert pamsignal.main(["--config", str(config), "test-alert",
+                           "--channel", "good"], out) == 0
+    assert out.getvalue() == "good (slack): delivered\n"
+    assert pamsignal.main(["--config", str(config), "test-alert",
+                           "--channel", "nope"], out) == 2
+    assert "no channel 'nope'; configured: good, bad" in \
+        capsys.readouterr().err
+    json.dumps(receiver.requests[0].json)  # the sample is plain JSON
+
+
+def test_a_spool_the_disk_refuses_keeps_alerts_in_memory(receiver, tmp_path,
+                                                         capsys):
+    sink = sink_for("[channel:h]\ntype = webhook\nurl = %s/hook\n"
+                    % receiver.url)
+    courier, spool = courier_for(sink, tmp_path)
+    directory = tmp_path / "spool"
+    directory.rmdir()
+    directory.write_text("not a directory any more")  # ENOTDIR on write
+    assert spool.put(login("kept"))
+    spool.flush()
+    assert "keeping alerts in memory" in capsys.readouterr().err
+    courier.start()
+    try:
+        assert wait_for(lambda: courier.delivered == 1, timeout=20)
+        directory.unlink()
+        directory.mkdir()
+        assert spool.put(login("on-disk"))
+        spool.flush()
+        assert wait_for(lambda: courier.delivered == 2, timeout=20)
+    finally:
+        courier.stop()
+    assert [r.json["user"]["name"] for r in receiver.requests] == [
+        "kept", "on-disk"]
+    assert "is writable again" in capsys.readouterr().err
