@@ -2522,11 +2522,13 @@ class Enricher:
 
     def _source_fields(self, address, now):
         """(SourceContext, [(Event field index, value)]), cached."""
-        readers = [database.current(now) for database in self.databases]
-        generations = tuple(d.generation for d in self.databases)
-        if generations != self.generations:
-            self.generations = generations
-            self.contexts.clear()  # a database was replaced
+        readers = ()
+        if self.databases:
+            readers = [database.current(now) for database in self.databases]
+            generations = tuple(d.generation for d in self.databases)
+            if generations != self.generations:
+                self.generations = generations
+                self.contexts.clear()  # a database was replaced
         cached = self.contexts.get(address)
         if cached is None:
             context = self._look_up(address, readers)
