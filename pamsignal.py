@@ -3466,6 +3466,13 @@ def _who(event):
         "uid %s" % event.writer_uid if event.writer_uid is not None else None)
 
 
+def _as_text(event):
+    """"AS15169 GOOGLE": the source's network operator, as far as known."""
+    parts = ["AS%d" % event.source_as_number] if \
+        event.source_as_number is not None else []
+    return " ".join(parts + [event.source_as_org or ""]).strip() or None
+
+
 def _lateness(delay_s):
     if delay_s < 3600:
         return "%d min" % (delay_s // 60)
@@ -3493,6 +3500,13 @@ def alert_text(event, delay_s=0):
         ("As", event.target_user),
         ("From", _endpoint(event.source_ip, event.source_domain,
                            event.source_port)),
+        ("AS", _as_text(event)),
+        ("Country", event.source_country and event.source_country + (
+            " (%s)" % event.source_city if event.source_city else "")),
+        ("Source type", event.source_network_type and
+         event.source_network_type + (": %s" % event.source_provider
+                                      if event.source_provider else "")),
+        ("To", _endpoint(event.destination_ip, None, event.destination_port)),
         ("Network", event.network), ("Service", method or None),
         ("TTY", event.tty), ("Command", event.command_line),
         ("Reason", event.reason), ("Counted by", event.counted_by),
@@ -3506,7 +3520,9 @@ def alert_text(event, delay_s=0):
         ("Writer UID", event.writer_uid), ("Program", event.process_name),
         ("Claimed", event.claimed_action),
         ("Severity", "%d/10" % event_severity(event)),
-        ("Host", event.hostname), ("Time", when),
+        ("Host", event.hostname and event.hostname + (
+            " (%s)" % event.host_provider if event.host_provider else "")),
+        ("Time", when),
         ("Log line", event.message if event.held_back is None else None),
     ]
     return AlertText(_shown(title), [(label, _shown(value))
@@ -3518,7 +3534,8 @@ def alert_text(event, delay_s=0):
 #: Placeholders a channel template may use.
 TEMPLATE_FIELDS = ("title", "facts", "advice", "action", "severity", "user",
                    "target_user", "source", "service", "reason", "host",
-                   "time", "command", "attempts", "message")
+                   "time", "command", "attempts", "message", "asn",
+                   "country", "source_type", "destination")
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_]+)\}")
 
@@ -3535,7 +3552,10 @@ def template_values(event, text):
         "reason": facts.get("Reason", ""), "host": facts.get("Host", ""),
         "time": facts.get("Time", ""), "command": facts.get("Command", ""),
         "attempts": facts.get("Attempts", ""),
-        "message": facts.get("Log line", "")}
+        "message": facts.get("Log line", ""), "asn": facts.get("AS", ""),
+        "country": facts.get("Country", ""),
+        "source_type": facts.get("Source type", ""),
+        "destination": facts.get("To", "")}
 
 
 def fill_template(template, values, escape):

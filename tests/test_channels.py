@@ -85,7 +85,8 @@ def test_every_type_is_configured_and_its_secrets_never_show():
      "/etc/p.conf:4: [channel:d] template: unknown placeholder {password};"
      " expected some of: {title}, {facts}, {advice}, {action}, {severity}, "
      "{user}, {target_user}, {source}, {service}, {reason}, {host}, "
-     "{time}, {command}, {attempts}, {message}"),
+     "{time}, {command}, {attempts}, {message}, {asn}, {country}, "
+     "{source_type}, {destination}"),
     ("[channel:m]\ntype = email\nhost = smtp.example.com\nsender = me\n"
      "recipients = a@example.com\n",
      "/etc/p.conf:4: [channel:m] sender: expected comma-separated e-mail "

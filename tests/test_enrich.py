@@ -467,3 +467,26 @@ def test_check_config_describes_each_database(databases, tmp_path):
         % databases[0],
         "[geoip] city_db %s: not usable yet (cannot read %s: No such file "
         "or directory)" % (tmp_path / "later.mmdb", tmp_path / "later.mmdb")]
+
+
+def test_the_alert_says_who_is_behind_the_source(databases):
+    enricher = enricher_for(databases, root=NET_ROOT)
+    enricher.host_provider = "Hetzner"
+    event = enricher.enrich(login("8.8.8.8", 4242, at_s=1000), 1000.0)
+    event = event._replace(hostname="web1", destination_ip="198.51.100.7",
+                           destination_port=22)
+    text = pamsignal.alert_text(event)
+    facts = dict(text.facts)
+    assert facts["AS"] == "AS15169 GOOGLE"
+    assert facts["Country"] == "US"
+    assert facts["Source type"] == "cloud: Google Cloud"
+    assert facts["To"] == "198.51.100.7:22"
+    assert facts["Host"] == "web1 (Hetzner)"
+    values = pamsignal.template_values(event, text)
+    assert (values["asn"], values["country"], values["source_type"],
+            values["destination"]) == ("AS15169 GOOGLE", "US",
+                                       "cloud: Google Cloud",
+                                       "198.51.100.7:22")
+    private = dict(pamsignal.alert_text(enricher.enrich(login(
+        "10.0.0.9"))).facts)
+    assert private["Source type"] == "private" and "AS" not in private
