@@ -4928,13 +4928,8 @@ class Pipeline:
             event = self.sudo_attempts.observe(event)
         if event is None:
             return 0
-        event = privileged_severity(self.sessions.observe(event))
-        if self.enricher is not None:
-            try:
-                event = self.enricher.enrich(event, now_s)
-            except Exception as error:  # context must not cost the event
-                say("error", "enrichment failed on %s: %r"
-                    % (event.action, error))
+        event = self._enriched(privileged_severity(
+            self.sessions.observe(event)), now_s)
         self._send(event)
         try:
             found = self.detector.observe(event) + \
@@ -4943,8 +4938,19 @@ class Pipeline:
             say("error", "detection failed on %s: %r" % (event.action, error))
             found = []
         for detection in found:
-            self._send(detection)
+            # A brute force names its source afresh: context again (cached).
+            self._send(self._enriched(detection, now_s))
         return 1 + len(found)
+
+    def _enriched(self, event, now_s):
+        if self.enricher is None:
+            return event
+        try:
+            return self.enricher.enrich(event, now_s)
+        except Exception as error:  # context must not cost the event
+            say("error", "enrichment failed on %s: %r" % (event.action,
+                                                          error))
+            return event
 
     def _send(self, event):
         self.events += 1

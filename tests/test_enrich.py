@@ -341,6 +341,21 @@ def test_the_pipeline_enriches_before_detection(databases):
            'provider="Google Cloud"' in text
 
 
+def test_a_brute_force_alert_carries_its_sources_context(databases):
+    sink = Collect()
+    pipeline = pamsignal.Pipeline(everything_to(sink),
+                                  pamsignal.default_config().detection,
+                                  enricher=enricher_for(databases))
+    for sequence in range(1, 6):
+        pipeline.report(make_entry(
+            "sshd", "Failed password for root from 31.13.64.7 port %d ssh2"
+            % (4000 + sequence), sequence=sequence))
+    (alert,) = [e for e in sink.sent if e.action == "brute_force_detected"]
+    assert (alert.source_ip, alert.source_as_number, alert.source_country,
+            alert.source_network_type) == ("31.13.64.7", 64500, "VN",
+                                           "other")
+
+
 def test_a_failing_enricher_never_costs_the_event(capsys):
     class Failing(pamsignal.Enricher):
         def enrich(self, event, now_s=None):
