@@ -120,6 +120,25 @@ STALL_CHECK_S = 300.0
 #: How often the cursor of entries that produced nothing is saved.
 STATE_FLUSH_S = 2.0
 
+#: How often the health metrics file is rewritten (and STATUS= refreshed).
+METRICS_FLUSH_S = 10.0
+
+#: Metrics of a running agent older than this mean it is hung or was killed.
+METRICS_STALE_S = 3 * METRICS_FLUSH_S
+
+#: The metrics file in the state directory unless metrics_file names one.
+METRICS_FILE_NAME = "pamsignal.prom"
+
+#: A restarted journalctl that kept running this long is following again.
+JOURNAL_RECOVERED_S = 10.0
+
+#: Longest STATUS= text sent to systemd (it shows one line).
+MAX_STATUS_CHARS = 240
+
+#: Where `install` puts the program and the unit, unless told otherwise.
+DEFAULT_PREFIX = "/usr"
+SYSTEMD_UNIT_DIR = "/etc/systemd/system"
+
 # ---------------------------------------------------------------------------
 # 3 errors
 # ---------------------------------------------------------------------------
@@ -322,12 +341,19 @@ ACTIONS = {
     "new_source": ("intrusion_detection", "info", "success", 6),
     "new_sudo_user": ("intrusion_detection", "info", "success", 7),
     "spoofed_entry": ("intrusion_detection", "info", "unknown", 8),
+    "config_reload_failed": ("configuration", "change", "failure", 6),
+    "monitoring_degraded": ("process", "change", "failure", 7),
+    "monitoring_restored": ("process", "change", "success", 3),
 }
 
 #: The actions the detection stage adds; the parser gives all the others.
 DETECTION_ACTIONS = frozenset(("brute_force_detected",
                                "success_after_failures", "new_source",
                                "new_sudo_user"))
+
+#: What the agent says about itself: its configuration and its own health.
+AGENT_ACTIONS = frozenset(("config_reload_failed", "monitoring_degraded",
+                           "monitoring_restored"))
 
 
 #: (ECS path, Event field) in the order they are rendered.
@@ -391,8 +417,8 @@ def event_to_ecs(event):
 # ---------------------------------------------------------------------------
 
 Config = collections.namedtuple(
-    "Config", "path state_dir log_dir first_start journalctl channels "
-    "detection")
+    "Config", "path state_dir log_dir first_start journalctl metrics_file "
+    "channels detection")
 Config.__doc__ = "The validated configuration; `channels` is a tuple."
 
 ChannelConfig = collections.namedtuple("ChannelConfig",
@@ -425,6 +451,11 @@ def _absolute_path(value):
     if not value.startswith("/") or "\0" in value:
         raise ValueError("expected an absolute path, got %r" % value)
     return os.path.normpath(value)
+
+
+def _metrics_file(value):
+    """An absolute path, or empty for the default in the state directory."""
+    return _absolute_path(value) if value else ""
 
 
 def _program_path(value):
@@ -499,6 +530,7 @@ GLOBAL_OPTIONS = collections.OrderedDict((
     ("log_dir", (_absolute_path, "/var/log/pamsignal")),
     ("first_start", (_first_start, "now")),
     ("journalctl", (_program_path, "journalctl")),
+    ("metrics_file", (_metrics_file, "")),
 ))
 
 #: [detection] keys: key -> (validator, default).
@@ -1759,7 +1791,7 @@ def render_text(event):
         ("writer_uid", event.writer_uid), ("program", event.process_name),
         ("claimed", event.claimed_action), ("host", event.hostname),
     ]
-    if event.action == "spoofed_entry":
+    if event.action == "spoofed_entry" or event.action in AGENT_ACTIONS:
         pairs.append(("message", event.message))
     stamp = format_timestamp(event.timestamp_us)
     return "%sZ %s %s" % (stamp[:19].replace("T", " "), event.action, " ".join(
@@ -1893,19 +1925,33 @@ class StateStore:
     def save(self, state, durable=True):
         """Replace the state atomically; `durable` also survives a power
         cut (fsync), while a plain save already survives a crash."""
-        temporary = self.path + ".tmp"
         try:
-            descriptor = os.open(temporary,
-                                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(state, handle, separators=(",", ":"))
-                handle.flush()
-                if durable:
-                    os.fsync(handle.fileno())
-            os.replace(temporary, self.path)
+            replace_file(self.path, json.dumps(state, separators=(",", ":")),
+                         durable)
         except OSError as error:
             raise StateError("cannot save state to %s: %s"
                              % (self.path, error.strerror or error)) from None
+
+
+def replace_file(path, text, durable=False, mode=0o600):
+    """Write `text` to `path` atomically: readers see the old file or the
+    new one, never half of it (a temporary file, then rename)."""
+    temporary = path + ".tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                         mode)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        if durable:
+            os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def metrics_path(config):
+    """Where the running agent writes its health for `status` and
+    Prometheus' textfile collector."""
+    return config.metrics_file or os.path.join(config.state_dir,
+                                               METRICS_FILE_NAME)
 
 
 _CURSOR_SHAPE = re.compile(r"^[A-Za-z0-9=;_-]{1,512}$")
@@ -1970,6 +2016,8 @@ class JournalSource:
         self.restart_at = 0.0
         self.started_at = 0.0
         self.last_activity = 0.0
+        self.starts = 0  # for the health metrics: restarts = starts - 1
+        self.last_error = None  # why the follower last stopped
 
     # -- position ---------------------------------------------------------
 
@@ -2012,6 +2060,7 @@ class JournalSource:
             raise SourceError("cannot start %s: %s" % (
                 self.journalctl, error.strerror or error)) from None
         os.set_blocking(self.process.stderr.fileno(), False)
+        self.starts += 1
         self.errors_open = True
         self.pending, self.discarding, self.errors = b"", False, b""
         self.started_at = self.last_activity = now
@@ -2105,9 +2154,9 @@ class JournalSource:
                 self.skip_cursor, self.cursor = self.cursor, None
                 self.cursor_rejections = 0
         delay = self._schedule_restart(now)
-        say("warning", "journalctl exited with status %s%s; restarting in "
-            "%ds" % (code, ": " + detail.splitlines()[-1] if detail else "",
-                     delay))
+        self.last_error = "journalctl exited with status %s%s" % (
+            code, ": " + detail.splitlines()[-1] if detail else "")
+        say("warning", "%s; restarting in %ds" % (self.last_error, delay))
 
     def supervise(self, now, probe=None):
         """Restart a dead follower when its backoff is over, and a silent
@@ -2119,13 +2168,14 @@ class JournalSource:
                 except SourceError as error:
                     self.failures += 1
                     delay = self._schedule_restart(now)
+                    self.last_error = str(error)
                     say("error", "%s; retrying in %ds" % (error, delay))
             return
         if now - self.last_activity >= STALL_CHECK_S:
             self.last_activity = now
             if (probe or self.missed_entries)():
-                say("warning", "journalctl stopped delivering entries; "
-                    "restarting it")
+                self.last_error = "journalctl stopped delivering entries"
+                say("warning", "%s; restarting it" % self.last_error)
                 self.stop()
                 self.restart_at = now
 
@@ -2151,6 +2201,223 @@ class JournalSource:
 # ---------------------------------------------------------------------------
 
 
+def notify_address(environ):
+    """The $NOTIFY_SOCKET to connect to, or None: a path, or an abstract
+    socket written with a leading '@' (vsock: is not supported)."""
+    address = environ.get("NOTIFY_SOCKET") or ""
+    if address.startswith("@"):
+        return "\0" + address[1:]
+    return address if address.startswith("/") else None
+
+
+def watchdog_interval_s(environ, pid):
+    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None
+    when systemd watches no process or another one (WATCHDOG_PID)."""
+    usec = parse_int(environ.get("WATCHDOG_USEC"))
+    watched = environ.get("WATCHDOG_PID")
+    if not usec or (watched is not None and watched != str(pid)):
+        return None
+    return usec / 2e6
+
+
+def status_text(text):
+    """One short line for STATUS=: no newlines or control characters."""
+    return " ".join(escape_text(text).split())[:MAX_STATUS_CHARS]
+
+
+class Notifier:
+    """sd_notify(3) with the standard library: each message is one
+    datagram to $NOTIFY_SOCKET; without it (not under systemd) nothing."""
+
+    def __init__(self, environ=None, pid=None):
+        environ = os.environ if environ is None else environ
+        self.address = notify_address(environ)
+        self.watchdog_s = watchdog_interval_s(
+            environ, os.getpid() if pid is None else pid)
+        self.last_ping = None
+        self.status = None
+        self.complained = False
+
+    def notify(self, *fields):
+        """Send KEY=VALUE fields in one message; False if not delivered."""
+        if self.address is None:
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.connect(self.address)
+                sock.sendall("\n".join(fields).encode("utf-8"))
+        except OSError as error:
+            if not self.complained:  # once: it would repeat every ping
+                say("warning", "cannot notify systemd: %s"
+                    % (error.strerror or error))
+                self.complained = True
+            return False
+        return True
+
+    def set_status(self, text, *fields):
+        """STATUS= (with other fields), sent when anything changed."""
+        text = status_text(text)
+        if text != self.status or fields:
+            self.status = text
+            self.notify(*(fields + ("STATUS=" + text,)))
+
+    def ping(self, now):
+        """WATCHDOG=1 when half the watchdog timeout has passed."""
+        if self.watchdog_s is not None and (
+                self.last_ping is None or
+                now - self.last_ping >= self.watchdog_s):
+            self.last_ping = now
+            self.notify("WATCHDOG=1")
+
+
+def monotonic_usec():
+    """CLOCK_MONOTONIC in microseconds, as systemd wants it on reload."""
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
+
+
+class Health:
+    """Counters and what is impaired, for the metrics file, STATUS= and
+    `status`. Bookkeeping only: times are arguments."""
+
+    def __init__(self, started_s):
+        self.started_s = started_s
+        self.sent = collections.Counter()  # channel -> alerts handed over
+        self.failed = collections.Counter()  # channel -> send/flush errors
+        self.reloads = collections.Counter()  # "ok" / "failed"
+        self.impaired = collections.OrderedDict()  # component -> reason
+        self.known = set(("journal", "state", "detection_state", "metrics"))
+        self.reload_problem = None
+        self.last_error = None
+        self.last_error_s = None
+
+    def impair(self, component, reason, now_s):
+        """Record what is wrong; True only when it just went wrong."""
+        self.known.add(component)
+        self.error("%s: %s" % (component, reason), now_s)
+        is_new = component not in self.impaired
+        self.impaired[component] = reason
+        return is_new
+
+    def restore(self, component):
+        """True when the component was impaired until now."""
+        return self.impaired.pop(component, None) is not None
+
+    def error(self, message, now_s):
+        self.last_error, self.last_error_s = message, now_s
+
+    def summary(self, entries, events):
+        """What the agent is doing, for STATUS= and the logs."""
+        parts = []
+        if self.impaired:
+            parts.append("Degraded: %s" % "; ".join(
+                "%s: %s" % item for item in self.impaired.items()))
+        else:
+            parts.append("Following the journal")
+        parts.append("%d entries read, %d events" % (entries, events))
+        if self.reload_problem:
+            parts.append("configuration reload failed, running on the "
+                         "previous one: %s" % self.reload_problem)
+        return "; ".join(parts)
+
+
+#: Metric name -> (type, help), in the order they are written.
+METRICS = collections.OrderedDict((
+    ("pamsignal_info", ("gauge", "Version of the running agent.")),
+    ("pamsignal_running",
+     ("gauge", "1 while the agent runs, 0 once it stopped cleanly.")),
+    ("pamsignal_pid", ("gauge", "Process ID of the agent.")),
+    ("pamsignal_start_time_seconds",
+     ("gauge", "When the agent started (Unix time).")),
+    ("pamsignal_uptime_seconds",
+     ("gauge", "Seconds since the agent started.")),
+    ("pamsignal_metrics_time_seconds",
+     ("gauge", "When this file was written (Unix time).")),
+    ("pamsignal_journal_entries_total",
+     ("counter", "Journal entries read.")),
+    ("pamsignal_journal_malformed_lines_total",
+     ("counter", "journalctl output lines that were not journal entries.")),
+    ("pamsignal_journal_lag_seconds",
+     ("gauge", "Now minus the time of the newest journal entry handled.")),
+    ("pamsignal_journalctl_restarts_total",
+     ("counter", "Times journalctl was started again.")),
+    ("pamsignal_events_total", ("counter", "Events reported, by action.")),
+    ("pamsignal_alerts_sent_total",
+     ("counter", "Events handed to each channel.")),
+    ("pamsignal_alerts_failed_total",
+     ("counter", "Send or flush failures of each channel.")),
+    ("pamsignal_config_reloads_total",
+     ("counter", "Configuration reloads (SIGHUP), by result.")),
+    ("pamsignal_degraded",
+     ("gauge", "1 while a part of the monitoring is impaired.")),
+    ("pamsignal_last_error_time_seconds",
+     ("gauge", "When the last error happened (Unix time).")),
+    ("pamsignal_last_error_info",
+     ("gauge", "The last error, in the message label.")),
+))
+
+
+def prometheus_label(value):
+    """A label value for the Prometheus text format."""
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n") \
+        .replace('"', '\\"')
+
+
+def render_metrics(samples):
+    """[(name, {label: value}, number)] -> Prometheus text exposition
+    format, each family under its HELP and TYPE lines."""
+    by_name = collections.OrderedDict((name, []) for name in METRICS)
+    for name, labels, value in samples:
+        by_name[name].append((labels, value))
+    lines = []
+    for name, found in by_name.items():
+        if not found:
+            continue
+        kind, text = METRICS[name]
+        lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
+        for labels, value in found:
+            label_text = ",".join('%s="%s"' % (key, prometheus_label(
+                labels[key])) for key in sorted(labels))
+            lines.append("%s%s %s" % (name, "{%s}" % label_text
+                                      if label_text else "", _number(value)))
+    return "\n".join(lines) + "\n"
+
+
+def _number(value):
+    if isinstance(value, float) and not value.is_integer():
+        return "%.3f" % value
+    return "%d" % value
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)",?')
+_LABEL_ESCAPES = {"\\\\": "\\", "\\n": "\n", '\\"': '"'}
+
+
+def parse_metrics(text):
+    """Prometheus text -> {name: [(labels, value)]}; other lines skipped."""
+    found = collections.OrderedDict()
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if not match or line.startswith("#"):
+            continue
+        labels = {key: re.sub(r"\\[\\n\"]", lambda m: _LABEL_ESCAPES[
+            m.group(0)], raw) for key, raw in _LABEL.findall(
+                match.group(2) or "")}
+        try:
+            value = float(match.group(3))
+        except ValueError:
+            continue
+        found.setdefault(match.group(1), []).append((labels, value))
+    return found
+
+
+def agent_event(action, now_s, component=None, message=None):
+    """An event about the agent itself (not from the journal)."""
+    return Event(timestamp_us=int(now_s * 1e6), action=action,
+                 hostname=socket.gethostname(), service="pamsignal",
+                 pid=os.getpid(), detail=component, message=message)
+
+
 class Pipeline:
     """Entry -> event -> sessions -> sinks, shared by `run` and `scan`.
 
@@ -2167,6 +2434,10 @@ class Pipeline:
         self.entries = 0
         self.events = 0
         self.malformed = 0
+        self.by_action = collections.Counter()
+        self.sent = collections.Counter()  # channel -> events handed over
+        self.failed = collections.Counter()  # channel -> errors
+        self.failing = {}  # channel -> its error, until it works again
 
     def decode(self, line):
         """One journalctl output line -> entry dict, or None (counted, and
@@ -2214,41 +2485,68 @@ class Pipeline:
 
     def _send(self, event):
         self.events += 1
+        self.by_action[event.action] += 1
         self._each_sink(lambda sink: sink.send(event), [
-            sink for sink in self.sinks if event.action in sink.events])
+            sink for sink in self.sinks if event.action in sink.events], True)
+
+    def announce(self, event):
+        """Send an event of the agent's own, at once."""
+        self._send(event)
+        self.flush()
 
     def flush(self):
         """Push out what the sinks hold (after each batch)."""
-        self._each_sink(lambda sink: sink.flush(), self.sinks)
+        self._each_sink(lambda sink: sink.flush(), self.sinks, False)
 
-    @staticmethod
-    def _each_sink(call, sinks):
+    def _each_sink(self, call, sinks, counted):
         for sink in sinks:
             try:
                 call(sink)
             except BrokenPipeError:
                 raise  # our own output is gone: the caller decides
             except Exception as error:  # a sink must not stop the others
-                say("error", "channel %s failed: %s" % (sink.name, error))
+                self.failed[sink.name] += 1
+                if sink.name not in self.failing:  # once, not per event
+                    say("error", "channel %s failed: %s" % (sink.name, error))
+                self.failing[sink.name] = str(error) or repr(error)
+            else:
+                if counted:  # a flush proves nothing: it may hold nothing
+                    self.sent[sink.name] += 1
+                    self.failing.pop(sink.name, None)
 
 
 class Agent:
-    """The `run` command: follows the journal until told to stop."""
+    """The `run` command: follows the journal until told to stop.
 
-    def __init__(self, config, sinks):
+    Under systemd it reports through sd_notify (READY, STATUS, WATCHDOG,
+    RELOADING, STOPPING); SIGHUP reloads the configuration; its health goes
+    to a Prometheus textfile that `status` reads.
+    """
+
+    def __init__(self, config, sinks, config_path=None, json_output=False,
+                 environ=None):
         self.config = config
+        self.config_path = config_path  # as given: None means the default
+        self.json_output = json_output
         self.store = StateStore(config.state_dir)
         self.detection_store = StateStore(config.state_dir, "detection.json")
         self.last_detection_save = 0.0
         self.events_at_detection_save = 0
         self.pipeline = Pipeline(sinks, config.detection)
         self.source = JournalSource(config.journalctl, config.first_start)
+        self.notifier = Notifier(environ)
+        self.health = Health(time.time())
         self.stopping = False
+        self.reload_requested = False
         self.last_save = 0.0
+        self.last_metrics = None
         self.unsaved = False
 
     def request_stop(self, signum=None, frame=None):
         self.stopping = True
+
+    def request_reload(self, signum=None, frame=None):
+        self.reload_requested = True
 
     def restore(self):
         state = self.store.load()
@@ -2276,15 +2574,19 @@ class Agent:
         self.pipeline.sessions.load_state(state.get("sessions"))
         self.pipeline.sudo_attempts.load_state(state.get("sudo_attempts"))
 
+    # -- saving -------------------------------------------------------------
+
     def save(self, now, durable=True):
-        self.store.save({"version": 1, "cursor": self.source.cursor,
-                         "realtime_us": self.source.last_realtime_us,
-                         "since_us": self.source.since_us,
-                         "sessions": self.pipeline.sessions.to_state(),
-                         "sudo_attempts":
-                             self.pipeline.sudo_attempts.to_state()},
-                        durable)
-        self.unsaved = False
+        """Save cursor and sessions; a failure degrades, never stops, the
+        agent (it keeps the state in memory and tries again)."""
+        if self._guarded("state", lambda: self.store.save({
+                "version": 1, "cursor": self.source.cursor,
+                "realtime_us": self.source.last_realtime_us,
+                "since_us": self.source.since_us,
+                "sessions": self.pipeline.sessions.to_state(),
+                "sudo_attempts": self.pipeline.sudo_attempts.to_state()},
+                durable)):
+            self.unsaved = False
         if durable:
             self.last_save = now
 
@@ -2293,10 +2595,186 @@ class Agent:
         self.last_detection_save = now
         if self.pipeline.events == self.events_at_detection_save:
             return
-        self.detection_store.save({
-            "version": 1, "counters": self.pipeline.detector.to_state(),
-            "baseline": self.pipeline.baseline.to_state()})
-        self.events_at_detection_save = self.pipeline.events
+        if self._guarded("detection_state", lambda: self.detection_store.save({
+                "version": 1, "counters": self.pipeline.detector.to_state(),
+                "baseline": self.pipeline.baseline.to_state()})):
+            self.events_at_detection_save = self.pipeline.events
+
+    def write_metrics(self, now, running=True):
+        self.last_metrics = now
+        text = render_metrics(self.metric_samples(time.time(), running))
+        self._guarded("metrics", lambda: replace_file(
+            metrics_path(self.config), text, mode=0o644))
+
+    def _guarded(self, component, write):
+        """Run a write; True if it worked. Its failure impairs the
+        component, its next success restores it."""
+        try:
+            write()
+        except (OSError, StateError) as error:
+            self.impair(component, getattr(error, "strerror", None) and
+                        "%s: %s" % (error.filename, error.strerror)
+                        or str(error))
+            return False
+        self.restore_component(component)
+        return True
+
+    # -- health -------------------------------------------------------------
+
+    def impair(self, component, reason):
+        """Something the monitoring needs broke: say so once (log, event,
+        STATUS=), however often it is retried."""
+        now_s = time.time()
+        if self.health.impair(component, reason, now_s):
+            say("error", "monitoring degraded: %s: %s" % (component, reason))
+            self.pipeline.announce(agent_event(
+                "monitoring_degraded", now_s, component, reason))
+        self.update_status()  # sent only if the reason changed
+
+    def restore_component(self, component):
+        if self.health.restore(component):
+            say("info", "monitoring restored: %s" % component)
+            self.pipeline.announce(agent_event(
+                "monitoring_restored", time.time(), component,
+                "%s works again" % component))
+            self.update_status()
+
+    def check_journal(self, now):
+        """journalctl should run; kept running a while, it is back."""
+        source = self.source
+        if source.process is None:
+            self.impair("journal", source.last_error or
+                        "journalctl is not running")
+        elif now - source.started_at >= JOURNAL_RECOVERED_S:
+            self.restore_component("journal")
+
+    def check_channels(self):
+        """A channel that failed is impaired until it works again."""
+        names = set(sink.name for sink in self.pipeline.sinks)
+        for name, error in list(self.pipeline.failing.items()):
+            self.impair("channel:" + name, error)
+        for component in list(self.health.impaired):
+            if component.startswith("channel:") and (
+                    component[8:] not in self.pipeline.failing or
+                    component[8:] not in names):
+                self.restore_component(component)
+
+    def update_status(self, *fields):
+        self.notifier.set_status(self.health.summary(
+            self.pipeline.entries, self.pipeline.events), *fields)
+
+    def metric_samples(self, now_s, running=True):
+        """The health as (name, labels, value) for render_metrics."""
+        health, pipeline = self.health, self.pipeline
+        samples = [
+            ("pamsignal_info", {"version": __version__}, 1),
+            ("pamsignal_running", {}, 1 if running else 0),
+            ("pamsignal_pid", {}, os.getpid()),
+            ("pamsignal_start_time_seconds", {}, health.started_s),
+            ("pamsignal_uptime_seconds", {}, now_s - health.started_s),
+            ("pamsignal_metrics_time_seconds", {}, now_s),
+            ("pamsignal_journal_entries_total", {}, pipeline.entries),
+            ("pamsignal_journal_malformed_lines_total", {},
+             pipeline.malformed),
+            ("pamsignal_journalctl_restarts_total", {},
+             max(0, self.source.starts - 1))]
+        if self.source.last_realtime_us is not None:
+            samples.append(("pamsignal_journal_lag_seconds", {}, max(
+                0.0, now_s - self.source.last_realtime_us / 1e6)))
+        samples += [("pamsignal_events_total", {"action": action}, count)
+                    for action, count in sorted(pipeline.by_action.items())]
+        channels = sorted(set(sink.name for sink in pipeline.sinks) |
+                          set(pipeline.sent) | set(pipeline.failed))
+        samples += [("pamsignal_alerts_sent_total", {"channel": name},
+                     pipeline.sent[name]) for name in channels]
+        samples += [("pamsignal_alerts_failed_total", {"channel": name},
+                     pipeline.failed[name]) for name in channels]
+        samples += [("pamsignal_config_reloads_total", {"result": result},
+                     health.reloads[result]) for result in ("ok", "failed")]
+        health.known.update("channel:" + name for name in channels)
+        samples += [("pamsignal_degraded", {"component": component},
+                     int(component in health.impaired))
+                    for component in sorted(health.known)]
+        if health.last_error is not None:
+            samples += [
+                ("pamsignal_last_error_time_seconds", {}, health.last_error_s),
+                ("pamsignal_last_error_info", {"message": health.last_error},
+                 1)]
+        return samples
+
+    # -- reloading ------------------------------------------------------------
+
+    def reload(self):
+        """SIGHUP: a valid configuration replaces channels and detection
+        settings (counters kept); an invalid one is reported and the agent
+        goes on with the one it has."""
+        self.reload_requested = False
+        self.notifier.notify("RELOADING=1", "MONOTONIC_USEC=%d"
+                             % monotonic_usec(),
+                             "STATUS=Reloading the configuration")
+        sinks = []
+        try:
+            config = load_config(self.config_path)
+            sinks = build_sinks(config, self.json_output)
+            for sink in sinks:
+                sink.open()
+        except (ConfigError, OSError) as error:
+            for sink in sinks:
+                self._close_sink(sink)
+            self._reload_failed(getattr(error, "problems", None) or [
+                "cannot open a channel: %s" % error])
+        else:
+            self._apply(config, sinks)
+        self.update_status("READY=1")
+
+    def _reload_failed(self, problems):
+        now_s = time.time()
+        self.health.reloads["failed"] += 1
+        self.health.reload_problem = "%s%s" % (problems[0], "" if len(
+            problems) == 1 else " (and %d more)" % (len(problems) - 1))
+        self.health.error("configuration reload failed: %s"
+                          % self.health.reload_problem, now_s)
+        say("error", "configuration reload failed; still running on the "
+            "previous configuration:")
+        for problem in problems:
+            say("error", str(problem))
+        self.pipeline.announce(agent_event(
+            "config_reload_failed", now_s, self.config.path,
+            "; ".join(str(problem) for problem in problems)))
+
+    def _apply(self, config, sinks):
+        old, pipeline = self.config, self.pipeline
+        for sink in pipeline.sinks:
+            self._close_sink(sink)
+        pipeline.sinks = sinks
+        pipeline.failing.clear()
+        if config.detection != old.detection:
+            now_us = int(time.time() * 1e6)
+            detector = FailureDetector(config.detection)
+            detector.load_state(pipeline.detector.to_state(), now_us)
+            baseline = Baseline(config.detection.learning_period)
+            baseline.load_state(pipeline.baseline.to_state(), now_us)
+            pipeline.detector, pipeline.baseline = detector, baseline
+        for key in ("state_dir", "log_dir", "first_start", "journalctl"):
+            if getattr(config, key) != getattr(old, key):
+                say("warning", "%s changed: takes effect at the next start"
+                    % key)
+                config = config._replace(**{key: getattr(old, key)})
+        self.config = config
+        self.health.reloads["ok"] += 1
+        self.health.reload_problem = None
+        say("info", "configuration reloaded from %s (%d channel%s)" % (
+            config.path, len(sinks), "" if len(sinks) == 1 else "s"))
+        self.check_channels()
+
+    @staticmethod
+    def _close_sink(sink):
+        try:
+            sink.close()
+        except Exception as error:  # closing must not stop the others
+            say("error", "channel %s failed to close: %s" % (sink.name, error))
+
+    # -- running --------------------------------------------------------------
 
     def follow_lines(self, lines, now):
         produced = 0
@@ -2319,12 +2797,15 @@ class Agent:
             self.unsaved = True
 
     def run(self):
+        # Handlers first: SIGHUP's default would end the agent.
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+        self.notifier.set_status("Starting")
         self.store.prepare()
         self.restore()
         for sink in self.pipeline.sinks:
             sink.open()
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
         now = time.monotonic()
         self.source.start(now)
         self.save(now)  # the start position, should it stop before any entry
@@ -2332,24 +2813,39 @@ class Agent:
             __version__, "resuming after the saved cursor"
             if self.source.cursor else "first start: %s"
             % self.config.first_start))
+        self.update_status("READY=1")
+        # Wake up often enough to ping the watchdog in time.
+        wait_s = min(1.0, self.notifier.watchdog_s or 1.0)
         try:
             while not self.stopping:
-                lines = self.source.read(1.0)
+                self.notifier.ping(now)
+                lines = self.source.read(wait_s)
                 now = time.monotonic()
                 self.follow_lines(lines, now)
+                if self.reload_requested and not self.stopping:
+                    self.reload()
                 if self.unsaved and now - self.last_save >= STATE_FLUSH_S:
                     self.save(now)
                 if now - self.last_detection_save >= DETECTION_FLUSH_S:
                     self.save_detection(now)
                 if not self.stopping:
                     self.source.supervise(now)
+                    self.check_journal(now)
+                self.check_channels()
+                if self.last_metrics is None or \
+                        now - self.last_metrics >= METRICS_FLUSH_S:
+                    self.write_metrics(now)
+                    self.update_status()
         finally:
+            self.notifier.notify("STOPPING=1", "STATUS=Stopping")
+            now = time.monotonic()
             if self.unsaved:
-                self.save(time.monotonic())
-            self.save_detection(time.monotonic())
+                self.save(now)
+            self.save_detection(now)
             self.source.stop()
             for sink in self.pipeline.sinks:
-                sink.close()
+                self._close_sink(sink)
+            self.write_metrics(now, running=False)
         say("info", "stopped after %d entries, %d events"
             % (self.pipeline.entries, self.pipeline.events))
         return EXIT_OK
@@ -2382,6 +2878,15 @@ def build_parser():
     scan.add_argument("file", nargs="?", metavar="FILE|-",
                       help="the export; - or nothing reads standard input")
     commands.add_parser("check-config", help="validate the configuration")
+    status = commands.add_parser(
+        "status", help="health and counters of the running service")
+    status.add_argument("--json", action="store_true",
+                        help="print the health as one JSON object")
+    stage = commands.add_parser(
+        "stage-config", help="copy the configuration where the service's "
+        "own user can read it (used by pamsignal.service)")
+    stage.add_argument("destination", metavar="DEST",
+                       help="the copy, e.g. /run/pamsignal/pamsignal.conf")
     return parser
 
 
@@ -2428,11 +2933,181 @@ def command_check_config(args, stdout):
 
 def command_run(args, stdout):
     config = load_config(args.config)
-    return Agent(config, build_sinks(config, args.json)).run()
+    return Agent(config, build_sinks(config, args.json), args.config,
+                 args.json).run()
+
+
+def pid_alive(pid):
+    """Whether a process with this PID exists (any owner)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def health_report(metrics, now_s, alive=pid_alive):
+    """What `status` says, from the parsed metrics file: state is running,
+    stopped (cleanly), gone (killed or crashed) or stale (hung)."""
+    def value(name, default=0.0):
+        samples = metrics.get(name)
+        return samples[0][1] if samples else default
+
+    def by_label(name, label):
+        return collections.OrderedDict(
+            (labels.get(label, ""), int(number))
+            for labels, number in metrics.get(name, ()))
+
+    written_s = value("pamsignal_metrics_time_seconds")
+    pid = int(value("pamsignal_pid"))
+    if value("pamsignal_running") != 1:
+        state = "stopped"
+    elif not alive(pid):
+        state = "gone"
+    elif now_s - written_s > METRICS_STALE_S:
+        state = "stale"
+    else:
+        state = "running"
+    info = metrics.get("pamsignal_info") or [({}, 0)]
+    error = metrics.get("pamsignal_last_error_info")
+    sent = by_label("pamsignal_alerts_sent_total", "channel")
+    failed = by_label("pamsignal_alerts_failed_total", "channel")
+    report = collections.OrderedDict((
+        ("state", state), ("version", info[0][0].get("version")),
+        ("pid", pid), ("written_s_ago", round(now_s - written_s, 1)),
+        ("uptime_s", round(value("pamsignal_uptime_seconds"), 1)),
+        ("entries", int(value("pamsignal_journal_entries_total"))),
+        ("journal_lag_s", None if "pamsignal_journal_lag_seconds" not in
+         metrics else round(value("pamsignal_journal_lag_seconds"), 1)),
+        ("journalctl_restarts",
+         int(value("pamsignal_journalctl_restarts_total"))),
+        ("events", by_label("pamsignal_events_total", "action")),
+        ("channels", collections.OrderedDict(
+            (name, {"sent": sent.get(name, 0), "failed": failed.get(name, 0)})
+            for name in sorted(set(sent) | set(failed)))),
+        ("degraded", [component for component, flag in by_label(
+            "pamsignal_degraded", "component").items() if flag]),
+        ("reloads", by_label("pamsignal_config_reloads_total", "result")),
+        ("last_error", error[0][0].get("message") if error else None),
+        ("last_error_time", format_timestamp(int(value(
+            "pamsignal_last_error_time_seconds") * 1e6)) if error else None),
+    ))
+    return report
+
+
+_STATE_TEXT = {
+    "running": "is running",
+    "stopped": "is not running: it stopped cleanly",
+    "gone": "is not running: it ended without stopping cleanly (killed or "
+            "crashed)",
+    "stale": "is not responding: its health was last written %s ago (hung?)",
+}
+
+
+def _duration_text(seconds):
+    seconds = int(seconds)
+    parts = [(seconds // 86400, "d"), (seconds // 3600 % 24, "h"),
+             (seconds // 60 % 60, "m"), (seconds % 60, "s")]
+    shown = [("%d%s" % part) for part in parts if part[0]]
+    return " ".join(shown[:2]) or "0s"
+
+
+def render_status(report, path):
+    """`status` as text: one line per part, the state first."""
+    state = _STATE_TEXT[report["state"]]
+    if report["state"] == "stale":
+        state %= _duration_text(report["written_s_ago"])
+    lines = ["pamsignal %s %s (pid %d, up %s; health from %s, written %s ago)"
+             % (report["version"], state, report["pid"],
+                _duration_text(report["uptime_s"]), path,
+                _duration_text(report["written_s_ago"]))]
+    journal = "%d entries read" % report["entries"]
+    if report["journal_lag_s"] is not None:
+        journal += ", newest %s old" % _duration_text(report["journal_lag_s"])
+    journal += ", journalctl restarted %d times" % report[
+        "journalctl_restarts"]
+    lines.append("journal:    " + journal)
+    lines.append("events:     " + (", ".join(
+        "%s %d" % item for item in report["events"].items()) or "none"))
+    lines.append("channels:   " + (", ".join(
+        "%s %d sent %d failed" % (name, counts["sent"], counts["failed"])
+        for name, counts in report["channels"].items()) or "none"))
+    lines.append("degraded:   " + (", ".join(report["degraded"]) or "no"))
+    lines.append("reloads:    %d ok, %d failed" % (
+        report["reloads"].get("ok", 0), report["reloads"].get("failed", 0)))
+    if report["last_error"]:
+        lines.append("last error: %s %s" % (report["last_error_time"],
+                                            report["last_error"]))
+    return "\n".join(escape_text(line) for line in lines) + "\n"
+
+
+def command_status(args, stdout):
+    config = load_config(args.config)
+    path = metrics_path(config)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        if args.json:
+            stdout.write(dumps_safe({"state": "absent", "file": path}) + "\n")
+        else:
+            stdout.write("pamsignal is not running: no health file %s (has "
+                         "the service run with this configuration?)\n" % path)
+        return EXIT_FAILURE
+    except (OSError, UnicodeDecodeError) as error:
+        raise PamSignalError("cannot read %s: %s (the service's state is "
+                             "readable by root)" % (
+                                 path, getattr(error, "strerror", None) or
+                                 error)) from None
+    report = health_report(parse_metrics(text), time.time())
+    if args.json:
+        stdout.write(dumps_safe(dict(report, file=path)) + "\n")
+    else:
+        stdout.write(render_status(report, path))
+    healthy = report["state"] == "running" and not report["degraded"]
+    return EXIT_OK if healthy else EXIT_FAILURE
+
+
+def command_stage_config(args, stdout):
+    """Copy the configuration for the unit's sandboxed user (ExecStartPre=+
+    and ExecReload=+ run this as root): DynamicUser cannot read a 0600
+    root-owned file, so the copy goes into its own 0700 runtime directory,
+    owned by it. A missing default file gives an empty copy (defaults)."""
+    source = args.config or DEFAULT_CONFIG_PATH
+    try:
+        with open(source, "rb") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        if args.config is not None:
+            raise PamSignalError("%s: no such file" % source) from None
+        text = b""
+    except OSError as error:
+        raise PamSignalError("cannot read %s: %s" % (
+            source, error.strerror or error)) from None
+    directory = os.path.dirname(os.path.abspath(args.destination))
+    try:
+        owner = os.stat(directory)
+        temporary = args.destination + ".tmp"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT |
+                             os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            os.fchown(handle.fileno(), owner.st_uid, owner.st_gid)
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(text)
+        os.replace(temporary, args.destination)
+    except OSError as error:
+        raise PamSignalError("cannot write %s: %s" % (
+            args.destination, error.strerror or error)) from None
+    return EXIT_OK
 
 
 COMMANDS = {"run": command_run, "scan": command_scan,
-            "check-config": command_check_config}
+            "check-config": command_check_config, "status": command_status,
+            "stage-config": command_stage_config}
 
 
 def utf8_stdout():

@@ -61,10 +61,8 @@ def test_every_problem_is_reported_with_line_and_expectation():
         "/etc/p.conf:10: [channel:screen] format: expected text or json, got"
         " 'xml'",
         "/etc/p.conf:11: [channel:screen] events: expected * or a "
-        "comma-separated list of: brute_force_detected, login_failure, "
-        "login_success, new_source, new_sudo_user, session_closed, "
-        "session_opened, spoofed_entry, success_after_failures, "
-        "sudo_command; got 'login_success, logout'",
+        "comma-separated list of: %s; got 'login_success, logout'"
+        % ", ".join(sorted(pamsignal.ACTIONS)),
         "/etc/p.conf:12: [geoip2]: unknown section; expected [pamsignal], "
         "[detection] or [channel:NAME]",
     ]
