@@ -44,6 +44,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import select  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -2887,6 +2888,19 @@ def build_parser():
         "own user can read it (used by pamsignal.service)")
     stage.add_argument("destination", metavar="DEST",
                        help="the copy, e.g. /run/pamsignal/pamsignal.conf")
+    for name, text in (("install", "set this file up as a hardened systemd "
+                        "service"),
+                       ("uninstall", "remove the service (keeps "
+                        "configuration, state and logs)")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--prefix", default=DEFAULT_PREFIX,
+                             help="the program goes to PREFIX/bin "
+                             "(default %s)" % DEFAULT_PREFIX)
+        command.add_argument("--root", metavar="DIR",
+                             help="act below DIR instead of / (like DESTDIR)"
+                             "; systemctl is not run")
+    command.add_argument("--purge", action="store_true",
+                         help="also remove configuration, state and logs")
     return parser
 
 
@@ -3105,9 +3119,211 @@ def command_stage_config(args, stdout):
     return EXIT_OK
 
 
+#: pamsignal.service, as `install` writes it (the file at the top of the
+#: source tree is this text; a test keeps the two the same).
+SERVICE_UNIT = """\
+# PAMSignal as a hardened service (`pamsignal install` writes this file).
+# The configuration stays root's (/etc/pamsignal/pamsignal.conf, 0600): the
+# "+" commands copy it, as root, into the service's own runtime directory,
+# where its transient user can read it, at start and at each reload.
+[Unit]
+Description=PAMSignal login monitor
+Documentation=man:pamsignal(8)
+After=systemd-journald.service network-online.target
+Wants=network-online.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStartPre=+/usr/bin/pamsignal stage-config /run/pamsignal/pamsignal.conf
+ExecStart=/usr/bin/pamsignal --config /run/pamsignal/pamsignal.conf run
+ExecReload=+/usr/bin/pamsignal stage-config /run/pamsignal/pamsignal.conf
+ExecReload=/bin/kill -HUP $MAINPID
+WatchdogSec=60s
+Restart=on-failure
+RestartSec=5s
+TimeoutStopSec=30s
+
+DynamicUser=yes
+SupplementaryGroups=systemd-journal
+StateDirectory=pamsignal
+StateDirectoryMode=0700
+LogsDirectory=pamsignal
+LogsDirectoryMode=0700
+ConfigurationDirectory=pamsignal
+ConfigurationDirectoryMode=0700
+RuntimeDirectory=pamsignal
+RuntimeDirectoryMode=0700
+UMask=0077
+
+# Channels need the network and /proc/net must stay readable: no
+# PrivateNetwork=, IPAddressDeny= or ProcSubset=pid.
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateIPC=yes
+PrivateMounts=yes
+PrivateUsers=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+KeyringMode=private
+DevicePolicy=closed
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+SystemCallArchitectures=native
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+#: The program's path in SERVICE_UNIT; `install --prefix` replaces it.
+UNIT_PROGRAM = DEFAULT_PREFIX + "/bin/pamsignal"
+
+
+def example_config():
+    """The configuration `install` writes when there is none: every key
+    with its default, commented out, so it behaves like no file at all."""
+    lines = ["# PAMSignal configuration, written by `pamsignal install`.",
+             "# Every key is shown with its default. Check a change with",
+             "# `pamsignal check-config`, apply it with",
+             "# `systemctl reload pamsignal`. See pamsignal(8).", ""]
+    for section, options in (("pamsignal", GLOBAL_OPTIONS),
+                             ("detection", DETECTION_OPTIONS)):
+        lines.append("[%s]" % section)
+        lines += ["# %s = %s" % (key, default)
+                  for key, (_, default) in options.items()]
+        lines.append("")
+    lines += ["# Without a [channel:NAME] section, events go to the console",
+              "# (the service's journal):", "# [channel:console]",
+              "# type = console", "# format = text", "# events = *"]
+    return "\n".join(lines) + "\n"
+
+
+def systemd_is_running():
+    """Whether systemd is PID 1 here (what sd_booted(3) checks)."""
+    return os.path.isdir("/run/systemd/system")
+
+
+def install_paths(root, prefix):
+    """Where install puts each file, below `root` (like DESTDIR)."""
+    def under(path):
+        return os.path.join(root, path.lstrip("/"))
+    return {"program": under(prefix + "/bin/pamsignal"),
+            "unit": under(SYSTEMD_UNIT_DIR + "/pamsignal.service"),
+            "config_dir": under(os.path.dirname(DEFAULT_CONFIG_PATH)),
+            "config": under(DEFAULT_CONFIG_PATH),
+            "purge": [under(path) for path in (
+                os.path.dirname(DEFAULT_CONFIG_PATH), "/var/lib/pamsignal",
+                "/var/lib/private/pamsignal", "/var/log/pamsignal",
+                "/var/log/private/pamsignal")]}
+
+
+def _systemctl(stdout, *arguments):
+    command = ["systemctl"] + list(arguments)
+    stdout.write("running: %s\n" % " ".join(command))
+    try:
+        result = subprocess.run(command, stdin=subprocess.DEVNULL,
+                                timeout=120)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise PamSignalError("%s failed: %s" % (" ".join(command),
+                                                error)) from None
+    if result.returncode != 0:
+        raise PamSignalError("%s failed with status %d (see `journalctl -u "
+                             "pamsignal`)" % (" ".join(command),
+                                              result.returncode))
+
+
+def command_install(args, stdout):
+    root = os.path.abspath(args.root or "/")
+    paths = install_paths(root, args.prefix)
+    program = args.prefix + "/bin/pamsignal"
+    try:
+        with open(os.path.abspath(__file__), "rb") as handle:
+            source = handle.read()
+        os.makedirs(os.path.dirname(paths["program"]), exist_ok=True)
+        replace_file(paths["program"], source.decode("utf-8"), mode=0o755)
+        os.chmod(paths["program"], 0o755)
+        os.makedirs(os.path.dirname(paths["unit"]), exist_ok=True)
+        replace_file(paths["unit"], SERVICE_UNIT.replace(UNIT_PROGRAM,
+                                                         program), mode=0o644)
+        os.chmod(paths["unit"], 0o644)
+        os.makedirs(paths["config_dir"], mode=0o700, exist_ok=True)
+        if os.path.lexists(paths["config"]):
+            stdout.write("kept %s\n" % paths["config"])
+        else:
+            replace_file(paths["config"], example_config(), mode=0o600)
+            stdout.write("wrote %s\n" % paths["config"])
+    except OSError as error:
+        raise PamSignalError("install failed: %s: %s" % (
+            error.filename, error.strerror or error)) from None
+    stdout.write("installed %s and %s\n" % (paths["program"], paths["unit"]))
+    if root == "/" and systemd_is_running():
+        _systemctl(stdout, "daemon-reload")
+        _systemctl(stdout, "enable", "--now", "pamsignal.service")
+        stdout.write("pamsignal is running: `pamsignal status`, "
+                     "`journalctl -u pamsignal -f`\n")
+    else:
+        stdout.write("systemd is not managing %s: on the target system run\n"
+                     "  systemctl daemon-reload\n"
+                     "  systemctl enable --now pamsignal.service\n" % root)
+    return EXIT_OK
+
+
+def command_uninstall(args, stdout):
+    root = os.path.abspath(args.root or "/")
+    paths = install_paths(root, args.prefix)
+    managed = root == "/" and systemd_is_running()
+    if managed and os.path.exists(paths["unit"]):
+        _systemctl(stdout, "disable", "--now", "pamsignal.service")
+    removed = []
+    try:
+        for path in (paths["unit"], paths["program"]):
+            if os.path.lexists(path):
+                os.unlink(path)
+                removed.append(path)
+        if args.purge:
+            for path in paths["purge"]:
+                if os.path.islink(path):
+                    os.unlink(path)
+                    removed.append(path)
+                elif os.path.isdir(path):
+                    shutil.rmtree(path)
+                    removed.append(path)
+    except OSError as error:
+        raise PamSignalError("uninstall failed: %s: %s" % (
+            error.filename, error.strerror or error)) from None
+    if managed:
+        _systemctl(stdout, "daemon-reload")
+    for path in removed:
+        stdout.write("removed %s\n" % path)
+    if not args.purge:
+        kept = [path for path in paths["purge"] if os.path.lexists(path)]
+        stdout.write("kept the configuration, state and logs (%s); "
+                     "--purge removes them\n" % (", ".join(kept) or "none"))
+    return EXIT_OK
+
+
 COMMANDS = {"run": command_run, "scan": command_scan,
             "check-config": command_check_config, "status": command_status,
-            "stage-config": command_stage_config}
+            "stage-config": command_stage_config,
+            "install": command_install, "uninstall": command_uninstall}
 
 
 def utf8_stdout():
