@@ -11,9 +11,13 @@ commands:
   scan [--json] [FILE|-]   read a `journalctl -o json` export (or stdin) and
                            print the events it holds; sends nothing
   check-config             validate the configuration; exit 78 on problems
+  status [--json]          health and counters of the running service
+  install, uninstall       set this file up as a hardened systemd service
+                           (--prefix, --root DIR; uninstall --purge)
 
 examples:
   sudo python3 pamsignal.py
+  sudo python3 pamsignal.py install
   journalctl -o json --since today | python3 pamsignal.py scan --json -
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error.
@@ -1941,6 +1945,7 @@ def replace_file(path, text, durable=False, mode=0o600):
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                          mode)
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), mode)  # whatever the umask
         handle.write(text)
         handle.flush()
         if durable:
@@ -2844,9 +2849,9 @@ class Agent:
                 self.save(now)
             self.save_detection(now)
             self.source.stop()
+            self.write_metrics(now, running=False)
             for sink in self.pipeline.sinks:
                 self._close_sink(sink)
-            self.write_metrics(now, running=False)
         say("info", "stopped after %d entries, %d events"
             % (self.pipeline.entries, self.pipeline.events))
         return EXIT_OK
@@ -3259,11 +3264,9 @@ def command_install(args, stdout):
             source = handle.read()
         os.makedirs(os.path.dirname(paths["program"]), exist_ok=True)
         replace_file(paths["program"], source.decode("utf-8"), mode=0o755)
-        os.chmod(paths["program"], 0o755)
         os.makedirs(os.path.dirname(paths["unit"]), exist_ok=True)
         replace_file(paths["unit"], SERVICE_UNIT.replace(UNIT_PROGRAM,
                                                          program), mode=0o644)
-        os.chmod(paths["unit"], 0o644)
         os.makedirs(paths["config_dir"], mode=0o700, exist_ok=True)
         if os.path.lexists(paths["config"]):
             stdout.write("kept %s\n" % paths["config"])
