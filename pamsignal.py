@@ -3147,6 +3147,8 @@ ExecReload=/bin/kill -HUP $MAINPID
 WatchdogSec=60s
 Restart=on-failure
 RestartSec=5s
+# A configuration error (exit 78) does not mend itself by restarting.
+RestartPreventExitStatus=78
 TimeoutStopSec=30s
 
 DynamicUser=yes

@@ -223,6 +223,22 @@ def test_the_watchdog_restarts_a_hung_agent(container):
     container.run(["systemctl", "daemon-reload"])
 
 
+def test_a_bad_configuration_at_start_fails_without_restarts(container):
+    config = "/etc/pamsignal/pamsignal.conf"
+    container.write(config, "[pamsignal]\nfirst_start = yesterday\n")
+    assert container.run(["systemctl", "restart", "pamsignal"],
+                         check=False).returncode != 0
+    # With a restart pending it would be "activating (auto-restart)".
+    assert wait_for(lambda: container.show("ActiveState") == "failed")
+    assert container.show("ExecMainStatus") == "78"
+    wait_log(container, r"pamsignal\.conf:2: \[pamsignal\] first_start: "
+             r"expected now, boot, all")
+    container.write(config, "")
+    container.run(["systemctl", "reset-failed", "pamsignal"])
+    container.run(["systemctl", "start", "pamsignal"])
+    assert container.show("ActiveState") == "active"
+
+
 def test_stop_and_uninstall(container):
     container.run(["systemctl", "stop", "pamsignal"])
     assert container.show("ActiveState") == "inactive"
