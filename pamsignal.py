@@ -140,8 +140,14 @@ JOURNAL_RECOVERED_S = 10.0
 #: Longest STATUS= text sent to systemd (it shows one line).
 MAX_STATUS_CHARS = 240
 
-#: Where `install` puts the program and the unit, unless told otherwise.
+#: Longest metrics label value written (an error message can be long).
+MAX_LABEL_CHARS = 500
+
+#: `install` puts the program in PREFIX/bin, unless told otherwise.
 DEFAULT_PREFIX = "/usr"
+
+#: Where `install` writes pamsignal.service (the admin's units, not a
+#: package's).
 SYSTEMD_UNIT_DIR = "/etc/systemd/system"
 
 # ---------------------------------------------------------------------------
@@ -2287,8 +2293,6 @@ class Health:
 
     def __init__(self, started_s):
         self.started_s = started_s
-        self.sent = collections.Counter()  # channel -> alerts handed over
-        self.failed = collections.Counter()  # channel -> send/flush errors
         self.reloads = collections.Counter()  # "ok" / "failed"
         self.impaired = collections.OrderedDict()  # component -> reason
         self.known = set(("journal", "state", "detection_state", "metrics"))
@@ -2363,8 +2367,11 @@ METRICS = collections.OrderedDict((
 
 
 def prometheus_label(value):
-    """A label value for the Prometheus text format."""
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n") \
+    """A label value for the Prometheus text format: valid UTF-8 (an odd
+    file name in an error must not stop the write), escaped, capped."""
+    text = str(value)[:MAX_LABEL_CHARS].encode(
+        "utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\\", "\\\\").replace("\n", "\\n") \
         .replace('"', '\\"')
 
 
