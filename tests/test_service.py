@@ -69,6 +69,21 @@ class NotifySocket:
         self.sock.close()
 
 
+@pytest.fixture(autouse=True)
+def no_leftovers(tmp_path):
+    """After each test, end what it started and left running (a failed
+    test leaves its agent, and a fake journalctl that waits for ever)."""
+    yield
+    marker = str(tmp_path).encode()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) != os.getpid() and \
+                marker in _cmdline(pid):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
+
 @pytest.fixture
 def notify_socket(tmp_path):
     sock = NotifySocket(str(tmp_path / "notify.sock"))
