@@ -325,3 +325,21 @@ def test_a_spool_the_disk_refuses_keeps_alerts_in_memory(receiver, tmp_path,
     assert [r.json["user"]["name"] for r in receiver.requests] == [
         "kept", "on-disk"]
     assert "is writable again" in capsys.readouterr().err
+
+
+def test_metrics_show_each_spool(receiver, tmp_path):
+    config = pamsignal.parse_config(
+        "[pamsignal]\nstate_dir = %s\n[channel:hook]\ntype = webhook\n"
+        "url = %s/hook\n" % (tmp_path / "state", receiver.url))
+    channels = pamsignal.build_channels(config)
+    agent = pamsignal.Agent(config, channels)
+    (channel,) = channels
+    channel.spool.open()
+    channel.spool.put(login())
+    channel.spool.flush()
+    text = pamsignal.render_metrics(agent.metric_samples(2e9))
+    metrics = pamsignal.parse_metrics(text)
+    assert metrics["pamsignal_spool_alerts"] == [({"channel": "hook"}, 1.0)]
+    assert metrics["pamsignal_alerts_sent_total"] == [
+        ({"channel": "hook"}, 0.0)]
+    assert "# TYPE pamsignal_spool_oldest_age_seconds gauge" in text
