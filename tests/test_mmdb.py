@@ -630,3 +630,20 @@ def test_maxminds_bad_databases_give_database_errors_only():
                 pass
         reader.close()
     assert refused >= 8  # most of them are broken beyond opening
+
+
+def test_maxminds_geolite2_records_are_normalised():
+    paths = {os.path.basename(path): path
+             for path in official_data("test-data")}
+    readers = [pamsignal.MMDBReader.open(paths[name]) for name in (
+        "GeoLite2-ASN-Test.mmdb", "GeoLite2-City-Test.mmdb")]
+
+    def context(address):
+        return tuple(pamsignal.context_from_records(
+            [reader.lookup(address) for reader in readers]))[:4]
+    assert context("89.160.20.112") == (29518, "Bredband2 AB", "SE",
+                                        "Link\u00f6ping")
+    assert context("1.128.0.1") == (1221, "Telstra Pty Ltd", None, None)
+    assert context("2001:218::1") == (None, None, "JP", None)
+    for reader in readers:
+        reader.close()
