@@ -8,6 +8,7 @@ BINDIR = $(DESTDIR)$(PREFIX)/bin
 MANDIR = $(DESTDIR)$(PREFIX)/share/man/man8
 DOCDIR = $(DESTDIR)$(PREFIX)/share/doc/pamsignal
 CONFDIR = $(DESTDIR)$(SYSCONFDIR)/pamsignal
+UNITDIR ?= /lib/systemd/system
 
 .PHONY: all test lint bench install uninstall
 
@@ -34,6 +35,10 @@ install:
 	install -m 0755 pamsignal.py $(BINDIR)/pamsignal
 	install -m 0644 pamsignal.8 $(MANDIR)/pamsignal.8
 	install -m 0644 README.md pamsignal.conf.example $(DOCDIR)/
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	sed 's|/usr/bin/pamsignal|$(PREFIX)/bin/pamsignal|g' pamsignal.service \
+		> $(DESTDIR)$(UNITDIR)/pamsignal.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/pamsignal.service
 	install -d -m 0755 $(CONFDIR)
 	# An existing configuration is the admin's: never overwrite it.
 	test -e $(CONFDIR)/pamsignal.conf || \
@@ -41,5 +46,6 @@ install:
 
 uninstall:
 	rm -f $(BINDIR)/pamsignal $(MANDIR)/pamsignal.8
+	rm -f $(DESTDIR)$(UNITDIR)/pamsignal.service
 	rm -rf $(DOCDIR)
 	@echo "kept $(CONFDIR)/pamsignal.conf and /var/lib/pamsignal"

@@ -11,12 +11,18 @@ commands:
   scan [--json] [FILE|-]   read a `journalctl -o json` export (or stdin) and
                            print the events it holds; sends nothing
   check-config             validate the configuration; exit 78 on problems
+  test-alert [--channel NAME]
+                           send a sample alert through each channel
   lookup [--json|--raw] [--db PATH] IP...|-
                            ASN, country and provider of addresses, from the
                            [geoip] databases or --db
+  status [--json]          health and counters of the running service
+  install, uninstall       set this file up as a hardened systemd service
+                           (--prefix, --root DIR; uninstall --purge)
 
 examples:
   sudo python3 pamsignal.py
+  sudo python3 pamsignal.py install
   journalctl -o json --since today | python3 pamsignal.py scan --json -
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error.
@@ -59,6 +65,7 @@ import pwd  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import select  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import smtplib  # noqa: E402
 import socket  # noqa: E402
@@ -153,6 +160,31 @@ STALL_CHECK_S = 300.0
 
 #: How often the cursor of entries that produced nothing is saved.
 STATE_FLUSH_S = 2.0
+
+#: How often the health metrics file is rewritten (and STATUS= refreshed).
+METRICS_FLUSH_S = 10.0
+
+#: Metrics of a running agent older than this mean it is hung or was killed.
+METRICS_STALE_S = 3 * METRICS_FLUSH_S
+
+#: The metrics file in the state directory unless metrics_file names one.
+METRICS_FILE_NAME = "pamsignal.prom"
+
+#: A restarted journalctl that kept running this long is following again.
+JOURNAL_RECOVERED_S = 10.0
+
+#: Longest STATUS= text sent to systemd (it shows one line).
+MAX_STATUS_CHARS = 240
+
+#: Longest metrics label value written (an error message can be long).
+MAX_LABEL_CHARS = 500
+
+#: `install` puts the program in PREFIX/bin, unless told otherwise.
+DEFAULT_PREFIX = "/usr"
+
+#: Where `install` writes pamsignal.service (the admin's units, not a
+#: package's).
+SYSTEMD_UNIT_DIR = "/etc/systemd/system"
 
 # ---------------------------------------------------------------------------
 # 3 errors
@@ -372,6 +404,9 @@ ACTIONS = {
     "spoofed_entry": ("intrusion_detection", "info", "unknown", 8),
     "alert_digest": ("intrusion_detection", "info", "unknown", 5),
     "alerts_dropped": ("intrusion_detection", "info", "failure", 6),
+    "config_reload_failed": ("configuration", "change", "failure", 6),
+    "monitoring_degraded": ("process", "change", "failure", 7),
+    "monitoring_restored": ("process", "change", "success", 3),
 }
 
 #: What a small server does not alert on by default: it is counted (and
@@ -379,17 +414,22 @@ ACTIONS = {
 ROUTINE_ACTIONS = frozenset(("login_failure", "session_opened",
                              "session_closed"))
 
-#: Access that was granted: never held back by a cooldown or a rate limit,
-#: so no flood of failures can delay the news that someone got in.
-NEVER_HELD_ACTIONS = frozenset(("login_success", "sudo_command",
-                                "success_after_failures", "new_source",
-                                "new_sudo_user"))
-
 #: The actions the parser gives; detection, policy and the runtime add
 #: the others.
 PARSED_ACTIONS = frozenset(("login_success", "login_failure",
                             "session_opened", "session_closed",
                             "sudo_command", "spoofed_entry"))
+
+#: What the agent says about itself: its configuration and its own health.
+AGENT_ACTIONS = frozenset(("config_reload_failed", "monitoring_degraded",
+                           "monitoring_restored"))
+
+#: Never held back by a cooldown or a rate limit: access that was granted,
+#: so no flood of failures can delay the news that someone got in, and the
+#: agent's rare word about its own health.
+NEVER_HELD_ACTIONS = frozenset(("login_success", "sudo_command",
+                                "success_after_failures", "new_source",
+                                "new_sudo_user")) | AGENT_ACTIONS
 
 
 #: (ECS path, Event field) in the order they are rendered.
@@ -467,7 +507,8 @@ def event_to_ecs(event):
 
 Config = collections.namedtuple(
     "Config", "path state_dir log_dir first_start journalctl host_provider "
-    "spool_max_alerts spool_max_age channels detection alerts geoip")
+    "spool_max_alerts spool_max_age metrics_file channels detection alerts "
+    "geoip")
 Config.__doc__ = "The validated configuration; `channels` is a tuple."
 
 ChannelConfig = collections.namedtuple("ChannelConfig",
@@ -528,6 +569,9 @@ def _host_provider(value):
         raise ValueError("expected auto, none or a provider name (letters, "
                          "digits, spaces, ._&/()-), got %r" % value)
     return value
+def _metrics_file(value):
+    """An absolute path, or empty for the default in the state directory."""
+    return _absolute_path(value) if value else ""
 
 
 def _program_path(value):
@@ -825,6 +869,7 @@ GLOBAL_OPTIONS = collections.OrderedDict((
     ("spool_max_alerts", (_spool_size, "1000")),
     ("spool_max_age", (_duration_s, "7d")),
     ("host_provider", (_host_provider, "auto")),
+    ("metrics_file", (_metrics_file, "")),
 ))
 
 #: [geoip] keys: key -> (validator, default); empty means off.
@@ -1079,13 +1124,26 @@ def load_config(path=None, environ=None):
         raise ConfigError([ConfigProblem(path, None, None, None,
                                          "cannot read: %s" % error)]) from None
     config = parse_config(text, path)
+    refuse_exposed_secrets(config, path, mode)
+    return resolve_credentials(config, environ.get("CREDENTIALS_DIRECTORY"))
+
+
+def refuse_exposed_secrets(config, path, mode):
+    """A ConfigError if `config` (a Config, or the text of one) holds
+    secrets while its file mode lets other users read it."""
+    if not mode & 0o004:
+        return
+    if not isinstance(config, Config):
+        try:
+            config = parse_config(config, path)
+        except ConfigError:
+            return  # the agent reports these itself, with line numbers
     exposed = inline_secrets(config)
-    if exposed and mode & 0o004:
+    if exposed:
         raise ConfigError([ConfigProblem(
             path, None, None, None, "holds secrets ([channel:%s] %s) but "
             "other users can read it; run: chmod 600 %s (or move secrets to"
             " credential:NAME)" % (exposed[0][0], exposed[0][1], path))])
-    return resolve_credentials(config, environ.get("CREDENTIALS_DIRECTORY"))
 
 
 # ---------------------------------------------------------------------------
@@ -3392,7 +3450,7 @@ def render_text(event):
         ("claimed", event.claimed_action), ("host", event.hostname),
         ("host_provider", event.host_provider),
     ]
-    if event.action == "spoofed_entry":
+    if event.action == "spoofed_entry" or event.action in AGENT_ACTIONS:
         pairs.append(("message", event.message))
     stamp = format_timestamp(event.timestamp_us)
     return "%sZ %s %s" % (stamp[:19].replace("T", " "), event.action, " ".join(
@@ -4615,19 +4673,34 @@ class StateStore:
     def save(self, state, durable=True):
         """Replace the state atomically; `durable` also survives a power
         cut (fsync), while a plain save already survives a crash."""
-        temporary = self.path + ".tmp"
         try:
-            descriptor = os.open(temporary,
-                                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(state, handle, separators=(",", ":"))
-                handle.flush()
-                if durable:
-                    os.fsync(handle.fileno())
-            os.replace(temporary, self.path)
+            replace_file(self.path, json.dumps(state, separators=(",", ":")),
+                         durable)
         except OSError as error:
             raise StateError("cannot save state to %s: %s"
                              % (self.path, error.strerror or error)) from None
+
+
+def replace_file(path, text, durable=False, mode=0o600):
+    """Write `text` to `path` atomically: readers see the old file or the
+    new one, never half of it (a temporary file, then rename)."""
+    temporary = path + ".tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                         mode)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), mode)  # whatever the umask
+        handle.write(text)
+        handle.flush()
+        if durable:
+            os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def metrics_path(config):
+    """Where the running agent writes its health for `status` and
+    Prometheus' textfile collector."""
+    return config.metrics_file or os.path.join(config.state_dir,
+                                               METRICS_FILE_NAME)
 
 
 _CURSOR_SHAPE = re.compile(r"^[A-Za-z0-9=;_-]{1,512}$")
@@ -4692,6 +4765,8 @@ class JournalSource:
         self.restart_at = 0.0
         self.started_at = 0.0
         self.last_activity = 0.0
+        self.starts = 0  # for the health metrics: restarts = starts - 1
+        self.last_error = None  # why the follower last stopped
 
     # -- position ---------------------------------------------------------
 
@@ -4734,6 +4809,7 @@ class JournalSource:
             raise SourceError("cannot start %s: %s" % (
                 self.journalctl, error.strerror or error)) from None
         os.set_blocking(self.process.stderr.fileno(), False)
+        self.starts += 1
         self.errors_open = True
         self.pending, self.discarding, self.errors = b"", False, b""
         self.started_at = self.last_activity = now
@@ -4827,9 +4903,9 @@ class JournalSource:
                 self.skip_cursor, self.cursor = self.cursor, None
                 self.cursor_rejections = 0
         delay = self._schedule_restart(now)
-        say("warning", "journalctl exited with status %s%s; restarting in "
-            "%ds" % (code, ": " + detail.splitlines()[-1] if detail else "",
-                     delay))
+        self.last_error = "journalctl exited with status %s%s" % (
+            code, ": " + detail.splitlines()[-1] if detail else "")
+        say("warning", "%s; restarting in %ds" % (self.last_error, delay))
 
     def supervise(self, now, probe=None):
         """Restart a dead follower when its backoff is over, and a silent
@@ -4841,13 +4917,14 @@ class JournalSource:
                 except SourceError as error:
                     self.failures += 1
                     delay = self._schedule_restart(now)
+                    self.last_error = str(error)
                     say("error", "%s; retrying in %ds" % (error, delay))
             return
         if now - self.last_activity >= STALL_CHECK_S:
             self.last_activity = now
             if (probe or self.missed_entries)():
-                say("warning", "journalctl stopped delivering entries; "
-                    "restarting it")
+                self.last_error = "journalctl stopped delivering entries"
+                say("warning", "%s; restarting it" % self.last_error)
                 self.stop()
                 self.restart_at = now
 
@@ -4873,9 +4950,227 @@ class JournalSource:
 # ---------------------------------------------------------------------------
 
 
+def notify_address(environ):
+    """The $NOTIFY_SOCKET to connect to, or None: a path, or an abstract
+    socket written with a leading '@' (vsock: is not supported)."""
+    address = environ.get("NOTIFY_SOCKET") or ""
+    if address.startswith("@"):
+        return "\0" + address[1:]
+    return address if address.startswith("/") else None
+
+
+def watchdog_interval_s(environ, pid):
+    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or None
+    when systemd watches no process or another one (WATCHDOG_PID)."""
+    usec = parse_int(environ.get("WATCHDOG_USEC"))
+    watched = environ.get("WATCHDOG_PID")
+    if not usec or (watched is not None and watched != str(pid)):
+        return None
+    return usec / 2e6
+
+
+def status_text(text):
+    """One short line for STATUS=: no newlines or control characters."""
+    return " ".join(escape_text(text).split())[:MAX_STATUS_CHARS]
+
+
+class Notifier:
+    """sd_notify(3) with the standard library: each message is one
+    datagram to $NOTIFY_SOCKET; without it (not under systemd) nothing."""
+
+    def __init__(self, environ=None, pid=None):
+        environ = os.environ if environ is None else environ
+        self.address = notify_address(environ)
+        self.watchdog_s = watchdog_interval_s(
+            environ, os.getpid() if pid is None else pid)
+        self.last_ping = None
+        self.status = None
+        self.complained = False
+
+    def notify(self, *fields):
+        """Send KEY=VALUE fields in one message; False if not delivered."""
+        if self.address is None:
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.connect(self.address)
+                sock.sendall("\n".join(fields).encode("utf-8"))
+        except OSError as error:
+            if not self.complained:  # once: it would repeat every ping
+                say("warning", "cannot notify systemd: %s"
+                    % (error.strerror or error))
+                self.complained = True
+            return False
+        return True
+
+    def set_status(self, text, *fields):
+        """STATUS= (with other fields), sent when anything changed."""
+        text = status_text(text)
+        if text != self.status or fields:
+            self.status = text
+            self.notify(*(fields + ("STATUS=" + text,)))
+
+    def ping(self, now):
+        """WATCHDOG=1 when half the watchdog timeout has passed."""
+        if self.watchdog_s is not None and (
+                self.last_ping is None or
+                now - self.last_ping >= self.watchdog_s):
+            self.last_ping = now
+            self.notify("WATCHDOG=1")
+
+
+def monotonic_usec():
+    """CLOCK_MONOTONIC in microseconds, as systemd wants it on reload."""
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
+
+
+class Health:
+    """Counters and what is impaired, for the metrics file, STATUS= and
+    `status`. Bookkeeping only: times are arguments."""
+
+    def __init__(self, started_s):
+        self.started_s = started_s
+        self.reloads = collections.Counter()  # "ok" / "failed"
+        self.impaired = collections.OrderedDict()  # component -> reason
+        self.known = set(("journal", "state", "detection_state", "metrics"))
+        self.reload_problem = None
+        self.last_error = None
+        self.last_error_s = None
+
+    def impair(self, component, reason, now_s):
+        """Record what is wrong; True only when it just went wrong."""
+        self.known.add(component)
+        self.error("%s: %s" % (component, reason), now_s)
+        is_new = component not in self.impaired
+        self.impaired[component] = reason
+        return is_new
+
+    def restore(self, component):
+        """True when the component was impaired until now."""
+        return self.impaired.pop(component, None) is not None
+
+    def error(self, message, now_s):
+        self.last_error, self.last_error_s = message, now_s
+
+    def summary(self, entries, events):
+        """What the agent is doing, for STATUS= and the logs."""
+        parts = []
+        if self.impaired:
+            parts.append("Degraded: %s" % "; ".join(
+                "%s: %s" % item for item in self.impaired.items()))
+        else:
+            parts.append("Following the journal")
+        parts.append("%d entries read, %d events" % (entries, events))
+        if self.reload_problem:
+            parts.append("configuration reload failed, running on the "
+                         "previous one: %s" % self.reload_problem)
+        return "; ".join(parts)
+
+
+#: Metric name -> (type, help), in the order they are written.
+METRICS = collections.OrderedDict((
+    ("pamsignal_info", ("gauge", "Version of the running agent.")),
+    ("pamsignal_running",
+     ("gauge", "1 while the agent runs, 0 once it stopped cleanly.")),
+    ("pamsignal_pid", ("gauge", "Process ID of the agent.")),
+    ("pamsignal_start_time_seconds",
+     ("gauge", "When the agent started (Unix time).")),
+    ("pamsignal_uptime_seconds",
+     ("gauge", "Seconds since the agent started.")),
+    ("pamsignal_metrics_time_seconds",
+     ("gauge", "When this file was written (Unix time).")),
+    ("pamsignal_journal_entries_total",
+     ("counter", "Journal entries read.")),
+    ("pamsignal_journal_malformed_lines_total",
+     ("counter", "journalctl output lines that were not journal entries.")),
+    ("pamsignal_journal_lag_seconds",
+     ("gauge", "Now minus the time of the newest journal entry handled.")),
+    ("pamsignal_journalctl_restarts_total",
+     ("counter", "Times journalctl was started again.")),
+    ("pamsignal_events_total", ("counter", "Events reported, by action.")),
+    ("pamsignal_alerts_sent_total",
+     ("counter", "Events handed to each channel.")),
+    ("pamsignal_alerts_failed_total",
+     ("counter", "Send or flush failures of each channel.")),
+    ("pamsignal_config_reloads_total",
+     ("counter", "Configuration reloads (SIGHUP), by result.")),
+    ("pamsignal_degraded",
+     ("gauge", "1 while a part of the monitoring is impaired.")),
+    ("pamsignal_last_error_time_seconds",
+     ("gauge", "When the last error happened (Unix time).")),
+    ("pamsignal_last_error_info",
+     ("gauge", "The last error, in the message label.")),
+))
+
+
+def prometheus_label(value):
+    """A label value for the Prometheus text format: valid UTF-8 (an odd
+    file name in an error must not stop the write), escaped, capped."""
+    text = str(value)[:MAX_LABEL_CHARS].encode(
+        "utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\\", "\\\\").replace("\n", "\\n") \
+        .replace('"', '\\"')
+
+
+def render_metrics(samples):
+    """[(name, {label: value}, number)] -> Prometheus text exposition
+    format, each family under its HELP and TYPE lines."""
+    by_name = collections.OrderedDict((name, []) for name in METRICS)
+    for name, labels, value in samples:
+        by_name[name].append((labels, value))
+    lines = []
+    for name, found in by_name.items():
+        if not found:
+            continue
+        kind, text = METRICS[name]
+        lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
+        for labels, value in found:
+            label_text = ",".join('%s="%s"' % (key, prometheus_label(
+                labels[key])) for key in sorted(labels))
+            lines.append("%s%s %s" % (name, "{%s}" % label_text
+                                      if label_text else "", _number(value)))
+    return "\n".join(lines) + "\n"
+
+
+def _number(value):
+    if isinstance(value, float) and not value.is_integer():
+        return "%.3f" % value
+    return "%d" % value
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)",?')
+_LABEL_ESCAPES = {"\\\\": "\\", "\\n": "\n", '\\"': '"'}
+
+
+def parse_metrics(text):
+    """Prometheus text -> {name: [(labels, value)]}; other lines skipped."""
+    found = collections.OrderedDict()
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if not match or line.startswith("#"):
+            continue
+        labels = {key: re.sub(r"\\[\\n\"]", lambda m: _LABEL_ESCAPES[
+            m.group(0)], raw) for key, raw in _LABEL.findall(
+                match.group(2) or "")}
+        try:
+            value = float(match.group(3))
+        except ValueError:
+            continue
+        found.setdefault(match.group(1), []).append((labels, value))
+    return found
+
+
+def agent_event(action, now_s, component=None, message=None):
+    """An event about the agent itself (not from the journal)."""
+    return Event(timestamp_us=int(now_s * 1e6), action=action,
+                 hostname=socket.gethostname(), service="pamsignal",
+                 pid=os.getpid(), detail=component, message=message)
+
+
 class Pipeline:
-    """Entry -> event -> sessions -> detection -> channels (policy gate,
-    then sink), shared by `run` and `scan`.
+    """Entry -> event -> sessions -> context -> detection -> channels
+    (policy gate, then sink or spool), shared by `run` and `scan`.
 
     A failing sink is reported and never stops the others or the reader.
     `clock` gives the wall time that cooldowns and rate limits run on.
@@ -4894,6 +5189,10 @@ class Pipeline:
         self.entries = 0
         self.events = 0
         self.malformed = 0
+        self.by_action = collections.Counter()
+        self.sent = collections.Counter()  # channel -> alerts handed over
+        self.failed = collections.Counter()  # channel -> errors
+        self.failing = {}  # channel -> its error, until it works again
 
     def decode(self, line):
         """One journalctl output line -> entry dict, or None (counted, and
@@ -4954,8 +5253,14 @@ class Pipeline:
 
     def _send(self, event):
         self.events += 1
+        self.by_action[event.action] += 1
         now_us = int(self.clock() * 1000000)
         self._each_channel(lambda gate: gate.admit(event, now_us))
+
+    def announce(self, event):
+        """Send an event of the agent's own, at once."""
+        self._send(event)
+        self.flush()
 
     def tick(self):
         """Send the digests whose cooldown or rate window ended."""
@@ -4975,6 +5280,7 @@ class Pipeline:
         """For each channel, send or spool what `alerts_of(gate)` gives
         (flush when None), containing each channel's failure to itself."""
         for channel in self.channels:
+            name = channel.sink.name
             try:
                 if alerts_of is None:
                     (channel.spool or channel.sink).flush()
@@ -4984,31 +5290,51 @@ class Pipeline:
                         channel.spool.put(alert)
                     else:
                         channel.sink.send(alert)
+                    self.sent[name] += 1
+                    self.failing.pop(name, None)
             except BrokenPipeError:
                 raise  # our own output is gone: the caller decides
             except Exception as error:  # a sink must not stop the others
-                say("error", "channel %s failed: %s"
-                    % (channel.sink.name, error))
+                self.failed[name] += 1
+                if name not in self.failing:  # once, not per event
+                    say("error", "channel %s failed: %s" % (name, error))
+                self.failing[name] = str(error) or repr(error)
 
 
 class Agent:
-    """The `run` command: follows the journal until told to stop."""
+    """The `run` command: follows the journal until told to stop.
 
-    def __init__(self, config, channels):
+    Under systemd it reports through sd_notify (READY, STATUS, WATCHDOG,
+    RELOADING, STOPPING); SIGHUP reloads the configuration; its health goes
+    to a Prometheus textfile that `status` reads.
+    """
+
+    def __init__(self, config, channels, config_path=None, json_output=False,
+                 environ=None):
         self.config = config
+        self.config_path = config_path  # as given: None means the default
+        self.json_output = json_output
         self.store = StateStore(config.state_dir)
         self.detection_store = StateStore(config.state_dir, "detection.json")
         self.last_detection_save = 0.0
         self.events_at_detection_save = 0
         self.pipeline = Pipeline(channels, config.detection,
                                  enricher=Enricher.from_config(config, True))
+        self.couriers = []
         self.source = JournalSource(config.journalctl, config.first_start)
+        self.notifier = Notifier(environ)
+        self.health = Health(time.time())
         self.stopping = False
+        self.reload_requested = False
         self.last_save = 0.0
+        self.last_metrics = None
         self.unsaved = False
 
     def request_stop(self, signum=None, frame=None):
         self.stopping = True
+
+    def request_reload(self, signum=None, frame=None):
+        self.reload_requested = True
 
     def restore(self):
         state = self.store.load()
@@ -5036,15 +5362,19 @@ class Agent:
         self.pipeline.sessions.load_state(state.get("sessions"))
         self.pipeline.sudo_attempts.load_state(state.get("sudo_attempts"))
 
+    # -- saving -------------------------------------------------------------
+
     def save(self, now, durable=True):
-        self.store.save({"version": 1, "cursor": self.source.cursor,
-                         "realtime_us": self.source.last_realtime_us,
-                         "since_us": self.source.since_us,
-                         "sessions": self.pipeline.sessions.to_state(),
-                         "sudo_attempts":
-                             self.pipeline.sudo_attempts.to_state()},
-                        durable)
-        self.unsaved = False
+        """Save cursor and sessions; a failure degrades, never stops, the
+        agent (it keeps the state in memory and tries again)."""
+        if self._guarded("state", lambda: self.store.save({
+                "version": 1, "cursor": self.source.cursor,
+                "realtime_us": self.source.last_realtime_us,
+                "since_us": self.source.since_us,
+                "sessions": self.pipeline.sessions.to_state(),
+                "sudo_attempts": self.pipeline.sudo_attempts.to_state()},
+                durable)):
+            self.unsaved = False
         if durable:
             self.last_save = now
 
@@ -5053,29 +5383,240 @@ class Agent:
         self.last_detection_save = now
         if self.pipeline.events == self.events_at_detection_save:
             return
-        self.detection_store.save({
-            "version": 1, "counters": self.pipeline.detector.to_state(),
-            "baseline": self.pipeline.baseline.to_state()})
-        self.events_at_detection_save = self.pipeline.events
+        if self._guarded("detection_state", lambda: self.detection_store.save({
+                "version": 1, "counters": self.pipeline.detector.to_state(),
+                "baseline": self.pipeline.baseline.to_state()})):
+            self.events_at_detection_save = self.pipeline.events
 
-    def open_channels(self):
-        """Open every sink, and start a courier for each spooled one."""
+    def write_metrics(self, now, running=True):
+        self.last_metrics = now
+        text = render_metrics(self.metric_samples(time.time(), running))
+        self._guarded("metrics", lambda: replace_file(
+            metrics_path(self.config), text, mode=0o644))
+
+    def _guarded(self, component, write):
+        """Run a write; True if it worked. Its failure impairs the
+        component, its next success restores it."""
+        try:
+            write()
+        except (OSError, StateError) as error:
+            self.impair(component, getattr(error, "strerror", None) and
+                        "%s: %s" % (error.filename, error.strerror)
+                        or str(error))
+            return False
+        self.restore_component(component)
+        return True
+
+    # -- health -------------------------------------------------------------
+
+    def impair(self, component, reason):
+        """Something the monitoring needs broke: say so once (log, event,
+        STATUS=), however often it is retried."""
+        now_s = time.time()
+        if self.health.impair(component, reason, now_s):
+            say("error", "monitoring degraded: %s: %s" % (component, reason))
+            self.pipeline.announce(agent_event(
+                "monitoring_degraded", now_s, component, reason))
+        self.update_status()  # sent only if the reason changed
+
+    def restore_component(self, component):
+        if self.health.restore(component):
+            say("info", "monitoring restored: %s" % component)
+            self.pipeline.announce(agent_event(
+                "monitoring_restored", time.time(), component,
+                "%s works again" % component))
+            self.update_status()
+
+    def check_journal(self, now):
+        """journalctl should run; kept running a while, it is back."""
+        source = self.source
+        if source.process is None:
+            self.impair("journal", source.last_error or
+                        "journalctl is not running")
+        elif now - source.started_at >= JOURNAL_RECOVERED_S:
+            self.restore_component("journal")
+
+    def failing_channels(self):
+        """channel -> error: sinks that failed in the reader, and couriers
+        whose last delivery attempt failed."""
+        failing = dict(self.pipeline.failing)
+        for courier in self.couriers:
+            if courier.failures:
+                failing.setdefault(courier.sink.name, courier.last_error)
+        return failing
+
+    def check_channels(self):
+        """A channel that failed is impaired until it works again."""
+        names = set(channel.sink.name for channel in self.pipeline.channels)
+        failing = self.failing_channels()
+        for name, error in sorted(failing.items()):
+            self.impair("channel:" + name, error)
+        for component in list(self.health.impaired):
+            if component.startswith("channel:") and (
+                    component[8:] not in failing or
+                    component[8:] not in names):
+                self.restore_component(component)
+
+    def update_status(self, *fields):
+        self.notifier.set_status(self.health.summary(
+            self.pipeline.entries, self.pipeline.events), *fields)
+
+    def metric_samples(self, now_s, running=True):
+        """The health as (name, labels, value) for render_metrics."""
+        health, pipeline = self.health, self.pipeline
+        samples = [
+            ("pamsignal_info", {"version": __version__}, 1),
+            ("pamsignal_running", {}, 1 if running else 0),
+            ("pamsignal_pid", {}, os.getpid()),
+            ("pamsignal_start_time_seconds", {}, health.started_s),
+            ("pamsignal_uptime_seconds", {}, now_s - health.started_s),
+            ("pamsignal_metrics_time_seconds", {}, now_s),
+            ("pamsignal_journal_entries_total", {}, pipeline.entries),
+            ("pamsignal_journal_malformed_lines_total", {},
+             pipeline.malformed),
+            ("pamsignal_journalctl_restarts_total", {},
+             max(0, self.source.starts - 1))]
+        if self.source.last_realtime_us is not None:
+            samples.append(("pamsignal_journal_lag_seconds", {}, max(
+                0.0, now_s - self.source.last_realtime_us / 1e6)))
+        samples += [("pamsignal_events_total", {"action": action}, count)
+                    for action, count in sorted(pipeline.by_action.items())]
+        sent, failed = collections.Counter(pipeline.sent), \
+            collections.Counter(pipeline.failed)
+        for courier in self.couriers:  # delivered, not merely spooled
+            sent[courier.sink.name] = courier.delivered
+            failed[courier.sink.name] += courier.failed
+        channels = sorted(set(channel.sink.name for channel
+                              in pipeline.channels) | set(sent) | set(failed))
+        samples += [("pamsignal_alerts_sent_total", {"channel": name},
+                     sent[name]) for name in channels]
+        samples += [("pamsignal_alerts_failed_total", {"channel": name},
+                     failed[name]) for name in channels]
+        for channel in pipeline.channels:
+            if channel.spool is not None:
+                labels = {"channel": channel.sink.name}
+                samples += [
+                    ("pamsignal_spool_alerts", labels, channel.spool.depth()),
+                    ("pamsignal_spool_oldest_age_seconds", labels,
+                     channel.spool.oldest_age_s())]
+        samples += [("pamsignal_config_reloads_total", {"result": result},
+                     health.reloads[result]) for result in ("ok", "failed")]
+        health.known.update("channel:" + name for name in channels)
+        samples += [("pamsignal_degraded", {"component": component},
+                     int(component in health.impaired))
+                    for component in sorted(health.known)]
+        if health.last_error is not None:
+            samples += [
+                ("pamsignal_last_error_time_seconds", {}, health.last_error_s),
+                ("pamsignal_last_error_info", {"message": health.last_error},
+                 1)]
+        return samples
+
+    # -- channels -------------------------------------------------------------
+
+    def open_channels(self, channels):
+        """Open every sink and spool, and start a courier for each spooled
+        one; a spool that cannot be opened degrades its channel (alerts
+        then wait in memory)."""
         couriers = []
-        for channel in self.pipeline.channels:
+        for channel in channels:
             channel.sink.open()
             if channel.spool is not None:
                 try:
                     channel.spool.open()
                 except OSError as error:
-                    raise StateError("cannot open the spool of channel %s "
-                                     "in %s: %s" % (
-                                         channel.sink.name,
-                                         channel.spool.directory,
-                                         error.strerror or error)) from None
+                    self.impair("channel:" + channel.sink.name,
+                                "cannot open its spool %s: %s" % (
+                                    channel.spool.directory,
+                                    error.strerror or error))
                 couriers.append(Courier(channel.sink, channel.spool))
         for courier in couriers:
             courier.start()
         return couriers
+
+    def close_channels(self):
+        """Send held digests, make spools durable, stop the couriers (what
+        they did not deliver stays in the spool) and close the sinks."""
+        self.pipeline.drain()
+        self.pipeline.flush()
+        for courier in self.couriers:
+            courier.stop()
+        self.couriers = []
+        for channel in self.pipeline.channels:
+            self._close_sink(channel.sink)
+
+    # -- reloading ------------------------------------------------------------
+
+    def reload(self):
+        """SIGHUP: a valid configuration replaces channels and detection
+        settings (counters kept); an invalid one is reported and the agent
+        goes on with the one it has."""
+        self.reload_requested = False
+        self.notifier.notify("RELOADING=1", "MONOTONIC_USEC=%d"
+                             % monotonic_usec(),
+                             "STATUS=Reloading the configuration")
+        try:
+            config = load_config(self.config_path)
+            channels = build_channels(config, self.json_output)
+        except ConfigError as error:
+            self._reload_failed(error.problems)
+        else:
+            self._apply(config, channels)
+        self.update_status("READY=1")
+
+    def _reload_failed(self, problems):
+        now_s = time.time()
+        self.health.reloads["failed"] += 1
+        self.health.reload_problem = "%s%s" % (problems[0], "" if len(
+            problems) == 1 else " (and %d more)" % (len(problems) - 1))
+        self.health.error("configuration reload failed: %s"
+                          % self.health.reload_problem, now_s)
+        say("error", "configuration reload failed; still running on the "
+            "previous configuration:")
+        for problem in problems:
+            say("error", str(problem))
+        self.pipeline.announce(agent_event(
+            "config_reload_failed", now_s, self.config.path,
+            "; ".join(str(problem) for problem in problems)))
+
+    def _apply(self, config, channels):
+        old, pipeline = self.config, self.pipeline
+        for key in ("state_dir", "log_dir", "first_start", "journalctl"):
+            if getattr(config, key) != getattr(old, key):
+                say("warning", "%s changed: takes effect at the next start"
+                    % key)
+                config = config._replace(**{key: getattr(old, key)})
+        self.close_channels()
+        pipeline.channels = channels
+        pipeline.failing.clear()
+        self.couriers = self.open_channels(channels)
+        if config.detection != old.detection:
+            now_us = int(time.time() * 1e6)
+            detector = FailureDetector(config.detection)
+            detector.load_state(pipeline.detector.to_state(), now_us)
+            baseline = Baseline(config.detection.learning_period)
+            baseline.load_state(pipeline.baseline.to_state(), now_us)
+            pipeline.detector, pipeline.baseline = detector, baseline
+        if config.geoip != old.geoip or \
+                config.host_provider != old.host_provider:
+            pipeline.enricher.close()
+            pipeline.enricher = Enricher.from_config(config, True)
+            pipeline.enricher.open(time.time())
+        self.config = config
+        self.health.reloads["ok"] += 1
+        self.health.reload_problem = None
+        say("info", "configuration reloaded from %s (%d channel%s)" % (
+            config.path, len(channels), "" if len(channels) == 1 else "s"))
+        self.check_channels()
+
+    @staticmethod
+    def _close_sink(sink):
+        try:
+            sink.close()
+        except Exception as error:  # closing must not stop the others
+            say("error", "channel %s failed to close: %s" % (sink.name, error))
+
+    # -- running --------------------------------------------------------------
 
     def follow_lines(self, lines, now):
         produced = 0
@@ -5092,17 +5633,22 @@ class Agent:
                 self.unsaved = True
         if produced:
             self.pipeline.flush()
-            # Saved as soon as the batch is out, so a restart after a crash
-            # does not report it again; fsync follows within STATE_FLUSH_S.
+            # Saved as soon as the batch is out (spooled alerts are on disk
+            # by now), so a restart after a crash does not report it again;
+            # fsync follows within STATE_FLUSH_S.
             self.save(now, durable=False)
             self.unsaved = True
 
     def run(self):
-        self.store.prepare()
-        self.restore()
-        couriers = self.open_channels()
+        # Handlers first: SIGHUP's default would end the agent.
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+        self.notifier.set_status("Starting")
+        self.store.prepare()
+        self.restore()
+        self.couriers = self.open_channels(self.pipeline.channels)
+        self.pipeline.enricher.open(time.time())
         now = time.monotonic()
         self.source.start(now)
         self.save(now)  # the start position, should it stop before any entry
@@ -5110,35 +5656,46 @@ class Agent:
             __version__, "resuming after the saved cursor"
             if self.source.cursor else "first start: %s"
             % self.config.first_start))
-        self.pipeline.enricher.open(time.time())
         addresses = host_addresses()
         say("info", "this host: %s; addresses %s" % (
             self.pipeline.enricher.host_provider or "provider unknown",
             ", ".join(addresses[:16]) or "unknown"))
+        self.update_status("READY=1")
+        # Wake up often enough to ping the watchdog in time.
+        wait_s = min(1.0, self.notifier.watchdog_s or 1.0)
         try:
             while not self.stopping:
-                lines = self.source.read(1.0)
+                self.notifier.ping(now)
+                lines = self.source.read(wait_s)
                 now = time.monotonic()
                 self.follow_lines(lines, now)
                 self.pipeline.tick()
                 self.pipeline.flush()
+                if self.reload_requested and not self.stopping:
+                    self.reload()
                 if self.unsaved and now - self.last_save >= STATE_FLUSH_S:
                     self.save(now)
                 if now - self.last_detection_save >= DETECTION_FLUSH_S:
                     self.save_detection(now)
                 if not self.stopping:
                     self.source.supervise(now)
+                    self.check_journal(now)
+                self.check_channels()
+                if self.last_metrics is None or \
+                        now - self.last_metrics >= METRICS_FLUSH_S:
+                    self.write_metrics(now)
+                    self.update_status()
         finally:
+            self.notifier.notify("STOPPING=1", "STATUS=Stopping")
+            now = time.monotonic()
             self.pipeline.drain()
-            if self.unsaved:
-                self.save(time.monotonic())
-            self.save_detection(time.monotonic())
-            self.source.stop()
             self.pipeline.flush()
-            for courier in couriers:
-                courier.stop()
-            for channel in self.pipeline.channels:
-                channel.sink.close()
+            if self.unsaved:
+                self.save(now)
+            self.save_detection(now)
+            self.source.stop()
+            self.write_metrics(now, running=False)
+            self.close_channels()
             self.pipeline.enricher.close()
         say("info", "stopped after %d entries, %d events"
             % (self.pipeline.entries, self.pipeline.events))
@@ -5189,6 +5746,28 @@ def build_parser():
     lookup.add_argument("addresses", nargs="+", metavar="IP|-",
                         help="addresses; - reads them from standard input, "
                         "one a line")
+    status = commands.add_parser(
+        "status", help="health and counters of the running service")
+    status.add_argument("--json", action="store_true",
+                        help="print the health as one JSON object")
+    stage = commands.add_parser(
+        "stage-config", help="copy the configuration where the service's "
+        "own user can read it (used by pamsignal.service)")
+    stage.add_argument("destination", metavar="DEST",
+                       help="the copy, e.g. /run/pamsignal/pamsignal.conf")
+    for name, text in (("install", "set this file up as a hardened systemd "
+                        "service"),
+                       ("uninstall", "remove the service (keeps "
+                        "configuration, state and logs)")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--prefix", default=DEFAULT_PREFIX,
+                             help="the program goes to PREFIX/bin "
+                             "(default %s)" % DEFAULT_PREFIX)
+        command.add_argument("--root", metavar="DIR",
+                             help="act below DIR instead of / (like DESTDIR)"
+                             "; systemctl is not run")
+    command.add_argument("--purge", action="store_true",
+                         help="also remove configuration, state and logs")
     return parser
 
 
@@ -5408,12 +5987,386 @@ def command_lookup(args, stdout):
 
 def command_run(args, stdout):
     config = load_config(args.config)
-    return Agent(config, build_channels(config, args.json)).run()
+    return Agent(config, build_channels(config, args.json), args.config,
+                 args.json).run()
+
+
+def pid_alive(pid):
+    """Whether a process with this PID exists (any owner)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def health_report(metrics, now_s, alive=pid_alive):
+    """What `status` says, from the parsed metrics file: state is running,
+    stopped (cleanly), gone (killed or crashed) or stale (hung)."""
+    def value(name, default=0.0):
+        samples = metrics.get(name)
+        return samples[0][1] if samples else default
+
+    def by_label(name, label):
+        return collections.OrderedDict(
+            (labels.get(label, ""), int(number))
+            for labels, number in metrics.get(name, ()))
+
+    written_s = value("pamsignal_metrics_time_seconds")
+    pid = int(value("pamsignal_pid"))
+    if value("pamsignal_running") != 1:
+        state = "stopped"
+    elif not alive(pid):
+        state = "gone"
+    elif now_s - written_s > METRICS_STALE_S:
+        state = "stale"
+    else:
+        state = "running"
+    info = metrics.get("pamsignal_info") or [({}, 0)]
+    error = metrics.get("pamsignal_last_error_info")
+    sent = by_label("pamsignal_alerts_sent_total", "channel")
+    failed = by_label("pamsignal_alerts_failed_total", "channel")
+    report = collections.OrderedDict((
+        ("state", state), ("version", info[0][0].get("version")),
+        ("pid", pid), ("written_s_ago", round(now_s - written_s, 1)),
+        ("uptime_s", round(value("pamsignal_uptime_seconds"), 1)),
+        ("entries", int(value("pamsignal_journal_entries_total"))),
+        ("journal_lag_s", None if "pamsignal_journal_lag_seconds" not in
+         metrics else round(value("pamsignal_journal_lag_seconds"), 1)),
+        ("journalctl_restarts",
+         int(value("pamsignal_journalctl_restarts_total"))),
+        ("events", by_label("pamsignal_events_total", "action")),
+        ("channels", collections.OrderedDict(
+            (name, {"sent": sent.get(name, 0), "failed": failed.get(name, 0)})
+            for name in sorted(set(sent) | set(failed)))),
+        ("degraded", [component for component, flag in by_label(
+            "pamsignal_degraded", "component").items() if flag]),
+        ("reloads", by_label("pamsignal_config_reloads_total", "result")),
+        ("last_error", error[0][0].get("message") if error else None),
+        ("last_error_time", format_timestamp(int(value(
+            "pamsignal_last_error_time_seconds") * 1e6)) if error else None),
+    ))
+    return report
+
+
+_STATE_TEXT = {
+    "running": "is running",
+    "stopped": "is not running: it stopped cleanly",
+    "gone": "is not running: it ended without stopping cleanly (killed or "
+            "crashed)",
+    "stale": "is not responding: its health was last written %s ago (hung?)",
+}
+
+
+def _duration_text(seconds):
+    seconds = int(seconds)
+    parts = [(seconds // 86400, "d"), (seconds // 3600 % 24, "h"),
+             (seconds // 60 % 60, "m"), (seconds % 60, "s")]
+    shown = [("%d%s" % part) for part in parts if part[0]]
+    return " ".join(shown[:2]) or "0s"
+
+
+def render_status(report, path):
+    """`status` as text: one line per part, the state first."""
+    state = _STATE_TEXT[report["state"]]
+    if report["state"] == "stale":
+        state %= _duration_text(report["written_s_ago"])
+    lines = ["pamsignal %s %s (pid %d, up %s; health from %s, written %s ago)"
+             % (report["version"], state, report["pid"],
+                _duration_text(report["uptime_s"]), path,
+                _duration_text(report["written_s_ago"]))]
+    journal = "%d entries read" % report["entries"]
+    if report["journal_lag_s"] is not None:
+        journal += ", newest %s old" % _duration_text(report["journal_lag_s"])
+    journal += ", journalctl restarted %d times" % report[
+        "journalctl_restarts"]
+    lines.append("journal:    " + journal)
+    lines.append("events:     " + (", ".join(
+        "%s %d" % item for item in report["events"].items()) or "none"))
+    lines.append("channels:   " + (", ".join(
+        "%s %d sent %d failed" % (name, counts["sent"], counts["failed"])
+        for name, counts in report["channels"].items()) or "none"))
+    lines.append("degraded:   " + (", ".join(report["degraded"]) or "no"))
+    lines.append("reloads:    %d ok, %d failed" % (
+        report["reloads"].get("ok", 0), report["reloads"].get("failed", 0)))
+    if report["last_error"]:
+        lines.append("last error: %s %s" % (report["last_error_time"],
+                                            report["last_error"]))
+    return "\n".join(escape_text(line) for line in lines) + "\n"
+
+
+def command_status(args, stdout):
+    config = load_config(args.config)
+    path = metrics_path(config)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        if args.json:
+            stdout.write(dumps_safe({"state": "absent", "file": path}) + "\n")
+        else:
+            stdout.write("pamsignal is not running: no health file %s (has "
+                         "the service run with this configuration?)\n" % path)
+        return EXIT_FAILURE
+    except (OSError, UnicodeDecodeError) as error:
+        raise PamSignalError("cannot read %s: %s (the service's state is "
+                             "readable by root)" % (
+                                 path, getattr(error, "strerror", None) or
+                                 error)) from None
+    report = health_report(parse_metrics(text), time.time())
+    if args.json:
+        stdout.write(dumps_safe(dict(report, file=path)) + "\n")
+    else:
+        stdout.write(render_status(report, path))
+    healthy = report["state"] == "running" and not report["degraded"]
+    return EXIT_OK if healthy else EXIT_FAILURE
+
+
+def command_stage_config(args, stdout):
+    """Copy the configuration for the unit's sandboxed user (ExecStartPre=+
+    and ExecReload=+ run this as root): DynamicUser cannot read a 0600
+    root-owned file, so the copy goes into its own 0700 runtime directory,
+    owned by it. A missing default file gives an empty copy (defaults)."""
+    source = args.config or DEFAULT_CONFIG_PATH
+    try:
+        with open(source, "rb") as handle:
+            text = handle.read()
+            mode = os.fstat(handle.fileno()).st_mode
+        refuse_exposed_secrets(text.decode("utf-8", "replace"), source, mode)
+    except FileNotFoundError:
+        if args.config is not None:
+            raise PamSignalError("%s: no such file" % source) from None
+        text = b""
+    except OSError as error:
+        raise PamSignalError("cannot read %s: %s" % (
+            source, error.strerror or error)) from None
+    directory = os.path.dirname(os.path.abspath(args.destination))
+    try:
+        owner = os.stat(directory)
+        temporary = args.destination + ".tmp"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT |
+                             os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            os.fchown(handle.fileno(), owner.st_uid, owner.st_gid)
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(text)
+        os.replace(temporary, args.destination)
+    except OSError as error:
+        raise PamSignalError("cannot write %s: %s" % (
+            args.destination, error.strerror or error)) from None
+    return EXIT_OK
+
+
+#: pamsignal.service, as `install` writes it (the file at the top of the
+#: source tree is this text; a test keeps the two the same).
+SERVICE_UNIT = """\
+# PAMSignal as a hardened service (`pamsignal install` writes this file).
+# The configuration stays root's (/etc/pamsignal/pamsignal.conf, 0600): the
+# "+" commands copy it, as root, into the service's own runtime directory,
+# where its transient user can read it, at start and at each reload.
+[Unit]
+Description=PAMSignal login monitor
+Documentation=man:pamsignal(8)
+After=systemd-journald.service network-online.target
+Wants=network-online.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStartPre=+/usr/bin/pamsignal stage-config /run/pamsignal/pamsignal.conf
+ExecStart=/usr/bin/pamsignal --config /run/pamsignal/pamsignal.conf run
+ExecReload=+/usr/bin/pamsignal stage-config /run/pamsignal/pamsignal.conf
+ExecReload=/bin/kill -HUP $MAINPID
+WatchdogSec=60s
+Restart=on-failure
+RestartSec=5s
+# A configuration error (exit 78) does not mend itself by restarting.
+RestartPreventExitStatus=78
+TimeoutStopSec=30s
+
+DynamicUser=yes
+SupplementaryGroups=systemd-journal
+StateDirectory=pamsignal
+StateDirectoryMode=0700
+LogsDirectory=pamsignal
+LogsDirectoryMode=0700
+ConfigurationDirectory=pamsignal
+ConfigurationDirectoryMode=0700
+RuntimeDirectory=pamsignal
+RuntimeDirectoryMode=0700
+UMask=0077
+
+# Channels need the network and /proc/net must stay readable: no
+# PrivateNetwork=, IPAddressDeny= or ProcSubset=pid.
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateIPC=yes
+PrivateMounts=yes
+PrivateUsers=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+KeyringMode=private
+DevicePolicy=closed
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+SystemCallArchitectures=native
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+#: The program's path in SERVICE_UNIT; `install --prefix` replaces it.
+UNIT_PROGRAM = DEFAULT_PREFIX + "/bin/pamsignal"
+
+
+def example_config():
+    """The configuration `install` writes when there is none: every key
+    with its default, commented out, so it behaves like no file at all."""
+    lines = ["# PAMSignal configuration, written by `pamsignal install`.",
+             "# Every key is shown with its default. Check a change with",
+             "# `pamsignal check-config`, apply it with",
+             "# `systemctl reload pamsignal`. See pamsignal(8).", ""]
+    for section, options in (("pamsignal", GLOBAL_OPTIONS),
+                             ("detection", DETECTION_OPTIONS)):
+        lines.append("[%s]" % section)
+        lines += ["# %s = %s" % (key, default)
+                  for key, (_, default) in options.items()]
+        lines.append("")
+    lines += ["# Without a [channel:NAME] section, events go to the console",
+              "# (the service's journal):", "# [channel:console]",
+              "# type = console", "# format = text", "# events = *"]
+    return "\n".join(lines) + "\n"
+
+
+def systemd_is_running():
+    """Whether systemd is PID 1 here (what sd_booted(3) checks)."""
+    return os.path.isdir("/run/systemd/system")
+
+
+def install_paths(root, prefix):
+    """Where install puts each file, below `root` (like DESTDIR)."""
+    def under(path):
+        return os.path.join(root, path.lstrip("/"))
+    return {"program": under(prefix + "/bin/pamsignal"),
+            "unit": under(SYSTEMD_UNIT_DIR + "/pamsignal.service"),
+            "config_dir": under(os.path.dirname(DEFAULT_CONFIG_PATH)),
+            "config": under(DEFAULT_CONFIG_PATH),
+            "purge": [under(path) for path in (
+                os.path.dirname(DEFAULT_CONFIG_PATH), "/var/lib/pamsignal",
+                "/var/lib/private/pamsignal", "/var/log/pamsignal",
+                "/var/log/private/pamsignal")]}
+
+
+def _systemctl(stdout, *arguments):
+    command = ["systemctl"] + list(arguments)
+    stdout.write("running: %s\n" % " ".join(command))
+    try:
+        result = subprocess.run(command, stdin=subprocess.DEVNULL,
+                                timeout=120)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise PamSignalError("%s failed: %s" % (" ".join(command),
+                                                error)) from None
+    if result.returncode != 0:
+        raise PamSignalError("%s failed with status %d (see `journalctl -u "
+                             "pamsignal`)" % (" ".join(command),
+                                              result.returncode))
+
+
+def command_install(args, stdout):
+    root = os.path.abspath(args.root or "/")
+    paths = install_paths(root, args.prefix)
+    program = args.prefix + "/bin/pamsignal"
+    try:
+        with open(os.path.abspath(__file__), "rb") as handle:
+            source = handle.read()
+        os.makedirs(os.path.dirname(paths["program"]), exist_ok=True)
+        replace_file(paths["program"], source.decode("utf-8"), mode=0o755)
+        os.makedirs(os.path.dirname(paths["unit"]), exist_ok=True)
+        replace_file(paths["unit"], SERVICE_UNIT.replace(UNIT_PROGRAM,
+                                                         program), mode=0o644)
+        os.makedirs(paths["config_dir"], mode=0o700, exist_ok=True)
+        if os.path.lexists(paths["config"]):
+            stdout.write("kept %s\n" % paths["config"])
+        else:
+            replace_file(paths["config"], example_config(), mode=0o600)
+            stdout.write("wrote %s\n" % paths["config"])
+    except OSError as error:
+        raise PamSignalError("install failed: %s: %s" % (
+            error.filename, error.strerror or error)) from None
+    stdout.write("installed %s and %s\n" % (paths["program"], paths["unit"]))
+    if root == "/" and systemd_is_running():
+        _systemctl(stdout, "daemon-reload")
+        _systemctl(stdout, "enable", "--now", "pamsignal.service")
+        stdout.write("pamsignal is running: `pamsignal status`, "
+                     "`journalctl -u pamsignal -f`\n")
+    else:
+        stdout.write("systemd is not managing %s: on the target system run\n"
+                     "  systemctl daemon-reload\n"
+                     "  systemctl enable --now pamsignal.service\n" % root)
+    return EXIT_OK
+
+
+def command_uninstall(args, stdout):
+    root = os.path.abspath(args.root or "/")
+    paths = install_paths(root, args.prefix)
+    managed = root == "/" and systemd_is_running()
+    if managed and os.path.exists(paths["unit"]):
+        _systemctl(stdout, "disable", "--now", "pamsignal.service")
+    removed = []
+    try:
+        for path in (paths["unit"], paths["program"]):
+            if os.path.lexists(path):
+                os.unlink(path)
+                removed.append(path)
+        if args.purge:
+            for path in paths["purge"]:
+                if os.path.islink(path):
+                    os.unlink(path)
+                    removed.append(path)
+                elif os.path.isdir(path):
+                    shutil.rmtree(path)
+                    removed.append(path)
+    except OSError as error:
+        raise PamSignalError("uninstall failed: %s: %s" % (
+            error.filename, error.strerror or error)) from None
+    if managed:
+        _systemctl(stdout, "daemon-reload")
+    for path in removed:
+        stdout.write("removed %s\n" % path)
+    if not args.purge:
+        kept = [path for path in paths["purge"] if os.path.lexists(path)]
+        stdout.write("kept the configuration, state and logs (%s); "
+                     "--purge removes them\n" % (", ".join(kept) or "none"))
+    return EXIT_OK
 
 
 COMMANDS = {"run": command_run, "scan": command_scan,
             "check-config": command_check_config,
-            "test-alert": command_test_alert, "lookup": command_lookup}
+            "test-alert": command_test_alert, "lookup": command_lookup,
+            "status": command_status, "stage-config": command_stage_config,
+            "install": command_install, "uninstall": command_uninstall}
 
 
 def utf8_stdout():

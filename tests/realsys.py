@@ -636,6 +636,34 @@ TRIXIE_NEEDS = (
     "usr/sbin/chpasswd",
     "etc/ssh/ssh_host_ed25519_key",
 )
+# A Debian 13 tree that boots under `systemd-nspawn -b`: systemd as PID 1,
+# dbus, sshd and python3, for the service tests (tests/test_service_boot.py).
+BOOT_TREE = os.environ.get(
+    "PAMSIGNAL_BOOT_TREE", "/var/cache/pamsignal-tests/trixie-boot"
+)
+BOOT_PACKAGES = ("systemd-sysv", "dbus", "python3", "openssh-server", "sudo")
+BOOT_NEEDS = (
+    "usr/lib/systemd/systemd",
+    "usr/bin/dbus-daemon",
+    "usr/bin/python3",
+    "usr/sbin/sshd",
+    "usr/bin/sudo",
+    "usr/bin/systemctl",
+    "etc/ssh/ssh_host_ed25519_key",
+)
+
+
+def build_boot_tree(tree=None, mirror=None, timeout=900):
+    """The bootable Debian 13 tree, built once and cached like the other."""
+    return build_trixie_tree(
+        tree or BOOT_TREE,
+        mirror,
+        timeout,
+        packages=BOOT_PACKAGES,
+        needs=BOOT_NEEDS,
+    )
+
+
 DEBIAN_SUITES = frozenset(
     (
         "buster",
@@ -730,10 +758,10 @@ def apt_proxy_env():
     return env
 
 
-def trixie_tree_complete(tree=None):
+def trixie_tree_complete(tree=None, needs=TRIXIE_NEEDS):
     tree = tree or TRIXIE_TREE
     return os.path.isfile(os.path.join(tree, TRIXIE_MARKER)) and all(
-        os.path.lexists(os.path.join(tree, f)) for f in TRIXIE_NEEDS
+        os.path.lexists(os.path.join(tree, f)) for f in needs
     )
 
 
@@ -765,7 +793,13 @@ def _remove_tree(path):
     _check(["rm", "-rf", "--one-file-system", path])
 
 
-def build_trixie_tree(tree=None, mirror=None, timeout=600):
+def build_trixie_tree(
+    tree=None,
+    mirror=None,
+    timeout=600,
+    packages=TRIXIE_PACKAGES,
+    needs=TRIXIE_NEEDS,
+):
     """Make sure the Debian 13 tree exists and is complete; build it with
     debootstrap from this machine's apt mirror if not.  Returns
     (tree, seconds the build took), seconds None when it was cached.
@@ -776,7 +810,7 @@ def build_trixie_tree(tree=None, mirror=None, timeout=600):
     os.makedirs(os.path.dirname(tree), exist_ok=True)
     with open(tree + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if trixie_tree_complete(tree):
+        if trixie_tree_complete(tree, needs):
             return tree, None
         if os.path.lexists(tree):
             if not os.path.exists(os.path.join(tree, TRIXIE_MARKER)):
@@ -802,7 +836,7 @@ def build_trixie_tree(tree=None, mirror=None, timeout=600):
         cmd = [
             "debootstrap",
             "--variant=minbase",
-            "--include=" + ",".join(TRIXIE_PACKAGES),
+            "--include=" + ",".join(packages),
             "trixie",
             work,
             mirror,
@@ -832,7 +866,7 @@ def build_trixie_tree(tree=None, mirror=None, timeout=600):
             )
         missing = [
             f
-            for f in TRIXIE_NEEDS
+            for f in needs
             if not os.path.lexists(os.path.join(work, f))
         ]
         if missing:
@@ -846,7 +880,7 @@ def build_trixie_tree(tree=None, mirror=None, timeout=600):
                         "%Y-%m-%dT%H:%M:%SZ", time.gmtime()
                     ),
                     "mirror": mirror,
-                    "packages": list(TRIXIE_PACKAGES),
+                    "packages": list(packages),
                     "seconds": round(seconds, 1),
                 },
                 f,
@@ -1007,21 +1041,26 @@ class ChrootSshd(object):
 
 
 def _main(argv):
-    if argv[1:] != ["trixie-tree"]:
-        sys.stderr.write("usage: %s trixie-tree\n" % argv[0])
+    builders = {
+        "trixie-tree": ("Debian 13 tree", build_trixie_tree),
+        "boot-tree": ("Debian 13 boot tree", build_boot_tree),
+    }
+    if len(argv) != 2 or argv[1] not in builders:
+        sys.stderr.write("usage: %s trixie-tree|boot-tree\n" % argv[0])
         return 2
+    label, build = builders[argv[1]]
     if os.geteuid() != 0:
-        sys.stderr.write("building the Debian 13 tree needs root\n")
+        sys.stderr.write("building the %s needs root\n" % label)
         return 1
     try:
-        tree, seconds = build_trixie_tree()
+        tree, seconds = build()
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-        sys.stderr.write("Debian 13 tree: %s\n" % e)
+        sys.stderr.write("%s: %s\n" % (label, e))
         return 1
     if seconds is None:
-        print("Debian 13 tree: %s is complete (cached)" % tree)
+        print("%s: %s is complete (cached)" % (label, tree))
     else:
-        print("Debian 13 tree: built %s in %.0f s" % (tree, seconds))
+        print("%s: built %s in %.0f s" % (label, tree, seconds))
     return 0
 
 

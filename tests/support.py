@@ -73,7 +73,7 @@ def parse_flat(entry):
 FAKE_JOURNALCTL = r'''#!%(python)s
 """Fake journalctl: invocation N plays step N of the plan in $FAKE_PLAN
 (the last step repeats) and appends its argv to $FAKE_PLAN.calls."""
-import json, os, sys, time
+import json, os, signal, sys, time
 plan_path = os.environ["FAKE_PLAN"]
 with open(plan_path) as handle:
     plan = json.load(handle)
@@ -86,6 +86,8 @@ mode = "follow" if "--follow" in sys.argv else "once"
 steps = plan[mode]
 step = steps[min(number if mode == "follow" else 0, len(steps) - 1)]
 out = sys.stdout.buffer
+if step.get("ignore_term"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 for chunk in step.get("output", []):
     if isinstance(chunk, (int, float)):
         out.flush()
@@ -96,6 +98,16 @@ out.flush()
 if step.get("stderr"):
     sys.stderr.write(step["stderr"])
     sys.stderr.flush()
+if step.get("tail"):  # hand out what the test appends to this file
+    with open(step["tail"], "rb") as feed:
+        while True:
+            line = feed.readline()
+            if line.endswith(b"\n"):
+                out.write(line)
+                out.flush()
+            else:
+                feed.seek(feed.tell() - len(line))
+                time.sleep(0.05)
 if step.get("hang"):
     time.sleep(3600)
 sys.exit(step.get("exit", 0))
@@ -107,7 +119,8 @@ class FakeJournal:
 
     plan = {"follow": [step, ...], "once": [step]}; a step is
     {"output": [text or seconds-to-sleep, ...], "exit": N, "hang": bool,
-     "stderr": text}.
+     "stderr": text, "tail": path whose appended lines it prints, for ever,
+     "ignore_term": bool (SIGTERM does not end it)}.
     """
 
     def __init__(self, directory, plan):

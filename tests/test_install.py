@@ -1,14 +1,18 @@
-"""`make install` with DESTDIR/PREFIX lays out a working command."""
+"""`make install` with DESTDIR/PREFIX lays out a working command;
+`pamsignal.py install` sets up the hardened unit (the scp path)."""
 import os
+import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
-from support import REPO
+from support import PAMSIGNAL, REPO, pamsignal
 
-pytestmark = pytest.mark.skipif(shutil.which("make") is None,
+needs_make = pytest.mark.skipif(shutil.which("make") is None,
                                 reason="make is not installed")
+UNIT = os.path.join(REPO, "pamsignal.service")
 
 
 def make(*args):
@@ -17,6 +21,7 @@ def make(*args):
                           universal_newlines=True, timeout=60)
 
 
+@needs_make
 def test_install_into_destdir_gives_a_runnable_command(tmp_path):
     result = make("install", "DESTDIR=%s" % tmp_path, "PREFIX=/usr/local")
     assert result.returncode == 0, result.stderr
@@ -25,6 +30,9 @@ def test_install_into_destdir_gives_a_runnable_command(tmp_path):
     config = tmp_path / "etc/pamsignal/pamsignal.conf"
     assert os.stat(str(config)).st_mode & 0o777 == 0o600
     assert (tmp_path / "usr/local/share/man/man8/pamsignal.8").exists()
+    unit = (tmp_path / "lib/systemd/system/pamsignal.service").read_text()
+    assert unit == pamsignal.SERVICE_UNIT.replace(
+        "/usr/bin/pamsignal", "/usr/local/bin/pamsignal")
     version = subprocess.run([str(command), "--version"],
                              stdout=subprocess.PIPE, universal_newlines=True)
     assert version.stdout.startswith("pamsignal ")
@@ -33,9 +41,128 @@ def test_install_into_destdir_gives_a_runnable_command(tmp_path):
     assert check.returncode == 0
 
 
+@needs_make
 def test_install_keeps_an_existing_configuration(tmp_path):
     config = tmp_path / "etc/pamsignal/pamsignal.conf"
     config.parent.mkdir(parents=True)
     config.write_text("[pamsignal]\nfirst_start = boot\n")
     assert make("install", "DESTDIR=%s" % tmp_path).returncode == 0
     assert config.read_text() == "[pamsignal]\nfirst_start = boot\n"
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, PAMSIGNAL] + list(args),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60)
+
+
+def mode(path):
+    return os.stat(str(path)).st_mode & 0o7777
+
+
+def test_the_embedded_unit_is_the_shipped_unit():
+    with open(UNIT) as handle:
+        assert pamsignal.SERVICE_UNIT == handle.read()
+
+
+def test_unit_exposure_is_at_most_1_1():
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager",
+         UNIT], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        universal_newlines=True, timeout=120)
+    found = re.search(r"Overall exposure level for pamsignal\.service: "
+                      r"(\d+\.\d)", result.stdout)
+    assert found, result.stdout
+    assert float(found.group(1)) <= 1.1, result.stdout
+
+
+def test_install_writes_program_unit_and_example_config(tmp_path):
+    result = cli("install", "--root", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    program = tmp_path / "usr/bin/pamsignal"
+    unit = tmp_path / "etc/systemd/system/pamsignal.service"
+    config = tmp_path / "etc/pamsignal/pamsignal.conf"
+    with open(PAMSIGNAL, "rb") as handle:
+        assert program.read_bytes() == handle.read()
+    assert mode(program) == 0o755
+    assert unit.read_text() == pamsignal.SERVICE_UNIT and mode(unit) == 0o644
+    assert mode(config) == 0o600
+    assert mode(config.parent) == 0o700
+    # Not PID 1 below --root: it says what to run instead of running it.
+    assert "systemctl enable --now pamsignal.service" in result.stdout
+    version = subprocess.run([str(program), "--version"],
+                             stdout=subprocess.PIPE, universal_newlines=True)
+    assert version.stdout.strip() == "pamsignal %s" % pamsignal.__version__
+    check = cli("--config", str(config), "check-config")
+    assert check.returncode == 0, check.stderr
+
+
+def test_example_config_spells_out_the_defaults():
+    text = pamsignal.example_config()
+    commented = pamsignal.parse_config(text)
+    keys = "|".join(list(pamsignal.GLOBAL_OPTIONS) +
+                    list(pamsignal.DETECTION_OPTIONS))
+    uncommented, count = re.subn(r"(?m)^# ((%s) = )" % keys, r"\1", text)
+    assert count == len(keys.split("|"))
+    spelled = pamsignal.parse_config(uncommented)
+    assert commented == pamsignal.default_config("<config>")
+    assert spelled == commented
+    assert "# brute_force_fast = 5 in 10m" in text
+
+
+def test_install_keeps_an_edited_config_and_honours_prefix(tmp_path):
+    config = tmp_path / "etc/pamsignal/pamsignal.conf"
+    config.parent.mkdir(parents=True)
+    config.write_text("[pamsignal]\nfirst_start = boot\n")
+    result = cli("install", "--root", str(tmp_path), "--prefix",
+                 "/usr/local")
+    assert result.returncode == 0, result.stderr
+    assert "kept %s" % config in result.stdout
+    assert config.read_text() == "[pamsignal]\nfirst_start = boot\n"
+    unit = (tmp_path / "etc/systemd/system/pamsignal.service").read_text()
+    assert "ExecStart=/usr/local/bin/pamsignal --config" in unit
+    assert "/usr/bin/pamsignal" not in unit
+    assert (tmp_path / "usr/local/bin/pamsignal").exists()
+
+
+def test_uninstall_keeps_data_unless_purged(tmp_path):
+    assert cli("install", "--root", str(tmp_path)).returncode == 0
+    state = tmp_path / "var/lib/private/pamsignal"
+    state.mkdir(parents=True)
+    (state / "state.json").write_text("{}")
+    os.symlink("private/pamsignal", str(tmp_path / "var/lib/pamsignal"))
+    result = cli("uninstall", "--root", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "usr/bin/pamsignal").exists()
+    assert not (tmp_path / "etc/systemd/system/pamsignal.service").exists()
+    assert (tmp_path / "etc/pamsignal/pamsignal.conf").exists()
+    assert (state / "state.json").exists()
+    assert "--purge removes them" in result.stdout
+    result = cli("uninstall", "--root", str(tmp_path), "--purge")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "etc/pamsignal").exists()
+    assert not state.exists()
+    assert not os.path.lexists(str(tmp_path / "var/lib/pamsignal"))
+
+
+def test_stage_config_copies_for_the_owner_of_the_directory(tmp_path):
+    source = tmp_path / "pamsignal.conf"
+    source.write_text("[pamsignal]\nfirst_start = boot\n")
+    os.chmod(str(source), 0o600)
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    if os.geteuid() == 0:
+        os.chown(str(runtime), 4321, 4321)  # the service's transient user
+    result = cli("--config", str(source), "stage-config",
+                 str(runtime / "pamsignal.conf"))
+    assert result.returncode == 0, result.stderr
+    staged = runtime / "pamsignal.conf"
+    assert staged.read_text() == source.read_text()
+    assert mode(staged) == 0o600
+    assert os.stat(str(staged)).st_uid == os.stat(str(runtime)).st_uid
+    # No file at the default place: an empty copy, so defaults apply.
+    missing = cli("--config", str(tmp_path / "nothing"), "stage-config",
+                  str(staged))
+    assert missing.returncode == 1 and "no such file" in missing.stderr

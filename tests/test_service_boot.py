@@ -1,0 +1,257 @@
+"""pamsignal.service under a real systemd: a Debian 13 tree booted with
+`systemd-nspawn -b` (TESTING.md), the agent installed inside by
+`pamsignal.py install`, real ssh logins through the container's own sshd.
+
+The tree is cached (tests/realsys.py boot-tree, run by .ci/run) and booted
+with --volatile=overlay, so every run starts from the same clean tree and
+writes nothing into it; --private-network keeps its sshd (port 22) away from
+the host's test sshd."""
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+import realsys
+from support import REPO, wait_for
+
+pytestmark = pytest.mark.e2e
+
+INSIDE_SRC = "/mnt/src"
+DROP_IN = "/etc/systemd/system/pamsignal.service.d/test-watchdog.conf"
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+class Container:
+    """A booted container: run() executes in all its namespaces."""
+
+    def __init__(self, tree, log_path):
+        self.tree = tree
+        self.log_path = log_path
+        self.nspawn = None
+        self.init = None
+
+    def start(self, timeout=60):
+        with open(self.log_path, "w") as log:
+            self.nspawn = subprocess.Popen(
+                ["systemd-nspawn", "-q", "-D", self.tree, "-b",
+                 "--register=no", "--keep-unit", "--volatile=overlay",
+                 "--private-network", "--bind-ro=%s:%s" % (REPO, INSIDE_SRC)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)
+        assert wait_for(lambda: _children(self.nspawn.pid) or
+                        self.nspawn.poll() is not None, timeout=timeout)
+        assert self.nspawn.poll() is None, self.log()
+        (self.init,) = _children(self.nspawn.pid)
+
+        def booted():  # nothing answers until the child has become init
+            return self.run(["systemctl", "is-system-running", "--wait"],
+                            check=False, timeout=timeout).stdout.strip() in (
+                                "running", "degraded")
+        assert wait_for(booted, timeout=timeout, interval=0.5), self.log()
+        return self
+
+    def log(self):
+        with open(self.log_path) as handle:
+            return handle.read()[-3000:]
+
+    def run(self, command, check=True, input=None, timeout=60, net=False):
+        namespaces = ["--net"] if net else ["--all"]
+        result = subprocess.run(
+            ["nsenter", "--target", str(self.init)] + namespaces + ["--"] +
+            command, input=input, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, (command, result.stdout,
+                                            result.stderr)
+        return result
+
+    def show(self, prop):
+        return self.run(["systemctl", "show", "-P", prop,
+                         "pamsignal.service"]).stdout.strip()
+
+    def unit_log(self):
+        return self.run(["journalctl", "-u", "pamsignal.service", "-o",
+                         "cat", "--no-pager"]).stdout
+
+    def write(self, path, text):
+        self.run(["sh", "-c", 'cat > "$1"', "sh", path], input=text)
+
+    def stop(self):
+        if self.nspawn is None or self.nspawn.poll() is not None:
+            return
+        self.nspawn.terminate()  # nspawn asks the container to power off
+        try:
+            self.nspawn.wait(60)
+        except subprocess.TimeoutExpired:
+            self.nspawn.kill()
+            self.nspawn.wait(10)
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory):
+    realsys.require_root()
+    realsys.require_binaries("systemd-nspawn", "nsenter", "ssh", "sshpass")
+    if not realsys.trixie_tree_complete(realsys.BOOT_TREE,
+                                        realsys.BOOT_NEEDS):
+        try:
+            realsys.build_boot_tree()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+            realsys.unavailable("no bootable Debian 13 tree: %s" % error)
+    box = Container(realsys.BOOT_TREE,
+                    str(tmp_path_factory.mktemp("nspawn") / "nspawn.log"))
+    started = time.monotonic()
+    try:
+        yield box.start()
+    finally:
+        box.stop()
+        print("nspawn service tests: %.0f s" % (time.monotonic() - started))
+
+
+def wait_log(container, pattern, timeout=30):
+    regex = re.compile(pattern)
+    assert wait_for(lambda: regex.search(container.unit_log()),
+                    timeout=timeout), container.unit_log()[-3000:]
+
+
+def ssh(container, user, password):
+    return container.run(
+        ["sshpass", "-p", password, "ssh", "-F", "/dev/null", "-o",
+         "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+         "-o", "LogLevel=ERROR", "-o", "NumberOfPasswordPrompts=1", "-p",
+         "22", "%s@127.0.0.1" % user, "true"], check=False, net=True)
+
+
+def test_install_starts_the_hardened_service(container):
+    result = container.run(["python3", INSIDE_SRC + "/pamsignal.py",
+                            "install"])
+    assert "running: systemctl enable --now pamsignal.service" \
+        in result.stdout
+    # Type=notify: active (not activating) means READY=1 arrived.
+    assert container.run(["systemctl", "is-active", "pamsignal"]) \
+        .stdout.strip() == "active"
+    assert container.show("StatusText").startswith("Following the journal")
+    assert container.show("UnitFileState") == "enabled"
+    unit = container.run(["cat", "/etc/systemd/system/pamsignal.service"])
+    with open(os.path.join(REPO, "pamsignal.service")) as handle:
+        assert unit.stdout == handle.read()
+    mode = container.run(["stat", "-c", "%a %U", "/etc/pamsignal/"
+                          "pamsignal.conf"]).stdout.split()
+    assert mode == ["600", "root"]
+
+
+def test_a_real_ssh_login_reaches_the_agent_in_its_sandbox(container):
+    name = "psn" + os.urandom(4).hex()
+    container.run(["useradd", "-m", "-s", "/bin/bash", name])
+    container.run(["chpasswd"], input="%s:Pw-%s\n" % (name, name))
+    assert ssh(container, name, "Pw-" + name).returncode == 0
+    assert ssh(container, name, "wrong").returncode != 0
+    wait_log(container, r"login_success user=%s source=127\.0\.0\.1:\d+ "
+             r"service=sshd method=password" % name)
+    wait_log(container, r"login_failure user=%s .*reason=bad_password"
+             % name)
+    # State in /var/lib/pamsignal, owned by the transient user.
+    owner = container.run(["stat", "-L", "-c", "%u", "/var/lib/pamsignal/"
+                           "state.json"]).stdout.strip()
+    assert owner != "0"
+    # /proc/net stays readable for the service's user in its namespaces.
+    main = container.show("MainPID")
+    script = ("import os; rows = open('/proc/net/tcp').read().splitlines();"
+              "print(os.getuid(), len(rows))")
+    probe = container.run(["nsenter", "--target", main, "--all", "-S",
+                           owner, "-G", owner, "python3", "-c", script])
+    uid, rows = probe.stdout.split()
+    assert uid == owner and int(rows) >= 2  # header and sshd's listener
+    status = container.run(["pamsignal", "status", "--json"], check=False)
+    report = json.loads(status.stdout)
+    assert report["state"] == "running", status.stdout
+    assert report["degraded"] == []
+
+
+def test_reload_valid_and_invalid_configurations(container):
+    config = "/etc/pamsignal/pamsignal.conf"
+    container.write(config, "[channel:console]\ntype = console\n"
+                    "format = json\n")
+    container.run(["systemctl", "reload", "pamsignal"])
+    wait_log(container, r"configuration reloaded from "
+             r"/run/pamsignal/pamsignal\.conf \(1 channel\)")
+    container.write(config, "[detection]\nbrute_force_fast = lots\n")
+    container.run(["systemctl", "reload", "pamsignal"])
+    assert wait_for(lambda: "configuration reload failed" in
+                    container.show("StatusText"), timeout=30)
+    assert "pamsignal.conf:2: [detection] brute_force_fast" in \
+        container.show("StatusText")
+    # The json console of the valid reload printed the failure event.
+    wait_log(container, r'"action": "config_reload_failed"')
+    assert container.run(["systemctl", "is-active", "pamsignal"]) \
+        .stdout.strip() == "active"
+    container.write(config, "")
+    container.run(["systemctl", "reload", "pamsignal"])
+    assert wait_for(lambda: "reload failed" not in
+                    container.show("StatusText"), timeout=30)
+
+
+def test_the_watchdog_restarts_a_hung_agent(container):
+    container.run(["mkdir", "-p", os.path.dirname(DROP_IN)])
+    container.write(DROP_IN, "[Service]\nWatchdogSec=2s\nRestartSec=1s\n")
+    container.run(["systemctl", "daemon-reload"])
+    container.run(["systemctl", "restart", "pamsignal"])
+    hung = container.show("MainPID")
+    container.run(["kill", "-STOP", hung])
+    assert wait_for(lambda: container.show("MainPID") not in (hung, "0")
+                    and container.show("ActiveState") == "active",
+                    timeout=60)
+    assert int(container.show("NRestarts")) >= 1
+    wait_log(container, r"Failed with result 'watchdog'")
+    container.run(["rm", DROP_IN])
+    container.run(["systemctl", "daemon-reload"])
+
+
+def test_a_bad_configuration_at_start_fails_without_restarts(container):
+    config = "/etc/pamsignal/pamsignal.conf"
+    container.write(config, "[pamsignal]\nfirst_start = yesterday\n")
+    assert container.run(["systemctl", "restart", "pamsignal"],
+                         check=False).returncode != 0
+    # With a restart pending it would be "activating (auto-restart)".
+    assert wait_for(lambda: container.show("ActiveState") == "failed")
+    assert container.show("ExecMainStatus") == "78"
+    wait_log(container, r"pamsignal\.conf:2: \[pamsignal\] first_start: "
+             r"expected now, boot, all")
+    container.write(config, "")
+    container.run(["systemctl", "reset-failed", "pamsignal"])
+    container.run(["systemctl", "start", "pamsignal"])
+    assert container.show("ActiveState") == "active"
+
+
+def test_stop_and_uninstall(container):
+    container.run(["systemctl", "stop", "pamsignal"])
+    assert container.show("ActiveState") == "inactive"
+    assert container.show("Result") == "success"
+    wait_log(container, r"stopped after \d+ entries")
+    status = container.run(["pamsignal", "status"], check=False)
+    assert status.returncode == 1
+    assert "stopped cleanly" in status.stdout
+    result = container.run(["pamsignal", "uninstall"])
+    assert "kept the configuration, state and logs" in result.stdout
+    assert container.run(["systemctl", "cat", "pamsignal"],
+                         check=False).returncode != 0
+    assert container.run(["test", "-e", "/var/lib/private/pamsignal/"
+                          "state.json"], check=False).returncode == 0
+    assert container.run(["test", "-e", "/usr/bin/pamsignal"],
+                         check=False).returncode != 0
