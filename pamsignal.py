@@ -6100,6 +6100,11 @@ def render_status(report, path):
     if report["last_error"]:
         lines.append("last error: %s %s" % (report["last_error_time"],
                                             report["last_error"]))
+    host = report.get("host")
+    if host:
+        lines.append("host:       %s; %s" % (
+            host["provider"] or "provider unknown",
+            ", ".join(host["addresses"]) or "no addresses seen"))
     return "\n".join(escape_text(line) for line in lines) + "\n"
 
 
@@ -6122,6 +6127,8 @@ def command_status(args, stdout):
                                  path, getattr(error, "strerror", None) or
                                  error)) from None
     report = health_report(parse_metrics(text), time.time())
+    report["host"] = {"provider": detect_host_provider(config.host_provider),
+                      "addresses": host_addresses()}
     if args.json:
         stdout.write(dumps_safe(dict(report, file=path)) + "\n")
     else:

@@ -505,3 +505,23 @@ def test_the_alert_says_who_is_behind_the_source(databases):
     private = dict(pamsignal.alert_text(enricher.enrich(login(
         "10.0.0.9"))).facts)
     assert private["Source type"] == "private" and "AS" not in private
+
+
+def test_status_names_this_hosts_provider_and_addresses(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    config = write_config(tmp_path / "p.conf", "[pamsignal]\nstate_dir = %s\n"
+                          "host_provider = Home lab\n" % state)
+    with open(pamsignal.metrics_path(pamsignal.load_config(config)),
+              "w") as handle:
+        handle.write(pamsignal.render_metrics([
+            ("pamsignal_running", {}, 0), ("pamsignal_pid", {}, 1),
+            ("pamsignal_metrics_time_seconds", {}, 1.0)]))
+    out = io.StringIO()
+    pamsignal.main(["--config", config, "status", "--json"], out)
+    host = json.loads(out.getvalue())["host"]
+    assert host["provider"] == "Home lab"
+    assert host["addresses"] == pamsignal.host_addresses()
+    out = io.StringIO()
+    pamsignal.main(["--config", config, "status"], out)
+    assert "\nhost:       Home lab; " in out.getvalue()

@@ -533,3 +533,117 @@ def test_a_file_cut_short_in_place_is_never_read(tmp_path, capsys):
         handle.write(small_database())
     assert database.current(110.0).lookup("1.2.3.200") == {"half": "upper"}
     database.close()
+
+
+# ---------------------------------------------------------------- MaxMind's
+
+
+def official_data(kind):
+    """MaxMind's own test databases ("test-data" or "bad-data"), from the
+    maxminddb source package that .ci/run unpacks."""
+    root = os.environ.get("PAMSIGNAL_MMDB_TEST_DATA", "")
+    folder = os.path.join(root, kind)
+    if not root or not os.path.isdir(folder):
+        reason = ("set PAMSIGNAL_MMDB_TEST_DATA to the tests/data folder of "
+                  "the maxminddb source package (.ci/run does)")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    found = []
+    for directory, _, files in os.walk(folder):
+        found += [os.path.join(directory, name) for name in sorted(files)
+                  if name.endswith(".mmdb")]
+    assert found, folder
+    return found
+
+
+def sample_addresses(theirs, ip_version, count, rng):
+    """Addresses at both ends of the database's first networks, and
+    random ones."""
+    addresses = []
+    try:
+        for number, (network, _) in enumerate(theirs):
+            if number >= count:
+                break
+            addresses += [str(network.network_address),
+                          str(network.broadcast_address)]
+    except Exception:  # the official reader chokes on some test files
+        pass
+    for _ in range(count):
+        addresses.append("%d.%d.%d.%d" % tuple(rng.randrange(256)
+                                               for _ in range(4)))
+        if ip_version == 6:
+            addresses.append(":".join("%x" % rng.randrange(65536)
+                                      for _ in range(8)))
+    return addresses
+
+
+def answer(lookup, address):
+    try:
+        return tuple(lookup(address))
+    except Exception as error:  # which kind, for the comparison
+        return ("error", "IPv6" in str(error) and isinstance(
+            error, ValueError))
+
+
+def test_maxminds_test_databases_give_the_official_answers():
+    maxminddb = pytest.importorskip(
+        "maxminddb", reason="pip install maxminddb (a second opinion)")
+    rng = random.Random(5)
+    for path in official_data("test-data"):
+        try:
+            theirs = maxminddb.open_database(path, maxminddb.MODE_MMAP)
+        except maxminddb.InvalidDatabaseError:
+            with pytest.raises(DatabaseError):
+                pamsignal.MMDBReader.open(path)
+            continue
+        ours = pamsignal.MMDBReader.open(path)
+        # Files made to be slow to decode get a few addresses only.
+        heavy = "limit" in path or "dos" in path
+        for address in sample_addresses(theirs, ours.ip_version,
+                                        2 if heavy else 60, rng):
+            ours_said = answer(ours.lookup_prefix, address)
+            theirs_said = answer(theirs.get_with_prefix_len, address)
+            assert ours_said == theirs_said, (path, address)
+            if ours_said[0] == "error" and not ours_said[1]:
+                with pytest.raises(DatabaseError):
+                    ours.lookup(address)
+        ours.close()
+        theirs.close()
+
+
+def test_maxminds_bad_databases_give_database_errors_only():
+    rng = random.Random(6)
+    refused = 0
+    for path in official_data("bad-data"):
+        try:
+            reader = pamsignal.MMDBReader.open(path)
+        except DatabaseError:
+            refused += 1
+            continue
+        for _ in range(300):
+            address = "%d.%d.%d.%d" % tuple(rng.randrange(256)
+                                            for _ in range(4))
+            try:
+                reader.lookup(address)
+            except DatabaseError:
+                pass
+        reader.close()
+    assert refused >= 8  # most of them are broken beyond opening
+
+
+def test_maxminds_geolite2_records_are_normalised():
+    paths = {os.path.basename(path): path
+             for path in official_data("test-data")}
+    readers = [pamsignal.MMDBReader.open(paths[name]) for name in (
+        "GeoLite2-ASN-Test.mmdb", "GeoLite2-City-Test.mmdb")]
+
+    def context(address):
+        return tuple(pamsignal.context_from_records(
+            [reader.lookup(address) for reader in readers]))[:4]
+    assert context("89.160.20.112") == (29518, "Bredband2 AB", "SE",
+                                        "Link\u00f6ping")
+    assert context("1.128.0.1") == (1221, "Telstra Pty Ltd", None, None)
+    assert context("2001:218::1") == (None, None, "JP", None)
+    for reader in readers:
+        reader.close()
