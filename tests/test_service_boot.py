@@ -162,7 +162,7 @@ def test_a_real_ssh_login_reaches_the_agent_in_its_sandbox(container):
     container.run(["chpasswd"], input="%s:Pw-%s\n" % (name, name))
     assert ssh(container, name, "Pw-" + name).returncode == 0
     assert ssh(container, name, "wrong").returncode != 0
-    wait_log(container, r"login_success user=%s source=127\.0\.0\.1:\d+ "
+    wait_log(container, r"login_success user=%s source=127\.0\.0\.1:\d+ .*"
              r"service=sshd method=password" % name)
     wait_log(container, r"login_failure user=%s .*reason=bad_password"
              % name)
@@ -182,6 +182,55 @@ def test_a_real_ssh_login_reaches_the_agent_in_its_sandbox(container):
     report = json.loads(status.stdout)
     assert report["state"] == "running", status.stdout
     assert report["degraded"] == []
+
+
+HOOK_RECEIVER = """\
+import http.server
+
+class Hook(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with open("/root/hook.jsonl", "ab") as out:
+            out.write(body + b"\\n")
+        self.send_response(200)
+        self.end_headers()
+
+http.server.HTTPServer(("127.0.0.1", 8088), Hook).serve_forever()
+"""
+
+
+def test_a_login_reaches_a_webhook_from_the_sandbox(container):
+    """The unit's sandbox lets the courier reach the network and keep its
+    spool in the state directory: a real login arrives at a webhook."""
+    container.write("/root/rx.py", HOOK_RECEIVER)
+    container.run(["systemd-run", "--quiet", "--unit=hookrx", "python3",
+                   "/root/rx.py"])
+    container.write("/etc/pamsignal/pamsignal.conf",
+                    "[channel:hook]\ntype = webhook\n"
+                    "url = http://127.0.0.1:8088/hook\n"
+                    "events = login_success\ncooldown = off\n"
+                    "[channel:log]\ntype = console\n")
+    container.run(["systemctl", "reload", "pamsignal"])
+    wait_log(container, r"configuration reloaded from "
+             r"/run/pamsignal/pamsignal\.conf \(2 channels\)")
+    name = "psw" + os.urandom(4).hex()
+    container.run(["useradd", "-m", "-s", "/bin/bash", name])
+    container.run(["chpasswd"], input="%s:Pw-%s\n" % (name, name))
+    assert ssh(container, name, "Pw-" + name).returncode == 0
+
+    def delivered():
+        found = container.run(["cat", "/root/hook.jsonl"], check=False)
+        return [json.loads(line) for line in found.stdout.splitlines()
+                if name in line]
+
+    assert wait_for(delivered, timeout=30), container.unit_log()[-2000:]
+    (alert,) = delivered()
+    assert alert["event"]["action"] == "login_success"
+    assert alert["user"]["name"] == name
+    assert alert["source"]["ip"] == "127.0.0.1"
+    owner = container.run(["stat", "-L", "-c", "%u", "/var/lib/pamsignal/"
+                           "spool/hook"]).stdout.strip()
+    assert owner != "0"
 
 
 def test_reload_valid_and_invalid_configurations(container):
