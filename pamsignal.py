@@ -6034,6 +6034,8 @@ def health_report(metrics, now_s, alive=pid_alive):
     error = metrics.get("pamsignal_last_error_info")
     sent = by_label("pamsignal_alerts_sent_total", "channel")
     failed = by_label("pamsignal_alerts_failed_total", "channel")
+    waiting = by_label("pamsignal_spool_alerts", "channel")
+    oldest = by_label("pamsignal_spool_oldest_age_seconds", "channel")
     report = collections.OrderedDict((
         ("state", state), ("version", info[0][0].get("version")),
         ("pid", pid), ("written_s_ago", round(now_s - written_s, 1)),
@@ -6045,7 +6047,7 @@ def health_report(metrics, now_s, alive=pid_alive):
          int(value("pamsignal_journalctl_restarts_total"))),
         ("events", by_label("pamsignal_events_total", "action")),
         ("channels", collections.OrderedDict(
-            (name, {"sent": sent.get(name, 0), "failed": failed.get(name, 0)})
+            (name, _channel_report(name, sent, failed, waiting, oldest))
             for name in sorted(set(sent) | set(failed)))),
         ("degraded", [component for component, flag in by_label(
             "pamsignal_degraded", "component").items() if flag]),
@@ -6055,6 +6057,16 @@ def health_report(metrics, now_s, alive=pid_alive):
             "pamsignal_last_error_time_seconds") * 1e6)) if error else None),
     ))
     return report
+
+
+def _channel_report(name, sent, failed, waiting, oldest):
+    """A channel's counts for `status`; network channels add their spool."""
+    counts = {"sent": int(sent.get(name, 0)),
+              "failed": int(failed.get(name, 0))}
+    if name in waiting:
+        counts["waiting"] = int(waiting[name])
+        counts["oldest_s"] = round(oldest.get(name, 0.0), 1)
+    return counts
 
 
 _STATE_TEXT = {
@@ -6092,7 +6104,11 @@ def render_status(report, path):
     lines.append("events:     " + (", ".join(
         "%s %d" % item for item in report["events"].items()) or "none"))
     lines.append("channels:   " + (", ".join(
-        "%s %d sent %d failed" % (name, counts["sent"], counts["failed"])
+        "%s %d sent %d failed%s" % (
+            name, counts["sent"], counts["failed"],
+            "" if "waiting" not in counts else ", %d waiting%s" % (
+                counts["waiting"], " (oldest %s)" % _duration_text(
+                    counts["oldest_s"]) if counts["waiting"] else ""))
         for name, counts in report["channels"].items()) or "none"))
     lines.append("degraded:   " + (", ".join(report["degraded"]) or "no"))
     lines.append("reloads:    %d ok, %d failed" % (

@@ -343,3 +343,7 @@ def test_metrics_show_each_spool(receiver, tmp_path):
     assert metrics["pamsignal_alerts_sent_total"] == [
         ({"channel": "hook"}, 0.0)]
     assert "# TYPE pamsignal_spool_oldest_age_seconds gauge" in text
+    report = pamsignal.health_report(metrics, 2e9 + 1, alive=lambda pid: True)
+    assert report["channels"]["hook"]["waiting"] == 1
+    shown = pamsignal.render_status(report, "/x.prom")
+    assert "hook 0 sent 0 failed, 1 waiting (oldest" in shown
