@@ -2115,6 +2115,7 @@ class GeoDatabase:
         self.identity = None
         self.checked_at = None
         self.generation = 0
+        self.problem = None  # why it is unusable, for the health report
 
     def current(self, now):
         """The reader for the file as it is now (None when unusable)."""
@@ -2145,6 +2146,8 @@ class GeoDatabase:
                 problem = str(error)
         if old is not None:
             old.close()
+        self.problem = None if self.reader is not None else \
+            "%s: %s" % (self.path, problem)
         if self.reader is None:
             say("warning", "%s %s unusable (%s): its fields are left out "
                 "until the file is replaced" % (self.role, self.path,
@@ -2154,6 +2157,7 @@ class GeoDatabase:
         """Stop using a file found corrupt, until it is replaced."""
         say("warning", "%s: %s; not used until the file is replaced"
             % (self.role, problem))
+        self.problem = "%s: %s" % (self.path, problem)
         self.close()
 
     def close(self):
@@ -5449,6 +5453,16 @@ class Agent:
                 failing.setdefault(courier.sink.name, courier.last_error)
         return failing
 
+    def check_databases(self, now_s):
+        """A configured [geoip] file that is missing or broken is impaired
+        until a usable file replaces it (looked at every few seconds)."""
+        for database in self.pipeline.enricher.databases:
+            database.current(now_s)
+            if database.problem is not None:
+                self.impair("geoip:" + database.role, database.problem)
+            else:
+                self.restore_component("geoip:" + database.role)
+
     def check_channels(self):
         """A channel that failed is impaired until it works again."""
         names = set(channel.sink.name for channel in self.pipeline.channels)
@@ -5685,6 +5699,7 @@ class Agent:
                     self.source.supervise(now)
                     self.check_journal(now)
                 self.check_channels()
+                self.check_databases(time.time())
                 if self.last_metrics is None or \
                         now - self.last_metrics >= METRICS_FLUSH_S:
                     self.write_metrics(now)

@@ -525,3 +525,24 @@ def test_status_names_this_hosts_provider_and_addresses(tmp_path):
     out = io.StringIO()
     pamsignal.main(["--config", config, "status"], out)
     assert "\nhost:       Home lab; " in out.getvalue()
+
+
+def test_a_missing_database_is_one_degraded_then_one_restored(tmp_path):
+    path = tmp_path / "asn.mmdb"
+    config = pamsignal.parse_config(
+        "[pamsignal]\nstate_dir = %s\n[geoip]\nasn_db = %s\n"
+        % (tmp_path / "state", path))
+    sink = pamsignal.ConsoleSink("log", {"format": "json"}, io.StringIO())
+    agent = pamsignal.Agent(config, [pamsignal.Channel(
+        sink, pamsignal.ChannelGate(pamsignal.SHOW_EVERYTHING))])
+    for now in (1000.0, 1001.0, 1100.0):
+        agent.check_databases(now)
+    assert "geoip:asn_db" in agent.health.impaired
+    write_database(path, ASN_NETWORKS)
+    agent.check_databases(2000.0)
+    agent.check_databases(2100.0)
+    said = [json.loads(line) for line in sink.stream.getvalue().splitlines()]
+    assert [(e["event"]["action"], e["pamsignal"]["detail"]) for e in said] \
+        == [("monitoring_degraded", "geoip:asn_db"),
+            ("monitoring_restored", "geoip:asn_db")]
+    assert "No such file or directory" in said[0]["message"]
