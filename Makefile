@@ -29,6 +29,7 @@ bench:
 	$(PYTHON) bench/bench_hostile.py
 	$(PYTHON) bench/bench_detection.py
 	$(PYTHON) bench/bench_mmdb.py
+	$(PYTHON) bench/bench_delivery.py
 
 install:
 	install -d -m 0755 $(BINDIR) $(MANDIR) $(DOCDIR)
