@@ -2209,19 +2209,25 @@ def address_scope(address):
         packed = _packed_address(address)
     except ValueError:
         return None
-    for network, length, label in SPECIAL_RANGES:
-        if len(network) == len(packed) and _prefix_equal(packed, network,
-                                                         length):
+    value = int.from_bytes(packed, "big")
+    for mask, network, label in _SPECIAL_MASKS[len(packed)]:
+        if value & mask == network:
             return label
     return "public"
 
 
-def _prefix_equal(packed, network, length):
-    whole, rest = divmod(length, 8)
-    if packed[:whole] != network[:whole]:
-        return False
-    mask = (0xFF00 >> rest) & 0xFF
-    return not rest or packed[whole] & mask == network[whole] & mask
+def _special_masks(size):
+    """SPECIAL_RANGES of one address size as (mask, network, label)
+    integers, so a check is one AND and one compare."""
+    bits = size * 8
+    return tuple((((1 << length) - 1) << (bits - length),
+                  int.from_bytes(network, "big"), label)
+                 for network, length, label in SPECIAL_RANGES
+                 if len(network) == size)
+
+
+#: address size in bytes -> its special ranges as integer masks.
+_SPECIAL_MASKS = {4: _special_masks(4), 16: _special_masks(16)}
 
 
 SourceContext = collections.namedtuple(
@@ -2800,6 +2806,12 @@ def _in_window(at, now, window_us):
     return now - window_us < at <= now
 
 
+def _fired_within(record, rule, now, window_us):
+    """Whether the rule already fired for this counter in the window."""
+    fired = record["fired"].get(rule)
+    return fired is not None and now - window_us < fired <= now
+
+
 def _times_between(times, since, now):
     """The sorted times t with since < t <= now."""
     return times[bisect.bisect_right(times, since):
@@ -2869,26 +2881,34 @@ class FailureDetector:
             touched.append((kind, value, record))
         found = []
         for name, threshold in self.windows if guess else ():
+            window_us = threshold.window_s * 1000000
             found += self._fire_once(event, name, threshold, [
                 (kind, value, record, _times_between(
-                    record["times"], now - threshold.window_s * 1000000, now))
+                    record["times"], now - window_us, now))
                 for kind, value, record in touched
-                if len(record["times"]) >= threshold.attempts],
+                if len(record["times"]) >= threshold.attempts and
+                not _fired_within(record, name, now, window_us)],
                 "repeated_failures")
         if event.reason == "invalid_user" and event.user and \
                 self.enumeration.attempts:
             found += self._fire_once(event, "enumeration", self.enumeration, [
                 (kind, value, record, self._remember(
-                    record, "invalid", event.user, now, self.enumeration))
+                    record, "invalid", event.user, now, self.enumeration)())
                 for kind, value, record in touched if kind != "user"],
                 "user_enumeration")
         attacker = attacker_of(event)
         if guess and attacker and self.distributed.attempts:
-            found += self._fire_once(event, "distributed", self.distributed, [
-                (kind, value, record, self._remember(
-                    record, "sources", attacker, now, self.distributed))
-                for kind, value, record in touched if kind == "user"],
-                "distributed_attack")
+            window_us = self.distributed.window_s * 1000000
+            candidates = []
+            for kind, value, record in touched:
+                if kind != "user":
+                    continue
+                seen = self._remember(record, "sources", attacker, now,
+                                      self.distributed)
+                if not _fired_within(record, "distributed", now, window_us):
+                    candidates.append((kind, value, record, seen()))
+            found += self._fire_once(event, "distributed", self.distributed,
+                                     candidates, "distributed_attack")
         return found
 
     def _fire_once(self, event, rule, threshold, candidates, reason):
@@ -2917,18 +2937,20 @@ class FailureDetector:
                      <= now + _FUTURE_SLACK_US]
         for _ in range(min(count, self.keep)):
             bisect.insort(times, now)  # sorted, even if entries arrive late
-        record["times"] = times[-self.keep:]
+        record["times"] = times[-self.keep:] if len(times) > self.keep \
+            else times
 
     def _remember(self, record, field, value, now, threshold):
-        """Note `value` as seen now in the record's distinct list; the
-        values seen within the threshold's window."""
+        """Note `value` as seen now in the record's distinct list; returns
+        a function giving the values seen within the threshold's window
+        (only asked for when the rule may fire)."""
         latest = now + _FUTURE_SLACK_US
         seen = [item for item in record.get(field, ()) if item[0] != value
                 and item[1] <= latest]
         seen.append([value, now])
         record[field] = seen = seen[-self.keep_distinct:]
         earliest = now - threshold.window_s * 1000000
-        return [v for v, at in seen if earliest < at <= now]
+        return lambda: [v for v, at in seen if earliest < at <= now]
 
     @staticmethod
     def _brute_force(event, kind, value, seen, threshold, reason, users):
