@@ -3206,8 +3206,11 @@ def policy_admits(policy, event, groups_of=lambda user: ()):
     group or source. `groups_of(user)` names the user's groups."""
     if event.action == "alert_digest":
         return True  # it only ever holds what this channel admitted
-    if _in_networks(event.source_ip, policy.always_sources) or _named_in(
-            policy.always_users, policy.always_groups, event, groups_of):
+    if (policy.always_sources or policy.always_users or
+            policy.always_groups) and (
+                _in_networks(event.source_ip, policy.always_sources) or
+                _named_in(policy.always_users, policy.always_groups, event,
+                          groups_of)):
         return True
     if event.action not in policy.events or \
             event_severity(event) < policy.min_severity:
