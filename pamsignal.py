@@ -49,6 +49,7 @@ import bisect  # noqa: E402
 import collections  # noqa: E402
 import configparser  # noqa: E402
 import difflib  # noqa: E402
+import email.errors  # noqa: E402
 import email.message  # noqa: E402
 import email.utils  # noqa: E402
 import fnmatch  # noqa: E402
@@ -1125,13 +1126,33 @@ def load_config(path=None, environ=None):
                                          "cannot read: %s" % error)]) from None
     config = parse_config(text, path)
     refuse_exposed_secrets(config, path, mode)
+    check_ca_files(config)
     return resolve_credentials(config, environ.get("CREDENTIALS_DIRECTORY"))
+
+
+def check_ca_files(config):
+    """Each channel's ca_file must load as certificates, or the channel
+    could never connect (and a reload to it would be refused late)."""
+    problems = []
+    for channel in config.channels:
+        ca_file = channel.options.get("ca_file")
+        if ca_file is None:
+            continue
+        try:
+            tls_context(ca_file)
+        except (OSError, ssl.SSLError) as error:
+            problems.append(ConfigProblem(
+                config.path, None, "channel:" + channel.name, "ca_file",
+                "cannot load %s: %s" % (ca_file, getattr(
+                    error, "strerror", None) or error)))
+    if problems:
+        raise ConfigError(problems)
 
 
 def refuse_exposed_secrets(config, path, mode):
     """A ConfigError if `config` (a Config, or the text of one) holds
     secrets while its file mode lets other users read it."""
-    if not mode & 0o004:
+    if not mode & 0o044:
         return
     if not isinstance(config, Config):
         try:
@@ -1142,8 +1163,9 @@ def refuse_exposed_secrets(config, path, mode):
     if exposed:
         raise ConfigError([ConfigProblem(
             path, None, None, None, "holds secrets ([channel:%s] %s) but "
-            "other users can read it; run: chmod 600 %s (or move secrets to"
-            " credential:NAME)" % (exposed[0][0], exposed[0][1], path))])
+            "other users can read it (group or world); run: chmod 600 %s (or"
+            " move secrets to credential:NAME)" % (exposed[0][0],
+                                                   exposed[0][1], path))])
 
 
 # ---------------------------------------------------------------------------
@@ -3527,6 +3549,10 @@ ALERT_ADVICE = {
 #: Longest value shown in an alert (a hostile user name can be huge).
 MAX_ALERT_VALUE_CHARS = 300
 
+#: On reload, how long a courier's request in flight may take to finish
+#: before a new courier takes its spool (the watchdog allows 60 s).
+RELOAD_JOIN_S = 15.0
+
 #: Alerts that waited longer than this say how late they are.
 LATE_AFTER_S = 60
 
@@ -3658,6 +3684,12 @@ def escape_html(text):
         ">", "&gt;")
 
 
+def escape_telegram(text):
+    """Telegram HTML, and @ broken with a word joiner: no name in an alert
+    can mention (and notify) somebody."""
+    return escape_html(text).replace("@", "@\u2060")
+
+
 def escape_slack(text):
     """Slack mrkdwn: &, < and > (links, mentions) are the control
     characters; emphasis marks are neutralised so a name cannot restyle
@@ -3692,14 +3724,25 @@ def escape_plain(text):
 
 
 def fit_escaped(plain, limit, escape):
-    """`plain` shortened until its escaped form has at most `limit`
-    characters (escaping lengthens text, so cut, escape, measure)."""
-    cut = limit
-    while True:
-        escaped = escape(shorten(plain, cut))
-        if len(escaped) <= limit or cut <= 1:
-            return escaped
-        cut -= len(escaped) - limit
+    """The longest cut of `plain` whose escaped form has at most `limit`
+    characters (escaping lengthens text unevenly, so search for it)."""
+    escaped = escape(plain)
+    if len(escaped) <= limit:
+        return escaped
+    low, high = 0, min(len(plain), limit)
+    best = escape(shorten("", 0))
+    while low <= high:
+        cut = (low + high) // 2
+        candidate = escape(shorten(plain, cut)) if cut else ""
+        if len(candidate) <= limit:
+            best, low = candidate, cut + 1
+        else:
+            high = cut - 1
+    return best
+
+
+def _shortened_values(values, size):
+    return {key: shorten(value, size) for key, value in values.items()}
 
 
 def compose(text, line, heading, limit, escape, template=None,
@@ -3712,8 +3755,18 @@ def compose(text, line, heading, limit, escape, template=None,
         body = fill_template(template, values, escape)
         if len(body) <= limit:
             return body
-        return fit_escaped(fill_template(template, values, escape_plain),
-                           limit, escape)
+        # Shorten the values, not the admin's text, so its markup holds.
+        low, high, best = 1, max(len(v) for v in values.values()), None
+        while low <= high:
+            size = (low + high) // 2
+            body = fill_template(template, _shortened_values(values, size),
+                                 escape)
+            if len(body) <= limit:
+                best, low = body, size + 1
+            else:
+                high = size - 1
+        return best if best is not None else fit_escaped(
+            fill_template(template, values, escape_plain), limit, escape)
     head = heading % escape(text.title) if heading else None
     tail = "\n\n" + escape(text.advice) if text.advice else ""
     lines = [line % (escape(label), escape(value))
@@ -3826,9 +3879,17 @@ def _retry_after_s(headers, body):
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
+#: Answers that say the channel's address or credentials are wrong (moved,
+#: unauthorised, forbidden, gone), not this alert: the alerts wait in the
+#: spool, retried with backoff, until the admin fixes the channel.
+CHANNEL_PROBLEM_STATUSES = frozenset((301, 302, 303, 307, 308, 401, 403,
+                                      404, 410))
+
+
 def judge_response(status, headers, body):
     """None when the service took the alert, else the DeliveryError: 429
-    waits as asked; 408, 425 and 5xx are retried; other 4xx are final."""
+    waits as asked; 408, 425, 5xx and a wrong address or credential are
+    retried; any other answer refuses this very alert, for good."""
     if 200 <= status < 300:
         return None
     text = escape_text(body[:200].decode("utf-8", "replace").strip())
@@ -3836,9 +3897,27 @@ def judge_response(status, headers, body):
     if status == 429:
         return DeliveryError("rate limited, " + reason,
                              retry_after=_retry_after_s(headers, body))
+    if status in CHANNEL_PROBLEM_STATUSES:
+        moved = headers.get("Location") if headers is not None and \
+            300 <= status < 400 else None
+        where = urllib.parse.urlsplit(moved).hostname if moved else None
+        return DeliveryError(
+            "%s (%s; alerts wait in the spool until it is fixed)" % (
+                reason, "the service moved%s; pamsignal does not follow "
+                "redirects" % (" to " + where if where else "")
+                if status < 400 else "check the channel's URL and "
+                "credentials"))
     if status >= 500 or status in (408, 425):
         return DeliveryError(reason)
     return DeliveryError(reason, permanent=True)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would resend the alert, and its token, to another place
+    (as a GET, perhaps over plain http): never follow one."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
 
 def _network_reason(error):
@@ -3870,7 +3949,7 @@ def http_post(url, body, headers, timeout, context):
                                      headers=dict(headers, **{
                                          "User-Agent": USER_AGENT}))
     opener = urllib.request.build_opener(
-        urllib.request.HTTPSHandler(context=context))
+        urllib.request.HTTPSHandler(context=context), _NoRedirects())
     try:
         with opener.open(request, timeout=timeout) as response:
             return response.status, response.headers, \
@@ -3971,6 +4050,13 @@ class HttpSink(RemoteSink):
             raise failure
 
 
+def header_text(text):
+    """Text safe for a mail header: the email package decodes RFC 2047
+    encoded-words (=?utf-8?q?...?=) when a header is set, which would turn
+    a hostile name's =0D=0A back into a line break; so none may form."""
+    return text.replace("=?", "=\u2060?")
+
+
 def severity_level(event, levels):
     """The event's severity on a service's own scale: `levels` lists the
     lowest severity of each step, from the top."""
@@ -3991,7 +4077,7 @@ class TelegramSink(HttpSink):
     def request(self, event, delay_s):
         api = self.options.get("api_url", "https://api.telegram.org")
         text = self.text(event, delay_s, "<b>%s:</b> %s", "<b>%s</b>",
-                         4096, escape_html)
+                         4096, escape_telegram)
         return ("%s/bot%s/sendMessage" % (api.rstrip("/"),
                                           self.secret("bot_token")),
                 {"Content-Type": "application/json"},
@@ -4158,7 +4244,8 @@ class EmailSink(RemoteSink):
     def message(self, event, delay_s):
         alert = alert_text(event, delay_s)
         message = email.message.EmailMessage()
-        message["Subject"] = shorten("[PAMSignal] " + alert.title, 200)
+        message["Subject"] = header_text(shorten("[PAMSignal] " + alert.title,
+                                                 200))
         message["From"] = self.options["sender"]
         message["To"] = ", ".join(self.options["recipients"])
         message["Date"] = email.utils.formatdate(localtime=False)
@@ -4190,6 +4277,9 @@ class EmailSink(RemoteSink):
                     server.login(self.options["username"],
                                  self.secret("password") or "")
                 server.send_message(message)
+        except email.errors.MessageError as error:  # cannot be written
+            raise DeliveryError("the message cannot be written: %s" % error,
+                                permanent=True) from None
         except smtplib.SMTPRecipientsRefused as error:
             raise DeliveryError("recipients refused: %s" % ", ".join(
                 sorted(error.recipients)), permanent=True) from None
@@ -4222,6 +4312,14 @@ RETRY_MAX_S = 600.0
 #: again after a crash do not send it twice (and at most how many).
 TOMBSTONE_KEEP_S = 3600
 MAX_TOMBSTONES = 5000
+
+#: Tombstones are pruned after this many deliveries (and at each start).
+TOMBSTONE_PRUNE_EVERY = 100
+
+#: An alert that makes its sink fail this many times in a row with an
+#: unexpected error (not a delivery answer) is set aside as refused, so it
+#: cannot hold up every alert behind it.
+MAX_UNEXPECTED_FAILURES = 5
 
 #: Largest spool file read back (an alert is a few KiB).
 MAX_SPOOL_FILE_BYTES = 1024 * 1024
@@ -4304,6 +4402,7 @@ class Spool:
         self.dropped = collections.Counter()
         self.in_memory = {}  # id -> event, when the disk refused it
         self.disk_error = None
+        self.delivered_count = 0
 
     def _path(self, name):
         return os.path.join(self.directory, name)
@@ -4311,24 +4410,17 @@ class Spool:
     def open(self):
         """Create the directory; alerts left by a previous run come first."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        waiting, tombstones = [], []
+        waiting = []
         for name in os.listdir(self.directory):
-            try:
-                mtime = os.stat(self._path(name)).st_mtime
-            except OSError:
-                continue
             if name.endswith(".alert"):
-                waiting.append((mtime, name[:-6]))
-            elif name.endswith(".sent"):
-                tombstones.append((mtime, name))
+                try:
+                    waiting.append((os.stat(self._path(name)).st_mtime,
+                                    name[:-6]))
+                except OSError:
+                    continue
             elif name.endswith(".tmp"):
                 self._unlink(name)
-        tombstones.sort()
-        now = self.clock()
-        for index, (mtime, name) in enumerate(tombstones):
-            if now - mtime > TOMBSTONE_KEEP_S or \
-                    len(tombstones) - index > MAX_TOMBSTONES:
-                self._unlink(name)
+        self.prune_tombstones()
         dropped = self._read_json("dropped.json")
         with self.lock:
             self.ready.extend(sorted(waiting))
@@ -4337,6 +4429,39 @@ class Spool:
                 if isinstance(reason, str) and type(count) is int
                 and count > 0})
             self._enforce_bounds()
+
+    def prune_tombstones(self):
+        """Forget delivered alerts older than TOMBSTONE_KEEP_S, and all but
+        the newest MAX_TOMBSTONES."""
+        tombstones = []
+        for name in os.listdir(self.directory):
+            if name.endswith(".sent"):
+                try:
+                    tombstones.append((os.stat(self._path(name)).st_mtime,
+                                       name))
+                except OSError:
+                    continue
+        tombstones.sort()
+        now = self.clock()
+        for index, (mtime, name) in enumerate(tombstones):
+            if now - mtime > TOMBSTONE_KEEP_S or \
+                    len(tombstones) - index > MAX_TOMBSTONES:
+                self._unlink(name)
+
+    def adopt(self, old):
+        """Take over the alerts an earlier spool of this directory kept in
+        memory (the disk refused them), in their order."""
+        if old is None or old is self:
+            return
+        with old.lock:
+            names = [item for item in old.ready if item[1] in old.in_memory]
+            names += [item for item in old.staged
+                      if item[1] in old.in_memory]
+            events = dict(old.in_memory)
+        with self.lock:
+            self.in_memory.update(events)
+            self.ready.extend(names)
+            self.lock.notify_all()
 
     def put(self, event):
         """Write an alert (not yet durable); False if this very alert is
@@ -4403,6 +4528,10 @@ class Spool:
                 if self.clock() - created > self.max_age_s:
                     self._drop_locked(name, "too_old")
                     continue
+                if name not in self.in_memory and os.path.exists(
+                        self._path(name + ".sent")):
+                    self.ready.popleft()  # delivered by an earlier courier
+                    continue
                 event = self._load(name)
                 if event is not None:
                     return name, event
@@ -4422,6 +4551,13 @@ class Spool:
             pass
         with self.lock:
             self._forget(name)
+            self.delivered_count += 1
+            prune = self.delivered_count % TOMBSTONE_PRUNE_EVERY == 0
+        if prune:
+            try:
+                self.prune_tombstones()
+            except OSError:
+                pass
 
     def refused(self, name):
         """The channel will never take this alert (it said why)."""
@@ -4516,6 +4652,7 @@ class Courier(threading.Thread):
         self.failed = 0
         self.last_error = None
         self.last_wait_s = None
+        self.unexpected = (None, 0)  # (alert, failures in a row)
 
     def stop(self, timeout=2.0):
         self.stopping.set()
@@ -4538,8 +4675,11 @@ class Courier(threading.Thread):
             self._failed(name, event, error)
             return
         except Exception as error:  # a sink bug: keep the alert, retry
+            same = self.unexpected[0] == name
+            self.unexpected = (name, self.unexpected[1] + 1 if same else 1)
             self._failed(name, event, DeliveryError(
-                "unexpected %s: %s" % (type(error).__name__, error)))
+                "unexpected %s: %s" % (type(error).__name__, error),
+                permanent=self.unexpected[1] >= MAX_UNEXPECTED_FAILURES))
             return
         self.spool.delivered(name)
         self.delivered += 1
@@ -5563,7 +5703,10 @@ class Agent:
         then wait in memory)."""
         couriers = []
         for channel in channels:
-            channel.sink.open()
+            try:
+                channel.sink.open()
+            except (OSError, ssl.SSLError) as error:  # retried on each send
+                self.impair("channel:" + channel.sink.name, str(error))
             if channel.spool is not None:
                 try:
                     channel.spool.open()
@@ -5577,16 +5720,31 @@ class Agent:
             courier.start()
         return couriers
 
-    def close_channels(self):
+    def close_channels(self, reloading=False):
         """Send held digests, make spools durable, stop the couriers (what
-        they did not deliver stays in the spool) and close the sinks."""
+        they did not deliver stays in the spool) and close the sinks.
+        Returns, per spool directory, the alerts kept in memory because
+        the disk refused them: a reload hands them on, a stop says they are
+        lost."""
         self.pipeline.drain()
         self.pipeline.flush()
         for courier in self.couriers:
-            courier.stop()
+            # On reload a new courier takes the spool: let a request in
+            # flight finish, or it could be sent twice.
+            courier.stop(min(courier.sink.timeout + 1, RELOAD_JOIN_S)
+                         if reloading else 2.0)
         self.couriers = []
+        held = {}
         for channel in self.pipeline.channels:
             self._close_sink(channel.sink)
+            if channel.spool is not None and channel.spool.in_memory:
+                held[channel.spool.directory] = channel.spool
+                if not reloading:
+                    say("error", "channel %s: %d alert%s the disk refused "
+                        "could not be delivered before stopping and are lost"
+                        % (channel.sink.name, len(channel.spool.in_memory),
+                           "" if len(channel.spool.in_memory) == 1 else "s"))
+        return held
 
     # -- reloading ------------------------------------------------------------
 
@@ -5599,10 +5757,13 @@ class Agent:
                              % monotonic_usec(),
                              "STATUS=Reloading the configuration")
         try:
-            config = load_config(self.config_path)
+            config = self._restart_only_kept(load_config(self.config_path))
             channels = build_channels(config, self.json_output)
-        except ConfigError as error:
-            self._reload_failed(error.problems)
+            for channel in channels:
+                channel.sink.open()  # a TLS context that cannot load: now
+        except (ConfigError, OSError, ssl.SSLError) as error:
+            self._reload_failed(getattr(error, "problems", None) or [
+                "cannot open a channel: %s" % error])
         else:
             self._apply(config, channels)
         self.update_status("READY=1")
@@ -5622,16 +5783,25 @@ class Agent:
             "config_reload_failed", now_s, self.config.path,
             "; ".join(str(problem) for problem in problems)))
 
-    def _apply(self, config, channels):
-        old, pipeline = self.config, self.pipeline
+    def _restart_only_kept(self, config):
+        """The new configuration with the keys that only a restart can
+        change (where state and spools live, what to run) kept as they
+        are."""
         for key in ("state_dir", "log_dir", "first_start", "journalctl"):
-            if getattr(config, key) != getattr(old, key):
+            if getattr(config, key) != getattr(self.config, key):
                 say("warning", "%s changed: takes effect at the next start"
                     % key)
-                config = config._replace(**{key: getattr(old, key)})
-        self.close_channels()
+                config = config._replace(**{key: getattr(self.config, key)})
+        return config
+
+    def _apply(self, config, channels):
+        old, pipeline = self.config, self.pipeline
+        held = self.close_channels(reloading=True)
         pipeline.channels = channels
         pipeline.failing.clear()
+        for channel in channels:  # alerts the disk refused go on waiting
+            if channel.spool is not None:
+                channel.spool.adopt(held.get(channel.spool.directory))
         self.couriers = self.open_channels(channels)
         if config.detection != old.detection:
             now_us = int(time.time() * 1e6)

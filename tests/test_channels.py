@@ -124,9 +124,12 @@ def test_a_world_readable_file_with_secrets_is_refused(tmp_path):
     (problem,) = raised.value.problems
     assert str(problem) == (
         "%s: holds secrets ([channel:tg] bot_token) but other users can "
-        "read it; run: chmod 600 %s (or move secrets to credential:NAME)"
-        % (path, path))
+        "read it (group or world); run: chmod 600 %s (or move secrets to "
+        "credential:NAME)" % (path, path))
     assert "SECRET" not in str(problem)
+    os.chmod(path, 0o640)  # a group may hold people too
+    with pytest.raises(pamsignal.ConfigError):
+        pamsignal.load_config(path, environ={})
     os.chmod(path, 0o600)
     assert pamsignal.load_config(path, environ={}).channels[0].options[
         "bot_token"].value == "1:SECRET"
@@ -317,8 +320,13 @@ class Headers(dict):
     (503, {}, b"", False, None),
     (408, {}, b"", False, None),
     (400, {}, b"invalid_payload", True, None),
-    (404, {}, b'{"ok":false,"description":"Not Found"}', True, None),
-    (403, {}, b"\x1b[31mred", True, None),
+    (413, {}, b"too large", True, None),
+    # A wrong address or credential is the channel's fault, not the
+    # alert's: it waits in the spool until the admin fixes it.
+    (404, {}, b'{"ok":false,"description":"Not Found"}', False, None),
+    (403, {}, b"\x1b[31mred", False, None),
+    (401, {}, b"invalid_token", False, None),
+    (302, {"Location": "https://elsewhere.example/x"}, b"", False, None),
 ])
 def test_answers_are_judged_retry_or_give_up(status, headers, body,
                                               permanent, retry_after):
@@ -328,6 +336,8 @@ def test_answers_are_judged_retry_or_give_up(status, headers, body,
     assert str(failure).startswith(("HTTP %d" % status,
                                     "rate limited, HTTP 429"))
     assert "\x1b" not in str(failure)
+    if status == 302:
+        assert "moved to elsewhere.example" in str(failure)
     assert pamsignal.judge_response(204, Headers(), b"") is None
 
 
@@ -419,3 +429,71 @@ def test_channel_names_become_safe_directory_names():
     odd = pamsignal.spool_directory_name("../../etc")
     assert "/" not in odd and not odd.startswith(".")
     assert odd != pamsignal.spool_directory_name("__.._etc")
+
+
+def test_a_hostile_name_cannot_add_mail_headers():
+    sink = sink_for("[channel:m]\ntype = email\nhost = 127.0.0.1\n"
+                    "sender = ps@example.com\nrecipients = a@example.com\n")
+    hostile = "=?utf-8?q?a=0D=0AReply-To:_x@evil.example?="
+    message = sink.message(event("brute_force_detected", user=hostile), 0)
+    text = message.as_string()
+    assert "Reply-To" not in message and "\nReply-To" not in text
+    assert "a=0D=0AReply-To" in str(message["Subject"])
+
+
+def test_telegram_names_cannot_mention_anyone():
+    sink = sink_for("[channel:t]\ntype = telegram\nbot_token = 1:A\n"
+                    "chat_id = 5\n")
+    _, _, body = sink.request(event(user="@boss"), 0)
+    assert "@boss" not in json.loads(body)["text"]
+
+
+def test_escaping_that_lengthens_text_still_fills_the_limit():
+    shown = pamsignal.fit_escaped("&" * 100, 30, pamsignal.escape_html)
+    assert shown == "&amp;" * 5 + "\u2026"
+    long_command = event("sudo_command", command_line="&" * 290)
+    alert = pamsignal.alert_text(long_command)
+    values = pamsignal.template_values(long_command, alert)
+    text = pamsignal.compose(alert, "", "", 4096, pamsignal.escape_html,
+                             "<b>{title}</b>" + "{command}" * 15, values)
+    assert text.startswith("<b>sudo: alice on web1</b>&amp;")
+    assert 4000 < len(text) <= 4096
+
+
+def test_an_unloadable_ca_file_is_a_configuration_error(tmp_path):
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate")
+    path = write_config(tmp_path, "[channel:h]\ntype = webhook\n"
+                        "url = https://h.example/\nca_file = %s\n" % bad,
+                        0o600)
+    with pytest.raises(pamsignal.ConfigError) as raised:
+        pamsignal.load_config(path, environ={})
+    (problem,) = raised.value.problems
+    assert str(problem).startswith(
+        "%s: [channel:h] ca_file: cannot load %s: " % (path, bad))
+
+
+def test_tombstones_are_pruned_by_age_and_number(tmp_path):
+    clock = [100000.0]
+    queue = spool(tmp_path, clock)
+    directory = tmp_path / "spool"
+    for n in range(3):
+        (directory / ("old%d.sent" % n)).write_text("")
+        os.utime(str(directory / ("old%d.sent" % n)), (1, 1))
+    (directory / "fresh.sent").write_text("")
+    os.utime(str(directory / "fresh.sent"), (clock[0], clock[0]))
+    queue.prune_tombstones()
+    assert sorted(os.listdir(str(directory))) == ["fresh.sent"]
+
+
+def test_a_new_spool_adopts_the_alerts_the_disk_refused(tmp_path):
+    clock = [1000.0]
+    old = spool(tmp_path, clock)
+    old.in_memory["abc"] = event(user="kept")
+    old.ready.append((clock[0], "abc"))
+    new = spool(tmp_path, clock)
+    new.adopt(old)
+    name, taken = new.take(0)
+    assert (name, taken.user) == ("abc", "kept")
+    new.delivered(name)
+    assert new.depth() == 0 and not new.in_memory

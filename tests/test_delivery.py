@@ -207,7 +207,7 @@ def test_courier_waits_as_a_429_asks_then_delivers(receiver, tmp_path):
 
 def test_courier_drops_what_is_refused_and_goes_on(receiver, tmp_path,
                                                    capsys):
-    receiver.script([receivers.slack_error(404, "no_team"),
+    receiver.script([receivers.slack_error(400, "invalid_blocks"),
                      receivers.slack_ok()])
     sink = sink_for("[channel:s]\ntype = slack\nurl = %s/hook\n"
                     % receiver.url)
@@ -224,7 +224,7 @@ def test_courier_drops_what_is_refused_and_goes_on(receiver, tmp_path,
     assert "first" in first.text and "second" in second.text
     assert "Alerts lost" in notice.text and "1 refused" in notice.text
     assert "refused the login_success alert" in capsys.readouterr().err
-    assert "HTTP 404: no_team" in courier.last_error
+    assert "HTTP 400: invalid_blocks" in courier.last_error
 
 
 def test_a_receiver_down_for_a_while_gets_everything_once(receiver,
@@ -287,7 +287,8 @@ def test_test_alert_reports_each_channel(receiver, tmp_path, capsys):
     assert pamsignal.main(["--config", str(config), "test-alert"], out) == 1
     assert out.getvalue().splitlines() == [
         "good (slack): delivered",
-        "bad (discord): NOT delivered: HTTP 403: nope"]
+        "bad (discord): NOT delivered: HTTP 403: nope (check the channel's "
+        "URL and credentials; alerts wait in the spool until it is fixed)"]
     sample = receiver.requests[0].json["blocks"][0]["text"]["text"]
     assert "alice" in sample and "test" in sample
     out = __import__("io").StringIO()
@@ -347,3 +348,47 @@ def test_metrics_show_each_spool(receiver, tmp_path):
     assert report["channels"]["hook"]["waiting"] == 1
     shown = pamsignal.render_status(report, "/x.prom")
     assert "hook 0 sent 0 failed, 1 waiting (oldest" in shown
+
+
+def test_redirects_are_not_followed(receiver):
+    with HttpReceiver() as elsewhere:
+        receiver.script(receivers.Respond(302, headers={
+            "Location": elsewhere.url + "/stolen"}))
+        sink = sink_for("[channel:g]\ntype = gotify\nurl = %s\n"
+                        "token = GOTIFYKEY\n" % receiver.url)
+        with pytest.raises(pamsignal.DeliveryError) as raised:
+            sink.send(login())
+        assert elsewhere.requests == []
+    assert not raised.value.permanent
+    assert "the service moved to 127.0.0.1" in str(raised.value)
+    assert "GOTIFYKEY" not in str(raised.value)
+
+
+class Broken:
+    """A sink with a bug for one alert: it raises something unexpected."""
+
+    name = "broken"
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, event, delay_s=0):
+        if event.user == "poison":
+            raise KeyError("a bug")
+        self.sent.append(event.user)
+
+
+def test_an_alert_that_always_breaks_its_sink_is_set_aside(tmp_path):
+    courier, spool = courier_for(Broken(), tmp_path)
+    spool.put(login("poison"))
+    spool.put(login("next"))
+    spool.flush()
+    courier.stopping.wait = lambda seconds: None  # no backoff sleeps here
+    for _ in range(pamsignal.MAX_UNEXPECTED_FAILURES + 1):
+        taken = spool.take(0)
+        if taken is None:
+            break
+        courier.deliver_one(*taken)
+    assert courier.sink.sent == ["next"]
+    _, notice = spool.take(0)  # once delivery works, the loss is told
+    assert (notice.action, notice.detail) == ("alerts_dropped", "1 refused")

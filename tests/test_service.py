@@ -342,6 +342,28 @@ def test_invalid_reload_keeps_the_old_configuration_and_says_why(
     assert where in metrics["pamsignal_last_error_info"][0][0]["message"]
 
 
+def test_a_reload_to_an_unusable_ca_file_keeps_the_agent_running(
+        tmp_path, notify_socket):
+    service = Service(tmp_path, notify_socket)
+    notify_socket.wait(lambda m: m.get("READY") == "1")
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate")
+    write_config(service.config, "[pamsignal]\nstate_dir = %s\n"
+                 "journalctl = %s\n[channel:hook]\ntype = webhook\n"
+                 "url = https://127.0.0.1:9/x\nca_file = %s\n"
+                 % (service.state_dir, service.fake.program, bad))
+    os.chmod(str(service.config), 0o600)  # the URL is a secret
+    seen = len(notify_socket.messages())
+    service.process.send_signal(signal.SIGHUP)
+    assert ready_after(notify_socket, seen + 1)
+    service.handled(service.append(FAILED % 33))  # the old channel works
+    events, stderr, code = service.stop()
+    assert code == 0, stderr
+    assert "[channel:hook] ca_file: cannot load %s" % bad in stderr
+    assert [e["source"]["port"] for e in actions(events, "login_failure")] \
+        == [33]
+
+
 # ---------------------------------------------------------------- health
 
 
