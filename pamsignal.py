@@ -73,6 +73,7 @@ import socket  # noqa: E402
 import ssl  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.error  # noqa: E402
@@ -1105,10 +1106,12 @@ def resolve_credentials(config, directory):
     return config._replace(channels=tuple(channels))
 
 
-def load_config(path=None, environ=None):
+def load_config(path=None, environ=None, channels=True):
     """Read the configuration file; a missing default file means defaults,
     a missing explicitly named file is an error. A file holding secrets
-    must not be readable by other users."""
+    must not be readable by other users. Commands that send nothing
+    (`channels=False`: status, lookup) do not read credentials or CA
+    files, which only the service may have."""
     environ = os.environ if environ is None else environ
     named = path is not None
     path = path or DEFAULT_CONFIG_PATH
@@ -1126,6 +1129,8 @@ def load_config(path=None, environ=None):
                                          "cannot read: %s" % error)]) from None
     config = parse_config(text, path)
     refuse_exposed_secrets(config, path, mode)
+    if not channels:
+        return config
     check_ca_files(config)
     return resolve_credentials(config, environ.get("CREDENTIALS_DIRECTORY"))
 
@@ -2152,7 +2157,7 @@ class GeoDatabase:
         try:
             status = os.stat(self.path)
             identity = (status.st_dev, status.st_ino, status.st_mtime_ns,
-                        status.st_size)
+                        status.st_ctime_ns, status.st_size)
         except OSError as error:
             identity, problem = None, error.strerror or str(error)
         if identity == self.identity and self.checked_at is not None and \
@@ -4473,7 +4478,11 @@ class Spool:
                 os.path.exists(self._path(name + ".sent")):
             return False
         try:
-            self._write_alert(name, event)
+            try:
+                self._write_alert(name, event)
+            except FileNotFoundError:  # the directory went away: again
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+                self._write_alert(name, event)
         except OSError as error:
             with self.lock:
                 if self.disk_error is None:
@@ -4807,10 +4816,8 @@ class StateStore:
         """Create the directory if missing and prove it can be written."""
         try:
             os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-            probe = os.path.join(self.state_dir, ".write-test")
-            with open(probe, "w") as handle:
-                handle.write("ok")
-            os.unlink(probe)
+            with tempfile.TemporaryFile(dir=self.state_dir) as probe:
+                probe.write(b"ok")  # a random name: no planted link
         except OSError as error:
             raise StateError(
                 "cannot write the state directory %s: %s (run as root, or set"
@@ -4853,16 +4860,25 @@ class StateStore:
 def replace_file(path, text, durable=False, mode=0o600):
     """Write `text` to `path` atomically: readers see the old file or the
     new one, never half of it (a temporary file, then rename)."""
-    temporary = path + ".tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                         mode)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        os.fchmod(handle.fileno(), mode)  # whatever the umask
-        handle.write(text)
-        handle.flush()
-        if durable:
-            os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    # A fresh random name (O_EXCL): a name others can guess could be a
+    # symlink planted in a shared directory, followed by root.
+    descriptor, temporary = tempfile.mkstemp(
+        dir=os.path.dirname(path) or ".",
+        prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), mode)  # whatever the umask
+            handle.write(text)
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
 
 
 def metrics_path(config):
@@ -5494,6 +5510,8 @@ class Agent:
         self.pipeline = Pipeline(channels, config.detection,
                                  enricher=Enricher.from_config(config, True))
         self.couriers = []
+        self.delivered = collections.Counter()  # of couriers now stopped
+        self.undelivered = collections.Counter()
         self.source = JournalSource(config.journalctl, config.first_start)
         self.notifier = Notifier(environ)
         self.health = Health(time.time())
@@ -5616,17 +5634,26 @@ class Agent:
         for courier in self.couriers:
             if courier.failures:
                 failing.setdefault(courier.sink.name, courier.last_error)
+        for channel in self.pipeline.channels:
+            if channel.spool is not None and channel.spool.disk_error:
+                failing.setdefault(channel.sink.name, "its spool: %s"
+                                   % channel.spool.disk_error)
         return failing
 
     def check_databases(self, now_s):
         """A configured [geoip] file that is missing or broken is impaired
         until a usable file replaces it (looked at every few seconds)."""
+        configured = set()
         for database in self.pipeline.enricher.databases:
             database.current(now_s)
+            configured.add("geoip:" + database.role)
             if database.problem is not None:
                 self.impair("geoip:" + database.role, database.problem)
             else:
                 self.restore_component("geoip:" + database.role)
+        for component in list(self.health.impaired):
+            if component.startswith("geoip:") and component not in configured:
+                self.restore_component(component)  # no longer configured
 
     def check_channels(self):
         """A channel that failed is impaired until it works again."""
@@ -5666,8 +5693,14 @@ class Agent:
                     for action, count in sorted(pipeline.by_action.items())]
         sent, failed = collections.Counter(pipeline.sent), \
             collections.Counter(pipeline.failed)
-        for courier in self.couriers:  # delivered, not merely spooled
-            sent[courier.sink.name] = courier.delivered
+        # Network channels count deliveries (of earlier couriers too, as
+        # a reload replaces them), not hand-overs to their spool.
+        for name in set(self.delivered) | set(
+                courier.sink.name for courier in self.couriers):
+            sent[name] = self.delivered[name]
+        failed.update(self.undelivered)
+        for courier in self.couriers:
+            sent[courier.sink.name] += courier.delivered
             failed[courier.sink.name] += courier.failed
         channels = sorted(set(channel.sink.name for channel
                               in pipeline.channels) | set(sent) | set(failed))
@@ -5710,11 +5743,9 @@ class Agent:
             if channel.spool is not None:
                 try:
                     channel.spool.open()
-                except OSError as error:
-                    self.impair("channel:" + channel.sink.name,
-                                "cannot open its spool %s: %s" % (
-                                    channel.spool.directory,
-                                    error.strerror or error))
+                except OSError as error:  # alerts wait in memory meanwhile
+                    channel.spool.disk_error = "cannot open %s: %s" % (
+                        channel.spool.directory, error.strerror or error)
                 couriers.append(Courier(channel.sink, channel.spool))
         for courier in couriers:
             courier.start()
@@ -5728,11 +5759,16 @@ class Agent:
         lost."""
         self.pipeline.drain()
         self.pipeline.flush()
+        # All told at once, then joined against one deadline; on reload a
+        # new courier takes each spool, so a request in flight may finish
+        # (or be sent twice).
         for courier in self.couriers:
-            # On reload a new courier takes the spool: let a request in
-            # flight finish, or it could be sent twice.
-            courier.stop(min(courier.sink.timeout + 1, RELOAD_JOIN_S)
-                         if reloading else 2.0)
+            courier.stop(0)
+        deadline = time.monotonic() + (RELOAD_JOIN_S if reloading else 2.0)
+        for courier in self.couriers:
+            courier.join(max(0.0, deadline - time.monotonic()))
+            self.delivered[courier.sink.name] += courier.delivered
+            self.undelivered[courier.sink.name] += courier.failed
         self.couriers = []
         held = {}
         for channel in self.pipeline.channels:
@@ -6173,7 +6209,7 @@ def command_lookup(args, stdout):
             if database.reader is None:
                 raise PamSignalError("cannot use %s" % database.path)
     else:
-        config = load_config(args.config)
+        config = load_config(args.config, channels=False)
         databases = list(Enricher.from_config(config, False).databases)
         if not databases:
             say("warning", "no databases: set [geoip] in %s or give --db; "
@@ -6335,7 +6371,7 @@ def render_status(report, path):
 
 
 def command_status(args, stdout):
-    config = load_config(args.config)
+    config = load_config(args.config, channels=False)
     path = metrics_path(config)
     try:
         with open(path, encoding="utf-8") as handle:
@@ -6555,7 +6591,9 @@ def command_install(args, stdout):
     stdout.write("installed %s and %s\n" % (paths["program"], paths["unit"]))
     if root == "/" and systemd_is_running():
         _systemctl(stdout, "daemon-reload")
-        _systemctl(stdout, "enable", "--now", "pamsignal.service")
+        _systemctl(stdout, "enable", "pamsignal.service")
+        # restart, not start: an upgrade must run the program just written
+        _systemctl(stdout, "restart", "pamsignal.service")
         stdout.write("pamsignal is running: `pamsignal status`, "
                      "`journalctl -u pamsignal -f`\n")
     else:

@@ -392,3 +392,57 @@ def test_an_alert_that_always_breaks_its_sink_is_set_aside(tmp_path):
     assert courier.sink.sent == ["next"]
     _, notice = spool.take(0)  # once delivery works, the loss is told
     assert (notice.action, notice.detail) == ("alerts_dropped", "1 refused")
+
+
+def test_metrics_files_never_follow_a_planted_symlink(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    os.chmod(str(victim), 0o600)
+    target = tmp_path / "collector" / "pamsignal.prom"
+    target.parent.mkdir()
+    os.symlink(str(victim), str(target) + ".tmp")
+    pamsignal.replace_file(str(target), "# metrics\n", mode=0o644)
+    assert victim.read_text() == "precious"
+    assert oct(os.stat(str(victim)).st_mode & 0o777) == "0o600"
+    assert target.read_text() == "# metrics\n"
+    assert sorted(os.listdir(str(target.parent))) == [
+        "pamsignal.prom", "pamsignal.prom.tmp"]
+
+
+def test_a_spool_that_cannot_be_opened_keeps_its_channel_degraded(
+        receiver, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "spool").write_text("a file where the spools should be")
+    config = pamsignal.parse_config(
+        "[pamsignal]\nstate_dir = %s\n[channel:hook]\ntype = webhook\n"
+        "url = %s/hook\n" % (state, receiver.url))
+    agent = pamsignal.Agent(config, pamsignal.build_channels(config))
+    agent.couriers = agent.open_channels(agent.pipeline.channels)
+    try:
+        for _ in range(3):
+            agent.check_channels()
+        assert "channel:hook" in agent.health.impaired
+        assert "Not a directory" in agent.health.impaired["channel:hook"]
+    finally:
+        agent.close_channels()
+
+
+def test_delivery_counts_survive_a_reload(receiver, tmp_path):
+    config = pamsignal.parse_config(
+        "[pamsignal]\nstate_dir = %s\n[channel:hook]\ntype = webhook\n"
+        "url = %s/hook\n" % (tmp_path / "state", receiver.url))
+    agent = pamsignal.Agent(config, pamsignal.build_channels(config))
+    agent.couriers = agent.open_channels(agent.pipeline.channels)
+    (channel,) = agent.pipeline.channels
+    channel.spool.put(login())
+    channel.spool.flush()
+    assert wait_for(lambda: agent.couriers[0].delivered == 1, timeout=20)
+    agent._apply(config, pamsignal.build_channels(config))
+    try:
+        metrics = pamsignal.parse_metrics(pamsignal.render_metrics(
+            agent.metric_samples(2e9)))
+        assert metrics["pamsignal_alerts_sent_total"] == [
+            ({"channel": "hook"}, 1.0)]
+    finally:
+        agent.close_channels()

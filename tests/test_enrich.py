@@ -546,3 +546,30 @@ def test_a_missing_database_is_one_degraded_then_one_restored(tmp_path):
         == [("monitoring_degraded", "geoip:asn_db"),
             ("monitoring_restored", "geoip:asn_db")]
     assert "No such file or directory" in said[0]["message"]
+
+
+def test_a_database_dropped_from_the_config_is_no_longer_degraded(tmp_path):
+    config = pamsignal.parse_config(
+        "[pamsignal]\nstate_dir = %s\n[geoip]\nasn_db = %s\n"
+        % (tmp_path / "state", tmp_path / "missing.mmdb"))
+    sink = pamsignal.ConsoleSink("log", {"format": "json"}, io.StringIO())
+    agent = pamsignal.Agent(config, [pamsignal.Channel(
+        sink, pamsignal.ChannelGate(pamsignal.SHOW_EVERYTHING))])
+    agent.check_databases(1000.0)
+    assert "geoip:asn_db" in agent.health.impaired
+    agent.pipeline.enricher = pamsignal.Enricher()  # reloaded: no [geoip]
+    agent.check_databases(1001.0)
+    assert agent.health.impaired == {}
+
+
+def test_status_and_lookup_need_no_credentials(tmp_path):
+    path = tmp_path / "p.conf"
+    path.write_text("[pamsignal]\nstate_dir = %s\n[channel:tg]\n"
+                    "type = telegram\nbot_token = credential:tg\n"
+                    "chat_id = 5\n" % tmp_path)
+    out = io.StringIO()
+    assert pamsignal.main(["--config", str(path), "lookup", "10.0.0.1"],
+                          out) == 0
+    assert "private" in out.getvalue()
+    assert pamsignal.main(["--config", str(path), "status"], out) == 1
+    assert "no health file" in out.getvalue()
