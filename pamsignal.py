@@ -717,13 +717,6 @@ class Secret:
 
     __str__ = __repr__
 
-    def __eq__(self, other):
-        return isinstance(other, Secret) and (self.value, self.credential) \
-            == (other.value, other.credential)
-
-    def __hash__(self):
-        return hash((self.value, self.credential))
-
 
 _CREDENTIAL = re.compile(r"^credential:([A-Za-z0-9_.@-]{1,128})$")
 
@@ -3257,6 +3250,13 @@ def throttle_key(event):
                            else event.writer_uid)
 
 
+def _name_some(names, more):
+    """Add to an ordered set of names, up to MAX_DIGEST_NAMES."""
+    for name in more:
+        if name is not None and len(names) < MAX_DIGEST_NAMES:
+            names[name] = True
+
+
 class HeldBack:
     """Events a channel held back: counted by action, with their sources and
     users named (up to MAX_DIGEST_NAMES), for one digest."""
@@ -3275,10 +3275,8 @@ class HeldBack:
         self.actions[event.action] += 1
         self.severity = max(self.severity, event_severity(event))
         self.hostname = self.hostname or event.hostname
-        for names, name in ((self.sources, attacker_of(event)),
-                            (self.users, event.user)):
-            if name is not None and len(names) < MAX_DIGEST_NAMES:
-                names[name] = True
+        _name_some(self.sources, (attacker_of(event),))
+        _name_some(self.users, (event.user,))
 
     def merge(self, other):
         self.since_us = min(self.since_us, other.since_us)
@@ -3286,11 +3284,8 @@ class HeldBack:
         self.actions.update(other.actions)
         self.severity = max(self.severity, other.severity)
         self.hostname = self.hostname or other.hostname
-        for names, more in ((self.sources, other.sources),
-                            (self.users, other.users)):
-            for name in more:
-                if len(names) < MAX_DIGEST_NAMES:
-                    names[name] = True
+        _name_some(self.sources, other.sources)
+        _name_some(self.users, other.users)
 
     def digest(self, now_us, reason):
         """One `alert_digest` event: how many of which kind, from where."""
@@ -4423,7 +4418,7 @@ class Spool:
                                     name[:-6]))
                 except OSError:
                     continue
-            elif name.endswith(".tmp"):
+            elif name.startswith("."):  # replace_file's, left by a crash
                 self._unlink(name)
         self.prune_tombstones()
         dropped = self._read_json("dropped.json")
@@ -4502,14 +4497,9 @@ class Spool:
         return True
 
     def _write_alert(self, name, event):
-        temporary = self._path(name + ".tmp")
-        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                          0o600), "w", encoding="utf-8") as handle:
-            json.dump({"version": 1, "event": event_to_record(event)},
-                      handle, separators=(",", ":"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, self._path(name + ".alert"))
+        replace_file(self._path(name + ".alert"), json.dumps(
+            {"version": 1, "event": event_to_record(event)},
+            separators=(",", ":")), durable=True)
 
     def flush(self):
         """Make what was put durable and hand it to the courier."""
@@ -4628,11 +4618,8 @@ class Spool:
             return None
 
     def _write_json(self, name, value):
-        temporary = self._path(name + ".tmp")
         try:
-            with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump(value, handle)
-            os.replace(temporary, self._path(name))
+            replace_file(self._path(name), json.dumps(value))
         except OSError as error:
             say("warning", "cannot write %s: %s" % (self._path(name), error))
 
