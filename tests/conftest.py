@@ -324,6 +324,16 @@ class Agent(object):
             return "\n".join("  " + s for s in self.stderr_lines[-limit:])
 
 
+def configured_agent(workdir, extra_config):
+    """An Agent (not started) in its own `workdir`, its configuration
+    followed by `extra_config` (channels, [alerts], ...)."""
+    os.makedirs(workdir, exist_ok=True)
+    configured = Agent(workdir)
+    with open(configured.config, "a") as config:
+        config.write(extra_config)
+    return configured
+
+
 @pytest.fixture
 def agent(journald, sshd, tmp_path):
     """A fresh agent per test (first_start = now, so it reports only what

@@ -188,6 +188,16 @@ def courier_for(sink, tmp_path, max_alerts=100):
     return pamsignal.Courier(sink, spool), spool
 
 
+def run_courier(courier, done, timeout=20):
+    """Start the courier, wait until `done()`, and stop it whatever
+    happens."""
+    courier.start()
+    try:
+        assert wait_for(done, timeout=timeout)
+    finally:
+        courier.stop()
+
+
 def test_courier_waits_as_a_429_asks_then_delivers(receiver, tmp_path):
     receiver.script([receivers.telegram_429(1), receivers.telegram_ok()])
     sink = sink_for("[channel:t]\ntype = telegram\nbot_token = 1:T\n"
@@ -195,12 +205,8 @@ def test_courier_waits_as_a_429_asks_then_delivers(receiver, tmp_path):
     courier, spool = courier_for(sink, tmp_path)
     spool.put(login())
     spool.flush()
-    courier.start()
-    try:
-        receiver.wait_for(2, timeout=20)
-        assert wait_for(lambda: courier.delivered == 1, timeout=20)
-    finally:
-        courier.stop()
+    run_courier(courier, lambda: courier.delivered == 1)
+    assert len(receiver.requests) == 2
     assert courier.last_wait_s == 1.0
     assert courier.failed == 1 and spool.depth() == 0
 
@@ -215,11 +221,7 @@ def test_courier_drops_what_is_refused_and_goes_on(receiver, tmp_path,
     spool.put(login("first"))
     spool.put(login("second"))
     spool.flush()
-    courier.start()
-    try:
-        assert wait_for(lambda: courier.delivered == 2, timeout=20)
-    finally:
-        courier.stop()
+    run_courier(courier, lambda: courier.delivered == 2)
     first, second, notice = receiver.requests
     assert "first" in first.text and "second" in second.text
     assert "Alerts lost" in notice.text and "1 refused" in notice.text
@@ -259,11 +261,7 @@ def test_a_full_spool_reports_what_it_lost_once_delivery_works(
     for n in range(5):
         spool.put(login("user%d" % n))
     spool.flush()
-    courier.start()
-    try:
-        assert wait_for(lambda: courier.delivered == 3, timeout=20)
-    finally:
-        courier.stop()
+    run_courier(courier, lambda: courier.delivered == 3)
     actions = [r.json["event"]["action"] for r in receiver.requests]
     assert actions == ["login_success", "login_success", "alerts_dropped"]
     notice = receiver.requests[2].json

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import realsys
-from conftest import field, random_name
+from conftest import configured_agent, field, random_name
 
 pytestmark = pytest.mark.e2e
 
@@ -490,13 +490,9 @@ def test_brute_force_then_success_raises_both_alerts(sshd, agent, make_user):
 def paging_agent(journald, sshd, tmp_path):
     """An agent with a configured channel, so the alert policy applies:
     the defaults plus individual failures, with a 10 minute cooldown."""
-    from conftest import Agent
-
-    paging = Agent(str(tmp_path))
-    with open(paging.config, "a") as config:
-        config.write("[alerts]\nevents = default, login_failure\n"
-                     "cooldown = 10m\n[channel:screen]\ntype = console\n"
-                     "format = json\n")
+    paging = configured_agent(str(tmp_path), (
+        "[alerts]\nevents = default, login_failure\ncooldown = 10m\n"
+        "[channel:screen]\ntype = console\nformat = json\n"))
     paging.start()
     yield paging
     if paging.running():

@@ -10,7 +10,7 @@ import pytest
 
 import realsys
 import receivers
-from conftest import Agent
+from conftest import configured_agent
 from support import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -26,13 +26,10 @@ def webhook(tmp_path):
 
 @pytest.fixture
 def delivering_agent(journald, sshd, tmp_path, webhook):
-    (tmp_path / "agent").mkdir()
-    agent = Agent(str(tmp_path / "agent"))
-    with open(agent.config, "a") as config:
-        config.write("[channel:hook]\ntype = webhook\nurl = %s/pamsignal\n"
-                     "ca_file = %s\nsecret = shared-secret\n"
-                     "events = login_success\n"
-                     % (webhook.localhost_url, webhook.ca_file))
+    agent = configured_agent(str(tmp_path / "agent"), (
+        "[channel:hook]\ntype = webhook\nurl = %s/pamsignal\n"
+        "ca_file = %s\nsecret = shared-secret\nevents = login_success\n"
+        % (webhook.localhost_url, webhook.ca_file)))
     agent.spool_dir = os.path.join(agent.state_dir, "spool", "hook")
     agent.start()
     yield agent
@@ -90,14 +87,11 @@ def test_a_hanging_channel_never_holds_up_the_others(
     """The webhook answers nothing for a minute; the console channel of
     the same agent still shows every login at once."""
     webhook.script([receivers.Hang(60)] * 3)
-    (tmp_path / "agent").mkdir()
-    agent = Agent(str(tmp_path / "agent"))
-    with open(agent.config, "a") as config:
-        config.write("[channel:hook]\ntype = webhook\nurl = %s/x\n"
-                     "ca_file = %s\ntimeout = 60s\n"
-                     "[channel:screen]\ntype = console\nformat = json\n"
-                     "events = *\ncooldown = off\nrate_limit = off\n"
-                     % (webhook.localhost_url, webhook.ca_file))
+    agent = configured_agent(str(tmp_path / "agent"), (
+        "[channel:hook]\ntype = webhook\nurl = %s/x\nca_file = %s\n"
+        "timeout = 60s\n[channel:screen]\ntype = console\nformat = json\n"
+        "events = *\ncooldown = off\nrate_limit = off\n"
+        % (webhook.localhost_url, webhook.ca_file)))
     agent.start()
     try:
         user, pw = make_user()
