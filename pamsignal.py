@@ -2832,6 +2832,21 @@ def _fired_within(record, rule, now, window_us):
     return fired is not None and now - window_us < fired <= now
 
 
+def _seen_within(seen, now, window_us):
+    """The values of a distinct list seen within the window before now."""
+    return [value for value, at in seen if now - window_us < at <= now]
+
+
+def _full_record(value):
+    """A failure counter's record from what probation may keep instead, a
+    single guess as (time, user); None stays None."""
+    if type(value) is tuple:
+        time_us, user = value
+        return {"times": [time_us], "users": [user] if user else [],
+                "fired": {}}
+    return value
+
+
 def _times_between(times, since, now):
     """The sorted times t with since < t <= now."""
     return times[bisect.bisect_right(times, since):
@@ -2868,6 +2883,8 @@ class FailureDetector:
                                  self.distributed.attempts, 1)
         self.horizon_us = max(t.window_s for t in rules + [
             self.enumeration, self.distributed]) * 1000000
+        # One guess can cross a window only with a threshold of one.
+        self.fires_at_once = any(t.attempts == 1 for _, t in self.windows)
         self.probation = BoundedTable(limit)
         self.counters = BoundedTable(limit)
 
@@ -2880,40 +2897,57 @@ class FailureDetector:
         return []
 
     def _lookup(self, key):
-        return self.counters.get(key) or self.probation.get(key)
+        record = self.counters.get(key)
+        if record is None and type(self.probation.get(key)) is tuple:
+            # Expanded in place: what the caller marks in it must stay.
+            self.probation[key] = _full_record(self.probation[key])
+        return record or self.probation.get(key)
 
     def _failure(self, event):
         now, guess = event.timestamp_us, is_guess(event)
         touched = []
+        plain = guess and (event.attempts or 1) == 1 and \
+            event.reason != "invalid_user" and not self.fires_at_once
         for kind, value in failure_counters(event):
-            key = "%s %s" % (kind, value)
-            record = self.counters.pop(key, None) or self.probation.pop(
-                key, None)
-            again = record is not None
-            record = record or {"times": [], "users": [], "fired": {}}
+            key = kind + " " + value
+            record = self.counters.pop(key, None) or _full_record(
+                self.probation.pop(key, None))
+            if record is None and plain and kind != "user":
+                # The flood case, a first guess from somewhere: nothing can
+                # fire yet, so probation keeps only (time, user).
+                self.probation.put(key, (now, event.user))
+                continue
+            if record is None:  # seen once so far: on probation
+                record, table = {"times": [], "users": [], "fired": {}}, \
+                    self.probation
+            else:
+                table = self.counters
             if guess:
-                self._add_times(record, now, event.attempts or 1)
+                self._add_times(record["times"], now, event.attempts or 1)
             users = record["users"]
             if event.user and (not users or users[-1] != event.user):
                 record["users"] = ([u for u in users if u != event.user]
                                    + [event.user])[-MAX_USERS_TRIED:]
-            (self.counters if again else self.probation).put(key, record)
+            table.put(key, record)
             touched.append((kind, value, record))
         found = []
         for name, threshold in self.windows if guess else ():
             window_us = threshold.window_s * 1000000
-            found += self._fire_once(event, name, threshold, [
+            candidates = [
                 (kind, value, record, _times_between(
                     record["times"], now - window_us, now))
                 for kind, value, record in touched
                 if len(record["times"]) >= threshold.attempts and
-                not _fired_within(record, name, now, window_us)],
-                "repeated_failures")
+                not _fired_within(record, name, now, window_us)]
+            if candidates:
+                found += self._fire_once(event, name, threshold, candidates,
+                                         "repeated_failures")
         if event.reason == "invalid_user" and event.user and \
                 self.enumeration.attempts:
+            window_us = self.enumeration.window_s * 1000000
             found += self._fire_once(event, "enumeration", self.enumeration, [
-                (kind, value, record, self._remember(
-                    record, "invalid", event.user, now, self.enumeration)())
+                (kind, value, record, _seen_within(self._remember(
+                    record, "invalid", event.user, now), now, window_us))
                 for kind, value, record in touched if kind != "user"],
                 "user_enumeration")
         attacker = attacker_of(event)
@@ -2923,12 +2957,14 @@ class FailureDetector:
             for kind, value, record in touched:
                 if kind != "user":
                     continue
-                seen = self._remember(record, "sources", attacker, now,
-                                      self.distributed)
+                seen = self._remember(record, "sources", attacker, now)
                 if not _fired_within(record, "distributed", now, window_us):
-                    candidates.append((kind, value, record, seen()))
-            found += self._fire_once(event, "distributed", self.distributed,
-                                     candidates, "distributed_attack")
+                    candidates.append((kind, value, record,
+                                       _seen_within(seen, now, window_us)))
+            if candidates:
+                found += self._fire_once(event, "distributed",
+                                         self.distributed, candidates,
+                                         "distributed_attack")
         return found
 
     def _fire_once(self, event, rule, threshold, candidates, reason):
@@ -2946,31 +2982,34 @@ class FailureDetector:
         return [self._brute_force(event, kind, value, seen, threshold,
                                   reason, record["users"])]
 
-    def _add_times(self, record, now, count):
-        """Insert `count` guesses at `now`; keep only times within the
-        longest window, none from a clock that was far ahead, at most
-        `keep` of them (the latest)."""
-        times = record["times"]
+    def _add_times(self, times, now, count):
+        """Insert `count` guesses at `now`, in place; keep only times
+        within the longest window, none from a clock that was far ahead,
+        at most `keep` of them (the latest)."""
         if times and not (now - self.horizon_us < times[0] and
                           times[-1] <= now + _FUTURE_SLACK_US):
-            times = [t for t in times if now - self.horizon_us < t
-                     <= now + _FUTURE_SLACK_US]
-        for _ in range(min(count, self.keep)):
-            bisect.insort(times, now)  # sorted, even if entries arrive late
-        record["times"] = times[-self.keep:] if len(times) > self.keep \
-            else times
+            times[:] = [t for t in times if now - self.horizon_us < t
+                        <= now + _FUTURE_SLACK_US]
+        if count == 1 and (not times or times[-1] <= now):
+            times.append(now)  # the usual case: entries come in order
+        else:
+            for _ in range(min(count, self.keep)):
+                bisect.insort(times, now)  # sorted, even if entries are late
+        if len(times) > self.keep:
+            del times[:-self.keep]
 
-    def _remember(self, record, field, value, now, threshold):
-        """Note `value` as seen now in the record's distinct list; returns
-        a function giving the values seen within the threshold's window
-        (only asked for when the rule may fire)."""
+    def _remember(self, record, field, value, now):
+        """Note `value` as seen now in the record's distinct list (at most
+        `keep_distinct`, none from a clock that was far ahead); returns
+        the list, [[value, time], ...]."""
         latest = now + _FUTURE_SLACK_US
         seen = [item for item in record.get(field, ()) if item[0] != value
                 and item[1] <= latest]
         seen.append([value, now])
-        record[field] = seen = seen[-self.keep_distinct:]
-        earliest = now - threshold.window_s * 1000000
-        return lambda: [v for v, at in seen if earliest < at <= now]
+        if len(seen) > self.keep_distinct:
+            del seen[:-self.keep_distinct]
+        record[field] = seen
+        return seen
 
     @staticmethod
     def _brute_force(event, kind, value, seen, threshold, reason, users):
@@ -3026,7 +3065,8 @@ class FailureDetector:
 
     def to_state(self):
         return {"repeated": self.counters.to_state(),
-                "once": self.probation.to_state()}
+                "once": [[key, _full_record(value)]
+                         for key, value in self.probation.items()]}
 
     def load_state(self, saved, now_us):
         """Restore from to_state(); anything malformed, or dated more than

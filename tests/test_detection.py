@@ -172,6 +172,32 @@ def test_a_restart_in_the_middle_of_a_window_keeps_counting():
     assert fired.users_tried == ("u0", "u1", "u2", "u3", "u4")
 
 
+def test_a_first_guess_kept_lightly_still_counts_everywhere():
+    # Probation keeps a first guess as (time, user): it must count on
+    # after a restart, for success after failures, and mark what it fired.
+    before = detector()
+    assert feed(before, [failure(0, user="u0")]) == []
+    saved = json.loads(json.dumps(before.to_state()))
+    assert ["source 203.0.113.5", {"times": [0], "users": ["u0"],
+                                   "fired": {}}] in saved["once"]
+    after = detector()
+    after.load_state(saved, now_us=5 * MINUTE)
+    (fired,) = by(feed(after, [failure(m, user="u%d" % m)
+                               for m in (1, 2, 3, 4)]), "source")
+    assert (fired.attempts, fired.users_tried) == (
+        5, ("u0", "u1", "u2", "u3", "u4"))
+    once = detector(success_after_failures="1 in 1h")
+    found = feed(once, [failure(0, user="u0"), success(1, user="admin"),
+                        success(2, user="admin")])
+    assert [(e.action, e.counted_by, e.attempts) for e in found] == [
+        ("success_after_failures", "source", 1)]
+
+
+def test_a_threshold_of_one_fires_on_the_first_guess():
+    found = feed(detector(brute_force_fast="1 in 1m"), [failure(0)])
+    assert [(e.counted_by, e.attempts) for e in found] == [("source", 1)]
+
+
 def test_foreign_or_corrupt_state_is_skipped():
     found = detector()
     found.load_state({"repeated": [
