@@ -1260,7 +1260,9 @@ def _user_and_source(rest, tail_pattern, accept=None, account=False):
         return None, None
     user, tail = readings[0]
     groups = tail.groupdict()
-    return dict(_source(groups["addr"], groups.get("port")), user=user), tail
+    fields = _source(groups["addr"], groups.get("port"))
+    fields["user"] = user
+    return fields, tail
 
 
 def _known_key_info(tail):
@@ -1285,7 +1287,7 @@ def _build_auth_log(match):
         return None  # the probe the "Invalid user" line already reported
     fields["auth_method"] = method
     info = tail.group("info") if tail is not None else None
-    key_info = _KEY_INFO.match(info or "")
+    key_info = _KEY_INFO.match(info) if info else None
     if key_info is not None:
         fields.update(key=key_info.group("key"),
                       certificate_id=key_info.group("cert_id"),
@@ -1670,8 +1672,7 @@ def parse_entry(entry):
     if service is None:
         return None
     message = journal_text(entry.get("MESSAGE"))
-    timestamp_us = _entry_timestamp(entry)
-    if not message or timestamp_us is None:
+    if not message:
         return None
     genuine = None
     if len(message) > MAX_UNTRUSTED_MESSAGE_CHARS:
@@ -1680,7 +1681,8 @@ def parse_entry(entry):
         message = message[:MAX_MESSAGE_CHARS if genuine else
                           MAX_UNTRUSTED_MESSAGE_CHARS]
     rule, fields = classify_message(service.family, message)
-    if fields is None:
+    timestamp_us = _entry_timestamp(entry)  # after: most lines are not events
+    if fields is None or timestamp_us is None:
         return None
     if genuine is None:
         genuine = writer_is_genuine(entry, service)
@@ -2832,9 +2834,23 @@ def _fired_within(record, rule, now, window_us):
     return fired is not None and now - window_us < fired <= now
 
 
+#: A failure record's distinct values, value -> time last seen.
+_DISTINCT_FIELDS = ("invalid", "sources")
+
+
 def _seen_within(seen, now, window_us):
-    """The values of a distinct list seen within the window before now."""
-    return [value for value, at in seen if now - window_us < at <= now]
+    """The distinct values seen within the window before now."""
+    return [value for value, at in seen.items() if now - window_us < at <= now]
+
+
+def _saved_record(record):
+    """A failure record as JSON keeps it: distinct values as [[v, t], ...]
+    (a list, so that their order survives any JSON tool)."""
+    saved = dict(record)
+    for field in _DISTINCT_FIELDS:
+        if field in record:
+            saved[field] = [[value, at] for value, at in record[field].items()]
+    return saved
 
 
 def _full_record(value):
@@ -2999,16 +3015,16 @@ class FailureDetector:
             del times[:-self.keep]
 
     def _remember(self, record, field, value, now):
-        """Note `value` as seen now in the record's distinct list (at most
-        `keep_distinct`, none from a clock that was far ahead); returns
-        the list, [[value, time], ...]."""
-        latest = now + _FUTURE_SLACK_US
-        seen = [item for item in record.get(field, ()) if item[0] != value
-                and item[1] <= latest]
-        seen.append([value, now])
+        """Note `value` as seen now in the record's distinct values, a dict
+        value -> time in the order last seen (CPython keeps insertion
+        order, 3.6 included), at most `keep_distinct`; returns it."""
+        seen = record.get(field)
+        if seen is None:
+            seen = record[field] = {}
+        seen.pop(value, None)
+        seen[value] = now
         if len(seen) > self.keep_distinct:
-            del seen[:-self.keep_distinct]
-        record[field] = seen
+            del seen[next(iter(seen))]
         return seen
 
     @staticmethod
@@ -3064,8 +3080,9 @@ class FailureDetector:
                event.message))]
 
     def to_state(self):
-        return {"repeated": self.counters.to_state(),
-                "once": [[key, _full_record(value)]
+        return {"repeated": [[key, _saved_record(record)]
+                             for key, record in self.counters.items()],
+                "once": [[key, _saved_record(_full_record(value))]
                          for key, value in self.probation.items()]}
 
     def load_state(self, saved, now_us):
@@ -3094,14 +3111,14 @@ class FailureDetector:
             [-MAX_USERS_TRIED:],
             "fired": {k: v for k, v in fired.items() if k in _RULE_NAMES
                       and type(v) is int and v <= latest}}
-        for field in ("invalid", "sources"):
+        for field in _DISTINCT_FIELDS:
             seen = saved.get(field)
             if isinstance(seen, list):
-                restored[field] = [
+                restored[field] = dict([
                     item for item in seen if isinstance(item, list) and
                     len(item) == 2 and isinstance(item[0], str) and
                     type(item[1]) is int and item[1] <= latest
-                ][-self.keep_distinct:]
+                ][-self.keep_distinct:])
         return restored
 
 

@@ -293,7 +293,7 @@ def test_enumeration_and_sources_survive_a_restart():
         ["source 9.9.9.9", {"times": [], "users": [], "fired": {},
                             "invalid": [["x", "late"], "junk"]}])
     after.load_state(saved, now_us=6 * MINUTE)
-    assert after.counters["source 9.9.9.9"]["invalid"] == []
+    assert after.counters["source 9.9.9.9"]["invalid"] == {}
     found = feed(after, [failure(6 + m, user="m%d" % m, reason="invalid_user",
                                  ip="203.0.113.9") for m in range(4)])
     assert [e.attempts for e in found if e.reason == "user_enumeration"] == [
