@@ -1711,14 +1711,23 @@ _WATCHED_NAME_BYTES = re.compile(("\"(?:%s)\"" % "|".join(
     re.escape(name) for name in sorted(WATCHED_SERVICES))).encode())
 
 
+#: One decoder for every line: json.loads costs a third more per line.
+_JSON_DECODER = json.JSONDecoder()
+_JSON_WHITE_SPACE = " \t\n\r"
+
+
 def decode_line(line):
-    """One line of journalctl -o json output -> entry dict, or None."""
+    """One line of journalctl -o json output -> entry dict, or None (also
+    for anything but white space after the object)."""
+    text = (line.decode("utf-8", "replace") if isinstance(line, bytes)
+            else line).lstrip(_JSON_WHITE_SPACE)
     try:
-        entry = json.loads(line.decode("utf-8", "replace")
-                           if isinstance(line, bytes) else line)
+        entry, end = _JSON_DECODER.raw_decode(text)
     except (ValueError, RecursionError):  # RecursionError: [[[[...]]]]
         return None
-    return entry if isinstance(entry, dict) else None
+    if not isinstance(entry, dict) or text[end:].strip(_JSON_WHITE_SPACE):
+        return None
+    return entry
 
 
 # ---------------------------------------------------------------------------

@@ -167,6 +167,21 @@ def test_scan_skips_garbage_and_says_so(tmp_path, capsys):
     assert "not a journal JSON object (2 so far)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("line, expected", [
+    (b'{"MESSAGE": "x"}', {"MESSAGE": "x"}),
+    (b' \t{"MESSAGE": "x"} \r\n', {"MESSAGE": "x"}),
+    (b'{"MESSAGE": "\xff"}\n', {"MESSAGE": "\ufffd"}),
+    (b'{"MESSAGE": "x"} trailing', None),
+    (b'{"MESSAGE": "x"}{"MESSAGE": "y"}', None),
+    (b'{"MESSAGE": "x"}\x0b', None),  # not JSON white space
+    (b'\xef\xbb\xbf{"MESSAGE": "x"}', None),
+    (b'["MESSAGE"]', None), (b'"MESSAGE"', None), (b"", None),
+    (b"[" * 100000, None), (b'{"MESSAGE": ', None),
+])
+def test_a_line_is_one_json_object_or_nothing(line, expected):
+    assert pamsignal.decode_line(line) == expected
+
+
 def test_scan_of_something_that_is_not_an_export_fails_clearly(
         tmp_path, capsys):
     code, out = scan(tmp_path, [], raw_lines=[
