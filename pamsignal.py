@@ -1681,8 +1681,10 @@ def parse_entry(entry):
         message = message[:MAX_MESSAGE_CHARS if genuine else
                           MAX_UNTRUSTED_MESSAGE_CHARS]
     rule, fields = classify_message(service.family, message)
-    timestamp_us = _entry_timestamp(entry)  # after: most lines are not events
-    if fields is None or timestamp_us is None:
+    if fields is None:  # most lines: read no more of them
+        return None
+    timestamp_us = _entry_timestamp(entry)
+    if timestamp_us is None:
         return None
     if genuine is None:
         genuine = writer_is_genuine(entry, service)
