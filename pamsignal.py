@@ -2242,8 +2242,11 @@ def address_scope(address):
         packed = _packed_address(address)
     except ValueError:
         return None
+    ranges = _SPECIAL_MASKS[len(packed)].get(packed[0])
+    if ranges is None:
+        return "public"  # most attackers: no range starts with this byte
     value = int.from_bytes(packed, "big")
-    for mask, network, label in _SPECIAL_MASKS[len(packed)]:
+    for mask, network, label in ranges:
         if value & mask == network:
             return label
     return "public"
@@ -2251,15 +2254,22 @@ def address_scope(address):
 
 def _special_masks(size):
     """SPECIAL_RANGES of one address size as (mask, network, label)
-    integers, so a check is one AND and one compare."""
+    integers, so a check is one AND and one compare, indexed by the first
+    bytes they can start with."""
     bits = size * 8
-    return tuple((((1 << length) - 1) << (bits - length),
-                  int.from_bytes(network, "big"), label)
-                 for network, length, label in SPECIAL_RANGES
-                 if len(network) == size)
+    by_first_byte = {}
+    for network, length, label in SPECIAL_RANGES:
+        if len(network) != size:
+            continue
+        span = 1 << max(0, 8 - length)  # a range shorter than /8 spans more
+        for first in range(network[0], network[0] + span):
+            by_first_byte.setdefault(first, []).append((
+                ((1 << length) - 1) << (bits - length),
+                int.from_bytes(network, "big"), label))
+    return {first: tuple(ranges) for first, ranges in by_first_byte.items()}
 
 
-#: address size in bytes -> its special ranges as integer masks.
+#: address size in bytes -> {first byte: its special ranges as masks}.
 _SPECIAL_MASKS = {4: _special_masks(4), 16: _special_masks(16)}
 
 
@@ -2558,6 +2568,21 @@ _CONTEXT_FIELDS = tuple((EVENT_FIELDS.index(field), part) for field, part in (
     ("source_country", "country"), ("source_city", "city"),
     ("source_network_type", "network_type"), ("source_provider", "provider")))
 _HOST_PROVIDER_INDEX = EVENT_FIELDS.index("host_provider")
+
+
+def _context_fields(context):
+    """(context, [(Event field index, value)]) of the parts it has."""
+    return context, tuple((index, getattr(context, part))
+                          for index, part in _CONTEXT_FIELDS
+                          if getattr(context, part) is not None)
+
+
+#: What an address no database is asked about gets, by its scope: a
+#: special range, public (with no database), or None (not an address).
+_SCOPE_FIELDS = {
+    scope: _context_fields(SourceContext(None, None, None, None, scope, None))
+    for scope in set(label for _, _, label in SPECIAL_RANGES) |
+    {"public", None}}
 _DESTINATION_INDEXES = (EVENT_FIELDS.index("destination_ip"),
                         EVENT_FIELDS.index("destination_port"))
 
@@ -2623,20 +2648,16 @@ class Enricher:
 
     def _source_fields(self, address, now):
         """(SourceContext, [(Event field index, value)]), cached."""
-        readers = ()
-        if self.databases:
-            readers = [database.current(now) for database in self.databases]
-            generations = tuple(d.generation for d in self.databases)
-            if generations != self.generations:
-                self.generations = generations
-                self.contexts.clear()  # a database was replaced
+        if not self.databases:  # only the kind of range: nothing to cache
+            return _SCOPE_FIELDS[address_scope(address)]
+        readers = [database.current(now) for database in self.databases]
+        generations = tuple(d.generation for d in self.databases)
+        if generations != self.generations:
+            self.generations = generations
+            self.contexts.clear()  # a database was replaced
         cached = self.contexts.get(address)
         if cached is None:
-            context = self._look_up(address, readers)
-            cached = (context, tuple(
-                (index, getattr(context, part))
-                for index, part in _CONTEXT_FIELDS
-                if getattr(context, part) is not None))
+            cached = _context_fields(self._look_up(address, readers))
             if len(self.contexts) >= SOURCE_CONTEXT_CACHE:
                 self.contexts.popitem(last=False)
             self.contexts[address] = cached
@@ -2644,8 +2665,8 @@ class Enricher:
 
     def _look_up(self, address, readers):
         scope = address_scope(address)
-        if scope != "public":
-            return SourceContext(None, None, None, None, scope, None)
+        if scope != "public" or not readers:
+            return _SCOPE_FIELDS[scope][0]
         records = []
         for database, reader in zip(self.databases, readers):
             if reader is None:

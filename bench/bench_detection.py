@@ -2,10 +2,11 @@
 """A brute force from many distinct addresses through the whole pipeline
 (a benchmark, not a test): events per second and peak memory.
 
-The events go through one channel with the default alert policy, to
-a sink that counts what the cooldowns and rate limit let through.
+The events go through enrichment (no database, as by default) and one
+channel with the default alert policy, to a sink that counts what the
+cooldowns and rate limit let through.
 Each entry is sshd's "Failed password" from a new address (IPv4 and IPv6
-mixed, a few per /64), with a pam_unix companion line for every attempt,
+mixed, two per /64), with a pam_unix companion line for every attempt,
 as a real attack looks in the journal. Memory must stay flat however many
 addresses come: the detectors forget the least recently seen.
 Usage: python3 bench/bench_detection.py [ADDRESSES [REPLAYS]]
@@ -13,6 +14,7 @@ Usage: python3 bench/bench_detection.py [ADDRESSES [REPLAYS]]
 """
 import json
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -29,12 +31,16 @@ def attack_lines(count):
             "_UID": "0", "_COMM": "sshd", "_EXE": "/usr/sbin/sshd",
             "_TRANSPORT": "syslog", "SYSLOG_IDENTIFIER": "sshd"}
     for number in range(count):
+        # Public addresses, as an attack has them: no special range, so
+        # enrichment checks them all.
         if number % 2:
-            address = "2001:db8:%x:%x::%x" % (number >> 16, (number >> 2)
-                                               & 0xffff, number & 3)
+            address = socket.inet_ntop(socket.AF_INET6, socket.inet_pton(
+                socket.AF_INET6, "2a02:%x:%x:%x::%x" % (
+                    1 + (number >> 32), number >> 16 & 0xffff,
+                    number >> 2 & 0xffff, number & 3)))  # as sshd writes it
         else:
-            address = "10.%d.%d.%d" % (number >> 16 & 255, number >> 8 & 255,
-                                       number & 255)
+            address = "%d.%d.%d.%d" % (11 + (number >> 24) % 80, number >> 16
+                                       & 255, number >> 8 & 255, number & 255)
         for offset, message in enumerate((
                 "pam_unix(sshd:auth): authentication failure; logname= "
                 "uid=0 euid=0 tty=ssh ruser= rhost=%s  user=root" % address,
@@ -77,7 +83,9 @@ def replay(export, config):
     sink = CountingSink()
     pipeline = pamsignal.Pipeline(
         [pamsignal.Channel(sink, pamsignal.ChannelGate(config.alerts))],
-        config.detection)
+        config.detection,
+        # As `scan` has it: every source labelled, no database configured.
+        enricher=pamsignal.Enricher.from_config(config, False))
     export.seek(0)
     started = time.perf_counter()
     lines = 0

@@ -3,8 +3,10 @@ trees, prefix boundaries, replaced and missing files, and broken or hostile
 files (each must give DatabaseError, never another exception or a hang).
 Databases are built with tests/mmdb_writer.py; where the `maxminddb`
 package is installed, it reads the same files as a second opinion."""
+import ipaddress
 import os
 import random
+import socket
 
 import pytest
 
@@ -473,6 +475,31 @@ def test_a_clock_that_went_back_checks_again(tmp_path):
 ])
 def test_special_ranges_need_no_lookup(address, scope):
     assert pamsignal.address_scope(address) == scope
+
+
+def test_special_ranges_agree_with_the_ipaddress_module():
+    # The ranges are indexed by first byte: every edge and many random
+    # addresses must give what a plain scan of the networks gives.
+    networks = [(ipaddress.ip_network("%s/%d" % (
+        socket.inet_ntop(socket.AF_INET6 if len(net) == 16 else
+                         socket.AF_INET, net), length)), label)
+        for net, length, label in pamsignal.SPECIAL_RANGES]
+    rng = random.Random(7)
+    addresses = [ipaddress.ip_address(rng.getrandbits(bits))
+                 for bits in (32, 128) for _ in range(20000)]
+    for network, _ in networks:
+        addresses += [network.network_address, network.broadcast_address,
+                      network.network_address - 1 if int(
+                          network.network_address) else
+                      network.network_address,
+                      network.broadcast_address + 1 if int(
+                          network.broadcast_address) < (
+                          1 << network.max_prefixlen) - 1 else
+                      network.broadcast_address]
+    for address in addresses:
+        expected = next((label for network, label in networks
+                         if address in network), "public")
+        assert pamsignal.address_scope(str(address)) == expected, address
 
 
 @pytest.mark.parametrize("records, expected", [
