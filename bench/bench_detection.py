@@ -123,6 +123,67 @@ def main():
     print("%-36s %10d" % ("counters kept (bounded)", kept))
     print("%-36s %10d" % ("alerts after the default policy", alerts))
     print("%-36s %10.1f MiB" % ("peak RSS", peak_rss_mib()))
+    stage_costs(min(count, 100000))
+
+
+def stage_costs(count):
+    """Microseconds per attempt each stage adds, streamed as in a replay
+    of `count` attempts: decoding alone, then parsing on top, then the
+    whole pipeline less the enrichment or the failure counters (best of
+    3 each)."""
+    config = pamsignal.default_config()
+    export = tempfile.TemporaryFile()
+    for line in attack_lines(count):
+        export.write(line + b"\n")
+
+    def decode_only(pipeline, line):
+        pipeline.decode(line)
+
+    def decode_parse(pipeline, line):
+        entry = pipeline.decode(line)
+        if entry is not None:
+            pamsignal.parse_entry(entry)
+
+    def whole(pipeline, line):
+        entry = pipeline.decode(line)
+        if entry is not None:
+            pipeline.report(entry)
+
+    def without_enrichment(pipeline):
+        pipeline.enricher = None
+
+    def without_counters(pipeline):
+        pipeline.detector.observe = lambda event: []
+
+    def best(step, change=None):
+        seconds = []
+        for _ in range(3):
+            pipeline = pamsignal.Pipeline(
+                [pamsignal.Channel(CountingSink(), pamsignal.ChannelGate(
+                    config.alerts))], config.detection,
+                enricher=pamsignal.Enricher.from_config(config, False))
+            if change is not None:
+                change(pipeline)
+            export.seek(0)
+            started = time.perf_counter()
+            for line in export:
+                step(pipeline, line)
+            seconds.append(time.perf_counter() - started)
+        return min(seconds) / count * 1e6
+
+    decoding, parsed, total = best(decode_only), best(decode_parse), \
+        best(whole)
+    print("per attempt, what each stage adds (best of 3 replays of %d):"
+          % count)
+    for name, cost in (
+            ("decoding the two JSON lines", decoding),
+            ("parsing them", parsed - decoding),
+            ("enrichment (no database)",
+             total - best(whole, without_enrichment)),
+            ("failure counters", total - best(whole, without_counters)),
+            ("whole pipeline", total)):
+        print("  %-34s %8.1f us" % (name, cost))
+    export.close()
 
 
 if __name__ == "__main__":
