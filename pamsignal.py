@@ -3049,10 +3049,14 @@ class FailureDetector:
     def _remember(self, record, field, value, now):
         """Note `value` as seen now in the record's distinct values, a dict
         value -> time in the order last seen (CPython keeps insertion
-        order, 3.6 included), at most `keep_distinct`; returns it."""
+        order, 3.6 included), at most `keep_distinct`, none from a clock
+        that was far ahead; returns it."""
         seen = record.get(field)
         if seen is None:
             seen = record[field] = {}
+        latest = now + _FUTURE_SLACK_US
+        for stale in [item for item, at in seen.items() if at > latest]:
+            del seen[stale]  # from a clock that was far ahead, as for times
         seen.pop(value, None)
         seen[value] = now
         if len(seen) > self.keep_distinct:

@@ -474,6 +474,23 @@ def test_times_from_a_clock_far_ahead_are_dropped():
         int(0.4 * MINUTE)]
 
 
+def test_names_and_sources_from_a_clock_far_ahead_are_dropped():
+    # Seen at a time a day or more ahead, then the clock is set back: once
+    # it catches up, the stale entry must not count again.
+    names = feed(detector(user_enumeration="2 in 10m"), [
+        failure(m, user=name, reason="invalid_user")
+        for m, name in ((3 * DAY / MINUTE, "a"), (0, "c"),
+                        (3 * DAY / MINUTE + 1, "b"))])
+    assert [e for e in names if e.reason == "user_enumeration"] == []
+    sources = feed(detector(brute_force_fast="off", brute_force_slow="off",
+                            distributed_attack="2 in 10m"), [
+        failure(m, ip=ip, user="alice")
+        for m, ip in ((3 * DAY / MINUTE, "198.51.100.1"),
+                      (0, "198.51.100.2"),
+                      (3 * DAY / MINUTE + 1, "198.51.100.3"))])
+    assert [e for e in sources if e.reason == "distributed_attack"] == []
+
+
 def test_invalid_user_announcements_are_names_not_guesses():
     events = []
     for n in range(5):
