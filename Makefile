@@ -10,15 +10,20 @@ DOCDIR = $(DESTDIR)$(PREFIX)/share/doc/pamsignal
 CONFDIR = $(DESTDIR)$(SYSCONFDIR)/pamsignal
 UNITDIR ?= /lib/systemd/system
 
-.PHONY: all test lint bench install uninstall
+.PHONY: all test test-pythons lint bench install uninstall
 
 all:
-	@echo "targets: test, lint, bench, install, uninstall (DESTDIR, PREFIX)"
+	@echo "targets: test, test-pythons, lint, bench, install, uninstall (DESTDIR, PREFIX)"
 
 # The README's test command; .ci/run calls it after installing what the
 # end-to-end tests drive (journald, sshd, sudo, su).
 test:
 	$(PYTHON) -m pytest -q tests
+
+# The unit tests on Python 3.6 and 3.13 (pyenv builds), and the
+# end-to-end suite on 3.6.
+test-pythons:
+	.ci/pythons
 
 lint:
 	vermin -t=3.6- --violations pamsignal.py
