@@ -2568,6 +2568,8 @@ _CONTEXT_FIELDS = tuple((EVENT_FIELDS.index(field), part) for field, part in (
     ("source_country", "country"), ("source_city", "city"),
     ("source_network_type", "network_type"), ("source_provider", "provider")))
 _HOST_PROVIDER_INDEX = EVENT_FIELDS.index("host_provider")
+_DESTINATION_INDEXES = (EVENT_FIELDS.index("destination_ip"),
+                        EVENT_FIELDS.index("destination_port"))
 
 
 def _context_fields(context):
@@ -2583,8 +2585,6 @@ _SCOPE_FIELDS = {
     scope: _context_fields(SourceContext(None, None, None, None, scope, None))
     for scope in set(label for _, _, label in SPECIAL_RANGES) |
     {"public", None}}
-_DESTINATION_INDEXES = (EVENT_FIELDS.index("destination_ip"),
-                        EVENT_FIELDS.index("destination_port"))
 
 
 class Enricher:
@@ -2665,7 +2665,7 @@ class Enricher:
 
     def _look_up(self, address, readers):
         scope = address_scope(address)
-        if scope != "public" or not readers:
+        if scope != "public":
             return _SCOPE_FIELDS[scope][0]
         records = []
         for database, reader in zip(self.databases, readers):
@@ -2946,10 +2946,12 @@ class FailureDetector:
 
     def _lookup(self, key):
         record = self.counters.get(key)
-        if record is None and type(self.probation.get(key)) is tuple:
-            # Expanded in place: what the caller marks in it must stay.
-            self.probation[key] = _full_record(self.probation[key])
-        return record or self.probation.get(key)
+        if record is None:
+            record = self.probation.get(key)
+            if type(record) is tuple:
+                # Expanded in place: what the caller marks in it must stay.
+                record = self.probation[key] = _full_record(record)
+        return record
 
     def _failure(self, event):
         now, guess = event.timestamp_us, is_guess(event)
