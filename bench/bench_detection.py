@@ -76,17 +76,22 @@ class CountingSink:
         pass
 
 
+def scan_pipeline(config, sink):
+    """A pipeline as `scan` has it (every source labelled, no database
+    configured), with one channel to `sink` behind the alert policy."""
+    return pamsignal.Pipeline(
+        [pamsignal.Channel(sink, pamsignal.ChannelGate(config.alerts))],
+        config.detection,
+        enricher=pamsignal.Enricher.from_config(config, False))
+
+
 def replay(export, config):
     """One pass over the export through a fresh pipeline: (events,
     (counters, probation) kept, alerts that passed the policy, journal
     lines, seconds).
     The pipeline is gone after it, so peak RSS is that of one pass."""
     sink = CountingSink()
-    pipeline = pamsignal.Pipeline(
-        [pamsignal.Channel(sink, pamsignal.ChannelGate(config.alerts))],
-        config.detection,
-        # As `scan` has it: every source labelled, no database configured.
-        enricher=pamsignal.Enricher.from_config(config, False))
+    pipeline = scan_pipeline(config, sink)
     export.seek(0)
     started = time.perf_counter()
     lines = 0
@@ -162,10 +167,7 @@ def stage_costs(count):
     def best(step, change=None):
         seconds = []
         for _ in range(3):
-            pipeline = pamsignal.Pipeline(
-                [pamsignal.Channel(CountingSink(), pamsignal.ChannelGate(
-                    config.alerts))], config.detection,
-                enricher=pamsignal.Enricher.from_config(config, False))
+            pipeline = scan_pipeline(config, CountingSink())
             if change is not None:
                 change(pipeline)
             export.seek(0)
