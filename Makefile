@@ -10,13 +10,17 @@ DOCDIR = $(DESTDIR)$(PREFIX)/share/doc/pamsignal
 CONFDIR = $(DESTDIR)$(SYSCONFDIR)/pamsignal
 UNITDIR ?= /lib/systemd/system
 
-.PHONY: all test test-pythons lint bench install uninstall
+.PHONY: all check test test-pythons lint bench install uninstall
 
 all:
-	@echo "targets: test, test-pythons, lint, bench, install, uninstall (DESTDIR, PREFIX)"
+	@echo "targets: check, test, test-pythons, lint, bench, install, uninstall (DESTDIR, PREFIX)"
 
-# The README's test command; .ci/run calls it after installing what the
-# end-to-end tests drive (journald, sshd, sudo, su).
+# Everything: install what the tests need, start journald, build or reuse
+# the cached Debian trees, lint, run the whole suite (root; what CI runs).
+check:
+	bash tests/check.sh
+
+# The suite alone, on a machine `make check` has prepared.
 test:
 	$(PYTHON) -m pytest -q tests
 

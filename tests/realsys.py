@@ -138,16 +138,22 @@ def _check(cmd, **kw):
 # ---------------------------------------------------------------- journal
 
 
-def journald_running():
-    return _run(["pgrep", "-x", "systemd-journal"]).returncode == 0
+def journald_answers():
+    """Whether a journald answers here: its socket exists and journalctl
+    reads the journal.  Not a process name: in a chroot or container the
+    host's systemd-journald is visible in /proc but cannot be reached."""
+    socket_path = os.path.join(JOURNAL_DIR, "socket")
+    if not os.path.exists(socket_path):
+        return False
+    return _run(["journalctl", "-n", "0", "--no-pager"]).returncode == 0
 
 
 def ensure_journald(timeout=20):
     """Make sure a real systemd-journald runs and /dev/log reaches it."""
     require_root()
-    require_binaries("pgrep", "journalctl", "setsid", JOURNALD)
+    require_binaries("journalctl", "setsid", JOURNALD)
     os.makedirs(JOURNAL_DIR, exist_ok=True)
-    if not journald_running():
+    if not journald_answers():
         # setsid -f: fork, new session, detached from pytest entirely.
         _check(
             ["setsid", "-f", JOURNALD],
@@ -1045,8 +1051,18 @@ def _main(argv):
         "trixie-tree": ("Debian 13 tree", build_trixie_tree),
         "boot-tree": ("Debian 13 boot tree", build_boot_tree),
     }
+    if argv[1:] == ["journald"]:
+        try:
+            ensure_journald()
+        except RuntimeError as e:
+            sys.stderr.write("journald: %s\n" % e)
+            return 1
+        print("journald answers on %s" % JOURNAL_DIR)
+        return 0
     if len(argv) != 2 or argv[1] not in builders:
-        sys.stderr.write("usage: %s trixie-tree|boot-tree\n" % argv[0])
+        sys.stderr.write(
+            "usage: %s journald|%s\n" % (argv[0], "|".join(builders))
+        )
         return 2
     label, build = builders[argv[1]]
     if os.geteuid() != 0:
