@@ -487,9 +487,21 @@ def _cmd_list(cmd):
     return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
 
 
-def _ssh(user, options, cmd, host, port, timeout, prefix=(), env=None):
-    """One ssh login to the test sshd with the given -o options."""
+def unique_loopback():
+    """A loopback address of its own (127.a.b.c, never 127.0.0.x) for one
+    test's ssh client: counters per source then see only that test's
+    attempts, whoever else logs in from 127.0.0.1 meanwhile."""
+    a, b, c = (secrets.randbelow(254) + 1 for _ in range(3))
+    return "127.%d.%d.%d" % (a, b, c)
+
+
+def _ssh(user, options, cmd, host, port, timeout, prefix=(), env=None,
+         source=None):
+    """One ssh login to the test sshd with the given -o options, from the
+    loopback address `source` when given (ssh's BindAddress)."""
     argv = list(prefix) + ["ssh"] + _SSH_COMMON
+    if source:
+        options = list(options) + ["BindAddress=%s" % source]
     for option in options:
         argv += ["-o", option]
     argv += ["-p", str(port or SSH_PORT), "-l", user, host, cmd]
@@ -497,14 +509,15 @@ def _ssh(user, options, cmd, host, port, timeout, prefix=(), env=None):
 
 
 def ssh_password(
-    user, password, cmd="true", host="127.0.0.1", port=None, timeout=60
+    user, password, cmd="true", host="127.0.0.1", port=None, timeout=60,
+    source=None,
 ):
     """One password login (exactly one password attempt); CompletedProcess."""
     return _ssh(user, ["PreferredAuthentications=password",
                        "PubkeyAuthentication=no",
                        "NumberOfPasswordPrompts=1"], cmd, host, port, timeout,
                 prefix=["sshpass", "-e"],
-                env=dict(os.environ, SSHPASS=password))
+                env=dict(os.environ, SSHPASS=password), source=source)
 
 
 def ssh_key(

@@ -466,22 +466,26 @@ def test_brute_force_then_success_raises_both_alerts(sshd, agent, make_user):
     """Real failed logins until the brute force fires, then the right
     password from the same address: the success-after-failures alert."""
     user, pw = make_user()
+    # A source of its own: another login from 127.0.0.1 meanwhile (another
+    # test run, a person) must not change what this source is counted.
+    client = realsys.unique_loopback()
     for _ in range(5):
-        assert realsys.ssh_password(user, "wrong-" + pw).returncode != 0
+        assert realsys.ssh_password(user, "wrong-" + pw,
+                                    source=client).returncode != 0
     # One attack, one alert: from the source (the account crossed with it).
     source = agent.wait_event(
-        is_event("brute_force_detected", source__ip="127.0.0.1"))
+        is_event("brute_force_detected", source__ip=client))
     assert field(source, "pamsignal.counted_by") == "source", source
     assert field(source, "event.reason") == "repeated_failures", source
     assert field(source, "pamsignal.attempts") == 5, source
     assert field(source, "pamsignal.window_s") == 600, source
     assert field(source, "pamsignal.users_tried") == [user], source
 
-    assert realsys.ssh_password(user, pw).returncode == 0
+    assert realsys.ssh_password(user, pw, source=client).returncode == 0
     alert = agent.wait_event(
         is_event("success_after_failures", user__name=user))
     assert field(alert, "event.severity") == 9, alert
-    assert field(alert, "source.ip") == "127.0.0.1", alert
+    assert field(alert, "source.ip") == client, alert
     assert field(alert, "pamsignal.attempts") >= 5, alert
     assert field(alert, "pamsignal.auth_method") == "password", alert
 
@@ -505,11 +509,13 @@ def test_policy_holds_repeats_never_a_success_and_digests_at_stop(
     by the cooldown, the success after them is sent at once, and what was
     held comes out as one digest when the agent stops."""
     user, pw = make_user()
+    client = realsys.unique_loopback()
     for _ in range(5):
-        assert realsys.ssh_password(user, "wrong-" + pw).returncode != 0
+        assert realsys.ssh_password(user, "wrong-" + pw,
+                                    source=client).returncode != 0
     paging_agent.wait_event(is_event("brute_force_detected",
-                                     source__ip="127.0.0.1"))
-    assert realsys.ssh_password(user, pw).returncode == 0
+                                     source__ip=client))
+    assert realsys.ssh_password(user, pw, source=client).returncode == 0
     paging_agent.wait_event(is_event("success_after_failures",
                                      user__name=user))
     paging_agent.wait_event(is_event("login_success", user__name=user))
@@ -519,10 +525,10 @@ def test_policy_holds_repeats_never_a_success_and_digests_at_stop(
     assert paging_agent.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     (digest,) = [e for e in paging_agent.events()
                  if is_event("alert_digest")(e) and
-                 field(e, "pamsignal.sources") == ["127.0.0.1"]]
+                 field(e, "pamsignal.sources") == [client]]
     summary = field(digest, "event.reason"), field(
         digest, "pamsignal.sources"), field(digest, "pamsignal.users_tried")
-    assert summary == ("cooldown", ["127.0.0.1"], [user]), digest
+    assert summary == ("cooldown", [client], [user]), digest
     held = field(digest, "pamsignal.held_back")
     assert held >= 4 and field(digest, "pamsignal.detail") == \
         "%d login_failure" % held, digest
