@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import pamsignal  # noqa: E402
 import receivers  # noqa: E402
+from needs import program  # noqa: E402
 
 
 def alert(number):
@@ -56,6 +57,7 @@ def run(count, receiver, ca_file, directory):
 
 def main():
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    program("openssl", "openssl")
     work = tempfile.mkdtemp(prefix="pamsignal-bench-")
     certs = receivers.make_cert(os.path.join(work, "certs"))
     print("alerts: %d, Python %s" % (count, sys.version.split()[0]))

@@ -29,6 +29,7 @@ PAMSIGNAL = os.path.join(os.path.dirname(HERE), "pamsignal.py")
 sys.path.insert(0, os.path.dirname(HERE))
 
 import pamsignal  # noqa: E402
+from needs import program  # noqa: E402
 
 JOURNAL_REMOTE = "/lib/systemd/systemd-journal-remote"
 
@@ -186,6 +187,8 @@ def in_process_rate(lines):
 
 def main():
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 200000
+    program("journalctl", "systemd")
+    program(JOURNAL_REMOTE, "systemd-journal-remote")
     directory = tempfile.mkdtemp(prefix="pamsignal-bench-")
     try:
         journal = write_journal(directory, count)

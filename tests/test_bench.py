@@ -1,0 +1,25 @@
+"""The benchmarks name what they need: a missing program is reported with
+the package that brings it, not as a traceback halfway through."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from support import REPO
+
+
+@pytest.mark.parametrize("script, program, package", [
+    ("bench_pipeline.py", "journalctl", "systemd"),
+    ("bench_delivery.py", "openssl", "openssl"),
+])
+def test_a_missing_program_is_named_with_its_package(tmp_path, script,
+                                                     program, package):
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", script), "10"],
+        env=dict(os.environ, PATH=str(tmp_path)), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "%s is missing: apt-get install -y %s" % (program, package))
