@@ -6596,23 +6596,196 @@ WantedBy=multi-user.target
 UNIT_PROGRAM = DEFAULT_PREFIX + "/bin/pamsignal"
 
 
+#: pamsignal.conf.example, as every install path writes it when there is
+#: no configuration yet (`install`, install.sh, make install, the packages):
+#: one text, kept identical to the file beside this one by a test.
+EXAMPLE_CONFIG = r"""# PAMSignal configuration: /etc/pamsignal/pamsignal.conf
+#
+# Without this file PAMSignal runs on the defaults shown here and prints
+# every event on the console. Check a changed file with:
+#     pamsignal check-config
+# An unknown section or key, or a bad value, is an error that names the
+# line (exit code 78).
+
+[pamsignal]
+# Where the journal cursor and open sessions are kept (created if missing).
+state_dir = /var/lib/pamsignal
+
+# Where the alert log will be kept.
+log_dir = /var/log/pamsignal
+
+# Where to begin when there is no saved cursor (the very first start):
+#   now   only what happens from now on
+#   boot  everything since this boot
+#   all   everything the journal still holds
+#   -1h   a time back: a number and s, m, h or d
+first_start = now
+
+# The journalctl program to run (a name on PATH, or an absolute path).
+journalctl = journalctl
+
+# While a channel is unreachable its alerts wait in a spool under
+# state_dir/spool/NAME/: at most this many (the oldest dropped first),
+# and none older than this. What is dropped is reported once delivery
+# works again.
+spool_max_alerts = 1000
+spool_max_age = 7d
+
+# This server's provider, shown as cloud.provider on each event:
+#   auto  read from /sys/class/dmi/id (AWS, Google Cloud, Azure,
+#         DigitalOcean, Hetzner, OVH, Vultr, ...; no network call)
+#   none  leave it out
+#   NAME  any name, e.g. "Home lab"
+host_provider = auto
+
+# Health metrics (Prometheus text format), rewritten every 10 seconds and
+# read by `pamsignal status`. Empty: pamsignal.prom in state_dir.
+metrics_file =
+
+[detection]
+# Failed attempts are counted per source address, per IPv6 /64 and per
+# account, across sshd, sudo, su and login. "N in DURATION" (s, m, h, d)
+# or off.
+#
+# A brute force: this many failures within this window (fast and slow).
+brute_force_fast = 5 in 10m
+brute_force_slow = 20 in 24h
+# This many different invalid user names from one source or /64.
+user_enumeration = 10 in 10m
+# One account failing from this many different sources.
+distributed_attack = 10 in 1h
+# A successful login after this many recent failures from its source or
+# for its account is alerted on its own (success_after_failures).
+success_after_failures = 3 in 1h
+# New networks per user (new_source) and first sudo users (new_sudo_user)
+# are learned silently for this long after the first event seen.
+learning_period = 7d
+
+[geoip]
+# MaxMind DB files (absolute paths; empty = off) that give each source
+# address its ASN, organisation, country and city, and so its provider
+# (cloud or other). GeoLite2/GeoIP2, DB-IP Lite and IPinfo files all work;
+# geoipupdate keeps them current, and a replaced file is read again within
+# seconds without a restart. Private, loopback, CGNAT and documentation
+# ranges are labelled without any database. Try one with:
+#     pamsignal lookup 8.8.8.8
+asn_db =
+country_db =
+city_db =
+
+[alerts]
+# The alert policy of every channel; a [channel:NAME] may override any of
+# these keys for itself. (With no channel configured, `run` prints every
+# event on the console, with no policy: it is a log.)
+#
+# Which actions alert, read left to right: * (all), default (all but
+# login_failure, session_opened and session_closed), a name to add one,
+# -name to leave one out. Actions: login_success, login_failure,
+# session_opened, session_closed, sudo_command, brute_force_detected,
+# success_after_failures, new_source, new_sudo_user, spoofed_entry,
+# alert_digest, alerts_dropped, and the agent's own config_reload_failed,
+# monitoring_degraded, monitoring_restored.
+events = default
+# Only events of at least this severity (0 to 10) alert.
+min_severity = 0
+# Never alert on these users (the account logged into, or the person
+# running sudo/su; shell patterns such as deploy-* work), members of these
+# groups, or these source addresses and CIDR blocks (IPv4 and IPv6).
+ignore_users =
+ignore_groups =
+ignore_sources =
+# Always alert on these, whatever the keys above say.
+always_users =
+always_groups =
+always_sources =
+# Repeats of one thing (the same action from the same source, or for the
+# same account) are held back this long after the first is sent; then one
+# alert_digest tells how many were held, from where. off to send each.
+cooldown = 10m
+# Most alerts a channel sends in a window; past it, one digest per window
+# until the flood stops. Logins, sudo commands and suspicious successes
+# are never held back by the cooldown or the rate limit. off for no limit.
+rate_limit = 20 in 1m
+
+# Each [channel:NAME] section is one destination. Without any, every event
+# goes to the console.
+[channel:console]
+type = console
+# text: one readable line per event; json: the ECS event, one per line.
+format = text
+# The console here is a log: every event, nothing held back.
+events = *
+cooldown = off
+rate_limit = off
+
+# Network channels (uncomment and fill in one or more). Each sends through
+# a durable spool with retries, and takes timeout (10s), ca_file (trust a
+# private CA) and, except webhook, template, plus any [alerts] key. URLs
+# must be https:// (http:// only to a loopback address). A secret may be
+# written here (then keep this file mode 0600) or as credential:NAME to
+# read the systemd credential NAME (LoadCredential= in the unit).
+# Try them with: pamsignal test-alert
+#
+#[channel:phone]
+#type = telegram
+#bot_token = 123456:ABC-DEF...
+#chat_id = -1001234567
+# Only the alerts that matter most on the phone:
+#min_severity = 6
+#
+#[channel:team]
+#type = slack
+#url = https://hooks.slack.com/services/T000/B000/XXXX
+#
+#[channel:discord]
+#type = discord
+#url = https://discord.com/api/v10/webhooks/ID/TOKEN
+#
+#[channel:teams]
+#type = teams
+#url = https://prod-00.westeurope.logic.azure.com/workflows/...
+#
+#[channel:push]
+#type = ntfy
+#url = https://ntfy.sh/my-secret-topic
+#token = credential:ntfy-token
+#
+#[channel:gotify]
+#type = gotify
+#url = https://gotify.example.com
+#token = AbCdEf123
+#
+#[channel:mail]
+#type = email
+#host = smtp.example.com
+# starttls (port 587), tls (port 465), or none (a loopback relay only)
+#security = starttls
+#username = pamsignal@example.com
+#password = credential:smtp-password
+#sender = pamsignal@example.com
+#recipients = admin@example.com, oncall@example.com
+# A template replaces the text; placeholders: {title} {facts} {advice}
+# {action} {severity} {user} {target_user} {source} {service} {reason}
+# {host} {time} {command} {attempts} {message} {asn} {country}
+# {source_type} {destination}; \n is a new line.
+#template = {title}\n\n{facts}\n\n{advice}
+#
+#[channel:siem-hook]
+#type = webhook
+#url = https://collector.example.com/pamsignal
+# Signs each request (Standard Webhooks: webhook-id, webhook-timestamp,
+# webhook-signature = v1,base64 HMAC-SHA256 of "id.timestamp.body").
+#secret = whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+#events = *
+#cooldown = off
+#rate_limit = off
+"""
+
+
 def example_config():
     """The configuration `install` writes when there is none: every key
-    with its default, commented out, so it behaves like no file at all."""
-    lines = ["# PAMSignal configuration, written by `pamsignal install`.",
-             "# Every key is shown with its default. Check a change with",
-             "# `pamsignal check-config`, apply it with",
-             "# `systemctl reload pamsignal`. See pamsignal(8).", ""]
-    for section, options in (("pamsignal", GLOBAL_OPTIONS),
-                             ("detection", DETECTION_OPTIONS)):
-        lines.append("[%s]" % section)
-        lines += ["# %s = %s" % (key, default)
-                  for key, (_, default) in options.items()]
-        lines.append("")
-    lines += ["# Without a [channel:NAME] section, events go to the console",
-              "# (the service's journal):", "# [channel:console]",
-              "# type = console", "# format = text", "# events = *"]
-    return "\n".join(lines) + "\n"
+    with its default, explained, and the channels as commented examples."""
+    return EXAMPLE_CONFIG
 
 
 def systemd_is_running():

@@ -97,19 +97,31 @@ def test_install_writes_program_unit_and_example_config(tmp_path):
     assert version.stdout.strip() == "pamsignal %s" % pamsignal.__version__
     check = cli("--config", str(config), "check-config")
     assert check.returncode == 0, check.stderr
+    assert config.read_text() == pamsignal.EXAMPLE_CONFIG
 
 
-def test_example_config_spells_out_the_defaults():
+def test_one_example_configuration_everywhere():
+    """install writes the very file make install and the packages ship."""
+    with open(os.path.join(REPO, "pamsignal.conf.example")) as handle:
+        assert pamsignal.example_config() == handle.read()
+
+
+def test_example_config_sets_every_key_to_its_default():
     text = pamsignal.example_config()
-    commented = pamsignal.parse_config(text)
-    keys = "|".join(list(pamsignal.GLOBAL_OPTIONS) +
-                    list(pamsignal.DETECTION_OPTIONS))
-    uncommented, count = re.subn(r"(?m)^# ((%s) = )" % keys, r"\1", text)
-    assert count == len(keys.split("|"))
-    spelled = pamsignal.parse_config(uncommented)
-    assert commented == pamsignal.default_config("<config>")
-    assert spelled == commented
-    assert "# brute_force_fast = 5 in 10m" in text
+    example = pamsignal.parse_config(text)
+    defaults = pamsignal.default_config("<config>")
+    assert example._replace(channels=()) == defaults
+    # Every key is written out (a reader sees them all), not just defaulted.
+    ini = pamsignal._read_ini(text, "<example>")
+    for section, options in (("pamsignal", pamsignal.GLOBAL_OPTIONS),
+                             ("geoip", pamsignal.GEOIP_OPTIONS),
+                             ("detection", pamsignal.DETECTION_OPTIONS),
+                             ("alerts", pamsignal.ALERT_OPTIONS)):
+        assert sorted(ini[section]) == sorted(options), section
+    # Its one live channel is the console as a log, as with no file at all.
+    (console,) = example.channels
+    assert (console.type, console.policy) == ("console",
+                                              pamsignal.SHOW_EVERYTHING)
 
 
 def test_install_keeps_an_edited_config_and_honours_prefix(tmp_path):
