@@ -5,7 +5,7 @@ DESTDIR ?=
 PYTHON ?= python3
 
 BINDIR = $(DESTDIR)$(PREFIX)/bin
-MANDIR = $(DESTDIR)$(PREFIX)/share/man/man8
+MANDIR = $(DESTDIR)$(PREFIX)/share/man
 DOCDIR = $(DESTDIR)$(PREFIX)/share/doc/pamsignal
 CONFDIR = $(DESTDIR)$(SYSCONFDIR)/pamsignal
 UNITDIR ?= /lib/systemd/system
@@ -41,21 +41,23 @@ bench:
 	$(PYTHON) bench/bench_delivery.py
 
 install:
-	install -d -m 0755 $(BINDIR) $(MANDIR) $(DOCDIR)
+	install -d -m 0755 $(BINDIR) $(MANDIR)/man8 $(MANDIR)/man5 $(DOCDIR)
 	install -m 0755 pamsignal.py $(BINDIR)/pamsignal
-	install -m 0644 pamsignal.8 $(MANDIR)/pamsignal.8
+	install -m 0644 pamsignal.8 $(MANDIR)/man8/pamsignal.8
+	install -m 0644 pamsignal.conf.5 $(MANDIR)/man5/pamsignal.conf.5
 	install -m 0644 README.md pamsignal.conf.example $(DOCDIR)/
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)
 	sed 's|/usr/bin/pamsignal|$(PREFIX)/bin/pamsignal|g' pamsignal.service \
 		> $(DESTDIR)$(UNITDIR)/pamsignal.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/pamsignal.service
-	install -d -m 0755 $(CONFDIR)
+	install -d -m 0700 $(CONFDIR)
 	# An existing configuration is the admin's: never overwrite it.
 	test -e $(CONFDIR)/pamsignal.conf || \
 		install -m 0600 pamsignal.conf.example $(CONFDIR)/pamsignal.conf
 
 uninstall:
-	rm -f $(BINDIR)/pamsignal $(MANDIR)/pamsignal.8
+	rm -f $(BINDIR)/pamsignal $(MANDIR)/man8/pamsignal.8 \
+		$(MANDIR)/man5/pamsignal.conf.5
 	rm -f $(DESTDIR)$(UNITDIR)/pamsignal.service
 	rm -rf $(DOCDIR)
 	@echo "kept $(CONFDIR)/pamsignal.conf and /var/lib/pamsignal"

@@ -30,6 +30,9 @@ def test_install_into_destdir_gives_a_runnable_command(tmp_path):
     config = tmp_path / "etc/pamsignal/pamsignal.conf"
     assert os.stat(str(config)).st_mode & 0o777 == 0o600
     assert (tmp_path / "usr/local/share/man/man8/pamsignal.8").exists()
+    assert (tmp_path / "usr/local/share/man/man5/pamsignal.conf.5").exists()
+    assert config.read_text() == pamsignal.EXAMPLE_CONFIG
+    assert mode(config.parent) == 0o700
     unit = (tmp_path / "lib/systemd/system/pamsignal.service").read_text()
     assert unit == pamsignal.SERVICE_UNIT.replace(
         "/usr/bin/pamsignal", "/usr/local/bin/pamsignal")
