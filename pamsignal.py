@@ -175,6 +175,16 @@ METRICS_FILE_NAME = "pamsignal.prom"
 #: A restarted journalctl that kept running this long is following again.
 JOURNAL_RECOVERED_S = 10.0
 
+#: journald's native socket: without it no journald runs here, and
+#: journalctl -f would wait for ever without a word.
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+#: What to do about it (%s: the socket's path).
+JOURNALD_MISSING = ("no systemd-journald runs here (%s is missing): start "
+                    "it (systemctl start systemd-journald, or "
+                    "/lib/systemd/systemd-journald in a container); waiting "
+                    "for it")
+
 #: Longest STATUS= text sent to systemd (it shows one line).
 MAX_STATUS_CHARS = 240
 
@@ -5015,8 +5025,11 @@ class JournalSource:
     """
 
     def __init__(self, journalctl, first_start, cursor=None,
-                 last_realtime_us=None):
+                 last_realtime_us=None, socket_path=JOURNAL_SOCKET):
         self.journalctl = journalctl
+        self.socket_path = socket_path
+        self.journald_was_missing = False
+        self.unannounced_exit = None  # a signalled exit, said if restarted
         self.first_start = first_start
         self.cursor = cursor
         self.last_realtime_us = last_realtime_us
@@ -5172,13 +5185,26 @@ class JournalSource:
         delay = self._schedule_restart(now)
         self.last_error = "journalctl exited with status %s%s" % (
             code, ": " + detail.splitlines()[-1] if detail else "")
-        say("warning", "%s; restarting in %ds" % (self.last_error, delay))
+        if code is not None and code < 0:
+            # Killed by a signal: at a stop (systemctl stop signals the whole
+            # control group) that is expected, so it is said only once the
+            # agent goes on and restarts it.
+            self.unannounced_exit = self.last_error
+        else:
+            say("warning", "%s; restarting in %ds" % (self.last_error, delay))
+
+    def journald_missing(self):
+        """Whether no journald runs here (its socket is absent)."""
+        return not os.path.exists(self.socket_path)
 
     def supervise(self, now, probe=None):
         """Restart a dead follower when its backoff is over, and a silent
         one when the journal holds entries it should have delivered."""
         if self.process is None:
             if now >= self.restart_at:
+                if self.unannounced_exit:
+                    say("warning", "%s; restarting it" % self.unannounced_exit)
+                    self.unannounced_exit = None
                 try:
                     self.start(now)
                 except SourceError as error:
@@ -5701,8 +5727,19 @@ class Agent:
             self.update_status()
 
     def check_journal(self, now):
-        """journalctl should run; kept running a while, it is back."""
+        """journald should be there and journalctl run; kept running a
+        while, it is back. A journald that appears is followed at once."""
         source = self.source
+        if source.journald_missing():
+            source.journald_was_missing = True
+            self.impair("journal", JOURNALD_MISSING % source.socket_path)
+            return
+        if source.journald_was_missing:
+            source.journald_was_missing = False
+            say("info", "systemd-journald is there now; following it")
+            source.stop()  # started before the journal existed: start over
+            source.restart_at = now
+            return
         if source.process is None:
             self.impair("journal", source.last_error or
                         "journalctl is not running")
@@ -6162,12 +6199,22 @@ def sample_alert(now_s):
         "port 51234 ssh2")
 
 
+def no_channel_message(path, exists):
+    """Why test-alert has nothing to test, and what to do about it."""
+    if not exists:
+        return ("there is no configuration file %s: create it with `pamsignal "
+                "install` or from pamsignal.conf.example, then add a "
+                "[channel:NAME] section (see pamsignal.conf(5))" % path)
+    return ("no channel is configured in %s: add a [channel:NAME] section "
+            "(see pamsignal.conf(5))" % path)
+
+
 def command_test_alert(args, stdout):
     config = load_config(args.config)
     channels = build_channels(config)
     if not config.channels:
-        raise UsageError("no channel is configured in %s: add a "
-                         "[channel:NAME] section" % config.path)
+        raise UsageError(no_channel_message(config.path,
+                                            os.path.exists(config.path)))
     names = [channel.sink.name for channel in channels]
     unknown = [name for name in args.channel or () if name not in names]
     if unknown:

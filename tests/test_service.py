@@ -591,3 +591,54 @@ def test_a_channel_failing_many_times_is_one_degraded_one_restored(
                    ("monitoring_restored", "channel:flaky")]
     assert agent.pipeline.failed["flaky"] == 3
     assert agent.pipeline.sent["record"] == len(record.sent)
+
+
+def test_no_journald_is_said_at_once_and_its_arrival_followed(tmp_path):
+    """Without journald, journalctl -f waits for ever without a word: the
+    agent says what is missing and what to start, and follows a journald
+    that appears (its socket bound) without a restart of its own."""
+    config = pamsignal.parse_config("[pamsignal]\nstate_dir = %s\n"
+                                    % tmp_path)
+    record = FlakySink("record", 0)
+    agent = pamsignal.Agent(config, [pamsignal.Channel(
+        record, pamsignal.ChannelGate(pamsignal.SHOW_EVERYTHING))])
+    socket_path = str(tmp_path / "journal-socket")
+    agent.source.socket_path = socket_path
+    agent.check_journal(100.0)
+    agent.pipeline.flush()
+    (degraded,) = [e for e in record.sent
+                   if e.action == "monitoring_degraded"]
+    assert degraded.detail == "journal"
+    assert socket_path in degraded.message
+    assert "start it (systemctl start systemd-journald" in degraded.message
+    agent.check_journal(101.0)  # still missing: said once
+    agent.pipeline.flush()
+    assert [e.action for e in record.sent] == ["monitoring_degraded"]
+
+    journald = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        journald.bind(socket_path)
+        agent.source.restart_at = 1e9  # a restart must come from its arrival
+        agent.check_journal(102.0)
+        assert agent.source.process is None
+        assert agent.source.restart_at == 102.0
+    finally:
+        journald.close()
+
+
+def test_test_alert_without_a_configuration_file_says_how_to_make_one():
+    missing = pamsignal.no_channel_message("/etc/pamsignal/pamsignal.conf",
+                                           exists=False)
+    assert missing.startswith("there is no configuration file "
+                              "/etc/pamsignal/pamsignal.conf: create it "
+                              "with `pamsignal install`")
+    empty = pamsignal.no_channel_message("/x.conf", exists=True)
+    assert empty.startswith("no channel is configured in /x.conf: add a "
+                            "[channel:NAME] section")
+    if os.path.exists(pamsignal.DEFAULT_CONFIG_PATH):
+        return  # this machine has one: the command itself is not tried
+    result = subprocess.run([sys.executable, PAMSIGNAL, "test-alert"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == "pamsignal: error: %s\n" % missing

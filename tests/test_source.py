@@ -1,8 +1,10 @@
 """The journal source against a fake journalctl: deaths, garbage, hangs."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -219,3 +221,59 @@ def test_start_position_is_kept_when_stopped_before_any_entry(tmp_path):
     import time
     assert abs(float(first[0][9:]) - (time.time() - 3600)) < 120
     assert read_state(tmp_path)["cursor"] is None
+
+
+def test_a_stop_that_signals_journalctl_too_is_not_a_journalctl_failure(
+        tmp_path):
+    """systemctl stop (KillMode=control-group) signals journalctl with the
+    agent: that is no failure to report before `stopped`."""
+    fake = FakeJournal(tmp_path, {"follow": [{"hang": True}]})
+    agent = subprocess.Popen(
+        [sys.executable, PAMSIGNAL, "--config", agent_config(tmp_path, fake),
+         "run", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=fake.env(), start_new_session=True)
+    try:
+        # Stopped while following: the agent in its loop, journalctl alive.
+        assert wait_for(lambda: os.path.exists(
+            str(tmp_path / "state" / "state.json")) and
+            _children(agent.pid, fake.program))
+        time.sleep(0.5)
+        os.killpg(agent.pid, signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=30)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    stderr = stderr.decode()
+    assert "stopped after" in stderr
+    assert "journalctl exited" not in stderr, stderr
+    assert agent.returncode == 0
+
+
+def test_journalctl_killed_while_running_is_said_when_restarted(tmp_path):
+    fake = FakeJournal(tmp_path, {"follow": [{"hang": True}]})
+    agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
+    assert wait_for(lambda: fake.calls() and
+                    _children(agent.process.pid, fake.program))
+    (follower,) = _children(agent.process.pid, fake.program)
+    os.kill(follower, signal.SIGKILL)
+    assert wait_for(lambda: len(fake.calls()) >= 2)
+    _, stderr, code = agent.stop()
+    assert "journalctl exited with status -9; restarting it" in stderr
+    assert code == 0
+
+
+def _children(pid, program):
+    """PIDs of the live child processes of `pid` running `program`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except (OSError, IndexError):
+            continue  # not a process, or gone meanwhile
+        if int(fields[1]) == pid and fields[0] != "Z" and \
+                program.encode() in argv:
+            found.append(int(entry))
+    return found
