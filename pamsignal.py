@@ -2517,10 +2517,14 @@ class ConnectionTable:
         self.peers = {}
         self.read_at = None
 
-    def destination(self, ip, port, now):
-        """(local ip, local port) of the connection from ip:port, or None."""
+    def destination(self, ip, port, now, always=False):
+        """(local ip, local port) of the connection from ip:port, or None.
+        A missing peer is looked for again at most every
+        CONNECTIONS_REREAD_S, unless `always` (a login: rare, and the
+        one that matters; a second login within that time has a new port
+        that the last reading cannot hold)."""
         found = self.peers.get((ip, port))
-        if found is None and (self.read_at is None or not
+        if found is None and (always or self.read_at is None or not
                               0 <= now - self.read_at < CONNECTIONS_REREAD_S):
             self.peers = established_connections(self.root)
             self.read_at = now
@@ -2641,8 +2645,9 @@ class Enricher:
         if live and event.service == "sshd" and event.source_ip and \
                 event.source_port and event.destination_ip is None and \
                 event.action in ("login_success", "login_failure"):
-            found = self.connections.destination(event.source_ip,
-                                                 event.source_port, now_s)
+            found = self.connections.destination(
+                event.source_ip, event.source_port, now_s,
+                always=event.action == "login_success")
             if found is not None:
                 changes += zip(_DESTINATION_INDEXES, found)
         if not changes:

@@ -229,6 +229,32 @@ def test_connections_are_read_again_only_when_a_peer_is_missing(tmp_path):
         "198.51.100.8", 22)
 
 
+@little_endian_only
+def test_a_second_login_within_the_reread_time_gets_its_destination(
+        tmp_path):
+    """Two logins from one client in quick succession: the second came on
+    a new connection, after the last reading of /proc/net/tcp."""
+    root = str(tmp_path / "root")
+    shutil.copytree(NET_ROOT, root)
+    tcp = os.path.join(root, "proc/net/tcp")
+    with open(tcp) as handle:
+        rows = handle.read().splitlines(True)
+    peer_51234 = [row for row in rows if ":C822 " in row]  # port 51234
+    with open(tcp, "w") as handle:
+        handle.writelines(row for row in rows if row not in peer_51234)
+    enricher = pamsignal.Enricher(root=root)
+    now = 1000.0
+    failure = enricher.enrich(login("203.0.113.5", 51234, at_s=now,
+                                    action="login_failure"), now)
+    assert failure.destination_ip is None  # not connected yet: read once
+    with open(tcp, "w") as handle:
+        handle.writelines(rows)  # the new connection, 0.05 s later
+    success = enricher.enrich(login("203.0.113.5", 51234, at_s=now), now +
+                              0.05)
+    assert (success.destination_ip, success.destination_port) == (
+        "198.51.100.7", 22)
+
+
 def test_host_addresses_from_fib_trie_and_if_inet6():
     assert pamsignal.host_addresses(NET_ROOT) == [
         "127.0.0.1", "198.51.100.7", "198.51.100.8", "::1", "2001:db8::7",
