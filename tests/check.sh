@@ -5,8 +5,10 @@
 # Needs root and a Debian 12 or 13 (or newer) with apt; nothing else has to
 # be there first, not even python3.
 #
-# Environment: SKIP_PREPARE=1 runs only lint and tests (a machine already
-# prepared); PYTEST_ARGS adds pytest arguments (e.g. "-k deb -x").
+# Arguments, if any, go to pytest instead of the whole tests/ folder (e.g.
+# `bash tests/check.sh tests/test_parse.py -x`); then the oldest and newest
+# Pythons are not run.  SKIP_PREPARE=1 skips installing and starting
+# (a machine already prepared).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -83,13 +85,15 @@ python3 -m ruff check pamsignal.py tests bench
 
 step "tests"
 rc=0
-# shellcheck disable=SC2086
-timeout 2400 python3 -m pytest -q ${PYTEST_ARGS:-} tests || rc=$?
+[ "$#" -gt 0 ] || set -- tests
+timeout 2400 python3 -m pytest -q "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests: that is a failure" >&2
     exit 1
 fi
 [ "$rc" -eq 0 ] || exit "$rc"
 
-step "the oldest and newest Python (3.6, 3.13)"
-.ci/pythons
+if [ "$*" = tests ]; then
+    step "the oldest and newest Python (3.6, 3.13)"
+    .ci/pythons
+fi
