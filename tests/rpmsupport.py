@@ -1,0 +1,150 @@
+"""Build pamsignal's RPM as `make rpm` does, and give it a real system to
+install into, for tests/test_rpm.py and tests/test_repo_rpm.py.
+
+The package is built from a copy of the files the spec names (plus the
+Makefile, the spec and its rpmlintrc), so a test may change a source (a
+new default configuration) or the version without touching the checkout.
+
+Scriptlets need a shell and systemctl, and the program needs python3: an
+empty directory has none of them, so packages are installed into an
+overlay of the cached Debian 13 tree (tests/realsys.py trixie-tree), which
+has all three.  The cached tree is shared and never written: everything
+lands in the overlay's upper directory, which the test owns.  Its python3
+and systemd came from dpkg, not rpm, so rpm does not know them: installs
+use --nodeps, or (for dnf) a stand-in package that provides them.
+"""
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import realsys
+from support import REPO
+
+SPEC = os.path.join(REPO, "pamsignal.spec")
+RPMLINTRC = os.path.join(REPO, "pamsignal.rpmlintrc")
+#: The rpm database inside a tree, whatever HOME is (Debian's rpm keeps
+#: its own database in ~/.rpmdb by default).
+DBPATH = "/var/lib/rpm"
+
+
+def run(cmd, **kw):
+    """Run a command, capturing text output; CompletedProcess."""
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    kw.setdefault("universal_newlines", True)
+    kw.setdefault("timeout", 300)
+    return subprocess.run(cmd, **kw)
+
+
+def check(cmd, **kw):
+    """Run a command that must succeed; its CompletedProcess."""
+    result = run(cmd, **kw)
+    assert result.returncode == 0, "%s failed (%d):\n%s%s" % (
+        " ".join(cmd), result.returncode, result.stdout, result.stderr)
+    return result
+
+
+def require_rpm_tools(*extra):
+    realsys.require_root()
+    realsys.require_binaries("make", "rpm", "rpmbuild", *extra)
+
+
+def spec_sources(spec_text):
+    """The file names the spec's SourceN: lines name."""
+    return re.findall(r"^Source\d+:\s*(\S+)\s*$", spec_text, re.M)
+
+
+def copy_sources(dest):
+    """Copy what `make rpm` reads into dest; the copy's directory."""
+    with open(SPEC) as handle:
+        names = spec_sources(handle.read())
+    names += ["Makefile", "pamsignal.spec", "pamsignal.rpmlintrc"]
+    os.makedirs(dest)
+    for name in names:
+        shutil.copy2(os.path.join(REPO, name), os.path.join(dest, name))
+    return dest
+
+
+def make_in(source_dir, *args):
+    """`make -C source_dir ARGS...`, which must succeed."""
+    return check(["make", "--no-print-directory", "-C", source_dir]
+                 + list(args))
+
+
+def build_rpm(workdir, name, version=None, config_text=None):
+    """Build the package with `make rpm` from a fresh copy of the sources
+    in workdir/name; the .rpm's path.  version overrides the spec's (as
+    --define pamsignal_version), config_text the default configuration."""
+    source_dir = copy_sources(os.path.join(workdir, name))
+    if config_text is not None:
+        with open(os.path.join(source_dir, "pamsignal.conf.example"),
+                  "w") as handle:
+            handle.write(config_text)
+    args = ["rpm"]
+    if version:
+        args.append("RPMBUILD_FLAGS=--define 'pamsignal_version %s'"
+                    % version)
+    make_in(source_dir, *args)
+    return only_rpm(os.path.join(source_dir, "dist"))
+
+
+def only_rpm(directory):
+    """The one pamsignal .rpm in directory."""
+    found = [f for f in os.listdir(directory)
+             if f.startswith("pamsignal-") and f.endswith(".noarch.rpm")]
+    assert len(found) == 1, found
+    return os.path.join(directory, found[0])
+
+
+def query(package, fmt):
+    """rpm -qp --qf FMT of a package file."""
+    return check(["rpm", "-qp", "--qf", fmt, package]).stdout
+
+
+def require_debian_tree():
+    realsys.require_binaries("mount", "umount", "chroot")
+    if not realsys.trixie_tree_complete():
+        realsys.unavailable(
+            "the cached Debian 13 tree %s is missing (python3 "
+            "tests/realsys.py trixie-tree builds it)" % realsys.TRIXIE_TREE)
+
+
+@contextlib.contextmanager
+def debian_overlay():
+    """A writable view of the cached Debian 13 tree with an empty rpm
+    database; yields its root.  The cached tree itself stays untouched."""
+    require_debian_tree()
+    base = tempfile.mkdtemp(prefix="pamsignal-rpm-tree-")
+    upper, work, root = (os.path.join(base, d)
+                         for d in ("upper", "work", "root"))
+    for path in (upper, work, root):
+        os.mkdir(path)
+    check(["mount", "-t", "overlay", "overlay", "-o",
+           "lowerdir=%s,upperdir=%s,workdir=%s"
+           % (realsys.TRIXIE_TREE, upper, work), root])
+    try:
+        rpm_in(root, "--initdb")
+        yield root
+    finally:
+        run(["umount", root])
+        if os.path.ismount(root):
+            raise RuntimeError("could not unmount the overlay " + root)
+        shutil.rmtree(base)
+
+
+def rpm_in(root, *args):
+    """rpm on the tree at root (its own database); CompletedProcess."""
+    return run(["rpm", "--root", root, "--dbpath", DBPATH] + list(args))
+
+
+def read(path):
+    with open(path) as handle:
+        return handle.read()
+
+
+def mode(path):
+    return os.lstat(path).st_mode & 0o7777
