@@ -80,18 +80,21 @@ rpm:
 # A signed dnf repository in dist/repo/rpm: the package signed with
 # GPG_KEY (rpmsign), createrepo_c metadata, repodata/repomd.xml.asc (a
 # detached ASCII signature) and the public key as RPM-GPG-KEY-pamsignal.
-# GNUPGHOME picks the keyring (gpg's default otherwise).
+# GNUPGHOME picks the keyring (gpg's default otherwise).  rpmsign is told
+# where gpg is: Debian's rpm looks for a gpg2 that Debian does not ship.
 REPO_RPM = dist/repo/rpm
+GPG ?= gpg
 repo-rpm: rpm
 	@test -n "$(GPG_KEY)" || { echo "make repo-rpm: set GPG_KEY= to the signing key (id, fingerprint or e-mail)" >&2; exit 1; }
-	@for tool in rpmsign createrepo_c gpg; do command -v $$tool >/dev/null || { echo "make repo-rpm: $$tool not found (Debian: apt-get install rpm createrepo-c gnupg)" >&2; exit 1; }; done
+	@for tool in rpmsign createrepo_c $(GPG); do command -v $$tool >/dev/null || { echo "make repo-rpm: $$tool not found (Debian: apt-get install rpm createrepo-c gnupg)" >&2; exit 1; }; done
 	set -eu; rm -rf $(REPO_RPM); mkdir -p $(REPO_RPM); \
 	cp dist/pamsignal-*.noarch.rpm $(REPO_RPM)/; \
-	rpmsign --addsign --define "_gpg_name $(GPG_KEY)" $(REPO_RPM)/*.rpm; \
+	rpmsign --addsign --define "_gpg_name $(GPG_KEY)" \
+		--define "__gpg $$(command -v $(GPG))" $(REPO_RPM)/*.rpm; \
 	createrepo_c --quiet $(REPO_RPM); \
-	gpg --batch --yes --local-user "$(GPG_KEY)" --armor --detach-sign \
+	$(GPG) --batch --yes --local-user "$(GPG_KEY)" --armor --detach-sign \
 		--output $(REPO_RPM)/repodata/repomd.xml.asc \
 		$(REPO_RPM)/repodata/repomd.xml; \
-	gpg --batch --armor --export "$(GPG_KEY)" > $(REPO_RPM)/RPM-GPG-KEY-pamsignal; \
+	$(GPG) --batch --armor --export "$(GPG_KEY)" > $(REPO_RPM)/RPM-GPG-KEY-pamsignal; \
 	test -s $(REPO_RPM)/RPM-GPG-KEY-pamsignal || { echo "make repo-rpm: no public key for $(GPG_KEY)" >&2; exit 1; }; \
 	echo "signed repository: $(REPO_RPM)"

@@ -26,9 +26,6 @@ from support import REPO
 
 SPEC = os.path.join(REPO, "pamsignal.spec")
 RPMLINTRC = os.path.join(REPO, "pamsignal.rpmlintrc")
-#: The rpm database inside a tree, whatever HOME is (Debian's rpm keeps
-#: its own database in ~/.rpmdb by default).
-DBPATH = "/var/lib/rpm"
 
 
 def run(cmd, **kw):
@@ -137,8 +134,9 @@ def debian_overlay():
 
 
 def rpm_in(root, *args):
-    """rpm on the tree at root (its own database); CompletedProcess."""
-    return run(["rpm", "--root", root, "--dbpath", DBPATH] + list(args))
+    """rpm on the tree at root; CompletedProcess.  The database is rpm's
+    default inside the tree (Debian's rpm: ~/.rpmdb), the one dnf uses."""
+    return run(["rpm", "--root", root] + list(args))
 
 
 def read(path):
