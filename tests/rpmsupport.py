@@ -72,20 +72,20 @@ def make_in(source_dir, *args):
                  + list(args))
 
 
-def build_rpm(workdir, name, version=None, config_text=None):
+def build_rpm(workdir, name, version=None, config_text=None, defines=()):
     """Build the package with `make rpm` from a fresh copy of the sources
     in workdir/name; the .rpm's path.  version overrides the spec's (as
-    --define pamsignal_version), config_text the default configuration."""
+    --define pamsignal_version), config_text the default configuration;
+    defines are more (macro, body) pairs for rpmbuild."""
     source_dir = copy_sources(os.path.join(workdir, name))
     if config_text is not None:
         with open(os.path.join(source_dir, "pamsignal.conf.example"),
                   "w") as handle:
             handle.write(config_text)
-    args = ["rpm"]
     if version:
-        args.append("RPMBUILD_FLAGS=--define 'pamsignal_version %s'"
-                    % version)
-    make_in(source_dir, *args)
+        defines = (("pamsignal_version", version),) + tuple(defines)
+    flags = " ".join("--define '%s %s'" % pair for pair in defines)
+    make_in(source_dir, "rpm", "RPMBUILD_FLAGS=" + flags)
     return only_rpm(os.path.join(source_dir, "dist"))
 
 

@@ -76,7 +76,7 @@ def stop_agents(home):
 @pytest.fixture(scope="module")
 def keys():
     """A GnuPG home with the repository's key and another; its path."""
-    rpmsupport.require_rpm_tools("gpg", "gpgconf", "rpmsign",
+    rpmsupport.require_rpm_tools("gpg", "gpgv", "gpgconf", "rpmsign",
                                  "createrepo_c")
     # Short: the agent's socket path must fit in a sockaddr_un.
     home = tempfile.mkdtemp(prefix="psg-")
@@ -188,25 +188,36 @@ def test_primary_lists_the_package_with_its_checksum(repo):
 # ---------------------------------------------------------------- signatures
 
 
-def verify_repomd(keys, repomd_path, signature_path):
-    return run(["gpg", "--homedir", keys, "--batch", "--verify",
-                signature_path, repomd_path])
+def verify_with(public_key, signature, signed, workdir):
+    """gpgv with a keyring of public_key alone, as dnf checks repomd.xml
+    against the repository's gpgkey= and nothing else."""
+    keyring = os.path.join(workdir, os.path.basename(public_key) + ".gpg")
+    check(["gpg", "--homedir", workdir, "--batch", "--yes", "--dearmor",
+           "--output", keyring, public_key])
+    return run(["gpgv", "--keyring", keyring, signature, signed])
 
 
-def test_repomd_signature_verifies_and_fails_when_tampered(repo, keys,
-                                                          tmp_path):
+def test_repomd_signature_verifies_with_the_published_key_only(
+        repo, other_key, tmp_path):
     repomd = os.path.join(repo, "repodata", "repomd.xml")
     signature = repomd + ".asc"
+    published = os.path.join(repo, "RPM-GPG-KEY-pamsignal")
     assert read(signature).startswith("-----BEGIN PGP SIGNATURE-----")
-    good = verify_repomd(keys, repomd, signature)
+    assert read(published).startswith("-----BEGIN PGP PUBLIC KEY BLOCK-----")
+
+    good = verify_with(published, signature, repomd, str(tmp_path))
     assert good.returncode == 0, good.stderr
     assert "Good signature" in good.stderr and SIGNER in good.stderr
+
+    other = verify_with(other_key, signature, repomd, str(tmp_path))
+    assert other.returncode != 0
+    assert "No public key" in other.stderr, other.stderr
 
     # A mirror that points primary at other metadata.
     tampered = tmp_path / "repomd.xml"
     tampered.write_text(read(repomd).replace(
         "<revision>", "<revision>1", 1))
-    bad = verify_repomd(keys, str(tampered), signature)
+    bad = verify_with(published, signature, str(tampered), str(tmp_path))
     assert bad.returncode != 0
     assert "BAD signature" in bad.stderr
 
@@ -221,7 +232,6 @@ def checksig(package, public_key, dbdir):
 def test_package_is_signed_by_the_exported_key(repo, other_key, tmp_path):
     package = rpmsupport.only_rpm(repo)
     key = os.path.join(repo, "RPM-GPG-KEY-pamsignal")
-    assert read(key).startswith("-----BEGIN PGP PUBLIC KEY BLOCK-----")
 
     good = checksig(package, key, str(tmp_path / "good"))
     assert good.returncode == 0 and "signatures OK" in good.stdout, (

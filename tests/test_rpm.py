@@ -112,6 +112,23 @@ def test_every_rpmlint_filter_still_hides_a_finding(packages):
     assert stale == [], output
 
 
+def test_the_distribution_systemd_macros_win(tmp_path):
+    """On Fedora and EL, systemd-rpm-macros defines these before the spec
+    is read: the spec's fallbacks must then stay out of the way."""
+    rpmsupport.require_rpm_tools()
+    package = rpmsupport.build_rpm(str(tmp_path), "fedora-like", defines=(
+        ("_unitdir", "/opt/units"),
+        ("systemd_post()", "distro-post %{?*}"),
+        ("systemd_preun()", "distro-preun %{?*}"),
+        ("systemd_postun_with_restart()", "distro-postun %{?*}")))
+    scripts = rpmsupport.query(package, "%{POSTIN}|%{PREUN}|%{POSTUN}")
+    assert scripts.split("|") == ["distro-post pamsignal.service",
+                                  "distro-preun pamsignal.service",
+                                  "distro-postun pamsignal.service"]
+    files = rpmsupport.query(package, "[%{FILENAMES}\n]").split()
+    assert "/opt/units/pamsignal.service" in files
+
+
 def test_depends_on_python3_and_systemd_only(packages):
     requires = rpmsupport.query(
         packages["current"],
