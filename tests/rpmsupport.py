@@ -18,7 +18,6 @@ import contextlib
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 
 import realsys
@@ -28,21 +27,10 @@ SPEC = os.path.join(REPO, "pamsignal.spec")
 RPMLINTRC = os.path.join(REPO, "pamsignal.rpmlintrc")
 
 
-def run(cmd, **kw):
-    """Run a command, capturing text output; CompletedProcess."""
-    kw.setdefault("stdout", subprocess.PIPE)
-    kw.setdefault("stderr", subprocess.PIPE)
-    kw.setdefault("universal_newlines", True)
-    kw.setdefault("timeout", 300)
-    return subprocess.run(cmd, **kw)
-
-
-def check(cmd, **kw):
-    """Run a command that must succeed; its CompletedProcess."""
-    result = run(cmd, **kw)
-    assert result.returncode == 0, "%s failed (%d):\n%s%s" % (
-        " ".join(cmd), result.returncode, result.stdout, result.stderr)
-    return result
+#: Commands run as the end-to-end helpers run them: text output captured;
+#: check() raises with the output when a command fails.
+run = realsys._run
+check = realsys._check
 
 
 def require_rpm_tools(*extra):
@@ -69,7 +57,7 @@ def copy_sources(dest):
 def make_in(source_dir, *args):
     """`make -C source_dir ARGS...`, which must succeed."""
     return check(["make", "--no-print-directory", "-C", source_dir]
-                 + list(args))
+                 + list(args), timeout=300)
 
 
 def build_rpm(workdir, name, version=None, config_text=None, defines=()):

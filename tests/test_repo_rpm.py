@@ -289,7 +289,7 @@ def dnf_install(tree, workdir, baseurl, gpgkey, repo_gpgcheck=1):
             .format(work=workdir, url=baseurl, repo_check=repo_gpgcheck,
                     key=gpgkey))
     return run(["dnf", "-y", "--config", config, "--installroot", tree,
-                "--releasever", "1", "install", "pamsignal"])
+                "--releasever", "1", "install", "pamsignal"], timeout=300)
 
 
 def test_dnf_installs_from_the_signed_repository(served, dnf_tree, keys,
