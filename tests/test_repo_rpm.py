@@ -305,6 +305,10 @@ def test_dnf_installs_from_the_signed_repository(served, dnf_tree, keys,
     assert signature.endswith("Key ID " + signer[-16:].lower()), signature
     program = os.path.join(dnf_tree, "usr/bin/pamsignal")
     assert os.stat(program).st_mode & 0o777 == 0o755
+    # dnf ran the %post scriptlet too: the unit is enabled.
+    assert os.path.islink(os.path.join(
+        dnf_tree,
+        "etc/systemd/system/multi-user.target.wants/pamsignal.service"))
     version = check(["chroot", dnf_tree, "/usr/bin/pamsignal", "--version"])
     assert version.stdout.strip() == "pamsignal " + pamsignal.__version__
 
