@@ -4,8 +4,8 @@ signatures, and Debian's dnf 4 installing from it over HTTP, or refusing.
 `make repo-rpm` runs with a throw-away GnuPG home holding two fresh keys:
 the repository's, and another one an attacker (or a mix-up) would sign
 with.  The repository is served by http.server on 127.0.0.1 and installed
-with the real dnf into an overlay of the cached Debian 13 tree
-(tests/rpmsupport.py).  That tree's python3, systemd and /bin/sh come from
+with the real dnf, configured by the README's own .repo file, into an
+overlay of the cached Debian 13 tree (tests/rpmsupport.py).  That tree's python3, systemd and /bin/sh come from
 dpkg, which dnf cannot see, so a stand-in package built here provides
 them in the tree's rpm database: the dependency resolution is dnf's own.
 """
@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import http.server
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -25,7 +26,7 @@ import pytest
 import realsys
 import rpmsupport
 from rpmsupport import check, read, rpm_in, run
-from support import pamsignal
+from support import REPO, pamsignal
 
 pytestmark = pytest.mark.e2e
 
@@ -276,26 +277,44 @@ def dnf_tree(stand_in):
         yield root
 
 
-def dnf_install(tree, workdir, baseurl, gpgkey, repo_gpgcheck=1):
-    """`dnf install pamsignal` into tree from one repository configured as
-    an admin would (/etc/yum.repos.d/pamsignal.repo in the README)."""
+#: Where the README's .repo file points; the tests serve it elsewhere.
+README_BASEURL = "https://repo.example.org/pamsignal/rpm/"
+
+
+def readme_repo_file():
+    """The /etc/yum.repos.d/pamsignal.repo the README tells admins to
+    write, so that the tests install the way the README says."""
+    found = re.search(r"```ini\n(\[pamsignal\]\n.*?)```",
+                      read(os.path.join(REPO, "README.md")), re.S)
+    assert found, "the README shows no [pamsignal] .repo file"
+    return found.group(1)
+
+
+def dnf_install(tree, workdir, baseurl, gpgkey=None, repo_gpgcheck=True):
+    """`dnf install pamsignal` into tree from the README's .repo file,
+    pointed at baseurl; gpgkey replaces its key, and repo_gpgcheck=False
+    turns its metadata check off."""
+    repo_file = readme_repo_file().replace(README_BASEURL, baseurl)
+    assert baseurl in repo_file
+    if gpgkey:
+        repo_file = re.sub(r"(?m)^gpgkey=.*$", "gpgkey=" + gpgkey,
+                           repo_file)
+    if not repo_gpgcheck:
+        repo_file = re.sub(r"(?m)^repo_gpgcheck=1$", "repo_gpgcheck=0",
+                           repo_file)
     config = os.path.join(workdir, "dnf.conf")
     with open(config, "w") as handle:
         handle.write(
             "[main]\nreposdir=/nonexistent\ncachedir={work}/cache\n"
-            "persistdir={work}/persist\nlogdir={work}\n\n"
-            "[pamsignal]\nname=PAMSignal\nbaseurl={url}\nenabled=1\n"
-            "gpgcheck=1\nrepo_gpgcheck={repo_check}\ngpgkey={key}\n"
-            .format(work=workdir, url=baseurl, repo_check=repo_gpgcheck,
-                    key=gpgkey))
+            "persistdir={work}/persist\nlogdir={work}\n\n".format(
+                work=workdir) + repo_file)
     return run(["dnf", "-y", "--config", config, "--installroot", tree,
                 "--releasever", "1", "install", "pamsignal"], timeout=300)
 
 
 def test_dnf_installs_from_the_signed_repository(served, dnf_tree, keys,
                                                  tmp_path):
-    result = dnf_install(dnf_tree, str(tmp_path), served,
-                         served + "RPM-GPG-KEY-pamsignal")
+    result = dnf_install(dnf_tree, str(tmp_path), served)
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Complete!" in result.stdout
@@ -334,7 +353,7 @@ def test_dnf_refuses_a_package_signed_by_another_key(served, dnf_tree,
     # Metadata unchecked, as on a repository without repomd.xml.asc: the
     # package's own signature still stops it.
     result = dnf_install(dnf_tree, str(tmp_path), served,
-                         "file://" + other_key, repo_gpgcheck=0)
+                         "file://" + other_key, repo_gpgcheck=False)
 
     assert result.returncode != 0
     assert "GPG check FAILED" in result.stderr
