@@ -16,7 +16,6 @@ use --nodeps, or (for dnf) a stand-in package that provides them.
 
 import contextlib
 import os
-import re
 import shutil
 import tempfile
 
@@ -38,16 +37,17 @@ def require_rpm_tools(*extra):
     realsys.require_binaries("make", "rpm", "rpmbuild", *extra)
 
 
-def spec_sources(spec_text):
-    """The file names the spec's SourceN: lines name."""
-    return re.findall(r"^Source\d+:\s*(\S+)\s*$", spec_text, re.M)
+def spec_sources():
+    """The files the spec's SourceN: lines name, as rpm reads them (its
+    conditionals decided)."""
+    return check(["rpmspec", "-q", "--srpm", "--qf", "[%{SOURCE}\n]",
+                  SPEC]).stdout.split()
 
 
 def copy_sources(dest):
     """Copy what `make rpm` reads into dest; the copy's directory."""
-    with open(SPEC) as handle:
-        names = spec_sources(handle.read())
-    names += ["Makefile", "pamsignal.spec", "pamsignal.rpmlintrc"]
+    names = spec_sources() + ["Makefile", "pamsignal.spec",
+                              "pamsignal.rpmlintrc"]
     os.makedirs(dest)
     for name in names:
         shutil.copy2(os.path.join(REPO, name), os.path.join(dest, name))

@@ -5,9 +5,10 @@ signatures, and Debian's dnf 4 installing from it over HTTP, or refusing.
 the repository's, and another one an attacker (or a mix-up) would sign
 with.  The repository is served by http.server on 127.0.0.1 and installed
 with the real dnf, configured by the README's own .repo file, into an
-overlay of the cached Debian 13 tree (tests/rpmsupport.py).  That tree's python3, systemd and /bin/sh come from
-dpkg, which dnf cannot see, so a stand-in package built here provides
-them in the tree's rpm database: the dependency resolution is dnf's own.
+overlay of the cached Debian 13 tree (tests/rpmsupport.py).  That tree's
+python3, systemd and /bin/sh come from dpkg, which dnf cannot see, so a
+stand-in package built here provides them in the tree's rpm database: the
+dependency resolution is dnf's own.
 """
 import bz2
 import functools
