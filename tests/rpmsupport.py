@@ -8,10 +8,11 @@ new default configuration) or the version without touching the checkout.
 Scriptlets need a shell and systemctl, and the program needs python3: an
 empty directory has none of them, so packages are installed into an
 overlay of the cached Debian 13 tree (tests/realsys.py trixie-tree), which
-has all three.  The cached tree is shared and never written: everything
-lands in the overlay's upper directory, which the test owns.  Its python3
-and systemd came from dpkg, not rpm, so rpm does not know them: installs
-use --nodeps, or (for dnf) a stand-in package that provides them.
+has all three, or of the bootable one (boot-tree) to boot it afterwards.
+The cached trees are shared and never written: everything lands in the
+overlay's upper directory, which the test owns.  Their python3 and
+systemd came from dpkg, not rpm, so rpm does not know them: installs use
+--nodeps, or (for dnf) a stand-in package that provides them.
 """
 
 import contextlib
@@ -90,27 +91,33 @@ def query(package, fmt):
     return check(["rpm", "-qp", "--qf", fmt, package]).stdout
 
 
-def require_debian_tree():
+def require_debian_tree(tree, needs, builder):
     realsys.require_binaries("mount", "umount", "chroot")
-    if not realsys.trixie_tree_complete():
+    if not realsys.trixie_tree_complete(tree, needs):
         realsys.unavailable(
             "the cached Debian 13 tree %s is missing (python3 "
-            "tests/realsys.py trixie-tree builds it)" % realsys.TRIXIE_TREE)
+            "tests/realsys.py %s builds it)" % (tree, builder))
 
 
 @contextlib.contextmanager
-def debian_overlay():
-    """A writable view of the cached Debian 13 tree with an empty rpm
-    database; yields its root.  The cached tree itself stays untouched."""
-    require_debian_tree()
+def debian_overlay(bootable=False):
+    """A writable view of the cached Debian 13 tree (bootable: the one with
+    systemd as init) with an empty rpm database; yields its root.  The
+    cached tree itself stays untouched."""
+    if bootable:
+        lower = realsys.BOOT_TREE
+        require_debian_tree(lower, realsys.BOOT_NEEDS, "boot-tree")
+    else:
+        lower = realsys.TRIXIE_TREE
+        require_debian_tree(lower, realsys.TRIXIE_NEEDS, "trixie-tree")
     base = tempfile.mkdtemp(prefix="pamsignal-rpm-tree-")
     upper, work, root = (os.path.join(base, d)
                          for d in ("upper", "work", "root"))
     for path in (upper, work, root):
         os.mkdir(path)
     check(["mount", "-t", "overlay", "overlay", "-o",
-           "lowerdir=%s,upperdir=%s,workdir=%s"
-           % (realsys.TRIXIE_TREE, upper, work), root])
+           "lowerdir=%s,upperdir=%s,workdir=%s" % (lower, upper, work),
+           root])
     try:
         rpm_in(root, "--initdb")
         yield root

@@ -16,9 +16,11 @@ import re
 
 import pytest
 
+import realsys
 import rpmsupport
 from rpmsupport import check, mode, read, rpm_in, run
-from support import PAMSIGNAL, REPO, pamsignal
+from support import PAMSIGNAL, REPO, pamsignal, wait_for
+from test_service_boot import Container
 
 pytestmark = pytest.mark.e2e
 
@@ -244,3 +246,26 @@ def test_erase_of_an_untouched_install_leaves_nothing(packages, tree):
     assert erase.returncode == 0, erase.stdout + erase.stderr
     assert not os.path.lexists(in_tree(tree, "/etc/pamsignal"))
     assert not os.path.lexists(in_tree(tree, PROGRAM))
+
+
+def test_the_installed_package_starts_at_boot(packages, tmp_path):
+    """rpm installs it into the bootable Debian 13 tree; booted with
+    systemd-nspawn, systemd starts the unit %post enabled, from its
+    packaged path, with the packaged configuration."""
+    realsys.require_binaries("systemd-nspawn", "nsenter")
+    with rpmsupport.debian_overlay(bootable=True) as root:
+        install(root, packages["current"])
+        box = Container(root, str(tmp_path / "nspawn.log"))
+        try:
+            box.start()
+            # Type=notify: active (not activating) means READY=1 arrived.
+            assert wait_for(lambda: box.show("ActiveState") in (
+                "active", "failed"), timeout=60)
+            assert box.show("ActiveState") == "active", box.unit_log()
+            assert box.show("StatusText").startswith("Following the journal")
+            assert box.show("UnitFileState") == "enabled"
+            assert box.show("FragmentPath") == UNIT
+            assert "/usr/bin/pamsignal --config /run/pamsignal/" \
+                "pamsignal.conf run" in box.show("ExecStart")
+        finally:
+            box.stop()
