@@ -61,16 +61,19 @@ def make_in(source_dir, *args):
                  + list(args), timeout=300)
 
 
-def build_rpm(workdir, name, version=None, config_text=None, defines=()):
+def build_rpm(workdir, name, version=None, config_text=None, defines=(),
+              files=()):
     """Build the package with `make rpm` from a fresh copy of the sources
     in workdir/name; the .rpm's path.  version overrides the spec's (as
     --define pamsignal_version), config_text the default configuration;
-    defines are more (macro, body) pairs for rpmbuild."""
+    defines are more (macro, body) pairs for rpmbuild, files more (name,
+    text) pairs to put beside the sources."""
     source_dir = copy_sources(os.path.join(workdir, name))
     if config_text is not None:
-        with open(os.path.join(source_dir, "pamsignal.conf.example"),
-                  "w") as handle:
-            handle.write(config_text)
+        files = (("pamsignal.conf.example", config_text),) + tuple(files)
+    for file_name, text in files:
+        with open(os.path.join(source_dir, file_name), "w") as handle:
+            handle.write(text)
     if version:
         defines = (("pamsignal_version", version),) + tuple(defines)
     flags = " ".join("--define '%s %s'" % pair for pair in defines)

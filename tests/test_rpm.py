@@ -29,6 +29,7 @@ NEXT_VERSION = pamsignal.__version__ + ".1"
 CONFIG = "/etc/pamsignal/pamsignal.conf"
 PROGRAM = "/usr/bin/pamsignal"
 UNIT = "/usr/lib/systemd/system/pamsignal.service"
+MAN5 = "/usr/share/man/man5/pamsignal.conf.5.gz"
 #: Where `systemctl preset` (the %post scriptlet) enables the unit.
 ENABLED = "/etc/systemd/system/multi-user.target.wants/pamsignal.service"
 #: What an admin makes of the configuration.
@@ -149,7 +150,7 @@ def test_files_modes_owners_and_config_flags(packages):
     assert [perms for perms, _ in docs.values()] == ["drwxr-xr-x"]
     rest = {name: entry for name, entry in files.items()
             if not name.startswith("/usr/share/doc/")}
-    assert rest == {
+    expected = {
         "/etc/pamsignal": ("drwx------", ""),
         # c = %config, n = noreplace
         CONFIG: ("-rw-------", "cn"),
@@ -157,6 +158,21 @@ def test_files_modes_owners_and_config_flags(packages):
         UNIT: ("-rw-r--r--", ""),
         "/usr/share/man/man8/pamsignal.8.gz": ("-rw-r--r--", "d"),
     }
+    if "pamsignal.conf.5" in rpmsupport.spec_sources():
+        expected[MAN5] = ("-rw-r--r--", "d")
+    assert rest == expected
+
+
+def test_the_conf5_switch_packages_pamsignal_conf_5(tmp_path):
+    """The one line to change when pamsignal.conf.5 lands works."""
+    rpmsupport.require_rpm_tools()
+    page = ".TH PAMSIGNAL.CONF 5\n.SH NAME\npamsignal.conf \\- test\n"
+    package = rpmsupport.build_rpm(
+        str(tmp_path), "conf5", defines=(("with_conf5", "1"),),
+        files=(("pamsignal.conf.5", page),))
+    listing = rpmsupport.query(
+        package, "[%{FILENAMES} %{FILEFLAGS:fflags}\n]").splitlines()
+    assert MAN5 + " d" in listing
 
 
 # ---------------------------------------------------------------- on a system
