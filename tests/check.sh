@@ -25,6 +25,7 @@ PACKAGES=(
     openssh-server openssh-client sshpass sudo util-linux bsdutils procps
     passwd login systemd iproute2 debootstrap systemd-container
     mandoc
+    rpm rpmlint createrepo-c gnupg dnf
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb)
