@@ -157,22 +157,9 @@ def test_files_modes_owners_and_config_flags(packages):
         PROGRAM: ("-rwxr-xr-x", ""),
         UNIT: ("-rw-r--r--", ""),
         "/usr/share/man/man8/pamsignal.8.gz": ("-rw-r--r--", "d"),
+        MAN5: ("-rw-r--r--", "d"),
     }
-    if "pamsignal.conf.5" in rpmsupport.spec_sources():
-        expected[MAN5] = ("-rw-r--r--", "d")
     assert rest == expected
-
-
-def test_the_conf5_switch_packages_pamsignal_conf_5(tmp_path):
-    """The one line to change when pamsignal.conf.5 lands works."""
-    rpmsupport.require_rpm_tools()
-    page = ".TH PAMSIGNAL.CONF 5\n.SH NAME\npamsignal.conf \\- test\n"
-    package = rpmsupport.build_rpm(
-        str(tmp_path), "conf5", defines=(("with_conf5", "1"),),
-        files=(("pamsignal.conf.5", page),))
-    listing = rpmsupport.query(
-        package, "[%{FILENAMES} %{FILEFLAGS:fflags}\n]").splitlines()
-    assert MAN5 + " d" in listing
 
 
 # ---------------------------------------------------------------- on a system
