@@ -23,9 +23,11 @@ PACKAGES=(
     openssh-server openssh-client sshpass sudo util-linux bsdutils procps
     passwd login systemd iproute2 debootstrap systemd-container
     mandoc
+    # tests/test_install_sh.py: downloaders, OpenPGP checkers, shellcheck
+    curl wget gnupg gpgv shellcheck
 )
 # Python packages, CI-only: never imported by pamsignal.py.
-PIP_PACKAGES=(pytest vermin ruff maxminddb)
+PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml)
 
 step() { printf '\n==> %s\n' "$*"; }
 

@@ -26,6 +26,7 @@ import threading
 import pytest
 
 import realsys
+from receivers import Dynamic, HttpReceiver, Respond, make_cert
 from support import REPO, pamsignal, wait_for
 from test_service_boot import Container
 
@@ -321,9 +322,15 @@ def path_without(directory, *hidden):
     return directory
 
 
-def download_only(script, base_url, target, path=None, extra=()):
+#: Variables that would make a downloader trust another CA.
+CA_VARIABLES = ("CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+def download_only(script, base_url, target, path=None, extra=(), **more):
     environment = dict(os.environ)
-    environment.pop("PAMSIGNAL_BASE_URL", None)
+    for name in ("PAMSIGNAL_BASE_URL",) + CA_VARIABLES:
+        environment.pop(name, None)
+    environment.update(more)
     if path:
         environment["PATH"] = path
     return run(["bash", script, "--base-url", base_url, "--download-only",
@@ -382,6 +389,67 @@ def test_a_key_given_with_key_replaces_the_built_in_one(server, keys,
                            extra=["--key", stranger.public])
     assert theirs.returncode == 1
     assert "not a good signature" in theirs.stderr
+
+
+@pytest.fixture(scope="session")
+def https_site(site, server, tmp_path_factory):
+    """The site over TLS, with a certificate from a test CA that nothing
+    trusts unless told to.  /to-http/... redirects to the plain site,
+    /to-https/... to itself (as GitHub redirects a release download)."""
+    certs = make_cert(str(tmp_path_factory.mktemp("tls")))
+
+    def answer(request):
+        if request.path.startswith("/to-https/"):
+            return Respond(302, headers={
+                "Location": receiver.url + request.path[len("/to-https"):]})
+        if request.path.startswith("/to-http/"):
+            return Respond(302, headers={
+                "Location": server.url + request.path[len("/to-http"):]})
+        path = os.path.join(site, request.path.lstrip("/"))
+        if ".." in request.path or not os.path.isfile(path):
+            return Respond(404)
+        with open(path, "rb") as handle:
+            return Respond(200, handle.read())
+
+    with HttpReceiver(tls=certs, default=Dynamic(answer)) as receiver:
+        yield receiver, certs.ca_file
+
+
+HIDE_FOR = {"curl": (), "wget": ("curl",), "python3": ("curl", "wget")}
+
+
+@pytest.mark.parametrize("downloader", sorted(HIDE_FOR))
+def test_an_untrusted_certificate_is_refused(downloader, dist, https_site,
+                                             tmp_path):
+    receiver, _ = https_site
+    path = path_without(str(tmp_path / "bin"), *HIDE_FOR[downloader])
+    result = download_only(os.path.join(dist, "install.sh"), receiver.url,
+                           str(tmp_path / "release"), path)
+    assert result.returncode == 1
+    assert "(with %s)" % downloader in result.stdout
+    assert "could not download %s/latest/SHA256SUMS" % receiver.url in \
+        result.stderr
+    assert not (tmp_path / "release").exists()
+
+
+@pytest.mark.parametrize("downloader", ["curl", "python3"])
+def test_https_works_and_no_redirect_leads_back_to_http(
+        downloader, dist, https_site, server, tmp_path):
+    receiver, ca_file = https_site
+    path = path_without(str(tmp_path / "bin"), *HIDE_FOR[downloader])
+    script = os.path.join(dist, "install.sh")
+    trusted = {"CURL_CA_BUNDLE": ca_file, "SSL_CERT_FILE": ca_file}
+    good = download_only(script, receiver.url + "/to-https",
+                         str(tmp_path / "good"), path, **trusted)
+    assert good.returncode == 0, good.stderr
+    assert (tmp_path / "good/pamsignal.py").exists()
+    del server.requests[:]
+    downgraded = download_only(script, receiver.url + "/to-http",
+                               str(tmp_path / "bad"), path, **trusted)
+    assert downgraded.returncode == 1
+    assert "could not download %s/to-http/latest/SHA256SUMS" \
+        % receiver.url in downgraded.stderr
+    assert server.requests == []
 
 
 def test_only_https_or_this_host(dist, tmp_path):
@@ -677,3 +745,61 @@ def test_uninstall_then_purge(booted, dist):
     assert purged.returncode == 0, purged.stderr
     assert booted.run(["test", "-e", "/etc/pamsignal"],
                       check=False).returncode == 1
+
+
+# ---------------------------------------------------------------- workflow
+
+WORKFLOW = os.path.join(REPO, ".github", "workflows", "release.yml")
+
+
+def workflow_steps():
+    try:
+        import yaml
+    except ImportError:
+        realsys.unavailable("PyYAML is not installed (tests/check.sh "
+                            "installs it)")
+    with open(WORKFLOW) as handle:
+        workflow = yaml.safe_load(handle)
+    # YAML 1.1 reads the key `on` as true
+    trigger = workflow.get("on", workflow.get(True))
+    (job,) = workflow["jobs"].values()
+    return trigger, job, job["steps"]
+
+
+def test_the_release_workflow_tests_then_signs_then_publishes():
+    trigger, job, steps = workflow_steps()
+    assert trigger == {"push": {"tags": ["v*"]}}
+    assert job["container"]["image"] == "debian:12"
+    runs = [step.get("run", "") for step in steps]
+
+    def first(text):
+        return next(i for i, run_text in enumerate(runs) if text in run_text)
+
+    assert first("bash tests/check.sh") < first("gpg --batch --quiet "
+                                                "--import")
+    assert first("--import") < first("make dist") < first("gh release "
+                                                          "create")
+    (checkout,) = [step for step in steps
+                   if step.get("uses", "").startswith("actions/checkout")]
+    assert checkout["with"]["persist-credentials"] is False
+    # The key and the token reach only the step that needs each.
+    for secret, text in (("secrets.RELEASE_GPG_KEY", "--import"),
+                         ("github.token", "gh release create")):
+        holders = [i for i, step in enumerate(steps) if secret in
+                   str(step.get("env", {}))]
+        assert holders == [first(text)]
+        assert all(secret not in run_text for run_text in runs)
+
+
+def test_the_release_workflow_scripts_pass_shellcheck(tmp_path):
+    realsys.require_binaries("shellcheck")
+    _, _, steps = workflow_steps()
+    for number, step in enumerate(steps):
+        if "run" not in step:
+            continue
+        # ${{ expressions }} are substituted before the shell sees them
+        script = re.sub(r"\$\{\{[^}]*\}\}", "x", step["run"])
+        path = tmp_path / ("step%d.sh" % number)
+        path.write_text("#!/bin/bash\nset -eo pipefail\n" + script)
+        result = run(["shellcheck", str(path)])
+        assert result.returncode == 0, (step.get("name"), result.stdout)
