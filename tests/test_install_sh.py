@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import tarfile
 import threading
 
@@ -45,11 +44,8 @@ CHROOT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:"
 
 
 def run(command, **options):
-    options.setdefault("stdout", subprocess.PIPE)
-    options.setdefault("stderr", subprocess.PIPE)
-    options.setdefault("universal_newlines", True)
     options.setdefault("timeout", 120)
-    return subprocess.run(command, **options)
+    return realsys._run(command, **options)
 
 
 def sha256(path):
@@ -539,12 +535,9 @@ def debian13(tmp_path):
     before it downloads."""
     realsys.require_root()
     realsys.require_binaries("unshare", "chroot", "mount")
-    if not realsys.trixie_tree_complete():
-        try:
-            realsys.build_trixie_tree()
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-            realsys.unavailable("no Debian 13 tree: %s" % error)
-    view = Overlay(realsys.TRIXIE_TREE, str(tmp_path / "overlay"))
+    tree = realsys.require_tree(realsys.TRIXIE_TREE, realsys.TRIXIE_NEEDS,
+                                realsys.build_trixie_tree, "Debian 13 tree")
+    view = Overlay(tree, str(tmp_path / "overlay"))
     view.prepare("/run/systemd/system")
     return view
 
@@ -633,13 +626,10 @@ def booted(tmp_path_factory, site):
     its own port 22), with the release site served inside on loopback."""
     realsys.require_root()
     realsys.require_binaries("systemd-nspawn", "nsenter")
-    if not realsys.trixie_tree_complete(realsys.BOOT_TREE,
-                                        realsys.BOOT_NEEDS):
-        try:
-            realsys.build_boot_tree()
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-            realsys.unavailable("no bootable Debian 13 tree: %s" % error)
-    box = Container(realsys.BOOT_TREE, str(
+    tree = realsys.require_tree(realsys.BOOT_TREE, realsys.BOOT_NEEDS,
+                                realsys.build_boot_tree,
+                                "bootable Debian 13 tree")
+    box = Container(tree, str(
         tmp_path_factory.mktemp("nspawn-install") / "nspawn.log"))
     try:
         box.start()
