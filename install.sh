@@ -129,6 +129,21 @@ require_systemd() {
         "  sudo python3 DIR/pamsignal.py run"
 }
 
+# Whether dpkg or rpm owns the program: then the package manager upgrades
+# and removes it, and a second copy of the unit here would shadow its own.
+installed_by_package() {
+    { command -v dpkg-query >/dev/null 2>&1 &&
+        dpkg-query -S "$program" >/dev/null 2>&1; } ||
+        { command -v rpm >/dev/null 2>&1 &&
+            rpm -qf "$program" >/dev/null 2>&1; }
+}
+
+refuse_packaged() {
+    installed_by_package || return 0
+    fail "$program belongs to an installed package (.deb or .rpm)." \
+        "$1 it with the package manager (apt-get, dnf), not with this script."
+}
+
 require_root() {
     [ "$(id -u)" -eq 0 ] ||
         fail "this needs root: curl -fsSL .../install.sh | sudo bash"
@@ -149,11 +164,12 @@ url_host() {
 }
 
 is_loopback_url() {
+    local host
     case "$1" in http://*) ;; *) return 1 ;; esac
-    case "$(url_host "$1")" in
-        127.* | localhost | ::1) return 0 ;;
-    esac
-    return 1
+    host=$(url_host "$1")
+    # an address, not a name that merely starts like one (127.0.0.1.example)
+    [[ "$host" =~ ^127(\.[0-9]{1,3}){3}$ ]] && return 0
+    [ "$host" = "::1" ] || [ "$host" = localhost ]
 }
 
 release_url() {
@@ -341,6 +357,7 @@ install_man_pages() {
 uninstall() {
     local page
     require_root
+    refuse_packaged "Remove"
     if [ -x "$program" ]; then
         require_python
         if [ "$purge" = yes ]; then
@@ -365,6 +382,7 @@ install_release() {
     say "on $(os_name)"
     [ -n "$download_dir" ] || require_systemd
     require_python
+    [ -n "$download_dir" ] || refuse_packaged "Upgrade"
     downloader=$(pick_downloader)
     url=$(release_url "$base_url" "$wanted_version")
     case "$url" in
@@ -391,7 +409,7 @@ install_release() {
     fi
     if [ -n "$download_dir" ]; then
         mkdir -p "$download_dir"
-        cp "$work"/pamsignal.* "$work/SHA256SUMS" "$download_dir/"
+        cp "$work"/pamsignal.* "$work"/SHA256SUMS* "$download_dir/"
         say "downloaded and verified PAMSignal $version into $download_dir"
         say "run it: sudo python3 $download_dir/pamsignal.py run"
         return 0
@@ -400,7 +418,9 @@ install_release() {
     python3 "$work/pamsignal.py" install </dev/null ||
         fail "python3 pamsignal.py install failed (see above)."
     install_man_pages
-    if [ -n "$previous" ]; then
+    if [ "$previous" = "$version" ]; then
+        say "reinstalled PAMSignal $version; kept $config"
+    elif [ -n "$previous" ]; then
         say "upgraded PAMSignal $previous -> $version; kept $config"
     else
         say "installed PAMSignal $version"

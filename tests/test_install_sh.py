@@ -351,6 +351,8 @@ def test_each_downloader_fetches_and_verifies(downloader, agent, dist,
     assert fetched == sorted("/latest/" + name for name in RELEASE_FILES)
     assert all(user_agent.startswith(agent)
                for _, user_agent in server.requests), server.requests
+    assert sorted(os.listdir(str(tmp_path / "release"))) == \
+        sorted(RELEASE_FILES)
     assert sha256(str(tmp_path / "release/pamsignal.py")) == \
         sha256(os.path.join(REPO, "pamsignal.py"))
 
@@ -448,9 +450,11 @@ def test_https_works_and_no_redirect_leads_back_to_http(
     assert server.requests == []
 
 
-def test_only_https_or_this_host(dist, tmp_path):
-    result = download_only(os.path.join(dist, "install.sh"),
-                           "http://mirror.example.org/pamsignal",
+@pytest.mark.parametrize("base_url", [
+    "http://mirror.example.org/pamsignal", "http://127.0.0.1.example.org/",
+    "ftp://127.0.0.1/pamsignal", "http://[::2]/pamsignal"])
+def test_only_https_or_this_host(base_url, dist, tmp_path):
+    result = download_only(os.path.join(dist, "install.sh"), base_url,
                            str(tmp_path / "release"))
     assert result.returncode == 1
     assert "only https:// (or http:// to this host)" in result.stderr
@@ -497,15 +501,16 @@ class Overlay(object):
                    command, input=input, env=CHROOT_ENV)
 
     def prepare(self, path, text=None, mode=0o755):
-        """A file (or, with no text, a directory) in the view before the
-        test runs; written() leaves these out."""
+        """A file of text or bytes (or, with no text, a directory) in
+        the view before the test runs; written() leaves these out."""
         target = os.path.join(self.upper, path.lstrip("/"))
         if text is None:
             os.makedirs(target)
         else:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            with open(target, "w") as handle:
-                handle.write(text)
+            with open(target, "wb") as handle:
+                handle.write(text if isinstance(text, bytes) else
+                             text.encode())
             os.chmod(target, mode)
         self.prepared.add(path)
 
@@ -585,15 +590,21 @@ def test_no_signature_checker_is_refused(debian13, dist, server):
     assert debian13.written() == []
 
 
-def test_python_older_than_3_6_is_refused(debian13, dist, server):
-    debian13.prepare("/usr/local/bin/python3",
-                     '#!/bin/sh\ncase "$1" in --version) echo "Python 3.5.10"'
-                     ';; *) echo 3.5;; esac\n')
+@pytest.mark.parametrize("python,complaint", [
+    ("3.5", "python3 is 3.5; PAMSignal needs Python 3.6 or newer"),
+    (None, "python3 is not installed; PAMSignal needs Python 3.6 or newer")])
+def test_python_older_than_3_6_is_refused(python, complaint, debian13, dist,
+                                          server):
+    if python is None:
+        debian13.whiteout("/usr/bin/python3")
+    else:
+        debian13.prepare("/usr/local/bin/python3",
+                         '#!/bin/sh\ncase "$1" in --version) echo "Python '
+                         '%s.10";; *) echo %s;; esac\n' % (python, python))
     del server.requests[:]
     result = curl_pipe_bash(debian13, dist, "--base-url", server.url)
     assert result.returncode == 1
-    assert "python3 is 3.5; PAMSignal needs Python 3.6 or newer" in \
-        result.stderr
+    assert complaint in result.stderr
     assert "apt-get install python3" in result.stderr  # Debian was found
     assert server.requests == []
     assert debian13.written() == []
@@ -793,3 +804,34 @@ def test_the_release_workflow_scripts_pass_shellcheck(tmp_path):
         path.write_text("#!/bin/bash\nset -eo pipefail\n" + script)
         result = run(["shellcheck", str(path)])
         assert result.returncode == 0, (step.get("name"), result.stdout)
+
+
+def test_a_packaged_install_is_left_to_the_package_manager(debian13, dist,
+                                                           server, tmp_path):
+    """A .deb owns /usr/bin/pamsignal: install.sh neither overwrites nor
+    removes it (its unit in /etc would shadow the package's)."""
+    realsys.require_binaries("dpkg-deb")
+    package = tmp_path / "package"
+    (package / "DEBIAN").mkdir(parents=True)
+    (package / "DEBIAN/control").write_text(
+        "Package: pamsignal\nVersion: 0.0.1\nArchitecture: all\n"
+        "Maintainer: Tests <tests@invalid>\nDescription: stand-in\n")
+    (package / "usr/bin").mkdir(parents=True)
+    (package / "usr/bin/pamsignal").write_text("#!/bin/sh\necho packaged\n")
+    (package / "usr/bin/pamsignal").chmod(0o755)
+    built = run(["dpkg-deb", "--root-owner-group", "--build", str(package),
+                 str(tmp_path / "pamsignal.deb")])
+    assert built.returncode == 0, built.stderr
+    with open(str(tmp_path / "pamsignal.deb"), "rb") as handle:
+        debian13.prepare("/root/pamsignal.deb", handle.read(), 0o644)
+    installed = debian13.run(["dpkg", "-i", "/root/pamsignal.deb"])
+    assert installed.returncode == 0, installed.stderr
+    for arguments in ((), ("--uninstall",)):
+        result = curl_pipe_bash(debian13, dist, "--base-url", server.url,
+                                *arguments)
+        assert result.returncode == 1
+        assert "/usr/bin/pamsignal belongs to an installed package" in \
+            result.stderr
+    assert debian13.run(["pamsignal"]).stdout == "packaged\n"
+    assert not [path for path in debian13.written()
+                if path.startswith(("/etc/pamsignal", "/etc/systemd"))]
