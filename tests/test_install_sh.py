@@ -460,6 +460,29 @@ def test_only_https_or_this_host(base_url, dist, tmp_path):
     assert "only https:// (or http:// to this host)" in result.stderr
 
 
+@pytest.mark.parametrize("arguments,complaint", [
+    (["--purge"], "--purge goes with --uninstall"),
+    (["--version", "0.2.0;id"], "--version 0.2.0;id: not a version"),
+    (["--version", "../../x"], "expected a version such as 0.2.0"),
+    (["--key", "/nonexistent"], "--key /nonexistent: cannot read"),
+    (["--bogus"], "unknown option: --bogus")])
+def test_bad_arguments_are_refused_before_anything_runs(arguments, complaint,
+                                                        server):
+    del server.requests[:]
+    result = run(["bash", INSTALL_SH, "--base-url", server.url] + arguments)
+    assert result.returncode == 1
+    assert complaint in result.stderr
+    assert server.requests == []
+
+
+def test_help_says_how_to_pin_mirror_and_uninstall():
+    result = run(["bash", INSTALL_SH, "--help"])
+    assert result.returncode == 0
+    for option in ("--version X.Y.Z", "--base-url URL", "--key FILE",
+                   "--download-only DIR", "--uninstall", "--purge"):
+        assert option in result.stdout
+
+
 def test_a_truncated_script_runs_nothing(dist, tmp_path):
     """curl cut short: bash reads a function that is never called."""
     with open(os.path.join(dist, "install.sh")) as handle:
