@@ -425,10 +425,12 @@ install_release() {
     else
         say "installed PAMSignal $version"
     fi
+    local manuals="pamsignal(8)"
+    [ -f "$work/pamsignal.conf.5" ] && manuals="pamsignal.conf(5), $manuals"
     cat <<EOF
 
 Next:
-  1. edit $config (alert channels, see pamsignal.conf(5) and pamsignal(8))
+  1. edit $config (alert channels: see $manuals)
   2. pamsignal check-config
   3. systemctl reload pamsignal
   4. pamsignal test-alert
