@@ -75,8 +75,9 @@ DIST_MANPAGES := $(wildcard pamsignal.8 pamsignal.conf.5)
 
 dist: dist-files $(DIST_PACKAGES)
 	cd $(DISTDIR) && rm -f SHA256SUMS SHA256SUMS.asc && \
-		find . -maxdepth 1 -type f ! -name 'SHA256SUMS*' -printf '%P\n' | LC_ALL=C sort | \
-		xargs sha256sum -- > SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS
+		find . -maxdepth 1 -type f ! -name 'SHA256SUMS*' -printf '%P\n' | \
+		LC_ALL=C sort | xargs sha256sum -- > SHA256SUMS.tmp && \
+		mv SHA256SUMS.tmp SHA256SUMS
 ifneq ($(GPG_KEY),)
 	gpg --batch --yes --local-user "$(GPG_KEY)" --armor --detach-sign \
 		-o $(DISTDIR)/SHA256SUMS.asc $(DISTDIR)/SHA256SUMS
@@ -93,8 +94,9 @@ ifeq ($(GPG_KEY),)
 	install -m 0755 install.sh $(DISTDIR)/install.sh
 else
 	gpg --batch --armor --export "$(GPG_KEY)" > $(DISTDIR)/release-key.tmp
-	@test -s $(DISTDIR)/release-key.tmp || \
-		{ echo "GPG_KEY=$(GPG_KEY): no such key" >&2; exit 1; }
+	@test -s $(DISTDIR)/release-key.tmp || { \
+		rm -f $(DISTDIR)/release-key.tmp; \
+		echo "GPG_KEY=$(GPG_KEY): no such key" >&2; exit 1; }
 	awk -v key=$(DISTDIR)/release-key.tmp '{ print } \
 		/^    cat <<.PAMSIGNAL_RELEASE_KEY.$$/ { \
 			while ((getline line < key) > 0) print line }' \

@@ -288,7 +288,9 @@ def test_make_dist_refuses_an_unknown_key(tmp_path, keys):
     result = make("dist", "DISTDIR=%s" % tmp_path, "GPG_KEY=" + "0" * 40,
                   GNUPGHOME=keys[0].home)
     assert result.returncode != 0
+    assert "no such key" in result.stderr
     assert not (tmp_path / "SHA256SUMS").exists()
+    assert not (tmp_path / "release-key.tmp").exists()
 
 
 def test_shellcheck_finds_nothing_in_install_sh(dist):
