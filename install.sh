@@ -231,10 +231,10 @@ fetch() {
             local protocols="=https"
             [ "$plain" -eq 1 ] && protocols="=http,https"
             curl -fsSL --proto "$protocols" --proto-redir "$protocols" \
-                --retry 2 -o "$out" "$url" </dev/null
+                --connect-timeout 30 --retry 2 -o "$out" "$url" </dev/null
             ;;
         wget)
-            wget -q -O "$out" "$url" </dev/null
+            wget -q --timeout=60 --tries=3 -O "$out" "$url" </dev/null
             ;;
         python3)
             python3 -c "$python_fetch" "$url" "$out" "$plain" </dev/null
