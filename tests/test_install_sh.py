@@ -452,6 +452,30 @@ def test_https_works_and_no_redirect_leads_back_to_http(
     assert server.requests == []
 
 
+@pytest.mark.parametrize("arguments,release_url", [
+    ([], "https://github.com/pamsignal/pamsignal/releases/latest/download"),
+    (["--version", "v0.2.0"],
+     "https://github.com/pamsignal/pamsignal/releases/download/v0.2.0"),
+    (["--base-url", "https://mirror.example.org/ps/"],
+     "https://mirror.example.org/ps/latest"),
+    (["--base-url", "https://mirror.example.org/ps", "--version", "1.2.3"],
+     "https://mirror.example.org/ps/v1.2.3")])
+def test_where_each_release_is_looked_for(arguments, release_url, server,
+                                          tmp_path):
+    """Through a proxy that refuses to connect anywhere (the test site
+    answers CONNECT with 501): the first address asked for is printed and
+    the download fails without reaching the network."""
+    environment = dict(os.environ, https_proxy=server.url, no_proxy="")
+    for name in ("PAMSIGNAL_BASE_URL", "HTTPS_PROXY", "NO_PROXY"):
+        environment.pop(name, None)
+    result = run(["bash", INSTALL_SH, "--download-only",
+                  str(tmp_path / "release")] + arguments, env=environment)
+    assert result.returncode == 1
+    assert "downloading from %s (with curl)" % release_url in result.stdout
+    assert "could not download %s/SHA256SUMS" % release_url in \
+        result.stderr
+
+
 @pytest.mark.parametrize("base_url", [
     "http://mirror.example.org/pamsignal", "http://127.0.0.1.example.org/",
     "ftp://127.0.0.1/pamsignal", "http://[::2]/pamsignal"])
