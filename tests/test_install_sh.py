@@ -4,11 +4,14 @@ A throw-away OpenPGP key signs a `make dist` of this tree; an http.server
 on 127.0.0.1 stands in for the release site (one directory per release,
 as on GitHub).  install.sh then runs for real:
 
-- on this host with --download-only (curl, wget and Python's own
-  downloader; gpg and gpgv checking the signature);
+- on this host with --download-only: curl, wget and Python's own
+  downloader, each over TLS from a CA it must not trust and one it is told
+  to (redirects to https followed, to http refused); gpg and gpgv
+  checking the signature; the release addresses and the arguments;
 - piped into bash chrooted in an overlay of the cached Debian 13 tree
-  (sqv checks the signature there, python3 downloads): every refusal, with
-  nothing written to the tree;
+  (sqv checks the signature there, python3 downloads): every refusal
+  (altered release, no verifier, old or no Python, no systemd, a packaged
+  install), with nothing written to the tree;
 - piped into bash inside the booted Debian 13 tree (systemd-nspawn, as
   tests/test_service_boot.py boots it): install, enable and start, the
   upgrade to a pinned version that keeps the configuration, uninstall.
