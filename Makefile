@@ -9,11 +9,14 @@ MANDIR = $(DESTDIR)$(PREFIX)/share/man
 DOCDIR = $(DESTDIR)$(PREFIX)/share/doc/pamsignal
 CONFDIR = $(DESTDIR)$(SYSCONFDIR)/pamsignal
 UNITDIR ?= /lib/systemd/system
+# Where make rpm, deb and dist put what they build.
+DISTDIR ?= dist
 
-.PHONY: all check test test-pythons lint bench install uninstall rpm repo-rpm
+.PHONY: all check test test-pythons lint bench install uninstall
+.PHONY: rpm repo-rpm dist dist-files dist-clean
 
 all:
-	@echo "targets: check, test, test-pythons, lint, bench, install, uninstall (DESTDIR, PREFIX), rpm, repo-rpm (GPG_KEY)"
+	@echo "targets: check, test, test-pythons, lint, bench, install, uninstall (DESTDIR, PREFIX), rpm, repo-rpm (GPG_KEY), dist (GPG_KEY)"
 
 # Everything: install what the tests need, start journald, build or reuse
 # the cached Debian trees, lint, run the whole suite (root; what CI runs).
@@ -63,7 +66,7 @@ uninstall:
 	@echo "kept $(CONFDIR)/pamsignal.conf and /var/lib/pamsignal"
 
 # RPM package (pamsignal.spec), built in a throw-away topdir; the .rpm lands
-# in dist/, replacing an earlier build.  Debian's brp-compress needs bash
+# in $(DISTDIR), replacing an earlier build.  Debian's brp-compress needs bash
 # (`read -d`) but says #!/bin/sh, so it is run with bash: otherwise the man
 # page stays uncompressed there.  Harmless where /bin/sh is bash.
 RPMBUILD ?= rpmbuild
@@ -75,22 +78,22 @@ rpm:
 		--define "_tmppath $$topdir/tmp" --define "_sourcedir $(CURDIR)" \
 		--define '__brp_compress bash %{_rpmconfigdir}/brp-compress %{?_prefix}' \
 		$(RPMBUILD_FLAGS) pamsignal.spec; \
-	mkdir -p dist; rm -f dist/pamsignal-*.noarch.rpm; \
-	cp "$$topdir"/RPMS/noarch/pamsignal-*.noarch.rpm dist/; \
-	ls dist/pamsignal-*.noarch.rpm
+	mkdir -p $(DISTDIR); rm -f $(DISTDIR)/pamsignal-*.noarch.rpm; \
+	cp "$$topdir"/RPMS/noarch/pamsignal-*.noarch.rpm $(DISTDIR)/; \
+	ls $(DISTDIR)/pamsignal-*.noarch.rpm
 
-# A signed dnf repository in dist/repo/rpm: the package signed with
+# A signed dnf repository in $(DISTDIR)/repo/rpm: the package signed with
 # GPG_KEY (rpmsign), createrepo_c metadata, repodata/repomd.xml.asc (a
 # detached ASCII signature) and the public key as RPM-GPG-KEY-pamsignal.
 # GNUPGHOME picks the keyring (gpg's default otherwise).  rpmsign is told
 # where gpg is: Debian's rpm looks for a gpg2 that Debian does not ship.
-REPO_RPM = dist/repo/rpm
+REPO_RPM = $(DISTDIR)/repo/rpm
 GPG ?= gpg
 repo-rpm: rpm
 	@test -n "$(GPG_KEY)" || { echo "make repo-rpm: set GPG_KEY= to the signing key (id, fingerprint or e-mail)" >&2; exit 1; }
 	@for tool in rpmsign createrepo_c $(GPG); do command -v $$tool >/dev/null || { echo "make repo-rpm: $$tool not found (Debian: apt-get install rpm createrepo-c gnupg)" >&2; exit 1; }; done
 	set -eu; rm -rf $(REPO_RPM); mkdir -p $(REPO_RPM); \
-	cp dist/pamsignal-*.noarch.rpm $(REPO_RPM)/; \
+	cp $(DISTDIR)/pamsignal-*.noarch.rpm $(REPO_RPM)/; \
 	rpmsign --addsign --define "_gpg_name $(GPG_KEY)" \
 		--define "__gpg $$(command -v $(GPG))" $(REPO_RPM)/*.rpm; \
 	createrepo_c --quiet $(REPO_RPM); \
@@ -100,3 +103,48 @@ repo-rpm: rpm
 	$(GPG) --batch --armor --export "$(GPG_KEY)" > $(REPO_RPM)/RPM-GPG-KEY-pamsignal; \
 	test -s $(REPO_RPM)/RPM-GPG-KEY-pamsignal || { echo "make repo-rpm: no public key for $(GPG_KEY)" >&2; exit 1; }; \
 	echo "signed repository: $(REPO_RPM)"
+# Release files (README "Releasing"): the source tarball of HEAD, the
+# single file, install.sh, the man pages, and SHA256SUMS over everything
+# in $(DISTDIR), signed as SHA256SUMS.asc when GPG_KEY names a secret key
+# (id or fingerprint; GNUPGHOME is honoured).  The released install.sh
+# carries the public half of that key and checks the signature with it.
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' pamsignal.py)
+GPG_KEY ?=
+# Targets that add packages to $(DISTDIR) before the sums (`deb rpm`).
+DIST_PACKAGES ?= rpm
+DIST_MANPAGES := $(wildcard pamsignal.8 pamsignal.conf.5)
+
+dist: dist-files $(DIST_PACKAGES)
+	cd $(DISTDIR) && rm -f SHA256SUMS SHA256SUMS.asc && \
+		find . -maxdepth 1 -type f ! -name 'SHA256SUMS*' -printf '%P\n' | \
+		LC_ALL=C sort | xargs sha256sum -- > SHA256SUMS.tmp && \
+		mv SHA256SUMS.tmp SHA256SUMS
+ifneq ($(GPG_KEY),)
+	gpg --batch --yes --local-user "$(GPG_KEY)" --armor --detach-sign \
+		-o $(DISTDIR)/SHA256SUMS.asc $(DISTDIR)/SHA256SUMS
+endif
+	@echo "release $(VERSION) in $(DISTDIR)/:" && ls $(DISTDIR)
+
+dist-files:
+	@test -n "$(VERSION)" || { echo "no __version__ in pamsignal.py" >&2; exit 1; }
+	install -d $(DISTDIR)
+	git archive --format=tar.gz --prefix=pamsignal-$(VERSION)/ \
+		-o $(DISTDIR)/pamsignal-$(VERSION).tar.gz HEAD
+	install -m 0644 pamsignal.py $(DIST_MANPAGES) $(DISTDIR)/
+ifeq ($(GPG_KEY),)
+	install -m 0755 install.sh $(DISTDIR)/install.sh
+else
+	gpg --batch --armor --export "$(GPG_KEY)" > $(DISTDIR)/release-key.tmp
+	@test -s $(DISTDIR)/release-key.tmp || { \
+		rm -f $(DISTDIR)/release-key.tmp; \
+		echo "GPG_KEY=$(GPG_KEY): no such key" >&2; exit 1; }
+	awk -v key=$(DISTDIR)/release-key.tmp '{ print } \
+		/^    cat <<.PAMSIGNAL_RELEASE_KEY.$$/ { \
+			while ((getline line < key) > 0) print line }' \
+		install.sh > $(DISTDIR)/install.sh
+	chmod 0755 $(DISTDIR)/install.sh
+	rm -f $(DISTDIR)/release-key.tmp
+endif
+
+dist-clean:
+	rm -rf $(DISTDIR)

@@ -25,10 +25,13 @@ PACKAGES=(
     openssh-server openssh-client sshpass sudo util-linux bsdutils procps
     passwd login systemd iproute2 debootstrap systemd-container
     mandoc
+    # tests/test_rpm.py, tests/test_repo_rpm.py
     rpm rpmlint createrepo-c gnupg dnf
+    # tests/test_install_sh.py: downloaders, OpenPGP checkers, shellcheck
+    curl wget gpgv shellcheck
 )
 # Python packages, CI-only: never imported by pamsignal.py.
-PIP_PACKAGES=(pytest vermin ruff maxminddb)
+PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml)
 
 step() { printf '\n==> %s\n' "$*"; }
 

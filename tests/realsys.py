@@ -909,6 +909,17 @@ def build_trixie_tree(
         return tree, seconds
 
 
+def require_tree(tree, needs, build, label):
+    """The cached tree, built first if it is not complete; a test that
+    needs it is unavailable() when it cannot be built."""
+    if not trixie_tree_complete(tree, needs):
+        try:
+            build()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+            unavailable("no %s: %s" % (label, error))
+    return tree
+
+
 def chroot_run(tree, cmd, **kw):
     """Run `cmd` chrooted into the tree (no mounts); CompletedProcess."""
     return _run(["chroot", tree] + _cmd_list(cmd), **kw)

@@ -108,13 +108,10 @@ class Container:
 def container(tmp_path_factory):
     realsys.require_root()
     realsys.require_binaries("systemd-nspawn", "nsenter", "ssh", "sshpass")
-    if not realsys.trixie_tree_complete(realsys.BOOT_TREE,
-                                        realsys.BOOT_NEEDS):
-        try:
-            realsys.build_boot_tree()
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-            realsys.unavailable("no bootable Debian 13 tree: %s" % error)
-    box = Container(realsys.BOOT_TREE,
+    tree = realsys.require_tree(realsys.BOOT_TREE, realsys.BOOT_NEEDS,
+                                realsys.build_boot_tree,
+                                "bootable Debian 13 tree")
+    box = Container(tree,
                     str(tmp_path_factory.mktemp("nspawn") / "nspawn.log"))
     started = time.monotonic()
     try:
