@@ -10,10 +10,11 @@ DOCDIR = $(DESTDIR)$(PREFIX)/share/doc/pamsignal
 CONFDIR = $(DESTDIR)$(SYSCONFDIR)/pamsignal
 UNITDIR ?= /lib/systemd/system
 
-.PHONY: all check test test-pythons lint bench install uninstall
+.PHONY: all check test test-pythons lint bench install uninstall deb repo \
+	repo-apt
 
 all:
-	@echo "targets: check, test, test-pythons, lint, bench, install, uninstall (DESTDIR, PREFIX)"
+	@echo "targets: check, test, test-pythons, lint, bench, install, uninstall (DESTDIR, PREFIX), deb, repo-apt, repo (GPG_KEY, GNUPGHOME)"
 
 # Everything: install what the tests need, start journald, build or reuse
 # the cached Debian trees, lint, run the whole suite (root; what CI runs).
@@ -59,3 +60,25 @@ uninstall:
 	rm -f $(DESTDIR)$(UNITDIR)/pamsignal.service
 	rm -rf $(DOCDIR)
 	@echo "kept $(CONFDIR)/pamsignal.conf and /var/lib/pamsignal"
+
+# The Debian package, built from a copy in a temporary directory (as
+# dpkg-buildpackage writes into the parent directory) and put in dist/.
+DEB_SOURCES = pamsignal.py pamsignal.service pamsignal.conf.example \
+	pamsignal.8 README.md debian $(wildcard pamsignal.conf.5)
+
+deb:
+	@set -eu; \
+	version=$$($(PYTHON) pamsignal.py --version | sed 's/^pamsignal //'); \
+	logged=$$(dpkg-parsechangelog -l debian/changelog -S Version); \
+	if [ "$$version" != "$$logged" ]; then \
+		echo "debian/changelog is at $$logged but pamsignal.py at" \
+			"$$version: add a changelog entry (dch -v $$version)" >&2; \
+		exit 1; \
+	fi; \
+	build=$$(mktemp -d); trap 'rm -rf "$$build"' EXIT; \
+	mkdir "$$build/pamsignal"; \
+	cp -a $(DEB_SOURCES) "$$build/pamsignal/"; \
+	(cd "$$build/pamsignal" && dpkg-buildpackage -us -uc -b); \
+	mkdir -p dist; \
+	mv "$$build"/pamsignal_*.deb dist/; \
+	ls dist/pamsignal_$${version}_all.deb

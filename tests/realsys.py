@@ -49,6 +49,7 @@ systemd 252 journald, no systemd as PID 1), from `journalctl -o json`:
 """
 
 import fcntl
+import functools
 import glob
 import json
 import os
@@ -661,12 +662,52 @@ BOOT_NEEDS = (
 
 def build_boot_tree(tree=None, mirror=None, timeout=900):
     """The bootable Debian 13 tree, built once and cached like the other."""
-    return build_trixie_tree(
+    return build_debian_tree(
+        "trixie",
         tree or BOOT_TREE,
         mirror,
         timeout,
         packages=BOOT_PACKAGES,
         needs=BOOT_NEEDS,
+    )
+
+
+# Minimal trees of the releases the Debian package is installed on
+# (tests/test_deb.py): minbase and python3, nothing else, so the package's
+# own dependencies are what makes it work.  Debian 13's is the tree above.
+PACKAGE_TREE_DIR = os.environ.get(
+    "PAMSIGNAL_PACKAGE_TREE_DIR", "/var/cache/pamsignal-tests"
+)
+PACKAGE_TREE_PACKAGES = ("python3",)
+PACKAGE_TREE_NEEDS = (
+    "usr/bin/python3",
+    "usr/bin/dpkg",
+    "usr/bin/apt-get",
+    "usr/bin/gpgv",
+)
+#: Debian suite -> its number, for the package trees.
+PACKAGE_SUITES = {"bullseye": 11, "bookworm": 12, "trixie": 13}
+
+
+def package_tree(suite):
+    """(path, needs) of the minimal tree of a suite in PACKAGE_SUITES."""
+    if suite == "trixie":
+        return TRIXIE_TREE, TRIXIE_NEEDS
+    return os.path.join(PACKAGE_TREE_DIR, suite), PACKAGE_TREE_NEEDS
+
+
+def build_package_tree(suite, mirror=None, timeout=900):
+    """The minimal tree of `suite`, built once and cached."""
+    if suite == "trixie":
+        return build_trixie_tree(mirror=mirror, timeout=timeout)
+    tree, needs = package_tree(suite)
+    return build_debian_tree(
+        suite,
+        tree,
+        mirror,
+        timeout,
+        packages=PACKAGE_TREE_PACKAGES,
+        needs=needs,
     )
 
 
@@ -799,18 +840,25 @@ def _remove_tree(path):
     _check(["rm", "-rf", "--one-file-system", path])
 
 
-def build_trixie_tree(
-    tree=None,
-    mirror=None,
-    timeout=600,
-    packages=TRIXIE_PACKAGES,
-    needs=TRIXIE_NEEDS,
-):
-    """Make sure the Debian 13 tree exists and is complete; build it with
-    debootstrap from this machine's apt mirror if not.  Returns
-    (tree, seconds the build took), seconds None when it was cached.
-    Idempotent and safe to run concurrently (a lock file)."""
-    tree = os.path.abspath(tree or TRIXIE_TREE)
+def build_trixie_tree(tree=None, mirror=None, timeout=600):
+    """The Debian 13 tree with its sshd (see build_debian_tree)."""
+    return build_debian_tree(
+        "trixie",
+        tree or TRIXIE_TREE,
+        mirror,
+        timeout,
+        packages=TRIXIE_PACKAGES,
+        needs=TRIXIE_NEEDS,
+    )
+
+
+def build_debian_tree(suite, tree, mirror, timeout, packages, needs):
+    """Make sure the Debian `suite` tree exists and is complete; build it
+    with debootstrap (minbase and `packages`) from this machine's apt
+    mirror if not.  Returns (tree, seconds the build took), seconds None
+    when it was cached.  Idempotent and safe to run concurrently (a lock
+    file)."""
+    tree = os.path.abspath(tree)
     if len([p for p in tree.split("/") if p]) < 2:
         raise RuntimeError("refusing tree path %r" % tree)
     os.makedirs(os.path.dirname(tree), exist_ok=True)
@@ -822,7 +870,7 @@ def build_trixie_tree(
             if not os.path.exists(os.path.join(tree, TRIXIE_MARKER)):
                 raise RuntimeError(
                     "%s exists but was not built by these tests (no %s); "
-                    "remove it or set PAMSIGNAL_TRIXIE_TREE"
+                    "remove it or build the tree elsewhere"
                     % (tree, TRIXIE_MARKER)
                 )
             _remove_tree(tree)  # ours, but damaged: build it again
@@ -843,7 +891,7 @@ def build_trixie_tree(
             "debootstrap",
             "--variant=minbase",
             "--include=" + ",".join(packages),
-            "trixie",
+            suite,
             work,
             mirror,
         ]
@@ -886,6 +934,7 @@ def build_trixie_tree(
                         "%Y-%m-%dT%H:%M:%SZ", time.gmtime()
                     ),
                     "mirror": mirror,
+                    "suite": suite,
                     "packages": list(packages),
                     "seconds": round(seconds, 1),
                 },
@@ -1051,6 +1100,12 @@ def _main(argv):
         "trixie-tree": ("Debian 13 tree", build_trixie_tree),
         "boot-tree": ("Debian 13 boot tree", build_boot_tree),
     }
+    for suite, number in sorted(PACKAGE_SUITES.items()):
+        if suite != "trixie":  # trixie-tree above is its package tree
+            builders[suite + "-tree"] = (
+                "Debian %d tree" % number,
+                functools.partial(build_package_tree, suite),
+            )
     if argv[1:] == ["journald"]:
         try:
             ensure_journald()
