@@ -62,23 +62,67 @@ uninstall:
 	@echo "kept $(CONFDIR)/pamsignal.conf and /var/lib/pamsignal"
 
 # The Debian package, built from a copy in a temporary directory (as
-# dpkg-buildpackage writes into the parent directory) and put in dist/.
+# dpkg-buildpackage writes into the parent directory) and put in $(DIST).
+DIST ?= dist
 DEB_SOURCES = pamsignal.py pamsignal.service pamsignal.conf.example \
 	pamsignal.8 README.md debian $(wildcard pamsignal.conf.5)
+VERSION = $(shell $(PYTHON) pamsignal.py --version | sed 's/^pamsignal //')
+DEB = $(DIST)/pamsignal_$(VERSION)_all.deb
 
 deb:
 	@set -eu; \
-	version=$$($(PYTHON) pamsignal.py --version | sed 's/^pamsignal //'); \
 	logged=$$(dpkg-parsechangelog -l debian/changelog -S Version); \
-	if [ "$$version" != "$$logged" ]; then \
+	if [ "$(VERSION)" != "$$logged" ]; then \
 		echo "debian/changelog is at $$logged but pamsignal.py at" \
-			"$$version: add a changelog entry (dch -v $$version)" >&2; \
+			"$(VERSION): add a changelog entry (dch -v $(VERSION))" >&2; \
 		exit 1; \
 	fi; \
 	build=$$(mktemp -d); trap 'rm -rf "$$build"' EXIT; \
 	mkdir "$$build/pamsignal"; \
 	cp -a $(DEB_SOURCES) "$$build/pamsignal/"; \
 	(cd "$$build/pamsignal" && dpkg-buildpackage -us -uc -b); \
-	mkdir -p dist; \
-	mv "$$build"/pamsignal_*.deb dist/; \
-	ls dist/pamsignal_$${version}_all.deb
+	mkdir -p "$(DIST)"; \
+	mv "$$build/pamsignal_$(VERSION)_all.deb" "$(DIST)/"; \
+	echo "built $(DEB)"
+
+# Static repositories under $(DIST)/repo, signed with GPG_KEY (a key id or
+# fingerprint in GNUPGHOME, or in ~/.gnupg).
+ifdef GNUPGHOME
+export GNUPGHOME
+endif
+REPO_DIR = $(DIST)/repo
+GPG = gpg --batch --yes --local-user "$(GPG_KEY)"
+RELEASE_FIELDS = Origin=PAMSignal Label=PAMSignal Suite=stable \
+	Codename=stable Architectures=all Components=main
+
+repo: repo-apt
+
+# apt: dists/stable/main/binary-all/Packages(.gz), Release, InRelease,
+# Release.gpg and the public key, pamsignal-archive-keyring.gpg.
+repo-apt: deb
+	@set -eu; \
+	if [ -z "$(GPG_KEY)" ]; then \
+		echo "make repo-apt needs GPG_KEY=<key id> (GNUPGHOME=<dir>" \
+			"for a keyring other than ~/.gnupg)" >&2; \
+		exit 1; \
+	fi; \
+	mkdir -p "$(REPO_DIR)"; \
+	repo=$$(cd "$(REPO_DIR)" && pwd); \
+	rm -rf "$$repo/dists" "$$repo/pool"; \
+	mkdir -p "$$repo/pool/main" "$$repo/dists/stable/main/binary-all"; \
+	cp "$(DEB)" "$$repo/pool/main/"; \
+	cd "$$repo"; \
+	index=dists/stable/main/binary-all/Packages; \
+	apt-ftparchive packages pool/main > "$$index"; \
+	gzip -9n < "$$index" > "$$index.gz"; \
+	apt-ftparchive $(foreach f,$(RELEASE_FIELDS),-o "APT::FTPArchive::Release::$(f)") \
+		release dists/stable > Release.new; \
+	mv Release.new dists/stable/Release; \
+	$(GPG) --clearsign -o dists/stable/InRelease dists/stable/Release; \
+	$(GPG) --armor --detach-sign -o dists/stable/Release.gpg \
+		dists/stable/Release; \
+	gpg --batch --export "$(GPG_KEY)" > pamsignal-archive-keyring.gpg; \
+	if [ ! -s pamsignal-archive-keyring.gpg ]; then \
+		echo "gpg has no public key $(GPG_KEY) to export" >&2; exit 1; \
+	fi; \
+	echo "apt repository in $$repo, signed by $(GPG_KEY)"

@@ -1095,6 +1095,202 @@ class ChrootSshd(object):
             self.rundir = None
 
 
+# ---------------------------------------------------------------- overlays
+#
+# The cached trees are shared between test runs and engineers: a test that
+# installs into one works on an overlay of it instead.
+
+
+def wait_for(predicate, timeout=20.0, interval=0.1):
+    """Poll until predicate() is true or the time is up; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+class TreeOverlay(object):
+    """A writable copy of a cached tree that costs nothing and leaves the
+    tree untouched: an overlayfs (the tree below, a tmpfs above) with the
+    host's /proc, /dev and /dev/pts bound in, mounted in a private mount
+    namespace.  A `cat` reading a pipe from us holds that namespace open:
+    stop() closes the pipe, and should this process die the pipe closes
+    all the same, so no mount is ever left behind on the host."""
+
+    def __init__(self, tree, workdir):
+        self.tree = os.path.realpath(tree)
+        self.workdir = workdir
+        self.merged = os.path.join(workdir, "merged")
+        self.holder = None
+
+    def start(self, timeout=20):
+        require_binaries("unshare", "nsenter", "chroot", "mount")
+        os.makedirs(self.merged, exist_ok=True)
+        upper = os.path.join(self.workdir, "rw")
+        os.makedirs(upper, exist_ok=True)
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "cat"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        # Mount only once unshare has made the namespace private and run
+        # cat: a mount made earlier could propagate to the host.
+        if not wait_for(lambda: self._holder_comm() == "cat", timeout):
+            self.stop()
+            raise RuntimeError("unshare did not start its namespace")
+        merged = shlex.quote(self.merged)
+        script = " && ".join(
+            [
+                "mount -t tmpfs tmpfs %s" % shlex.quote(upper),
+                "mkdir %s/upper %s/work" % ((shlex.quote(upper),) * 2),
+                "mount -t overlay overlay -o lowerdir=%s,upperdir=%s/upper,"
+                "workdir=%s/work %s"
+                % (
+                    shlex.quote(self.tree),
+                    shlex.quote(upper),
+                    shlex.quote(upper),
+                    merged,
+                ),
+                "mount --bind /proc %s/proc" % merged,
+                "mount --bind /dev %s/dev" % merged,
+                "mount --bind /dev/pts %s/dev/pts" % merged,
+            ]
+        )
+        p = self._nsenter(["sh", "-c", "set -e; " + script])
+        if p.returncode != 0:
+            self.stop()
+            raise RuntimeError("overlay of %s: %s" % (self.tree, p.stderr))
+        return self
+
+    def _holder_comm(self):
+        try:
+            with open("/proc/%d/comm" % self.holder.pid) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    def _nsenter(self, cmd, **kw):
+        return _run(
+            ["nsenter", "--target", str(self.holder.pid), "--mount", "--"]
+            + cmd,
+            **kw
+        )
+
+    def run(self, cmd, **kw):
+        """`cmd` chrooted into the overlay; CompletedProcess."""
+        return self._nsenter(["chroot", self.merged] + _cmd_list(cmd), **kw)
+
+    def path(self, inside):
+        """The host's way to a path inside the overlay (through the
+        holder's root, which sees its mount namespace)."""
+        return "/proc/%d/root%s/%s" % (
+            self.holder.pid,
+            self.merged,
+            inside.lstrip("/"),
+        )
+
+    def stop(self, timeout=10):
+        if self.holder is None:
+            return
+        self.holder.stdin.close()  # cat exits, and the namespace with it
+        try:
+            self.holder.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.holder.kill()
+            self.holder.wait(timeout)
+        self.holder = None
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+class Container(object):
+    """A tree booted with `systemd-nspawn -b` (TESTING.md): systemd as PID
+    1, --volatile=overlay so the tree itself is never written, and
+    --private-network so its sshd keeps away from the host's ports.
+    `binds` are (host path, path inside) pairs bound read-only.  run()
+    executes in all its namespaces."""
+
+    def __init__(self, tree, log_path, binds=()):
+        self.tree = tree
+        self.log_path = log_path
+        self.binds = list(binds)
+        self.nspawn = None
+        self.init = None
+
+    def start(self, timeout=60):
+        command = ["systemd-nspawn", "-q", "-D", self.tree, "-b",
+                   "--register=no", "--keep-unit", "--volatile=overlay",
+                   "--private-network"]
+        command += ["--bind-ro=%s:%s" % bind for bind in self.binds]
+        with open(self.log_path, "w") as log:
+            self.nspawn = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)
+        assert wait_for(lambda: _children(self.nspawn.pid) or
+                        self.nspawn.poll() is not None, timeout=timeout)
+        assert self.nspawn.poll() is None, self.log()
+        (self.init,) = _children(self.nspawn.pid)
+
+        def booted():  # nothing answers until the child has become init
+            return self.run(["systemctl", "is-system-running", "--wait"],
+                            check=False, timeout=timeout).stdout.strip() in (
+                                "running", "degraded")
+        assert wait_for(booted, timeout=timeout, interval=0.5), self.log()
+        return self
+
+    def log(self):
+        with open(self.log_path) as handle:
+            return handle.read()[-3000:]
+
+    def run(self, command, check=True, input=None, timeout=60, net=False):
+        namespaces = ["--net"] if net else ["--all"]
+        result = subprocess.run(
+            ["nsenter", "--target", str(self.init)] + namespaces + ["--"] +
+            command, input=input, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, (command, result.stdout,
+                                            result.stderr)
+        return result
+
+    def show(self, prop, unit="pamsignal.service"):
+        return self.run(["systemctl", "show", "-P", prop,
+                         unit]).stdout.strip()
+
+    def unit_log(self):
+        return self.run(["journalctl", "-u", "pamsignal.service", "-o",
+                         "cat", "--no-pager"]).stdout
+
+    def write(self, path, text):
+        self.run(["sh", "-c", 'cat > "$1"', "sh", path], input=text)
+
+    def stop(self):
+        if self.nspawn is None or self.nspawn.poll() is not None:
+            return
+        self.nspawn.terminate()  # nspawn asks the container to power off
+        try:
+            self.nspawn.wait(60)
+        except subprocess.TimeoutExpired:
+            self.nspawn.kill()
+            self.nspawn.wait(10)
+
+
 def _main(argv):
     builders = {
         "trixie-tree": ("Debian 13 tree", build_trixie_tree),
