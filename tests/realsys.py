@@ -696,6 +696,25 @@ def package_tree(suite):
     return os.path.join(PACKAGE_TREE_DIR, suite), PACKAGE_TREE_NEEDS
 
 
+def require_package_tree(suite):
+    """The cached minimal tree of `suite`; built now when run by hand, a
+    failure under CI (tests/check.sh builds it before the tests)."""
+    require_root()
+    tree, needs = package_tree(suite)
+    if trixie_tree_complete(tree, needs):
+        return tree
+    if in_ci():
+        pytest.fail(
+            "the Debian %s tree %s is missing; tests/check.sh builds it "
+            "(python3 tests/realsys.py %s-tree)" % (suite, tree, suite),
+            pytrace=False,
+        )
+    try:
+        return build_package_tree(suite)[0]
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+        unavailable("cannot build the Debian %s tree: %s" % (suite, error))
+
+
 def build_package_tree(suite, mirror=None, timeout=900):
     """The minimal tree of `suite`, built once and cached."""
     if suite == "trixie":
@@ -1093,6 +1112,17 @@ class ChrootSshd(object):
         if self.rundir:
             shutil.rmtree(self.rundir, ignore_errors=True)
             self.rundir = None
+
+
+# ---------------------------------------------------------------- packages
+
+
+def build_deb(source, dist):
+    """`make deb` in the source tree `source`, the result in `dist`."""
+    p = _run(["make", "-C", source, "deb", "DIST=" + dist], timeout=300)
+    if p.returncode != 0:
+        raise RuntimeError("make deb failed:\n%s%s" % (p.stdout, p.stderr))
+    return p
 
 
 # ---------------------------------------------------------------- overlays
