@@ -23,6 +23,7 @@ PACKAGES=(
     openssh-server openssh-client sshpass sudo util-linux bsdutils procps
     passwd login systemd iproute2 debootstrap systemd-container
     mandoc
+    build-essential debhelper dpkg-dev lintian apt-utils gnupg
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb)
@@ -64,7 +65,8 @@ prepare() {
     python3 tests/realsys.py journald
 
     local tree started
-    for tree in trixie-tree boot-tree; do
+    # bookworm and bullseye (with trixie-tree): the Debian package tests.
+    for tree in trixie-tree boot-tree bookworm-tree bullseye-tree; do
         step "Debian tree: $tree (cached under /var/cache/pamsignal-tests)"
         started=$SECONDS
         python3 tests/realsys.py "$tree"
