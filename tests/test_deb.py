@@ -371,9 +371,10 @@ def test_installs_and_runs_on(suite, debian_package, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def booted(debian_package, tmp_path_factory):
+def booted(debian_package, older_package, tmp_path_factory):
     """The bootable Debian 13 tree booted on a volatile overlay, the
-    package's directory bound in at /mnt/dist."""
+    package's directory bound in at /mnt/dist, the older one's at
+    /mnt/old."""
     realsys.require_root()
     realsys.require_binaries("systemd-nspawn", "nsenter")
     if not realsys.trixie_tree_complete(realsys.BOOT_TREE,
@@ -384,7 +385,8 @@ def booted(debian_package, tmp_path_factory):
             realsys.unavailable("no bootable Debian 13 tree: %s" % error)
     box = Container(realsys.BOOT_TREE,
                     str(tmp_path_factory.mktemp("nspawn") / "nspawn.log"),
-                    binds=[(os.path.dirname(debian_package), "/mnt/dist")])
+                    binds=[(os.path.dirname(debian_package), "/mnt/dist"),
+                           (os.path.dirname(older_package), "/mnt/old")])
     started = time.monotonic()
     try:
         yield box.start()
@@ -393,9 +395,8 @@ def booted(debian_package, tmp_path_factory):
         print("booted package tests: %.0f s" % (time.monotonic() - started))
 
 
-def test_install_enables_and_starts_the_service(booted, debian_package):
-    booted.run(["dpkg", "-i", "/mnt/dist/" +
-                os.path.basename(debian_package)])
+def test_install_enables_and_starts_the_service(booted, older_package):
+    booted.run(["dpkg", "-i", "/mnt/old/" + os.path.basename(older_package)])
     assert booted.run(["systemctl", "is-enabled", "pamsignal"]) \
         .stdout.strip() == "enabled"
     # Type=notify: active (not activating) means READY=1 arrived.
@@ -410,6 +411,23 @@ def test_install_enables_and_starts_the_service(booted, debian_package):
     assert realsys.wait_for(lambda: booted.run(
         ["test", "-e", "/var/lib/private/pamsignal/state.json"],
         check=False).returncode == 0, timeout=30), booted.unit_log()
+
+
+def test_upgrade_restarts_the_service_and_keeps_its_spool(booted,
+                                                          debian_package):
+    before = booted.show("MainPID")
+    waiting = "/var/lib/pamsignal/spool/hook/0001.json"
+    booted.run(["mkdir", "-p", os.path.dirname(waiting)])
+    booted.write(waiting, '{"waiting": true}')
+    booted.run(["dpkg", "-i", "/mnt/dist/" +
+                os.path.basename(debian_package)])
+    assert booted.run(["systemctl", "is-active", "pamsignal"]) \
+        .stdout.strip() == "active"
+    assert booted.show("MainPID") not in (before, "0")
+    assert booted.run(["pamsignal", "--version"]).stdout == \
+        "pamsignal %s\n" % VERSION
+    assert booted.run(["cat", "/var/lib/private/pamsignal/spool/hook/"
+                       "0001.json"]).stdout == '{"waiting": true}'
 
 
 def test_remove_stops_the_service(booted):

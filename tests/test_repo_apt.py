@@ -132,6 +132,19 @@ def test_the_repository_holds_the_signed_indexes(repos):
     assert " main/binary-all/Packages.gz\n" in release
 
 
+def test_make_repo_apt_wants_a_key(debian_package, tmp_path):
+    dist = str(tmp_path / "dist")
+    os.makedirs(dist)
+    shutil.copy(debian_package, dist)
+    result = subprocess.run(
+        ["make", "-C", REPO, "-o", "deb", "repo-apt", "DIST=" + dist,
+         "GPG_KEY="], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=60)
+    assert result.returncode != 0
+    assert "make repo-apt needs GPG_KEY=<key id>" in result.stderr
+    assert not os.path.exists(os.path.join(dist, "repo"))
+
+
 def configure_apt(tree, url, keyring):
     """The README's lines: the key, a signed-by source; nothing else."""
     os.makedirs(os.path.dirname(tree.path(KEYRING)), exist_ok=True)
