@@ -48,6 +48,7 @@ systemd 252 journald, no systemd as PID 1), from `journalctl -o json`:
   never filter in journalctl, only in Python.
 """
 
+import contextlib
 import fcntl
 import functools
 import glob
@@ -1319,6 +1320,31 @@ class Container(object):
         except subprocess.TimeoutExpired:
             self.nspawn.kill()
             self.nspawn.wait(10)
+
+
+def require_boot_tree():
+    """The bootable Debian 13 tree, built now if it is missing."""
+    require_root()
+    require_binaries("systemd-nspawn", "nsenter")
+    if not trixie_tree_complete(BOOT_TREE, BOOT_NEEDS):
+        try:
+            build_boot_tree()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+            unavailable("no bootable Debian 13 tree: %s" % error)
+    return BOOT_TREE
+
+
+@contextlib.contextmanager
+def booted_container(log_path, binds, label):
+    """The boot tree booted (Container) for the duration; prints how long
+    the `label` tests had it."""
+    box = Container(require_boot_tree(), log_path, binds)
+    started = time.monotonic()
+    try:
+        yield box.start()
+    finally:
+        box.stop()
+        print("%s: %.0f s" % (label, time.monotonic() - started))
 
 
 def _main(argv):

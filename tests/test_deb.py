@@ -29,7 +29,6 @@ import time
 import pytest
 
 import realsys
-from realsys import Container
 from support import PAMSIGNAL, REPO, make_entry, pamsignal
 
 pytestmark = pytest.mark.e2e
@@ -375,24 +374,12 @@ def booted(debian_package, older_package, tmp_path_factory):
     """The bootable Debian 13 tree booted on a volatile overlay, the
     package's directory bound in at /mnt/dist, the older one's at
     /mnt/old."""
-    realsys.require_root()
-    realsys.require_binaries("systemd-nspawn", "nsenter")
-    if not realsys.trixie_tree_complete(realsys.BOOT_TREE,
-                                        realsys.BOOT_NEEDS):
-        try:
-            realsys.build_boot_tree()
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-            realsys.unavailable("no bootable Debian 13 tree: %s" % error)
-    box = Container(realsys.BOOT_TREE,
-                    str(tmp_path_factory.mktemp("nspawn") / "nspawn.log"),
-                    binds=[(os.path.dirname(debian_package), "/mnt/dist"),
-                           (os.path.dirname(older_package), "/mnt/old")])
-    started = time.monotonic()
-    try:
-        yield box.start()
-    finally:
-        box.stop()
-        print("booted package tests: %.0f s" % (time.monotonic() - started))
+    with realsys.booted_container(
+            str(tmp_path_factory.mktemp("nspawn") / "nspawn.log"),
+            [(os.path.dirname(debian_package), "/mnt/dist"),
+             (os.path.dirname(older_package), "/mnt/old")],
+            "booted package tests") as box:
+        yield box
 
 
 def test_install_enables_and_starts_the_service(booted, older_package):

@@ -9,13 +9,10 @@ the host's test sshd."""
 import json
 import os
 import re
-import subprocess
-import time
 
 import pytest
 
 import realsys
-from realsys import Container
 from support import REPO, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -26,23 +23,11 @@ DROP_IN = "/etc/systemd/system/pamsignal.service.d/test-watchdog.conf"
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory):
-    realsys.require_root()
-    realsys.require_binaries("systemd-nspawn", "nsenter", "ssh", "sshpass")
-    if not realsys.trixie_tree_complete(realsys.BOOT_TREE,
-                                        realsys.BOOT_NEEDS):
-        try:
-            realsys.build_boot_tree()
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-            realsys.unavailable("no bootable Debian 13 tree: %s" % error)
-    box = Container(realsys.BOOT_TREE,
-                    str(tmp_path_factory.mktemp("nspawn") / "nspawn.log"),
-                    binds=[(REPO, INSIDE_SRC)])
-    started = time.monotonic()
-    try:
-        yield box.start()
-    finally:
-        box.stop()
-        print("nspawn service tests: %.0f s" % (time.monotonic() - started))
+    realsys.require_binaries("ssh", "sshpass")
+    with realsys.booted_container(
+            str(tmp_path_factory.mktemp("nspawn") / "nspawn.log"),
+            [(REPO, INSIDE_SRC)], "nspawn service tests") as box:
+        yield box
 
 
 def wait_log(container, pattern, timeout=30):
