@@ -1214,6 +1214,13 @@ class TreeOverlay(object):
         """`cmd` chrooted into the overlay; CompletedProcess."""
         return self._nsenter(["chroot", self.merged] + _cmd_list(cmd), **kw)
 
+    def package_status(self, package):
+        """"ii |1.0" (dpkg's status letters and the version) of a
+        package in the overlay, or None when dpkg knows none."""
+        result = self.run(["dpkg-query", "-W",
+                           "-f=${db:Status-Abbrev}|${Version}", package])
+        return result.stdout.strip() if result.returncode == 0 else None
+
     def path(self, inside):
         """The host's way to a path inside the overlay (through the
         holder's root, which sees its mount namespace)."""

@@ -163,12 +163,6 @@ def apt_get(tree, *arguments):
                     env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
 
 
-def installed_version(tree):
-    result = tree.run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}|"
-                       "${Version}", "pamsignal"])
-    return result.stdout.strip() if result.returncode == 0 else None
-
-
 @pytest.mark.parametrize("suite", sorted(realsys.PACKAGE_SUITES))
 def test_apt_installs_from_the_signed_repository(suite, repos, overlay,
                                                  serve):
@@ -181,7 +175,7 @@ def test_apt_installs_from_the_signed_repository(suite, repos, overlay,
     assert "NO_PUBKEY" not in update.stdout + update.stderr
     install = apt_get(tree, "install", "pamsignal")
     assert install.returncode == 0, install.stdout + install.stderr
-    assert installed_version(tree) == "ii |%s" % pamsignal.__version__
+    assert tree.package_status("pamsignal") == "ii |%s" % pamsignal.__version__
     assert tree.run(["pamsignal", "--version"]).stdout == \
         "pamsignal %s\n" % pamsignal.__version__
 
@@ -204,5 +198,5 @@ def test_apt_refuses_a_repository_signed_by_another_key(repos, gnupg,
     assert "is not signed" in output, output
     install = apt_get(bookworm, "install", "pamsignal")
     assert install.returncode != 0
-    assert installed_version(bookworm) is None
+    assert bookworm.package_status("pamsignal") is None
     assert not os.path.lexists(bookworm.path("/usr/bin/pamsignal"))
