@@ -271,10 +271,20 @@ def test_installed_files_owners_and_modes(bookworm, debian_package):
         assert read(bookworm, "/usr/bin/pamsignal") == handle.read()
     assert read(bookworm, "/lib/systemd/system/pamsignal.service") == \
         pamsignal.SERVICE_UNIT
-    for name in ("pamsignal.8", "pamsignal.conf.example", "README.md"):
-        packed = bookworm.path("/usr/share/%s/%s.gz" % (
-            "man/man8" if name.endswith(".8") else "doc/pamsignal", name))
-        with gzip.open(packed) as inside, \
+    # Every man page of the source tree (debian/pamsignal.manpages lists
+    # them), the README and the example.
+    pages = [name for name in os.listdir(REPO)
+             if re.match(r"^pamsignal(\.conf)?\.[1-8]$", name)]
+    assert "pamsignal.8" in pages
+    shipped = ["/usr/share/man/man%s/%s.gz" % (name[-1], name)
+               for name in pages]
+    shipped += ["/usr/share/doc/pamsignal/%s.gz" % name
+                for name in ("pamsignal.conf.example", "README.md")]
+    for path in shipped:
+        name = os.path.basename(path)[:-len(".gz")]
+        assert exists(bookworm, path), \
+            "%s is not in the package (debian/pamsignal.manpages?)" % name
+        with gzip.open(bookworm.path(path)) as inside, \
                 open(os.path.join(REPO, name), "rb") as source:
             assert inside.read() == source.read(), name
 
