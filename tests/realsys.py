@@ -1214,6 +1214,15 @@ class TreeOverlay(object):
         """`cmd` chrooted into the overlay; CompletedProcess."""
         return self._nsenter(["chroot", self.merged] + _cmd_list(cmd), **kw)
 
+    def apt_get(self, *arguments):
+        """`apt-get -y ARGUMENTS` in the overlay, never asking."""
+        return self.run(
+            ["apt-get", "-q", "-y"] + list(arguments),
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
+
     def package_status(self, package):
         """"ii |1.0" (dpkg's status letters and the version) of a
         package in the overlay, or None when dpkg knows none."""

@@ -1,15 +1,16 @@
 """The Debian package for real (debian/, `make deb`).
 
 The .deb is built once per session (conftest's debian_package), checked by
-lintian, and installed with dpkg into overlays of cached debootstrapped
-trees (realsys.TreeOverlay: the shared trees are never written):
+lintian, and installed into overlays of cached debootstrapped trees
+(realsys.TreeOverlay: the shared trees are never written):
 
 - Debian 12 (bookworm): the whole life of a package: the previous version
   installed, the admin's edits and the service's state, an upgrade that
   keeps them, `dpkg -r`, `dpkg -P`;
-- Debian 11, 12 and 13 (Python 3.9, 3.11, 3.13): the installed program
-  runs `--version`, `check-config` and `scan` of an export made from the
-  lines captured on Debian 12 (tests/fixtures/messages.json);
+- Debian 11, 12 and 13 (Python 3.9, 3.11, 3.13): installed with
+  `apt-get install ./pamsignal_VERSION_all.deb`, the program runs
+  `--version`, `check-config` and `scan` of an export made from the lines
+  captured on Debian 12 (tests/fixtures/messages.json);
 - Debian 13 booted with systemd as PID 1 (systemd-nspawn, as in
   test_service_boot.py): installing enables and starts the service, removing
   stops it, purging removes what the running service wrote.
@@ -345,7 +346,9 @@ def test_installs_and_runs_on(suite, debian_package, tmp_path_factory):
     try:
         python = tree.run(["python3", "--version"]).stdout
         assert python.startswith("Python %s." % PYTHONS[suite]), python
-        dpkg(tree, "-i", put_deb(tree, debian_package))
+        # As the README has it: apt-get install ./pamsignal_*.deb
+        installed = tree.apt_get("install", put_deb(tree, debian_package))
+        assert installed.returncode == 0, installed.stdout + installed.stderr
         assert status(tree) == "ii |%s" % VERSION
         assert tree.run(["pamsignal", "--version"]).stdout == \
             "pamsignal %s\n" % VERSION

@@ -157,12 +157,6 @@ def configure_apt(tree, url, keyring):
         pass
 
 
-def apt_get(tree, *arguments):
-    return tree.run(["apt-get", "-q", "-y"] + list(arguments),
-                    stdin=subprocess.DEVNULL, timeout=300,
-                    env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
-
-
 @pytest.mark.parametrize("suite", sorted(realsys.PACKAGE_SUITES))
 def test_apt_installs_from_the_signed_repository(suite, repos, overlay,
                                                  serve):
@@ -170,10 +164,10 @@ def test_apt_installs_from_the_signed_repository(suite, repos, overlay,
     tree = overlay(suite)
     configure_apt(tree, serve(repo),
                   os.path.join(repo, "pamsignal-archive-keyring.gpg"))
-    update = apt_get(tree, "update")
+    update = tree.apt_get("update")
     assert update.returncode == 0, update.stdout + update.stderr
     assert "NO_PUBKEY" not in update.stdout + update.stderr
-    install = apt_get(tree, "install", "pamsignal")
+    install = tree.apt_get("install", "pamsignal")
     assert install.returncode == 0, install.stdout + install.stderr
     assert tree.package_status("pamsignal") == "ii |%s" % pamsignal.__version__
     assert tree.run(["pamsignal", "--version"]).stdout == \
@@ -188,7 +182,7 @@ def test_apt_refuses_a_repository_signed_by_another_key(repos, gnupg,
     configure_apt(bookworm, serve(repos["stranger"]),
                   os.path.join(repos["good"],
                                "pamsignal-archive-keyring.gpg"))
-    update = apt_get(bookworm, "update")
+    update = bookworm.apt_get("update")
     output = update.stdout + update.stderr
     assert update.returncode != 0, output
     # apt names the key that signed it (a long key id: the fingerprint's
@@ -196,7 +190,7 @@ def test_apt_refuses_a_repository_signed_by_another_key(repos, gnupg,
     stranger = gnupg[1][1]
     assert "NO_PUBKEY %s" % stranger[-16:] in output, output
     assert "is not signed" in output, output
-    install = apt_get(bookworm, "install", "pamsignal")
+    install = bookworm.apt_get("install", "pamsignal")
     assert install.returncode != 0
     assert bookworm.package_status("pamsignal") is None
     assert not os.path.lexists(bookworm.path("/usr/bin/pamsignal"))
