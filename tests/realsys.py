@@ -1351,13 +1351,14 @@ def require_boot_tree():
 
 
 @contextlib.contextmanager
-def booted_container(log_path, binds, label):
+def booted_container(log_path, binds, label, boot_timeout=180):
     """The boot tree booted (Container) for the duration; prints how long
-    the `label` tests had it."""
+    the `label` tests had it.  The boot may take long on a machine busy
+    with other work: the timeout only bounds a hang."""
     box = Container(require_boot_tree(), log_path, binds)
     started = time.monotonic()
     try:
-        yield box.start()
+        yield box.start(boot_timeout)
     finally:
         box.stop()
         print("%s: %.0f s" % (label, time.monotonic() - started))
