@@ -62,12 +62,13 @@ uninstall:
 	@echo "kept $(CONFDIR)/pamsignal.conf and /var/lib/pamsignal"
 
 # The Debian package, built from a copy in a temporary directory (as
-# dpkg-buildpackage writes into the parent directory) and put in $(DIST).
-DIST ?= dist
+# dpkg-buildpackage writes into the parent directory) and put in
+# $(DISTDIR).
+DISTDIR ?= dist
 DEB_SOURCES = pamsignal.py pamsignal.service pamsignal.conf.example \
 	pamsignal.8 README.md debian $(wildcard pamsignal.conf.5)
-VERSION = $(shell $(PYTHON) pamsignal.py --version | sed 's/^pamsignal //')
-DEB = $(DIST)/pamsignal_$(VERSION)_all.deb
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' pamsignal.py)
+DEB = $(DISTDIR)/pamsignal_$(VERSION)_all.deb
 
 deb:
 	@set -eu; \
@@ -81,17 +82,18 @@ deb:
 	mkdir "$$build/pamsignal"; \
 	cp -a $(DEB_SOURCES) "$$build/pamsignal/"; \
 	(cd "$$build/pamsignal" && dpkg-buildpackage -us -uc -b); \
-	mkdir -p "$(DIST)"; \
-	mv "$$build/pamsignal_$(VERSION)_all.deb" "$(DIST)/"; \
+	mkdir -p "$(DISTDIR)"; \
+	mv "$$build/pamsignal_$(VERSION)_all.deb" "$(DISTDIR)/"; \
 	echo "built $(DEB)"
 
-# Static repositories under $(DIST)/repo, signed with GPG_KEY (a key id or
-# fingerprint in GNUPGHOME, or in ~/.gnupg).
+# Static repositories under $(DISTDIR)/repo, signed with GPG_KEY (a key id
+# or fingerprint in GNUPGHOME, or in ~/.gnupg).
 ifdef GNUPGHOME
 export GNUPGHOME
 endif
-REPO_DIR = $(DIST)/repo
-GPG = gpg --batch --yes --local-user "$(GPG_KEY)"
+REPO_DIR = $(DISTDIR)/repo
+GPG ?= gpg
+SIGN = $(GPG) --batch --yes --local-user "$(GPG_KEY)"
 RELEASE_FIELDS = Origin=PAMSignal Label=PAMSignal Suite=stable \
 	Codename=stable Architectures=all Components=main
 
@@ -118,10 +120,10 @@ repo-apt: deb
 	apt-ftparchive $(foreach f,$(RELEASE_FIELDS),-o "APT::FTPArchive::Release::$(f)") \
 		release dists/stable > Release.new; \
 	mv Release.new dists/stable/Release; \
-	$(GPG) --clearsign -o dists/stable/InRelease dists/stable/Release; \
-	$(GPG) --armor --detach-sign -o dists/stable/Release.gpg \
+	$(SIGN) --clearsign -o dists/stable/InRelease dists/stable/Release; \
+	$(SIGN) --armor --detach-sign -o dists/stable/Release.gpg \
 		dists/stable/Release; \
-	gpg --batch --export "$(GPG_KEY)" > pamsignal-archive-keyring.gpg; \
+	$(GPG) --batch --export "$(GPG_KEY)" > pamsignal-archive-keyring.gpg; \
 	if [ ! -s pamsignal-archive-keyring.gpg ]; then \
 		echo "gpg has no public key $(GPG_KEY) to export" >&2; exit 1; \
 	fi; \

@@ -1120,7 +1120,7 @@ class ChrootSshd(object):
 
 def build_deb(source, dist):
     """`make deb` in the source tree `source`, the result in `dist`."""
-    p = _run(["make", "-C", source, "deb", "DIST=" + dist], timeout=300)
+    p = _run(["make", "-C", source, "deb", "DISTDIR=" + dist], timeout=300)
     if p.returncode != 0:
         raise RuntimeError("make deb failed:\n%s%s" % (p.stdout, p.stderr))
     return p

@@ -110,7 +110,7 @@ def test_changelog_and_program_agree_on_the_version(debian_package):
 def test_make_deb_refuses_a_changelog_behind_the_program(tmp_path):
     source = source_copy(str(tmp_path / "src"), version=VERSION + ".1")
     result = subprocess.run(
-        ["make", "-C", source, "deb", "DIST=%s" % (tmp_path / "dist")],
+        ["make", "-C", source, "deb", "DISTDIR=%s" % (tmp_path / "dist")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         universal_newlines=True, timeout=120)
     assert result.returncode != 0

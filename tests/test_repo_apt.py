@@ -59,7 +59,7 @@ def make_repo(dist, home, key, debian_package):
     os.makedirs(dist, exist_ok=True)
     shutil.copy(debian_package, dist)
     result = subprocess.run(
-        ["make", "-C", REPO, "-o", "deb", "repo-apt", "DIST=" + dist,
+        ["make", "-C", REPO, "-o", "deb", "repo-apt", "DISTDIR=" + dist,
          "GPG_KEY=" + key, "GNUPGHOME=" + home], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -137,7 +137,7 @@ def test_make_repo_apt_wants_a_key(debian_package, tmp_path):
     os.makedirs(dist)
     shutil.copy(debian_package, dist)
     result = subprocess.run(
-        ["make", "-C", REPO, "-o", "deb", "repo-apt", "DIST=" + dist,
+        ["make", "-C", REPO, "-o", "deb", "repo-apt", "DISTDIR=" + dist,
          "GPG_KEY="], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         universal_newlines=True, timeout=60)
     assert result.returncode != 0
