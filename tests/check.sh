@@ -23,6 +23,7 @@ PACKAGES=(
     openssh-server openssh-client sshpass sudo util-linux bsdutils procps
     passwd login systemd iproute2 debootstrap systemd-container
     mandoc
+    # tests/test_deb.py, tests/test_repo_apt.py
     build-essential debhelper dpkg-dev lintian apt-utils gnupg
 )
 # Python packages, CI-only: never imported by pamsignal.py.
