@@ -13,10 +13,10 @@ UNITDIR ?= /lib/systemd/system
 DISTDIR ?= dist
 
 .PHONY: all check test test-pythons lint bench install uninstall
-.PHONY: rpm repo-rpm dist dist-files dist-clean
+.PHONY: deb rpm repo repo-apt repo-rpm dist dist-files dist-clean
 
 all:
-	@echo "targets: check, test, test-pythons, lint, bench, install, uninstall (DESTDIR, PREFIX), rpm, repo-rpm (GPG_KEY), dist (GPG_KEY)"
+	@echo "targets: check, test, test-pythons, lint, bench, install, uninstall (DESTDIR, PREFIX), deb, rpm, repo, repo-apt, repo-rpm, dist (GPG_KEY, GNUPGHOME)"
 
 # Everything: install what the tests need, start journald, build or reuse
 # the cached Debian trees, lint, run the whole suite (root; what CI runs).
@@ -111,7 +111,7 @@ repo-rpm: rpm
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' pamsignal.py)
 GPG_KEY ?=
 # Targets that add packages to $(DISTDIR) before the sums (`deb rpm`).
-DIST_PACKAGES ?= rpm
+DIST_PACKAGES ?= deb rpm
 DIST_MANPAGES := $(wildcard pamsignal.8 pamsignal.conf.5)
 
 dist: dist-files $(DIST_PACKAGES)
@@ -148,3 +148,68 @@ endif
 
 dist-clean:
 	rm -rf $(DISTDIR)
+
+# The Debian package, built from a copy in a temporary directory (as
+# dpkg-buildpackage writes into the parent directory) and put in
+# $(DISTDIR).
+DEB_SOURCES = pamsignal.py pamsignal.service pamsignal.conf.example \
+	pamsignal.8 README.md debian $(wildcard pamsignal.conf.5)
+DEB = $(DISTDIR)/pamsignal_$(VERSION)_all.deb
+
+deb:
+	@set -eu; \
+	logged=$$(dpkg-parsechangelog -l debian/changelog -S Version); \
+	if [ "$(VERSION)" != "$$logged" ]; then \
+		echo "debian/changelog is at $$logged but pamsignal.py at" \
+			"$(VERSION): add a changelog entry (dch -v $(VERSION))" >&2; \
+		exit 1; \
+	fi; \
+	build=$$(mktemp -d); trap 'rm -rf "$$build"' EXIT; \
+	mkdir "$$build/pamsignal"; \
+	cp -a $(DEB_SOURCES) "$$build/pamsignal/"; \
+	(cd "$$build/pamsignal" && dpkg-buildpackage -us -uc -b); \
+	mkdir -p "$(DISTDIR)"; \
+	mv "$$build/pamsignal_$(VERSION)_all.deb" "$(DISTDIR)/"; \
+	echo "built $(DEB)"
+
+# Static repositories under $(DISTDIR)/repo, signed with GPG_KEY (a key id
+# or fingerprint in GNUPGHOME, or in ~/.gnupg).
+ifdef GNUPGHOME
+export GNUPGHOME
+endif
+REPO_DIR = $(DISTDIR)/repo
+SIGN = $(GPG) --batch --yes --local-user "$(GPG_KEY)"
+RELEASE_FIELDS = Origin=PAMSignal Label=PAMSignal Suite=stable \
+	Codename=stable Architectures=all Components=main
+
+repo: repo-apt repo-rpm
+
+# apt: dists/stable/main/binary-all/Packages(.gz), Release, InRelease,
+# Release.gpg and the public key, pamsignal-archive-keyring.gpg.
+repo-apt: deb
+	@set -eu; \
+	if [ -z "$(GPG_KEY)" ]; then \
+		echo "make repo-apt needs GPG_KEY=<key id> (GNUPGHOME=<dir>" \
+			"for a keyring other than ~/.gnupg)" >&2; \
+		exit 1; \
+	fi; \
+	mkdir -p "$(REPO_DIR)"; \
+	repo=$$(cd "$(REPO_DIR)" && pwd); \
+	rm -rf "$$repo/dists" "$$repo/pool"; \
+	mkdir -p "$$repo/pool/main" "$$repo/dists/stable/main/binary-all"; \
+	cp "$(DEB)" "$$repo/pool/main/"; \
+	cd "$$repo"; \
+	index=dists/stable/main/binary-all/Packages; \
+	apt-ftparchive packages pool/main > "$$index"; \
+	gzip -9n < "$$index" > "$$index.gz"; \
+	apt-ftparchive $(foreach f,$(RELEASE_FIELDS),-o "APT::FTPArchive::Release::$(f)") \
+		release dists/stable > Release.new; \
+	mv Release.new dists/stable/Release; \
+	$(SIGN) --clearsign -o dists/stable/InRelease dists/stable/Release; \
+	$(SIGN) --armor --detach-sign -o dists/stable/Release.gpg \
+		dists/stable/Release; \
+	$(GPG) --batch --export "$(GPG_KEY)" > pamsignal-archive-keyring.gpg; \
+	if [ ! -s pamsignal-archive-keyring.gpg ]; then \
+		echo "gpg has no public key $(GPG_KEY) to export" >&2; exit 1; \
+	fi; \
+	echo "apt repository in $$repo, signed by $(GPG_KEY)"

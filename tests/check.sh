@@ -29,6 +29,8 @@ PACKAGES=(
     rpm rpmlint createrepo-c gnupg dnf
     # tests/test_install_sh.py: downloaders, OpenPGP checkers, shellcheck
     curl wget gpgv shellcheck
+    # tests/test_deb.py, tests/test_repo_apt.py
+    build-essential debhelper dpkg-dev lintian apt-utils
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml)
@@ -70,7 +72,8 @@ prepare() {
     python3 tests/realsys.py journald
 
     local tree started
-    for tree in trixie-tree boot-tree; do
+    # bookworm and bullseye (with trixie-tree): the Debian package tests.
+    for tree in trixie-tree boot-tree bookworm-tree bullseye-tree; do
         step "Debian tree: $tree (cached under /var/cache/pamsignal-tests)"
         started=$SECONDS
         python3 tests/realsys.py "$tree"

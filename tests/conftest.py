@@ -49,6 +49,16 @@ def sshd(journald):
     realsys.stop_sshd()
 
 
+@pytest.fixture(scope="session")
+def debian_package(tmp_path_factory):
+    """`make deb` of this source tree, once per session: the .deb's path."""
+    realsys.require_binaries("make", "dpkg-buildpackage", "dh")
+    dist = tmp_path_factory.mktemp("dist")
+    realsys.build_deb(os.path.dirname(AGENT_SCRIPT), str(dist))
+    (deb,) = dist.glob("pamsignal_*_all.deb")
+    return str(deb)
+
+
 class Users(object):
     """The session's throw-away users: `plain` (with an ed25519 key),
     `sudoer` (in group sudo) and `target` (an account to su to)."""

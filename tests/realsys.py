@@ -48,7 +48,9 @@ systemd 252 journald, no systemd as PID 1), from `journalctl -o json`:
   never filter in journalctl, only in Python.
 """
 
+import contextlib
 import fcntl
+import functools
 import glob
 import json
 import os
@@ -674,12 +676,71 @@ BOOT_NEEDS = (
 
 def build_boot_tree(tree=None, mirror=None, timeout=900):
     """The bootable Debian 13 tree, built once and cached like the other."""
-    return build_trixie_tree(
+    return build_debian_tree(
+        "trixie",
         tree or BOOT_TREE,
         mirror,
         timeout,
         packages=BOOT_PACKAGES,
         needs=BOOT_NEEDS,
+    )
+
+
+# Minimal trees of the releases the Debian package is installed on
+# (tests/test_deb.py): minbase and python3, nothing else, so the package's
+# own dependencies are what makes it work.  Debian 13's is the tree above.
+PACKAGE_TREE_DIR = os.environ.get(
+    "PAMSIGNAL_PACKAGE_TREE_DIR", "/var/cache/pamsignal-tests"
+)
+PACKAGE_TREE_PACKAGES = ("python3",)
+PACKAGE_TREE_NEEDS = (
+    "usr/bin/python3",
+    "usr/bin/dpkg",
+    "usr/bin/apt-get",
+    "usr/bin/gpgv",
+)
+#: Debian suite -> its number, for the package trees.
+PACKAGE_SUITES = {"bullseye": 11, "bookworm": 12, "trixie": 13}
+
+
+def package_tree(suite):
+    """(path, needs) of the minimal tree of a suite in PACKAGE_SUITES."""
+    if suite == "trixie":
+        return TRIXIE_TREE, TRIXIE_NEEDS
+    return os.path.join(PACKAGE_TREE_DIR, suite), PACKAGE_TREE_NEEDS
+
+
+def require_package_tree(suite):
+    """The cached minimal tree of `suite`; built now when run by hand, a
+    failure under CI (tests/check.sh builds it before the tests)."""
+    require_root()
+    tree, needs = package_tree(suite)
+    if trixie_tree_complete(tree, needs):
+        return tree
+    if in_ci():
+        pytest.fail(
+            "the Debian %s tree %s is missing; tests/check.sh builds it "
+            "(python3 tests/realsys.py %s-tree)" % (suite, tree, suite),
+            pytrace=False,
+        )
+    try:
+        return build_package_tree(suite)[0]
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+        unavailable("cannot build the Debian %s tree: %s" % (suite, error))
+
+
+def build_package_tree(suite, mirror=None, timeout=900):
+    """The minimal tree of `suite`, built once and cached."""
+    if suite == "trixie":
+        return build_trixie_tree(mirror=mirror, timeout=timeout)
+    tree, needs = package_tree(suite)
+    return build_debian_tree(
+        suite,
+        tree,
+        mirror,
+        timeout,
+        packages=PACKAGE_TREE_PACKAGES,
+        needs=needs,
     )
 
 
@@ -812,18 +873,25 @@ def _remove_tree(path):
     _check(["rm", "-rf", "--one-file-system", path])
 
 
-def build_trixie_tree(
-    tree=None,
-    mirror=None,
-    timeout=600,
-    packages=TRIXIE_PACKAGES,
-    needs=TRIXIE_NEEDS,
-):
-    """Make sure the Debian 13 tree exists and is complete; build it with
-    debootstrap from this machine's apt mirror if not.  Returns
-    (tree, seconds the build took), seconds None when it was cached.
-    Idempotent and safe to run concurrently (a lock file)."""
-    tree = os.path.abspath(tree or TRIXIE_TREE)
+def build_trixie_tree(tree=None, mirror=None, timeout=600):
+    """The Debian 13 tree with its sshd (see build_debian_tree)."""
+    return build_debian_tree(
+        "trixie",
+        tree or TRIXIE_TREE,
+        mirror,
+        timeout,
+        packages=TRIXIE_PACKAGES,
+        needs=TRIXIE_NEEDS,
+    )
+
+
+def build_debian_tree(suite, tree, mirror, timeout, packages, needs):
+    """Make sure the Debian `suite` tree exists and is complete; build it
+    with debootstrap (minbase and `packages`) from this machine's apt
+    mirror if not.  Returns (tree, seconds the build took), seconds None
+    when it was cached.  Idempotent and safe to run concurrently (a lock
+    file)."""
+    tree = os.path.abspath(tree)
     if len([p for p in tree.split("/") if p]) < 2:
         raise RuntimeError("refusing tree path %r" % tree)
     os.makedirs(os.path.dirname(tree), exist_ok=True)
@@ -835,7 +903,7 @@ def build_trixie_tree(
             if not os.path.exists(os.path.join(tree, TRIXIE_MARKER)):
                 raise RuntimeError(
                     "%s exists but was not built by these tests (no %s); "
-                    "remove it or set PAMSIGNAL_TRIXIE_TREE"
+                    "remove it or build the tree elsewhere"
                     % (tree, TRIXIE_MARKER)
                 )
             _remove_tree(tree)  # ours, but damaged: build it again
@@ -856,7 +924,7 @@ def build_trixie_tree(
             "debootstrap",
             "--variant=minbase",
             "--include=" + ",".join(packages),
-            "trixie",
+            suite,
             work,
             mirror,
         ]
@@ -899,6 +967,7 @@ def build_trixie_tree(
                         "%Y-%m-%dT%H:%M:%SZ", time.gmtime()
                     ),
                     "mirror": mirror,
+                    "suite": suite,
                     "packages": list(packages),
                     "seconds": round(seconds, 1),
                 },
@@ -1070,11 +1139,266 @@ class ChrootSshd(object):
             self.rundir = None
 
 
+# ---------------------------------------------------------------- packages
+
+
+def build_deb(source, dist):
+    """`make deb` in the source tree `source`, the result in `dist`."""
+    p = _run(["make", "-C", source, "deb", "DISTDIR=" + dist], timeout=300)
+    if p.returncode != 0:
+        raise RuntimeError("make deb failed:\n%s%s" % (p.stdout, p.stderr))
+    return p
+
+
+# ---------------------------------------------------------------- overlays
+#
+# The cached trees are shared between test runs and engineers: a test that
+# installs into one works on an overlay of it instead.
+
+
+def wait_for(predicate, timeout=20.0, interval=0.1):
+    """Poll until predicate() is true or the time is up; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+class TreeOverlay(object):
+    """A writable copy of a cached tree that costs nothing and leaves the
+    tree untouched: an overlayfs (the tree below, a tmpfs above) with the
+    host's /proc, /dev and /dev/pts bound in, mounted in a private mount
+    namespace.  A `cat` reading a pipe from us holds that namespace open:
+    stop() closes the pipe, and should this process die the pipe closes
+    all the same, so no mount is ever left behind on the host."""
+
+    def __init__(self, tree, workdir):
+        self.tree = os.path.realpath(tree)
+        self.workdir = workdir
+        self.merged = os.path.join(workdir, "merged")
+        self.holder = None
+
+    def start(self, timeout=20):
+        require_binaries("unshare", "nsenter", "chroot", "mount")
+        os.makedirs(self.merged, exist_ok=True)
+        upper = os.path.join(self.workdir, "rw")
+        os.makedirs(upper, exist_ok=True)
+        self.holder = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "cat"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        # Mount only once unshare has made the namespace private and run
+        # cat: a mount made earlier could propagate to the host.
+        if not wait_for(lambda: self._holder_comm() == "cat", timeout):
+            self.stop()
+            raise RuntimeError("unshare did not start its namespace")
+        merged = shlex.quote(self.merged)
+        script = " && ".join(
+            [
+                "mount -t tmpfs tmpfs %s" % shlex.quote(upper),
+                "mkdir %s/upper %s/work" % ((shlex.quote(upper),) * 2),
+                "mount -t overlay overlay -o lowerdir=%s,upperdir=%s/upper,"
+                "workdir=%s/work %s"
+                % (
+                    shlex.quote(self.tree),
+                    shlex.quote(upper),
+                    shlex.quote(upper),
+                    merged,
+                ),
+                "mount --bind /proc %s/proc" % merged,
+                "mount --bind /dev %s/dev" % merged,
+                "mount --bind /dev/pts %s/dev/pts" % merged,
+            ]
+        )
+        p = self._nsenter(["sh", "-c", "set -e; " + script])
+        if p.returncode != 0:
+            self.stop()
+            raise RuntimeError("overlay of %s: %s" % (self.tree, p.stderr))
+        return self
+
+    def _holder_comm(self):
+        try:
+            with open("/proc/%d/comm" % self.holder.pid) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    def _nsenter(self, cmd, **kw):
+        return _run(
+            ["nsenter", "--target", str(self.holder.pid), "--mount", "--"]
+            + cmd,
+            **kw
+        )
+
+    def run(self, cmd, **kw):
+        """`cmd` chrooted into the overlay; CompletedProcess."""
+        return self._nsenter(["chroot", self.merged] + _cmd_list(cmd), **kw)
+
+    def apt_get(self, *arguments):
+        """`apt-get -y ARGUMENTS` in the overlay, never asking."""
+        return self.run(
+            ["apt-get", "-q", "-y"] + list(arguments),
+            stdin=subprocess.DEVNULL,
+            timeout=300,
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
+
+    def package_status(self, package):
+        """"ii |1.0" (dpkg's status letters and the version) of a
+        package in the overlay, or None when dpkg knows none."""
+        result = self.run(["dpkg-query", "-W",
+                           "-f=${db:Status-Abbrev}|${Version}", package])
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    def path(self, inside):
+        """The host's way to a path inside the overlay (through the
+        holder's root, which sees its mount namespace)."""
+        return "/proc/%d/root%s/%s" % (
+            self.holder.pid,
+            self.merged,
+            inside.lstrip("/"),
+        )
+
+    def stop(self, timeout=10):
+        if self.holder is None:
+            return
+        self.holder.stdin.close()  # cat exits, and the namespace with it
+        try:
+            self.holder.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.holder.kill()
+            self.holder.wait(timeout)
+        self.holder = None
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+class Container(object):
+    """A tree booted with `systemd-nspawn -b` (TESTING.md): systemd as PID
+    1, --volatile=overlay so the tree itself is never written, and
+    --private-network so its sshd keeps away from the host's ports.
+    `binds` are (host path, path inside) pairs bound read-only.  run()
+    executes in all its namespaces."""
+
+    def __init__(self, tree, log_path, binds=()):
+        self.tree = tree
+        self.log_path = log_path
+        self.binds = list(binds)
+        self.nspawn = None
+        self.init = None
+
+    def start(self, timeout=60):
+        command = ["systemd-nspawn", "-q", "-D", self.tree, "-b",
+                   "--register=no", "--keep-unit", "--volatile=overlay",
+                   "--private-network"]
+        command += ["--bind-ro=%s:%s" % bind for bind in self.binds]
+        with open(self.log_path, "w") as log:
+            self.nspawn = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)
+        assert wait_for(lambda: _children(self.nspawn.pid) or
+                        self.nspawn.poll() is not None, timeout=timeout)
+        assert self.nspawn.poll() is None, self.log()
+        (self.init,) = _children(self.nspawn.pid)
+
+        def booted():  # nothing answers until the child has become init
+            return self.run(["systemctl", "is-system-running", "--wait"],
+                            check=False, timeout=timeout).stdout.strip() in (
+                                "running", "degraded")
+        assert wait_for(booted, timeout=timeout, interval=0.5), self.log()
+        return self
+
+    def log(self):
+        with open(self.log_path) as handle:
+            return handle.read()[-3000:]
+
+    def run(self, command, check=True, input=None, timeout=60, net=False):
+        namespaces = ["--net"] if net else ["--all"]
+        result = subprocess.run(
+            ["nsenter", "--target", str(self.init)] + namespaces + ["--"] +
+            command, input=input, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, (command, result.stdout,
+                                            result.stderr)
+        return result
+
+    def show(self, prop, unit="pamsignal.service"):
+        return self.run(["systemctl", "show", "-P", prop,
+                         unit]).stdout.strip()
+
+    def unit_log(self):
+        return self.run(["journalctl", "-u", "pamsignal.service", "-o",
+                         "cat", "--no-pager"]).stdout
+
+    def write(self, path, text):
+        self.run(["sh", "-c", 'cat > "$1"', "sh", path], input=text)
+
+    def stop(self):
+        if self.nspawn is None or self.nspawn.poll() is not None:
+            return
+        self.nspawn.terminate()  # nspawn asks the container to power off
+        try:
+            self.nspawn.wait(60)
+        except subprocess.TimeoutExpired:
+            self.nspawn.kill()
+            self.nspawn.wait(10)
+
+
+def require_boot_tree():
+    """The bootable Debian 13 tree, built now if it is missing."""
+    require_root()
+    require_binaries("systemd-nspawn", "nsenter")
+    if not trixie_tree_complete(BOOT_TREE, BOOT_NEEDS):
+        try:
+            build_boot_tree()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+            unavailable("no bootable Debian 13 tree: %s" % error)
+    return BOOT_TREE
+
+
+@contextlib.contextmanager
+def booted_container(log_path, binds, label, boot_timeout=180):
+    """The boot tree booted (Container) for the duration; prints how long
+    the `label` tests had it.  The boot may take long on a machine busy
+    with other work: the timeout only bounds a hang."""
+    box = Container(require_boot_tree(), log_path, binds)
+    started = time.monotonic()
+    try:
+        yield box.start(boot_timeout)
+    finally:
+        box.stop()
+        print("%s: %.0f s" % (label, time.monotonic() - started))
+
+
 def _main(argv):
     builders = {
         "trixie-tree": ("Debian 13 tree", build_trixie_tree),
         "boot-tree": ("Debian 13 boot tree", build_boot_tree),
     }
+    for suite, number in sorted(PACKAGE_SUITES.items()):
+        if suite != "trixie":  # trixie-tree above is its package tree
+            builders[suite + "-tree"] = (
+                "Debian %d tree" % number,
+                functools.partial(build_package_tree, suite),
+            )
     if argv[1:] == ["journald"]:
         try:
             ensure_journald()

@@ -30,7 +30,7 @@ import pytest
 import realsys
 from receivers import Dynamic, HttpReceiver, Respond, make_cert
 from support import REPO, pamsignal, wait_for
-from test_service_boot import Container
+from realsys import Container
 
 INSTALL_SH = os.path.join(REPO, "install.sh")
 VERSION = pamsignal.__version__
@@ -237,7 +237,8 @@ def test_make_dist_sums_signs_and_ships_the_tracked_files(dist, keys):
     release = keys[0]
     manpages = MANPAGES
     tarball = "pamsignal-%s.tar.gz" % VERSION
-    packages = ["pamsignal-%s-1.noarch.rpm" % VERSION]
+    packages = ["pamsignal-%s-1.noarch.rpm" % VERSION,
+                "pamsignal_%s_all.deb" % VERSION]
     assert sorted(os.listdir(dist)) == sorted(
         [tarball, "pamsignal.py", "install.sh", "SHA256SUMS",
          "SHA256SUMS.asc"] + manpages + packages)

@@ -20,7 +20,7 @@ import realsys
 import rpmsupport
 from rpmsupport import check, mode, read, rpm_in, run
 from support import PAMSIGNAL, REPO, pamsignal, wait_for
-from test_service_boot import Container
+from realsys import Container
 
 pytestmark = pytest.mark.e2e
 
