@@ -260,7 +260,7 @@ def test_make_dist_sums_signs_and_ships_the_tracked_files(dist, keys):
                    "HEAD"]).stdout.split()
     with tarfile.open(os.path.join(dist, tarball)) as archive:
         members = [member.name for member in archive.getmembers()
-                   if member.isfile()]
+                   if member.isfile() or member.issym()]
         with archive.extractfile("pamsignal-%s/Makefile" % VERSION) as f:
             shipped_makefile = f.read()
     assert sorted(members) == sorted("pamsignal-%s/%s" % (VERSION, name)
