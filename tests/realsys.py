@@ -715,18 +715,14 @@ def require_package_tree(suite):
     failure under CI (tests/check.sh builds it before the tests)."""
     require_root()
     tree, needs = package_tree(suite)
-    if trixie_tree_complete(tree, needs):
-        return tree
-    if in_ci():
+    if in_ci() and not trixie_tree_complete(tree, needs):
         pytest.fail(
             "the Debian %s tree %s is missing; tests/check.sh builds it "
             "(python3 tests/realsys.py %s-tree)" % (suite, tree, suite),
             pytrace=False,
         )
-    try:
-        return build_package_tree(suite)[0]
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-        unavailable("cannot build the Debian %s tree: %s" % (suite, error))
+    return require_tree(tree, needs, functools.partial(
+        build_package_tree, suite), "Debian %s tree" % suite)
 
 
 def build_package_tree(suite, mirror=None, timeout=900):
@@ -1366,12 +1362,8 @@ def require_boot_tree():
     """The bootable Debian 13 tree, built now if it is missing."""
     require_root()
     require_binaries("systemd-nspawn", "nsenter")
-    if not trixie_tree_complete(BOOT_TREE, BOOT_NEEDS):
-        try:
-            build_boot_tree()
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-            unavailable("no bootable Debian 13 tree: %s" % error)
-    return BOOT_TREE
+    return require_tree(BOOT_TREE, BOOT_NEEDS, build_boot_tree,
+                        "bootable Debian 13 tree")
 
 
 @contextlib.contextmanager

@@ -596,8 +596,7 @@ def debian13(tmp_path):
     before it downloads."""
     realsys.require_root()
     realsys.require_binaries("unshare", "chroot", "mount")
-    tree = realsys.require_tree(realsys.TRIXIE_TREE, realsys.TRIXIE_NEEDS,
-                                realsys.build_trixie_tree, "Debian 13 tree")
+    tree = realsys.require_package_tree("trixie")
     view = Overlay(tree, str(tmp_path / "overlay"))
     view.prepare("/run/systemd/system")
     return view
@@ -693,9 +692,7 @@ def booted(tmp_path_factory, site):
     its own port 22), with the release site served inside on loopback."""
     realsys.require_root()
     realsys.require_binaries("systemd-nspawn", "nsenter")
-    tree = realsys.require_tree(realsys.BOOT_TREE, realsys.BOOT_NEEDS,
-                                realsys.build_boot_tree,
-                                "bootable Debian 13 tree")
+    tree = realsys.require_boot_tree()
     box = Container(tree, str(
         tmp_path_factory.mktemp("nspawn-install") / "nspawn.log"))
     try:
