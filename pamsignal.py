@@ -93,7 +93,24 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 #: Journal fields the parser reads; journalctl prints only these (plus cursor
 #: and timestamps), which roughly doubles its throughput.
 JOURNAL_FIELDS = ("MESSAGE", "SYSLOG_IDENTIFIER", "_PID", "_UID", "_COMM",
-                  "_EXE", "_TRANSPORT", "_HOSTNAME", "_BOOT_ID")
+                  "_EXE", "_TRANSPORT", "_HOSTNAME", "_BOOT_ID",
+                  "MESSAGE_ID", "N_DROPPED", "OBJECT_SYSTEMD_UNIT")
+
+#: MESSAGE_ID of journald's own "Suppressed N messages from UNIT" entry,
+#: written when a unit passed its rate limit and lines were dropped.
+JOURNAL_DROPPED_MESSAGE_ID = "a596d6fe7bfa4994828e72309e95d61e"
+
+#: Units whose lines carry logins (patterns): dropped lines of one of them
+#: may be a login nobody saw. sshd (Debian, Fedora/EL, socket-activated),
+#: sudo/su/doas in a login session's scope, consoles, logind, polkit,
+#: Cockpit, display managers, run0's transient units.
+LOGIN_UNITS = (
+    "ssh.service", "sshd.service", "ssh@*.service", "sshd@*.service",
+    "sshd-session@*.service", "session-*.scope", "getty@*.service",
+    "serial-getty@*.service", "console-getty.service",
+    "container-getty@*.service", "systemd-logind.service",
+    "polkit.service", "cockpit*.service", "gdm.service", "gdm3.service",
+    "lightdm.service", "sddm.service", "run-p*-i*.service")
 
 #: Longest MESSAGE the parser looks at; real auth lines are far shorter and
 #: the cap keeps a hostile megabyte line cheap.
@@ -382,6 +399,7 @@ EVENT_FIELDS = (
     "session_duration_s", "attempts", "writer_uid", "claimed_action",
     "detail", "counted_by", "network", "window_s", "users_tried", "sources",
     "held_back",
+    "unit", "dropped", "login_record",
     "source_as_number", "source_as_org", "source_country", "source_city",
     "source_network_type", "source_provider", "host_provider",
     "cursor", "message", "context_key")
@@ -406,6 +424,8 @@ ACTIONS = {
     "spoofed_entry": ("intrusion_detection", "info", "unknown", 8),
     "alert_digest": ("intrusion_detection", "info", "unknown", 5),
     "alerts_dropped": ("intrusion_detection", "info", "failure", 6),
+    "journal_suppressed": ("host", "info", "failure", 8),
+    "unaccounted_session": ("session", "start", "unknown", 8),
     "config_reload_failed": ("configuration", "change", "failure", 6),
     "monitoring_degraded": ("process", "change", "failure", 7),
     "monitoring_restored": ("process", "change", "success", 3),
@@ -420,7 +440,8 @@ ROUTINE_ACTIONS = frozenset(("login_failure", "session_opened",
 #: the others.
 PARSED_ACTIONS = frozenset(("login_success", "login_failure",
                             "session_opened", "session_closed",
-                            "sudo_command", "spoofed_entry"))
+                            "sudo_command", "spoofed_entry",
+                            "journal_suppressed"))
 
 #: What the agent says about itself: its configuration and its own health.
 AGENT_ACTIONS = frozenset(("config_reload_failed", "monitoring_degraded",
@@ -428,10 +449,12 @@ AGENT_ACTIONS = frozenset(("config_reload_failed", "monitoring_degraded",
 
 #: Never held back by a cooldown or a rate limit: access that was granted,
 #: so no flood of failures can delay the news that someone got in, and the
-#: agent's rare word about its own health.
+#: agent's rare word about its own health. A flood is exactly when logins
+#: may go unseen, so what says so is never held back either.
 NEVER_HELD_ACTIONS = frozenset(("login_success", "sudo_command",
                                 "success_after_failures", "new_source",
-                                "new_sudo_user")) | AGENT_ACTIONS
+                                "new_sudo_user", "journal_suppressed",
+                                "unaccounted_session")) | AGENT_ACTIONS
 
 
 #: (ECS path, Event field) in the order they are rendered.
@@ -466,6 +489,8 @@ _ECS_LAYOUT = (
     ("pamsignal.network", "network"), ("pamsignal.window_s", "window_s"),
     ("pamsignal.users_tried", "users_tried"),
     ("pamsignal.sources", "sources"), ("pamsignal.held_back", "held_back"),
+    ("pamsignal.unit", "unit"), ("pamsignal.dropped", "dropped"),
+    ("pamsignal.login_record", "login_record"),
     ("pamsignal.source_network_type", "source_network_type"),
     ("pamsignal.source_provider", "source_provider"),
     ("pamsignal.cursor", "cursor"),
@@ -1670,7 +1695,7 @@ def parse_entry(entry):
     service = WATCHED_SERVICES.get(
         journal_text(entry.get("SYSLOG_IDENTIFIER")))
     if service is None:
-        return None
+        return parse_suppression(entry)
     message = journal_text(entry.get("MESSAGE"))
     if not message:
         return None
@@ -1708,9 +1733,50 @@ def parse_entry(entry):
     return Event(**fields)
 
 
-#: '"sshd"', '"sudo"', ...: an entry lacking all of them cannot be watched.
+def is_login_unit(unit):
+    """Whether a systemd unit is one whose lines carry logins."""
+    return any(fnmatch.fnmatchcase(unit, pattern) for pattern in LOGIN_UNITS)
+
+
+#: Who writes the suppression entry: journald itself, through its own
+#: "driver" transport (a client cannot set underscore fields).
+JOURNALD_IDENTIFIER = "systemd-journald"
+
+
+def parse_suppression(entry):
+    """journald's "Suppressed N messages from UNIT" -> journal_suppressed
+    when UNIT carries logins (lines, maybe a login, were dropped); the same
+    claim written by any other process -> spoofed_entry; else None."""
+    if journal_text(entry.get("MESSAGE_ID")) != JOURNAL_DROPPED_MESSAGE_ID:
+        return None
+    unit = journal_text(entry.get("OBJECT_SYSTEMD_UNIT"))
+    timestamp_us = _entry_timestamp(entry)
+    if not unit or not is_login_unit(unit) or timestamp_us is None:
+        return None
+    identifier = journal_text(entry.get("SYSLOG_IDENTIFIER"))
+    message = journal_text(entry.get("MESSAGE")) or ""
+    common = {"timestamp_us": timestamp_us, "unit": unit,
+              "hostname": journal_text(entry.get("_HOSTNAME")),
+              "cursor": journal_text(entry.get("__CURSOR")),
+              "message": message[:MAX_UNTRUSTED_MESSAGE_CHARS].rstrip("\n")}
+    if journal_text(entry.get("_TRANSPORT")) != "driver" or \
+            identifier != JOURNALD_IDENTIFIER:
+        return Event(action="spoofed_entry", service=identifier,
+                     writer_uid=parse_int(journal_text(entry.get("_UID"))),
+                     pid=parse_int(journal_text(entry.get("_PID"))),
+                     process_name=journal_text(entry.get("_COMM")),
+                     process_executable=journal_text(entry.get("_EXE")),
+                     claimed_action="journal_suppressed", **common)
+    return Event(action="journal_suppressed", service=JOURNALD_IDENTIFIER,
+                 dropped=parse_int(journal_text(entry.get("N_DROPPED"))),
+                 **common)
+
+
+#: '"sshd"', '"sudo"', ...: an entry lacking all of them cannot be watched
+#: (journald's suppression entries are watched too).
 _WATCHED_NAME_BYTES = re.compile(("\"(?:%s)\"" % "|".join(
-    re.escape(name) for name in sorted(WATCHED_SERVICES))).encode())
+    re.escape(name) for name in sorted(WATCHED_SERVICES) + [
+        JOURNAL_DROPPED_MESSAGE_ID])).encode())
 
 
 #: One decoder for every line: json.loads costs a third more per line.
@@ -3592,6 +3658,8 @@ def render_text(event):
         ("sources", ",".join(event.sources or ()) or None),
         ("held_back", event.held_back), ("kinds", event.detail
                                           if event.held_back else None),
+        ("unit", event.unit), ("dropped", event.dropped),
+        ("record", event.login_record),
         ("writer_uid", event.writer_uid), ("program", event.process_name),
         ("claimed", event.claimed_action), ("host", event.hostname),
         ("host_provider", event.host_provider),
@@ -3619,6 +3687,8 @@ ALERT_HEADLINES = {
     "new_sudo_user": "First sudo by this user",
     "spoofed_entry": "Forged log entry", "alert_digest": "Alerts held back",
     "alerts_dropped": "Alerts lost",
+    "journal_suppressed": "Login lines dropped by the journal",
+    "unaccounted_session": "Session with no login in the journal",
 }
 
 #: What an admin should do about the alerts that call for action.
@@ -3639,6 +3709,15 @@ ALERT_ADVICE = {
     "alerts_dropped": (
         "The channel was unreachable for long: look at the journal of "
         "this host for what was lost."),
+    "journal_suppressed": (
+        "journald's rate limit dropped lines of this unit during a flood: "
+        "a login in that time may have gone unseen. Check `last` or "
+        "`wtmpdb last` for sessions, and lift the limit for sshd "
+        "(pamsignal install writes the drop-in; see the README)."),
+    "unaccounted_session": (
+        "The login records show this session but the journal held no "
+        "login for it (lines dropped or removed): confirm with the user, "
+        "and check `last` and the sshd log around that time."),
 }
 
 #: Longest value shown in an alert (a hostile user name can be huge).
@@ -3671,7 +3750,8 @@ def _who(event):
         return "%s as %s" % (event.user, event.target_user)
     return event.user or _endpoint(event.source_ip, event.source_domain,
                                    None) or event.network or (
-        "uid %s" % event.writer_uid if event.writer_uid is not None else None)
+        "uid %s" % event.writer_uid if event.writer_uid is not None
+        else event.unit)
 
 
 def _as_text(event):
@@ -3726,7 +3806,9 @@ def alert_text(event, delay_s=0):
             event.held_back, event.detail, " over " + window if window
             else "")),
         ("Writer UID", event.writer_uid), ("Program", event.process_name),
-        ("Claimed", event.claimed_action),
+        ("Claimed", event.claimed_action), ("Unit", event.unit),
+        ("Lines dropped", event.dropped),
+        ("Login record", event.login_record),
         ("Severity", "%d/10" % event_severity(event)),
         ("Host", event.hostname and event.hostname + (
             " (%s)" % event.host_provider if event.host_provider else "")),
@@ -4984,8 +5066,11 @@ def valid_cursor(cursor):
 
 
 def journal_matches():
-    """journalctl match arguments: one field repeated means OR."""
-    return ["SYSLOG_IDENTIFIER=%s" % name for name in sorted(WATCHED_SERVICES)]
+    """journalctl match arguments: one field repeated means OR; `+` ORs
+    the group of journald's suppression entries (any writer: the parser
+    tells journald's own from a forgery)."""
+    return ["SYSLOG_IDENTIFIER=%s" % name for name in sorted(
+        WATCHED_SERVICES)] + ["+", "MESSAGE_ID=" + JOURNAL_DROPPED_MESSAGE_ID]
 
 
 def first_start_time_us(first_start, now_s):
@@ -5354,6 +5439,13 @@ METRICS = collections.OrderedDict((
      ("gauge", "Now minus the time of the newest journal entry handled.")),
     ("pamsignal_journalctl_restarts_total",
      ("counter", "Times journalctl was started again.")),
+    ("pamsignal_journal_suppressed_total",
+     ("counter", "journald's rate limit suppressions of a login unit.")),
+    ("pamsignal_journal_dropped_lines_total",
+     ("counter", "Lines of a login unit that journald's rate limit dropped.")),
+    ("pamsignal_journal_last_suppression_time_seconds",
+     ("gauge", "When journald last said it dropped lines of a login unit "
+      "(Unix time; unit and dropped lines in the labels).")),
     ("pamsignal_events_total", ("counter", "Events reported, by action.")),
     ("pamsignal_alerts_sent_total",
      ("counter", "Alerts each channel took (network channels: delivered).")),
@@ -5432,6 +5524,23 @@ def parse_metrics(text):
     return found
 
 
+def suppression_samples(pipeline):
+    """The metrics of journald's suppressions of login units."""
+    samples = []
+    for unit in sorted(pipeline.suppressions):
+        samples += [
+            ("pamsignal_journal_suppressed_total", {"unit": unit},
+             pipeline.suppressions[unit]),
+            ("pamsignal_journal_dropped_lines_total", {"unit": unit},
+             pipeline.dropped_lines[unit])]
+    last = pipeline.last_suppression
+    if last is not None:
+        samples.append(("pamsignal_journal_last_suppression_time_seconds",
+                        {"unit": last.unit, "dropped": last.dropped or 0},
+                        last.timestamp_us / 1e6))
+    return samples
+
+
 def agent_event(action, now_s, component=None, message=None):
     """An event about the agent itself (not from the journal)."""
     return Event(timestamp_us=int(now_s * 1e6), action=action,
@@ -5461,6 +5570,9 @@ class Pipeline:
         self.events = 0
         self.malformed = 0
         self.by_action = collections.Counter()
+        self.suppressions = collections.Counter()  # unit -> entries
+        self.dropped_lines = collections.Counter()  # unit -> lines
+        self.last_suppression = None  # its event
         self.sent = collections.Counter()  # channel -> alerts handed over
         self.failed = collections.Counter()  # channel -> errors
         self.failing = {}  # channel -> its error, until it works again
@@ -5525,6 +5637,10 @@ class Pipeline:
     def _send(self, event):
         self.events += 1
         self.by_action[event.action] += 1
+        if event.action == "journal_suppressed":
+            self.suppressions[event.unit] += 1
+            self.dropped_lines[event.unit] += event.dropped or 0
+            self.last_suppression = event
         now_us = int(self.clock() * 1000000)
         self._each_channel(lambda gate: gate.admit(event, now_us))
 
@@ -5773,6 +5889,7 @@ class Agent:
                 0.0, now_s - self.source.last_realtime_us / 1e6)))
         samples += [("pamsignal_events_total", {"action": action}, count)
                     for action, count in sorted(pipeline.by_action.items())]
+        samples += suppression_samples(pipeline)
         sent, failed = collections.Counter(pipeline.sent), \
             collections.Counter(pipeline.failed)
         # Network channels count deliveries (of earlier couriers too, as
@@ -6380,11 +6497,27 @@ def health_report(metrics, now_s, alive=pid_alive):
         ("degraded", [component for component, flag in by_label(
             "pamsignal_degraded", "component").items() if flag]),
         ("reloads", by_label("pamsignal_config_reloads_total", "result")),
+        ("suppressed", by_label("pamsignal_journal_suppressed_total",
+                                "unit")),
+        ("dropped_lines", by_label("pamsignal_journal_dropped_lines_total",
+                                   "unit")),
+        ("last_suppression", _last_suppression(metrics.get(
+            "pamsignal_journal_last_suppression_time_seconds"))),
         ("last_error", error[0][0].get("message") if error else None),
         ("last_error_time", format_timestamp(int(value(
             "pamsignal_last_error_time_seconds") * 1e6)) if error else None),
     ))
     return report
+
+
+def _last_suppression(samples):
+    if not samples:
+        return None
+    labels, when_s = samples[0]
+    return collections.OrderedDict((
+        ("unit", labels.get("unit")),
+        ("dropped", parse_int(labels.get("dropped"))),
+        ("time", format_timestamp(int(when_s * 1e6)))))
 
 
 def _channel_report(name, sent, failed, waiting, oldest):
@@ -6439,6 +6572,16 @@ def render_status(report, path):
                     counts["oldest_s"]) if counts["waiting"] else ""))
         for name, counts in report["channels"].items()) or "none"))
     lines.append("degraded:   " + (", ".join(report["degraded"]) or "no"))
+    lines.append("suppressed: " + (", ".join(
+        "%s %d times (%d lines)" % (unit, count, report["dropped_lines"].get(
+            unit, 0)) for unit, count in report["suppressed"].items())
+        or "no login lines dropped by journald"))
+    last = report["last_suppression"]
+    if last:
+        lines.append("            last: %s %d lines of %s dropped" % (
+            last["time"], last["dropped"] or 0, last["unit"]))
+    if "ssh_ratelimit" in report:
+        lines.append("ssh limit:  " + report["ssh_ratelimit"])
     lines.append("reloads:    %d ok, %d failed" % (
         report["reloads"].get("ok", 0), report["reloads"].get("failed", 0)))
     if report["last_error"]:
@@ -6450,6 +6593,57 @@ def render_status(report, path):
             host["provider"] or "provider unknown",
             ", ".join(host["addresses"]) or "no addresses seen"))
     return "\n".join(escape_text(line) for line in lines) + "\n"
+
+
+def _show_blocks(text):
+    """`systemctl show` of several units -> one {property: value} each."""
+    blocks, block = [], {}
+    for line in text.splitlines() + [""]:
+        name, equals, value = line.partition("=")
+        if equals:
+            block[name] = value
+        elif block:
+            blocks.append(block)
+            block = {}
+    return blocks
+
+
+def ratelimit_verdict(show_text):
+    """Whether journald's rate limit is lifted for sshd, from `systemctl
+    show -p Id -p LoadState -p LogRateLimitIntervalUSec -p
+    LogRateLimitBurst` of SSH_UNITS (an alias shows its unit again)."""
+    verdicts = collections.OrderedDict()
+    for block in _show_blocks(show_text):
+        unit = block.get("Id")
+        if not unit or block.get("LoadState") != "loaded":
+            continue
+        burst = parse_int(block.get("LogRateLimitBurst"))
+        if block.get("LogRateLimitIntervalUSec", "0") != "0" and \
+                burst is not None and burst >= LIFTED_RATELIMIT_BURST:
+            verdicts[unit] = "lifted for %s (%d lines per %s)" % (
+                unit, burst, block["LogRateLimitIntervalUSec"])
+        else:
+            verdicts[unit] = ("not lifted for %s: a flood can make journald "
+                              "drop a login (`pamsignal install` writes the "
+                              "drop-in)" % unit)
+    return "; ".join(verdicts.values()) or "unknown (no sshd unit)"
+
+
+def ssh_ratelimit_state():
+    """ratelimit_verdict of this host; 'unknown' without systemd."""
+    if not systemd_is_running():
+        return "unknown (systemd is not running)"
+    command = ["systemctl", "show", "-p", "Id", "-p", "LoadState", "-p",
+               "LogRateLimitIntervalUSec", "-p", "LogRateLimitBurst"] + \
+        list(SSH_UNITS)
+    try:
+        result = subprocess.run(command, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, timeout=30,
+                                universal_newlines=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (systemctl failed)"
+    return ratelimit_verdict(result.stdout)
 
 
 def command_status(args, stdout):
@@ -6473,6 +6667,7 @@ def command_status(args, stdout):
     report = health_report(parse_metrics(text), time.time())
     report["host"] = {"provider": detect_host_provider(config.host_provider),
                       "addresses": host_addresses()}
+    report["ssh_ratelimit"] = ssh_ratelimit_state()
     if args.json:
         stdout.write(dumps_safe(dict(report, file=path)) + "\n")
     else:
@@ -6594,6 +6789,43 @@ WantedBy=multi-user.target
 
 #: The program's path in SERVICE_UNIT; `install --prefix` replaces it.
 UNIT_PROGRAM = DEFAULT_PREFIX + "/bin/pamsignal"
+
+#: The drop-in that lifts journald's per-unit rate limit for sshd, as every
+#: install path writes it for ssh.service and sshd.service (the shipped
+#: contrib/systemd/pamsignal-ratelimit.conf is this text; a test keeps the
+#: two the same).
+SSH_RATELIMIT_DROPIN = """\
+# PAMSignal: lift journald's per-unit rate limit for sshd.
+#
+# Why: past journald's limit (RateLimitBurst= lines per RateLimitIntervalSec=
+# in journald.conf, per unit) every further line of the unit is dropped
+# until the interval ends, and a flood of failed logins can be made to
+# pass it on purpose: the "Accepted" line of a real login made meanwhile is
+# then lost and no login monitor reading the journal can see it.
+# "LogRateLimitIntervalSec=0" does not help: systemd reads 0 as "unset"
+# and journald's limit applies; a burst no flood reaches does.
+#
+# Cost: a flood is then kept whole, so the journal fills faster during
+# one. journald's SystemMaxUse= (journald.conf) still caps the disk it
+# uses; older entries rotate out sooner.
+#
+# Takes effect at `systemctl daemon-reload` (journald reads the setting of
+# the running unit; no restart of sshd needed, measured on systemd 257).
+# Check: systemctl show -p LogRateLimitIntervalUSec -p LogRateLimitBurst ssh
+[Service]
+LogRateLimitIntervalSec=30s
+LogRateLimitBurst=1000000
+"""
+
+#: sshd's unit on Debian/Ubuntu and on Fedora/EL: the drop-in goes to both.
+SSH_UNITS = ("ssh.service", "sshd.service")
+
+#: The drop-in's file name in each SSH_UNITS directory.
+RATELIMIT_DROPIN_NAME = "pamsignal-ratelimit.conf"
+
+#: A per-unit burst at least this large (with an interval set) counts as
+#: lifted: more lines per interval than a flood at full speed gives.
+LIFTED_RATELIMIT_BURST = 100000
 
 
 #: pamsignal.conf.example, as every install path writes it when there is
@@ -6801,6 +7033,9 @@ def install_paths(root, prefix):
             "unit": under(SYSTEMD_UNIT_DIR + "/pamsignal.service"),
             "config_dir": under(os.path.dirname(DEFAULT_CONFIG_PATH)),
             "config": under(DEFAULT_CONFIG_PATH),
+            "ratelimit": [under("%s/%s.d/%s" % (
+                SYSTEMD_UNIT_DIR, unit, RATELIMIT_DROPIN_NAME))
+                for unit in SSH_UNITS],
             "purge": [under(path) for path in (
                 os.path.dirname(DEFAULT_CONFIG_PATH), "/var/lib/pamsignal",
                 "/var/lib/private/pamsignal", "/var/log/pamsignal",
@@ -6840,6 +7075,11 @@ def command_install(args, stdout):
         else:
             replace_file(paths["config"], example_config(), mode=0o600)
             stdout.write("wrote %s\n" % paths["config"])
+        for dropin in paths["ratelimit"]:
+            os.makedirs(os.path.dirname(dropin), exist_ok=True)
+            replace_file(dropin, SSH_RATELIMIT_DROPIN, mode=0o644)
+            stdout.write("wrote %s (journald's rate limit lifted for sshd: "
+                         "a flood cannot hide a login)\n" % dropin)
     except OSError as error:
         raise PamSignalError("install failed: %s: %s" % (
             error.filename, error.strerror or error)) from None
@@ -6866,10 +7106,15 @@ def command_uninstall(args, stdout):
         _systemctl(stdout, "disable", "--now", "pamsignal.service")
     removed = []
     try:
-        for path in (paths["unit"], paths["program"]):
+        for path in [paths["unit"], paths["program"]] + paths["ratelimit"]:
             if os.path.lexists(path):
                 os.unlink(path)
                 removed.append(path)
+        for dropin in paths["ratelimit"]:  # the directory, if it was ours
+            try:
+                os.rmdir(os.path.dirname(dropin))
+            except OSError:
+                pass  # other drop-ins (the admin's) are in it, or it is gone
         if args.purge:
             for path in paths["purge"]:
                 if os.path.islink(path):
