@@ -50,6 +50,12 @@ install:
 	sed 's|/usr/bin/pamsignal|$(PREFIX)/bin/pamsignal|g' pamsignal.service \
 		> $(DESTDIR)$(UNITDIR)/pamsignal.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/pamsignal.service
+	# journald's rate limit lifted for sshd (Debian's and Fedora/EL's name).
+	for unit in ssh sshd; do \
+		install -d -m 0755 $(DESTDIR)$(UNITDIR)/$$unit.service.d && \
+		install -m 0644 contrib/systemd/pamsignal-ratelimit.conf \
+			$(DESTDIR)$(UNITDIR)/$$unit.service.d/ || exit 1; \
+	done
 	install -d -m 0700 $(CONFDIR)
 	# An existing configuration is the admin's: never overwrite it.
 	test -e $(CONFDIR)/pamsignal.conf || \
@@ -58,6 +64,8 @@ install:
 uninstall:
 	rm -f $(BINDIR)/pamsignal $(MANDIR)/man8/pamsignal.8 \
 		$(MANDIR)/man5/pamsignal.conf.5
-	rm -f $(DESTDIR)$(UNITDIR)/pamsignal.service
+	rm -f $(DESTDIR)$(UNITDIR)/pamsignal.service \
+		$(DESTDIR)$(UNITDIR)/ssh.service.d/pamsignal-ratelimit.conf \
+		$(DESTDIR)$(UNITDIR)/sshd.service.d/pamsignal-ratelimit.conf
 	rm -rf $(DOCDIR)
 	@echo "kept $(CONFDIR)/pamsignal.conf and /var/lib/pamsignal"

@@ -553,7 +553,8 @@ Threshold = collections.namedtuple("Threshold", "attempts window_s")
 
 DetectionConfig = collections.namedtuple(
     "DetectionConfig", "brute_force_fast brute_force_slow user_enumeration "
-    "distributed_attack success_after_failures learning_period")
+    "distributed_attack success_after_failures learning_period "
+    "login_records")
 
 #: The MaxMind DB files of [geoip]; None where a field is off.
 GeoipConfig = collections.namedtuple("GeoipConfig",
@@ -583,6 +584,18 @@ def _absolute_path(value):
 
 def _optional_path(value):
     return _absolute_path(value) if value else None
+
+
+def _login_records(value):
+    """auto, off, or the login records files (wtmp or wtmpdb) to read."""
+    if value.lower() in ("auto", "off"):
+        return "auto" if value.lower() == "auto" else ()
+    paths = tuple(path.strip() for path in value.split(","))
+    for path in paths:
+        if not path.startswith("/") or "\0" in path:
+            raise ValueError("expected auto, off or absolute paths of "
+                             "wtmp or wtmpdb files, got %r" % path)
+    return paths
 
 
 _PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._&/()-]{0,63}\Z")
@@ -907,6 +920,7 @@ DETECTION_OPTIONS = collections.OrderedDict((
     ("distributed_attack", (_threshold, "10 in 1h")),
     ("success_after_failures", (_threshold, "3 in 1h")),
     ("learning_period", (_duration_s, "7d")),
+    ("login_records", (_login_records, "auto")),
 ))
 
 #: [alerts] keys, which a [channel:NAME] may override: key -> (validator,
@@ -5298,6 +5312,291 @@ class JournalSource:
 
 
 # ---------------------------------------------------------------------------
+# 13b login records (a second witness)
+# ---------------------------------------------------------------------------
+# The login records (/var/log/wtmp, wtmpdb's SQLite file) are written by
+# sshd and login themselves, not through the journal: a session recorded
+# there with no login seen in the journal is one the journal lost (a flood
+# past journald's rate limit) or had removed. Parsing and the decision are
+# pure; LoginRecordFile does the reading.
+
+#: glibc's struct utmp on x86-64 and the other 64-bit Linux ABIs: type,
+#: padding, pid, line, id, user, host, exit (2 shorts), session, tv_sec,
+#: tv_usec, addr_v6 (4 x int32), unused; 384 bytes.
+UTMP_FORMAT = struct.Struct("<h2xi32s4s32s256shhiii4i20s")
+
+#: ut_type of a user's login (USER_PROCESS) in utmp and in wtmpdb.
+UTMP_USER_PROCESS, WTMPDB_USER_PROCESS = 7, 3
+
+#: What `login_records = auto` reads: wtmpdb's file where it exists
+#: (Debian 13 and later), else the classic wtmp.
+WTMPDB_FILE, WTMP_FILE = "/var/lib/wtmpdb/wtmp.db", "/var/log/wtmp"
+
+#: How SQLite files begin (wtmpdb's); anything else is read as utmp.
+SQLITE_MAGIC = b"SQLite format 3\0"
+
+#: A journal login this close to a record (either side) accounts for it.
+ACCOUNT_WINDOW_US = 120 * 1000000
+
+#: A record is judged once the journal was read this far past it...
+ACCOUNT_GRACE_US = 10 * 1000000
+
+#: ...or, the journal being quiet (nothing new to read), this long after
+#: it by the wall clock.
+QUIET_GRACE_US = 60 * 1000000
+
+#: Journal logins remembered, and records waiting for a verdict, at most.
+MAX_RECENT_LOGINS = 4096
+
+#: Records read from a file per poll at most (a huge file is read in steps).
+MAX_RECORDS_PER_READ = 1000
+
+#: How often the login records are looked at (seconds).
+LOGIN_RECORDS_POLL_S = 5.0
+
+LoginRecord = collections.namedtuple(
+    "LoginRecord", "time_us user source_ip source_domain tty pid service")
+LoginRecord.__doc__ = """One session in the login records."""
+
+#: A login the journal showed: (time_us, user, source_ip or None).
+JournalLogin = collections.namedtuple("JournalLogin", "time_us user source_ip")
+
+
+def _utmp_text(raw):
+    """A fixed-size char array: up to the first NUL, never trusted."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def login_record(user, host, tty, time_us, pid=None, service=None):
+    """A LoginRecord from text fields, or None when it names nobody."""
+    user = (user or "").strip()
+    if not user or type(time_us) is not int or time_us <= 0:
+        return None
+    ip, domain = normalise_address((host or "").strip())
+    return LoginRecord(time_us, user[:MAX_UNTRUSTED_MESSAGE_CHARS], ip,
+                       domain, (tty or "")[:64] or None, pid,
+                       (service or "")[:64] or None)
+
+
+def parse_utmp_record(raw):
+    """384 bytes of wtmp -> LoginRecord of a USER_PROCESS, else None."""
+    if len(raw) != UTMP_FORMAT.size:
+        return None
+    (kind, pid, line, _, user, host, _, _, _, seconds, micros, _, _, _, _,
+     _) = UTMP_FORMAT.unpack(raw)
+    if kind != UTMP_USER_PROCESS or not 0 <= micros < 1000000:
+        return None
+    return login_record(_utmp_text(user), _utmp_text(host),
+                        _utmp_text(line), seconds * 1000000 + micros,
+                        pid if pid > 0 else None)
+
+
+def parse_utmp(buffer):
+    """The user logins in whole 384-byte records of `buffer`."""
+    size = UTMP_FORMAT.size
+    found = (parse_utmp_record(buffer[start:start + size])
+             for start in range(0, len(buffer) - size + 1, size))
+    return [record for record in found if record is not None]
+
+
+def wtmpdb_record(row):
+    """(ID, Type, User, Login, TTY, RemoteHost, Service) -> LoginRecord."""
+    _, kind, user, login_us, tty, host, service = row
+    if kind != WTMPDB_USER_PROCESS or not isinstance(user, str):
+        return None
+    return login_record(user, host if isinstance(host, str) else None,
+                        tty if isinstance(tty, str) else None,
+                        login_us if type(login_us) is int else None,
+                        service=service if isinstance(service, str) else None)
+
+
+def journal_login(event):
+    """The JournalLogin a login_success or session_opened gives, or None
+    (sudo and su sessions are not logins into the host)."""
+    if event.action not in ("login_success", "session_opened") or \
+            not event.user or event.timestamp_us is None:
+        return None
+    service = WATCHED_SERVICES.get(event.service)
+    if service is not None and service.setuid:
+        return None
+    return JournalLogin(event.timestamp_us, event.user, event.source_ip)
+
+
+def is_accounted(record, logins, window_us=ACCOUNT_WINDOW_US):
+    """Whether a journal login of the same user (and address, when both
+    have one) came within `window_us` of the record."""
+    return any(
+        login.user == record.user and
+        abs(login.time_us - record.time_us) <= window_us and
+        (login.source_ip is None or record.source_ip is None or
+         login.source_ip == record.source_ip)
+        for login in logins)
+
+
+def judge_records(records, logins, read_until_us, quiet_now_us=None,
+                  grace_us=ACCOUNT_GRACE_US, quiet_grace_us=QUIET_GRACE_US):
+    """(unaccounted, waiting): records no journal login accounts for, once
+    the journal was read to `read_until_us` (the newest entry's time) past
+    the record plus a grace, or, `quiet_now_us` given (the journal had
+    nothing more to read), the wall clock passed it plus a longer grace.
+    Accounted records are dropped; the rest wait."""
+    unaccounted, waiting = [], []
+    for record in records:
+        if is_accounted(record, logins):
+            continue
+        if (read_until_us is not None and
+                read_until_us >= record.time_us + grace_us) or (
+                quiet_now_us is not None and
+                quiet_now_us >= record.time_us + quiet_grace_us):
+            unaccounted.append(record)
+        else:
+            waiting.append(record)
+    return unaccounted, waiting
+
+
+def unaccounted_event(record, path, hostname):
+    return Event(action="unaccounted_session", timestamp_us=record.time_us,
+                 user=record.user, source_ip=record.source_ip,
+                 source_domain=record.source_domain, tty=record.tty,
+                 pid=record.pid, service=record.service,
+                 hostname=hostname, login_record=path)
+
+
+def login_record_paths(setting, exists=os.path.lexists):
+    """The files `login_records` names: auto picks one that exists (a
+    symbolic link counts: Debian's wtmpdb link points to a file the first
+    login creates)."""
+    if setting != "auto":
+        return tuple(setting)
+    for path in (WTMPDB_FILE, WTMP_FILE):
+        if exists(path):
+            return (path,)
+    return ()
+
+
+class LoginRecordFile:
+    """Follows one login records file from where it stood when opened:
+    wtmp by byte offset like `tail -f` (a shorter or other file: rotated,
+    read from its start), wtmpdb by row ID (read-only SQLite)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.kind = None  # "wtmp" or "wtmpdb", known once the file is seen
+        self.identity = None  # (device, inode) of the wtmp read
+        self.offset = 0
+        self.last_id = None
+        self.problem = None  # why it cannot be read, for the health
+
+    def open(self):
+        """Start at the end: what was there before is history."""
+        self.read(skip=True)
+
+    def read(self, skip=False):
+        """New login records since the last read (a bounded batch)."""
+        try:
+            with open(self.path, "rb") as handle:
+                magic = handle.read(len(SQLITE_MAGIC))
+                self.kind = "wtmpdb" if magic == SQLITE_MAGIC else "wtmp"
+                if self.kind == "wtmp":
+                    records = self._read_wtmp(handle, skip)
+            if self.kind == "wtmpdb":
+                records = self._read_wtmpdb(skip)
+        except FileNotFoundError:
+            self.problem = None  # not written yet (no login since install)
+            self.identity, self.offset, self.last_id = None, 0, 0
+            return []
+        except (OSError, ValueError) as error:
+            self.problem = "cannot read %s: %s" % (
+                self.path, getattr(error, "strerror", None) or error)
+            return []
+        self.problem = None
+        return [] if skip else records
+
+    def _read_wtmp(self, handle, skip):
+        status = os.fstat(handle.fileno())
+        identity = (status.st_dev, status.st_ino)
+        if identity != self.identity or status.st_size < self.offset:
+            # rotated or truncated: a new file is read from its start
+            self.offset = 0 if self.identity is not None else self.offset
+            self.identity = identity
+        size = UTMP_FORMAT.size
+        if skip:
+            self.offset = status.st_size - status.st_size % size
+            return []
+        handle.seek(self.offset)
+        buffer = handle.read(size * MAX_RECORDS_PER_READ)
+        whole = len(buffer) - len(buffer) % size
+        self.offset += whole
+        return parse_utmp(buffer[:whole])
+
+    def _read_wtmpdb(self, skip):
+        import sqlite3  # only where wtmpdb is read
+        try:
+            connection = sqlite3.connect(
+                "file:%s?mode=ro" % urllib.parse.quote(self.path),
+                uri=True, timeout=2)
+            try:
+                newest = connection.execute(
+                    "SELECT max(ID) FROM wtmp").fetchone()[0] or 0
+                if skip or self.last_id is None:
+                    self.last_id = newest
+                    return []
+                if newest < self.last_id:  # a new file: from its start
+                    self.last_id = 0
+                rows = connection.execute(
+                    "SELECT ID, Type, User, Login, TTY, RemoteHost, Service "
+                    "FROM wtmp WHERE ID > ? ORDER BY ID LIMIT ?",
+                    (self.last_id, MAX_RECORDS_PER_READ)).fetchall()
+            finally:
+                connection.close()
+        except sqlite3.Error as error:
+            raise ValueError("not a wtmpdb file (%s)" % error) from None
+        if rows:
+            self.last_id = rows[-1][0]
+        return [record for record in map(wtmpdb_record, rows)
+                if record is not None]
+
+
+class LoginWitness:
+    """Holds the journal's recent logins and the records waiting for a
+    verdict, both bounded; `check` says which records no login explains."""
+
+    def __init__(self, files):
+        self.files = files
+        self.logins = collections.deque(maxlen=MAX_RECENT_LOGINS)
+        self.waiting = collections.deque(maxlen=MAX_RECENT_LOGINS)
+        self.since_us = None  # records before this are history
+        self.verdicts = collections.Counter()  # accounted / unaccounted
+
+    def observe(self, event):
+        login = journal_login(event)
+        if login is not None:
+            self.logins.append(login)
+
+    def open(self, now_us):
+        self.since_us = now_us - ACCOUNT_WINDOW_US
+        for records in self.files:
+            records.open()
+
+    def check(self, read_until_us, quiet_now_us):
+        """[(record, path)] found unaccounted now."""
+        for records in self.files:
+            self.waiting.extend((record, records.path)
+                                for record in records.read()
+                                if record.time_us >= self.since_us)
+        paths = dict((record, path) for record, path in self.waiting)
+        unaccounted, waiting = judge_records(
+            [record for record, _ in self.waiting], self.logins,
+            read_until_us, quiet_now_us)
+        self.verdicts["accounted"] += len(self.waiting) - len(
+            unaccounted) - len(waiting)
+        self.verdicts["unaccounted"] += len(unaccounted)
+        self.waiting.clear()
+        self.waiting.extend((record, paths[record]) for record in waiting)
+        return [(record, paths[record]) for record in unaccounted]
+
+
+# ---------------------------------------------------------------------------
 # 14 runtime
 # ---------------------------------------------------------------------------
 
@@ -5443,6 +5742,9 @@ METRICS = collections.OrderedDict((
      ("counter", "journald's rate limit suppressions of a login unit.")),
     ("pamsignal_journal_dropped_lines_total",
      ("counter", "Lines of a login unit that journald's rate limit dropped.")),
+    ("pamsignal_login_records_total",
+     ("counter", "Sessions in the login records, by verdict: accounted "
+      "(the journal showed the login) or unaccounted.")),
     ("pamsignal_journal_last_suppression_time_seconds",
      ("gauge", "When journald last said it dropped lines of a login unit "
       "(Unix time; unit and dropped lines in the labels).")),
@@ -5573,6 +5875,7 @@ class Pipeline:
         self.suppressions = collections.Counter()  # unit -> entries
         self.dropped_lines = collections.Counter()  # unit -> lines
         self.last_suppression = None  # its event
+        self.witness = None  # LoginWitness: logins the journal showed
         self.sent = collections.Counter()  # channel -> alerts handed over
         self.failed = collections.Counter()  # channel -> errors
         self.failing = {}  # channel -> its error, until it works again
@@ -5637,12 +5940,18 @@ class Pipeline:
     def _send(self, event):
         self.events += 1
         self.by_action[event.action] += 1
+        if self.witness is not None:
+            self.witness.observe(event)
         if event.action == "journal_suppressed":
             self.suppressions[event.unit] += 1
             self.dropped_lines[event.unit] += event.dropped or 0
             self.last_suppression = event
         now_us = int(self.clock() * 1000000)
         self._each_channel(lambda gate: gate.admit(event, now_us))
+
+    def witnessed(self, event, now_s):
+        """Send an event the login records gave, with its context."""
+        self._send(self._enriched(event, now_s))
 
     def announce(self, event):
         """Send an event of the agent's own, at once."""
@@ -5718,6 +6027,8 @@ class Agent:
         self.last_save = 0.0
         self.last_metrics = None
         self.unsaved = False
+        self.witness_setting = None  # login_records the witness follows
+        self.last_witness_check = 0.0
 
     def request_stop(self, signum=None, frame=None):
         self.stopping = True
@@ -5865,6 +6176,44 @@ class Agent:
                     component[8:] not in names):
                 self.restore_component(component)
 
+    def check_login_records(self, now):
+        """Every few seconds: login records no journal login accounts for
+        become unaccounted_session events. The journal counts as read past
+        a record by its newest entry's time, or, when journalctl has been
+        quiet a while (all delivered), by the wall clock."""
+        setting = self.config.detection.login_records
+        if setting != self.witness_setting:  # first run, or a reload
+            self.witness_setting = setting
+            witness = LoginWitness([LoginRecordFile(path) for path in
+                                    login_record_paths(setting)])
+            witness.open(int(time.time() * 1e6))
+            if self.pipeline.witness is not None:
+                witness.logins.extend(self.pipeline.witness.logins)
+            self.pipeline.witness = witness
+            say("info", "login records: %s" % (", ".join(
+                records.path for records in witness.files) or "off"))
+        if now - self.last_witness_check < LOGIN_RECORDS_POLL_S:
+            return
+        self.last_witness_check = now
+        witness = self.pipeline.witness
+        quiet = self.source.process is not None and \
+            now - self.source.last_activity >= LOGIN_RECORDS_POLL_S
+        now_s = time.time()
+        found = witness.check(self.source.last_realtime_us,
+                              int(now_s * 1e6) if quiet else None)
+        hostname = socket.gethostname()
+        for record, path in found:
+            self.pipeline.witnessed(unaccounted_event(record, path, hostname),
+                                    now_s)
+        if found:
+            self.pipeline.flush()
+        problems = [records.problem for records in witness.files
+                    if records.problem]
+        if problems:
+            self.impair("login_records", "; ".join(problems))
+        else:
+            self.restore_component("login_records")
+
     def update_status(self, *fields):
         self.notifier.set_status(self.health.summary(
             self.pipeline.entries, self.pipeline.events), *fields)
@@ -5890,6 +6239,10 @@ class Agent:
         samples += [("pamsignal_events_total", {"action": action}, count)
                     for action, count in sorted(pipeline.by_action.items())]
         samples += suppression_samples(pipeline)
+        if pipeline.witness is not None:
+            samples += [("pamsignal_login_records_total", {"verdict": verdict},
+                         pipeline.witness.verdicts[verdict])
+                        for verdict in ("accounted", "unaccounted")]
         sent, failed = collections.Counter(pipeline.sent), \
             collections.Counter(pipeline.failed)
         # Network channels count deliveries (of earlier couriers too, as
@@ -6130,6 +6483,7 @@ class Agent:
                     self.check_journal(now)
                 self.check_channels()
                 self.check_databases(time.time())
+                self.check_login_records(now)
                 if self.last_metrics is None or \
                         now - self.last_metrics >= METRICS_FLUSH_S:
                     self.write_metrics(now)
@@ -6503,6 +6857,8 @@ def health_report(metrics, now_s, alive=pid_alive):
                                    "unit")),
         ("last_suppression", _last_suppression(metrics.get(
             "pamsignal_journal_last_suppression_time_seconds"))),
+        ("login_records", by_label("pamsignal_login_records_total",
+                                   "verdict")),
         ("last_error", error[0][0].get("message") if error else None),
         ("last_error_time", format_timestamp(int(value(
             "pamsignal_last_error_time_seconds") * 1e6)) if error else None),
@@ -6580,6 +6936,10 @@ def render_status(report, path):
     if last:
         lines.append("            last: %s %d lines of %s dropped" % (
             last["time"], last["dropped"] or 0, last["unit"]))
+    if report["login_records"]:
+        lines.append("records:    %d sessions accounted for, %d unaccounted"
+                     % (report["login_records"].get("accounted", 0),
+                        report["login_records"].get("unaccounted", 0)))
     if "ssh_ratelimit" in report:
         lines.append("ssh limit:  " + report["ssh_ratelimit"])
     lines.append("reloads:    %d ok, %d failed" % (
@@ -6892,6 +7252,12 @@ success_after_failures = 3 in 1h
 # New networks per user (new_source) and first sudo users (new_sudo_user)
 # are learned silently for this long after the first event seen.
 learning_period = 7d
+# The login records, a second witness: a session sshd or login recorded
+# there with no login seen in the journal (lost to journald's rate limit
+# during a flood, or removed) raises unaccounted_session. auto reads
+# wtmpdb's /var/lib/wtmpdb/wtmp.db where it exists (Debian 13), else
+# /var/log/wtmp; or name the files (comma-separated); off turns it off.
+login_records = auto
 
 [geoip]
 # MaxMind DB files (absolute paths; empty = off) that give each source

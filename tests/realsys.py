@@ -66,6 +66,8 @@ import time
 
 import pytest
 
+from support import REPO, wait_for
+
 SSHD = "/usr/sbin/sshd"
 JOURNALD = "/lib/systemd/systemd-journald"
 JOURNAL_DIR = "/run/systemd/journal"
@@ -681,6 +683,98 @@ def build_boot_tree(tree=None, mirror=None, timeout=900):
         packages=BOOT_PACKAGES,
         needs=BOOT_NEEDS,
     )
+
+
+# ---------------------------------------------------------------- booted tree
+#
+# A Debian 13 tree booted with `systemd-nspawn -b --volatile=overlay`: every
+# boot starts from the cached tree and writes nothing into it (TESTING.md).
+
+#: Where a booted container sees the source tree (read-only).
+INSIDE_SRC = "/mnt/src"
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+class Container:
+    """A booted container: run() executes in all its namespaces."""
+
+    def __init__(self, tree, log_path, source=REPO):
+        self.tree = tree
+        self.log_path = log_path
+        self.source = source  # mounted read-only at INSIDE_SRC
+        self.nspawn = None
+        self.init = None
+
+    def start(self, timeout=60):
+        with open(self.log_path, "w") as log:
+            self.nspawn = subprocess.Popen(
+                ["systemd-nspawn", "-q", "-D", self.tree, "-b",
+                 "--register=no", "--keep-unit", "--volatile=overlay",
+                 "--private-network",
+                 "--bind-ro=%s:%s" % (self.source, INSIDE_SRC)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)
+        assert wait_for(lambda: _children(self.nspawn.pid) or
+                        self.nspawn.poll() is not None, timeout=timeout)
+        assert self.nspawn.poll() is None, self.log()
+        (self.init,) = _children(self.nspawn.pid)
+
+        def booted():  # nothing answers until the child has become init
+            return self.run(["systemctl", "is-system-running", "--wait"],
+                            check=False, timeout=timeout).stdout.strip() in (
+                                "running", "degraded")
+        assert wait_for(booted, timeout=timeout, interval=0.5), self.log()
+        return self
+
+    def log(self):
+        with open(self.log_path) as handle:
+            return handle.read()[-3000:]
+
+    def run(self, command, check=True, input=None, timeout=60, net=False):
+        namespaces = ["--net"] if net else ["--all"]
+        result = subprocess.run(
+            ["nsenter", "--target", str(self.init)] + namespaces + ["--"] +
+            command, input=input, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, (command, result.stdout,
+                                            result.stderr)
+        return result
+
+    def show(self, prop):
+        return self.run(["systemctl", "show", "-P", prop,
+                         "pamsignal.service"]).stdout.strip()
+
+    def unit_log(self):
+        return self.run(["journalctl", "-u", "pamsignal.service", "-o",
+                         "cat", "--no-pager"]).stdout
+
+    def write(self, path, text):
+        self.run(["sh", "-c", 'cat > "$1"', "sh", path], input=text)
+
+    def stop(self):
+        if self.nspawn is None or self.nspawn.poll() is not None:
+            return
+        self.nspawn.terminate()  # nspawn asks the container to power off
+        try:
+            self.nspawn.wait(60)
+        except subprocess.TimeoutExpired:
+            self.nspawn.kill()
+            self.nspawn.wait(10)
 
 
 DEBIAN_SUITES = frozenset(
