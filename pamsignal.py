@@ -6968,10 +6968,31 @@ def _show_blocks(text):
     return blocks
 
 
-def ratelimit_verdict(show_text):
+#: What `status` asks systemctl about each of SSH_UNITS.
+RATELIMIT_PROPERTIES = ("Id", "LoadState", "LogRateLimitIntervalUSec",
+                        "LogRateLimitBurst", "ActiveEnterTimestamp",
+                        "DropInPaths")
+
+
+def _changed_since_start(block, mtime):
+    """Whether a drop-in of the unit changed after it started (then
+    journald still applies the limit the unit started with)."""
+    started = block.get("ActiveEnterTimestamp", "")
+    if not started.startswith("@") or parse_int(started[1:]) is None:
+        return False  # not running, or a systemctl too old to say
+    for path in block.get("DropInPaths", "").split():
+        try:
+            if mtime(path) > int(started[1:]):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def ratelimit_verdict(show_text, mtime=os.path.getmtime):
     """Whether journald's rate limit is lifted for sshd, from `systemctl
-    show -p Id -p LoadState -p LogRateLimitIntervalUSec -p
-    LogRateLimitBurst` of SSH_UNITS (an alias shows its unit again)."""
+    show --timestamp=unix` of RATELIMIT_PROPERTIES for SSH_UNITS (an alias
+    shows its unit again)."""
     verdicts = collections.OrderedDict()
     for block in _show_blocks(show_text):
         unit = block.get("Id")
@@ -6980,8 +7001,10 @@ def ratelimit_verdict(show_text):
         burst = parse_int(block.get("LogRateLimitBurst"))
         if block.get("LogRateLimitIntervalUSec", "0") != "0" and \
                 burst is not None and burst >= LIFTED_RATELIMIT_BURST:
-            verdicts[unit] = "lifted for %s (%d lines per %s)" % (
-                unit, burst, block["LogRateLimitIntervalUSec"])
+            verdicts[unit] = "lifted for %s (%d lines per %s)%s" % (
+                unit, burst, block["LogRateLimitIntervalUSec"],
+                "; in effect once it restarts (systemctl restart %s)" % unit
+                if _changed_since_start(block, mtime) else "")
         else:
             verdicts[unit] = ("not lifted for %s: a flood can make journald "
                               "drop a login (`pamsignal install` writes the "
@@ -6993,14 +7016,17 @@ def ssh_ratelimit_state():
     """ratelimit_verdict of this host; 'unknown' without systemd."""
     if not systemd_is_running():
         return "unknown (systemd is not running)"
-    command = ["systemctl", "show", "-p", "Id", "-p", "LoadState", "-p",
-               "LogRateLimitIntervalUSec", "-p", "LogRateLimitBurst"] + \
-        list(SSH_UNITS)
+    properties = ["--property=" + name for name in RATELIMIT_PROPERTIES]
+
+    def show(options):
+        return subprocess.run(
+            ["systemctl", "show"] + options + properties + list(SSH_UNITS),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, timeout=30, universal_newlines=True)
     try:
-        result = subprocess.run(command, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, timeout=30,
-                                universal_newlines=True)
+        result = show(["--timestamp=unix"])
+        if result.returncode != 0:  # --timestamp= came in systemd 248
+            result = show([])
     except (OSError, subprocess.SubprocessError):
         return "unknown (systemctl failed)"
     return ratelimit_verdict(result.stdout)
@@ -7169,9 +7195,12 @@ SSH_RATELIMIT_DROPIN = """\
 # one. journald's SystemMaxUse= (journald.conf) still caps the disk it
 # uses; older entries rotate out sooner.
 #
-# Takes effect at `systemctl daemon-reload` (journald reads the setting of
-# the running unit; no restart of sshd needed, measured on systemd 257).
-# Check: systemctl show -p LogRateLimitIntervalUSec -p LogRateLimitBurst ssh
+# Takes effect when the unit next starts (systemd hands the limit to
+# journald when it sets up the unit's cgroup; measured on systemd 257):
+# `systemctl daemon-reload; systemctl restart ssh` (sshd.service on
+# Fedora/EL). Open sessions survive it (the unit has KillMode=process).
+# Check: pamsignal status, or
+#   systemctl show -p LogRateLimitIntervalUSec -p LogRateLimitBurst ssh
 [Service]
 LogRateLimitIntervalSec=30s
 LogRateLimitBurst=1000000
@@ -7446,6 +7475,10 @@ def command_install(args, stdout):
             replace_file(dropin, SSH_RATELIMIT_DROPIN, mode=0o644)
             stdout.write("wrote %s (journald's rate limit lifted for sshd: "
                          "a flood cannot hide a login)\n" % dropin)
+        stdout.write("the lifted limit takes effect when sshd's unit next "
+                     "starts; not restarted for you: run `systemctl restart "
+                     "ssh` (sshd on Fedora/EL) when it suits you (open "
+                     "sessions survive it)\n")
     except OSError as error:
         raise PamSignalError("install failed: %s: %s" % (
             error.filename, error.strerror or error)) from None

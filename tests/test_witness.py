@@ -278,7 +278,9 @@ def test_make_install_installs_the_dropins(tmp_path):
 
 def show(*units):
     return "\n".join("Id=%s\nLoadState=%s\nLogRateLimitIntervalUSec=%s\n"
-                     "LogRateLimitBurst=%s\n" % unit for unit in units)
+                     "LogRateLimitBurst=%s\nActiveEnterTimestamp=@1000\n"
+                     "DropInPaths=/etc/a.conf /etc/b.conf\n" % unit
+                     for unit in units)
 
 
 @pytest.mark.parametrize("text, verdict", [
@@ -298,7 +300,24 @@ def show(*units):
     ("garbage\n=\n\nId=\n", "unknown (no sshd unit)"),
 ])
 def test_status_says_whether_the_limit_is_lifted(text, verdict):
-    assert pamsignal.ratelimit_verdict(text) == verdict
+    assert pamsignal.ratelimit_verdict(text, lambda path: 999) == verdict
+
+
+def test_status_says_a_dropin_newer_than_the_unit_waits_for_a_restart():
+    text = show(("ssh.service", "loaded", "30s", "1000000"))
+    newer = {"/etc/a.conf": 999, "/etc/b.conf": 1001}.__getitem__
+    assert pamsignal.ratelimit_verdict(text, newer) == (
+        "lifted for ssh.service (1000000 lines per 30s); in effect once it "
+        "restarts (systemctl restart ssh.service)")
+
+    def missing(path):
+        raise FileNotFoundError(path)
+    assert pamsignal.ratelimit_verdict(text, missing) == \
+        "lifted for ssh.service (1000000 lines per 30s)"
+    # systemd before 248 prints times as text: no claim either way.
+    old = text.replace("@1000", "Sun 2026-12-06 08:00:00 UTC")
+    assert pamsignal.ratelimit_verdict(old, newer) == \
+        "lifted for ssh.service (1000000 lines per 30s)"
 
 
 # ------------------------------------------------------ the login records
