@@ -750,6 +750,18 @@ def remove_cgroups(paths):
                 pass  # still busy or already gone: the host cleans up later
 
 
+def require_boot_tree():
+    """Root, nspawn and ssh, and the cached bootable tree (built if
+    missing), or skip (fail under CI)."""
+    require_root()
+    require_binaries("systemd-nspawn", "nsenter", "ssh", "sshpass")
+    if not trixie_tree_complete(BOOT_TREE, BOOT_NEEDS):
+        try:
+            build_boot_tree()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+            unavailable("no bootable Debian 13 tree: %s" % error)
+
+
 class Container:
     """A booted container: run() executes in all its namespaces."""
 

@@ -55,14 +55,7 @@ for _ in range(int(sys.argv[1])):
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory):
-    realsys.require_root()
-    realsys.require_binaries("systemd-nspawn", "nsenter", "ssh", "sshpass")
-    if not realsys.trixie_tree_complete(realsys.BOOT_TREE,
-                                        realsys.BOOT_NEEDS):
-        try:
-            realsys.build_boot_tree()
-        except (RuntimeError, OSError) as error:
-            realsys.unavailable("no bootable Debian 13 tree: %s" % error)
+    realsys.require_boot_tree()
     container = realsys.Container(
         realsys.BOOT_TREE, str(tmp_path_factory.mktemp("blind") /
                                "nspawn.log"))
