@@ -187,6 +187,19 @@ def test_a_flood_without_the_dropin_is_reported_twice(box):
         timeout=30), status(box)
     assert "0 sessions accounted for, 1 unaccounted" in status(box), \
         status(box)
+    # Both kinds of login records stay readable in the unit's sandbox.
+    main = box.run(["systemctl", "show", "-P", "MainPID",
+                    "pamsignal.service"]).stdout.strip()
+    owner = box.run(["stat", "-L", "-c", "%u", "/var/lib/pamsignal/"
+                     "state.json"]).stdout.strip()
+    probe = box.run(["nsenter", "--target", main, "--all", "-S", owner,
+                     "-G", owner, "python3", "-c",
+                     "import os; print(os.getuid(), "
+                     "len(open('/var/log/wtmp', 'rb').read()), "
+                     "open('/var/lib/wtmpdb/wtmp.db', 'rb').read(15))"])
+    uid, wtmp_bytes, magic = probe.stdout.split(None, 2)
+    assert uid == owner != "0"
+    assert int(wtmp_bytes) >= 384 and magic.strip() == "b'SQLite format 3'"
 
 
 def test_with_the_dropin_the_login_is_kept(box):
