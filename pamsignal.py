@@ -106,7 +106,7 @@ JOURNAL_DROPPED_MESSAGE_ID = "a596d6fe7bfa4994828e72309e95d61e"
 #: Cockpit, display managers, run0's transient units.
 LOGIN_UNITS = (
     "ssh.service", "sshd.service", "ssh@*.service", "sshd@*.service",
-    "sshd-session@*.service", "session-*.scope", "getty@*.service",
+    "session-*.scope", "getty@*.service",
     "serial-getty@*.service", "console-getty.service",
     "container-getty@*.service", "systemd-logind.service",
     "polkit.service", "cockpit*.service", "gdm.service", "gdm3.service",
@@ -153,6 +153,10 @@ MAX_DIGEST_NAMES = 10
 #: How long group memberships are trusted before the group database is
 #: read again (for ignore_groups / always_groups).
 GROUP_CACHE_S = 300.0
+
+#: Units whose suppressions are counted by name in the metrics; the rest
+#: (socket-activated sshd has one unit per connection) count as "other".
+MAX_SUPPRESSED_UNITS = 64
 
 #: Open sessions remembered for pairing; the oldest are forgotten first.
 MAX_OPEN_SESSIONS = 10000
@@ -5943,8 +5947,10 @@ class Pipeline:
         if self.witness is not None:
             self.witness.observe(event)
         if event.action == "journal_suppressed":
-            self.suppressions[event.unit] += 1
-            self.dropped_lines[event.unit] += event.dropped or 0
+            unit = event.unit if event.unit in self.suppressions or len(
+                self.suppressions) < MAX_SUPPRESSED_UNITS else "other"
+            self.suppressions[unit] += 1
+            self.dropped_lines[unit] += event.dropped or 0
             self.last_suppression = event
         now_us = int(self.clock() * 1000000)
         self._each_channel(lambda gate: gate.admit(event, now_us))

@@ -138,6 +138,10 @@ def test_suppressions_are_counted_and_shown_by_status():
     assert report["last_suppression"] == {
         "unit": "session-3.scope", "dropped": 7,
         "time": "2026-12-06T08:00:00.000000Z"}
+    for n in range(pamsignal.MAX_SUPPRESSED_UNITS + 10):  # bounded labels
+        pipeline.report(suppression(OBJECT_SYSTEMD_UNIT="sshd@%d.service" % n))
+    assert len(pipeline.suppressions) == pamsignal.MAX_SUPPRESSED_UNITS + 1
+    assert pipeline.suppressions["other"] == 12
     shown = pamsignal.render_status(report, "/x.prom")
     assert "suppressed: session-3.scope 1 times (7 lines), ssh.service 2 " \
         "times (123 lines)\n" in shown
