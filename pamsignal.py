@@ -5418,19 +5418,18 @@ def journal_login(event):
     """The JournalLogin a login_success or session_opened gives, or None
     (sudo and su sessions are not logins into the host)."""
     if event.action not in ("login_success", "session_opened") or \
-            not event.user or event.timestamp_us is None:
-        return None
-    service = WATCHED_SERVICES.get(event.service)
-    if service is not None and service.setuid:
+            not event.user or event.timestamp_us is None or \
+            event.target_user is not None or \
+            event.service in SWITCHING_PAM_SERVICES:
         return None
     return JournalLogin(event.timestamp_us, event.user, event.source_ip)
 
 
 def is_accounted(record, logins, window_us=ACCOUNT_WINDOW_US):
-    """Whether a journal login of the same user (and address, when both
-    have one) came within `window_us` of the record."""
+    """Whether a journal login of the record's user (and address, when
+    both have one) came within `window_us` of it; `logins` are that
+    user's."""
     return any(
-        login.user == record.user and
         abs(login.time_us - record.time_us) <= window_us and
         (login.source_ip is None or record.source_ip is None or
          login.source_ip == record.source_ip)
@@ -5444,9 +5443,12 @@ def judge_records(records, logins, read_until_us, quiet_now_us=None,
     the record plus a grace, or, `quiet_now_us` given (the journal had
     nothing more to read), the wall clock passed it plus a longer grace.
     Accounted records are dropped; the rest wait."""
+    by_user = collections.defaultdict(list)
+    for login in logins:
+        by_user[login.user].append(login)
     unaccounted, waiting = [], []
     for record in records:
-        if is_accounted(record, logins):
+        if is_accounted(record, by_user.get(record.user, ())):
             continue
         if (read_until_us is not None and
                 read_until_us >= record.time_us + grace_us) or (

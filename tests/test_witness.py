@@ -408,6 +408,10 @@ GRACE = pamsignal.ACCOUNT_GRACE_US
     ([login(T0 - 1 * SECOND, ip="::ffff:203.0.113.5")], False),
     ([login(T0 - 600 * SECOND)], False),
     ([login(T0 - 1 * SECOND, service="sudo", ip=None)], False),
+    ([login(T0 - 1 * SECOND, service="su-l", ip=None)], False),
+    ([pamsignal.journal_login(pamsignal.Event(
+        action="session_opened", timestamp_us=T0, user="alice",
+        target_user="root", service="other"))], False),
     ([], False),
 ])
 def test_which_journal_logins_account_for_a_record(logins, accounted):
