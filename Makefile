@@ -67,5 +67,9 @@ uninstall:
 	rm -f $(DESTDIR)$(UNITDIR)/pamsignal.service \
 		$(DESTDIR)$(UNITDIR)/ssh.service.d/pamsignal-ratelimit.conf \
 		$(DESTDIR)$(UNITDIR)/sshd.service.d/pamsignal-ratelimit.conf
+	# The drop-in directories go too, unless they hold other drop-ins.
+	for unit in ssh sshd; do \
+		rmdir $(DESTDIR)$(UNITDIR)/$$unit.service.d 2>/dev/null || true; \
+	done
 	rm -rf $(DOCDIR)
 	@echo "kept $(CONFDIR)/pamsignal.conf and /var/lib/pamsignal"
