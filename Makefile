@@ -53,6 +53,12 @@ install:
 	sed 's|/usr/bin/pamsignal|$(PREFIX)/bin/pamsignal|g' pamsignal.service \
 		> $(DESTDIR)$(UNITDIR)/pamsignal.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/pamsignal.service
+	# journald's rate limit lifted for sshd (Debian's and Fedora/EL's name).
+	for unit in ssh sshd; do \
+		install -d -m 0755 $(DESTDIR)$(UNITDIR)/$$unit.service.d && \
+		install -m 0644 contrib/systemd/pamsignal-ratelimit.conf \
+			$(DESTDIR)$(UNITDIR)/$$unit.service.d/ || exit 1; \
+	done
 	install -d -m 0700 $(CONFDIR)
 	# An existing configuration is the admin's: never overwrite it.
 	test -e $(CONFDIR)/pamsignal.conf || \
@@ -61,7 +67,13 @@ install:
 uninstall:
 	rm -f $(BINDIR)/pamsignal $(MANDIR)/man8/pamsignal.8 \
 		$(MANDIR)/man5/pamsignal.conf.5
-	rm -f $(DESTDIR)$(UNITDIR)/pamsignal.service
+	rm -f $(DESTDIR)$(UNITDIR)/pamsignal.service \
+		$(DESTDIR)$(UNITDIR)/ssh.service.d/pamsignal-ratelimit.conf \
+		$(DESTDIR)$(UNITDIR)/sshd.service.d/pamsignal-ratelimit.conf
+	# The drop-in directories go too, unless they hold other drop-ins.
+	for unit in ssh sshd; do \
+		rmdir $(DESTDIR)$(UNITDIR)/$$unit.service.d 2>/dev/null || true; \
+	done
 	rm -rf $(DOCDIR)
 	@echo "kept $(CONFDIR)/pamsignal.conf and /var/lib/pamsignal"
 
@@ -70,12 +82,18 @@ uninstall:
 # (`read -d`) but says #!/bin/sh, so it is run with bash: otherwise the man
 # page stays uncompressed there.  Harmless where /bin/sh is bash.
 RPMBUILD ?= rpmbuild
+# The spec's SourceN files, flat in the build's SOURCES.
+RPM_SOURCES = pamsignal.py pamsignal.service pamsignal.conf.example \
+	pamsignal.8 pamsignal.conf.5 README.md \
+	contrib/systemd/pamsignal-ratelimit.conf
 rpm:
 	@command -v $(RPMBUILD) >/dev/null || { echo "make rpm: $(RPMBUILD) not found (Debian: apt-get install rpm; Fedora/EL: dnf install rpm-build)" >&2; exit 1; }
 	set -eu; topdir=$$(mktemp -d); trap 'rm -rf "$$topdir"' EXIT; \
-	mkdir -p "$$topdir/tmp"; \
+	mkdir -p "$$topdir/tmp" "$$topdir/SOURCES"; \
+	cp $(RPM_SOURCES) "$$topdir/SOURCES/"; \
 	$(RPMBUILD) -bb --quiet --define "_topdir $$topdir" \
-		--define "_tmppath $$topdir/tmp" --define "_sourcedir $(CURDIR)" \
+		--define "_tmppath $$topdir/tmp" \
+		--define "_sourcedir $$topdir/SOURCES" \
 		--define '__brp_compress bash %{_rpmconfigdir}/brp-compress %{?_prefix}' \
 		$(RPMBUILD_FLAGS) pamsignal.spec; \
 	mkdir -p $(DISTDIR); rm -f $(DISTDIR)/pamsignal-*.noarch.rpm; \
@@ -153,7 +171,7 @@ dist-clean:
 # dpkg-buildpackage writes into the parent directory) and put in
 # $(DISTDIR).
 DEB_SOURCES = pamsignal.py pamsignal.service pamsignal.conf.example \
-	pamsignal.8 README.md debian $(wildcard pamsignal.conf.5)
+	pamsignal.8 pamsignal.conf.5 README.md debian contrib
 DEB = $(DISTDIR)/pamsignal_$(VERSION)_all.deb
 
 deb:

@@ -93,7 +93,24 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 #: Journal fields the parser reads; journalctl prints only these (plus cursor
 #: and timestamps), which roughly doubles its throughput.
 JOURNAL_FIELDS = ("MESSAGE", "SYSLOG_IDENTIFIER", "_PID", "_UID", "_COMM",
-                  "_EXE", "_TRANSPORT", "_HOSTNAME", "_BOOT_ID")
+                  "_EXE", "_TRANSPORT", "_HOSTNAME", "_BOOT_ID",
+                  "MESSAGE_ID", "N_DROPPED", "OBJECT_SYSTEMD_UNIT")
+
+#: MESSAGE_ID of journald's own "Suppressed N messages from UNIT" entry,
+#: written when a unit passed its rate limit and lines were dropped.
+JOURNAL_DROPPED_MESSAGE_ID = "a596d6fe7bfa4994828e72309e95d61e"
+
+#: Units whose lines carry logins (patterns): dropped lines of one of them
+#: may be a login nobody saw. sshd (Debian, Fedora/EL, socket-activated),
+#: sudo/su/doas in a login session's scope, consoles, logind, polkit,
+#: Cockpit, display managers, run0's transient units.
+LOGIN_UNITS = (
+    "ssh.service", "sshd.service", "ssh@*.service", "sshd@*.service",
+    "session-*.scope", "getty@*.service",
+    "serial-getty@*.service", "console-getty.service",
+    "container-getty@*.service", "systemd-logind.service",
+    "polkit.service", "cockpit*.service", "gdm.service", "gdm3.service",
+    "lightdm.service", "sddm.service", "run-p*-i*.service")
 
 #: Longest MESSAGE the parser looks at; real auth lines are far shorter and
 #: the cap keeps a hostile megabyte line cheap.
@@ -136,6 +153,10 @@ MAX_DIGEST_NAMES = 10
 #: How long group memberships are trusted before the group database is
 #: read again (for ignore_groups / always_groups).
 GROUP_CACHE_S = 300.0
+
+#: Units whose suppressions are counted by name in the metrics; the rest
+#: (socket-activated sshd has one unit per connection) count as "other".
+MAX_SUPPRESSED_UNITS = 64
 
 #: Open sessions remembered for pairing; the oldest are forgotten first.
 MAX_OPEN_SESSIONS = 10000
@@ -392,6 +413,7 @@ EVENT_FIELDS = (
     "session_duration_s", "attempts", "writer_uid", "claimed_action",
     "detail", "counted_by", "network", "window_s", "users_tried", "sources",
     "held_back",
+    "unit", "dropped", "login_record",
     "source_as_number", "source_as_org", "source_country", "source_city",
     "source_network_type", "source_provider", "host_provider",
     "cursor", "message", "context_key")
@@ -416,6 +438,8 @@ ACTIONS = {
     "spoofed_entry": ("intrusion_detection", "info", "unknown", 8),
     "alert_digest": ("intrusion_detection", "info", "unknown", 5),
     "alerts_dropped": ("intrusion_detection", "info", "failure", 6),
+    "journal_suppressed": ("host", "info", "failure", 8),
+    "unaccounted_session": ("session", "start", "unknown", 8),
     "config_reload_failed": ("configuration", "change", "failure", 6),
     "monitoring_degraded": ("process", "change", "failure", 7),
     "monitoring_restored": ("process", "change", "success", 3),
@@ -430,7 +454,8 @@ ROUTINE_ACTIONS = frozenset(("login_failure", "session_opened",
 #: the others.
 PARSED_ACTIONS = frozenset(("login_success", "login_failure",
                             "session_opened", "session_closed",
-                            "sudo_command", "spoofed_entry"))
+                            "sudo_command", "spoofed_entry",
+                            "journal_suppressed"))
 
 #: What the agent says about itself: its configuration and its own health.
 AGENT_ACTIONS = frozenset(("config_reload_failed", "monitoring_degraded",
@@ -438,10 +463,12 @@ AGENT_ACTIONS = frozenset(("config_reload_failed", "monitoring_degraded",
 
 #: Never held back by a cooldown or a rate limit: access that was granted,
 #: so no flood of failures can delay the news that someone got in, and the
-#: agent's rare word about its own health.
+#: agent's rare word about its own health. A flood is exactly when logins
+#: may go unseen, so what says so is never held back either.
 NEVER_HELD_ACTIONS = frozenset(("login_success", "sudo_command",
                                 "success_after_failures", "new_source",
-                                "new_sudo_user")) | AGENT_ACTIONS
+                                "new_sudo_user", "journal_suppressed",
+                                "unaccounted_session")) | AGENT_ACTIONS
 
 
 #: (ECS path, Event field) in the order they are rendered.
@@ -476,6 +503,8 @@ _ECS_LAYOUT = (
     ("pamsignal.network", "network"), ("pamsignal.window_s", "window_s"),
     ("pamsignal.users_tried", "users_tried"),
     ("pamsignal.sources", "sources"), ("pamsignal.held_back", "held_back"),
+    ("pamsignal.unit", "unit"), ("pamsignal.dropped", "dropped"),
+    ("pamsignal.login_record", "login_record"),
     ("pamsignal.source_network_type", "source_network_type"),
     ("pamsignal.source_provider", "source_provider"),
     ("pamsignal.cursor", "cursor"),
@@ -538,7 +567,8 @@ Threshold = collections.namedtuple("Threshold", "attempts window_s")
 
 DetectionConfig = collections.namedtuple(
     "DetectionConfig", "brute_force_fast brute_force_slow user_enumeration "
-    "distributed_attack success_after_failures learning_period")
+    "distributed_attack success_after_failures learning_period "
+    "login_records")
 
 #: The MaxMind DB files of [geoip]; None where a field is off.
 GeoipConfig = collections.namedtuple("GeoipConfig",
@@ -568,6 +598,18 @@ def _absolute_path(value):
 
 def _optional_path(value):
     return _absolute_path(value) if value else None
+
+
+def _login_records(value):
+    """auto, off, or the login records files (wtmp or wtmpdb) to read."""
+    if value.lower() in ("auto", "off"):
+        return "auto" if value.lower() == "auto" else ()
+    paths = tuple(path.strip() for path in value.split(","))
+    for path in paths:
+        if not path.startswith("/") or "\0" in path:
+            raise ValueError("expected auto, off or absolute paths of "
+                             "wtmp or wtmpdb files, got %r" % path)
+    return paths
 
 
 _PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._&/()-]{0,63}\Z")
@@ -892,6 +934,7 @@ DETECTION_OPTIONS = collections.OrderedDict((
     ("distributed_attack", (_threshold, "10 in 1h")),
     ("success_after_failures", (_threshold, "3 in 1h")),
     ("learning_period", (_duration_s, "7d")),
+    ("login_records", (_login_records, "auto")),
 ))
 
 #: [alerts] keys, which a [channel:NAME] may override: key -> (validator,
@@ -1680,7 +1723,7 @@ def parse_entry(entry):
     service = WATCHED_SERVICES.get(
         journal_text(entry.get("SYSLOG_IDENTIFIER")))
     if service is None:
-        return None
+        return parse_suppression(entry)
     message = journal_text(entry.get("MESSAGE"))
     if not message:
         return None
@@ -1718,9 +1761,50 @@ def parse_entry(entry):
     return Event(**fields)
 
 
-#: '"sshd"', '"sudo"', ...: an entry lacking all of them cannot be watched.
+def is_login_unit(unit):
+    """Whether a systemd unit is one whose lines carry logins."""
+    return any(fnmatch.fnmatchcase(unit, pattern) for pattern in LOGIN_UNITS)
+
+
+#: Who writes the suppression entry: journald itself, through its own
+#: "driver" transport (a client cannot set underscore fields).
+JOURNALD_IDENTIFIER = "systemd-journald"
+
+
+def parse_suppression(entry):
+    """journald's "Suppressed N messages from UNIT" -> journal_suppressed
+    when UNIT carries logins (lines, maybe a login, were dropped); the same
+    claim written by any other process -> spoofed_entry; else None."""
+    if journal_text(entry.get("MESSAGE_ID")) != JOURNAL_DROPPED_MESSAGE_ID:
+        return None
+    unit = journal_text(entry.get("OBJECT_SYSTEMD_UNIT"))
+    timestamp_us = _entry_timestamp(entry)
+    if not unit or not is_login_unit(unit) or timestamp_us is None:
+        return None
+    identifier = journal_text(entry.get("SYSLOG_IDENTIFIER"))
+    message = journal_text(entry.get("MESSAGE")) or ""
+    common = {"timestamp_us": timestamp_us, "unit": unit,
+              "hostname": journal_text(entry.get("_HOSTNAME")),
+              "cursor": journal_text(entry.get("__CURSOR")),
+              "message": message[:MAX_UNTRUSTED_MESSAGE_CHARS].rstrip("\n")}
+    if journal_text(entry.get("_TRANSPORT")) != "driver" or \
+            identifier != JOURNALD_IDENTIFIER:
+        return Event(action="spoofed_entry", service=identifier,
+                     writer_uid=parse_int(journal_text(entry.get("_UID"))),
+                     pid=parse_int(journal_text(entry.get("_PID"))),
+                     process_name=journal_text(entry.get("_COMM")),
+                     process_executable=journal_text(entry.get("_EXE")),
+                     claimed_action="journal_suppressed", **common)
+    return Event(action="journal_suppressed", service=JOURNALD_IDENTIFIER,
+                 dropped=parse_int(journal_text(entry.get("N_DROPPED"))),
+                 **common)
+
+
+#: '"sshd"', '"sudo"', ...: an entry lacking all of them cannot be watched
+#: (journald's suppression entries are watched too).
 _WATCHED_NAME_BYTES = re.compile(("\"(?:%s)\"" % "|".join(
-    re.escape(name) for name in sorted(WATCHED_SERVICES))).encode())
+    re.escape(name) for name in sorted(WATCHED_SERVICES) + [
+        JOURNAL_DROPPED_MESSAGE_ID])).encode())
 
 
 #: One decoder for every line: json.loads costs a third more per line.
@@ -3607,6 +3691,8 @@ def render_text(event):
         ("sources", ",".join(event.sources or ()) or None),
         ("held_back", event.held_back), ("kinds", event.detail
                                           if event.held_back else None),
+        ("unit", event.unit), ("dropped", event.dropped),
+        ("record", event.login_record),
         ("writer_uid", event.writer_uid), ("program", event.process_name),
         ("claimed", event.claimed_action), ("host", event.hostname),
         ("host_provider", event.host_provider),
@@ -3634,6 +3720,8 @@ ALERT_HEADLINES = {
     "new_sudo_user": "First sudo by this user",
     "spoofed_entry": "Forged log entry", "alert_digest": "Alerts held back",
     "alerts_dropped": "Alerts lost",
+    "journal_suppressed": "Login lines dropped by the journal",
+    "unaccounted_session": "Session with no login in the journal",
 }
 
 #: What an admin should do about the alerts that call for action.
@@ -3654,6 +3742,15 @@ ALERT_ADVICE = {
     "alerts_dropped": (
         "The channel was unreachable for long: look at the journal of "
         "this host for what was lost."),
+    "journal_suppressed": (
+        "journald's rate limit dropped lines of this unit during a flood: "
+        "a login in that time may have gone unseen. Check `last` or "
+        "`wtmpdb last` for sessions, and lift the limit for sshd "
+        "(pamsignal install writes the drop-in; see the README)."),
+    "unaccounted_session": (
+        "The login records show this session but the journal held no "
+        "login for it (lines dropped or removed): confirm with the user, "
+        "and check `last` and the sshd log around that time."),
 }
 
 #: Longest value shown in an alert (a hostile user name can be huge).
@@ -3686,7 +3783,8 @@ def _who(event):
         return "%s as %s" % (event.user, event.target_user)
     return event.user or _endpoint(event.source_ip, event.source_domain,
                                    None) or event.network or (
-        "uid %s" % event.writer_uid if event.writer_uid is not None else None)
+        "uid %s" % event.writer_uid if event.writer_uid is not None
+        else event.unit)
 
 
 def _as_text(event):
@@ -3741,7 +3839,9 @@ def alert_text(event, delay_s=0):
             event.held_back, event.detail, " over " + window if window
             else "")),
         ("Writer UID", event.writer_uid), ("Program", event.process_name),
-        ("Claimed", event.claimed_action),
+        ("Claimed", event.claimed_action), ("Unit", event.unit),
+        ("Lines dropped", event.dropped),
+        ("Login record", event.login_record),
         ("Severity", "%d/10" % event_severity(event)),
         ("Host", event.hostname and event.hostname + (
             " (%s)" % event.host_provider if event.host_provider else "")),
@@ -4999,8 +5099,11 @@ def valid_cursor(cursor):
 
 
 def journal_matches():
-    """journalctl match arguments: one field repeated means OR."""
-    return ["SYSLOG_IDENTIFIER=%s" % name for name in sorted(WATCHED_SERVICES)]
+    """journalctl match arguments: one field repeated means OR; `+` ORs
+    the group of journald's suppression entries (any writer: the parser
+    tells journald's own from a forgery)."""
+    return ["SYSLOG_IDENTIFIER=%s" % name for name in sorted(
+        WATCHED_SERVICES)] + ["+", "MESSAGE_ID=" + JOURNAL_DROPPED_MESSAGE_ID]
 
 
 def first_start_time_us(first_start, now_s):
@@ -5244,6 +5347,293 @@ class JournalSource:
 
 
 # ---------------------------------------------------------------------------
+# 13b login records (a second witness)
+# ---------------------------------------------------------------------------
+# The login records (/var/log/wtmp, wtmpdb's SQLite file) are written by
+# sshd and login themselves, not through the journal: a session recorded
+# there with no login seen in the journal is one the journal lost (a flood
+# past journald's rate limit) or had removed. Parsing and the decision are
+# pure; LoginRecordFile does the reading.
+
+#: glibc's struct utmp on x86-64 and the other 64-bit Linux ABIs: type,
+#: padding, pid, line, id, user, host, exit (2 shorts), session, tv_sec,
+#: tv_usec, addr_v6 (4 x int32), unused; 384 bytes.
+UTMP_FORMAT = struct.Struct("<h2xi32s4s32s256shhiii4i20s")
+
+#: ut_type of a user's login (USER_PROCESS) in utmp and in wtmpdb.
+UTMP_USER_PROCESS, WTMPDB_USER_PROCESS = 7, 3
+
+#: What `login_records = auto` reads: wtmpdb's file where it exists
+#: (Debian 13 and later), else the classic wtmp.
+WTMPDB_FILE, WTMP_FILE = "/var/lib/wtmpdb/wtmp.db", "/var/log/wtmp"
+
+#: How SQLite files begin (wtmpdb's); anything else is read as utmp.
+SQLITE_MAGIC = b"SQLite format 3\0"
+
+#: A journal login this close to a record (either side) accounts for it.
+ACCOUNT_WINDOW_US = 120 * 1000000
+
+#: A record is judged once the journal was read this far past it...
+ACCOUNT_GRACE_US = 10 * 1000000
+
+#: ...or, the journal being quiet (nothing new to read), this long after
+#: it by the wall clock.
+QUIET_GRACE_US = 60 * 1000000
+
+#: Journal logins remembered, and records waiting for a verdict, at most.
+MAX_RECENT_LOGINS = 4096
+
+#: Records read from a file per poll at most (a huge file is read in steps).
+MAX_RECORDS_PER_READ = 1000
+
+#: How often the login records are looked at (seconds).
+LOGIN_RECORDS_POLL_S = 5.0
+
+LoginRecord = collections.namedtuple(
+    "LoginRecord", "time_us user source_ip source_domain tty pid service")
+LoginRecord.__doc__ = """One session in the login records."""
+
+#: A login the journal showed: (time_us, user, source_ip or None).
+JournalLogin = collections.namedtuple("JournalLogin", "time_us user source_ip")
+
+
+def _utmp_text(raw):
+    """A fixed-size char array: up to the first NUL, never trusted."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def login_record(user, host, tty, time_us, pid=None, service=None):
+    """A LoginRecord from text fields, or None when it names nobody."""
+    user = (user or "").strip()
+    if not user or type(time_us) is not int or time_us <= 0:
+        return None
+    ip, domain = normalise_address((host or "").strip())
+    return LoginRecord(time_us, user[:MAX_UNTRUSTED_MESSAGE_CHARS], ip,
+                       domain, (tty or "")[:64] or None, pid,
+                       (service or "")[:64] or None)
+
+
+def parse_utmp_record(raw):
+    """384 bytes of wtmp -> LoginRecord of a USER_PROCESS, else None."""
+    if len(raw) != UTMP_FORMAT.size:
+        return None
+    (kind, pid, line, _, user, host, _, _, _, seconds, micros, _, _, _, _,
+     _) = UTMP_FORMAT.unpack(raw)
+    if kind != UTMP_USER_PROCESS or not 0 <= micros < 1000000:
+        return None
+    return login_record(_utmp_text(user), _utmp_text(host),
+                        _utmp_text(line), seconds * 1000000 + micros,
+                        pid if pid > 0 else None)
+
+
+def parse_utmp(buffer):
+    """The user logins in whole 384-byte records of `buffer`."""
+    size = UTMP_FORMAT.size
+    found = (parse_utmp_record(buffer[start:start + size])
+             for start in range(0, len(buffer) - size + 1, size))
+    return [record for record in found if record is not None]
+
+
+def wtmpdb_record(row):
+    """(ID, Type, User, Login, TTY, RemoteHost, Service) -> LoginRecord."""
+    _, kind, user, login_us, tty, host, service = row
+    if kind != WTMPDB_USER_PROCESS or not isinstance(user, str):
+        return None
+    return login_record(user, host if isinstance(host, str) else None,
+                        tty if isinstance(tty, str) else None,
+                        login_us if type(login_us) is int else None,
+                        service=service if isinstance(service, str) else None)
+
+
+def journal_login(event):
+    """The JournalLogin a login_success or session_opened gives, or None
+    (sudo and su sessions are not logins into the host)."""
+    if event.action not in ("login_success", "session_opened") or \
+            not event.user or event.timestamp_us is None or \
+            event.target_user is not None or \
+            event.service in SWITCHING_PAM_SERVICES:
+        return None
+    return JournalLogin(event.timestamp_us, event.user, event.source_ip)
+
+
+def is_accounted(record, logins, window_us=ACCOUNT_WINDOW_US):
+    """Whether a journal login of the record's user (and address, when
+    both have one) came within `window_us` of it; `logins` are that
+    user's."""
+    return any(
+        abs(login.time_us - record.time_us) <= window_us and
+        (login.source_ip is None or record.source_ip is None or
+         login.source_ip == record.source_ip)
+        for login in logins)
+
+
+def judge_records(records, logins, read_until_us, quiet_now_us=None,
+                  grace_us=ACCOUNT_GRACE_US, quiet_grace_us=QUIET_GRACE_US):
+    """(unaccounted, waiting): records no journal login accounts for, once
+    the journal was read to `read_until_us` (the newest entry's time) past
+    the record plus a grace, or, `quiet_now_us` given (the journal had
+    nothing more to read), the wall clock passed it plus a longer grace.
+    Accounted records are dropped; the rest wait."""
+    by_user = collections.defaultdict(list)
+    for login in logins:
+        by_user[login.user].append(login)
+    unaccounted, waiting = [], []
+    for record in records:
+        if is_accounted(record, by_user.get(record.user, ())):
+            continue
+        if (read_until_us is not None and
+                read_until_us >= record.time_us + grace_us) or (
+                quiet_now_us is not None and
+                quiet_now_us >= record.time_us + quiet_grace_us):
+            unaccounted.append(record)
+        else:
+            waiting.append(record)
+    return unaccounted, waiting
+
+
+def unaccounted_event(record, path, hostname):
+    return Event(action="unaccounted_session", timestamp_us=record.time_us,
+                 user=record.user, source_ip=record.source_ip,
+                 source_domain=record.source_domain, tty=record.tty,
+                 pid=record.pid, service=record.service,
+                 hostname=hostname, login_record=path)
+
+
+def login_record_paths(setting, exists=os.path.lexists):
+    """The files `login_records` names: auto picks one that exists (a
+    symbolic link counts: Debian's wtmpdb link points to a file the first
+    login creates)."""
+    if setting != "auto":
+        return tuple(setting)
+    for path in (WTMPDB_FILE, WTMP_FILE):
+        if exists(path):
+            return (path,)
+    return ()
+
+
+class LoginRecordFile:
+    """Follows one login records file from where it stood when opened:
+    wtmp by byte offset like `tail -f` (a shorter or other file: rotated,
+    read from its start), wtmpdb by row ID (read-only SQLite)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.kind = None  # "wtmp" or "wtmpdb", known once the file is seen
+        self.identity = None  # (device, inode) of the wtmp read
+        self.offset = 0
+        self.last_id = None
+        self.problem = None  # why it cannot be read, for the health
+
+    def open(self):
+        """Start at the end: what was there before is history."""
+        self.read(skip=True)
+
+    def read(self, skip=False):
+        """New login records since the last read (a bounded batch)."""
+        try:
+            with open(self.path, "rb") as handle:
+                magic = handle.read(len(SQLITE_MAGIC))
+                self.kind = "wtmpdb" if magic == SQLITE_MAGIC else "wtmp"
+                if self.kind == "wtmp":
+                    records = self._read_wtmp(handle, skip)
+            if self.kind == "wtmpdb":
+                records = self._read_wtmpdb(skip)
+        except FileNotFoundError:
+            self.problem = None  # not written yet (no login since install)
+            self.identity, self.offset, self.last_id = None, 0, 0
+            return []
+        except (OSError, ValueError) as error:
+            self.problem = "cannot read %s: %s" % (
+                self.path, getattr(error, "strerror", None) or error)
+            return []
+        self.problem = None
+        return [] if skip else records
+
+    def _read_wtmp(self, handle, skip):
+        status = os.fstat(handle.fileno())
+        identity = (status.st_dev, status.st_ino)
+        if identity != self.identity or status.st_size < self.offset:
+            # rotated or truncated: a new file is read from its start
+            self.offset = 0 if self.identity is not None else self.offset
+            self.identity = identity
+        size = UTMP_FORMAT.size
+        if skip:
+            self.offset = status.st_size - status.st_size % size
+            return []
+        handle.seek(self.offset)
+        buffer = handle.read(size * MAX_RECORDS_PER_READ)
+        whole = len(buffer) - len(buffer) % size
+        self.offset += whole
+        return parse_utmp(buffer[:whole])
+
+    def _read_wtmpdb(self, skip):
+        import sqlite3  # only where wtmpdb is read
+        try:
+            connection = sqlite3.connect(
+                "file:%s?mode=ro" % urllib.parse.quote(self.path),
+                uri=True, timeout=2)
+            try:
+                newest = connection.execute(
+                    "SELECT max(ID) FROM wtmp").fetchone()[0] or 0
+                if skip or self.last_id is None:
+                    self.last_id = newest
+                    return []
+                if newest < self.last_id:  # a new file: from its start
+                    self.last_id = 0
+                rows = connection.execute(
+                    "SELECT ID, Type, User, Login, TTY, RemoteHost, Service "
+                    "FROM wtmp WHERE ID > ? ORDER BY ID LIMIT ?",
+                    (self.last_id, MAX_RECORDS_PER_READ)).fetchall()
+            finally:
+                connection.close()
+        except sqlite3.Error as error:
+            raise ValueError("not a wtmpdb file (%s)" % error) from None
+        if rows:
+            self.last_id = rows[-1][0]
+        return [record for record in map(wtmpdb_record, rows)
+                if record is not None]
+
+
+class LoginWitness:
+    """Holds the journal's recent logins and the records waiting for a
+    verdict, both bounded; `check` says which records no login explains."""
+
+    def __init__(self, files):
+        self.files = files
+        self.logins = collections.deque(maxlen=MAX_RECENT_LOGINS)
+        self.waiting = collections.deque(maxlen=MAX_RECENT_LOGINS)
+        self.since_us = None  # records before this are history
+        self.verdicts = collections.Counter()  # accounted / unaccounted
+
+    def observe(self, event):
+        login = journal_login(event)
+        if login is not None:
+            self.logins.append(login)
+
+    def open(self, now_us):
+        self.since_us = now_us - ACCOUNT_WINDOW_US
+        for records in self.files:
+            records.open()
+
+    def check(self, read_until_us, quiet_now_us):
+        """[(record, path)] found unaccounted now."""
+        for records in self.files:
+            self.waiting.extend((record, records.path)
+                                for record in records.read()
+                                if record.time_us >= self.since_us)
+        paths = dict((record, path) for record, path in self.waiting)
+        unaccounted, waiting = judge_records(
+            [record for record, _ in self.waiting], self.logins,
+            read_until_us, quiet_now_us)
+        self.verdicts["accounted"] += len(self.waiting) - len(
+            unaccounted) - len(waiting)
+        self.verdicts["unaccounted"] += len(unaccounted)
+        self.waiting.clear()
+        self.waiting.extend((record, paths[record]) for record in waiting)
+        return [(record, paths[record]) for record in unaccounted]
+
+
+# ---------------------------------------------------------------------------
 # 14 runtime
 # ---------------------------------------------------------------------------
 
@@ -5385,6 +5775,16 @@ METRICS = collections.OrderedDict((
      ("gauge", "Now minus the time of the newest journal entry handled.")),
     ("pamsignal_journalctl_restarts_total",
      ("counter", "Times journalctl was started again.")),
+    ("pamsignal_journal_suppressed_total",
+     ("counter", "journald's rate limit suppressions of a login unit.")),
+    ("pamsignal_journal_dropped_lines_total",
+     ("counter", "Lines of a login unit that journald's rate limit dropped.")),
+    ("pamsignal_login_records_total",
+     ("counter", "Sessions in the login records, by verdict: accounted "
+      "(the journal showed the login) or unaccounted.")),
+    ("pamsignal_journal_last_suppression_time_seconds",
+     ("gauge", "When journald last said it dropped lines of a login unit "
+      "(Unix time; unit and dropped lines in the labels).")),
     ("pamsignal_events_total", ("counter", "Events reported, by action.")),
     ("pamsignal_alerts_sent_total",
      ("counter", "Alerts each channel took (network channels: delivered).")),
@@ -5463,6 +5863,23 @@ def parse_metrics(text):
     return found
 
 
+def suppression_samples(pipeline):
+    """The metrics of journald's suppressions of login units."""
+    samples = []
+    for unit in sorted(pipeline.suppressions):
+        samples += [
+            ("pamsignal_journal_suppressed_total", {"unit": unit},
+             pipeline.suppressions[unit]),
+            ("pamsignal_journal_dropped_lines_total", {"unit": unit},
+             pipeline.dropped_lines[unit])]
+    last = pipeline.last_suppression
+    if last is not None:
+        samples.append(("pamsignal_journal_last_suppression_time_seconds",
+                        {"unit": last.unit, "dropped": last.dropped or 0},
+                        last.timestamp_us / 1e6))
+    return samples
+
+
 def agent_event(action, now_s, component=None, message=None):
     """An event about the agent itself (not from the journal)."""
     return Event(timestamp_us=int(now_s * 1e6), action=action,
@@ -5492,6 +5909,10 @@ class Pipeline:
         self.events = 0
         self.malformed = 0
         self.by_action = collections.Counter()
+        self.suppressions = collections.Counter()  # unit -> entries
+        self.dropped_lines = collections.Counter()  # unit -> lines
+        self.last_suppression = None  # its event
+        self.witness = None  # LoginWitness: logins the journal showed
         self.sent = collections.Counter()  # channel -> alerts handed over
         self.failed = collections.Counter()  # channel -> errors
         self.failing = {}  # channel -> its error, until it works again
@@ -5556,8 +5977,20 @@ class Pipeline:
     def _send(self, event):
         self.events += 1
         self.by_action[event.action] += 1
+        if self.witness is not None:
+            self.witness.observe(event)
+        if event.action == "journal_suppressed":
+            unit = event.unit if event.unit in self.suppressions or len(
+                self.suppressions) < MAX_SUPPRESSED_UNITS else "other"
+            self.suppressions[unit] += 1
+            self.dropped_lines[unit] += event.dropped or 0
+            self.last_suppression = event
         now_us = int(self.clock() * 1000000)
         self._each_channel(lambda gate: gate.admit(event, now_us))
+
+    def witnessed(self, event, now_s):
+        """Send an event the login records gave, with its context."""
+        self._send(self._enriched(event, now_s))
 
     def announce(self, event):
         """Send an event of the agent's own, at once."""
@@ -5633,6 +6066,8 @@ class Agent:
         self.last_save = 0.0
         self.last_metrics = None
         self.unsaved = False
+        self.witness_setting = None  # login_records the witness follows
+        self.last_witness_check = 0.0
 
     def request_stop(self, signum=None, frame=None):
         self.stopping = True
@@ -5791,6 +6226,44 @@ class Agent:
                     component[8:] not in names):
                 self.restore_component(component)
 
+    def check_login_records(self, now):
+        """Every few seconds: login records no journal login accounts for
+        become unaccounted_session events. The journal counts as read past
+        a record by its newest entry's time, or, when journalctl has been
+        quiet a while (all delivered), by the wall clock."""
+        setting = self.config.detection.login_records
+        if setting != self.witness_setting:  # first run, or a reload
+            self.witness_setting = setting
+            witness = LoginWitness([LoginRecordFile(path) for path in
+                                    login_record_paths(setting)])
+            witness.open(int(time.time() * 1e6))
+            if self.pipeline.witness is not None:
+                witness.logins.extend(self.pipeline.witness.logins)
+            self.pipeline.witness = witness
+            say("info", "login records: %s" % (", ".join(
+                records.path for records in witness.files) or "off"))
+        if now - self.last_witness_check < LOGIN_RECORDS_POLL_S:
+            return
+        self.last_witness_check = now
+        witness = self.pipeline.witness
+        quiet = self.source.process is not None and \
+            now - self.source.last_activity >= LOGIN_RECORDS_POLL_S
+        now_s = time.time()
+        found = witness.check(self.source.last_realtime_us,
+                              int(now_s * 1e6) if quiet else None)
+        hostname = socket.gethostname()
+        for record, path in found:
+            self.pipeline.witnessed(unaccounted_event(record, path, hostname),
+                                    now_s)
+        if found:
+            self.pipeline.flush()
+        problems = [records.problem for records in witness.files
+                    if records.problem]
+        if problems:
+            self.impair("login_records", "; ".join(problems))
+        else:
+            self.restore_component("login_records")
+
     def update_status(self, *fields):
         self.notifier.set_status(self.health.summary(
             self.pipeline.entries, self.pipeline.events), *fields)
@@ -5815,6 +6288,11 @@ class Agent:
                 0.0, now_s - self.source.last_realtime_us / 1e6)))
         samples += [("pamsignal_events_total", {"action": action}, count)
                     for action, count in sorted(pipeline.by_action.items())]
+        samples += suppression_samples(pipeline)
+        if pipeline.witness is not None:
+            samples += [("pamsignal_login_records_total", {"verdict": verdict},
+                         pipeline.witness.verdicts[verdict])
+                        for verdict in ("accounted", "unaccounted")]
         sent, failed = collections.Counter(pipeline.sent), \
             collections.Counter(pipeline.failed)
         # Network channels count deliveries (of earlier couriers too, as
@@ -6055,6 +6533,7 @@ class Agent:
                     self.check_journal(now)
                 self.check_channels()
                 self.check_databases(time.time())
+                self.check_login_records(now)
                 if self.last_metrics is None or \
                         now - self.last_metrics >= METRICS_FLUSH_S:
                     self.write_metrics(now)
@@ -6432,11 +6911,29 @@ def health_report(metrics, now_s, alive=pid_alive):
         ("degraded", [component for component, flag in by_label(
             "pamsignal_degraded", "component").items() if flag]),
         ("reloads", by_label("pamsignal_config_reloads_total", "result")),
+        ("suppressed", by_label("pamsignal_journal_suppressed_total",
+                                "unit")),
+        ("dropped_lines", by_label("pamsignal_journal_dropped_lines_total",
+                                   "unit")),
+        ("last_suppression", _last_suppression(metrics.get(
+            "pamsignal_journal_last_suppression_time_seconds"))),
+        ("login_records", by_label("pamsignal_login_records_total",
+                                   "verdict")),
         ("last_error", error[0][0].get("message") if error else None),
         ("last_error_time", format_timestamp(int(value(
             "pamsignal_last_error_time_seconds") * 1e6)) if error else None),
     ))
     return report
+
+
+def _last_suppression(samples):
+    if not samples:
+        return None
+    labels, when_s = samples[0]
+    return collections.OrderedDict((
+        ("unit", labels.get("unit")),
+        ("dropped", parse_int(labels.get("dropped"))),
+        ("time", format_timestamp(int(when_s * 1e6)))))
 
 
 def _channel_report(name, sent, failed, waiting, oldest):
@@ -6491,6 +6988,20 @@ def render_status(report, path):
                     counts["oldest_s"]) if counts["waiting"] else ""))
         for name, counts in report["channels"].items()) or "none"))
     lines.append("degraded:   " + (", ".join(report["degraded"]) or "no"))
+    lines.append("suppressed: " + (", ".join(
+        "%s %d times (%d lines)" % (unit, count, report["dropped_lines"].get(
+            unit, 0)) for unit, count in report["suppressed"].items())
+        or "no login lines dropped by journald"))
+    last = report["last_suppression"]
+    if last:
+        lines.append("            last: %s %d lines of %s dropped" % (
+            last["time"], last["dropped"] or 0, last["unit"]))
+    if report["login_records"]:
+        lines.append("records:    %d sessions accounted for, %d unaccounted"
+                     % (report["login_records"].get("accounted", 0),
+                        report["login_records"].get("unaccounted", 0)))
+    if "ssh_ratelimit" in report:
+        lines.append("ssh limit:  " + report["ssh_ratelimit"])
     lines.append("reloads:    %d ok, %d failed" % (
         report["reloads"].get("ok", 0), report["reloads"].get("failed", 0)))
     if report["last_error"]:
@@ -6502,6 +7013,83 @@ def render_status(report, path):
             host["provider"] or "provider unknown",
             ", ".join(host["addresses"]) or "no addresses seen"))
     return "\n".join(escape_text(line) for line in lines) + "\n"
+
+
+def _show_blocks(text):
+    """`systemctl show` of several units -> one {property: value} each."""
+    blocks, block = [], {}
+    for line in text.splitlines() + [""]:
+        name, equals, value = line.partition("=")
+        if equals:
+            block[name] = value
+        elif block:
+            blocks.append(block)
+            block = {}
+    return blocks
+
+
+#: What `status` asks systemctl about each of SSH_UNITS.
+RATELIMIT_PROPERTIES = ("Id", "LoadState", "LogRateLimitIntervalUSec",
+                        "LogRateLimitBurst", "ActiveEnterTimestamp",
+                        "DropInPaths")
+
+
+def _changed_since_start(block, mtime):
+    """Whether a drop-in of the unit changed after it started (then
+    journald still applies the limit the unit started with)."""
+    started = block.get("ActiveEnterTimestamp", "")
+    if not started.startswith("@") or parse_int(started[1:]) is None:
+        return False  # not running, or a systemctl too old to say
+    for path in block.get("DropInPaths", "").split():
+        try:
+            if mtime(path) > int(started[1:]):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def ratelimit_verdict(show_text, mtime=os.path.getmtime):
+    """Whether journald's rate limit is lifted for sshd, from `systemctl
+    show --timestamp=unix` of RATELIMIT_PROPERTIES for SSH_UNITS (an alias
+    shows its unit again)."""
+    verdicts = collections.OrderedDict()
+    for block in _show_blocks(show_text):
+        unit = block.get("Id")
+        if not unit or block.get("LoadState") != "loaded":
+            continue
+        burst = parse_int(block.get("LogRateLimitBurst"))
+        if block.get("LogRateLimitIntervalUSec", "0") != "0" and \
+                burst is not None and burst >= LIFTED_RATELIMIT_BURST:
+            verdicts[unit] = "lifted for %s (%d lines per %s)%s" % (
+                unit, burst, block["LogRateLimitIntervalUSec"],
+                "; in effect once it restarts (systemctl restart %s)" % unit
+                if _changed_since_start(block, mtime) else "")
+        else:
+            verdicts[unit] = ("not lifted for %s: a flood can make journald "
+                              "drop a login (`pamsignal install` writes the "
+                              "drop-in)" % unit)
+    return "; ".join(verdicts.values()) or "unknown (no sshd unit)"
+
+
+def ssh_ratelimit_state():
+    """ratelimit_verdict of this host; 'unknown' without systemd."""
+    if not systemd_is_running():
+        return "unknown (systemd is not running)"
+    properties = ["--property=" + name for name in RATELIMIT_PROPERTIES]
+
+    def show(options):
+        return subprocess.run(
+            ["systemctl", "show"] + options + properties + list(SSH_UNITS),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, timeout=30, universal_newlines=True)
+    try:
+        result = show(["--timestamp=unix"])
+        if result.returncode != 0:  # --timestamp= came in systemd 248
+            result = show([])
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (systemctl failed)"
+    return ratelimit_verdict(result.stdout)
 
 
 def command_status(args, stdout):
@@ -6525,6 +7113,7 @@ def command_status(args, stdout):
     report = health_report(parse_metrics(text), time.time())
     report["host"] = {"provider": detect_host_provider(config.host_provider),
                       "addresses": host_addresses()}
+    report["ssh_ratelimit"] = ssh_ratelimit_state()
     if args.json:
         stdout.write(dumps_safe(dict(report, file=path)) + "\n")
     else:
@@ -6647,6 +7236,46 @@ WantedBy=multi-user.target
 #: The program's path in SERVICE_UNIT; `install --prefix` replaces it.
 UNIT_PROGRAM = DEFAULT_PREFIX + "/bin/pamsignal"
 
+#: The drop-in that lifts journald's per-unit rate limit for sshd, as every
+#: install path writes it for ssh.service and sshd.service (the shipped
+#: contrib/systemd/pamsignal-ratelimit.conf is this text; a test keeps the
+#: two the same).
+SSH_RATELIMIT_DROPIN = """\
+# PAMSignal: lift journald's per-unit rate limit for sshd.
+#
+# Why: past journald's limit (RateLimitBurst= lines per RateLimitIntervalSec=
+# in journald.conf, per unit) every further line of the unit is dropped
+# until the interval ends, and a flood of failed logins can be made to
+# pass it on purpose: the "Accepted" line of a real login made meanwhile is
+# then lost and no login monitor reading the journal can see it.
+# "LogRateLimitIntervalSec=0" does not help: systemd reads 0 as "unset"
+# and journald's limit applies; a burst no flood reaches does.
+#
+# Cost: a flood is then kept whole, so the journal fills faster during
+# one. journald's SystemMaxUse= (journald.conf) still caps the disk it
+# uses; older entries rotate out sooner.
+#
+# Takes effect when the unit next starts (systemd hands the limit to
+# journald when it sets up the unit's cgroup; measured on systemd 257):
+# `systemctl daemon-reload; systemctl restart ssh` (sshd.service on
+# Fedora/EL). Open sessions survive it (the unit has KillMode=process).
+# Check: pamsignal status, or
+#   systemctl show -p LogRateLimitIntervalUSec -p LogRateLimitBurst ssh
+[Service]
+LogRateLimitIntervalSec=30s
+LogRateLimitBurst=1000000
+"""
+
+#: sshd's unit on Debian/Ubuntu and on Fedora/EL: the drop-in goes to both.
+SSH_UNITS = ("ssh.service", "sshd.service")
+
+#: The drop-in's file name in each SSH_UNITS directory.
+RATELIMIT_DROPIN_NAME = "pamsignal-ratelimit.conf"
+
+#: A per-unit burst at least this large (with an interval set) counts as
+#: lifted: more lines per interval than a flood at full speed gives.
+LIFTED_RATELIMIT_BURST = 100000
+
 
 #: pamsignal.conf.example, as every install path writes it when there is
 #: no configuration yet (`install`, install.sh, make install, the packages):
@@ -6712,6 +7341,12 @@ success_after_failures = 3 in 1h
 # New networks per user (new_source) and first sudo users (new_sudo_user)
 # are learned silently for this long after the first event seen.
 learning_period = 7d
+# The login records, a second witness: a session sshd or login recorded
+# there with no login seen in the journal (lost to journald's rate limit
+# during a flood, or removed) raises unaccounted_session. auto reads
+# wtmpdb's /var/lib/wtmpdb/wtmp.db where it exists (Debian 13), else
+# /var/log/wtmp; or name the files (comma-separated); off turns it off.
+login_records = auto
 
 [geoip]
 # MaxMind DB files (absolute paths; empty = off) that give each source
@@ -6853,6 +7488,9 @@ def install_paths(root, prefix):
             "unit": under(SYSTEMD_UNIT_DIR + "/pamsignal.service"),
             "config_dir": under(os.path.dirname(DEFAULT_CONFIG_PATH)),
             "config": under(DEFAULT_CONFIG_PATH),
+            "ratelimit": [under("%s/%s.d/%s" % (
+                SYSTEMD_UNIT_DIR, unit, RATELIMIT_DROPIN_NAME))
+                for unit in SSH_UNITS],
             "purge": [under(path) for path in (
                 os.path.dirname(DEFAULT_CONFIG_PATH), "/var/lib/pamsignal",
                 "/var/lib/private/pamsignal", "/var/log/pamsignal",
@@ -6892,6 +7530,15 @@ def command_install(args, stdout):
         else:
             replace_file(paths["config"], example_config(), mode=0o600)
             stdout.write("wrote %s\n" % paths["config"])
+        for dropin in paths["ratelimit"]:
+            os.makedirs(os.path.dirname(dropin), exist_ok=True)
+            replace_file(dropin, SSH_RATELIMIT_DROPIN, mode=0o644)
+            stdout.write("wrote %s (journald's rate limit lifted for sshd: "
+                         "a flood cannot hide a login)\n" % dropin)
+        stdout.write("the lifted limit takes effect when sshd's unit next "
+                     "starts; not restarted for you: run `systemctl restart "
+                     "ssh` (sshd on Fedora/EL) when it suits you (open "
+                     "sessions survive it)\n")
     except OSError as error:
         raise PamSignalError("install failed: %s: %s" % (
             error.filename, error.strerror or error)) from None
@@ -6918,10 +7565,15 @@ def command_uninstall(args, stdout):
         _systemctl(stdout, "disable", "--now", "pamsignal.service")
     removed = []
     try:
-        for path in (paths["unit"], paths["program"]):
+        for path in [paths["unit"], paths["program"]] + paths["ratelimit"]:
             if os.path.lexists(path):
                 os.unlink(path)
                 removed.append(path)
+        for dropin in paths["ratelimit"]:  # the directory, if it was ours
+            try:
+                os.rmdir(os.path.dirname(dropin))
+            except OSError:
+                pass  # other drop-ins (the admin's) are in it, or it is gone
         if args.purge:
             for path in paths["purge"]:
                 if os.path.islink(path):

@@ -68,6 +68,7 @@ import time
 
 import pytest
 
+
 SSHD = "/usr/sbin/sshd"
 JOURNALD = "/lib/systemd/systemd-journald"
 JOURNAL_DIR = "/run/systemd/journal"
@@ -1286,6 +1287,51 @@ def _children(pid):
     return found
 
 
+#: Where a booted container sees a bound source tree (read-only).
+INSIDE_SRC = "/mnt/src"
+
+
+#: cgroup hierarchies a container's tree is made in: the unified one and
+#: (hybrid hosts) systemd's named v1 one.
+CGROUP_ROOTS = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd",
+                "/sys/fs/cgroup")
+
+
+def own_cgroups(name):
+    """A fresh cgroup `name` in each hierarchy there is, for one container.
+
+    With --keep-unit and no systemd on the host, nspawn puts the container
+    in a "payload" cgroup beside its own: started from the root cgroup,
+    every container would share /payload/system.slice/ssh.service and the
+    rest, and one container's systemd would stop, kill and set the journal
+    rate limit (cgroup xattrs) of another's units."""
+    made = []
+    for root in CGROUP_ROOTS:
+        if os.path.exists(os.path.join(root, "cgroup.procs")):
+            path = os.path.join(root, name)
+            os.mkdir(path)
+            made.append(path)
+    return made
+
+
+def _join_cgroups(paths):
+    def join():  # in the child, before nspawn runs
+        for path in paths:
+            with open(os.path.join(path, "cgroup.procs"), "w") as procs:
+                procs.write(str(os.getpid()))
+    return join
+
+
+def remove_cgroups(paths):
+    """Remove the (by now empty) cgroups a container left, deepest first."""
+    for top in paths:
+        for directory, _, _ in sorted(os.walk(top), reverse=True):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass  # still busy or already gone: the host cleans up later
+
+
 class Container(object):
     """A tree booted with `systemd-nspawn -b` (TESTING.md): systemd as PID
     1, --volatile=overlay so the tree itself is never written, and
@@ -1299,16 +1345,20 @@ class Container(object):
         self.binds = list(binds)
         self.nspawn = None
         self.init = None
+        self.cgroups = []
 
     def start(self, timeout=60):
         command = ["systemd-nspawn", "-q", "-D", self.tree, "-b",
                    "--register=no", "--keep-unit", "--volatile=overlay",
                    "--private-network"]
         command += ["--bind-ro=%s:%s" % bind for bind in self.binds]
+        self.cgroups = own_cgroups("pamsignal-nspawn-%d-%s" % (
+            os.getpid(), secrets.token_hex(4)))
         with open(self.log_path, "w") as log:
             self.nspawn = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
+                start_new_session=True,
+                preexec_fn=_join_cgroups(self.cgroups))
         assert wait_for(lambda: _children(self.nspawn.pid) or
                         self.nspawn.poll() is not None, timeout=timeout)
         assert self.nspawn.poll() is None, self.log()
@@ -1348,14 +1398,15 @@ class Container(object):
         self.run(["sh", "-c", 'cat > "$1"', "sh", path], input=text)
 
     def stop(self):
-        if self.nspawn is None or self.nspawn.poll() is not None:
-            return
-        self.nspawn.terminate()  # nspawn asks the container to power off
-        try:
-            self.nspawn.wait(60)
-        except subprocess.TimeoutExpired:
-            self.nspawn.kill()
-            self.nspawn.wait(10)
+        if self.nspawn is not None and self.nspawn.poll() is None:
+            self.nspawn.terminate()  # nspawn asks the container to power off
+            try:
+                self.nspawn.wait(60)
+            except subprocess.TimeoutExpired:
+                self.nspawn.kill()
+                self.nspawn.wait(10)
+        remove_cgroups(self.cgroups)
+        self.cgroups = []
 
 
 def require_boot_tree():

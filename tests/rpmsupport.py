@@ -45,13 +45,24 @@ def spec_sources():
                   SPEC]).stdout.split()
 
 
+#: Where in the source tree a SourceN file that is not at the top lives.
+SOURCE_DIRS = ("", "contrib/systemd")
+
+
 def copy_sources(dest):
-    """Copy what `make rpm` reads into dest; the copy's directory."""
+    """Copy what `make rpm` reads into dest, each file at its place in the
+    source tree; the copy's directory."""
     names = spec_sources() + ["Makefile", "pamsignal.spec",
                               "pamsignal.rpmlintrc"]
     os.makedirs(dest)
     for name in names:
-        shutil.copy2(os.path.join(REPO, name), os.path.join(dest, name))
+        (relative,) = [os.path.join(directory, name) for directory in
+                       SOURCE_DIRS if os.path.exists(os.path.join(
+                           REPO, directory, name))]
+        os.makedirs(os.path.dirname(os.path.join(dest, relative)),
+                    exist_ok=True)
+        shutil.copy2(os.path.join(REPO, relative),
+                     os.path.join(dest, relative))
     return dest
 
 

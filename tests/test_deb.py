@@ -276,6 +276,12 @@ def test_installed_files_owners_and_modes(bookworm, debian_package):
         assert read(bookworm, "/usr/bin/pamsignal") == handle.read()
     assert read(bookworm, "/lib/systemd/system/pamsignal.service") == \
         pamsignal.SERVICE_UNIT
+    # journald's rate limit lifted for sshd, under both of its unit names
+    for unit in ("ssh", "sshd"):
+        drop_in = "/usr/lib/systemd/system/%s.service.d/" \
+            "pamsignal-ratelimit.conf" % unit
+        assert mode_and_owner(bookworm, drop_in) == "644 root:root"
+        assert read(bookworm, drop_in) == pamsignal.SSH_RATELIMIT_DROPIN
     # Every man page of the source tree (debian/pamsignal.manpages lists
     # them), the README and the example.
     pages = [name for name in os.listdir(REPO)

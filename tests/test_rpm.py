@@ -30,6 +30,8 @@ CONFIG = "/etc/pamsignal/pamsignal.conf"
 PROGRAM = "/usr/bin/pamsignal"
 UNIT = "/usr/lib/systemd/system/pamsignal.service"
 MAN5 = "/usr/share/man/man5/pamsignal.conf.5.gz"
+RATELIMIT_DIR = "/usr/lib/systemd/system/sshd.service.d"
+RATELIMIT = RATELIMIT_DIR + "/pamsignal-ratelimit.conf"
 #: Where `systemctl preset` (the %post scriptlet) enables the unit.
 ENABLED = "/etc/systemd/system/multi-user.target.wants/pamsignal.service"
 #: What an admin makes of the configuration.
@@ -158,6 +160,8 @@ def test_files_modes_owners_and_config_flags(packages):
         UNIT: ("-rw-r--r--", ""),
         "/usr/share/man/man8/pamsignal.8.gz": ("-rw-r--r--", "d"),
         MAN5: ("-rw-r--r--", "d"),
+        RATELIMIT_DIR: ("drwxr-xr-x", ""),
+        RATELIMIT: ("-rw-r--r--", ""),
     }
     assert rest == expected
 

@@ -17,7 +17,7 @@ from support import REPO, wait_for
 
 pytestmark = pytest.mark.e2e
 
-INSIDE_SRC = "/mnt/src"
+INSIDE_SRC = realsys.INSIDE_SRC
 DROP_IN = "/etc/systemd/system/pamsignal.service.d/test-watchdog.conf"
 
 
