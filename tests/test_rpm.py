@@ -118,9 +118,11 @@ def test_the_distribution_systemd_macros_win(tmp_path):
         ("systemd_preun()", "distro-preun %{?*}"),
         ("systemd_postun_with_restart()", "distro-postun %{?*}")))
     scripts = rpmsupport.query(package, "%{POSTIN}|%{PREUN}|%{POSTUN}")
-    assert scripts.split("|") == ["distro-post pamsignal.service",
-                                  "distro-preun pamsignal.service",
-                                  "distro-postun pamsignal.service"]
+    post, preun, postun = scripts.split("|")
+    assert post.splitlines()[0] == "distro-post pamsignal.service"
+    assert "systemctl restart sshd" in post  # the drop-in's hint
+    assert (preun, postun) == ("distro-preun pamsignal.service",
+                               "distro-postun pamsignal.service")
     files = rpmsupport.query(package, "[%{FILENAMES}\n]").split()
     assert "/opt/units/pamsignal.service" in files
 
