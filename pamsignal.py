@@ -1084,8 +1084,8 @@ def resolve_credentials(config, directory):
                 continue
             path = os.path.join(directory, value.credential)
             try:
-                with open_regular(path, follow_links=True) as handle:
-                    secret = handle.read(65536).decode("utf-8").strip()
+                with open_regular(path, True, "utf-8") as handle:
+                    secret = handle.read(65536).strip()
                 resolved = CHANNEL_TYPES[channel.type].OPTIONS[key](secret)
             except (OSError, UnicodeDecodeError) as error:
                 problems.append("%s: cannot read credential %s: %s" % (
@@ -1116,8 +1116,8 @@ def load_config(path=None, environ=None, channels=True, as_root=None):
     named = path is not None
     path = path or DEFAULT_CONFIG_PATH
     try:
-        with open_regular(path, follow_links=True) as handle:
-            text = handle.read().decode("utf-8")
+        with open_regular(path, True, "utf-8") as handle:
+            text = handle.read()
             status = os.fstat(handle.fileno())
     except FileNotFoundError:
         if named:
@@ -5135,11 +5135,12 @@ def file_kind(mode):
     return "not a regular file"
 
 
-def open_regular(path, follow_links=False):
-    """Open an existing file for reading, in binary, only if it is a
-    regular file: never blocking on a FIFO or device (O_NONBLOCK, then
-    fstat), and never through a symlink unless `follow_links`. Raises
-    NotRegularFile (an OSError) naming what it found instead."""
+def open_regular(path, follow_links=False, encoding=None):
+    """Open an existing file for reading (binary, or text in `encoding`)
+    only if it is a regular file: never blocking on a FIFO or device
+    (O_NONBLOCK, then fstat), and never through a symlink unless
+    `follow_links`. Raises NotRegularFile (an OSError) naming what it
+    found instead."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
     if not follow_links:
         flags |= os.O_NOFOLLOW
@@ -5154,7 +5155,8 @@ def open_regular(path, follow_links=False):
         if not stat.S_ISREG(kind):
             raise NotRegularFile(path, file_kind(kind))
         os.set_blocking(descriptor, True)
-        return os.fdopen(descriptor, "rb")
+        return os.fdopen(descriptor, "r" if encoding else "rb",
+                         encoding=encoding)
     except BaseException:
         os.close(descriptor)
         raise
@@ -6695,8 +6697,8 @@ def command_status(args, stdout):
     try:
         # Root may run this on a file the service's user can replace: no
         # link followed, no FIFO waited on, a bounded read.
-        with open_regular(path) as handle:
-            text = handle.read(MAX_METRICS_BYTES).decode("utf-8")
+        with open_regular(path, encoding="utf-8") as handle:
+            text = handle.read(MAX_METRICS_BYTES)
     except FileNotFoundError:
         if args.json:
             stdout.write(dumps_safe({"state": "absent", "file": path}) + "\n")
