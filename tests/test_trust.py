@@ -164,8 +164,9 @@ def test_root_owned_but_writable_by_others_is_refused(world, kind):
     assert_refused(world.run("check-config"), path)
 
 
-@pytest.mark.parametrize("command", [["run"], ["test-alert"],
-                                     ["stage-config", "STAGED"]])
+@pytest.mark.parametrize("command", [
+    ["run"], ["test-alert"], ["stage-config", "STAGED"], ["status"],
+    ["lookup", "192.0.2.1"], ["scan", os.devnull]])
 def test_every_command_root_runs_refuses(world, nobody, command):
     os.chown(world.files["journalctl"], *nobody)
     command = [str(world.root / "staged.conf") if word == "STAGED" else word
