@@ -52,6 +52,7 @@ import difflib  # noqa: E402
 import email.errors  # noqa: E402
 import email.message  # noqa: E402
 import email.utils  # noqa: E402
+import errno  # noqa: E402
 import fnmatch  # noqa: E402
 import functools  # noqa: E402
 import grp  # noqa: E402
@@ -71,6 +72,7 @@ import signal  # noqa: E402
 import smtplib  # noqa: E402
 import socket  # noqa: E402
 import ssl  # noqa: E402
+import stat  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -208,6 +210,9 @@ JOURNALD_MISSING = ("no systemd-journald runs here (%s is missing): start "
 
 #: Longest STATUS= text sent to systemd (it shows one line).
 MAX_STATUS_CHARS = 240
+
+#: Most of a metrics file `status` reads (the agent writes a few KiB).
+MAX_METRICS_BYTES = 1024 * 1024
 
 #: Longest metrics label value written (an error message can be long).
 MAX_LABEL_CHARS = 500
@@ -1132,7 +1137,7 @@ def resolve_credentials(config, directory):
                 continue
             path = os.path.join(directory, value.credential)
             try:
-                with open(path, encoding="utf-8") as handle:
+                with open_regular(path, True, "utf-8") as handle:
                     secret = handle.read(65536).strip()
                 resolved = CHANNEL_TYPES[channel.type].OPTIONS[key](secret)
             except (OSError, UnicodeDecodeError) as error:
@@ -1152,33 +1157,163 @@ def resolve_credentials(config, directory):
     return config._replace(channels=tuple(channels))
 
 
-def load_config(path=None, environ=None, channels=True):
+def load_config(path=None, environ=None, channels=True, as_root=None):
     """Read the configuration file; a missing default file means defaults,
     a missing explicitly named file is an error. A file holding secrets
-    must not be readable by other users. Commands that send nothing
+    must not be readable by other users; run as root, no file it names
+    may be changeable by anyone but root. Commands that send nothing
     (`channels=False`: status, lookup) do not read credentials or CA
     files, which only the service may have."""
     environ = os.environ if environ is None else environ
+    as_root = os.geteuid() == 0 if as_root is None else as_root
     named = path is not None
     path = path or DEFAULT_CONFIG_PATH
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open_regular(path, True, "utf-8") as handle:
             text = handle.read()
-            mode = os.fstat(handle.fileno()).st_mode
+            status = os.fstat(handle.fileno())
     except FileNotFoundError:
         if named:
             raise ConfigError([ConfigProblem(path, None, None, None,
                                              "no such file")]) from None
-        return default_config(path)
+        text, status = "", None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError([ConfigProblem(path, None, None, None,
                                          "cannot read: %s" % error)]) from None
     config = parse_config(text, path)
-    refuse_exposed_secrets(config, path, mode)
+    if status is not None:
+        refuse_exposed_secrets(config, path, status.st_mode)
+    if as_root:
+        config = refuse_untrusted_files(config, text, status, environ,
+                                        credentials=channels)
     if not channels:
         return config
     check_ca_files(config)
     return resolve_credentials(config, environ.get("CREDENTIALS_DIRECTORY"))
+
+
+def _owner_name(uid):
+    try:
+        return "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
+    except KeyError:
+        return "uid %d" % uid
+
+
+def _writers(mode):
+    return " and ".join(who for who, bit in (("group", 0o020),
+                                             ("others", 0o002))
+                        if mode & bit)
+
+
+def trust_problem(path, status=None, stat_of=os.stat):
+    """Why root must not trust the file at `path` (its `status` when it is
+    already open), or None. As sshd's StrictModes: the file and every
+    directory above it, as written and after symlinks, must be owned by
+    root and writable by nobody else. A directory with the sticky bit (as
+    /tmp) is accepted above a root-owned entry: others may not rename or
+    delete what they do not own there. A file not there yet is judged by
+    its deepest existing directory, which then nobody else may write at
+    all (sticky or not), or anyone could create it."""
+    absolute = os.path.normpath(os.path.abspath(path))
+    try:
+        found = status or stat_of(absolute)
+    except (FileNotFoundError, NotADirectoryError):
+        found = None
+    except OSError as error:
+        return "cannot check %s: %s" % (absolute, error.strerror or error)
+    # (where, its stat, role): the target itself, the directory that would
+    # create a missing target, or a directory above.
+    judged = [(absolute, found, "target")] if found is not None else []
+    directories = []
+    for start in (absolute, os.path.realpath(absolute)):
+        directory = os.path.dirname(start)
+        while directory not in directories:
+            directories.append(directory)
+            if directory == "/":
+                break
+            directory = os.path.dirname(directory)
+    role = "above" if found is not None else "creates"
+    for directory in sorted(directories, key=len, reverse=True):
+        try:
+            judged.append((directory, stat_of(directory), role))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as error:
+            return "cannot check %s: %s" % (directory,
+                                            error.strerror or error)
+        role = "above"  # only the deepest existing one creates it
+    for where, info, role in judged:
+        writers = _writers(info.st_mode)
+        if role == "creates" and writers:
+            return "%s does not exist, and %s, where anyone could create " \
+                "it, is writable by %s: name a path in a directory only " \
+                "root can write" % (absolute, where, writers)
+        if role == "above" and info.st_mode & stat.S_ISVTX:
+            writers = ""  # others cannot replace root's entry in it
+        if info.st_uid != 0 or writers:
+            what = "owned by %s" % _owner_name(info.st_uid) \
+                if info.st_uid != 0 else ""
+            if writers:
+                what += "%swritable by %s" % (" and " if what else "",
+                                              writers)
+            return "%s is %s, so whoever can change it controls what root " \
+                "runs or reads: run `chown root:root %s; chmod go-w %s`" % (
+                    where, what, where, where)
+    return None
+
+
+def resolve_program(name, environ):
+    """The real path of a program as it would be run (PATH searched for a
+    bare name, symlinks resolved), or None when it is not found."""
+    found = name if "/" in name else shutil.which(
+        name, path=environ.get("PATH", os.defpath))
+    return os.path.realpath(found) if found else None
+
+
+def files_root_reads(config, environ, credentials=True):
+    """(section, key, path) of every file the configuration makes the
+    agent run or read: journalctl, the MaxMind databases, each channel's
+    ca_file and (with `credentials`) each systemd credential."""
+    files = [("pamsignal", "journalctl", config.journalctl)]
+    files += [("geoip", role, path) for role, path in
+              zip(GeoipConfig._fields, config.geoip) if path]
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    for channel in config.channels:
+        section = "channel:" + channel.name
+        for key, value in sorted(channel.options.items()):
+            if key == "ca_file":
+                files.append((section, key, value))
+            elif isinstance(value, Secret) and value.credential and \
+                    directory and credentials:
+                files.append((section, key, os.path.join(
+                    directory, value.credential)))
+    return files
+
+
+def refuse_untrusted_files(config, text, status, environ, credentials=True):
+    """Run as root: a ConfigError naming each file (the configuration
+    itself, and what it names) that another user could change, with the
+    command that fixes it. Returns the configuration with journalctl as
+    the real path that was checked, so that very file is what runs."""
+    lines = _index_lines(text)
+    problems = []
+    if status is not None:
+        reason = trust_problem(config.path, status)
+        if reason:
+            problems.append(ConfigProblem(config.path, None, None, None,
+                                          reason))
+    program = resolve_program(config.journalctl, environ)
+    if program is not None:
+        config = config._replace(journalctl=program)
+    for section, key, path in files_root_reads(config, environ, credentials):
+        reason = trust_problem(path)
+        if reason:
+            line = lines.get((section, key)) or lines.get((section, None))
+            problems.append(ConfigProblem(config.path, line, section, key,
+                                          reason))
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def check_ca_files(config):
@@ -2111,7 +2246,7 @@ class MMDBReader:
     def open(cls, path):
         """Map the file at `path` (read-only) and read it."""
         try:
-            handle = open(path, "rb")
+            handle = open_regular(path, follow_links=True)
         except OSError as error:
             raise DatabaseError("cannot read %s: %s"
                                 % (path, error.strerror or error)) from None
@@ -4624,10 +4759,13 @@ class Spool:
         for name in os.listdir(self.directory):
             if name.endswith(".alert"):
                 try:
-                    waiting.append((os.stat(self._path(name)).st_mtime,
-                                    name[:-6]))
+                    found = os.lstat(self._path(name))
                 except OSError:
                     continue
+                if stat.S_ISREG(found.st_mode):
+                    waiting.append((found.st_mtime, name[:-6]))
+                else:  # planted: not an alert, and never to be opened
+                    set_aside(self._path(name), file_kind(found.st_mode))
             elif name.startswith("."):  # replace_file's, left by a crash
                 self._unlink(name)
         self.prune_tombstones()
@@ -4821,9 +4959,8 @@ class Spool:
 
     def _read_json(self, name):
         try:
-            with open(self._path(name), "rb") as handle:
-                return json.loads(handle.read(MAX_SPOOL_FILE_BYTES).decode(
-                    "utf-8"))
+            text = read_state_file(self._path(name), MAX_SPOOL_FILE_BYTES)
+            return None if text is None else json.loads(text.decode("utf-8"))
         except (OSError, ValueError, RecursionError):
             return None
 
@@ -5026,13 +5163,13 @@ class StateStore:
         with a warning, and `damaged_at` is when the file was written)."""
         self.damaged_at = None
         try:
-            with open(self.path, encoding="utf-8") as handle:
-                state = json.load(handle)
+            text = read_state_file(self.path)
+            if text is None:
+                return {}
+            state = json.loads(text.decode("utf-8"))
             if isinstance(state, dict):
                 return state
             problem = "not a JSON object"
-        except FileNotFoundError:
-            return {}
         except (OSError, ValueError, RecursionError) as error:
             problem = str(error)
         try:
@@ -5054,28 +5191,122 @@ class StateStore:
                              % (self.path, error.strerror or error)) from None
 
 
-def replace_file(path, text, durable=False, mode=0o600):
-    """Write `text` to `path` atomically: readers see the old file or the
-    new one, never half of it (a temporary file, then rename)."""
-    # A fresh random name (O_EXCL): a name others can guess could be a
-    # symlink planted in a shared directory, followed by root.
+def replace_file(path, text, durable=False, mode=0o600, owner=None):
+    """Write `text` (str or bytes) to `path` atomically: readers see the
+    old file or the new one, never half of it (a temporary file, then
+    rename). `owner` is (uid, gid) to give the new file. Whatever was at
+    `path` is never opened: a symlink or FIFO there is replaced, a
+    directory set aside."""
+    # A fresh random name (mkstemp: O_CREAT|O_EXCL|O_NOFOLLOW): a name
+    # others can guess could be a symlink or FIFO planted in a shared
+    # directory, followed or blocked on by root.
     descriptor, temporary = tempfile.mkstemp(
         dir=os.path.dirname(path) or ".",
         prefix="." + os.path.basename(path) + ".")
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        with os.fdopen(descriptor, "wb") as handle:
+            if owner is not None:
+                os.fchown(handle.fileno(), owner[0], owner[1])
             os.fchmod(handle.fileno(), mode)  # whatever the umask
-            handle.write(text)
+            handle.write(text if isinstance(text, bytes)
+                         else text.encode("utf-8"))
             handle.flush()
             if durable:
                 os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        try:
+            os.replace(temporary, path)
+        except IsADirectoryError:
+            set_aside(path, "a directory")
+            os.replace(temporary, path)
     except BaseException:
         try:
             os.unlink(temporary)
         except OSError:
             pass
         raise
+
+
+class NotRegularFile(OSError):
+    """A path that should be a plain file is a FIFO, device, directory or
+    (where links are not followed) a symbolic link; `kind` says which."""
+
+    def __init__(self, path, kind):
+        OSError.__init__(self, errno.EINVAL, "is %s, not a regular file"
+                         % kind, path)
+        self.kind = kind
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISLNK, "a symbolic link"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"))
+
+
+def file_kind(mode):
+    """What a st_mode is, in words ("a FIFO")."""
+    for test, name in _FILE_KINDS:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def open_regular(path, follow_links=False, encoding=None):
+    """Open an existing file for reading (binary, or text in `encoding`)
+    only if it is a regular file: never blocking on a FIFO or device
+    (O_NONBLOCK, then fstat), and never through a symlink unless
+    `follow_links`. Raises NotRegularFile (an OSError) naming what it
+    found instead."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not follow_links:
+        flags |= os.O_NOFOLLOW
+    try:
+        descriptor = os.open(path, flags)
+    except OSError as error:
+        if error.errno == errno.ELOOP and not follow_links:
+            raise NotRegularFile(path, "a symbolic link") from None
+        raise
+    try:
+        kind = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(kind):
+            raise NotRegularFile(path, file_kind(kind))
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "r" if encoding else "rb",
+                         encoding=encoding)
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def set_aside(path, what):
+    """Rename what is at `path` out of the way (to PATH.not-a-file-XXXXXX),
+    never opening it, and say so; the new name, or None if it could not
+    be moved."""
+    aside = "%s.not-a-file-%s" % (path, os.urandom(3).hex())
+    try:
+        os.rename(path, aside)
+    except OSError as error:
+        say("warning", "%s is %s, not a regular file, and cannot be moved "
+            "aside (%s): ignored" % (path, what, error.strerror or error))
+        return None
+    say("warning", "%s was %s, not a regular file: moved aside to %s"
+        % (path, what, aside))
+    return aside
+
+
+def read_state_file(path, limit=-1):
+    """The bytes of a file the agent keeps (state, detection counters,
+    spool), or None when there is none. Anything else found under that
+    name (a FIFO, symlink or directory someone planted) is set aside and
+    taken as no file, so it can neither hang the agent nor feed it
+    another file."""
+    try:
+        with open_regular(path) as handle:
+            return handle.read(limit)
+    except FileNotFoundError:
+        return None
+    except NotRegularFile as error:
+        set_aside(path, error.kind)
+        return None
 
 
 def metrics_path(config):
@@ -6850,6 +7081,14 @@ def command_lookup(args, stdout):
 
 def command_run(args, stdout):
     config = load_config(args.config)
+    if os.geteuid() == 0:
+        # Root reads its cursor, counters and spooled alerts back from
+        # here: whoever could change them could silence or forge alerts.
+        # (The service's own user owns its state directory; it is not root.)
+        reason = trust_problem(config.state_dir)
+        if reason:
+            raise ConfigError([ConfigProblem(config.path, None, "pamsignal",
+                                             "state_dir", reason)])
     return Agent(config, build_channels(config, args.json), args.config,
                  args.json).run()
 
@@ -7096,8 +7335,10 @@ def command_status(args, stdout):
     config = load_config(args.config, channels=False)
     path = metrics_path(config)
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        # Root may run this on a file the service's user can replace: no
+        # link followed, no FIFO waited on, a bounded read.
+        with open_regular(path, encoding="utf-8") as handle:
+            text = handle.read(MAX_METRICS_BYTES)
     except FileNotFoundError:
         if args.json:
             stdout.write(dumps_safe({"state": "absent", "file": path}) + "\n")
@@ -7126,35 +7367,55 @@ def command_stage_config(args, stdout):
     """Copy the configuration for the unit's sandboxed user (ExecStartPre=+
     and ExecReload=+ run this as root): DynamicUser cannot read a 0600
     root-owned file, so the copy goes into its own 0700 runtime directory,
-    owned by it. A missing default file gives an empty copy (defaults)."""
+    owned by it. A missing default file gives an empty copy (defaults).
+
+    That directory belongs to the service's user, so root opens nothing
+    there by a name it could have planted: the copy is written under a
+    fresh O_EXCL name and renamed over DEST, whatever DEST is."""
     source = args.config or DEFAULT_CONFIG_PATH
     try:
-        with open(source, "rb") as handle:
+        with open_regular(source, follow_links=True) as handle:
             text = handle.read()
-            mode = os.fstat(handle.fileno()).st_mode
-        refuse_exposed_secrets(text.decode("utf-8", "replace"), source, mode)
+            status = os.fstat(handle.fileno())
     except FileNotFoundError:
         if args.config is not None:
             raise PamSignalError("%s: no such file" % source) from None
-        text = b""
+        text, status = b"", None
     except OSError as error:
         raise PamSignalError("cannot read %s: %s" % (
             source, error.strerror or error)) from None
+    if status is not None:
+        refuse_exposed_secrets(text.decode("utf-8", "replace"), source,
+                               status.st_mode)
+    if os.geteuid() == 0:
+        refuse_untrusted_staging(text, source, status)
     directory = os.path.dirname(os.path.abspath(args.destination))
     try:
         owner = os.stat(directory)
-        temporary = args.destination + ".tmp"
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT |
-                             os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            os.fchown(handle.fileno(), owner.st_uid, owner.st_gid)
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(text)
-        os.replace(temporary, args.destination)
+        replace_file(args.destination, text, mode=0o600,
+                     owner=(owner.st_uid, owner.st_gid))
     except OSError as error:
         raise PamSignalError("cannot write %s: %s" % (
             args.destination, error.strerror or error)) from None
     return EXIT_OK
+
+
+def refuse_untrusted_staging(text, source, status):
+    """What root copies for the service: the file and what it names must
+    be root's, as for `run`. A file that does not parse is copied as it
+    is (the agent reports its problems with line numbers); only its own
+    ownership is checked then."""
+    text = text.decode("utf-8", "replace")
+    try:
+        config = parse_config(text, source)
+    except ConfigError:
+        reason = status and trust_problem(source, status)
+        if reason:
+            raise ConfigError([ConfigProblem(source, None, None, None,
+                                             reason)]) from None
+        return
+    refuse_untrusted_files(config, text, status, os.environ,
+                           credentials=False)
 
 
 #: pamsignal.service, as `install` writes it (the file at the top of the

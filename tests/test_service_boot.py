@@ -162,6 +162,31 @@ def test_reload_valid_and_invalid_configurations(container):
                     container.show("StatusText"), timeout=30)
 
 
+def test_reload_opens_nothing_the_service_user_planted(container):
+    """ExecReload=+ runs stage-config as root in /run/pamsignal, which the
+    service's user owns: FIFOs it plants there (at the copy and at a
+    temporary name) must not block the reload."""
+    main = container.show("MainPID")
+    owner = container.run(["stat", "-c", "%u", "/run/pamsignal"]) \
+        .stdout.strip()
+    for name in ("pamsignal.conf.tmp", "pamsignal.conf"):
+        container.run(["nsenter", "--target", main, "--all", "-S", owner,
+                       "-G", owner, "sh", "-c", 'rm -f "$1"; mkfifo "$1"',
+                       "sh", "/run/pamsignal/" + name])
+    before = container.unit_log().count("configuration reloaded")
+    container.write("/etc/pamsignal/pamsignal.conf",
+                    "[channel:planted]\ntype = console\n")
+    # A FIFO blocked stage-config for ever: the timeout is the failure.
+    container.run(["systemctl", "reload", "pamsignal"], timeout=60)
+    assert wait_for(lambda: container.unit_log().count(
+        "configuration reloaded") > before, timeout=30)
+    copy = container.run(["stat", "-c", "%F %u %a",
+                          "/run/pamsignal/pamsignal.conf"]).stdout.split()
+    assert copy == ["regular", "file", owner, "600"]
+    container.write("/etc/pamsignal/pamsignal.conf", "")
+    container.run(["systemctl", "reload", "pamsignal"])
+
+
 def test_the_watchdog_restarts_a_hung_agent(container):
     container.run(["mkdir", "-p", os.path.dirname(DROP_IN)])
     container.write(DROP_IN, "[Service]\nWatchdogSec=2s\nRestartSec=1s\n")
