@@ -1046,6 +1046,124 @@ class ChrootSshd(object):
             self.rundir = None
 
 
+def wait_for(predicate, timeout=20.0, interval=0.1):
+    """Poll `predicate` until it is true or `timeout` seconds have passed;
+    its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+# ---------------------------------------------------------------- booted
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+class Container(object):
+    """The boot tree booted with `systemd-nspawn -b --volatile=overlay`
+    (TESTING.md): systemd as PID 1, every write in a tmpfs overlay, so the
+    cached tree stays as it is.  `options` are further nspawn arguments
+    (--private-network, --bind-ro=...).  run() executes in all its
+    namespaces."""
+
+    def __init__(self, tree, log_path, options=()):
+        self.tree = tree
+        self.log_path = log_path
+        self.options = list(options)
+        self.nspawn = None
+        self.init = None
+
+    def start(self, timeout=60):
+        with open(self.log_path, "w") as log:
+            self.nspawn = subprocess.Popen(
+                ["systemd-nspawn", "-q", "-D", self.tree, "-b",
+                 "--register=no", "--keep-unit", "--volatile=overlay"]
+                + self.options,
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)
+        assert wait_for(lambda: _children(self.nspawn.pid) or
+                        self.nspawn.poll() is not None, timeout=timeout)
+        assert self.nspawn.poll() is None, self.log()
+        (self.init,) = _children(self.nspawn.pid)
+
+        def booted():  # nothing answers until the child has become init
+            return self.run(["systemctl", "is-system-running", "--wait"],
+                            check=False, timeout=timeout).stdout.strip() in (
+                                "running", "degraded")
+        assert wait_for(booted, timeout=timeout, interval=0.5), self.log()
+        return self
+
+    def log(self):
+        with open(self.log_path) as handle:
+            return handle.read()[-3000:]
+
+    def run(self, command, check=True, input=None, timeout=60, net=False):
+        namespaces = ["--net"] if net else ["--all"]
+        result = subprocess.run(
+            ["nsenter", "--target", str(self.init)] + namespaces + ["--"] +
+            command, input=input, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+        if check:
+            assert result.returncode == 0, (command, result.stdout,
+                                            result.stderr)
+        return result
+
+    def show(self, prop):
+        return self.run(["systemctl", "show", "-P", prop,
+                         "pamsignal.service"]).stdout.strip()
+
+    def unit_log(self):
+        return self.run(["journalctl", "-u", "pamsignal.service", "-o",
+                         "cat", "--no-pager"]).stdout
+
+    def write(self, path, text):
+        self.run(["sh", "-c", 'cat > "$1"', "sh", path], input=text)
+
+    def stop(self):
+        if self.nspawn is None or self.nspawn.poll() is not None:
+            return
+        self.nspawn.terminate()  # nspawn asks the container to power off
+        try:
+            self.nspawn.wait(60)
+        except subprocess.TimeoutExpired:
+            self.nspawn.kill()
+            self.nspawn.wait(10)
+
+
+def boot_container(log_path, options=()):
+    """The boot tree booted (built first if missing), or the test skips
+    (fails in CI) saying what is missing.  The caller stops it."""
+    require_root()
+    require_binaries("systemd-nspawn", "nsenter", "ssh", "sshpass")
+    if not trixie_tree_complete(BOOT_TREE, BOOT_NEEDS):
+        try:
+            build_boot_tree()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+            unavailable("no bootable Debian 13 tree: %s" % error)
+    box = Container(BOOT_TREE, log_path, options)
+    try:
+        return box.start()
+    except BaseException:
+        box.stop()
+        raise
+
+
 def _main(argv):
     builders = {
         "trixie-tree": ("Debian 13 tree", build_trixie_tree),

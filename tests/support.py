@@ -5,13 +5,13 @@ import os
 import stat
 import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAMSIGNAL = os.path.join(REPO, "pamsignal.py")
 sys.path.insert(0, REPO)
 
 import pamsignal  # noqa: E402
+from realsys import wait_for  # noqa: E402,F401  (one polling loop for all)
 
 #: The usual writer of each watched identifier, as journald records it.
 DEFAULT_WRITERS = {
@@ -175,10 +175,3 @@ class AgentProcess:
                 err.decode(), self.process.returncode)
 
 
-def wait_for(predicate, timeout=20.0, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

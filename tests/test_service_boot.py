@@ -9,7 +9,6 @@ the host's test sshd."""
 import json
 import os
 import re
-import subprocess
 import time
 
 import pytest
@@ -23,102 +22,14 @@ INSIDE_SRC = "/mnt/src"
 DROP_IN = "/etc/systemd/system/pamsignal.service.d/test-watchdog.conf"
 
 
-def _children(pid):
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
-class Container:
-    """A booted container: run() executes in all its namespaces."""
-
-    def __init__(self, tree, log_path):
-        self.tree = tree
-        self.log_path = log_path
-        self.nspawn = None
-        self.init = None
-
-    def start(self, timeout=60):
-        with open(self.log_path, "w") as log:
-            self.nspawn = subprocess.Popen(
-                ["systemd-nspawn", "-q", "-D", self.tree, "-b",
-                 "--register=no", "--keep-unit", "--volatile=overlay",
-                 "--private-network", "--bind-ro=%s:%s" % (REPO, INSIDE_SRC)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
-        assert wait_for(lambda: _children(self.nspawn.pid) or
-                        self.nspawn.poll() is not None, timeout=timeout)
-        assert self.nspawn.poll() is None, self.log()
-        (self.init,) = _children(self.nspawn.pid)
-
-        def booted():  # nothing answers until the child has become init
-            return self.run(["systemctl", "is-system-running", "--wait"],
-                            check=False, timeout=timeout).stdout.strip() in (
-                                "running", "degraded")
-        assert wait_for(booted, timeout=timeout, interval=0.5), self.log()
-        return self
-
-    def log(self):
-        with open(self.log_path) as handle:
-            return handle.read()[-3000:]
-
-    def run(self, command, check=True, input=None, timeout=60, net=False):
-        namespaces = ["--net"] if net else ["--all"]
-        result = subprocess.run(
-            ["nsenter", "--target", str(self.init)] + namespaces + ["--"] +
-            command, input=input, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
-        if check:
-            assert result.returncode == 0, (command, result.stdout,
-                                            result.stderr)
-        return result
-
-    def show(self, prop):
-        return self.run(["systemctl", "show", "-P", prop,
-                         "pamsignal.service"]).stdout.strip()
-
-    def unit_log(self):
-        return self.run(["journalctl", "-u", "pamsignal.service", "-o",
-                         "cat", "--no-pager"]).stdout
-
-    def write(self, path, text):
-        self.run(["sh", "-c", 'cat > "$1"', "sh", path], input=text)
-
-    def stop(self):
-        if self.nspawn is None or self.nspawn.poll() is not None:
-            return
-        self.nspawn.terminate()  # nspawn asks the container to power off
-        try:
-            self.nspawn.wait(60)
-        except subprocess.TimeoutExpired:
-            self.nspawn.kill()
-            self.nspawn.wait(10)
-
-
 @pytest.fixture(scope="module")
 def container(tmp_path_factory):
-    realsys.require_root()
-    realsys.require_binaries("systemd-nspawn", "nsenter", "ssh", "sshpass")
-    if not realsys.trixie_tree_complete(realsys.BOOT_TREE,
-                                        realsys.BOOT_NEEDS):
-        try:
-            realsys.build_boot_tree()
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-            realsys.unavailable("no bootable Debian 13 tree: %s" % error)
-    box = Container(realsys.BOOT_TREE,
-                    str(tmp_path_factory.mktemp("nspawn") / "nspawn.log"))
     started = time.monotonic()
+    box = realsys.boot_container(
+        str(tmp_path_factory.mktemp("nspawn") / "nspawn.log"),
+        ["--private-network", "--bind-ro=%s:%s" % (REPO, INSIDE_SRC)])
     try:
-        yield box.start()
+        yield box
     finally:
         box.stop()
         print("nspawn service tests: %.0f s" % (time.monotonic() - started))

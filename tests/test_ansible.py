@@ -1,0 +1,334 @@
+"""The Ansible role (contrib/ansible): lint-clean, and applied for real.
+
+Debian's ansible-playbook applies the example play (site.yml) over SSH to
+the Debian 13 boot tree booted with systemd-nspawn (--volatile=overlay: the
+cached tree is never written).  The container shares the host's network,
+so its sshd moves to a free loopback port and takes a throw-away root key
+(both bound in read-only), and the service inside reaches a webhook
+receiver run here.  Method `file`, with this worktree's pamsignal.py as
+the release file.  One boot and two runs of the play for the module."""
+import base64
+import hashlib
+import hmac
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+import realsys
+from receivers import HttpReceiver
+from support import PAMSIGNAL, REPO, wait_for
+
+pytestmark = pytest.mark.e2e
+
+ANSIBLE_DIR = os.path.join(REPO, "contrib", "ansible")
+ROLE = os.path.join(ANSIBLE_DIR, "roles", "pamsignal")
+#: The container's sshd; another port when something already has it.
+SSH_PORT = int(os.environ.get("PAMSIGNAL_ANSIBLE_SSH_PORT", "2351"))
+RECAP = re.compile(r"^\S+\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)"
+                   r"\s+failed=(\d+)", re.M)
+
+
+def require_ansible():
+    realsys.require_binaries("ansible-playbook", "ansible-lint")
+
+
+def ansible_env(workdir):
+    """Ansible with no user or project configuration, its temporary and
+    cache files in `workdir`."""
+    config = os.path.join(workdir, "ansible.cfg")
+    open(config, "w").close()
+    return dict(
+        os.environ, ANSIBLE_CONFIG=config, ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0", ANSIBLE_HOST_KEY_CHECKING="False",
+        ANSIBLE_RETRY_FILES_ENABLED="False",
+        ANSIBLE_LOCAL_TEMP=os.path.join(workdir, "tmp"),
+        ANSIBLE_SSH_CONTROL_PATH_DIR=os.path.join(workdir, "cp"),
+        ANSIBLE_ROLES_PATH=os.path.dirname(ROLE),
+        XDG_CACHE_HOME=os.path.join(workdir, "cache"))
+
+
+def run(command, workdir, timeout=600):
+    return subprocess.run(
+        command, cwd=ANSIBLE_DIR, env=ansible_env(workdir),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, universal_newlines=True, timeout=timeout)
+
+
+def recap(output):
+    """(ok, changed, unreachable, failed) of the one host in PLAY RECAP."""
+    (found,) = RECAP.findall(output.split("PLAY RECAP", 1)[-1])
+    return tuple(int(number) for number in found)
+
+
+def webhook_secret():
+    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
+
+
+def signature_valid(request, secret):
+    """Standard Webhooks: v1,base64 HMAC-SHA256 of "id.timestamp.body"."""
+    key = base64.b64decode(secret[len("whsec_"):])
+    signed = ("%s.%s." % (request.headers["webhook-id"],
+                          request.headers["webhook-timestamp"])).encode()
+    expected = base64.b64encode(hmac.new(key, signed + request.body,
+                                         hashlib.sha256).digest()).decode()
+    return request.headers["webhook-signature"] == "v1," + expected
+
+
+# ------------------------------------------------------------ static checks
+
+
+def test_the_example_play_and_the_role_pass_syntax_check_and_lint(
+        tmp_path):
+    require_ansible()
+    syntax = run(["ansible-playbook", "--syntax-check", "-i", "servers,",
+                  "site.yml"], str(tmp_path))
+    assert syntax.returncode == 0, syntax.stdout
+    # production is ansible-lint's strictest profile; --offline installs
+    # nothing.  Only what is written in the files themselves is excused.
+    lint = run(["ansible-lint", "--offline", "--profile", "production",
+                "-p", "site.yml", "roles/pamsignal"], str(tmp_path))
+    assert lint.returncode == 0, lint.stdout
+    assert "production profile: 0 failure(s), 0 warning(s)" in lint.stdout
+
+
+def check_play(channel):
+    """A play that runs only the role's checks of its variables."""
+    return [{"hosts": "localhost", "connection": "local",
+             "gather_facts": False,
+             "vars": {"pamsignal_file_src": PAMSIGNAL,
+                      "pamsignal_settings": {"alerts": {
+                          "ignore_sources": ["192.0.2.0/24"]}},
+                      "pamsignal_channels": [channel]},
+             "tasks": [{"ansible.builtin.include_role": {
+                 "name": "pamsignal", "tasks_from": "check"}}]}]
+
+
+SECRET_MARK = "NotForTheLog"
+
+
+@pytest.mark.parametrize("channel", [
+    {"name": "hook", "type": "webhook", "options": {
+        "url": "http://127.0.0.1:9/", "secret": SECRET_MARK +
+        "\n[channel:evil]\ntype = webhook\nurl = http://127.0.0.1:1/"}},
+    {"name": "hook", "type": "webhook", "options": {
+        "url": "http://127.0.0.1:9/" + SECRET_MARK + " ;cut"}},
+    {"name": "hook", "type": "webhook", "options": {
+        "url": "http://127.0.0.1:9/", "events\n" + SECRET_MARK: "*"}},
+    {"name": "hook]\n[" + SECRET_MARK, "type": "webhook", "options": {}},
+], ids=["line-break-in-value", "comment-in-value", "line-break-in-key",
+        "bad-channel-name"])
+def test_values_unfit_for_the_ini_file_are_refused_unshown(tmp_path,
+                                                             channel):
+    require_ansible()
+    play = tmp_path / "check.yml"
+    play.write_text(json.dumps(check_play(channel)))
+    result = run(["ansible-playbook", "-i", "localhost,", str(play)],
+                 str(tmp_path), timeout=120)
+    assert result.returncode != 0, result.stdout
+    assert "no key or value may hold a line break" in result.stdout
+    assert SECRET_MARK not in result.stdout
+
+
+def test_fit_values_pass_the_checks(tmp_path):
+    require_ansible()
+    play = tmp_path / "check.yml"
+    play.write_text(json.dumps(check_play({
+        "name": "hook", "type": "webhook", "options": {
+            "url": "http://127.0.0.1:9/", "secret": webhook_secret(),
+            "events": ["login_success", "sudo_command"]}})))
+    result = run(["ansible-playbook", "-i", "localhost,", str(play)],
+                 str(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stdout
+    assert recap(result.stdout)[3] == 0
+
+
+# ------------------------------------------------------------ for real
+
+
+def free_loopback_port(preferred):
+    """`preferred` if nothing listens on it on 127.0.0.1, else one the
+    kernel picks."""
+    for port in (preferred, 0):
+        probe = socket.socket()
+        try:
+            probe.bind(("127.0.0.1", port))
+            return probe.getsockname()[1]
+        except OSError:
+            continue
+        finally:
+            probe.close()
+    raise RuntimeError("no free port on 127.0.0.1")
+
+
+class Deployment(object):
+    """The booted container, the receiver, and both runs of the play."""
+
+
+def write_inventory(path, port, key):
+    host = {"ansible_host": "127.0.0.1", "ansible_port": port,
+            "ansible_user": "root", "ansible_ssh_private_key_file": key,
+            "ansible_python_interpreter": "/usr/bin/python3",
+            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o "
+            "UserKnownHostsFile=/dev/null -o IdentitiesOnly=yes"}
+    with open(path, "w") as handle:
+        json.dump({"servers": {"hosts": {"box": host}}}, handle)
+
+
+def play_variables(hook_url, secret):
+    return {"pamsignal_install_method": "file",
+            "pamsignal_file_src": PAMSIGNAL,
+            "pamsignal_file_checksum": "sha256:" + sha256_of(PAMSIGNAL),
+            "pamsignal_settings": {
+                "pamsignal": {"first_start": "now"},
+                "detection": {"brute_force_fast": "6 in 10m"},
+                "alerts": {"ignore_sources": ["192.0.2.0/24",
+                                              "198.51.100.0/24"],
+                           "cooldown": False}},
+            "pamsignal_channels": [{"name": "hook", "type": "webhook",
+                                    "options": {"url": hook_url,
+                                                "secret": secret}}]}
+
+
+def sha256_of(path):
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    require_ansible()
+    realsys.require_root()
+    realsys.require_binaries("ssh-keygen")
+    work = str(tmp_path_factory.mktemp("ansible"))
+    started = time.monotonic()
+    found = Deployment()
+    found.port = free_loopback_port(SSH_PORT)
+    found.key, _ = realsys.make_keypair(work)
+    sshd_conf = os.path.join(work, "sshd-port.conf")
+    with open(sshd_conf, "w") as handle:
+        # Read before Debian's own sshd_config: the first value wins.
+        handle.write("Port %d\nListenAddress 127.0.0.1\n"
+                     "PermitRootLogin prohibit-password\n"
+                     "PasswordAuthentication no\nUseDNS no\n" % found.port)
+    found.receiver = HttpReceiver().start()
+    found.secret = webhook_secret()
+    box = realsys.boot_container(
+        os.path.join(work, "nspawn.log"),
+        ["--bind-ro=%s:/etc/ssh/sshd_config.d/pamsignal-test.conf"
+         % sshd_conf,
+         "--bind-ro=%s.pub:/root/.ssh/authorized_keys" % found.key])
+    try:
+        found.container = box
+        assert wait_for(lambda: realsys._ssh_banner("127.0.0.1",
+                                                    found.port),
+                        timeout=30), box.run(["systemctl", "status",
+                                              "ssh"], check=False).stdout
+        inventory = os.path.join(work, "inventory.yml")
+        write_inventory(inventory, found.port, found.key)
+        variables = os.path.join(work, "vars.json")
+        with open(variables, "w") as handle:
+            json.dump(play_variables(found.receiver.url + "/pamsignal",
+                                     found.secret), handle)
+        # --diff -v: what an admin debugging a run would see.
+        command = ["ansible-playbook", "-i", inventory, "-e",
+                   "@" + variables, "--diff", "-v", "site.yml"]
+        found.seconds = []
+        found.outputs = []
+        for _ in range(2):
+            began = time.monotonic()
+            found.outputs.append(run(command, work).stdout)
+            found.seconds.append(time.monotonic() - began)
+        yield found
+    finally:
+        box.stop()
+        found.receiver.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        print("ansible role on a booted tree: %.0f s (plays %s s)" % (
+            time.monotonic() - started,
+            ", ".join("%.0f" % s for s in getattr(found, "seconds", []))))
+
+
+def test_the_first_run_installs_and_starts_the_service(deployment):
+    first = deployment.outputs[0]
+    ok, changed, unreachable, failed = recap(first)
+    assert (unreachable, failed) == (0, 0), first[-4000:]
+    assert changed >= 3, first  # program, configuration, install
+    assert "RUNNING HANDLER [pamsignal : Reload pamsignal]" in first
+    box = deployment.container
+    assert box.run(["systemctl", "is-active", "pamsignal"]).stdout.strip() \
+        == "active"
+    assert box.show("UnitFileState") == "enabled"
+    assert "reload failed" not in box.show("StatusText")
+    program = box.run(["sha256sum", "/usr/bin/pamsignal"]).stdout.split()[0]
+    assert program == sha256_of(PAMSIGNAL)
+    assert box.run(["stat", "-c", "%a", "/usr/bin/pamsignal"]) \
+        .stdout.strip() == "755"
+
+
+def test_the_second_run_changes_nothing(deployment):
+    second = deployment.outputs[1]
+    ok, changed, unreachable, failed = recap(second)
+    assert (changed, unreachable, failed) == (0, 0, 0), second[-4000:]
+    assert ok > 0
+    assert "RUNNING HANDLER" not in second
+
+
+def test_the_configuration_holds_the_channel_root_only(deployment):
+    box = deployment.container
+    config = "/etc/pamsignal/pamsignal.conf"
+    assert box.run(["stat", "-c", "%a %U %G", config]).stdout.split() == \
+        ["600", "root", "root"]
+    assert box.run(["stat", "-c", "%a", "/etc/pamsignal"]).stdout.strip() \
+        == "700"
+    text = box.run(["cat", config]).stdout
+    assert "\n[channel:hook]\ntype = webhook\n" in text
+    assert "\nsecret = %s\n" % deployment.secret in text
+    assert "\nurl = %s/pamsignal\n" % deployment.receiver.url in text
+    assert "\ncooldown = off\n" in text
+    assert "\nignore_sources = 192.0.2.0/24, 198.51.100.0/24\n" in text
+    assert "\n[detection]\nbrute_force_fast = 6 in 10m\n" in text
+    check = box.run(["pamsignal", "check-config"], check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "OK (1 channel)" in check.stdout
+
+
+def test_the_secret_is_never_shown(deployment):
+    for output in deployment.outputs:
+        assert deployment.secret not in output
+        # The result was hidden, not merely empty.
+        assert "the output has been hidden" in output
+    # Ansible logs each module's arguments to the host's journal.
+    journal = deployment.container.run(["journalctl", "-o", "json",
+                                        "--no-pager"]).stdout
+    assert "Invoked with" in journal
+    assert deployment.secret not in journal
+
+
+def test_the_service_alerts_the_configured_webhook(deployment):
+    box = deployment.container
+    receiver = deployment.receiver
+    result = box.run(["pamsignal", "test-alert"], check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "hook (webhook): delivered" in result.stdout
+    # A real root login through the container's sshd, seen by the
+    # service the role set up, arrives signed with the role's secret.
+    login = realsys.ssh_key("root", deployment.key, port=deployment.port)
+    assert login.returncode == 0, login.stderr
+
+    def logins():
+        return [request for request in receiver.requests
+                if isinstance(request.json, dict) and
+                request.json.get("event", {}).get("action") ==
+                "login_success" and
+                request.json.get("user", {}).get("name") == "root"]
+
+    assert wait_for(logins, timeout=30), box.unit_log()[-3000:]
+    assert all(signature_valid(request, deployment.secret)
+               for request in receiver.requests)
+    assert logins()[0].json["source"]["ip"] == "127.0.0.1"
