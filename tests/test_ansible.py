@@ -260,6 +260,8 @@ def test_the_first_run_installs_and_starts_the_service(deployment):
     assert (unreachable, failed) == (0, 0), first[-4000:]
     assert changed >= 3, first  # program, configuration, install
     assert "RUNNING HANDLER [pamsignal : Reload pamsignal]" in first
+    # The configuration came first, so the service started with it.
+    assert "kept /etc/pamsignal/pamsignal.conf" in first
     box = deployment.container
     assert box.run(["systemctl", "is-active", "pamsignal"]).stdout.strip() \
         == "active"
