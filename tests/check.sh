@@ -23,7 +23,7 @@ PACKAGES=(
     openssh-server openssh-client sshpass sudo util-linux bsdutils procps
     passwd login systemd iproute2 debootstrap systemd-container
     mandoc
-    ansible ansible-lint
+    ansible ansible-lint apt-utils gnupg dpkg-dev
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb)
@@ -65,7 +65,7 @@ prepare() {
     python3 tests/realsys.py journald
 
     local tree started
-    for tree in trixie-tree boot-tree; do
+    for tree in trixie-tree boot-tree ansible-tree; do
         step "Debian tree: $tree (cached under /var/cache/pamsignal-tests)"
         started=$SECONDS
         python3 tests/realsys.py "$tree"

@@ -670,6 +670,26 @@ def build_boot_tree(tree=None, mirror=None, timeout=900):
     )
 
 
+# The boot tree and python3-apt, which Ansible's apt module needs on the
+# host it manages (tests/test_ansible.py).
+ANSIBLE_TREE = os.environ.get(
+    "PAMSIGNAL_ANSIBLE_TREE", "/var/cache/pamsignal-tests/trixie-boot-apt"
+)
+ANSIBLE_PACKAGES = BOOT_PACKAGES + ("python3-apt",)
+ANSIBLE_NEEDS = BOOT_NEEDS + ("usr/lib/python3/dist-packages/apt/__init__.py",)
+
+
+def build_ansible_tree(tree=None, mirror=None, timeout=900):
+    """The bootable tree for the Ansible role, built once and cached."""
+    return build_trixie_tree(
+        tree or ANSIBLE_TREE,
+        mirror,
+        timeout,
+        packages=ANSIBLE_PACKAGES,
+        needs=ANSIBLE_NEEDS,
+    )
+
+
 DEBIAN_SUITES = frozenset(
     (
         "buster",
@@ -1146,17 +1166,17 @@ class Container(object):
             self.nspawn.wait(10)
 
 
-def boot_container(log_path, options=()):
-    """The boot tree booted (built first if missing), or the test skips
-    (fails in CI) saying what is missing.  The caller stops it."""
+def boot_container(log_path, options=(), build=build_boot_tree):
+    """A bootable tree booted (`build` makes it if it is not cached yet),
+    or the test skips (fails in CI) saying what is missing.  The caller
+    stops it."""
     require_root()
     require_binaries("systemd-nspawn", "nsenter", "ssh", "sshpass")
-    if not trixie_tree_complete(BOOT_TREE, BOOT_NEEDS):
-        try:
-            build_boot_tree()
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-            unavailable("no bootable Debian 13 tree: %s" % error)
-    box = Container(BOOT_TREE, log_path, options)
+    try:
+        tree, _ = build()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+        unavailable("no bootable Debian 13 tree: %s" % error)
+    box = Container(tree, log_path, options)
     try:
         return box.start()
     except BaseException:
@@ -1168,6 +1188,8 @@ def _main(argv):
     builders = {
         "trixie-tree": ("Debian 13 tree", build_trixie_tree),
         "boot-tree": ("Debian 13 boot tree", build_boot_tree),
+        "ansible-tree": ("Debian 13 boot tree with python3-apt",
+                         build_ansible_tree),
     }
     if argv[1:] == ["journald"]:
         try:

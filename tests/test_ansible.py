@@ -8,21 +8,25 @@ so its sshd moves to a free loopback port and takes a throw-away root key
 receiver run here.  Method `file`, with this worktree's pamsignal.py as
 the release file.  One boot and two runs of the play for the module."""
 import base64
+import functools
 import hashlib
 import hmac
+import http.server
 import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
+import types
 
 import pytest
 
 import realsys
 from receivers import HttpReceiver
-from support import PAMSIGNAL, REPO, wait_for
+from support import PAMSIGNAL, REPO, pamsignal, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -167,7 +171,28 @@ def free_loopback_port(preferred):
 
 
 class Deployment(object):
-    """The booted container, the receiver, and both runs of the play."""
+    """The booted container, the receiver, the inventory, and the output
+    and duration of each run of the play."""
+
+    def __init__(self, work):
+        self.work = work
+        self.inventory = os.path.join(work, "inventory.yml")
+        self.outputs = []
+        self.seconds = []
+
+    def play(self, variables):
+        """Run site.yml with these extra variables; its output."""
+        path = os.path.join(self.work, "vars-%d.json" % len(self.outputs))
+        with open(path, "w") as handle:
+            json.dump(variables, handle)
+        # --diff -v: what an admin debugging a run would see.
+        began = time.monotonic()
+        output = run(["ansible-playbook", "-i", self.inventory, "-e",
+                      "@" + path, "--diff", "-v", "site.yml"],
+                     self.work).stdout
+        self.seconds.append(time.monotonic() - began)
+        self.outputs.append(output)
+        return output
 
 
 def write_inventory(path, port, key):
@@ -180,19 +205,24 @@ def write_inventory(path, port, key):
         json.dump({"servers": {"hosts": {"box": host}}}, handle)
 
 
-def play_variables(hook_url, secret):
-    return {"pamsignal_install_method": "file",
-            "pamsignal_file_src": PAMSIGNAL,
-            "pamsignal_file_checksum": "sha256:" + sha256_of(PAMSIGNAL),
-            "pamsignal_settings": {
+def play_variables(deployment):
+    """The configuration every method's play gets."""
+    return {"pamsignal_settings": {
                 "pamsignal": {"first_start": "now"},
                 "detection": {"brute_force_fast": "6 in 10m"},
                 "alerts": {"ignore_sources": ["192.0.2.0/24",
                                               "198.51.100.0/24"],
                            "cooldown": False}},
-            "pamsignal_channels": [{"name": "hook", "type": "webhook",
-                                    "options": {"url": hook_url,
-                                                "secret": secret}}]}
+            "pamsignal_channels": [{
+                "name": "hook", "type": "webhook",
+                "options": {"url": deployment.receiver.url + "/pamsignal",
+                            "secret": deployment.secret}}]}
+
+
+def file_variables(deployment):
+    return dict(play_variables(deployment), pamsignal_install_method="file",
+                pamsignal_file_src=PAMSIGNAL,
+                pamsignal_file_checksum="sha256:" + sha256_of(PAMSIGNAL))
 
 
 def sha256_of(path):
@@ -207,7 +237,7 @@ def deployment(tmp_path_factory):
     realsys.require_binaries("ssh-keygen")
     work = str(tmp_path_factory.mktemp("ansible"))
     started = time.monotonic()
-    found = Deployment()
+    found = Deployment(work)
     found.port = free_loopback_port(SSH_PORT)
     found.key, _ = realsys.make_keypair(work)
     sshd_conf = os.path.join(work, "sshd-port.conf")
@@ -222,28 +252,17 @@ def deployment(tmp_path_factory):
         os.path.join(work, "nspawn.log"),
         ["--bind-ro=%s:/etc/ssh/sshd_config.d/pamsignal-test.conf"
          % sshd_conf,
-         "--bind-ro=%s.pub:/root/.ssh/authorized_keys" % found.key])
+         "--bind-ro=%s.pub:/root/.ssh/authorized_keys" % found.key],
+        build=realsys.build_ansible_tree)
     try:
         found.container = box
         assert wait_for(lambda: realsys._ssh_banner("127.0.0.1",
                                                     found.port),
                         timeout=30), box.run(["systemctl", "status",
                                               "ssh"], check=False).stdout
-        inventory = os.path.join(work, "inventory.yml")
-        write_inventory(inventory, found.port, found.key)
-        variables = os.path.join(work, "vars.json")
-        with open(variables, "w") as handle:
-            json.dump(play_variables(found.receiver.url + "/pamsignal",
-                                     found.secret), handle)
-        # --diff -v: what an admin debugging a run would see.
-        command = ["ansible-playbook", "-i", inventory, "-e",
-                   "@" + variables, "--diff", "-v", "site.yml"]
-        found.seconds = []
-        found.outputs = []
+        write_inventory(found.inventory, found.port, found.key)
         for _ in range(2):
-            began = time.monotonic()
-            found.outputs.append(run(command, work).stdout)
-            found.seconds.append(time.monotonic() - began)
+            found.play(file_variables(found))
         yield found
     finally:
         box.stop()
@@ -251,7 +270,7 @@ def deployment(tmp_path_factory):
         shutil.rmtree(work, ignore_errors=True)
         print("ansible role on a booted tree: %.0f s (plays %s s)" % (
             time.monotonic() - started,
-            ", ".join("%.0f" % s for s in getattr(found, "seconds", []))))
+            ", ".join("%.0f" % s for s in found.seconds)))
 
 
 def test_the_first_run_installs_and_starts_the_service(deployment):
@@ -334,3 +353,186 @@ def test_the_service_alerts_the_configured_webhook(deployment):
     assert all(signature_valid(request, deployment.secret)
                for request in receiver.requests)
     assert logins()[0].json["source"]["ip"] == "127.0.0.1"
+
+
+# ------------------------------------------------------------ packages
+#
+# No .deb is built in this repository yet: the test makes a plain one
+# (the program, the unit, a postinst that reloads systemd as
+# dh_installsystemd's does) to drive the role's package and repository
+# paths.  The repository is signed with a throw-away key and served here.
+
+
+def build_deb(directory):
+    """pamsignal_VERSION_all.deb from this worktree's files; its path."""
+    root = os.path.join(directory, "pkg")
+    for sub in ("DEBIAN", "usr/bin", "usr/lib/systemd/system"):
+        os.makedirs(os.path.join(root, sub))
+    shutil.copy(PAMSIGNAL, os.path.join(root, "usr/bin/pamsignal"))
+    os.chmod(os.path.join(root, "usr/bin/pamsignal"), 0o755)
+    shutil.copy(os.path.join(REPO, "pamsignal.service"),
+                os.path.join(root, "usr/lib/systemd/system"))
+    with open(os.path.join(root, "DEBIAN/control"), "w") as handle:
+        handle.write("Package: pamsignal\nVersion: %s\nArchitecture: all\n"
+                     "Maintainer: PAMSignal tests <tests@example.invalid>\n"
+                     "Depends: python3, systemd\nDescription: login monitor"
+                     " (test build)\n" % pamsignal.__version__)
+    postinst = os.path.join(root, "DEBIAN/postinst")
+    with open(postinst, "w") as handle:
+        handle.write("#!/bin/sh\nset -e\nif [ -d /run/systemd/system ]; "
+                     "then systemctl daemon-reload; fi\n")
+    os.chmod(postinst, 0o755)
+    deb = os.path.join(directory, "pamsignal_%s_all.deb"
+                       % pamsignal.__version__)
+    realsys._check(["dpkg-deb", "--root-owner-group", "--build", root, deb])
+    return deb
+
+
+class Signer(object):
+    """A throw-away OpenPGP key in its own GNUPGHOME."""
+
+    def __init__(self, directory, name):
+        self.home = os.path.join(directory, "gnupg-" + name)
+        os.makedirs(self.home, mode=0o700)
+        self.gpg(["--passphrase", "", "--quick-gen-key",
+                  "PAMSignal test %s <%s@example.invalid>" % (name, name),
+                  "ed25519", "sign", "1d"])
+        self.public = self.gpg(["--armor", "--export"]).stdout
+
+    def gpg(self, arguments):
+        return realsys._check(["gpg", "--homedir", self.home, "--batch",
+                               "--pinentry-mode", "loopback"] + arguments)
+
+    def close(self):
+        realsys._run(["gpgconf", "--homedir", self.home, "--kill",
+                      "gpg-agent"])
+
+
+def signed_repository(directory, deb, signer):
+    """An apt repository (suite stable, component main) holding `deb`,
+    its InRelease signed by `signer`; its directory."""
+    repo = os.path.join(directory, "repo")
+    pool = os.path.join(repo, "pool", "main")
+    os.makedirs(pool)
+    shutil.copy(deb, pool)
+    arch = realsys._check(["dpkg", "--print-architecture"]).stdout.strip()
+    binary = os.path.join(repo, "dists/stable/main/binary-" + arch)
+    os.makedirs(binary)
+    packages = realsys._check(["apt-ftparchive", "packages", "pool"],
+                              cwd=repo).stdout
+    with open(os.path.join(binary, "Packages"), "w") as handle:
+        handle.write(packages)
+    release = realsys._check(
+        ["apt-ftparchive", "-o", "APT::FTPArchive::Release::Suite=stable",
+         "-o", "APT::FTPArchive::Release::Codename=stable", "-o",
+         "APT::FTPArchive::Release::Architectures=" + arch, "-o",
+         "APT::FTPArchive::Release::Components=main", "release",
+         "dists/stable"], cwd=repo).stdout
+    with open(os.path.join(repo, "dists/stable/Release"), "w") as handle:
+        handle.write(release)
+    signer.gpg(["--yes", "--clearsign", "-o",
+                os.path.join(repo, "dists/stable/InRelease"),
+                os.path.join(repo, "dists/stable/Release")])
+    return repo
+
+
+class QuietFiles(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def serve_directory(directory):
+    """An HTTP server for `directory` on 127.0.0.1, in a thread."""
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietFiles,
+                                            directory=directory))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server
+
+
+def assert_recap(output, changed):
+    ok, done, unreachable, failed = recap(output)
+    assert (unreachable, failed) == (0, 0), output[-4000:]
+    assert changed(done), output
+
+
+def assert_packaged_service(box):
+    owner = box.run(["dpkg-query", "-S", "/usr/bin/pamsignal"]).stdout
+    assert owner.startswith("pamsignal:"), owner
+    assert box.run(["systemctl", "is-active", "pamsignal"]).stdout.strip() \
+        == "active"
+    assert box.show("UnitFileState") == "enabled"
+    assert box.show("FragmentPath") == "/usr/lib/systemd/system/" \
+        "pamsignal.service"
+    assert "OK (1 channel)" in box.run(["pamsignal", "check-config"]).stdout
+
+
+@pytest.fixture(scope="module")
+def packages(deployment):
+    """The .deb and the signed repository serving it; the host left with
+    no apt source but this one, and no pamsignal yet."""
+    found = types.SimpleNamespace()
+    work = deployment.work
+    found.deb = build_deb(work)
+    found.signer = Signer(work, "repo")
+    found.stranger = Signer(work, "stranger")
+    found.server = serve_directory(signed_repository(work, found.deb,
+                                                     found.signer))
+    found.url = "http://127.0.0.1:%d" % found.server.server_address[1]
+    for name, signer in (("key.asc", found.signer),
+                         ("stranger.asc", found.stranger)):
+        with open(os.path.join(work, "repo", name), "w") as handle:
+            handle.write(signer.public)
+    box = deployment.container
+    box.run(["pamsignal", "uninstall", "--purge"])
+    box.run(["sh", "-c", "rm -f /etc/apt/sources.list "
+             "/etc/apt/sources.list.d/*"])
+    try:
+        yield found
+    finally:
+        found.server.shutdown()
+        found.server.server_close()
+        found.signer.close()
+        found.stranger.close()
+
+
+def test_the_package_method_installs_a_deb_idempotently(deployment,
+                                                         packages):
+    variables = dict(play_variables(deployment),
+                     pamsignal_install_method="package",
+                     pamsignal_package=packages.deb)
+    first = deployment.play(variables)
+    assert_recap(first, lambda changed: changed >= 3)
+    assert_packaged_service(deployment.container)
+    second = deployment.play(variables)
+    assert_recap(second, lambda changed: changed == 0)
+
+
+def test_the_repository_method_installs_from_the_signed_repository(
+        deployment, packages):
+    box = deployment.container
+    box.run(["dpkg", "--purge", "pamsignal"])
+    key = os.path.join(deployment.work, "repo", "key.asc")
+    variables = dict(play_variables(deployment),
+                     pamsignal_install_method="repository",
+                     pamsignal_apt_repository_url=packages.url,
+                     pamsignal_apt_key_url=packages.url + "/key.asc",
+                     pamsignal_apt_key_checksum="sha256:" + sha256_of(key))
+    first = deployment.play(variables)
+    assert_recap(first, lambda changed: changed >= 3)
+    assert_packaged_service(box)
+    source = box.run(["cat", "/etc/apt/sources.list.d/"
+                      "pamsignal.sources"]).stdout
+    assert "\nSigned-By: /etc/apt/keyrings/pamsignal.asc\n" in source
+    assert "\nURIs: %s\n" % packages.url in source
+    assert box.run(["cat", "/etc/apt/keyrings/pamsignal.asc"]).stdout == \
+        packages.signer.public
+    second = deployment.play(variables)
+    assert_recap(second, lambda changed: changed == 0)
+    # The key in Signed-By is what apt checks the repository with: the
+    # role put it nowhere else, and another key there is refused.
+    box.write("/etc/apt/keyrings/pamsignal.asc", packages.stranger.public)
+    update = box.run(["apt-get", "update"], check=False)
+    assert "OpenPGP signature verification failed: %s stable InRelease" \
+        % packages.url in update.stdout + update.stderr, update
