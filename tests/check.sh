@@ -23,7 +23,7 @@ PACKAGES=(
     openssh-server openssh-client sshpass sudo util-linux bsdutils procps
     passwd login systemd iproute2 debootstrap systemd-container
     mandoc
-    ansible ansible-lint apt-utils gnupg dpkg-dev
+    ansible ansible-lint apt-utils gnupg
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb)
