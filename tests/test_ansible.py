@@ -153,6 +153,33 @@ def test_fit_values_pass_the_checks(tmp_path):
     assert recap(result.stdout)[3] == 0
 
 
+def test_a_release_file_is_checked_against_its_checksum(tmp_path):
+    """On the controller, before anything is copied (--check: the copy
+    itself is only simulated)."""
+    require_ansible()
+    right = "sha256:" + sha256_of(PAMSIGNAL)
+    wrong = "sha256:" + hashlib.sha256(b"another release").hexdigest()
+    outcomes = {}
+    for checksum in (right, wrong):
+        play = tmp_path / "file.yml"
+        play.write_text(json.dumps([{
+            "hosts": "localhost", "connection": "local",
+            "gather_facts": False,
+            "vars": {"pamsignal_file_src": PAMSIGNAL,
+                     "pamsignal_file_checksum": checksum},
+            "tasks": [{"ansible.builtin.include_role": {
+                "name": "pamsignal", "tasks_from": "install-file"}}]}]))
+        outcomes[checksum] = run(["ansible-playbook", "--check", "-i",
+                                  "localhost,", str(play)], str(tmp_path),
+                                 timeout=120)
+    assert outcomes[right].returncode == 0, outcomes[right].stdout
+    assert outcomes[wrong].returncode != 0, outcomes[wrong].stdout
+    assert "does not match pamsignal_file_checksum" in \
+        outcomes[wrong].stdout
+    assert "TASK [pamsignal : Copy the release file]" not in \
+        outcomes[wrong].stdout
+
+
 # ------------------------------------------------------------ for real
 
 
