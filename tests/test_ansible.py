@@ -208,7 +208,7 @@ class Deployment(object):
         self.outputs = []
         self.seconds = []
 
-    def play(self, variables):
+    def play(self, variables, options=()):
         """Run site.yml with these extra variables; its output."""
         path = os.path.join(self.work, "vars-%d.json" % len(self.outputs))
         with open(path, "w") as handle:
@@ -216,8 +216,8 @@ class Deployment(object):
         # --diff -v: what an admin debugging a run would see.
         began = time.monotonic()
         output = run(["ansible-playbook", "-i", self.inventory, "-e",
-                      "@" + path, "--diff", "-v", "site.yml"],
-                     self.work).stdout
+                      "@" + path, "--diff", "-v", "site.yml"] +
+                     list(options), self.work).stdout
         self.seconds.append(time.monotonic() - began)
         self.outputs.append(output)
         return output
@@ -289,6 +289,9 @@ def deployment(tmp_path_factory):
                         timeout=30), box.run(["systemctl", "status",
                                               "ssh"], check=False).stdout
         write_inventory(found.inventory, found.port, found.key)
+        found.dry_run = found.play(file_variables(found), ["--check"])
+        found.dry_run_left = box.run(["ls", "/usr/bin/pamsignal",
+                                      "/etc/pamsignal"], check=False)
         for _ in range(2):
             found.play(file_variables(found))
         yield found
@@ -301,8 +304,16 @@ def deployment(tmp_path_factory):
             ", ".join("%.0f" % s for s in found.seconds)))
 
 
+def test_a_dry_run_on_a_new_host_passes_and_changes_nothing(deployment):
+    ok, changed, unreachable, failed = recap(deployment.dry_run)
+    assert (unreachable, failed) == (0, 0), deployment.dry_run[-4000:]
+    assert changed >= 2, deployment.dry_run  # what a real run would do
+    assert "No such file" in deployment.dry_run_left.stderr
+    assert deployment.dry_run_left.stdout == ""
+
+
 def test_the_first_run_installs_and_starts_the_service(deployment):
-    first = deployment.outputs[0]
+    first = deployment.outputs[1]
     ok, changed, unreachable, failed = recap(first)
     assert (unreachable, failed) == (0, 0), first[-4000:]
     assert changed >= 3, first  # program, configuration, install
@@ -321,7 +332,7 @@ def test_the_first_run_installs_and_starts_the_service(deployment):
 
 
 def test_the_second_run_changes_nothing(deployment):
-    second = deployment.outputs[1]
+    second = deployment.outputs[2]
     ok, changed, unreachable, failed = recap(second)
     assert (changed, unreachable, failed) == (0, 0, 0), second[-4000:]
     assert ok > 0
