@@ -1,12 +1,13 @@
 """The Ansible role (contrib/ansible): lint-clean, and applied for real.
 
 Debian's ansible-playbook applies the example play (site.yml) over SSH to
-the Debian 13 boot tree booted with systemd-nspawn (--volatile=overlay: the
-cached tree is never written).  The container shares the host's network,
-so its sshd moves to a free loopback port and takes a throw-away root key
-(both bound in read-only), and the service inside reaches a webhook
-receiver run here.  Method `file`, with this worktree's pamsignal.py as
-the release file.  One boot and two runs of the play for the module."""
+a Debian 13 boot tree with python3-apt (tests/realsys.py ansible-tree),
+booted with systemd-nspawn (--volatile=overlay: the cached tree is never
+written).  The container shares the host's network, so its sshd moves to
+a free loopback port and takes a throw-away root key (both bound in
+read-only), and the service inside reaches a webhook receiver run here.
+One boot for the module: a dry run, then each method twice in turn (the
+release file from this worktree, a .deb, a signed apt repository)."""
 import base64
 import functools
 import hashlib
@@ -288,6 +289,9 @@ def deployment(tmp_path_factory):
                                                     found.port),
                         timeout=30), box.run(["systemctl", "status",
                                               "ssh"], check=False).stdout
+        # apt's own timers must not hold its lock while the role installs.
+        box.run(["systemctl", "stop", "apt-daily.timer",
+                 "apt-daily-upgrade.timer", "dpkg-db-backup.timer"])
         write_inventory(found.inventory, found.port, found.key)
         found.dry_run = found.play(file_variables(found), ["--check"])
         found.dry_run_left = box.run(["ls", "/usr/bin/pamsignal",
