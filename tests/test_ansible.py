@@ -362,18 +362,6 @@ def test_the_configuration_holds_the_channel_root_only(deployment):
     assert "OK (1 channel)" in check.stdout
 
 
-def test_the_secret_is_never_shown(deployment):
-    for output in deployment.outputs:
-        assert deployment.secret not in output
-        # The result was hidden, not merely empty.
-        assert "the output has been hidden" in output
-    # Ansible logs each module's arguments to the host's journal.
-    journal = deployment.container.run(["journalctl", "-o", "json",
-                                        "--no-pager"]).stdout
-    assert "Invoked with" in journal
-    assert deployment.secret not in journal
-
-
 def test_the_service_alerts_the_configured_webhook(deployment):
     box = deployment.container
     receiver = deployment.receiver
@@ -396,6 +384,48 @@ def test_the_service_alerts_the_configured_webhook(deployment):
     assert all(signature_valid(request, deployment.secret)
                for request in receiver.requests)
     assert logins()[0].json["source"]["ip"] == "127.0.0.1"
+
+
+def test_a_bad_setting_is_refused_and_a_good_one_reloaded(deployment):
+    box = deployment.container
+    config = "/etc/pamsignal/pamsignal.conf"
+    before = box.run(["cat", config]).stdout
+    main_pid = box.show("MainPID")
+    reloaded = "configuration reloaded from /run/pamsignal/pamsignal.conf"
+    reloads = box.unit_log().count(reloaded)
+    variables = file_variables(deployment)
+    variables["pamsignal_settings"]["detection"]["brute_force_fast"] = "lots"
+    refused = deployment.play(variables)
+    assert recap(refused)[3] == 1, refused
+    failing_task = refused.split("fatal: ", 1)[0].rsplit("TASK [", 1)[1]
+    assert failing_task.startswith("pamsignal : Write /etc/pamsignal/"
+                                   "pamsignal.conf]"), refused
+    assert box.run(["cat", config]).stdout == before
+    variables["pamsignal_settings"]["detection"]["brute_force_fast"] = \
+        "7 in 10m"
+    changed = deployment.play(variables)
+    assert_recap(changed, lambda count: count == 2)  # the file, the reload
+    assert "RUNNING HANDLER [pamsignal : Reload pamsignal]" in changed
+    assert "\nbrute_force_fast = 7 in 10m\n" in box.run(["cat", config]).stdout
+    # Reloaded in place: the same process, which read the new file.
+    assert box.show("MainPID") == main_pid
+    assert wait_for(lambda: box.unit_log().count(reloaded) > reloads,
+                    timeout=30), box.unit_log()[-3000:]
+    assert "reload failed" not in box.show("StatusText")
+
+
+def test_the_secret_is_never_shown(deployment):
+    """In any run so far: the dry run, both runs, a refused and a changed
+    configuration."""
+    for output in deployment.outputs:
+        assert deployment.secret not in output
+        # The result was hidden, not merely empty.
+        assert "the output has been hidden" in output
+    # Ansible logs each module's arguments to the host's journal.
+    journal = deployment.container.run(["journalctl", "-o", "json",
+                                        "--no-pager"]).stdout
+    assert "Invoked with" in journal
+    assert deployment.secret not in journal
 
 
 # ------------------------------------------------------------ packages
