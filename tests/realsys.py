@@ -48,6 +48,7 @@ systemd 252 journald, no systemd as PID 1), from `journalctl -o json`:
   never filter in journalctl, only in Python.
 """
 
+import contextlib
 import fcntl
 import glob
 import json
@@ -916,6 +917,17 @@ def build_trixie_tree(
         return tree, seconds
 
 
+def require_tree(tree, needs, build, label):
+    """The cached tree, built first if it is not complete; a test that
+    needs it is unavailable() when it cannot be built."""
+    if not trixie_tree_complete(tree, needs):
+        try:
+            build()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+            unavailable("no %s: %s" % (label, error))
+    return tree
+
+
 def chroot_run(tree, cmd, **kw):
     """Run `cmd` chrooted into the tree (no mounts); CompletedProcess."""
     return _run(["chroot", tree] + _cmd_list(cmd), **kw)
@@ -1067,17 +1079,13 @@ class ChrootSshd(object):
 
 
 def wait_for(predicate, timeout=20.0, interval=0.1):
-    """Poll `predicate` until it is true or `timeout` seconds have passed;
-    its last value."""
+    """Poll until predicate() is true or the time is up; its last value."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(interval)
     return predicate()
-
-
-# ---------------------------------------------------------------- booted
 
 
 def _children(pid):
@@ -1096,26 +1104,30 @@ def _children(pid):
 
 
 class Container(object):
-    """The boot tree booted with `systemd-nspawn -b --volatile=overlay`
-    (TESTING.md): systemd as PID 1, every write in a tmpfs overlay, so the
-    cached tree stays as it is.  `options` are further nspawn arguments
-    (--private-network, --bind-ro=...).  run() executes in all its
-    namespaces."""
+    """A tree booted with `systemd-nspawn -b` (TESTING.md): systemd as PID
+    1, --volatile=overlay so the tree itself is never written, and
+    --private-network so its sshd keeps away from the host's ports
+    (private_network=False shares the host's network instead).
+    `binds` are (host path, path inside) pairs bound read-only.  run()
+    executes in all its namespaces."""
 
-    def __init__(self, tree, log_path, options=()):
+    def __init__(self, tree, log_path, binds=(), private_network=True):
         self.tree = tree
         self.log_path = log_path
-        self.options = list(options)
+        self.binds = list(binds)
+        self.private_network = private_network
         self.nspawn = None
         self.init = None
 
     def start(self, timeout=60):
+        command = ["systemd-nspawn", "-q", "-D", self.tree, "-b",
+                   "--register=no", "--keep-unit", "--volatile=overlay"]
+        if self.private_network:
+            command.append("--private-network")
+        command += ["--bind-ro=%s:%s" % bind for bind in self.binds]
         with open(self.log_path, "w") as log:
             self.nspawn = subprocess.Popen(
-                ["systemd-nspawn", "-q", "-D", self.tree, "-b",
-                 "--register=no", "--keep-unit", "--volatile=overlay"]
-                + self.options,
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)
         assert wait_for(lambda: _children(self.nspawn.pid) or
                         self.nspawn.poll() is not None, timeout=timeout)
@@ -1144,9 +1156,9 @@ class Container(object):
                                             result.stderr)
         return result
 
-    def show(self, prop):
+    def show(self, prop, unit="pamsignal.service"):
         return self.run(["systemctl", "show", "-P", prop,
-                         "pamsignal.service"]).stdout.strip()
+                         unit]).stdout.strip()
 
     def unit_log(self):
         return self.run(["journalctl", "-u", "pamsignal.service", "-o",
@@ -1166,22 +1178,33 @@ class Container(object):
             self.nspawn.wait(10)
 
 
-def boot_container(log_path, options=(), build=build_boot_tree):
-    """A bootable tree booted (`build` makes it if it is not cached yet),
-    or the test skips (fails in CI) saying what is missing.  The caller
-    stops it."""
+def require_boot_tree():
+    """The bootable Debian 13 tree, built now if it is missing."""
     require_root()
-    require_binaries("systemd-nspawn", "nsenter", "ssh", "sshpass")
+    require_binaries("systemd-nspawn", "nsenter")
+    if not trixie_tree_complete(BOOT_TREE, BOOT_NEEDS):
+        try:
+            build_boot_tree()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+            unavailable("no bootable Debian 13 tree: %s" % error)
+    return BOOT_TREE
+
+
+@contextlib.contextmanager
+def booted_container(log_path, binds, label, boot_timeout=180, tree=None,
+                     private_network=True):
+    """The boot tree (or another bootable `tree`) booted (Container) for
+    the duration; prints how long the `label` tests had it.  The boot may
+    take long on a machine busy with other work: the timeout only bounds a
+    hang."""
+    box = Container(tree or require_boot_tree(), log_path, binds,
+                    private_network)
+    started = time.monotonic()
     try:
-        tree, _ = build()
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-        unavailable("no bootable Debian 13 tree: %s" % error)
-    box = Container(tree, log_path, options)
-    try:
-        return box.start()
-    except BaseException:
+        yield box.start(boot_timeout)
+    finally:
         box.stop()
-        raise
+        print("%s: %.0f s" % (label, time.monotonic() - started))
 
 
 def _main(argv):

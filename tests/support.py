@@ -11,7 +11,7 @@ PAMSIGNAL = os.path.join(REPO, "pamsignal.py")
 sys.path.insert(0, REPO)
 
 import pamsignal  # noqa: E402
-from realsys import wait_for  # noqa: E402,F401  (one polling loop for all)
+from realsys import wait_for  # noqa: E402,F401 (shared with realsys)
 
 #: The usual writer of each watched identifier, as journald records it.
 DEFAULT_WRITERS = {

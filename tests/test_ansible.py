@@ -263,9 +263,12 @@ def sha256_of(path):
 def deployment(tmp_path_factory):
     require_ansible()
     realsys.require_root()
-    realsys.require_binaries("ssh-keygen")
+    realsys.require_binaries("systemd-nspawn", "nsenter", "ssh",
+                             "ssh-keygen")
+    tree = realsys.require_tree(
+        realsys.ANSIBLE_TREE, realsys.ANSIBLE_NEEDS,
+        realsys.build_ansible_tree, "bootable Debian 13 tree with python3-apt")
     work = str(tmp_path_factory.mktemp("ansible"))
-    started = time.monotonic()
     found = Deployment(work)
     found.port = free_loopback_port(SSH_PORT)
     found.key, _ = realsys.make_keypair(work)
@@ -275,37 +278,34 @@ def deployment(tmp_path_factory):
         handle.write("Port %d\nListenAddress 127.0.0.1\n"
                      "PermitRootLogin prohibit-password\n"
                      "PasswordAuthentication no\nUseDNS no\n" % found.port)
-    found.receiver = HttpReceiver().start()
     found.secret = webhook_secret()
-    box = realsys.boot_container(
-        os.path.join(work, "nspawn.log"),
-        ["--bind-ro=%s:/etc/ssh/sshd_config.d/pamsignal-test.conf"
-         % sshd_conf,
-         "--bind-ro=%s.pub:/root/.ssh/authorized_keys" % found.key],
-        build=realsys.build_ansible_tree)
+    binds = [(sshd_conf, "/etc/ssh/sshd_config.d/pamsignal-test.conf"),
+             (found.key + ".pub", "/root/.ssh/authorized_keys")]
     try:
-        found.container = box
-        assert wait_for(lambda: realsys._ssh_banner("127.0.0.1",
-                                                    found.port),
-                        timeout=30), box.run(["systemctl", "status",
-                                              "ssh"], check=False).stdout
-        # apt's own timers must not hold its lock while the role installs.
-        box.run(["systemctl", "stop", "apt-daily.timer",
-                 "apt-daily-upgrade.timer", "dpkg-db-backup.timer"])
-        write_inventory(found.inventory, found.port, found.key)
-        found.dry_run = found.play(file_variables(found), ["--check"])
-        found.dry_run_left = box.run(["ls", "/usr/bin/pamsignal",
-                                      "/etc/pamsignal"], check=False)
-        for _ in range(2):
-            found.play(file_variables(found))
-        yield found
+        with HttpReceiver() as found.receiver, realsys.booted_container(
+                os.path.join(work, "nspawn.log"), binds,
+                "ansible role on a booted tree", tree=tree,
+                private_network=False) as box:
+            found.container = box
+            assert wait_for(lambda: realsys._ssh_banner("127.0.0.1",
+                                                        found.port),
+                            timeout=30), box.run(["systemctl", "status",
+                                                  "ssh"], check=False).stdout
+            # apt's own timers must not hold its lock while the role
+            # installs.
+            box.run(["systemctl", "stop", "apt-daily.timer",
+                     "apt-daily-upgrade.timer", "dpkg-db-backup.timer"])
+            write_inventory(found.inventory, found.port, found.key)
+            found.dry_run = found.play(file_variables(found), ["--check"])
+            found.dry_run_left = box.run(["ls", "/usr/bin/pamsignal",
+                                          "/etc/pamsignal"], check=False)
+            for _ in range(2):
+                found.play(file_variables(found))
+            yield found
     finally:
-        box.stop()
-        found.receiver.stop()
         shutil.rmtree(work, ignore_errors=True)
-        print("ansible role on a booted tree: %.0f s (plays %s s)" % (
-            time.monotonic() - started,
-            ", ".join("%.0f" % s for s in found.seconds)))
+        print("ansible plays: %s s" % ", ".join(
+            "%.0f" % seconds for seconds in found.seconds))
 
 
 def test_a_dry_run_on_a_new_host_passes_and_changes_nothing(deployment):

@@ -9,7 +9,6 @@ the host's test sshd."""
 import json
 import os
 import re
-import time
 
 import pytest
 
@@ -24,15 +23,11 @@ DROP_IN = "/etc/systemd/system/pamsignal.service.d/test-watchdog.conf"
 
 @pytest.fixture(scope="module")
 def container(tmp_path_factory):
-    started = time.monotonic()
-    box = realsys.boot_container(
-        str(tmp_path_factory.mktemp("nspawn") / "nspawn.log"),
-        ["--private-network", "--bind-ro=%s:%s" % (REPO, INSIDE_SRC)])
-    try:
+    realsys.require_binaries("ssh", "sshpass")
+    with realsys.booted_container(
+            str(tmp_path_factory.mktemp("nspawn") / "nspawn.log"),
+            [(REPO, INSIDE_SRC)], "nspawn service tests") as box:
         yield box
-    finally:
-        box.stop()
-        print("nspawn service tests: %.0f s" % (time.monotonic() - started))
 
 
 def wait_log(container, pattern, timeout=30):
