@@ -436,6 +436,10 @@ def test_the_secret_is_never_shown(deployment):
 # paths.  The repository is signed with a throw-away key and served here.
 
 
+#: The key's name as the project publishes it (README, `make repo-apt`).
+KEY_NAME = "pamsignal-archive-keyring.gpg"
+
+
 def build_deb(directory):
     """pamsignal_VERSION_all.deb from this worktree's files; its path."""
     root = os.path.join(directory, "pkg")
@@ -470,7 +474,14 @@ class Signer(object):
         self.gpg(["--passphrase", "", "--quick-gen-key",
                   "PAMSignal test %s <%s@example.invalid>" % (name, name),
                   "ed25519", "sign", "1d"])
-        self.public = self.gpg(["--armor", "--export"]).stdout
+
+    def export(self, path):
+        """The public key as a binary keyring file, as the project
+        publishes it."""
+        with open(path, "wb") as handle:
+            subprocess.run(["gpg", "--homedir", self.home, "--batch",
+                            "--export"], stdout=handle, check=True,
+                           timeout=60)
 
     def gpg(self, arguments):
         return realsys._check(["gpg", "--homedir", self.home, "--batch",
@@ -553,10 +564,8 @@ def packages(deployment):
     found.server = serve_directory(signed_repository(work, found.deb,
                                                      found.signer))
     found.url = "http://127.0.0.1:%d" % found.server.server_address[1]
-    for name, signer in (("key.asc", found.signer),
-                         ("stranger.asc", found.stranger)):
-        with open(os.path.join(work, "repo", name), "w") as handle:
-            handle.write(signer.public)
+    found.signer.export(os.path.join(work, "repo", KEY_NAME))
+    found.stranger.export(os.path.join(work, "repo", "stranger.gpg"))
     box = deployment.container
     box.run(["pamsignal", "uninstall", "--purge"])
     box.run(["sh", "-c", "rm -f /etc/apt/sources.list "
@@ -586,26 +595,35 @@ def test_the_repository_method_installs_from_the_signed_repository(
         deployment, packages):
     box = deployment.container
     box.run(["dpkg", "--purge", "pamsignal"])
-    key = os.path.join(deployment.work, "repo", "key.asc")
+    key = os.path.join(deployment.work, "repo", KEY_NAME)
+    keyring = "/etc/apt/keyrings/" + KEY_NAME
+    # Set up by hand first, as the README shows; then taken over.
+    box.write("/etc/apt/sources.list.d/pamsignal.list",
+              "deb [signed-by=%s] %s stable main\n" % (keyring,
+                                                      packages.url))
     variables = dict(play_variables(deployment),
                      pamsignal_install_method="repository",
                      pamsignal_apt_repository_url=packages.url,
-                     pamsignal_apt_key_url=packages.url + "/key.asc",
+                     pamsignal_apt_key_url=packages.url + "/" + KEY_NAME,
                      pamsignal_apt_key_checksum="sha256:" + sha256_of(key))
     first = deployment.play(variables)
     assert_recap(first, lambda changed: changed >= 3)
     assert_packaged_service(box)
     source = box.run(["cat", "/etc/apt/sources.list.d/"
                       "pamsignal.sources"]).stdout
-    assert "\nSigned-By: /etc/apt/keyrings/pamsignal.asc\n" in source
+    assert "\nSigned-By: %s\n" % keyring in source
     assert "\nURIs: %s\n" % packages.url in source
-    assert box.run(["cat", "/etc/apt/keyrings/pamsignal.asc"]).stdout == \
-        packages.signer.public
+    assert box.run(["sha256sum", keyring]).stdout.split()[0] == \
+        sha256_of(key)
+    assert box.run(["ls", "/etc/apt/sources.list.d"]).stdout.split() == \
+        ["pamsignal.sources"]
     second = deployment.play(variables)
     assert_recap(second, lambda changed: changed == 0)
     # The key in Signed-By is what apt checks the repository with: the
     # role put it nowhere else, and another key there is refused.
-    box.write("/etc/apt/keyrings/pamsignal.asc", packages.stranger.public)
+    box.run(["python3", "-c", "import sys, urllib.request; urllib.request"
+             ".urlretrieve(*sys.argv[1:])", packages.url + "/stranger.gpg",
+             keyring])
     update = box.run(["apt-get", "update"], check=False)
     assert "OpenPGP signature verification failed: %s stable InRelease" \
         % packages.url in update.stdout + update.stderr, update
