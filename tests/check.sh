@@ -23,6 +23,7 @@ PACKAGES=(
     openssh-server openssh-client sshpass sudo util-linux bsdutils procps
     passwd login systemd iproute2 debootstrap systemd-container
     mandoc
+    # tests/test_ansible.py
     ansible ansible-lint apt-utils gnupg
 )
 # Python packages, CI-only: never imported by pamsignal.py.
