@@ -566,6 +566,10 @@ def packages(deployment):
     found.url = "http://127.0.0.1:%d" % found.server.server_address[1]
     found.signer.export(os.path.join(work, "repo", KEY_NAME))
     found.stranger.export(os.path.join(work, "repo", "stranger.gpg"))
+    # The release file and its SHA256SUMS, as a release publishes them.
+    shutil.copy(PAMSIGNAL, os.path.join(work, "repo", "pamsignal.py"))
+    with open(os.path.join(work, "repo", "SHA256SUMS"), "w") as handle:
+        handle.write("%s  pamsignal.py\n" % sha256_of(PAMSIGNAL))
     box = deployment.container
     box.run(["pamsignal", "uninstall", "--purge"])
     box.run(["sh", "-c", "rm -f /etc/apt/sources.list "
@@ -577,6 +581,31 @@ def packages(deployment):
         found.server.server_close()
         found.signer.close()
         found.stranger.close()
+
+
+def test_the_file_method_downloads_the_release_checked(deployment,
+                                                        packages):
+    """pamsignal_file_url, its checksum read from the release's
+    SHA256SUMS."""
+    box = deployment.container
+    variables = dict(play_variables(deployment),
+                     pamsignal_install_method="file",
+                     pamsignal_file_src="",  # site.yml names one
+                     pamsignal_file_url=packages.url + "/pamsignal.py",
+                     pamsignal_file_checksum="sha256:%s/SHA256SUMS"
+                     % packages.url)
+    try:
+        first = deployment.play(variables)
+        assert_recap(first, lambda changed: changed >= 3)
+        assert "TASK [pamsignal : Download the release file]" in first
+        assert box.run(["sha256sum", "/usr/bin/pamsignal"]).stdout \
+            .split()[0] == sha256_of(PAMSIGNAL)
+        assert box.run(["systemctl", "is-active", "pamsignal"]) \
+            .stdout.strip() == "active"
+        second = deployment.play(variables)
+        assert_recap(second, lambda changed: changed == 0)
+    finally:
+        box.run(["pamsignal", "uninstall", "--purge"], check=False)
 
 
 def test_the_package_method_installs_a_deb_idempotently(deployment,
