@@ -31,6 +31,8 @@ PACKAGES=(
     curl wget gpgv shellcheck
     # tests/test_deb.py, tests/test_repo_apt.py
     build-essential debhelper dpkg-dev lintian apt-utils
+    # tests/test_ansible.py
+    ansible ansible-lint
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml)
@@ -72,8 +74,10 @@ prepare() {
     python3 tests/realsys.py journald
 
     local tree started
-    # bookworm and bullseye (with trixie-tree): the Debian package tests.
-    for tree in trixie-tree boot-tree bookworm-tree bullseye-tree; do
+    # bookworm and bullseye (with trixie-tree): the Debian package tests;
+    # ansible-tree: the boot tree with python3-apt, for the Ansible role.
+    for tree in trixie-tree boot-tree bookworm-tree bullseye-tree \
+        ansible-tree; do
         step "Debian tree: $tree (cached under /var/cache/pamsignal-tests)"
         started=$SECONDS
         python3 tests/realsys.py "$tree"

@@ -741,6 +741,27 @@ def build_package_tree(suite, mirror=None, timeout=900):
     )
 
 
+# The boot tree and python3-apt, which Ansible's apt module needs on the
+# host it manages (tests/test_ansible.py).
+ANSIBLE_TREE = os.environ.get(
+    "PAMSIGNAL_ANSIBLE_TREE", "/var/cache/pamsignal-tests/trixie-boot-apt"
+)
+ANSIBLE_PACKAGES = BOOT_PACKAGES + ("python3-apt",)
+ANSIBLE_NEEDS = BOOT_NEEDS + ("usr/lib/python3/dist-packages/apt/__init__.py",)
+
+
+def build_ansible_tree(tree=None, mirror=None, timeout=900):
+    """The bootable tree for the Ansible role, built once and cached."""
+    return build_debian_tree(
+        "trixie",
+        tree or ANSIBLE_TREE,
+        mirror,
+        timeout,
+        packages=ANSIBLE_PACKAGES,
+        needs=ANSIBLE_NEEDS,
+    )
+
+
 DEBIAN_SUITES = frozenset(
     (
         "buster",
@@ -1335,22 +1356,25 @@ def remove_cgroups(paths):
 class Container(object):
     """A tree booted with `systemd-nspawn -b` (TESTING.md): systemd as PID
     1, --volatile=overlay so the tree itself is never written, and
-    --private-network so its sshd keeps away from the host's ports.
+    --private-network so its sshd keeps away from the host's ports
+    (private_network=False shares the host's network instead).
     `binds` are (host path, path inside) pairs bound read-only.  run()
     executes in all its namespaces."""
 
-    def __init__(self, tree, log_path, binds=()):
+    def __init__(self, tree, log_path, binds=(), private_network=True):
         self.tree = tree
         self.log_path = log_path
         self.binds = list(binds)
+        self.private_network = private_network
         self.nspawn = None
         self.init = None
         self.cgroups = []
 
     def start(self, timeout=60):
         command = ["systemd-nspawn", "-q", "-D", self.tree, "-b",
-                   "--register=no", "--keep-unit", "--volatile=overlay",
-                   "--private-network"]
+                   "--register=no", "--keep-unit", "--volatile=overlay"]
+        if self.private_network:
+            command.append("--private-network")
         command += ["--bind-ro=%s:%s" % bind for bind in self.binds]
         self.cgroups = own_cgroups("pamsignal-nspawn-%d-%s" % (
             os.getpid(), secrets.token_hex(4)))
@@ -1418,11 +1442,14 @@ def require_boot_tree():
 
 
 @contextlib.contextmanager
-def booted_container(log_path, binds, label, boot_timeout=180):
-    """The boot tree booted (Container) for the duration; prints how long
-    the `label` tests had it.  The boot may take long on a machine busy
-    with other work: the timeout only bounds a hang."""
-    box = Container(require_boot_tree(), log_path, binds)
+def booted_container(log_path, binds, label, boot_timeout=180, tree=None,
+                     private_network=True):
+    """The boot tree (or another bootable `tree`) booted (Container) for
+    the duration; prints how long the `label` tests had it.  The boot may
+    take long on a machine busy with other work: the timeout only bounds a
+    hang."""
+    box = Container(tree or require_boot_tree(), log_path, binds,
+                    private_network)
     started = time.monotonic()
     try:
         yield box.start(boot_timeout)
@@ -1435,6 +1462,8 @@ def _main(argv):
     builders = {
         "trixie-tree": ("Debian 13 tree", build_trixie_tree),
         "boot-tree": ("Debian 13 boot tree", build_boot_tree),
+        "ansible-tree": ("Debian 13 boot tree with python3-apt",
+                         build_ansible_tree),
     }
     for suite, number in sorted(PACKAGE_SUITES.items()):
         if suite != "trixie":  # trixie-tree above is its package tree
