@@ -381,7 +381,7 @@ EVENT_FIELDS = (
     "certificate_serial", "certificate_ca", "session_id",
     "session_duration_s", "attempts", "writer_uid", "claimed_action",
     "detail", "counted_by", "network", "window_s", "users_tried", "sources",
-    "held_back",
+    "held_back", "repeat",
     "source_as_number", "source_as_org", "source_country", "source_city",
     "source_network_type", "source_provider", "host_provider",
     "cursor", "message", "context_key")
@@ -466,6 +466,7 @@ _ECS_LAYOUT = (
     ("pamsignal.network", "network"), ("pamsignal.window_s", "window_s"),
     ("pamsignal.users_tried", "users_tried"),
     ("pamsignal.sources", "sources"), ("pamsignal.held_back", "held_back"),
+    ("pamsignal.repeat", "repeat"),
     ("pamsignal.source_network_type", "source_network_type"),
     ("pamsignal.source_provider", "source_provider"),
     ("pamsignal.cursor", "cursor"),
@@ -519,12 +520,15 @@ ChannelConfig = collections.namedtuple("ChannelConfig",
 AlertPolicy = collections.namedtuple(
     "AlertPolicy", "events min_severity ignore_users ignore_groups "
     "ignore_sources always_users always_groups always_sources cooldown "
-    "rate_limit")
+    "rate_limit repeats")
 AlertPolicy.__doc__ = """Which events a channel alerts on and how often:
 [alerts] gives the default, a channel's own keys override it."""
 
 #: N failures within window_s seconds (window_s 0: the rule is off).
 Threshold = collections.namedtuple("Threshold", "attempts window_s")
+
+#: A rule that is off.
+NO_THRESHOLD = Threshold(0, 0)
 
 DetectionConfig = collections.namedtuple(
     "DetectionConfig", "brute_force_fast brute_force_slow user_enumeration "
@@ -886,7 +890,8 @@ DETECTION_OPTIONS = collections.OrderedDict((
 
 #: [alerts] keys, which a [channel:NAME] may override: key -> (validator,
 #: default). The defaults fit a small server: everything but the routine,
-#: one alert per attack and key every 10 minutes, at most 20 a minute.
+#: one alert per attack and key every 10 minutes, at most 20 a minute, and
+#: at most 3 identical accesses (the same sudo command) per 10 minutes.
 ALERT_OPTIONS = collections.OrderedDict((
     ("events", (_event_filter, "default")),
     ("min_severity", (_severity, "0")),
@@ -898,6 +903,7 @@ ALERT_OPTIONS = collections.OrderedDict((
     ("always_sources", (_networks, "")),
     ("cooldown", (_cooldown, "10m")),
     ("rate_limit", (_threshold, "20 in 1m")),
+    ("repeats", (_threshold, "3 in 10m")),
 ))
 
 #: The policy of the console when no channel is configured: it is a log,
@@ -905,7 +911,8 @@ ALERT_OPTIONS = collections.OrderedDict((
 SHOW_EVERYTHING = AlertPolicy(
     events=frozenset(ACTIONS), min_severity=0, ignore_users=(),
     ignore_groups=(), ignore_sources=(), always_users=(), always_groups=(),
-    always_sources=(), cooldown=0, rate_limit=Threshold(0, 0))
+    always_sources=(), cooldown=0, rate_limit=Threshold(0, 0),
+    repeats=Threshold(0, 0))
 
 
 def _index_lines(text):
@@ -3345,6 +3352,20 @@ def throttle_key(event):
                            else event.writer_uid)
 
 
+def repeat_key(event):
+    """What identical accesses share: the action, who (and as whom), the
+    command or the source, and the outcome."""
+    return "\0".join(str(part) for part in (
+        event.action, event.user or event.user_id, event.target_user,
+        event.command_line, event.source_ip or event.source_domain,
+        event.reason, ACTIONS[event.action][2]))
+
+
+#: The fields of an access a digest of its repeats names.
+REPEAT_FIELDS = ("user", "user_id", "target_user", "command_line",
+                 "source_ip", "source_domain", "service", "reason")
+
+
 def _name_some(names, more):
     """Add to an ordered set of names, up to MAX_DIGEST_NAMES."""
     for name in more:
@@ -3354,10 +3375,12 @@ def _name_some(names, more):
 
 class HeldBack:
     """Events a channel held back: counted by action, with their sources and
-    users named (up to MAX_DIGEST_NAMES), for one digest."""
+    users named (up to MAX_DIGEST_NAMES), for one digest. For repeats of
+    one access, `sample` is the first held: the digest names what it was."""
 
-    def __init__(self, since_us):
+    def __init__(self, since_us, sample=None):
         self.since_us = since_us
+        self.sample = sample
         self.count = 0
         self.actions = collections.Counter()
         self.sources = collections.OrderedDict()
@@ -3389,15 +3412,22 @@ class HeldBack:
                                     key=lambda item: (-item[1], item[0])))
         sources = tuple(self.sources)
         window_s = max(0, (now_us - self.since_us) // 1000000)
-        why = "a cooldown" if reason == "cooldown" else "the rate limit"
+        why = {"cooldown": "a cooldown", "rate_limit": "the rate limit",
+               "repeat": "the repeat limit"}[reason]
+        named = {} if self.sample is None else {
+            field: getattr(self.sample, field) for field in REPEAT_FIELDS
+            if field != "reason"}
         return Event(
             timestamp_us=now_us, action="alert_digest", reason=reason,
             severity=self.severity, held_back=self.count, detail=kinds,
             sources=sources or None, users_tried=tuple(self.users) or None,
             window_s=window_s, hostname=self.hostname,
-            message="%s held back %d alert%s over %ds: %s%s" % (
+            message="%s held back %d alert%s over %ds: %s%s%s" % (
                 why, self.count, "" if self.count == 1 else "s", window_s,
-                kinds, "; from " + ", ".join(sources) if sources else ""))
+                kinds, "; from " + ", ".join(sources) if sources else "",
+                "" if self.sample is None else "; each the same as: %s"
+                % render_text(self.sample)[21:]),
+            **named)
 
 
 class Throttle:
@@ -3408,15 +3438,23 @@ class Throttle:
     during it are held back, and when it ends one digest says what was
     held (the cooldown then runs again while repeats keep coming). Past the
     rate limit the channel holds back everything but NEVER_HELD_ACTIONS
-    and sends one digest per rate window until the flood stops. Nothing
-    held is lost: `drain()` gives what is pending (at shutdown)."""
+    and sends one digest per rate window until the flood stops. Those
+    (access) are never held for another key, but identical repeats of one
+    access (`repeats`: N in a window) past the first N are folded into one
+    digest per window. Nothing held is lost: `drain()` gives what is
+    pending (at shutdown)."""
 
-    def __init__(self, cooldown_s, rate_limit, limit=MAX_COOLDOWN_KEYS):
+    def __init__(self, cooldown_s, rate_limit, limit=MAX_COOLDOWN_KEYS,
+                 repeats=NO_THRESHOLD):
         self.cooldown_us = cooldown_s * 1000000
         self.rate_count = rate_limit.attempts
         self.rate_window_us = rate_limit.window_s * 1000000
+        self.repeat_count = repeats.attempts
+        self.repeat_window_us = repeats.window_s * 1000000
         self.limit = limit
         self.cooling = collections.OrderedDict()  # key -> [until, HeldBack]
+        # repeat_key -> [until, sent in this window, HeldBack]
+        self.repeating = collections.OrderedDict()
         self.sent = collections.deque()  # times of recent sends
         self.flood_until = None
         self.overflow = None
@@ -3428,6 +3466,8 @@ class Throttle:
         out = self.due(now_us)
         now_us = self.now_us
         if event.action in NEVER_HELD_ACTIONS:
+            if self.repeat_count and event.action not in AGENT_ACTIONS:
+                return out + self._repeat(event, now_us)
             self._count_send(now_us)
             return out + [event]
         key = throttle_key(event)
@@ -3456,6 +3496,17 @@ class Throttle:
                 digest = self._digest_or_flood(held, now_us)
                 out.extend(digest)
                 self._cool(key, now_us)  # repeats may still be coming
+        while self.repeating:
+            key, (until, _, held) = next(iter(self.repeating.items()))
+            if until > now_us:
+                break
+            del self.repeating[key]
+            if held is not None:  # access: never held by the rate limit
+                out.append(held.digest(now_us, "repeat"))
+                self._count_send(now_us)
+                # Still repeating: fold the next window's repeats too.
+                self.repeating[key] = [now_us + self.repeat_window_us,
+                                       self.repeat_count, None]
         if self.flood_until is not None and self.flood_until <= now_us:
             if self.overflow is not None:
                 out.append(self.overflow.digest(now_us, "rate_limit"))
@@ -3471,20 +3522,45 @@ class Throttle:
         now_us = self.now_us
         held = [entry[1] for entry in self.cooling.values() if entry[1]]
         out = [each.digest(now_us, "cooldown") for each in held]
+        out += [entry[2].digest(now_us, "repeat")
+                for entry in self.repeating.values() if entry[2]]
         if self.overflow is not None:
             out.append(self.overflow.digest(now_us, "rate_limit"))
         self.cooling.clear()
+        self.repeating.clear()
         self.overflow, self.flood_until = None, None
         return out
+
+    def _repeat(self, event, now_us):
+        """An access goes out unless it is one more identical repeat past
+        the first `repeat_count` of its window."""
+        key = repeat_key(event)
+        entry = self.repeating.get(key)
+        if entry is None:
+            entry = self.repeating[key] = [
+                now_us + self.repeat_window_us, 0, None]
+            self._bound(self.repeating, 2, now_us)
+        if entry[1] < self.repeat_count:
+            entry[1] += 1
+            self._count_send(now_us)
+            return [event if entry[1] == 1 else
+                    event._replace(repeat=entry[1] - 1)]
+        entry[2] = entry[2] or HeldBack(now_us, sample=event)
+        entry[2].add(event)
+        return []
 
     def _cool(self, key, now_us):
         if not self.cooldown_us:
             return
         self.cooling[key] = [now_us + self.cooldown_us, None]
-        while len(self.cooling) > self.limit:
-            _, (_, held) = self.cooling.popitem(last=False)
-            if held is not None:  # forgotten key, its events are not
-                self._hold_in_flood(now_us, start=False).merge(held)
+        self._bound(self.cooling, 1, now_us)
+
+    def _bound(self, table, held_index, now_us):
+        while len(table) > self.limit:
+            _, entry = table.popitem(last=False)
+            if entry[held_index] is not None:  # forgotten key, not events
+                self._hold_in_flood(now_us, start=False).merge(
+                    entry[held_index])
 
     def _digest_or_flood(self, held, now_us):
         if self.flood_until is None and not self._rate_full(now_us):
@@ -3520,7 +3596,8 @@ class ChannelGate:
     def __init__(self, policy, groups_of=lambda user: ()):
         self.policy = policy
         self.groups_of = groups_of
-        self.throttle = Throttle(policy.cooldown, policy.rate_limit)
+        self.throttle = Throttle(policy.cooldown, policy.rate_limit,
+                                 repeats=policy.repeats)
 
     def admit(self, event, now_us):
         try:
@@ -3592,6 +3669,7 @@ def render_text(event):
         ("sources", ",".join(event.sources or ()) or None),
         ("held_back", event.held_back), ("kinds", event.detail
                                           if event.held_back else None),
+        ("repeat", event.repeat),
         ("writer_uid", event.writer_uid), ("program", event.process_name),
         ("claimed", event.claimed_action), ("host", event.hostname),
         ("host_provider", event.host_provider),
@@ -3725,6 +3803,8 @@ def alert_text(event, delay_s=0):
         ("Held back", event.held_back and "%d (%s)%s" % (
             event.held_back, event.detail, " over " + window if window
             else "")),
+        ("Repeat", event.repeat and "%d (the same alert again)"
+         % event.repeat),
         ("Writer UID", event.writer_uid), ("Program", event.process_name),
         ("Claimed", event.claimed_action),
         ("Severity", "%d/10" % event_severity(event)),
@@ -4454,6 +4534,42 @@ def event_from_record(record):
     return Event(**fields)
 
 
+#: Alerts a full spool drops last: someone got into root, a guessed
+#: password, a forgery, and the report of what was already lost.
+_DROPPED_LAST = frozenset(("success_after_failures", "spoofed_entry",
+                           "alerts_dropped"))
+
+
+def alert_value(event):
+    """How much an alert matters when a full spool must drop one, lowest
+    first: (tier, severity). Tier 0: repeats, digests and routine alerts;
+    1: unique access and detections; 2: a root login, a success after
+    failures, a forgery."""
+    severity = event_severity(event)
+    if event.action in _DROPPED_LAST or (
+            event.action == "login_success" and "root" in (
+                event.user, event.target_user)):
+        return 2, severity
+    if event.repeat is not None or event.action == "alert_digest" or \
+            severity < ACTIONS["sudo_command"][3]:
+        return 0, severity
+    return 1, severity
+
+
+#: The value of an alert that could not be read back: the first to go.
+UNKNOWN_VALUE = (-1, -1)
+
+#: What a spool remembers of each alert it holds, to choose which to drop
+#: and to say what was lost: its value and who it was about.
+SpoolItem = collections.namedtuple("SpoolItem", "value action user source")
+
+
+def spool_item(event):
+    return SpoolItem(alert_value(event), event.action,
+                     event.user or event.user_id,
+                     event.source_ip or event.source_domain)
+
+
 def alert_id(event):
     """The same alert always gets the same name in the spool."""
     return hashlib.sha256(json.dumps(
@@ -4477,6 +4593,66 @@ def _fsync_directory(path):
         os.close(descriptor)
 
 
+class LostAlerts:
+    """What a spool dropped: counted by reason and by action, with the
+    users and sources named (up to MAX_DIGEST_NAMES)."""
+
+    def __init__(self):
+        self.reasons = collections.Counter()
+        self.actions = collections.Counter()
+        self.users = collections.OrderedDict()
+        self.sources = collections.OrderedDict()
+
+    def add(self, reason, item):
+        self.reasons[reason] += 1
+        if item is not None:
+            self.actions[item.action] += 1
+            _name_some(self.users, (item.user,))
+            _name_some(self.sources, (item.source,))
+
+    def merge(self, other):
+        self.reasons.update(other.reasons)
+        self.actions.update(other.actions)
+        _name_some(self.users, other.users)
+        _name_some(self.sources, other.sources)
+
+    def to_json(self):
+        if not self.reasons:
+            return {}
+        return {"reasons": dict(self.reasons), "actions": dict(self.actions),
+                "users": list(self.users), "sources": list(self.sources)}
+
+    @classmethod
+    def from_json(cls, saved):
+        """Back from to_json's data (or an older {reason: count}); what is
+        not understood is left out."""
+        lost = cls()
+        if not isinstance(saved, dict):
+            return lost
+        counts = saved.get("reasons", saved)
+        for target, source in ((lost.reasons, counts),
+                               (lost.actions, saved.get("actions"))):
+            target.update({key: count for key, count in (
+                source.items() if isinstance(source, dict) else ())
+                if isinstance(key, str) and type(count) is int
+                and count > 0})
+        for target, names in ((lost.users, saved.get("users")),
+                              (lost.sources, saved.get("sources"))):
+            _name_some(target, [name for name in (
+                names if isinstance(names, list) else ())
+                if isinstance(name, str)])
+        return lost
+
+    def summary(self):
+        """"3 spool full (2 sudo_command, 1 alert_digest)"."""
+        kinds = ", ".join("%d %s" % (count, action) for action, count in
+                          sorted(self.actions.items(),
+                                 key=lambda item: (-item[1], item[0])))
+        return ", ".join("%d %s" % (count, reason.replace("_", " "))
+                         for reason, count in sorted(self.reasons.items())
+                         ) + (" (%s)" % kinds if kinds else "")
+
+
 class Spool:
     """A channel's durable queue: one file per alert in its directory.
 
@@ -4494,7 +4670,9 @@ class Spool:
         self.lock = threading.Condition()
         self.ready = collections.deque()  # (created, id), oldest first
         self.staged = []
-        self.dropped = collections.Counter()
+        self.items = {}  # id -> SpoolItem
+        self.dropped = LostAlerts()  # until reported
+        self.lost = LostAlerts()  # since start, for the metrics
         self.in_memory = {}  # id -> event, when the disk refused it
         self.disk_error = None
         self.delivered_count = 0
@@ -4505,7 +4683,7 @@ class Spool:
     def open(self):
         """Create the directory; alerts left by a previous run come first."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        waiting = []
+        waiting, items = [], {}
         for name in os.listdir(self.directory):
             if name.endswith(".alert"):
                 try:
@@ -4513,16 +4691,17 @@ class Spool:
                                     name[:-6]))
                 except OSError:
                     continue
+                event = self._load(name[:-6], quiet=True)
+                if event is not None:  # else dropped when taken
+                    items[name[:-6]] = spool_item(event)
             elif name.startswith("."):  # replace_file's, left by a crash
                 self._unlink(name)
         self.prune_tombstones()
-        dropped = self._read_json("dropped.json")
+        dropped = LostAlerts.from_json(self._read_json("dropped.json"))
         with self.lock:
             self.ready.extend(sorted(waiting))
-            self.dropped.update({reason: count for reason, count in (
-                dropped.items() if isinstance(dropped, dict) else ())
-                if isinstance(reason, str) and type(count) is int
-                and count > 0})
+            self.items.update(items)
+            self.dropped.merge(dropped)
             self._enforce_bounds()
 
     def prune_tombstones(self):
@@ -4555,6 +4734,8 @@ class Spool:
             events = dict(old.in_memory)
         with self.lock:
             self.in_memory.update(events)
+            self.items.update((name, spool_item(event))
+                              for name, event in events.items())
             self.ready.extend(names)
             self.lock.notify_all()
 
@@ -4581,6 +4762,7 @@ class Spool:
                                               error.strerror or error))
                 self.disk_error = str(error.strerror or error)
                 self.in_memory[name] = event
+                self.items[name] = spool_item(event)
                 self.staged.append((self.clock(), name))
             return True
         with self.lock:
@@ -4588,6 +4770,7 @@ class Spool:
                 say("info", "the spool %s is writable again"
                     % self.directory)
                 self.disk_error = None
+            self.items[name] = spool_item(event)
             self.staged.append((self.clock(), name))
         return True
 
@@ -4659,40 +4842,59 @@ class Spool:
             self._drop_locked(name, "refused")
 
     def take_dropped(self):
-        """What was dropped since last asked, {reason: count}."""
+        """What was dropped since last asked, as LostAlerts.to_json gives
+        it ({} when nothing was)."""
         with self.lock:
-            dropped, self.dropped = dict(self.dropped), collections.Counter()
-        if dropped:
+            dropped, self.dropped = self.dropped, LostAlerts()
+        if dropped.reasons:
             self._write_json("dropped.json", {})
-        return dropped
+        return dropped.to_json()
 
     def depth(self):
         with self.lock:
             return len(self.ready)
+
+    def lost_since_start(self):
+        """What this spool dropped since it was opened (a LostAlerts)."""
+        with self.lock:
+            lost = LostAlerts()
+            lost.merge(self.lost)
+        return lost
 
     def oldest_age_s(self):
         with self.lock:
             return self.clock() - self.ready[0][0] if self.ready else 0.0
 
     def _enforce_bounds(self):
+        """Drop by value, not age: the least valuable (then the oldest)
+        first, so a flood of repeats cannot push out a root login."""
         while len(self.ready) > self.max_alerts:
-            self._drop_locked(self.ready[0][1], "spool_full")
+            victim = min(self.ready, key=lambda item: (
+                self._value(item[1]), item[0]))
+            self._drop_locked(victim[1], "spool_full")
+
+    def _value(self, name):
+        item = self.items.get(name)
+        return item.value if item is not None else UNKNOWN_VALUE
 
     def _drop_locked(self, name, reason):
         if self.in_memory.pop(name, None) is None:
             self._unlink(name + ".alert")
+        item = self.items.get(name)
         self._forget(name)
-        self.dropped[reason] += 1
-        self._write_json("dropped.json", dict(self.dropped))
+        for lost in (self.dropped, self.lost):
+            lost.add(reason, item)
+        self._write_json("dropped.json", self.dropped.to_json())
 
     def _forget(self, name):
+        self.items.pop(name, None)
         if self.ready and self.ready[0][1] == name:
             self.ready.popleft()
         else:
             self.ready = collections.deque(
                 item for item in self.ready if item[1] != name)
 
-    def _load(self, name):
+    def _load(self, name, quiet=False):
         if name in self.in_memory:
             return self.in_memory[name]
         record = self._read_json(name + ".alert")
@@ -4700,8 +4902,9 @@ class Spool:
             event = event_from_record(record.get("event"))
             if event is not None:
                 return event
-        say("warning", "dropping unreadable spool file %s"
-            % self._path(name + ".alert"))
+        if not quiet:
+            say("warning", "dropping unreadable spool file %s"
+                % self._path(name + ".alert"))
         return None
 
     def _read_json(self, name):
@@ -4802,19 +5005,24 @@ class Courier(threading.Thread):
         self.stopping.wait(wait_s)
 
     def _report_drops(self):
-        dropped = self.spool.take_dropped()
-        if not dropped:
+        dropped = LostAlerts.from_json(self.spool.take_dropped())
+        if not dropped.reasons:
             return
-        total = sum(dropped.values())
-        detail = ", ".join("%d %s" % (count, reason.replace("_", " "))
-                           for reason, count in sorted(dropped.items()))
-        say("warning", "channel %s lost %d alert%s: %s" % (
-            self.sink.name, total, "" if total == 1 else "s", detail))
+        total = sum(dropped.reasons.values())
+        detail = dropped.summary()
+        named = "".join("; %s: %s" % (label, ", ".join(names)) for label,
+                        names in (("users", dropped.users),
+                                  ("sources", dropped.sources)) if names)
+        say("warning", "channel %s lost %d alert%s: %s%s" % (
+            self.sink.name, total, "" if total == 1 else "s", detail, named))
         self.spool.put(Event(
             action="alerts_dropped", timestamp_us=int(self.clock() * 1e6),
             held_back=total, detail=detail, hostname=socket.gethostname(),
-            message="%d alert%s could not be delivered to %s: %s" % (
-                total, "" if total == 1 else "s", self.sink.name, detail)))
+            users_tried=tuple(dropped.users) or None,
+            sources=tuple(dropped.sources) or None,
+            message="%d alert%s could not be delivered to %s: %s%s" % (
+                total, "" if total == 1 else "s", self.sink.name, detail,
+                named)))
         self.spool.flush()
 
 
@@ -5363,6 +5571,12 @@ METRICS = collections.OrderedDict((
      ("gauge", "Alerts waiting in a network channel's spool.")),
     ("pamsignal_spool_oldest_age_seconds",
      ("gauge", "How long the oldest alert in the spool has waited.")),
+    ("pamsignal_alerts_dropped_total",
+     ("counter", "Alerts a channel's spool dropped (full, too old, refused, "
+      "unreadable), by action.")),
+    ("pamsignal_alerts_dropped_info",
+     ("gauge", "Whose alerts a channel's spool dropped: users and sources "
+      "(up to 10 each) in labels.")),
     ("pamsignal_config_reloads_total",
      ("counter", "Configuration reloads (SIGHUP), by result.")),
     ("pamsignal_degraded",
@@ -5797,6 +6011,14 @@ class Agent:
                     ("pamsignal_spool_alerts", labels, channel.spool.depth()),
                     ("pamsignal_spool_oldest_age_seconds", labels,
                      channel.spool.oldest_age_s())]
+                lost = channel.spool.lost_since_start()
+                samples += [("pamsignal_alerts_dropped_total", dict(
+                    labels, action=action), count) for action, count
+                    in sorted(lost.actions.items())]
+                if lost.reasons:
+                    samples.append(("pamsignal_alerts_dropped_info", dict(
+                        labels, users=",".join(lost.users),
+                        sources=",".join(lost.sources)), 1))
         samples += [("pamsignal_config_reloads_total", {"result": result},
                      health.reloads[result]) for result in ("ok", "failed")]
         health.known.update("channel:" + name for name in channels)
@@ -6364,6 +6586,12 @@ def health_report(metrics, now_s, alive=pid_alive):
     failed = by_label("pamsignal_alerts_failed_total", "channel")
     waiting = by_label("pamsignal_spool_alerts", "channel")
     oldest = by_label("pamsignal_spool_oldest_age_seconds", "channel")
+    dropped = collections.defaultdict(collections.OrderedDict)
+    for labels, number in metrics.get("pamsignal_alerts_dropped_total", ()):
+        dropped[labels.get("channel", "")][labels.get("action", "")] = \
+            int(number)
+    whose = {labels.get("channel", ""): labels for labels, _ in
+             metrics.get("pamsignal_alerts_dropped_info", ())}
     report = collections.OrderedDict((
         ("state", state), ("version", info[0][0].get("version")),
         ("pid", pid), ("written_s_ago", round(now_s - written_s, 1)),
@@ -6375,7 +6603,8 @@ def health_report(metrics, now_s, alive=pid_alive):
          int(value("pamsignal_journalctl_restarts_total"))),
         ("events", by_label("pamsignal_events_total", "action")),
         ("channels", collections.OrderedDict(
-            (name, _channel_report(name, sent, failed, waiting, oldest))
+            (name, _channel_report(name, sent, failed, waiting, oldest,
+                                   dropped.get(name), whose.get(name)))
             for name in sorted(set(sent) | set(failed)))),
         ("degraded", [component for component, flag in by_label(
             "pamsignal_degraded", "component").items() if flag]),
@@ -6387,14 +6616,36 @@ def health_report(metrics, now_s, alive=pid_alive):
     return report
 
 
-def _channel_report(name, sent, failed, waiting, oldest):
-    """A channel's counts for `status`; network channels add their spool."""
+def _channel_report(name, sent, failed, waiting, oldest, dropped=None,
+                    whose=None):
+    """A channel's counts for `status`; network channels add their spool
+    and what it dropped (by action, and whose)."""
     counts = {"sent": int(sent.get(name, 0)),
               "failed": int(failed.get(name, 0))}
     if name in waiting:
         counts["waiting"] = int(waiting[name])
         counts["oldest_s"] = round(oldest.get(name, 0.0), 1)
+    if dropped:
+        counts["dropped"] = dict(dropped)
+        for key in ("users", "sources"):
+            names = (whose or {}).get(key)
+            counts["dropped_" + key] = names.split(",") if names else []
     return counts
+
+
+def _dropped_text(counts):
+    """", 3 dropped (2 sudo_command, 1 alert_digest; users: mallory)"."""
+    if not counts.get("dropped"):
+        return ""
+    kinds = sorted(counts["dropped"].items(),
+                   key=lambda item: (-item[1], item[0]))
+    named = "".join("; %s: %s" % (key, ",".join(counts["dropped_" + key]))
+                    for key in ("users", "sources")
+                    if counts.get("dropped_" + key))
+    return ", %d dropped (%s%s)" % (
+        sum(counts["dropped"].values()),
+        ", ".join("%d %s" % (count, action) for action, count in kinds),
+        named)
 
 
 _STATE_TEXT = {
@@ -6432,11 +6683,12 @@ def render_status(report, path):
     lines.append("events:     " + (", ".join(
         "%s %d" % item for item in report["events"].items()) or "none"))
     lines.append("channels:   " + (", ".join(
-        "%s %d sent %d failed%s" % (
+        "%s %d sent %d failed%s%s" % (
             name, counts["sent"], counts["failed"],
             "" if "waiting" not in counts else ", %d waiting%s" % (
                 counts["waiting"], " (oldest %s)" % _duration_text(
-                    counts["oldest_s"]) if counts["waiting"] else ""))
+                    counts["oldest_s"]) if counts["waiting"] else ""),
+            _dropped_text(counts))
         for name, counts in report["channels"].items()) or "none"))
     lines.append("degraded:   " + (", ".join(report["degraded"]) or "no"))
     lines.append("reloads:    %d ok, %d failed" % (

@@ -405,7 +405,7 @@ def test_spool_bounds_drop_the_oldest_and_count_why(tmp_path):
     assert queue.take(0)[1].user == "u2"
     clock[0] += 61
     assert queue.take(0) is None
-    assert queue.take_dropped() == {"spool_full": 2, "too_old": 3}
+    assert queue.take_dropped()["reasons"] == {"spool_full": 2, "too_old": 3}
     assert queue.take_dropped() == {}
     files = os.listdir(str(tmp_path / "spool"))
     assert not [f for f in files if f.endswith(".alert")]
@@ -420,7 +420,7 @@ def test_a_damaged_spool_file_is_dropped_with_a_warning(tmp_path, capsys):
                if f.endswith(".alert")]
     (tmp_path / "spool" / name).write_text('{"version": 1, "event": [')
     assert queue.take(0) is None
-    assert queue.take_dropped() == {"unreadable": 1}
+    assert queue.take_dropped()["reasons"] == {"unreadable": 1}
     assert "dropping unreadable spool file" in capsys.readouterr().err
 
 
@@ -497,3 +497,54 @@ def test_a_new_spool_adopts_the_alerts_the_disk_refused(tmp_path):
     assert (name, taken.user) == ("abc", "kept")
     new.delivered(name)
     assert new.depth() == 0 and not new.in_memory
+
+
+def test_a_full_spool_drops_by_value_not_age(tmp_path):
+    """The red team's flood: one root login, then a flood of sudo repeats
+    and their digests into a backlogged spool. The root login stays."""
+    clock = [1000.0]
+    queue = spool(tmp_path, clock, max_alerts=5)
+    root = event("login_success", user="root", source_ip="198.51.100.7")
+    queue.put(root)
+    forged = event("spoofed_entry", source_ip=None, user=None, writer_uid=1000)
+    queue.put(forged)
+    queue.put(event("sudo_command", source_ip=None, user="mallory",
+                    target_user="root", command_line="/bin/sh"))
+    for n in range(1, 3):
+        queue.put(event("sudo_command", source_ip=None, user="mallory",
+                        target_user="root", command_line="/bin/true",
+                        repeat=n))
+    queue.flush()
+    for n in range(4):  # digests of further repeats keep coming
+        clock[0] += 1
+        queue.put(event("alert_digest", source_ip=None, user="mallory",
+                        reason="repeat", held_back=100 + n))
+        queue.flush()
+    kept = []
+    while True:
+        taken = queue.take(0)
+        if taken is None:
+            break
+        kept.append(taken[1])
+        queue.delivered(taken[0])
+    assert kept[:3] == [root, forged, kept[2]]
+    assert kept[2].command_line == "/bin/sh"  # a unique access stays
+    assert [alert.held_back for alert in kept[3:]] == [102, 103]
+    lost = queue.take_dropped()
+    assert lost["reasons"] == {"spool_full": 4}
+    assert lost["actions"] == {"sudo_command": 2, "alert_digest": 2}
+    assert lost["users"] == ["mallory"]
+    # Counted across a restart until reported.
+    assert spool(tmp_path, clock).take_dropped() == {}
+
+
+def test_what_a_spool_lost_is_kept_across_a_restart(tmp_path):
+    clock = [1000.0]
+    queue = spool(tmp_path, clock, max_alerts=1)
+    queue.put(event("login_success", user="root"))
+    queue.put(event("login_failure", user="alice", source_ip="192.0.2.9"))
+    queue.flush()
+    again = spool(tmp_path, clock, max_alerts=1)
+    assert again.take_dropped() == {
+        "reasons": {"spool_full": 1}, "actions": {"login_failure": 1},
+        "users": ["alice"], "sources": ["192.0.2.9"]}

@@ -266,7 +266,12 @@ def test_a_full_spool_reports_what_it_lost_once_delivery_works(
     assert actions == ["login_success", "login_success", "alerts_dropped"]
     notice = receiver.requests[2].json
     assert notice["pamsignal"]["held_back"] == 3
-    assert notice["pamsignal"]["detail"] == "3 spool full"
+    assert notice["pamsignal"]["detail"] == "3 spool full (3 login_success)"
+    # All alike: the oldest went; the report names who was lost.
+    assert [r.json["user"]["name"] for r in receiver.requests[:2]] == [
+        "user3", "user4"]
+    assert notice["pamsignal"]["users_tried"] == ["user0", "user1", "user2"]
+    assert notice["pamsignal"]["sources"] == ["203.0.113.5"]
 
 
 # ------------------------------------------------------------- test-alert
@@ -389,7 +394,9 @@ def test_an_alert_that_always_breaks_its_sink_is_set_aside(tmp_path):
         courier.deliver_one(*taken)
     assert courier.sink.sent == ["next"]
     _, notice = spool.take(0)  # once delivery works, the loss is told
-    assert (notice.action, notice.detail) == ("alerts_dropped", "1 refused")
+    assert (notice.action, notice.detail) == (
+        "alerts_dropped", "1 refused (1 login_success)")
+    assert notice.users_tried == ("poison",)
 
 
 def test_metrics_files_never_follow_a_planted_symlink(tmp_path):
@@ -444,3 +451,35 @@ def test_delivery_counts_survive_a_reload(receiver, tmp_path):
             ({"channel": "hook"}, 1.0)]
     finally:
         agent.close_channels()
+
+
+def test_metrics_and_status_say_which_alerts_a_spool_dropped(receiver,
+                                                            tmp_path):
+    config = pamsignal.parse_config(
+        "[pamsignal]\nstate_dir = %s\nspool_max_alerts = 1\n"
+        "[channel:hook]\ntype = webhook\nurl = %s/hook\n"
+        % (tmp_path / "state", receiver.url))
+    channels = pamsignal.build_channels(config)
+    agent = pamsignal.Agent(config, channels)
+    (channel,) = channels
+    channel.spool.open()
+    channel.spool.put(login("root"))
+    for n in range(3):
+        channel.spool.put(pamsignal.Event(
+            action="sudo_command", user="mallory", target_user="root",
+            command_line="/bin/true", service="sudo", repeat=n + 1,
+            timestamp_us=1795780000000000 + n))
+    channel.spool.flush()
+    metrics = pamsignal.parse_metrics(pamsignal.render_metrics(
+        agent.metric_samples(2e9)))
+    assert metrics["pamsignal_alerts_dropped_total"] == [
+        ({"channel": "hook", "action": "sudo_command"}, 3.0)]
+    report = pamsignal.health_report(metrics, 2e9 + 1,
+                                     alive=lambda pid: True)
+    assert report["channels"]["hook"]["dropped"] == {"sudo_command": 3}
+    assert report["channels"]["hook"]["dropped_users"] == ["mallory"]
+    shown = pamsignal.render_status(report, "/x.prom")
+    assert "1 waiting" in shown
+    assert "3 dropped (3 sudo_command; users: mallory)" in shown
+    # The root login was kept.
+    assert channel.spool.take(0)[1].user == "root"
