@@ -58,6 +58,7 @@ import grp  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
 import http.client  # noqa: E402
+import io  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
 import mmap  # noqa: E402
@@ -4116,15 +4117,132 @@ def tls_context(ca_file=None):
     return ssl.create_default_context(cafile=ca_file)
 
 
+class Deadline:
+    """The time by which a whole request (connect, TLS, send, read) must
+    be done: `left()` is what remains, or socket.timeout once it passed."""
+
+    def __init__(self, seconds, clock=time.monotonic):
+        self.clock = clock
+        self.at = clock() + seconds
+
+    def left(self):
+        left = self.at - self.clock()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        return left
+
+
+class _DeadlineSocket:
+    """A connected socket each send and read of which gets only what is
+    left of the request's deadline. A socket timeout alone bounds one read,
+    so a receiver dripping its answer a byte at a time would never time
+    out. Closed for real once its reader (the response) is closed too."""
+
+    def __init__(self, sock, deadline):
+        self._sock = sock
+        self._deadline = deadline
+        self._readers = 0
+        self._closed = False
+
+    def sendall(self, *args):
+        self._sock.settimeout(self._deadline.left())
+        return self._sock.sendall(*args)
+
+    def recv_into(self, *args):
+        self._sock.settimeout(self._deadline.left())
+        return self._sock.recv_into(*args)
+
+    def makefile(self, mode="rb", *args, **kwargs):
+        if mode != "rb":  # http.client only ever reads its answer
+            raise ValueError("unsupported mode %r" % mode)
+        self._readers += 1
+        return io.BufferedReader(socket.SocketIO(self, "rb"))
+
+    def _decref_socketios(self):  # the reader was closed (socket.SocketIO)
+        self._readers -= 1
+        if self._closed and self._readers <= 0:
+            self._sock.close()
+
+    def close(self):
+        self._closed = True
+        if self._readers <= 0:
+            self._sock.close()
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class _DeadlineConnection:
+    """The TCP connect, a proxy tunnel, TLS, and every send and read after
+    them share the connection's one `deadline`."""
+
+    deadline = None
+
+    def _open_socket(self, address, timeout=None, source_address=None):
+        sock = socket.create_connection(address, self.deadline.left(),
+                                        source_address)
+        try:
+            sock.settimeout(self.deadline.left())  # tunnel, TLS: what is left
+        except socket.timeout:
+            sock.close()
+            raise
+        return sock
+
+    def connect(self):
+        self._create_connection = self._open_socket
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock, self.deadline)
+
+
+class _DeadlineHTTP(_DeadlineConnection, http.client.HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPS(_DeadlineConnection, http.client.HTTPSConnection):
+    pass
+
+
+def _connection_factory(connection_class, deadline):
+    def connection(host, **options):
+        made = connection_class(host, **options)
+        made.deadline = deadline
+        return made
+    return connection
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline):
+        urllib.request.HTTPHandler.__init__(self)
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(_connection_factory(_DeadlineHTTP, self.deadline),
+                            req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline, context):
+        urllib.request.HTTPSHandler.__init__(self, context=context)
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(_connection_factory(_DeadlineHTTPS,
+                                                self.deadline),
+                            req, context=self._context)
+
+
 def http_post(url, body, headers, timeout, context):
     """POST and return (status, headers, body); network failures raise a
-    retryable DeliveryError. Proxies come from the usual environment
+    retryable DeliveryError. `timeout` bounds the whole request, however
+    slowly the service answers. Proxies come from the usual environment
     variables (https_proxy, no_proxy)."""
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers=dict(headers, **{
                                          "User-Agent": USER_AGENT}))
+    deadline = Deadline(timeout)
     opener = urllib.request.build_opener(
-        urllib.request.HTTPSHandler(context=context), _NoRedirects())
+        _DeadlineHTTPHandler(deadline),
+        _DeadlineHTTPSHandler(deadline, context), _NoRedirects())
     try:
         with opener.open(request, timeout=timeout) as response:
             return response.status, response.headers, \
@@ -4137,9 +4255,12 @@ def http_post(url, body, headers, timeout, context):
         return error.code, error.headers, answer
     except (urllib.error.URLError, OSError, http.client.HTTPException,
             ValueError) as error:
+        reason = _network_reason(error)
+        if reason == "timed out":
+            reason += " (no complete answer within the %d s timeout)" \
+                % timeout
         raise DeliveryError("cannot reach %s: %s" % (
-            urllib.parse.urlsplit(url).hostname, _network_reason(error))) \
-            from None
+            urllib.parse.urlsplit(url).hostname, reason)) from None
 
 
 def _json_body(payload):
@@ -4495,6 +4616,10 @@ TOMBSTONE_PRUNE_EVERY = 100
 #: unexpected error (not a delivery answer) is set aside as refused, so it
 #: cannot hold up every alert behind it.
 MAX_UNEXPECTED_FAILURES = 5
+
+#: A delivery still waiting for its answer after this long marks its
+#: channel degraded until it ends (it fails at the channel's timeout).
+SLOW_REQUEST_S = 5.0
 
 #: Largest spool file read back (an alert is a few KiB).
 MAX_SPOOL_FILE_BYTES = 1024 * 1024
@@ -4947,6 +5072,17 @@ class Courier(threading.Thread):
         self.last_error = None
         self.last_wait_s = None
         self.unexpected = (None, 0)  # (alert, failures in a row)
+        self.sending_since = None  # time.monotonic() of the request in flight
+
+    def slow_request(self, now=None):
+        """Why the channel is slow, while a request runs long; else None."""
+        since = self.sending_since
+        now = time.monotonic() if now is None else now
+        if since is None or now - since < SLOW_REQUEST_S:
+            return None
+        return "a delivery is waiting for an answer longer than %d s " \
+            "(timeout %d s)" % (SLOW_REQUEST_S, getattr(self.sink, "timeout",
+                                                        0))
 
     def stop(self, timeout=2.0):
         self.stopping.set()
@@ -4963,18 +5099,22 @@ class Courier(threading.Thread):
     def deliver_one(self, name, event):
         """One attempt at the oldest alert; waits out a failure."""
         delay_s = max(0.0, self.clock() - event.timestamp_us / 1e6)
+        self.sending_since = time.monotonic()
         try:
             self.sink.send(event, delay_s)
         except DeliveryError as error:
+            self.sending_since = None
             self._failed(name, event, error)
             return
         except Exception as error:  # a sink bug: keep the alert, retry
+            self.sending_since = None
             same = self.unexpected[0] == name
             self.unexpected = (name, self.unexpected[1] + 1 if same else 1)
             self._failed(name, event, DeliveryError(
                 "unexpected %s: %s" % (type(error).__name__, error),
                 permanent=self.unexpected[1] >= MAX_UNEXPECTED_FAILURES))
             return
+        self.sending_since = None
         self.spool.delivered(name)
         self.delivered += 1
         if self.failures:
@@ -5930,6 +6070,9 @@ class Agent:
         for courier in self.couriers:
             if courier.failures:
                 failing.setdefault(courier.sink.name, courier.last_error)
+            slow = courier.slow_request()
+            if slow is not None:
+                failing.setdefault(courier.sink.name, slow)
         for channel in self.pipeline.channels:
             if channel.spool is not None and channel.spool.disk_error:
                 failing.setdefault(channel.sink.name, "its spool: %s"

@@ -618,6 +618,38 @@ class Hang(Slow):
         Slow.__init__(self, seconds, 200, b"ok")
 
 
+class Drip(object):
+    """Answer `status`, but one byte every `interval` seconds, padded with
+    a header so that the whole answer takes about `seconds`: each read of
+    the client gets a byte in time, so a per-read timeout never fires.
+    stop()/down() end it at once (the connection is closed)."""
+
+    def __init__(self, seconds=60, interval=1.0, status=200, body=b"ok"):
+        self.seconds = seconds
+        self.interval = interval
+        self.status = int(status)
+        self.body = body
+
+    def answer(self):
+        """The bytes dripped: status line, padding header, body."""
+        head = b"HTTP/1.1 %d Dripping\r\nContent-Length: %d\r\n" % (
+            self.status, len(self.body))
+        total = int(self.seconds / self.interval)
+        padding = max(total - len(head) - len(self.body) - 12, 1)
+        return head + b"X-Drip: " + b"a" * padding + b"\r\n\r\n" + self.body
+
+    def _perform(self, handler, request):
+        handler.close_connection = True
+        for index, byte in enumerate(self.answer()):
+            if index and handler.server.abort.wait(self.interval):
+                return
+            handler.wfile.write(bytes((byte,)))
+            handler.wfile.flush()
+
+    def __repr__(self):
+        return "Drip(%s, %s)" % (self.seconds, self.interval)
+
+
 class Drop(object):
     """Read the request, then close the connection (FIN) unanswered."""
 

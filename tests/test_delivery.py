@@ -5,6 +5,8 @@ on 429, 500, refusals, timeouts, dropped connections and a receiver that
 is down for a while. Nothing is mocked: the requests cross real sockets."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -483,3 +485,62 @@ def test_metrics_and_status_say_which_alerts_a_spool_dropped(receiver,
     assert "3 dropped (3 sudo_command; users: mallory)" in shown
     # The root login was kept.
     assert channel.spool.take(0)[1].user == "root"
+
+
+# ------------------------------------------------ one deadline per request
+
+
+def test_test_alert_gives_up_on_a_dripping_receiver(receiver, tmp_path):
+    """The receiver answers a byte a second for a minute; with timeout =
+    3s, test-alert must have finished (well before the 60 s) and said the
+    request timed out."""
+    receiver.script([receivers.Drip(60)])
+    config = tmp_path / "pamsignal.conf"
+    config.write_text(
+        "[pamsignal]\nstate_dir = %s\n[channel:slow]\ntype = webhook\n"
+        "url = %s/hook\ntimeout = 3s\n" % (tmp_path / "state", receiver.url))
+    os.chmod(str(config), 0o600)
+    try:
+        done = subprocess.run(
+            [sys.executable, pamsignal.__file__, "--config", str(config),
+             "test-alert"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("test-alert still waiting on a dripping receiver after "
+                    "30 s with timeout = 3s")
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.decode() == (
+        "slow (webhook): NOT delivered: cannot reach 127.0.0.1: timed out "
+        "(no complete answer within the 3 s timeout)\n")
+    assert len(receiver.requests) == 1
+
+
+def test_a_request_past_its_deadline_fails_and_degrades_the_channel(
+        receiver, tmp_path):
+    """In `run`: a dripping receiver counts as a failure and its channel
+    as degraded, as soon as a request runs long."""
+    receiver.script([receivers.Drip(60)] * 3)
+    config = pamsignal.parse_config(
+        "[pamsignal]\nstate_dir = %s\n[channel:slow]\ntype = webhook\n"
+        "url = %s/hook\ntimeout = 60s\n" % (tmp_path / "state", receiver.url))
+    channels = pamsignal.build_channels(config)
+    agent = pamsignal.Agent(config, channels)
+    (channel,) = channels
+    channel.spool.open()
+    channel.spool.put(login())
+    channel.spool.flush()
+    agent.couriers = agent.open_channels(channels)
+    try:
+        # A request in flight longer than SLOW_REQUEST_S: degraded already.
+        assert wait_for(lambda: "slow" in agent.failing_channels(),
+                        timeout=40)
+        assert "waiting" in agent.failing_channels()["slow"]
+        agent.check_channels()
+        metrics = pamsignal.parse_metrics(pamsignal.render_metrics(
+            agent.metric_samples(2e9)))
+        assert ({"component": "channel:slow"}, 1.0) in metrics[
+            "pamsignal_degraded"]
+    finally:
+        for courier in agent.couriers:
+            courier.stop(0)
+    receiver.stop()

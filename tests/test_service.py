@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+import receivers
 from support import (PAMSIGNAL, AgentProcess, FakeJournal, json_line,
                      make_entry, pamsignal, wait_for, write_config)
 
@@ -392,6 +393,31 @@ def test_metrics_file_and_status_of_a_running_then_stopped_agent(tmp_path):
     assert result.returncode == 1
     assert "is not running: it stopped cleanly" in result.stdout
     assert json.loads(service.status("--json").stdout)["state"] == "stopped"
+
+
+def test_a_dripping_channel_shows_as_failed_and_degraded(tmp_path):
+    """`run` with a webhook whose receiver drips its answer a byte a
+    second: each request ends at the channel's 3 s timeout as a failure,
+    and status says the channel is degraded."""
+    with receivers.HttpReceiver(default=receivers.Drip(60)) as receiver:
+        service = Service(tmp_path, None, config_extra=(
+            "[channel:slow]\ntype = webhook\nurl = %s/hook\ntimeout = 3s\n"
+            % receiver.url))
+        service.handled(service.append(ACCEPTED % 43))
+
+        def report():
+            return json.loads(service.status("--json").stdout)
+
+        assert wait_for(lambda: report()["channels"].get("slow", {}).get(
+            "failed", 0) >= 1, timeout=90)
+        shown = report()
+        assert "channel:slow" in shown["degraded"]
+        assert shown["channels"]["slow"]["waiting"] >= 1  # and the news
+        assert "timed out (no complete answer within the 3 s timeout)" in \
+            shown["last_error"]
+        assert service.status().returncode == 1
+        _, err, _ = service.stop()
+    assert "channel slow: cannot reach 127.0.0.1: timed out" in err
 
 
 def test_status_of_a_killed_agent_and_of_none(tmp_path):
