@@ -4104,8 +4104,10 @@ def _network_reason(error):
         if reason.reason == "CERTIFICATE_VERIFY_FAILED":
             return "TLS certificate not trusted: %s" % detail
         return "TLS failed: %s" % (detail or reason)
-    if isinstance(reason, (socket.timeout, TimeoutError)):
-        return "timed out"
+    if isinstance(reason, (socket.timeout, TimeoutError)) or isinstance(
+            getattr(reason, "__context__", None), (socket.timeout,
+                                                   TimeoutError)):
+        return "timed out"  # smtplib says "Connection unexpectedly closed"
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror
     return str(reason) or type(reason).__name__
@@ -4255,12 +4257,9 @@ def http_post(url, body, headers, timeout, context):
         return error.code, error.headers, answer
     except (urllib.error.URLError, OSError, http.client.HTTPException,
             ValueError) as error:
-        reason = _network_reason(error)
-        if reason == "timed out":
-            reason += " (no complete answer within the %d s timeout)" \
-                % timeout
         raise DeliveryError("cannot reach %s: %s" % (
-            urllib.parse.urlsplit(url).hostname, reason)) from None
+            urllib.parse.urlsplit(url).hostname, _timed_out(
+                _network_reason(error), timeout))) from None
 
 
 def _json_body(payload):
@@ -4527,6 +4526,41 @@ class WebhookSink(HttpSink):
         return self.secret("url"), headers, body
 
 
+class _DeadlineSMTPConnection:
+    """An SMTP session whose connect, TLS, and every command and reply
+    share one `deadline` (smtplib's timeout is per read)."""
+
+    def __init__(self, host, port, deadline, **options):
+        self.deadline = deadline
+        super().__init__(host, port, timeout=deadline.left(), **options)
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, self.deadline.left())
+        return _DeadlineSocket(sock, self.deadline)
+
+    def starttls(self, *args, **kwargs):
+        self.sock.settimeout(self.deadline.left())  # the TLS handshake
+        reply = super().starttls(*args, **kwargs)
+        self.sock = _DeadlineSocket(self.sock, self.deadline)
+        return reply
+
+
+class _DeadlineSMTP(_DeadlineSMTPConnection, smtplib.SMTP):
+    pass
+
+
+class _DeadlineSMTPS(_DeadlineSMTPConnection, smtplib.SMTP_SSL):
+    pass
+
+
+def _timed_out(reason, timeout):
+    """A network reason, saying which timeout ran out when one did."""
+    if reason.endswith("timed out"):
+        return reason + " (no complete answer within the %d s timeout)" \
+            % timeout
+    return reason
+
+
 class EmailSink(RemoteSink):
     """E-mail through an SMTP server: STARTTLS or TLS, login optional."""
 
@@ -4561,11 +4595,12 @@ class EmailSink(RemoteSink):
             raise DeliveryError("security = none is only allowed to a "
                                 "loopback SMTP server", permanent=True)
         try:
+            deadline = Deadline(self.timeout)
             if security == "tls":
-                server = smtplib.SMTP_SSL(host, port, timeout=self.timeout,
-                                          context=self.context)
+                server = _DeadlineSMTPS(host, port, deadline,
+                                        context=self.context)
             else:
-                server = smtplib.SMTP(host, port, timeout=self.timeout)
+                server = _DeadlineSMTP(host, port, deadline)
             with server:
                 if security == "starttls":
                     server.starttls(context=self.context)
@@ -4588,7 +4623,8 @@ class EmailSink(RemoteSink):
                 from None
         except (smtplib.SMTPException, OSError) as error:
             raise DeliveryError("cannot reach %s: %s" % (
-                host, _network_reason(error))) from None
+                host, _timed_out(_network_reason(error), self.timeout))) \
+                from None
 
 
 #: channel type -> sink class; a new destination is one class here.

@@ -1079,9 +1079,24 @@ class _SmtpHandler(socketserver.BaseRequestHandler):
 
     # -- session
 
+    def _drip_greeting(self, seconds, interval):
+        """The greeting a byte every `interval` for about `seconds` (a
+        padded continuation line first), so no single read of the client
+        waits long: only a deadline on the whole exchange ends it."""
+        tail = b"\r\n220 localhost ESMTP slow\r\n"
+        padding = b"a" * max(int(seconds / interval) - len(tail) - 4, 1)
+        for index, byte in enumerate(b"220-" + padding + tail):
+            if index and self.server.abort.wait(interval):
+                raise _Closed()
+            self.sock.sendall(bytes((byte,)))
+
     def handle(self):
         try:
-            self._reply(220, "localhost ESMTP PAMSignal test receiver")
+            if self.rx.drip_greeting:
+                self._drip_greeting(self.rx.drip_greeting,
+                                    self.rx.drip_interval)
+            else:
+                self._reply(220, "localhost ESMTP PAMSignal test receiver")
             while True:
                 line = self._readline().rstrip(b"\r\n")
                 try:
@@ -1341,6 +1356,8 @@ class SmtpReceiver(_Receiver):
                    TLS when TLS is configured (auth_without_tls overrides).
     require_auth   MAIL before AUTH gets 530 (default: when user is set).
     require_tls    MAIL before STARTTLS gets 530.
+    drip_greeting  seconds over which the greeting is sent, a byte every
+                   drip_interval seconds (default 1).
 
     `messages` (snapshot), `wait_for(count, timeout)`, `commands` (every
     command line, AUTH payloads left out), `auth_failures` [(mechanism,
@@ -1352,7 +1369,8 @@ class SmtpReceiver(_Receiver):
     def __init__(self, tls=None, implicit_tls=False, user=None,
                  password=None, mechanisms=("PLAIN", "LOGIN"),
                  require_auth=None, require_tls=False,
-                 auth_without_tls=None):
+                 auth_without_tls=None, drip_greeting=None,
+                 drip_interval=1.0):
         if implicit_tls and tls is None:
             raise ValueError("implicit_tls needs tls=CertBundle")
         _Receiver.__init__(self, tls if implicit_tls else None)
@@ -1366,6 +1384,8 @@ class SmtpReceiver(_Receiver):
         self.require_auth = (user is not None if require_auth is None
                              else require_auth)
         self.require_tls = require_tls
+        self.drip_greeting = drip_greeting
+        self.drip_interval = drip_interval
         self.auth_without_tls = (tls is None if auth_without_tls is None
                                  else auth_without_tls)
         self._messages = []

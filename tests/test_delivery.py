@@ -544,3 +544,27 @@ def test_a_request_past_its_deadline_fails_and_degrades_the_channel(
         for courier in agent.couriers:
             courier.stop(0)
     receiver.stop()
+
+
+def test_an_smtp_server_dripping_its_greeting_times_out(tmp_path):
+    """The same for e-mail: a greeting a byte a second for a minute."""
+    with SmtpReceiver(drip_greeting=60) as mx:
+        config = tmp_path / "pamsignal.conf"
+        config.write_text(
+            "[pamsignal]\nstate_dir = %s\n[channel:mail]\ntype = email\n"
+            "host = 127.0.0.1\nport = %d\nsecurity = none\n"
+            "sender = p@example.com\nrecipients = a@example.com\n"
+            "timeout = 3s\n" % (tmp_path / "state", mx.port))
+        os.chmod(str(config), 0o600)
+        try:
+            done = subprocess.run(
+                [sys.executable, pamsignal.__file__, "--config",
+                 str(config), "test-alert"], stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("test-alert still waiting on a dripping SMTP "
+                        "server after 30 s with timeout = 3s")
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.decode() == (
+        "mail (email): NOT delivered: cannot reach 127.0.0.1: timed out "
+        "(no complete answer within the 3 s timeout)\n")

@@ -570,3 +570,12 @@ def test_smtp_wait_for_timeout_and_down_up():
         with smtplib.SMTP(mx.host, mx.port, timeout=10) as client:
             client.send_message(mail())
         assert mx.port == port and len(mx.wait_for(1)) == 1
+
+
+def test_smtp_drip_greeting_outlasts_a_per_read_timeout():
+    """40 bytes, one every 0.1 s, to a client whose reads wait 2 s."""
+    with SmtpReceiver(drip_greeting=4, drip_interval=0.1) as mx:
+        with smtplib.SMTP(mx.host, mx.port, timeout=2) as client:
+            assert client.noop()[0] == 250
+            # The dripped greeting was whole: the session goes on.
+            assert client.ehlo()[0] == 250
