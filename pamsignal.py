@@ -270,9 +270,16 @@ def dumps_safe(obj):
 _SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+#: The last moment RFC 3339 can write (9999-12-31T23:59:59.999999Z); a
+#: journal entry claiming a later time is impossible (see parse_entry).
+MAX_TIMESTAMP_US = 253402300799999999
+
+
 def format_timestamp(timestamp_us):
-    """Microseconds since the epoch -> RFC 3339 UTC with microseconds."""
-    seconds, micros = divmod(timestamp_us, 1000000)
+    """Microseconds since the epoch -> RFC 3339 UTC with microseconds;
+    a time outside 1970 to 9999 is shown as the nearest end."""
+    seconds, micros = divmod(min(max(timestamp_us, 0), MAX_TIMESTAMP_US),
+                             1000000)
     return "%s.%06dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S",
                                        time.gmtime(seconds)), micros)
 
@@ -382,7 +389,7 @@ EVENT_FIELDS = (
     "certificate_serial", "certificate_ca", "session_id",
     "session_duration_s", "attempts", "writer_uid", "claimed_action",
     "detail", "counted_by", "network", "window_s", "users_tried", "sources",
-    "held_back", "repeat",
+    "held_back", "repeat", "journal_time",
     "source_as_number", "source_as_org", "source_country", "source_city",
     "source_network_type", "source_provider", "host_provider",
     "cursor", "message", "context_key")
@@ -468,6 +475,7 @@ _ECS_LAYOUT = (
     ("pamsignal.users_tried", "users_tried"),
     ("pamsignal.sources", "sources"), ("pamsignal.held_back", "held_back"),
     ("pamsignal.repeat", "repeat"),
+    ("pamsignal.journal_time", "journal_time"),
     ("pamsignal.source_network_type", "source_network_type"),
     ("pamsignal.source_provider", "source_provider"),
     ("pamsignal.cursor", "cursor"),
@@ -1657,7 +1665,17 @@ def _writer_verdict(transport, uid, exe, comm, service):
 
 
 def _entry_timestamp(entry):
-    return parse_int(journal_text(entry.get("__REALTIME_TIMESTAMP")))
+    """The entry's own time in microseconds, or None if it has none that
+    can be: missing, not a number, or past MAX_TIMESTAMP_US."""
+    timestamp_us = parse_int(journal_text(entry.get("__REALTIME_TIMESTAMP")))
+    return timestamp_us if timestamp_us is not None and \
+        timestamp_us <= MAX_TIMESTAMP_US else None
+
+
+def _claimed_time(entry):
+    """What an entry with an impossible time claimed, for the record."""
+    claimed = journal_text(entry.get("__REALTIME_TIMESTAMP"))
+    return "(none)" if claimed is None else claimed[:40]
 
 
 def _context_key(entry, fields, service):
@@ -1668,12 +1686,14 @@ def _context_key(entry, fields, service):
                          fields.get("service") or service.name)
 
 
-def parse_entry(entry):
+def parse_entry(entry, read_at_us=0):
     """One journal entry (dict as journalctl -o json gives it) -> Event|None.
 
     Pure: no clock, file or socket. Entries of unwatched identifiers, unknown
     messages and companion lines give None; an auth message written by a
-    process that is not the real service gives a `spoofed_entry`.
+    process that is not the real service gives a `spoofed_entry`. An entry
+    whose own time is impossible keeps its event, stamped `read_at_us` (when
+    it was read), with the claimed time in `journal_time`.
     """
     service = WATCHED_SERVICES.get(
         journal_text(entry.get("SYSLOG_IDENTIFIER")))
@@ -1692,11 +1712,12 @@ def parse_entry(entry):
     if fields is None:  # most lines: read no more of them
         return None
     timestamp_us = _entry_timestamp(entry)
-    if timestamp_us is None:
-        return None
     if genuine is None:
         genuine = writer_is_genuine(entry, service)
-    common = {"timestamp_us": timestamp_us,
+    common = {"timestamp_us": read_at_us if timestamp_us is None
+              else timestamp_us,
+              "journal_time": None if timestamp_us is not None
+              else _claimed_time(entry),
               "hostname": journal_text(entry.get("_HOSTNAME")),
               "pid": parse_int(journal_text(entry.get("_PID"))),
               "cursor": journal_text(entry.get("__CURSOR")),
@@ -3673,6 +3694,7 @@ def render_text(event):
         ("repeat", event.repeat),
         ("writer_uid", event.writer_uid), ("program", event.process_name),
         ("claimed", event.claimed_action), ("host", event.hostname),
+        ("journal_time", event.journal_time),
         ("host_provider", event.host_provider),
     ]
     if event.action == "spoofed_entry" or event.action in AGENT_ACTIONS:
@@ -3811,7 +3833,9 @@ def alert_text(event, delay_s=0):
         ("Severity", "%d/10" % event_severity(event)),
         ("Host", event.hostname and event.hostname + (
             " (%s)" % event.host_provider if event.host_provider else "")),
-        ("Time", when),
+        ("Time", when + (" (when read: the entry claimed the impossible "
+                         "time %s)" % event.journal_time
+                         if event.journal_time else "")),
         ("Log line", event.message if event.held_back is None else None),
     ]
     return AlertText(_shown(title), [(label, _shown(value))
@@ -5883,7 +5907,8 @@ class Pipeline:
         """Parse one entry and send its event, then what it made the
         detector find; returns how many events were sent. `now_s` (wall
         clock) is given when the entry is live (`run`, not `scan`)."""
-        event = parse_entry(entry)
+        event = parse_entry(entry, int((self.clock() if now_s is None
+                                        else now_s) * 1000000))
         if event is not None:
             event = self.sudo_attempts.observe(event)
         if event is None:
