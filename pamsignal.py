@@ -4022,12 +4022,18 @@ class ConsoleSink:
     def send(self, event, delay_s=0):
         line = render_json(event) if self.format == "json" \
             else render_text(event)
-        self.stream.write(line + "\n")
+        try:
+            self.stream.write(line + "\n")
+        except OSError as error:
+            raise naming_file(error, "standard output") from None
 
     def flush(self):
         """Everything sent so far is out: called after each batch."""
         if self.stream is not None:
-            self.stream.flush()
+            try:
+                self.stream.flush()
+            except OSError as error:
+                raise naming_file(error, "standard output") from None
 
     def close(self):
         self.flush()
@@ -4942,9 +4948,10 @@ class Spool:
         except OSError as error:
             with self.lock:
                 if self.disk_error is None:
-                    say("error", "cannot write the spool %s: %s; keeping "
-                        "alerts in memory" % (self.directory,
-                                              error.strerror or error))
+                    say("error", "cannot write the spool file %s: %s; "
+                        "keeping alerts in memory" % (
+                            self._path(name + ".alert"),
+                            error.strerror or error))
                 self.disk_error = str(error.strerror or error)
                 self.in_memory[name] = event
                 self.items[name] = spool_item(event)
@@ -5363,12 +5370,34 @@ def replace_file(path, text, durable=False, mode=0o600):
             if durable:
                 os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.unlink(temporary)
         except OSError:
             pass
+        if isinstance(error, OSError) and error.filename in (None,
+                                                             temporary):
+            raise naming_file(error, path) from None
         raise
+
+
+def naming_file(error, filename):
+    """The same I/O error (of the same class: a BrokenPipeError stays
+    one) naming `filename`: a write or fsync names no file by itself."""
+    if error.errno is None:
+        return error
+    return type(error)(error.errno, error.strerror, filename)
+
+
+def io_error_text(error):
+    """"FILE: what went wrong" for an I/O error, naming the file when the
+    error knows it."""
+    strerror = getattr(error, "strerror", None)
+    if not strerror:
+        return str(error)
+    filename = getattr(error, "filename", None)
+    return "%s: %s" % (filename, strerror) if filename is not None \
+        else strerror
 
 
 def metrics_path(config):
@@ -5672,8 +5701,8 @@ class Notifier:
                 sock.sendall("\n".join(fields).encode("utf-8"))
         except OSError as error:
             if not self.complained:  # once: it would repeat every ping
-                say("warning", "cannot notify systemd: %s"
-                    % (error.strerror or error))
+                say("warning", "cannot notify systemd at %s: %s"
+                    % (self.address, error.strerror or error))
                 self.complained = True
             return False
         return True
@@ -6088,9 +6117,7 @@ class Agent:
         try:
             write()
         except (OSError, StateError) as error:
-            self.impair(component, getattr(error, "strerror", None) and
-                        "%s: %s" % (error.filename, error.strerror)
-                        or str(error))
+            self.impair(component, io_error_text(error))
             return False
         self.restore_component(component)
         return True
@@ -7124,8 +7151,8 @@ def command_install(args, stdout):
             replace_file(paths["config"], example_config(), mode=0o600)
             stdout.write("wrote %s\n" % paths["config"])
     except OSError as error:
-        raise PamSignalError("install failed: %s: %s" % (
-            error.filename, error.strerror or error)) from None
+        raise PamSignalError("install failed: %s" % io_error_text(
+            error)) from None
     stdout.write("installed %s and %s\n" % (paths["program"], paths["unit"]))
     if root == "/" and systemd_is_running():
         _systemctl(stdout, "daemon-reload")
@@ -7162,8 +7189,8 @@ def command_uninstall(args, stdout):
                     shutil.rmtree(path)
                     removed.append(path)
     except OSError as error:
-        raise PamSignalError("uninstall failed: %s: %s" % (
-            error.filename, error.strerror or error)) from None
+        raise PamSignalError("uninstall failed: %s" % io_error_text(
+            error)) from None
     if managed:
         _systemctl(stdout, "daemon-reload")
     for path in removed:

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+import realsys
 import receivers
 from support import (PAMSIGNAL, AgentProcess, FakeJournal, json_line,
                      make_entry, pamsignal, wait_for, write_config)
@@ -571,7 +572,7 @@ def test_failing_console_channel_is_degraded_not_fatal(tmp_path):
     _, stderr, code = service.stop()
     assert code == 0
     assert stderr.count("monitoring degraded: channel:out") == 1
-    assert "No space left on device" in stderr
+    assert "No space left on device: 'standard output'" in stderr
 
 
 class FlakySink:
@@ -617,3 +618,61 @@ def test_a_channel_failing_many_times_is_one_degraded_one_restored(
                    ("monitoring_restored", "channel:flaky")]
     assert agent.pipeline.failed["flaky"] == 3
     assert agent.pipeline.sent["record"] == len(record.sent)
+
+
+# ------------------------------------------------------- a full disk, named
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A tiny tmpfs mounted for the test and filled to the last byte."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        realsys.unavailable("mounting a tmpfs needs root and mount")
+    disk = tmp_path / "full"
+    disk.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(disk))
+    try:
+        with open(str(disk / "filler"), "wb", buffering=0) as filler:
+            try:
+                while True:
+                    filler.write(b"x" * 4096)
+            except OSError:
+                pass
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], timeout=30)
+
+
+def test_every_write_on_a_full_disk_names_its_file(tmp_path, full_disk,
+                                                   capsys):
+    metrics_file = str(full_disk / "pamsignal.prom")
+    config = pamsignal.parse_config(
+        "[pamsignal]\nstate_dir = %s\nmetrics_file = %s\n"
+        % (tmp_path / "state", metrics_file))
+    agent = pamsignal.Agent(config, [])
+    agent.write_metrics(1.0)
+    assert agent.health.impaired["metrics"] == (
+        "%s: No space left on device" % metrics_file)
+    # The state and the detection counters.
+    for store in (pamsignal.StateStore(str(full_disk)),
+                  pamsignal.StateStore(str(full_disk), "detection.json")):
+        with pytest.raises(pamsignal.StateError) as raised:
+            store.save({"version": 1})
+        assert str(raised.value) == "cannot save state to %s: No space " \
+            "left on device" % store.path
+    # Any file written whole.
+    with pytest.raises(OSError) as raised:
+        pamsignal.replace_file(str(full_disk / "x.json"), "{}")
+    assert raised.value.filename == str(full_disk / "x.json")
+    # A channel's spool: the alert is kept in memory, and the log says
+    # which file the disk refused.
+    spool = pamsignal.Spool(str(full_disk / "spool"), 10, 60)
+    capsys.readouterr()
+    event = pamsignal.Event(action="login_success", user="alice",
+                            timestamp_us=1)
+    assert spool.put(event)
+    err = capsys.readouterr().err
+    assert "cannot write the spool file %s/%s.alert: No space left on " \
+        "device; keeping alerts in memory" % (
+            spool.directory, pamsignal.alert_id(event)) in err
+    assert "None" not in err
