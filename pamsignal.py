@@ -3767,11 +3767,28 @@ def _shown(value):
     return shorten(escape_text(str(value)), MAX_ALERT_VALUE_CHARS)
 
 
+#: A name that reads as one word in a sentence; anything else is quoted.
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9._@+$-]{1,64}\Z")
+
+
+def quoted(value):
+    """Attacker-chosen text as one unmistakable value: a plain name as it
+    is, anything else in double quotes (quotes and backslashes inside
+    escaped), so a user named `x from 6.6.6.6 port 22` cannot read as a
+    source, nor `bob on web2` as another host."""
+    if value is None:
+        return None
+    text = str(value)
+    if _PLAIN_NAME.match(text):
+        return text
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def _who(event):
     if event.user and event.target_user and event.target_user != event.user:
-        return "%s as %s" % (event.user, event.target_user)
-    return event.user or _endpoint(event.source_ip, event.source_domain,
-                                   None) or event.network or (
+        return "%s as %s" % (quoted(event.user), quoted(event.target_user))
+    return quoted(event.user) or _endpoint(
+        event.source_ip, event.source_domain, None) or event.network or (
         "uid %s" % event.writer_uid if event.writer_uid is not None else None)
 
 
@@ -3804,9 +3821,9 @@ def alert_text(event, delay_s=0):
                                         "(%s)" % event.auth_method) if part)
     window = None if event.window_s is None else "%d s" % event.window_s
     facts = [
-        ("User", event.user or (event.user_id and "uid " + str(
+        ("User", quoted(event.user) or (event.user_id and "uid " + str(
             event.user_id))),
-        ("As", event.target_user),
+        ("As", quoted(event.target_user)),
         ("From", _endpoint(event.source_ip, event.source_domain,
                            event.source_port)),
         ("AS", _as_text(event)),
@@ -3817,18 +3834,20 @@ def alert_text(event, delay_s=0):
                                       if event.source_provider else "")),
         ("To", _endpoint(event.destination_ip, None, event.destination_port)),
         ("Network", event.network), ("Service", method or None),
-        ("TTY", event.tty), ("Command", event.command_line),
+        ("TTY", quoted(event.tty)), ("Command", quoted(event.command_line)),
         ("Reason", event.reason), ("Counted by", event.counted_by),
         ("Attempts", event.attempts and "%d%s" % (
             event.attempts, " in %s" % window if window else "")),
-        ("Users tried", ", ".join(event.users_tried or ()) or None),
+        ("Users tried", ", ".join(quoted(name) for name in
+                                  event.users_tried or ()) or None),
         ("Sources", ", ".join(event.sources or ()) or None),
         ("Held back", event.held_back and "%d (%s)%s" % (
             event.held_back, event.detail, " over " + window if window
             else "")),
         ("Repeat", event.repeat and "%d (the same alert again)"
          % event.repeat),
-        ("Writer UID", event.writer_uid), ("Program", event.process_name),
+        ("Writer UID", event.writer_uid),
+        ("Program", quoted(event.process_name)),
         ("Claimed", event.claimed_action),
         ("Severity", "%d/10" % event_severity(event)),
         ("Host", event.hostname and event.hostname + (

@@ -4,6 +4,7 @@ service's answer is judged, signatures, and the durable spool."""
 import base64
 import hashlib
 import hmac
+import html
 import json
 import os
 
@@ -265,7 +266,7 @@ def test_templates_escape_values_but_not_the_admins_markup():
                     "from {source}\n")
     _, _, body = sink.request(event(user="<i>x</i>"), 0)
     assert json.loads(body)["text"] == (
-        "<b>Login: &lt;i&gt;x&lt;/i&gt; on web1</b>\n&lt;i&gt;x&lt;/i&gt; "
+        '<b>Login: "&lt;i&gt;x&lt;/i&gt;" on web1</b>\n"&lt;i&gt;x&lt;/i&gt;" '
         "from 203.0.113.5:51234")
 
 
@@ -456,7 +457,7 @@ def test_escaping_that_lengthens_text_still_fills_the_limit():
     values = pamsignal.template_values(long_command, alert)
     text = pamsignal.compose(alert, "", "", 4096, pamsignal.escape_html,
                              "<b>{title}</b>" + "{command}" * 15, values)
-    assert text.startswith("<b>sudo: alice on web1</b>&amp;")
+    assert text.startswith('<b>sudo: alice on web1</b>"&amp;')
     assert 4000 < len(text) <= 4096
 
 
@@ -548,3 +549,46 @@ def test_what_a_spool_lost_is_kept_across_a_restart(tmp_path):
     assert again.take_dropped() == {
         "reasons": {"spool_full": 1}, "actions": {"login_failure": 1},
         "users": ["alice"], "sources": ["192.0.2.9"]}
+
+
+def visible_title(kind, body):
+    """The first line a person reads, with the channel's own escaping of
+    &, < and > undone (every channel leaves double quotes as they are)."""
+    text = visible_text(kind, body)
+    if kind == "teams":
+        text = json.loads(text.splitlines()[0])["text"]
+    return html.unescape(text.splitlines()[0]).replace("\\\\", "\\") \
+        .replace("*", "").replace("<b>", "").replace("</b>", "") \
+        .replace("\u2060", "")
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("x from 6.6.6.6 port 22", '"x from 6.6.6.6 port 22"'),
+    ('x" from 6.6.6.6 "', '"x\\" from 6.6.6.6 \\""'),
+    ("bob on web2", '"bob on web2"'),
+    ("alice", "alice"), ("svc-deploy.2@corp", "svc-deploy.2@corp"),
+])
+def test_attacker_chosen_names_in_titles_cannot_pose_as_other_fields(
+        name, shown):
+    """`Failed login: x from 6.6.6.6 port 22 on vm` read as if the source
+    were 6.6.6.6: a name that is not a plain word is quoted, everywhere."""
+    failed = event("login_failure", user=name, source_ip="192.0.2.1",
+                   hostname="vm")
+    title = "Failed login: %s on vm" % shown
+    assert pamsignal.alert_text(failed).title == title
+    for kind, sink in sinks():
+        _, _, body = sink.request(failed, 0)
+        assert visible_title(kind, body).endswith(title), kind
+    mail = sink_for("[channel:e]\ntype = email\nhost = 127.0.0.1\n"
+                    "sender = p@example.com\nrecipients = a@example.com\n"
+                    "security = none\n").message(failed, 0)
+    assert mail["Subject"] == "[PAMSignal] " + title
+    facts = dict(pamsignal.alert_text(failed).facts)
+    assert facts["User"] == shown
+    # sudo: the person, the account and the command, each one value.
+    ran = pamsignal.alert_text(event(
+        "sudo_command", user=name, target_user="root x",
+        command_line="/bin/true from 6.6.6.6", source_ip=None))
+    assert ran.title == "sudo: %s as \"root x\" on web1" % shown
+    assert dict(ran.facts)["Command"] == '"/bin/true from 6.6.6.6"'
+    assert dict(ran.facts)["As"] == '"root x"'

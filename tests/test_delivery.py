@@ -153,7 +153,7 @@ def test_email_over_starttls_with_login(certs):
         (mail,) = mx.wait_for(1)
     assert mail.tls and mail.auth_user == "ps"
     assert mail.rcpt_to == ["admin@example.com", "ops@example.com"]
-    assert mail.message["Subject"].startswith("[PAMSignal] Login: eve")
+    assert mail.message["Subject"].startswith("[PAMSignal] Login: \"eve")
     assert "Bcc" not in mail.message
     assert "victim@example.com" not in mail.rcpt_to
     assert "203.0.113.5:51234" in mail.text
