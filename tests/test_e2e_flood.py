@@ -1,0 +1,113 @@
+"""End to end, as the red team did it (issue 14): a webhook that is
+backlogged (it answers 429 until it recovers), a real ssh login, then a
+flood of real `sudo -n /bin/true` by a user with one NOPASSWD rule, more
+than the channel's small spool holds. After recovery the login arrives,
+the sudo repeats arrive as counted digests, and the drop report names
+what was lost."""
+import json
+import os
+import signal
+
+import pytest
+
+import realsys
+import receivers
+from conftest import configured_agent
+from support import wait_for
+
+pytestmark = pytest.mark.e2e
+
+#: Small enough that the flood overflows it: the login, the channel's own
+#: "degraded" notice and the first sudo (unique alerts) plus a few repeats.
+SPOOL_MAX_ALERTS = 6
+
+#: Most sudo commands run before the spool must have dropped some.
+MAX_FLOOD = 2000
+
+
+def spool_drops(spool_dir):
+    """What the spool dropped so far and has not reported ({} if none)."""
+    try:
+        with open(os.path.join(spool_dir, "dropped.json")) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
+
+
+def test_a_sudo_flood_never_pushes_out_a_login(journald, sshd, tmp_path,
+                                               make_user):
+    backlogged = receivers.Respond(429, b"slow down",
+                                   headers={"Retry-After": "1"})
+    with receivers.HttpReceiver(default=backlogged) as webhook:
+        agent = configured_agent(str(tmp_path / "agent"), (
+            "spool_max_alerts = %d\n[channel:hook]\ntype = webhook\n"
+            "url = %s/hook\nrepeats = 1 in 2s\n"
+            % (SPOOL_MAX_ALERTS, webhook.url)))
+        spool_dir = os.path.join(agent.state_dir, "spool", "hook")
+        try:
+            agent.start()
+            user, password = make_user()
+            realsys.allow_sudo_nopasswd(user, "/bin/true")
+            assert realsys.ssh_password(user, password).returncode == 0
+
+            def tried(action):
+                return [r.json for r in webhook.requests if r.json and
+                        r.json["event"]["action"] == action and
+                        r.json.get("user", {}).get("name") == user]
+
+            # The login is in the spool (the webhook keeps refusing it).
+            assert wait_for(lambda: tried("login_success"), timeout=60), \
+                agent.stderr_text()
+            flood = 0
+            while not spool_drops(spool_dir).get("reasons", {}).get(
+                    "spool_full"):
+                assert flood < MAX_FLOOD, (
+                    "no drop after %d sudo commands:\n%s"
+                    % (flood, agent.stderr_text()))
+                done = realsys.sudo_nopasswd(user, "/bin/true")
+                assert done.returncode == 0, done.stderr
+                flood += 1
+            assert flood > SPOOL_MAX_ALERTS
+
+            mark = len(webhook.requests)
+            webhook.default = receivers.Respond(200, b"ok")
+            delivered = []
+
+            def arrived():
+                delivered[:] = [r.json for r in webhook.requests[mark:]
+                                if r.json]
+                actions = [a["event"]["action"] for a in delivered]
+                return "alerts_dropped" in actions and any(
+                    a["event"]["action"] == "alert_digest" and
+                    a.get("user", {}).get("name") == user
+                    for a in delivered)
+
+            assert wait_for(arrived, timeout=120), agent.stderr_text()
+        finally:
+            if agent.running():
+                agent.stop(signal.SIGTERM)
+
+    def mine(action):
+        return [a for a in delivered if a["event"]["action"] == action and
+                a.get("user", {}).get("name") == user]
+
+    # The login that mattered arrived.
+    (login,) = mine("login_success")
+    assert login["source"]["ip"] == "127.0.0.1"
+    # The flood: the first sudo as itself, the repeats as counted
+    # digests naming what repeated.
+    (first,) = mine("sudo_command")
+    assert first["process"]["command_line"] == "/bin/true"
+    digests = mine("alert_digest")
+    assert all(d["event"]["reason"] == "repeat" and
+               d["process"]["command_line"] == "/bin/true" and
+               d["user"]["target"]["name"] == "root" for d in digests)
+    assert sum(d["pamsignal"]["held_back"] for d in digests) >= 1
+    # What the full spool lost is named: kinds and whose.
+    (report,) = [a for a in delivered
+                 if a["event"]["action"] == "alerts_dropped"]
+    assert "spool full" in report["pamsignal"]["detail"]
+    assert "sudo_command" in report["pamsignal"]["detail"] or \
+        "alert_digest" in report["pamsignal"]["detail"]
+    assert user in report["pamsignal"]["users_tried"]
+    assert user in report["message"]
