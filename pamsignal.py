@@ -4771,13 +4771,16 @@ UNKNOWN_VALUE = (-1, -1)
 
 #: What a spool remembers of each alert it holds, to choose which to drop
 #: and to say what was lost: its value and who it was about.
-SpoolItem = collections.namedtuple("SpoolItem", "value action user source")
+SpoolItem = collections.namedtuple("SpoolItem",
+                                   "value action user source held")
 
 
 def spool_item(event):
     return SpoolItem(alert_value(event), event.action,
                      event.user or event.user_id,
-                     event.source_ip or event.source_domain)
+                     event.source_ip or event.source_domain,
+                     event.held_back if event.action == "alert_digest"
+                     else 0)
 
 
 def alert_id(event):
@@ -4812,10 +4815,12 @@ class LostAlerts:
         self.actions = collections.Counter()
         self.users = collections.OrderedDict()
         self.sources = collections.OrderedDict()
+        self.held = 0  # alerts that the lost digests stood for
 
     def add(self, reason, item):
         self.reasons[reason] += 1
         if item is not None:
+            self.held += item.held or 0
             self.actions[item.action] += 1
             _name_some(self.users, (item.user,))
             _name_some(self.sources, (item.source,))
@@ -4823,6 +4828,7 @@ class LostAlerts:
     def merge(self, other):
         self.reasons.update(other.reasons)
         self.actions.update(other.actions)
+        self.held += other.held
         _name_some(self.users, other.users)
         _name_some(self.sources, other.sources)
 
@@ -4830,7 +4836,8 @@ class LostAlerts:
         if not self.reasons:
             return {}
         return {"reasons": dict(self.reasons), "actions": dict(self.actions),
-                "users": list(self.users), "sources": list(self.sources)}
+                "users": list(self.users), "sources": list(self.sources),
+                "held": self.held}
 
     @classmethod
     def from_json(cls, saved):
@@ -4846,6 +4853,8 @@ class LostAlerts:
                 source.items() if isinstance(source, dict) else ())
                 if isinstance(key, str) and type(count) is int
                 and count > 0})
+        held = saved.get("held")
+        lost.held = held if type(held) is int and held > 0 else 0
         for target, names in ((lost.users, saved.get("users")),
                               (lost.sources, saved.get("sources"))):
             _name_some(target, [name for name in (
@@ -4854,10 +4863,14 @@ class LostAlerts:
         return lost
 
     def summary(self):
-        """"3 spool full (2 sudo_command, 1 alert_digest)"."""
-        kinds = ", ".join("%d %s" % (count, action) for action, count in
-                          sorted(self.actions.items(),
-                                 key=lambda item: (-item[1], item[0])))
+        """"3 spool full (2 sudo_command, 1 alert_digest of 40 held
+        back)"."""
+        kinds = ", ".join("%d %s%s" % (count, action, " of %d held back"
+                                       % self.held if self.held and action
+                                       == "alert_digest" else "")
+                          for action, count in sorted(
+                              self.actions.items(),
+                              key=lambda item: (-item[1], item[0])))
         return ", ".join("%d %s" % (count, reason.replace("_", " "))
                          for reason, count in sorted(self.reasons.items())
                          ) + (" (%s)" % kinds if kinds else "")

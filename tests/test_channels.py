@@ -535,6 +535,9 @@ def test_a_full_spool_drops_by_value_not_age(tmp_path):
     assert lost["reasons"] == {"spool_full": 4}
     assert lost["actions"] == {"sudo_command": 2, "alert_digest": 2}
     assert lost["users"] == ["mallory"]
+    assert lost["held"] == 100 + 101  # what the two lost digests counted
+    assert pamsignal.LostAlerts.from_json(lost).summary() == (
+        "4 spool full (2 alert_digest of 201 held back, 2 sudo_command)")
     # Counted across a restart until reported.
     assert spool(tmp_path, clock).take_dropped() == {}
 
@@ -548,7 +551,7 @@ def test_what_a_spool_lost_is_kept_across_a_restart(tmp_path):
     again = spool(tmp_path, clock, max_alerts=1)
     assert again.take_dropped() == {
         "reasons": {"spool_full": 1}, "actions": {"login_failure": 1},
-        "users": ["alice"], "sources": ["192.0.2.9"]}
+        "users": ["alice"], "sources": ["192.0.2.9"], "held": 0}
 
 
 def visible_title(kind, body):
