@@ -6,6 +6,7 @@ the sudo repeats arrive as counted digests, and the drop report names
 what was lost."""
 import json
 import os
+import pwd
 import signal
 
 import pytest
@@ -56,6 +57,23 @@ def accounted(delivered, user):
     return len(alone) + lost_alone + sum(digests) + lost
 
 
+def unvouched(delivered, uid):
+    """sudo lines reported as forged: journald could not read the writer
+    of a sudo that had already exited (no _EXE, no _COMM), so pamsignal
+    cannot vouch for it. Those of `uid` alone, and the forgeries held in
+    cooldown digests (which name no writer: an upper bound; the test's
+    short cooldown sends them soon)."""
+    alone = [a for a in delivered if a["event"]["action"] == "spoofed_entry"
+             and a["pamsignal"].get("writer_uid") == uid and
+             a["pamsignal"].get("claimed_action") == "sudo_command"]
+    held = sum(int(part.split()[0]) for a in delivered
+               if a["event"]["action"] == "alert_digest" and
+               a["event"]["reason"] == "cooldown"
+               for part in a["pamsignal"]["detail"].split(", ")
+               if part.endswith(" spoofed_entry"))
+    return len(alone) + held
+
+
 def test_a_sudo_flood_never_pushes_out_a_login(journald, sshd, tmp_path,
                                                make_user):
     backlogged = receivers.Respond(429, b"slow down",
@@ -63,13 +81,14 @@ def test_a_sudo_flood_never_pushes_out_a_login(journald, sshd, tmp_path,
     with receivers.HttpReceiver(default=backlogged) as webhook:
         agent = configured_agent(str(tmp_path / "agent"), (
             "spool_max_alerts = %d\n[channel:hook]\ntype = webhook\n"
-            "url = %s/hook\nrepeats = 1 in 2s\n"
+            "url = %s/hook\nrepeats = 1 in 2s\ncooldown = 2s\n"
             % (SPOOL_MAX_ALERTS, webhook.url)))
         spool_dir = os.path.join(agent.state_dir, "spool", "hook")
         try:
             agent.start()
             user, password = make_user()
             realsys.allow_sudo_nopasswd(user, "/bin/true")
+            uid = pwd.getpwnam(user).pw_uid
             assert realsys.ssh_password(user, password).returncode == 0
 
             def tried(action):
@@ -99,7 +118,9 @@ def test_a_sudo_flood_never_pushes_out_a_login(journald, sshd, tmp_path,
                 """The drop report, and every sudo accounted for."""
                 delivered[:] = [r.json for r in webhook.requests[mark:]
                                 if r.json]
-                return accounted(delivered, user) == flood
+                counted = accounted(delivered, user)
+                return counted is not None and counted + unvouched(
+                    delivered, uid) >= flood
 
             assert wait_for(arrived, timeout=120), (
                 flood, accounted(delivered, user), delivered,
@@ -133,5 +154,6 @@ def test_a_sudo_flood_never_pushes_out_a_login(journald, sshd, tmp_path,
     assert "sudo_command" in report["pamsignal"]["detail"] or \
         "alert_digest" in report["pamsignal"]["detail"]
     assert user in report["pamsignal"]["users_tried"]
-    assert accounted(delivered, user) == flood  # the wait's condition
+    assert flood - unvouched(delivered, uid) <= accounted(
+        delivered, user) <= flood
     assert user in report["message"]
