@@ -333,16 +333,23 @@ def test_a_spool_the_disk_refuses_keeps_alerts_in_memory(receiver, tmp_path,
     assert "is writable again" in capsys.readouterr().err
 
 
-def test_metrics_show_each_spool(receiver, tmp_path):
-    config = pamsignal.parse_config(
-        "[pamsignal]\nstate_dir = %s\n[channel:hook]\ntype = webhook\n"
-        "url = %s/hook\n" % (tmp_path / "state", receiver.url))
+def spooled_agent(tmp_path, text, alerts):
+    """An Agent (not running) configured with `text` after its state_dir,
+    and `alerts` already in its one channel's spool."""
+    config = pamsignal.parse_config("[pamsignal]\nstate_dir = %s\n%s"
+                                    % (tmp_path / "state", text))
     channels = pamsignal.build_channels(config)
-    agent = pamsignal.Agent(config, channels)
     (channel,) = channels
     channel.spool.open()
-    channel.spool.put(login())
+    for alert in alerts:
+        channel.spool.put(alert)
     channel.spool.flush()
+    return pamsignal.Agent(config, channels), channel
+
+
+def test_metrics_show_each_spool(receiver, tmp_path):
+    agent, _ = spooled_agent(tmp_path, "[channel:hook]\ntype = webhook\n"
+                             "url = %s/hook\n" % receiver.url, [login()])
     text = pamsignal.render_metrics(agent.metric_samples(2e9))
     metrics = pamsignal.parse_metrics(text)
     assert metrics["pamsignal_spool_alerts"] == [({"channel": "hook"}, 1.0)]
@@ -457,21 +464,13 @@ def test_delivery_counts_survive_a_reload(receiver, tmp_path):
 
 def test_metrics_and_status_say_which_alerts_a_spool_dropped(receiver,
                                                             tmp_path):
-    config = pamsignal.parse_config(
-        "[pamsignal]\nstate_dir = %s\nspool_max_alerts = 1\n"
-        "[channel:hook]\ntype = webhook\nurl = %s/hook\n"
-        % (tmp_path / "state", receiver.url))
-    channels = pamsignal.build_channels(config)
-    agent = pamsignal.Agent(config, channels)
-    (channel,) = channels
-    channel.spool.open()
-    channel.spool.put(login("root"))
-    for n in range(3):
-        channel.spool.put(pamsignal.Event(
-            action="sudo_command", user="mallory", target_user="root",
-            command_line="/bin/true", service="sudo", repeat=n + 1,
-            timestamp_us=1795780000000000 + n))
-    channel.spool.flush()
+    repeats = [pamsignal.Event(
+        action="sudo_command", user="mallory", target_user="root",
+        command_line="/bin/true", service="sudo", repeat=n + 1,
+        timestamp_us=1795780000000000 + n) for n in range(3)]
+    agent, channel = spooled_agent(
+        tmp_path, "spool_max_alerts = 1\n[channel:hook]\ntype = webhook\n"
+        "url = %s/hook\n" % receiver.url, [login("root")] + repeats)
     metrics = pamsignal.parse_metrics(pamsignal.render_metrics(
         agent.metric_samples(2e9)))
     assert metrics["pamsignal_alerts_dropped_total"] == [
@@ -490,24 +489,32 @@ def test_metrics_and_status_say_which_alerts_a_spool_dropped(receiver,
 # ------------------------------------------------ one deadline per request
 
 
+def run_test_alert(tmp_path, channel_text, what):
+    """`pamsignal.py test-alert` run as an admin runs it, with `channel_text`;
+    fails the test if it is still waiting after 30 s (the channels' 3 s
+    timeout and a wide margin)."""
+    config = tmp_path / "pamsignal.conf"
+    config.write_text("[pamsignal]\nstate_dir = %s\n%s"
+                      % (tmp_path / "state", channel_text))
+    os.chmod(str(config), 0o600)
+    try:
+        return subprocess.run(
+            [sys.executable, pamsignal.__file__, "--config", str(config),
+             "test-alert"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("test-alert still waiting on %s after 30 s with "
+                    "timeout = 3s" % what)
+
+
 def test_test_alert_gives_up_on_a_dripping_receiver(receiver, tmp_path):
     """The receiver answers a byte a second for a minute; with timeout =
     3s, test-alert must have finished (well before the 60 s) and said the
     request timed out."""
     receiver.script([receivers.Drip(60)])
-    config = tmp_path / "pamsignal.conf"
-    config.write_text(
-        "[pamsignal]\nstate_dir = %s\n[channel:slow]\ntype = webhook\n"
-        "url = %s/hook\ntimeout = 3s\n" % (tmp_path / "state", receiver.url))
-    os.chmod(str(config), 0o600)
-    try:
-        done = subprocess.run(
-            [sys.executable, pamsignal.__file__, "--config", str(config),
-             "test-alert"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.fail("test-alert still waiting on a dripping receiver after "
-                    "30 s with timeout = 3s")
+    done = run_test_alert(
+        tmp_path, "[channel:slow]\ntype = webhook\nurl = %s/hook\n"
+        "timeout = 3s\n" % receiver.url, "a dripping receiver")
     assert done.returncode == 1, done.stderr
     assert done.stdout.decode() == (
         "slow (webhook): NOT delivered: cannot reach 127.0.0.1: timed out "
@@ -520,16 +527,10 @@ def test_a_request_past_its_deadline_fails_and_degrades_the_channel(
     """In `run`: a dripping receiver counts as a failure and its channel
     as degraded, as soon as a request runs long."""
     receiver.script([receivers.Drip(60)] * 3)
-    config = pamsignal.parse_config(
-        "[pamsignal]\nstate_dir = %s\n[channel:slow]\ntype = webhook\n"
-        "url = %s/hook\ntimeout = 60s\n" % (tmp_path / "state", receiver.url))
-    channels = pamsignal.build_channels(config)
-    agent = pamsignal.Agent(config, channels)
-    (channel,) = channels
-    channel.spool.open()
-    channel.spool.put(login())
-    channel.spool.flush()
-    agent.couriers = agent.open_channels(channels)
+    agent, channel = spooled_agent(
+        tmp_path, "[channel:slow]\ntype = webhook\nurl = %s/hook\n"
+        "timeout = 60s\n" % receiver.url, [login()])
+    agent.couriers = agent.open_channels([channel])
     try:
         # A request in flight longer than SLOW_REQUEST_S: degraded already.
         assert wait_for(lambda: "slow" in agent.failing_channels(),
@@ -549,21 +550,11 @@ def test_a_request_past_its_deadline_fails_and_degrades_the_channel(
 def test_an_smtp_server_dripping_its_greeting_times_out(tmp_path):
     """The same for e-mail: a greeting a byte a second for a minute."""
     with SmtpReceiver(drip_greeting=60) as mx:
-        config = tmp_path / "pamsignal.conf"
-        config.write_text(
-            "[pamsignal]\nstate_dir = %s\n[channel:mail]\ntype = email\n"
-            "host = 127.0.0.1\nport = %d\nsecurity = none\n"
-            "sender = p@example.com\nrecipients = a@example.com\n"
-            "timeout = 3s\n" % (tmp_path / "state", mx.port))
-        os.chmod(str(config), 0o600)
-        try:
-            done = subprocess.run(
-                [sys.executable, pamsignal.__file__, "--config",
-                 str(config), "test-alert"], stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, timeout=30)
-        except subprocess.TimeoutExpired:
-            pytest.fail("test-alert still waiting on a dripping SMTP "
-                        "server after 30 s with timeout = 3s")
+        done = run_test_alert(
+            tmp_path, "[channel:mail]\ntype = email\nhost = 127.0.0.1\n"
+            "port = %d\nsecurity = none\nsender = p@example.com\n"
+            "recipients = a@example.com\ntimeout = 3s\n" % mx.port,
+            "a dripping SMTP server")
     assert done.returncode == 1, done.stderr
     assert done.stdout.decode() == (
         "mail (email): NOT delivered: cannot reach 127.0.0.1: timed out "
