@@ -413,3 +413,18 @@ def test_the_gate_folds_sudo_floods_by_default():
         sent += gate.admit(sudo(at=n), n * SECOND)
     assert actions(sent) == ["sudo_command"] * 3
     assert held_total(gate.drain()) == 57
+
+
+def test_no_repeat_is_lost_past_the_key_limit():
+    gate = pamsignal.Throttle(0, pamsignal.Threshold(0, 0), limit=2,
+                              repeats=pamsignal.Threshold(1, 600))
+    sent, admitted = [], 0
+    for n in range(20):
+        for _ in range(3):
+            sent += gate.admit(sudo(command="/bin/cmd%d" % n), n)
+            admitted += 1
+    sent += gate.drain()
+    assert len(gate.repeating) == 0
+    individual = [a for a in sent if a.action != "alert_digest"]
+    assert len(individual) == 20  # every distinct command once
+    assert len(individual) + held_total(sent) == admitted
