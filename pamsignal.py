@@ -920,8 +920,8 @@ ALERT_OPTIONS = collections.OrderedDict((
 SHOW_EVERYTHING = AlertPolicy(
     events=frozenset(ACTIONS), min_severity=0, ignore_users=(),
     ignore_groups=(), ignore_sources=(), always_users=(), always_groups=(),
-    always_sources=(), cooldown=0, rate_limit=Threshold(0, 0),
-    repeats=Threshold(0, 0))
+    always_sources=(), cooldown=0, rate_limit=NO_THRESHOLD,
+    repeats=NO_THRESHOLD)
 
 
 def _index_lines(text):
@@ -3448,7 +3448,7 @@ class HeldBack:
                 why, self.count, "" if self.count == 1 else "s", window_s,
                 kinds, "; from " + ", ".join(sources) if sources else "",
                 "" if self.sample is None else "; each the same as: %s"
-                % render_text(self.sample)[21:]),
+                % event_text(self.sample)),
             **named)
 
 
@@ -3665,6 +3665,12 @@ def _endpoint(ip, domain, port):
 
 def render_text(event):
     """One readable line: time, action, then who/where/how as key=value."""
+    stamp = format_timestamp(event.timestamp_us)
+    return "%sZ %s" % (stamp[:19].replace("T", " "), event_text(event))
+
+
+def event_text(event):
+    """The action, then who/where/how as key=value (no time)."""
     pairs = [
         ("user", event.user or (event.user_id and "uid " + event.user_id)),
         ("as", event.target_user),
@@ -3699,8 +3705,7 @@ def render_text(event):
     ]
     if event.action == "spoofed_entry" or event.action in AGENT_ACTIONS:
         pairs.append(("message", event.message))
-    stamp = format_timestamp(event.timestamp_us)
-    return "%sZ %s %s" % (stamp[:19].replace("T", " "), event.action, " ".join(
+    return "%s %s" % (event.action, " ".join(
         "%s=%s" % (name, _text_value(value)) for name, value in pairs
         if value is not None and value != ""))
 
