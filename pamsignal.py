@@ -5148,7 +5148,8 @@ class Spool:
         try:
             replace_file(self._path(name), json.dumps(value))
         except OSError as error:
-            say("warning", "cannot write %s: %s" % (self._path(name), error))
+            say("warning", "cannot write %s: %s" % (
+                self._path(name), error.strerror or error))
 
     def _unlink(self, name):
         try:

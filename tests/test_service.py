@@ -666,7 +666,7 @@ def test_every_write_on_a_full_disk_names_its_file(tmp_path, full_disk,
     assert raised.value.filename == str(full_disk / "x.json")
     # A channel's spool: the alert is kept in memory, and the log says
     # which file the disk refused.
-    spool = pamsignal.Spool(str(full_disk / "spool"), 10, 60)
+    spool = pamsignal.Spool(str(full_disk / "spool"), 1, 60)
     capsys.readouterr()
     event = pamsignal.Event(action="login_success", user="alice",
                             timestamp_us=1)
@@ -675,4 +675,11 @@ def test_every_write_on_a_full_disk_names_its_file(tmp_path, full_disk,
     assert "cannot write the spool file %s/%s.alert: No space left on " \
         "device; keeping alerts in memory" % (
             spool.directory, pamsignal.alert_id(event)) in err
+    # A second alert overflows it: the count of what it dropped cannot be
+    # written either, and that says where.
+    spool.put(event._replace(user="bob"))
+    spool.flush()
+    err += capsys.readouterr().err
+    assert "cannot write %s/dropped.json: No space left on device" \
+        % spool.directory in err
     assert "None" not in err
