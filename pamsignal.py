@@ -59,6 +59,7 @@ import grp  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
 import http.client  # noqa: E402
+import io  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
 import mmap  # noqa: E402
@@ -305,9 +306,16 @@ def dumps_safe(obj):
 _SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+#: The last moment RFC 3339 can write (9999-12-31T23:59:59.999999Z); a
+#: journal entry claiming a later time is impossible (see parse_entry).
+MAX_TIMESTAMP_US = 253402300799999999
+
+
 def format_timestamp(timestamp_us):
-    """Microseconds since the epoch -> RFC 3339 UTC with microseconds."""
-    seconds, micros = divmod(timestamp_us, 1000000)
+    """Microseconds since the epoch -> RFC 3339 UTC with microseconds;
+    a time outside 1970 to 9999 is shown as the nearest end."""
+    seconds, micros = divmod(min(max(timestamp_us, 0), MAX_TIMESTAMP_US),
+                             1000000)
     return "%s.%06dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S",
                                        time.gmtime(seconds)), micros)
 
@@ -417,7 +425,7 @@ EVENT_FIELDS = (
     "certificate_serial", "certificate_ca", "session_id",
     "session_duration_s", "attempts", "writer_uid", "claimed_action",
     "detail", "counted_by", "network", "window_s", "users_tried", "sources",
-    "held_back",
+    "held_back", "repeat", "journal_time",
     "unit", "dropped", "login_record",
     "source_as_number", "source_as_org", "source_country", "source_city",
     "source_network_type", "source_provider", "host_provider",
@@ -476,6 +484,13 @@ NEVER_HELD_ACTIONS = frozenset(("login_success", "sudo_command",
                                 "unaccounted_session")) | AGENT_ACTIONS
 
 
+#: Never folded into a digest of repeats, however alike: the agent's word
+#: about itself, and what says logins went unseen (each names its own unit
+#: or session).
+NEVER_FOLDED = AGENT_ACTIONS | frozenset(("journal_suppressed",
+                                          "unaccounted_session"))
+
+
 #: (ECS path, Event field) in the order they are rendered.
 _ECS_LAYOUT = (
     ("event.reason", "reason"),
@@ -508,6 +523,8 @@ _ECS_LAYOUT = (
     ("pamsignal.network", "network"), ("pamsignal.window_s", "window_s"),
     ("pamsignal.users_tried", "users_tried"),
     ("pamsignal.sources", "sources"), ("pamsignal.held_back", "held_back"),
+    ("pamsignal.repeat", "repeat"),
+    ("pamsignal.journal_time", "journal_time"),
     ("pamsignal.unit", "unit"), ("pamsignal.dropped", "dropped"),
     ("pamsignal.login_record", "login_record"),
     ("pamsignal.source_network_type", "source_network_type"),
@@ -563,12 +580,15 @@ ChannelConfig = collections.namedtuple("ChannelConfig",
 AlertPolicy = collections.namedtuple(
     "AlertPolicy", "events min_severity ignore_users ignore_groups "
     "ignore_sources always_users always_groups always_sources cooldown "
-    "rate_limit")
+    "rate_limit repeats")
 AlertPolicy.__doc__ = """Which events a channel alerts on and how often:
 [alerts] gives the default, a channel's own keys override it."""
 
 #: N failures within window_s seconds (window_s 0: the rule is off).
 Threshold = collections.namedtuple("Threshold", "attempts window_s")
+
+#: A rule that is off.
+NO_THRESHOLD = Threshold(0, 0)
 
 DetectionConfig = collections.namedtuple(
     "DetectionConfig", "brute_force_fast brute_force_slow user_enumeration "
@@ -944,7 +964,8 @@ DETECTION_OPTIONS = collections.OrderedDict((
 
 #: [alerts] keys, which a [channel:NAME] may override: key -> (validator,
 #: default). The defaults fit a small server: everything but the routine,
-#: one alert per attack and key every 10 minutes, at most 20 a minute.
+#: one alert per attack and key every 10 minutes, at most 20 a minute, and
+#: at most 3 identical accesses (the same sudo command) per 10 minutes.
 ALERT_OPTIONS = collections.OrderedDict((
     ("events", (_event_filter, "default")),
     ("min_severity", (_severity, "0")),
@@ -956,6 +977,7 @@ ALERT_OPTIONS = collections.OrderedDict((
     ("always_sources", (_networks, "")),
     ("cooldown", (_cooldown, "10m")),
     ("rate_limit", (_threshold, "20 in 1m")),
+    ("repeats", (_threshold, "3 in 10m")),
 ))
 
 #: The policy of the console when no channel is configured: it is a log,
@@ -963,7 +985,8 @@ ALERT_OPTIONS = collections.OrderedDict((
 SHOW_EVERYTHING = AlertPolicy(
     events=frozenset(ACTIONS), min_severity=0, ignore_users=(),
     ignore_groups=(), ignore_sources=(), always_users=(), always_groups=(),
-    always_sources=(), cooldown=0, rate_limit=Threshold(0, 0))
+    always_sources=(), cooldown=0, rate_limit=NO_THRESHOLD,
+    repeats=NO_THRESHOLD)
 
 
 def _index_lines(text):
@@ -1837,7 +1860,17 @@ def _writer_verdict(transport, uid, exe, comm, service):
 
 
 def _entry_timestamp(entry):
-    return parse_int(journal_text(entry.get("__REALTIME_TIMESTAMP")))
+    """The entry's own time in microseconds, or None if it has none that
+    can be: missing, not a number, or past MAX_TIMESTAMP_US."""
+    timestamp_us = parse_int(journal_text(entry.get("__REALTIME_TIMESTAMP")))
+    return timestamp_us if timestamp_us is not None and \
+        timestamp_us <= MAX_TIMESTAMP_US else None
+
+
+def _claimed_time(entry):
+    """What an entry with an impossible time claimed, for the record."""
+    claimed = journal_text(entry.get("__REALTIME_TIMESTAMP"))
+    return "(none)" if claimed is None else claimed[:40]
 
 
 def _context_key(entry, fields, service):
@@ -1848,12 +1881,14 @@ def _context_key(entry, fields, service):
                          fields.get("service") or service.name)
 
 
-def parse_entry(entry):
+def parse_entry(entry, read_at_us=0):
     """One journal entry (dict as journalctl -o json gives it) -> Event|None.
 
     Pure: no clock, file or socket. Entries of unwatched identifiers, unknown
     messages and companion lines give None; an auth message written by a
-    process that is not the real service gives a `spoofed_entry`.
+    process that is not the real service gives a `spoofed_entry`. An entry
+    whose own time is impossible keeps its event, stamped `read_at_us` (when
+    it was read), with the claimed time in `journal_time`.
     """
     service = WATCHED_SERVICES.get(
         journal_text(entry.get("SYSLOG_IDENTIFIER")))
@@ -1872,11 +1907,12 @@ def parse_entry(entry):
     if fields is None:  # most lines: read no more of them
         return None
     timestamp_us = _entry_timestamp(entry)
-    if timestamp_us is None:
-        return None
     if genuine is None:
         genuine = writer_is_genuine(entry, service)
-    common = {"timestamp_us": timestamp_us,
+    common = {"timestamp_us": read_at_us if timestamp_us is None
+              else timestamp_us,
+              "journal_time": None if timestamp_us is not None
+              else _claimed_time(entry),
               "hostname": journal_text(entry.get("_HOSTNAME")),
               "pid": parse_int(journal_text(entry.get("_PID"))),
               "cursor": journal_text(entry.get("__CURSOR")),
@@ -3579,6 +3615,20 @@ def throttle_key(event):
                            else event.writer_uid)
 
 
+def repeat_key(event):
+    """What identical accesses share: the action, who (and as whom), the
+    command or the source, and the outcome."""
+    return "\0".join(str(part) for part in (
+        event.action, event.user or event.user_id, event.target_user,
+        event.command_line, event.source_ip or event.source_domain,
+        event.reason, ACTIONS[event.action][2]))
+
+
+#: The fields of an access a digest of its repeats names.
+REPEAT_FIELDS = ("user", "user_id", "target_user", "command_line",
+                 "source_ip", "source_domain", "service", "reason")
+
+
 def _name_some(names, more):
     """Add to an ordered set of names, up to MAX_DIGEST_NAMES."""
     for name in more:
@@ -3588,10 +3638,12 @@ def _name_some(names, more):
 
 class HeldBack:
     """Events a channel held back: counted by action, with their sources and
-    users named (up to MAX_DIGEST_NAMES), for one digest."""
+    users named (up to MAX_DIGEST_NAMES), for one digest. For repeats of
+    one access, `sample` is the first held: the digest names what it was."""
 
-    def __init__(self, since_us):
+    def __init__(self, since_us, sample=None):
         self.since_us = since_us
+        self.sample = sample
         self.count = 0
         self.actions = collections.Counter()
         self.sources = collections.OrderedDict()
@@ -3623,15 +3675,22 @@ class HeldBack:
                                     key=lambda item: (-item[1], item[0])))
         sources = tuple(self.sources)
         window_s = max(0, (now_us - self.since_us) // 1000000)
-        why = "a cooldown" if reason == "cooldown" else "the rate limit"
+        why = {"cooldown": "a cooldown", "rate_limit": "the rate limit",
+               "repeat": "the repeat limit"}[reason]
+        named = {} if self.sample is None else {
+            field: getattr(self.sample, field) for field in REPEAT_FIELDS
+            if field != "reason"}
         return Event(
             timestamp_us=now_us, action="alert_digest", reason=reason,
             severity=self.severity, held_back=self.count, detail=kinds,
             sources=sources or None, users_tried=tuple(self.users) or None,
             window_s=window_s, hostname=self.hostname,
-            message="%s held back %d alert%s over %ds: %s%s" % (
+            message="%s held back %d alert%s over %ds: %s%s%s" % (
                 why, self.count, "" if self.count == 1 else "s", window_s,
-                kinds, "; from " + ", ".join(sources) if sources else ""))
+                kinds, "; from " + ", ".join(sources) if sources else "",
+                "" if self.sample is None else "; each the same as: %s"
+                % event_text(self.sample)),
+            **named)
 
 
 class Throttle:
@@ -3642,15 +3701,23 @@ class Throttle:
     during it are held back, and when it ends one digest says what was
     held (the cooldown then runs again while repeats keep coming). Past the
     rate limit the channel holds back everything but NEVER_HELD_ACTIONS
-    and sends one digest per rate window until the flood stops. Nothing
-    held is lost: `drain()` gives what is pending (at shutdown)."""
+    and sends one digest per rate window until the flood stops. Those
+    (access) are never held for another key, but identical repeats of one
+    access (`repeats`: N in a window) past the first N are folded into one
+    digest per window. Nothing held is lost: `drain()` gives what is
+    pending (at shutdown)."""
 
-    def __init__(self, cooldown_s, rate_limit, limit=MAX_COOLDOWN_KEYS):
+    def __init__(self, cooldown_s, rate_limit, limit=MAX_COOLDOWN_KEYS,
+                 repeats=NO_THRESHOLD):
         self.cooldown_us = cooldown_s * 1000000
         self.rate_count = rate_limit.attempts
         self.rate_window_us = rate_limit.window_s * 1000000
+        self.repeat_count = repeats.attempts
+        self.repeat_window_us = repeats.window_s * 1000000
         self.limit = limit
         self.cooling = collections.OrderedDict()  # key -> [until, HeldBack]
+        # repeat_key -> [until, sent in this window, HeldBack]
+        self.repeating = collections.OrderedDict()
         self.sent = collections.deque()  # times of recent sends
         self.flood_until = None
         self.overflow = None
@@ -3662,6 +3729,8 @@ class Throttle:
         out = self.due(now_us)
         now_us = self.now_us
         if event.action in NEVER_HELD_ACTIONS:
+            if self.repeat_count and event.action not in NEVER_FOLDED:
+                return out + self._repeat(event, now_us)
             self._count_send(now_us)
             return out + [event]
         key = throttle_key(event)
@@ -3690,6 +3759,17 @@ class Throttle:
                 digest = self._digest_or_flood(held, now_us)
                 out.extend(digest)
                 self._cool(key, now_us)  # repeats may still be coming
+        while self.repeating:
+            key, (until, _, held) = next(iter(self.repeating.items()))
+            if until > now_us:
+                break
+            del self.repeating[key]
+            if held is not None:  # access: never held by the rate limit
+                out.append(held.digest(now_us, "repeat"))
+                self._count_send(now_us)
+                # Still repeating: fold the next window's repeats too.
+                self.repeating[key] = [now_us + self.repeat_window_us,
+                                       self.repeat_count, None]
         if self.flood_until is not None and self.flood_until <= now_us:
             if self.overflow is not None:
                 out.append(self.overflow.digest(now_us, "rate_limit"))
@@ -3705,20 +3785,45 @@ class Throttle:
         now_us = self.now_us
         held = [entry[1] for entry in self.cooling.values() if entry[1]]
         out = [each.digest(now_us, "cooldown") for each in held]
+        out += [entry[2].digest(now_us, "repeat")
+                for entry in self.repeating.values() if entry[2]]
         if self.overflow is not None:
             out.append(self.overflow.digest(now_us, "rate_limit"))
         self.cooling.clear()
+        self.repeating.clear()
         self.overflow, self.flood_until = None, None
         return out
+
+    def _repeat(self, event, now_us):
+        """An access goes out unless it is one more identical repeat past
+        the first `repeat_count` of its window."""
+        key = repeat_key(event)
+        entry = self.repeating.get(key)
+        if entry is None:
+            entry = self.repeating[key] = [
+                now_us + self.repeat_window_us, 0, None]
+            self._bound(self.repeating, 2, now_us)
+        if entry[1] < self.repeat_count:
+            entry[1] += 1
+            self._count_send(now_us)
+            return [event if entry[1] == 1 else
+                    event._replace(repeat=entry[1] - 1)]
+        entry[2] = entry[2] or HeldBack(now_us, sample=event)
+        entry[2].add(event)
+        return []
 
     def _cool(self, key, now_us):
         if not self.cooldown_us:
             return
         self.cooling[key] = [now_us + self.cooldown_us, None]
-        while len(self.cooling) > self.limit:
-            _, (_, held) = self.cooling.popitem(last=False)
-            if held is not None:  # forgotten key, its events are not
-                self._hold_in_flood(now_us, start=False).merge(held)
+        self._bound(self.cooling, 1, now_us)
+
+    def _bound(self, table, held_index, now_us):
+        while len(table) > self.limit:
+            _, entry = table.popitem(last=False)
+            if entry[held_index] is not None:  # forgotten key, not events
+                self._hold_in_flood(now_us, start=False).merge(
+                    entry[held_index])
 
     def _digest_or_flood(self, held, now_us):
         if self.flood_until is None and not self._rate_full(now_us):
@@ -3754,7 +3859,8 @@ class ChannelGate:
     def __init__(self, policy, groups_of=lambda user: ()):
         self.policy = policy
         self.groups_of = groups_of
-        self.throttle = Throttle(policy.cooldown, policy.rate_limit)
+        self.throttle = Throttle(policy.cooldown, policy.rate_limit,
+                                 repeats=policy.repeats)
 
     def admit(self, event, now_us):
         try:
@@ -3800,6 +3906,12 @@ def _endpoint(ip, domain, port):
 
 def render_text(event):
     """One readable line: time, action, then who/where/how as key=value."""
+    stamp = format_timestamp(event.timestamp_us)
+    return "%sZ %s" % (stamp[:19].replace("T", " "), event_text(event))
+
+
+def event_text(event):
+    """The action, then who/where/how as key=value (no time)."""
     pairs = [
         ("user", event.user or (event.user_id and "uid " + event.user_id)),
         ("as", event.target_user),
@@ -3828,14 +3940,15 @@ def render_text(event):
                                           if event.held_back else None),
         ("unit", event.unit), ("dropped", event.dropped),
         ("record", event.login_record),
+        ("repeat", event.repeat),
         ("writer_uid", event.writer_uid), ("program", event.process_name),
         ("claimed", event.claimed_action), ("host", event.hostname),
+        ("journal_time", event.journal_time),
         ("host_provider", event.host_provider),
     ]
     if event.action == "spoofed_entry" or event.action in AGENT_ACTIONS:
         pairs.append(("message", event.message))
-    stamp = format_timestamp(event.timestamp_us)
-    return "%sZ %s %s" % (stamp[:19].replace("T", " "), event.action, " ".join(
+    return "%s %s" % (event.action, " ".join(
         "%s=%s" % (name, _text_value(value)) for name, value in pairs
         if value is not None and value != ""))
 
@@ -3913,11 +4026,28 @@ def _shown(value):
     return shorten(escape_text(str(value)), MAX_ALERT_VALUE_CHARS)
 
 
+#: A name that reads as one word in a sentence; anything else is quoted.
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9._@+$-]{1,64}\Z")
+
+
+def quoted(value):
+    """Attacker-chosen text as one unmistakable value: a plain name as it
+    is, anything else in double quotes (quotes and backslashes inside
+    escaped), so a user named `x from 6.6.6.6 port 22` cannot read as a
+    source, nor `bob on web2` as another host."""
+    if value is None:
+        return None
+    text = str(value)
+    if _PLAIN_NAME.match(text):
+        return text
+    return '"%s"' % text.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def _who(event):
     if event.user and event.target_user and event.target_user != event.user:
-        return "%s as %s" % (event.user, event.target_user)
-    return event.user or _endpoint(event.source_ip, event.source_domain,
-                                   None) or event.network or (
+        return "%s as %s" % (quoted(event.user), quoted(event.target_user))
+    return quoted(event.user) or _endpoint(
+        event.source_ip, event.source_domain, None) or event.network or (
         "uid %s" % event.writer_uid if event.writer_uid is not None
         else event.unit)
 
@@ -3951,9 +4081,9 @@ def alert_text(event, delay_s=0):
                                         "(%s)" % event.auth_method) if part)
     window = None if event.window_s is None else "%d s" % event.window_s
     facts = [
-        ("User", event.user or (event.user_id and "uid " + str(
+        ("User", quoted(event.user) or (event.user_id and "uid " + str(
             event.user_id))),
-        ("As", event.target_user),
+        ("As", quoted(event.target_user)),
         ("From", _endpoint(event.source_ip, event.source_domain,
                            event.source_port)),
         ("AS", _as_text(event)),
@@ -3964,23 +4094,29 @@ def alert_text(event, delay_s=0):
                                       if event.source_provider else "")),
         ("To", _endpoint(event.destination_ip, None, event.destination_port)),
         ("Network", event.network), ("Service", method or None),
-        ("TTY", event.tty), ("Command", event.command_line),
+        ("TTY", quoted(event.tty)), ("Command", quoted(event.command_line)),
         ("Reason", event.reason), ("Counted by", event.counted_by),
         ("Attempts", event.attempts and "%d%s" % (
             event.attempts, " in %s" % window if window else "")),
-        ("Users tried", ", ".join(event.users_tried or ()) or None),
+        ("Users tried", ", ".join(quoted(name) for name in
+                                  event.users_tried or ()) or None),
         ("Sources", ", ".join(event.sources or ()) or None),
         ("Held back", event.held_back and "%d (%s)%s" % (
             event.held_back, event.detail, " over " + window if window
             else "")),
-        ("Writer UID", event.writer_uid), ("Program", event.process_name),
+        ("Repeat", event.repeat and "%d (the same alert again)"
+         % event.repeat),
+        ("Writer UID", event.writer_uid),
+        ("Program", quoted(event.process_name)),
         ("Claimed", event.claimed_action), ("Unit", event.unit),
         ("Lines dropped", event.dropped),
         ("Login record", event.login_record),
         ("Severity", "%d/10" % event_severity(event)),
         ("Host", event.hostname and event.hostname + (
             " (%s)" % event.host_provider if event.host_provider else "")),
-        ("Time", when),
+        ("Time", when + (" (when read: the entry claimed the impossible "
+                         "time %s)" % event.journal_time
+                         if event.journal_time else "")),
         ("Log line", event.message if event.held_back is None else None),
     ]
     return AlertText(_shown(title), [(label, _shown(value))
@@ -4167,12 +4303,18 @@ class ConsoleSink:
     def send(self, event, delay_s=0):
         line = render_json(event) if self.format == "json" \
             else render_text(event)
-        self.stream.write(line + "\n")
+        try:
+            self.stream.write(line + "\n")
+        except OSError as error:
+            raise naming_file(error, "standard output") from None
 
     def flush(self):
         """Everything sent so far is out: called after each batch."""
         if self.stream is not None:
-            self.stream.flush()
+            try:
+                self.stream.flush()
+            except OSError as error:
+                raise naming_file(error, "standard output") from None
 
     def close(self):
         self.flush()
@@ -4273,8 +4415,10 @@ def _network_reason(error):
         if reason.reason == "CERTIFICATE_VERIFY_FAILED":
             return "TLS certificate not trusted: %s" % detail
         return "TLS failed: %s" % (detail or reason)
-    if isinstance(reason, (socket.timeout, TimeoutError)):
-        return "timed out"
+    if isinstance(reason, (socket.timeout, TimeoutError)) or isinstance(
+            getattr(reason, "__context__", None), (socket.timeout,
+                                                   TimeoutError)):
+        return "timed out"  # smtplib says "Connection unexpectedly closed"
     if isinstance(reason, OSError) and reason.strerror:
         return reason.strerror
     return str(reason) or type(reason).__name__
@@ -4286,15 +4430,132 @@ def tls_context(ca_file=None):
     return ssl.create_default_context(cafile=ca_file)
 
 
+class Deadline:
+    """The time by which a whole request (connect, TLS, send, read) must
+    be done: `left()` is what remains, or socket.timeout once it passed."""
+
+    def __init__(self, seconds, clock=time.monotonic):
+        self.clock = clock
+        self.at = clock() + seconds
+
+    def left(self):
+        left = self.at - self.clock()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        return left
+
+
+class _DeadlineSocket:
+    """A connected socket each send and read of which gets only what is
+    left of the request's deadline. A socket timeout alone bounds one read,
+    so a receiver dripping its answer a byte at a time would never time
+    out. Closed for real once its reader (the response) is closed too."""
+
+    def __init__(self, sock, deadline):
+        self._sock = sock
+        self._deadline = deadline
+        self._readers = 0
+        self._closed = False
+
+    def sendall(self, *args):
+        self._sock.settimeout(self._deadline.left())
+        return self._sock.sendall(*args)
+
+    def recv_into(self, *args):
+        self._sock.settimeout(self._deadline.left())
+        return self._sock.recv_into(*args)
+
+    def makefile(self, mode="rb", *args, **kwargs):
+        if mode != "rb":  # http.client only ever reads its answer
+            raise ValueError("unsupported mode %r" % mode)
+        self._readers += 1
+        return io.BufferedReader(socket.SocketIO(self, "rb"))
+
+    def _decref_socketios(self):  # the reader was closed (socket.SocketIO)
+        self._readers -= 1
+        if self._closed and self._readers <= 0:
+            self._sock.close()
+
+    def close(self):
+        self._closed = True
+        if self._readers <= 0:
+            self._sock.close()
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class _DeadlineConnection:
+    """The TCP connect, a proxy tunnel, TLS, and every send and read after
+    them share the connection's one `deadline`."""
+
+    deadline = None
+
+    def _open_socket(self, address, timeout=None, source_address=None):
+        sock = socket.create_connection(address, self.deadline.left(),
+                                        source_address)
+        try:
+            sock.settimeout(self.deadline.left())  # tunnel, TLS: what is left
+        except socket.timeout:
+            sock.close()
+            raise
+        return sock
+
+    def connect(self):
+        self._create_connection = self._open_socket
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock, self.deadline)
+
+
+class _DeadlineHTTP(_DeadlineConnection, http.client.HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPS(_DeadlineConnection, http.client.HTTPSConnection):
+    pass
+
+
+def _connection_factory(connection_class, deadline):
+    def connection(host, **options):
+        made = connection_class(host, **options)
+        made.deadline = deadline
+        return made
+    return connection
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline):
+        urllib.request.HTTPHandler.__init__(self)
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(_connection_factory(_DeadlineHTTP, self.deadline),
+                            req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline, context):
+        urllib.request.HTTPSHandler.__init__(self, context=context)
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(_connection_factory(_DeadlineHTTPS,
+                                                self.deadline),
+                            req, context=self._context)
+
+
 def http_post(url, body, headers, timeout, context):
     """POST and return (status, headers, body); network failures raise a
-    retryable DeliveryError. Proxies come from the usual environment
+    retryable DeliveryError. `timeout` bounds the whole request, however
+    slowly the service answers. Proxies come from the usual environment
     variables (https_proxy, no_proxy)."""
     request = urllib.request.Request(url, data=body, method="POST",
                                      headers=dict(headers, **{
                                          "User-Agent": USER_AGENT}))
+    deadline = Deadline(timeout)
     opener = urllib.request.build_opener(
-        urllib.request.HTTPSHandler(context=context), _NoRedirects())
+        _DeadlineHTTPHandler(deadline),
+        _DeadlineHTTPSHandler(deadline, context), _NoRedirects())
     try:
         with opener.open(request, timeout=timeout) as response:
             return response.status, response.headers, \
@@ -4308,8 +4569,8 @@ def http_post(url, body, headers, timeout, context):
     except (urllib.error.URLError, OSError, http.client.HTTPException,
             ValueError) as error:
         raise DeliveryError("cannot reach %s: %s" % (
-            urllib.parse.urlsplit(url).hostname, _network_reason(error))) \
-            from None
+            urllib.parse.urlsplit(url).hostname, _timed_out(
+                _network_reason(error), timeout))) from None
 
 
 def _json_body(payload):
@@ -4576,6 +4837,41 @@ class WebhookSink(HttpSink):
         return self.secret("url"), headers, body
 
 
+class _DeadlineSMTPConnection:
+    """An SMTP session whose connect, TLS, and every command and reply
+    share one `deadline` (smtplib's timeout is per read)."""
+
+    def __init__(self, host, port, deadline, **options):
+        self.deadline = deadline
+        super().__init__(host, port, timeout=deadline.left(), **options)
+
+    def _get_socket(self, host, port, timeout):
+        sock = super()._get_socket(host, port, self.deadline.left())
+        return _DeadlineSocket(sock, self.deadline)
+
+    def starttls(self, *args, **kwargs):
+        self.sock.settimeout(self.deadline.left())  # the TLS handshake
+        reply = super().starttls(*args, **kwargs)
+        self.sock = _DeadlineSocket(self.sock, self.deadline)
+        return reply
+
+
+class _DeadlineSMTP(_DeadlineSMTPConnection, smtplib.SMTP):
+    pass
+
+
+class _DeadlineSMTPS(_DeadlineSMTPConnection, smtplib.SMTP_SSL):
+    pass
+
+
+def _timed_out(reason, timeout):
+    """A network reason, saying which timeout ran out when one did."""
+    if reason.endswith("timed out"):
+        return reason + " (no complete answer within the %d s timeout)" \
+            % timeout
+    return reason
+
+
 class EmailSink(RemoteSink):
     """E-mail through an SMTP server: STARTTLS or TLS, login optional."""
 
@@ -4610,11 +4906,12 @@ class EmailSink(RemoteSink):
             raise DeliveryError("security = none is only allowed to a "
                                 "loopback SMTP server", permanent=True)
         try:
+            deadline = Deadline(self.timeout)
             if security == "tls":
-                server = smtplib.SMTP_SSL(host, port, timeout=self.timeout,
-                                          context=self.context)
+                server = _DeadlineSMTPS(host, port, deadline,
+                                        context=self.context)
             else:
-                server = smtplib.SMTP(host, port, timeout=self.timeout)
+                server = _DeadlineSMTP(host, port, deadline)
             with server:
                 if security == "starttls":
                     server.starttls(context=self.context)
@@ -4637,7 +4934,8 @@ class EmailSink(RemoteSink):
                 from None
         except (smtplib.SMTPException, OSError) as error:
             raise DeliveryError("cannot reach %s: %s" % (
-                host, _network_reason(error))) from None
+                host, _timed_out(_network_reason(error), self.timeout))) \
+                from None
 
 
 #: channel type -> sink class; a new destination is one class here.
@@ -4665,6 +4963,10 @@ TOMBSTONE_PRUNE_EVERY = 100
 #: unexpected error (not a delivery answer) is set aside as refused, so it
 #: cannot hold up every alert behind it.
 MAX_UNEXPECTED_FAILURES = 5
+
+#: A delivery still waiting for its answer after this long marks its
+#: channel degraded until it ends (it fails at the channel's timeout).
+SLOW_REQUEST_S = 5.0
 
 #: Largest spool file read back (an alert is a few KiB).
 MAX_SPOOL_FILE_BYTES = 1024 * 1024
@@ -4704,6 +5006,46 @@ def event_from_record(record):
     return Event(**fields)
 
 
+#: Alerts a full spool drops last: someone got into root, a guessed
+#: password, a forgery, and the report of what was already lost.
+_DROPPED_LAST = frozenset(("success_after_failures", "spoofed_entry",
+                           "alerts_dropped", "journal_suppressed",
+                           "unaccounted_session"))
+
+
+def alert_value(event):
+    """How much an alert matters when a full spool must drop one, lowest
+    first: (tier, severity). Tier 0: repeats, digests and routine alerts;
+    1: unique access and detections; 2: a root login, a success after
+    failures, a forgery."""
+    severity = event_severity(event)
+    if event.action in _DROPPED_LAST or (
+            event.action == "login_success" and "root" in (
+                event.user, event.target_user)):
+        return 2, severity
+    if event.repeat is not None or event.action == "alert_digest" or \
+            severity < ACTIONS["sudo_command"][3]:
+        return 0, severity
+    return 1, severity
+
+
+#: The value of an alert that could not be read back: the first to go.
+UNKNOWN_VALUE = (-1, -1)
+
+#: What a spool remembers of each alert it holds, to choose which to drop
+#: and to say what was lost: its value and who it was about.
+SpoolItem = collections.namedtuple("SpoolItem",
+                                   "value action user source held")
+
+
+def spool_item(event):
+    return SpoolItem(alert_value(event), event.action,
+                     event.user or event.user_id,
+                     event.source_ip or event.source_domain,
+                     event.held_back if event.action == "alert_digest"
+                     else 0)
+
+
 def alert_id(event):
     """The same alert always gets the same name in the spool."""
     return hashlib.sha256(json.dumps(
@@ -4727,6 +5069,76 @@ def _fsync_directory(path):
         os.close(descriptor)
 
 
+class LostAlerts:
+    """What a spool dropped: counted by reason and by action, with the
+    users and sources named (up to MAX_DIGEST_NAMES)."""
+
+    def __init__(self):
+        self.reasons = collections.Counter()
+        self.actions = collections.Counter()
+        self.users = collections.OrderedDict()
+        self.sources = collections.OrderedDict()
+        self.held = 0  # alerts that the lost digests stood for
+
+    def add(self, reason, item):
+        self.reasons[reason] += 1
+        if item is not None:
+            self.held += item.held or 0
+            self.actions[item.action] += 1
+            _name_some(self.users, (item.user,))
+            _name_some(self.sources, (item.source,))
+
+    def merge(self, other):
+        self.reasons.update(other.reasons)
+        self.actions.update(other.actions)
+        self.held += other.held
+        _name_some(self.users, other.users)
+        _name_some(self.sources, other.sources)
+
+    def to_json(self):
+        if not self.reasons:
+            return {}
+        return {"reasons": dict(self.reasons), "actions": dict(self.actions),
+                "users": list(self.users), "sources": list(self.sources),
+                "held": self.held}
+
+    @classmethod
+    def from_json(cls, saved):
+        """Back from to_json's data (or an older {reason: count}); what is
+        not understood is left out."""
+        lost = cls()
+        if not isinstance(saved, dict):
+            return lost
+        counts = saved.get("reasons", saved)
+        for target, source in ((lost.reasons, counts),
+                               (lost.actions, saved.get("actions"))):
+            target.update({key: count for key, count in (
+                source.items() if isinstance(source, dict) else ())
+                if isinstance(key, str) and type(count) is int
+                and count > 0})
+        held = saved.get("held")
+        lost.held = held if type(held) is int and held > 0 else 0
+        for target, names in ((lost.users, saved.get("users")),
+                              (lost.sources, saved.get("sources"))):
+            _name_some(target, [name for name in (
+                names if isinstance(names, list) else ())
+                if isinstance(name, str)])
+        return lost
+
+    def summary(self):
+        """"3 spool full (2 sudo_command, 1 alert_digest of 40 held
+        back)"."""
+        kinds = ", ".join("%d %s%s" % (count, action, " of %d held back"
+                                       % self.held if self.held and action
+                                       == "alert_digest" else "")
+                          for action, count in sorted(
+                              self.actions.items(),
+                              key=lambda item: (-item[1], item[0])))
+        return ", ".join("%d %s" % (count, reason.replace("_", " "))
+                         for reason, count in sorted(self.reasons.items())
+                         ) + (" (%s)" % kinds if kinds else "")
+
+
 class Spool:
     """A channel's durable queue: one file per alert in its directory.
 
@@ -4744,7 +5156,9 @@ class Spool:
         self.lock = threading.Condition()
         self.ready = collections.deque()  # (created, id), oldest first
         self.staged = []
-        self.dropped = collections.Counter()
+        self.items = {}  # id -> SpoolItem
+        self.dropped = LostAlerts()  # until reported
+        self.lost = LostAlerts()  # since start, for the metrics
         self.in_memory = {}  # id -> event, when the disk refused it
         self.disk_error = None
         self.delivered_count = 0
@@ -4755,27 +5169,28 @@ class Spool:
     def open(self):
         """Create the directory; alerts left by a previous run come first."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        waiting = []
+        waiting, items = [], {}
         for name in os.listdir(self.directory):
             if name.endswith(".alert"):
                 try:
                     found = os.lstat(self._path(name))
                 except OSError:
                     continue
-                if stat.S_ISREG(found.st_mode):
-                    waiting.append((found.st_mtime, name[:-6]))
-                else:  # planted: not an alert, and never to be opened
+                if not stat.S_ISREG(found.st_mode):  # planted: never opened
                     set_aside(self._path(name), file_kind(found.st_mode))
+                    continue
+                waiting.append((found.st_mtime, name[:-6]))
+                event = self._load(name[:-6], quiet=True)
+                if event is not None:  # else dropped when taken
+                    items[name[:-6]] = spool_item(event)
             elif name.startswith("."):  # replace_file's, left by a crash
                 self._unlink(name)
         self.prune_tombstones()
-        dropped = self._read_json("dropped.json")
+        dropped = LostAlerts.from_json(self._read_json("dropped.json"))
         with self.lock:
             self.ready.extend(sorted(waiting))
-            self.dropped.update({reason: count for reason, count in (
-                dropped.items() if isinstance(dropped, dict) else ())
-                if isinstance(reason, str) and type(count) is int
-                and count > 0})
+            self.items.update(items)
+            self.dropped.merge(dropped)
             self._enforce_bounds()
 
     def prune_tombstones(self):
@@ -4808,6 +5223,8 @@ class Spool:
             events = dict(old.in_memory)
         with self.lock:
             self.in_memory.update(events)
+            self.items.update((name, spool_item(event))
+                              for name, event in events.items())
             self.ready.extend(names)
             self.lock.notify_all()
 
@@ -4829,11 +5246,13 @@ class Spool:
         except OSError as error:
             with self.lock:
                 if self.disk_error is None:
-                    say("error", "cannot write the spool %s: %s; keeping "
-                        "alerts in memory" % (self.directory,
-                                              error.strerror or error))
+                    say("error", "cannot write the spool file %s: %s; "
+                        "keeping alerts in memory" % (
+                            self._path(name + ".alert"),
+                            error.strerror or error))
                 self.disk_error = str(error.strerror or error)
                 self.in_memory[name] = event
+                self.items[name] = spool_item(event)
                 self.staged.append((self.clock(), name))
             return True
         with self.lock:
@@ -4841,6 +5260,7 @@ class Spool:
                 say("info", "the spool %s is writable again"
                     % self.directory)
                 self.disk_error = None
+            self.items[name] = spool_item(event)
             self.staged.append((self.clock(), name))
         return True
 
@@ -4912,40 +5332,59 @@ class Spool:
             self._drop_locked(name, "refused")
 
     def take_dropped(self):
-        """What was dropped since last asked, {reason: count}."""
+        """What was dropped since last asked, as LostAlerts.to_json gives
+        it ({} when nothing was)."""
         with self.lock:
-            dropped, self.dropped = dict(self.dropped), collections.Counter()
-        if dropped:
+            dropped, self.dropped = self.dropped, LostAlerts()
+        if dropped.reasons:
             self._write_json("dropped.json", {})
-        return dropped
+        return dropped.to_json()
 
     def depth(self):
         with self.lock:
             return len(self.ready)
+
+    def lost_since_start(self):
+        """What this spool dropped since it was opened (a LostAlerts)."""
+        with self.lock:
+            lost = LostAlerts()
+            lost.merge(self.lost)
+        return lost
 
     def oldest_age_s(self):
         with self.lock:
             return self.clock() - self.ready[0][0] if self.ready else 0.0
 
     def _enforce_bounds(self):
+        """Drop by value, not age: the least valuable (then the oldest)
+        first, so a flood of repeats cannot push out a root login."""
         while len(self.ready) > self.max_alerts:
-            self._drop_locked(self.ready[0][1], "spool_full")
+            victim = min(self.ready, key=lambda item: (
+                self._value(item[1]), item[0]))
+            self._drop_locked(victim[1], "spool_full")
+
+    def _value(self, name):
+        item = self.items.get(name)
+        return item.value if item is not None else UNKNOWN_VALUE
 
     def _drop_locked(self, name, reason):
         if self.in_memory.pop(name, None) is None:
             self._unlink(name + ".alert")
+        item = self.items.get(name)
         self._forget(name)
-        self.dropped[reason] += 1
-        self._write_json("dropped.json", dict(self.dropped))
+        for lost in (self.dropped, self.lost):
+            lost.add(reason, item)
+        self._write_json("dropped.json", self.dropped.to_json())
 
     def _forget(self, name):
+        self.items.pop(name, None)
         if self.ready and self.ready[0][1] == name:
             self.ready.popleft()
         else:
             self.ready = collections.deque(
                 item for item in self.ready if item[1] != name)
 
-    def _load(self, name):
+    def _load(self, name, quiet=False):
         if name in self.in_memory:
             return self.in_memory[name]
         record = self._read_json(name + ".alert")
@@ -4953,8 +5392,9 @@ class Spool:
             event = event_from_record(record.get("event"))
             if event is not None:
                 return event
-        say("warning", "dropping unreadable spool file %s"
-            % self._path(name + ".alert"))
+        if not quiet:
+            say("warning", "dropping unreadable spool file %s"
+                % self._path(name + ".alert"))
         return None
 
     def _read_json(self, name):
@@ -4968,7 +5408,8 @@ class Spool:
         try:
             replace_file(self._path(name), json.dumps(value))
         except OSError as error:
-            say("warning", "cannot write %s: %s" % (self._path(name), error))
+            say("warning", "cannot write %s: %s" % (
+                self._path(name), error.strerror or error))
 
     def _unlink(self, name):
         try:
@@ -4996,6 +5437,17 @@ class Courier(threading.Thread):
         self.last_error = None
         self.last_wait_s = None
         self.unexpected = (None, 0)  # (alert, failures in a row)
+        self.sending_since = None  # time.monotonic() of the request in flight
+
+    def slow_request(self, now=None):
+        """Why the channel is slow, while a request runs long; else None."""
+        since = self.sending_since
+        now = time.monotonic() if now is None else now
+        if since is None or now - since < SLOW_REQUEST_S:
+            return None
+        return "a delivery is waiting for an answer longer than %d s " \
+            "(timeout %d s)" % (SLOW_REQUEST_S, getattr(self.sink, "timeout",
+                                                        0))
 
     def stop(self, timeout=2.0):
         self.stopping.set()
@@ -5012,18 +5464,22 @@ class Courier(threading.Thread):
     def deliver_one(self, name, event):
         """One attempt at the oldest alert; waits out a failure."""
         delay_s = max(0.0, self.clock() - event.timestamp_us / 1e6)
+        self.sending_since = time.monotonic()
         try:
             self.sink.send(event, delay_s)
         except DeliveryError as error:
+            self.sending_since = None
             self._failed(name, event, error)
             return
         except Exception as error:  # a sink bug: keep the alert, retry
+            self.sending_since = None
             same = self.unexpected[0] == name
             self.unexpected = (name, self.unexpected[1] + 1 if same else 1)
             self._failed(name, event, DeliveryError(
                 "unexpected %s: %s" % (type(error).__name__, error),
                 permanent=self.unexpected[1] >= MAX_UNEXPECTED_FAILURES))
             return
+        self.sending_since = None
         self.spool.delivered(name)
         self.delivered += 1
         if self.failures:
@@ -5054,19 +5510,24 @@ class Courier(threading.Thread):
         self.stopping.wait(wait_s)
 
     def _report_drops(self):
-        dropped = self.spool.take_dropped()
-        if not dropped:
+        dropped = LostAlerts.from_json(self.spool.take_dropped())
+        if not dropped.reasons:
             return
-        total = sum(dropped.values())
-        detail = ", ".join("%d %s" % (count, reason.replace("_", " "))
-                           for reason, count in sorted(dropped.items()))
-        say("warning", "channel %s lost %d alert%s: %s" % (
-            self.sink.name, total, "" if total == 1 else "s", detail))
+        total = sum(dropped.reasons.values())
+        detail = dropped.summary()
+        named = "".join("; %s: %s" % (label, ", ".join(names)) for label,
+                        names in (("users", dropped.users),
+                                  ("sources", dropped.sources)) if names)
+        say("warning", "channel %s lost %d alert%s: %s%s" % (
+            self.sink.name, total, "" if total == 1 else "s", detail, named))
         self.spool.put(Event(
             action="alerts_dropped", timestamp_us=int(self.clock() * 1e6),
             held_back=total, detail=detail, hostname=socket.gethostname(),
-            message="%d alert%s could not be delivered to %s: %s" % (
-                total, "" if total == 1 else "s", self.sink.name, detail)))
+            users_tried=tuple(dropped.users) or None,
+            sources=tuple(dropped.sources) or None,
+            message="%d alert%s could not be delivered to %s: %s%s" % (
+                total, "" if total == 1 else "s", self.sink.name, detail,
+                named)))
         self.spool.flush()
 
 
@@ -5218,11 +5679,14 @@ def replace_file(path, text, durable=False, mode=0o600, owner=None):
         except IsADirectoryError:
             set_aside(path, "a directory")
             os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         try:
             os.unlink(temporary)
         except OSError:
             pass
+        if isinstance(error, OSError) and error.filename in (None,
+                                                             temporary):
+            raise naming_file(error, path) from None
         raise
 
 
@@ -5307,6 +5771,25 @@ def read_state_file(path, limit=-1):
     except NotRegularFile as error:
         set_aside(path, error.kind)
         return None
+
+
+def naming_file(error, filename):
+    """The same I/O error (of the same class: a BrokenPipeError stays
+    one) naming `filename`: a write or fsync names no file by itself."""
+    if error.errno is None:
+        return error
+    return type(error)(error.errno, error.strerror, filename)
+
+
+def io_error_text(error):
+    """"FILE: what went wrong" for an I/O error, naming the file when the
+    error knows it."""
+    strerror = getattr(error, "strerror", None)
+    if not strerror:
+        return str(error)
+    filename = getattr(error, "filename", None)
+    return "%s: %s" % (filename, strerror) if filename is not None \
+        else strerror
 
 
 def metrics_path(config):
@@ -5916,8 +6399,8 @@ class Notifier:
                 sock.sendall("\n".join(fields).encode("utf-8"))
         except OSError as error:
             if not self.complained:  # once: it would repeat every ping
-                say("warning", "cannot notify systemd: %s"
-                    % (error.strerror or error))
+                say("warning", "cannot notify systemd at %s: %s"
+                    % (self.address, error.strerror or error))
                 self.complained = True
             return False
         return True
@@ -6025,6 +6508,12 @@ METRICS = collections.OrderedDict((
      ("gauge", "Alerts waiting in a network channel's spool.")),
     ("pamsignal_spool_oldest_age_seconds",
      ("gauge", "How long the oldest alert in the spool has waited.")),
+    ("pamsignal_alerts_dropped_total",
+     ("counter", "Alerts a channel's spool dropped (full, too old, refused, "
+      "unreadable), by action.")),
+    ("pamsignal_alerts_dropped_info",
+     ("gauge", "Whose alerts a channel's spool dropped: users and sources "
+      "(up to 10 each) in labels.")),
     ("pamsignal_config_reloads_total",
      ("counter", "Configuration reloads (SIGHUP), by result.")),
     ("pamsignal_degraded",
@@ -6176,7 +6665,8 @@ class Pipeline:
         """Parse one entry and send its event, then what it made the
         detector find; returns how many events were sent. `now_s` (wall
         clock) is given when the entry is live (`run`, not `scan`)."""
-        event = parse_entry(entry)
+        event = parse_entry(entry, int((self.clock() if now_s is None
+                                        else now_s) * 1000000))
         if event is not None:
             event = self.sudo_attempts.observe(event)
         if event is None:
@@ -6370,9 +6860,7 @@ class Agent:
         try:
             write()
         except (OSError, StateError) as error:
-            self.impair(component, getattr(error, "strerror", None) and
-                        "%s: %s" % (error.filename, error.strerror)
-                        or str(error))
+            self.impair(component, io_error_text(error))
             return False
         self.restore_component(component)
         return True
@@ -6424,6 +6912,9 @@ class Agent:
         for courier in self.couriers:
             if courier.failures:
                 failing.setdefault(courier.sink.name, courier.last_error)
+            slow = courier.slow_request()
+            if slow is not None:
+                failing.setdefault(courier.sink.name, slow)
         for channel in self.pipeline.channels:
             if channel.spool is not None and channel.spool.disk_error:
                 failing.setdefault(channel.sink.name, "its spool: %s"
@@ -6548,6 +7039,14 @@ class Agent:
                     ("pamsignal_spool_alerts", labels, channel.spool.depth()),
                     ("pamsignal_spool_oldest_age_seconds", labels,
                      channel.spool.oldest_age_s())]
+                lost = channel.spool.lost_since_start()
+                samples += [("pamsignal_alerts_dropped_total", dict(
+                    labels, action=action), count) for action, count
+                    in sorted(lost.actions.items())]
+                if lost.reasons:
+                    samples.append(("pamsignal_alerts_dropped_info", dict(
+                        labels, users=",".join(lost.users),
+                        sources=",".join(lost.sources)), 1))
         samples += [("pamsignal_config_reloads_total", {"result": result},
                      health.reloads[result]) for result in ("ok", "failed")]
         health.known.update("channel:" + name for name in channels)
@@ -7134,6 +7633,12 @@ def health_report(metrics, now_s, alive=pid_alive):
     failed = by_label("pamsignal_alerts_failed_total", "channel")
     waiting = by_label("pamsignal_spool_alerts", "channel")
     oldest = by_label("pamsignal_spool_oldest_age_seconds", "channel")
+    dropped = collections.defaultdict(collections.OrderedDict)
+    for labels, number in metrics.get("pamsignal_alerts_dropped_total", ()):
+        dropped[labels.get("channel", "")][labels.get("action", "")] = \
+            int(number)
+    whose = {labels.get("channel", ""): labels for labels, _ in
+             metrics.get("pamsignal_alerts_dropped_info", ())}
     report = collections.OrderedDict((
         ("state", state), ("version", info[0][0].get("version")),
         ("pid", pid), ("written_s_ago", round(now_s - written_s, 1)),
@@ -7145,7 +7650,8 @@ def health_report(metrics, now_s, alive=pid_alive):
          int(value("pamsignal_journalctl_restarts_total"))),
         ("events", by_label("pamsignal_events_total", "action")),
         ("channels", collections.OrderedDict(
-            (name, _channel_report(name, sent, failed, waiting, oldest))
+            (name, _channel_report(name, sent, failed, waiting, oldest,
+                                   dropped.get(name), whose.get(name)))
             for name in sorted(set(sent) | set(failed)))),
         ("degraded", [component for component, flag in by_label(
             "pamsignal_degraded", "component").items() if flag]),
@@ -7175,14 +7681,36 @@ def _last_suppression(samples):
         ("time", format_timestamp(int(when_s * 1e6)))))
 
 
-def _channel_report(name, sent, failed, waiting, oldest):
-    """A channel's counts for `status`; network channels add their spool."""
+def _channel_report(name, sent, failed, waiting, oldest, dropped=None,
+                    whose=None):
+    """A channel's counts for `status`; network channels add their spool
+    and what it dropped (by action, and whose)."""
     counts = {"sent": int(sent.get(name, 0)),
               "failed": int(failed.get(name, 0))}
     if name in waiting:
         counts["waiting"] = int(waiting[name])
         counts["oldest_s"] = round(oldest.get(name, 0.0), 1)
+    if dropped:
+        counts["dropped"] = dict(dropped)
+        for key in ("users", "sources"):
+            names = (whose or {}).get(key)
+            counts["dropped_" + key] = names.split(",") if names else []
     return counts
+
+
+def _dropped_text(counts):
+    """", 3 dropped (2 sudo_command, 1 alert_digest; users: mallory)"."""
+    if not counts.get("dropped"):
+        return ""
+    kinds = sorted(counts["dropped"].items(),
+                   key=lambda item: (-item[1], item[0]))
+    named = "".join("; %s: %s" % (key, ",".join(counts["dropped_" + key]))
+                    for key in ("users", "sources")
+                    if counts.get("dropped_" + key))
+    return ", %d dropped (%s%s)" % (
+        sum(counts["dropped"].values()),
+        ", ".join("%d %s" % (count, action) for action, count in kinds),
+        named)
 
 
 _STATE_TEXT = {
@@ -7220,11 +7748,12 @@ def render_status(report, path):
     lines.append("events:     " + (", ".join(
         "%s %d" % item for item in report["events"].items()) or "none"))
     lines.append("channels:   " + (", ".join(
-        "%s %d sent %d failed%s" % (
+        "%s %d sent %d failed%s%s" % (
             name, counts["sent"], counts["failed"],
             "" if "waiting" not in counts else ", %d waiting%s" % (
                 counts["waiting"], " (oldest %s)" % _duration_text(
-                    counts["oldest_s"]) if counts["waiting"] else ""))
+                    counts["oldest_s"]) if counts["waiting"] else ""),
+            _dropped_text(counts))
         for name, counts in report["channels"].items()) or "none"))
     lines.append("degraded:   " + (", ".join(report["degraded"]) or "no"))
     lines.append("suppressed: " + (", ".join(
@@ -7567,9 +8096,11 @@ first_start = now
 journalctl = journalctl
 
 # While a channel is unreachable its alerts wait in a spool under
-# state_dir/spool/NAME/: at most this many (the oldest dropped first),
-# and none older than this. What is dropped is reported once delivery
-# works again.
+# state_dir/spool/NAME/: at most this many, and none older than this.
+# A full spool drops by value: repeats, digests and routine alerts first,
+# a root login, a success after failures or a forgery last. What is
+# dropped (which kinds, users and sources) is reported once delivery works
+# again.
 spool_max_alerts = 1000
 spool_max_age = 7d
 
@@ -7654,6 +8185,12 @@ cooldown = 10m
 # until the flood stops. Logins, sudo commands and suspicious successes
 # are never held back by the cooldown or the rate limit. off for no limit.
 rate_limit = 20 in 1m
+# Identical accesses (the same action, user, target, command or source,
+# and outcome, such as one sudo command run in a loop): the first N in a
+# window are sent, the rest of that window go out as one counted
+# alert_digest that names what repeated. A different access is never held.
+# off to send every one.
+repeats = 3 in 10m
 
 # Each [channel:NAME] section is one destination. Without any, every event
 # goes to the console.
@@ -7665,6 +8202,7 @@ format = text
 events = *
 cooldown = off
 rate_limit = off
+repeats = off
 
 # Network channels (uncomment and fill in one or more). Each sends through
 # a durable spool with retries, and takes timeout (10s), ca_file (trust a
@@ -7801,8 +8339,8 @@ def command_install(args, stdout):
                      "ssh` (sshd on Fedora/EL) when it suits you (open "
                      "sessions survive it)\n")
     except OSError as error:
-        raise PamSignalError("install failed: %s: %s" % (
-            error.filename, error.strerror or error)) from None
+        raise PamSignalError("install failed: %s" % io_error_text(
+            error)) from None
     stdout.write("installed %s and %s\n" % (paths["program"], paths["unit"]))
     if root == "/" and systemd_is_running():
         _systemctl(stdout, "daemon-reload")
@@ -7844,8 +8382,8 @@ def command_uninstall(args, stdout):
                     shutil.rmtree(path)
                     removed.append(path)
     except OSError as error:
-        raise PamSignalError("uninstall failed: %s: %s" % (
-            error.filename, error.strerror or error)) from None
+        raise PamSignalError("uninstall failed: %s" % io_error_text(
+            error)) from None
     if managed:
         _systemctl(stdout, "daemon-reload")
     for path in removed:

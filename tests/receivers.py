@@ -618,6 +618,38 @@ class Hang(Slow):
         Slow.__init__(self, seconds, 200, b"ok")
 
 
+class Drip(object):
+    """Answer `status`, but one byte every `interval` seconds, padded with
+    a header so that the whole answer takes about `seconds`: each read of
+    the client gets a byte in time, so a per-read timeout never fires.
+    stop()/down() end it at once (the connection is closed)."""
+
+    def __init__(self, seconds=60, interval=1.0, status=200, body=b"ok"):
+        self.seconds = seconds
+        self.interval = interval
+        self.status = int(status)
+        self.body = body
+
+    def answer(self):
+        """The bytes dripped: status line, padding header, body."""
+        head = b"HTTP/1.1 %d Dripping\r\nContent-Length: %d\r\n" % (
+            self.status, len(self.body))
+        total = int(self.seconds / self.interval)
+        padding = max(total - len(head) - len(self.body) - 12, 1)
+        return head + b"X-Drip: " + b"a" * padding + b"\r\n\r\n" + self.body
+
+    def _perform(self, handler, request):
+        handler.close_connection = True
+        for index, byte in enumerate(self.answer()):
+            if index and handler.server.abort.wait(self.interval):
+                return
+            handler.wfile.write(bytes((byte,)))
+            handler.wfile.flush()
+
+    def __repr__(self):
+        return "Drip(%s, %s)" % (self.seconds, self.interval)
+
+
 class Drop(object):
     """Read the request, then close the connection (FIN) unanswered."""
 
@@ -1047,9 +1079,24 @@ class _SmtpHandler(socketserver.BaseRequestHandler):
 
     # -- session
 
+    def _drip_greeting(self, seconds, interval):
+        """The greeting a byte every `interval` for about `seconds` (a
+        padded continuation line first), so no single read of the client
+        waits long: only a deadline on the whole exchange ends it."""
+        tail = b"\r\n220 localhost ESMTP slow\r\n"
+        padding = b"a" * max(int(seconds / interval) - len(tail) - 4, 1)
+        for index, byte in enumerate(b"220-" + padding + tail):
+            if index and self.server.abort.wait(interval):
+                raise _Closed()
+            self.sock.sendall(bytes((byte,)))
+
     def handle(self):
         try:
-            self._reply(220, "localhost ESMTP PAMSignal test receiver")
+            if self.rx.drip_greeting:
+                self._drip_greeting(self.rx.drip_greeting,
+                                    self.rx.drip_interval)
+            else:
+                self._reply(220, "localhost ESMTP PAMSignal test receiver")
             while True:
                 line = self._readline().rstrip(b"\r\n")
                 try:
@@ -1309,6 +1356,8 @@ class SmtpReceiver(_Receiver):
                    TLS when TLS is configured (auth_without_tls overrides).
     require_auth   MAIL before AUTH gets 530 (default: when user is set).
     require_tls    MAIL before STARTTLS gets 530.
+    drip_greeting  seconds over which the greeting is sent, a byte every
+                   drip_interval seconds (default 1).
 
     `messages` (snapshot), `wait_for(count, timeout)`, `commands` (every
     command line, AUTH payloads left out), `auth_failures` [(mechanism,
@@ -1320,7 +1369,8 @@ class SmtpReceiver(_Receiver):
     def __init__(self, tls=None, implicit_tls=False, user=None,
                  password=None, mechanisms=("PLAIN", "LOGIN"),
                  require_auth=None, require_tls=False,
-                 auth_without_tls=None):
+                 auth_without_tls=None, drip_greeting=None,
+                 drip_interval=1.0):
         if implicit_tls and tls is None:
             raise ValueError("implicit_tls needs tls=CertBundle")
         _Receiver.__init__(self, tls if implicit_tls else None)
@@ -1334,6 +1384,8 @@ class SmtpReceiver(_Receiver):
         self.require_auth = (user is not None if require_auth is None
                              else require_auth)
         self.require_tls = require_tls
+        self.drip_greeting = drip_greeting
+        self.drip_interval = drip_interval
         self.auth_without_tls = (tls is None if auth_without_tls is None
                                  else auth_without_tls)
         self._messages = []

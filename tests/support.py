@@ -153,8 +153,11 @@ def json_line(entry):
 
 
 def write_config(path, text):
+    """The file as an admin keeps it: readable by its owner only (one
+    that holds a channel's secrets must be)."""
     with open(str(path), "w") as handle:
         handle.write(text)
+    os.chmod(str(path), 0o600)
     return str(path)
 
 

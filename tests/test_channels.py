@@ -4,6 +4,7 @@ service's answer is judged, signatures, and the durable spool."""
 import base64
 import hashlib
 import hmac
+import html
 import json
 import os
 
@@ -265,7 +266,7 @@ def test_templates_escape_values_but_not_the_admins_markup():
                     "from {source}\n")
     _, _, body = sink.request(event(user="<i>x</i>"), 0)
     assert json.loads(body)["text"] == (
-        "<b>Login: &lt;i&gt;x&lt;/i&gt; on web1</b>\n&lt;i&gt;x&lt;/i&gt; "
+        '<b>Login: "&lt;i&gt;x&lt;/i&gt;" on web1</b>\n"&lt;i&gt;x&lt;/i&gt;" '
         "from 203.0.113.5:51234")
 
 
@@ -405,7 +406,7 @@ def test_spool_bounds_drop_the_oldest_and_count_why(tmp_path):
     assert queue.take(0)[1].user == "u2"
     clock[0] += 61
     assert queue.take(0) is None
-    assert queue.take_dropped() == {"spool_full": 2, "too_old": 3}
+    assert queue.take_dropped()["reasons"] == {"spool_full": 2, "too_old": 3}
     assert queue.take_dropped() == {}
     files = os.listdir(str(tmp_path / "spool"))
     assert not [f for f in files if f.endswith(".alert")]
@@ -420,7 +421,7 @@ def test_a_damaged_spool_file_is_dropped_with_a_warning(tmp_path, capsys):
                if f.endswith(".alert")]
     (tmp_path / "spool" / name).write_text('{"version": 1, "event": [')
     assert queue.take(0) is None
-    assert queue.take_dropped() == {"unreadable": 1}
+    assert queue.take_dropped()["reasons"] == {"unreadable": 1}
     assert "dropping unreadable spool file" in capsys.readouterr().err
 
 
@@ -456,7 +457,7 @@ def test_escaping_that_lengthens_text_still_fills_the_limit():
     values = pamsignal.template_values(long_command, alert)
     text = pamsignal.compose(alert, "", "", 4096, pamsignal.escape_html,
                              "<b>{title}</b>" + "{command}" * 15, values)
-    assert text.startswith("<b>sudo: alice on web1</b>&amp;")
+    assert text.startswith('<b>sudo: alice on web1</b>"&amp;')
     assert 4000 < len(text) <= 4096
 
 
@@ -497,3 +498,100 @@ def test_a_new_spool_adopts_the_alerts_the_disk_refused(tmp_path):
     assert (name, taken.user) == ("abc", "kept")
     new.delivered(name)
     assert new.depth() == 0 and not new.in_memory
+
+
+def test_a_full_spool_drops_by_value_not_age(tmp_path):
+    """The red team's flood: one root login, then a flood of sudo repeats
+    and their digests into a backlogged spool. The root login stays."""
+    clock = [1000.0]
+    queue = spool(tmp_path, clock, max_alerts=5)
+    root = event("login_success", user="root", source_ip="198.51.100.7")
+    queue.put(root)
+    forged = event("spoofed_entry", source_ip=None, user=None, writer_uid=1000)
+    queue.put(forged)
+    queue.put(event("sudo_command", source_ip=None, user="mallory",
+                    target_user="root", command_line="/bin/sh"))
+    for n in range(1, 3):
+        queue.put(event("sudo_command", source_ip=None, user="mallory",
+                        target_user="root", command_line="/bin/true",
+                        repeat=n))
+    queue.flush()
+    for n in range(4):  # digests of further repeats keep coming
+        clock[0] += 1
+        queue.put(event("alert_digest", source_ip=None, user="mallory",
+                        reason="repeat", held_back=100 + n))
+        queue.flush()
+    kept = []
+    while True:
+        taken = queue.take(0)
+        if taken is None:
+            break
+        kept.append(taken[1])
+        queue.delivered(taken[0])
+    assert kept[:3] == [root, forged, kept[2]]
+    assert kept[2].command_line == "/bin/sh"  # a unique access stays
+    assert [alert.held_back for alert in kept[3:]] == [102, 103]
+    lost = queue.take_dropped()
+    assert lost["reasons"] == {"spool_full": 4}
+    assert lost["actions"] == {"sudo_command": 2, "alert_digest": 2}
+    assert lost["users"] == ["mallory"]
+    assert lost["held"] == 100 + 101  # what the two lost digests counted
+    assert pamsignal.LostAlerts.from_json(lost).summary() == (
+        "4 spool full (2 alert_digest of 201 held back, 2 sudo_command)")
+    # Counted across a restart until reported.
+    assert spool(tmp_path, clock).take_dropped() == {}
+
+
+def test_what_a_spool_lost_is_kept_across_a_restart(tmp_path):
+    clock = [1000.0]
+    queue = spool(tmp_path, clock, max_alerts=1)
+    queue.put(event("login_success", user="root"))
+    queue.put(event("login_failure", user="alice", source_ip="192.0.2.9"))
+    queue.flush()
+    again = spool(tmp_path, clock, max_alerts=1)
+    assert again.take_dropped() == {
+        "reasons": {"spool_full": 1}, "actions": {"login_failure": 1},
+        "users": ["alice"], "sources": ["192.0.2.9"], "held": 0}
+
+
+def visible_title(kind, body):
+    """The first line a person reads, with the channel's own escaping of
+    &, < and > undone (every channel leaves double quotes as they are)."""
+    text = visible_text(kind, body)
+    if kind == "teams":
+        text = json.loads(text.splitlines()[0])["text"]
+    return html.unescape(text.splitlines()[0]).replace("\\\\", "\\") \
+        .replace("*", "").replace("<b>", "").replace("</b>", "") \
+        .replace("\u2060", "")
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("x from 6.6.6.6 port 22", '"x from 6.6.6.6 port 22"'),
+    ('x" from 6.6.6.6 "', '"x\\" from 6.6.6.6 \\""'),
+    ("bob on web2", '"bob on web2"'),
+    ("alice", "alice"), ("svc-deploy.2@corp", "svc-deploy.2@corp"),
+])
+def test_attacker_chosen_names_in_titles_cannot_pose_as_other_fields(
+        name, shown):
+    """`Failed login: x from 6.6.6.6 port 22 on vm` read as if the source
+    were 6.6.6.6: a name that is not a plain word is quoted, everywhere."""
+    failed = event("login_failure", user=name, source_ip="192.0.2.1",
+                   hostname="vm")
+    title = "Failed login: %s on vm" % shown
+    assert pamsignal.alert_text(failed).title == title
+    for kind, sink in sinks():
+        _, _, body = sink.request(failed, 0)
+        assert visible_title(kind, body).endswith(title), kind
+    mail = sink_for("[channel:e]\ntype = email\nhost = 127.0.0.1\n"
+                    "sender = p@example.com\nrecipients = a@example.com\n"
+                    "security = none\n").message(failed, 0)
+    assert mail["Subject"] == "[PAMSignal] " + title
+    facts = dict(pamsignal.alert_text(failed).facts)
+    assert facts["User"] == shown
+    # sudo: the person, the account and the command, each one value.
+    ran = pamsignal.alert_text(event(
+        "sudo_command", user=name, target_user="root x",
+        command_line="/bin/true from 6.6.6.6", source_ip=None))
+    assert ran.title == "sudo: %s as \"root x\" on web1" % shown
+    assert dict(ran.facts)["Command"] == '"/bin/true from 6.6.6.6"'
+    assert dict(ran.facts)["As"] == '"root x"'

@@ -5,6 +5,8 @@ on 429, 500, refusals, timeouts, dropped connections and a receiver that
 is down for a while. Nothing is mocked: the requests cross real sockets."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -151,7 +153,7 @@ def test_email_over_starttls_with_login(certs):
         (mail,) = mx.wait_for(1)
     assert mail.tls and mail.auth_user == "ps"
     assert mail.rcpt_to == ["admin@example.com", "ops@example.com"]
-    assert mail.message["Subject"].startswith("[PAMSignal] Login: eve")
+    assert mail.message["Subject"].startswith("[PAMSignal] Login: \"eve")
     assert "Bcc" not in mail.message
     assert "victim@example.com" not in mail.rcpt_to
     assert "203.0.113.5:51234" in mail.text
@@ -266,7 +268,12 @@ def test_a_full_spool_reports_what_it_lost_once_delivery_works(
     assert actions == ["login_success", "login_success", "alerts_dropped"]
     notice = receiver.requests[2].json
     assert notice["pamsignal"]["held_back"] == 3
-    assert notice["pamsignal"]["detail"] == "3 spool full"
+    assert notice["pamsignal"]["detail"] == "3 spool full (3 login_success)"
+    # All alike: the oldest went; the report names who was lost.
+    assert [r.json["user"]["name"] for r in receiver.requests[:2]] == [
+        "user3", "user4"]
+    assert notice["pamsignal"]["users_tried"] == ["user0", "user1", "user2"]
+    assert notice["pamsignal"]["sources"] == ["203.0.113.5"]
 
 
 # ------------------------------------------------------------- test-alert
@@ -326,16 +333,23 @@ def test_a_spool_the_disk_refuses_keeps_alerts_in_memory(receiver, tmp_path,
     assert "is writable again" in capsys.readouterr().err
 
 
-def test_metrics_show_each_spool(receiver, tmp_path):
-    config = pamsignal.parse_config(
-        "[pamsignal]\nstate_dir = %s\n[channel:hook]\ntype = webhook\n"
-        "url = %s/hook\n" % (tmp_path / "state", receiver.url))
+def spooled_agent(tmp_path, text, alerts):
+    """An Agent (not running) configured with `text` after its state_dir,
+    and `alerts` already in its one channel's spool."""
+    config = pamsignal.parse_config("[pamsignal]\nstate_dir = %s\n%s"
+                                    % (tmp_path / "state", text))
     channels = pamsignal.build_channels(config)
-    agent = pamsignal.Agent(config, channels)
     (channel,) = channels
     channel.spool.open()
-    channel.spool.put(login())
+    for alert in alerts:
+        channel.spool.put(alert)
     channel.spool.flush()
+    return pamsignal.Agent(config, channels), channel
+
+
+def test_metrics_show_each_spool(receiver, tmp_path):
+    agent, _ = spooled_agent(tmp_path, "[channel:hook]\ntype = webhook\n"
+                             "url = %s/hook\n" % receiver.url, [login()])
     text = pamsignal.render_metrics(agent.metric_samples(2e9))
     metrics = pamsignal.parse_metrics(text)
     assert metrics["pamsignal_spool_alerts"] == [({"channel": "hook"}, 1.0)]
@@ -389,7 +403,9 @@ def test_an_alert_that_always_breaks_its_sink_is_set_aside(tmp_path):
         courier.deliver_one(*taken)
     assert courier.sink.sent == ["next"]
     _, notice = spool.take(0)  # once delivery works, the loss is told
-    assert (notice.action, notice.detail) == ("alerts_dropped", "1 refused")
+    assert (notice.action, notice.detail) == (
+        "alerts_dropped", "1 refused (1 login_success)")
+    assert notice.users_tried == ("poison",)
 
 
 def test_metrics_files_never_follow_a_planted_symlink(tmp_path):
@@ -444,3 +460,102 @@ def test_delivery_counts_survive_a_reload(receiver, tmp_path):
             ({"channel": "hook"}, 1.0)]
     finally:
         agent.close_channels()
+
+
+def test_metrics_and_status_say_which_alerts_a_spool_dropped(receiver,
+                                                            tmp_path):
+    repeats = [pamsignal.Event(
+        action="sudo_command", user="mallory", target_user="root",
+        command_line="/bin/true", service="sudo", repeat=n + 1,
+        timestamp_us=1795780000000000 + n) for n in range(3)]
+    agent, channel = spooled_agent(
+        tmp_path, "spool_max_alerts = 1\n[channel:hook]\ntype = webhook\n"
+        "url = %s/hook\n" % receiver.url, [login("root")] + repeats)
+    metrics = pamsignal.parse_metrics(pamsignal.render_metrics(
+        agent.metric_samples(2e9)))
+    assert metrics["pamsignal_alerts_dropped_total"] == [
+        ({"channel": "hook", "action": "sudo_command"}, 3.0)]
+    report = pamsignal.health_report(metrics, 2e9 + 1,
+                                     alive=lambda pid: True)
+    assert report["channels"]["hook"]["dropped"] == {"sudo_command": 3}
+    assert report["channels"]["hook"]["dropped_users"] == ["mallory"]
+    shown = pamsignal.render_status(report, "/x.prom")
+    assert "1 waiting" in shown
+    assert "3 dropped (3 sudo_command; users: mallory)" in shown
+    # The root login was kept.
+    assert channel.spool.take(0)[1].user == "root"
+
+
+# ------------------------------------------------ one deadline per request
+
+
+def run_test_alert(tmp_path, channel_text, what):
+    """`pamsignal.py test-alert` run as an admin runs it, with `channel_text`;
+    fails the test if it is still waiting after 30 s (the channels' 3 s
+    timeout and a wide margin)."""
+    config = tmp_path / "pamsignal.conf"
+    config.write_text("[pamsignal]\nstate_dir = %s\n%s"
+                      % (tmp_path / "state", channel_text))
+    os.chmod(str(config), 0o600)
+    try:
+        return subprocess.run(
+            [sys.executable, pamsignal.__file__, "--config", str(config),
+             "test-alert"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("test-alert still waiting on %s after 30 s with "
+                    "timeout = 3s" % what)
+
+
+def test_test_alert_gives_up_on_a_dripping_receiver(receiver, tmp_path):
+    """The receiver answers a byte a second for a minute; with timeout =
+    3s, test-alert must have finished (well before the 60 s) and said the
+    request timed out."""
+    receiver.script([receivers.Drip(60)])
+    done = run_test_alert(
+        tmp_path, "[channel:slow]\ntype = webhook\nurl = %s/hook\n"
+        "timeout = 3s\n" % receiver.url, "a dripping receiver")
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.decode() == (
+        "slow (webhook): NOT delivered: cannot reach 127.0.0.1: timed out "
+        "(no complete answer within the 3 s timeout)\n")
+    assert len(receiver.requests) == 1
+
+
+def test_a_request_past_its_deadline_fails_and_degrades_the_channel(
+        receiver, tmp_path):
+    """In `run`: a dripping receiver counts as a failure and its channel
+    as degraded, as soon as a request runs long."""
+    receiver.script([receivers.Drip(60)] * 3)
+    agent, channel = spooled_agent(
+        tmp_path, "[channel:slow]\ntype = webhook\nurl = %s/hook\n"
+        "timeout = 60s\n" % receiver.url, [login()])
+    agent.couriers = agent.open_channels([channel])
+    try:
+        # A request in flight longer than SLOW_REQUEST_S: degraded already.
+        assert wait_for(lambda: "slow" in agent.failing_channels(),
+                        timeout=40)
+        assert "waiting" in agent.failing_channels()["slow"]
+        agent.check_channels()
+        metrics = pamsignal.parse_metrics(pamsignal.render_metrics(
+            agent.metric_samples(2e9)))
+        assert ({"component": "channel:slow"}, 1.0) in metrics[
+            "pamsignal_degraded"]
+    finally:
+        for courier in agent.couriers:
+            courier.stop(0)
+    receiver.stop()
+
+
+def test_an_smtp_server_dripping_its_greeting_times_out(tmp_path):
+    """The same for e-mail: a greeting a byte a second for a minute."""
+    with SmtpReceiver(drip_greeting=60) as mx:
+        done = run_test_alert(
+            tmp_path, "[channel:mail]\ntype = email\nhost = 127.0.0.1\n"
+            "port = %d\nsecurity = none\nsender = p@example.com\n"
+            "recipients = a@example.com\ntimeout = 3s\n" % mx.port,
+            "a dripping SMTP server")
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.decode() == (
+        "mail (email): NOT delivered: cannot reach 127.0.0.1: timed out "
+        "(no complete answer within the 3 s timeout)\n")

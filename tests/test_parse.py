@@ -1,7 +1,10 @@
 """parse_entry against one fixture line per message form (real wording of
 OpenSSH, sudo, su, login, PAM and logind; see tests/fixtures/messages.json)."""
+import datetime
+import io
 import json
 import os
+import time
 
 import pytest
 
@@ -71,8 +74,7 @@ def test_ecs_has_no_nulls_or_empty_values():
     assert all(value not in (None, "", [], {}) for value in flat.values())
 
 
-@pytest.mark.parametrize("missing", ["MESSAGE", "__REALTIME_TIMESTAMP",
-                                     "SYSLOG_IDENTIFIER"])
+@pytest.mark.parametrize("missing", ["MESSAGE", "SYSLOG_IDENTIFIER"])
 def test_entry_without_essential_field_gives_nothing(missing):
     entry = make_entry(
         "sshd", "Accepted password for alice from 203.0.113.5 port 2 ssh2")
@@ -183,3 +185,41 @@ def test_forged_line_that_claims_nothing_is_ignored():
     assert pamsignal.parse_entry(make_entry(
         "sshd", "hello", _UID="65534", _EXE="/usr/bin/logger",
         _COMM="logger")) is None
+
+
+@pytest.mark.parametrize("claimed", ["9999999999999999999",
+                                     "253402300800000000", "-1", "soon",
+                                     None])
+def test_an_impossible_entry_time_keeps_its_event_at_the_time_read(
+        tmp_path, claimed):
+    """A crafted __REALTIME_TIMESTAMP (past 9999-12-31, not a number, or
+    none) must not print as the year 318857 nor lose the login: the event
+    is kept, stamped with the time it was read, and says what the entry
+    claimed."""
+    entry = make_entry(
+        "sshd", "Accepted password for alice from 203.0.113.5 port 2 ssh2",
+        __REALTIME_TIMESTAMP=claimed)
+    export = tmp_path / "export.json"
+    export.write_text(json.dumps(entry) + "\n")
+    out = io.StringIO()
+    before = time.time()
+    assert pamsignal.main(["scan", "--json", str(export)], out) == 0
+    after = time.time()
+    (event,) = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert event["event"]["action"] == "login_success"
+    stamp = datetime.datetime.strptime(event["@timestamp"],
+                                       "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+    assert int(before) <= stamp <= after
+    assert event["pamsignal"]["journal_time"] == (
+        claimed if claimed is not None else "(none)")
+    text = io.StringIO()
+    pamsignal.main(["scan", str(export)], text)
+    assert "318857" not in text.getvalue()
+    assert "journal_time=" in text.getvalue()
+
+
+def test_times_too_large_to_show_are_clamped_not_raised():
+    assert pamsignal.format_timestamp(10 ** 19) == \
+        "9999-12-31T23:59:59.999999Z"
+    assert pamsignal.format_timestamp(-5) == "1970-01-01T00:00:00.000000Z"

@@ -332,3 +332,99 @@ def test_ignore_sources_written_as_mapped_ipv6_match_plain_ipv4():
     assert config.ignore_sources == (ipaddress.ip_network("10.0.0.0/8"),)
     assert not pamsignal.policy_admits(config, event("login_success",
                                                      ip="10.0.0.1"))
+
+
+# ------------------------------------------------------ repeats of access
+
+
+def sudo(command="/bin/true", user="mallory", at=0):
+    return event("sudo_command", ip=None, user=user, service="sudo",
+                 target_user="root", command_line=command, at=at)
+
+
+def test_identical_access_repeats_fold_into_a_counted_digest():
+    gate = pamsignal.Throttle(0, pamsignal.Threshold(0, 0),
+                              repeats=pamsignal.Threshold(3, 60))
+    sent = []
+    for n in range(60):  # the red team's 60 `sudo -n /bin/true`
+        sent += gate.admit(sudo(at=n * 100), n * 100)
+    assert actions(sent) == ["sudo_command"] * 3
+    assert [alert.repeat for alert in sent] == [None, 1, 2]
+    (digest,) = gate.due(MINUTE)
+    assert digest.action == "alert_digest" and digest.reason == "repeat"
+    assert digest.held_back == 57 and digest.detail == "57 sudo_command"
+    # It names what repeated.
+    assert (digest.user, digest.target_user, digest.command_line) == (
+        "mallory", "root", "/bin/true")
+    assert "/bin/true" in pamsignal.render_text(digest)
+    assert "57 sudo_command" in pamsignal.alert_text(digest).title or \
+        "57 (57 sudo_command)" in dict(pamsignal.alert_text(digest).facts)[
+            "Held back"]
+
+
+def test_a_unique_access_is_never_folded_with_a_repeat_of_another():
+    gate = pamsignal.Throttle(600, pamsignal.Threshold(20, 60),
+                              repeats=pamsignal.Threshold(3, 600))
+    for n in range(100):
+        gate.admit(sudo(at=n), n)
+    # Each differs in one field: command, user, target, source, outcome.
+    unique = [sudo(command="/bin/sh"), sudo(user="alice"),
+              sudo()._replace(target_user="postgres"),
+              event("login_success", ip="198.51.100.7", user="mallory"),
+              event("login_success", ip="198.51.100.8", user="mallory"),
+              event("success_after_failures", user="root")]
+    for alert in unique:
+        assert gate.admit(alert, 200) == [alert]
+
+
+def test_repeats_are_counted_again_after_a_quiet_window():
+    gate = pamsignal.Throttle(0, pamsignal.Threshold(0, 0),
+                              repeats=pamsignal.Threshold(1, 60))
+    assert gate.admit(sudo(), 0)
+    assert gate.admit(sudo(), SECOND) == []
+    assert held_total(gate.due(MINUTE)) == 1
+    assert gate.admit(sudo(), MINUTE + 1) == []  # the flood goes on
+    assert held_total(gate.drain()) == 1
+    gate = pamsignal.Throttle(0, pamsignal.Threshold(0, 0),
+                              repeats=pamsignal.Threshold(1, 60))
+    gate.admit(sudo(), 0)
+    assert gate.due(MINUTE) == []  # nothing repeated: let go
+    assert gate.admit(sudo(), MINUTE + 1)
+
+
+def test_repeats_key_is_configured_and_validated():
+    assert pamsignal.default_config().alerts.repeats == (3, 600)
+    assert policy("repeats = off\n").repeats == (0, 0)
+    assert policy("repeats = 5 in 1h\n").repeats == (5, 3600)
+    with pytest.raises(pamsignal.ConfigError) as raised:
+        pamsignal.parse_config("[alerts]\nrepeats = many\n", "/etc/p.conf")
+    assert str(raised.value.problems[0]) == (
+        "/etc/p.conf:2: [alerts] repeats: expected 'N in DURATION' (N from "
+        "1 to 1000, such as 5 in 10m) or off, got 'many'")
+    (channel,) = pamsignal.parse_config(
+        "[channel:c]\ntype = console\nrepeats = 1 in 1m\n").channels
+    assert channel.policy.repeats == (1, 60)
+
+
+def test_the_gate_folds_sudo_floods_by_default():
+    gate = pamsignal.ChannelGate(pamsignal.default_config().alerts)
+    sent = []
+    for n in range(60):
+        sent += gate.admit(sudo(at=n), n * SECOND)
+    assert actions(sent) == ["sudo_command"] * 3
+    assert held_total(gate.drain()) == 57
+
+
+def test_no_repeat_is_lost_past_the_key_limit():
+    gate = pamsignal.Throttle(0, pamsignal.Threshold(0, 0), limit=2,
+                              repeats=pamsignal.Threshold(1, 600))
+    sent, admitted = [], 0
+    for n in range(20):
+        for _ in range(3):
+            sent += gate.admit(sudo(command="/bin/cmd%d" % n), n)
+            admitted += 1
+    sent += gate.drain()
+    assert len(gate.repeating) == 0
+    individual = [a for a in sent if a.action != "alert_digest"]
+    assert len(individual) == 20  # every distinct command once
+    assert len(individual) + held_total(sent) == admitted

@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from receivers import (  # noqa: E402
+    Drip,
     Drop,
     Dynamic,
     Hang,
@@ -213,6 +214,29 @@ def test_hang_makes_the_client_time_out(rx):
     with post(rx.url, {"n": 2}) as reply:
         assert reply.status == 200
     rx.stop()           # does not wait for the 60 s
+
+
+def test_drip_outlasts_a_per_read_timeout(rx):
+    """A byte every 0.05 s for 3 s: each read of a client with a 1 s
+    timeout gets its byte in time, so the whole answer arrives."""
+    drip = Drip(seconds=3, interval=0.05, status=201, body=b"late")
+    assert len(drip.answer()) == 60
+    rx.script(drip)
+    with post(rx.url, {"n": 1}, timeout=1) as reply:
+        assert (reply.status, reply.read()) == (201, b"late")
+        assert reply.headers["X-Drip"].startswith("a")
+    assert rx.wait_for(1)[0].json == {"n": 1}
+
+
+def test_drip_is_cut_by_stop(rx):
+    rx.script(Drip(seconds=60, interval=1.0))
+    connection = http.client.HTTPConnection("127.0.0.1", rx.port,
+                                            timeout=30)
+    connection.request("POST", "/", body=b"{}")
+    rx.wait_for(1)
+    rx.stop()  # does not wait for the 60 s
+    with pytest.raises((http.client.HTTPException, OSError)):
+        connection.getresponse().read()
 
 
 def test_slow_answers_late(rx):
@@ -546,3 +570,12 @@ def test_smtp_wait_for_timeout_and_down_up():
         with smtplib.SMTP(mx.host, mx.port, timeout=10) as client:
             client.send_message(mail())
         assert mx.port == port and len(mx.wait_for(1)) == 1
+
+
+def test_smtp_drip_greeting_outlasts_a_per_read_timeout():
+    """40 bytes, one every 0.1 s, to a client whose reads wait 2 s."""
+    with SmtpReceiver(drip_greeting=4, drip_interval=0.1) as mx:
+        with smtplib.SMTP(mx.host, mx.port, timeout=2) as client:
+            assert client.noop()[0] == 250
+            # The dripped greeting was whole: the session goes on.
+            assert client.ehlo()[0] == 250

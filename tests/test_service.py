@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+import realsys
+import receivers
 from support import (PAMSIGNAL, AgentProcess, FakeJournal, json_line,
                      make_entry, pamsignal, wait_for, write_config)
 
@@ -394,6 +396,31 @@ def test_metrics_file_and_status_of_a_running_then_stopped_agent(tmp_path):
     assert json.loads(service.status("--json").stdout)["state"] == "stopped"
 
 
+def test_a_dripping_channel_shows_as_failed_and_degraded(tmp_path):
+    """`run` with a webhook whose receiver drips its answer a byte a
+    second: each request ends at the channel's 3 s timeout as a failure,
+    and status says the channel is degraded."""
+    with receivers.HttpReceiver(default=receivers.Drip(60)) as receiver:
+        service = Service(tmp_path, None, config_extra=(
+            "[channel:slow]\ntype = webhook\nurl = %s/hook\ntimeout = 3s\n"
+            % receiver.url))
+        service.handled(service.append(ACCEPTED % 43))
+
+        def report():
+            return json.loads(service.status("--json").stdout)
+
+        assert wait_for(lambda: report()["channels"].get("slow", {}).get(
+            "failed", 0) >= 1, timeout=90)
+        shown = report()
+        assert "channel:slow" in shown["degraded"]
+        assert shown["channels"]["slow"]["waiting"] >= 1  # and the news
+        assert "timed out (no complete answer within the 3 s timeout)" in \
+            shown["last_error"]
+        assert service.status().returncode == 1
+        _, err, _ = service.stop()
+    assert "channel slow: cannot reach 127.0.0.1: timed out" in err
+
+
 def test_status_of_a_killed_agent_and_of_none(tmp_path):
     service = Service(tmp_path, None)
     assert wait_for(lambda: os.path.exists(service.metrics))
@@ -545,7 +572,7 @@ def test_failing_console_channel_is_degraded_not_fatal(tmp_path):
     _, stderr, code = service.stop()
     assert code == 0
     assert stderr.count("monitoring degraded: channel:out") == 1
-    assert "No space left on device" in stderr
+    assert "No space left on device: 'standard output'" in stderr
 
 
 class FlakySink:
@@ -642,3 +669,68 @@ def test_test_alert_without_a_configuration_file_says_how_to_make_one():
                             universal_newlines=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr == "pamsignal: error: %s\n" % missing
+
+
+# ------------------------------------------------------- a full disk, named
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A tiny tmpfs mounted for the test and filled to the last byte."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        realsys.unavailable("mounting a tmpfs needs root and mount")
+    disk = tmp_path / "full"
+    disk.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(disk))
+    try:
+        with open(str(disk / "filler"), "wb", buffering=0) as filler:
+            try:
+                while True:
+                    filler.write(b"x" * 4096)
+            except OSError:
+                pass
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], timeout=30)
+
+
+def test_every_write_on_a_full_disk_names_its_file(tmp_path, full_disk,
+                                                   capsys):
+    metrics_file = str(full_disk / "pamsignal.prom")
+    config = pamsignal.parse_config(
+        "[pamsignal]\nstate_dir = %s\nmetrics_file = %s\n"
+        % (tmp_path / "state", metrics_file))
+    agent = pamsignal.Agent(config, [])
+    agent.write_metrics(1.0)
+    assert agent.health.impaired["metrics"] == (
+        "%s: No space left on device" % metrics_file)
+    # The state and the detection counters.
+    for store in (pamsignal.StateStore(str(full_disk)),
+                  pamsignal.StateStore(str(full_disk), "detection.json")):
+        with pytest.raises(pamsignal.StateError) as raised:
+            store.save({"version": 1})
+        assert str(raised.value) == "cannot save state to %s: No space " \
+            "left on device" % store.path
+    # Any file written whole.
+    with pytest.raises(OSError) as raised:
+        pamsignal.replace_file(str(full_disk / "x.json"), "{}")
+    assert raised.value.filename == str(full_disk / "x.json")
+    # A channel's spool: the alert is kept in memory, and the log says
+    # which file the disk refused.
+    spool = pamsignal.Spool(str(full_disk / "spool"), 1, 60)
+    capsys.readouterr()
+    event = pamsignal.Event(action="login_success", user="alice",
+                            timestamp_us=1)
+    assert spool.put(event)
+    err = capsys.readouterr().err
+    assert "cannot write the spool file %s/%s.alert: No space left on " \
+        "device; keeping alerts in memory" % (
+            spool.directory, pamsignal.alert_id(event)) in err
+    # A second alert overflows it: the count of what it dropped cannot be
+    # written either, and that says where.
+    spool.put(event._replace(user="bob"))
+    spool.flush()
+    err += capsys.readouterr().err
+    assert "cannot write %s/dropped.json: No space left on device" \
+        % spool.directory in err
+    assert "None" not in err
