@@ -57,7 +57,7 @@ def test_every_problem_is_reported_with_line_and_expectation():
         "/etc/p.conf:4: [pamsignal] first_start: expected now, boot, all or "
         "a time back such as -1h (s, m, h or d), got 'yesterday'",
         "/etc/p.conf:7: [channel:phone] type: expected one of: console, "
-        "discord, email, gotify, ntfy, slack, teams, telegram, webhook; got "
+        "discord, email, gotify, journal, ntfy, slack, teams, telegram, webhook; got "
         "'pager'",
         "/etc/p.conf:10: [channel:screen] format: expected text or json, got"
         " 'xml'",
@@ -65,7 +65,7 @@ def test_every_problem_is_reported_with_line_and_expectation():
         "comma-separated list of actions (-action leaves one out): %s; got "
         "'logout'" % ", ".join(sorted(pamsignal.ACTIONS)),
         "/etc/p.conf:12: [geoip2]: unknown section; expected [pamsignal], "
-        "[detection], [alerts], [geoip] or [channel:NAME]",
+        "[detection], [alerts], [geoip], [audit] or [channel:NAME]",
     ]
 
 
