@@ -4481,6 +4481,8 @@ class AuditLog:
         now_s = self.clock()
         if self.fd is None and self.error is not None:
             self._retry_open()
+        if self._rotation_due(now_s):
+            self.rotate(now_s)
         if self.torn_bytes and self._write(
                 {"kind": "repaired", "dropped_bytes": self.torn_bytes},
                 now_s):
@@ -4493,7 +4495,9 @@ class AuditLog:
             self.lost += 1
             self.unwritten += 1
             return False
-        self._after_write(now_s)
+        if self.settings.anchor_every and \
+                self.seq - self.anchored_seq >= self.settings.anchor_every:
+            self.anchor(now_s)
         return True
 
     def _retry_open(self):
@@ -4530,15 +4534,14 @@ class AuditLog:
             self.file_started_s = now_s
         return True
 
-    def _after_write(self, now_s):
+    def _rotation_due(self, now_s):
+        """The current file is full or old: the next record starts a new
+        one (so no empty file is left behind)."""
         settings = self.settings
-        if self.size >= settings.rotate_size or (
+        return self.fd is not None and self.size > 0 and (
+            self.size >= settings.rotate_size or (
                 settings.rotate_age and self.file_started_s is not None and
-                now_s - self.file_started_s >= settings.rotate_age):
-            self.rotate(now_s)
-        if settings.anchor_every and \
-                self.seq - self.anchored_seq >= settings.anchor_every:
-            self.anchor(now_s)
+                now_s - self.file_started_s >= settings.rotate_age))
 
     def flush(self):
         """fsync what was written; anchor and apply retention when due."""
