@@ -7618,7 +7618,7 @@ EXAMPLE_CONFIG = r"""# PAMSignal configuration: /etc/pamsignal/pamsignal.conf
 # Where the journal cursor and open sessions are kept (created if missing).
 state_dir = /var/lib/pamsignal
 
-# Where the alert log will be kept.
+# Where the audit log is kept (see [audit]).
 log_dir = /var/log/pamsignal
 
 # Where to begin when there is no saved cursor (the very first start):
@@ -7679,6 +7679,34 @@ learning_period = 7d
 asn_db =
 country_db =
 city_db =
+
+[audit]
+# Every event and every alert decision (sent, spooled, filtered or held
+# back by which rule, failed) goes to log_dir/audit.jsonl, each record
+# chained to the one before by SHA-256, so an edit, a removed, inserted or
+# reordered record shows. Check it with:
+#     pamsignal verify-log --journal
+enabled = yes
+# An HMAC key makes the chain unforgeable by whoever can write the log but
+# not read the key: credential:NAME (a systemd credential, LoadCredential=
+# in the unit) or a root-owned 0600 file outside log_dir. Make one with:
+#     head -c 32 /dev/urandom | base64 > /etc/pamsignal/audit.key
+# Empty: plain SHA-256 (anchors still catch a rewritten or cut log).
+key =
+# A new file when this one reaches this size (K, M, G) or age (off: never
+# by age); each rotated file goes on from the last hash of the one before.
+rotate_size = 10M
+rotate_age = 1d
+# Rotated files older than this are removed, and the removal is recorded
+# in the log. 90d is CIS Controls v8 safeguard 8.10's minimum; PCI DSS
+# asks for 365d; off keeps them for ever.
+retention = 90d
+# The head (last hash) is written to the journal (MESSAGE_ID
+# c4e1a13543184b559638dfda03ddef47) every this many records, at least
+# every anchor_interval while records come, and at stop. Forward the
+# journal off the host to keep the anchors out of an intruder's reach.
+anchor_every = 100
+anchor_interval = 10m
 
 [alerts]
 # The alert policy of every channel; a [channel:NAME] may override any of
@@ -7783,6 +7811,17 @@ rate_limit = off
 # Signs each request (Standard Webhooks: webhook-id, webhook-timestamp,
 # webhook-signature = v1,base64 HMAC-SHA256 of "id.timestamp.body").
 #secret = whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+#events = *
+#cooldown = off
+#rate_limit = off
+#
+# Each event back into the journal with SYSLOG_IDENTIFIER=pamsignal, a
+# MESSAGE_ID per action and the ECS fields as journal fields (EVENT_ACTION,
+# SOURCE_IP, USER_NAME, ...), for Alloy, Vector, Promtail or fail2ban
+# (contrib/fail2ban). A log: every event, nothing held back.
+#[channel:journal]
+#type = journal
+#identifier = pamsignal
 #events = *
 #cooldown = off
 #rate_limit = off
