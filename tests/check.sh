@@ -29,6 +29,9 @@ PACKAGES=(
     rpm rpmlint createrepo-c gnupg dnf
     # tests/test_install_sh.py: downloaders, OpenPGP checkers, shellcheck
     curl wget gpgv shellcheck
+    # tests/test_audit_journal.py: fail2ban's journal backend (fail2ban
+    # itself is unpacked by the test, never installed as a service)
+    python3-systemd
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml)

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""The audit log (a benchmark, not a test): records appended per second
+(an event with its ECS object, as the pipeline writes it) with the fsync
+policy the agent uses (one fsync per batch of journal entries) and with an
+fsync after every record, keyed and not; and `verify-log` speed.
+
+Usage: python3 bench/bench_audit.py [RECORDS]   (default 20000)
+Set TMPDIR to measure another disk (the default is often a tmpfs).
+"""
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import pamsignal  # noqa: E402
+
+
+def record(number):
+    event = pamsignal.Event(
+        action="login_success", user="user%d" % number,
+        source_ip="203.0.113.%d" % (number % 250), source_port=40000 + number,
+        service="sshd", auth_method="publickey", hostname="web1",
+        timestamp_us=1795780000000000 + number, cursor="s=1;i=%x" % number,
+        message="Accepted publickey for user%d from 203.0.113.%d port %d "
+        "ssh2" % (number, number % 250, 40000 + number))
+    return {"kind": "event", "id": pamsignal.alert_id(event),
+            "event": pamsignal.event_to_ecs(event)}
+
+
+def append_rate(count, batch, key):
+    """Records a second, fsynced every `batch` records."""
+    settings = pamsignal.parse_config(
+        "[audit]\nrotate_size = 1G\nanchor_every = off\n"
+        "anchor_interval = off\n").audit
+    bodies = [record(number) for number in range(count)]
+    with tempfile.TemporaryDirectory() as directory:
+        log = pamsignal.AuditLog(settings, directory, key)
+        log.open()
+        started = time.perf_counter()
+        for number, body in enumerate(bodies, 1):
+            log.append(body)
+            if number % batch == 0:
+                log.flush()
+        log.flush()
+        elapsed = time.perf_counter() - started
+        lines = pamsignal.read_chain_lines(pamsignal.audit_files(directory))
+        started = time.perf_counter()
+        verdict = pamsignal.verify_chain(lines, key)
+        verified = time.perf_counter() - started
+        assert verdict.problem is None, verdict.problem
+        size = os.path.getsize(os.path.join(directory, "audit.jsonl"))
+        log.close()
+    return count / elapsed, len(lines) / verified, size / len(lines)
+
+
+def main():
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+    print("audit log, %d event records, in %s" % (count,
+                                                  tempfile.gettempdir()))
+    for label, batch, key in (
+            ("fsync per 100 records (a busy batch)", 100, None),
+            ("fsync per 10 records", 10, None),
+            ("fsync per record (a quiet server)", 1, None),
+            ("fsync per 100 records, HMAC key", 100, b"k" * 32)):
+        rate, verify_rate, size = append_rate(
+            count if batch > 1 else min(count, 2000), batch, key)
+        print("  %-40s %8.0f records/s; verify %8.0f records/s; "
+              "%.0f bytes/record" % (label, rate, verify_rate, size))
+
+
+if __name__ == "__main__":
+    main()
