@@ -4118,17 +4118,18 @@ def verify_chain(lines, key=None):
     record's hash, and that each follows the one before. Returns a
     ChainVerdict whose problem names the first record that was changed,
     removed, inserted or reordered, with its file and line."""
-    parsed = [((file_name, number), parse_record(line))
-              for file_name, number, line in lines]
     locations, removals = {}, set()
-    for location, item in parsed:
+    for file_name, number, line in lines:  # where each seq is, first
+        item = parse_record(line)
         if item is not None:
-            locations.setdefault(item[0]["seq"], location)
+            locations.setdefault(item[0]["seq"], (file_name, number))
             if item[0].get("kind") == "removed":
                 removals.add((item[0].get("last_seq"),
                               item[0].get("last_hash")))
     head, head_seq, first_seq, seen, before = None, None, None, {}, None
-    for count, (location, item) in enumerate(parsed):
+    count = 0
+    for count, (file_name, number, line) in enumerate(lines):
+        location, item = (file_name, number), parse_record(line)
         problem = _record_problem(item, key)
         if problem is None:
             seq, prev = item[0]["seq"], item[0]["prev"]
@@ -4143,7 +4144,8 @@ def verify_chain(lines, key=None):
                 _where(location), problem), first_seq)
         seen[seq], before = location, location
         head, head_seq = item[2], seq
-    return ChainVerdict(len(parsed), head, head_seq, None, first_seq)
+        count += 1
+    return ChainVerdict(count, head, head_seq, None, first_seq)
 
 
 def head_position(lines, head):
@@ -4169,14 +4171,18 @@ def audit_files(directory):
     return [os.path.join(directory, name) for name in rotated]
 
 
-def read_chain_lines(paths):
-    """(file, line number, bytes) of every line of the files, in order."""
-    lines = []
-    for path in paths:
-        with open(path, "rb") as handle:
-            for number, line in enumerate(handle, 1):
-                lines.append((path, number, line))
-    return lines
+class ChainLines:
+    """(file, line number, bytes) of every line of the files, in order;
+    read again at each pass, so a long log is never held in memory."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+
+    def __iter__(self):
+        for path in self.paths:
+            with open(path, "rb") as handle:
+                for number, line in enumerate(handle, 1):
+                    yield path, number, line
 
 
 def rotated_name(now_s, last_seq):
@@ -4372,8 +4378,8 @@ def load_audit_key(spec, log_dir, credentials_dir, euid=None):
     if credential:
         if not credentials_dir:
             raise ConfigError(["[audit] key: %s, but no credentials were "
-                               "passed ($CREDENTIALS_DIRECTORY is unset)"
-                               % spec])
+                               "passed ($CREDENTIALS_DIRECTORY is unset; "
+                               "verify-log takes --key-file)" % spec])
         path = os.path.join(credentials_dir, credential.group(1))
     else:
         path = spec
@@ -7454,12 +7460,12 @@ def command_verify_log(args, stdout):
     paths = args.files or audit_files(config.log_dir)
     if not paths:
         raise PamSignalError("no audit log in %s" % config.log_dir)
+    lines = ChainLines(paths)
     try:
-        lines = read_chain_lines(paths)
+        verdict = verify_chain(lines, key)
     except OSError as error:
         raise PamSignalError("cannot read %s: %s" % (
             error.filename, error.strerror)) from None
-    verdict = verify_chain(lines, key)
     if verdict.problem:
         stdout.write("audit log NOT intact: %s\n(%d records verified "
                      "before it)\n" % (escape_text(verdict.problem),

@@ -46,14 +46,14 @@ def append_rate(count, batch, key):
                 log.flush()
         log.flush()
         elapsed = time.perf_counter() - started
-        lines = pamsignal.read_chain_lines(pamsignal.audit_files(directory))
+        lines = pamsignal.ChainLines(pamsignal.audit_files(directory))
         started = time.perf_counter()
         verdict = pamsignal.verify_chain(lines, key)
         verified = time.perf_counter() - started
         assert verdict.problem is None, verdict.problem
         size = os.path.getsize(os.path.join(directory, "audit.jsonl"))
         log.close()
-    return count / elapsed, len(lines) / verified, size / len(lines)
+    return count / elapsed, verdict.records / verified, size / verdict.records
 
 
 def main():

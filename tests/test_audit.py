@@ -373,7 +373,7 @@ def test_anchors_carry_the_head_every_n_records_and_at_close(tmp_path):
     assert [seq for seq, _ in heads] == [10, 20, log.seq]
     assert all(entry["MESSAGE_ID"] == pamsignal.AUDIT_ANCHOR_MESSAGE_ID
                for entry in anchors.sent)
-    lines = pamsignal.read_chain_lines(files_of(tmp_path))
+    lines = pamsignal.ChainLines(files_of(tmp_path))
     for seq, head in heads:
         assert pamsignal.head_position(lines, head) == seq
 

@@ -252,7 +252,7 @@ def test_the_agent_does_not_read_its_own_entries_back(scenario):
 
 def test_the_audit_log_holds_events_and_decisions(scenario):
     assert scenario["exit"] == 0
-    records = [json.loads(line) for _, _, line in pamsignal.read_chain_lines(
+    records = [json.loads(line) for _, _, line in pamsignal.ChainLines(
         pamsignal.audit_files(scenario["log_dir"]))]
     attack = [r for r in records if r["kind"] == "event" and
               r["event"]["event"]["action"] == "brute_force_detected" and
@@ -368,7 +368,7 @@ def test_a_full_disk_keeps_the_other_channels_alerting(
         assert realsys_wait(lambda: "audit_log" not in status()["degraded"])
     finally:
         assert agent.stop() == 0
-    lines = pamsignal.read_chain_lines(pamsignal.audit_files(mount))
+    lines = pamsignal.ChainLines(pamsignal.audit_files(mount))
     assert pamsignal.verify_chain(lines).problem is None
     lost = [json.loads(line) for _, _, line in lines
             if json.loads(line)["kind"] == "not_written"]
