@@ -888,6 +888,7 @@ GLOBAL_OPTIONS = collections.OrderedDict((
     ("metrics_file", (_metrics_file, "")),
 ))
 
+
 def _switch(value):
     if value.lower() in ("yes", "on", "true", "1"):
         return True
@@ -906,10 +907,6 @@ def _size_bytes(value):
                          % value)
     return int(match.group(1)) * 1024 ** " KMG".index(
         match.group(2) or " ")
-
-
-def _duration_or_off(value):
-    return 0 if value.strip().lower() == "off" else _duration_s(value)
 
 
 def _audit_key(value):
@@ -934,10 +931,10 @@ AUDIT_OPTIONS = collections.OrderedDict((
     ("enabled", (_switch, "yes")),
     ("key", (_audit_key, "")),
     ("rotate_size", (_size_bytes, "10M")),
-    ("rotate_age", (_duration_or_off, "1d")),
-    ("retention", (_duration_or_off, "90d")),
+    ("rotate_age", (_cooldown, "1d")),  # a duration, or off (0)
+    ("retention", (_cooldown, "90d")),
     ("anchor_every", (_record_count, "100")),
-    ("anchor_interval", (_duration_or_off, "10m")),
+    ("anchor_interval", (_cooldown, "10m")),
 ))
 
 #: [geoip] keys: key -> (validator, default); empty means off.

@@ -16,16 +16,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import pamsignal  # noqa: E402
+from bench_delivery import alert  # noqa: E402  (the same sample event)
 
 
 def record(number):
-    event = pamsignal.Event(
-        action="login_success", user="user%d" % number,
-        source_ip="203.0.113.%d" % (number % 250), source_port=40000 + number,
-        service="sshd", auth_method="publickey", hostname="web1",
-        timestamp_us=1795780000000000 + number, cursor="s=1;i=%x" % number,
-        message="Accepted publickey for user%d from 203.0.113.%d port %d "
-        "ssh2" % (number, number % 250, 40000 + number))
+    event = alert(number)
     return {"kind": "event", "id": pamsignal.alert_id(event),
             "event": pamsignal.event_to_ecs(event)}
 

@@ -148,48 +148,49 @@ def test_kinds_of_records_are_written(tmp_path):
 # ----------------------------------------------------------------- tampering
 
 
+def tamper(directory, index, edit):
+    """Write a log, change the lines of its file `index` with `edit`,
+    verify: (that file, exit code, output)."""
+    write_log(directory)
+    target = files_of(directory)[index]
+    rewrite(target, edit(lines_of(target)))
+    return (target,) + verify(directory)
+
+
 def test_a_changed_byte_is_named_with_file_and_line(tmp_path):
-    write_log(tmp_path)
-    target = files_of(tmp_path)[1]
-    lines = lines_of(target)
-    lines[1] = lines[1].replace(b"alice", b"alicf")
-    rewrite(target, lines)
-    code, out = verify(tmp_path)
+    target, code, out = tamper(tmp_path, 1, lambda lines: lines[:1] + [
+        lines[1].replace(b"alice", b"alicf")] + lines[2:])
     assert code == 1
     assert at(target, 2) in out and "changed" in out
 
 
 def test_a_removed_record_is_named(tmp_path):
-    write_log(tmp_path)
-    target = files_of(tmp_path)[2]
-    lines = lines_of(target)
-    removed = json.loads(lines[1])["seq"]
-    rewrite(target, lines[:1] + lines[2:])
-    code, out = verify(tmp_path)
+    removed = []
+
+    def remove(lines):
+        removed.append(json.loads(lines[1])["seq"])
+        return lines[:1] + lines[2:]
+
+    target, code, out = tamper(tmp_path, 2, remove)
     assert code == 1
     assert at(target, 2) in out
-    assert "records seq %d removed" % removed in out
+    assert "records seq %d removed" % removed[0] in out
 
 
 def test_an_inserted_copy_is_named(tmp_path):
-    write_log(tmp_path)
-    paths = files_of(tmp_path)
-    copy = lines_of(paths[0])[1]
-    lines = lines_of(paths[2])
-    rewrite(paths[2], lines[:2] + [copy] + lines[2:])
-    code, out = verify(tmp_path)
+    def insert(lines):
+        copy = lines_of(files_of(tmp_path)[0])[1]  # seq 2, copied later
+        return lines[:2] + [copy] + lines[2:]
+
+    target, code, out = tamper(tmp_path, 2, insert)
     assert code == 1
-    assert at(paths[2], 3) in out
-    assert "seq 2 was already at %s:2" % paths[0] in out
+    assert at(target, 3) in out
+    assert "seq 2 was already at %s:2" % files_of(tmp_path)[0] in out
 
 
 def test_swapped_records_are_out_of_order(tmp_path):
-    write_log(tmp_path)
-    target = files_of(tmp_path)[1]
-    lines = lines_of(target)
-    lines[1], lines[2] = lines[2], lines[1]
-    rewrite(target, lines)
-    code, out = verify(tmp_path)
+    target, code, out = tamper(tmp_path, 1, lambda lines: lines[:1] + [
+        lines[2], lines[1]] + lines[3:])
     assert code == 1
     assert at(target, 2) in out and "out of order" in out
 

@@ -342,12 +342,7 @@ def test_a_full_disk_keeps_the_other_channels_alerting(
                                                "log"), mount))
     agent.start()
     try:
-        source = realsys.unique_loopback()
-        assert realsys.ssh_password(users.plain, users.plain_pw,
-                                    source=source).returncode == 0
-        agent.wait_event(lambda e: e["event"]["action"] == "login_success"
-                         and e.get("source", {}).get("ip") == source,
-                         timeout=30)
+        source = login_seen(agent, users)
 
         def status():
             result = pamsignal_cli(agent.config, "status", "--json")
@@ -359,12 +354,7 @@ def test_a_full_disk_keeps_the_other_channels_alerting(
         text = pamsignal_cli(agent.config, "status").stdout
         assert "audit_log" in text and "not written" in text
         os.unlink(filler)
-        second = realsys.unique_loopback()
-        assert realsys.ssh_password(users.plain, users.plain_pw,
-                                    source=second).returncode == 0
-        agent.wait_event(lambda e: e["event"]["action"] == "login_success"
-                         and e.get("source", {}).get("ip") == second,
-                         timeout=30)
+        second = login_seen(agent, users)
         assert realsys_wait(lambda: "audit_log" not in status()["degraded"])
     finally:
         assert agent.stop() == 0
@@ -377,6 +367,17 @@ def test_a_full_disk_keeps_the_other_channels_alerting(
               if json.loads(line)["kind"] == "event"]
     assert second in [e.get("source", {}).get("ip") for e in events]
     assert source not in [e.get("source", {}).get("ip") for e in events]
+
+
+def login_seen(agent, users):
+    """A real ssh login from a loopback address of its own, once the agent
+    has reported it; returns that address."""
+    source = realsys.unique_loopback()
+    assert realsys.ssh_password(users.plain, users.plain_pw,
+                                source=source).returncode == 0
+    agent.wait_event(lambda e: e["event"]["action"] == "login_success" and
+                     e.get("source", {}).get("ip") == source, timeout=30)
+    return source
 
 
 def realsys_wait(predicate, timeout=40):
