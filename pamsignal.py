@@ -4365,6 +4365,18 @@ def _last_line(path):
         return lines[-1] if lines else None
 
 
+def _first_record_s(path):
+    """When the file's first record was written (its age for rotation),
+    or None when it cannot be told."""
+    with open(path, "rb") as handle:
+        item = parse_record(handle.readline())
+    try:
+        return calendar.timegm(time.strptime(item[0]["time"][:19],
+                                             "%Y-%m-%dT%H:%M:%S"))
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
 def load_audit_key(spec, log_dir, credentials_dir, euid=None):
     """The key bytes for [audit] key: empty (no key), credential:NAME
     (systemd credential) or an absolute path outside log_dir, which as
@@ -4465,9 +4477,9 @@ class AuditLog:
                 break
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND |
                           os.O_CREAT | os.O_CLOEXEC, 0o600)
-        status = os.fstat(self.fd)
-        self.size = status.st_size
-        self.file_started_s = status.st_mtime if self.size else None
+        self.size = os.fstat(self.fd).st_size
+        self.file_started_s = _first_record_s(self.path) if self.size \
+            else None
 
     def _drop_torn_tail(self, length):
         """A crash cut the last record short: it was never part of the
@@ -4606,7 +4618,7 @@ class AuditLog:
 
     def anchor(self, now_s):
         """Write the head to the journal (off this file's reach)."""
-        if self.journal is None or not self.seq:
+        if self.journal is None or self.seq == self.anchored_seq:
             return
         try:
             self.journal.send(anchor_fields(self.seq, self.head))

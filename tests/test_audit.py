@@ -424,3 +424,24 @@ def test_the_log_file_is_private(tmp_path):
     write_log(tmp_path / "log", records=1, config="")
     mode = stat.S_IMODE(os.stat(files_of(tmp_path / "log")[0]).st_mode)
     assert mode == 0o600
+
+
+def test_rotation_by_age_counts_from_the_first_record_across_restarts(
+        tmp_path):
+    clock = Clock()
+    config = "rotate_age=1d\n"
+    log = AuditLog(settings(config), str(tmp_path), None, None, clock)
+    log.open()
+    log.close()
+    clock.now_s += 86400 - 60  # a restart just before the day is over
+    log = AuditLog(settings(config), str(tmp_path), None, None, clock)
+    log.open()
+    assert len(files_of(tmp_path)) == 1
+    clock.now_s += 120
+    log.append({"kind": "event"})
+    log.close()
+    paths = files_of(tmp_path)
+    assert len(paths) == 2
+    assert [json.loads(line)["kind"] for line in lines_of(paths[-1])] == [
+        "event", "agent_stopped"]
+    assert verify(tmp_path)[0] == 0
