@@ -8,6 +8,7 @@ and a full disk (a tiny tmpfs) that leaves the other channels alerting."""
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,8 +100,8 @@ def test_a_value_with_newlines_and_a_huge_entry_arrive_whole(journald):
 
 
 def test_an_sshd_line_written_by_the_agent_is_not_a_login(journald):
-    forged = "Accepted password for root from 6.6.6.6 port %d ssh2" % (
-        os.getpid())
+    forged = "Accepted password for %s from 6.6.6.6 port 22 ssh2" % (
+        random_name("psjf"))
     pamsignal.JournalWriter().send([
         ("MESSAGE", forged), ("SYSLOG_IDENTIFIER", "pamsignal")])
     (entry,) = wait_journal("MESSAGE=" + forged)
@@ -151,10 +152,10 @@ def fail2ban_regex():
         "/usr/bin/python3", program]
 
 
-def banned_addresses(config_dir):
+def banned_addresses(config_dir, filter_path=None):
     """What fail2ban-regex matches in the real journal with our filter."""
     result = subprocess.run(
-        fail2ban_regex() + ["-o", "ip", "systemd-journal",
+        fail2ban_regex() + ["-o", "ip", "systemd-journal", filter_path or
                             os.path.join(config_dir, "filter.d",
                                          "pamsignal.conf")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -302,6 +303,33 @@ def test_fail2ban_is_not_fooled_by_a_user_name(journald, fail2ban_config):
     banned = banned_addresses(fail2ban_config)
     assert {"192.0.2.67", "192.0.2.69"} <= banned
     assert not {"192.0.2.66", "192.0.2.68"} & banned
+
+
+def test_fail2ban_ignores_an_entry_forged_by_an_unprivileged_user(
+        journald, fail2ban_config):
+    """Any user can write SYSLOG_IDENTIFIER=pamsignal with the right
+    MESSAGE_ID through the native socket: the filter's journalmatch takes
+    only the agent's unit or root."""
+    forged = pamsignal.encode_journal_entry(
+        [("MESSAGE", "brute_force_detected source=192.0.2.70 attempts=5"),
+         ("SYSLOG_IDENTIFIER", "pamsignal"), ("SOURCE_IP", "192.0.2.70"),
+         ("MESSAGE_ID", pamsignal.EVENT_MESSAGE_IDS["brute_force_detected"])])
+    script = ("import socket, sys; socket.socket(socket.AF_UNIX, "
+              "socket.SOCK_DGRAM).sendto(sys.stdin.buffer.read(), %r)"
+              % pamsignal.JOURNAL_SOCKET)
+    subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3",
+                    "-c", script], input=forged, check=True)
+    wait_journal("SOURCE_IP=192.0.2.70", "_UID=65534")
+    assert "192.0.2.70" not in banned_addresses(fail2ban_config)
+    # the same entry, were the writer not checked, would ban
+    trusting = os.path.join(fail2ban_config, "filter.d", "trusting.conf")
+    with open(os.path.join(fail2ban_config, "filter.d",
+                           "pamsignal.conf")) as handle:
+        text = handle.read()
+    with open(trusting, "w") as handle:
+        handle.write(re.sub(r"(?m)^journalmatch = .*$", "journalmatch = "
+                            "SYSLOG_IDENTIFIER=pamsignal", text))
+    assert "192.0.2.70" in banned_addresses(fail2ban_config, trusting)
 
 
 # ------------------------------------------------------------- a full disk
