@@ -4262,8 +4262,8 @@ def flatten_ecs(node, prefix=""):
     return fields
 
 
-#: event severity 0-10 -> syslog PRIORITY (2 crit ... 6 info).
 def journal_priority(severity):
+    """Event severity 0-10 -> syslog PRIORITY (2 crit ... 6 info)."""
     return 2 if severity >= 9 else 3 if severity >= 7 else \
         4 if severity >= 5 else 5 if severity >= 3 else 6
 
@@ -6478,6 +6478,7 @@ class Agent:
         audit = AuditLog(settings, self.config.log_dir, key, JournalWriter())
         audit.open()
         self.pipeline.audit = audit
+        self.health.known.update(("audit_log", "audit_anchor"))
 
     def check_audit_log(self):
         """The audit log is impaired while it cannot write (or anchor)."""
