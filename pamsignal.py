@@ -4475,8 +4475,10 @@ class AuditLog:
             if item is not None:
                 self.seq, self.head = item[0]["seq"], item[2]
                 break
+        # O_NOFOLLOW: a link planted in a log_dir others can write must
+        # not make the agent append to another file.
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND |
-                          os.O_CREAT | os.O_CLOEXEC, 0o600)
+                          os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         self.size = os.fstat(self.fd).st_size
         self.file_started_s = _first_record_s(self.path) if self.size \
             else None

@@ -445,3 +445,17 @@ def test_rotation_by_age_counts_from_the_first_record_across_restarts(
     assert [json.loads(line)["kind"] for line in lines_of(paths[-1])] == [
         "event", "agent_stopped"]
     assert verify(tmp_path)[0] == 0
+
+
+def test_a_planted_link_is_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched\n")
+    logs = tmp_path / "log"
+    logs.mkdir()
+    os.symlink(str(victim), str(logs / "audit.jsonl"))
+    log = AuditLog(settings(""), str(logs), None, None, Clock())
+    log.open()
+    assert not log.append({"kind": "event"})
+    log.close()
+    assert victim.read_bytes() == b"untouched\n"
+    assert "cannot open" in log.error and log.unwritten == 2
