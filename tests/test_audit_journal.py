@@ -84,16 +84,31 @@ def test_the_journal_channel_writes_ecs_fields(journald):
         "brute_force_detected user=%s source=192.0.2.44 " % user)
 
 
+HUGE_ENTRY = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import pamsignal
+writer = pamsignal.JournalWriter()
+writer.send(pamsignal.event_journal_fields(pamsignal.Event(
+    timestamp_us=int(time.time() * 1e6), action="sudo_command",
+    user=sys.argv[2], target_user="root", command_line=sys.stdin.read(),
+    message="line one\\nline two")))
+"""
+
+
 def test_a_value_with_newlines_and_a_huge_entry_arrive_whole(journald):
+    """Written by an unprivileged user, as the service's own user writes:
+    journald takes a passed file from it only in /dev/shm, /tmp or
+    /var/tmp."""
+    realsys.require_root()
     user = random_name("psjh")
     command = "printf 'a\nb'; " + "x" * 300000  # beyond a datagram
-    writer = pamsignal.JournalWriter()
-    writer.send(pamsignal.event_journal_fields(pamsignal.Event(
-        timestamp_us=int(time.time() * 1e6), action="sudo_command",
-        user=user, target_user="root", command_line=command,
-        message="line one\nline two")))
-    writer.close()
+    # Debian's python3: the pyenv ones live in root's home
+    subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3",
+                    "-c", HUGE_ENTRY, os.path.dirname(AGENT_SCRIPT), user],
+                   input=command.encode(), check=True)
     (entry,) = wait_journal("USER_NAME=" + user)
+    assert entry["_UID"] == "65534"
     assert entry["PROCESS_COMMAND_LINE"] == command
     assert entry["EVENT_ORIGINAL"] == "line one\nline two"
     assert entry["MESSAGE_ID"] == pamsignal.EVENT_MESSAGE_IDS["sudo_command"]
