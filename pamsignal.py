@@ -4454,15 +4454,7 @@ class AuditLog:
     def open(self):
         """Find where the chain stands and open the file; a failure leaves
         the log closed (retried at each record) and said in `error`."""
-        try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            self._resume()
-            self.error = None
-        except OSError as error:
-            self.error = "cannot open %s: %s" % (self.path,
-                                                  error.strerror or error)
-            self._close_fd()
-            return
+        self._retry_open()
         self.append({"kind": "agent_started", "version": __version__})
 
     def _resume(self):

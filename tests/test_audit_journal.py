@@ -433,3 +433,39 @@ def realsys_wait(predicate, timeout=40):
             return True
         time.sleep(0.5)
     return predicate()
+
+
+def test_a_read_only_disk_is_counted_and_the_gap_said(tmp_path):
+    """The log's file system turned read-only (as after an I/O error):
+    records are counted, not written; once it is writable again the chain
+    goes on with a record saying how many were lost."""
+    realsys.require_root()
+    mount = str(tmp_path / "log")
+    os.mkdir(mount)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
+                       mount]).returncode:
+        realsys.unavailable("cannot mount a tmpfs")
+    try:
+        settings = pamsignal.parse_config("").audit
+        log = pamsignal.AuditLog(settings, mount)
+        log.open()
+        log.close()  # (a file open for writing would keep it writable)
+        subprocess.run(["mount", "-o", "remount,ro", mount], check=True)
+        log = pamsignal.AuditLog(settings, mount)
+        log.open()
+        assert not log.append({"kind": "event", "n": 1})
+        assert "Read-only file system" in log.error
+        assert log.unwritten == 2  # its start too
+        subprocess.run(["mount", "-o", "remount,rw", mount], check=True)
+        assert log.append({"kind": "event", "n": 2})
+        assert log.error is None
+        log.close()
+        lines = pamsignal.ChainLines(pamsignal.audit_files(mount))
+        assert pamsignal.verify_chain(lines).problem is None
+        kinds = [(json.loads(line)["kind"], json.loads(line).get("records"))
+                 for _, _, line in lines]
+        assert kinds == [("agent_started", None), ("agent_stopped", 1),
+                         ("not_written", 2), ("event", None),
+                         ("agent_stopped", 2)]
+    finally:
+        subprocess.run(["umount", "-l", mount])
