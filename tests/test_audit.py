@@ -458,4 +458,4 @@ def test_a_planted_link_is_not_followed(tmp_path):
     assert not log.append({"kind": "event"})
     log.close()
     assert victim.read_bytes() == b"untouched\n"
-    assert "cannot open" in log.error and log.unwritten == 3  # start, stop
+    assert "cannot open" in log.error and log.unwritten == 3  # start, event, stop
