@@ -7055,6 +7055,9 @@ def command_scan(args, stdout):
 
 def command_check_config(args, stdout):
     config = load_config(args.config)
+    if config.audit.enabled:  # a key the service could not read: now
+        load_audit_key(config.audit.key, config.log_dir,
+                       os.environ.get("CREDENTIALS_DIRECTORY"))
     if args.config is None and not os.path.exists(config.path):
         stdout.write("%s: no such file; built-in defaults apply\n"
                      % config.path)

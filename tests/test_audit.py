@@ -458,4 +458,17 @@ def test_a_planted_link_is_not_followed(tmp_path):
     assert not log.append({"kind": "event"})
     log.close()
     assert victim.read_bytes() == b"untouched\n"
-    assert "cannot open" in log.error and log.unwritten == 3  # start, event, stop
+    assert "cannot open" in log.error
+    assert log.unwritten == 3  # start, event, stop
+
+
+def test_check_config_reads_the_key_as_the_service_would(tmp_path):
+    config = tmp_path / "pamsignal.conf"
+    config.write_text("[audit]\nkey = %s\n" % (tmp_path / "missing.key"))
+    out = io.StringIO()
+    assert pamsignal.main(["--config", str(config), "check-config"],
+                          stdout=out) == 78
+    (tmp_path / "missing.key").write_bytes(b"k" * 32)
+    os.chmod(str(tmp_path / "missing.key"), 0o600)
+    assert pamsignal.main(["--config", str(config), "check-config"],
+                          stdout=out) == 0
