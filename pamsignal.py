@@ -57,6 +57,7 @@ import email.errors  # noqa: E402
 import email.message  # noqa: E402
 import email.utils  # noqa: E402
 import errno  # noqa: E402
+import fcntl  # noqa: E402
 import fnmatch  # noqa: E402
 import functools  # noqa: E402
 import grp  # noqa: E402
@@ -4448,6 +4449,7 @@ class AuditLog:
         self.anchor_error = None
         self.retention_checked_s = None
         self.torn_bytes = 0  # of a record a crash cut short
+        self.lock_fd = None
 
     # -- opening --------------------------------------------------------------
 
@@ -4474,6 +4476,23 @@ class AuditLog:
         self.size = os.fstat(self.fd).st_size
         self.file_started_s = _first_record_s(self.path) if self.size \
             else None
+
+    def _lock(self):
+        """Hold log_dir/audit.lock: a second agent on the same log (one
+        run by hand beside the service) would fork the chain, so it keeps
+        no audit log instead."""
+        if self.lock_fd is not None:
+            return
+        descriptor = os.open(os.path.join(self.directory, "audit.lock"),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
+                             os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(descriptor)
+            raise OSError(errno.EBUSY, "another pamsignal keeps this audit "
+                          "log") from None
+        self.lock_fd = descriptor
 
     def _drop_torn_tail(self, length):
         """A crash cut the last record short: it was never part of the
@@ -4512,6 +4531,7 @@ class AuditLog:
     def _retry_open(self):
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            self._lock()
             self._resume()
         except OSError as error:
             self.error = "cannot open %s: %s" % (self.path,
@@ -4631,6 +4651,9 @@ class AuditLog:
         self.flush()
         self.anchor(self.clock())
         self._close_fd()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     def _cut_to(self, size):
         try:

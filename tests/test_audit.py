@@ -472,3 +472,22 @@ def test_check_config_reads_the_key_as_the_service_would(tmp_path):
     os.chmod(str(tmp_path / "missing.key"), 0o600)
     assert pamsignal.main(["--config", str(config), "check-config"],
                           stdout=out) == 0
+
+
+def test_a_second_agent_on_the_same_log_keeps_none(tmp_path):
+    """One run by hand beside the service must not fork the chain."""
+    first = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    first.open()
+    second = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    second.open()
+    assert not second.append({"kind": "event", "by": "second"})
+    assert "another pamsignal keeps this audit log" in second.error
+    assert first.append({"kind": "event", "by": "first"})
+    second.close()
+    first.close()
+    assert verify(tmp_path)[0] == 0
+    assert b"second" not in b"".join(lines_of(files_of(tmp_path)[0]))
+    third = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    third.open()  # free again once the first stopped
+    assert third.error is None
+    third.close()
