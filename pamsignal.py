@@ -6383,10 +6383,13 @@ class Pipeline:
         self.events += 1
         self.by_action[event.action] += 1
         now_us = int(self.clock() * 1000000)
+        event_id = None
         if self.audit is not None:
-            self.audit.append({"kind": "event", "id": alert_id(event),
+            event_id = alert_id(event)
+            self.audit.append({"kind": "event", "id": event_id,
                                "event": event_to_ecs(event)})
-        self._each_channel(lambda gate: gate.admit(event, now_us), event)
+        self._each_channel(lambda gate: gate.admit(event, now_us), event,
+                           event_id)
 
     def announce(self, event):
         """Send an event of the agent's own, at once."""
@@ -6409,7 +6412,7 @@ class Pipeline:
         if self.audit is not None:
             self.audit.flush()
 
-    def _each_channel(self, alerts_of, event=None):
+    def _each_channel(self, alerts_of, event=None, event_id=None):
         """For each channel, send or spool what `alerts_of(gate)` gives
         (flush when None), containing each channel's failure to itself.
         With an audit log, each decision about `event` is recorded."""
@@ -6423,14 +6426,15 @@ class Pipeline:
                 alerts = alerts_of(channel.gate)
                 if self.audit is not None and event is not None and \
                         event not in alerts:
-                    self._decided(name, event, *skipped_decision(
+                    self._decided(name, event, event_id, *skipped_decision(
                         channel.gate, event))
                 for alert in alerts:
                     if channel.spool is not None:
                         channel.spool.put(alert)
                     else:
                         channel.sink.send(alert)
-                    self._decided(name, alert, "spooled" if channel.spool
+                    self._decided(name, alert, event_id if alert is event
+                                  else None, "spooled" if channel.spool
                                   is not None else "sent")
                     self.sent[name] += 1
                     self.failing.pop(name, None)
@@ -6438,17 +6442,21 @@ class Pipeline:
                 raise  # our own output is gone: the caller decides
             except Exception as error:  # a sink must not stop the others
                 if alert is not None:
-                    self._decided(name, alert, "failed", str(error))
+                    self._decided(name, alert, event_id if alert is event
+                                  else None, "failed", str(error))
                 self.failed[name] += 1
                 if name not in self.failing:  # once, not per event
                     say("error", "channel %s failed: %s" % (name, error))
                 self.failing[name] = str(error) or repr(error)
 
 
-    def _decided(self, channel, alert, decision, detail=None):
+    def _decided(self, channel, alert, known_id, decision, detail=None):
+        """Record what a channel did with an alert (its id computed once
+        per event, `known_id`, when it is the event itself)."""
         if self.audit is not None:
             self.audit.append(decision_record(
-                channel, alert_id(alert), alert.action, decision, detail))
+                channel, known_id or alert_id(alert), alert.action,
+                decision, detail))
 
 
 class Agent:
