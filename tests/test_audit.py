@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -491,3 +492,40 @@ def test_a_second_agent_on_the_same_log_keeps_none(tmp_path):
     third.open()  # free again once the first stopped
     assert third.error is None
     third.close()
+
+
+def test_every_action_has_its_own_fixed_message_id():
+    ids = pamsignal.EVENT_MESSAGE_IDS
+    assert set(ids) == set(pamsignal.ACTIONS)
+    every = list(ids.values()) + [pamsignal.AUDIT_ANCHOR_MESSAGE_ID]
+    assert len(set(every)) == len(every)
+    assert all(len(value) == 32 and int(value, 16) >= 0 and
+               value == value.lower() for value in every)
+    # an action without an entry still gets a fixed, distinct id
+    assert pamsignal.event_message_id("some_new_action") == \
+        pamsignal.event_message_id("some_new_action")
+    assert pamsignal.event_message_id("some_new_action") not in every
+
+
+def test_journal_fields_follow_the_flattening_rule():
+    event = login()._replace(source_as_org="EXAMPLE-NET", target_user="bob",
+                             users_tried=("a", "b"))
+    fields = dict(pamsignal.event_journal_fields(event, "audit-test"))
+    assert fields["SYSLOG_IDENTIFIER"] == "audit-test"
+    assert fields["SOURCE_AS_ORGANIZATION_NAME"] == "EXAMPLE-NET"
+    assert fields["USER_TARGET_NAME"] == "bob"
+    assert fields["PAMSIGNAL_USERS_TRIED"] == "a,b"
+    assert fields["TIMESTAMP"] == "2025-11-24T16:00:00.000000Z"
+    assert fields["EVENT_ORIGINAL"].startswith("Accepted password")
+    assert fields["PRIORITY"] == "4"  # severity 5
+    assert not fields["MESSAGE"][:4].isdigit()  # no time: journald has it
+    assert all(re.match(r"^[A-Z][A-Z0-9_]*$", name) for name in fields)
+
+
+def test_the_native_protocol_framing():
+    data = pamsignal.encode_journal_entry([("MESSAGE", "one\ntwo"),
+                                           ("PRIORITY", "6")])
+    assert data == (b"MESSAGE\n" + (7).to_bytes(8, "little") +
+                    b"one\ntwo\nPRIORITY=6\n")
+    with pytest.raises(ValueError):
+        pamsignal.encode_journal_entry([("_UID", "0")])  # journald's own
