@@ -149,58 +149,69 @@ def test_kinds_of_records_are_written(tmp_path):
 # ----------------------------------------------------------------- tampering
 
 
-def tamper(directory, index, edit):
+@pytest.fixture(params=["plain", "keyed"])
+def keying(request, tmp_path_factory):
+    """(key, verify-log options): each kind of tampering is caught in a
+    plain SHA-256 chain and in an HMAC-keyed one alike."""
+    if request.param == "plain":
+        return None, []
+    path = tmp_path_factory.mktemp("key") / "audit.key"
+    path.write_bytes(b"k" * 32)
+    return b"k" * 32, ["--key-file", str(path)]
+
+
+def tamper(directory, index, edit, keying):
     """Write a log, change the lines of its file `index` with `edit`,
     verify: (that file, exit code, output)."""
-    write_log(directory)
+    write_log(directory, key=keying[0])
     target = files_of(directory)[index]
     rewrite(target, edit(lines_of(target)))
-    return (target,) + verify(directory)
+    return (target,) + verify(directory, *keying[1])
 
 
-def test_a_changed_byte_is_named_with_file_and_line(tmp_path):
+def test_a_changed_byte_is_named_with_file_and_line(tmp_path, keying):
     target, code, out = tamper(tmp_path, 1, lambda lines: lines[:1] + [
-        lines[1].replace(b"alice", b"alicf")] + lines[2:])
+        lines[1].replace(b"alice", b"alicf")] + lines[2:], keying)
     assert code == 1
     assert at(target, 2) in out and "changed" in out
 
 
-def test_a_removed_record_is_named(tmp_path):
+def test_a_removed_record_is_named(tmp_path, keying):
     removed = []
 
     def remove(lines):
         removed.append(json.loads(lines[1])["seq"])
         return lines[:1] + lines[2:]
 
-    target, code, out = tamper(tmp_path, 2, remove)
+    target, code, out = tamper(tmp_path, 2, remove, keying)
     assert code == 1
     assert at(target, 2) in out
     assert "records seq %d removed" % removed[0] in out
 
 
-def test_an_inserted_copy_is_named(tmp_path):
+def test_an_inserted_copy_is_named(tmp_path, keying):
     def insert(lines):
         copy = lines_of(files_of(tmp_path)[0])[1]  # seq 2, copied later
         return lines[:2] + [copy] + lines[2:]
 
-    target, code, out = tamper(tmp_path, 2, insert)
+    target, code, out = tamper(tmp_path, 2, insert, keying)
     assert code == 1
     assert at(target, 3) in out
     assert "seq 2 was already at %s:2" % files_of(tmp_path)[0] in out
 
 
-def test_swapped_records_are_out_of_order(tmp_path):
+def test_swapped_records_are_out_of_order(tmp_path, keying):
     target, code, out = tamper(tmp_path, 1, lambda lines: lines[:1] + [
-        lines[2], lines[1]] + lines[3:])
+        lines[2], lines[1]] + lines[3:], keying)
     assert code == 1
     assert at(target, 2) in out and "out of order" in out
 
 
-def test_a_deleted_rotated_file_is_a_gap(tmp_path):
-    write_log(tmp_path)
+def test_a_deleted_rotated_file_is_a_gap(tmp_path, keying):
+    write_log(tmp_path, key=keying[0])
     paths = files_of(tmp_path)
     os.unlink(paths[1])
-    code, out = verify(tmp_path)
+    code, out = verify(tmp_path, *keying[1])
     assert code == 1
     assert at(paths[2], 1) in out and "removed before it" in out
 
@@ -217,20 +228,21 @@ def test_deleting_the_oldest_file_without_a_removal_record_is_caught(
     assert "records 1 to %d are missing" % (first_seq - 1) in out
 
 
-def test_a_truncated_tail_is_caught_only_by_the_head(tmp_path):
-    log = write_log(tmp_path)
+def test_a_truncated_tail_is_caught_only_by_the_head(tmp_path, keying):
+    log = write_log(tmp_path, key=keying[0])
     current = files_of(tmp_path)[-1]
     lines = lines_of(current)
-    kept_head = json.loads(lines[0])["hash"]
+    kept = json.loads(lines_of(files_of(tmp_path)[0])[-1])  # an old head
     rewrite(current, lines[:1])
     # a shorter chain is still a valid chain...
-    assert verify(tmp_path)[0] == 0
+    assert verify(tmp_path, *keying[1])[0] == 0
     # ...but it no longer reaches the head kept elsewhere
-    code, out = verify(tmp_path, "--head", log.head)
+    code, out = verify(tmp_path, "--head", log.head, *keying[1])
     assert code == 1 and "does not reach head %s" % log.head in out
     # a head still in the chain: the records after it are the newer ones
-    code, out = verify(tmp_path, "--head", kept_head)
-    assert code == 0 and "records written since" in out
+    code, out = verify(tmp_path, "--head", kept["hash"], *keying[1])
+    assert code == 0 and "seq %d, %d records written since" % (
+        kept["seq"], json.loads(lines[0])["seq"] - kept["seq"]) in out
 
 
 def test_a_rewritten_keyless_chain_passes_alone_but_not_the_anchor(
