@@ -4474,6 +4474,13 @@ class AuditLog:
                 line = self._drop_torn_tail(len(line))
             item = parse_record(line) if line else None
             if item is not None:
+                if _record_problem(item, self.key):
+                    # another key (or none): going on would make a chain
+                    # that never verifies
+                    raise OSError(errno.EINVAL, "its last record was written"
+                                  " with another key or none; move the "
+                                  "audit*.jsonl files aside to start a new "
+                                  "chain")
                 self.seq, self.head = item[0]["seq"], item[2]
                 break
         # O_NOFOLLOW: a link planted in a log_dir others can write must

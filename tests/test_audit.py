@@ -541,3 +541,20 @@ def test_the_native_protocol_framing():
                     b"one\ntwo\nPRIORITY=6\n")
     with pytest.raises(ValueError):
         pamsignal.encode_journal_entry([("_UID", "0")])  # journald's own
+
+
+def test_a_changed_key_does_not_extend_the_old_chain(tmp_path):
+    write_log(tmp_path, records=2, config="")
+    log = AuditLog(settings(""), str(tmp_path), b"k" * 32, None, Clock())
+    log.open()
+    assert not log.append({"kind": "event"})
+    assert "written with another key or none" in log.error
+    log.close()
+    assert verify(tmp_path)[0] == 0  # the old chain is left as it was
+    for path in files_of(tmp_path):
+        os.rename(path, path + ".old")
+    log = AuditLog(settings(""), str(tmp_path), b"k" * 32, None, Clock())
+    log.open()
+    log.close()
+    (path,) = files_of(tmp_path)
+    assert json.loads(lines_of(path)[0])["seq"] == 1
