@@ -558,3 +558,24 @@ def test_a_changed_key_does_not_extend_the_old_chain(tmp_path):
     log.close()
     (path,) = files_of(tmp_path)
     assert json.loads(lines_of(path)[0])["seq"] == 1
+
+
+def test_the_agent_takes_its_key_from_a_credential(tmp_path):
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "audit-key").write_bytes(b"c" * 32 + b"\n")
+    config = parse_config("[pamsignal]\nstate_dir = %s\nlog_dir = %s\n"
+                          "[audit]\nkey = credential:audit-key\n" % (
+                              tmp_path / "state", tmp_path / "log"))
+    agent = pamsignal.Agent(config, [], environ={
+        "CREDENTIALS_DIRECTORY": str(credentials)})
+    agent.open_audit_log()
+    agent.pipeline.audit.journal = None  # no anchors from this test
+    agent.pipeline.audit.close()
+    (path,) = files_of(tmp_path / "log")
+    assert json.loads(lines_of(path)[0])["alg"] == "hmac-sha256"
+    key_file = tmp_path / "copy.key"
+    key_file.write_bytes(b"c" * 32)
+    assert verify(tmp_path / "log", "--key-file", str(key_file))[0] == 0
+    with pytest.raises(pamsignal.ConfigError):  # no credentials passed
+        pamsignal.Agent(config, [], environ={}).open_audit_log()
