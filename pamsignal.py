@@ -17,6 +17,9 @@ commands:
                            ASN, country and provider of addresses, from the
                            [geoip] databases or --db
   status [--json]          health and counters of the running service
+  verify-log [--key-file F] [--head HASH | --journal] [FILE...]
+                           verify the hash-chained audit log; exit 1 naming
+                           the first changed, removed or reordered record
   install, uninstall       set this file up as a hardened systemd service
                            (--prefix, --root DIR; uninstall --purge)
 
@@ -46,6 +49,7 @@ if sys.version_info < (3, 6):  # pragma: no cover - needs an old interpreter
 import argparse  # noqa: E402
 import base64  # noqa: E402
 import bisect  # noqa: E402
+import calendar  # noqa: E402
 import collections  # noqa: E402
 import configparser  # noqa: E402
 import difflib  # noqa: E402
@@ -53,6 +57,7 @@ import email.errors  # noqa: E402
 import email.message  # noqa: E402
 import email.utils  # noqa: E402
 import errno  # noqa: E402
+import fcntl  # noqa: E402
 import fnmatch  # noqa: E402
 import functools  # noqa: E402
 import grp  # noqa: E402
@@ -571,7 +576,7 @@ def event_to_ecs(event):
 Config = collections.namedtuple(
     "Config", "path state_dir log_dir first_start journalctl host_provider "
     "spool_max_alerts spool_max_age metrics_file channels detection alerts "
-    "geoip")
+    "geoip audit")
 Config.__doc__ = "The validated configuration; `channels` is a tuple."
 
 ChannelConfig = collections.namedtuple("ChannelConfig",
@@ -598,6 +603,12 @@ DetectionConfig = collections.namedtuple(
 #: The MaxMind DB files of [geoip]; None where a field is off.
 GeoipConfig = collections.namedtuple("GeoipConfig",
                                      "asn_db country_db city_db")
+
+#: [audit]: the hash-chained audit log (sizes in bytes, times in seconds;
+#: 0 is off).
+AuditConfig = collections.namedtuple(
+    "AuditConfig", "enabled key rotate_size rotate_age retention "
+    "anchor_every anchor_interval")
 
 ConfigProblem = collections.namedtuple("ConfigProblem",
                                        "path line section key message")
@@ -944,6 +955,55 @@ GLOBAL_OPTIONS = collections.OrderedDict((
     ("metrics_file", (_metrics_file, "")),
 ))
 
+
+def _switch(value):
+    if value.lower() in ("yes", "on", "true", "1"):
+        return True
+    if value.lower() in ("no", "off", "false", "0"):
+        return False
+    raise ValueError("expected yes or no, got %r" % value)
+
+
+_SIZE = re.compile(r"^(\d{1,9})([KMG]?)$")
+
+
+def _size_bytes(value):
+    match = _SIZE.match(value.strip().upper())
+    if not match or not int(match.group(1)):
+        raise ValueError("expected a size such as 500K, 10M or 1G, got %r"
+                         % value)
+    return int(match.group(1)) * 1024 ** " KMG".index(
+        match.group(2) or " ")
+
+
+def _audit_key(value):
+    """Empty (no key), credential:NAME or an absolute path."""
+    if not value or _CREDENTIAL.match(value):
+        return value
+    return _absolute_path(value)
+
+
+def _record_count(value):
+    if value.strip().lower() == "off":
+        return 0
+    if not re.match(r"^\d{1,7}$", value) or not int(value):
+        raise ValueError("expected a number of records or off, got %r"
+                         % value)
+    return int(value)
+
+
+#: [audit] keys: key -> (validator, default). Retention 90 days: CIS
+#: Controls v8 8.10 asks for at least 90 days of audit logs.
+AUDIT_OPTIONS = collections.OrderedDict((
+    ("enabled", (_switch, "yes")),
+    ("key", (_audit_key, "")),
+    ("rotate_size", (_size_bytes, "10M")),
+    ("rotate_age", (_cooldown, "1d")),  # a duration, or off (0)
+    ("retention", (_cooldown, "90d")),
+    ("anchor_every", (_record_count, "100")),
+    ("anchor_interval", (_cooldown, "10m")),
+))
+
 #: [geoip] keys: key -> (validator, default); empty means off.
 GEOIP_OPTIONS = collections.OrderedDict((
     ("asn_db", (_optional_path, "")),
@@ -1063,10 +1123,11 @@ def parse_config(text, path="<config>"):
     alerts = AlertPolicy(**_plain_section(parser, "alerts", ALERT_OPTIONS,
                                           problem))
     geoip = _plain_section(parser, "geoip", GEOIP_OPTIONS, problem)
+    audit = _plain_section(parser, "audit", AUDIT_OPTIONS, problem)
     channels = []
     for section in parser.sections():
         values = parser[section]
-        if section in ("pamsignal", "detection", "alerts", "geoip"):
+        if section in ("pamsignal", "detection", "alerts", "geoip", "audit"):
             continue
         if section.startswith("channel:") and section[8:].strip():
             channel = _parse_channel(section, values, alerts, problem)
@@ -1074,12 +1135,14 @@ def parse_config(text, path="<config>"):
                 channels.append(channel)
         else:
             problem(section, None, "unknown section; expected [pamsignal], "
-                    "[detection], [alerts], [geoip] or [channel:NAME]")
+                    "[detection], [alerts], [geoip], [audit] or "
+                    "[channel:NAME]")
     if problems:
         raise ConfigError(problems)
     return Config(path=path, channels=tuple(channels),
                   detection=DetectionConfig(**detection), alerts=alerts,
-                  geoip=GeoipConfig(**geoip), **settings)
+                  geoip=GeoipConfig(**geoip), audit=AuditConfig(**audit),
+                  **settings)
 
 
 def _plain_section(parser, section, options, problem):
@@ -4261,6 +4324,739 @@ def compose(text, line, heading, limit, escape, template=None,
 
 
 # ---------------------------------------------------------------------------
+# 11 integrity log
+# ---------------------------------------------------------------------------
+# The audit log: every event and every alert decision as one JSON line in
+# log_dir, chained by SHA-256 (or HMAC-SHA256 with a key) so that an edit
+# breaks the chain; its head is anchored in the journal. Also the journal's
+# native protocol, which the anchors and the `journal` channel write with.
+#
+# A record's line is its JSON with sorted keys, no spaces and ASCII only
+# (json.dumps(record, sort_keys=True, separators=(",", ":"))), followed, just
+# before the closing brace, by ,"hash":"HEX". The hashed bytes are that line
+# without the ,"hash":"HEX" member and without the newline. Every record has
+# seq (1, 2, ...), prev (the hash of the record before; 64 zeros for the
+# first), time, alg (sha256 or hmac-sha256) and kind.
+
+#: The `prev` of the first record of a chain.
+GENESIS_HASH = "0" * 64
+
+#: The audit log being written, in log_dir.
+AUDIT_LOG_NAME = "audit.jsonl"
+
+#: A rotated audit log: when it was rotated (UTC) and its last seq; names
+#: sort in chain order.
+ROTATED_AUDIT = re.compile(r"^audit-(\d{8}T\d{6}Z)-(\d{12})\.jsonl$")
+
+#: MESSAGE_ID of the journal entries that anchor the audit log's head.
+AUDIT_ANCHOR_MESSAGE_ID = "c4e1a13543184b559638dfda03ddef47"
+
+#: MESSAGE_ID of each event kind written by the `journal` channel: fixed
+#: for ever, so `journalctl MESSAGE_ID=...` and filters can rely on them.
+EVENT_MESSAGE_IDS = {
+    "login_success": "9c0d0026f605475a8d21efd63ba28c47",
+    "login_failure": "dd168121658e47d3a8e9a7e523e13f89",
+    "session_opened": "b34d8773ee834095aa7120ed4b6d6a5f",
+    "session_closed": "59d610073a8245efbd676756c2c2ab37",
+    "sudo_command": "5b7bf6950be047d5974fdd5a5769f64a",
+    "brute_force_detected": "7060c30ef4204b459b83f1dbc338d900",
+    "success_after_failures": "6aa87abf83134bbe82e1e91e61852189",
+    "new_source": "5213d0915c934deb8db204253c1e6dbe",
+    "new_sudo_user": "16d131fd323841ef86c8f313ffad3f53",
+    "spoofed_entry": "9ee87e3af53a491cb77d2993d8eaff65",
+    "alert_digest": "d8a120c9fdf9496c992ce8da22775113",
+    "alerts_dropped": "9f060931e37442488a97a0e57a8a3ac4",
+    "config_reload_failed": "3fab7dcd86b647bdbeec0a6fd95a599e",
+    "monitoring_degraded": "39abeee1b2ef4ed290e5c458726103a0",
+    "monitoring_restored": "bcddd6f1ca794027b2ba9fd21360cf78",
+    "journal_suppressed": "dfcf116fca1f41a88cd54657a299cc73",
+    "unaccounted_session": "0cf9e754d5dd435bbb5d46e2f50941c7",
+}
+
+#: What the agent's own journal entries are written as (never watched).
+JOURNAL_IDENTIFIER = "pamsignal"
+
+#: Shortest key accepted for the keyed (HMAC) chain.
+MIN_AUDIT_KEY_BYTES = 16
+
+_HASH_TAIL = re.compile(br',"hash":"([0-9a-f]{64})"\}\n?\Z')
+_JOURNAL_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}\Z")
+
+
+def chain_bytes(record):
+    """The bytes a record's hash is computed over (see the banner)."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True).encode("ascii")
+
+
+def record_hash(data, key=None):
+    """SHA-256 of the bytes, or HMAC-SHA256 with the key, in hex."""
+    if key is None:
+        return hashlib.sha256(data).hexdigest()
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def chain_record(body, seq, prev, now_us, key=None):
+    """(line with newline, its hash) of the record after `prev`."""
+    record = dict(body, seq=seq, prev=prev, time=format_timestamp(now_us),
+                  alg="hmac-sha256" if key is not None else "sha256")
+    data = chain_bytes(record)
+    digest = record_hash(data, key)
+    return data[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n', digest
+
+
+def parse_record(line):
+    """(record, hashed bytes, stored hash) of one line, or None when the
+    line is not a record at all."""
+    match = _HASH_TAIL.search(line)
+    if match is None:
+        return None
+    data = line[:match.start()] + b"}"
+    try:
+        record = json.loads(data.decode("ascii"))
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or type(record.get("seq")) is not int \
+            or not isinstance(record.get("prev"), str):
+        return None
+    return record, data, match.group(1).decode("ascii")
+
+
+ChainVerdict = collections.namedtuple(
+    "ChainVerdict", "records head head_seq problem first_seq")
+ChainVerdict.__doc__ = """What verify_chain found: records checked, the
+last record's hash and seq, the first problem as text (None: intact)."""
+
+
+def _where(location):
+    return "%s:%d" % location
+
+
+def _chain_start_problem(seq, prev, removals):
+    """Why the first retained record cannot start the chain, or None: the
+    very first record, or one right after a recorded removal."""
+    if seq == 1 and prev == GENESIS_HASH:
+        return None
+    if (seq - 1, prev) in removals:
+        return None
+    return ("records 1 to %d are missing (a deleted file or lines) and no "
+            "removal record explains it" % (seq - 1))
+
+
+def _link_problem(seq, prev, expected_seq, expected_prev, before, seen,
+                  locations):
+    """Why a record does not follow the one `before` it, or None."""
+    if seq == expected_seq and prev == expected_prev:
+        return None
+    if seq == expected_seq:
+        return ("the record before it (%s, seq %d) was changed: this one "
+                "holds another hash for it" % (_where(before), seq - 1))
+    if seq in seen:
+        return "seq %d was already at %s: a record was inserted or copied" \
+            % (seq, _where(seen[seq]))
+    if seq > expected_seq:
+        if expected_seq in locations:
+            return ("records are out of order: seq %d expected, seq %d found"
+                    " (seq %d is at %s)" % (expected_seq, seq, expected_seq,
+                                            _where(locations[expected_seq])))
+        return "records %s removed before it" % (
+            "seq %d" % expected_seq if seq == expected_seq + 1 else
+            "seq %d to %d" % (expected_seq, seq - 1))
+    return "records are out of order: seq %d after seq %d" % (
+        seq, expected_seq - 1)
+
+
+def _record_problem(item, key):
+    """Why a parsed line is not an intact record of this chain, or None."""
+    if item is None:
+        return "not an intact record (changed or damaged)"
+    record, data, stored = item
+    alg = "hmac-sha256" if key is not None else "sha256"
+    if record.get("alg") != alg:
+        if key is None and record.get("alg") == "hmac-sha256":
+            return ("the log is keyed (HMAC): give its key (--key-file or "
+                    "[audit] key)")
+        return "changed: written as %r, expected %s" % (record.get("alg"),
+                                                         alg)
+    if record_hash(data, key) != stored:
+        return "changed: its hash does not match its content"
+    return None
+
+
+def verify_chain(lines, key=None):
+    """Check a chain given as (file, line number, bytes) in order: each
+    record's hash, and that each follows the one before. Returns a
+    ChainVerdict whose problem names the first record that was changed,
+    removed, inserted or reordered, with its file and line."""
+    locations, removals = {}, set()
+    for file_name, number, line in lines:  # where each seq is, first
+        item = parse_record(line)
+        if item is not None:
+            locations.setdefault(item[0]["seq"], (file_name, number))
+            if item[0].get("kind") == "removed":
+                removals.add((item[0].get("last_seq"),
+                              item[0].get("last_hash")))
+    head, head_seq, first_seq, seen, before = None, None, None, {}, None
+    count = 0
+    for count, (file_name, number, line) in enumerate(lines):
+        location, item = (file_name, number), parse_record(line)
+        problem = _record_problem(item, key)
+        if problem is None:
+            seq, prev = item[0]["seq"], item[0]["prev"]
+            if head is None:
+                problem = _chain_start_problem(seq, prev, removals)
+                first_seq = seq
+            else:
+                problem = _link_problem(seq, prev, head_seq + 1, head,
+                                        before, seen, locations)
+        if problem:
+            return ChainVerdict(count, head, head_seq, "%s: %s" % (
+                _where(location), problem), first_seq)
+        seen[seq], before = location, location
+        head, head_seq = item[2], seq
+        count += 1
+    return ChainVerdict(count, head, head_seq, None, first_seq)
+
+
+def head_position(lines, head):
+    """seq of the record whose hash is `head`, or None when the chain does
+    not reach it (records up to it were removed, or the log replaced)."""
+    for _, _, line in lines:
+        item = parse_record(line)
+        if item is not None and item[2] == head:
+            return item[0]["seq"]
+    return None
+
+
+def audit_files(directory):
+    """The audit log's files in chain order: rotated ones, then the
+    current one (those that exist)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    rotated = sorted(name for name in names if ROTATED_AUDIT.match(name))
+    if AUDIT_LOG_NAME in names:
+        rotated.append(AUDIT_LOG_NAME)
+    return [os.path.join(directory, name) for name in rotated]
+
+
+class ChainLines:
+    """(file, line number, bytes) of every line of the files, in order;
+    read again at each pass, so a long log is never held in memory."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+
+    def __iter__(self):
+        for path in self.paths:
+            with open(path, "rb") as handle:
+                for number, line in enumerate(handle, 1):
+                    yield path, number, line
+
+
+def rotated_name(now_s, last_seq):
+    return "audit-%s-%012d.jsonl" % (
+        time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now_s)), last_seq)
+
+
+def rotated_time_s(name):
+    """When a rotated file was rotated, from its name."""
+    stamp = ROTATED_AUDIT.match(name).group(1)
+    return calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%SZ"))
+
+
+def expired_files(names, now_s, retention_s):
+    """Rotated files older than the retention, oldest first."""
+    if not retention_s:
+        return []
+    return sorted(name for name in names if ROTATED_AUDIT.match(name) and
+                  rotated_time_s(name) < now_s - retention_s)
+
+
+def decision_record(channel, event_id, action, decision, detail=None):
+    """An alert decision: which channel sent, spooled, held back (by which
+    rule) or failed to take the event."""
+    body = {"kind": "alert", "channel": channel, "id": event_id,
+            "action": action, "decision": decision}
+    if detail:
+        body["detail"] = detail
+    return body
+
+
+def held_back_by(gate, event):
+    """The rule of a channel that kept an event from becoming an alert:
+    the policy key that filtered it, or the throttle that holds it."""
+    policy = gate.policy
+    if not policy_admits(policy, event, gate.groups_of):
+        if event.action not in policy.events:
+            return "events"
+        if event_severity(event) < policy.min_severity:
+            return "min_severity"
+        if _in_networks(event.source_ip, policy.ignore_sources):
+            return "ignore_sources"
+        return "ignore_users" if _named_in(policy.ignore_users, (), event,
+                                           gate.groups_of) \
+            else "ignore_groups"
+    return "cooldown" if throttle_key(event) in gate.throttle.cooling \
+        else "rate_limit"
+
+
+def skipped_decision(gate, event):
+    """(decision, rule) for an event a channel did not alert on."""
+    rule = held_back_by(gate, event)
+    return ("held_back" if rule in ("cooldown", "rate_limit")
+            else "filtered"), rule
+
+
+# -- the journal's native protocol --------------------------------------------
+
+def journal_field_name(path):
+    """An ECS path as a journal field: the parts joined by _, upper case,
+    other characters as _, no leading _ (@timestamp: TIMESTAMP)."""
+    name = re.sub(r"[^A-Z0-9_]", "_", path.replace(".", "_").upper())
+    return name.lstrip("_0123456789")[:64]
+
+
+def flatten_ecs(node, prefix=""):
+    """[(journal field, text)] of an ECS object's leaves; a list's items
+    are joined with commas."""
+    fields = []
+    for key in sorted(node):
+        value = node[key]
+        path = prefix + key
+        if isinstance(value, dict):
+            fields += flatten_ecs(value, path + ".")
+        elif isinstance(value, list):
+            fields.append((journal_field_name(path),
+                           ",".join(str(item) for item in value)))
+        else:
+            fields.append((journal_field_name(path), str(value)))
+    return fields
+
+
+def journal_priority(severity):
+    """Event severity 0-10 -> syslog PRIORITY (2 crit ... 6 info)."""
+    return 2 if severity >= 9 else 3 if severity >= 7 else \
+        4 if severity >= 5 else 5 if severity >= 3 else 6
+
+
+def event_message_id(action):
+    """The MESSAGE_ID of an action: from the table; an action added
+    without one (a test asks for it) still gets a fixed id of its own."""
+    return EVENT_MESSAGE_IDS.get(action) or hashlib.sha256(
+        ("pamsignal event " + action).encode("utf-8")).hexdigest()[:32]
+
+
+def journal_message(event):
+    """The readable line without its time: the journal has its own."""
+    return render_text(event).split(" ", 2)[2]
+
+
+def event_journal_fields(event, identifier=JOURNAL_IDENTIFIER):
+    """[(NAME, text)] of one event for the journal: MESSAGE, PRIORITY,
+    SYSLOG_IDENTIFIER, MESSAGE_ID of its kind, and the ECS fields
+    flattened (event.action -> EVENT_ACTION, source.ip -> SOURCE_IP; the
+    ECS `message`, the original log line, as EVENT_ORIGINAL)."""
+    ecs = event_to_ecs(event)
+    original = ecs.pop("message", None)
+    fields = [("MESSAGE", journal_message(event)),
+              ("PRIORITY", str(journal_priority(event_severity(event)))),
+              ("SYSLOG_IDENTIFIER", identifier),
+              ("MESSAGE_ID", event_message_id(event.action))]
+    fields += flatten_ecs(ecs)
+    if original:
+        fields.append(("EVENT_ORIGINAL", original))
+    return fields
+
+
+def encode_journal_entry(fields):
+    """[(NAME, text)] -> one native protocol datagram: NAME=value lines, a
+    value with a newline as NAME, 64-bit little-endian length, value."""
+    parts = []
+    for name, value in fields:
+        if not _JOURNAL_NAME.match(name):
+            raise ValueError("not a journal field name: %r" % name)
+        data = value.encode("utf-8", "backslashreplace")
+        if b"\n" in data:
+            parts.append(name.encode("ascii") + b"\n" +
+                         struct.pack("<Q", len(data)) + data + b"\n")
+        else:
+            parts.append(name.encode("ascii") + b"=" + data + b"\n")
+    return b"".join(parts)
+
+
+class JournalWriter:
+    """Writes entries to journald's native socket; one too large for a
+    datagram goes in an unlinked temporary file passed with SCM_RIGHTS."""
+
+    def __init__(self, socket_path=JOURNAL_SOCKET):
+        self.socket_path = socket_path
+        self.sock = None
+
+    def send(self, fields):
+        """Write one entry; OSError when journald does not take it."""
+        data = encode_journal_entry(fields)
+        if self.sock is None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.sendto(data, self.socket_path)
+        except OSError as error:
+            if error.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                raise
+            self._send_as_file(data)
+
+    def _send_as_file(self, data):
+        with tempfile.TemporaryFile(dir="/dev/shm") as spill:
+            spill.write(data)
+            spill.flush()
+            self.sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    struct.pack("i", spill.fileno()))],
+                              0, self.socket_path)
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def anchor_fields(seq, head, identifier=JOURNAL_IDENTIFIER):
+    """The journal entry that anchors the audit log's head."""
+    return [("MESSAGE", "audit log head: seq %d hash %s" % (seq, head)),
+            ("PRIORITY", "6"), ("SYSLOG_IDENTIFIER", identifier),
+            ("MESSAGE_ID", AUDIT_ANCHOR_MESSAGE_ID),
+            ("PAMSIGNAL_AUDIT_SEQ", str(seq)),
+            ("PAMSIGNAL_AUDIT_HEAD", head)]
+
+
+# -- the audit log file -------------------------------------------------------
+
+def _last_line(path):
+    """The last line of a file (bytes, may lack its newline), or None."""
+    with open(path, "rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        block = b""
+        while size > 0 and block.count(b"\n") < 2:
+            step = min(size, 65536)
+            size -= step
+            handle.seek(size)
+            block = handle.read(step) + block
+        lines = block.splitlines(True)
+        return lines[-1] if lines else None
+
+
+def _first_record_s(path):
+    """When the file's first record was written (its age for rotation),
+    or None when it cannot be told."""
+    with open(path, "rb") as handle:
+        item = parse_record(handle.readline())
+    try:
+        return calendar.timegm(time.strptime(item[0]["time"][:19],
+                                             "%Y-%m-%dT%H:%M:%S"))
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def load_audit_key(spec, log_dir, credentials_dir, euid=None):
+    """The key bytes for [audit] key: empty (no key), credential:NAME
+    (systemd credential) or an absolute path outside log_dir, which as
+    root must be root's own and not readable by group or others."""
+    if not spec:
+        return None
+    credential = _CREDENTIAL.match(spec)
+    if credential:
+        if not credentials_dir:
+            raise ConfigError(["[audit] key: %s, but no credentials were "
+                               "passed ($CREDENTIALS_DIRECTORY is unset; "
+                               "verify-log takes --key-file)" % spec])
+        path = os.path.join(credentials_dir, credential.group(1))
+    else:
+        path = spec
+        inside = os.path.join(os.path.realpath(log_dir), "")
+        if os.path.realpath(path).startswith(inside):
+            raise ConfigError(["[audit] key: %s is inside log_dir: whoever "
+                               "can write the log could read it" % path])
+    try:
+        with open(path, "rb") as handle:
+            status = os.fstat(handle.fileno())
+            key = handle.read(4096).strip()
+    except OSError as error:
+        raise ConfigError(["[audit] key: cannot read %s: %s" % (
+            path, error.strerror or error)]) from None
+    euid = os.geteuid() if euid is None else euid
+    if not credential and euid == 0 and (
+            status.st_uid != 0 or status.st_mode & 0o077):
+        raise ConfigError(["[audit] key: %s must be owned by root and not "
+                           "readable by group or others (chown root: %s; "
+                           "chmod 600 %s)" % (path, path, path)])
+    if len(key) < MIN_AUDIT_KEY_BYTES:
+        raise ConfigError(["[audit] key: %s holds %d bytes; at least %d "
+                           "expected (head -c 32 /dev/urandom | base64)" % (
+                               path, len(key), MIN_AUDIT_KEY_BYTES)])
+    return key
+
+
+class AuditLog:
+    """The hash-chained audit log in log_dir, with rotation, retention and
+    journal anchors. Never raises on a write: a full or read-only disk is
+    counted (`unwritten`) and said (`error`), and the chain goes on from
+    the last record written, with a record saying how many were lost.
+
+    Each record is written with one write(2) in append mode, so a crash
+    loses at most the record being written; flush() (after each batch,
+    before the journal cursor moves) fsyncs, as the spool does."""
+
+    def __init__(self, settings, directory, key=None, journal=None,
+                 clock=time.time):
+        self.settings = settings
+        self.directory = directory
+        self.path = os.path.join(directory, AUDIT_LOG_NAME)
+        self.key = key
+        self.journal = journal
+        self.clock = clock
+        self.fd = None
+        self.seq, self.head = 0, GENESIS_HASH
+        self.file_started_s = None
+        self.size = 0
+        self.records = 0
+        self.unwritten = 0  # all told, for the metrics
+        self.lost = 0  # not yet said in the log
+        self.error = None
+        self.dirty = False
+        self.anchored_seq = 0
+        self.anchored_s = clock()
+        self.anchor_error = None
+        self.retention_checked_s = None
+        self.torn_bytes = 0  # of a record a crash cut short
+        self.lock_fd = None
+
+    # -- opening --------------------------------------------------------------
+
+    def open(self):
+        """Find where the chain stands and open the file; a failure leaves
+        the log closed (retried at each record) and said in `error`."""
+        self._retry_open()
+        self.append({"kind": "agent_started", "version": __version__})
+
+    def _resume(self):
+        files = audit_files(self.directory)
+        for path in reversed(files):
+            line = _last_line(path)
+            if path == self.path and line and not line.endswith(b"\n"):
+                line = self._drop_torn_tail(len(line))
+            item = parse_record(line) if line else None
+            if item is not None:
+                if _record_problem(item, self.key):
+                    # another key (or none): going on would make a chain
+                    # that never verifies
+                    raise OSError(errno.EINVAL, "its last record was written"
+                                  " with another key or none; move the "
+                                  "audit*.jsonl files aside to start a new "
+                                  "chain")
+                self.seq, self.head = item[0]["seq"], item[2]
+                break
+        # O_NOFOLLOW: a link planted in a log_dir others can write must
+        # not make the agent append to another file.
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND |
+                          os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        self.size = os.fstat(self.fd).st_size
+        self.file_started_s = _first_record_s(self.path) if self.size \
+            else None
+
+    def _lock(self):
+        """Hold log_dir/audit.lock: a second agent on the same log (one
+        run by hand beside the service) would fork the chain, so it keeps
+        no audit log instead."""
+        if self.lock_fd is not None:
+            return
+        descriptor = os.open(os.path.join(self.directory, "audit.lock"),
+                             os.O_RDWR | os.O_CREAT | os.O_CLOEXEC |
+                             os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(descriptor)
+            raise OSError(errno.EBUSY, "another pamsignal keeps this audit "
+                          "log") from None
+        self.lock_fd = descriptor
+
+    def _drop_torn_tail(self, length):
+        """A crash cut the last record short: it was never part of the
+        chain, so its bytes go and a record says so."""
+        size = os.path.getsize(self.path)
+        os.truncate(self.path, size - length)
+        self.torn_bytes = length
+        return _last_line(self.path)
+
+    # -- writing --------------------------------------------------------------
+
+    def append(self, body):
+        """Add a record; False when it could not be written (counted)."""
+        now_s = self.clock()
+        if self.fd is None and self.error is not None:
+            self._retry_open()
+        if self._rotation_due(now_s):
+            self.rotate(now_s)
+        if self.torn_bytes and self._write(
+                {"kind": "repaired", "dropped_bytes": self.torn_bytes},
+                now_s):
+            self.torn_bytes = 0
+        if self.lost and self.fd is not None:
+            if self._write({"kind": "not_written", "records": self.lost},
+                           now_s):
+                self.lost = 0
+        if not self._write(body, now_s):
+            self.lost += 1
+            self.unwritten += 1
+            return False
+        if self.settings.anchor_every and \
+                self.seq - self.anchored_seq >= self.settings.anchor_every:
+            self.anchor(now_s)
+        return True
+
+    def _retry_open(self):
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            self._lock()
+            self._resume()
+        except OSError as error:
+            self.error = "cannot open %s: %s" % (self.path,
+                                                  error.strerror or error)
+            self._close_fd()
+
+    def _write(self, body, now_s):
+        if self.fd is None:
+            return False
+        line, digest = chain_record(body, self.seq + 1, self.head,
+                                    int(now_s * 1e6), self.key)
+        written = 0
+        try:
+            written = os.write(self.fd, line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as error:
+            self.error = "cannot write %s: %s" % (self.path,
+                                                   error.strerror or error)
+            if written:
+                self._cut_to(self.size)  # no half record left behind
+            return False
+        self.error = None
+        self.seq, self.head = self.seq + 1, digest
+        self.size += len(line)
+        self.records += 1
+        self.dirty = True
+        if self.file_started_s is None:
+            self.file_started_s = now_s
+        return True
+
+    def _rotation_due(self, now_s):
+        """The current file is full or old: the next record starts a new
+        one (so no empty file is left behind)."""
+        settings = self.settings
+        return self.fd is not None and self.size > 0 and (
+            self.size >= settings.rotate_size or (
+                settings.rotate_age and self.file_started_s is not None and
+                now_s - self.file_started_s >= settings.rotate_age))
+
+    def flush(self):
+        """fsync what was written; anchor and apply retention when due."""
+        now_s = self.clock()
+        if self.dirty and self.fd is not None:
+            try:
+                os.fsync(self.fd)
+                self.dirty = False
+            except OSError as error:
+                self.error = "cannot fsync %s: %s" % (
+                    self.path, error.strerror or error)
+        if self.settings.anchor_interval and \
+                self.seq > self.anchored_seq and \
+                now_s - self.anchored_s >= self.settings.anchor_interval:
+            self.anchor(now_s)
+        if self.retention_checked_s is None or \
+                now_s - self.retention_checked_s >= 3600:
+            self.apply_retention(now_s)
+
+    def rotate(self, now_s):
+        """Close the file under a name that sorts in chain order; the next
+        record, in a new file, still follows the last one of this."""
+        if self.fd is None or not self.size:
+            return
+        target = os.path.join(self.directory, rotated_name(now_s, self.seq))
+        try:
+            os.fsync(self.fd)
+            os.rename(self.path, target)
+            _fsync_directory(self.directory)
+        except OSError as error:
+            self.error = "cannot rotate %s: %s" % (self.path,
+                                                    error.strerror or error)
+            return
+        self._close_fd()
+        self._retry_open()
+        self.apply_retention(now_s)
+
+    def apply_retention(self, now_s):
+        """Remove rotated files older than the retention, and record the
+        removal so that verify-log knows the gap is explained."""
+        self.retention_checked_s = now_s
+        try:
+            expired = expired_files(os.listdir(self.directory), now_s,
+                                    self.settings.retention)
+            if not expired:
+                return
+            last = parse_record(_last_line(os.path.join(
+                self.directory, expired[-1])) or b"")
+            for name in expired:
+                os.unlink(os.path.join(self.directory, name))
+        except OSError as error:
+            self.error = "cannot apply retention in %s: %s" % (
+                self.directory, error.strerror or error)
+            return
+        self.append({"kind": "removed", "files": expired,
+                     "retention_s": self.settings.retention,
+                     "last_seq": last[0]["seq"] if last else None,
+                     "last_hash": last[2] if last else None})
+
+    def anchor(self, now_s):
+        """Write the head to the journal (off this file's reach)."""
+        if self.journal is None or self.seq == self.anchored_seq:
+            return
+        try:
+            self.journal.send(anchor_fields(self.seq, self.head))
+            self.anchor_error = None
+        except OSError as error:
+            self.anchor_error = "cannot anchor in the journal: %s" % (
+                error.strerror or error)
+            return
+        self.anchored_seq, self.anchored_s = self.seq, now_s
+
+    def close(self):
+        if self.fd is None and self.error is None:
+            return
+        self.append({"kind": "agent_stopped", "records": self.records,
+                     "not_written": self.unwritten})
+        self.flush()
+        self.anchor(self.clock())
+        self._close_fd()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def _cut_to(self, size):
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError:
+            pass  # verify-log then names the damaged line
+
+    def _close_fd(self):
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+
+
+# ---------------------------------------------------------------------------
 # 12 sinks and state (I/O)
 # ---------------------------------------------------------------------------
 
@@ -4938,11 +5734,51 @@ class EmailSink(RemoteSink):
                 from None
 
 
+def _journal_identifier(value):
+    """A SYSLOG_IDENTIFIER the parser does not watch, so the agent never
+    reads its own entries back as logins."""
+    if not re.match(r"^[A-Za-z0-9_.-]{1,64}$", value) or \
+            value in WATCHED_SERVICES:
+        raise ValueError("expected a name of letters, digits, _.- that is "
+                         "none of the watched services (%s), got %r" % (
+                             ", ".join(sorted(WATCHED_SERVICES)), value))
+    return value
+
+
+class JournalSink:
+    """Writes each event back to the journal (native protocol) with its
+    own SYSLOG_IDENTIFIER, a MESSAGE_ID per kind and the ECS fields as
+    journal fields, for Alloy, Vector, Promtail or fail2ban."""
+
+    OPTIONS = {"identifier": _journal_identifier}
+    REQUIRED = ()
+    SPOOLED = False
+
+    def __init__(self, name, options=None, writer=None):
+        self.name = name
+        self.identifier = (options or {}).get("identifier",
+                                              JOURNAL_IDENTIFIER)
+        self.writer = writer or JournalWriter()
+
+    def open(self):
+        pass
+
+    def send(self, event, delay_s=0):
+        self.writer.send(event_journal_fields(event, self.identifier))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.writer.close()
+
+
 #: channel type -> sink class; a new destination is one class here.
 CHANNEL_TYPES = {"console": ConsoleSink, "telegram": TelegramSink,
                  "slack": SlackSink, "discord": DiscordSink,
                  "teams": TeamsSink, "ntfy": NtfySink, "gotify": GotifySink,
-                 "email": EmailSink, "webhook": WebhookSink}
+                 "email": EmailSink, "webhook": WebhookSink,
+                 "journal": JournalSink}
 
 
 #: Retry delays after a failed delivery grow from this (seconds)...
@@ -6500,6 +7336,10 @@ METRICS = collections.OrderedDict((
      ("gauge", "When journald last said it dropped lines of a login unit "
       "(Unix time; unit and dropped lines in the labels).")),
     ("pamsignal_events_total", ("counter", "Events reported, by action.")),
+    ("pamsignal_audit_records_total",
+     ("counter", "Records written to the audit log.")),
+    ("pamsignal_audit_unwritten_total",
+     ("counter", "Audit records the disk refused (full, read-only).")),
     ("pamsignal_alerts_sent_total",
      ("counter", "Alerts each channel took (network channels: delivered).")),
     ("pamsignal_alerts_failed_total",
@@ -6636,6 +7476,7 @@ class Pipeline:
         self.sent = collections.Counter()  # channel -> alerts handed over
         self.failed = collections.Counter()  # channel -> errors
         self.failing = {}  # channel -> its error, until it works again
+        self.audit = None  # the AuditLog, when the agent keeps one
 
     def decode(self, line):
         """One journalctl output line -> entry dict, or None (counted, and
@@ -6707,7 +7548,13 @@ class Pipeline:
             self.dropped_lines[unit] += event.dropped or 0
             self.last_suppression = event
         now_us = int(self.clock() * 1000000)
-        self._each_channel(lambda gate: gate.admit(event, now_us))
+        event_id = None
+        if self.audit is not None:
+            event_id = alert_id(event)
+            self.audit.append({"kind": "event", "id": event_id,
+                               "event": event_to_ecs(event)})
+        self._each_channel(lambda gate: gate.admit(event, now_us), event,
+                           event_id)
 
     def witnessed(self, event, now_s):
         """Send an event the login records gave, with its context."""
@@ -6728,33 +7575,57 @@ class Pipeline:
         self._each_channel(lambda gate: gate.drain())
 
     def flush(self):
-        """Push out what the sinks hold, and make spooled alerts durable
-        (after each batch, before the cursor is saved)."""
+        """Push out what the sinks hold, and make spooled alerts and the
+        audit log durable (after each batch, before the cursor is saved)."""
         self._each_channel(None)
+        if self.audit is not None:
+            self.audit.flush()
 
-    def _each_channel(self, alerts_of):
+    def _each_channel(self, alerts_of, event=None, event_id=None):
         """For each channel, send or spool what `alerts_of(gate)` gives
-        (flush when None), containing each channel's failure to itself."""
+        (flush when None), containing each channel's failure to itself.
+        With an audit log, each decision about `event` is recorded."""
         for channel in self.channels:
             name = channel.sink.name
+            alert = None
             try:
                 if alerts_of is None:
                     (channel.spool or channel.sink).flush()
                     continue
-                for alert in alerts_of(channel.gate):
+                alerts = alerts_of(channel.gate)
+                if self.audit is not None and event is not None and \
+                        event not in alerts:
+                    self._decided(name, event, event_id, *skipped_decision(
+                        channel.gate, event))
+                for alert in alerts:
                     if channel.spool is not None:
                         channel.spool.put(alert)
                     else:
                         channel.sink.send(alert)
+                    self._decided(name, alert, event_id if alert is event
+                                  else None, "spooled" if channel.spool
+                                  is not None else "sent")
                     self.sent[name] += 1
                     self.failing.pop(name, None)
             except BrokenPipeError:
                 raise  # our own output is gone: the caller decides
             except Exception as error:  # a sink must not stop the others
+                if alert is not None:
+                    self._decided(name, alert, event_id if alert is event
+                                  else None, "failed", str(error))
                 self.failed[name] += 1
                 if name not in self.failing:  # once, not per event
                     say("error", "channel %s failed: %s" % (name, error))
                 self.failing[name] = str(error) or repr(error)
+
+
+    def _decided(self, channel, alert, known_id, decision, detail=None):
+        """Record what a channel did with an alert (its id computed once
+        per event, `known_id`, when it is the event itself)."""
+        if self.audit is not None:
+            self.audit.append(decision_record(
+                channel, known_id or alert_id(alert), alert.action,
+                decision, detail))
 
 
 class Agent:
@@ -6789,6 +7660,33 @@ class Agent:
         self.unsaved = False
         self.witness_setting = None  # login_records the witness follows
         self.last_witness_check = 0.0
+        self.environ = os.environ if environ is None else environ
+
+    def open_audit_log(self):
+        """The audit log, when [audit] keeps one: its key is read now (a
+        bad key is a configuration error), a disk that refuses it only
+        degrades it."""
+        settings = self.config.audit
+        if not settings.enabled:
+            return
+        key = load_audit_key(settings.key, self.config.log_dir,
+                             self.environ.get("CREDENTIALS_DIRECTORY"))
+        audit = AuditLog(settings, self.config.log_dir, key, JournalWriter())
+        audit.open()
+        self.pipeline.audit = audit
+        self.health.known.update(("audit_log", "audit_anchor"))
+
+    def check_audit_log(self):
+        """The audit log is impaired while it cannot write (or anchor)."""
+        audit = self.pipeline.audit
+        if audit is None:
+            return
+        for component, error in (("audit_log", audit.error),
+                                 ("audit_anchor", audit.anchor_error)):
+            if error:
+                self.impair(component, error)
+            else:
+                self.restore_component(component)
 
     def request_stop(self, signum=None, frame=None):
         self.stopping = True
@@ -7005,6 +7903,11 @@ class Agent:
              pipeline.malformed),
             ("pamsignal_journalctl_restarts_total", {},
              max(0, self.source.starts - 1))]
+        if pipeline.audit is not None:
+            samples += [("pamsignal_audit_records_total", {},
+                         pipeline.audit.records),
+                        ("pamsignal_audit_unwritten_total", {},
+                         pipeline.audit.unwritten)]
         if self.source.last_realtime_us is not None:
             samples.append(("pamsignal_journal_lag_seconds", {}, max(
                 0.0, now_s - self.source.last_realtime_us / 1e6)))
@@ -7155,7 +8058,8 @@ class Agent:
         """The new configuration with the keys that only a restart can
         change (where state and spools live, what to run) kept as they
         are."""
-        for key in ("state_dir", "log_dir", "first_start", "journalctl"):
+        for key in ("state_dir", "log_dir", "first_start", "journalctl",
+                    "audit"):
             if getattr(config, key) != getattr(self.config, key):
                 say("warning", "%s changed: takes effect at the next start"
                     % key)
@@ -7228,6 +8132,7 @@ class Agent:
         self.notifier.set_status("Starting")
         self.store.prepare()
         self.restore()
+        self.open_audit_log()
         self.couriers = self.open_channels(self.pipeline.channels)
         self.pipeline.enricher.open(time.time())
         now = time.monotonic()
@@ -7262,6 +8167,7 @@ class Agent:
                     self.source.supervise(now)
                     self.check_journal(now)
                 self.check_channels()
+                self.check_audit_log()
                 self.check_databases(time.time())
                 self.check_login_records(now)
                 if self.last_metrics is None or \
@@ -7279,6 +8185,8 @@ class Agent:
             self.source.stop()
             self.write_metrics(now, running=False)
             self.close_channels()
+            if self.pipeline.audit is not None:
+                self.pipeline.audit.close()
             self.pipeline.enricher.close()
         say("info", "stopped after %d entries, %d events"
             % (self.pipeline.entries, self.pipeline.events))
@@ -7333,6 +8241,21 @@ def build_parser():
         "status", help="health and counters of the running service")
     status.add_argument("--json", action="store_true",
                         help="print the health as one JSON object")
+    verify = commands.add_parser(
+        "verify-log", help="verify the hash-chained audit log")
+    verify.add_argument("--key-file", metavar="FILE",
+                        help="the HMAC key of a keyed log (default: [audit] "
+                        "key)")
+    anchor = verify.add_mutually_exclusive_group()
+    anchor.add_argument("--head", metavar="HASH",
+                        help="a head hash kept elsewhere: the log must "
+                        "still reach it")
+    anchor.add_argument("--journal", action="store_true",
+                        help="check against the last head anchored in the "
+                        "journal")
+    verify.add_argument("files", nargs="*", metavar="FILE",
+                        help="the log's files in order (default: the "
+                        "audit log in log_dir with its rotated files)")
     stage = commands.add_parser(
         "stage-config", help="copy the configuration where the service's "
         "own user can read it (used by pamsignal.service)")
@@ -7387,6 +8310,9 @@ def command_scan(args, stdout):
 
 def command_check_config(args, stdout):
     config = load_config(args.config)
+    if config.audit.enabled:  # a key the service could not read: now
+        load_audit_key(config.audit.key, config.log_dir,
+                       os.environ.get("CREDENTIALS_DIRECTORY"))
     if args.config is None and not os.path.exists(config.path):
         stdout.write("%s: no such file; built-in defaults apply\n"
                      % config.path)
@@ -7664,6 +8590,11 @@ def health_report(metrics, now_s, alive=pid_alive):
             "pamsignal_journal_last_suppression_time_seconds"))),
         ("login_records", by_label("pamsignal_login_records_total",
                                    "verdict")),
+        ("audit", None if "pamsignal_audit_records_total" not in metrics
+         else collections.OrderedDict((
+             ("records", int(value("pamsignal_audit_records_total"))),
+             ("not_written",
+              int(value("pamsignal_audit_unwritten_total")))))),
         ("last_error", error[0][0].get("message") if error else None),
         ("last_error_time", format_timestamp(int(value(
             "pamsignal_last_error_time_seconds") * 1e6)) if error else None),
@@ -7770,6 +8701,9 @@ def render_status(report, path):
                         report["login_records"].get("unaccounted", 0)))
     if "ssh_ratelimit" in report:
         lines.append("ssh limit:  " + report["ssh_ratelimit"])
+    if report.get("audit"):
+        lines.append("audit log:  %d records written, %d not written" % (
+            report["audit"]["records"], report["audit"]["not_written"]))
     lines.append("reloads:    %d ok, %d failed" % (
         report["reloads"].get("ok", 0), report["reloads"].get("failed", 0)))
     if report["last_error"]:
@@ -7890,6 +8824,86 @@ def command_status(args, stdout):
         stdout.write(render_status(report, path))
     healthy = report["state"] == "running" and not report["degraded"]
     return EXIT_OK if healthy else EXIT_FAILURE
+
+
+def read_key_file(path):
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4096).strip()
+    except OSError as error:
+        raise UsageError("--key-file %s: %s" % (
+            path, error.strerror or error)) from None
+
+
+def last_anchor(journalctl, owner_uid):
+    """(seq, head) of the newest anchor in the journal written by root or
+    by the log's owner (no other user can pose as the agent), or None."""
+    command = [journalctl, "-o", "json", "--no-pager", "-n", "1",
+               "MESSAGE_ID=" + AUDIT_ANCHOR_MESSAGE_ID,
+               "SYSLOG_IDENTIFIER=" + JOURNAL_IDENTIFIER, "_UID=0"]
+    if owner_uid:
+        command.append("_UID=%d" % owner_uid)
+    try:
+        output = subprocess.run(command, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, timeout=60,
+                                check=False).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        raise PamSignalError("cannot run %s: %s" % (journalctl, error)) \
+            from None
+    for line in reversed(output.splitlines()):
+        entry = decode_line(line)
+        if entry is None:
+            continue
+        head = journal_text(entry.get("PAMSIGNAL_AUDIT_HEAD"))
+        seq = parse_int(journal_text(entry.get("PAMSIGNAL_AUDIT_SEQ")))
+        if head and re.match(r"^[0-9a-f]{64}$", head) and seq:
+            return seq, head
+    return None
+
+
+def command_verify_log(args, stdout):
+    """Check the audit log's chain (and that it reaches a kept head)."""
+    config = load_config(args.config, channels=False)
+    if args.key_file:
+        key = read_key_file(args.key_file)
+    else:
+        key = load_audit_key(config.audit.key, config.log_dir,
+                             os.environ.get("CREDENTIALS_DIRECTORY"))
+    paths = args.files or audit_files(config.log_dir)
+    if not paths:
+        raise PamSignalError("no audit log in %s" % config.log_dir)
+    lines = ChainLines(paths)
+    try:
+        verdict = verify_chain(lines, key)
+    except OSError as error:
+        raise PamSignalError("cannot read %s: %s" % (
+            error.filename, error.strerror)) from None
+    if verdict.problem:
+        stdout.write("audit log NOT intact: %s\n(%d records verified "
+                     "before it)\n" % (escape_text(verdict.problem),
+                                       verdict.records))
+        return EXIT_FAILURE
+    stdout.write("%d records verified (seq %s to %s), head %s\n" % (
+        verdict.records, verdict.first_seq, verdict.head_seq, verdict.head))
+    head = args.head
+    if args.journal:
+        anchor = last_anchor(config.journalctl, os.stat(paths[-1]).st_uid)
+        if anchor is None:
+            stdout.write("no anchor of the audit log in the journal\n")
+            return EXIT_FAILURE
+        head = anchor[1]
+        stdout.write("journal anchor: seq %d head %s\n" % anchor)
+    if head is None:
+        return EXIT_OK
+    seq = head_position(lines, head.strip().lower())
+    if seq is None:
+        stdout.write("audit log NOT intact: it does not reach head %s: the "
+                     "records up to it were removed, or the log was "
+                     "replaced\n" % escape_text(head))
+        return EXIT_FAILURE
+    stdout.write("head %s reached: seq %d, %d records written since\n" % (
+        head, seq, verdict.head_seq - seq))
+    return EXIT_OK
 
 
 def command_stage_config(args, stdout):
@@ -8082,7 +9096,7 @@ EXAMPLE_CONFIG = r"""# PAMSignal configuration: /etc/pamsignal/pamsignal.conf
 # Where the journal cursor and open sessions are kept (created if missing).
 state_dir = /var/lib/pamsignal
 
-# Where the alert log will be kept.
+# Where the audit log is kept (see [audit]).
 log_dir = /var/log/pamsignal
 
 # Where to begin when there is no saved cursor (the very first start):
@@ -8151,6 +9165,34 @@ login_records = auto
 asn_db =
 country_db =
 city_db =
+
+[audit]
+# Every event and every alert decision (sent, spooled, filtered or held
+# back by which rule, failed) goes to log_dir/audit.jsonl, each record
+# chained to the one before by SHA-256, so an edit, a removed, inserted or
+# reordered record shows. Check it with:
+#     pamsignal verify-log --journal
+enabled = yes
+# An HMAC key makes the chain unforgeable by whoever can write the log but
+# not read the key: credential:NAME (a systemd credential, LoadCredential=
+# in the unit) or a root-owned 0600 file outside log_dir. Make one with:
+#     head -c 32 /dev/urandom | base64 > /etc/pamsignal/audit.key
+# Empty: plain SHA-256 (anchors still catch a rewritten or cut log).
+key =
+# A new file when this one reaches this size (K, M, G) or age (off: never
+# by age); each rotated file goes on from the last hash of the one before.
+rotate_size = 10M
+rotate_age = 1d
+# Rotated files older than this are removed, and the removal is recorded
+# in the log. 90d is CIS Controls v8 safeguard 8.10's minimum; PCI DSS
+# asks for 365d; off keeps them for ever.
+retention = 90d
+# The head (last hash) is written to the journal (MESSAGE_ID
+# c4e1a13543184b559638dfda03ddef47) every this many records, at least
+# every anchor_interval while records come, and at stop. Forward the
+# journal off the host to keep the anchors out of an intruder's reach.
+anchor_every = 100
+anchor_interval = 10m
 
 [alerts]
 # The alert policy of every channel; a [channel:NAME] may override any of
@@ -8262,6 +9304,17 @@ repeats = off
 # Signs each request (Standard Webhooks: webhook-id, webhook-timestamp,
 # webhook-signature = v1,base64 HMAC-SHA256 of "id.timestamp.body").
 #secret = whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+#events = *
+#cooldown = off
+#rate_limit = off
+#
+# Each event back into the journal with SYSLOG_IDENTIFIER=pamsignal, a
+# MESSAGE_ID per action and the ECS fields as journal fields (EVENT_ACTION,
+# SOURCE_IP, USER_NAME, ...), for Alloy, Vector, Promtail or fail2ban
+# (contrib/fail2ban). A log: every event, nothing held back.
+#[channel:journal]
+#type = journal
+#identifier = pamsignal
 #events = *
 #cooldown = off
 #rate_limit = off
@@ -8399,6 +9452,7 @@ COMMANDS = {"run": command_run, "scan": command_scan,
             "check-config": command_check_config,
             "test-alert": command_test_alert, "lookup": command_lookup,
             "status": command_status, "stage-config": command_stage_config,
+            "verify-log": command_verify_log,
             "install": command_install, "uninstall": command_uninstall}
 
 

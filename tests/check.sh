@@ -33,6 +33,9 @@ PACKAGES=(
     build-essential debhelper dpkg-dev lintian apt-utils
     # tests/test_ansible.py
     ansible ansible-lint
+    # tests/test_audit_journal.py: fail2ban's journal backend (fail2ban
+    # itself is unpacked by the test, never installed as a service)
+    python3-systemd
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml)

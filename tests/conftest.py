@@ -119,8 +119,9 @@ class Agent(object):
         self.config = os.path.join(workdir, "pamsignal.conf")
         with open(self.config, "w") as f:
             f.write(
-                "[pamsignal]\nstate_dir = %s\nfirst_start = now\n"
-                % self.state_dir
+                "[pamsignal]\nstate_dir = %s\nlog_dir = %s\n"
+                "first_start = now\n"
+                % (self.state_dir, os.path.join(workdir, "log"))
             )
         os.chmod(self.config, 0o600)
         self.python = (

@@ -57,15 +57,15 @@ def test_every_problem_is_reported_with_line_and_expectation():
         "/etc/p.conf:4: [pamsignal] first_start: expected now, boot, all or "
         "a time back such as -1h (s, m, h or d), got 'yesterday'",
         "/etc/p.conf:7: [channel:phone] type: expected one of: console, "
-        "discord, email, gotify, ntfy, slack, teams, telegram, webhook; got "
-        "'pager'",
+        "discord, email, gotify, journal, ntfy, slack, teams, telegram, "
+        "webhook; got 'pager'",
         "/etc/p.conf:10: [channel:screen] format: expected text or json, got"
         " 'xml'",
         "/etc/p.conf:11: [channel:screen] events: expected *, default or a "
         "comma-separated list of actions (-action leaves one out): %s; got "
         "'logout'" % ", ".join(sorted(pamsignal.ACTIONS)),
         "/etc/p.conf:12: [geoip2]: unknown section; expected [pamsignal], "
-        "[detection], [alerts], [geoip] or [channel:NAME]",
+        "[detection], [alerts], [geoip], [audit] or [channel:NAME]",
     ]
 
 
@@ -79,11 +79,11 @@ def test_every_problem_is_reported_with_line_and_expectation():
     ("[pamsignal]\njust words\n", "/etc/p.conf:2: expected 'key = value', "
      "got 'just words'"),
     ("[DEFAULT]\nstate_dir = /x\n", "/etc/p.conf:1: [DEFAULT]: unknown "
-     "section; expected [pamsignal], [detection], [alerts], [geoip] "
-     "or [channel:NAME]"),
+     "section; expected [pamsignal], [detection], [alerts], [geoip], "
+     "[audit] or [channel:NAME]"),
     ("[channel:x]\nformat = json\n", "/etc/p.conf:1: [channel:x] type: "
-     "expected one of: console, discord, email, gotify, ntfy, slack, teams, "
-     "telegram, webhook; got ''"),
+     "expected one of: console, discord, email, gotify, journal, ntfy, "
+     "slack, teams, telegram, webhook; got ''"),
 ])
 def test_syntax_errors_point_at_the_line(text, expected):
     assert problems_of(text) == [expected]

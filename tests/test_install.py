@@ -119,7 +119,8 @@ def test_example_config_sets_every_key_to_its_default():
     for section, options in (("pamsignal", pamsignal.GLOBAL_OPTIONS),
                              ("geoip", pamsignal.GEOIP_OPTIONS),
                              ("detection", pamsignal.DETECTION_OPTIONS),
-                             ("alerts", pamsignal.ALERT_OPTIONS)):
+                             ("alerts", pamsignal.ALERT_OPTIONS),
+                             ("audit", pamsignal.AUDIT_OPTIONS)):
         assert sorted(ini[section]) == sorted(options), section
     # Its one live channel is the console as a log, as with no file at all.
     (console,) = example.channels

@@ -227,6 +227,12 @@ def test_stop_and_uninstall(container):
     status = container.run(["pamsignal", "status"], check=False)
     assert status.returncode == 1
     assert "stopped cleanly" in status.stdout
+    # The audit log in the unit's LogsDirectory, written by its transient
+    # user, reaches the head it anchored in the journal at stop.
+    verified = container.run(["pamsignal", "verify-log", "--journal"],
+                             check=False)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "0 records written since" in verified.stdout
     result = container.run(["pamsignal", "uninstall"])
     assert "kept the configuration, state and logs" in result.stdout
     assert container.run(["systemctl", "cat", "pamsignal"],

@@ -1,0 +1,581 @@
+"""The hash-chained audit log (issue 17): records, rotation, retention,
+the key, and `verify-log` against each kind of tampering.  Pure and file
+level: no journald needed (anchors go to a writer that records them)."""
+
+import hashlib
+import io
+import json
+import os
+import re
+import stat
+
+import pytest
+
+import pamsignal
+from pamsignal import AuditLog, Event, parse_config
+
+
+class Clock:
+    """Wall time the test moves by hand."""
+
+    def __init__(self, now_s=1764000000.0):
+        self.now_s = now_s
+
+    def __call__(self):
+        return self.now_s
+
+
+class Anchors:
+    """A JournalWriter that keeps what it was given."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, fields):
+        self.sent.append(dict(fields))
+
+
+def settings(text=""):
+    return parse_config("[audit]\n" + text).audit
+
+
+def login(user="alice", ip="203.0.113.5", port=51234):
+    return Event(timestamp_us=1764000000000000, action="login_success",
+                 user=user, source_ip=ip, source_port=port, hostname="web1",
+                 service="sshd", message="Accepted password for %s from %s "
+                 "port %d ssh2" % (user, ip, port))
+
+
+def write_log(directory, records=30, key=None, config="rotate_size=2K\n",
+              clock=None, anchors=None):
+    """An audit log of `records` events (plus start and stop records),
+    rotated into several files; returns the AuditLog."""
+    log = AuditLog(settings(config), str(directory), key, anchors,
+                   clock or Clock())
+    log.open()
+    for number in range(records):
+        event = login(port=1000 + number)
+        assert log.append({"kind": "event", "id": pamsignal.alert_id(event),
+                           "event": pamsignal.event_to_ecs(event)})
+    log.close()
+    return log
+
+
+def verify(directory, *options, files=None):
+    """verify-log as the admin runs it: (exit code, output)."""
+    out = io.StringIO()
+    config = os.path.join(str(directory), "none.conf")
+    if not os.path.exists(config):
+        with open(config, "w") as handle:
+            handle.write("[pamsignal]\nlog_dir = %s\n" % directory)
+    code = pamsignal.main(["--config", config, "verify-log"] +
+                          list(options) + list(files or ()), stdout=out)
+    return code, out.getvalue()
+
+
+def files_of(directory):
+    return pamsignal.audit_files(str(directory))
+
+
+def lines_of(path):
+    with open(path, "rb") as handle:
+        return handle.readlines()
+
+
+def rewrite(path, lines):
+    with open(path, "wb") as handle:
+        handle.writelines(lines)
+
+
+def at(path, line):
+    return "%s:%d:" % (path, line)
+
+
+# ------------------------------------------------------------------- records
+
+
+def test_a_record_hashes_its_documented_canonical_bytes():
+    line, digest = pamsignal.chain_record(
+        {"kind": "event", "z": 1, "a": "\u00e9"}, 7, "ab" * 32, 0)
+    record = json.loads(line)
+    assert record.pop("hash") == digest
+    # what the README tells others to hash, rebuilt without pamsignal
+    canonical = json.dumps(record, sort_keys=True, separators=(",", ":"))
+    assert hashlib.sha256(canonical.encode("ascii")).hexdigest() == digest
+    assert line == canonical.encode()[:-1] + (
+        ',"hash":"%s"}\n' % digest).encode()
+    assert (record["seq"], record["prev"], record["alg"]) == (
+        7, "ab" * 32, "sha256")
+
+
+def test_a_keyed_record_is_an_hmac_of_the_same_bytes():
+    import hmac
+    line, digest = pamsignal.chain_record({"kind": "x"}, 1,
+                                          pamsignal.GENESIS_HASH, 0,
+                                          key=b"k" * 32)
+    record = json.loads(line)
+    record.pop("hash")
+    canonical = json.dumps(record, sort_keys=True,
+                           separators=(",", ":")).encode()
+    assert record["alg"] == "hmac-sha256"
+    assert hmac.new(b"k" * 32, canonical, hashlib.sha256).hexdigest() == \
+        digest
+
+
+def test_an_intact_rotated_log_verifies(tmp_path):
+    log = write_log(tmp_path)
+    paths = files_of(tmp_path)
+    assert len(paths) >= 4, "rotation by size made several files"
+    code, out = verify(tmp_path)
+    assert code == 0, out
+    assert "%d records verified (seq 1 to %d), head %s" % (
+        log.seq, log.seq, log.head) in out
+    # each rotated file begins where the one before ended
+    for before, after in zip(paths, paths[1:]):
+        last = json.loads(lines_of(before)[-1])
+        first = json.loads(lines_of(after)[0])
+        assert (first["seq"], first["prev"]) == (last["seq"] + 1,
+                                                 last["hash"])
+
+
+def test_kinds_of_records_are_written(tmp_path):
+    write_log(tmp_path, records=3, config="")
+    kinds = [json.loads(line)["kind"] for line in
+             lines_of(files_of(tmp_path)[-1])]
+    assert kinds == ["agent_started", "event", "event", "event",
+                     "agent_stopped"]
+
+
+# ----------------------------------------------------------------- tampering
+
+
+@pytest.fixture(params=["plain", "keyed"])
+def keying(request, tmp_path_factory):
+    """(key, verify-log options): each kind of tampering is caught in a
+    plain SHA-256 chain and in an HMAC-keyed one alike."""
+    if request.param == "plain":
+        return None, []
+    path = tmp_path_factory.mktemp("key") / "audit.key"
+    path.write_bytes(b"k" * 32)
+    return b"k" * 32, ["--key-file", str(path)]
+
+
+def tamper(directory, index, edit, keying):
+    """Write a log, change the lines of its file `index` with `edit`,
+    verify: (that file, exit code, output)."""
+    write_log(directory, key=keying[0])
+    target = files_of(directory)[index]
+    rewrite(target, edit(lines_of(target)))
+    return (target,) + verify(directory, *keying[1])
+
+
+def test_a_changed_byte_is_named_with_file_and_line(tmp_path, keying):
+    target, code, out = tamper(tmp_path, 1, lambda lines: lines[:1] + [
+        lines[1].replace(b"alice", b"alicf")] + lines[2:], keying)
+    assert code == 1
+    assert at(target, 2) in out and "changed" in out
+
+
+def test_a_removed_record_is_named(tmp_path, keying):
+    removed = []
+
+    def remove(lines):
+        removed.append(json.loads(lines[1])["seq"])
+        return lines[:1] + lines[2:]
+
+    target, code, out = tamper(tmp_path, 2, remove, keying)
+    assert code == 1
+    assert at(target, 2) in out
+    assert "records seq %d removed" % removed[0] in out
+
+
+def test_an_inserted_copy_is_named(tmp_path, keying):
+    def insert(lines):
+        copy = lines_of(files_of(tmp_path)[0])[1]  # seq 2, copied later
+        return lines[:2] + [copy] + lines[2:]
+
+    target, code, out = tamper(tmp_path, 2, insert, keying)
+    assert code == 1
+    assert at(target, 3) in out
+    assert "seq 2 was already at %s:2" % files_of(tmp_path)[0] in out
+
+
+def test_swapped_records_are_out_of_order(tmp_path, keying):
+    target, code, out = tamper(tmp_path, 1, lambda lines: lines[:1] + [
+        lines[2], lines[1]] + lines[3:], keying)
+    assert code == 1
+    assert at(target, 2) in out and "out of order" in out
+
+
+def test_a_deleted_rotated_file_is_a_gap(tmp_path, keying):
+    write_log(tmp_path, key=keying[0])
+    paths = files_of(tmp_path)
+    os.unlink(paths[1])
+    code, out = verify(tmp_path, *keying[1])
+    assert code == 1
+    assert at(paths[2], 1) in out and "removed before it" in out
+
+
+def test_deleting_the_oldest_file_without_a_removal_record_is_caught(
+        tmp_path):
+    write_log(tmp_path)
+    paths = files_of(tmp_path)
+    first_seq = json.loads(lines_of(paths[1])[0])["seq"]
+    os.unlink(paths[0])
+    code, out = verify(tmp_path)
+    assert code == 1
+    assert at(paths[1], 1) in out
+    assert "records 1 to %d are missing" % (first_seq - 1) in out
+
+
+def test_a_truncated_tail_is_caught_only_by_the_head(tmp_path, keying):
+    log = write_log(tmp_path, key=keying[0])
+    current = files_of(tmp_path)[-1]
+    lines = lines_of(current)
+    kept = json.loads(lines_of(files_of(tmp_path)[0])[-1])  # an old head
+    rewrite(current, lines[:1])
+    # a shorter chain is still a valid chain...
+    assert verify(tmp_path, *keying[1])[0] == 0
+    # ...but it no longer reaches the head kept elsewhere
+    code, out = verify(tmp_path, "--head", log.head, *keying[1])
+    assert code == 1 and "does not reach head %s" % log.head in out
+    # a head still in the chain: the records after it are the newer ones
+    code, out = verify(tmp_path, "--head", kept["hash"], *keying[1])
+    assert code == 0 and "seq %d, %d records written since" % (
+        kept["seq"], json.loads(lines[0])["seq"] - kept["seq"]) in out
+
+
+def test_a_rewritten_keyless_chain_passes_alone_but_not_the_anchor(
+        tmp_path):
+    """Without a key, whoever can write the log can recompute it: only
+    the anchored head tells (what the README says it proves)."""
+    log = write_log(tmp_path, config="")
+    (path,) = files_of(tmp_path)
+    prev, out_lines = pamsignal.GENESIS_HASH, []
+    for line in lines_of(path):
+        record = json.loads(line)
+        record.pop("hash")
+        body = {k: v for k, v in record.items()
+                if k not in ("seq", "prev", "time", "alg")}
+        if body.get("kind") == "event":
+            body["event"]["source"]["ip"] = "198.51.100.1"
+        new, prev = pamsignal.chain_record(body, record["seq"], prev, 0)
+        out_lines.append(new)
+    rewrite(path, out_lines)
+    assert verify(tmp_path)[0] == 0
+    code, out = verify(tmp_path, "--head", log.head)
+    assert code == 1 and "does not reach head" in out
+
+
+# -------------------------------------------------------------------- the key
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    path = tmp_path / "audit.key"
+    path.write_bytes(b"0123456789abcdef0123456789abcdef\n")
+    os.chmod(str(path), 0o600)
+    return str(path)
+
+
+def test_a_keyed_log_needs_its_key(tmp_path, key_file):
+    logs = tmp_path / "log"
+    key = pamsignal.read_key_file(key_file)
+    write_log(logs, key=key)
+    assert verify(logs, "--key-file", key_file)[0] == 0
+    code, out = verify(logs)
+    assert code == 1 and "keyed" in out
+    wrong = tmp_path / "wrong.key"
+    wrong.write_bytes(b"another key of enough length!!")
+    code, out = verify(logs, "--key-file", str(wrong))
+    assert code == 1 and "hash does not match" in out
+
+
+def test_a_keyed_log_cannot_be_rewritten_without_the_key(tmp_path, key_file):
+    logs = tmp_path / "log"
+    write_log(logs, key=pamsignal.read_key_file(key_file), config="")
+    (path,) = files_of(logs)
+    lines = lines_of(path)
+    record = json.loads(lines[1])
+    record.pop("hash")
+    record["event"]["user"]["name"] = "mallory"
+    body = {k: v for k, v in record.items()
+            if k not in ("seq", "prev", "time", "alg")}
+    lines[1], _ = pamsignal.chain_record(body, record["seq"], record["prev"],
+                                         0)
+    rewrite(path, lines)
+    code, out = verify(logs, "--key-file", key_file)
+    assert code == 1 and at(path, 2) in out and "sha256" in out
+
+
+@pytest.mark.parametrize("tamper, problem", [
+    (lambda path: os.chmod(path, 0o640), "not readable by group"),
+    (lambda path: open(path, "w").write("short"), "at least 16"),
+])
+def test_a_weak_key_file_is_refused(tmp_path, key_file, tamper, problem):
+    if os.geteuid() != 0 and "group" in problem:
+        pytest.skip("the owner check applies to root")
+    tamper(key_file)
+    with pytest.raises(pamsignal.ConfigError) as error:
+        pamsignal.load_audit_key(key_file, str(tmp_path / "log"), None)
+    assert problem in str(error.value)
+
+
+def test_a_key_inside_the_log_directory_is_refused(tmp_path):
+    inside = tmp_path / "audit.key"
+    inside.write_bytes(b"x" * 32)
+    with pytest.raises(pamsignal.ConfigError) as error:
+        pamsignal.load_audit_key(str(inside), str(tmp_path), None)
+    assert "inside log_dir" in str(error.value)
+
+
+def test_a_credential_key_is_read_from_the_credentials_directory(tmp_path):
+    (tmp_path / "audit-key").write_bytes(b"k" * 32 + b"\n")
+    key = pamsignal.load_audit_key("credential:audit-key", "/var/log/x",
+                                   str(tmp_path))
+    assert key == b"k" * 32
+
+
+# ------------------------------------------------- retention, repair, anchors
+
+
+def test_retention_removes_old_files_and_records_it(tmp_path):
+    clock = Clock()
+    log = AuditLog(settings("rotate_size=2K\nretention=2d\nrotate_age=1d\n"),
+                   str(tmp_path), None, None, clock)
+    log.open()
+    for day in range(5):
+        for number in range(6):
+            log.append({"kind": "event", "n": number, "day": day})
+        clock.now_s += 86400
+    log.close()
+    removal = [json.loads(line) for path in files_of(tmp_path)
+               for line in lines_of(path)
+               if json.loads(line)["kind"] == "removed"]
+    assert removal, "files older than 2 days were removed"
+    assert all(not os.path.exists(os.path.join(str(tmp_path), name))
+               for record in removal for name in record["files"])
+    code, out = verify(tmp_path)
+    assert code == 0, out
+    first = json.loads(lines_of(files_of(tmp_path)[0])[0])["seq"]
+    assert first > 1 and "(seq %d to" % first in out
+    # a removal record cannot explain the deletion of a later file
+    os.unlink(files_of(tmp_path)[0])
+    assert verify(tmp_path)[0] == 1
+
+
+def test_a_record_cut_short_by_a_crash_is_dropped_and_said(tmp_path):
+    write_log(tmp_path, records=3, config="")
+    (path,) = files_of(tmp_path)
+    with open(path, "ab") as handle:
+        handle.write(b'{"kind":"event","half')
+    log = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    log.open()
+    log.close()
+    kinds = [json.loads(line)["kind"] for line in lines_of(path)]
+    assert kinds[-3:] == ["repaired", "agent_started", "agent_stopped"]
+    assert json.loads(lines_of(path)[-3])["dropped_bytes"] == 21
+    assert verify(tmp_path)[0] == 0
+
+
+def test_anchors_carry_the_head_every_n_records_and_at_close(tmp_path):
+    anchors = Anchors()
+    log = write_log(tmp_path, records=25, anchors=anchors,
+                    config="anchor_every=10\n")
+    heads = [(int(entry["PAMSIGNAL_AUDIT_SEQ"]), entry["PAMSIGNAL_AUDIT_HEAD"])
+             for entry in anchors.sent]
+    assert [seq for seq, _ in heads] == [10, 20, log.seq]
+    assert all(entry["MESSAGE_ID"] == pamsignal.AUDIT_ANCHOR_MESSAGE_ID
+               for entry in anchors.sent)
+    lines = pamsignal.ChainLines(files_of(tmp_path))
+    for seq, head in heads:
+        assert pamsignal.head_position(lines, head) == seq
+
+
+# ------------------------------------------------------------ alert decisions
+
+
+def test_every_alert_decision_is_recorded(tmp_path):
+    config = parse_config(
+        "[channel:screen]\ntype = console\nevents = login_success, "
+        "login_failure\ncooldown = 10m\n[channel:quiet]\ntype = console\n"
+        "events = brute_force_detected\n")
+    channels = pamsignal.build_channels(config)
+    for channel in channels:
+        channel.sink.stream = io.StringIO()
+    pipeline = pamsignal.Pipeline(channels, config.detection,
+                                  clock=lambda: 1764000000.0)
+    pipeline.audit = AuditLog(config.audit, str(tmp_path), None, None,
+                              Clock())
+    pipeline.audit.open()
+    failure = Event(timestamp_us=1764000000000000, action="login_failure",
+                    user="root", source_ip="198.51.100.9", service="sshd",
+                    reason="bad_password")
+    pipeline._send(login())
+    pipeline._send(failure)
+    pipeline._send(failure._replace(timestamp_us=1764000001000000))
+    pipeline.audit.close()
+    records = [json.loads(line) for line in lines_of(files_of(tmp_path)[0])]
+    decisions = [(r["channel"], r["action"], r["decision"], r.get("detail"))
+                 for r in records if r["kind"] == "alert"]
+    assert decisions == [
+        ("screen", "login_success", "sent", None),
+        ("quiet", "login_success", "filtered", "events"),
+        ("screen", "login_failure", "sent", None),
+        ("quiet", "login_failure", "filtered", "events"),
+        ("screen", "login_failure", "held_back", "cooldown"),
+        ("quiet", "login_failure", "filtered", "events"),
+    ]
+    events = [r for r in records if r["kind"] == "event"]
+    assert [e["event"]["event"]["action"] for e in events] == [
+        "login_success", "login_failure", "login_failure"]
+    assert events[0]["id"] == [r for r in records if r["kind"] == "alert"][
+        0]["id"]
+
+
+def test_the_log_file_is_private(tmp_path):
+    write_log(tmp_path / "log", records=1, config="")
+    mode = stat.S_IMODE(os.stat(files_of(tmp_path / "log")[0]).st_mode)
+    assert mode == 0o600
+
+
+def test_rotation_by_age_counts_from_the_first_record_across_restarts(
+        tmp_path):
+    clock = Clock()
+    config = "rotate_age=1d\n"
+    log = AuditLog(settings(config), str(tmp_path), None, None, clock)
+    log.open()
+    log.close()
+    clock.now_s += 86400 - 60  # a restart just before the day is over
+    log = AuditLog(settings(config), str(tmp_path), None, None, clock)
+    log.open()
+    assert len(files_of(tmp_path)) == 1
+    clock.now_s += 120
+    log.append({"kind": "event"})
+    log.close()
+    paths = files_of(tmp_path)
+    assert len(paths) == 2
+    assert [json.loads(line)["kind"] for line in lines_of(paths[-1])] == [
+        "event", "agent_stopped"]
+    assert verify(tmp_path)[0] == 0
+
+
+def test_a_planted_link_is_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched\n")
+    logs = tmp_path / "log"
+    logs.mkdir()
+    os.symlink(str(victim), str(logs / "audit.jsonl"))
+    log = AuditLog(settings(""), str(logs), None, None, Clock())
+    log.open()
+    assert not log.append({"kind": "event"})
+    log.close()
+    assert victim.read_bytes() == b"untouched\n"
+    assert "cannot open" in log.error
+    assert log.unwritten == 3  # start, event, stop
+
+
+def test_check_config_reads_the_key_as_the_service_would(tmp_path):
+    config = tmp_path / "pamsignal.conf"
+    config.write_text("[audit]\nkey = %s\n" % (tmp_path / "missing.key"))
+    out = io.StringIO()
+    assert pamsignal.main(["--config", str(config), "check-config"],
+                          stdout=out) == 78
+    (tmp_path / "missing.key").write_bytes(b"k" * 32)
+    os.chmod(str(tmp_path / "missing.key"), 0o600)
+    assert pamsignal.main(["--config", str(config), "check-config"],
+                          stdout=out) == 0
+
+
+def test_a_second_agent_on_the_same_log_keeps_none(tmp_path):
+    """One run by hand beside the service must not fork the chain."""
+    first = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    first.open()
+    second = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    second.open()
+    assert not second.append({"kind": "event", "by": "second"})
+    assert "another pamsignal keeps this audit log" in second.error
+    assert first.append({"kind": "event", "by": "first"})
+    second.close()
+    first.close()
+    assert verify(tmp_path)[0] == 0
+    assert b"second" not in b"".join(lines_of(files_of(tmp_path)[0]))
+    third = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    third.open()  # free again once the first stopped
+    assert third.error is None
+    third.close()
+
+
+def test_every_action_has_its_own_fixed_message_id():
+    ids = pamsignal.EVENT_MESSAGE_IDS
+    assert set(ids) == set(pamsignal.ACTIONS)
+    every = list(ids.values()) + [pamsignal.AUDIT_ANCHOR_MESSAGE_ID]
+    assert len(set(every)) == len(every)
+    assert all(len(value) == 32 and int(value, 16) >= 0 and
+               value == value.lower() for value in every)
+    # an action without an entry still gets a fixed, distinct id
+    assert pamsignal.event_message_id("some_new_action") == \
+        pamsignal.event_message_id("some_new_action")
+    assert pamsignal.event_message_id("some_new_action") not in every
+
+
+def test_journal_fields_follow_the_flattening_rule():
+    event = login()._replace(source_as_org="EXAMPLE-NET", target_user="bob",
+                             users_tried=("a", "b"))
+    fields = dict(pamsignal.event_journal_fields(event, "audit-test"))
+    assert fields["SYSLOG_IDENTIFIER"] == "audit-test"
+    assert fields["SOURCE_AS_ORGANIZATION_NAME"] == "EXAMPLE-NET"
+    assert fields["USER_TARGET_NAME"] == "bob"
+    assert fields["PAMSIGNAL_USERS_TRIED"] == "a,b"
+    assert fields["TIMESTAMP"] == "2025-11-24T16:00:00.000000Z"
+    assert fields["EVENT_ORIGINAL"].startswith("Accepted password")
+    assert fields["PRIORITY"] == "4"  # severity 5
+    assert not fields["MESSAGE"][:4].isdigit()  # no time: journald has it
+    assert all(re.match(r"^[A-Z][A-Z0-9_]*$", name) for name in fields)
+
+
+def test_the_native_protocol_framing():
+    data = pamsignal.encode_journal_entry([("MESSAGE", "one\ntwo"),
+                                           ("PRIORITY", "6")])
+    assert data == (b"MESSAGE\n" + (7).to_bytes(8, "little") +
+                    b"one\ntwo\nPRIORITY=6\n")
+    with pytest.raises(ValueError):
+        pamsignal.encode_journal_entry([("_UID", "0")])  # journald's own
+
+
+def test_a_changed_key_does_not_extend_the_old_chain(tmp_path):
+    write_log(tmp_path, records=2, config="")
+    log = AuditLog(settings(""), str(tmp_path), b"k" * 32, None, Clock())
+    log.open()
+    assert not log.append({"kind": "event"})
+    assert "written with another key or none" in log.error
+    log.close()
+    assert verify(tmp_path)[0] == 0  # the old chain is left as it was
+    for path in files_of(tmp_path):
+        os.rename(path, path + ".old")
+    log = AuditLog(settings(""), str(tmp_path), b"k" * 32, None, Clock())
+    log.open()
+    log.close()
+    (path,) = files_of(tmp_path)
+    assert json.loads(lines_of(path)[0])["seq"] == 1
+
+
+def test_the_agent_takes_its_key_from_a_credential(tmp_path):
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "audit-key").write_bytes(b"c" * 32 + b"\n")
+    config = parse_config("[pamsignal]\nstate_dir = %s\nlog_dir = %s\n"
+                          "[audit]\nkey = credential:audit-key\n" % (
+                              tmp_path / "state", tmp_path / "log"))
+    agent = pamsignal.Agent(config, [], environ={
+        "CREDENTIALS_DIRECTORY": str(credentials)})
+    agent.open_audit_log()
+    agent.pipeline.audit.journal = None  # no anchors from this test
+    agent.pipeline.audit.close()
+    (path,) = files_of(tmp_path / "log")
+    assert json.loads(lines_of(path)[0])["alg"] == "hmac-sha256"
+    key_file = tmp_path / "copy.key"
+    key_file.write_bytes(b"c" * 32)
+    assert verify(tmp_path / "log", "--key-file", str(key_file))[0] == 0
+    with pytest.raises(pamsignal.ConfigError):  # no credentials passed
+        pamsignal.Agent(config, [], environ={}).open_audit_log()
