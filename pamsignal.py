@@ -4915,6 +4915,7 @@ class SyslogSink(RemoteSink):
                 raise failure from None
 
     def _send_stream(self, payload, count):
+        started = time.monotonic()
         try:
             connection = socket.create_connection(
                 (self.target.host, self.target.port), timeout=self.timeout)
@@ -4925,6 +4926,12 @@ class SyslogSink(RemoteSink):
             if self.context is not None:
                 connection = self.context.wrap_socket(
                     connection, server_hostname=self.target.host)
+            if self._hung_up(connection, time.monotonic() - started):
+                raise DeliveryError(
+                    "%s closed the connection before any alert was sent: it"
+                    " does not accept this client (its log says why: a "
+                    "client certificate, an address it does not allow?)"
+                    % self.where())
             connection.sendall(payload)
             self._wait_until_read(connection)
         except DeliveryError:
@@ -4945,6 +4952,24 @@ class SyslogSink(RemoteSink):
                 self.where(), _connection_reason(error))) from None
         finally:
             connection.close()
+
+    def _hung_up(self, connection, setup_s):
+        """Whether the collector hangs up at once (a client it refuses
+        after the handshake, as rsyslog does): watched for as long as the
+        connection took to set up (a round trip or more) before sending,
+        so that no alert goes to a collector that would drop it."""
+        connection.settimeout(min(max(setup_s, 0.01), self.timeout))
+        try:
+            if isinstance(connection, ssl.SSLSocket):
+                return connection.recv(1) == b""  # session tickets pass
+            return connection.recv(1, socket.MSG_PEEK) == b""
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError,
+                ConnectionResetError):
+            return True
+        except socket.timeout:
+            return False
+        finally:
+            connection.settimeout(self.timeout)
 
     def _wait_until_read(self, connection):
         """End our side and wait for the collector to end its own: it
