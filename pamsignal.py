@@ -7466,6 +7466,28 @@ rate_limit = off
 #events = *
 #cooldown = off
 #rate_limit = off
+#
+# A SIEM's syslog collector (Graylog, Wazuh, Splunk, QRadar, ArcSight,
+# Elastic, Sentinel, rsyslog, syslog-ng). It gets every event at once
+# (events = *, no cooldown, rate limit or digest; [alerts] does not apply
+# unless set here). udp:// is best effort; over tcp:// and tls:// an
+# alert leaves the spool once the collector has read it.
+#[channel:siem]
+#type = syslog
+#target = tls://siem.example.com:6514
+# cef (ArcSight), leef (QRadar, LEEF 2.0) or json (the ECS event)
+#format = cef
+# rfc5424 (with structured data) or rfc3164 (legacy BSD syslog)
+#header = rfc5424
+#facility = authpriv
+#app_name = pamsignal
+# tcp:// only: octet (RFC 6587 octet counting) or lf (newline framing)
+#framing = octet
+# tls:// only: trust a private CA; a client certificate and its key (the
+# key file mode 0600).
+#ca_file = /etc/pamsignal/siem-ca.pem
+#cert_file = /etc/pamsignal/client.pem
+#key_file = /etc/pamsignal/client.key
 """
 
 

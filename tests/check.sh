@@ -29,6 +29,9 @@ PACKAGES=(
     rpm rpmlint createrepo-c gnupg dnf
     # tests/test_install_sh.py: downloaders, OpenPGP checkers, shellcheck
     curl wget gpgv shellcheck
+    # tests/test_syslog.py, bench/bench_syslog.py: a real collector (the
+    # tests start their own rsyslogd; the system's is never used)
+    rsyslog rsyslog-gnutls
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml)
