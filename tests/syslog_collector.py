@@ -29,7 +29,7 @@ RSYSLOGD = "/usr/sbin/rsyslogd"
 GTLS_DRIVER = "/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so"
 
 _GLOBAL = """\
-global(workDirectory="{work}" maxMessageSize="64k"
+global(workDirectory="{work}"{size}
        parser.escapeControlCharactersOnReceive="off"{tls_global})
 template(name="raw" type="string" string="%rawmsg:::json%\\n")
 ruleset(name="collected") {{
@@ -76,10 +76,11 @@ class Collector(object):
     For tls, `certs` is a receivers.CertBundle served by the collector;
     `client_ca` makes it require a client certificate signed by that CA
     (x509/certvalid), `permitted_peer` one whose name matches
-    (x509/name)."""
+    (x509/name). `max_size` sets maxMessageSize (None: rsyslog's
+    default)."""
 
     def __init__(self, directory, transport, certs=None, client_ca=None,
-                 permitted_peer=None, port=None):
+                 permitted_peer=None, port=None, max_size="64k"):
         self.directory = os.path.join(str(directory), "rsyslog-%s" %
                                       transport)
         self.transport = transport
@@ -87,6 +88,7 @@ class Collector(object):
         self.client_ca = client_ca
         self.permitted_peer = permitted_peer
         self.port = port or free_port(transport)
+        self.max_size = max_size
         self.log = os.path.join(self.directory, "messages.log")
         self.pid_file = os.path.join(self.directory, "rsyslogd.pid")
         self.config = os.path.join(self.directory, "rsyslog.conf")
@@ -106,7 +108,9 @@ class Collector(object):
                 peers = ' permittedPeer=["%s"]' % self.permitted_peer
             elif self.client_ca:
                 auth_mode = "x509/certvalid"
-        return _GLOBAL.format(work=work, log=self.log,
+        size = ' maxMessageSize="%s"' % self.max_size if self.max_size \
+            else ""
+        return _GLOBAL.format(work=work, log=self.log, size=size,
                               tls_global=tls_global) + \
             _INPUTS[self.transport].format(port=self.port,
                                            auth_mode=auth_mode, peers=peers)

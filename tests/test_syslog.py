@@ -141,6 +141,35 @@ def test_the_collector_reads_every_record_and_hostile_names_exactly(
                 pamsignal.alert_id(evt)
 
 
+def test_the_longest_record_fits_rsyslogs_default_message_size(tmp_path):
+    require_rsyslog()
+    collector = Collector(tmp_path, "tcp", max_size=None).start()
+    try:
+        app = app_name()
+        huge = "\u00e9|=\\" * 3000
+        evt = pamsignal.Event(
+            action="sudo_command", timestamp_us=1795780000000000,
+            user=huge, target_user="root", command_line=huge, message=huge,
+            hostname="web1", service="sudo")
+        sink = sink_for(config_for(collector, "tcp", "app_name = %s\n"
+                                   % app))
+        sink.send(evt)
+        # And a message of exactly the largest size sent: it arrives whole.
+        head = b"<85>1 - - %s - - - " % app.encode()
+        largest = head + b"x" * (pamsignal.MAX_SYSLOG_BYTES - len(head))
+        sink._send_stream(pamsignal.frame_syslog(largest, "octet"), 1)
+        message, second = received(collector, app, 2)
+    finally:
+        collector.stop()
+    assert second == largest
+    assert message == pamsignal.render_syslog(evt, sink.layout)
+    _, values = siem_formats.parse_cef(siem_formats.parse_rfc5424(
+        message)["msg"])
+    assert values["duser"] == "root"
+    assert values["suser"].endswith("\u2026")
+    assert huge.startswith(values["suser"][:-1])
+
+
 def stream_courier(collector, transport, tmp_path, certs, app):
     extra = "app_name = %s\nformat = json\n" % app
     if transport == "tls":
