@@ -4780,6 +4780,14 @@ def _no_passphrase():
     return b""
 
 
+def _tls_closed(error):
+    """Whether a TLS error only says that the peer closed the connection
+    cleanly (a FIN, not a reset) without sending close_notify. Python 3.6
+    with OpenSSL 3 names it by a wrong code; its text says it."""
+    return isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) \
+        or "unexpected eof" in str(error).lower()
+
+
 def _connection_reason(error):
     """_network_reason of an error a socket raised itself."""
     return _network_reason(urllib.error.URLError(error))
@@ -4941,6 +4949,9 @@ class SyslogSink(RemoteSink):
                 "%s reset the connection before reading all of %d alert%s;"
                 " sending them again" % (self.where(), count, "" if count ==
                                          1 else "s")) from None
+        except ssl.CertificateError as error:  # Python 3.6: a ValueError
+            raise DeliveryError("%s: TLS certificate not trusted: %s" % (
+                self.where(), error)) from None
         except (socket.timeout, TimeoutError):
             raise DeliveryError(
                 "%s did not confirm %d alert%s within %d s (no end of "
@@ -4963,11 +4974,14 @@ class SyslogSink(RemoteSink):
             if isinstance(connection, ssl.SSLSocket):
                 return connection.recv(1) == b""  # session tickets pass
             return connection.recv(1, socket.MSG_PEEK) == b""
-        except (ssl.SSLEOFError, ssl.SSLZeroReturnError,
-                ConnectionResetError):
+        except ConnectionResetError:
             return True
         except socket.timeout:
             return False
+        except ssl.SSLError as error:
+            if _tls_closed(error):
+                return True
+            raise
         finally:
             connection.settimeout(self.timeout)
 
@@ -4977,8 +4991,10 @@ class SyslogSink(RemoteSink):
         if isinstance(connection, ssl.SSLSocket):
             try:
                 connection = connection.unwrap()  # close_notify both ways
-            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
-                return  # closed without its close_notify, nothing unread
+            except ssl.SSLError as error:
+                if _tls_closed(error):
+                    return  # closed without its close_notify, nothing unread
+                raise
         connection.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + self.timeout
         while connection.recv(4096):
