@@ -4801,11 +4801,12 @@ class SyslogSink(RemoteSink):
     delivered only once the collector has read it: PAMSignal sends the
     batch on a new connection, ends its side (TLS close_notify, then
     FIN), and counts it delivered when the collector closes in turn (a
-    clean end of stream). A reset means the collector dropped unread
-    bytes, a timeout that it is unsure: the whole batch is sent again,
-    so a collector restart loses nothing and may repeat at most that
-    batch (`externalId`, `event.id`, `id=` name each event). UDP is best
-    effort: a datagram sent is counted delivered."""
+    clean end of stream) and then still accepts a new connection (one
+    that closed because it was stopping may have dropped what it had
+    read). A reset, a timeout or a collector gone away sends the whole
+    batch again, so a collector restart loses nothing and may repeat at
+    most that batch (`externalId`, `event.id`, `id=` name each event).
+    UDP is best effort: a datagram sent is counted delivered."""
 
     OPTIONS = {"target": _syslog_target,
                "format": _one_of("cef", "leef", "json"),
@@ -4923,6 +4924,44 @@ class SyslogSink(RemoteSink):
                 raise failure from None
 
     def _send_stream(self, payload, count):
+        alerts = "%d alert%s" % (count, "" if count == 1 else "s")
+        connection = self._open_stream()
+        try:
+            connection.sendall(payload)
+            self._wait_until_read(connection)
+        except ConnectionResetError:
+            raise DeliveryError("%s reset the connection before reading all"
+                                " of %s; sending them again" % (
+                                    self.where(), alerts)) from None
+        except (socket.timeout, TimeoutError):
+            raise DeliveryError(
+                "%s did not confirm %s within %d s (no end of stream after "
+                "ours); sending them again" % (self.where(), alerts,
+                                               self.timeout)) from None
+        except OSError as error:
+            raise DeliveryError("%s: %s" % (
+                self.where(), _connection_reason(error))) from None
+        finally:
+            connection.close()
+        # A collector that closed because it was stopping may have dropped
+        # what it had read but not yet handled (rsyslog does, over TLS):
+        # the batch counts only if the collector still takes a client.
+        try:
+            probe = self._open_stream()
+        except DeliveryError as error:
+            raise DeliveryError("%s closed after %s but then %s: it may have"
+                                " been stopping; sending them again" % (
+                                    self.where(), alerts, error)) from None
+        try:
+            self._wait_until_read(probe)
+        except OSError:
+            pass  # the batch is confirmed; this was only a probe
+        finally:
+            probe.close()
+
+    def _open_stream(self):
+        """A connection the collector accepted (TLS verified), or a
+        DeliveryError saying why not."""
         started = time.monotonic()
         try:
             connection = socket.create_connection(
@@ -4934,35 +4973,20 @@ class SyslogSink(RemoteSink):
             if self.context is not None:
                 connection = self.context.wrap_socket(
                     connection, server_hostname=self.target.host)
-            if self._hung_up(connection, time.monotonic() - started):
-                raise DeliveryError(
-                    "%s closed the connection before any alert was sent: it"
-                    " does not accept this client (its log says why: a "
-                    "client certificate, an address it does not allow?)"
-                    % self.where())
-            connection.sendall(payload)
-            self._wait_until_read(connection)
-        except DeliveryError:
-            raise
-        except ConnectionResetError:
-            raise DeliveryError(
-                "%s reset the connection before reading all of %d alert%s;"
-                " sending them again" % (self.where(), count, "" if count ==
-                                         1 else "s")) from None
+            if not self._hung_up(connection, time.monotonic() - started):
+                return connection
+            failure = DeliveryError(
+                "%s closed the connection before any alert was sent: it "
+                "does not accept this client (its log says why: a client "
+                "certificate, an address it does not allow?)" % self.where())
         except ssl.CertificateError as error:  # Python 3.6: a ValueError
-            raise DeliveryError("%s: TLS certificate not trusted: %s" % (
-                self.where(), error)) from None
-        except (socket.timeout, TimeoutError):
-            raise DeliveryError(
-                "%s did not confirm %d alert%s within %d s (no end of "
-                "stream after ours); sending them again" % (
-                    self.where(), count, "" if count == 1 else "s",
-                    self.timeout)) from None
+            failure = DeliveryError("%s: TLS certificate not trusted: %s" % (
+                self.where(), error))
         except OSError as error:
-            raise DeliveryError("%s: %s" % (
-                self.where(), _connection_reason(error))) from None
-        finally:
-            connection.close()
+            failure = DeliveryError("%s: %s" % (
+                self.where(), _connection_reason(error)))
+        connection.close()
+        raise failure
 
     def _hung_up(self, connection, setup_s):
         """Whether the collector hangs up at once (a client it refuses
