@@ -230,6 +230,43 @@ def test_a_collector_restarted_while_alerts_flow_loses_nothing(
     assert courier.delivered == total
 
 
+def test_the_spool_hands_out_batches_oldest_first(tmp_path):
+    spool = pamsignal.Spool(str(tmp_path / "spool"), 100, 86400)
+    spool.open()
+    events = numbered(5)
+    for evt in events:
+        spool.put(evt)
+    spool.flush()
+    batch = spool.take_batch(3, 0)
+    assert [evt for _, evt in batch] == events[:3]
+    spool.delivered(batch[0][0])
+    assert [evt for _, evt in spool.take_batch(10, 0)] == events[1:]
+    assert spool.take_batch(10, 0) == spool.take_batch(10, 0)  # not taken
+    for name, _ in spool.take_batch(10, 0):
+        spool.delivered(name)
+    assert spool.take_batch(10, 0) == []
+
+
+def test_udp_counts_what_went_out_before_a_refusal(tmp_path):
+    """Nothing listens: the first datagram leaves (best effort), the
+    kernel's port-unreachable refuses the next; the rest stay spooled."""
+    sink = sink_for("[channel:siem]\ntype = syslog\ntarget = "
+                    "udp://127.0.0.1:%d\n" % syslog_collector.free_port(
+                        "udp"))
+    spool = pamsignal.Spool(str(tmp_path / "spool"), 100, 86400)
+    spool.open()
+    for evt in numbered(3):
+        spool.put(evt)
+    spool.flush()
+    courier = pamsignal.Courier(sink, spool)
+    courier.stopping.set()  # no waiting out the retry
+    courier.deliver_batch(spool.take_batch(10, 0))
+    sink.close()
+    assert (courier.delivered, courier.failed, spool.depth()) == (1, 1, 2)
+    assert courier.last_error == ("cannot send to 127.0.0.1:%d: Connection "
+                                  "refused" % sink.target.port)
+
+
 def make_client_cert(certs, name):
     """A client certificate (extendedKeyUsage clientAuth) for `name`,
     signed by the test CA, its key readable by the owner only."""
