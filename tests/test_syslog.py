@@ -341,6 +341,22 @@ def test_a_key_file_others_can_read_is_refused(tmp_path, certs):
         % (config, key, key))
 
 
+def test_a_client_certificate_with_the_wrong_key_is_refused(tmp_path,
+                                                            certs):
+    cert, _ = make_client_cert(certs, "pamsignal.client.test")
+    _, other_key = make_client_cert(certs, "someone.else")
+    config = write_config(tmp_path / "p.conf", config_for(
+        Collector(tmp_path, "tls"), "tls", "cert_file = %s\nkey_file = %s\n"
+        % (cert, other_key)))
+    os.chmod(config, 0o600)
+    with pytest.raises(pamsignal.ConfigError) as refused:
+        pamsignal.load_config(config)
+    (problem,) = refused.value.problems
+    assert str(problem).startswith(
+        "%s: [channel:siem] cert_file: cannot load %s with %s: " % (
+            config, cert, other_key))
+
+
 @pytest.mark.parametrize("wrong", ["ca", "host"])
 def test_a_wrong_ca_or_host_name_is_refused_and_the_alert_waits(
         tmp_path, certs, wrong):
