@@ -1239,24 +1239,32 @@ def check_client_certificates(config):
     file (a secret) must not be readable by other users."""
     problems = []
     for channel in config.channels:
+        cert_file = channel.options.get("cert_file")
         key_file = channel.options.get("key_file")
         if key_file is None:
             continue
-        where = ("channel:" + channel.name, "key_file")
+        section = "channel:" + channel.name
         try:
-            if os.stat(key_file).st_mode & 0o044:
-                problems.append(ConfigProblem(
-                    config.path, None, where[0], where[1], "%s holds a "
-                    "private key but other users can read it (group or "
-                    "world); run: chmod 600 %s" % (key_file, key_file)))
-                continue
-            tls_context().load_cert_chain(channel.options["cert_file"],
-                                          key_file, password=_no_passphrase)
+            exposed = os.stat(key_file).st_mode & 0o044
+        except OSError as error:
+            problems.append(ConfigProblem(config.path, None, section,
+                                          "key_file", "cannot read %s: %s" % (
+                                              key_file, error.strerror)))
+            continue
+        if exposed:
+            problems.append(ConfigProblem(
+                config.path, None, section, "key_file", "%s holds a private"
+                " key but other users can read it (group or world); run: "
+                "chmod 600 %s" % (key_file, key_file)))
+            continue
+        try:
+            tls_context().load_cert_chain(cert_file, key_file,
+                                          password=_no_passphrase)
         except (OSError, ssl.SSLError) as error:
             problems.append(ConfigProblem(
-                config.path, None, where[0], "cert_file", "cannot load %s "
-                "with %s: %s" % (channel.options["cert_file"], key_file,
-                                 getattr(error, "strerror", None) or error)))
+                config.path, None, section, "cert_file", "cannot load %s "
+                "with %s: %s" % (cert_file, key_file, getattr(
+                    error, "strerror", None) or error)))
     if problems:
         raise ConfigError(problems)
 
@@ -3763,6 +3771,7 @@ SyslogLayout = collections.namedtuple(
 SyslogLayout.__doc__ = """How a syslog channel writes each event: record
 format (cef, leef, json), header (rfc5424, rfc3164), facility number,
 APP-NAME, HOSTNAME (None: the event's), and whether MSG starts with a BOM."""
+
 
 def _capped(value, cap):
     return shorten(str(value), cap) if cap else str(value)
