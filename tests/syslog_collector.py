@@ -31,12 +31,21 @@ GTLS_DRIVER = "/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so"
 _GLOBAL = """\
 global(workDirectory="{work}"{size}
        parser.escapeControlCharactersOnReceive="off"{tls_global})
+module(load="mmnormalize")
 template(name="raw" type="string" string="%rawmsg:::json%\\n")
+template(name="cef" type="string" string="%$!cef%\\n")
 ruleset(name="collected") {{
     action(type="omfile" file="{log}" template="raw" flushOnTXEnd="on"
-           asyncWriting="off")
+           asyncWriting="off"){cef_action}
 }}
 """
+
+#: With parse_cef: liblognorm's CEF parser (rsyslog's mmnormalize) reads
+#: each message's MSG too, and its fields go to cef.log as JSON.
+_CEF_ACTION = """
+    action(type="mmnormalize" rulebase="{rulebase}")
+    action(type="omfile" file="{cef_log}" template="cef" flushOnTXEnd="on"
+           asyncWriting="off")"""
 
 _TLS_GLOBAL = """
        defaultNetstreamDriver="gtls"
@@ -77,10 +86,12 @@ class Collector(object):
     `client_ca` makes it require a client certificate signed by that CA
     (x509/certvalid), `permitted_peer` one whose name matches
     (x509/name). `max_size` sets maxMessageSize (None: rsyslog's
-    default)."""
+    default). `parse_cef` has rsyslog's own CEF parser read each message
+    (`cef_records()`)."""
 
     def __init__(self, directory, transport, certs=None, client_ca=None,
-                 permitted_peer=None, port=None, max_size="64k"):
+                 permitted_peer=None, port=None, max_size="64k",
+                 parse_cef=False):
         self.directory = os.path.join(str(directory), "rsyslog-%s" %
                                       transport)
         self.transport = transport
@@ -89,6 +100,8 @@ class Collector(object):
         self.permitted_peer = permitted_peer
         self.port = port or free_port(transport)
         self.max_size = max_size
+        self.parse_cef = parse_cef
+        self.cef_log = os.path.join(self.directory, "cef.log")
         self.log = os.path.join(self.directory, "messages.log")
         self.pid_file = os.path.join(self.directory, "rsyslogd.pid")
         self.config = os.path.join(self.directory, "rsyslog.conf")
@@ -110,8 +123,16 @@ class Collector(object):
                 auth_mode = "x509/certvalid"
         size = ' maxMessageSize="%s"' % self.max_size if self.max_size \
             else ""
+        cef_action = ""
+        if self.parse_cef:
+            rulebase = os.path.join(self.directory, "cef.rb")
+            with open(rulebase, "w") as handle:
+                handle.write("version=2\nrule=:%cef:cef%\n")
+            cef_action = _CEF_ACTION.format(rulebase=rulebase,
+                                            cef_log=self.cef_log)
         return _GLOBAL.format(work=work, log=self.log, size=size,
-                              tls_global=tls_global) + \
+                              tls_global=tls_global,
+                              cef_action=cef_action) + \
             _INPUTS[self.transport].format(port=self.port,
                                            auth_mode=auth_mode, peers=peers)
 
@@ -181,6 +202,15 @@ class Collector(object):
             return []
         return [json.loads('"%s"' % line).encode("utf-8", "surrogateescape")
                 for line in lines]
+
+    def cef_records(self):
+        """What liblognorm's CEF parser made of each message (parse_cef):
+        {"DeviceVendor", ..., "Extensions": {key: value}}."""
+        try:
+            with open(self.cef_log, encoding="utf-8") as handle:
+                return [json.loads(line) for line in handle if line.strip()]
+        except FileNotFoundError:
+            return []
 
     def wait_for(self, count, timeout=30):
         """At least `count` messages (all of them), waiting up to
