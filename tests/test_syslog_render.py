@@ -77,8 +77,9 @@ def record_of(message, header="rfc5424"):
 @pytest.mark.parametrize("header", ["rfc5424", "rfc3164"])
 def test_records_match_their_golden_files(name, fmt, header):
     path = os.path.join(GOLDEN_DIR, "%s-%s-%s.txt" % (name, fmt, header))
-    with open(path, "rb") as golden:
-        expected = golden.read()
+    with open(path, "rb") as golden:  # the version changes, the rest not
+        expected = golden.read().replace(
+            b"@VERSION@", pamsignal.__version__.encode())
     assert render(GOLDEN_EVENTS[name], format=fmt, header=header) + b"\n" \
         == expected
 
