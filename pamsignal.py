@@ -7533,10 +7533,12 @@ rate_limit = off
 # tcp:// only: octet (RFC 6587 octet counting) or lf (newline framing)
 #framing = octet
 # tls:// only: trust a private CA; a client certificate and its key (the
-# key file mode 0600).
-#ca_file = /etc/pamsignal/siem-ca.pem
-#cert_file = /etc/pamsignal/client.pem
-#key_file = /etc/pamsignal/client.key
+# key file mode 0600). The service cannot read /etc/pamsignal/: keep the
+# certificates where all may read them, and pass the key with
+# LoadCredential=siem-key:/etc/pamsignal/client.key in a drop-in.
+#ca_file = /etc/ssl/pamsignal/siem-ca.pem
+#cert_file = /etc/ssl/pamsignal/client.pem
+#key_file = /run/credentials/pamsignal.service/siem-key
 """
 
 
