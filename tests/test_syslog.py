@@ -487,14 +487,16 @@ def test_the_agent_forwards_every_event_to_the_collector(tmp_path,
         % (tmp_path / "state", journal.program)) + config_for(
             collectors["tcp"], "tcp", "app_name = %s\n" % app))
     os.chmod(path, 0o600)
-    agent = subprocess.Popen([sys.executable, PAMSIGNAL, "--config", path,
-                              "run"], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, env=journal.env())
-    try:
-        messages = received(collectors["tcp"], app, 4)
-    finally:
-        agent.terminate()
-        agent.wait(20)
+    with open(str(tmp_path / "agent.err"), "wb") as errors:
+        agent = subprocess.Popen([sys.executable, PAMSIGNAL, "--config",
+                                  path, "run"], stdout=subprocess.DEVNULL,
+                                 stderr=errors, env=journal.env())
+        try:
+            messages = received(collectors["tcp"], app, 4)
+        finally:
+            agent.terminate()
+            agent.wait(20)
+    assert len(messages) >= 4, (tmp_path / "agent.err").read_text()
     actions = sorted(siem_formats.parse_rfc5424(message)["msgid"]
                      for message in messages)
     assert [action for action in actions if action in
