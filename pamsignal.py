@@ -4884,6 +4884,14 @@ class SyslogSink(RemoteSink):
         return [cls.UDP_NOTE] if options["target"].transport == "udp" \
             else []
 
+    #: What test-alert says of a datagram it sent.
+    UNCONFIRMED = "UDP is best effort"
+
+    @property
+    def confirms(self):
+        """Whether a delivery is confirmed by the collector (not UDP)."""
+        return self.target.transport != "udp"
+
     def where(self):
         return "%s:%d" % (self.target.host, self.target.port)
 
@@ -6917,7 +6925,8 @@ def command_test_alert(args, stdout):
             channel.sink.open()
             channel.sink.send(sample_alert(time.time()))
             channel.sink.flush()
-            outcome = "delivered"
+            outcome = "delivered" if getattr(channel.sink, "confirms", True) \
+                else "sent (not confirmed: %s)" % channel.sink.UNCONFIRMED
         except (DeliveryError, OSError, ssl.SSLError) as error:
             failed += 1
             outcome = "NOT delivered: %s" % escape_text(str(error))

@@ -459,13 +459,22 @@ def test_test_alert_reports_delivered_or_the_exact_error(
                     "127.0.0.1:%d: Connection refused" % free)
 
 
-def test_check_config_says_udp_is_best_effort(tmp_path, collectors):
-    path = write_config(tmp_path / "p.conf", config_for(
-        collectors["udp"], "udp"))
+def test_udp_says_it_is_best_effort(tmp_path, collectors):
+    app = app_name()
+    path = write_config(tmp_path / "p.conf", (
+        "[pamsignal]\nstate_dir = %s\n" % (tmp_path / "state")) +
+        config_for(collectors["udp"], "udp", "app_name = %s\n" % app))
+    os.chmod(path, 0o600)
     done = run_cli("--config", path, "check-config")
     assert done.returncode == 0
     assert done.stdout.splitlines()[1] == (
         "[channel:siem] " + pamsignal.SyslogSink.UDP_NOTE)
+    done = run_cli("--config", path, "test-alert")
+    assert (done.returncode, done.stdout) == (
+        0, "siem (syslog): sent (not confirmed: UDP is best effort)\n")
+    assert "warning: channel siem: " + pamsignal.SyslogSink.UDP_NOTE in \
+        done.stderr
+    assert len(received(collectors["udp"], app, 1)) == 1
 
 
 def test_the_agent_forwards_every_event_to_the_collector(tmp_path,
