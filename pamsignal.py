@@ -1234,6 +1234,21 @@ def check_ca_files(config):
         raise ConfigError(problems)
 
 
+#: Where systemd hands a unit its credentials (LoadCredential=): files it
+#: makes readable by the unit's own user and group only (mode 0440).
+SYSTEMD_CREDENTIALS_ROOT = "/run/credentials/"
+
+
+def _readable_by_others(path, status):
+    """Whether users other than the service may read a file: the world,
+    or a group that is not the service's own (a systemd credential is
+    group-readable by the unit's group, and that is not others)."""
+    if status.st_mode & 0o004:
+        return True
+    return bool(status.st_mode & 0o040) and status.st_gid != os.getegid() \
+        and not path.startswith(SYSTEMD_CREDENTIALS_ROOT)
+
+
 def check_client_certificates(config):
     """A channel's client certificate must load with its key, and the key
     file (a secret) must not be readable by other users."""
@@ -1245,7 +1260,7 @@ def check_client_certificates(config):
             continue
         section = "channel:" + channel.name
         try:
-            exposed = os.stat(key_file).st_mode & 0o044
+            exposed = _readable_by_others(key_file, os.stat(key_file))
         except OSError as error:
             problems.append(ConfigProblem(config.path, None, section,
                                           "key_file", "cannot read %s: %s" % (

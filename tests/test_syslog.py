@@ -4,6 +4,7 @@ octet counting, TCP with LF framing and TLS (gtls, a throw-away CA),
 every record read back by its specification; a collector restarted while
 alerts flow; client certificates; a wrong CA or host name refused; the
 agent and test-alert as an admin runs them."""
+import grp
 import json
 import os
 import secrets
@@ -349,23 +350,32 @@ def test_a_collector_that_requires_a_client_certificate(tmp_path, certs):
         collector.stop()
 
 
-def test_a_key_file_others_can_read_is_refused(tmp_path, certs):
+@pytest.mark.parametrize("mode, group", [
+    (0o604, None),          # the world
+    (0o640, "nogroup"),     # a group that is not ours
+])
+def test_a_key_file_others_can_read_is_refused(tmp_path, certs, mode,
+                                               group):
+    realsys.require_root()  # to give the file to another group
     cert, key = make_client_cert(certs, "pamsignal.client.test")
+    mine = str(tmp_path / "client.key")
+    with open(key, "rb") as source, open(mine, "wb") as copy:
+        copy.write(source.read())
     config = write_config(tmp_path / "p.conf", config_for(
         Collector(tmp_path, "tls"), "tls", "cert_file = %s\nkey_file = %s\n"
-        % (cert, key)))
+        % (cert, mine)))
     os.chmod(config, 0o600)
+    os.chmod(mine, 0o640)  # group-readable by our own group: allowed
     pamsignal.load_config(config)
-    os.chmod(key, 0o640)
-    try:
-        with pytest.raises(pamsignal.ConfigError) as refused:
-            pamsignal.load_config(config)
-    finally:
-        os.chmod(key, 0o600)
+    if group:
+        os.chown(mine, -1, grp.getgrnam(group).gr_gid)
+    os.chmod(mine, mode)
+    with pytest.raises(pamsignal.ConfigError) as refused:
+        pamsignal.load_config(config)
     assert str(refused.value) == (
         "%s: [channel:siem] key_file: %s holds a private key but other "
         "users can read it (group or world); run: chmod 600 %s"
-        % (config, key, key))
+        % (config, mine, mine))
 
 
 def test_a_client_certificate_with_the_wrong_key_is_refused(tmp_path,
