@@ -43,6 +43,7 @@ bench:
 	$(PYTHON) bench/bench_mmdb.py
 	$(PYTHON) bench/bench_delivery.py
 	$(PYTHON) bench/bench_audit.py
+	$(PYTHON) bench/bench_syslog.py
 
 install:
 	install -d -m 0755 $(BINDIR) $(MANDIR)/man8 $(MANDIR)/man5 $(DOCDIR)

@@ -930,6 +930,74 @@ def _smtp_security(value):
     return value
 
 
+#: A syslog collector: transport, host (name, IPv4, [IPv6]) and port.
+SyslogTarget = collections.namedtuple("SyslogTarget", "transport host port")
+
+_SYSLOG_TARGET = re.compile(r"^(udp|tcp|tls)://(?:\[([0-9A-Fa-f:.]+)\]|"
+                            r"([^\s/:\[\]]+)):(\d{1,5})$")
+
+
+def _syslog_target(value):
+    match = _SYSLOG_TARGET.match(value)
+    try:
+        if not match:
+            raise ValueError
+        host = match.group(2) or match.group(3)
+        if match.group(2):
+            ipaddress.IPv6Address(host)
+        return SyslogTarget(match.group(1), _host(host),
+                            _port(match.group(4)))
+    except ValueError:
+        raise ValueError("expected udp://HOST:PORT, tcp://HOST:PORT or "
+                         "tls://HOST:PORT (an IPv6 address in brackets), "
+                         "got %r" % value) from None
+
+
+def _one_of(*choices):
+    """A validator for a key that takes one of a few words."""
+    def validate(value):
+        if value not in choices:
+            raise ValueError("expected %s, got %r" % (
+                " or ".join(choices), value))
+        return value
+    return validate
+
+
+#: Syslog facilities by name (RFC 5424 numbers).
+SYSLOG_FACILITIES = dict(
+    [("user", 1), ("daemon", 3), ("auth", 4), ("authpriv", 10),
+     ("audit", 13)] +
+    [("local%d" % number, 16 + number) for number in range(8)])
+
+
+def _facility(value):
+    if value not in SYSLOG_FACILITIES:
+        raise ValueError("expected one of %s, got %r" % (", ".join(sorted(
+            SYSLOG_FACILITIES, key=SYSLOG_FACILITIES.get)), value))
+    return SYSLOG_FACILITIES[value]
+
+
+def _app_name(value):
+    """An RFC 5424 APP-NAME that is also a valid RFC 3164 TAG."""
+    if not re.match(r"^[A-Za-z0-9_.-]{1,32}$", value):
+        raise ValueError("expected 1 to 32 letters, digits or _.-, got %r"
+                         % value)
+    return value
+
+
+def _syslog_hostname(value):
+    if not re.match(r"^[\x21-\x7e]{1,255}$", value):
+        raise ValueError("expected a host name of printable ASCII without "
+                         "spaces, got %r" % value)
+    return value
+
+
+def _yes_no(value):
+    if value.lower() not in ("yes", "no"):
+        raise ValueError("expected yes or no, got %r" % value)
+    return value.lower() == "yes"
+
+
 def _plain_text(value):
     if re.search(r"[\x00-\x1f\x7f]", value):
         raise ValueError("expected text without control characters")
@@ -1189,8 +1257,16 @@ def _parse_channel(section, values, alerts, problem):
     for key in CHANNEL_TYPES[kind].REQUIRED:
         if key not in values:
             problem(section, None, "a %s channel needs %s" % (kind, key))
+    check_options = getattr(CHANNEL_TYPES[kind], "check_options", None)
+    for key, message in check_options(options) if check_options else ():
+        problem(section, key, message)
+    # A type may start from its own policy instead of [alerts] (a SIEM
+    # wants every event); the channel's own keys override either.
+    defaults = getattr(CHANNEL_TYPES[kind], "POLICY_DEFAULTS", {})
+    policy = alerts._replace(**{key: ALERT_OPTIONS[key][0](text)
+                                for key, text in defaults.items()})
     return ChannelConfig(section[8:].strip(), kind,
-                         alerts._replace(**overrides), options)
+                         policy._replace(**overrides), options)
 
 
 def default_config(path=DEFAULT_CONFIG_PATH):
@@ -1275,6 +1351,7 @@ def load_config(path=None, environ=None, channels=True, as_root=None):
     if not channels:
         return config
     check_ca_files(config)
+    check_client_certificates(config)
     return resolve_credentials(config, environ.get("CREDENTIALS_DIRECTORY"))
 
 
@@ -1416,6 +1493,56 @@ def check_ca_files(config):
             problems.append(ConfigProblem(
                 config.path, None, "channel:" + channel.name, "ca_file",
                 "cannot load %s: %s" % (ca_file, getattr(
+                    error, "strerror", None) or error)))
+    if problems:
+        raise ConfigError(problems)
+
+
+#: Where systemd hands a unit its credentials (LoadCredential=): files it
+#: makes readable by the unit's own user and group only (mode 0440).
+SYSTEMD_CREDENTIALS_ROOT = "/run/credentials/"
+
+
+def _readable_by_others(path, status):
+    """Whether users other than the service may read a file: the world,
+    or a group that is not the service's own (a systemd credential is
+    group-readable by the unit's group, and that is not others)."""
+    if status.st_mode & 0o004:
+        return True
+    return bool(status.st_mode & 0o040) and status.st_gid != os.getegid() \
+        and not path.startswith(SYSTEMD_CREDENTIALS_ROOT)
+
+
+def check_client_certificates(config):
+    """A channel's client certificate must load with its key, and the key
+    file (a secret) must not be readable by other users."""
+    problems = []
+    for channel in config.channels:
+        cert_file = channel.options.get("cert_file")
+        key_file = channel.options.get("key_file")
+        if key_file is None:
+            continue
+        section = "channel:" + channel.name
+        try:
+            exposed = _readable_by_others(key_file, os.stat(key_file))
+        except OSError as error:
+            problems.append(ConfigProblem(config.path, None, section,
+                                          "key_file", "cannot read %s: %s" % (
+                                              key_file, error.strerror)))
+            continue
+        if exposed:
+            problems.append(ConfigProblem(
+                config.path, None, section, "key_file", "%s holds a private"
+                " key but other users can read it (group or world); run: "
+                "chmod 600 %s" % (key_file, key_file)))
+            continue
+        try:
+            tls_context().load_cert_chain(cert_file, key_file,
+                                          password=_no_passphrase)
+        except (OSError, ssl.SSLError) as error:
+            problems.append(ConfigProblem(
+                config.path, None, section, "cert_file", "cannot load %s "
+                "with %s: %s" % (cert_file, key_file, getattr(
                     error, "strerror", None) or error)))
     if problems:
         raise ConfigError(problems)
@@ -4021,6 +4148,272 @@ def render_json(event):
     return dumps_safe(event_to_ecs(event))
 
 
+# -- SIEM records (CEF, LEEF 2.0, ECS JSON) in syslog (RFC 5424, 3164) --------
+
+#: Who CEF and LEEF name as the device vendor and product.
+SIEM_VENDOR, SIEM_PRODUCT = "PAMSignal", "pamsignal"
+
+#: Largest syslog message sent (header, structured data and record, without
+#: the TCP framing): under rsyslog's default maxMessageSize (8096) and the
+#: 8192 bytes RFC 5425 asks receivers to take. Longer values are cut ("…").
+MAX_SYSLOG_BYTES = 8000
+
+#: Value lengths tried, longest first, until a record fits MAX_SYSLOG_BYTES.
+_VALUE_CAPS = (4000, 1023, 512, 255, 128, 64)
+
+#: RFC 5424 SD-ID of the structured data. 32473 is the Private Enterprise
+#: Number RFC 5612 reserves for examples: PAMSignal has none of its own.
+SD_ID = "pamsignal@32473"
+
+#: Longest SD-PARAM value: the structured data is an index, the record
+#: carries the whole value.
+MAX_SD_VALUE_CHARS = 255
+
+#: Syslog severity for the event's 0-10 (highest step first): critical,
+#: warning, notice, informational.
+SYSLOG_LEVELS = ((2, 9), (4, 7), (5, 4), (6, 0))
+
+#: English month abbreviations (RFC 3164 and LEEF's devTime): strftime's %b
+#: follows the locale.
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep",
+           "Oct", "Nov", "Dec")
+
+SyslogLayout = collections.namedtuple(
+    "SyslogLayout", "format header facility app_name hostname bom")
+SyslogLayout.__doc__ = """How a syslog channel writes each event: record
+format (cef, leef, json), header (rfc5424, rfc3164), facility number,
+APP-NAME, HOSTNAME (None: the event's), and whether MSG starts with a BOM."""
+
+
+def _capped(value, cap):
+    return shorten(str(value), cap) if cap else str(value)
+
+
+#: CEF extension values: backslash, equals sign and line breaks escaped.
+_CEF_VALUE_ESCAPES = {ord("\\"): "\\\\", ord("="): "\\=", ord("\n"): "\\n",
+                      ord("\r"): "\\r"}
+
+
+def cef_header_field(text):
+    """A CEF header field: backslash and pipe escaped, on one line."""
+    return re.sub(r"[\r\n]", " ", text.replace("\\", "\\\\").replace(
+        "|", "\\|"))
+
+
+def cef_value(text):
+    """A CEF extension value (CEF's own escapes; `|` needs none there)."""
+    return text.translate(_CEF_VALUE_ESCAPES)
+
+
+def _cef_users(event):
+    """(suser, duser): who acted and which account was used. A login's
+    user is the account logged into; sudo's and su's the person acting."""
+    if event.target_user:
+        return event.user, event.target_user
+    return None, event.user
+
+
+def _address_keys(ip, v4_key, v6_key, label):
+    """CEF keeps IPv4 in src/dst and IPv6 in c6a2/c6a3 with a label."""
+    if ip is None:
+        return []
+    if ":" in ip:
+        return [(v6_key, ip, 0), (v6_key + "Label", label, 0)]
+    return [(v4_key, ip, 0)]
+
+
+def _cef_pairs(event, event_id):
+    """(key, value, longest) of a CEF extension, in the documented order;
+    `longest` 0 means the value is short by nature."""
+    category, _, outcome, _ = ACTIONS[event.action]
+    suser, duser = _cef_users(event)
+    pairs = [("rt", event.timestamp_us // 1000, 0), ("cat", category, 0),
+             ("outcome", outcome, 0), ("externalId", event_id, 0)]
+    pairs += _address_keys(event.source_ip, "src", "c6a2",
+                           "Source IPv6 Address")
+    pairs += [("shost", event.source_domain, 1023),
+              ("spt", event.source_port, 0)]
+    pairs += _address_keys(event.destination_ip, "dst", "c6a3",
+                           "Destination IPv6 Address")
+    pairs += [("dpt", event.destination_port, 0), ("suser", suser, 1023),
+              ("duser", duser, 1023), ("dvchost", event.hostname, 100),
+              ("dproc", event.service, 1023), ("dvcpid", event.pid, 0),
+              ("reason", event.reason, 1023), ("cnt", event.attempts, 0)]
+    custom = (("cs1", "authMethod", event.auth_method),
+              ("cs2", "key", event.key),
+              ("cs3", "command", event.command_line),
+              ("cs4", "tty", event.tty),
+              ("cs5", "sourceAsOrganization", event.source_as_org),
+              ("cs6", "sourceCountry", event.source_country),
+              ("cn1", "sourceAsNumber", event.source_as_number),
+              ("cn2", "windowSeconds", event.window_s),
+              ("cn3", "sessionDurationSeconds", None
+               if event.session_duration_s is None
+               else int(event.session_duration_s)))
+    for key, label, value in custom:
+        if value is not None and value != "":
+            pairs += [(key, value, 4000 if key[1] == "s" else 0),
+                      (key + "Label", label, 0)]
+    pairs.append(("msg", event.message, 1023))
+    return [(key, value, longest) for key, value, longest in pairs
+            if value is not None and value != ""]
+
+
+def render_cef(event, event_id, cap=None):
+    """One CEF:0 record; values longer than their CEF maximum (or `cap`)
+    are cut."""
+    header = (SIEM_VENDOR, SIEM_PRODUCT, __version__, event.action,
+              ALERT_HEADLINES.get(event.action, event.action),
+              str(event_severity(event)))
+    extension = " ".join("%s=%s" % (key, cef_value(_capped(
+        value, min(filter(None, (longest, cap)), default=0))))
+        for key, value, longest in _cef_pairs(event, event_id))
+    return "CEF:0|%s|%s" % ("|".join(cef_header_field(field)
+                                     for field in header), extension)
+
+
+#: LEEF 2.0 attribute delimiter: `^` survives relays that rewrite a tab.
+LEEF_DELIMITER = "^"
+
+#: devTime's layout, in Java SimpleDateFormat as LEEF asks.
+LEEF_TIME_FORMAT = "MMM dd yyyy HH:mm:ss.SSS z"
+
+
+def leef_value(text):
+    """LEEF has no escapes: the delimiter and characters unsafe in a record
+    (controls, line breaks) are written as \\xNN, as on the console."""
+    return escape_text(text).replace(LEEF_DELIMITER, "\\x%02x" % ord(
+        LEEF_DELIMITER))
+
+
+def leef_time(timestamp_us):
+    """"Jan 18 2024 11:07:53.520 UTC" (LEEF_TIME_FORMAT), English months."""
+    moment = time.gmtime(timestamp_us // 1000000)
+    return "%s %02d %d %02d:%02d:%02d.%03d UTC" % (
+        _MONTHS[moment.tm_mon - 1], moment.tm_mday, moment.tm_year,
+        moment.tm_hour, moment.tm_min, moment.tm_sec,
+        timestamp_us // 1000 % 1000)
+
+
+def _leef_pairs(event, event_id):
+    category, _, outcome, _ = ACTIONS[event.action]
+    pairs = (
+        ("cat", outcome), ("devTime", leef_time(event.timestamp_us)),
+        ("devTimeFormat", LEEF_TIME_FORMAT),
+        ("sev", max(1, event_severity(event))), ("externalId", event_id),
+        ("category", category), ("src", event.source_ip),
+        ("srcPort", event.source_port), ("srcDomain", event.source_domain),
+        ("dst", event.destination_ip), ("dstPort", event.destination_port),
+        ("usrName", event.user), ("targetUsrName", event.target_user),
+        ("hostname", event.hostname), ("service", event.service),
+        ("pid", event.pid), ("reason", event.reason),
+        ("authMethod", event.auth_method), ("key", event.key),
+        ("command", event.command_line), ("tty", event.tty),
+        ("attempts", event.attempts), ("windowSeconds", event.window_s),
+        ("srcAsNumber", event.source_as_number),
+        ("srcAsOrganization", event.source_as_org),
+        ("srcCountry", event.source_country), ("msg", event.message))
+    return [(key, value) for key, value in pairs
+            if value is not None and value != ""]
+
+
+def render_leef(event, event_id, cap=None):
+    """One LEEF:2.0 record, attributes separated by LEEF_DELIMITER."""
+    return "LEEF:2.0|%s|%s|%s|%s|%s|%s" % (
+        SIEM_VENDOR, SIEM_PRODUCT, __version__, event.action, LEEF_DELIMITER,
+        LEEF_DELIMITER.join("%s=%s" % (key, leef_value(_capped(
+            value, cap or 4000))) for key, value in _leef_pairs(
+                event, event_id)))
+
+
+def _capped_strings(node, cap):
+    if isinstance(node, dict):
+        return {key: _capped_strings(value, cap)
+                for key, value in node.items()}
+    if isinstance(node, list):
+        return [_capped_strings(value, cap) for value in node]
+    return shorten(node, cap) if isinstance(node, str) and cap else node
+
+
+def render_siem_json(event, event_id, cap=None):
+    """The event contract with its `event.id`, one line, no raw control
+    characters or line breaks."""
+    ecs = event_to_ecs(event)
+    ecs["event"]["id"] = event_id
+    return dumps_safe(_capped_strings(ecs, cap or 4000))
+
+
+#: format option -> record renderer (event, event id, value cap) -> text.
+SIEM_RENDERERS = {"cef": render_cef, "leef": render_leef,
+                  "json": render_siem_json}
+
+
+def _header_text(text, limit):
+    """A syslog header field: printable ASCII without spaces, or `-`."""
+    return re.sub(r"[^\x21-\x7e]", "_", text)[:limit] if text else "-"
+
+
+def sd_value(text):
+    """An RFC 5424 SD-PARAM value: `"`, `\\` and `]` escaped; control
+    characters written as \\xNN (the format has no escape for them)."""
+    return escape_text(shorten(text, MAX_SD_VALUE_CHARS)).replace(
+        "\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+def structured_data(event, event_id):
+    """[pamsignal@32473 ...]: the event's id, action and who/where, for
+    collectors that filter without reading the record."""
+    _, _, outcome, _ = ACTIONS[event.action]
+    params = (("id", event_id), ("action", event.action),
+              ("outcome", outcome), ("severity", event_severity(event)),
+              ("user", event.user), ("targetUser", event.target_user),
+              ("src", event.source_ip or event.source_domain),
+              ("service", event.service))
+    return "[%s %s]" % (SD_ID, " ".join(
+        '%s="%s"' % (name, sd_value(str(value))) for name, value in params
+        if value is not None and value != ""))
+
+
+def syslog_header(event, layout, event_id):
+    """The header before the record: RFC 5424 (with structured data) or
+    RFC 3164 (in UTC: it has no time zone)."""
+    priority = layout.facility * 8 + severity_level(event, SYSLOG_LEVELS)
+    hostname = _header_text(layout.hostname or event.hostname, 255)
+    if layout.header == "rfc3164":
+        moment = time.gmtime(event.timestamp_us // 1000000)
+        return "<%d>%s %2d %02d:%02d:%02d %s %s: " % (
+            priority, _MONTHS[moment.tm_mon - 1], moment.tm_mday,
+            moment.tm_hour, moment.tm_min, moment.tm_sec, hostname,
+            layout.app_name)
+    return "<%d>1 %s %s %s - %s %s %s" % (
+        priority, format_timestamp(event.timestamp_us), hostname,
+        layout.app_name, event.action, structured_data(event, event_id),
+        "\ufeff" if layout.bom else "")
+
+
+def render_syslog(event, layout):
+    """One syslog message as bytes (UTF-8, no framing), at most
+    MAX_SYSLOG_BYTES: values are cut shorter until it fits."""
+    event_id = alert_id(event)
+    header = syslog_header(event, layout, event_id)
+    render = SIEM_RENDERERS[layout.format]
+    for cap in (None,) + _VALUE_CAPS:
+        message = (header + render(event, event_id, cap)).encode("utf-8")
+        if len(message) <= MAX_SYSLOG_BYTES:
+            return message
+    # Only dozens of huge fields get here: cut, still valid UTF-8.
+    return message[:MAX_SYSLOG_BYTES].decode("utf-8", "ignore").encode(
+        "utf-8")
+
+
+def frame_syslog(message, framing):
+    """A message framed for a stream (RFC 6587): octet counting
+    (`LEN SP MSG`) or a trailing LF; a datagram as is (None)."""
+    if framing == "octet":
+        return b"%d %s" % (len(message), message)
+    return message + b"\n" if framing == "lf" else message
+
+
 #: An alert's headline per action; other actions read as their name.
 ALERT_HEADLINES = {
     "login_success": "Login", "login_failure": "Failed login",
@@ -5773,12 +6166,277 @@ class JournalSink:
         self.writer.close()
 
 
+def _no_passphrase():
+    """A key file with a passphrase cannot be unlocked by a service: fail
+    instead of prompting on a terminal."""
+    return b""
+
+
+def _tls_closed(error):
+    """Whether a TLS error only says that the peer closed the connection
+    cleanly (a FIN, not a reset) without sending close_notify. Python 3.6
+    with OpenSSL 3 names it by a wrong code; its text says it."""
+    return isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) \
+        or "unexpected eof" in str(error).lower()
+
+
+def _connection_reason(error):
+    """_network_reason of an error a socket raised itself."""
+    return _network_reason(urllib.error.URLError(error))
+
+
+class SyslogSink(RemoteSink):
+    """A SIEM's syslog collector: CEF, LEEF or ECS JSON records in RFC 5424
+    or RFC 3164 messages over UDP, TCP or TLS (RFC 5425).
+
+    Alerts come in batches from the courier. Over TCP and TLS a batch is
+    delivered only once the collector has read it: PAMSignal sends the
+    batch on a new connection, ends its side (TLS close_notify, then
+    FIN), and counts it delivered when the collector closes in turn (a
+    clean end of stream) and then still accepts a new connection (one
+    that closed because it was stopping may have dropped what it had
+    read). A reset, a timeout or a collector gone away sends the whole
+    batch again, so a collector restart loses nothing and may repeat at
+    most that batch (`externalId`, `event.id`, `id=` name each event).
+    UDP is best effort: a datagram sent is counted delivered."""
+
+    OPTIONS = {"target": _syslog_target,
+               "format": _one_of("cef", "leef", "json"),
+               "header": _one_of("rfc5424", "rfc3164"),
+               "facility": _facility, "app_name": _app_name,
+               "hostname": _syslog_hostname,
+               "framing": _one_of("octet", "lf"), "bom": _yes_no,
+               "timeout": _timeout, "ca_file": _absolute_path,
+               "cert_file": _absolute_path, "key_file": _absolute_path}
+    REQUIRED = ("target",)
+
+    #: A SIEM wants every event, at once: no [alerts] filtering, cooldown,
+    #: rate limit or digest unless the channel sets them itself.
+    POLICY_DEFAULTS = dict(((key, default) for key, (_, default)
+                            in ALERT_OPTIONS.items()),
+                           events="*", cooldown="off", rate_limit="off")
+
+    #: Most alerts the courier hands over at once (one connection each).
+    MAX_BATCH = 500
+
+    #: What check-config and the start say about a UDP target.
+    UDP_NOTE = ("udp:// is best effort: an alert lost on the way or while "
+                "the collector is down goes unnoticed; use tcp:// or "
+                "tls:// to have it kept until the collector read it")
+
+    def __init__(self, name, options=None):
+        RemoteSink.__init__(self, name, options)
+        self.target = self.options.get("target")
+        self.layout = SyslogLayout(
+            format=self.options.get("format", "cef"),
+            header=self.options.get("header", "rfc5424"),
+            facility=self.options.get("facility",
+                                      SYSLOG_FACILITIES["authpriv"]),
+            app_name=self.options.get("app_name", "pamsignal"),
+            hostname=self.options.get("hostname"), bom=self.options.get(
+                "bom", False))
+        self.framing = None if self.target.transport == "udp" else \
+            self.options.get("framing", "octet")
+        self.datagrams = None
+        self.warned = False
+
+    @staticmethod
+    def check_options(options):
+        """(key, problem) for options that do not go together."""
+        transport = options["target"].transport \
+            if "target" in options else None
+        problems = []
+        if transport != "tls":
+            problems += [(key, "only for a tls:// target") for key in (
+                "ca_file", "cert_file", "key_file") if key in options]
+        if "framing" in options and transport != "tcp":
+            problems.append(("framing", "only for a tcp:// target (TLS is "
+                             "always octet-counted, UDP is one message per"
+                             " datagram)"))
+        if ("cert_file" in options) != ("key_file" in options):
+            problems.append(("cert_file" if "key_file" in options else
+                             "key_file", "cert_file and key_file go "
+                             "together (a client certificate and its key)"))
+        if options.get("bom") and options.get("header") == "rfc3164":
+            problems.append(("bom", "only with header = rfc5424"))
+        return problems
+
+    @classmethod
+    def config_notes(cls, options):
+        """What check-config says about this channel."""
+        return [cls.UDP_NOTE] if options["target"].transport == "udp" \
+            else []
+
+    #: What test-alert says of a datagram it sent.
+    UNCONFIRMED = "UDP is best effort"
+
+    @property
+    def confirms(self):
+        """Whether a delivery is confirmed by the collector (not UDP)."""
+        return self.target.transport != "udp"
+
+    def where(self):
+        return "%s:%d" % (self.target.host, self.target.port)
+
+    def open(self):
+        if self.target.transport == "udp" and not self.warned:
+            self.warned = True
+            say("warning", "channel %s: %s" % (self.name, self.UDP_NOTE))
+        if self.target.transport != "tls" or self.context is not None:
+            return
+        context = tls_context(self.options.get("ca_file"))
+        if self.options.get("cert_file"):
+            context.load_cert_chain(self.options["cert_file"],
+                                    self.options["key_file"],
+                                    password=_no_passphrase)
+        self.context = context
+
+    def deliver(self, event, delay_s):
+        self.send_batch([(event, delay_s)])
+
+    def send_batch(self, alerts):
+        """Deliver [(event, delay_s)] in order, or raise DeliveryError;
+        its `delivered` says how many of the first were sent (UDP)."""
+        self.open()
+        messages = [render_syslog(event, self.layout) for event, _ in alerts]
+        if self.framing is None:
+            self._send_datagrams(messages)
+        else:
+            self._send_stream(b"".join(frame_syslog(message, self.framing)
+                                       for message in messages),
+                              len(messages))
+
+    def _send_datagrams(self, messages):
+        for index, message in enumerate(messages):
+            try:
+                if self.datagrams is None:
+                    family, kind, proto, _, address = socket.getaddrinfo(
+                        self.target.host, self.target.port,
+                        type=socket.SOCK_DGRAM)[0]
+                    self.datagrams = socket.socket(family, kind, proto)
+                    self.datagrams.connect(address)
+                self.datagrams.send(message)
+            except OSError as error:  # refused: the collector is not there
+                self.close()
+                failure = DeliveryError("cannot send to %s: %s" % (
+                    self.where(), _connection_reason(error)))
+                failure.delivered = index
+                raise failure from None
+
+    def _send_stream(self, payload, count):
+        alerts = "%d alert%s" % (count, "" if count == 1 else "s")
+        connection = self._open_stream()
+        try:
+            connection.sendall(payload)
+            self._wait_until_read(connection)
+        except ConnectionResetError:
+            raise DeliveryError("%s reset the connection before reading all"
+                                " of %s; sending them again" % (
+                                    self.where(), alerts)) from None
+        except (socket.timeout, TimeoutError):
+            raise DeliveryError(
+                "%s did not confirm %s within %d s (no end of stream after "
+                "ours); sending them again" % (self.where(), alerts,
+                                               self.timeout)) from None
+        except OSError as error:
+            raise DeliveryError("%s: %s" % (
+                self.where(), _connection_reason(error))) from None
+        finally:
+            connection.close()
+        # A collector that closed because it was stopping may have dropped
+        # what it had read but not yet handled (rsyslog does, over TLS):
+        # the batch counts only if the collector still takes a client.
+        try:
+            probe = self._open_stream()
+        except DeliveryError as error:
+            raise DeliveryError("%s closed after %s but then %s: it may have"
+                                " been stopping; sending them again" % (
+                                    self.where(), alerts, error)) from None
+        try:
+            self._wait_until_read(probe)
+        except OSError:
+            pass  # the batch is confirmed; this was only a probe
+        finally:
+            probe.close()
+
+    def _open_stream(self):
+        """A connection the collector accepted (TLS verified), or a
+        DeliveryError saying why not."""
+        started = time.monotonic()
+        try:
+            connection = socket.create_connection(
+                (self.target.host, self.target.port), timeout=self.timeout)
+        except OSError as error:
+            raise DeliveryError("cannot reach %s: %s" % (
+                self.where(), _connection_reason(error))) from None
+        try:
+            if self.context is not None:
+                connection = self.context.wrap_socket(
+                    connection, server_hostname=self.target.host)
+            if not self._hung_up(connection, time.monotonic() - started):
+                return connection
+            failure = DeliveryError(
+                "%s closed the connection before any alert was sent: it "
+                "does not accept this client (its log says why: a client "
+                "certificate, an address it does not allow?)" % self.where())
+        except ssl.CertificateError as error:  # Python 3.6: a ValueError
+            failure = DeliveryError("%s: TLS certificate not trusted: %s" % (
+                self.where(), error))
+        except OSError as error:
+            failure = DeliveryError("%s: %s" % (
+                self.where(), _connection_reason(error)))
+        connection.close()
+        raise failure
+
+    def _hung_up(self, connection, setup_s):
+        """Whether the collector hangs up at once (a client it refuses
+        after the handshake, as rsyslog does): watched for as long as the
+        connection took to set up (a round trip or more) before sending,
+        so that no alert goes to a collector that would drop it."""
+        connection.settimeout(min(max(setup_s, 0.01), self.timeout))
+        try:
+            if isinstance(connection, ssl.SSLSocket):
+                return connection.recv(1) == b""  # session tickets pass
+            return connection.recv(1, socket.MSG_PEEK) == b""
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+        except ssl.SSLError as error:
+            if _tls_closed(error):
+                return True
+            raise
+        finally:
+            connection.settimeout(self.timeout)
+
+    def _wait_until_read(self, connection):
+        """End our side and wait for the collector to end its own: it
+        closes cleanly only once it has read everything we sent."""
+        if isinstance(connection, ssl.SSLSocket):
+            try:
+                connection = connection.unwrap()  # close_notify both ways
+            except ssl.SSLError as error:
+                if _tls_closed(error):
+                    return  # closed without its close_notify, nothing unread
+                raise
+        connection.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + self.timeout
+        while connection.recv(4096):
+            if time.monotonic() > deadline:
+                raise socket.timeout()
+
+    def close(self):
+        if self.datagrams is not None:
+            self.datagrams.close()
+            self.datagrams = None
+
+
 #: channel type -> sink class; a new destination is one class here.
 CHANNEL_TYPES = {"console": ConsoleSink, "telegram": TelegramSink,
                  "slack": SlackSink, "discord": DiscordSink,
                  "teams": TeamsSink, "ntfy": NtfySink, "gotify": GotifySink,
                  "email": EmailSink, "webhook": WebhookSink,
-                 "journal": JournalSink}
+                 "journal": JournalSink, "syslog": SyslogSink}
 
 
 #: Retry delays after a failed delivery grow from this (seconds)...
@@ -6123,23 +6781,32 @@ class Spool:
     def take(self, timeout):
         """The oldest alert waiting, as (name, event), without removing it;
         None when there is none within `timeout` seconds."""
+        batch = self.take_batch(1, timeout)
+        return batch[0] if batch else None
+
+    def take_batch(self, limit, timeout):
+        """Up to `limit` of the oldest alerts waiting, oldest first, as
+        [(name, event)], without removing them; [] when there is none
+        within `timeout` seconds."""
+        batch = []
         with self.lock:
             if not self.ready:
                 self.lock.wait(timeout)
-            while self.ready:
-                created, name = self.ready[0]
+            while len(batch) < min(limit, len(self.ready)):
+                created, name = self.ready[len(batch)]
                 if self.clock() - created > self.max_age_s:
                     self._drop_locked(name, "too_old")
                     continue
                 if name not in self.in_memory and os.path.exists(
                         self._path(name + ".sent")):
-                    self.ready.popleft()  # delivered by an earlier courier
+                    self._forget(name)  # delivered by an earlier courier
                     continue
                 event = self._load(name)
                 if event is not None:
-                    return name, event
+                    batch.append((name, event))
+                    continue
                 self._drop_locked(name, "unreadable")
-        return None
+        return batch
 
     def delivered(self, name):
         """The alert reached its channel: leave a tombstone."""
@@ -6274,6 +6941,8 @@ class Courier(threading.Thread):
         self.last_wait_s = None
         self.unexpected = (None, 0)  # (alert, failures in a row)
         self.sending_since = None  # time.monotonic() of the request in flight
+        #: Alerts handed over at once: more for a sink with send_batch.
+        self.batch_limit = getattr(sink, "MAX_BATCH", 1)
 
     def slow_request(self, now=None):
         """Why the channel is slow, while a request runs long; else None."""
@@ -6293,9 +6962,42 @@ class Courier(threading.Thread):
 
     def run(self):
         while not self.stopping.is_set():
+            if self.batch_limit > 1:
+                batch = self.spool.take_batch(self.batch_limit, 1.0)
+                if batch:
+                    self.deliver_batch(batch)
+                continue
             taken = self.spool.take(1.0)
             if taken is not None:
                 self.deliver_one(*taken)
+
+    def deliver_batch(self, batch):
+        """One attempt at the oldest alerts, in one go (a sink with
+        send_batch); the ones it confirms leave the spool, in order."""
+        now = self.clock()
+        self.sending_since = time.monotonic()
+        try:
+            self.sink.send_batch([
+                (event, max(0.0, now - event.timestamp_us / 1e6))
+                for _, event in batch])
+        except DeliveryError as error:
+            self.sending_since = None
+            done = getattr(error, "delivered", 0)  # UDP: the first sent
+            for name, _ in batch[:done]:
+                self.spool.delivered(name)
+            self.delivered += done
+            self._failed(batch[done][0], batch[done][1], error)
+            return
+        except Exception:  # a sink bug: find its alert one at a time
+            self.sending_since = None
+            self.batch_limit = 1
+            self.deliver_one(*batch[0])
+            return
+        self.sending_since = None
+        for name, _ in batch:
+            self.spool.delivered(name)
+        self.delivered += len(batch)
+        self._succeeded()
 
     def deliver_one(self, name, event):
         """One attempt at the oldest alert; waits out a failure."""
@@ -6318,6 +7020,10 @@ class Courier(threading.Thread):
         self.sending_since = None
         self.spool.delivered(name)
         self.delivered += 1
+        self.batch_limit = getattr(self.sink, "MAX_BATCH", 1)
+        self._succeeded()
+
+    def _succeeded(self):
         if self.failures:
             say("info", "channel %s: delivering again after %d failed "
                 "attempt%s" % (self.sink.name, self.failures,
@@ -8320,6 +9026,10 @@ def command_check_config(args, stdout):
         stdout.write("%s: OK (%d channel%s)\n" % (
             config.path, len(config.channels),
             "" if len(config.channels) == 1 else "s"))
+    for channel in config.channels:
+        notes = getattr(CHANNEL_TYPES[channel.type], "config_notes", None)
+        for note in notes(channel.options) if notes else ():
+            stdout.write("[channel:%s] %s\n" % (channel.name, note))
     for role, path in zip(GeoipConfig._fields, config.geoip):
         if path:
             stdout.write("[geoip] %s %s: %s\n" % (role, path,
@@ -8368,7 +9078,8 @@ def command_test_alert(args, stdout):
             channel.sink.open()
             channel.sink.send(sample_alert(time.time()))
             channel.sink.flush()
-            outcome = "delivered"
+            outcome = "delivered" if getattr(channel.sink, "confirms", True) \
+                else "sent (not confirmed: %s)" % channel.sink.UNCONFIRMED
         except (DeliveryError, OSError, ssl.SSLError) as error:
             failed += 1
             outcome = "NOT delivered: %s" % escape_text(str(error))
@@ -9318,6 +10029,30 @@ repeats = off
 #events = *
 #cooldown = off
 #rate_limit = off
+#
+# A SIEM's syslog collector (Graylog, Wazuh, Splunk, QRadar, ArcSight,
+# Elastic, Sentinel, rsyslog, syslog-ng). It gets every event at once
+# (events = *, no cooldown, rate limit or digest; [alerts] does not apply
+# unless set here). udp:// is best effort; over tcp:// and tls:// an
+# alert leaves the spool once the collector has read it.
+#[channel:siem]
+#type = syslog
+#target = tls://siem.example.com:6514
+# cef (ArcSight), leef (QRadar, LEEF 2.0) or json (the ECS event)
+#format = cef
+# rfc5424 (with structured data) or rfc3164 (legacy BSD syslog)
+#header = rfc5424
+#facility = authpriv
+#app_name = pamsignal
+# tcp:// only: octet (RFC 6587 octet counting) or lf (newline framing)
+#framing = octet
+# tls:// only: trust a private CA; a client certificate and its key (the
+# key file mode 0600). The service cannot read /etc/pamsignal/: keep the
+# certificates where all may read them, and pass the key with
+# LoadCredential=siem-key:/etc/pamsignal/client.key in a drop-in.
+#ca_file = /etc/ssl/pamsignal/siem-ca.pem
+#cert_file = /etc/ssl/pamsignal/client.pem
+#key_file = /run/credentials/pamsignal.service/siem-key
 """
 
 

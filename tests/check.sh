@@ -36,6 +36,9 @@ PACKAGES=(
     # tests/test_audit_journal.py: fail2ban's journal backend (fail2ban
     # itself is unpacked by the test, never installed as a service)
     python3-systemd
+    # tests/test_syslog.py, bench/bench_syslog.py: a real collector (the
+    # tests start their own rsyslogd; the system's is never used)
+    rsyslog rsyslog-gnutls
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml)

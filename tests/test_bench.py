@@ -12,6 +12,7 @@ from support import REPO
 @pytest.mark.parametrize("script, program, package", [
     ("bench_pipeline.py", "journalctl", "systemd"),
     ("bench_delivery.py", "openssl", "openssl"),
+    ("bench_syslog.py", "openssl", "openssl"),
 ])
 def test_a_missing_program_is_named_with_its_package(tmp_path, script,
                                                      program, package):

@@ -139,6 +139,95 @@ def test_a_login_reaches_a_webhook_from_the_sandbox(container):
     assert owner != "0"
 
 
+SYSLOG_RECEIVER = """\
+import ssl, socket
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain("/root/syslogrx/server.pem",
+                        "/root/syslogrx/server.key")
+context.load_verify_locations("/root/syslogrx/ca.pem")
+context.verify_mode = ssl.CERT_REQUIRED  # a client certificate, or no
+listener = socket.create_server(("127.0.0.1", 6514))
+while True:
+    raw, _ = listener.accept()
+    try:
+        conn = context.wrap_socket(raw, server_side=True)
+        data = b""
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        with open("/root/syslog.bin", "ab") as out:
+            out.write(data)
+    except OSError:
+        pass
+    raw.close()
+"""
+SYSLOG_DROP_IN = "/etc/systemd/system/pamsignal.service.d/siem-key.conf"
+
+
+def test_a_login_reaches_a_tls_syslog_collector_with_a_client_key(
+        container, tmp_path):
+    """As the README says to set it up: certificates where all may read
+    them, the client key passed by LoadCredential=, a collector that
+    requires the client certificate; a real login arrives as ECS JSON."""
+    import receivers
+    import siem_formats
+    from test_syslog import make_client_cert
+    certs = receivers.make_cert(str(tmp_path), ("localhost", "127.0.0.1"))
+    cert, key = make_client_cert(certs, "pamsignal.client.test")
+    container.run(["mkdir", "-p", "/root/syslogrx", "/etc/ssl/pamsignal"])
+    for source, target in ((certs.cert_file, "/root/syslogrx/server.pem"),
+                           (certs.key_file, "/root/syslogrx/server.key"),
+                           (certs.ca_file, "/root/syslogrx/ca.pem"),
+                           (certs.ca_file, "/etc/ssl/pamsignal/ca.pem"),
+                           (cert, "/etc/ssl/pamsignal/client.pem"),
+                           (key, "/etc/pamsignal/client.key")):
+        with open(source) as handle:
+            container.write(target, handle.read())
+    container.run(["chmod", "644", "/etc/ssl/pamsignal/ca.pem",
+                   "/etc/ssl/pamsignal/client.pem"])
+    container.run(["chmod", "600", "/etc/pamsignal/client.key"])
+    container.write("/root/syslogrx/rx.py", SYSLOG_RECEIVER)
+    container.run(["systemd-run", "--quiet", "--unit=syslogrx", "python3",
+                   "/root/syslogrx/rx.py"])
+    container.run(["mkdir", "-p", os.path.dirname(SYSLOG_DROP_IN)])
+    container.write(SYSLOG_DROP_IN, "[Service]\nLoadCredential=siem-key:"
+                    "/etc/pamsignal/client.key\n")
+    container.write("/etc/pamsignal/pamsignal.conf",
+                    "[channel:siem]\ntype = syslog\n"
+                    "target = tls://127.0.0.1:6514\nformat = json\n"
+                    "ca_file = /etc/ssl/pamsignal/ca.pem\n"
+                    "cert_file = /etc/ssl/pamsignal/client.pem\n"
+                    "key_file = /run/credentials/pamsignal.service/"
+                    "siem-key\n[channel:log]\ntype = console\n")
+    container.run(["systemctl", "daemon-reload"])
+    restart = container.run(["systemctl", "restart", "pamsignal"],
+                            check=False)
+    assert restart.returncode == 0, container.unit_log()[-3000:]
+    name = "pss" + os.urandom(4).hex()
+    container.run(["useradd", "-m", "-s", "/bin/bash", name])
+    container.run(["chpasswd"], input="%s:Pw-%s\n" % (name, name))
+    assert ssh(container, name, "Pw-" + name).returncode == 0
+
+    def delivered():
+        found = container.run(["cat", "/root/syslog.bin"], check=False)
+        messages = siem_formats.octet_frames(found.stdout.encode())
+        return [json.loads(siem_formats.parse_rfc5424(message)["msg"])
+                for message in messages if name.encode() in message and
+                b"login_success" in message]
+
+    try:
+        assert wait_for(delivered, timeout=30), container.unit_log()[-3000:]
+    finally:
+        container.run(["rm", "-f", SYSLOG_DROP_IN])
+        container.run(["systemctl", "daemon-reload"])
+        container.run(["systemctl", "stop", "syslogrx"], check=False)
+    (alert,) = delivered()
+    assert (alert["event"]["action"], alert["user"]["name"]) == (
+        "login_success", name)
+
+
 def test_reload_valid_and_invalid_configurations(container):
     config = "/etc/pamsignal/pamsignal.conf"
     container.write(config, "[channel:console]\ntype = console\n"
