@@ -6127,6 +6127,15 @@ class EmailSink(RemoteSink):
                 from None
 
 
+#: The policy a log-like channel (syslog, journal) starts from: a SIEM or
+#: a log pipeline wants every event at once, so no [alerts] filtering,
+#: cooldown, rate limit or repeat digest unless the channel sets them.
+EVERY_EVENT_POLICY = dict(((key, default) for key, (_, default)
+                           in ALERT_OPTIONS.items()),
+                          events="*", cooldown="off", rate_limit="off",
+                          repeats="off")
+
+
 def _journal_identifier(value):
     """A SYSLOG_IDENTIFIER the parser does not watch, so the agent never
     reads its own entries back as logins."""
@@ -6146,6 +6155,7 @@ class JournalSink:
     OPTIONS = {"identifier": _journal_identifier}
     REQUIRED = ()
     SPOOLED = False
+    POLICY_DEFAULTS = EVERY_EVENT_POLICY
 
     def __init__(self, name, options=None, writer=None):
         self.name = name
@@ -6210,11 +6220,7 @@ class SyslogSink(RemoteSink):
                "cert_file": _absolute_path, "key_file": _absolute_path}
     REQUIRED = ("target",)
 
-    #: A SIEM wants every event, at once: no [alerts] filtering, cooldown,
-    #: rate limit or digest unless the channel sets them itself.
-    POLICY_DEFAULTS = dict(((key, default) for key, (_, default)
-                            in ALERT_OPTIONS.items()),
-                           events="*", cooldown="off", rate_limit="off")
+    POLICY_DEFAULTS = EVERY_EVENT_POLICY
 
     #: Most alerts the courier hands over at once (one connection each).
     MAX_BATCH = 500

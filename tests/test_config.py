@@ -230,3 +230,21 @@ def test_host_provider_is_auto_none_or_a_name():
     assert problems_of("[pamsignal]\nhost_provider = <b>x</b>\n") == [
         "/etc/p.conf:2: [pamsignal] host_provider: expected auto, none or a "
         "provider name (letters, digits, spaces, ._&/()-), got '<b>x</b>'"]
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("syslog", "target = tcp://127.0.0.1:514\n"), ("journal", "")])
+def test_log_like_channels_get_every_event_unless_they_say(kind, options):
+    """A SIEM or a log pipeline wants every event at once: [alerts]'
+    filters, cooldown, rate limit and repeat digests do not reach a
+    syslog or journal channel, whose own keys still apply."""
+    config = pamsignal.parse_config(
+        "[alerts]\nevents = login_success\ncooldown = 5m\nrepeats = 5 in 1m\n"
+        "rate_limit = 2 in 1m\n[channel:log]\ntype = %s\n%s"
+        "[channel:tuned]\ntype = %s\n%srepeats = 2 in 1m\n"
+        % (kind, options, kind, options))
+    log, tuned = config.channels
+    assert log.policy.events == frozenset(pamsignal.ACTIONS)
+    assert (log.policy.cooldown, log.policy.rate_limit, log.policy.repeats) \
+        == (0, pamsignal.NO_THRESHOLD, pamsignal.NO_THRESHOLD)
+    assert tuned.policy.repeats == pamsignal.Threshold(2, 60)
