@@ -5409,6 +5409,10 @@ def _number(value):
     return "%d" % value
 
 
+#: Values read back from the health file lie within this (a time of 1e15
+#: s is still a date): the file is the sandboxed service's to write.
+METRIC_VALUE_LIMIT = 1e15
+
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)",?')
 _LABEL_ESCAPES = {"\\\\": "\\", "\\n": "\n", '\\"': '"'}
@@ -5428,6 +5432,8 @@ def parse_metrics(text):
             value = float(match.group(3))
         except ValueError:
             continue
+        if not -METRIC_VALUE_LIMIT < value < METRIC_VALUE_LIMIT:
+            continue  # NaN, infinite, or no count, time or PID at all
         found.setdefault(match.group(1), []).append((labels, value))
     return found
 
@@ -6329,7 +6335,7 @@ def pid_alive(pid):
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # Overflow: no PID so high
         return False
     except PermissionError:
         return True
