@@ -3967,7 +3967,7 @@ def _retry_after_s(headers, body):
             hint = answer.get("retry_after", (answer.get(
                 "parameters") or {}).get("retry_after"))
             seconds = float(hint) if not isinstance(hint, bool) else None
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, OverflowError):
             seconds = None
     if seconds is None or seconds != seconds:  # absent, or NaN
         return None
@@ -3995,11 +3995,14 @@ def judge_response(status, headers, body):
     if status in CHANNEL_PROBLEM_STATUSES:
         moved = headers.get("Location") if headers is not None and \
             300 <= status < 400 else None
-        where = urllib.parse.urlsplit(moved).hostname if moved else None
+        try:
+            where = urllib.parse.urlsplit(moved).hostname if moved else None
+        except ValueError:  # "http://[x": no host to name
+            where = None
         return DeliveryError(
             "%s (%s; alerts wait in the spool until it is fixed)" % (
                 reason, "the service moved%s; pamsignal does not follow "
-                "redirects" % (" to " + where if where else "")
+                "redirects" % (" to " + escape_text(where) if where else "")
                 if status < 400 else "check the channel's URL and "
                 "credentials"))
     if status >= 500 or status in (408, 425):
