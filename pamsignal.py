@@ -1725,6 +1725,12 @@ def decode_line(line):
             else line).lstrip(_JSON_WHITE_SPACE)
     try:
         entry, end = _JSON_DECODER.raw_decode(text)
+        if "\\ud" in text or "\\uD" in text:
+            # An escape can make a lone surrogate, which no UTF-8 text can
+            # carry (journalctl never writes one): U+FFFD instead, as for
+            # any other bytes that are not UTF-8.
+            entry = json.loads(json.dumps(entry, ensure_ascii=False).encode(
+                "utf-8", "surrogatepass").decode("utf-8", "replace"))
     except (ValueError, RecursionError):  # RecursionError: [[[[...]]]]
         return None
     if not isinstance(entry, dict) or text[end:].strip(_JSON_WHITE_SPACE):
@@ -4436,24 +4442,60 @@ def event_to_record(event):
             if value is not None and field != "context_key"}
 
 
+#: Event fields that hold whole numbers, any finite number, or lists of
+#: text; all others hold text. What a spool file gives back must match:
+#: a wrong type would crash the courier that renders it.
+_INT_FIELDS = frozenset((
+    "timestamp_us", "severity", "source_port", "destination_port", "pid",
+    "certificate_serial", "attempts", "writer_uid", "window_s", "held_back",
+    "source_as_number"))
+_NUMBER_FIELDS = frozenset(("session_duration_s",))
+_LIST_FIELDS = frozenset(("users_tried", "sources"))
+
+#: The last microsecond of the year 9999: the latest time an alert read
+#: back from the spool may carry (it must still print as a date).
+_LATEST_TIMESTAMP_US = 253402300799999999
+
+
+def _is_text(value):
+    """Text that UTF-8 can carry (JSON's "\\ud800" is text but cannot)."""
+    if type(value) is not str:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _record_value(field, value):
+    """A spool record's value in its event field's type, or None."""
+    if field in _LIST_FIELDS:
+        return tuple(value) if type(value) is list and all(
+            _is_text(item) for item in value) else None
+    if field in _INT_FIELDS:
+        return value if type(value) is int else None
+    if field in _NUMBER_FIELDS:
+        return value if type(value) in (int, float) and \
+            value - value == 0 else None  # not NaN or infinite
+    return value if _is_text(value) else None
+
+
 def event_from_record(record):
     """The event back from event_to_record's data, or None when the data
     is not one (a damaged or foreign spool file)."""
-    if not isinstance(record, dict) or record.get("action") not in ACTIONS \
-            or type(record.get("timestamp_us")) is not int:
+    if not isinstance(record, dict) or record.get("action") not in ACTIONS:
         return None
     fields = {}
     for field, value in record.items():
         if field not in EVENT_FIELDS or field == "context_key":
             return None
-        if isinstance(value, list):
-            if not all(isinstance(item, str) for item in value):
-                return None
-            value = tuple(value)
-        elif isinstance(value, bool) or not isinstance(
-                value, (str, int, float)):
+        fields[field] = _record_value(field, value)
+        if fields[field] is None:
             return None
-        fields[field] = value
+    if not 0 <= fields.get("timestamp_us", -1) <= _LATEST_TIMESTAMP_US or \
+            not 0 <= fields.get("severity", 0) <= 10:
+        return None
     return Event(**fields)
 
 
