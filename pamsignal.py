@@ -276,6 +276,18 @@ def format_timestamp(timestamp_us):
                                        time.gmtime(seconds)), micros)
 
 
+#: The last microsecond of the year 9999: the latest time read back from
+#: a saved file (state, spool) may carry; it must still print as a date.
+_LATEST_TIMESTAMP_US = 253402300799999999
+
+
+def saved_time_us(value):
+    """A time in microseconds read back from a saved file, or None when it
+    is no whole number between 1970 and the year 9999."""
+    return value if type(value) is int and \
+        0 <= value <= _LATEST_TIMESTAMP_US else None
+
+
 #: A dotted quad as sshd prints it (no leading zeros): already normal.
 _PLAIN_IPV4 = re.compile(
     r"^(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
@@ -2765,11 +2777,12 @@ class SessionTracker:
 
     @classmethod
     def _restore(cls, saved):
-        if not isinstance(saved, dict) or type(saved.get("opened_us")) \
-                is not int:
+        if not isinstance(saved, dict) or \
+                saved_time_us(saved.get("opened_us")) is None:
             return None
-        return dict({field: saved.get(field) for field in cls.CARRIED},
-                    opened_us=saved["opened_us"])
+        # Each carried field in its event type, or left out.
+        return dict({field: _record_value(field, saved.get(field))
+                     for field in cls.CARRIED}, opened_us=saved["opened_us"])
 
 
 class SudoAttempts:
@@ -4452,11 +4465,6 @@ _INT_FIELDS = frozenset((
 _NUMBER_FIELDS = frozenset(("session_duration_s",))
 _LIST_FIELDS = frozenset(("users_tried", "sources"))
 
-#: The last microsecond of the year 9999: the latest time an alert read
-#: back from the spool may carry (it must still print as a date).
-_LATEST_TIMESTAMP_US = 253402300799999999
-
-
 def _is_text(value):
     """Text that UTF-8 can carry (JSON's "\\ud800" is text but cannot)."""
     if type(value) is not str:
@@ -4493,7 +4501,7 @@ def event_from_record(record):
         fields[field] = _record_value(field, value)
         if fields[field] is None:
             return None
-    if not 0 <= fields.get("timestamp_us", -1) <= _LATEST_TIMESTAMP_US or \
+    if saved_time_us(fields.get("timestamp_us")) is None or \
             not 0 <= fields.get("severity", 0) <= 10:
         return None
     return Event(**fields)
@@ -5678,10 +5686,9 @@ class Agent:
         if cursor is not None and not valid_cursor(cursor):
             say("warning", "ignoring a malformed saved cursor")
             cursor = None
-        realtime_us, since_us = state.get("realtime_us"), state.get("since_us")
-        self.source.advance(cursor, realtime_us
-                            if type(realtime_us) is int else None)
-        if type(since_us) is int:
+        since_us = saved_time_us(state.get("since_us"))
+        self.source.advance(cursor, saved_time_us(state.get("realtime_us")))
+        if since_us is not None:
             self.source.since_us = since_us
         self.pipeline.sessions.load_state(state.get("sessions"))
         self.pipeline.sudo_attempts.load_state(state.get("sudo_attempts"))
