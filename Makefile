@@ -10,10 +10,10 @@ DOCDIR = $(DESTDIR)$(PREFIX)/share/doc/pamsignal
 CONFDIR = $(DESTDIR)$(SYSCONFDIR)/pamsignal
 UNITDIR ?= /lib/systemd/system
 
-.PHONY: all check test test-pythons lint bench install uninstall
+.PHONY: all check test test-pythons lint bench fuzz install uninstall
 
 all:
-	@echo "targets: check, test, test-pythons, lint, bench, install, uninstall (DESTDIR, PREFIX)"
+	@echo "targets: check, test, test-pythons, lint, bench, fuzz, install, uninstall (DESTDIR, PREFIX)"
 
 # Everything: install what the tests need, start journald, build or reuse
 # the cached Debian trees, lint, run the whole suite (root; what CI runs).
@@ -39,6 +39,21 @@ bench:
 	$(PYTHON) bench/bench_detection.py
 	$(PYTHON) bench/bench_mmdb.py
 	$(PYTHON) bench/bench_delivery.py
+
+# Each atheris target in tests/fuzz/ for FUZZ_SECONDS (default 300),
+# learning into /var/cache/pamsignal-tests/fuzz-corpus/TARGET; crashes are
+# written to FUZZ_CRASHES. FUZZ_TARGETS picks some (e.g. "journal mmdb").
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?= config http journal metrics mmdb spool state
+FUZZ_CRASHES ?= /var/cache/pamsignal-tests/fuzz-crashes
+fuzz:
+	mkdir -p $(FUZZ_CRASHES)
+	set -e; for target in $(FUZZ_TARGETS); do \
+		echo "==> fuzz_$$target.py for $(FUZZ_SECONDS) s"; \
+		nice -n 19 $(PYTHON) tests/fuzz/fuzz_$$target.py \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+			-artifact_prefix=$(FUZZ_CRASHES)/$$target- ; \
+	done
 
 install:
 	install -d -m 0755 $(BINDIR) $(MANDIR)/man8 $(MANDIR)/man5 $(DOCDIR)

@@ -25,7 +25,7 @@ PACKAGES=(
     mandoc
 )
 # Python packages, CI-only: never imported by pamsignal.py.
-PIP_PACKAGES=(pytest vermin ruff maxminddb)
+PIP_PACKAGES=(pytest vermin ruff maxminddb atheris hypothesis)
 
 step() { printf '\n==> %s\n' "$*"; }
 
