@@ -46,10 +46,13 @@ bench:
 FUZZ_SECONDS ?= 300
 FUZZ_TARGETS ?= config http journal metrics mmdb spool state
 FUZZ_CRASHES ?= /var/cache/pamsignal-tests/fuzz-crashes
+# MaxMind's test databases (tests/check.sh unpacks them): more MMDB seeds.
+MMDB_TEST_DATA = /var/cache/pamsignal-tests/maxminddb-sdist/tests/data
 fuzz:
 	mkdir -p $(FUZZ_CRASHES)
 	set -e; for target in $(FUZZ_TARGETS); do \
 		echo "==> fuzz_$$target.py for $(FUZZ_SECONDS) s"; \
+		PAMSIGNAL_MMDB_TEST_DATA=$${PAMSIGNAL_MMDB_TEST_DATA:-$(MMDB_TEST_DATA)} \
 		nice -n 19 $(PYTHON) tests/fuzz/fuzz_$$target.py \
 			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
 			-artifact_prefix=$(FUZZ_CRASHES)/$$target- ; \

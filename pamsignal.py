@@ -4492,7 +4492,8 @@ def _record_value(field, value):
 def event_from_record(record):
     """The event back from event_to_record's data, or None when the data
     is not one (a damaged or foreign spool file)."""
-    if not isinstance(record, dict) or record.get("action") not in ACTIONS:
+    if not isinstance(record, dict) or type(record.get("action")) is not \
+            str or record["action"] not in ACTIONS:  # a list is unhashable
         return None
     fields = {}
     for field, value in record.items():
@@ -5474,7 +5475,9 @@ _LABEL_ESCAPES = {"\\\\": "\\", "\\n": "\n", '\\"': '"'}
 def parse_metrics(text):
     """Prometheus text -> {name: [(labels, value)]}; other lines skipped."""
     found = collections.OrderedDict()
-    for line in text.splitlines():
+    # Lines end in \n only: a label may hold \x85 or \u2028, which
+    # splitlines() would take for line ends too.
+    for line in text.split("\n"):
         match = _SAMPLE.match(line)
         if not match or line.startswith("#"):
             continue

@@ -64,7 +64,7 @@ def check(data):
 def response(status_line, headers=(), body=b""):
     head = [status_line] + ["%s: %s" % header for header in headers] + [
         "Content-Length: %d" % len(body)]
-    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+    return ("\r\n".join(head) + "\r\n\r\n").encode("utf-8") + body
 
 
 def seeds():
