@@ -3,8 +3,9 @@ agent then builds from it.
 
 An input is the file (UTF-8; load_config refuses anything else). It must
 give a Config or ConfigError, whose problems point at lines of the file.
-A Config must work: every channel builds its sink, renders a sample alert
-with its template, and its policy and throttle judge a sample event.
+A rejected secret is not repeated in the problem. A Config must work:
+every channel builds its sink, renders a sample alert with its template,
+and its policy and throttle judge a sample event.
 """
 
 import os
@@ -19,6 +20,23 @@ SAMPLE = pamsignal.sample_alert(1795780000.0)._replace(
     hostname="web1", source_ip="2001:db8::5")
 
 
+def secret_values(text):
+    """{(section, key): value} of the secrets written in the file."""
+    try:
+        parser = pamsignal._read_ini(text, "<fuzz>")
+    except pamsignal.ConfigError:
+        return {}
+    found = {}
+    for section in parser.sections():
+        sink = pamsignal.CHANNEL_TYPES.get(
+            parser[section].get("type", "").strip())
+        for key, value in parser[section].items():
+            if sink is not None and sink.OPTIONS.get(key) in (
+                    pamsignal._secret, pamsignal._secret_url):
+                found[(section, key)] = value.strip()
+    return found
+
+
 def check(data):
     text = data.decode("utf-8", "replace")
     try:
@@ -29,6 +47,12 @@ def check(data):
         for problem in error.problems:
             assert type(problem) is pamsignal.ConfigProblem
             assert problem.line is None or 1 <= problem.line <= lines, \
+                problem
+        # A rejected secret is never repeated (check-config output, logs).
+        secrets = secret_values(text)
+        for problem in error.problems:
+            secret = secrets.get((problem.section, problem.key), "")
+            assert len(secret) < 8 or secret not in problem.message, \
                 problem
         str(error)
         return
