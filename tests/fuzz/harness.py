@@ -115,13 +115,11 @@ def bounded(hang_s=HANG_S, peak_limit=PEAK_LIMIT):
             tracemalloc.stop()
 
 
-#: What each field of an event holds (the event contract); others: text.
-INT_FIELDS = frozenset((
-    "timestamp_us", "severity", "source_port", "destination_port", "pid",
-    "attempts", "writer_uid", "window_s", "held_back", "source_as_number",
-    "certificate_serial"))
-NUMBER_FIELDS = frozenset(("session_duration_s",))
-LIST_FIELDS = frozenset(("users_tried", "sources"))
+#: What each field of an event holds (the event contract), as the spool
+#: checks it when it reads an alert back; the other fields hold text.
+INT_FIELDS = pamsignal._INT_FIELDS
+NUMBER_FIELDS = pamsignal._NUMBER_FIELDS
+LIST_FIELDS = pamsignal._LIST_FIELDS
 
 
 def is_normal_address(text):
