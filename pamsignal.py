@@ -4456,14 +4456,15 @@ def event_to_record(event):
 
 
 #: Event fields that hold whole numbers, any finite number, or lists of
-#: text; all others hold text. What a spool file gives back must match:
-#: a wrong type would crash the courier that renders it.
+#: text; all others hold text. What a saved file gives back must match:
+#: a wrong type would crash whatever renders the event.
 _INT_FIELDS = frozenset((
     "timestamp_us", "severity", "source_port", "destination_port", "pid",
     "certificate_serial", "attempts", "writer_uid", "window_s", "held_back",
     "source_as_number"))
 _NUMBER_FIELDS = frozenset(("session_duration_s",))
 _LIST_FIELDS = frozenset(("users_tried", "sources"))
+
 
 def _is_text(value):
     """Text that UTF-8 can carry (JSON's "\\ud800" is text but cannot)."""
@@ -4477,7 +4478,8 @@ def _is_text(value):
 
 
 def _record_value(field, value):
-    """A spool record's value in its event field's type, or None."""
+    """A value read back from a saved file (an alert in the spool, an open
+    session in the state) in its event field's type, or None."""
     if field in _LIST_FIELDS:
         return tuple(value) if type(value) is list and all(
             _is_text(item) for item in value) else None
