@@ -47,13 +47,13 @@ CORPUS_ROOT = os.environ.get("PAMSIGNAL_FUZZ_CORPUS",
 #: Regression inputs, one folder per target, replayed by tests/test_fuzz.py.
 REGRESSIONS = os.path.join(HERE, "regressions")
 
-#: A fuzzing process may map no more than this. Python with atheris maps
-#: about 0.3 GiB before the first input.
-ADDRESS_SPACE_LIMIT = 3 << 30
+#: A fuzzing process may map no more than this. Python with atheris and
+#: pamsignal maps about 90 MiB before the first input.
+ADDRESS_SPACE_LIMIT = 1 << 30
 
 #: libFuzzer's own limits: resident memory, and seconds for one input
 #: (inputs take milliseconds; far longer is a hang).
-RSS_LIMIT_MB = 2048
+RSS_LIMIT_MB = 1024
 INPUT_TIMEOUT_S = 10
 
 #: `bounded()`: the most memory one input may allocate (Python's own
