@@ -7,6 +7,7 @@ as unreadable) and be delivered by a courier; dropped counts must give an
 `alerts_dropped` alert that renders everywhere too.
 """
 
+import atexit
 import io
 import json
 import os
@@ -24,6 +25,7 @@ NOW_S = 1795780000.0
 ALERT_NAME = "0123456789abcdef0123456789abcdef"
 SPOOL_DIR = os.path.join(tempfile.gettempdir(),
                          "pamsignal-fuzz-spool-%d" % os.getpid())
+atexit.register(shutil.rmtree, SPOOL_DIR, ignore_errors=True)
 
 
 def fresh_spool():

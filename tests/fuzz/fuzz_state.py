@@ -8,6 +8,7 @@ on: the events of a short attack and session, run through the restored
 stages, must render everywhere, and the state saved after must be JSON.
 """
 
+import atexit
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ pamsignal = harness.pamsignal
 
 STATE_DIR = os.path.join(tempfile.gettempdir(),
                          "pamsignal-fuzz-state-%d" % os.getpid())
+atexit.register(shutil.rmtree, STATE_DIR, ignore_errors=True)
 CONFIG = pamsignal.parse_config(
     "[pamsignal]\nstate_dir = %s\nhost_provider = none\n[detection]\n"
     "brute_force_fast = 2 in 10m\nsuccess_after_failures = 1 in 1h\n"
