@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -167,6 +168,40 @@ def test_a_damaged_database_reads_or_says_so(database, data):
         at = data.draw(st.integers(0, len(damaged) - 1))
         damaged[at] = data.draw(st.integers(0, 255))
     holds(fuzz_mmdb.check, bytes(damaged))
+
+
+def answers(reader):
+    found = []
+    for address in fuzz_mmdb.ADDRESSES:
+        try:
+            found.append(reader.lookup_prefix(address))
+        except (pamsignal.DatabaseError, ValueError) as error:
+            found.append(type(error).__name__)
+    return found
+
+
+@PROPERTIES
+@given(st.sampled_from(fuzz_mmdb.seeds()[:12]), st.integers(0, 10 ** 6),
+       st.integers(0, 255))
+def test_a_mapped_file_answers_as_its_bytes(database, at, value):
+    """`MMDBReader.open` maps the file (what the agent does); it must read
+    a damaged file exactly as the bytes in memory are read."""
+    damaged = bytearray(database)
+    damaged[at % len(damaged)] = value
+    with tempfile.NamedTemporaryFile(suffix=".mmdb") as handle:
+        handle.write(damaged)
+        handle.flush()
+        try:
+            in_memory = answers(pamsignal.MMDBReader(bytes(damaged)))
+        except pamsignal.DatabaseError:
+            with pytest.raises(pamsignal.DatabaseError):
+                pamsignal.MMDBReader.open(handle.name)
+            return
+        mapped = pamsignal.MMDBReader.open(handle.name)
+        try:
+            assert answers(mapped) == in_memory
+        finally:
+            mapped.close()
 
 
 # ------------------------------------------------------------ configuration
