@@ -12,11 +12,11 @@ UNITDIR ?= /lib/systemd/system
 # Where make rpm, deb and dist put what they build.
 DISTDIR ?= dist
 
-.PHONY: all check test test-pythons lint bench install uninstall
+.PHONY: all check test test-pythons lint bench fuzz install uninstall
 .PHONY: deb rpm repo repo-apt repo-rpm dist dist-files dist-clean
 
 all:
-	@echo "targets: check, test, test-pythons, lint, bench, install, uninstall (DESTDIR, PREFIX), deb, rpm, repo, repo-apt, repo-rpm, dist (GPG_KEY, GNUPGHOME)"
+	@echo "targets: check, test, test-pythons, lint, bench, fuzz, install, uninstall (DESTDIR, PREFIX), deb, rpm, repo, repo-apt, repo-rpm, dist (GPG_KEY, GNUPGHOME)"
 
 # Everything: install what the tests need, start journald, build or reuse
 # the cached Debian trees, lint, run the whole suite (root; what CI runs).
@@ -44,6 +44,24 @@ bench:
 	$(PYTHON) bench/bench_delivery.py
 	$(PYTHON) bench/bench_audit.py
 	$(PYTHON) bench/bench_syslog.py
+
+# Each atheris target in tests/fuzz/ for FUZZ_SECONDS (default 300),
+# learning into /var/cache/pamsignal-tests/fuzz-corpus/TARGET; crashes are
+# written to FUZZ_CRASHES. FUZZ_TARGETS picks some (e.g. "journal mmdb").
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?= config http journal metrics mmdb spool state
+FUZZ_CRASHES ?= /var/cache/pamsignal-tests/fuzz-crashes
+# MaxMind's test databases (tests/check.sh unpacks them): more MMDB seeds.
+MMDB_TEST_DATA = /var/cache/pamsignal-tests/maxminddb-sdist/tests/data
+fuzz:
+	mkdir -p $(FUZZ_CRASHES)
+	set -e; for target in $(FUZZ_TARGETS); do \
+		echo "==> fuzz_$$target.py for $(FUZZ_SECONDS) s"; \
+		PAMSIGNAL_MMDB_TEST_DATA=$${PAMSIGNAL_MMDB_TEST_DATA:-$(MMDB_TEST_DATA)} \
+		nice -n 19 $(PYTHON) tests/fuzz/fuzz_$$target.py \
+			-max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+			-artifact_prefix=$(FUZZ_CRASHES)/$$target- ; \
+	done
 
 install:
 	install -d -m 0755 $(BINDIR) $(MANDIR)/man8 $(MANDIR)/man5 $(DOCDIR)

@@ -325,6 +325,18 @@ def format_timestamp(timestamp_us):
                                        time.gmtime(seconds)), micros)
 
 
+#: The last microsecond of the year 9999: the latest time read back from
+#: a saved file (state, spool) may carry; it must still print as a date.
+_LATEST_TIMESTAMP_US = 253402300799999999
+
+
+def saved_time_us(value):
+    """A time in microseconds read back from a saved file, or None when it
+    is no whole number between 1970 and the year 9999."""
+    return value if type(value) is int and \
+        0 <= value <= _LATEST_TIMESTAMP_US else None
+
+
 #: A dotted quad as sshd prints it (no leading zeros): already normal.
 _PLAIN_IPV4 = re.compile(
     r"^(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
@@ -2180,6 +2192,12 @@ def decode_line(line):
             else line).lstrip(_JSON_WHITE_SPACE)
     try:
         entry, end = _JSON_DECODER.raw_decode(text)
+        if "\\ud" in text or "\\uD" in text:
+            # An escape can make a lone surrogate, which no UTF-8 text can
+            # carry (journalctl never writes one): U+FFFD instead, as for
+            # any other bytes that are not UTF-8.
+            entry = json.loads(json.dumps(entry, ensure_ascii=False).encode(
+                "utf-8", "surrogatepass").decode("utf-8", "replace"))
     except (ValueError, RecursionError):  # RecursionError: [[[[...]]]]
         return None
     if not isinstance(entry, dict) or text[end:].strip(_JSON_WHITE_SPACE):
@@ -3219,11 +3237,12 @@ class SessionTracker:
 
     @classmethod
     def _restore(cls, saved):
-        if not isinstance(saved, dict) or type(saved.get("opened_us")) \
-                is not int:
+        if not isinstance(saved, dict) or \
+                saved_time_us(saved.get("opened_us")) is None:
             return None
-        return dict({field: saved.get(field) for field in cls.CARRIED},
-                    opened_us=saved["opened_us"])
+        # Each carried field in its event type, or left out.
+        return dict({field: _record_value(field, saved.get(field))
+                     for field in cls.CARRIED}, opened_us=saved["opened_us"])
 
 
 class SudoAttempts:
@@ -5548,7 +5567,7 @@ def _retry_after_s(headers, body):
             hint = answer.get("retry_after", (answer.get(
                 "parameters") or {}).get("retry_after"))
             seconds = float(hint) if not isinstance(hint, bool) else None
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, OverflowError):
             seconds = None
     if seconds is None or seconds != seconds:  # absent, or NaN
         return None
@@ -5576,11 +5595,14 @@ def judge_response(status, headers, body):
     if status in CHANNEL_PROBLEM_STATUSES:
         moved = headers.get("Location") if headers is not None and \
             300 <= status < 400 else None
-        where = urllib.parse.urlsplit(moved).hostname if moved else None
+        try:
+            where = urllib.parse.urlsplit(moved).hostname if moved else None
+        except ValueError:  # "http://[x": no host to name
+            where = None
         return DeliveryError(
             "%s (%s; alerts wait in the spool until it is fixed)" % (
                 reason, "the service moved%s; pamsignal does not follow "
-                "redirects" % (" to " + where if where else "")
+                "redirects" % (" to " + escape_text(where) if where else "")
                 if status < 400 else "check the channel's URL and "
                 "credentials"))
     if status >= 500 or status in (408, 425):
@@ -6485,24 +6507,58 @@ def event_to_record(event):
             if value is not None and field != "context_key"}
 
 
+#: Event fields that hold whole numbers, any finite number, or lists of
+#: text; all others hold text. What a saved file gives back must match:
+#: a wrong type would crash whatever renders the event.
+_INT_FIELDS = frozenset((
+    "timestamp_us", "severity", "source_port", "destination_port", "pid",
+    "certificate_serial", "attempts", "writer_uid", "window_s", "held_back",
+    "source_as_number"))
+_NUMBER_FIELDS = frozenset(("session_duration_s",))
+_LIST_FIELDS = frozenset(("users_tried", "sources"))
+
+
+def _is_text(value):
+    """Text that UTF-8 can carry (JSON's "\\ud800" is text but cannot)."""
+    if type(value) is not str:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _record_value(field, value):
+    """A value read back from a saved file (an alert in the spool, an open
+    session in the state) in its event field's type, or None."""
+    if field in _LIST_FIELDS:
+        return tuple(value) if type(value) is list and all(
+            _is_text(item) for item in value) else None
+    if field in _INT_FIELDS:
+        return value if type(value) is int else None
+    if field in _NUMBER_FIELDS:
+        return value if type(value) in (int, float) and \
+            value - value == 0 else None  # not NaN or infinite
+    return value if _is_text(value) else None
+
+
 def event_from_record(record):
     """The event back from event_to_record's data, or None when the data
     is not one (a damaged or foreign spool file)."""
-    if not isinstance(record, dict) or record.get("action") not in ACTIONS \
-            or type(record.get("timestamp_us")) is not int:
+    if not isinstance(record, dict) or type(record.get("action")) is not \
+            str or record["action"] not in ACTIONS:  # a list is unhashable
         return None
     fields = {}
     for field, value in record.items():
         if field not in EVENT_FIELDS or field == "context_key":
             return None
-        if isinstance(value, list):
-            if not all(isinstance(item, str) for item in value):
-                return None
-            value = tuple(value)
-        elif isinstance(value, bool) or not isinstance(
-                value, (str, int, float)):
+        fields[field] = _record_value(field, value)
+        if fields[field] is None:
             return None
-        fields[field] = value
+    if saved_time_us(fields.get("timestamp_us")) is None or \
+            not 0 <= fields.get("severity", 0) <= 10:
+        return None
     return Event(**fields)
 
 
@@ -8112,6 +8168,10 @@ def _number(value):
     return "%d" % value
 
 
+#: Values read back from the health file lie within this (a time of 1e15
+#: s is still a date): the file is the sandboxed service's to write.
+METRIC_VALUE_LIMIT = 1e15
+
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)",?')
 _LABEL_ESCAPES = {"\\\\": "\\", "\\n": "\n", '\\"': '"'}
@@ -8120,7 +8180,9 @@ _LABEL_ESCAPES = {"\\\\": "\\", "\\n": "\n", '\\"': '"'}
 def parse_metrics(text):
     """Prometheus text -> {name: [(labels, value)]}; other lines skipped."""
     found = collections.OrderedDict()
-    for line in text.splitlines():
+    # Lines end in \n only: a label may hold \x85 or \u2028, which
+    # splitlines() would take for line ends too.
+    for line in text.split("\n"):
         match = _SAMPLE.match(line)
         if not match or line.startswith("#"):
             continue
@@ -8131,6 +8193,8 @@ def parse_metrics(text):
             value = float(match.group(3))
         except ValueError:
             continue
+        if not -METRIC_VALUE_LIMIT < value < METRIC_VALUE_LIMIT:
+            continue  # NaN, infinite, or no count, time or PID at all
         found.setdefault(match.group(1), []).append((labels, value))
     return found
 
@@ -8424,10 +8488,9 @@ class Agent:
         if cursor is not None and not valid_cursor(cursor):
             say("warning", "ignoring a malformed saved cursor")
             cursor = None
-        realtime_us, since_us = state.get("realtime_us"), state.get("since_us")
-        self.source.advance(cursor, realtime_us
-                            if type(realtime_us) is int else None)
-        if type(since_us) is int:
+        since_us = saved_time_us(state.get("since_us"))
+        self.source.advance(cursor, saved_time_us(state.get("realtime_us")))
+        if since_us is not None:
             self.source.since_us = since_us
         self.pipeline.sessions.load_state(state.get("sessions"))
         self.pipeline.sudo_attempts.load_state(state.get("sudo_attempts"))
@@ -9241,7 +9304,7 @@ def pid_alive(pid):
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # Overflow: no PID so high
         return False
     except PermissionError:
         return True

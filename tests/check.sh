@@ -41,7 +41,7 @@ PACKAGES=(
     rsyslog rsyslog-gnutls
 )
 # Python packages, CI-only: never imported by pamsignal.py.
-PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml)
+PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml atheris hypothesis)
 
 step() { printf '\n==> %s\n' "$*"; }
 
