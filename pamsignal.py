@@ -6513,7 +6513,7 @@ def event_to_record(event):
 _INT_FIELDS = frozenset((
     "timestamp_us", "severity", "source_port", "destination_port", "pid",
     "certificate_serial", "attempts", "writer_uid", "window_s", "held_back",
-    "source_as_number"))
+    "repeat", "dropped", "source_as_number"))
 _NUMBER_FIELDS = frozenset(("session_duration_s",))
 _LIST_FIELDS = frozenset(("users_tried", "sources"))
 

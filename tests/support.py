@@ -2,6 +2,7 @@
 journalctl for faults a real journal cannot be made to show."""
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -152,11 +153,25 @@ def json_line(entry):
     return json.dumps(entry) + "\n"
 
 
+def with_test_log_dir(text):
+    """The configuration text with `log_dir = STATE_DIR-audit` after its
+    state_dir line, when it has one and names no log_dir."""
+    if re.search(r"(?m)^log_dir\s*=", text):
+        return text
+    return re.sub(r"(?m)^(state_dir\s*=\s*(/\S*)\s*\n)",
+                  lambda m: "%slog_dir = %s-audit\n" % (m.group(1),
+                                                       m.group(2)),
+                  text, count=1)
+
+
 def write_config(path, text):
     """The file as an admin keeps it: readable by its owner only (one
-    that holds a channel's secrets must be)."""
+    that holds a channel's secrets must be).  An agent run on it keeps its
+    audit log beside its state_dir, never in the machine's
+    /var/log/pamsignal: a log_dir line follows the state_dir line unless
+    the text names one."""
     with open(str(path), "w") as handle:
-        handle.write(text)
+        handle.write(with_test_log_dir(text))
     os.chmod(str(path), 0o600)
     return str(path)
 

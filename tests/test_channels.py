@@ -369,6 +369,21 @@ def test_events_survive_the_spool_exactly():
         assert pamsignal.event_from_record(damaged) is None
 
 
+@pytest.mark.parametrize("fields", [
+    {"repeat": 2},  # the third of identical accesses
+    {"action": "journal_suppressed", "unit": "ssh.service", "dropped": 6371},
+    {"action": "unaccounted_session", "login_record": "/var/log/wtmp",
+     "tty": "pts/3"},
+    {"journal_time": "9999999999999999999"},
+])
+def test_every_kind_of_event_survives_the_spool(fields):
+    """Fields added with later detections come back from the spool in
+    their own type: an alert that cannot be read back is dropped."""
+    original = event(**fields)
+    record = json.loads(json.dumps(pamsignal.event_to_record(original)))
+    assert pamsignal.event_from_record(record) == original
+
+
 def spool(tmp_path, clock, max_alerts=100, max_age_s=3600):
     opened = pamsignal.Spool(str(tmp_path / "spool"), max_alerts, max_age_s,
                              clock=lambda: clock[0])

@@ -70,7 +70,8 @@ def test_every_alert_arrives_once_across_an_outage_and_a_restart(
     # A third login after recovery is the barrier: it comes after the
     # first two, and nothing before it came twice.
     assert realsys.ssh_password(user, pw).returncode == 0
-    assert wait_for(lambda: len(logins_of(webhook, user)) == 3, timeout=30)
+    assert wait_for(lambda: len(logins_of(webhook, user)) == 3,
+                    timeout=30), delivering_agent.stderr_text()
     delivered = logins_of(webhook, user)
     ports = [alert["source"]["port"] for alert in delivered]
     assert len(set(ports)) == 3, delivered

@@ -323,7 +323,10 @@ def test_invalid_reload_keeps_the_old_configuration_and_says_why(
     assert ready_after(notify_socket, seen + 1)
     status = [m["STATUS"] for m in notify_socket.fields()[seen:]
               if "STATUS" in m][-1]
-    where = "%s:5: [detection] brute_force_fast" % service.config
+    with open(service.config) as handle:
+        line = handle.read().splitlines().index("brute_force_fast = lots")
+    where = "%s:%d: [detection] brute_force_fast" % (service.config,
+                                                     line + 1)
     assert "configuration reload failed" in status and where in status
     # Still on the old configuration: the channel takes every event.
     service.handled(service.append(FAILED % 31))
