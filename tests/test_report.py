@@ -115,9 +115,6 @@ def test_every_session_field_by_field(export):
     assert sessions == [
         {"user": "carol", "service": "sshd", "hostname": "web1",
          "started_before_range": True, "end": at(5), "state": "closed"},
-        {"user": "alice", "target_user": "root", "service": "su",
-         "hostname": "web1", "start": at(400), "end": at(460),
-         "duration_s": 60.0, "state": "closed"},
         {"user": "alice", "service": "sshd", "hostname": "web1",
          "source": "203.0.113.5", "source_port": 4000,
          "method": "publickey", "key": "ED25519 SHA256:abcdef",
@@ -126,6 +123,9 @@ def test_every_session_field_by_field(export):
         {"user": "bob", "service": "sshd", "hostname": "web1",
          "source": "198.51.100.9", "source_port": 5100, "method": "password",
          "start": at(201), "state": "ended_by_reboot"},
+        {"user": "alice", "target_user": "root", "service": "su",
+         "hostname": "web1", "start": at(400), "end": at(460),
+         "duration_s": 60.0, "state": "closed"},
         {"user": "dave", "service": "sshd", "hostname": "web1",
          "source": "203.0.113.80", "source_port": 7000, "method": "password",
          "start": at(7201), "state": "open"}]
