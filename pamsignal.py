@@ -8065,8 +8065,10 @@ def command_report(args, stdout):
     args.until_us = None if args.until is None \
         else parse_when(args.until, now_s)
     config = load_config(args.config)
-    builder = ReportBuilder(user=args.user, source=args.source and
-                            (normalise_address(args.source) or args.source))
+    source = None if args.source is None else \
+        next((part for part in normalise_address(args.source) if part),
+             args.source)
+    builder = ReportBuilder(user=args.user, source=source)
     pipeline = Pipeline([Channel(ReportSink(builder), PassGate())],
                         config.detection, skip_unwatched=True,
                         enricher=Enricher.from_config(config, False))

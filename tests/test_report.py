@@ -1,11 +1,13 @@
 """`pamsignal report`: sessions, failures, detections and sudo/su over a
 range, from an export or the real journal, as text and as JSON; the same
 Pipeline as `run`, so a report agrees with what `scan` prints."""
+import calendar
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -129,3 +131,135 @@ def test_every_session_field_by_field(export):
         {"user": "dave", "service": "sshd", "hostname": "web1",
          "source": "203.0.113.80", "source_port": 7000, "method": "password",
          "start": at(7201), "state": "open"}]
+
+
+def test_failures_detections_and_privilege_use(export):
+    document = report_json(export)
+    failures = document["failures"]
+    assert failures["total"] == 7
+    assert failures["by_source"] == [
+        {"source": "198.51.100.9", "count": 6, "first": at(100),
+         "last": at(105), "reasons": {"bad_password": 6}, "users": ["bob"],
+         "users_more": 0},
+        {"source": "192.0.2.7", "count": 1, "first": at(110),
+         "last": at(110), "reasons": {"invalid_user": 1},
+         "users": ["admin"], "users_more": 0}]
+    assert failures["by_account"][0] == {
+        "user": "bob", "count": 6, "first": at(100), "last": at(105),
+        "reasons": {"bad_password": 6}, "sources": ["198.51.100.9"],
+        "sources_more": 0}
+    assert failures["per_hour"] == [
+        {"hour": pamsignal.format_timestamp((T0 + 100) // 3600 * 3600
+                                            * 1000000), "count": 7}]
+    actions = [(d["event"]["action"], d["@timestamp"])
+               for d in document["detections"]]
+    assert actions == [("brute_force_detected", at(104)),
+                       ("success_after_failures", at(200)),
+                       ("spoofed_entry", at(500))]
+    assert document["detections"][2]["pamsignal"]["writer_uid"] == 65534
+    assert document["privileged"] == [
+        {"user": "alice", "sudo": 1, "su": 1, "targets": ["root"],
+         "first": at(300), "last": at(400),
+         "commands": [{"command": "/usr/bin/systemctl restart nginx",
+                       "count": 1}], "commands_more": 0}]
+    assert document["report"]["entries"] == len(story())
+    assert (document["sessions_more"], document["detections_more"],
+            document["privileged_more"]) == (0, 0, 0)
+
+
+def test_report_agrees_with_scan_on_the_same_export(export):
+    """scan prints the events the Pipeline gives; the report is built from
+    the same events, so every count and pairing matches."""
+    scanned = run_cli("scan", "--json", export)
+    assert scanned.returncode == 0, scanned.stderr
+    events = [json.loads(line) for line in scanned.stdout.splitlines()]
+    document = report_json(export)
+    by_action = {}
+    for event in events:
+        by_action.setdefault(event["event"]["action"], []).append(event)
+    assert document["failures"]["total"] == len(by_action["login_failure"])
+    assert sorted(d["@timestamp"] for d in document["detections"]) == sorted(
+        e["@timestamp"] for e in events
+        if e["event"]["action"] in pamsignal.REPORT_DETECTIONS)
+    closed = sorted((e["user"]["name"], e["pamsignal"]["session_duration_s"])
+                    for e in by_action["session_closed"]
+                    if e["service"]["name"] == "sshd"
+                    and "session_duration_s" in e.get("pamsignal", {}))
+    assert closed == sorted((s["user"], s["duration_s"])
+                            for s in document["sessions"]
+                            if s["service"] == "sshd" and "duration_s" in s)
+    assert document["privileged"][0]["sudo"] == len(by_action["sudo_command"])
+
+
+def test_standard_input_gives_the_same_report(export, workdir):
+    with open(export) as handle:
+        result = run_cli("report", "--json", "-", stdin=handle.read(),
+                         config=str(workdir / "pamsignal.conf"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == report_json(export)
+
+
+# ------------------------------------------------------------ the range
+
+def test_since_makes_an_earlier_open_a_session_before_the_range(export):
+    document = report_json("--since", "@%d" % (T0 + 50), export)
+    alice = [s for s in document["sessions"] if s["user"] == "alice"
+             and s["service"] == "sshd"]
+    # The open (and the login with its key) lie before --since.
+    assert alice == [{"user": "alice", "service": "sshd", "hostname": "web1",
+                      "started_before_range": True, "end": at(3611),
+                      "state": "closed"}]
+    assert document["report"]["since"] == at(50)
+    assert "carol" not in [s["user"] for s in document["sessions"]]
+
+
+def test_until_leaves_sessions_open_and_later_events_out(export):
+    document = report_json("--until", "@%d" % (T0 + 250), export)
+    states = {s["user"]: s["state"] for s in document["sessions"]}
+    assert states == {"carol": "closed", "alice": "open", "bob": "open"}
+    assert document["privileged"] == []
+    assert [d["event"]["action"] for d in document["detections"]] == [
+        "brute_force_detected", "success_after_failures"]
+
+
+def test_user_keeps_only_what_concerns_that_account(export):
+    document = report_json("--user", "bob", export)
+    assert [s["user"] for s in document["sessions"]] == ["bob"]
+    assert document["failures"]["total"] == 6
+    assert [row["source"] for row in document["failures"]["by_source"]] \
+        == ["198.51.100.9"]
+    assert [d["event"]["action"] for d in document["detections"]] == [
+        "brute_force_detected", "success_after_failures"]
+    assert document["privileged"] == []
+    assert document["report"]["user"] == "bob"
+
+
+def test_source_keeps_only_what_came_from_that_address(export):
+    document = report_json("--source", "203.0.113.5", export)
+    assert [(s["user"], s["source"]) for s in document["sessions"]] == [
+        ("alice", "203.0.113.5")]
+    assert document["failures"]["total"] == 0
+    assert document["detections"] == [] and document["privileged"] == []
+
+
+def test_a_time_it_cannot_read_is_a_usage_error(export):
+    result = run_cli("report", "--since", "last tuesday", export)
+    assert result.returncode == 2
+    assert "cannot read the time 'last tuesday'" in result.stderr
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("now", T0), ("@1795700000", 1795700000), ("-2h", T0 - 7200),
+    ("90m ago", T0 - 5400), ("today", 1795737600),
+    ("yesterday", 1795651200), ("2026-11-27", 1795737600),
+    ("2026-11-27 10:30", 1795737600 + 37800),
+    ("2026-11-27T10:30:05", 1795737600 + 37805)])
+def test_when_reads_like_journalctl(text, expected):
+    assert pamsignal.parse_when(text, T0, time.gmtime, calendar.timegm) \
+        == expected * 1000000
+
+
+@pytest.mark.parametrize("text", ["2026-13-01", "-2w", "2h", "soon", ""])
+def test_when_refuses_what_it_cannot_read(text):
+    with pytest.raises(pamsignal.UsageError):
+        pamsignal.parse_when(text, T0, time.gmtime, calendar.timegm)
