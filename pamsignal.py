@@ -7382,7 +7382,7 @@ def _session_record(event, login):
     the open lies before the range) and the login that started it."""
     origin = login or event
     record = {"user": event.user, "target_user": event.target_user,
-              "service": event.service, "tty": event.tty,
+              "service": event.service, "tty": event.tty or origin.tty,
               "source": _source_text(origin),
               "source_port": origin.source_port,
               "as_number": origin.source_as_number,
@@ -7476,6 +7476,8 @@ class ReportBuilder:
         self.last_us = event.timestamp_us
         if event.action == "login_success" and event.context_key:
             self.logins.put(event.context_key.rsplit("/", 1)[0], event)
+        elif event.action == "session_opened" and event.user is None:
+            event = self._acting_user(event)
         if event.session_id is not None or event.service in \
                 SUDO_PAM_SERVICES:
             pass  # logind repeats the PAM session; sudo's are commands
@@ -7493,6 +7495,13 @@ class ReportBuilder:
         elif event.action in REPORT_DETECTIONS and self._shown(event):
             self.detections_seen += 1
             self.detections.append(event_to_ecs(event))
+
+    def _acting_user(self, event):
+        """su's session line may name the caller by uid only; its login
+        line ("(to root) alice on pts/0") names them."""
+        login = self.logins.get((event.context_key or "").rsplit("/", 1)[0])
+        return event if login is None or not login.user else \
+            event._replace(user=login.user)
 
     def _shown(self, event):
         """Whether --user and --source let the event into the report."""
@@ -7823,7 +7832,8 @@ def _sessions_part(document, width, time_format):
                            "METHOD", "START", "END", "DURATION"),
                           [_session_row(session, time_format)
                            for session in sessions],
-                          width, fixed=(6, 7, 8)) if sessions else ["  none"]
+                          width, fixed=(0, 2, 6, 7, 8)) if sessions \
+        else ["  none"]
     return lines + _more_line(document["sessions_more"], "earlier sessions")
 
 
@@ -7840,7 +7850,7 @@ def _failures_part(failures, width, time_format):
         if rows:
             lines += [""] + render_table(
                 (key.upper(), "COUNT", "FIRST", "LAST", names.upper()),
-                rows, width, fixed=(1, 2, 3))
+                rows, width, fixed=(0, 1, 2, 3))
         lines += _more_line(failures[group + "_more"],
                             "failures from further %ss" % key)
     chart = failures_chart(failures["per_hour"], width)

@@ -2,6 +2,7 @@
 range, from an export or the real journal, as text and as JSON; the same
 Pipeline as `run`, so a report agrees with what `scan` prints."""
 import calendar
+import io
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import time
 import pytest
 
 import realsys
+from test_enrich import ASN_NETWORKS, COUNTRY_NETWORKS, write_database
 from support import (PAMSIGNAL, REPO, json_line, make_entry, pamsignal,
                      write_config)
 
@@ -39,12 +41,13 @@ def closed(user, service="sshd"):
 
 def story():
     """A day on web1: carol's session began before the export; alice logs
-    in with a key for an hour, uses sudo and su; bob's password is guessed
-    from 198.51.100.9 until it works, and his session is cut by a reboot;
-    someone forges a root login; after the reboot dave stays logged in."""
+    in with a key from Viet Nam for an hour, uses sudo and su; bob's
+    password is guessed from 198.51.100.9 until it works, and his session
+    is cut by a reboot; someone forges a root login; after the reboot dave
+    stays logged in."""
     lines = [entry(5, "sshd", closed("carol"), 50)]
     lines += [entry(10, "sshd", "Accepted publickey for alice from "
-                    "203.0.113.5 port 4000 ssh2: ED25519 SHA256:abcdef", 100),
+                    "31.13.70.5 port 4000 ssh2: ED25519 SHA256:abcdef", 100),
               entry(11, "sshd", opened("alice"), 100)]
     for attempt in range(6):
         lines.append(entry(100 + attempt, "sshd", "Failed password for bob "
@@ -61,6 +64,7 @@ def story():
               entry(301, "sudo", opened("root", "sudo", "alice(uid=1000)"),
                     500),
               entry(302, "sudo", closed("root", "sudo"), 500),
+              entry(399, "su", "(to root) alice on pts/0", 600),
               entry(400, "su", opened("root", "su", "alice(uid=1000)"), 600),
               entry(460, "su", closed("root", "su"), 600),
               entry(500, "sshd", "Accepted password for root from 6.6.6.6 "
@@ -76,7 +80,12 @@ def story():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("report")
-    write_config(directory / "pamsignal.conf", "")
+    asn = write_database(directory / "asn.mmdb", ASN_NETWORKS,
+                         database_type="GeoLite2-ASN")
+    country = write_database(directory / "country.mmdb", COUNTRY_NETWORKS,
+                             database_type="GeoLite2-Country")
+    write_config(directory / "pamsignal.conf", "[geoip]\nasn_db = %s\n"
+                 "country_db = %s\n" % (asn, country))
     return directory
 
 
@@ -92,12 +101,13 @@ def run_cli(*argv, columns=None, stdin=None, env=None, config=None):
     environment.pop("NO_COLOR", None)
     if columns is not None:
         environment["COLUMNS"] = str(columns)
-    result = subprocess.run(
-        [sys.executable, PAMSIGNAL, "--config", config or os.path.join(
-            os.path.dirname(argv[-1]), "pamsignal.conf")] + list(argv), input=stdin, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, universal_newlines=True, env=environment,
-        timeout=120)
-    return result
+    # The config beside the export, unless told.
+    config = config or os.path.join(os.path.dirname(argv[-1]),
+                                    "pamsignal.conf")
+    return subprocess.run(
+        [sys.executable, PAMSIGNAL, "--config", config] + list(argv),
+        input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, env=environment, timeout=120)
 
 
 def report_json(*argv):
@@ -118,7 +128,8 @@ def test_every_session_field_by_field(export):
         {"user": "carol", "service": "sshd", "hostname": "web1",
          "started_before_range": True, "end": at(5), "state": "closed"},
         {"user": "alice", "service": "sshd", "hostname": "web1",
-         "source": "203.0.113.5", "source_port": 4000,
+         "source": "31.13.70.5", "source_port": 4000, "as_number": 64500,
+         "as_org": "Viettel Home", "country": "VN",
          "method": "publickey", "key": "ED25519 SHA256:abcdef",
          "start": at(11), "end": at(3611), "duration_s": 3600.0,
          "state": "closed"},
@@ -126,7 +137,7 @@ def test_every_session_field_by_field(export):
          "source": "198.51.100.9", "source_port": 5100, "method": "password",
          "start": at(201), "state": "ended_by_reboot"},
         {"user": "alice", "target_user": "root", "service": "su",
-         "hostname": "web1", "start": at(400), "end": at(460),
+         "tty": "pts/0", "hostname": "web1", "start": at(400), "end": at(460),
          "duration_s": 60.0, "state": "closed"},
         {"user": "dave", "service": "sshd", "hostname": "web1",
          "source": "203.0.113.80", "source_port": 7000, "method": "password",
@@ -235,9 +246,9 @@ def test_user_keeps_only_what_concerns_that_account(export):
 
 
 def test_source_keeps_only_what_came_from_that_address(export):
-    document = report_json("--source", "203.0.113.5", export)
+    document = report_json("--source", "31.13.70.5", export)
     assert [(s["user"], s["source"]) for s in document["sessions"]] == [
-        ("alice", "203.0.113.5")]
+        ("alice", "31.13.70.5")]
     assert document["failures"]["total"] == 0
     assert document["detections"] == [] and document["privileged"] == []
 
@@ -263,3 +274,174 @@ def test_when_reads_like_journalctl(text, expected):
 def test_when_refuses_what_it_cannot_read(text):
     with pytest.raises(pamsignal.UsageError):
         pamsignal.parse_when(text, T0, time.gmtime, calendar.timegm)
+
+
+# ------------------------------------------------------------ the output
+
+def documented_keys():
+    """The keys of the README's table of the JSON document."""
+    with open(os.path.join(REPO, "README.md")) as handle:
+        readme = handle.read()
+    part = readme.split("### The JSON document", 1)[1].split("\n#", 1)[0]
+    return set(re.findall(r"^\| `([^`]+)` \|", part, re.M))
+
+
+#: Keys whose values are documented whole, not key by key.
+WHOLE_VALUES = ("detections[]", "reasons")
+
+
+def printed_keys(value, path=""):
+    if isinstance(value, list):
+        if path + "[]" in WHOLE_VALUES:
+            return {path + "[]"} if value else set()
+        if value and isinstance(value[0], dict):
+            return set().union(*(printed_keys(item, path + "[]")
+                                 for item in value))
+        return {path} if value else set()
+    if isinstance(value, dict) and path.rsplit(".", 1)[-1] \
+            not in WHOLE_VALUES:
+        return set().union(*(printed_keys(item, (path + "." if path else "")
+                                          + key)
+                             for key, item in value.items()))
+    return {path}
+
+
+def test_json_matches_its_documentation(export):
+    documents = [report_json(export),
+                 report_json("--since", "@%d" % T0, "--until",
+                             "@%d" % (T0 + 9999), "--user", "alice",
+                             "--source", "31.13.70.5", export)]
+    printed = set().union(*(printed_keys(document)
+                            for document in documents))
+    assert printed == documented_keys()
+    # A detection is the event contract itself, as scan prints it.
+    assert documents[0]["detections"][0]["event"]["category"] == [
+        "intrusion_detection"]
+
+
+@pytest.mark.parametrize("columns", [60, 100, 200])
+def test_text_fits_the_terminal_width(export, columns):
+    result = run_cli("report", export, columns=columns)
+    assert result.returncode == 0 and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    assert "\x1b" not in result.stdout  # no colour on a pipe
+    text = result.stdout
+    for heading in ("Sessions (5)", "Failures (7)", "Detections (3)",
+                    "sudo and su, by user (1)", "Failures per hour"):
+        assert heading in lines
+    header = next(line for line in lines if line.startswith("USER "))
+    rows = lines[lines.index(header) + 1:lines.index(header) + 6]
+    # The columns line up: each row's FROM starts under the header's.
+    column = header.index("FROM")
+    assert [row[column:].split(" ")[0] for row in rows][1:4] == (
+        ["31.13.70.5", "198.51.100.9", "pts/0"] if columns >= 100 else
+        ["31.13…", "198.5…", "pts/0"])
+    assert ("reboot/crash" in text and "still open" in text
+            and "before range" in text) == (columns >= 100)
+    if columns == 200:
+        assert "publickey ED25519 SHA256:abcdef" in text
+        assert "AS64500 Viettel Home" in text
+        assert "2026-11-27 11:46" in rows[1]  # the year on a wide one
+    else:
+        assert "…" in text
+
+
+def test_the_chart_draws_failures_per_hour():
+    hour = 3600 * 1000000
+    per_hour = [{"hour": pamsignal.format_timestamp(T0 // 3600 * hour),
+                 "count": 10},
+                {"hour": pamsignal.format_timestamp((T0 // 3600 + 2) * hour),
+                 "count": 5}]
+    lines = pamsignal.failures_chart(per_hour, 80)
+    assert [line.split("  ", 1)[1] if "  " in line else line
+            for line in lines] == ["Failures per hour", "#" * 50 + " 10",
+                                   "0", "#" * 25 + " 5"]
+
+
+def test_counters_stay_bounded_and_say_how_much_more():
+    builder = pamsignal.ReportBuilder()
+    limit = pamsignal.MAX_REPORT_KEYS
+    for number in range(limit + 5):
+        builder.add(pamsignal.Event(
+            timestamp_us=number, action="login_failure", user="root",
+            source_ip="10.%d.%d.1" % divmod(number, 256)))
+    failures = builder.document()["failures"]
+    assert len(failures["by_source"]) == limit
+    assert failures["by_source_more"] == 5
+    assert failures["total"] == limit + 5
+    (root,) = failures["by_account"]
+    assert (root["count"], len(root["sources"]), root["sources_more"]) == (
+        limit + 5, pamsignal.MAX_REPORT_NAMES,
+        limit + 5 - pamsignal.MAX_REPORT_NAMES)
+
+
+def test_progress_shows_on_a_terminal_only():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    ticks = iter([0, 0.5, 2.0, 3.0])
+    terminal = Terminal()
+    progress = pamsignal.Progress(terminal, clock=lambda: next(ticks))
+    progress.update(1024)
+    progress.update(2048)
+    progress.done()
+    assert terminal.getvalue() == "\rread 2048 entries (1024/s)  \r\x1b[K"
+    pipe = io.StringIO()
+    silent = pamsignal.Progress(pipe, clock=lambda: 5.0)
+    silent.update(1024)
+    silent.done()
+    assert pipe.getvalue() == ""
+
+
+# ------------------------------------------------------------ the real journal
+
+def test_report_over_the_real_journal_after_real_logins(sshd, make_user,
+                                                        tmp_path):
+    """Real sshd failures and a login from a loopback address of the
+    test's own, real sudo and su, read back through journalctl; only the
+    test's own users are reported, so other logins cannot disturb it."""
+    user, password = make_user(groups=("sudo",))
+    target, target_password = make_user()
+    client = realsys.unique_loopback()
+    since = int(time.time()) - 1
+    cursor = realsys.journal_cursor()
+    for _ in range(2):
+        assert realsys.ssh_password(user, "wrong-" + password,
+                                    source=client).returncode != 0
+    assert realsys.ssh_password(user, password, source=client).returncode == 0
+    marker = "report-%d" % os.getpid()
+    assert realsys.sudo_as(user, password, ["echo", marker]).returncode == 0
+    assert realsys.su_as(user, target_password, target)[0] == 0
+    realsys.wait_for_journal(r"session closed for user %s\b" % user, cursor)
+    realsys.wait_for_journal(r"su:session\): session closed for user %s\b"
+                             % target, cursor)
+    config = write_config(tmp_path / "pamsignal.conf", "")
+
+    def report(*options):
+        result = run_cli("report", "--json", "--since", "@%d" % since,
+                         *options, config=config)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    document = report("--user", user)
+    (login,) = [s for s in document["sessions"] if s["service"] == "sshd"]
+    assert (login["user"], login["source"], login["method"],
+            login["state"]) == (user, client, "password", "closed")
+    assert login["duration_s"] >= 0 and login["start"] <= login["end"]
+    (switch,) = [s for s in document["sessions"] if s["service"] == "su"]
+    assert (switch["user"], switch["target_user"], switch["state"]) == (
+        user, target, "closed")
+    assert document["failures"]["total"] == 2
+    assert [(row["source"], row["count"], row["users"]) for row in
+            document["failures"]["by_source"]] == [(client, 2, [user])]
+    (used,) = document["privileged"]
+    assert (used["user"], used["sudo"], used["su"]) == (user, 1, 1)
+    assert sorted(used["targets"]) == sorted(["root", target])
+    assert [c["command"] for c in used["commands"]] == [
+        "/usr/bin/echo " + marker]
+    # From the test's address only: the login and its failures, no su.
+    by_source = report("--source", client)
+    assert [s["user"] for s in by_source["sessions"]] == [user]
+    assert by_source["failures"]["total"] == 2
+    assert by_source["privileged"] == []
