@@ -42,6 +42,7 @@ bench:
 	$(PYTHON) bench/bench_detection.py
 	$(PYTHON) bench/bench_mmdb.py
 	$(PYTHON) bench/bench_delivery.py
+	$(PYTHON) bench/bench_report.py
 
 install:
 	install -d -m 0755 $(BINDIR) $(MANDIR)/man8 $(MANDIR)/man5 $(DOCDIR)

@@ -8085,7 +8085,7 @@ def command_report(args, stdout):
     stream, process = _report_lines(args, config)
     progress = Progress(sys.stderr)
     try:
-        with stream:
+        with stream:  # closing it ends a journalctl cut short
             for line in stream:
                 entry = None if line.isspace() else pipeline.decode(line)
                 if entry is not None and in_range(entry, args.since_us,
@@ -8094,9 +8094,10 @@ def command_report(args, stdout):
                 progress.update(pipeline.entries)
     finally:
         progress.done()
-        if process is not None and process.wait() != 0:
-            raise SourceError("journalctl failed (exit %d)"
-                              % process.returncode)
+        returncode = process and process.wait()
+    if returncode:
+        raise SourceError("%s failed (exit %d); the report would be "
+                          "incomplete" % (config.journalctl, returncode))
     if args.file is not None and pipeline.malformed and \
             not pipeline.entries:
         raise PamSignalError("no journal entries found; export them with "

@@ -14,10 +14,10 @@ import pytest
 
 import realsys
 from test_enrich import ASN_NETWORKS, COUNTRY_NETWORKS, write_database
-from support import (PAMSIGNAL, REPO, json_line, make_entry, pamsignal,
-                     write_config)
+from support import (PAMSIGNAL, REPO, FakeJournal, json_line, make_entry,
+                     pamsignal, write_config)
 
-#: The story's first second (seconds since the epoch, 2026-11-27 ~01:46).
+#: The story's start (seconds since the epoch: 2026-11-27 11:46:40 UTC).
 T0 = 1795780000
 BOOT_1, BOOT_2 = "b00700000000000000000000000000b1", \
     "b00700000000000000000000000000b2"
@@ -445,3 +445,43 @@ def test_report_over_the_real_journal_after_real_logins(sshd, make_user,
     assert [s["user"] for s in by_source["sessions"]] == [user]
     assert by_source["failures"]["total"] == 2
     assert by_source["privileged"] == []
+
+
+# ------------------------------------------------------------ journalctl
+
+def test_the_journal_is_read_over_the_range_with_runs_matches(workdir,
+                                                              export):
+    """Without FILE, journalctl is asked for the range (as @EPOCH) and the
+    watched services only; what it gives makes the same report."""
+    (workdir / "fake").mkdir()
+    fake = FakeJournal(workdir / "fake", {"once": [{"output": [
+        json_line(line) for line in story()]}]})
+    config = write_config(workdir / "fake.conf", "[pamsignal]\njournalctl ="
+                          " %s\n" % fake.program)
+    range_options = ("--since", "@%d" % (T0 + 50),
+                     "--until", "@%d" % (T0 + 5000))
+    result = run_cli("report", "--json", *range_options, config=config,
+                     env={"FAKE_PLAN": fake.plan_path})
+    assert result.returncode == 0, result.stderr
+    (call,) = fake.calls()
+    assert call[:4] == ["--output=json", "--no-pager", "--all", "--quiet"]
+    assert call[5:7] == ["--since=@%d" % (T0 + 50),
+                         "--until=@%d" % (T0 + 5000)]
+    assert call[7:] == pamsignal.journal_matches()
+    assert json.loads(result.stdout) == report_json(*range_options + (
+        export,))
+
+
+def test_a_failing_journalctl_is_an_error_not_a_short_report(workdir):
+    (workdir / "failing").mkdir()
+    fake = FakeJournal(workdir / "failing", {"once": [{
+        "output": [json_line(story()[1])], "exit": 1,
+        "stderr": "Failed to open journal\n"}]})
+    config = write_config(workdir / "failing.conf", "[pamsignal]\n"
+                          "journalctl = %s\n" % fake.program)
+    result = run_cli("report", config=config,
+                     env={"FAKE_PLAN": fake.plan_path})
+    assert (result.returncode, result.stdout) == (1, "")
+    assert "Failed to open journal" in result.stderr
+    assert "failed (exit 1); the report would be incomplete" in \
+        result.stderr
