@@ -7404,6 +7404,7 @@ class _Tally:
         self.names = collections.Counter()
         self.names_more = 0
         self.reasons = collections.Counter()
+        self.detected = set()  # actions of the detections about it
 
     def add(self, timestamp_us, name=None, reason=None):
         self.count += 1
@@ -7495,6 +7496,17 @@ class ReportBuilder:
         elif event.action in REPORT_DETECTIONS and self._shown(event):
             self.detections_seen += 1
             self.detections.append(event_to_ecs(event))
+            self._mark_failures(event)
+
+    def _mark_failures(self, event):
+        """Flag the failure rows a brute force or a success after
+        failures is about."""
+        for groups, key in ((self.by_source, _source_text(event)),
+                            (self.by_account, event.user)):
+            tally = groups.tallies.get(key)
+            if tally is not None and event.action in (
+                    "brute_force_detected", "success_after_failures"):
+                tally.detected.add(event.action)
 
     def _acting_user(self, event):
         """su's session line may name the caller by uid only; its login
@@ -7628,6 +7640,7 @@ def _tally_rows(groups, key_name, names_name):
         rows.append({key_name: key, "count": tally.count,
                      "first": tally.first_us, "last": tally.last_us,
                      "reasons": dict(tally.reasons),
+                     "detected": sorted(tally.detected),
                      names_name: [name for name, _ in _ranked(tally.names)],
                      names_name + "_more": tally.names_more})
     return rows
@@ -7837,6 +7850,11 @@ def _sessions_part(document, width, time_format):
     return lines + _more_line(document["sessions_more"], "earlier sessions")
 
 
+#: How a failure row names the detections about it.
+_DETECTED_WORDS = {"brute_force_detected": "brute force",
+                   "success_after_failures": "then logged in"}
+
+
 def _failures_part(failures, width, time_format):
     lines = ["", "Failures (%d)" % failures["total"]]
     for key, group, names in (("source", "by_source", "users"),
@@ -7844,13 +7862,15 @@ def _failures_part(failures, width, time_format):
         rows = [(row[key], str(row["count"]),
                  _local_time(row["first"], time_format),
                  _local_time(row["last"], time_format),
+                 ", ".join(_DETECTED_WORDS[action]
+                           for action in row["detected"]),
                  ", ".join(row[names]) + (" +%d" % row[names + "_more"]
                                           if row[names + "_more"] else ""))
                 for row in failures[group]]
         if rows:
             lines += [""] + render_table(
-                (key.upper(), "COUNT", "FIRST", "LAST", names.upper()),
-                rows, width, fixed=(0, 1, 2, 3))
+                (key.upper(), "COUNT", "FIRST", "LAST", "DETECTED",
+                 names.upper()), rows, width, fixed=(0, 1, 2, 3, 4))
         lines += _more_line(failures[group + "_more"],
                             "failures from further %ss" % key)
     chart = failures_chart(failures["per_hour"], width)

@@ -150,15 +150,17 @@ def test_failures_detections_and_privilege_use(export):
     assert failures["total"] == 7
     assert failures["by_source"] == [
         {"source": "198.51.100.9", "count": 6, "first": at(100),
-         "last": at(105), "reasons": {"bad_password": 6}, "users": ["bob"],
-         "users_more": 0},
+         "last": at(105), "reasons": {"bad_password": 6},
+         "detected": ["brute_force_detected", "success_after_failures"],
+         "users": ["bob"], "users_more": 0},
         {"source": "192.0.2.7", "count": 1, "first": at(110),
-         "last": at(110), "reasons": {"invalid_user": 1},
+         "last": at(110), "reasons": {"invalid_user": 1}, "detected": [],
          "users": ["admin"], "users_more": 0}]
     assert failures["by_account"][0] == {
         "user": "bob", "count": 6, "first": at(100), "last": at(105),
-        "reasons": {"bad_password": 6}, "sources": ["198.51.100.9"],
-        "sources_more": 0}
+        "reasons": {"bad_password": 6},
+        "detected": ["success_after_failures"],
+        "sources": ["198.51.100.9"], "sources_more": 0}
     assert failures["per_hour"] == [
         {"hour": pamsignal.format_timestamp((T0 + 100) // 3600 * 3600
                                             * 1000000), "count": 7}]
