@@ -7405,8 +7405,9 @@ class _Tally:
         self.names_more = 0
         self.reasons = collections.Counter()
         self.detected = set()  # actions of the detections about it
+        self.targets = set()  # accounts become (sudo, su)
 
-    def add(self, timestamp_us, name=None, reason=None):
+    def add(self, timestamp_us, name=None, reason=None, target=None):
         self.count += 1
         self.first_us = timestamp_us if self.first_us is None \
             else min(self.first_us, timestamp_us)
@@ -7414,6 +7415,8 @@ class _Tally:
             else max(self.last_us, timestamp_us)
         if reason:
             self.reasons[reason] += 1
+        if target and len(self.targets) < MAX_REPORT_NAMES:
+            self.targets.add(target)
         if name is None:
             return
         if name in self.names or len(self.names) < MAX_REPORT_NAMES:
@@ -7571,8 +7574,7 @@ class ReportBuilder:
             event.user_id or "?"))
         if tally is None:
             return
-        tally.add(event.timestamp_us, command, kind)
-        tally.reasons["to " + (event.target_user or "?")] += 1
+        tally.add(event.timestamp_us, command, kind, event.target_user)
 
     def document(self, since_us=None, until_us=None, entries=0):
         """The report as one JSON-ready object (times RFC 3339 UTC)."""
@@ -7651,8 +7653,7 @@ def _privileged_rows(groups):
     for user, tally in sorted(groups.tallies.items()):
         rows.append({"user": user, "sudo": tally.reasons["sudo"],
                      "su": tally.reasons["su"],
-                     "targets": sorted(reason[3:] for reason in tally.reasons
-                                       if reason.startswith("to ")),
+                     "targets": sorted(tally.targets),
                      "first": tally.first_us, "last": tally.last_us,
                      "commands": [{"command": command, "count": count}
                                   for command, count in _ranked(tally.names)],
