@@ -10,6 +10,9 @@ commands:
   run [--json]             follow the journal and report each event (default)
   scan [--json] [FILE|-]   read a `journalctl -o json` export (or stdin) and
                            print the events it holds; sends nothing
+  report [--since WHEN] [--until WHEN] [--user U] [--source ADDR] [--json]
+         [FILE|-]          who logged in, from where, for how long; failures,
+                           detections, sudo and su (the journal, or an export)
   check-config             validate the configuration; exit 78 on problems
   test-alert [--channel NAME]
                            send a sample alert through each channel
@@ -24,6 +27,7 @@ examples:
   sudo python3 pamsignal.py
   sudo python3 pamsignal.py install
   journalctl -o json --since today | python3 pamsignal.py scan --json -
+  sudo python3 pamsignal.py report --since -7d
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error.
 Configuration: /etc/pamsignal/pamsignal.conf (INI); without it, built-in
