@@ -11,6 +11,7 @@ from support import REPO
 
 @pytest.mark.parametrize("script, program, package", [
     ("bench_pipeline.py", "journalctl", "systemd"),
+    ("bench_report.py", "journalctl", "systemd"),
     ("bench_delivery.py", "openssl", "openssl"),
 ])
 def test_a_missing_program_is_named_with_its_package(tmp_path, script,
