@@ -487,3 +487,26 @@ def test_a_failing_journalctl_is_an_error_not_a_short_report(workdir):
     assert "Failed to open journal" in result.stderr
     assert "failed (exit 1); the report would be incomplete" in \
         result.stderr
+
+
+def test_a_long_range_puts_several_hours_in_a_bar():
+    hour = 3600 * 1000000
+    per_hour = [{"hour": pamsignal.format_timestamp((T0 // 3600 + n) * hour),
+                 "count": 1} for n in range(0, 100, 10)]
+    lines = pamsignal.failures_chart(per_hour, 80)
+    assert lines[0] == "Failures per 2 hours"  # 91 hours in 46 rows
+    assert len(lines) - 1 == 46 <= pamsignal.CHART_ROWS
+    assert sum(int(line.rsplit(" ", 1)[1]) for line in lines[1:]) == 10
+
+
+def test_attacker_text_cannot_reach_the_terminal_raw():
+    builder = pamsignal.ReportBuilder()
+    hostile = "root\x1b[2J\u202eevil"
+    for action in ("login_failure", "sudo_command"):
+        builder.add(pamsignal.Event(
+            timestamp_us=T0 * 1000000, action=action, user=hostile,
+            target_user="root", source_ip="192.0.2.1",
+            command_line="/bin/sh -c '\x1b]0;owned\x07'"))
+    text = "\n".join(pamsignal.render_report(builder.document(), 200))
+    assert "\x1b" not in text and "\u202e" not in text and "\x07" not in text
+    assert "root\\x1b[2J\\u202eevil" in text
