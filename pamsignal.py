@@ -27,7 +27,7 @@ examples:
   sudo python3 pamsignal.py
   sudo python3 pamsignal.py install
   journalctl -o json --since today | python3 pamsignal.py scan --json -
-  sudo python3 pamsignal.py report --since -7d
+  sudo python3 pamsignal.py report --since=-7d
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error.
 Configuration: /etc/pamsignal/pamsignal.conf (INI); without it, built-in
@@ -7965,7 +7965,8 @@ def build_parser():
         " detections, sudo and su over a range")
     report.add_argument("--since", metavar="WHEN",
                         help="from this time (YYYY-MM-DD [HH:MM[:SS]], "
-                        "today, yesterday, -2h, @EPOCH; local time)")
+                        "today, yesterday, @EPOCH, 2h ago, --since=-2h; "
+                        "local time)")
     report.add_argument("--until", metavar="WHEN",
                         help="up to this time (same forms)")
     report.add_argument("--user", metavar="USER",
