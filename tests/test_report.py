@@ -510,3 +510,10 @@ def test_attacker_text_cannot_reach_the_terminal_raw():
     text = "\n".join(pamsignal.render_report(builder.document(), 200))
     assert "\x1b" not in text and "\u202e" not in text and "\x07" not in text
     assert "root\\x1b[2J\\u202eevil" in text
+
+
+def test_a_relative_time_is_written_with_an_equals_sign(export):
+    """`--since=-3650d`: argparse would take `-3650d` alone for an option."""
+    document = report_json("--since=-3650d", export)
+    assert len(document["sessions"]) == 5
+    assert document["report"]["since"] < at(0)
