@@ -517,3 +517,26 @@ def test_a_relative_time_is_written_with_an_equals_sign(export):
     document = report_json("--since=-3650d", export)
     assert len(document["sessions"]) == 5
     assert document["report"]["since"] < at(0)
+
+
+def test_a_login_from_a_new_network_is_among_the_detections(workdir):
+    """After the learning period, alice's first login from another network
+    is a `new_source` detection in the report, as `run` alerts it."""
+    directory = workdir / "baseline"
+    directory.mkdir()
+    config = write_config(directory / "pamsignal.conf",
+                          "[detection]\nlearning_period = 1m\n")
+    export = directory / "export.json"
+    export.write_text("".join(json_line(line) for line in [
+        entry(0, "sshd", "Accepted publickey for alice from 31.13.70.5 "
+              "port 4000 ssh2: ED25519 SHA256:abcdef", 100),
+        entry(600, "sshd", "Accepted publickey for alice from 31.13.70.6 "
+              "port 4001 ssh2: ED25519 SHA256:abcdef", 101),
+        entry(700, "sshd", "Accepted password for alice from 8.8.8.8 "
+              "port 4002 ssh2", 102)]))
+    result = run_cli("report", "--json", str(export), config=config)
+    assert result.returncode == 0, result.stderr
+    (detection,) = json.loads(result.stdout)["detections"]
+    assert (detection["event"]["action"], detection["source"]["ip"],
+            detection["pamsignal"]["network"]) == (
+        "new_source", "8.8.8.8", "8.8.8.0/24")
