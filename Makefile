@@ -38,11 +38,11 @@ lint:
 
 bench:
 	$(PYTHON) bench/bench_pipeline.py
+	$(PYTHON) bench/bench_report.py
 	$(PYTHON) bench/bench_hostile.py
 	$(PYTHON) bench/bench_detection.py
 	$(PYTHON) bench/bench_mmdb.py
 	$(PYTHON) bench/bench_delivery.py
-	$(PYTHON) bench/bench_report.py
 
 install:
 	install -d -m 0755 $(BINDIR) $(MANDIR)/man8 $(MANDIR)/man5 $(DOCDIR)
