@@ -38,6 +38,7 @@ lint:
 
 bench:
 	$(PYTHON) bench/bench_pipeline.py
+	$(PYTHON) bench/bench_report.py
 	$(PYTHON) bench/bench_hostile.py
 	$(PYTHON) bench/bench_detection.py
 	$(PYTHON) bench/bench_mmdb.py

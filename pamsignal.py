@@ -10,6 +10,9 @@ commands:
   run [--json]             follow the journal and report each event (default)
   scan [--json] [FILE|-]   read a `journalctl -o json` export (or stdin) and
                            print the events it holds; sends nothing
+  report [--since WHEN] [--until WHEN] [--user U] [--source ADDR] [--json]
+         [FILE|-]          who logged in, from where, for how long; failures,
+                           detections, sudo and su (the journal, or an export)
   check-config             validate the configuration; exit 78 on problems
   test-alert [--channel NAME]
                            send a sample alert through each channel
@@ -27,6 +30,7 @@ examples:
   sudo python3 pamsignal.py
   sudo python3 pamsignal.py install
   journalctl -o json --since today | python3 pamsignal.py scan --json -
+  sudo python3 pamsignal.py report --since=-7d
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error.
 Configuration: /etc/pamsignal/pamsignal.conf (INI); without it, built-in
@@ -8969,6 +8973,650 @@ class Agent:
 
 
 # ---------------------------------------------------------------------------
+# 14b report
+# ---------------------------------------------------------------------------
+# `pamsignal report`: what happened over a range, from the same Pipeline
+# as `run` (so a report and the live alerts never disagree). The Pipeline's
+# events go to a ReportBuilder (pure: events in, one JSON-ready document
+# out; sessions and counters are kept, never entries, each bounded); the
+# renderers turn that document into text; command_report (15) does the I/O.
+
+#: The most sessions a report lists: the latest are kept, earlier counted.
+MAX_REPORT_SESSIONS = 5000
+
+#: The most distinct sources, accounts or privileged users a report counts
+#: one by one; failures and commands past it are counted as "more".
+MAX_REPORT_KEYS = 1000
+
+#: The most distinct commands kept per user, and names kept per group.
+MAX_REPORT_NAMES = 50
+
+#: The most detections a report lists (the latest kept).
+MAX_REPORT_DETECTIONS = 1000
+
+#: What a report highlights among the failures.
+REPORT_DETECTIONS = frozenset((
+    "brute_force_detected", "success_after_failures", "spoofed_entry",
+    "new_source", "new_sudo_user", "journal_suppressed",
+    "unaccounted_session"))
+
+#: PAM services whose sessions are privilege use (reported with the sudo
+#: commands), not logins.
+SUDO_PAM_SERVICES = frozenset(("sudo", "sudo-i"))
+
+#: `--since` / `--until` words journalctl also knows, as days from today.
+_DAY_WORDS = {"today": 0, "yesterday": -1, "tomorrow": 1}
+
+_WHEN_RELATIVE = re.compile(r"^([-+])?(\d{1,9})([smhd])(?: ago)?\Z")
+_WHEN_ABSOLUTE = re.compile(
+    r"^(\d{4})-(\d\d)-(\d\d)(?:[ T](\d\d):(\d\d)(?::(\d\d))?)?\Z")
+
+
+def parse_when(text, now_s, localtime=time.localtime, mktime=time.mktime):
+    """A --since/--until value -> microseconds since the epoch.
+
+    The forms journalctl reads the same way (local time): now, today,
+    yesterday, tomorrow, YYYY-MM-DD[ HH:MM[:SS]], @EPOCH, -2h, 2h ago."""
+    text = text.strip()
+    if text == "now":
+        return int(now_s * 1e6)
+    if text in _DAY_WORDS:
+        day = localtime(now_s)
+        return int(mktime((day.tm_year, day.tm_mon, day.tm_mday
+                           + _DAY_WORDS[text], 0, 0, 0, 0, 0, -1)) * 1e6)
+    if re.match(r"^@\d{1,12}\Z", text):
+        return int(text[1:]) * 1000000
+    relative = _WHEN_RELATIVE.match(text)
+    if relative and (relative.group(1) or text.endswith(" ago")):
+        seconds = int(relative.group(2)) * \
+            _SECONDS_PER_UNIT[relative.group(3)]
+        sign = 1 if relative.group(1) == "+" else -1
+        return int((now_s + sign * seconds) * 1e6)
+    absolute = _WHEN_ABSOLUTE.match(text)
+    if absolute:
+        parts = [int(part or 0) for part in absolute.groups()]
+        if 1 <= parts[1] <= 12 and 1 <= parts[2] <= 31 and parts[3] < 24 \
+                and parts[4] < 60 and parts[5] < 60:
+            return int(mktime(tuple(parts) + (0, 0, -1)) * 1e6)
+    raise UsageError("cannot read the time %r: use YYYY-MM-DD [HH:MM[:SS]],"
+                     " today, yesterday, now, @EPOCH or -2h / 2h ago"
+                     % text)
+
+
+def boot_of(event):
+    """The boot an event happened in (its context key starts with it)."""
+    return event.context_key.split("/", 1)[0] if event.context_key else None
+
+
+def _source_text(event):
+    return event.source_ip or event.source_domain
+
+
+def _event_names(event, user):
+    """Whether the event is about account `user` (acting or becoming)."""
+    return user in (event.user, event.target_user) or \
+        user in (event.users_tried or ())
+
+
+def _event_from(event, source):
+    return source in (event.source_ip, event.source_domain) or \
+        source in (event.sources or ())
+
+
+def _session_record(event, login):
+    """A session as the report shows it, from its open (or its close when
+    the open lies before the range) and the login that started it."""
+    origin = login or event
+    record = {"user": event.user, "target_user": event.target_user,
+              "service": event.service, "tty": event.tty or origin.tty,
+              "source": _source_text(origin),
+              "source_port": origin.source_port,
+              "as_number": origin.source_as_number,
+              "as_org": origin.source_as_org,
+              "country": origin.source_country,
+              "method": origin.auth_method, "key": origin.key,
+              "hostname": event.hostname}
+    return {name: value for name, value in record.items()
+            if value is not None and value != ""}
+
+
+class _Tally:
+    """Counts of one group (a source, an account, a user's commands):
+    count, first and last time, and a bounded set of names with it."""
+
+    def __init__(self):
+        self.count = 0
+        self.first_us = self.last_us = None
+        self.names = collections.Counter()
+        self.names_more = 0
+        self.reasons = collections.Counter()
+        self.detected = set()  # actions of the detections about it
+        self.targets = set()  # accounts become (sudo, su)
+
+    def add(self, timestamp_us, name=None, reason=None, target=None):
+        self.count += 1
+        self.first_us = timestamp_us if self.first_us is None \
+            else min(self.first_us, timestamp_us)
+        self.last_us = timestamp_us if self.last_us is None \
+            else max(self.last_us, timestamp_us)
+        if reason:
+            self.reasons[reason] += 1
+        if target and len(self.targets) < MAX_REPORT_NAMES:
+            self.targets.add(target)
+        if name is None:
+            return
+        if name in self.names or len(self.names) < MAX_REPORT_NAMES:
+            self.names[name] += 1
+        else:
+            self.names_more += 1
+
+
+class _Groups:
+    """Tallies by key, at most MAX_REPORT_KEYS of them; what falls past is
+    counted in `more`."""
+
+    def __init__(self, limit=MAX_REPORT_KEYS):
+        self.tallies = {}
+        self.limit = limit
+        self.more = 0
+
+    def tally(self, key):
+        """The key's tally, or None when the table is full."""
+        if key not in self.tallies:
+            if len(self.tallies) >= self.limit:
+                self.more += 1
+                return None
+            self.tallies[key] = _Tally()
+        return self.tallies[key]
+
+
+class ReportBuilder:
+    """Events (from the Pipeline) in, the report document out.
+
+    Sessions are paired by context key: a close whose open lies before the
+    range is kept as "started before the range", an open still open at the
+    end is "open", or "ended_by_reboot" once another boot has begun. A
+    login (sshd's "Accepted ...") gives its session source, method and key.
+    """
+
+    def __init__(self, user=None, source=None):
+        self.user = user
+        self.source = source
+        self.logins = BoundedTable(MAX_OPEN_SESSIONS)  # boot/pid -> event
+        self.open_sessions = BoundedTable(MAX_OPEN_SESSIONS)
+        self.sessions = collections.deque(maxlen=MAX_REPORT_SESSIONS)
+        self.sessions_seen = 0
+        self.failures = 0
+        self.by_source = _Groups()
+        self.by_account = _Groups()
+        self.per_hour = collections.Counter()  # hour since epoch -> count
+        self.privileged = _Groups()
+        self.detections = collections.deque(maxlen=MAX_REPORT_DETECTIONS)
+        self.detections_seen = 0
+        self.boot = None
+        self.first_us = self.last_us = None
+
+    def add(self, event):
+        """Take one event the Pipeline sent."""
+        if event.action in AGENT_ACTIONS:
+            return
+        self._new_boot(boot_of(event))
+        self.first_us = event.timestamp_us if self.first_us is None \
+            else self.first_us
+        self.last_us = event.timestamp_us
+        if event.action == "login_success" and event.context_key:
+            self.logins.put(event.context_key.rsplit("/", 1)[0], event)
+        elif event.action == "session_opened" and event.user is None:
+            event = self._acting_user(event)
+        if event.session_id is not None or event.service in \
+                SUDO_PAM_SERVICES:
+            pass  # logind repeats the PAM session; sudo's are commands
+        elif event.action == "session_opened" and event.context_key:
+            self._opened(event)
+        elif event.action == "session_closed":
+            self._closed(event)
+        if event.action == "session_opened" and event.service in (
+                "su", "su-l") and self._shown(event):
+            self._privileged(event, "su", None)
+        elif event.action == "sudo_command" and self._shown(event):
+            self._privileged(event, "sudo", event.command_line)
+        elif event.action == "login_failure" and self._shown(event):
+            self._failure(event)
+        elif event.action in REPORT_DETECTIONS and self._shown(event):
+            self.detections_seen += 1
+            self.detections.append(event_to_ecs(event))
+            self._mark_failures(event)
+
+    def _mark_failures(self, event):
+        """Flag the failure rows a brute force or a success after
+        failures is about."""
+        for groups, key in ((self.by_source, _source_text(event)),
+                            (self.by_account, event.user)):
+            tally = groups.tallies.get(key)
+            if tally is not None and event.action in (
+                    "brute_force_detected", "success_after_failures"):
+                tally.detected.add(event.action)
+
+    def _acting_user(self, event):
+        """su's session line may name the caller by uid only; its login
+        line ("(to root) alice on pts/0") names them."""
+        login = self.logins.get((event.context_key or "").rsplit("/", 1)[0])
+        return event if login is None or not login.user else \
+            event._replace(user=login.user)
+
+    def _shown(self, event):
+        """Whether --user and --source let the event into the report."""
+        return (self.user is None or _event_names(event, self.user)) and \
+            (self.source is None or _event_from(event, self.source))
+
+    def _new_boot(self, boot):
+        """A new boot ends the sessions the old one left open."""
+        if not boot or boot == self.boot:
+            return
+        if self.boot is not None:
+            for key in [key for key in self.open_sessions
+                        if not key.startswith(boot + "/")]:
+                self._finish(self.open_sessions.pop(key), "ended_by_reboot")
+        self.boot = boot
+
+    def _opened(self, event):
+        login = self.logins.pop(event.context_key.rsplit("/", 1)[0], None)
+        record = _session_record(event, login)
+        record["start_us"] = event.timestamp_us
+        self.open_sessions.put(event.context_key, (event, record))
+
+    def _closed(self, event):
+        opened = self.open_sessions.pop(event.context_key, None) \
+            if event.context_key else None
+        if opened is None:
+            record = _session_record(event, None)
+            record["started_before_range"] = True
+            opened = (event, record)
+        opened[1]["end_us"] = event.timestamp_us
+        if event.session_duration_s is not None:
+            opened[1]["duration_s"] = event.session_duration_s
+        self._finish(opened, "closed")
+
+    def _finish(self, opened, state):
+        event, record = opened
+        record["state"] = state
+        if self._shown(event._replace(source_ip=record.get("source"))):
+            self.sessions_seen += 1
+            self.sessions.append(record)
+
+    def _failure(self, event):
+        self.failures += 1
+        self.per_hour[event.timestamp_us // 3600000000] += 1
+        source = _source_text(event) or "(local)"
+        for groups, key, name in ((self.by_source, source, event.user),
+                                  (self.by_account, event.user or "(none)",
+                                   source)):
+            tally = groups.tally(key)
+            if tally is not None:
+                tally.add(event.timestamp_us, name, event.reason)
+
+    def _privileged(self, event, kind, command):
+        tally = self.privileged.tally(event.user or "(uid %s)" % (
+            event.user_id or "?"))
+        if tally is None:
+            return
+        tally.add(event.timestamp_us, command, kind, event.target_user)
+
+    def document(self, since_us=None, until_us=None, entries=0):
+        """The report as one JSON-ready object (times RFC 3339 UTC)."""
+        sessions = list(self.sessions) + [
+            dict(record, state="open") for event, record in
+            self.open_sessions.values() if self._shown(
+                event._replace(source_ip=record.get("source")))]
+        return _without_none({
+            "report": {"since": since_us, "until": until_us,
+                       "first_event": self.first_us,
+                       "last_event": self.last_us, "entries": entries,
+                       "user": self.user, "source": self.source},
+            "sessions": [_timed(record) for record in sorted(
+                sessions, key=lambda record: record.get("start_us", -1))],
+            "sessions_more": self.sessions_seen - len(self.sessions),
+            "failures": {
+                "total": self.failures,
+                "by_source": _tally_rows(self.by_source, "source", "users"),
+                "by_source_more": self.by_source.more,
+                "by_account": _tally_rows(self.by_account, "user",
+                                          "sources"),
+                "by_account_more": self.by_account.more,
+                "per_hour": [{"hour": hour * 3600000000, "count": count}
+                             for hour, count in sorted(
+                                 self.per_hour.items())]},
+            "detections": list(self.detections),
+            "detections_more": self.detections_seen - len(self.detections),
+            "privileged": _privileged_rows(self.privileged),
+            "privileged_more": self.privileged.more})
+
+
+#: Keys of the document that hold microseconds, written as RFC 3339.
+_TIME_KEYS = frozenset(("since", "until", "first_event", "last_event",
+                        "start", "end", "first", "last", "hour"))
+
+
+def _timed(record):
+    """`start_us` -> `start` (RFC 3339) and so on."""
+    return {(key[:-3] if key.endswith("_us") else key): value
+            for key, value in record.items()}
+
+
+def _without_none(value):
+    """The document with no nulls (like the event contract), times as
+    RFC 3339."""
+    if isinstance(value, dict):
+        return {key: (format_timestamp(item) if key in _TIME_KEYS
+                      else _without_none(item))
+                for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_none(item) for item in value]
+    return value
+
+
+def _ranked(counter):
+    """Most first, then by name: the same input gives the same order."""
+    return sorted(counter.items(), key=lambda item: (-item[1], item[0]))
+
+
+def _tally_rows(groups, key_name, names_name):
+    rows = []
+    for key, tally in _ranked({key: tally.count for key, tally in
+                               groups.tallies.items()}):
+        tally = groups.tallies[key]
+        rows.append({key_name: key, "count": tally.count,
+                     "first": tally.first_us, "last": tally.last_us,
+                     "reasons": dict(tally.reasons),
+                     "detected": sorted(tally.detected),
+                     names_name: [name for name, _ in _ranked(tally.names)],
+                     names_name + "_more": tally.names_more})
+    return rows
+
+
+def _privileged_rows(groups):
+    rows = []
+    for user, tally in sorted(groups.tallies.items()):
+        rows.append({"user": user, "sudo": tally.reasons["sudo"],
+                     "su": tally.reasons["su"],
+                     "targets": sorted(tally.targets),
+                     "first": tally.first_us, "last": tally.last_us,
+                     "commands": [{"command": command, "count": count}
+                                  for command, count in _ranked(tally.names)],
+                     "commands_more": tally.names_more})
+    return rows
+
+
+class PassGate:
+    """A channel gate that lets every event through at once: a report
+    counts everything, whatever the alert policy."""
+
+    def admit(self, event, now_us):
+        return [event]
+
+    def due(self, now_us):
+        return []
+
+    def drain(self):
+        return []
+
+
+class ReportSink:
+    """The Pipeline's channel for a report: each event to the builder."""
+
+    def __init__(self, builder):
+        self.name = "report"
+        self.builder = builder
+
+    def send(self, event, delay_s=0):
+        self.builder.add(event)
+
+    def flush(self):
+        pass
+
+
+# Rendering: the document as text for a terminal or a file.
+
+#: The widest bar of the failures chart, and its mark.
+CHART_WIDTH = 50
+CHART_MARK = "#"
+
+#: The most rows the chart shows; longer ranges put more hours in a row.
+CHART_ROWS = 48
+
+
+def column_widths(headers, rows, width, fixed=()):
+    """Each column's width so the table fits `width` (columns two spaces
+    apart): the widest columns not in `fixed` give way first, down to 4;
+    then the fixed ones (times, counts) if it must be."""
+    widths = [max([len(header)] + [len(row[index]) for row in rows])
+              for index, header in enumerate(headers)]
+    columns = range(len(widths))
+    for shrinking in ([index for index in columns if index not in fixed],
+                      columns):
+        while sum(widths) + 2 * (len(widths) - 1) > width:
+            candidates = [(widths[index], index) for index in shrinking
+                          if widths[index] > 4]
+            if not candidates:
+                break
+            widths[max(candidates)[1]] -= 1
+    return widths
+
+
+def render_table(headers, rows, width, fixed=()):
+    """An aligned table in `width` columns; values made safe to print,
+    long ones cut with an ellipsis, columns empty in every row left out.
+    Rows are tuples of strings; `fixed` names the columns that give way
+    last."""
+    rows = [[_shown(value) for value in row] for row in rows]
+    kept = [index for index in range(len(headers))
+            if any(row[index] for row in rows)]
+    headers = [headers[index] for index in kept]
+    rows = [[row[index] for index in kept] for row in rows]
+    fixed = [kept.index(index) for index in fixed if index in kept]
+    widths = column_widths(headers, rows, width, fixed)
+    lines = []
+    for row in [headers] + rows:
+        cells = [shorten(value, size).ljust(size)
+                 for value, size in zip(row, widths)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+#: How times read in a report: the year is left out on a narrow terminal.
+REPORT_TIME_FORMAT = "%Y-%m-%d %H:%M"
+NARROW_TIME_FORMAT = "%m-%d %H:%M"
+
+#: Narrower than this, a report uses NARROW_TIME_FORMAT.
+NARROW_COLUMNS = 120
+
+
+def _local_time(text, time_format=REPORT_TIME_FORMAT):
+    """RFC 3339 UTC -> local time (like `last`); "?" when unknown."""
+    if not text:
+        return "?"
+    seconds = calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S"))
+    return time.strftime(time_format, time.localtime(seconds))
+
+
+#: How a session's end reads when it has none.
+_SESSION_STATES = {"open": "still open", "ended_by_reboot": "reboot/crash"}
+
+
+def _as_network_text(session):
+    if session.get("as_number") is None:
+        return session.get("as_org", "")
+    return ("AS%d %s" % (session["as_number"],
+                         session.get("as_org", ""))).strip()
+
+
+def _session_row(session, time_format):
+    who = session.get("user", "?")
+    if session.get("target_user"):
+        who = "%s>%s" % (who, session["target_user"])
+    method = " ".join(part for part in (session.get("method"),
+                                        session.get("key")) if part)
+    start = _local_time(session["start"], time_format) \
+        if "start" in session else "before range"
+    end = _local_time(session["end"], time_format) if "end" in session \
+        else _SESSION_STATES.get(session["state"], session["state"])
+    duration = _duration_text(session["duration_s"]) \
+        if "duration_s" in session else ""
+    return (who, session.get("service", ""),
+            session.get("source") or session.get("tty", ""),
+            _as_network_text(session), session.get("country", ""), method,
+            start, end, duration)
+
+
+def failures_chart(per_hour, width):
+    """The failures per hour as text bars: one row per hour (or per few
+    hours when the range is long), the count at the end."""
+    if not per_hour:
+        return []
+    hours = {calendar.timegm(time.strptime(row["hour"][:19],
+                                           "%Y-%m-%dT%H:%M:%S")) // 3600:
+             row["count"] for row in per_hour}
+    first, last = min(hours), max(hours)
+    step = -(-(last - first + 1) // CHART_ROWS)  # hours per row, rounded up
+    rows = []
+    for start in range(first, last + 1, step):
+        rows.append((start, sum(hours.get(hour, 0)
+                                for hour in range(start, start + step))))
+    label = "%Y-%m-%d %H:00"
+    most = max(count for _, count in rows)
+    bar_room = max(1, min(CHART_WIDTH, width - 16 - 2 - len(str(most)) - 1))
+    lines = ["Failures per %s" % ("hour" if step == 1 else "%d hours" % step)]
+    for start, count in rows:
+        bar = CHART_MARK * (-(-count * bar_room // most))
+        lines.append("%s  %s %d" % (time.strftime(label, time.localtime(
+            start * 3600)), bar, count) if count else
+            "%s  %d" % (time.strftime(label, time.localtime(start * 3600)),
+                        count))
+    return lines
+
+
+def _more_line(count, what):
+    return ["... and %d more %s" % (count, what)] if count else []
+
+
+def render_report(document, width):
+    """The report as lines of text for `width` columns."""
+    time_format = REPORT_TIME_FORMAT if width >= NARROW_COLUMNS \
+        else NARROW_TIME_FORMAT
+    head = document["report"]
+    lines = ["PAMSignal report: %s to %s (%s)" % (
+        _local_time(head.get("since") or head.get("first_event")),
+        _local_time(head.get("until") or head.get("last_event")),
+        time.strftime("%Z")),
+        "%d journal entries read" % head.get("entries", 0)]
+    lines += ["only %s %s" % (name, escape_text(head[name]))
+              for name in ("user", "source") if name in head]
+    lines += _sessions_part(document, width, time_format)
+    lines += _failures_part(document["failures"], width, time_format)
+    detections = document["detections"]
+    lines += ["", "Detections (%d)" % (len(detections) +
+                                       document["detections_more"])]
+    lines += ["%s  %s" % (_local_time(ecs["@timestamp"], time_format),
+                          event_text(_event_of_ecs(ecs)))
+              for ecs in detections] or ["  none"]
+    lines += _more_line(document["detections_more"], "earlier detections")
+    lines += _privileged_part(document)
+    return [shorten(line, width) for line in lines]
+
+
+def _sessions_part(document, width, time_format):
+    sessions = document["sessions"]
+    lines = ["", "Sessions (%d)" % (len(sessions) +
+                                    document["sessions_more"])]
+    lines += render_table(("USER", "SERVICE", "FROM", "NETWORK", "CC",
+                           "METHOD", "START", "END", "DURATION"),
+                          [_session_row(session, time_format)
+                           for session in sessions],
+                          width, fixed=(0, 2, 6, 7, 8)) if sessions \
+        else ["  none"]
+    return lines + _more_line(document["sessions_more"], "earlier sessions")
+
+
+#: How a failure row names the detections about it.
+_DETECTED_WORDS = {"brute_force_detected": "brute force",
+                   "success_after_failures": "then logged in"}
+
+
+def _failures_part(failures, width, time_format):
+    lines = ["", "Failures (%d)" % failures["total"]]
+    for key, group, names in (("source", "by_source", "users"),
+                              ("user", "by_account", "sources")):
+        rows = [(row[key], str(row["count"]),
+                 _local_time(row["first"], time_format),
+                 _local_time(row["last"], time_format),
+                 ", ".join(_DETECTED_WORDS[action]
+                           for action in row["detected"]),
+                 ", ".join(row[names]) + (" +%d" % row[names + "_more"]
+                                          if row[names + "_more"] else ""))
+                for row in failures[group]]
+        if rows:
+            lines += [""] + render_table(
+                (key.upper(), "COUNT", "FIRST", "LAST", "DETECTED",
+                 names.upper()), rows, width, fixed=(0, 1, 2, 3, 4))
+        lines += _more_line(failures[group + "_more"],
+                            "failures from further %ss" % key)
+    chart = failures_chart(failures["per_hour"], width)
+    return lines + ([""] + chart if chart else [])
+
+
+def _privileged_part(document):
+    privileged = document["privileged"]
+    lines = ["", "sudo and su, by user (%d)" % len(privileged)]
+    for row in privileged:
+        lines.append("%s: sudo %d, su %d, as %s" % (
+            escape_text(row["user"]), row["sudo"], row["su"],
+            escape_text(", ".join(row["targets"])) or "?"))
+        lines += ["  %5d  %s" % (item["count"], escape_text(item["command"]))
+                  for item in row["commands"]]
+        lines += _more_line(row["commands_more"], "commands")
+    lines += _more_line(document["privileged_more"], "uses by further users")
+    return lines if privileged else lines + ["  none"]
+
+
+def _event_of_ecs(ecs):
+    """An ECS object back to an Event, for its one-line text."""
+    flat = {}
+    for path, field in _ECS_LAYOUT:
+        node = ecs
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            flat[field] = tuple(node) if isinstance(node, list) else node
+    return Event(action=ecs["event"]["action"], timestamp_us=0, **flat)
+
+
+class Progress:
+    """Entries read and the rate, on a terminal's stderr only, at most
+    once a second; cleared at the end."""
+
+    def __init__(self, stream, clock=time.monotonic):
+        self.stream = stream if stream is not None and stream.isatty() \
+            else None
+        self.clock = clock
+        self.started = self.shown = clock()
+
+    def update(self, entries):
+        if self.stream is None or entries % 1024:
+            return
+        now = self.clock()
+        if now - self.shown >= 1:
+            self.shown = now
+            self.stream.write("\rread %d entries (%d/s)  " % (
+                entries, entries / max(now - self.started, 1e-6)))
+            self.stream.flush()
+
+    def done(self):
+        if self.stream is not None and self.shown != self.started:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------
 # 15 CLI
 # ---------------------------------------------------------------------------
 
@@ -8994,6 +9642,24 @@ def build_parser():
                       help="print ECS JSON, one object per line")
     scan.add_argument("file", nargs="?", metavar="FILE|-",
                       help="the export; - or nothing reads standard input")
+    report = commands.add_parser(
+        "report", help="who logged in, from where, for how long; failures,"
+        " detections, sudo and su over a range")
+    report.add_argument("--since", metavar="WHEN",
+                        help="from this time (YYYY-MM-DD [HH:MM[:SS]], "
+                        "today, yesterday, @EPOCH, 2h ago, --since=-2h; "
+                        "local time)")
+    report.add_argument("--until", metavar="WHEN",
+                        help="up to this time (same forms)")
+    report.add_argument("--user", metavar="USER",
+                        help="only what concerns this account")
+    report.add_argument("--source", metavar="ADDR",
+                        help="only what came from this address or host")
+    report.add_argument("--json", action="store_true",
+                        help="print the report as one JSON document")
+    report.add_argument("file", nargs="?", metavar="FILE|-",
+                        help="a journalctl -o json export (- reads standard"
+                        " input); without it, the journal")
     commands.add_parser("check-config", help="validate the configuration")
     test_alert = commands.add_parser(
         "test-alert", help="send a sample alert through each channel")
@@ -9080,6 +9746,94 @@ def command_scan(args, stdout):
     if pipeline.malformed and not pipeline.entries:
         raise PamSignalError("no journal entries found; export them with "
                              "`journalctl -o json`")
+    return EXIT_OK
+
+
+def report_command(journalctl, since_us, until_us):
+    """The journalctl command line a report reads: the range (as @EPOCH,
+    read the same way by every journalctl) and the matches `run` uses."""
+    bounds = ["--since=@%d" % (since_us // 1000000)] \
+        if since_us is not None else []
+    if until_us is not None:
+        bounds.append("--until=@%d" % -(-until_us // 1000000))
+    return ([journalctl, "--output=json", "--no-pager", "--all", "--quiet",
+             "--output-fields=" + ",".join(JOURNAL_FIELDS)]
+            + bounds + journal_matches())
+
+
+def in_range(entry, since_us, until_us):
+    """Whether an export's entry lies in --since/--until (entries with no
+    readable time are kept: the parser stamps and flags them)."""
+    if since_us is None and until_us is None:
+        return True
+    timestamp_us = _entry_timestamp(entry)
+    return timestamp_us is None or (
+        (since_us is None or timestamp_us >= since_us) and
+        (until_us is None or timestamp_us <= until_us))
+
+
+def _report_lines(args, config):
+    """The journal, or the export args.file names, as lines; and the
+    journalctl process when there is one."""
+    if args.file == "-":
+        return sys.stdin.buffer, None
+    if args.file is not None:
+        try:
+            return open(args.file, "rb"), None
+        except OSError as error:
+            raise PamSignalError("cannot read %s: %s" % (
+                args.file, error.strerror or error)) from None
+    command = report_command(config.journalctl, args.since_us, args.until_us)
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE)
+    except OSError as error:
+        raise SourceError("cannot run %s: %s" % (
+            config.journalctl, error.strerror or error)) from None
+    return process.stdout, process
+
+
+def command_report(args, stdout):
+    now_s = time.time()
+    args.since_us = None if args.since is None \
+        else parse_when(args.since, now_s)
+    args.until_us = None if args.until is None \
+        else parse_when(args.until, now_s)
+    config = load_config(args.config)
+    source = None if args.source is None else \
+        next((part for part in normalise_address(args.source) if part),
+             args.source)
+    builder = ReportBuilder(user=args.user, source=source)
+    pipeline = Pipeline([Channel(ReportSink(builder), PassGate())],
+                        config.detection, skip_unwatched=True,
+                        enricher=Enricher.from_config(config, False))
+    stream, process = _report_lines(args, config)
+    progress = Progress(sys.stderr)
+    try:
+        with stream:  # closing it ends a journalctl cut short
+            for line in stream:
+                entry = None if line.isspace() else pipeline.decode(line)
+                if entry is not None and in_range(entry, args.since_us,
+                                                  args.until_us):
+                    pipeline.report(entry)
+                progress.update(pipeline.entries)
+    finally:
+        progress.done()
+        returncode = process and process.wait()
+    if returncode:
+        raise SourceError("%s failed (exit %d); the report would be "
+                          "incomplete" % (config.journalctl, returncode))
+    if args.file is not None and pipeline.malformed and \
+            not pipeline.entries:
+        raise PamSignalError("no journal entries found; export them with "
+                             "`journalctl -o json`")
+    document = builder.document(args.since_us, args.until_us,
+                                pipeline.entries)
+    if args.json:
+        stdout.write(dumps_safe(document) + "\n")
+    else:
+        width = shutil.get_terminal_size().columns
+        stdout.write("\n".join(render_report(document, width)) + "\n")
     return EXIT_OK
 
 
@@ -10253,6 +11007,7 @@ def command_uninstall(args, stdout):
 
 
 COMMANDS = {"run": command_run, "scan": command_scan,
+            "report": command_report,
             "check-config": command_check_config,
             "test-alert": command_test_alert, "lookup": command_lookup,
             "status": command_status, "stage-config": command_stage_config,

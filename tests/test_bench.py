@@ -11,6 +11,7 @@ from support import REPO
 
 @pytest.mark.parametrize("script, program, package", [
     ("bench_pipeline.py", "journalctl", "systemd"),
+    ("bench_report.py", "journalctl", "systemd"),
     ("bench_delivery.py", "openssl", "openssl"),
     ("bench_syslog.py", "openssl", "openssl"),
 ])
