@@ -70,8 +70,12 @@ def entries_of(data):
 
 
 #: Thresholds of one, so that every failure reaches the detectors' rules.
-HAIR_TRIGGER = pamsignal.DetectionConfig(
-    *(pamsignal.Threshold(1, 600),) * 5, learning_period=0)
+HAIR_TRIGGER = pamsignal.default_config().detection._replace(
+    brute_force_fast=pamsignal.Threshold(1, 600),
+    brute_force_slow=pamsignal.Threshold(1, 600),
+    user_enumeration=pamsignal.Threshold(1, 600),
+    distributed_attack=pamsignal.Threshold(1, 600),
+    success_after_failures=pamsignal.Threshold(1, 600), learning_period=0)
 
 PIPELINE = pamsignal.Pipeline([], HAIR_TRIGGER)
 
