@@ -1533,8 +1533,8 @@ def _build_pam_message(match):
 #: The end of pam_unix's (and pam_sss's) failure line: `rhost=H  user=U`;
 #: the user (an existing account, so without white space) is left out for
 #: an unknown one.
-_PAM_RHOST = re.compile(r"(?:^| )rhost=(?P<rhost>\S*)(?:\s+user=(?P<user>\S*))?"
-                        r"\s*\Z")
+_PAM_RHOST = re.compile(r"(?:^| )rhost=(?P<rhost>\S*)"
+                        r"(?:\s+user=(?P<user>\S*))?\s*\Z")
 
 
 def _build_pam_auth_failure(match):
@@ -1596,8 +1596,8 @@ def _build_too_many(match):
 
 
 _USER_CHANGE = ": Change of username or service not allowed: "
-_CONNECTION_ID = re.compile(r"(?P<who>authenticating|invalid) user (?P<user>.*)"
-                            r" (?P<addr>\S+) port (?P<port>\d+)\Z")
+_CONNECTION_ID = re.compile(r"(?P<who>authenticating|invalid) user "
+                            r"(?P<user>.*) (?P<addr>\S+) port (?P<port>\d+)\Z")
 
 
 def _build_user_change(match):
@@ -1654,8 +1654,9 @@ def _probe(reason):
     """A builder of the pre-authentication probe `reason`."""
     def build(match):
         groups = match.groupdict()
-        return dict(_source(groups["addr"] or groups.get("conn_addr"),
-                          groups.get("port")), action="ssh_probe", reason=reason,
+        fields = _source(groups["addr"] or groups.get("conn_addr"),
+                         groups.get("port"))
+        return dict(fields, action="ssh_probe", reason=reason,
                     detail=groups.get("why"))
     return build
 
@@ -1685,10 +1686,11 @@ RULES = (
     Rule("sshd", "max_attempts", ("maximum",), re.compile(
         r"^maximum authentication attempts exceeded for (?P<rest>.*)\Z"),
         _build_max_attempts),
-    Rule("sshd", "too_many_failures", ("Disconnecting", "Disconnecting:"), re.compile(
-        r"^Disconnecting(?: (?P<who>authenticating|invalid) user (?P<user>.*)"
-        r" (?P<addr>\S+) port (?P<port>\d+))?: Too many authentication "
-        r"failures(?: for (?P<old_user>.*))?\Z"), _build_too_many),
+    Rule("sshd", "too_many_failures", ("Disconnecting", "Disconnecting:"),
+         re.compile(r"^Disconnecting(?: (?P<who>authenticating|invalid) user"
+                    r" (?P<user>.*) (?P<addr>\S+) port (?P<port>\d+))?: Too "
+                    r"many authentication failures(?: for (?P<old_user>.*))?"
+                    r"\Z"), _build_too_many),
     Rule("sshd", "user_change", ("Disconnecting", "Disconnecting:",
                                  "Change"), re.compile(
         r"^(?:Disconnecting(?: (?P<body>.*: Change of username or service "
@@ -3173,18 +3175,25 @@ class SshAttempts:
         return None
 
     def _ended(self, key, event, held):
-        connection = self.connections.pop(key, None) or {}
+        # "Received disconnect" (it has the client's words as detail) is
+        # followed by the connection's last line: remember it until then.
+        last = event.detail is None
+        connection = (self.connections.pop(key, None) if last else
+                      self.connections.get(key)) or {}
         if held is not None:
             return self._released([held._replace(
                 source_port=held.source_port or event.source_port)],
-                note=False)
+                note=not last)
         if connection.get("failures") or event.user is None and not (
                 event.detail or "").startswith(("3: ", "14: ")):
             return []
         if event.reason == "invalid_user" and connection.get("invalid"):
             return []
-        return [event._replace(pairing=None, reason=event.reason or
-                               "key_probe")]
+        probe = event._replace(pairing=None,
+                               reason=event.reason or "key_probe")
+        if not last:
+            self._note(key, probe, reported=True)
+        return [probe]
 
     @staticmethod
     def _completed(event, connection):
