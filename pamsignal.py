@@ -4102,7 +4102,9 @@ def render_text(event):
         ("held_back", event.held_back), ("kinds", event.detail
                                           if event.held_back else None),
         ("writer_uid", event.writer_uid), ("program", event.process_name),
-        ("claimed", event.claimed_action), ("host", event.hostname),
+        ("claimed", event.claimed_action),
+        ("detail", event.detail if event.action in DETAIL_SHOWN else None),
+        ("host", event.hostname),
         ("host_provider", event.host_provider),
     ]
     if event.action == "spoofed_entry" or event.action in AGENT_ACTIONS:
@@ -4127,7 +4129,9 @@ ALERT_HEADLINES = {
     "new_source": "Login from a new network",
     "new_sudo_user": "First sudo by this user",
     "spoofed_entry": "Forged log entry", "alert_digest": "Alerts held back",
-    "alerts_dropped": "Alerts lost",
+    "alerts_dropped": "Alerts lost", "ssh_probe": "SSH probe",
+    "source_throttled": "sshd throttled a source",
+    "key_file_refused": "sshd refuses a key file",
 }
 
 #: What an admin should do about the alerts that call for action.
@@ -4148,7 +4152,17 @@ ALERT_ADVICE = {
     "alerts_dropped": (
         "The channel was unreachable for long: look at the journal of "
         "this host for what was lost."),
+    "key_file_refused": (
+        "Key logins through this file fail (StrictModes): the home "
+        "directory, ~/.ssh and the key file must belong to the user and "
+        "not be writable by group or others (chmod go-w ~ ~/.ssh; "
+        "chmod 600 ~/.ssh/authorized_keys)."),
 }
+
+#: Actions whose pamsignal.detail is the news itself (sshd's reason, the
+#: refused file, or the throttling behind a brute force): shown.
+DETAIL_SHOWN = frozenset(("ssh_probe", "source_throttled",
+                          "key_file_refused", "brute_force_detected"))
 
 #: Longest value shown in an alert (a hostile user name can be huge).
 MAX_ALERT_VALUE_CHARS = 300
@@ -4236,6 +4250,7 @@ def alert_text(event, delay_s=0):
             else "")),
         ("Writer UID", event.writer_uid), ("Program", event.process_name),
         ("Claimed", event.claimed_action),
+        ("Detail", event.detail if event.action in DETAIL_SHOWN else None),
         ("Severity", "%d/10" % event_severity(event)),
         ("Host", event.hostname and event.hostname + (
             " (%s)" % event.host_provider if event.host_provider else "")),

@@ -330,3 +330,23 @@ def test_user_name_never_gives_the_source(form, user):
         assert event.detail == pamsignal.AMBIGUOUS
     else:
         assert event.user == user
+
+
+def test_new_kinds_say_what_happened():
+    refused = pamsignal.parse_entry(make_entry(
+        "sshd", "Authentication refused: bad ownership or modes for "
+        "directory /home/alice/.ssh"))
+    alert = pamsignal.alert_text(refused)
+    assert alert.title == "sshd refuses a key file on web1"
+    assert ("Detail", "bad ownership or modes for directory "
+            "/home/alice/.ssh") in alert.facts
+    assert "chmod" in alert.advice
+    probe = pamsignal.parse_entry(make_entry(
+        "sshd", "banner exchange: Connection from 203.0.113.5 port 5: "
+        "invalid format"))
+    assert pamsignal.render_text(probe).endswith(
+        "ssh_probe source=203.0.113.5:5 service=sshd reason=bad_banner "
+        "detail=\"invalid format\" host=web1")
+    # A failed login keeps its old line: no detail in it.
+    failed = pamsignal.parse_entry(make_entry("sshd", FAILED))
+    assert "detail=" not in pamsignal.render_text(failed)
