@@ -3275,10 +3275,12 @@ _RULE_NAMES = frozenset(("fast", "slow", "enumeration", "distributed",
                          "success", "probes"))
 
 #: Failures that are no guess at a credential: the MaxAuthTries disconnect
-#: and ROOT LOGIN REFUSED restate an attempt another line counts, and
-#: sudo's refusals are policy, not a wrong password.
-_NOT_GUESSES = frozenset(("max_attempts", "root_refused", "not_in_sudoers",
-                          "command_not_allowed", "password_required"))
+#: and ROOT LOGIN REFUSED restate an attempt another line counts, a change
+#: of user in mid-authentication is a protocol trick, and sudo's refusals
+#: are policy, not a wrong password.
+_NOT_GUESSES = frozenset(("max_attempts", "root_refused", "user_change",
+                          "not_in_sudoers", "command_not_allowed",
+                          "password_required"))
 
 #: Times further ahead than this are a clock that was wrong: dropped.
 _FUTURE_SLACK_US = 86400 * 1000000

@@ -350,3 +350,19 @@ def test_new_kinds_say_what_happened():
     # A failed login keeps its old line: no detail in it.
     failed = pamsignal.parse_entry(make_entry("sshd", FAILED))
     assert "detail=" not in pamsignal.render_text(failed)
+
+
+@pytest.mark.parametrize("message, guess", [
+    (CLOSED, True),  # keys offered: one guess per connection
+    ("pam_faillock(sshd:auth): Consecutive login failures for user alice "
+     "account temporarily locked", True),
+    ("Disconnecting invalid user admin 203.0.113.5 port 5: Change of "
+     "username or service not allowed: (admin,ssh-connection) -> "
+     "(root,ssh-connection) [preauth]", False),
+    ("error: maximum authentication attempts exceeded for alice from "
+     "203.0.113.5 port 5 ssh2 [preauth]", False),
+    ("refused connect from 203.0.113.5 (203.0.113.5)", False),
+])
+def test_what_counts_as_a_guess(message, guess):
+    event = pamsignal.parse_entry(make_entry("sshd", message))
+    assert pamsignal.is_guess(event._replace(pairing=None)) is guess
