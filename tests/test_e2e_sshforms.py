@@ -260,19 +260,6 @@ def test_forged_new_form_is_spoofed(forms_agent):
 # ------------------------------------------------- Debian 13, OpenSSH 10
 
 
-@pytest.fixture(scope="module")
-def tree(journald):
-    realsys.require_root()
-    if realsys.trixie_tree_complete():
-        return realsys.TRIXIE_TREE
-    if realsys.in_ci():
-        pytest.fail("the Debian 13 tree %s is missing; .ci/run builds it "
-                    "(python3 tests/realsys.py trixie-tree)"
-                    % realsys.TRIXIE_TREE, pytrace=False)
-    realsys.unavailable("no Debian 13 tree in %s (python3 tests/realsys.py "
-                        "trixie-tree)" % realsys.TRIXIE_TREE)
-
-
 def _text(value):
     if isinstance(value, list):
         return bytes(value).decode("utf-8", "replace")

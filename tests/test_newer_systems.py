@@ -67,25 +67,6 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures",
 # ---------------------------------------------------------------- the tree
 
 
-@pytest.fixture(scope="module")
-def tree(journald):
-    realsys.require_root()
-    if realsys.trixie_tree_complete():
-        return realsys.TRIXIE_TREE
-    if realsys.in_ci():
-        pytest.fail(
-            "the Debian 13 tree %s is missing or incomplete; .ci/run must "
-            "build it before the tests (python3 tests/realsys.py "
-            "trixie-tree)" % realsys.TRIXIE_TREE,
-            pytrace=False,
-        )
-    try:
-        path, _ = realsys.build_trixie_tree()
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-        realsys.unavailable("cannot build the Debian 13 tree: %s" % error)
-    return path
-
-
 def _text(value):
     if isinstance(value, list):
         return bytes(value).decode("utf-8", "replace")
