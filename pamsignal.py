@@ -1243,8 +1243,6 @@ _SSHD_ADDR_PORT_TAIL = re.compile(
 _ADDR_ONLY_TAIL = re.compile(r"(?P<addr>\S+)\Z")
 
 _LOG_PREFIXES = ("error: ", "fatal: ", "warning: ")
-_LOG_PREFIX = re.compile(r"^(?:error|fatal|warning): ")
-_LOG_SUFFIX = re.compile(r" \[(?:preauth|postauth)\]\Z")
 
 
 def _source(addr, port=None):
@@ -1516,8 +1514,8 @@ def _build_pam_message(match):
     `PAM: MESSAGE for [illegal user ]U from HOST[ via LOCAL]`. sshd writes
     it only in the keyboard-interactive conversation, so that is the
     method; the sshd line that may follow is the same attempt."""
-    illegal, rest = match.group("rest").startswith("illegal user "), \
-        match.group("rest")
+    rest = match.group("rest")
+    illegal = rest.startswith("illegal user ")
     if illegal:
         rest = rest[len("illegal user "):]
     fields, _ = _user_and_source(rest, _PAM_HOST_TAIL)
@@ -1552,7 +1550,9 @@ def _build_pam_auth_failure(match):
                 found.get("user") or None}
     if service != "sshd":
         return None
-    tail = _PAM_RHOST.search(pairs)
+    at = pairs.rfind("rhost=")  # the last: sshd's, after the others
+    tail = _PAM_RHOST.match(pairs, at - 1 if at > 0 else 0) \
+        if at >= 0 else None
     fields = _source(tail.group("rhost")) if tail else {}
     user = tail.group("user") if tail else \
         dict(_PAM_PAIR.findall(pairs)).get("user")
@@ -1607,7 +1607,8 @@ def _build_user_change(match):
     body = match.group("body")
     if body is None:  # before 7.9: no preamble, the connection knows
         return {"action": "login_failure", "reason": "user_change",
-                "pairing": "restate", "detail": match.group("change")}
+                "pairing": "restate",
+                "detail": match.group("change") or match.group("bare")}
     readings = []
     position = body.find(_USER_CHANGE)
     while position >= 0:
@@ -1640,12 +1641,21 @@ def _build_key_file_refused(match):
             "detail": match.group("why")}
 
 
+#: sshd's reason for dropping a connection -> event.reason: "past
+#: MaxStartups" (7.4-9.7), "past Maxstartups" (9.8), "Maxstartups" (10.x);
+#: "penalty: ..." or "too many penalised addresses" (9.8+).
+_THROTTLE_REASONS = ((re.compile(r"^penalty: |^too many penalised"),
+                      "penalty"),
+                     (re.compile(r"(?i)^(?:past )?maxstartups\Z"),
+                      "max_startups"))
+
+
 def _build_throttled(match):
     why = match.group("why")
     return dict(_source(match.group("addr"), match.group("port")),
                 action="source_throttled", detail=why,
-                reason="penalty" if why.startswith("penalty:") else
-                "max_startups" if why == "past MaxStartups" else "other",
+                reason=next((reason for pattern, reason in _THROTTLE_REASONS
+                             if pattern.search(why)), "other"),
                 destination_ip=normalise_address(match.group("laddr"))[0],
                 destination_port=parse_port(match.group("lport")))
 
@@ -1844,11 +1854,12 @@ def classify_message(family, message):
     """(rule, fields) for a message of a service family; fields is None for
     a recognised line that is not an event, rule is None when unknown."""
     if message.startswith(_LOG_PREFIXES):
-        message = _LOG_PREFIX.sub("", message, 1)
+        message = message[message.index(" ") + 1:]
     preauth = False
     if message.endswith("]"):
         preauth = message.endswith(" [preauth]")
-        message = _LOG_SUFFIX.sub("", message, 1)
+        if preauth or message.endswith(" [postauth]"):
+            message = message[:message.rindex(" [")]
     by_word, anywhere = _RULES_BY_FAMILY[family]
     for rule in by_word.get(_FIRST_WORD.match(message).group(0), anywhere):
         if (rule.name in _PREAUTH_ONLY and not preauth) or \
@@ -3139,9 +3150,11 @@ class SshAttempts:
                                            held.detail)
                 held = None
             out += self._released([held])
-        else:
+        else:  # a login: the connection's failures were all told
             out += self._released([held])
-        self._note(key, event, reported=event.action == "login_failure")
+            self.connections.pop(key, None)
+            return out + [event]
+        self._note(key, event, reported=True)
         return out + [event]
 
     def _merged_pam(self, key, event):
@@ -6039,11 +6052,15 @@ class Pipeline:
         event = parse_entry(entry)
         if event is not None:
             event = self.sudo_attempts.observe(event)
-        events = self.ssh_attempts.due(_entry_timestamp(entry) or 0) \
-            if self.ssh_attempts.held else []
+        attempts = self.ssh_attempts
+        sent = 0
+        if attempts.held:  # a held sshd failure whose wait is over
+            for released in attempts.due(_entry_timestamp(entry) or 0):
+                sent += self._process(released, now_s)
         if event is not None:
-            events += self.ssh_attempts.observe(event)
-        return sum(self._process(event, now_s) for event in events)
+            for paired in attempts.observe(event):
+                sent += self._process(paired, now_s)
+        return sent
 
     def _process(self, event, now_s):
         """Send one event and what it made the detectors find; returns how
