@@ -3099,8 +3099,8 @@ class SshAttempts:
       the event itself when the connection ends first, another line of
       the connection comes, or SSH_HOLD_US pass. The keyboard-interactive
       PAM child logs under its own PID: a held failure of a PID that
-      wrote nothing else is taken by the next failure for the same user
-      (or no user) and source.
+      wrote nothing else is taken by sshd's own `PAM: ...` line for the
+      same source and user (or no user).
     - "Invalid user X" is held too and merged into the first "Failed ...
       for invalid user X", so that an invalid user's guess is one event.
     - "end": the connection ended during authentication. Nothing when its
