@@ -435,8 +435,10 @@ def split_at_from(text, tail_pattern, accept=None, marker=" from "):
 # 5 model
 # ---------------------------------------------------------------------------
 
-#: Every field an event can carry. `context_key` is internal (ties lines of
-#: one process or session together: boot, PID, service) and never rendered.
+#: Every field an event can carry. `context_key` and `pairing` are internal
+#: and never rendered: the first ties lines of one process or session
+#: together (boot, PID, service), the second says how an sshd line pairs
+#: with the other lines of its connection (see SshAttempts).
 EVENT_FIELDS = (
     "timestamp_us", "action", "reason", "severity", "user", "user_id",
     "target_user", "source_ip", "source_domain", "source_port",
@@ -450,7 +452,7 @@ EVENT_FIELDS = (
     "unit", "dropped", "login_record",
     "source_as_number", "source_as_org", "source_country", "source_city",
     "source_network_type", "source_provider", "host_provider",
-    "cursor", "message", "context_key")
+    "cursor", "message", "context_key", "pairing")
 
 Event = collections.namedtuple("Event", EVENT_FIELDS)
 Event.__new__.__defaults__ = (None,) * len(EVENT_FIELDS)
@@ -470,6 +472,9 @@ ACTIONS = {
     "new_source": ("intrusion_detection", "info", "success", 6),
     "new_sudo_user": ("intrusion_detection", "info", "success", 7),
     "spoofed_entry": ("intrusion_detection", "info", "unknown", 8),
+    "ssh_probe": ("network", "connection", "unknown", 2),
+    "source_throttled": ("network", "denied", "failure", 4),
+    "key_file_refused": ("configuration", "info", "failure", 6),
     "alert_digest": ("intrusion_detection", "info", "unknown", 5),
     "alerts_dropped": ("intrusion_detection", "info", "failure", 6),
     "journal_suppressed": ("host", "info", "failure", 8),
@@ -482,13 +487,15 @@ ACTIONS = {
 #: What a small server does not alert on by default: it is counted (and
 #: detected as brute force), not sent one by one.
 ROUTINE_ACTIONS = frozenset(("login_failure", "session_opened",
-                             "session_closed"))
+                             "session_closed", "ssh_probe",
+                             "source_throttled"))
 
 #: The actions the parser gives; detection, policy and the runtime add
 #: the others.
 PARSED_ACTIONS = frozenset(("login_success", "login_failure",
                             "session_opened", "session_closed",
-                            "sudo_command", "spoofed_entry",
+                            "sudo_command", "spoofed_entry", "ssh_probe",
+                            "source_throttled", "key_file_refused",
                             "journal_suppressed"))
 
 #: What the agent says about itself: its configuration and its own health.
@@ -614,7 +621,7 @@ NO_THRESHOLD = Threshold(0, 0)
 DetectionConfig = collections.namedtuple(
     "DetectionConfig", "brute_force_fast brute_force_slow user_enumeration "
     "distributed_attack success_after_failures learning_period "
-    "login_records")
+    "login_records ssh_probes")
 
 #: The MaxMind DB files of [geoip]; None where a field is off.
 GeoipConfig = collections.namedtuple("GeoipConfig",
@@ -1104,6 +1111,7 @@ DETECTION_OPTIONS = collections.OrderedDict((
     ("success_after_failures", (_threshold, "3 in 1h")),
     ("learning_period", (_duration_s, "7d")),
     ("login_records", (_login_records, "auto")),
+    ("ssh_probes", (_threshold, "off")),
 ))
 
 #: [alerts] keys, which a [channel:NAME] may override: key -> (validator,
@@ -1620,7 +1628,9 @@ _METHOD_REASONS = {"password": "bad_password",
                    "publickey": "bad_key", "hostbased": "bad_key",
                    "none": "no_credentials"}
 
-_KEY = r"[A-Za-z0-9@._-]+ (?:SHA256|MD5):[A-Za-z0-9+/=:]+"
+#: A key as sshd names it: type and fingerprint (before 6.8 a bare MD5).
+_KEY = (r"[A-Za-z0-9@._-]+ (?:(?:SHA256|MD5):[A-Za-z0-9+/=:]+|"
+        r"[0-9a-f]{2}(?::[0-9a-f]{2}){15})")
 #: What sshd writes after "ssh2: ": a key, a certificate with its ID, or
 #: (hostbased) a key with the client's claimed user and host.
 _KEY_INFO = re.compile(
@@ -1628,15 +1638,18 @@ _KEY_INFO = re.compile(
     r"CA (?P<ca>%s)|(?P<client>, client user \"[^\"]*\", "
     r"client host \"[^\"]*\"))?\Z" % (_KEY, _KEY))
 #: What sshd writes after the user name in an auth_log() line.
-_SSHD_AUTH_TAIL = re.compile(r"(?P<addr>\S+) port (?P<port>\d+) ssh2"
-                             r"(?:: (?P<info>.*))?\Z")
+_SSHD_AUTH_TAIL = re.compile(r"(?P<addr>\S+) port (?P<port>\d+)"
+                             r"(?: ssh[12](?:: (?P<info>.*))?)?\Z")
+#: The same written by builds that leave out port and protocol: trusted
+#: only when no reading with a port exists.
+_SSHD_BARE_TAIL = re.compile(r"(?P<addr>\S+)\Z")
+#: What sshd writes after the user name in its PAM error line.
+_PAM_HOST_TAIL = re.compile(r"(?P<addr>\S+)(?: via \S+)?\Z")
 _SSHD_ADDR_PORT_TAIL = re.compile(
     r"(?P<addr>\S+)(?: port (?P<port>\d+))?\Z")
 _ADDR_ONLY_TAIL = re.compile(r"(?P<addr>\S+)\Z")
 
 _LOG_PREFIXES = ("error: ", "fatal: ", "warning: ")
-_LOG_PREFIX = re.compile(r"^(?:error|fatal|warning): ")
-_LOG_SUFFIX = re.compile(r" \[(?:preauth|postauth)\]\Z")
 
 
 def _source(addr, port=None):
@@ -1684,7 +1697,7 @@ def _user_and_source(rest, tail_pattern, accept=None, account=False):
 
 def _known_key_info(tail):
     """The text after "ssh2: " is a key sshd writes (or absent)."""
-    info = tail.group("info")
+    info = tail.groupdict().get("info")
     return info is None or _KEY_INFO.match(info) is not None
 
 
@@ -1699,11 +1712,14 @@ def _build_auth_log(match):
         fields, tail = _user_and_source(rest, _SSHD_AUTH_TAIL,
                                         account=not invalid)
     if fields is None:
+        fields, tail = _user_and_source(rest, _SSHD_BARE_TAIL,
+                                        account=not invalid)
+    if fields is None:
         return None
     if verb == "Failed" and invalid and method == "none":
         return None  # the probe the "Invalid user" line already reported
     fields["auth_method"] = method
-    info = tail.group("info") if tail is not None else None
+    info = tail.groupdict().get("info") if tail is not None else None
     key_info = _KEY_INFO.match(info) if info else None
     if key_info is not None:
         fields.update(key=key_info.group("key"),
@@ -1779,19 +1795,6 @@ def _build_session_closed(match):
 
 
 _PAM_PAIR = re.compile(r"(\w+)=(\S*)")
-
-
-def _build_pam_auth_failure(match):
-    """pam_unix's own failure line counts only where the service writes no
-    line per attempt itself (sudo); sshd, su and login do."""
-    if match.group("pam_service") not in ("sudo", "sudo-i"):
-        return None
-    # No source: sudo sets PAM's rhost to this very host, if at all.
-    pairs = dict(_PAM_PAIR.findall(match.group("pairs")))
-    return {"action": "login_failure", "reason": "bad_password",
-            "service": "sudo", "tty": pairs.get("tty") or None,
-            "user": pairs.get("ruser") or pairs.get("logname") or
-            pairs.get("user") or None}
 
 
 _SUDO_FAILURES = (
@@ -1913,6 +1916,168 @@ def _build_logind_removed(match):
     return {"action": "session_closed", "session_id": match.group("session")}
 
 
+def _build_pam_message(match):
+    """sshd's own report of a PAM failure (auth-pam.c, every version):
+    `PAM: MESSAGE for [illegal user ]U from HOST[ via LOCAL]`. sshd writes
+    it only in the keyboard-interactive conversation, so that is the
+    method; the sshd line that may follow is the same attempt."""
+    rest = match.group("rest")
+    illegal = rest.startswith("illegal user ")
+    if illegal:
+        rest = rest[len("illegal user "):]
+    fields, _ = _user_and_source(rest, _PAM_HOST_TAIL)
+    if fields is None:
+        return None
+    why = match.group("why")
+    unknown = illegal or why.startswith(("User not known", "unknown user"))
+    return dict(fields, action="login_failure", pairing="pam",
+                auth_method="keyboard-interactive/pam", detail="PAM: " + why,
+                reason="invalid_user" if unknown else "bad_password")
+
+
+#: The end of pam_unix's (and pam_sss's) failure line: `rhost=H  user=U`;
+#: the user (an existing account, so without white space) is left out for
+#: an unknown one.
+_PAM_RHOST = re.compile(r"(?:^| )rhost=(?P<rhost>\S*)"
+                        r"(?:\s+user=(?P<user>\S*))?\s*\Z")
+
+
+def _build_pam_auth_failure(match):
+    """A PAM module's own failure line. It counts for sudo, which writes no
+    line per attempt itself; for sshd it is held and paired with sshd's
+    line for the same attempt (SshAttempts); su and login write their own."""
+    service = match.group("pam_service")
+    pairs = match.group("pairs")
+    if service in ("sudo", "sudo-i"):
+        # No source: sudo sets PAM's rhost to this very host, if at all.
+        found = dict(_PAM_PAIR.findall(pairs))
+        return {"action": "login_failure", "reason": "bad_password",
+                "service": "sudo", "tty": found.get("tty") or None,
+                "user": found.get("ruser") or found.get("logname") or
+                found.get("user") or None}
+    if service != "sshd":
+        return None
+    at = pairs.rfind("rhost=")  # the last: sshd's, after the others
+    tail = _PAM_RHOST.match(pairs, at - 1 if at > 0 else 0) \
+        if at >= 0 else None
+    fields = _source(tail.group("rhost")) if tail else {}
+    user = tail.group("user") if tail else \
+        dict(_PAM_PAIR.findall(pairs)).get("user")
+    return dict(fields, action="login_failure", reason="bad_password",
+                pairing="pam", user=user or None,
+                detail="%s: authentication failure" % match.group("module"))
+
+
+def _build_pam_lockout(match):
+    """pam_faillock / pam_tally2 refusing a locked account (sshd's Failed
+    line for the same attempt follows)."""
+    if match.group("pam_service") != "sshd":
+        return None
+    return {"action": "login_failure", "reason": "locked_out",
+            "pairing": "pam",
+            "user": match.group("user") or match.group("tally_user"),
+            "detail": "%s: account locked" % match.group("module")}
+
+
+def _build_connection_end(match):
+    """The connection ended during authentication (`Connection closed by
+    authenticating user U H port N` and its kin; 7.9+ name the user)."""
+    groups = match.groupdict()
+    who = groups.get("who")
+    return dict(_source(groups["addr"], groups["port"]),
+                action="login_failure", pairing="end",
+                reason={"invalid": "invalid_user",
+                        "authenticating": "key_probe"}.get(who),
+                user=groups.get("user") or None, detail=groups.get("why"))
+
+
+def _build_too_many(match):
+    """The MaxAuthTries disconnect; before 7.9 it names no address, which
+    then comes from the connection's earlier lines (SshAttempts)."""
+    groups = match.groupdict()
+    fields = _source(groups["addr"], groups["port"]) if groups["addr"] \
+        else {}
+    return dict(fields, action="login_failure", reason="max_attempts",
+                pairing="restate",
+                user=groups["user"] if groups["who"] else groups["old_user"])
+
+
+_USER_CHANGE = ": Change of username or service not allowed: "
+_CONNECTION_ID = re.compile(r"(?P<who>authenticating|invalid) user "
+                            r"(?P<user>.*) (?P<addr>\S+) port (?P<port>\d+)\Z")
+
+
+def _build_user_change(match):
+    """A client that switched user or service in mid-authentication. Both
+    the preamble's user and the names in the message are the client's
+    text: a reading counts only if it is the only one."""
+    body = match.group("body")
+    if body is None:  # before 7.9: no preamble, the connection knows
+        return {"action": "login_failure", "reason": "user_change",
+                "pairing": "restate",
+                "detail": match.group("change") or match.group("bare")}
+    readings = []
+    position = body.find(_USER_CHANGE)
+    while position >= 0:
+        connection = _CONNECTION_ID.match(body[:position])
+        if connection is not None:
+            readings.append((connection, body[position + 2:]))
+        position = body.find(_USER_CHANGE, position + 1)
+    if len(readings) != 1:
+        return {"action": "login_failure", "reason": "user_change",
+                "pairing": "restate", "detail": AMBIGUOUS}
+    connection, change = readings[0]
+    return dict(_source(connection.group("addr"), connection.group("port")),
+                action="login_failure", reason="user_change",
+                pairing="restate", user=connection.group("user"),
+                detail=change)
+
+
+def _build_tcp_wrappers(match):
+    """libwrap's refusal: `refused connect from HOST (ADDR)` or ADDR alone."""
+    addr = match.group("addr") or match.group("host")
+    fields = _source(addr)
+    if match.group("addr") and fields["source_domain"] is None:
+        fields["source_domain"] = normalise_address(match.group("host"))[1]
+    return dict(fields, action="login_failure", reason="not_allowed",
+                detail="refused by tcp_wrappers (hosts.allow, hosts.deny)")
+
+
+def _build_key_file_refused(match):
+    return {"action": "key_file_refused", "user": match.group("user"),
+            "detail": match.group("why")}
+
+
+#: sshd's reason for dropping a connection -> event.reason: "past
+#: MaxStartups" (7.4-9.7), "past Maxstartups" (9.8), "Maxstartups" (10.x);
+#: "penalty: ..." or "too many penalised addresses" (9.8+).
+_THROTTLE_REASONS = ((re.compile(r"^penalty: |^too many penalised"),
+                      "penalty"),
+                     (re.compile(r"(?i)^(?:past )?maxstartups\Z"),
+                      "max_startups"))
+
+
+def _build_throttled(match):
+    why = match.group("why")
+    return dict(_source(match.group("addr"), match.group("port")),
+                action="source_throttled", detail=why,
+                reason=next((reason for pattern, reason in _THROTTLE_REASONS
+                             if pattern.search(why)), "other"),
+                destination_ip=normalise_address(match.group("laddr"))[0],
+                destination_port=parse_port(match.group("lport")))
+
+
+def _probe(reason):
+    """A builder of the pre-authentication probe `reason`."""
+    def build(match):
+        groups = match.groupdict()
+        fields = _source(groups["addr"] or groups.get("conn_addr"),
+                         groups.get("port"))
+        return dict(fields, action="ssh_probe", reason=reason,
+                    detail=groups.get("why"))
+    return build
+
+
 Rule = collections.namedtuple("Rule", "family name words pattern build")
 Rule.__doc__ = """One message form: the family of identifiers it applies to
 ("pam" applies to all), a name, the first words its lines can start with
@@ -1938,12 +2103,72 @@ RULES = (
     Rule("sshd", "max_attempts", ("maximum",), re.compile(
         r"^maximum authentication attempts exceeded for (?P<rest>.*)\Z"),
         _build_max_attempts),
-    Rule("sshd", "too_many_failures", ("Disconnecting",), re.compile(
-        r"^Disconnecting\b.*: Too many authentication failures"),
-        _companion),
-    Rule("sshd", "pam_failure_summary", ("PAM", "PAM:"), re.compile(
-        r"^PAM(?::)? (?:Authentication failure for |\d+ more authentication"
-        r" failures?)"), _companion),
+    Rule("sshd", "too_many_failures", ("Disconnecting", "Disconnecting:"),
+         re.compile(r"^Disconnecting(?: (?P<who>authenticating|invalid) user"
+                    r" (?P<user>.*) (?P<addr>\S+) port (?P<port>\d+))?: Too "
+                    r"many authentication failures(?: for (?P<old_user>.*))?"
+                    r"\Z"), _build_too_many),
+    Rule("sshd", "user_change", ("Disconnecting", "Disconnecting:",
+                                 "Change"), re.compile(
+        r"^(?:Disconnecting(?: (?P<body>.*: Change of username or service "
+        r"not allowed: .*)|: (?P<change>Change of username"
+        r" or service not allowed: .*))|(?P<bare>Change of username or "
+        r"service not allowed: .*))\Z"), _build_user_change),
+    Rule("sshd", "pam_message", ("PAM:",), re.compile(
+        r"^PAM: (?P<why>[Aa]uthentication (?:failure|error)|User not"
+        r" known to the underlying authentication module|unknown user|"
+        r"Authentication service cannot retrieve authentication info|"
+        r"Maximum number of tries exceeded) for (?P<rest>.*)\Z"),
+        _build_pam_message),
+    Rule("sshd", "pam_failure_summary", ("PAM",), re.compile(
+        r"^PAM \d+ more authentication failures?"), _companion),
+    Rule("sshd", "connection_end", ("Connection", "Disconnected"),
+         re.compile(
+             r"^(?:Connection (?:closed|reset) by|Disconnected from) "
+             r"(?P<who>authenticating|invalid) user (?P<user>.*) "
+             r"(?P<addr>\S+) port (?P<port>\d+)\Z"), _build_connection_end),
+    Rule("sshd", "received_disconnect", ("Received",), re.compile(
+        r"^Received disconnect from (?P<addr>\S+?)(?: port (?P<port>\d+))?"
+        r": ?(?P<why>\d+: .*)\Z"), _build_connection_end),
+    Rule("sshd", "received_auth_fail", ("Received",), re.compile(
+        r"^Received disconnect from (?P<addr>\S+?)(?: port (?P<port>\d+))?"
+        r": ?(?P<why>(?:3: .*Auth fail|14: No (?:supported )?authentication "
+        r"methods available))\Z"), _build_connection_end),
+    Rule("sshd", "closed_before_auth", ("Connection", "Disconnected"),
+         re.compile(r"^(?:Connection (?:closed|reset) by|Disconnected from) "
+                    r"(?P<addr>\S+)(?: port (?P<port>\d+))?\Z"),
+         _build_connection_end),
+    Rule("sshd", "closed_at_banner", ("Connection",), re.compile(
+        r"^Connection (?P<why>closed|reset) by (?P<addr>\S+) port "
+        r"(?P<port>\d+)\Z"), _probe("no_identification")),
+    Rule("sshd", "no_identification", ("Did",), re.compile(
+        r"^Did not receive identification string from (?P<addr>\S+)"
+        r"(?: port (?P<port>\d+))?\Z"), _probe("no_identification")),
+    Rule("sshd", "bad_banner", ("banner",), re.compile(
+        r"^banner exchange: Connection from (?P<addr>\S+) port "
+        r"(?P<port>\d+): (?P<why>.*)\Z"), _probe("bad_banner")),
+    Rule("sshd", "bad_version", ("Bad",), re.compile(
+        r"^Bad protocol version identification '(?P<why>.*)' from "
+        r"(?P<addr>\S+)(?: port (?P<port>\d+))?\Z"), _probe("bad_banner")),
+    Rule("sshd", "kex_identification", ("kex_exchange_identification:",),
+         re.compile(r"^kex_exchange_identification: "), _companion),
+    Rule("sshd", "no_matching_algorithm", ("Unable",), re.compile(
+        r"^Unable to negotiate with (?P<addr>\S+) port (?P<port>\d+): "
+        r"(?P<why>no matching .*)\Z"), _probe("no_matching_algorithm")),
+    Rule("sshd", "auth_timeout", ("Timeout",), re.compile(
+        r"^Timeout before authentication for (?:connection from "
+        r"(?P<conn_addr>\S+) to \S+, pid = \d+(?: \(early\))?|(?P<addr>\S+)"
+        r"(?: port (?P<port>\d+))?)\Z"), _probe("auth_timeout")),
+    Rule("sshd", "throttled", ("drop",), re.compile(
+        r"^drop connection #\d+ from \[(?P<addr>[^\]\s]+)\]:(?P<port>\d+) "
+        r"on \[(?P<laddr>[^\]\s]+)\]:(?P<lport>\d+) (?P<why>.+)\Z"),
+        _build_throttled),
+    Rule("sshd", "tcp_wrappers", ("refused",), re.compile(
+        r"^refused connect from (?P<host>[^\s()]+)"
+        r"(?: \((?P<addr>[^\s()]+)\))?\Z"), _build_tcp_wrappers),
+    Rule("sshd", "key_file_refused", ("Authentication",), re.compile(
+        r"^Authentication refused(?: for (?P<user>\S+))?: (?P<why>bad "
+        r"owner(?:ship)? or modes for .*)\Z"), _build_key_file_refused),
     Rule("sshd", "input_userauth_invalid", ("input_userauth_request:",),
          re.compile(r"^input_userauth_request: invalid user "), _companion),
     Rule("pam", "session_opened", ("pam_unix",), re.compile(
@@ -1953,9 +2178,15 @@ RULES = (
     Rule("pam", "session_closed", ("pam_unix",), re.compile(
         _PAM_HEAD + r"session\): session closed for user (?P<user>\S+?)"
         r"(?:\(uid=\d+\))?\Z"), _build_session_closed),
-    Rule("pam", "auth_failure", ("pam_unix",), re.compile(
-        _PAM_HEAD + r"auth\): authentication failure; (?P<pairs>.*)\Z"),
-        _build_pam_auth_failure),
+    Rule("pam", "auth_failure", ("pam_unix", "pam_sss", "pam_ldap"),
+         re.compile(r"^(?P<module>pam_unix|pam_sss|pam_ldap)\((?P<pam_service>"
+                    r"[^:()\s]+):auth\): [Aa]uthentication failure; "
+                    r"(?P<pairs>.*)\Z"), _build_pam_auth_failure),
+    Rule("pam", "lockout", ("pam_faillock", "pam_tally"), re.compile(
+        r"^(?P<module>pam_faillock|pam_tally2?)\((?P<pam_service>[^:()\s]+)"
+        r":auth\): (?:Consecutive login failures for user (?P<user>\S+) "
+        r"account temporarily locked|user (?P<tally_user>\S+) \(\d+\) "
+        r"tally \d+, deny \d+)\Z"), _build_pam_lockout),
     Rule("pam", "check_pass", ("pam_unix",), re.compile(
         _PAM_HEAD + r"auth\): check pass; user unknown\Z"), _companion),
     Rule("sudo", "continued", None, re.compile(
@@ -2013,15 +2244,34 @@ _RULES_BY_FAMILY = {
 }
 
 
+#: Rules for lines that mean what they say only when sshd's monitor wrote
+#: them for its pre-authentication child (" [preauth]"): after login, the
+#: user's own sshd process writes the same words when the session ends.
+_PREAUTH_ONLY = frozenset(("received_disconnect", "closed_before_auth"))
+# (received_auth_fail: "Auth fail" can only come before login.)
+#: ... and only without it: closed while the banners were exchanged.
+_NOT_PREAUTH = frozenset(("closed_at_banner",))
+#: Rules for lines that a logged-in user's own sshd process may write too
+#: (OpenSSH before 7.9 ends a session with "Connection closed by H port
+#: N"): from a writer that is not sshd they are ignored, not forgeries.
+_USER_MAY_WRITE = frozenset(("closed_at_banner",))
+
+
 def classify_message(family, message):
     """(rule, fields) for a message of a service family; fields is None for
     a recognised line that is not an event, rule is None when unknown."""
     if message.startswith(_LOG_PREFIXES):
-        message = _LOG_PREFIX.sub("", message, 1)
+        message = message[message.index(" ") + 1:]
+    preauth = False
     if message.endswith("]"):
-        message = _LOG_SUFFIX.sub("", message, 1)
+        preauth = message.endswith(" [preauth]")
+        if preauth or message.endswith(" [postauth]"):
+            message = message[:message.rindex(" [")]
     by_word, anywhere = _RULES_BY_FAMILY[family]
     for rule in by_word.get(_FIRST_WORD.match(message).group(0), anywhere):
+        if (rule.name in _PREAUTH_ONLY and not preauth) or \
+                (rule.name in _NOT_PREAUTH and preauth):
+            continue
         match = rule.pattern.match(message)
         if match is not None:
             return rule, rule.build(match)
@@ -2124,6 +2374,8 @@ def parse_entry(entry, read_at_us=0):
               "cursor": journal_text(entry.get("__CURSOR")),
               "message": message.rstrip("\n")}
     if not genuine:
+        if rule.name in _USER_MAY_WRITE:
+            return None
         return Event(action="spoofed_entry", service=service.name,
                      writer_uid=parse_int(journal_text(entry.get("_UID"))),
                      process_name=journal_text(entry.get("_COMM")),
@@ -3281,15 +3533,235 @@ class SudoAttempts:
             saved, lambda count: count if type(count) is int else None)
 
 
+#: How long a PAM failure waits for sshd's own line of the same attempt
+#: (pam_faildelay makes it about 2 s), in the events' own time.
+SSH_HOLD_US = 10 * 1000000
+
+#: Event fields a held event keeps across a restart.
+_HELD_FIELDS = tuple(field for field in EVENT_FIELDS
+                     if field not in ("users_tried", "sources"))
+
+
+def _held_to_state(event):
+    return {field: value for field, value in zip(EVENT_FIELDS, event)
+            if value is not None and field in _HELD_FIELDS}
+
+
+def _held_from_state(saved):
+    if not isinstance(saved, dict) or type(saved.get("timestamp_us")) \
+            is not int or saved.get("action") != "login_failure":
+        return None
+    fields = {field: value for field, value in saved.items()
+              if field in _HELD_FIELDS and
+              isinstance(value, (str, int, float)) and
+              not isinstance(value, bool)}
+    return Event(**fields)
+
+
+class SshAttempts:
+    """One attempt, one event, for sshd: pairs the lines of a connection
+    (one sshd process, its context_key) by their `pairing`.
+
+    - "pam": a PAM failure is held until sshd's own line for the attempt
+      (Failed ..., maximum ..., not allowed ...) replaces it; it becomes
+      the event itself when the connection ends first, another line of
+      the connection comes, or SSH_HOLD_US pass. The keyboard-interactive
+      PAM child logs under its own PID: a held failure of a PID that
+      wrote nothing else is taken by sshd's own `PAM: ...` line for the
+      same source and user (or no user).
+    - "Invalid user X" is held too and merged into the first "Failed ...
+      for invalid user X", so that an invalid user's guess is one event.
+    - "end": the connection ended during authentication. Nothing when its
+      attempts were reported; a `key_probe` when a user was being
+      authenticated and no failure was logged (sshd logs every password
+      failure, so only offered keys fail silently).
+    - "restate": the MaxAuthTries disconnect (nothing after sshd's
+      "maximum authentication attempts" line) and the change of user;
+      the address comes from the connection when the line has none.
+    """
+
+    def __init__(self, limit=MAX_OPEN_SESSIONS):
+        self.connections = BoundedTable(limit)  # key -> what it reported
+        self.held = BoundedTable(limit)  # key -> Event, oldest first
+        self.loose = BoundedTable(limit)  # source -> keys of lone PAM PIDs
+
+    def observe(self, event):
+        """The events to send now for this one (a list, often [event])."""
+        if event.service != "sshd" or event.context_key is None or \
+                event.action not in ("login_failure", "login_success"):
+            return [event] if event.pairing is None else []
+        key, pairing = event.context_key, event.pairing
+        out = []
+        if pairing == "pam":
+            self._hold(key, self._merged_pam(key, event))
+            return out
+        held = self.held.pop(key, None)
+        if event.reason == "invalid_user" and pairing is None and \
+                event.auth_method is None:  # "Invalid user X from H"
+            out += self._released([held])
+            self.held.put(key, event)
+            self._note(key, event, reported=False)
+            return out
+        if pairing == "end":
+            return self._ended(key, event, held)
+        connection = self.connections.get(key) or {}
+        if pairing == "restate":
+            out += self._released([held])
+            if event.reason == "max_attempts" and connection.get("max"):
+                return out
+            event = self._completed(event, connection)
+        elif event.action == "login_failure":
+            if held is not None and (held.pairing == "pam" or
+                                     event.reason == "invalid_user"):
+                if held.reason == "locked_out":  # worth keeping
+                    event = event._replace(detail=event.detail or
+                                           held.detail)
+                held = None
+            out += self._released([held])
+        else:  # a login: the connection's failures were all told
+            out += self._released([held])
+            self.connections.pop(key, None)
+            return out + [event]
+        self._note(key, event, reported=True)
+        return out + [event]
+
+    def _merged_pam(self, key, event):
+        """A PAM failure, joined with what is held for the same attempt."""
+        held = self.held.pop(key, None)
+        if held is None and event.auth_method is not None:
+            held = self._lone_pam(event)  # sshd's own PAM line
+        if held is None:
+            return event
+        if held.pairing != "pam":  # the Invalid user line came first
+            return event._replace(
+                user=event.user or held.user, reason="invalid_user",
+                source_port=event.source_port or held.source_port)
+        first, second = (event, held) if event.auth_method else (held, event)
+        return first._replace(
+            user=first.user or second.user,
+            source_ip=first.source_ip or second.source_ip,
+            source_domain=first.source_domain or second.source_domain)
+
+    def _lone_pam(self, event):
+        """The held PAM failure of another PID that wrote nothing else, for
+        the same source and user (or no user): the keyboard-interactive
+        child's pam_unix line, which sshd's `PAM: ...` line repeats."""
+        source = event.source_ip or event.source_domain
+        keys = self.loose.get(source) or []
+        for key in keys:
+            held = self.held.get(key)
+            if held is not None and held.user in (None, event.user):
+                keys.remove(key)
+                return self.held.pop(key)
+        return None
+
+    def _ended(self, key, event, held):
+        # "Received disconnect" (it has the client's words as detail) is
+        # followed by the connection's last line: remember it until then.
+        last = event.detail is None
+        connection = (self.connections.pop(key, None) if last else
+                      self.connections.get(key)) or {}
+        if held is not None:
+            return self._released([held._replace(
+                source_port=held.source_port or event.source_port)],
+                note=not last)
+        if connection.get("failures") or event.user is None and not (
+                event.detail or "").startswith(("3: ", "14: ")):
+            return []
+        if event.reason == "invalid_user" and connection.get("invalid"):
+            return []
+        probe = event._replace(pairing=None,
+                               reason=event.reason or "key_probe")
+        if not last:
+            self._note(key, probe, reported=True)
+        return [probe]
+
+    @staticmethod
+    def _completed(event, connection):
+        """A restating line, with the connection's source and user."""
+        fields = {field: connection.get(field) for field in (
+            "user", "source_ip", "source_domain", "source_port")
+            if getattr(event, field) is None}
+        return event._replace(pairing=None, **fields)
+
+    def _note(self, key, event, reported):
+        connection = self.connections.get(key) or {"failures": 0}
+        for field in ("user", "source_ip", "source_domain", "source_port"):
+            value = getattr(event, field)
+            if value is not None:
+                connection[field] = value
+        if reported:
+            connection["failures"] += 1
+        connection["max"] = connection.get("max") or \
+            event.reason == "max_attempts"
+        connection["invalid"] = connection.get("invalid") or \
+            event.reason == "invalid_user"
+        self.connections.put(key, connection)
+
+    def _hold(self, key, event):
+        self.held.put(key, event)
+        source = event.source_ip or event.source_domain
+        if event.auth_method is None and source and \
+                key not in self.connections:
+            keys = [k for k in self.loose.get(source) or () if k in self.held]
+            self.loose.put(source, keys[-7:] + [key])
+
+    def _released(self, events, note=True):
+        """Held events that become events of their own now."""
+        out = []
+        for held in events:
+            if held is None:
+                continue
+            held = held._replace(pairing=None)
+            if note:
+                self._note(held.context_key, held,
+                           reported=held.auth_method is not None or
+                           held.reason != "invalid_user")
+            out.append(held)
+        return out
+
+    def due(self, now_us):
+        """Held events older than SSH_HOLD_US at `now_us` (event time)."""
+        out = []
+        while self.held:
+            key, held = next(iter(self.held.items()))
+            if held.timestamp_us > now_us - SSH_HOLD_US:
+                break
+            del self.held[key]
+            out += self._released([held])
+        return out
+
+    def drain(self):
+        """Every held event (the end of a scan)."""
+        held, self.held = list(self.held.values()), BoundedTable(
+            self.held.limit)
+        return self._released(held)
+
+    def to_state(self):
+        return {"held": [[key, _held_to_state(event)]
+                         for key, event in self.held.items()],
+                "connections": self.connections.to_state()}
+
+    def load_state(self, saved):
+        saved = saved if isinstance(saved, dict) else {}
+        self.held.load_state(saved.get("held"), _held_from_state)
+        self.connections.load_state(
+            saved.get("connections"),
+            lambda value: value if isinstance(value, dict) and
+            type(value.get("failures")) is int else None)
+
+
 #: The rules that remember when they last fired, per counter.
 _RULE_NAMES = frozenset(("fast", "slow", "enumeration", "distributed",
-                         "success"))
+                         "success", "probes"))
 
 #: Failures that are no guess at a credential: the MaxAuthTries disconnect
-#: and ROOT LOGIN REFUSED restate an attempt another line counts, and
-#: sudo's refusals are policy, not a wrong password.
-_NOT_GUESSES = frozenset(("max_attempts", "root_refused", "not_in_sudoers",
-                          "command_not_allowed", "password_required"))
+#: and ROOT LOGIN REFUSED restate an attempt another line counts, a change
+#: of user in mid-authentication is a protocol trick, and sudo's refusals
+#: are policy, not a wrong password.
+_NOT_GUESSES = frozenset(("max_attempts", "root_refused", "user_change",
+                          "not_in_sudoers", "command_not_allowed",
+                          "password_required"))
 
 #: Times further ahead than this are a clock that was wrong: dropped.
 _FUTURE_SLACK_US = 86400 * 1000000
@@ -3408,7 +3880,8 @@ class FailureDetector:
         self.enumeration = settings.user_enumeration
         self.distributed = settings.distributed_attack
         self.success = settings.success_after_failures
-        rules = [t for _, t in self.windows] + [self.success]
+        self.probes = settings.ssh_probes
+        rules = [t for _, t in self.windows] + [self.success, self.probes]
         self.keep = max([t.attempts for t in rules] + [1])
         self.keep_distinct = max(self.enumeration.attempts,
                                  self.distributed.attempts, 1)
@@ -3418,11 +3891,17 @@ class FailureDetector:
         self.fires_at_once = any(t.attempts == 1 for _, t in self.windows)
         self.probation = BoundedTable(limit)
         self.counters = BoundedTable(limit)
+        self.throttled = BoundedTable(limit)  # source -> (time, why)
 
     def observe(self, event):
         """Detections the event gives rise to (a list, often empty)."""
         if event.action == "login_failure":
-            return self._failure(event)
+            return self._with_throttling(event, self._failure(event))
+        if event.action == "ssh_probe" and self.probes.attempts:
+            return self._probe(event)
+        if event.action == "source_throttled" and event.source_ip:
+            self.throttled.put(event.source_ip, (event.timestamp_us,
+                                                 event.detail))
         if event.action == "login_success" and self.success.attempts:
             return self._judge_success(event)
         return []
@@ -3500,6 +3979,35 @@ class FailureDetector:
                                          "distributed_attack")
         return found
 
+    def _with_throttling(self, event, found):
+        """A brute force from a source sshd itself throttled (9.8+
+        PerSourcePenalties, MaxStartups) says so in pamsignal.detail."""
+        throttled = self.throttled.get(event.source_ip) if found else None
+        if throttled is None or not _in_window(
+                throttled[0], event.timestamp_us + 1, self.horizon_us):
+            return found
+        note = "sshd throttled this source: %s" % throttled[1]
+        return [detection._replace(detail=note)
+                if detection.counted_by in ("source", "network") else
+                detection for detection in found]
+
+    def _probe(self, event):
+        """Pre-authentication probes from one source, when counted."""
+        source = event.source_ip or event.source_domain
+        if not source:
+            return []
+        now, key = event.timestamp_us, "probes " + source
+        record = self.counters.pop(key, None) or _full_record(
+            self.probation.pop(key, None)) or {"times": [], "users": [],
+                                               "fired": {}}
+        self._add_times(record["times"], now, 1)
+        (self.counters if len(record["times"]) > 1 else
+         self.probation).put(key, record)
+        window_us = self.probes.window_s * 1000000
+        seen = _times_between(record["times"], now - window_us, now)
+        return self._fire_once(event, "probes", self.probes, [
+            ("source", source, record, seen)], "repeated_probes")
+
     def _fire_once(self, event, rule, threshold, candidates, reason):
         """One detection from the most specific counter that crossed; all
         that crossed with it are marked, so one attack is one alert."""
@@ -3553,6 +4061,7 @@ class FailureDetector:
         where = {"source": "from %s" % value, "network": "from %s" % value,
                  "user": "for %s" % value}[kind]
         what = {"repeated_failures": "%d failed logins",
+                "repeated_probes": "%d pre-authentication probes",
                 "user_enumeration": "%d invalid user names tried",
                 "distributed_attack": "%d sources failed to log in"}[reason]
         names = seen if reason == "user_enumeration" else users
@@ -4155,7 +4664,9 @@ def event_text(event):
         ("record", event.login_record),
         ("repeat", event.repeat),
         ("writer_uid", event.writer_uid), ("program", event.process_name),
-        ("claimed", event.claimed_action), ("host", event.hostname),
+        ("claimed", event.claimed_action),
+        ("detail", event.detail if event.action in DETAIL_SHOWN else None),
+        ("host", event.hostname),
         ("journal_time", event.journal_time),
         ("host_provider", event.host_provider),
     ]
@@ -4446,7 +4957,9 @@ ALERT_HEADLINES = {
     "new_source": "Login from a new network",
     "new_sudo_user": "First sudo by this user",
     "spoofed_entry": "Forged log entry", "alert_digest": "Alerts held back",
-    "alerts_dropped": "Alerts lost",
+    "alerts_dropped": "Alerts lost", "ssh_probe": "SSH probe",
+    "source_throttled": "sshd throttled a source",
+    "key_file_refused": "sshd refuses a key file",
     "journal_suppressed": "Login lines dropped by the journal",
     "unaccounted_session": "Session with no login in the journal",
 }
@@ -4478,7 +4991,17 @@ ALERT_ADVICE = {
         "The login records show this session but the journal held no "
         "login for it (lines dropped or removed): confirm with the user, "
         "and check `last` and the sshd log around that time."),
+    "key_file_refused": (
+        "Key logins through this file fail (StrictModes): the home "
+        "directory, ~/.ssh and the key file must belong to the user and "
+        "not be writable by group or others (chmod go-w ~ ~/.ssh; "
+        "chmod 600 ~/.ssh/authorized_keys)."),
 }
+
+#: Actions whose pamsignal.detail is the news itself (sshd's reason, the
+#: refused file, or the throttling behind a brute force): shown.
+DETAIL_SHOWN = frozenset(("ssh_probe", "source_throttled",
+                          "key_file_refused", "brute_force_detected"))
 
 #: Longest value shown in an alert (a hostile user name can be huge).
 MAX_ALERT_VALUE_CHARS = 300
@@ -4590,6 +5113,7 @@ def alert_text(event, delay_s=0):
         ("Claimed", event.claimed_action), ("Unit", event.unit),
         ("Lines dropped", event.dropped),
         ("Login record", event.login_record),
+        ("Detail", event.detail if event.action in DETAIL_SHOWN else None),
         ("Severity", "%d/10" % event_severity(event)),
         ("Host", event.hostname and event.hostname + (
             " (%s)" % event.host_provider if event.host_provider else "")),
@@ -4787,6 +5311,9 @@ EVENT_MESSAGE_IDS = {
     "monitoring_restored": "bcddd6f1ca794027b2ba9fd21360cf78",
     "journal_suppressed": "dfcf116fca1f41a88cd54657a299cc73",
     "unaccounted_session": "0cf9e754d5dd435bbb5d46e2f50941c7",
+    "ssh_probe": "aa865113e2424f079e19ae26063cfbee",
+    "source_throttled": "6b059555720b462087e61c0c7f253ddd",
+    "key_file_refused": "960654756b5f4c7fa6f31c05fd55ba05",
 }
 
 #: What the agent's own journal entries are written as (never watched).
@@ -8241,6 +8768,7 @@ class Pipeline:
         self.enricher = enricher
         self.sessions = SessionTracker()
         self.sudo_attempts = SudoAttempts()
+        self.ssh_attempts = SshAttempts()
         self.detector = FailureDetector(detection)
         self.baseline = Baseline(detection.learning_period)
         self.skip_unwatched = skip_unwatched
@@ -8290,8 +8818,19 @@ class Pipeline:
                                         else now_s) * 1000000))
         if event is not None:
             event = self.sudo_attempts.observe(event)
-        if event is None:
-            return 0
+        attempts = self.ssh_attempts
+        sent = 0
+        if attempts.held:  # a held sshd failure whose wait is over
+            for released in attempts.due(_entry_timestamp(entry) or 0):
+                sent += self._process(released, now_s)
+        if event is not None:
+            for paired in attempts.observe(event):
+                sent += self._process(paired, now_s)
+        return sent
+
+    def _process(self, event, now_s):
+        """Send one event and what it made the detectors find; returns how
+        many events were sent."""
         event = self._enriched(privileged_severity(
             self.sessions.observe(event)), now_s)
         self._send(event)
@@ -8345,10 +8884,23 @@ class Pipeline:
         self._send(event)
         self.flush()
 
-    def tick(self):
-        """Send the digests whose cooldown or rate window ended."""
+    def tick(self, now_s=None):
+        """Send the digests whose cooldown or rate window ended, and the
+        held sshd failures whose wait ended at `now_s` (live, wall clock);
+        returns how many of those were sent."""
+        sent = 0
+        if now_s is not None:
+            sent = sum(self._process(event, now_s) for event in
+                       self.ssh_attempts.due(int(now_s * 1000000)))
         now_us = int(self.clock() * 1000000)
         self._each_channel(lambda gate: gate.due(now_us))
+        return sent
+
+    def finish(self):
+        """The end of the input (scan): the held sshd failures are events
+        of their own."""
+        return sum(self._process(event, None)
+                   for event in self.ssh_attempts.drain())
 
     def drain(self):
         """Send every digest still held (before stopping)."""
@@ -8498,6 +9050,7 @@ class Agent:
             self.source.since_us = since_us
         self.pipeline.sessions.load_state(state.get("sessions"))
         self.pipeline.sudo_attempts.load_state(state.get("sudo_attempts"))
+        self.pipeline.ssh_attempts.load_state(state.get("ssh_attempts"))
 
     # -- saving -------------------------------------------------------------
 
@@ -8509,7 +9062,8 @@ class Agent:
                 "realtime_us": self.source.last_realtime_us,
                 "since_us": self.source.since_us,
                 "sessions": self.pipeline.sessions.to_state(),
-                "sudo_attempts": self.pipeline.sudo_attempts.to_state()},
+                "sudo_attempts": self.pipeline.sudo_attempts.to_state(),
+                "ssh_attempts": self.pipeline.ssh_attempts.to_state()},
                 durable)):
             self.unsaved = False
         if durable:
@@ -8934,7 +9488,8 @@ class Agent:
                 lines = self.source.read(wait_s)
                 now = time.monotonic()
                 self.follow_lines(lines, now)
-                self.pipeline.tick()
+                if self.pipeline.tick(time.time()):
+                    self.unsaved = True
                 self.pipeline.flush()
                 if self.reload_requested and not self.stopping:
                     self.reload()
@@ -9742,6 +10297,7 @@ def command_scan(args, stdout):
             entry = None if line.isspace() else pipeline.decode(line)
             if entry is not None:
                 pipeline.report(entry)
+    pipeline.finish()
     sink.close()
     if pipeline.malformed and not pipeline.entries:
         raise PamSignalError("no journal entries found; export them with "
@@ -10687,6 +11243,10 @@ learning_period = 7d
 # wtmpdb's /var/lib/wtmpdb/wtmp.db where it exists (Debian 13), else
 # /var/log/wtmp; or name the files (comma-separated); off turns it off.
 login_records = auto
+# Pre-authentication probes (ssh_probe: no SSH banner, garbage, no common
+# algorithm, timeout before login) from one source: counted only when set,
+# such as 20 in 10m; a scanner is no login attempt.
+ssh_probes = off
 
 [geoip]
 # MaxMind DB files (absolute paths; empty = off) that give each source

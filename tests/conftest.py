@@ -43,6 +43,27 @@ def journald():
 
 
 @pytest.fixture(scope="session")
+def tree(journald):
+    """The cached Debian 13 tree (OpenSSH 10, Python 3.13), built here
+    when missing, except under CI, where .ci/run must have built it."""
+    realsys.require_root()
+    if realsys.trixie_tree_complete():
+        return realsys.TRIXIE_TREE
+    if realsys.in_ci():
+        pytest.fail(
+            "the Debian 13 tree %s is missing or incomplete; .ci/run must "
+            "build it before the tests (python3 tests/realsys.py "
+            "trixie-tree)" % realsys.TRIXIE_TREE,
+            pytrace=False,
+        )
+    try:
+        path, _ = realsys.build_trixie_tree()
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+        realsys.unavailable("cannot build the Debian 13 tree: %s" % error)
+    return path
+
+
+@pytest.fixture(scope="session")
 def sshd(journald):
     port = realsys.ensure_sshd()
     yield port

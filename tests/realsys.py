@@ -521,6 +521,13 @@ def _cmd_list(cmd):
     return shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
 
 
+def free_port():
+    """A TCP port nobody listens on now, for a server of a test's own."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def unique_loopback():
     """A loopback address of its own (127.a.b.c, never 127.0.0.x) for one
     test's ssh client: counters per source then see only that test's
@@ -1085,9 +1092,12 @@ class ChrootSshd(object):
     mounts exist only in that namespace and vanish with its processes, so
     nothing is left mounted inside the cached tree."""
 
-    def __init__(self, tree, port=None):
+    def __init__(self, tree, port=None, options=()):
         self.tree = os.path.realpath(tree)
         self.port = port or TRIXIE_SSH_PORT
+        # sshd_config lines of this server's own; sshd takes the first
+        # value of a keyword, so they come before the shared ones.
+        self.options = list(options)
         self.proc = None
         self.rundir = None  # host path; inside the tree it is self.inside
         self.inside = None
@@ -1112,7 +1122,7 @@ class ChrootSshd(object):
             key = "etc/ssh/ssh_host_%s_key" % t
             if os.path.exists(os.path.join(self.tree, key)):
                 lines.append("HostKey /" + key)
-        lines += ["PidFile none"] + _SSHD_TEST_OPTIONS
+        lines += ["PidFile none"] + self.options + _SSHD_TEST_OPTIONS
         with open(os.path.join(self.rundir, "sshd_config"), "w") as f:
             f.write("\n".join(lines) + "\n")
         p = chroot_run(self.tree, ["/usr/sbin/sshd", "-t", "-f", cfg])

@@ -10,11 +10,16 @@ import pytest
 
 from support import flatten, make_entry, pamsignal, parse_flat
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures",
-                        "messages.json")
+#: One case per message form: messages.json for every service, and
+#: sshd_forms.json for each form of a failed, refused, abandoned or
+#: probing sshd connection, with the OpenSSH versions that write it.
+FIXTURES = [os.path.join(os.path.dirname(__file__), "fixtures", name)
+            for name in ("messages.json", "sshd_forms.json")]
 
-with open(FIXTURES, encoding="utf-8") as _handle:
-    CASES = json.load(_handle)
+CASES = []
+for _path in FIXTURES:
+    with open(_path, encoding="utf-8") as _handle:
+        CASES += json.load(_handle)
 
 
 def entry_of(case):
@@ -37,6 +42,9 @@ def test_fixture(case):
         assert key not in got
     assert got["message"] == case["entry"]["MESSAGE"]
     assert got["@timestamp"].endswith("Z")
+    # How the pipeline pairs it with the other lines of its connection.
+    assert pamsignal.parse_entry(entry_of(case)).pairing == \
+        case.get("pairing")
 
 
 def test_fixtures_cover_every_rule_and_action():

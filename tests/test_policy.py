@@ -46,8 +46,11 @@ def held_total(alerts):
 def test_defaults_fit_a_small_server():
     alerts = pamsignal.default_config().alerts
     assert alerts.events == set(pamsignal.ACTIONS) - {
-        "login_failure", "session_opened", "session_closed"}
+        "login_failure", "session_opened", "session_closed", "ssh_probe",
+        "source_throttled"}
     assert "success_after_failures" in alerts.events
+    # A broken key login is the admin's own problem: it alerts.
+    assert "key_file_refused" in alerts.events
     assert alerts.cooldown == 600 and alerts.rate_limit == (20, 60)
     assert alerts.min_severity == 0 and alerts.ignore_users == ()
 
@@ -55,7 +58,8 @@ def test_defaults_fit_a_small_server():
 def test_event_lists_read_left_to_right():
     assert policy("events = default, login_failure, -sudo_command\n"
                   ).events == (set(pamsignal.ACTIONS) - {
-                      "session_opened", "session_closed", "sudo_command"})
+                      "session_opened", "session_closed", "sudo_command",
+                      "ssh_probe", "source_throttled"})
     assert policy("events = *, -session_closed\n").events == \
         set(pamsignal.ACTIONS) - {"session_closed"}
     assert policy("events = login_success\n").events == {"login_success"}
