@@ -899,6 +899,112 @@ def _chat_id(value):
     return value
 
 
+#: One extra HTTP header of a webhook: its name, the text before a
+#: credential:NAME (such as "Bearer "), and its value as a Secret.
+Header = collections.namedtuple("Header", "name prefix secret")
+
+#: An HTTP header name (RFC 9110 token characters).
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+
+#: Headers pamsignal sets itself: the body's framing, where it goes, who
+#: sends it, and the Standard Webhooks signature, which no configured
+#: header may replace.
+RESERVED_HEADERS = frozenset((
+    "host", "content-length", "content-type", "transfer-encoding",
+    "connection", "user-agent", "webhook-id", "webhook-timestamp",
+    "webhook-signature"))
+
+_HEADER_CREDENTIAL = re.compile(r"^(.*?)(credential:[A-Za-z0-9_.@-]{1,128})$")
+
+
+def _header_value(value):
+    """A header value: printable text, never a line break (which would
+    start a header or a body of its own)."""
+    if not value or re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
+        raise ValueError("expected a header value without line breaks or "
+                         "control characters")
+    return value
+
+
+def _headers(value):
+    """`Name: value; Name2: value2`. A value may end in credential:NAME
+    (such as `Bearer credential:hook-token`); values count as secrets."""
+    headers, seen = [], set()
+    for part in value.split(";"):
+        if not part.strip():
+            continue
+        name, colon, text = part.partition(":")
+        name, text = name.strip(), text.strip()
+        if not colon or not _HEADER_NAME.match(name):
+            raise ValueError("expected Name: value; Name2: value2 with "
+                             "header names of letters, digits and "
+                             "!#$%%&'*+.^_`|~-, got %r" % name)
+        if name.lower() in RESERVED_HEADERS or name.lower() in seen:
+            raise ValueError("header %s is set by pamsignal itself or "
+                             "given twice" % name)
+        seen.add(name.lower())
+        try:
+            _header_value(text)
+        except ValueError as error:
+            raise ValueError("header %s: %s" % (name, error)) from None
+        credential = _HEADER_CREDENTIAL.match(text)
+        if credential:
+            headers.append(Header(name, credential.group(1),
+                                  _secret(credential.group(2))))
+        else:
+            headers.append(Header(name, "", Secret(text)))
+    if not headers:
+        raise ValueError("expected Name: value; Name2: value2")
+    return tuple(headers)
+
+
+def option_secrets(value):
+    """The Secrets an option's value holds: itself, or its headers'."""
+    if isinstance(value, Secret):
+        return [value]
+    if isinstance(value, tuple):
+        return [part.secret for part in value if isinstance(part, Header)]
+    return []
+
+
+def _phone_numbers(value):
+    """WhatsApp recipients: comma-separated E.164 numbers without the +."""
+    numbers = tuple(part.strip() for part in value.split(",")
+                    if part.strip())
+    bad = [number for number in numbers
+           if not re.match(r"^[1-9]\d{6,14}$", number)]
+    if bad or not numbers:
+        raise ValueError("expected phone numbers in E.164 without the + "
+                         "(such as 4915112345678), comma-separated, got %r"
+                         % (bad or [value])[0])
+    return numbers
+
+
+def _phone_number_id(value):
+    if not re.match(r"^\d{1,20}$", value):
+        raise ValueError("expected the numeric phone number id of the "
+                         "WhatsApp Business account, got %r" % value)
+    return value
+
+
+def _graph_version(value):
+    if not re.match(r"^v\d{1,3}\.\d{1,2}$", value):
+        raise ValueError("expected a Graph API version such as v23.0, got "
+                         "%r" % value)
+    return value
+
+
+def _routing_key(value):
+    """A PagerDuty Events API v2 integration key: 32 characters."""
+    secret = _secret(value)
+    if secret.value is not None and not re.match(r"^[A-Za-z0-9]{32}$",
+                                                 secret.value):
+        raise ValueError("expected the 32-character integration key of a "
+                         "PagerDuty Events API v2 integration, or "
+                         "credential:NAME")
+    return secret
+
+
 _EMAIL_ADDRESS = re.compile(r"^[^@\s<>,;\"]{1,64}@[A-Za-z0-9.-]{1,253}$")
 
 
@@ -1290,7 +1396,37 @@ def inline_secrets(config):
     """(channel, key) of every secret written in the file itself."""
     return [(channel.name, key) for channel in config.channels
             for key, value in sorted(channel.options.items())
-            if isinstance(value, Secret) and value.credential is None]
+            if any(secret.credential is None
+                   for secret in option_secrets(value))]
+
+
+def _resolve_secret(value, validate, directory, where, problems):
+    """A credential:NAME secret read and checked by `validate` (a problem
+    noted when it cannot be); any other value as it is."""
+    if value.credential is None:
+        return value
+    if not directory:
+        problems.append("%s: credential:%s, but no credentials were"
+                        " passed ($CREDENTIALS_DIRECTORY is unset; "
+                        "LoadCredential= in the unit)" % (
+                            where, value.credential))
+        return value
+    path = os.path.join(directory, value.credential)
+    try:
+        with open_regular(path, True, "utf-8") as handle:
+            secret = handle.read(65536).strip()
+        resolved = validate(secret)
+    except (OSError, UnicodeDecodeError) as error:
+        problems.append("%s: cannot read credential %s: %s" % (
+            where, value.credential,
+            getattr(error, "strerror", None) or error))
+        return value
+    except ValueError as error:
+        problems.append("%s: credential %s: %s" % (
+            where, value.credential, error))
+        return value
+    return Secret(resolved.value if isinstance(resolved, Secret)
+                  else resolved)
 
 
 def resolve_credentials(config, directory):
@@ -1300,30 +1436,15 @@ def resolve_credentials(config, directory):
     for channel in config.channels:
         options = dict(channel.options)
         for key, value in sorted(options.items()):
-            if not isinstance(value, Secret) or value.credential is None:
-                continue
             where = "[channel:%s] %s" % (channel.name, key)
-            if not directory:
-                problems.append("%s: credential:%s, but no credentials were"
-                                " passed ($CREDENTIALS_DIRECTORY is unset; "
-                                "LoadCredential= in the unit)" % (
-                                    where, value.credential))
-                continue
-            path = os.path.join(directory, value.credential)
-            try:
-                with open_regular(path, True, "utf-8") as handle:
-                    secret = handle.read(65536).strip()
-                resolved = CHANNEL_TYPES[channel.type].OPTIONS[key](secret)
-            except (OSError, UnicodeDecodeError) as error:
-                problems.append("%s: cannot read credential %s: %s" % (
-                    where, value.credential,
-                    getattr(error, "strerror", None) or error))
-                continue
-            except ValueError as error:
-                problems.append("%s: credential %s: %s" % (
-                    where, value.credential, error))
-                continue
-            options[key] = Secret(resolved.value)
+            if isinstance(value, Secret):
+                options[key] = _resolve_secret(
+                    value, CHANNEL_TYPES[channel.type].OPTIONS[key],
+                    directory, where, problems)
+            elif option_secrets(value):  # headers: each value on its own
+                options[key] = tuple(header._replace(secret=_resolve_secret(
+                    header.secret, _header_value, directory, where,
+                    problems)) for header in value)
         channels.append(channel._replace(options=options))
     if problems:
         raise ConfigError([ConfigProblem(config.path, None, None, None, text)
@@ -1458,10 +1579,10 @@ def files_root_reads(config, environ, credentials=True):
         for key, value in sorted(channel.options.items()):
             if key == "ca_file":
                 files.append((section, key, value))
-            elif isinstance(value, Secret) and value.credential and \
-                    directory and credentials:
-                files.append((section, key, os.path.join(
-                    directory, value.credential)))
+            elif directory and credentials:
+                files += [(section, key, os.path.join(
+                    directory, secret.credential))
+                    for secret in option_secrets(value) if secret.credential]
     return files
 
 
@@ -5816,8 +5937,8 @@ class RemoteSink:
         return value.value if isinstance(value, Secret) else value
 
     def secrets(self):
-        return [value.value for value in self.options.values()
-                if isinstance(value, Secret)]
+        return [secret.value for value in self.options.values()
+                for secret in option_secrets(value)]
 
     def text(self, event, delay_s, line, heading, limit, escape):
         """The alert in this channel's markup: the default layout, or the
@@ -6028,15 +6149,39 @@ def webhook_signature(key, message_id, timestamp, body):
 
 class WebhookSink(HttpSink):
     """POSTs the ECS event itself; with a secret, signed the Standard
-    Webhooks way (webhook-id, webhook-timestamp, webhook-signature)."""
+    Webhooks way (webhook-id, webhook-timestamp, webhook-signature); with
+    `headers`, extra headers (an API key); with cert_file and key_file, a
+    client certificate (mutual TLS)."""
 
     OPTIONS = {"timeout": _timeout, "ca_file": _absolute_path,
-               "url": _secret_url, "secret": _secret}
+               "url": _secret_url, "secret": _secret, "headers": _headers,
+               "cert_file": _absolute_path, "key_file": _absolute_path}
     REQUIRED = ("url",)
+
+    @staticmethod
+    def check_options(options):
+        """(key, problem) for options that do not go together."""
+        if ("cert_file" in options) != ("key_file" in options):
+            return [("cert_file" if "key_file" in options else "key_file",
+                     "cert_file and key_file go together (a client "
+                     "certificate and its key)")]
+        return []
+
+    def open(self):
+        if self.context is not None:
+            return
+        context = tls_context(self.options.get("ca_file"))
+        if self.options.get("cert_file"):
+            context.load_cert_chain(self.options["cert_file"],
+                                    self.options["key_file"],
+                                    password=_no_passphrase)
+        self.context = context
 
     def request(self, event, delay_s):
         body = _json_body(event_to_ecs(event))
-        headers = {"Content-Type": "application/json"}
+        headers = {header.name: header.prefix + header.secret.value
+                   for header in self.options.get("headers", ())}
+        headers["Content-Type"] = "application/json"
         if self.options.get("secret"):
             message_id = "ps_" + hashlib.sha256(body).hexdigest()[:32]
             timestamp = int(time.time())
@@ -6046,6 +6191,166 @@ class WebhookSink(HttpSink):
                 "webhook-signature": webhook_signature(
                     self.secret("secret"), message_id, timestamp, body)})
         return self.secret("url"), headers, body
+
+
+def graph_api_failure(status, headers, body):
+    """A Graph API (WhatsApp Cloud API) error answer judged by its code:
+    {"error": {"message", "type", "code", "error_data": {"details"},
+    "fbtrace_id"}}, most of them with HTTP 400. Throughput limits wait and
+    retry; a bad or expired token (code 190, HTTP 401) keeps the alerts
+    in the spool until it is fixed; anything else refuses this alert."""
+    try:
+        error = json.loads(body.decode("utf-8", "replace"))["error"]
+        code = int(error.get("code"))
+        text = "WhatsApp error %d: %s" % (code, escape_text(
+            str(error.get("message", ""))[:200]))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return judge_response(status, headers, body)
+    if code in WHATSAPP_RATE_LIMITS:
+        return DeliveryError("rate limited, " + text)
+    if code == 190 or status in CHANNEL_PROBLEM_STATUSES:
+        return DeliveryError("%s (check the token and phone_number_id; "
+                             "alerts wait in the spool until it is fixed)"
+                             % text)
+    if status >= 500 or status == 429:
+        return DeliveryError(text)
+    return DeliveryError(text, permanent=True)
+
+
+#: Graph API error codes that mean "too many, try later": 4 (app calls),
+#: 80007 (account limit), 130429 (throughput), 131048 (spam limit), 131056
+#: (too many to one recipient).
+WHATSAPP_RATE_LIMITS = frozenset((4, 80007, 130429, 131048, 131056))
+
+
+class WhatsAppSink(HttpSink):
+    """The WhatsApp Cloud API (Meta Graph API): one text message to each
+    recipient.
+
+        POST {api_url}/{api_version}/{phone_number_id}/messages
+        Authorization: Bearer TOKEN
+        {"messaging_product": "whatsapp", "recipient_type": "individual",
+         "to": "4915112345678", "type": "text",
+         "text": {"preview_url": false, "body": "..."}}   (body <= 4096)
+
+    answered 200 {"messaging_product": "whatsapp", "contacts": [{"input",
+    "wa_id"}], "messages": [{"id": "wamid..."}]}, or an error judged by
+    graph_api_failure. A recipient already served is not sent the alert
+    again when a later one fails and the alert is retried."""
+
+    OPTIONS = dict(HttpSink.OPTIONS, token=_secret,
+                   phone_number_id=_phone_number_id,
+                   recipients=_phone_numbers, api_url=_url,
+                   api_version=_graph_version)
+    REQUIRED = ("token", "phone_number_id", "recipients")
+
+    #: The Graph API version used unless api_version says otherwise.
+    API_VERSION = "v23.0"
+
+    def __init__(self, name, options=None):
+        HttpSink.__init__(self, name, options)
+        self.served = {}  # alert -> recipients that have it, until all do
+
+    def request_to(self, recipient, event, delay_s):
+        """(url, headers, body bytes) of the alert for one recipient."""
+        api = self.options.get("api_url", "https://graph.facebook.com")
+        # Plain text: WhatsApp has no escape for its *bold* marks, and
+        # no markup means none an attacker's name could use either.
+        text = self.text(event, delay_s, "%s: %s", "%s", 4096, escape_plain)
+        return ("%s/%s/%s/messages" % (
+            api.rstrip("/"), self.options.get("api_version",
+                                              self.API_VERSION),
+            self.options["phone_number_id"]),
+            {"Content-Type": "application/json",
+             "Authorization": "Bearer " + self.secret("token")},
+            _json_body({"messaging_product": "whatsapp",
+                        "recipient_type": "individual", "to": recipient,
+                        "type": "text", "text": {"preview_url": False,
+                                                 "body": text}}))
+
+    def judge(self, status, headers, body):
+        if 200 <= status < 300:
+            return None
+        return graph_api_failure(status, headers, body)
+
+    def deliver(self, event, delay_s):
+        alert = repeat_key(event) + "\0" + str(event.timestamp_us)
+        served = self.served.setdefault(alert, set())
+        for recipient in self.options["recipients"]:
+            if recipient in served:
+                continue
+            url, headers, body = self.request_to(recipient, event, delay_s)
+            status, answer_headers, answer = http_post(
+                url, body, headers, self.timeout, self.context)
+            failure = self.judge(status, answer_headers, answer)
+            if failure is not None:
+                if failure.permanent:
+                    del self.served[alert]
+                raise failure
+            served.add(recipient)
+        del self.served[alert]
+
+
+def pagerduty_severity(event):
+    """PagerDuty's severity for the event's 0 to 10."""
+    return severity_level(event, (("critical", 9), ("error", 7),
+                                  ("warning", 4), ("info", 0)))
+
+
+def pagerduty_dedup_key(event):
+    """One incident per host and throttle key (the action and who is
+    behind it: the source, or the account), so a repeat updates the open
+    incident instead of paging again. Hashed: attacker text stays out."""
+    return "pamsignal/%s/%s/%s" % (
+        (event.hostname or "")[:64], event.action, hashlib.sha256(
+            throttle_key(event).encode("utf-8", "replace")).hexdigest()[:32])
+
+
+class PagerDutySink(HttpSink):
+    """PagerDuty Events API v2: a trigger event per alert.
+
+        POST https://events.pagerduty.com/v2/enqueue
+        {"routing_key": "<32 chars>", "event_action": "trigger",
+         "dedup_key": "<= 255 chars", "payload": {"summary": "<= 1024",
+         "source", "severity": "critical|error|warning|info", "timestamp",
+         "component", "group", "class", "custom_details"}}
+
+    answered 202 {"status": "success", "message": "Event processed",
+    "dedup_key"}; 400 {"status": "invalid event", "message": "Event object
+    is invalid", "errors": [...]} refuses the alert, unless it is about
+    the routing key (then alerts wait in the spool until it is fixed);
+    429 and 5xx are retried."""
+
+    OPTIONS = {"timeout": _timeout, "ca_file": _absolute_path,
+               "routing_key": _routing_key, "api_url": _url}
+    REQUIRED = ("routing_key",)
+
+    def request(self, event, delay_s):
+        alert = alert_text(event, delay_s)
+        ecs = event_to_ecs(event)
+        return (self.options.get("api_url",
+                                 "https://events.pagerduty.com/v2/enqueue"),
+                {"Content-Type": "application/json"},
+                _json_body({
+                    "routing_key": self.secret("routing_key"),
+                    "event_action": "trigger",
+                    "dedup_key": pagerduty_dedup_key(event),
+                    "payload": {
+                        "summary": shorten(escape_plain(alert.title), 1024),
+                        "source": event.hostname or "pamsignal",
+                        "severity": pagerduty_severity(event),
+                        "timestamp": ecs["@timestamp"],
+                        "component": event.service or "pamsignal",
+                        "group": ecs["event"]["category"][0],
+                        "class": event.action, "custom_details": ecs}}))
+
+    def judge(self, status, headers, body):
+        failure = judge_response(status, headers, body)
+        if failure is not None and failure.permanent and \
+                b"routing_key" in body.lower().replace(b" ", b"_"):
+            return DeliveryError("%s (check routing_key; alerts wait in the"
+                                 " spool until it is fixed)" % failure)
+        return failure
 
 
 class _DeadlineSMTPConnection:
@@ -6464,7 +6769,8 @@ CHANNEL_TYPES = {"console": ConsoleSink, "telegram": TelegramSink,
                  "slack": SlackSink, "discord": DiscordSink,
                  "teams": TeamsSink, "ntfy": NtfySink, "gotify": GotifySink,
                  "email": EmailSink, "webhook": WebhookSink,
-                 "journal": JournalSink, "syslog": SyslogSink}
+                 "journal": JournalSink, "syslog": SyslogSink,
+                 "whatsapp": WhatsAppSink, "pagerduty": PagerDutySink}
 
 
 #: Retry delays after a failed delivery grow from this (seconds)...
