@@ -10334,10 +10334,11 @@ repeats = off
 
 # Network channels (uncomment and fill in one or more). Each sends through
 # a durable spool with retries, and takes timeout (10s), ca_file (trust a
-# private CA) and, except webhook, template, plus any [alerts] key. URLs
-# must be https:// (http:// only to a loopback address). A secret may be
-# written here (then keep this file mode 0600) or as credential:NAME to
-# read the systemd credential NAME (LoadCredential= in the unit).
+# private CA) and, except webhook and pagerduty, template, plus any
+# [alerts] key. URLs must be https:// (http:// only to a loopback
+# address). A secret may be written here (then keep this file mode 0600)
+# or as credential:NAME to read the systemd credential NAME
+# (LoadCredential= in the unit).
 # Try them with: pamsignal test-alert
 #
 #[channel:phone]
@@ -10390,9 +10391,31 @@ repeats = off
 # Signs each request (Standard Webhooks: webhook-id, webhook-timestamp,
 # webhook-signature = v1,base64 HMAC-SHA256 of "id.timestamp.body").
 #secret = whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+# Extra headers, "Name: value" separated by ";" (values are secrets; one
+# may end in credential:NAME), and a client certificate for mutual TLS
+# (the key file mode 0600, or a systemd credential):
+#headers = Authorization: Bearer credential:hook-token; X-Team: ops
+#cert_file = /etc/pamsignal/client.pem
+#key_file = /run/credentials/pamsignal.service/hook-key
 #events = *
 #cooldown = off
 #rate_limit = off
+#
+# WhatsApp Cloud API: one message to each recipient (E.164, no +).
+#[channel:whatsapp]
+#type = whatsapp
+#token = credential:whatsapp-token
+#phone_number_id = 106540352242922
+#recipients = 4915112345678, 15551234567
+#api_version = v23.0
+#min_severity = 6
+#
+# PagerDuty Events API v2: repeats of one incident (same host, action and
+# source or account) update it instead of paging again.
+#[channel:pagerduty]
+#type = pagerduty
+#routing_key = credential:pagerduty-key
+#min_severity = 7
 #
 # Each event back into the journal with SYSLOG_IDENTIFIER=pamsignal, a
 # MESSAGE_ID per action and the ECS fields as journal fields (EVENT_ACTION,
