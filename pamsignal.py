@@ -927,17 +927,19 @@ def _header_value(value):
 
 
 def _headers(value):
-    """`Name: value; Name2: value2`. A value may end in credential:NAME
-    (such as `Bearer credential:hook-token`); values count as secrets."""
+    """One `Name: value` a line (the next ones indented, as configparser
+    continues a value). A value may end in credential:NAME (such as
+    `Bearer credential:hook-token`); values count as secrets. Not `;`
+    between them: " ;" starts a comment in this file."""
     headers, seen = [], set()
-    for part in value.split(";"):
-        if not part.strip():
+    for line in value.split("\n"):
+        if not line.strip():
             continue
-        name, colon, text = part.partition(":")
-        name, text = name.strip(), text.strip()
+        name, colon, text = line.partition(":")
+        name, text = name.strip(), text.strip(" \t")
         if not colon or not _HEADER_NAME.match(name):
-            raise ValueError("expected Name: value; Name2: value2 with "
-                             "header names of letters, digits and "
+            raise ValueError("expected one Name: value a line, with header "
+                             "names of letters, digits and "
                              "!#$%%&'*+.^_`|~-, got %r" % name)
         if name.lower() in RESERVED_HEADERS or name.lower() in seen:
             raise ValueError("header %s is set by pamsignal itself or "
@@ -954,7 +956,7 @@ def _headers(value):
         else:
             headers.append(Header(name, "", Secret(text)))
     if not headers:
-        raise ValueError("expected Name: value; Name2: value2")
+        raise ValueError("expected one Name: value a line")
     return tuple(headers)
 
 
@@ -10391,10 +10393,11 @@ repeats = off
 # Signs each request (Standard Webhooks: webhook-id, webhook-timestamp,
 # webhook-signature = v1,base64 HMAC-SHA256 of "id.timestamp.body").
 #secret = whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
-# Extra headers, "Name: value" separated by ";" (values are secrets; one
-# may end in credential:NAME), and a client certificate for mutual TLS
-# (the key file mode 0600, or a systemd credential):
-#headers = Authorization: Bearer credential:hook-token; X-Team: ops
+# Extra headers, one "Name: value" a line, the next ones indented (values
+# are secrets; one may end in credential:NAME), and a client certificate
+# for mutual TLS (the key file mode 0600, or a systemd credential):
+#headers = Authorization: Bearer credential:hook-token
+#    X-Team: ops
 #cert_file = /etc/pamsignal/client.pem
 #key_file = /run/credentials/pamsignal.service/hook-key
 #events = *

@@ -1143,9 +1143,7 @@ class PagerDutyAPI(ServiceAPI):
         self.incidents = {}
 
     def _invalid(self, request, errors, why):
-        return self.refuse(request, _json(400, {
-            "status": "invalid event", "message": "Event object is invalid",
-            "errors": errors}), why)
+        return self.refuse(request, pagerduty_invalid(errors), why)
 
     def answer(self, request):
         if request.method != "POST" or request.path != "/v2/enqueue":
@@ -1201,6 +1199,13 @@ class PagerDutyAPI(ServiceAPI):
         return self.accept(request, _json(202, {
             "status": "success", "message": "Event processed",
             "dedup_key": dedup}))
+
+
+def pagerduty_invalid(errors):
+    """The Events API's answer to an event it cannot take."""
+    return _json(400, {"status": "invalid event",
+                       "message": "Event object is invalid",
+                       "errors": list(errors)})
 
 
 def pagerduty_429():
