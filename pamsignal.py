@@ -982,18 +982,19 @@ def _phone_numbers(value):
     return numbers
 
 
-def _phone_number_id(value):
-    if not re.match(r"^\d{1,20}$", value):
-        raise ValueError("expected the numeric phone number id of the "
-                         "WhatsApp Business account, got %r" % value)
-    return value
+def _matching(pattern, expected):
+    """A validator for a key whose whole value must match `pattern`."""
+    def validate(value):
+        if not re.match(pattern + r"\Z", value):
+            raise ValueError("expected %s, got %r" % (expected, value))
+        return value
+    return validate
 
 
-def _graph_version(value):
-    if not re.match(r"^v\d{1,3}\.\d{1,2}$", value):
-        raise ValueError("expected a Graph API version such as v23.0, got "
-                         "%r" % value)
-    return value
+_phone_number_id = _matching(r"\d{1,20}", "the numeric phone number id of "
+                             "the WhatsApp Business account")
+_graph_version = _matching(r"v\d{1,3}\.\d{1,2}",
+                           "a Graph API version such as v23.0")
 
 
 def _routing_key(value):
@@ -5764,6 +5765,25 @@ def tls_context(ca_file=None):
     return ssl.create_default_context(cafile=ca_file)
 
 
+def client_tls_context(options):
+    """A channel's TLS context: its ca_file, and its client certificate
+    (cert_file, key_file) when it has one."""
+    context = tls_context(options.get("ca_file"))
+    if options.get("cert_file"):
+        context.load_cert_chain(options["cert_file"], options["key_file"],
+                                password=_no_passphrase)
+    return context
+
+
+def client_cert_problems(options):
+    """(key, problem) when only one of cert_file and key_file is set."""
+    if ("cert_file" in options) != ("key_file" in options):
+        return [("cert_file" if "key_file" in options else "key_file",
+                 "cert_file and key_file go together (a client certificate "
+                 "and its key)")]
+    return []
+
+
 class Deadline:
     """The time by which a whole request (connect, TLS, send, read) must
     be done: `left()` is what remains, or socket.timeout once it passed."""
@@ -5932,7 +5952,7 @@ class RemoteSink:
 
     def open(self):
         if self.context is None:
-            self.context = tls_context(self.options.get("ca_file"))
+            self.context = client_tls_context(self.options)
 
     def secret(self, key):
         value = self.options.get(key)
@@ -6160,24 +6180,7 @@ class WebhookSink(HttpSink):
                "cert_file": _absolute_path, "key_file": _absolute_path}
     REQUIRED = ("url",)
 
-    @staticmethod
-    def check_options(options):
-        """(key, problem) for options that do not go together."""
-        if ("cert_file" in options) != ("key_file" in options):
-            return [("cert_file" if "key_file" in options else "key_file",
-                     "cert_file and key_file go together (a client "
-                     "certificate and its key)")]
-        return []
-
-    def open(self):
-        if self.context is not None:
-            return
-        context = tls_context(self.options.get("ca_file"))
-        if self.options.get("cert_file"):
-            context.load_cert_chain(self.options["cert_file"],
-                                    self.options["key_file"],
-                                    password=_no_passphrase)
-        self.context = context
+    check_options = staticmethod(client_cert_problems)
 
     def request(self, event, delay_s):
         body = _json_body(event_to_ecs(event))
@@ -6588,10 +6591,7 @@ class SyslogSink(RemoteSink):
             problems.append(("framing", "only for a tcp:// target (TLS is "
                              "always octet-counted, UDP is one message per"
                              " datagram)"))
-        if ("cert_file" in options) != ("key_file" in options):
-            problems.append(("cert_file" if "key_file" in options else
-                             "key_file", "cert_file and key_file go "
-                             "together (a client certificate and its key)"))
+        problems += client_cert_problems(options)
         if options.get("bom") and options.get("header") == "rfc3164":
             problems.append(("bom", "only with header = rfc5424"))
         return problems
@@ -6619,12 +6619,7 @@ class SyslogSink(RemoteSink):
             say("warning", "channel %s: %s" % (self.name, self.UDP_NOTE))
         if self.target.transport != "tls" or self.context is not None:
             return
-        context = tls_context(self.options.get("ca_file"))
-        if self.options.get("cert_file"):
-            context.load_cert_chain(self.options["cert_file"],
-                                    self.options["key_file"],
-                                    password=_no_passphrase)
-        self.context = context
+        self.context = client_tls_context(self.options)
 
     def deliver(self, event, delay_s):
         self.send_batch([(event, delay_s)])
