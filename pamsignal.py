@@ -6256,8 +6256,9 @@ class WhatsAppSink(HttpSink):
         HttpSink.__init__(self, name, options)
         self.served = {}  # alert -> recipients that have it, until all do
 
-    def request_to(self, recipient, event, delay_s):
-        """(url, headers, body bytes) of the alert for one recipient."""
+    def request(self, event, delay_s, recipient=None):
+        """(url, headers, body bytes) of the alert for one recipient (by
+        default the first)."""
         api = self.options.get("api_url", "https://graph.facebook.com")
         # Plain text: WhatsApp has no escape for its *bold* marks, and
         # no markup means none an attacker's name could use either.
@@ -6269,7 +6270,8 @@ class WhatsAppSink(HttpSink):
             {"Content-Type": "application/json",
              "Authorization": "Bearer " + self.secret("token")},
             _json_body({"messaging_product": "whatsapp",
-                        "recipient_type": "individual", "to": recipient,
+                        "recipient_type": "individual",
+                        "to": recipient or self.options["recipients"][0],
                         "type": "text", "text": {"preview_url": False,
                                                  "body": text}}))
 
@@ -6278,13 +6280,20 @@ class WhatsAppSink(HttpSink):
             return None
         return graph_api_failure(status, headers, body)
 
+    #: How many partly delivered alerts are remembered at most (one that
+    #: the spool dropped after a partial delivery is forgotten in time).
+    MAX_PARTLY_SERVED = 1000
+
     def deliver(self, event, delay_s):
-        alert = repeat_key(event) + "\0" + str(event.timestamp_us)
+        alert = hashlib.sha256(repr(tuple(event)).encode()).digest()
+        if alert not in self.served and \
+                len(self.served) >= self.MAX_PARTLY_SERVED:
+            del self.served[next(iter(self.served))]
         served = self.served.setdefault(alert, set())
         for recipient in self.options["recipients"]:
             if recipient in served:
                 continue
-            url, headers, body = self.request_to(recipient, event, delay_s)
+            url, headers, body = self.request(event, delay_s, recipient)
             status, answer_headers, answer = http_post(
                 url, body, headers, self.timeout, self.context)
             failure = self.judge(status, answer_headers, answer)
