@@ -230,12 +230,22 @@ def test_pagerduty_takes_hostile_names_within_its_limits(name):
 def test_pagerduty_429_is_retried_through_the_spool(tmp_path):
     api = PagerDutyAPI(ROUTING_KEY)
     with HttpReceiver(default=api) as rx:
-        rx.script([receivers.pagerduty_429(), receivers.Respond(502)])
+        rx.script([receivers.pagerduty_429()])
         courier, spool = deliver_through_spool(pagerduty(rx.url), tmp_path,
                                                [event()], 1)
-        assert len(rx.requests) == 3
-    assert courier.failed == 2 and spool.depth() == 0
+        assert len(rx.requests) == 2
+    assert courier.failed == 1 and spool.depth() == 0
     assert len(api.accepted) == 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_pagerduty_server_errors_are_retried(status):
+    with HttpReceiver() as rx:
+        rx.script([receivers.Respond(status, b"upstream")])
+        with pytest.raises(pamsignal.DeliveryError) as raised:
+            pagerduty(rx.url).send(event())
+    assert not raised.value.permanent
+    assert "HTTP %d" % status in str(raised.value)
 
 
 def test_pagerduty_invalid_event_is_dropped_with_its_reason(tmp_path,
