@@ -918,11 +918,12 @@ _HEADER_CREDENTIAL = re.compile(r"^(.*?)(credential:[A-Za-z0-9_.@-]{1,128})$")
 
 
 def _header_value(value):
-    """A header value: printable text, never a line break (which would
-    start a header or a body of its own)."""
-    if not value or re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
-        raise ValueError("expected a header value without line breaks or "
-                         "control characters")
+    """A header value: printable ASCII, never a line break (which would
+    start a header or a body of its own); http.client could not send
+    other characters at all."""
+    if not value or re.search(r"[^\t\x20-\x7e]", value):
+        raise ValueError("expected a header value of printable ASCII, "
+                         "without line breaks or control characters")
     return value
 
 

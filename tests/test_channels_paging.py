@@ -430,7 +430,9 @@ def test_webhook_header_values_never_show_in_errors():
 
 @pytest.mark.parametrize("headers, expected", [
     ("X-A: one\rX-Injected: yes", "header X-A: expected a header value "
-     "without line breaks"),
+     "of printable ASCII, without line breaks"),
+    ("X-A: caf\u00e9 \u20ac", "header X-A: expected a header value of "
+     "printable ASCII"),
     ("webhook-signature: v1,forged", "header webhook-signature is set by "
      "pamsignal itself"),
     ("Content-Type: text/plain", "header Content-Type is set by pamsignal"),
@@ -462,7 +464,8 @@ def test_a_credential_with_a_line_break_is_refused_as_a_header(tmp_path):
         pamsignal.load_config(path, environ={
             "CREDENTIALS_DIRECTORY": str(credentials)}, as_root=False)
     assert "[channel:hook] headers: credential hook-token: expected a " \
-        "header value without line breaks" in str(raised.value)
+        "header value of printable ASCII, without line breaks" in str(
+            raised.value)
 
 
 def test_inline_header_values_make_the_file_a_secret_one(tmp_path):
