@@ -6212,13 +6212,14 @@ def graph_api_failure(status, headers, body):
             str(error.get("message", ""))[:200]))
     except (ValueError, TypeError, KeyError, AttributeError):
         return judge_response(status, headers, body)
-    if code in WHATSAPP_RATE_LIMITS:
-        return DeliveryError("rate limited, " + text)
+    if code in WHATSAPP_RATE_LIMITS or status == 429:
+        return DeliveryError("rate limited, " + text,
+                             retry_after=_retry_after_s(headers, body))
     if code == 190 or status in CHANNEL_PROBLEM_STATUSES:
         return DeliveryError("%s (check the token and phone_number_id; "
                              "alerts wait in the spool until it is fixed)"
                              % text)
-    if status >= 500 or status == 429:
+    if status >= 500:
         return DeliveryError(text)
     return DeliveryError(text, permanent=True)
 

@@ -143,6 +143,22 @@ def test_whatsapp_rate_limit_waits_in_the_spool_then_delivers(tmp_path):
     assert len(api.accepted) == 1
 
 
+@pytest.mark.parametrize("status, code, permanent, retry_after", [
+    (400, 130429, False, None), (400, 131056, False, None),
+    (429, 4, False, 7.0), (500, 1, False, None), (503, 2, False, None),
+    (400, 100, True, None), (400, 131030, True, None),
+    (401, 190, False, None), (403, 10, False, None)])
+def test_whatsapp_answers_are_judged_by_their_graph_code(
+        status, code, permanent, retry_after):
+    failure = pamsignal.graph_api_failure(
+        status, {"Retry-After": "7"} if status == 429 else {},
+        b'{"error": {"message": "(#%d) x", "type": "OAuthException", '
+        b'"code": %d, "fbtrace_id": "Az"}}' % (code, code))
+    assert failure.permanent is permanent
+    assert failure.retry_after == retry_after
+    assert "WhatsApp error %d: (#%d) x" % (code, code) in str(failure)
+
+
 def test_whatsapp_bad_token_keeps_alerts_and_never_shows_the_token():
     api = WhatsAppAPI("the-right-token", PHONE_ID)
     with HttpReceiver(default=api) as rx:
