@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+import realsys
 import receivers
 from receivers import HttpReceiver, PagerDutyAPI, WhatsAppAPI
 from support import pamsignal, wait_for
@@ -491,3 +492,28 @@ def test_inline_header_values_make_the_file_a_secret_one(tmp_path):
     with pytest.raises(pamsignal.ConfigError) as raised:
         pamsignal.load_config(path, environ={}, as_root=False)
     assert "holds secrets ([channel:hook] headers)" in str(raised.value)
+
+
+def test_root_refuses_a_header_credential_others_can_change(tmp_path):
+    realsys.require_root()
+    credentials = tmp_path / "creds"
+    credentials.mkdir()
+    token = credentials / "hook-token"
+    token.write_text("tok\n")
+    os.chmod(str(token), 0o666)
+    os.chmod(str(tmp_path), 0o755)
+    path = write_config(tmp_path, "[channel:hook]\ntype = webhook\n"
+                        "url = https://hook.example.com/in\n"
+                        "headers = Authorization: Bearer "
+                        "credential:hook-token\n")
+    with pytest.raises(pamsignal.ConfigError) as raised:
+        pamsignal.load_config(path, environ={
+            "CREDENTIALS_DIRECTORY": str(credentials)}, as_root=True)
+    (problem,) = raised.value.problems
+    assert (problem.section, problem.key) == ("channel:hook", "headers")
+    assert problem.message.startswith("%s is writable by group and "
+                                      "others" % token)
+    os.chmod(str(token), 0o600)
+    (configured,) = pamsignal.load_config(path, environ={
+        "CREDENTIALS_DIRECTORY": str(credentials)}, as_root=True).channels
+    assert configured.options["headers"][0].secret.value == "tok"
