@@ -6,6 +6,7 @@ Nothing is mocked: every request crosses a real socket, HTTPS ones are
 verified against the test CA."""
 import io
 import os
+import signal
 
 import pytest
 
@@ -517,3 +518,52 @@ def test_root_refuses_a_header_credential_others_can_change(tmp_path):
     (configured,) = pamsignal.load_config(path, environ={
         "CREDENTIALS_DIRECTORY": str(credentials)}, as_root=True).channels
     assert configured.options["headers"][0].secret.value == "tok"
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.e2e
+def test_real_logins_page_once_per_incident_and_reach_whatsapp(
+        journald, sshd, tmp_path, make_user):
+    """Real ssh logins -> journald -> `pamsignal.py run` -> PagerDuty and
+    WhatsApp receivers: both logins of one user from one address reach
+    both, and PagerDuty sees them as one incident."""
+    from conftest import configured_agent
+    pagerduty_api = PagerDutyAPI(ROUTING_KEY)
+    whatsapp_api = WhatsAppAPI(TOKEN, PHONE_ID)
+    with HttpReceiver(default=pagerduty_api) as pd, \
+            HttpReceiver(default=whatsapp_api) as wa:
+        agent = configured_agent(str(tmp_path / "agent"), (
+            "[channel:pd]\ntype = pagerduty\nrouting_key = %s\n"
+            "api_url = %s/v2/enqueue\nevents = login_success\n"
+            "cooldown = off\nrepeats = off\n"
+            "[channel:wa]\ntype = whatsapp\ntoken = %s\n"
+            "phone_number_id = %s\nrecipients = 15551234567\n"
+            "api_url = %s\nevents = login_success\ncooldown = off\n"
+            "repeats = off\n" % (ROUTING_KEY, pd.url, TOKEN, PHONE_ID,
+                                 wa.url)))
+        agent.start()
+        try:
+            user, password = make_user()
+            for _ in range(2):
+                assert realsys.ssh_password(user, password).returncode == 0
+
+            def paged():
+                return [r.json for r in pagerduty_api.accepted
+                        if r.json["payload"]["custom_details"].get(
+                            "user", {}).get("name") == user]
+
+            def texted():
+                return [r.json for r in whatsapp_api.accepted
+                        if user in r.json["text"]["body"]]
+
+            assert wait_for(lambda: len(paged()) == 2 and
+                            len(texted()) == 2, timeout=60), \
+                agent.stderr_text()
+        finally:
+            agent.stop(signal.SIGTERM)
+    first, second = paged()
+    assert first["dedup_key"] == second["dedup_key"]
+    assert first["payload"]["custom_details"]["source"]["ip"] == "127.0.0.1"
+    assert pagerduty_api.refusals == [] and whatsapp_api.refusals == []
