@@ -910,6 +910,116 @@ def _chat_id(value):
     return value
 
 
+#: One extra HTTP header of a webhook: its name, the text before a
+#: credential:NAME (such as "Bearer "), and its value as a Secret.
+Header = collections.namedtuple("Header", "name prefix secret")
+
+#: An HTTP header name (RFC 9110 token characters).
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+
+#: Headers pamsignal sets itself: the body's framing, where it goes, who
+#: sends it, and the Standard Webhooks signature, which no configured
+#: header may replace.
+RESERVED_HEADERS = frozenset((
+    "host", "content-length", "content-type", "transfer-encoding",
+    "connection", "user-agent", "webhook-id", "webhook-timestamp",
+    "webhook-signature"))
+
+_HEADER_CREDENTIAL = re.compile(r"^(.*?)(credential:[A-Za-z0-9_.@-]{1,128})$")
+
+
+def _header_value(value):
+    """A header value: printable ASCII, never a line break (which would
+    start a header or a body of its own); http.client could not send
+    other characters at all."""
+    if not value or re.search(r"[^\t\x20-\x7e]", value):
+        raise ValueError("expected a header value of printable ASCII, "
+                         "without line breaks or control characters")
+    return value
+
+
+def _headers(value):
+    """One `Name: value` a line (the next ones indented, as configparser
+    continues a value). A value may end in credential:NAME (such as
+    `Bearer credential:hook-token`); values count as secrets. Not `;`
+    between them: " ;" starts a comment in this file."""
+    headers, seen = [], set()
+    for line in value.split("\n"):
+        if not line.strip():
+            continue
+        name, colon, text = line.partition(":")
+        name, text = name.strip(), text.strip(" \t")
+        if not colon or not _HEADER_NAME.match(name):
+            raise ValueError("expected one Name: value a line, with header "
+                             "names of letters, digits and "
+                             "!#$%%&'*+.^_`|~-, got %r" % name)
+        if name.lower() in RESERVED_HEADERS or name.lower() in seen:
+            raise ValueError("header %s is set by pamsignal itself or "
+                             "given twice" % name)
+        seen.add(name.lower())
+        try:
+            _header_value(text)
+        except ValueError as error:
+            raise ValueError("header %s: %s" % (name, error)) from None
+        credential = _HEADER_CREDENTIAL.match(text)
+        if credential:
+            headers.append(Header(name, credential.group(1),
+                                  _secret(credential.group(2))))
+        else:
+            headers.append(Header(name, "", Secret(text)))
+    if not headers:
+        raise ValueError("expected one Name: value a line")
+    return tuple(headers)
+
+
+def option_secrets(value):
+    """The Secrets an option's value holds: itself, or its headers'."""
+    if isinstance(value, Secret):
+        return [value]
+    if isinstance(value, tuple):
+        return [part.secret for part in value if isinstance(part, Header)]
+    return []
+
+
+def _phone_numbers(value):
+    """WhatsApp recipients: comma-separated E.164 numbers without the +."""
+    numbers = tuple(part.strip() for part in value.split(",")
+                    if part.strip())
+    bad = [number for number in numbers
+           if not re.match(r"^[1-9]\d{6,14}$", number)]
+    if bad or not numbers:
+        raise ValueError("expected phone numbers in E.164 without the + "
+                         "(such as 4915112345678), comma-separated, got %r"
+                         % (bad or [value])[0])
+    return numbers
+
+
+def _matching(pattern, expected):
+    """A validator for a key whose whole value must match `pattern`."""
+    def validate(value):
+        if not re.match(pattern + r"\Z", value):
+            raise ValueError("expected %s, got %r" % (expected, value))
+        return value
+    return validate
+
+
+_phone_number_id = _matching(r"\d{1,20}", "the numeric phone number id of "
+                             "the WhatsApp Business account")
+_graph_version = _matching(r"v\d{1,3}\.\d{1,2}",
+                           "a Graph API version such as v23.0")
+
+
+def _routing_key(value):
+    """A PagerDuty Events API v2 integration key: 32 characters."""
+    secret = _secret(value)
+    if secret.value is not None and not re.match(r"^[A-Za-z0-9]{32}$",
+                                                 secret.value):
+        raise ValueError("expected the 32-character integration key of a "
+                         "PagerDuty Events API v2 integration, or "
+                         "credential:NAME")
+    return secret
+
+
 _EMAIL_ADDRESS = re.compile(r"^[^@\s<>,;\"]{1,64}@[A-Za-z0-9.-]{1,253}$")
 
 
@@ -1302,7 +1412,37 @@ def inline_secrets(config):
     """(channel, key) of every secret written in the file itself."""
     return [(channel.name, key) for channel in config.channels
             for key, value in sorted(channel.options.items())
-            if isinstance(value, Secret) and value.credential is None]
+            if any(secret.credential is None
+                   for secret in option_secrets(value))]
+
+
+def _resolve_secret(value, validate, directory, where, problems):
+    """A credential:NAME secret read and checked by `validate` (a problem
+    noted when it cannot be); any other value as it is."""
+    if value.credential is None:
+        return value
+    if not directory:
+        problems.append("%s: credential:%s, but no credentials were"
+                        " passed ($CREDENTIALS_DIRECTORY is unset; "
+                        "LoadCredential= in the unit)" % (
+                            where, value.credential))
+        return value
+    path = os.path.join(directory, value.credential)
+    try:
+        with open_regular(path, True, "utf-8") as handle:
+            secret = handle.read(65536).strip()
+        resolved = validate(secret)
+    except (OSError, UnicodeDecodeError) as error:
+        problems.append("%s: cannot read credential %s: %s" % (
+            where, value.credential,
+            getattr(error, "strerror", None) or error))
+        return value
+    except ValueError as error:
+        problems.append("%s: credential %s: %s" % (
+            where, value.credential, error))
+        return value
+    return Secret(resolved.value if isinstance(resolved, Secret)
+                  else resolved)
 
 
 def resolve_credentials(config, directory):
@@ -1312,30 +1452,15 @@ def resolve_credentials(config, directory):
     for channel in config.channels:
         options = dict(channel.options)
         for key, value in sorted(options.items()):
-            if not isinstance(value, Secret) or value.credential is None:
-                continue
             where = "[channel:%s] %s" % (channel.name, key)
-            if not directory:
-                problems.append("%s: credential:%s, but no credentials were"
-                                " passed ($CREDENTIALS_DIRECTORY is unset; "
-                                "LoadCredential= in the unit)" % (
-                                    where, value.credential))
-                continue
-            path = os.path.join(directory, value.credential)
-            try:
-                with open_regular(path, True, "utf-8") as handle:
-                    secret = handle.read(65536).strip()
-                resolved = CHANNEL_TYPES[channel.type].OPTIONS[key](secret)
-            except (OSError, UnicodeDecodeError) as error:
-                problems.append("%s: cannot read credential %s: %s" % (
-                    where, value.credential,
-                    getattr(error, "strerror", None) or error))
-                continue
-            except ValueError as error:
-                problems.append("%s: credential %s: %s" % (
-                    where, value.credential, error))
-                continue
-            options[key] = Secret(resolved.value)
+            if isinstance(value, Secret):
+                options[key] = _resolve_secret(
+                    value, CHANNEL_TYPES[channel.type].OPTIONS[key],
+                    directory, where, problems)
+            elif option_secrets(value):  # headers: each value on its own
+                options[key] = tuple(header._replace(secret=_resolve_secret(
+                    header.secret, _header_value, directory, where,
+                    problems)) for header in value)
         channels.append(channel._replace(options=options))
     if problems:
         raise ConfigError([ConfigProblem(config.path, None, None, None, text)
@@ -1470,10 +1595,10 @@ def files_root_reads(config, environ, credentials=True):
         for key, value in sorted(channel.options.items()):
             if key == "ca_file":
                 files.append((section, key, value))
-            elif isinstance(value, Secret) and value.credential and \
-                    directory and credentials:
-                files.append((section, key, os.path.join(
-                    directory, value.credential)))
+            elif directory and credentials:
+                files += [(section, key, os.path.join(
+                    directory, secret.credential))
+                    for secret in option_secrets(value) if secret.credential]
     return files
 
 
@@ -6172,6 +6297,25 @@ def tls_context(ca_file=None):
     return ssl.create_default_context(cafile=ca_file)
 
 
+def client_tls_context(options):
+    """A channel's TLS context: its ca_file, and its client certificate
+    (cert_file, key_file) when it has one."""
+    context = tls_context(options.get("ca_file"))
+    if options.get("cert_file"):
+        context.load_cert_chain(options["cert_file"], options["key_file"],
+                                password=_no_passphrase)
+    return context
+
+
+def client_cert_problems(options):
+    """(key, problem) when only one of cert_file and key_file is set."""
+    if ("cert_file" in options) != ("key_file" in options):
+        return [("cert_file" if "key_file" in options else "key_file",
+                 "cert_file and key_file go together (a client certificate "
+                 "and its key)")]
+    return []
+
+
 class Deadline:
     """The time by which a whole request (connect, TLS, send, read) must
     be done: `left()` is what remains, or socket.timeout once it passed."""
@@ -6340,15 +6484,15 @@ class RemoteSink:
 
     def open(self):
         if self.context is None:
-            self.context = tls_context(self.options.get("ca_file"))
+            self.context = client_tls_context(self.options)
 
     def secret(self, key):
         value = self.options.get(key)
         return value.value if isinstance(value, Secret) else value
 
     def secrets(self):
-        return [value.value for value in self.options.values()
-                if isinstance(value, Secret)]
+        return [secret.value for value in self.options.values()
+                for secret in option_secrets(value)]
 
     def text(self, event, delay_s, line, heading, limit, escape):
         """The alert in this channel's markup: the default layout, or the
@@ -6559,15 +6703,22 @@ def webhook_signature(key, message_id, timestamp, body):
 
 class WebhookSink(HttpSink):
     """POSTs the ECS event itself; with a secret, signed the Standard
-    Webhooks way (webhook-id, webhook-timestamp, webhook-signature)."""
+    Webhooks way (webhook-id, webhook-timestamp, webhook-signature); with
+    `headers`, extra headers (an API key); with cert_file and key_file, a
+    client certificate (mutual TLS)."""
 
     OPTIONS = {"timeout": _timeout, "ca_file": _absolute_path,
-               "url": _secret_url, "secret": _secret}
+               "url": _secret_url, "secret": _secret, "headers": _headers,
+               "cert_file": _absolute_path, "key_file": _absolute_path}
     REQUIRED = ("url",)
+
+    check_options = staticmethod(client_cert_problems)
 
     def request(self, event, delay_s):
         body = _json_body(event_to_ecs(event))
-        headers = {"Content-Type": "application/json"}
+        headers = {header.name: header.prefix + header.secret.value
+                   for header in self.options.get("headers", ())}
+        headers["Content-Type"] = "application/json"
         if self.options.get("secret"):
             message_id = "ps_" + hashlib.sha256(body).hexdigest()[:32]
             timestamp = int(time.time())
@@ -6577,6 +6728,176 @@ class WebhookSink(HttpSink):
                 "webhook-signature": webhook_signature(
                     self.secret("secret"), message_id, timestamp, body)})
         return self.secret("url"), headers, body
+
+
+def graph_api_failure(status, headers, body):
+    """A Graph API (WhatsApp Cloud API) error answer judged by its code:
+    {"error": {"message", "type", "code", "error_data": {"details"},
+    "fbtrace_id"}}, most of them with HTTP 400. Throughput limits wait and
+    retry; a bad or expired token (code 190, HTTP 401) keeps the alerts
+    in the spool until it is fixed; anything else refuses this alert."""
+    try:
+        error = json.loads(body.decode("utf-8", "replace"))["error"]
+        code = int(error.get("code"))
+        text = "WhatsApp error %d: %s" % (code, escape_text(
+            str(error.get("message", ""))[:200]))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return judge_response(status, headers, body)
+    if code in WHATSAPP_RATE_LIMITS or status == 429:
+        return DeliveryError("rate limited, " + text,
+                             retry_after=_retry_after_s(headers, body))
+    if code == 190 or status in CHANNEL_PROBLEM_STATUSES:
+        return DeliveryError("%s (check the token and phone_number_id; "
+                             "alerts wait in the spool until it is fixed)"
+                             % text)
+    if status >= 500:
+        return DeliveryError(text)
+    return DeliveryError(text, permanent=True)
+
+
+#: Graph API error codes that mean "too many, try later": 4 (app calls),
+#: 80007 (account limit), 130429 (throughput), 131048 (spam limit), 131056
+#: (too many to one recipient).
+WHATSAPP_RATE_LIMITS = frozenset((4, 80007, 130429, 131048, 131056))
+
+
+class WhatsAppSink(HttpSink):
+    """The WhatsApp Cloud API (Meta Graph API): one text message to each
+    recipient.
+
+        POST {api_url}/{api_version}/{phone_number_id}/messages
+        Authorization: Bearer TOKEN
+        {"messaging_product": "whatsapp", "recipient_type": "individual",
+         "to": "4915112345678", "type": "text",
+         "text": {"preview_url": false, "body": "..."}}   (body <= 4096)
+
+    answered 200 {"messaging_product": "whatsapp", "contacts": [{"input",
+    "wa_id"}], "messages": [{"id": "wamid..."}]}, or an error judged by
+    graph_api_failure. A recipient already served is not sent the alert
+    again when a later one fails and the alert is retried."""
+
+    OPTIONS = dict(HttpSink.OPTIONS, token=_secret,
+                   phone_number_id=_phone_number_id,
+                   recipients=_phone_numbers, api_url=_url,
+                   api_version=_graph_version)
+    REQUIRED = ("token", "phone_number_id", "recipients")
+
+    #: The Graph API version used unless api_version says otherwise.
+    API_VERSION = "v23.0"
+
+    def __init__(self, name, options=None):
+        HttpSink.__init__(self, name, options)
+        self.served = {}  # alert -> recipients that have it, until all do
+
+    def request(self, event, delay_s, recipient=None):
+        """(url, headers, body bytes) of the alert for one recipient (by
+        default the first)."""
+        api = self.options.get("api_url", "https://graph.facebook.com")
+        # Plain text: WhatsApp has no escape for its *bold* marks, and
+        # no markup means none an attacker's name could use either.
+        text = self.text(event, delay_s, "%s: %s", "%s", 4096, escape_plain)
+        return ("%s/%s/%s/messages" % (
+            api.rstrip("/"), self.options.get("api_version",
+                                              self.API_VERSION),
+            self.options["phone_number_id"]),
+            {"Content-Type": "application/json",
+             "Authorization": "Bearer " + self.secret("token")},
+            _json_body({"messaging_product": "whatsapp",
+                        "recipient_type": "individual",
+                        "to": recipient or self.options["recipients"][0],
+                        "type": "text", "text": {"preview_url": False,
+                                                 "body": text}}))
+
+    def judge(self, status, headers, body):
+        if 200 <= status < 300:
+            return None
+        return graph_api_failure(status, headers, body)
+
+    #: How many partly delivered alerts are remembered at most (one that
+    #: the spool dropped after a partial delivery is forgotten in time).
+    MAX_PARTLY_SERVED = 1000
+
+    def deliver(self, event, delay_s):
+        alert = hashlib.sha256(repr(tuple(event)).encode()).digest()
+        if alert not in self.served and \
+                len(self.served) >= self.MAX_PARTLY_SERVED:
+            del self.served[next(iter(self.served))]
+        served = self.served.setdefault(alert, set())
+        for recipient in self.options["recipients"]:
+            if recipient in served:
+                continue
+            url, headers, body = self.request(event, delay_s, recipient)
+            status, answer_headers, answer = http_post(
+                url, body, headers, self.timeout, self.context)
+            failure = self.judge(status, answer_headers, answer)
+            if failure is not None:
+                if failure.permanent:
+                    del self.served[alert]
+                raise failure
+            served.add(recipient)
+        del self.served[alert]
+
+
+def pagerduty_severity(event):
+    """PagerDuty's severity for the event's 0 to 10."""
+    return severity_level(event, (("critical", 9), ("error", 7),
+                                  ("warning", 4), ("info", 0)))
+
+
+def pagerduty_dedup_key(event):
+    """One incident per host and throttle key (the action and who is
+    behind it: the source, or the account), so a repeat updates the open
+    incident instead of paging again. Hashed: attacker text stays out."""
+    return "pamsignal/%s/%s/%s" % (
+        (event.hostname or "")[:64], event.action, hashlib.sha256(
+            throttle_key(event).encode("utf-8", "replace")).hexdigest()[:32])
+
+
+class PagerDutySink(HttpSink):
+    """PagerDuty Events API v2: a trigger event per alert.
+
+        POST https://events.pagerduty.com/v2/enqueue
+        {"routing_key": "<32 chars>", "event_action": "trigger",
+         "dedup_key": "<= 255 chars", "payload": {"summary": "<= 1024",
+         "source", "severity": "critical|error|warning|info", "timestamp",
+         "component", "group", "class", "custom_details"}}
+
+    answered 202 {"status": "success", "message": "Event processed",
+    "dedup_key"}; 400 {"status": "invalid event", "message": "Event object
+    is invalid", "errors": [...]} refuses the alert, unless it is about
+    the routing key (then alerts wait in the spool until it is fixed);
+    429 and 5xx are retried."""
+
+    OPTIONS = {"timeout": _timeout, "ca_file": _absolute_path,
+               "routing_key": _routing_key, "api_url": _url}
+    REQUIRED = ("routing_key",)
+
+    def request(self, event, delay_s):
+        alert = alert_text(event, delay_s)
+        ecs = event_to_ecs(event)
+        return (self.options.get("api_url",
+                                 "https://events.pagerduty.com/v2/enqueue"),
+                {"Content-Type": "application/json"},
+                _json_body({
+                    "routing_key": self.secret("routing_key"),
+                    "event_action": "trigger",
+                    "dedup_key": pagerduty_dedup_key(event),
+                    "payload": {
+                        "summary": shorten(escape_plain(alert.title), 1024),
+                        "source": event.hostname or "pamsignal",
+                        "severity": pagerduty_severity(event),
+                        "timestamp": ecs["@timestamp"],
+                        "component": event.service or "pamsignal",
+                        "group": ecs["event"]["category"][0],
+                        "class": event.action, "custom_details": ecs}}))
+
+    def judge(self, status, headers, body):
+        failure = judge_response(status, headers, body)
+        if failure is not None and failure.permanent and \
+                b"routing_key" in body.lower().replace(b" ", b"_"):
+            return DeliveryError("%s (check routing_key; alerts wait in the"
+                                 " spool until it is fixed)" % failure)
+        return failure
 
 
 class _DeadlineSMTPConnection:
@@ -6812,10 +7133,7 @@ class SyslogSink(RemoteSink):
             problems.append(("framing", "only for a tcp:// target (TLS is "
                              "always octet-counted, UDP is one message per"
                              " datagram)"))
-        if ("cert_file" in options) != ("key_file" in options):
-            problems.append(("cert_file" if "key_file" in options else
-                             "key_file", "cert_file and key_file go "
-                             "together (a client certificate and its key)"))
+        problems += client_cert_problems(options)
         if options.get("bom") and options.get("header") == "rfc3164":
             problems.append(("bom", "only with header = rfc5424"))
         return problems
@@ -6843,12 +7161,7 @@ class SyslogSink(RemoteSink):
             say("warning", "channel %s: %s" % (self.name, self.UDP_NOTE))
         if self.target.transport != "tls" or self.context is not None:
             return
-        context = tls_context(self.options.get("ca_file"))
-        if self.options.get("cert_file"):
-            context.load_cert_chain(self.options["cert_file"],
-                                    self.options["key_file"],
-                                    password=_no_passphrase)
-        self.context = context
+        self.context = client_tls_context(self.options)
 
     def deliver(self, event, delay_s):
         self.send_batch([(event, delay_s)])
@@ -6995,7 +7308,8 @@ CHANNEL_TYPES = {"console": ConsoleSink, "telegram": TelegramSink,
                  "slack": SlackSink, "discord": DiscordSink,
                  "teams": TeamsSink, "ntfy": NtfySink, "gotify": GotifySink,
                  "email": EmailSink, "webhook": WebhookSink,
-                 "journal": JournalSink, "syslog": SyslogSink}
+                 "journal": JournalSink, "syslog": SyslogSink,
+                 "whatsapp": WhatsAppSink, "pagerduty": PagerDutySink}
 
 
 #: Retry delays after a failed delivery grow from this (seconds)...
@@ -11342,10 +11656,11 @@ repeats = off
 
 # Network channels (uncomment and fill in one or more). Each sends through
 # a durable spool with retries, and takes timeout (10s), ca_file (trust a
-# private CA) and, except webhook, template, plus any [alerts] key. URLs
-# must be https:// (http:// only to a loopback address). A secret may be
-# written here (then keep this file mode 0600) or as credential:NAME to
-# read the systemd credential NAME (LoadCredential= in the unit).
+# private CA) and, except webhook and pagerduty, template, plus any
+# [alerts] key. URLs must be https:// (http:// only to a loopback
+# address). A secret may be written here (then keep this file mode 0600)
+# or as credential:NAME to read the systemd credential NAME
+# (LoadCredential= in the unit).
 # Try them with: pamsignal test-alert
 #
 #[channel:phone]
@@ -11398,9 +11713,32 @@ repeats = off
 # Signs each request (Standard Webhooks: webhook-id, webhook-timestamp,
 # webhook-signature = v1,base64 HMAC-SHA256 of "id.timestamp.body").
 #secret = whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+# Extra headers, one "Name: value" a line, the next ones indented (values
+# are secrets; one may end in credential:NAME), and a client certificate
+# for mutual TLS (the key file mode 0600, or a systemd credential):
+#headers = Authorization: Bearer credential:hook-token
+#    X-Team: ops
+#cert_file = /etc/pamsignal/client.pem
+#key_file = /run/credentials/pamsignal.service/hook-key
 #events = *
 #cooldown = off
 #rate_limit = off
+#
+# WhatsApp Cloud API: one message to each recipient (E.164, no +).
+#[channel:whatsapp]
+#type = whatsapp
+#token = credential:whatsapp-token
+#phone_number_id = 106540352242922
+#recipients = 4915112345678, 15551234567
+#api_version = v23.0
+#min_severity = 6
+#
+# PagerDuty Events API v2: repeats of one incident (same host, action and
+# source or account) update it instead of paging again.
+#[channel:pagerduty]
+#type = pagerduty
+#routing_key = credential:pagerduty-key
+#min_severity = 7
 #
 # Each event back into the journal with SYSLOG_IDENTIFIER=pamsignal, a
 # MESSAGE_ID per action and the ECS fields as journal fields (EVENT_ACTION,

@@ -32,6 +32,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -76,11 +77,25 @@ class CertBundle(object):
         self.other_ca_file = other_ca_file
         self.rogue = rogue
 
-    def server_context(self):
-        """An `ssl.SSLContext` serving this certificate."""
+    def server_context(self, require_client_cert=False):
+        """An `ssl.SSLContext` serving this certificate; with
+        `require_client_cert`, one that refuses a client without a
+        certificate signed by `ca_file` (mutual TLS)."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.cert_file, self.key_file)
+        if require_client_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.ca_file)
         return context
+
+    def client_cert(self, name="pamsignal-client"):
+        """(cert_file, key_file) of a client certificate (clientAuth) for
+        `name`, signed by `ca_file`; made once, cached on disk."""
+        stem = "client-" + "".join(c if c.isalnum() else "_"
+                                   for c in name)[:40]
+        with _CERT_LOCK:
+            return _make_leaf(self.directory, stem, (name,), self.ca_file,
+                              self.ca_key_file, usage="clientAuth")
 
     def client_context(self, cafile=None):
         """A verifying client context trusting `cafile` (default: the CA
@@ -123,7 +138,7 @@ _LEAF_EXTENSIONS = """\
 [v3_leaf]
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth
+extendedKeyUsage = %s
 subjectAltName = %s
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid:always
@@ -181,7 +196,7 @@ def _make_ca(directory, stem, common_name):
     return cert, key
 
 
-def _make_leaf(directory, stem, names, ca_cert, ca_key):
+def _make_leaf(directory, stem, names, ca_cert, ca_key, usage="serverAuth"):
     cert = os.path.join(directory, stem + ".pem")
     key = os.path.join(directory, stem + ".key")
     if os.path.exists(cert) and os.path.exists(key):
@@ -199,7 +214,7 @@ def _make_leaf(directory, stem, names, ca_cert, ca_key):
     ext_config = os.path.join(directory, stem + ".ext.cnf" + tag)
     csr = os.path.join(directory, stem + ".csr" + tag)
     _write(req_config, _LEAF_REQ_CONFIG % names[0])
-    _write(ext_config, _LEAF_EXTENSIONS % ", ".join(alt))
+    _write(ext_config, _LEAF_EXTENSIONS % (usage, ", ".join(alt)))
     try:
         _openssl("req", "-new", *_EC_KEY, "-config", req_config,
                  "-keyout", key + tag, "-out", csr)
@@ -979,6 +994,227 @@ def gotify_401():
         "error": "Unauthorized", "errorCode": 401,
         "errorDescription": "you need to provide a valid access token or "
                             "user credentials to access this api"})
+
+
+class ServiceAPI(object):
+    """A stand-in for a web service's API: checks each request as the
+    service does and answers as it would (its success and its error
+    bodies).  Use as a receiver's `default` or in its script; what it
+    refused, and why, is in `refusals` (so a test sees a wrong request
+    even where the sink would only retry)."""
+
+    name = "service"
+
+    def __init__(self):
+        self.refusals = []
+        self.accepted = []
+        self._lock = threading.Lock()
+
+    def _perform(self, handler, request):
+        response = self.answer(request)
+        request.response = response
+        response._perform(handler, request)
+
+    def refuse(self, request, response, why):
+        with self._lock:
+            self.refusals.append((request, why))
+        return response
+
+    def accept(self, request, response):
+        with self._lock:
+            self.accepted.append(request)
+        return response
+
+    def __repr__(self):
+        return "%s(%d accepted, %d refused)" % (
+            type(self).__name__, len(self.accepted), len(self.refusals))
+
+
+def _graph_error(status, code, message, kind="OAuthException",
+                 details=None):
+    """A Graph API error body (the WhatsApp Cloud API's errors)."""
+    error = {"message": message, "type": kind, "code": code,
+             "fbtrace_id": "A" + secrets.token_hex(10)}
+    if details:
+        error["error_data"] = {"messaging_product": "whatsapp",
+                               "details": details}
+    return _json(status, {"error": error})
+
+
+class WhatsAppAPI(ServiceAPI):
+    """The WhatsApp Cloud API's send-message endpoint:
+
+        POST /vNN.N/PHONE_NUMBER_ID/messages
+        Authorization: Bearer TOKEN
+        Content-Type: application/json
+        {"messaging_product": "whatsapp", "to": "<E.164 digits>",
+         "type": "text", "text": {"body": "<1 to 4096 characters>"}}
+
+    A wrong or missing token: 401, Graph code 190.  Another phone number
+    id: 400, code 100 (no such object).  A malformed body or a text over
+    4096 characters: 400, code 100 (invalid parameter).  A recipient not
+    in `allowed` (the test number list of a new account): 400, code
+    131030.  Success: 200 with contacts and a wamid message id."""
+
+    name = "whatsapp"
+    TEXT_LIMIT = 4096
+
+    def __init__(self, token, phone_number_id, allowed=None):
+        ServiceAPI.__init__(self)
+        self.token = token
+        self.phone_number_id = phone_number_id
+        self.allowed = allowed
+
+    def answer(self, request):
+        parts = request.path.split("/")
+        if request.method != "POST" or len(parts) != 4 or \
+                not re_fullmatch(r"v\d+\.\d+", parts[1]) or \
+                parts[3] != "messages":
+            return self.refuse(request, _graph_error(
+                400, 2500, "Unknown path components: %s" % request.path),
+                "path")
+        if request.headers.get("Authorization") != "Bearer " + self.token:
+            return self.refuse(request, _graph_error(
+                401, 190, "Invalid OAuth access token - Cannot parse "
+                "access token"), "token")
+        if parts[2] != self.phone_number_id:
+            return self.refuse(request, _graph_error(
+                400, 100, "Unsupported post request. Object with ID '%s' "
+                "does not exist" % parts[2], "GraphMethodException"),
+                "phone_number_id")
+        sent = request.json
+        body = (sent.get("text") or {}).get("body") \
+            if isinstance(sent, dict) and isinstance(sent.get("text"),
+                                                     dict) else None
+        if "application/json" not in request.headers.get(
+                "Content-Type", "") or not isinstance(sent, dict) or \
+                sent.get("messaging_product") != "whatsapp" or \
+                sent.get("type") != "text" or \
+                not re_fullmatch(r"[1-9]\d{6,14}", str(sent.get("to"))) \
+                or not isinstance(body, str) or not body:
+            return self.refuse(request, _graph_error(
+                400, 100, "(#100) Invalid parameter"), "shape")
+        if len(body) > self.TEXT_LIMIT:
+            return self.refuse(request, _graph_error(
+                400, 100, "(#100) Param text['body'] must be at most %d "
+                "characters long." % self.TEXT_LIMIT), "length")
+        if self.allowed is not None and sent["to"] not in self.allowed:
+            return self.refuse(request, _graph_error(
+                400, 131030, "(#131030) Recipient phone number not in "
+                "allowed list", details="Recipient phone number not in "
+                "allowed list: Add recipient phone number to recipient "
+                "list and try again."), "recipient")
+        return self.accept(request, _json(200, {
+            "messaging_product": "whatsapp",
+            "contacts": [{"input": sent["to"], "wa_id": sent["to"]}],
+            "messages": [{"id": "wamid." + secrets.token_hex(16)}]}))
+
+
+def whatsapp_rate_limited():
+    """Cloud API throughput limit: HTTP 400 with Graph code 130429."""
+    return _graph_error(400, 130429, "(#130429) Rate limit hit",
+                        details="Cloud API message throughput has been "
+                        "reached.")
+
+
+class PagerDutyAPI(ServiceAPI):
+    """The PagerDuty Events API v2 enqueue endpoint:
+
+        POST /v2/enqueue   Content-Type: application/json
+        {"routing_key": "<32 alphanumerics>", "event_action": "trigger",
+         "dedup_key": "<= 255 characters", "payload": {"summary": "<= 1024
+         characters", "source", "severity": "critical|error|warning|
+         info", "timestamp", "component", "group", "class",
+         "custom_details"}}
+
+    Success: 202 {"status": "success", "message": "Event processed",
+    "dedup_key"}.  Anything wrong: 400 {"status": "invalid event",
+    "message": "Event object is invalid", "errors": [...]}; a well-formed
+    key no integration has: 400 with "Invalid routing key".  `incidents`
+    maps each dedup key to how many triggers it got (the first opens an
+    incident, the rest update it)."""
+
+    name = "pagerduty"
+    SEVERITIES = ("critical", "error", "warning", "info")
+
+    def __init__(self, routing_key):
+        ServiceAPI.__init__(self)
+        self.routing_key = routing_key
+        self.incidents = {}
+
+    def _invalid(self, request, errors, why):
+        return self.refuse(request, pagerduty_invalid(errors), why)
+
+    def answer(self, request):
+        if request.method != "POST" or request.path != "/v2/enqueue":
+            return self.refuse(request, Respond(404, b"Not Found"), "path")
+        sent = request.json
+        if "application/json" not in request.headers.get(
+                "Content-Type", "") or not isinstance(sent, dict):
+            return self._invalid(request, ["Event object is not valid "
+                                           "JSON"], "shape")
+        key = str(sent.get("routing_key", ""))
+        if len(key) != 32 or not key.isalnum():
+            return self._invalid(request, [
+                "Length of 'routing_key' is incorrect (should be 32 "
+                "characters)"], "routing_key")
+        if key != self.routing_key:
+            return self._invalid(request, ["Invalid routing key"],
+                                 "routing_key")
+        payload = sent.get("payload")
+        errors = []
+        if sent.get("event_action") != "trigger":
+            errors.append("'event_action' is invalid (must be one of the "
+                          "following: 'trigger', 'acknowledge' or "
+                          "'resolve')")
+        dedup = sent.get("dedup_key")
+        if not isinstance(dedup, str) or not 1 <= len(dedup) <= 255:
+            errors.append("'dedup_key' must be a string of at most 255 "
+                          "characters")
+        if not isinstance(payload, dict):
+            errors.append("'payload' is missing or not an object")
+            payload = {}
+        summary = payload.get("summary")
+        if not isinstance(summary, str) or not summary or \
+                len(summary) > 1024:
+            errors.append("'payload.summary' is missing or longer than "
+                          "1024 characters")
+        if not isinstance(payload.get("source"), str) or \
+                not payload["source"]:
+            errors.append("'payload.source' is missing")
+        if payload.get("severity") not in self.SEVERITIES:
+            errors.append("'payload.severity' is invalid (must be one of "
+                          "the following: 'critical', 'warning', 'error' "
+                          "or 'info')")
+        for name in ("component", "group", "class"):
+            if name in payload and not isinstance(payload[name], str):
+                errors.append("'payload.%s' must be a string" % name)
+        if "custom_details" in payload and \
+                not isinstance(payload["custom_details"], dict):
+            errors.append("'payload.custom_details' must be an object")
+        if errors:
+            return self._invalid(request, errors, "shape")
+        with self._lock:
+            self.incidents[dedup] = self.incidents.get(dedup, 0) + 1
+        return self.accept(request, _json(202, {
+            "status": "success", "message": "Event processed",
+            "dedup_key": dedup}))
+
+
+def pagerduty_invalid(errors):
+    """The Events API's answer to an event it cannot take."""
+    return _json(400, {"status": "invalid event",
+                       "message": "Event object is invalid",
+                       "errors": list(errors)})
+
+
+def pagerduty_429():
+    """Events API throttling: 429 (the body is not JSON to rely on)."""
+    return Respond(429, b"", {"Content-Type": "text/plain"})
+
+
+def re_fullmatch(pattern, text):
+    return re.match("(?:%s)\\Z" % pattern, text) is not None
 
 
 # ------------------------------------------------------------------- SMTP

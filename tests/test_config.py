@@ -57,9 +57,8 @@ def test_every_problem_is_reported_with_line_and_expectation():
         "/etc/p.conf:4: [pamsignal] first_start: expected now, boot, all or "
         "a time back such as -1h (s, m, h or d), got 'yesterday'",
         "/etc/p.conf:7: [channel:phone] type: expected one of: console, "
-        "discord, email, gotify, journal, ntfy, slack, syslog, teams, "
-        "telegram, "
-        "webhook; got 'pager'",
+        "discord, email, gotify, journal, ntfy, pagerduty, slack, syslog, "
+        "teams, telegram, webhook, whatsapp; got 'pager'",
         "/etc/p.conf:10: [channel:screen] format: expected text or json, got"
         " 'xml'",
         "/etc/p.conf:11: [channel:screen] events: expected *, default or a "
@@ -84,7 +83,8 @@ def test_every_problem_is_reported_with_line_and_expectation():
      "[audit] or [channel:NAME]"),
     ("[channel:x]\nformat = json\n", "/etc/p.conf:1: [channel:x] type: "
      "expected one of: console, discord, email, gotify, journal, ntfy, "
-     "slack, syslog, teams, telegram, webhook; got ''"),
+     "pagerduty, slack, syslog, teams, telegram, webhook, whatsapp; got "
+     "''"),
 ])
 def test_syntax_errors_point_at_the_line(text, expected):
     assert problems_of(text) == [expected]

@@ -23,11 +23,13 @@ from receivers import (  # noqa: E402
     Dynamic,
     Hang,
     HttpReceiver,
+    PagerDutyAPI,
     Reset,
     Respond,
     Slow,
     SmtpReceiver,
     Truncated,
+    WhatsAppAPI,
     discord_429,
     discord_ok,
     gotify_ok,
@@ -37,6 +39,7 @@ from receivers import (  # noqa: E402
     teams_ok,
     telegram_429,
     telegram_ok,
+    whatsapp_rate_limited,
 )
 
 #: A certificate that does not verify: its own class from Python 3.7, its
@@ -579,3 +582,135 @@ def test_smtp_drip_greeting_outlasts_a_per_read_timeout():
             assert client.noop()[0] == 250
             # The dripped greeting was whole: the session goes on.
             assert client.ehlo()[0] == 250
+
+
+# ------------------------------------------------------ service-shaped APIs
+
+
+def answer_of(url, payload, headers=None):
+    """(status, JSON body or raw bytes) of a POST, error or not."""
+    try:
+        with post(url, payload, headers) as reply:
+            status, body = reply.status, reply.read()
+    except urllib.error.HTTPError as error:
+        status, body = error.code, error.read()
+    try:
+        return status, json.loads(body.decode())
+    except ValueError:
+        return status, body
+
+
+WHATSAPP_MESSAGE = {"messaging_product": "whatsapp", "to": "15551234567",
+                    "type": "text", "text": {"body": "root logged in"}}
+
+
+def test_whatsapp_api_answers_as_the_cloud_api():
+    api = WhatsAppAPI("EAAtoken", "1065")
+    bearer = {"Authorization": "Bearer EAAtoken"}
+    with HttpReceiver(default=api) as rx:
+        url = rx.url + "/v23.0/1065/messages"
+        status, sent = answer_of(url, WHATSAPP_MESSAGE, bearer)
+        assert status == 200
+        assert sent["contacts"] == [{"input": "15551234567",
+                                     "wa_id": "15551234567"}]
+        assert sent["messages"][0]["id"].startswith("wamid.")
+        for target, payload, headers, code, why in (
+                (url, WHATSAPP_MESSAGE, {"Authorization": "Bearer x"},
+                 (401, 190), "token"),
+                (url, WHATSAPP_MESSAGE, {}, (401, 190), "token"),
+                (rx.url + "/v23.0/999/messages", WHATSAPP_MESSAGE, bearer,
+                 (400, 100), "phone_number_id"),
+                (rx.url + "/1065/messages", WHATSAPP_MESSAGE, bearer,
+                 (400, 2500), "path"),
+                (url, dict(WHATSAPP_MESSAGE, messaging_product="sms"),
+                 bearer, (400, 100), "shape"),
+                (url, dict(WHATSAPP_MESSAGE, to="+15551234567"), bearer,
+                 (400, 100), "shape"),
+                (url, dict(WHATSAPP_MESSAGE, text={"body": ""}), bearer,
+                 (400, 100), "shape"),
+                (url, dict(WHATSAPP_MESSAGE, text={"body": "x" * 4097}),
+                 bearer, (400, 100), "length")):
+            api.refusals[:] = []
+            status, error = answer_of(target, payload, headers)
+            assert (status, error["error"]["code"]) == code, why
+            assert error["error"]["fbtrace_id"]
+            assert [reason for _, reason in api.refusals] == [why]
+        status, _ = answer_of(url, dict(WHATSAPP_MESSAGE, text={
+            "body": "x" * 4096}), bearer)
+        assert status == 200
+    assert len(api.accepted) == 2
+
+
+def test_whatsapp_api_allowed_list_and_rate_limit():
+    api = WhatsAppAPI("t", "1", allowed=("15551234567",))
+    with HttpReceiver(default=api) as rx:
+        rx.script([whatsapp_rate_limited()])
+        url = rx.url + "/v23.0/1/messages"
+        bearer = {"Authorization": "Bearer t"}
+        status, error = answer_of(url, WHATSAPP_MESSAGE, bearer)
+        assert (status, error["error"]["code"]) == (400, 130429)
+        status, error = answer_of(url, dict(WHATSAPP_MESSAGE,
+                                            to="4915112345678"), bearer)
+        assert (status, error["error"]["code"]) == (400, 131030)
+        assert "allowed list" in error["error"]["error_data"]["details"]
+
+
+PAGERDUTY_EVENT = {"routing_key": "a" * 32, "event_action": "trigger",
+                   "dedup_key": "web1/login",
+                   "payload": {"summary": "Login: root", "source": "web1",
+                               "severity": "warning", "class": "login",
+                               "custom_details": {"user": "root"}}}
+
+
+def test_pagerduty_api_answers_as_the_events_api():
+    api = PagerDutyAPI("a" * 32)
+    with HttpReceiver(default=api) as rx:
+        url = rx.url + "/v2/enqueue"
+        assert answer_of(url, PAGERDUTY_EVENT) == (202, {
+            "status": "success", "message": "Event processed",
+            "dedup_key": "web1/login"})
+        assert answer_of(url, PAGERDUTY_EVENT)[0] == 202
+        assert api.incidents == {"web1/login": 2}
+        summary_too_long = dict(PAGERDUTY_EVENT, payload=dict(
+            PAGERDUTY_EVENT["payload"], summary="x" * 1025))
+        for payload, why, error in (
+                (dict(PAGERDUTY_EVENT, routing_key="short"), "routing_key",
+                 "Length of 'routing_key' is incorrect"),
+                (dict(PAGERDUTY_EVENT, routing_key="b" * 32), "routing_key",
+                 "Invalid routing key"),
+                (summary_too_long, "shape", "payload.summary"),
+                (dict(PAGERDUTY_EVENT, payload=dict(
+                    PAGERDUTY_EVENT["payload"], severity="high")), "shape",
+                 "payload.severity"),
+                (dict(PAGERDUTY_EVENT, dedup_key="k" * 256), "shape",
+                 "dedup_key"),
+                (dict(PAGERDUTY_EVENT, event_action="page"), "shape",
+                 "event_action")):
+            api.refusals[:] = []
+            status, answer = answer_of(url, payload)
+            assert status == 400 and answer["status"] == "invalid event"
+            assert any(error in text for text in answer["errors"]), why
+            assert [reason for _, reason in api.refusals] == [why]
+        assert answer_of(rx.url + "/v1/enqueue", PAGERDUTY_EVENT)[0] == 404
+    assert api.incidents == {"web1/login": 2}
+
+
+def test_a_receiver_can_require_a_client_certificate(certs):
+    cert_file, key_file = certs.client_cert()
+    assert certs.client_cert() == (cert_file, key_file)  # cached
+    with HttpReceiver(tls=certs.server_context(
+            require_client_cert=True)) as rx:
+        anonymous = certs.client_context()
+        with pytest.raises((ssl.SSLError, urllib.error.URLError,
+                            ConnectionError)):
+            post(rx.localhost_url + "/x", {}, context=anonymous).read()
+        known = certs.client_context()
+        known.load_cert_chain(cert_file, key_file)
+        with post(rx.localhost_url + "/x", {}, context=known) as reply:
+            assert reply.status == 200
+        stranger = certs.client_context()
+        stranger.load_cert_chain(certs.rogue.cert_file, certs.rogue.key_file)
+        with pytest.raises((ssl.SSLError, urllib.error.URLError,
+                            ConnectionError)):
+            post(rx.localhost_url + "/x", {}, context=stranger).read()
+    assert len(rx.requests) == 1

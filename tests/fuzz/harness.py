@@ -199,6 +199,15 @@ token = tk
 type = webhook
 url = https://hooks.example.com/webhook
 secret = whsec_c2VjcmV0
+headers = Authorization: Bearer tk
+[channel:whatsapp]
+type = whatsapp
+token = tk
+phone_number_id = 1065
+recipients = 15551234567
+[channel:pagerduty]
+type = pagerduty
+routing_key = R0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5
 [channel:email]
 type = email
 host = 127.0.0.1
