@@ -88,6 +88,16 @@ def in_ci():
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def in_chroot():
+    """Whether this process runs chrooted: its / is not PID 1's (as
+    systemd decides it; needs the host's /proc)."""
+    try:
+        ours, init = os.stat("/"), os.stat("/proc/1/root/")
+    except OSError:
+        return False
+    return (ours.st_dev, ours.st_ino) != (init.st_dev, init.st_ino)
+
+
 def unavailable(reason):
     """Skip (by hand) or fail (in CI, where nothing may skip)."""
     if in_ci():
@@ -156,7 +166,8 @@ def ensure_journald(timeout=20):
     require_root()
     require_binaries("journalctl", "setsid", JOURNALD)
     os.makedirs(JOURNAL_DIR, exist_ok=True)
-    if not journald_answers():
+    started = not journald_answers()
+    if started:
         # setsid -f: fork, new session, detached from pytest entirely.
         _check(
             ["setsid", "-f", JOURNALD],
@@ -180,6 +191,18 @@ def ensure_journald(timeout=20):
         time.sleep(0.1)
     if os.path.realpath("/dev/log") != dev_log:
         _check(["ln", "-sf", dev_log, "/dev/log"])
+    if started:
+        # A journald that has never had an entry (a fresh machine) has no
+        # journal files, and `journalctl --show-cursor` fails there: its
+        # first entry, which also proves that /dev/log reaches it.
+        _check(["logger", "-t", "pamsignal-tests", "--",
+                "journald started for the tests"])
+        if not wait_for(lambda: "journald started for the tests" in _run(
+                ["journalctl", "-n", "5", "--no-pager"]).stdout, timeout):
+            raise RuntimeError(
+                "systemd-journald started but never logged what was sent "
+                "to /dev/log within %ss" % timeout
+            )
 
 
 def journal_cursor():
@@ -1477,7 +1500,11 @@ class Container(object):
                 preexec_fn=_join_cgroups(self.cgroups))
         assert wait_for(lambda: _children(self.nspawn.pid) or
                         self.nspawn.poll() is not None, timeout=timeout)
-        assert self.nspawn.poll() is None, self.log()
+        if self.nspawn.poll() is not None:
+            raise RuntimeError("systemd-nspawn exited at once%s: %s" % (
+                " (this is a chroot: nspawn boots only from a real root, "
+                "with the host's /sys/fs/cgroup)" if in_chroot() else "",
+                self.log()))
         (self.init,) = _children(self.nspawn.pid)
 
         def booted():  # nothing answers until the child has become init
