@@ -1261,14 +1261,17 @@ def wait_for(predicate, timeout=20.0, interval=0.1):
 def overlay_mount_script(lower, workdir, merged, binds):
     """Shell commands that mount an overlayfs of `lower` on `merged` (its
     upper and work directories in `workdir`) and bind the host's `binds`
-    (absolute paths: /proc, /dev, ...) at the same places inside."""
+    (absolute paths: /proc, /dev, ... with what is mounted below them) at
+    the same places inside."""
     q = shlex.quote
     upper, work = (os.path.join(workdir, d) for d in ("upper", "work"))
     commands = [
         "mount -t overlay overlay -o lowerdir=%s,upperdir=%s,workdir=%s %s"
         % (q(lower), q(upper), q(work), q(merged))
     ]
-    commands += ["mount --bind %s %s%s" % (q(b), q(merged), q(b))
+    # --rbind: what is mounted below them comes too (/dev/pts, the
+    # cgroup file systems under /sys/fs/cgroup that journald needs).
+    commands += ["mount --rbind %s %s%s" % (q(b), q(merged), q(b))
                  for b in binds]
     return " && ".join(commands)
 
@@ -1279,7 +1282,7 @@ class TreeOverlay(object):
     (what the runs wrote, readable from here with upper()).
 
     Two ways to mount it.  By default in a private mount namespace, with
-    the host's /proc, /dev and /dev/pts bound in: a `cat` reading a pipe
+    the host's /proc and /dev (and /dev/pts) bound in: a `cat` reading a pipe
     from us holds that namespace open; stop() closes the pipe, and should
     this process die the pipe closes all the same, so no mount is ever
     left behind on the host.  With host_visible=True it is mounted on the
@@ -1289,8 +1292,9 @@ class TreeOverlay(object):
 
     Also a context manager: `with TreeOverlay(...) as overlay:`."""
 
-    #: What a chroot into the private view needs of the host.
-    BINDS = ("/proc", "/dev", "/dev/pts")
+    #: What a chroot into the private view needs of the host (/dev with
+    #: /dev/pts).
+    BINDS = ("/proc", "/dev")
 
     def __init__(self, tree, workdir, host_visible=False, binds=BINDS):
         self.tree = os.path.realpath(tree)

@@ -49,9 +49,10 @@ CACHE = "/var/cache/pamsignal-tests"
 
 
 class FreshMachine(realsys.TreeOverlay):
-    """The bare tree as a writable chroot, /sys bound in as well (apt and
-    systemd's tools look at it), the cached trees seen through an overlay
-    of their own."""
+    """The bare tree as a writable chroot, /sys bound in as well: the
+    chroot's journald stops at once without the cgroup file systems under
+    /sys/fs/cgroup ("Failed to acquire cgroup root path").  The cached
+    trees are seen through an overlay of their own."""
 
     def __init__(self, tree, workdir):
         super(FreshMachine, self).__init__(
