@@ -1351,9 +1351,11 @@ class TreeOverlay(object):
     def _nsenter(self, cmd, **kw):
         if self.holder is None:  # host_visible: the host's namespace
             return _run(cmd, **kw)
+        # --root --wd: the holder's root and directory, not the
+        # namespace's, so that run from a chroot we stay in it.
         return _run(
-            ["nsenter", "--target", str(self.holder.pid), "--mount", "--"]
-            + cmd,
+            ["nsenter", "--target", str(self.holder.pid), "--mount",
+             "--root", "--wd", "--"] + cmd,
             **kw
         )
 
@@ -1511,11 +1513,19 @@ class Container(object):
                 self.log()))
         (self.init,) = _children(self.nspawn.pid)
 
+        said = []
+
         def booted():  # nothing answers until the child has become init
-            return self.run(["systemctl", "is-system-running", "--wait"],
-                            check=False, timeout=timeout).stdout.strip() in (
-                                "running", "degraded")
-        assert wait_for(booted, timeout=timeout, interval=0.5), self.log()
+            state = self.run(["systemctl", "is-system-running", "--wait"],
+                             check=False, timeout=timeout)
+            said[:] = [(state.stdout + state.stderr).strip()]
+            return state.stdout.strip() in ("running", "degraded")
+        if not wait_for(booted, timeout=timeout, interval=0.5):
+            raise RuntimeError(
+                "the container did not report itself booted within %ss%s; "
+                "systemctl is-system-running said %r; its console:\n%s"
+                % (timeout, " (this is a chroot)" if in_chroot() else "",
+                   said, self.log()))
         return self
 
     def log(self):
