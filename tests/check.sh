@@ -82,8 +82,9 @@ prepare() {
     local tree started
     # bookworm and bullseye (with trixie-tree): the Debian package tests;
     # ansible-tree: the boot tree with python3-apt, for the Ansible role.
+    # bare-tree: a Debian 12 minbase without python3 (tests/test_fresh.py).
     for tree in trixie-tree boot-tree bookworm-tree bullseye-tree \
-        ansible-tree; do
+        ansible-tree bare-tree; do
         step "Debian tree: $tree (cached under /var/cache/pamsignal-tests)"
         started=$SECONDS
         python3 tests/realsys.py "$tree"

@@ -156,7 +156,8 @@ def ensure_journald(timeout=20):
     require_root()
     require_binaries("journalctl", "setsid", JOURNALD)
     os.makedirs(JOURNAL_DIR, exist_ok=True)
-    if not journald_answers():
+    started = not journald_answers()
+    if started:
         # setsid -f: fork, new session, detached from pytest entirely.
         _check(
             ["setsid", "-f", JOURNALD],
@@ -180,6 +181,18 @@ def ensure_journald(timeout=20):
         time.sleep(0.1)
     if os.path.realpath("/dev/log") != dev_log:
         _check(["ln", "-sf", dev_log, "/dev/log"])
+    if started:
+        # A journald that has never had an entry (a fresh machine) has no
+        # journal files, and `journalctl --show-cursor` fails there: its
+        # first entry, which also proves that /dev/log reaches it.
+        _check(["logger", "-t", "pamsignal-tests", "--",
+                "journald started for the tests"])
+        if not wait_for(lambda: "journald started for the tests" in _run(
+                ["journalctl", "-n", "5", "--no-pager"]).stdout, timeout):
+            raise RuntimeError(
+                "systemd-journald started but never logged what was sent "
+                "to /dev/log within %ss" % timeout
+            )
 
 
 def journal_cursor():
@@ -800,6 +813,26 @@ def build_ansible_tree(tree=None, mirror=None, timeout=900):
     )
 
 
+# A Debian 12 minbase as debootstrap leaves it, without python3: the fresh
+# machine the README's test command starts from (tests/test_fresh.py).
+BARE_TREE = os.environ.get(
+    "PAMSIGNAL_BARE_TREE", "/var/cache/pamsignal-tests/bookworm-bare"
+)
+BARE_NEEDS = ("usr/bin/apt-get", "usr/bin/dpkg", "usr/bin/bash")
+
+
+def build_bare_tree(tree=None, mirror=None, timeout=900):
+    """The Debian 12 minbase with nothing added, built once and cached."""
+    return build_debian_tree(
+        "bookworm",
+        tree or BARE_TREE,
+        mirror,
+        timeout,
+        packages=(),
+        needs=BARE_NEEDS,
+    )
+
+
 DEBIAN_SUITES = frozenset(
     (
         "buster",
@@ -979,7 +1012,7 @@ def build_debian_tree(suite, tree, mirror, timeout, packages, needs):
         cmd = [
             "debootstrap",
             "--variant=minbase",
-            "--include=" + ",".join(packages),
+        ] + (["--include=" + ",".join(packages)] if packages else []) + [
             suite,
             work,
             mirror,
@@ -1225,59 +1258,88 @@ def wait_for(predicate, timeout=20.0, interval=0.1):
     return predicate()
 
 
+def overlay_mount_script(lower, workdir, merged, binds):
+    """Shell commands that mount an overlayfs of `lower` on `merged` (its
+    upper and work directories in `workdir`) and bind the host's `binds`
+    (absolute paths: /proc, /dev, ... with what is mounted below them) at
+    the same places inside."""
+    q = shlex.quote
+    upper, work = (os.path.join(workdir, d) for d in ("upper", "work"))
+    commands = [
+        "mount -t overlay overlay -o lowerdir=%s,upperdir=%s,workdir=%s %s"
+        % (q(lower), q(upper), q(work), q(merged))
+    ]
+    # --rbind: what is mounted below them comes too (/dev/pts, the
+    # cgroup file systems under /sys/fs/cgroup that journald needs).
+    commands += ["mount --rbind %s %s%s" % (q(b), q(merged), q(b))
+                 for b in binds]
+    return " && ".join(commands)
+
+
 class TreeOverlay(object):
     """A writable copy of a cached tree that costs nothing and leaves the
-    tree untouched: an overlayfs (the tree below, a tmpfs above) with the
-    host's /proc, /dev and /dev/pts bound in, mounted in a private mount
-    namespace.  A `cat` reading a pipe from us holds that namespace open:
-    stop() closes the pipe, and should this process die the pipe closes
-    all the same, so no mount is ever left behind on the host."""
+    tree untouched: an overlayfs, the tree below, `workdir`/upper above
+    (what the runs wrote, readable from here with upper()).
 
-    def __init__(self, tree, workdir):
+    Two ways to mount it.  By default in a private mount namespace, with
+    the host's /proc and /dev (and /dev/pts) bound in: a `cat` reading a pipe
+    from us holds that namespace open; stop() closes the pipe, and should
+    this process die the pipe closes all the same, so no mount is ever
+    left behind on the host.  With host_visible=True it is mounted on the
+    host at `workdir`/merged, with nothing bound in, for tools that take a
+    path (rpm --root, systemd-nspawn -D); stop() unmounts it.  `binds`
+    replaces the host paths bound into the private view.
+
+    Also a context manager: `with TreeOverlay(...) as overlay:`."""
+
+    #: What a chroot into the private view needs of the host (/dev with
+    #: /dev/pts).
+    BINDS = ("/proc", "/dev")
+
+    def __init__(self, tree, workdir, host_visible=False, binds=BINDS):
         self.tree = os.path.realpath(tree)
         self.workdir = workdir
         self.merged = os.path.join(workdir, "merged")
+        self.host_visible = host_visible
+        self.binds = binds
         self.holder = None
+        self.mounted = False
 
     def start(self, timeout=20):
         require_binaries("unshare", "nsenter", "chroot", "mount")
-        os.makedirs(self.merged, exist_ok=True)
-        upper = os.path.join(self.workdir, "rw")
-        os.makedirs(upper, exist_ok=True)
-        self.holder = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--", "cat"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        # Mount only once unshare has made the namespace private and run
-        # cat: a mount made earlier could propagate to the host.
-        if not wait_for(lambda: self._holder_comm() == "cat", timeout):
-            self.stop()
-            raise RuntimeError("unshare did not start its namespace")
-        merged = shlex.quote(self.merged)
-        script = " && ".join(
-            [
-                "mount -t tmpfs tmpfs %s" % shlex.quote(upper),
-                "mkdir %s/upper %s/work" % ((shlex.quote(upper),) * 2),
-                "mount -t overlay overlay -o lowerdir=%s,upperdir=%s/upper,"
-                "workdir=%s/work %s"
-                % (
-                    shlex.quote(self.tree),
-                    shlex.quote(upper),
-                    shlex.quote(upper),
-                    merged,
-                ),
-                "mount --bind /proc %s/proc" % merged,
-                "mount --bind /dev %s/dev" % merged,
-                "mount --bind /dev/pts %s/dev/pts" % merged,
-            ]
-        )
-        p = self._nsenter(["sh", "-c", "set -e; " + script])
+        for directory in ("merged", "upper", "work"):
+            os.makedirs(os.path.join(self.workdir, directory), exist_ok=True)
+        if self.host_visible:
+            script = overlay_mount_script(self.tree, self.workdir,
+                                          self.merged, ())
+            p = _run(["sh", "-c", "set -e; " + script])
+            self.mounted = p.returncode == 0
+        else:
+            self.holder = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "--",
+                 "cat"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            # Mount only once unshare has made the namespace private and
+            # run cat: a mount made earlier could propagate to the host.
+            if not wait_for(lambda: self._holder_comm() == "cat", timeout):
+                self.stop()
+                raise RuntimeError("unshare did not start its namespace")
+            script = overlay_mount_script(self.tree, self.workdir,
+                                          self.merged, self.binds)
+            p = self._nsenter(["sh", "-c", "set -e; " + script])
         if p.returncode != 0:
             self.stop()
             raise RuntimeError("overlay of %s: %s" % (self.tree, p.stderr))
         return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
 
     def _holder_comm(self):
         try:
@@ -1287,9 +1349,13 @@ class TreeOverlay(object):
             return None
 
     def _nsenter(self, cmd, **kw):
+        if self.holder is None:  # host_visible: the host's namespace
+            return _run(cmd, **kw)
+        # --root --wd: the holder's root and directory, not the
+        # namespace's, so that run from a chroot we stay in it.
         return _run(
-            ["nsenter", "--target", str(self.holder.pid), "--mount", "--"]
-            + cmd,
+            ["nsenter", "--target", str(self.holder.pid), "--mount",
+             "--root", "--wd", "--"] + cmd,
             **kw
         )
 
@@ -1314,24 +1380,38 @@ class TreeOverlay(object):
         return result.stdout.strip() if result.returncode == 0 else None
 
     def path(self, inside):
-        """The host's way to a path inside the overlay (through the
-        holder's root, which sees its mount namespace)."""
+        """The host's way to a path inside the overlay (in the private
+        mode through the holder's root, which sees its namespace)."""
+        if self.holder is None:
+            return os.path.join(self.merged, inside.lstrip("/"))
         return "/proc/%d/root%s/%s" % (
             self.holder.pid,
             self.merged,
             inside.lstrip("/"),
         )
 
+    def upper(self):
+        """The overlay's upper directory: what was written or deleted."""
+        return os.path.join(self.workdir, "upper")
+
     def stop(self, timeout=10):
-        if self.holder is None:
-            return
-        self.holder.stdin.close()  # cat exits, and the namespace with it
-        try:
-            self.holder.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.holder.kill()
-            self.holder.wait(timeout)
-        self.holder = None
+        if self.holder is not None:
+            self.holder.stdin.close()  # cat exits, the namespace with it
+            try:
+                self.holder.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.holder.kill()
+                self.holder.wait(timeout)
+            self.holder = None
+        if self.mounted:
+            _run(["umount", self.merged])
+            if os.path.ismount(self.merged):
+                raise RuntimeError("could not unmount the overlay %s"
+                                   % self.merged)
+            self.mounted = False
+        for directory in ("upper", "work"):  # unmounted: plain files now
+            shutil.rmtree(os.path.join(self.workdir, directory),
+                          ignore_errors=True)
 
 
 def _children(pid):
@@ -1426,14 +1506,23 @@ class Container(object):
                 preexec_fn=_join_cgroups(self.cgroups))
         assert wait_for(lambda: _children(self.nspawn.pid) or
                         self.nspawn.poll() is not None, timeout=timeout)
-        assert self.nspawn.poll() is None, self.log()
+        if self.nspawn.poll() is not None:
+            raise RuntimeError("systemd-nspawn exited at once: %s"
+                               % self.log())
         (self.init,) = _children(self.nspawn.pid)
 
+        said = []
+
         def booted():  # nothing answers until the child has become init
-            return self.run(["systemctl", "is-system-running", "--wait"],
-                            check=False, timeout=timeout).stdout.strip() in (
-                                "running", "degraded")
-        assert wait_for(booted, timeout=timeout, interval=0.5), self.log()
+            state = self.run(["systemctl", "is-system-running", "--wait"],
+                             check=False, timeout=timeout)
+            said[:] = [(state.stdout + state.stderr).strip()]
+            return state.stdout.strip() in ("running", "degraded")
+        if not wait_for(booted, timeout=timeout, interval=0.5):
+            raise RuntimeError(
+                "the container did not report itself booted within %ss; "
+                "systemctl is-system-running said %r; its console:\n%s"
+                % (timeout, said, self.log()))
         return self
 
     def log(self):
@@ -1505,6 +1594,7 @@ def _main(argv):
         "boot-tree": ("Debian 13 boot tree", build_boot_tree),
         "ansible-tree": ("Debian 13 boot tree with python3-apt",
                          build_ansible_tree),
+        "bare-tree": ("Debian 12 minbase tree", build_bare_tree),
     }
     for suite, number in sorted(PACKAGE_SUITES.items()):
         if suite != "trixie":  # trixie-tree above is its package tree

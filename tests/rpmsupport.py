@@ -125,21 +125,14 @@ def debian_overlay(bootable=False):
         lower = realsys.TRIXIE_TREE
         require_debian_tree(lower, realsys.TRIXIE_NEEDS, "trixie-tree")
     base = tempfile.mkdtemp(prefix="pamsignal-rpm-tree-")
-    upper, work, root = (os.path.join(base, d)
-                         for d in ("upper", "work", "root"))
-    for path in (upper, work, root):
-        os.mkdir(path)
-    check(["mount", "-t", "overlay", "overlay", "-o",
-           "lowerdir=%s,upperdir=%s,workdir=%s" % (lower, upper, work),
-           root])
     try:
-        rpm_in(root, "--initdb")
-        yield root
+        # On the host: rpm --root and systemd-nspawn -D take a path.
+        with realsys.TreeOverlay(lower, base, host_visible=True) as view:
+            rpm_in(view.merged, "--initdb")
+            yield view.merged
     finally:
-        run(["umount", root])
-        if os.path.ismount(root):
-            raise RuntimeError("could not unmount the overlay " + root)
-        shutil.rmtree(base)
+        if not os.path.ismount(os.path.join(base, "merged")):
+            shutil.rmtree(base)
 
 
 def rpm_in(root, *args):

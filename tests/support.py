@@ -193,3 +193,29 @@ class AgentProcess:
                 err.decode(), self.process.returncode)
 
 
+#: The journal fixtures, each entry beside the event it must give.
+MESSAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "fixtures", "messages.json")
+
+
+def captured_export():
+    """A `journalctl -o json` export of the lines captured on Debian 12
+    (the probe_* fixtures); the event actions they hold."""
+    with open(MESSAGES) as handle:
+        fixtures = [f for f in json.load(handle)
+                    if f["name"].startswith("probe_")]
+    lines, actions = [], set()
+    for sequence, fixture in enumerate(fixtures, 1):
+        entry = dict(fixture["entry"])
+        lines.append(json.dumps(make_entry(
+            entry.pop("SYSLOG_IDENTIFIER"), entry.pop("MESSAGE"), sequence,
+            **entry)))
+        if fixture["expect"]:
+            actions.add(fixture["expect"]["event.action"])
+    return "\n".join(lines) + "\n", actions
+
+
+def event_summary(scan_json):
+    return [(e["event"]["action"], e.get("user", {}).get("name"),
+             e.get("source", {}).get("ip"))
+            for e in map(json.loads, scan_json.splitlines())]

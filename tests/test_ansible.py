@@ -27,7 +27,7 @@ import pytest
 
 import realsys
 from receivers import HttpReceiver
-from support import PAMSIGNAL, REPO, pamsignal, wait_for
+from support import PAMSIGNAL, REPO, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -430,39 +430,14 @@ def test_the_secret_is_never_shown(deployment):
 
 # ------------------------------------------------------------ packages
 #
-# No .deb is built in this repository yet: the test makes a plain one
-# (the program, the unit, a postinst that reloads systemd as
-# dh_installsystemd's does) to drive the role's package and repository
-# paths.  The repository is signed with a throw-away key and served here.
+# The role's package and repository paths get what the project publishes:
+# the .deb of `make deb` (the session's, tests/conftest.py) and the
+# signed repository of `make repo-apt`, signed with a throw-away key and
+# served here.
 
 
 #: The key's name as the project publishes it (README, `make repo-apt`).
 KEY_NAME = "pamsignal-archive-keyring.gpg"
-
-
-def build_deb(directory):
-    """pamsignal_VERSION_all.deb from this worktree's files; its path."""
-    root = os.path.join(directory, "pkg")
-    for sub in ("DEBIAN", "usr/bin", "usr/lib/systemd/system"):
-        os.makedirs(os.path.join(root, sub))
-    shutil.copy(PAMSIGNAL, os.path.join(root, "usr/bin/pamsignal"))
-    os.chmod(os.path.join(root, "usr/bin/pamsignal"), 0o755)
-    shutil.copy(os.path.join(REPO, "pamsignal.service"),
-                os.path.join(root, "usr/lib/systemd/system"))
-    with open(os.path.join(root, "DEBIAN/control"), "w") as handle:
-        handle.write("Package: pamsignal\nVersion: %s\nArchitecture: all\n"
-                     "Maintainer: PAMSignal tests <tests@example.invalid>\n"
-                     "Depends: python3, systemd\nDescription: login monitor"
-                     " (test build)\n" % pamsignal.__version__)
-    postinst = os.path.join(root, "DEBIAN/postinst")
-    with open(postinst, "w") as handle:
-        handle.write("#!/bin/sh\nset -e\nif [ -d /run/systemd/system ]; "
-                     "then systemctl daemon-reload; fi\n")
-    os.chmod(postinst, 0o755)
-    deb = os.path.join(directory, "pamsignal_%s_all.deb"
-                       % pamsignal.__version__)
-    realsys._check(["dpkg-deb", "--root-owner-group", "--build", root, deb])
-    return deb
 
 
 class Signer(object):
@@ -470,9 +445,10 @@ class Signer(object):
 
     def __init__(self, directory, name):
         self.home = os.path.join(directory, "gnupg-" + name)
+        self.user = "%s@example.invalid" % name
         os.makedirs(self.home, mode=0o700)
         self.gpg(["--passphrase", "", "--quick-gen-key",
-                  "PAMSignal test %s <%s@example.invalid>" % (name, name),
+                  "PAMSignal test %s <%s>" % (name, self.user),
                   "ed25519", "sign", "1d"])
 
     def export(self, path):
@@ -493,31 +469,17 @@ class Signer(object):
 
 
 def signed_repository(directory, deb, signer):
-    """An apt repository (suite stable, component main) holding `deb`,
-    its InRelease signed by `signer`; its directory."""
-    repo = os.path.join(directory, "repo")
-    pool = os.path.join(repo, "pool", "main")
-    os.makedirs(pool)
-    shutil.copy(deb, pool)
-    arch = realsys._check(["dpkg", "--print-architecture"]).stdout.strip()
-    binary = os.path.join(repo, "dists/stable/main/binary-" + arch)
-    os.makedirs(binary)
-    packages = realsys._check(["apt-ftparchive", "packages", "pool"],
-                              cwd=repo).stdout
-    with open(os.path.join(binary, "Packages"), "w") as handle:
-        handle.write(packages)
-    release = realsys._check(
-        ["apt-ftparchive", "-o", "APT::FTPArchive::Release::Suite=stable",
-         "-o", "APT::FTPArchive::Release::Codename=stable", "-o",
-         "APT::FTPArchive::Release::Architectures=" + arch, "-o",
-         "APT::FTPArchive::Release::Components=main", "release",
-         "dists/stable"], cwd=repo).stdout
-    with open(os.path.join(repo, "dists/stable/Release"), "w") as handle:
-        handle.write(release)
-    signer.gpg(["--yes", "--clearsign", "-o",
-                os.path.join(repo, "dists/stable/InRelease"),
-                os.path.join(repo, "dists/stable/Release")])
-    return repo
+    """`make repo-apt` of the session's .deb (not built again), signed by
+    `signer`; the repository's directory (with the public key)."""
+    dist = os.path.join(directory, "dist")
+    os.makedirs(dist)
+    shutil.copy(deb, dist)
+    result = realsys._run(
+        ["make", "-C", REPO, "-o", "deb", "repo-apt", "DISTDIR=" + dist,
+         "GPG_KEY=" + signer.user, "GNUPGHOME=" + signer.home],
+        timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return os.path.join(dist, "repo")
 
 
 class QuietFiles(http.server.SimpleHTTPRequestHandler):
@@ -547,28 +509,28 @@ def assert_packaged_service(box):
     assert box.run(["systemctl", "is-active", "pamsignal"]).stdout.strip() \
         == "active"
     assert box.show("UnitFileState") == "enabled"
-    assert box.show("FragmentPath") == "/usr/lib/systemd/system/" \
-        "pamsignal.service"
+    assert box.show("FragmentPath") in (
+        "/lib/systemd/system/pamsignal.service",
+        "/usr/lib/systemd/system/pamsignal.service")
     assert "OK (1 channel)" in box.run(["pamsignal", "check-config"]).stdout
 
 
 @pytest.fixture(scope="module")
-def packages(deployment):
+def packages(deployment, debian_package):
     """The .deb and the signed repository serving it; the host left with
     no apt source but this one, and no pamsignal yet."""
     found = types.SimpleNamespace()
     work = deployment.work
-    found.deb = build_deb(work)
+    found.deb = debian_package
     found.signer = Signer(work, "repo")
     found.stranger = Signer(work, "stranger")
-    found.server = serve_directory(signed_repository(work, found.deb,
-                                                     found.signer))
+    found.repo = signed_repository(work, found.deb, found.signer)
+    found.server = serve_directory(found.repo)
     found.url = "http://127.0.0.1:%d" % found.server.server_address[1]
-    found.signer.export(os.path.join(work, "repo", KEY_NAME))
-    found.stranger.export(os.path.join(work, "repo", "stranger.gpg"))
+    found.stranger.export(os.path.join(found.repo, "stranger.gpg"))
     # The release file and its SHA256SUMS, as a release publishes them.
-    shutil.copy(PAMSIGNAL, os.path.join(work, "repo", "pamsignal.py"))
-    with open(os.path.join(work, "repo", "SHA256SUMS"), "w") as handle:
+    shutil.copy(PAMSIGNAL, os.path.join(found.repo, "pamsignal.py"))
+    with open(os.path.join(found.repo, "SHA256SUMS"), "w") as handle:
         handle.write("%s  pamsignal.py\n" % sha256_of(PAMSIGNAL))
     box = deployment.container
     box.run(["pamsignal", "uninstall", "--purge"])
@@ -624,7 +586,7 @@ def test_the_repository_method_installs_from_the_signed_repository(
         deployment, packages):
     box = deployment.container
     box.run(["dpkg", "--purge", "pamsignal"])
-    key = os.path.join(deployment.work, "repo", KEY_NAME)
+    key = os.path.join(packages.repo, KEY_NAME)
     keyring = "/etc/apt/keyrings/" + KEY_NAME
     # Set up by hand first, as the README shows; then taken over.
     box.write("/etc/apt/sources.list.d/pamsignal.list",

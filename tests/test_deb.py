@@ -19,7 +19,6 @@ The trees are built by tests/check.sh (python3 tests/realsys.py
 bullseye-tree, bookworm-tree, trixie-tree, boot-tree)."""
 import gzip
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -30,7 +29,8 @@ import time
 import pytest
 
 import realsys
-from support import PAMSIGNAL, REPO, make_entry, pamsignal
+from support import (PAMSIGNAL, REPO, captured_export, event_summary,
+                     pamsignal)
 
 pytestmark = pytest.mark.e2e
 
@@ -45,8 +45,6 @@ SERVICE_DIRS = ("/var/lib/pamsignal", "/var/lib/private/pamsignal",
                 "/var/log/pamsignal", "/var/log/private/pamsignal")
 #: Python of each release the package is installed on.
 PYTHONS = {"bullseye": "3.9", "bookworm": "3.11", "trixie": "3.13"}
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures",
-                        "messages.json")
 
 
 def source_copy(destination, version=None, changelog_version=None):
@@ -324,29 +322,6 @@ def test_purge_removes_configuration_state_and_logs(bookworm):
 
 
 # ---------------------------------------------------------------- releases
-
-
-def captured_export():
-    """A `journalctl -o json` export of the lines captured on Debian 12
-    (the probe_* fixtures); the event actions they hold."""
-    with open(FIXTURES) as handle:
-        fixtures = [f for f in json.load(handle)
-                    if f["name"].startswith("probe_")]
-    lines, actions = [], set()
-    for sequence, fixture in enumerate(fixtures, 1):
-        entry = dict(fixture["entry"])
-        lines.append(json.dumps(make_entry(
-            entry.pop("SYSLOG_IDENTIFIER"), entry.pop("MESSAGE"), sequence,
-            **entry)))
-        if fixture["expect"]:
-            actions.add(fixture["expect"]["event.action"])
-    return "\n".join(lines) + "\n", actions
-
-
-def event_summary(scan_json):
-    return [(e["event"]["action"], e.get("user", {}).get("name"),
-             e.get("source", {}).get("ip"))
-            for e in map(json.loads, scan_json.splitlines())]
 
 
 @pytest.mark.parametrize("suite", sorted(PYTHONS))

@@ -21,7 +21,6 @@ import http.server
 import os
 import re
 import shutil
-import stat
 import tarfile
 import threading
 
@@ -532,34 +531,23 @@ def test_a_truncated_script_runs_nothing(dist, tmp_path):
 # ---------------------------------------------------------------- Debian 13
 
 
-class Overlay(object):
-    """A copy-on-write view of a cached tree: each run() mounts it in a
-    private mount namespace (with /proc and /dev) and chroots into it, so
-    the cached tree is never written and nothing stays mounted."""
+class Debian13View(realsys.TreeOverlay):
+    """An overlay of the cached Debian 13 tree (realsys.TreeOverlay) that
+    knows which of its files the test put there, so written() tells what
+    the runs themselves wrote."""
 
-    MOUNT = ('set -e; mount -t overlay overlay -o "lowerdir=$1,upperdir=$2,'
-             'workdir=$3" "$4"; mount --bind /proc "$4/proc"; '
-             'mount --bind /dev "$4/dev"; root=$4; shift 4; '
-             'exec chroot "$root" "$@"')
-
-    def __init__(self, lower, base):
-        self.lower = lower
-        self.dirs = [os.path.join(base, name)
-                     for name in ("upper", "work", "merged")]
-        for directory in self.dirs:
-            os.makedirs(directory)
-        self.upper = self.dirs[0]
+    def __init__(self, tree, workdir):
+        super(Debian13View, self).__init__(tree, workdir)
         self.prepared = set()
 
     def run(self, command, input=None):
-        return run(["unshare", "--mount", "--propagation", "private", "--",
-                    "sh", "-c", self.MOUNT, "sh", self.lower] + self.dirs +
-                   command, input=input, env=CHROOT_ENV)
+        return super(Debian13View, self).run(
+            command, input=input, env=CHROOT_ENV, timeout=120)
 
     def prepare(self, path, text=None, mode=0o755):
         """A file of text or bytes (or, with no text, a directory) in
         the view before the test runs; written() leaves these out."""
-        target = os.path.join(self.upper, path.lstrip("/"))
+        target = self.path(path)
         if text is None:
             os.makedirs(target)
         else:
@@ -571,18 +559,22 @@ class Overlay(object):
         self.prepared.add(path)
 
     def whiteout(self, path):
-        """Hide a file of the tree, as overlayfs records a deletion."""
-        target = os.path.join(self.upper, path.lstrip("/"))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.mknod(target, stat.S_IFCHR, os.makedev(0, 0))
+        """Hide a file of the tree (overlayfs records the deletion)."""
+        os.unlink(self.path(path))
         self.prepared.add(path)
+
+    def unprepare(self, path):
+        """Take a directory prepare() made away again."""
+        os.rmdir(self.path(path))
+        self.prepared.discard(path)
 
     def written(self):
         """Paths the runs created or changed, other than directories
         whose only change is their time stamp."""
         found = []
-        for directory, subdirs, files in os.walk(self.upper):
-            inside = "/" + os.path.relpath(directory, self.upper)
+        upper = self.upper()
+        for directory, subdirs, files in os.walk(upper):
+            inside = "/" + os.path.relpath(directory, upper)
             found += [os.path.join(inside, name) for name in files]
             found += [os.path.join(inside, name) for name in subdirs
                       if "pamsignal" in name]
@@ -597,9 +589,12 @@ def debian13(tmp_path):
     realsys.require_root()
     realsys.require_binaries("unshare", "chroot", "mount")
     tree = realsys.require_package_tree("trixie")
-    view = Overlay(tree, str(tmp_path / "overlay"))
-    view.prepare("/run/systemd/system")
-    return view
+    view = Debian13View(tree, str(tmp_path / "overlay")).start()
+    try:
+        view.prepare("/run/systemd/system")
+        yield view
+    finally:
+        view.stop()
 
 
 def curl_pipe_bash(view, dist, *arguments):
@@ -667,8 +662,7 @@ def test_python_older_than_3_6_is_refused(python, complaint, debian13, dist,
 
 def test_without_systemd_it_says_what_to_do_instead(debian13, dist,
                                                      server):
-    os.rmdir(os.path.join(debian13.upper, "run/systemd/system"))
-    debian13.prepared.discard("/run/systemd/system")
+    debian13.unprepare("/run/systemd/system")
     del server.requests[:]
     result = curl_pipe_bash(debian13, dist, "--base-url", server.url)
     assert result.returncode == 1
