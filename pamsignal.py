@@ -7374,9 +7374,18 @@ def _is_text(value):
     return True
 
 
+#: Fields that hold an address as the parser normalised it.
+_ADDRESS_FIELDS = frozenset(("source_ip", "destination_ip"))
+
+
 def _record_value(field, value):
     """A value read back from a saved file (an alert in the spool, an open
-    session in the state) in its event field's type, or None."""
+    session in the state) in its event field's type, or None. An address
+    must read back as the parser wrote it: the detectors and the paging
+    keys take it apart."""
+    if field in _ADDRESS_FIELDS:
+        return value if _is_text(value) and \
+            normalise_address(value) == (value, None) else None
     if field in _LIST_FIELDS:
         return tuple(value) if type(value) is list and all(
             _is_text(item) for item in value) else None

@@ -365,7 +365,10 @@ def test_events_survive_the_spool_exactly():
     for damaged in (None, [], {"action": "nope", "timestamp_us": 1},
                     dict(record, timestamp_us="1"), dict(record, user=[1]),
                     dict(record, unknown_field="x"), dict(record, user=True),
-                    dict(record, user={"a": 1})):
+                    dict(record, user={"a": 1}),
+                    dict(record, source_ip="1:7.0.0.1"),
+                    dict(record, source_ip="::ffff:1.2.3.4"),
+                    dict(record, destination_ip="host.example")):
         assert pamsignal.event_from_record(damaged) is None
 
 
