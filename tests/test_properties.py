@@ -288,7 +288,16 @@ def test_a_rate_limit_waits_as_long_as_asked(seconds):
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
 
 
+#: Addresses as the parser writes them (normalised, never mapped).
+ADDRESSES = st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).filter(lambda a: a.ipv4_mapped is None).map(
+        lambda a: pamsignal.normalise_address(str(a))[0]))
+
+
 def field_values(field):
+    if field in pamsignal._ADDRESS_FIELDS:
+        return ADDRESSES
     if field in harness.INT_FIELDS:
         return st.integers(0, 2 ** 40)
     if field in harness.NUMBER_FIELDS:
