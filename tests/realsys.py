@@ -1414,7 +1414,9 @@ class TreeOverlay(object):
                           ignore_errors=True)
 
 
-def _children(pid):
+def child_processes(pid, program=None):
+    """PIDs of the live (not zombie) children of `pid`; with `program`,
+    only those whose command line holds that path."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -1422,10 +1424,15 @@ def _children(pid):
         try:
             with open("/proc/%s/stat" % entry) as handle:
                 fields = handle.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) != pid or fields[0] == "Z":
+                continue
+            if program is not None:
+                with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                    if program.encode() not in handle.read().split(b"\0"):
+                        continue
         except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
+            continue  # gone meanwhile
+        found.append(int(entry))
     return found
 
 
@@ -1504,12 +1511,12 @@ class Container(object):
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
                 preexec_fn=_join_cgroups(self.cgroups))
-        assert wait_for(lambda: _children(self.nspawn.pid) or
+        assert wait_for(lambda: child_processes(self.nspawn.pid) or
                         self.nspawn.poll() is not None, timeout=timeout)
         if self.nspawn.poll() is not None:
             raise RuntimeError("systemd-nspawn exited at once: %s"
                                % self.log())
-        (self.init,) = _children(self.nspawn.pid)
+        (self.init,) = child_processes(self.nspawn.pid)
 
         said = []
 

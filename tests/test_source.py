@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from realsys import child_processes
 from support import (PAMSIGNAL, AgentProcess, FakeJournal, json_line,
                      make_entry, pamsignal, wait_for, write_config)
 
@@ -236,7 +237,7 @@ def test_a_stop_that_signals_journalctl_too_is_not_a_journalctl_failure(
         # Stopped while following: the agent in its loop, journalctl alive.
         assert wait_for(lambda: os.path.exists(
             str(tmp_path / "state" / "state.json")) and
-            _children(agent.pid, fake.program))
+            child_processes(agent.pid, fake.program))
         time.sleep(0.5)
         os.killpg(agent.pid, signal.SIGTERM)
         _, stderr = agent.communicate(timeout=30)
@@ -253,27 +254,10 @@ def test_journalctl_killed_while_running_is_said_when_restarted(tmp_path):
     fake = FakeJournal(tmp_path, {"follow": [{"hang": True}]})
     agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
     assert wait_for(lambda: fake.calls() and
-                    _children(agent.process.pid, fake.program))
-    (follower,) = _children(agent.process.pid, fake.program)
+                    child_processes(agent.process.pid, fake.program))
+    (follower,) = child_processes(agent.process.pid, fake.program)
     os.kill(follower, signal.SIGKILL)
     assert wait_for(lambda: len(fake.calls()) >= 2)
     _, stderr, code = agent.stop()
     assert "journalctl exited with status -9; restarting it" in stderr
     assert code == 0
-
-
-def _children(pid, program):
-    """PIDs of the live child processes of `pid` running `program`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/stat" % entry) as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            with open("/proc/%s/cmdline" % entry, "rb") as handle:
-                argv = handle.read().split(b"\0")
-        except (OSError, IndexError):
-            continue  # not a process, or gone meanwhile
-        if int(fields[1]) == pid and fields[0] != "Z" and \
-                program.encode() in argv:
-            found.append(int(entry))
-    return found
