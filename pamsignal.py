@@ -213,8 +213,8 @@ JOURNAL_RECOVERED_S = 10.0
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 #: What to do about it (%s: the socket's path).
-JOURNALD_MISSING = ("no systemd-journald runs here (%s is missing): start "
-                    "it (systemctl start systemd-journald, or "
+JOURNALD_MISSING = ("no systemd-journald runs here (%s): start it "
+                    "(systemctl start systemd-journald, or "
                     "/lib/systemd/systemd-journald in a container); waiting "
                     "for it")
 
@@ -8296,6 +8296,24 @@ def follow_command(journalctl, position):
             + position + journal_matches())
 
 
+def journald_absence(socket_path):
+    """Why no journald listens on `socket_path`, or None when one does.  The
+    socket file outlives the journald that bound it (a container's journald
+    killed, a machine restored from a snapshot): only a connect tells."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(socket_path)
+    except FileNotFoundError:
+        return "%s is missing" % socket_path
+    except ConnectionRefusedError:
+        return "nothing listens on %s" % socket_path
+    except OSError:
+        return None  # there but not ours to reach: not a missing journald
+    finally:
+        probe.close()
+    return None
+
+
 class JournalSource:
     """Runs `journalctl -f -o json` and hands out its lines.
 
@@ -8474,8 +8492,8 @@ class JournalSource:
             say("warning", "%s; restarting in %ds" % (self.last_error, delay))
 
     def journald_missing(self):
-        """Whether no journald runs here (its socket is absent)."""
-        return not os.path.exists(self.socket_path)
+        """Why no journald runs here, or None when one listens."""
+        return journald_absence(self.socket_path)
 
     def supervise(self, now, probe=None):
         """Restart a dead follower when its backoff is over, and a silent
@@ -9443,9 +9461,10 @@ class Agent:
         """journald should be there and journalctl run; kept running a
         while, it is back. A journald that appears is followed at once."""
         source = self.source
-        if source.journald_missing():
+        absence = source.journald_missing()
+        if absence:
             source.journald_was_missing = True
-            self.impair("journal", JOURNALD_MISSING % source.socket_path)
+            self.impair("journal", JOURNALD_MISSING % absence)
             return
         if source.journald_was_missing:
             source.journald_was_missing = False

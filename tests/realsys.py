@@ -146,8 +146,15 @@ def journald_answers():
     reads the journal.  Not a process name: in a chroot or container the
     host's systemd-journald is visible in /proc but cannot be reached."""
     socket_path = os.path.join(JOURNAL_DIR, "socket")
-    if not os.path.exists(socket_path):
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        # Connected, not just present: the file outlives a journald that
+        # died (or a machine restored from a snapshot).
+        probe.connect(socket_path)
+    except OSError:
         return False
+    finally:
+        probe.close()
     return _run(["journalctl", "-n", "0", "--no-pager"]).returncode == 0
 
 
@@ -168,11 +175,7 @@ def ensure_journald(timeout=20):
     dev_log = os.path.join(JOURNAL_DIR, "dev-log")
     deadline = time.time() + timeout
     while True:
-        ok = (
-            os.path.exists(dev_log)
-            and _run(["journalctl", "-n", "0", "--no-pager"]).returncode == 0
-        )
-        if ok:
+        if os.path.exists(dev_log) and journald_answers():
             break
         if time.time() > deadline:
             raise RuntimeError(

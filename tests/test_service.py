@@ -656,6 +656,40 @@ def test_no_journald_is_said_at_once_and_its_arrival_followed(tmp_path):
         journald.close()
 
 
+def test_a_socket_left_by_a_dead_journald_is_no_journald(tmp_path):
+    """The socket file outlives its journald (killed, or a machine restored
+    from a snapshot): the agent still says none runs, and follows the one
+    that binds it again."""
+    socket_path = str(tmp_path / "journal-socket")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dead.bind(socket_path)
+    dead.close()
+    assert os.path.exists(socket_path)
+    assert pamsignal.journald_absence(socket_path) == (
+        "nothing listens on %s" % socket_path)
+    config = pamsignal.parse_config("[pamsignal]\nstate_dir = %s\n"
+                                    % tmp_path)
+    record = FlakySink("record", 0)
+    agent = pamsignal.Agent(config, [pamsignal.Channel(
+        record, pamsignal.ChannelGate(pamsignal.SHOW_EVERYTHING))])
+    agent.source.socket_path = socket_path
+    agent.check_journal(100.0)
+    agent.pipeline.flush()
+    (degraded,) = record.sent
+    assert degraded.message.startswith(
+        "no systemd-journald runs here (nothing listens on %s)" % socket_path)
+
+    os.unlink(socket_path)  # as a starting journald does
+    journald = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        journald.bind(socket_path)
+        assert pamsignal.journald_absence(socket_path) is None
+        agent.check_journal(101.0)
+        assert agent.source.restart_at == 101.0
+    finally:
+        journald.close()
+
+
 def test_test_alert_without_a_configuration_file_says_how_to_make_one():
     missing = pamsignal.no_channel_message("/etc/pamsignal/pamsignal.conf",
                                            exists=False)
