@@ -53,13 +53,8 @@ if sys.version_info < (3, 6):  # pragma: no cover - needs an old interpreter
 import argparse  # noqa: E402
 import base64  # noqa: E402
 import bisect  # noqa: E402
-import calendar  # noqa: E402
 import collections  # noqa: E402
 import configparser  # noqa: E402
-import difflib  # noqa: E402
-import email.errors  # noqa: E402
-import email.message  # noqa: E402
-import email.utils  # noqa: E402
 import errno  # noqa: E402
 import fcntl  # noqa: E402
 import fnmatch  # noqa: E402
@@ -67,7 +62,7 @@ import functools  # noqa: E402
 import grp  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
-import http.client  # noqa: E402
+import importlib  # noqa: E402
 import io  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
@@ -79,18 +74,45 @@ import re  # noqa: E402
 import select  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import smtplib  # noqa: E402
 import socket  # noqa: E402
-import ssl  # noqa: E402
 import stat  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.parse  # noqa: E402
-import urllib.request  # noqa: E402
+
+
+class LazyModule:
+    """A standard module imported where it is first used. TLS, HTTP and
+    e-mail cost about 10 MB resident that an agent without a network
+    channel never needs; `urllib.request` and the like work as usual."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attribute):
+        module = importlib.import_module(self._name)
+        try:
+            return getattr(module, attribute)
+        except AttributeError:  # a submodule not imported yet
+            return importlib.import_module(self._name + "." + attribute)
+
+    def __repr__(self):
+        return "<lazy module %s>" % self._name
+
+
+#: Used by some configurations and commands only (see LazyModule).
+calendar = LazyModule("calendar")
+ctypes = LazyModule("ctypes")
+difflib = LazyModule("difflib")
+email = LazyModule("email")
+http = LazyModule("http")
+smtplib = LazyModule("smtplib")
+ssl = LazyModule("ssl")
+urllib = LazyModule("urllib")
 
 # ---------------------------------------------------------------------------
 # 2 constants
@@ -6266,14 +6288,6 @@ def judge_response(status, headers, body):
     return DeliveryError(reason, permanent=True)
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect would resend the alert, and its token, to another place
-    (as a GET, perhaps over plain http): never follow one."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
 def _network_reason(error):
     """What went wrong on the way, without the URL (it may hold a token)."""
     reason = getattr(error, "reason", None) or error
@@ -6393,14 +6407,6 @@ class _DeadlineConnection:
         self.sock = _DeadlineSocket(self.sock, self.deadline)
 
 
-class _DeadlineHTTP(_DeadlineConnection, http.client.HTTPConnection):
-    pass
-
-
-class _DeadlineHTTPS(_DeadlineConnection, http.client.HTTPSConnection):
-    pass
-
-
 def _connection_factory(connection_class, deadline):
     def connection(host, **options):
         made = connection_class(host, **options)
@@ -6409,25 +6415,45 @@ def _connection_factory(connection_class, deadline):
     return connection
 
 
-class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, deadline):
-        urllib.request.HTTPHandler.__init__(self)
-        self.deadline = deadline
+@functools.lru_cache(maxsize=None)
+def _http_handlers():
+    """urllib handlers whose connections keep one deadline, and one that
+    refuses redirects. They subclass http.client and urllib.request, which
+    only an agent that posts imports: so they are made on first use."""
 
-    def http_open(self, req):
-        return self.do_open(_connection_factory(_DeadlineHTTP, self.deadline),
-                            req)
+    class _DeadlineHTTP(_DeadlineConnection, http.client.HTTPConnection):
+        pass
 
+    class _DeadlineHTTPS(_DeadlineConnection, http.client.HTTPSConnection):
+        pass
 
-class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline, context):
-        urllib.request.HTTPSHandler.__init__(self, context=context)
-        self.deadline = deadline
+    class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+        def __init__(self, deadline):
+            urllib.request.HTTPHandler.__init__(self)
+            self.deadline = deadline
 
-    def https_open(self, req):
-        return self.do_open(_connection_factory(_DeadlineHTTPS,
-                                                self.deadline),
-                            req, context=self._context)
+        def http_open(self, req):
+            return self.do_open(_connection_factory(_DeadlineHTTP,
+                                                    self.deadline), req)
+
+    class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+        def __init__(self, deadline, context):
+            urllib.request.HTTPSHandler.__init__(self, context=context)
+            self.deadline = deadline
+
+        def https_open(self, req):
+            return self.do_open(_connection_factory(_DeadlineHTTPS,
+                                                    self.deadline),
+                                req, context=self._context)
+
+    class _NoRedirects(urllib.request.HTTPRedirectHandler):
+        """A redirect would resend the alert, and its token, to another
+        place (as a GET, perhaps over plain http): never follow one."""
+
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None
+
+    return _DeadlineHTTPHandler, _DeadlineHTTPSHandler, _NoRedirects
 
 
 def http_post(url, body, headers, timeout, context):
@@ -6439,9 +6465,10 @@ def http_post(url, body, headers, timeout, context):
                                      headers=dict(headers, **{
                                          "User-Agent": USER_AGENT}))
     deadline = Deadline(timeout)
+    http_handler, https_handler, no_redirects = _http_handlers()
     opener = urllib.request.build_opener(
-        _DeadlineHTTPHandler(deadline),
-        _DeadlineHTTPSHandler(deadline, context), _NoRedirects())
+        http_handler(deadline), https_handler(deadline, context),
+        no_redirects())
     try:
         with opener.open(request, timeout=timeout) as response:
             return response.status, response.headers, \
@@ -6919,12 +6946,18 @@ class _DeadlineSMTPConnection:
         return reply
 
 
-class _DeadlineSMTP(_DeadlineSMTPConnection, smtplib.SMTP):
-    pass
+@functools.lru_cache(maxsize=None)
+def _smtp_classes():
+    """smtplib's SMTP and SMTP_SSL with one deadline, made on first use
+    (only an agent with an e-mail channel imports smtplib)."""
 
+    class _DeadlineSMTP(_DeadlineSMTPConnection, smtplib.SMTP):
+        pass
 
-class _DeadlineSMTPS(_DeadlineSMTPConnection, smtplib.SMTP_SSL):
-    pass
+    class _DeadlineSMTPS(_DeadlineSMTPConnection, smtplib.SMTP_SSL):
+        pass
+
+    return _DeadlineSMTP, _DeadlineSMTPS
 
 
 def _timed_out(reason, timeout):
@@ -6970,11 +7003,11 @@ class EmailSink(RemoteSink):
                                 "loopback SMTP server", permanent=True)
         try:
             deadline = Deadline(self.timeout)
+            smtp, smtp_ssl = _smtp_classes()
             if security == "tls":
-                server = _DeadlineSMTPS(host, port, deadline,
-                                        context=self.context)
+                server = smtp_ssl(host, port, deadline, context=self.context)
             else:
-                server = _DeadlineSMTP(host, port, deadline)
+                server = smtp(host, port, deadline)
             with server:
                 if security == "starttls":
                     server.starttls(context=self.context)
@@ -8828,6 +8861,21 @@ class LoginWitness:
 # ---------------------------------------------------------------------------
 
 
+
+def release_free_memory():
+    """Hand the C library's free memory back to the system (glibc's
+    malloc_trim(3)); False where there is no such call (musl). Python
+    compiles this whole file at every start of the script, and the ~25 MB
+    the compiler frees would otherwise stay resident all the agent's life
+    (glibc keeps freed memory it cannot return from the top of the heap)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (ImportError, OSError, AttributeError, MemoryError):
+        return False
+    trim(0)
+    return True
+
+
 def notify_address(environ):
     """The $NOTIFY_SOCKET to connect to, or None: a path, or an abstract
     socket written with a leading '@' (vsock: is not supported)."""
@@ -9821,6 +9869,7 @@ class Agent:
         say("info", "this host: %s; addresses %s" % (
             self.pipeline.enricher.host_provider or "provider unknown",
             ", ".join(addresses[:16]) or "unknown"))
+        release_free_memory()  # what starting up used and freed
         self.update_status("READY=1")
         # Wake up often enough to ping the watchdog in time.
         wait_s = min(1.0, self.notifier.watchdog_s or 1.0)
@@ -11949,6 +11998,36 @@ def utf8_stdout():
                 errors="backslashreplace", closefd=False)
 
 
+#: How `run` starts over lighter (rerun_compiled_apart), on one line for
+#: ps: this file compiled by compile(), which frees the syntax tree at once,
+#: its main() run as module pamsignal, sys.path[0] as for a script (never
+#: the current directory, where anyone may have put a json.py).
+RERUN_PROGRAM = (
+    "import os, sys, types; path = sys.argv[1]; "
+    "sys.path[:1] = [os.path.dirname(path) if entry == '' else entry "
+    "for entry in sys.path[:1]]; "
+    "module = sys.modules['pamsignal'] = types.ModuleType('pamsignal'); "
+    "module.__file__ = path; "
+    "exec(compile(open(path, 'rb').read(), path, 'exec'), module.__dict__); "
+    "sys.exit(module.main(sys.argv[2:]))")
+
+
+def rerun_compiled_apart(argv):
+    """Replace this process (same PID, so systemd's MAINPID holds) with one
+    that runs main(argv) from a separately compiled copy of this file.
+    Python keeps the syntax tree of the script it runs until the script
+    ends: for this file about 20 MB, for the agent's whole life. Returns
+    only if the interpreter cannot be run again."""
+    if not sys.executable:
+        return
+    command = [sys.executable] + subprocess._args_from_interpreter_flags() \
+        + ["-c", RERUN_PROGRAM, os.path.abspath(__file__)] + list(argv)
+    try:
+        os.execv(sys.executable, command)
+    except OSError:
+        pass  # go on as the script: heavier, but it runs
+
+
 def main(argv=None, stdout=None):
     """The command line; returns the exit code."""
     parser = build_parser()
@@ -11958,6 +12037,8 @@ def main(argv=None, stdout=None):
         return exit_request.code
     if args.command is None:
         args.command, args.json = "run", False
+    if args.command == "run" and __name__ == "__main__":
+        rerun_compiled_apart(sys.argv[1:] if argv is None else argv)
     if stdout is None:
         stdout = utf8_stdout()
     try:

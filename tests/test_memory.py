@@ -1,0 +1,147 @@
+"""A light agent at rest: what only some configurations use is imported
+when they use it, and `run` does not keep what starting up needed (the
+syntax tree of the script, the compiler's freed memory).
+The figures themselves are measured by bench/bench_memory.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from support import PAMSIGNAL, REPO, FakeJournal, pamsignal, wait_for
+from support import write_config
+
+#: Modules of TLS, HTTP, e-mail and the config's spelling hints.
+OPTIONAL_MODULES = ("ssl", "urllib.request", "urllib.error", "http.client",
+                    "email.message", "email.utils", "smtplib", "difflib",
+                    "ctypes")
+
+#: Loads pamsignal in a fresh interpreter and prints which of
+#: OPTIONAL_MODULES are loaded after each step the test names.
+PROBE = r"""
+import json, sys
+sys.path.insert(0, %(repo)r)
+optional = %(modules)r
+loaded = {}
+import pamsignal
+loaded["import"] = [m for m in optional if m in sys.modules]
+config = pamsignal.parse_config(%(config)r)
+agent = pamsignal.Agent(config, pamsignal.build_channels(config), None,
+                        False)
+loaded["agent"] = [m for m in optional if m in sys.modules]
+for channel in agent.pipeline.channels:
+    channel.sink.open()
+loaded["opened"] = [m for m in optional if m in sys.modules]
+print(json.dumps(loaded))
+"""
+
+
+def modules_loaded(tmp_path, config_text):
+    config_text = "[pamsignal]\nstate_dir = %s\nlog_dir = %s\n%s" % (
+        tmp_path / "state", tmp_path / "log", config_text)
+    out = subprocess.check_output(
+        [sys.executable, "-c", PROBE % {"repo": REPO, "config": config_text,
+                                        "modules": OPTIONAL_MODULES}],
+        cwd=str(tmp_path), universal_newlines=True, timeout=120)
+    return json.loads(out)
+
+
+def test_an_agent_without_network_channels_loads_no_tls_http_or_mail(
+        tmp_path):
+    loaded = modules_loaded(tmp_path, "[channel:log]\ntype = journal\n")
+    assert loaded == {"import": [], "agent": [], "opened": []}
+
+
+def test_a_network_channel_brings_tls_when_it_opens_and_http_when_it_posts(
+        tmp_path):
+    loaded = modules_loaded(tmp_path, "[channel:hook]\ntype = webhook\n"
+                            "url = https://hooks.example.com/x\n")
+    assert loaded["agent"] == []
+    assert "ssl" in loaded["opened"]
+    assert "urllib.request" not in loaded["opened"]
+
+
+def test_a_lazy_module_gives_its_attributes_and_submodules():
+    # wsgiref.simple_server: a submodule nothing here imports otherwise
+    lazy = pamsignal.LazyModule("wsgiref")
+    import wsgiref.simple_server
+    assert lazy.simple_server.WSGIServer is wsgiref.simple_server.WSGIServer
+    assert pamsignal.ssl.CERT_REQUIRED == __import__("ssl").CERT_REQUIRED
+    with pytest.raises(ImportError):
+        pamsignal.LazyModule("wsgiref").no_such_part  # noqa: B018
+
+
+def test_freed_memory_goes_back_to_the_system_here():
+    """Debian's glibc has malloc_trim(3); ctypes finds it."""
+    assert pamsignal.release_free_memory() is True
+
+
+def status_kib(pid):
+    with open("/proc/%d/status" % pid) as status:
+        return {line.split(":")[0]: int(line.split()[1]) for line in status
+                if line.startswith(("VmRSS", "VmHWM"))}
+
+
+@pytest.fixture
+def agent_in(tmp_path):
+    """Start `python3 pamsignal.py run` in a directory (a fake journalctl
+    that waits for ever); yields (process, stderr path)."""
+    started = []
+
+    def start(cwd):
+        fake = FakeJournal(tmp_path, {"follow": [{"hang": True}]})
+        config = write_config(tmp_path / "pamsignal.conf", (
+            "[pamsignal]\nstate_dir = %s\njournalctl = %s\n"
+            % (tmp_path / "state", fake.program)))
+        stderr = str(tmp_path / "stderr")
+        with open(stderr, "wb") as handle:
+            process = subprocess.Popen(
+                [sys.executable, PAMSIGNAL, "--config", config, "run"],
+                stdout=subprocess.DEVNULL, stderr=handle, cwd=str(cwd),
+                env=fake.env())
+        started.append(process)
+        assert wait_for(lambda: "this host:" in read(stderr) or
+                        process.poll() is not None, timeout=60), read(stderr)
+        assert process.poll() is None, read(stderr)
+        return process, stderr
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(30)
+
+
+def read(path):
+    with open(path, errors="replace") as handle:
+        return handle.read()
+
+
+def test_run_starts_over_compiled_apart_and_gives_back_what_start_used(
+        agent_in, tmp_path):
+    process, stderr = agent_in(tmp_path)
+    with open("/proc/%d/cmdline" % process.pid, "rb") as handle:
+        argv = handle.read().decode().split("\0")
+    # the same process (systemd's MAINPID), now running the compiled copy
+    assert argv[argv.index("-c") + 1] == pamsignal.RERUN_PROGRAM
+    assert argv[argv.index("-c") + 2:-1] == [
+        PAMSIGNAL, "--config", str(tmp_path / "pamsignal.conf"), "run"]
+    # Compiling the file sets the peak; the script's syntax tree and the
+    # compiler's freed memory do not stay (about 20 MB, here at least 10).
+    assert wait_for(lambda: status_kib(process.pid)["VmRSS"] <
+                    status_kib(process.pid)["VmHWM"] - 10 * 1024,
+                    timeout=30), status_kib(process.pid)
+
+
+def test_run_never_imports_from_the_current_directory(agent_in, tmp_path):
+    """Root may start it anywhere: a json.py or socket.py in the current
+    directory must not be what it imports (sys.path[0] as for a script)."""
+    here = tmp_path / "somewhere"
+    here.mkdir()
+    marker = tmp_path / "imported"
+    for name in ("json", "socket", "configparser"):
+        (here / (name + ".py")).write_text(
+            "open(%r, 'a').write(%r)\n" % (str(marker), name))
+    agent_in(here)
+    assert not marker.exists()
+    assert os.path.isdir(str(tmp_path / "state"))
