@@ -12,11 +12,11 @@ UNITDIR ?= /lib/systemd/system
 # Where make rpm, deb and dist put what they build.
 DISTDIR ?= dist
 
-.PHONY: all check test test-pythons lint bench fuzz install uninstall
+.PHONY: all check test test-pythons lint bench fuzz install uninstall docs
 .PHONY: deb rpm repo repo-apt repo-rpm dist dist-files dist-clean
 
 all:
-	@echo "targets: check, test, test-pythons, lint, bench, fuzz, install, uninstall (DESTDIR, PREFIX), deb, rpm, repo, repo-apt, repo-rpm, dist (GPG_KEY, GNUPGHOME)"
+	@echo "targets: check, test, test-pythons, lint, docs, bench, fuzz, install, uninstall (DESTDIR, PREFIX), deb, rpm, repo, repo-apt, repo-rpm, dist (GPG_KEY, GNUPGHOME)"
 
 # Everything: install what the tests need, start journald, build or reuse
 # the cached Debian trees, lint, run the whole suite (root; what CI runs).
@@ -36,6 +36,12 @@ lint:
 	vermin -t=3.6- --violations pamsignal.py
 	ruff check pamsignal.py tests bench
 
+# pamsignal.conf.example, the key sections of pamsignal.conf.5 and the
+# README's key table, made from the option tables in pamsignal.py (one
+# source for every configuration key; tests/test_docs.py checks them).
+docs:
+	$(PYTHON) tests/docgen.py
+
 bench:
 	$(PYTHON) bench/bench_pipeline.py
 	$(PYTHON) bench/bench_report.py
@@ -45,6 +51,7 @@ bench:
 	$(PYTHON) bench/bench_delivery.py
 	$(PYTHON) bench/bench_audit.py
 	$(PYTHON) bench/bench_syslog.py
+	$(PYTHON) bench/bench_memory.py
 
 # Each atheris target in tests/fuzz/ for FUZZ_SECONDS (default 300),
 # learning into /var/cache/pamsignal-tests/fuzz-corpus/TARGET; crashes are

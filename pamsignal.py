@@ -112,6 +112,7 @@ email = LazyModule("email")
 http = LazyModule("http")
 smtplib = LazyModule("smtplib")
 ssl = LazyModule("ssl")
+textwrap = LazyModule("textwrap")
 urllib = LazyModule("urllib")
 
 # ---------------------------------------------------------------------------
@@ -1166,16 +1167,61 @@ def _spool_size(value):
     return int(value)
 
 
-#: [pamsignal] keys: key -> (validator, default).
+#: One configuration key: its check (text -> value, or ValueError), its
+#: default as written in the file, and its help. The example configuration,
+#: the key sections of pamsignal.conf(5) and the README's key table are made
+#: from these (CONFIG_SECTIONS). Help is plain text; a line that starts with
+#: two spaces is kept as it is (a list).
+Option = collections.namedtuple("Option", "check default help")
+
+#: [pamsignal] keys.
 GLOBAL_OPTIONS = collections.OrderedDict((
-    ("state_dir", (_absolute_path, "/var/lib/pamsignal")),
-    ("log_dir", (_absolute_path, "/var/log/pamsignal")),
-    ("first_start", (_first_start, "now")),
-    ("journalctl", (_program_path, "journalctl")),
-    ("spool_max_alerts", (_spool_size, "1000")),
-    ("spool_max_age", (_duration_s, "7d")),
-    ("host_provider", (_host_provider, "auto")),
-    ("metrics_file", (_metrics_file, "")),
+    ("state_dir", Option(
+        _absolute_path, "/var/lib/pamsignal",
+        "Where the journal cursor, open sessions, failure counters, each "
+        "channel's spool and the metrics are kept; created with mode 0700 "
+        "if missing. If it cannot be written at start the agent stops with "
+        "a clear error; if it stops being writable later, the agent goes "
+        "on, degraded.")),
+    ("log_dir", Option(
+        _absolute_path, "/var/log/pamsignal",
+        "Where the audit log is kept (see [audit]).")),
+    ("first_start", Option(
+        _first_start, "now",
+        "Where to begin when there is no saved cursor (the very first "
+        "start):\n"
+        "  now   only what happens from now on\n"
+        "  boot  everything since this boot\n"
+        "  all   everything the journal still holds\n"
+        "  -1h   a time back: a number and s, m, h or d")),
+    ("journalctl", Option(
+        _program_path, "journalctl",
+        "The journalctl program to run (a name on PATH, or an absolute "
+        "path).")),
+    ("spool_max_alerts", Option(
+        _spool_size, "1000",
+        "While a channel is unreachable its alerts wait in a spool under "
+        "state_dir/spool/NAME/: at most this many (1 to 1000000). A full "
+        "spool drops by value: repeats, digests and routine alerts first, "
+        "a root login, a success after failures or a forgery last. What is "
+        "dropped (which kinds, users and sources) is reported once delivery "
+        "works again.")),
+    ("spool_max_age", Option(
+        _duration_s, "7d",
+        "Alerts older than this are dropped from a spool, and reported.")),
+    ("host_provider", Option(
+        _host_provider, "auto",
+        "This server's provider, shown as cloud.provider on each event:\n"
+        "  auto  read from /sys/class/dmi/id (no network call)\n"
+        "  none  leave it out\n"
+        "  NAME  any name, e.g. \"Home lab\"\n"
+        "auto knows AWS, Google Cloud, Azure, DigitalOcean, Hetzner, OVH and "
+        "Vultr, among others.")),
+    ("metrics_file", Option(
+        _metrics_file, "",
+        "Health metrics (Prometheus text format), rewritten every 10 "
+        "seconds and read by `pamsignal status`; an absolute path. Empty: "
+        "pamsignal.prom in state_dir.")),
 ))
 
 
@@ -1215,54 +1261,197 @@ def _record_count(value):
     return int(value)
 
 
-#: [audit] keys: key -> (validator, default). Retention 90 days: CIS
-#: Controls v8 8.10 asks for at least 90 days of audit logs.
+#: [audit] keys. Retention 90 days: CIS Controls v8 8.10 asks for at
+#: least 90 days of audit logs.
 AUDIT_OPTIONS = collections.OrderedDict((
-    ("enabled", (_switch, "yes")),
-    ("key", (_audit_key, "")),
-    ("rotate_size", (_size_bytes, "10M")),
-    ("rotate_age", (_cooldown, "1d")),  # a duration, or off (0)
-    ("retention", (_cooldown, "90d")),
-    ("anchor_every", (_record_count, "100")),
-    ("anchor_interval", (_cooldown, "10m")),
+    ("enabled", Option(
+        _switch, "yes",
+        "Every event and every alert decision (sent, spooled, filtered or "
+        "held back by which rule, failed) goes to log_dir/audit.jsonl, "
+        "each record chained to the one before by SHA-256, so an edit, a "
+        "removed, inserted or reordered record shows. Check it with "
+        "`pamsignal verify-log --journal`. no keeps no audit log.")),
+    ("key", Option(
+        _audit_key, "",
+        "An HMAC key makes the chain unforgeable by whoever can write the "
+        "log but not read the key: credential:NAME (a systemd credential, "
+        "LoadCredential= in the unit) or a root-owned 0600 file outside "
+        "log_dir, at least 16 bytes; never logged. Make one with:\n"
+        "    head -c 32 /dev/urandom | base64 > /etc/pamsignal/audit.key\n"
+        "Empty: plain SHA-256 (anchors still catch a rewritten or cut "
+        "log).")),
+    ("rotate_size", Option(
+        _size_bytes, "10M",
+        "A new file when this one reaches this size (K, M, G); each "
+        "rotated file, audit-YYYYMMDDTHHMMSSZ-SEQ.jsonl, goes on from the "
+        "last hash of the one before.")),
+    ("rotate_age", Option(
+        _cooldown, "1d",
+        "A new file when this one is this old; off rotates by size only.")),
+    ("retention", Option(
+        _cooldown, "90d",
+        "Rotated files older than this are removed, and the removal is "
+        "recorded in the log (so verify-log accepts the gap). 90d is CIS "
+        "Controls v8 safeguard 8.10's minimum; PCI DSS asks for 365d; off "
+        "keeps them for ever.")),
+    ("anchor_every", Option(
+        _record_count, "100",
+        "The head (last hash) is written to the journal (MESSAGE_ID "
+        "c4e1a13543184b559638dfda03ddef47, PAMSIGNAL_AUDIT_SEQ, "
+        "PAMSIGNAL_AUDIT_HEAD) every this many records, and at stop; off: "
+        "only at stop and by anchor_interval. Forward the journal off the "
+        "host to keep the anchors out of an intruder's reach.")),
+    ("anchor_interval", Option(
+        _cooldown, "10m",
+        "... and at least this often while records come.")),
 ))
 
-#: [geoip] keys: key -> (validator, default); empty means off.
+#: [geoip] keys; empty means off.
 GEOIP_OPTIONS = collections.OrderedDict((
-    ("asn_db", (_optional_path, "")),
-    ("country_db", (_optional_path, "")),
-    ("city_db", (_optional_path, "")),
+    ("asn_db", Option(
+        _optional_path, "",
+        "An ASN database (GeoLite2-ASN, DB-IP Lite ASN, IPinfo): "
+        "source.as.number and source.as.organization.name, and so the "
+        "provider (cloud or other).")),
+    ("country_db", Option(
+        _optional_path, "",
+        "A country database (GeoLite2-Country, DB-IP Lite Country, "
+        "IPinfo): source.geo.country_iso_code.")),
+    ("city_db", Option(
+        _optional_path, "",
+        "A city database (GeoLite2-City): also source.geo.city_name, and "
+        "the country.")),
 ))
 
-#: [detection] keys: key -> (validator, default).
+#: [detection] keys.
 DETECTION_OPTIONS = collections.OrderedDict((
-    ("brute_force_fast", (_threshold, "5 in 10m")),
-    ("brute_force_slow", (_threshold, "20 in 24h")),
-    ("user_enumeration", (_threshold, "10 in 10m")),
-    ("distributed_attack", (_threshold, "10 in 1h")),
-    ("success_after_failures", (_threshold, "3 in 1h")),
-    ("learning_period", (_duration_s, "7d")),
-    ("login_records", (_login_records, "auto")),
-    ("ssh_probes", (_threshold, "off")),
+    ("brute_force_fast", Option(
+        _threshold, "5 in 10m",
+        "A brute force: this many failures from one source, /64 or account "
+        "within this window.")),
+    ("brute_force_slow", Option(
+        _threshold, "20 in 24h",
+        "The same over a long window, for slow and patient attacks.")),
+    ("user_enumeration", Option(
+        _threshold, "10 in 10m",
+        "This many different invalid user names from one source or /64.")),
+    ("distributed_attack", Option(
+        _threshold, "10 in 1h",
+        "One account failing from this many different sources.")),
+    ("success_after_failures", Option(
+        _threshold, "3 in 1h",
+        "A successful login after this many recent failures from its "
+        "source or for its account is alerted on its own "
+        "(success_after_failures).")),
+    ("learning_period", Option(
+        _duration_s, "7d",
+        "New networks per user (new_source) and first sudo users "
+        "(new_sudo_user) are learned silently for this long after the "
+        "first event seen.")),
+    ("login_records", Option(
+        _login_records, "auto",
+        "The login records, a second witness: a session sshd or login "
+        "recorded there with no login seen in the journal (lost to "
+        "journald's rate limit during a flood, or removed) raises "
+        "unaccounted_session. auto reads wtmpdb's /var/lib/wtmpdb/wtmp.db "
+        "where it exists (Debian 13), else /var/log/wtmp; or name the "
+        "files (absolute paths, comma-separated; the kind is told by the "
+        "content); off reads none.")),
+    ("ssh_probes", Option(
+        _threshold, "off",
+        "Pre-authentication probes (ssh_probe: no SSH banner, garbage, no "
+        "common algorithm, timeout before login) from one source that make "
+        "a brute_force_detected (reason repeated_probes): counted only when "
+        "set, such as 20 in 10m; a scanner is no login attempt.")),
 ))
 
-#: [alerts] keys, which a [channel:NAME] may override: key -> (validator,
-#: default). The defaults fit a small server: everything but the routine,
-#: one alert per attack and key every 10 minutes, at most 20 a minute, and
-#: at most 3 identical accesses (the same sudo command) per 10 minutes.
+#: [alerts] keys, which a [channel:NAME] may override. The defaults fit a
+#: small server: everything but the routine, one alert per attack and key
+#: every 10 minutes, at most 20 a minute, and at most 3 identical accesses
+#: (the same sudo command) per 10 minutes.
 ALERT_OPTIONS = collections.OrderedDict((
-    ("events", (_event_filter, "default")),
-    ("min_severity", (_severity, "0")),
-    ("ignore_users", (_names, "")),
-    ("ignore_groups", (_names, "")),
-    ("ignore_sources", (_networks, "")),
-    ("always_users", (_names, "")),
-    ("always_groups", (_names, "")),
-    ("always_sources", (_networks, "")),
-    ("cooldown", (_cooldown, "10m")),
-    ("rate_limit", (_threshold, "20 in 1m")),
-    ("repeats", (_threshold, "3 in 10m")),
+    ("events", Option(
+        _event_filter, "default",
+        "Which actions alert, read left to right: * (all), default (all "
+        "but the routine login_failure, session_opened, session_closed, "
+        "ssh_probe and source_throttled), a name to add one, -name to "
+        "leave one out. The actions are listed in pamsignal(8).")),
+    ("min_severity", Option(
+        _severity, "0",
+        "Only events of at least this severity (0 to 10) alert.")),
+    ("ignore_users", Option(
+        _names, "",
+        "Never alert on these users: the account logged into, or the "
+        "person running sudo or su; comma-separated, shell patterns such "
+        "as deploy-* work.")),
+    ("ignore_groups", Option(
+        _names, "",
+        "Never alert on members of these groups (names or patterns).")),
+    ("ignore_sources", Option(
+        _networks, "",
+        "Never alert on these source addresses and CIDR blocks (IPv4 and "
+        "IPv6), comma-separated.")),
+    ("always_users", Option(
+        _names, "",
+        "Always alert on these users, whatever the keys above say.")),
+    ("always_groups", Option(
+        _names, "",
+        "Always alert on members of these groups, whatever the keys above "
+        "say.")),
+    ("always_sources", Option(
+        _networks, "",
+        "Always alert on these addresses and CIDR blocks, whatever the "
+        "keys above say.")),
+    ("cooldown", Option(
+        _cooldown, "10m",
+        "Repeats of one thing (the same action from the same source, or "
+        "for the same account) are held back this long after the first is "
+        "sent; then one alert_digest tells how many were held, from where. "
+        "off sends each.")),
+    ("rate_limit", Option(
+        _threshold, "20 in 1m",
+        "Most alerts a channel sends in a window; past it, one digest per "
+        "window until the flood stops. Logins, sudo commands and "
+        "suspicious successes are never held back by the cooldown or the "
+        "rate limit. off for no limit.")),
+    ("repeats", Option(
+        _threshold, "3 in 10m",
+        "Identical accesses (the same action, user, target, command or "
+        "source, and outcome, such as one sudo command run in a loop): the "
+        "first N in a window are sent, the rest of that window go out as "
+        "one counted alert_digest that names what repeated, so a flood of "
+        "one harmless access cannot crowd out another. off sends every "
+        "one.")),
 ))
+
+#: The sections of fixed keys, in the order the example configuration,
+#: pamsignal.conf(5) and the README show them: (name, keys, what the
+#: section is for).
+CONFIG_SECTIONS = (
+    ("pamsignal", GLOBAL_OPTIONS, "The agent itself."),
+    ("detection", DETECTION_OPTIONS,
+     "Failed attempts are counted per source address, per IPv6 /64 and "
+     "per account, across sshd, sudo, su and login, with the events' own "
+     "times. A threshold is \"N in DURATION\" (s, m, h, d) or off."),
+    ("geoip", GEOIP_OPTIONS,
+     "MaxMind DB files (absolute paths; empty = off) that give each source "
+     "address its ASN, organisation, country and city, and so its "
+     "provider. GeoLite2/GeoIP2, DB-IP Lite and IPinfo files all work; "
+     "geoipupdate keeps them current, and a file replaced by rename is "
+     "read again within seconds without a restart (a missing or broken "
+     "one gives one warning and loses only its own fields). Private, "
+     "loopback, CGNAT and documentation ranges are labelled without any "
+     "database. Try one with `pamsignal lookup 8.8.8.8`."),
+    ("audit", AUDIT_OPTIONS,
+     "The hash-chained audit log, log_dir/audit.jsonl. A disk that "
+     "refuses a record (full, read-only) degrades the audit_log "
+     "component; the channels go on alerting, and a not_written record "
+     "says how many were lost once writing works again."),
+    ("alerts", ALERT_OPTIONS,
+     "The alert policy of every channel; a [channel:NAME] may set any of "
+     "these keys for itself. With no channel configured, `run` prints "
+     "every event on the console, with no policy: it is a log."),
+)
 
 #: The policy of the console when no channel is configured: it is a log,
 #: so it shows every event at once.
@@ -1371,8 +1560,8 @@ def parse_config(text, path="<config>"):
 
 def _plain_section(parser, section, options, problem):
     """A section of fixed keys: their values (defaults where absent)."""
-    values = {key: validate(default)
-              for key, (validate, default) in options.items()}
+    values = {key: option.check(option.default)
+              for key, option in options.items()}
     if not parser.has_section(section):
         return values
     for key, raw in parser[section].items():
@@ -1380,7 +1569,7 @@ def _plain_section(parser, section, options, problem):
             problem(section, key, "unknown key" + _suggest(key, options))
             continue
         try:
-            values[key] = options[key][0](raw.strip())
+            values[key] = options[key].check(raw.strip())
         except ValueError as error:
             problem(section, key, str(error))
     return values
@@ -1394,7 +1583,7 @@ def _parse_channel(section, values, alerts, problem):
         problem(section, "type", "expected one of: %s; got %r"
                 % (", ".join(sorted(CHANNEL_TYPES)), kind))
         return None
-    known = dict(((key, validate) for key, (validate, _)
+    known = dict(((key, option.check) for key, option
                   in ALERT_OPTIONS.items()), **CHANNEL_TYPES[kind].OPTIONS)
     overrides, options = {}, {}
     for key, raw in values.items():
@@ -1419,7 +1608,7 @@ def _parse_channel(section, values, alerts, problem):
     # A type may start from its own policy instead of [alerts] (a SIEM
     # wants every event); the channel's own keys override either.
     defaults = getattr(CHANNEL_TYPES[kind], "POLICY_DEFAULTS", {})
-    policy = alerts._replace(**{key: ALERT_OPTIONS[key][0](text)
+    policy = alerts._replace(**{key: ALERT_OPTIONS[key].check(text)
                                 for key, text in defaults.items()})
     return ChannelConfig(section[8:].strip(), kind,
                          policy._replace(**overrides), options)
@@ -7037,7 +7226,7 @@ class EmailSink(RemoteSink):
 #: The policy a log-like channel (syslog, journal) starts from: a SIEM or
 #: a log pipeline wants every event at once, so no [alerts] filtering,
 #: cooldown, rate limit or repeat digest unless the channel sets them.
-EVERY_EVENT_POLICY = dict(((key, default) for key, (_, default)
+EVERY_EVENT_POLICY = dict(((key, option.default) for key, option
                            in ALERT_OPTIONS.items()),
                           events="*", cooldown="off", rate_limit="off",
                           repeats="off")
@@ -11562,10 +11751,8 @@ RATELIMIT_DROPIN_NAME = "pamsignal-ratelimit.conf"
 LIFTED_RATELIMIT_BURST = 100000
 
 
-#: pamsignal.conf.example, as every install path writes it when there is
-#: no configuration yet (`install`, install.sh, make install, the packages):
-#: one text, kept identical to the file beside this one by a test.
-EXAMPLE_CONFIG = r"""# PAMSignal configuration: /etc/pamsignal/pamsignal.conf
+#: The example configuration's opening comment (example_config()).
+EXAMPLE_HEADER = r"""# PAMSignal configuration: /etc/pamsignal/pamsignal.conf
 #
 # Without this file PAMSignal runs on the defaults shown here and prints
 # every event on the console. Check a changed file with:
@@ -11573,152 +11760,11 @@ EXAMPLE_CONFIG = r"""# PAMSignal configuration: /etc/pamsignal/pamsignal.conf
 # An unknown section or key, or a bad value, is an error that names the
 # line (exit code 78).
 
-[pamsignal]
-# Where the journal cursor and open sessions are kept (created if missing).
-state_dir = /var/lib/pamsignal
+"""
 
-# Where the audit log is kept (see [audit]).
-log_dir = /var/log/pamsignal
-
-# Where to begin when there is no saved cursor (the very first start):
-#   now   only what happens from now on
-#   boot  everything since this boot
-#   all   everything the journal still holds
-#   -1h   a time back: a number and s, m, h or d
-first_start = now
-
-# The journalctl program to run (a name on PATH, or an absolute path).
-journalctl = journalctl
-
-# While a channel is unreachable its alerts wait in a spool under
-# state_dir/spool/NAME/: at most this many, and none older than this.
-# A full spool drops by value: repeats, digests and routine alerts first,
-# a root login, a success after failures or a forgery last. What is
-# dropped (which kinds, users and sources) is reported once delivery works
-# again.
-spool_max_alerts = 1000
-spool_max_age = 7d
-
-# This server's provider, shown as cloud.provider on each event:
-#   auto  read from /sys/class/dmi/id (AWS, Google Cloud, Azure,
-#         DigitalOcean, Hetzner, OVH, Vultr, ...; no network call)
-#   none  leave it out
-#   NAME  any name, e.g. "Home lab"
-host_provider = auto
-
-# Health metrics (Prometheus text format), rewritten every 10 seconds and
-# read by `pamsignal status`. Empty: pamsignal.prom in state_dir.
-metrics_file =
-
-[detection]
-# Failed attempts are counted per source address, per IPv6 /64 and per
-# account, across sshd, sudo, su and login. "N in DURATION" (s, m, h, d)
-# or off.
-#
-# A brute force: this many failures within this window (fast and slow).
-brute_force_fast = 5 in 10m
-brute_force_slow = 20 in 24h
-# This many different invalid user names from one source or /64.
-user_enumeration = 10 in 10m
-# One account failing from this many different sources.
-distributed_attack = 10 in 1h
-# A successful login after this many recent failures from its source or
-# for its account is alerted on its own (success_after_failures).
-success_after_failures = 3 in 1h
-# New networks per user (new_source) and first sudo users (new_sudo_user)
-# are learned silently for this long after the first event seen.
-learning_period = 7d
-# The login records, a second witness: a session sshd or login recorded
-# there with no login seen in the journal (lost to journald's rate limit
-# during a flood, or removed) raises unaccounted_session. auto reads
-# wtmpdb's /var/lib/wtmpdb/wtmp.db where it exists (Debian 13), else
-# /var/log/wtmp; or name the files (comma-separated); off turns it off.
-login_records = auto
-# Pre-authentication probes (ssh_probe: no SSH banner, garbage, no common
-# algorithm, timeout before login) from one source: counted only when set,
-# such as 20 in 10m; a scanner is no login attempt.
-ssh_probes = off
-
-[geoip]
-# MaxMind DB files (absolute paths; empty = off) that give each source
-# address its ASN, organisation, country and city, and so its provider
-# (cloud or other). GeoLite2/GeoIP2, DB-IP Lite and IPinfo files all work;
-# geoipupdate keeps them current, and a replaced file is read again within
-# seconds without a restart. Private, loopback, CGNAT and documentation
-# ranges are labelled without any database. Try one with:
-#     pamsignal lookup 8.8.8.8
-asn_db =
-country_db =
-city_db =
-
-[audit]
-# Every event and every alert decision (sent, spooled, filtered or held
-# back by which rule, failed) goes to log_dir/audit.jsonl, each record
-# chained to the one before by SHA-256, so an edit, a removed, inserted or
-# reordered record shows. Check it with:
-#     pamsignal verify-log --journal
-enabled = yes
-# An HMAC key makes the chain unforgeable by whoever can write the log but
-# not read the key: credential:NAME (a systemd credential, LoadCredential=
-# in the unit) or a root-owned 0600 file outside log_dir. Make one with:
-#     head -c 32 /dev/urandom | base64 > /etc/pamsignal/audit.key
-# Empty: plain SHA-256 (anchors still catch a rewritten or cut log).
-key =
-# A new file when this one reaches this size (K, M, G) or age (off: never
-# by age); each rotated file goes on from the last hash of the one before.
-rotate_size = 10M
-rotate_age = 1d
-# Rotated files older than this are removed, and the removal is recorded
-# in the log. 90d is CIS Controls v8 safeguard 8.10's minimum; PCI DSS
-# asks for 365d; off keeps them for ever.
-retention = 90d
-# The head (last hash) is written to the journal (MESSAGE_ID
-# c4e1a13543184b559638dfda03ddef47) every this many records, at least
-# every anchor_interval while records come, and at stop. Forward the
-# journal off the host to keep the anchors out of an intruder's reach.
-anchor_every = 100
-anchor_interval = 10m
-
-[alerts]
-# The alert policy of every channel; a [channel:NAME] may override any of
-# these keys for itself. (With no channel configured, `run` prints every
-# event on the console, with no policy: it is a log.)
-#
-# Which actions alert, read left to right: * (all), default (all but
-# login_failure, session_opened and session_closed), a name to add one,
-# -name to leave one out. Actions: login_success, login_failure,
-# session_opened, session_closed, sudo_command, brute_force_detected,
-# success_after_failures, new_source, new_sudo_user, spoofed_entry,
-# alert_digest, alerts_dropped, and the agent's own config_reload_failed,
-# monitoring_degraded, monitoring_restored.
-events = default
-# Only events of at least this severity (0 to 10) alert.
-min_severity = 0
-# Never alert on these users (the account logged into, or the person
-# running sudo/su; shell patterns such as deploy-* work), members of these
-# groups, or these source addresses and CIDR blocks (IPv4 and IPv6).
-ignore_users =
-ignore_groups =
-ignore_sources =
-# Always alert on these, whatever the keys above say.
-always_users =
-always_groups =
-always_sources =
-# Repeats of one thing (the same action from the same source, or for the
-# same account) are held back this long after the first is sent; then one
-# alert_digest tells how many were held, from where. off to send each.
-cooldown = 10m
-# Most alerts a channel sends in a window; past it, one digest per window
-# until the flood stops. Logins, sudo commands and suspicious successes
-# are never held back by the cooldown or the rate limit. off for no limit.
-rate_limit = 20 in 1m
-# Identical accesses (the same action, user, target, command or source,
-# and outcome, such as one sudo command run in a loop): the first N in a
-# window are sent, the rest of that window go out as one counted
-# alert_digest that names what repeated. A different access is never held.
-# off to send every one.
-repeats = 3 in 10m
-
+#: The example configuration's channels: the console as with no file at
+#: all, and every other type as a commented example.
+EXAMPLE_CHANNELS = r"""
 # Each [channel:NAME] section is one destination. Without any, every event
 # goes to the console.
 [channel:console]
@@ -11853,11 +11899,41 @@ repeats = off
 #key_file = /run/credentials/pamsignal.service/siem-key
 """
 
+#: Width of the example configuration's comments.
+EXAMPLE_WIDTH = 76
+
+
+def help_blocks(text):
+    """An option's help as ("text", paragraph) and ("verbatim", line)
+    blocks: a line that starts with two spaces is kept as it is."""
+    return [("verbatim" if line.startswith("  ") else "text", line)
+            for line in text.split("\n")]
+
+
+def _example_comment(text):
+    lines = []
+    for kind, block in help_blocks(text):
+        if kind == "verbatim":
+            lines.append("# " + block)
+        else:
+            lines += textwrap.wrap(block, EXAMPLE_WIDTH - 2)
+            lines = [line if line.startswith("# ") else "# " + line
+                     for line in lines]
+    return "".join(line.rstrip() + "\n" for line in lines)
+
 
 def example_config():
-    """The configuration `install` writes when there is none: every key
-    with its default, explained, and the channels as commented examples."""
-    return EXAMPLE_CONFIG
+    """The configuration every install path writes when there is none
+    (`install`, install.sh, make install, the packages, and
+    pamsignal.conf.example beside this file): every key of
+    CONFIG_SECTIONS with its default and help, and the channels."""
+    parts = [EXAMPLE_HEADER]
+    for name, options, about in CONFIG_SECTIONS:
+        parts.append("[%s]\n%s\n" % (name, _example_comment(about)))
+        for key, option in options.items():
+            parts.append("%s%s\n\n" % (_example_comment(option.help), (
+                "%s = %s" % (key, option.default)).rstrip()))
+    return "".join(parts) + EXAMPLE_CHANNELS.lstrip("\n")
 
 
 def systemd_is_running():

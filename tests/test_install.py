@@ -31,7 +31,7 @@ def test_install_into_destdir_gives_a_runnable_command(tmp_path):
     assert os.stat(str(config)).st_mode & 0o777 == 0o600
     assert (tmp_path / "usr/local/share/man/man8/pamsignal.8").exists()
     assert (tmp_path / "usr/local/share/man/man5/pamsignal.conf.5").exists()
-    assert config.read_text() == pamsignal.EXAMPLE_CONFIG
+    assert config.read_text() == pamsignal.example_config()
     assert mode(config.parent) == 0o700
     unit = (tmp_path / "lib/systemd/system/pamsignal.service").read_text()
     assert unit == pamsignal.SERVICE_UNIT.replace(
@@ -100,7 +100,7 @@ def test_install_writes_program_unit_and_example_config(tmp_path):
     assert version.stdout.strip() == "pamsignal %s" % pamsignal.__version__
     check = cli("--config", str(config), "check-config")
     assert check.returncode == 0, check.stderr
-    assert config.read_text() == pamsignal.EXAMPLE_CONFIG
+    assert config.read_text() == pamsignal.example_config()
 
 
 def test_one_example_configuration_everywhere():

@@ -88,8 +88,8 @@ def configuration_keys():
                              ("alerts", pamsignal.ALERT_OPTIONS),
                              ("geoip", pamsignal.GEOIP_OPTIONS),
                              ("audit", pamsignal.AUDIT_OPTIONS)):
-        for key, (_, default) in options.items():
-            yield section, key, default
+        for key, option in options.items():
+            yield section, key, option.default
     for sink in pamsignal.CHANNEL_TYPES.values():
         for key in sink.OPTIONS:
             yield "channel:NAME", key, None

@@ -604,7 +604,7 @@ def test_auto_prefers_wtmpdb_even_before_its_first_login():
 
 
 def test_the_example_configuration_documents_the_key():
-    assert "login_records = auto" in pamsignal.EXAMPLE_CONFIG
+    assert "login_records = auto" in pamsignal.example_config()
     out = io.StringIO()
     assert pamsignal.main(["--config", os.path.join(
         REPO, "pamsignal.conf.example"), "check-config"], out) == 0

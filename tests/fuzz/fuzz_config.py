@@ -96,7 +96,8 @@ def dictionary():
     for options in (pamsignal.GLOBAL_OPTIONS, pamsignal.DETECTION_OPTIONS,
                     pamsignal.ALERT_OPTIONS, pamsignal.GEOIP_OPTIONS):
         words += list(options)
-        words += [default for _, default in options.values() if default]
+        words += [option.default for option in options.values()
+                  if option.default]
     for kind, sink in pamsignal.CHANNEL_TYPES.items():
         words += [kind, "type = " + kind] + list(sink.OPTIONS)
     return words + list(pamsignal.ACTIONS)

@@ -1,0 +1,52 @@
+"""One source for every configuration key: the option tables in
+pamsignal.py (each key's check, default and help). The example
+configuration, the key sections of pamsignal.conf(5) and the README's key
+table are made from them by tests/docgen.py (`make docs`); these tests fail
+on any difference, and on a key a reader would find unexplained."""
+import pytest
+
+import docgen
+from support import pamsignal
+
+
+@pytest.mark.parametrize("name", sorted(docgen.made()))
+def test_the_committed_file_is_what_the_option_tables_make(name):
+    assert docgen.read(name) == docgen.made()[name], (
+        "%s differs from the option tables: run make docs" % name)
+
+
+def every_option():
+    for section, options, _ in pamsignal.CONFIG_SECTIONS:
+        for key, option in options.items():
+            yield section, key, option
+
+
+def test_every_key_has_help_and_a_default_its_check_accepts():
+    for section, key, option in every_option():
+        assert isinstance(option, pamsignal.Option), (section, key)
+        assert len(option.help.split()) >= 4, (section, key)
+        option.check(option.default)  # raises ValueError when not
+
+
+def test_every_section_of_fixed_keys_is_documented():
+    """parse_config knows these sections besides [channel:NAME]."""
+    documented = [name for name, _, _ in pamsignal.CONFIG_SECTIONS]
+    config = pamsignal.parse_config("".join(
+        "[%s]\n" % name for name in documented))
+    assert config.channels == ()
+    with pytest.raises(pamsignal.ConfigError) as unknown:
+        pamsignal.parse_config("[nonesuch]\n")
+    expected = str(unknown.value.problems[0])
+    assert all("[%s]" % name in expected for name in documented)
+
+
+def test_each_key_appears_with_its_help_in_every_document():
+    texts = {name: docgen.read(name) for name in docgen.made()}
+    for section, key, option in every_option():
+        first_words = " ".join(option.help.split()[:3])
+        setting = ("%s = %s" % (key, option.default)).rstrip()
+        assert "\n%s\n" % setting in texts[docgen.EXAMPLE], key
+        assert "\n.BR %s " % key in texts[docgen.MAN_PAGE], key
+        assert "| `[%s] %s` |" % (section, key) in texts[docgen.README], key
+        for name, text in texts.items():
+            assert first_words in " ".join(text.split()), (name, key)
