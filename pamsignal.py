@@ -122,7 +122,7 @@ urllib = LazyModule("urllib")
 #: Where the service looks for its configuration when --config is not given.
 DEFAULT_CONFIG_PATH = "/etc/pamsignal/pamsignal.conf"
 
-#: Exit codes of main(), as documented in the README and DESIGN.md.
+#: Exit codes of main(), as documented in the README and pamsignal(8).
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
 #: Journal fields the parser reads; journalctl prints only these (plus cursor

@@ -29,7 +29,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "e2e: end to end against real journald, sshd, sudo, su "
-        "(root; see TESTING.md)",
+        "(root; see docs/CONTRIBUTING.md)",
     )
 
 

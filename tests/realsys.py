@@ -1,9 +1,10 @@
 """Drive the real thing: systemd-journald, OpenSSH, sudo, su, logger.
 
-Plain functions for the end-to-end tests (see TESTING.md).  Everything needs
-root and the real binaries: run by hand without them, a test skips with the
-reason; under CI (CI=true) the same condition fails the test instead, since
-.ci/run installs everything and nothing may skip there.
+Plain functions for the end-to-end tests (see docs/CONTRIBUTING.md).
+Everything needs root and the real binaries: run by hand without them, a
+test skips with the reason; under CI (CI=true) the same condition fails
+the test instead, since .ci/run installs everything and nothing may skip
+there.
 
 Measured on Debian 12 (OpenSSH 9.2p1, sudo 1.9.13p3, util-linux 2.38.1,
 systemd 252 journald, no systemd as PID 1), from `journalctl -o json`:
@@ -310,8 +311,9 @@ def sshd_config_path():
 def ensure_sshd(timeout=20):
     """A real sshd with UsePAM and password logins on 127.0.0.1 and ::1,
     port SSH_PORT.  Idempotent.  If another sshd already serves one of the
-    addresses on that port (a machine set up by hand per TESTING.md), it is
-    used as it is and never stopped; ours serves the others."""
+    addresses on that port (a machine set up by hand, see
+    docs/CONTRIBUTING.md), it is used as it is and never stopped; ours
+    serves the others."""
     require_root()
     require_binaries(SSHD, "ssh", "ssh-keygen", "sshpass")
     os.makedirs(SSHD_DIR, exist_ok=True)
@@ -676,8 +678,8 @@ def forge(uid_user, identifier, message):
 # Debian 12's OpenSSH 9.2 logs as `sshd`; 9.8 and later log each connection
 # as `sshd-session` (10.x also has `sshd-auth`), and Debian 13 has Python
 # 3.13.  A debootstrapped Debian 13 (trixie) tree, cached between runs,
-# lets the tests run that newer software for real (TESTING.md).  Build it
-# with `python3 tests/realsys.py trixie-tree` (.ci/run does).
+# lets the tests run that newer software for real (docs/CONTRIBUTING.md).
+# Build it with `python3 tests/realsys.py trixie-tree` (.ci/run does).
 #
 # Measured (Debian 13 tree, OpenSSH 10.0p2 Debian-7+deb13u4, Linux-PAM 1.7,
 # Python 3.13.5; host journald of Debian 12):
@@ -1485,10 +1487,10 @@ def remove_cgroups(paths):
 
 
 class Container(object):
-    """A tree booted with `systemd-nspawn -b` (TESTING.md): systemd as PID
-    1, --volatile=overlay so the tree itself is never written, and
-    --private-network so its sshd keeps away from the host's ports
-    (private_network=False shares the host's network instead).
+    """A tree booted with `systemd-nspawn -b` (docs/CONTRIBUTING.md):
+    systemd as PID 1, --volatile=overlay so the tree itself is never
+    written, and --private-network so its sshd keeps away from the host's
+    ports (private_network=False shares the host's network instead).
     `binds` are (host path, path inside) pairs bound read-only.  run()
     executes in all its namespaces."""
 

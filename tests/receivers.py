@@ -1,7 +1,8 @@
-"""Real receivers for the notification tests (see TESTING.md, "Real
-receivers"): an HTTP(S) server and an SMTP server on 127.0.0.1, each in a
-thread, recording what they get and answering as each test scripts them,
-plus self-signed certificates made with the `openssl` command.
+"""Real receivers for the notification tests (see docs/CONTRIBUTING.md,
+"What the tests run against"): an HTTP(S) server and an SMTP server on
+127.0.0.1, each in a thread, recording what they get and answering as
+each test scripts them, plus self-signed certificates made with the
+`openssl` command.
 
 Test-only, standard library only.  Nothing here is timed: tests wait for
 conditions (`wait_for`) with generous timeouts.

@@ -1,6 +1,6 @@
-"""Readers for what a SIEM receives, written from the specifications (see
-SPECS.md sections 2-4), independently of pamsignal.py's writers: RFC 5424
-and RFC 3164 syslog messages, RFC 6587 framing, CEF, LEEF 2.0.
+"""Readers for what a SIEM receives, written from the specifications
+themselves, independently of pamsignal.py's writers: RFC 5424 and RFC 3164
+syslog messages, RFC 6587 framing, ArcSight CEF, IBM QRadar LEEF 2.0.
 
 Each reader raises ValueError on anything its specification does not
 allow, so a test that reads a record also proves it is well formed."""

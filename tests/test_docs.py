@@ -3,6 +3,10 @@ pamsignal.py (each key's check, default and help). The example
 configuration, the key sections of pamsignal.conf(5) and the README's key
 table are made from them by tests/docgen.py (`make docs`); these tests fail
 on any difference, and on a key a reader would find unexplained."""
+import glob
+import os
+import re
+
 import pytest
 
 import docgen
@@ -50,3 +54,49 @@ def test_each_key_appears_with_its_help_in_every_document():
         assert "| `[%s] %s` |" % (section, key) in texts[docgen.README], key
         for name, text in texts.items():
             assert first_words in " ".join(text.split()), (name, key)
+
+
+#: Where a repository path may be cited: the code, the tests, the
+#: benchmarks, the build and CI files and the documents.
+CITING = ("pamsignal.py", "README.md", "Makefile", "pamsignal.8",
+          "pamsignal.conf.5", "tests/*.py", "tests/fuzz/*.py", "tests/*.sh",
+          "bench/*.py", "docs/*.md", ".ci/*")
+
+#: A path into the repository's folders, not inside a longer path.
+_CITED_PATH = re.compile(r"(?<![\w./$-])((?:tests|bench|docs|contrib|"
+                         r"debian|\.ci)/[\w.-]+(?:/[\w.-]+)*)(?![\w$%{*])")
+
+#: A document cited by its name alone (such as CONTRIBUTING.md).
+_CITED_DOCUMENT = re.compile(r"(?<![\w./-])([A-Z][A-Z_]+\.md)\b")
+
+#: Cited paths that are not this repository's: the maxminddb source
+#: package's own test data folder.
+NOT_OURS = {"tests/data"}
+
+
+def cited_paths():
+    """(citing file, path) of every repository path the files cite;
+    placeholders such as tests/fuzz/regressions/TARGET left out."""
+    for pattern in CITING:
+        for name in sorted(glob.glob(os.path.join(docgen.REPO, pattern))):
+            with open(name, errors="replace") as handle:
+                text = handle.read()
+            where = os.path.relpath(name, docgen.REPO)
+            for match in _CITED_PATH.finditer(text):
+                path = match.group(1).rstrip(".")
+                if path not in NOT_OURS and not any(
+                        part.isupper() for part in path.split("/")):
+                    yield where, path
+            for match in _CITED_DOCUMENT.finditer(text):
+                found = [place for place in ("", "docs/")
+                         if os.path.exists(os.path.join(
+                             docgen.REPO, place + match.group(1)))]
+                yield where, (found or [""])[0] + match.group(1)
+
+
+def test_every_file_the_repository_cites_is_in_it():
+    cited = list(cited_paths())
+    assert ("tests/realsys.py", "docs/CONTRIBUTING.md") in cited
+    missing = [(where, path) for where, path in cited
+               if not os.path.exists(os.path.join(docgen.REPO, path))]
+    assert missing == []

@@ -1,5 +1,5 @@
 """pamsignal.service under a real systemd: a Debian 13 tree booted with
-`systemd-nspawn -b` (TESTING.md), the agent installed inside by
+`systemd-nspawn -b` (docs/CONTRIBUTING.md), the agent installed inside by
 `pamsignal.py install`, real ssh logins through the container's own sshd.
 
 The tree is cached (tests/realsys.py boot-tree, run by .ci/run) and booted
