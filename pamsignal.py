@@ -1292,8 +1292,9 @@ AUDIT_OPTIONS = collections.OrderedDict((
         _cooldown, "90d",
         "Rotated files older than this are removed, and the removal is "
         "recorded in the log (so verify-log accepts the gap). 90d is CIS "
-        "Controls v8 safeguard 8.10's minimum; PCI DSS asks for 365d; off "
-        "keeps them for ever.")),
+        "Controls v8 safeguard 8.10's minimum; NIST SP 800-53 AU-11 leaves "
+        "the period to the organisation; PCI DSS asks for 365d; off keeps "
+        "them for ever.")),
     ("anchor_every", Option(
         _record_count, "100",
         "The head (last hash) is written to the journal (MESSAGE_ID "
@@ -1375,7 +1376,7 @@ ALERT_OPTIONS = collections.OrderedDict((
         "Which actions alert, read left to right: * (all), default (all "
         "but the routine login_failure, session_opened, session_closed, "
         "ssh_probe and source_throttled), a name to add one, -name to "
-        "leave one out. The actions are listed in pamsignal(8).")),
+        "leave one out. The actions: %s." % ", ".join(sorted(ACTIONS)))),
     ("min_severity", Option(
         _severity, "0",
         "Only events of at least this severity (0 to 10) alert.")),

@@ -54,7 +54,7 @@ def roff_help(help_text):
     lines, verbatim = [], []
     for kind, block in pamsignal.help_blocks(help_text) + [("text", "")]:
         if kind == "verbatim":
-            verbatim.append(block.strip().replace("\\", "\\e"))
+            verbatim.append(block[2:].replace("\\", "\\e"))
             continue
         if verbatim:
             lines += [".nf"] + verbatim + [".fi"]
