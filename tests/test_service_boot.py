@@ -13,7 +13,7 @@ import re
 import pytest
 
 import realsys
-from support import REPO, wait_for
+from support import REPO, pamsignal, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -88,6 +88,20 @@ def test_a_real_ssh_login_reaches_the_agent_in_its_sandbox(container):
     report = json.loads(status.stdout)
     assert report["state"] == "running", status.stdout
     assert report["degraded"] == []
+
+
+def test_the_sandboxed_service_starts_over_light(container):
+    """The unit's sandbox (MemoryDenyWriteExecute, the system call filter)
+    lets `run` start over compiled apart in the same process and hand back
+    what starting used (see tests/test_memory.py)."""
+    main = container.show("MainPID")
+    argv = container.run(["cat", "/proc/%s/cmdline" % main]).stdout \
+        .split("\0")
+    assert argv[argv.index("-c") + 1] == pamsignal.RERUN_PROGRAM
+    status = dict(line.split(":", 1) for line in container.run(
+        ["cat", "/proc/%s/status" % main]).stdout.splitlines())
+    rss, peak = (int(status[name].split()[0]) for name in ("VmRSS", "VmHWM"))
+    assert rss < peak - 10 * 1024, (rss, peak)
 
 
 HOOK_RECEIVER = """\
