@@ -66,6 +66,7 @@ import importlib  # noqa: E402
 import io  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
+import marshal  # noqa: E402
 import mmap  # noqa: E402
 import os  # noqa: E402
 import pwd  # noqa: E402
@@ -106,7 +107,6 @@ class LazyModule:
 
 #: Used by some configurations and commands only (see LazyModule).
 calendar = LazyModule("calendar")
-ctypes = LazyModule("ctypes")
 difflib = LazyModule("difflib")
 email = LazyModule("email")
 http = LazyModule("http")
@@ -9051,21 +9051,6 @@ class LoginWitness:
 # ---------------------------------------------------------------------------
 
 
-
-def release_free_memory():
-    """Hand the C library's free memory back to the system (glibc's
-    malloc_trim(3)); False where there is no such call (musl). Python
-    compiles this whole file at every start of the script, and the ~25 MB
-    the compiler frees would otherwise stay resident all the agent's life
-    (glibc keeps freed memory it cannot return from the top of the heap)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (ImportError, OSError, AttributeError, MemoryError):
-        return False
-    trim(0)
-    return True
-
-
 def notify_address(environ):
     """The $NOTIFY_SOCKET to connect to, or None: a path, or an abstract
     socket written with a leading '@' (vsock: is not supported)."""
@@ -10059,7 +10044,6 @@ class Agent:
         say("info", "this host: %s; addresses %s" % (
             self.pipeline.enricher.host_provider or "provider unknown",
             ", ".join(addresses[:16]) or "unknown"))
-        release_free_memory()  # what starting up used and freed
         self.update_status("READY=1")
         # Wake up often enough to ping the watchdog in time.
         wait_s = min(1.0, self.notifier.watchdog_s or 1.0)
@@ -12075,33 +12059,41 @@ def utf8_stdout():
                 errors="backslashreplace", closefd=False)
 
 
-#: How `run` starts over lighter (rerun_compiled_apart), on one line for
-#: ps: this file compiled by compile(), which frees the syntax tree at once,
-#: its main() run as module pamsignal, sys.path[0] as for a script (never
-#: the current directory, where anyone may have put a json.py).
+#: How `run` starts over lighter (rerun_lighter), on one line for ps: the
+#: compiled file read back from file descriptor argv[1] (marshal, as a .pyc
+#: holds it), run as module pamsignal, with sys.path[0] as for a script
+#: (never the current directory, where anyone may have put a json.py).
 RERUN_PROGRAM = (
-    "import os, sys, types; path = sys.argv[1]; "
+    "import marshal, os, sys, types; path = sys.argv[2]; "
     "sys.path[:1] = [os.path.dirname(path) if entry == '' else entry "
     "for entry in sys.path[:1]]; "
     "module = sys.modules['pamsignal'] = types.ModuleType('pamsignal'); "
     "module.__file__ = path; "
-    "exec(compile(open(path, 'rb').read(), path, 'exec'), module.__dict__); "
-    "sys.exit(module.main(sys.argv[2:]))")
+    "exec(marshal.load(os.fdopen(int(sys.argv[1]), 'rb')), "
+    "module.__dict__); "
+    "sys.exit(module.main(sys.argv[3:]))")
 
 
-def rerun_compiled_apart(argv):
+def rerun_lighter(argv, code):
     """Replace this process (same PID, so systemd's MAINPID holds) with one
-    that runs main(argv) from a separately compiled copy of this file.
-    Python keeps the syntax tree of the script it runs until the script
-    ends: for this file about 20 MB, for the agent's whole life. Returns
-    only if the interpreter cannot be run again."""
-    if not sys.executable:
+    that runs main(argv) from `code`, this script's compiled module, handed
+    over in an unlinked temporary file. Python keeps the syntax tree of the
+    script it runs until the script ends (for this file about 20 MB, for
+    the agent's whole life), and compiling again would leave ~4 MB of
+    scattered garbage. Returns only if that cannot be done."""
+    if not sys.executable or code.co_name != "<module>":
         return
-    command = [sys.executable] + subprocess._args_from_interpreter_flags() \
-        + ["-c", RERUN_PROGRAM, os.path.abspath(__file__)] + list(argv)
     try:
-        os.execv(sys.executable, command)
-    except OSError:
+        handoff = tempfile.TemporaryFile()
+        marshal.dump(code, handoff)
+        handoff.flush()
+        handoff.seek(0)
+        os.set_inheritable(handoff.fileno(), True)
+        os.execv(sys.executable, [sys.executable] +
+                 subprocess._args_from_interpreter_flags() +
+                 ["-c", RERUN_PROGRAM, str(handoff.fileno()),
+                  os.path.abspath(__file__)] + list(argv))
+    except (OSError, ValueError):
         pass  # go on as the script: heavier, but it runs
 
 
@@ -12115,7 +12107,9 @@ def main(argv=None, stdout=None):
     if args.command is None:
         args.command, args.json = "run", False
     if args.command == "run" and __name__ == "__main__":
-        rerun_compiled_apart(sys.argv[1:] if argv is None else argv)
+        # the caller is the script's module code: what the rerun runs
+        rerun_lighter(sys.argv[1:] if argv is None else argv,
+                      sys._getframe(1).f_code)
     if stdout is None:
         stdout = utf8_stdout()
     try:

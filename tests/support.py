@@ -193,6 +193,15 @@ class AgentProcess:
                 err.decode(), self.process.returncode)
 
 
+#: Prints the peak memory (VmHWM, KiB) of a Python that only compiles the
+#: file named in argv[1]: what a process that compiled pamsignal.py holds at
+#: least (tests/test_memory.py, tests/test_service_boot.py).
+COMPILE_PEAK_PROBE = (
+    "import sys; compile(open(sys.argv[1], 'rb').read(), sys.argv[1], "
+    "'exec'); print([line.split()[1] for line in open('/proc/self/status')"
+    " if line.startswith('VmHWM:')][0])")
+
+
 #: The journal fixtures, each entry beside the event it must give.
 MESSAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                         "fixtures", "messages.json")
