@@ -5,7 +5,8 @@ fake journalctl, read from /proc once it has settled.
 
 For each interpreter (Debian's /usr/bin/python3 and the pyenv 3.6 that
 .ci/pythons uses, when there) it reports VmRSS (resident now) and VmHWM
-(the peak, which compiling the file at start sets) of:
+(the peak since the process last started a program: for `run`, since it
+started over from its compiled module) of:
   import src   `import pamsignal` alone, compiled from source as a script
                is (and whether TLS, HTTP or e-mail modules came with it);
   import pyc   the same from its compiled .pyc file;
