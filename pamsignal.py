@@ -1998,6 +1998,12 @@ _SUDO_REJECT_REASONS = {"user NOT in sudoers": "not_in_sudoers",
 _SUDO_JSON_ATTEMPTS = re.compile(r"^(\d+) incorrect password attempts?\Z")
 
 
+def _short_tty(tty):
+    """A terminal as su and sudo's text lines name it: pts/0, not
+    /dev/pts/0."""
+    return tty[len("/dev/"):] if tty and tty.startswith("/dev/") else tty
+
+
 def _json_text(record, key):
     """A string value of sudo's JSON record, or None."""
     value = record.get(key)
@@ -2058,13 +2064,11 @@ def _build_sudo_json(match):
     if command and isinstance(argv, list) and all(
             isinstance(arg, str) for arg in argv):
         command = " ".join([command] + argv[1:])  # as COMMAND= writes it
-    tty = _json_text(record, "ttyname")
     fields = {"user": user, "target_user": _json_text(record, "runuser"),
               "command_line": command,
               "working_directory": _json_text(record, "submitcwd") or
               _json_text(record, "runcwd"),
-              "tty": tty[len("/dev/"):] if tty and tty.startswith("/dev/")
-              else tty,
+              "tty": _short_tty(_json_text(record, "ttyname")),
               "detail": None if whole else SUDO_JSON_CUT}
     if kind == "accept":
         return dict(fields, action="sudo_command")
@@ -2219,11 +2223,9 @@ def _program_pam_failure(service, pairs, module):
         if at >= 0 else None
     head = dict(_PAM_PAIR.findall(pairs[:at] if at >= 0 else pairs))
     account = tail.group("user") if tail else None
-    tty = head.get("tty") or None
-    if tty and tty.startswith("/dev/"):
-        tty = tty[len("/dev/"):]
     fields = _source(tail.group("rhost")) if tail else {}
-    fields.update(action="login_failure", reason="bad_password", tty=tty,
+    fields.update(action="login_failure", reason="bad_password",
+                  tty=_short_tty(head.get("tty") or None),
                   pairing="pam", detail="%s: authentication failure" % module)
     if service == "login":
         fields["user"] = account or None
