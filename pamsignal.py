@@ -3855,14 +3855,8 @@ class ProgramAttempts:
 
     def due(self, now_us):
         """Held failures older than SSH_HOLD_US at `now_us` (event time)."""
-        out = []
-        while self.held:
-            key, held = next(iter(self.held.items()))
-            if held.timestamp_us > now_us - SSH_HOLD_US:
-                break
-            del self.held[key]
-            out.append(held._replace(pairing=None))
-        return out
+        return [held._replace(pairing=None)
+                for held in pop_due(self.held, now_us)]
 
     def drain(self):
         """Every held failure (the end of a scan)."""
@@ -3935,6 +3929,19 @@ SSH_HOLD_US = 10 * 1000000
 #: Event fields a held event keeps across a restart.
 _HELD_FIELDS = tuple(field for field in EVENT_FIELDS
                      if field not in ("users_tried", "sources"))
+
+
+def pop_due(held, now_us):
+    """Take the held events (a BoundedTable, oldest first) that have waited
+    SSH_HOLD_US at `now_us`, in the events' own time."""
+    out = []
+    while held:
+        key, event = next(iter(held.items()))
+        if event.timestamp_us > now_us - SSH_HOLD_US:
+            break
+        del held[key]
+        out.append(event)
+    return out
 
 
 def _held_to_state(event):
@@ -4117,14 +4124,7 @@ class SshAttempts:
 
     def due(self, now_us):
         """Held events older than SSH_HOLD_US at `now_us` (event time)."""
-        out = []
-        while self.held:
-            key, held = next(iter(self.held.items()))
-            if held.timestamp_us > now_us - SSH_HOLD_US:
-                break
-            del self.held[key]
-            out += self._released([held])
-        return out
+        return self._released(pop_due(self.held, now_us))
 
     def drain(self):
         """Every held event (the end of a scan)."""

@@ -4,12 +4,12 @@ with the PIDs and UIDs that real runs on Debian 12 (sudo 1.9.13, util-linux
 su 2.38, shadow login 4.13) and the Debian 13 tree (sudo 1.9.16 with
 log_format=json, util-linux login 2.41) wrote them, through `scan`; what
 detection counts of them; forged copies of the new forms."""
-import io
 import json
 
 import pytest
 
 from support import make_entry, pamsignal
+from test_sshd_attempts import scan
 
 CALLER, TARGET = "pse495dc53c", "pse77fd608e"
 CALLER_UID = "1005"
@@ -24,19 +24,6 @@ def run_of(identifier, *specs, pid="22708", uid=CALLER_UID, start=1):
         entries.append(make_entry(identifier, message, sequence=number,
                                   _PID=own_pid, _UID=uid))
     return entries
-
-
-def scan(tmp_path, entries, config=None):
-    export = tmp_path / "export.json"
-    export.write_text("".join(json.dumps(e) + "\n" for e in entries))
-    argv = ["scan", "--json", str(export)]
-    if config is not None:
-        path = tmp_path / "pamsignal.conf"
-        path.write_text(config)
-        argv = ["--config", str(path)] + argv
-    out = io.StringIO()
-    assert pamsignal.main(argv, stdout=out) == 0
-    return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
 def failures(events):
