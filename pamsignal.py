@@ -2128,9 +2128,9 @@ def _build_login_failure(match):
         place, tty = None, place
     return dict(_source(place), action="login_failure",
                 reason="invalid_user" if why.startswith("User not known")
-                else "bad_password", detail=why, **dict(
-                    _console_fields(tty),
-                    user=None if user in ("UNKNOWN", "(unknown)") else user))
+                else "bad_password", detail=why,
+                user=None if user in ("UNKNOWN", "(unknown)") else user,
+                **_console_fields(tty))
 
 
 def _build_login_tries(match):
@@ -2138,10 +2138,9 @@ def _build_login_tries(match):
     if place and _TERMINAL.match(place) and not tty:
         place, tty = None, place
     return dict(_source(place), action="login_failure",
-                reason="max_attempts", **dict(
-                    _console_fields(tty),
-                    attempts=parse_int(match.group("count")),
-                    user=match.group("user") or None))
+                reason="max_attempts",
+                attempts=parse_int(match.group("count")),
+                user=match.group("user") or None, **_console_fields(tty))
 
 
 def _build_logind_new(match):
