@@ -2214,15 +2214,16 @@ _PROGRAM_PAM_SERVICES = frozenset(("su", "su-l", "login"))
 
 def _program_pam_failure(service, pairs, module):
     """pam_unix's failure inside su or login: `... tty=T ruser=R rhost=H
-    user=U`. For su, ruser is who acts and user the account wanted; the
-    caller's text can only be the rhost of a remote login (login -h),
-    which stands right before the user, anchored from the right."""
+    user=U`. For su, ruser is who acts and user the account wanted, and
+    there is no remote host; login has one when `login -h` set it, right
+    before the user, read from the right."""
     at = pairs.rfind("rhost=")
     tail = _PAM_RHOST.match(pairs, at - 1 if at > 0 else 0) \
         if at >= 0 else None
     head = dict(_PAM_PAIR.findall(pairs[:at] if at >= 0 else pairs))
     account = tail.group("user") if tail else None
-    fields = _source(tail.group("rhost")) if tail else {}
+    fields = _source(tail.group("rhost")) if tail and service == "login" \
+        else {}
     fields.update(action="login_failure", reason="bad_password",
                   tty=_short_tty(head.get("tty") or None),
                   pairing="pam", detail="%s: authentication failure" % module)
