@@ -5027,6 +5027,12 @@ def render_text(event):
     return "%sZ %s" % (stamp[:19].replace("T", " "), event_text(event))
 
 
+def _tty_text(tty, event):
+    """The terminal as shown, saying so when it is a serial console."""
+    return tty and tty + (" (serial console)"
+                          if event.tty_kind == "serial" else "")
+
+
 def event_text(event):
     """The action, then who/where/how as key=value (no time)."""
     pairs = [
@@ -5044,7 +5050,8 @@ def event_text(event):
                                   event.destination_port)),
         ("service", event.service), ("method", event.auth_method),
         ("reason", event.reason), ("key", event.key),
-        ("tty", event.tty), ("command", event.command_line),
+        ("tty", _tty_text(event.tty, event)),
+        ("command", event.command_line),
         ("duration", None if event.session_duration_s is None
          else "%gs" % event.session_duration_s),
         ("counted_by", event.counted_by), ("network", event.network),
@@ -5491,7 +5498,8 @@ def alert_text(event, delay_s=0):
                                       if event.source_provider else "")),
         ("To", _endpoint(event.destination_ip, None, event.destination_port)),
         ("Network", event.network), ("Service", method or None),
-        ("TTY", quoted(event.tty)), ("Command", quoted(event.command_line)),
+        ("TTY", _tty_text(quoted(event.tty), event)),
+        ("Command", quoted(event.command_line)),
         ("Reason", event.reason), ("Counted by", event.counted_by),
         ("Attempts", event.attempts and "%d%s" % (
             event.attempts, " in %s" % window if window else "")),

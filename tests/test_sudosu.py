@@ -279,3 +279,21 @@ def test_forged_copies_are_spoofed(identifier, message, claimed, writer):
     assert event.action == "spoofed_entry"
     assert event.claimed_action == claimed
     assert event.user is None and event.source_ip is None
+
+
+# ---------------------------------------------------------------- serial
+
+
+@pytest.mark.parametrize("message, serial", [
+    ("ROOT LOGIN ON ttyS0", True),
+    ("LOGIN ON hvc0 BY alice", True),
+    ("LOGIN ON tty1 BY alice", False),
+    ("LOGIN ON pts/0 BY alice FROM 192.0.2.7", False),
+])
+def test_alerts_say_serial_console(message, serial):
+    """An admin reading the alert sees that someone sat at a serial line
+    (a cable, a BMC, a cloud's serial console), not at a screen."""
+    event = pamsignal.parse_entry(make_entry("login", message))
+    shown_tty = dict(pamsignal.alert_text(event).facts)["TTY"]
+    for text in (shown_tty, pamsignal.event_text(event)):
+        assert ("(serial console)" in text) is serial
