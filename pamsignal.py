@@ -3890,10 +3890,13 @@ class ActingUsers:
         self.callers = BoundedTable(limit)  # boot/pid -> [name, uid]
         self.lookup = lookup
 
+    #: The services whose events say or need who acted.
+    SERVICES = SWITCHING_PAM_SERVICES
+
     def observe(self, event, live=False):
         """The event, a su or sudo session's completed with its caller."""
-        if event.context_key is None:
-            return event
+        if event.service not in self.SERVICES or event.context_key is None:
+            return event  # sshd's, most of them: nothing to do
         process = event.context_key.rsplit("/", 1)[0]
         if event.action in ("sudo_command", "login_success") and \
                 event.service in ("sudo", "su") and event.user:
