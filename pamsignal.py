@@ -3898,6 +3898,12 @@ class ActingUsers:
         if event.service not in self.SERVICES or event.context_key is None:
             return event  # sshd's, most of them: nothing to do
         process = event.context_key.rsplit("/", 1)[0]
+        if live and self.lookup is not None and event.service == "sudo" \
+                and event.user and event.user_id and event.action in (
+                    "sudo_command", "login_failure"):
+            owner = self.lookup(None, event.user_id)[0]
+            if owner is not None and owner != event.user:
+                return _not_the_writers(event, owner)
         if event.action in ("sudo_command", "login_success") and \
                 event.service in ("sudo", "su") and event.user:
             self.callers.put(process, [event.user, event.user_id])
@@ -3913,6 +3919,22 @@ class ActingUsers:
                                                  user_id is None):
             user, user_id = self.lookup(user, user_id)
         return event._replace(user=user, user_id=user_id)
+
+
+def _not_the_writers(event, owner):
+    """A sudo line naming someone other than the account of the UID that
+    wrote it. sudo writes the caller's own name (getpwuid of its real
+    UID), so this is the race the trust rules cannot see: a user sends a
+    forged line and at once execs the real sudo, so that journald finds
+    its executable."""
+    return Event(action="spoofed_entry", service=event.service,
+                 writer_uid=parse_int(event.user_id),
+                 claimed_action=event.action,
+                 detail="the line names %s, but UID %s that wrote it is %s"
+                 % (event.user, event.user_id, owner),
+                 timestamp_us=event.timestamp_us,
+                 journal_time=event.journal_time, hostname=event.hostname,
+                 pid=event.pid, cursor=event.cursor, message=event.message)
 
 
 def account_of(name, uid):

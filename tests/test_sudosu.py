@@ -297,3 +297,28 @@ def test_alerts_say_serial_console(message, serial):
     shown_tty = dict(pamsignal.alert_text(event).facts)["TTY"]
     for text in (shown_tty, pamsignal.event_text(event)):
         assert ("(serial console)" in text) is serial
+
+
+@pytest.mark.parametrize("message", [
+    "alice : TTY=pts/0 ; PWD=/home/bob ; USER=root ; COMMAND=/bin/evil",
+    sudo_json("accept").replace(CALLER, "alice"),
+    "alice : 3 incorrect password attempts ; TTY=pts/0 ; PWD=/ ; "
+    "USER=root ; COMMAND=/bin/true",
+])
+def test_a_sudo_line_naming_another_user_is_spoofed_live(message):
+    """bob (UID 1005) sends a line naming alice, then execs the real sudo
+    so that journald finds its executable: live, the account database
+    says UID 1005 is bob, and the line is a spoofed_entry."""
+    event = pamsignal.parse_entry(run_of("sudo", message)[0])
+    assert event.user == "alice" and event.user_id == CALLER_UID
+    acting = pamsignal.ActingUsers(
+        lambda name, uid: ("bob" if uid == CALLER_UID else name, uid))
+    assert acting.observe(event) == event  # scan: no database
+    spoofed = acting.observe(event, live=True)
+    assert spoofed.action == "spoofed_entry"
+    assert spoofed.claimed_action == event.action
+    assert spoofed.writer_uid == int(CALLER_UID)
+    assert spoofed.user is None and spoofed.command_line is None
+    assert "UID 1005 that wrote it is bob" in spoofed.detail
+    genuine = pamsignal.ActingUsers(lambda name, uid: ("alice", uid))
+    assert genuine.observe(event, live=True) == event
