@@ -15,12 +15,11 @@ import importlib.util
 import json
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench_pipeline import synthetic_entries  # noqa: E402
+from bench_pipeline import in_process_rate, synthetic_entries  # noqa: E402
 
 #: (identifier, writer UID, message) of one run of each program.
 RUNS = (
@@ -86,19 +85,6 @@ def program_runs(count):
     return lines[:count]
 
 
-def rate(module, lines):
-    """Entries per second of one fresh pipeline over `lines`, and the
-    events it sent."""
-    pipeline = module.Pipeline([], module.default_config().detection)
-    started = time.perf_counter()
-    for line in lines:
-        entry = pipeline.decode(line)
-        if entry is not None:
-            pipeline.report(entry)
-    pipeline.finish()
-    return len(lines) / (time.perf_counter() - started), pipeline.events
-
-
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
@@ -114,7 +100,7 @@ def main():
         rates, events = {label: [] for label, _ in versions}, {}
         for _ in range(rounds):
             for label, module in versions:
-                per_second, events[label] = rate(module, lines)
+                per_second, events[label] = in_process_rate(lines, module)
                 rates[label].append(per_second)
         for label, _ in versions:
             ordered = sorted(rates[label])
