@@ -472,7 +472,7 @@ EVENT_FIELDS = (
     "session_duration_s", "attempts", "writer_uid", "claimed_action",
     "detail", "counted_by", "network", "window_s", "users_tried", "sources",
     "held_back", "repeat", "journal_time",
-    "unit", "dropped", "login_record",
+    "unit", "dropped", "login_record", "tty_kind",
     "source_as_number", "source_as_org", "source_country", "source_city",
     "source_network_type", "source_provider", "host_provider",
     "cursor", "message", "context_key", "pairing")
@@ -578,6 +578,7 @@ _ECS_LAYOUT = (
     ("pamsignal.journal_time", "journal_time"),
     ("pamsignal.unit", "unit"), ("pamsignal.dropped", "dropped"),
     ("pamsignal.login_record", "login_record"),
+    ("pamsignal.tty_kind", "tty_kind"),
     ("pamsignal.source_network_type", "source_network_type"),
     ("pamsignal.source_provider", "source_provider"),
     ("pamsignal.cursor", "cursor"),
@@ -2116,8 +2117,10 @@ def _build_session_opened(match):
     by_name, by_uid = match.group("by"), match.group("by_uid")
     fields = {"action": "session_opened", "service": service}
     if service in SWITCHING_PAM_SERVICES:
+        # Who acted, by name and UID (the name is missing when PAM found
+        # no login name: no terminal, no utmp entry; ActingUsers fills it).
         fields.update(target_user=user, user=by_name or None,
-                      user_id=None if by_name else by_uid)
+                      user_id=by_uid)
     else:
         fields["user"] = user
     return fields
@@ -2198,12 +2201,106 @@ def _build_sudo(match):
     return fields
 
 
+#: sudo's reasons for refusing (`reason` of a JSON reject, 1.9.4+) ->
+#: event.reason; "N incorrect password attempt(s)" is matched apart.
+_SUDO_REJECT_REASONS = {"user NOT in sudoers": "not_in_sudoers",
+                        "user NOT authorized on host": "not_in_sudoers",
+                        "command not allowed": "command_not_allowed",
+                        "a password is required": "password_required"}
+_SUDO_JSON_ATTEMPTS = re.compile(r"^(\d+) incorrect password attempts?\Z")
+
+
+def _short_tty(tty):
+    """A terminal as su and sudo's text lines name it: pts/0, not
+    /dev/pts/0."""
+    return tty[len("/dev/"):] if tty and tty.startswith("/dev/") else tty
+
+
+def _json_text(record, key):
+    """A string value of sudo's JSON record, or None."""
+    value = record.get(key)
+    return value if isinstance(value, str) and value else None
+
+
+#: The start of sudo's JSON line, up to its record: `{"accept":{` (1.9.4,
+#: 1.9.5) or `{"sudo":{"accept":{` (1.9.6+), after the `@cee:` prefix.
+_SUDO_JSON_HEAD = re.compile(r'\{\s*(?:"sudo"\s*:\s*\{\s*)?"(?P<kind>accept|'
+                             r'reject|alert|exit)"\s*:\s*\{')
+#: One key of the record and its colon (the first one without a comma).
+_JSON_KEY = re.compile(r'\s*,?\s*"(?P<key>[a-z_]+)"\s*:\s*')
+#: pamsignal.detail of a JSON line that ends before its record does.
+SUDO_JSON_CUT = "sudo's JSON line is cut short"
+
+
+#: What closes sudo's JSON line after its record.
+_SUDO_JSON_END = re.compile(r"\}\s*\}?\s*\}\s*\Z")
+
+
+def sudo_json_record(text):
+    """(kind, record, whole) of sudo's JSON log line: kind `accept`,
+    `reject`, `alert` or `exit` (None when it is not sudo's), the record's
+    keys as far as they are whole, and whether the line was. sudo writes
+    who and what first and the environment last, so a line cut short (a
+    long environment, or the length read) still names who ran what."""
+    head = _SUDO_JSON_HEAD.match(text)
+    if head is None:
+        return None, {}, False
+    record, at = {}, head.end()
+    key = _JSON_KEY.match(text, at)
+    while key is not None:
+        try:
+            record[key.group("key")], at = _JSON_DECODER.raw_decode(
+                text, key.end())
+        except (ValueError, RecursionError):
+            return head.group("kind"), record, False
+        key = _JSON_KEY.match(text, at)
+    return head.group("kind"), record, \
+        _SUDO_JSON_END.match(text, at) is not None
+
+
+def _build_sudo_json(match):
+    """sudo 1.9.4+ with `Defaults log_format=json`: "accept" is a command
+    run, "reject" a refusal; "alert" and "exit" are no login. The values
+    are the caller's text in JSON strings, which cannot imitate the keys."""
+    kind, record, whole = sudo_json_record(match.group("json"))
+    user = _json_text(record, "submituser")
+    if user is None or not whole and len(match.string) < MAX_MESSAGE_CHARS:
+        # Not sudo's JSON, nor cut short by the length read: the text
+        # form of a user whose name starts with "{".
+        text_form = _SUDO_TEXT.match(match.string)
+        return _build_sudo(text_form) if text_form else None
+    if kind not in ("accept", "reject"):
+        return None
+    argv = record.get("runargv")
+    command = _json_text(record, "command")
+    if command and isinstance(argv, list) and all(
+            isinstance(arg, str) for arg in argv):
+        command = " ".join([command] + argv[1:])  # as COMMAND= writes it
+    fields = {"user": user, "target_user": _json_text(record, "runuser"),
+              "command_line": command,
+              "working_directory": _json_text(record, "submitcwd") or
+              _json_text(record, "runcwd"),
+              "tty": _short_tty(_json_text(record, "ttyname")),
+              "detail": None if whole else SUDO_JSON_CUT}
+    if kind == "accept":
+        return dict(fields, action="sudo_command")
+    why = _json_text(record, "reason") or ""
+    attempts = _SUDO_JSON_ATTEMPTS.match(why)
+    if attempts:  # a total, as in the text form (SudoAttempts)
+        return dict(fields, action="login_failure", reason="bad_password",
+                    attempts=parse_int(attempts.group(1)))
+    return dict(fields, action="login_failure",
+                detail=fields["detail"] or why or None,
+                reason=_SUDO_REJECT_REASONS.get(why, "command_not_allowed"))
+
+
 def _build_su(match):
     failed = match.group("failed") or match.group("shadow_failed")
+    tty = match.group("tty")
     fields = {"user": match.group("user") or match.group("shadow_user"),
               "target_user": match.group("target") or
               match.group("shadow_target"),
-              "tty": match.group("tty")}
+              "tty": None if tty == "none" else tty}  # util-linux: no tty
     if failed:
         fields.update(action="login_failure", reason="bad_password")
     else:
@@ -2211,9 +2308,22 @@ def _build_su(match):
     return fields
 
 
+#: Terminals on a serial line (or a hypervisor's console): a login there
+#: comes through a cable, a BMC or a cloud's serial console, not a screen.
+_SERIAL_TERMINAL = re.compile(
+    r"^(?:/dev/)?(?:ttyS|ttyAMA|ttyUSB|ttyACM|hvc|ttysclp|sclp_line|"
+    r"3270/tty|ttyPS|ttymxc|ttySAC|ttyO|ttyMSM|ttyLP|ttyGS|ttyTCU)\d")
+
+
+def _console_fields(tty):
+    """The terminal as the line names it, flagged when it is serial."""
+    return {"tty": tty, "tty_kind": "serial"
+            if tty and _SERIAL_TERMINAL.match(tty) else None}
+
+
 def _build_login_success(match):
     fields = dict(_source(match.group("host")), action="login_success",
-                  tty=match.group("tty"))
+                  **_console_fields(match.group("tty")))
     fields["user"] = match.groupdict().get("user") or "root"
     return fields
 
@@ -2230,8 +2340,9 @@ def _build_login_failure(match):
         place, tty = None, place
     return dict(_source(place), action="login_failure",
                 reason="invalid_user" if why.startswith("User not known")
-                else "bad_password", detail=why, tty=tty,
-                user=None if user in ("UNKNOWN", "(unknown)") else user)
+                else "bad_password", detail=why,
+                user=None if user in ("UNKNOWN", "(unknown)") else user,
+                **_console_fields(tty))
 
 
 def _build_login_tries(match):
@@ -2239,9 +2350,9 @@ def _build_login_tries(match):
     if place and _TERMINAL.match(place) and not tty:
         place, tty = None, place
     return dict(_source(place), action="login_failure",
-                reason="max_attempts", tty=tty,
+                reason="max_attempts",
                 attempts=parse_int(match.group("count")),
-                user=match.group("user") or None)
+                user=match.group("user") or None, **_console_fields(tty))
 
 
 def _build_logind_new(match):
@@ -2292,6 +2403,8 @@ def _build_pam_auth_failure(match):
                 "service": "sudo", "tty": found.get("tty") or None,
                 "user": found.get("ruser") or found.get("logname") or
                 found.get("user") or None}
+    if service in _PROGRAM_PAM_SERVICES:
+        return _program_pam_failure(service, pairs, match.group("module"))
     if service != "sshd":
         return None
     at = pairs.rfind("rhost=")  # the last: sshd's, after the others
@@ -2303,6 +2416,35 @@ def _build_pam_auth_failure(match):
     return dict(fields, action="login_failure", reason="bad_password",
                 pairing="pam", user=user or None,
                 detail="%s: authentication failure" % match.group("module"))
+
+
+#: PAM services of programs that write their own line for each failed
+#: attempt (su's FAILED SU, login's FAILED LOGIN): their pam_unix failure
+#: is held until that line replaces it (ProgramAttempts).
+_PROGRAM_PAM_SERVICES = frozenset(("su", "su-l", "login"))
+
+
+def _program_pam_failure(service, pairs, module):
+    """pam_unix's failure inside su or login: `... tty=T ruser=R rhost=H
+    user=U`. For su, ruser is who acts and user the account wanted, and
+    there is no remote host; login has one when `login -h` set it, right
+    before the user, read from the right."""
+    at = pairs.rfind("rhost=")
+    tail = _PAM_RHOST.match(pairs, at - 1 if at > 0 else 0) \
+        if at >= 0 else None
+    head = dict(_PAM_PAIR.findall(pairs[:at] if at >= 0 else pairs))
+    account = tail.group("user") if tail else None
+    fields = _source(tail.group("rhost")) if tail and service == "login" \
+        else {}
+    fields.update(action="login_failure", reason="bad_password",
+                  tty=_short_tty(head.get("tty") or None),
+                  pairing="pam", detail="%s: authentication failure" % module)
+    if service == "login":
+        fields["user"] = account or None
+    else:
+        fields.update(user=head.get("ruser") or None,
+                      target_user=account or None)
+    return fields
 
 
 def _build_pam_lockout(match):
@@ -2423,6 +2565,8 @@ the function that turns its match into event fields (None: recognised, but
 not an event)."""
 
 _PAM_HEAD = r"^pam_unix\((?P<pam_service>[^:()\s]+):"
+#: sudo's own line in its text form: `USER : BODY`.
+_SUDO_TEXT = re.compile(r"^\s*(?P<user>\S+) : (?P<body>.*)\Z")
 
 #: Every message form the parser knows, in the order they are tried.
 RULES = (
@@ -2526,15 +2670,23 @@ RULES = (
         r"tally \d+, deny \d+)\Z"), _build_pam_lockout),
     Rule("pam", "check_pass", ("pam_unix",), re.compile(
         _PAM_HEAD + r"auth\): check pass; user unknown\Z"), _companion),
+    # No password given (end of input, no terminal): no guess; sudo's own
+    # total or refusal follows.
+    Rule("pam", "no_password", ("pam_unix",), re.compile(
+        _PAM_HEAD + r"auth\): (?:conversation failed|auth could not identify"
+        r" password for \[.*\])\Z"), _companion),
+    Rule("sudo", "json", ("",), re.compile(
+        r"^(?:@cee:)?(?P<json>\{.*)\Z", re.DOTALL), _build_sudo_json),
     Rule("sudo", "continued", None, re.compile(
         r"^\s*\S+ : \(command continued\) "), _companion),
-    Rule("sudo", "sudo", None, re.compile(
-        r"^\s*(?P<user>\S+) : (?P<body>.*)\Z"), _build_sudo),
+    Rule("sudo", "sudo", None, _SUDO_TEXT, _build_sudo),
     Rule("su", "su", ("", "FAILED", "Successful"), re.compile(
         r"^(?:(?P<failed>FAILED SU )?\(to (?P<target>\S+)\) (?P<user>\S+) "
         r"on (?P<tty>\S+)|(?:Successful|(?P<shadow_failed>FAILED)) su for "
         r"(?P<shadow_target>\S+) by (?P<shadow_user>\S+))\Z"), _build_su),
     Rule("su", "sulog", ("",), re.compile(r"^[+-] \S+ \S+:\S+\Z"), _companion),
+    Rule("su", "pam_error", ("pam_authenticate:",), re.compile(
+        r"^pam_authenticate: "), _companion),  # shadow's, before FAILED su
     Rule("login", "login", ("LOGIN",), re.compile(
         r"^LOGIN ON (?P<tty>\S+) BY (?P<user>\S+)(?: FROM (?P<host>\S+))?\Z"),
         _build_login_success),
@@ -2543,9 +2695,15 @@ RULES = (
         r"(?: (?:FROM|from) '?(?P<host>[^'\s]+)'?)?\Z"),
         _build_login_success),
     Rule("login", "failed_login", ("FAILED",), re.compile(
-        r"^FAILED LOGIN \(?\d+\)?(?: (?:ON|on) '?(?P<tty>[^'\s]+)'?)?"
+        r"^FAILED LOGIN (?:SESSION|\(?\d+\)?)"
+        r"(?: (?:ON|on) '?(?P<tty>[^'\s]+)'?)?"
         r"(?: (?:FROM|from) '?(?P<host>[^'\s]+)'?)? FOR '?(?P<user>.*?)'?, "
         r"(?P<why>[^,]*)\Z"), _build_login_failure),
+    Rule("login", "shadow_login", ("",), re.compile(
+        r"^'(?P<user>[^'\s]+)' logged in\s+on '(?P<tty>[^'\s]+)'"
+        r"(?: from '(?P<host>[^'\s]+)')?\Z"), _build_login_success),
+    Rule("login", "dialup", ("DIALUP",), re.compile(
+        r"^DIALUP AT \S+ BY \S+\Z"), _companion),  # before LOGIN ON ttyS*
     Rule("login", "too_many_tries", ("TOO",), re.compile(
         r"^TOO MANY LOGIN TRIES \((?P<count>\d+)\)(?: (?:ON|on) "
         r"'?(?P<tty>[^'\s]+)'?)?(?: (?:FROM|from) '?(?P<host>[^'\s]+)'?)?"
@@ -3870,6 +4028,137 @@ class SudoAttempts:
             saved, lambda count: count if type(count) is int else None)
 
 
+class ProgramAttempts:
+    """One attempt, one event, for su and login, which write a line of
+    their own for each failed attempt (FAILED SU, FAILED LOGIN): pam_unix's
+    failure line before it is held by the writing process (context_key)
+    and replaced by that line. It is the event itself when the process
+    writes anything else first (TOO MANY LOGIN TRIES restates, it is no
+    guess), SSH_HOLD_US pass in the events' own time, or the input ends.
+    """
+
+    #: Services whose pam_unix failures are held (service.name as parsed).
+    SERVICES = frozenset(("su", "login"))
+
+    def __init__(self, limit=MAX_OPEN_SESSIONS):
+        self.held = BoundedTable(limit)  # context_key -> Event
+
+    def observe(self, event):
+        """The events to send now for this one (a list)."""
+        if event.service not in self.SERVICES or event.context_key is None:
+            return [event]
+        held = self.held.pop(event.context_key, None)
+        out = []
+        if held is not None:
+            if event.action == "login_failure" and event.pairing is None \
+                    and is_guess(event):
+                # The program's own line for the attempt: it stays, with
+                # the remote host only PAM named (login -h).
+                event = event._replace(
+                    source_ip=event.source_ip or held.source_ip,
+                    source_domain=event.source_domain or held.source_domain)
+            else:
+                out.append(held._replace(pairing=None))
+        if event.pairing == "pam":
+            self.held.put(event.context_key, event)
+        else:
+            out.append(event)
+        return out
+
+    def due(self, now_us):
+        """Held failures older than SSH_HOLD_US at `now_us` (event time)."""
+        return [held._replace(pairing=None)
+                for held in pop_due(self.held, now_us)]
+
+    def drain(self):
+        """Every held failure (the end of a scan)."""
+        out = [held._replace(pairing=None) for held in self.held.values()]
+        self.held.clear()
+        return out
+
+    def to_state(self):
+        return [[key, _held_to_state(event)]
+                for key, event in self.held.items()]
+
+    def load_state(self, saved):
+        self.held.load_state(saved, _held_from_state)
+
+
+class ActingUsers:
+    """Names who acted in su and sudo sessions, and as whom.
+
+    pam_unix names the caller of su or sudo only when it finds a login
+    name (`by alice(uid=1000)`); without a terminal or a utmp entry it
+    writes `by (uid=1000)`, and its `session closed` names nobody. The
+    su or sudo line of the same process (`(to root) alice on pts/0`,
+    `alice : ... COMMAND=...`) comes before the session and names the
+    caller: it is remembered per process (boot and PID) until the session
+    closes. Failing that, live events ask the account database
+    (`lookup(name, uid) -> (name, uid)`, the I/O at the edge) at event
+    time; `scan` of an export from elsewhere does not.
+    """
+
+    def __init__(self, lookup=None, limit=MAX_OPEN_SESSIONS):
+        self.callers = BoundedTable(limit)  # boot/pid -> [name, uid]
+        self.lookup = lookup
+
+    #: The services whose events say or need who acted.
+    SERVICES = SWITCHING_PAM_SERVICES
+
+    def observe(self, event, live=False):
+        """The event, a su or sudo session's completed with its caller."""
+        if event.service not in self.SERVICES or event.context_key is None:
+            return event  # sshd's, most of them: nothing to do
+        process = event.context_key.rsplit("/", 1)[0]
+        if live and self.lookup is not None and event.service == "sudo" \
+                and event.user and event.user_id and event.action in (
+                    "sudo_command", "login_failure"):
+            owner = self.lookup(None, event.user_id)[0]
+            if owner is not None and owner != event.user:
+                return _not_the_writers(event, owner)
+        if event.action in ("sudo_command", "login_success") and \
+                event.service in ("sudo", "su") and event.user:
+            self.callers.put(process, [event.user, event.user_id])
+            return event
+        if event.action not in ("session_opened", "session_closed") or \
+                event.service not in SWITCHING_PAM_SERVICES:
+            return event
+        caller = (self.callers.pop(process, None)
+                  if event.action == "session_closed"
+                  else self.callers.get(process)) or [None, None]
+        user, user_id = event.user or caller[0], event.user_id or caller[1]
+        if live and self.lookup is not None and (user is None or
+                                                 user_id is None):
+            user, user_id = self.lookup(user, user_id)
+        return event._replace(user=user, user_id=user_id)
+
+
+def _not_the_writers(event, owner):
+    """A sudo line naming someone other than the account of the UID that
+    wrote it. sudo writes the caller's own name (getpwuid of its real
+    UID), so this is the race the trust rules cannot see: a user sends a
+    forged line and at once execs the real sudo, so that journald finds
+    its executable."""
+    return Event(action="spoofed_entry", service=event.service,
+                 writer_uid=parse_int(event.user_id),
+                 claimed_action=event.action,
+                 detail="the line names %s, but UID %s that wrote it is %s"
+                 % (event.user, event.user_id, owner),
+                 timestamp_us=event.timestamp_us,
+                 journal_time=event.journal_time, hostname=event.hostname,
+                 pid=event.pid, cursor=event.cursor, message=event.message)
+
+
+def account_of(name, uid):
+    """(name, uid) completed from the local account database, as it is
+    now; either stays None when it knows no such account."""
+    try:
+        entry = pwd.getpwnam(name) if uid is None else pwd.getpwuid(int(uid))
+    except (KeyError, ValueError, OverflowError, TypeError):
+        return name, uid
+    return name or entry.pw_name, uid or str(entry.pw_uid)
+
+
 #: How long a PAM failure waits for sshd's own line of the same attempt
 #: (pam_faildelay makes it about 2 s), in the events' own time.
 SSH_HOLD_US = 10 * 1000000
@@ -3877,6 +4166,19 @@ SSH_HOLD_US = 10 * 1000000
 #: Event fields a held event keeps across a restart.
 _HELD_FIELDS = tuple(field for field in EVENT_FIELDS
                      if field not in ("users_tried", "sources"))
+
+
+def pop_due(held, now_us):
+    """Take the held events (a BoundedTable, oldest first) that have waited
+    SSH_HOLD_US at `now_us`, in the events' own time."""
+    out = []
+    while held:
+        key, event = next(iter(held.items()))
+        if event.timestamp_us > now_us - SSH_HOLD_US:
+            break
+        del held[key]
+        out.append(event)
+    return out
 
 
 def _held_to_state(event):
@@ -4059,14 +4361,7 @@ class SshAttempts:
 
     def due(self, now_us):
         """Held events older than SSH_HOLD_US at `now_us` (event time)."""
-        out = []
-        while self.held:
-            key, held = next(iter(self.held.items()))
-            if held.timestamp_us > now_us - SSH_HOLD_US:
-                break
-            del self.held[key]
-            out += self._released([held])
-        return out
+        return self._released(pop_due(self.held, now_us))
 
     def drain(self):
         """Every held event (the end of a scan)."""
@@ -4969,6 +5264,12 @@ def render_text(event):
     return "%sZ %s" % (stamp[:19].replace("T", " "), event_text(event))
 
 
+def _tty_text(tty, event):
+    """The terminal as shown, saying so when it is a serial console."""
+    return tty and tty + (" (serial console)"
+                          if event.tty_kind == "serial" else "")
+
+
 def event_text(event):
     """The action, then who/where/how as key=value (no time)."""
     pairs = [
@@ -4986,7 +5287,8 @@ def event_text(event):
                                   event.destination_port)),
         ("service", event.service), ("method", event.auth_method),
         ("reason", event.reason), ("key", event.key),
-        ("tty", event.tty), ("command", event.command_line),
+        ("tty", _tty_text(event.tty, event)),
+        ("command", event.command_line),
         ("duration", None if event.session_duration_s is None
          else "%gs" % event.session_duration_s),
         ("counted_by", event.counted_by), ("network", event.network),
@@ -5433,7 +5735,8 @@ def alert_text(event, delay_s=0):
                                       if event.source_provider else "")),
         ("To", _endpoint(event.destination_ip, None, event.destination_port)),
         ("Network", event.network), ("Service", method or None),
-        ("TTY", quoted(event.tty)), ("Command", quoted(event.command_line)),
+        ("TTY", _tty_text(quoted(event.tty), event)),
+        ("Command", quoted(event.command_line)),
         ("Reason", event.reason), ("Counted by", event.counted_by),
         ("Attempts", event.attempts and "%d%s" % (
             event.attempts, " in %s" % window if window else "")),
@@ -9333,6 +9636,8 @@ class Pipeline:
         self.sessions = SessionTracker()
         self.sudo_attempts = SudoAttempts()
         self.ssh_attempts = SshAttempts()
+        self.program_attempts = ProgramAttempts()
+        self.acting_users = ActingUsers(account_of)
         self.detector = FailureDetector(detection)
         self.baseline = Baseline(detection.learning_period)
         self.skip_unwatched = skip_unwatched
@@ -9382,21 +9687,24 @@ class Pipeline:
                                         else now_s) * 1000000))
         if event is not None:
             event = self.sudo_attempts.observe(event)
-        attempts = self.ssh_attempts
+        attempts, programs = self.ssh_attempts, self.program_attempts
         sent = 0
-        if attempts.held:  # a held sshd failure whose wait is over
-            for released in attempts.due(_entry_timestamp(entry) or 0):
+        if attempts.held or programs.held:  # held failures whose wait is over
+            entry_us = _entry_timestamp(entry) or 0
+            for released in attempts.due(entry_us) + programs.due(entry_us):
                 sent += self._process(released, now_s)
         if event is not None:
-            for paired in attempts.observe(event):
-                sent += self._process(paired, now_s)
+            for program_event in programs.observe(event):
+                for paired in attempts.observe(program_event):
+                    sent += self._process(paired, now_s)
         return sent
 
     def _process(self, event, now_s):
         """Send one event and what it made the detectors find; returns how
         many events were sent."""
-        event = self._enriched(privileged_severity(
-            self.sessions.observe(event)), now_s)
+        event = self._enriched(privileged_severity(self.sessions.observe(
+            self.acting_users.observe(event, live=now_s is not None))),
+            now_s)
         self._send(event)
         try:
             found = self.detector.observe(event) + \
@@ -9454,8 +9762,10 @@ class Pipeline:
         returns how many of those were sent."""
         sent = 0
         if now_s is not None:
+            now_us = int(now_s * 1000000)
             sent = sum(self._process(event, now_s) for event in
-                       self.ssh_attempts.due(int(now_s * 1000000)))
+                       self.ssh_attempts.due(now_us) +
+                       self.program_attempts.due(now_us))
         now_us = int(self.clock() * 1000000)
         self._each_channel(lambda gate: gate.due(now_us))
         return sent
@@ -9464,7 +9774,8 @@ class Pipeline:
         """The end of the input (scan): the held sshd failures are events
         of their own."""
         return sum(self._process(event, None)
-                   for event in self.ssh_attempts.drain())
+                   for event in self.ssh_attempts.drain() +
+                   self.program_attempts.drain())
 
     def drain(self):
         """Send every digest still held (before stopping)."""
@@ -9615,6 +9926,8 @@ class Agent:
         self.pipeline.sessions.load_state(state.get("sessions"))
         self.pipeline.sudo_attempts.load_state(state.get("sudo_attempts"))
         self.pipeline.ssh_attempts.load_state(state.get("ssh_attempts"))
+        self.pipeline.program_attempts.load_state(
+            state.get("program_attempts"))
 
     # -- saving -------------------------------------------------------------
 
@@ -9627,7 +9940,9 @@ class Agent:
                 "since_us": self.source.since_us,
                 "sessions": self.pipeline.sessions.to_state(),
                 "sudo_attempts": self.pipeline.sudo_attempts.to_state(),
-                "ssh_attempts": self.pipeline.ssh_attempts.to_state()},
+                "ssh_attempts": self.pipeline.ssh_attempts.to_state(),
+                "program_attempts":
+                    self.pipeline.program_attempts.to_state()},
                 durable)):
             self.unsaved = False
         if durable:

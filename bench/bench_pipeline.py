@@ -175,8 +175,10 @@ def run_command_seconds(directory, journal, last_cursor, *flags):
         agent.wait()
 
 
-def in_process_rate(lines):
-    pipeline = pamsignal.Pipeline([], pamsignal.default_config().detection)
+def in_process_rate(lines, module=pamsignal):
+    """Entries/s of a fresh Pipeline of `module` (pamsignal, or another
+    version of it: bench_compare.py) over the lines, and its events."""
+    pipeline = module.Pipeline([], module.default_config().detection)
     started = time.perf_counter()
     for line in lines:
         entry = pipeline.decode(line)

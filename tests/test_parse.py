@@ -12,9 +12,12 @@ from support import flatten, make_entry, pamsignal, parse_flat
 
 #: One case per message form: messages.json for every service, and
 #: sshd_forms.json for each form of a failed, refused, abandoned or
-#: probing sshd connection, with the OpenSSH versions that write it.
+#: probing sshd connection, with the OpenSSH versions that write it;
+#: sudosu_forms.json for the sudo (text and JSON), su and console login
+#: forms, with the sudo, util-linux or shadow release that writes each.
 FIXTURES = [os.path.join(os.path.dirname(__file__), "fixtures", name)
-            for name in ("messages.json", "sshd_forms.json")]
+            for name in ("messages.json", "sshd_forms.json",
+                         "sudosu_forms.json")]
 
 CASES = []
 for _path in FIXTURES:
