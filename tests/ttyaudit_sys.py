@@ -1,0 +1,234 @@
+"""The real kernel's TTY audit for the tests (issue 18): the kernel's audit
+switch, an sshd whose PAM stack enables pam_tty_audit for root, and a root
+shell typed into on a real pty.
+
+Measured on this machine (Linux 6.18, systemd-journald 252 listening on the
+audit multicast group, no auditd, Debian 12's Linux-PAM 1.5.2 and OpenSSH
+9.2):
+
+- With kernel auditing off (`enabled 0`, the default without auditd or
+  `audit=1`) a process whose TTY audit flag is set produces no TTY records
+  at all.  With it on, each record reaches the journal twice: once as
+  `_TRANSPORT=audit` (`_AUDIT_TYPE=1319`, `_AUDIT_TYPE_NAME=TTY`, the
+  keystrokes hex in `_AUDIT_FIELD_DATA`, `_AUDIT_SESSION`, `_UID`, `_PID`)
+  and once from the kernel log (`_TRANSPORT=kernel`, MESSAGE
+  "audit: type=1319 audit(...): tty pid=... data=HEX").
+- The kernel writes a record when the reading process changes between
+  canonical and raw mode, when its buffer fills and when the process exits:
+  bash (readline, raw mode) collects several command lines into one record,
+  and a `read -s` (canonical, no echo) flushes what came before.  What is
+  typed at a prompt with echo off is not in any record.
+- Nothing here persists: the test's sshd runs in a mount namespace of its
+  own, where a PAM file of the test's is bind-mounted over /etc/pam.d/sshd
+  (the host's file and every other sshd are untouched), and the kernel's
+  audit switch is put back as it was.
+"""
+
+import contextlib
+import os
+import select
+import socket
+import struct
+import subprocess
+import shlex
+import time
+
+import realsys
+
+NETLINK_AUDIT = 9
+AUDIT_GET, AUDIT_SET = 1000, 1001
+AUDIT_STATUS_ENABLED = 0x1
+NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+
+#: The line the README tells admins to add (root's sessions audited).
+PAM_TTY_AUDIT_LINE = "session required pam_tty_audit.so disable=* enable=root"
+
+
+def _audit_request(kind, payload=b""):
+    """One request on the audit netlink socket; the kernel's answer of the
+    same type (or b"" for a bare acknowledgement).  OSError when refused."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
+                       NETLINK_AUDIT) as sock:
+        sock.bind((0, 0))
+        sock.settimeout(5)
+        sock.send(struct.pack("=IHHII", 16 + len(payload), kind,
+                              NLM_F_REQUEST | NLM_F_ACK, 1, 0) + payload)
+        answer = b""
+        for _ in range(3):
+            data = sock.recv(65536)
+            length, reply_type = struct.unpack("=IH", data[:6])
+            body = data[16:length]
+            if reply_type == NLMSG_ERROR:
+                error = struct.unpack("=i", body[:4])[0]
+                if error:
+                    raise OSError(-error, os.strerror(-error))
+                if kind == AUDIT_SET:
+                    return answer
+            elif reply_type == kind:
+                return body
+        return answer
+
+
+def audit_enabled():
+    """The kernel's audit switch: 0 off, 1 on, 2 on and locked."""
+    return struct.unpack("=II", _audit_request(AUDIT_GET)[:8])[1]
+
+
+def set_audit_enabled(value):
+    payload = struct.pack("=10I", AUDIT_STATUS_ENABLED, value, *([0] * 8))
+    _audit_request(AUDIT_SET, payload)
+
+
+@contextlib.contextmanager
+def kernel_audit_on():
+    """Kernel auditing on for the block, then as it was.  Skips (fails in
+    CI) when this kernel refuses audit (no CONFIG_AUDIT, a container)."""
+    try:
+        before = audit_enabled()
+        if before == 0:
+            set_audit_enabled(1)
+    except OSError as error:
+        realsys.unavailable(
+            "the kernel refuses audit requests here (%s): TTY audit "
+            "cannot be tested" % error)
+    try:
+        yield
+    finally:
+        if before == 0:
+            set_audit_enabled(0)
+
+
+def pam_file_with_tty_audit(path, base="/etc/pam.d/sshd",
+                            line=PAM_TTY_AUDIT_LINE):
+    """Write the sshd PAM stack with the pam_tty_audit line added."""
+    with open(base) as stack:
+        text = stack.read()
+    with open(path, "w") as out:
+        out.write(text.rstrip("\n") + "\n" + line + "\n")
+    return path
+
+
+class AuditedSshd(object):
+    """An sshd on 127.0.0.1:PORT for root logins by key, run in a mount
+    namespace of its own with `pam_file` bind-mounted on /etc/pam.d/sshd,
+    so only its logins get pam_tty_audit."""
+
+    def __init__(self, workdir, pam_file, public_key, port=None):
+        self.workdir = workdir
+        self.pam_file = pam_file
+        self.public_key = public_key
+        self.port = port or realsys.free_port()
+        self.pidfile = os.path.join(workdir, "sshd.pid")
+        self.pid = None
+
+    def _config(self):
+        keys = os.path.join(self.workdir, "authorized_keys")
+        with open(keys, "w") as out:
+            out.write(self.public_key)
+        os.chmod(keys, 0o600)
+        lines = ["Port %d" % self.port, "ListenAddress 127.0.0.1",
+                 "PidFile " + self.pidfile,
+                 "AuthorizedKeysFile " + keys,
+                 "StrictModes no",  # the key file lives under /tmp
+                 "PermitRootLogin prohibit-password",
+                 "PasswordAuthentication no",
+                 "KbdInteractiveAuthentication no",
+                 "UsePAM yes", "SyslogFacility AUTH", "LogLevel INFO",
+                 "UseDNS no", "PrintMotd no", "PrintLastLog no"]
+        lines += ["HostKey /etc/ssh/ssh_host_%s_key" % kind
+                  for kind in ("ed25519", "ecdsa", "rsa")
+                  if os.path.exists("/etc/ssh/ssh_host_%s_key" % kind)]
+        path = os.path.join(self.workdir, "sshd_config")
+        with open(path, "w") as out:
+            out.write("\n".join(lines) + "\n")
+        return path
+
+    def start(self, timeout=20):
+        realsys.require_binaries("unshare", realsys.SSHD)
+        config = self._config()
+        os.makedirs("/run/sshd", exist_ok=True)
+        subprocess.run([realsys.SSHD, "-t", "-f", config], check=True,
+                       timeout=30)
+        # sshd daemonises itself and keeps the namespace (and its mount)
+        # alive; the namespace goes with it.
+        subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-euc",
+             'mount --bind "$1" /etc/pam.d/sshd && exec "$2" -f "$3"',
+             "sh", self.pam_file, realsys.SSHD, config],
+            check=True, timeout=30, stdin=subprocess.DEVNULL)
+        if not realsys.wait_for(self._listening, timeout):
+            raise RuntimeError("the TTY audit sshd did not come up on port "
+                               "%d" % self.port)
+        with open(self.pidfile) as pid_text:
+            self.pid = int(pid_text.read())
+        return self
+
+    def _listening(self):
+        return os.path.exists(self.pidfile) and \
+            realsys._ssh_banner("127.0.0.1", self.port)
+
+    def stop(self):
+        if self.pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, 15)
+            self.pid = None
+
+
+#: The test shell's prompt: each command is done when it shows again.
+PROMPT = "PSTTY# "
+
+
+def _read_until(master, shown, awaited, timeout):
+    """Read the pty until `awaited` appears after what was `shown` (or,
+    when None, until anything more came); all output so far."""
+    output = shown
+    deadline = time.time() + timeout
+    while (awaited not in output[len(shown):]) if awaited else \
+            len(output) == len(shown):
+        if time.time() > deadline:
+            raise RuntimeError("the session never showed what was awaited; "
+                               "output so far: %r" % output[-400:])
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the session has ended
+                break
+            if not chunk:
+                break
+            output += chunk
+    return output
+
+
+def type_into_root_session(port, key_path, steps, timeout=60):
+    """Log in as root by key on a real pty and type each step: (bytes to
+    type, text the terminal must show before the next step, or None to go
+    on once anything was echoed).  The last step should end the shell.
+    Returns what the terminal showed."""
+    master, slave = os.openpty()
+    command = ["ssh", "-tt", "-F", "/dev/null", "-o", "BatchMode=yes",
+               "-o", "StrictHostKeyChecking=no",
+               "-o", "UserKnownHostsFile=/dev/null",
+               "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes",
+               "-o", "IdentityAgent=none", "-i", key_path,
+               "-p", str(port), "root@127.0.0.1",
+               "env PS1=%s HISTFILE=/dev/null bash --norc -i" % shlex.quote(PROMPT)]
+    process = subprocess.Popen(command, stdin=slave, stdout=slave,
+                               stderr=slave, start_new_session=True,
+                               close_fds=True)
+    os.close(slave)
+    shown = b""
+    try:
+        shown = _read_until(master, shown, PROMPT.encode(), timeout)
+        for keys, awaited in steps:
+            os.write(master, keys)
+            shown = _read_until(master, shown, awaited and awaited.encode(),
+                                timeout)
+        process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+    return shown.decode("utf-8", "replace")
