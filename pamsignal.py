@@ -2713,13 +2713,14 @@ _ESCAPE_KEYS = {
     "[5~": "<pgup>", "[6~": "<pgdn>",
     "[1;5C": "word_right", "[1;5D": "word_left", "[1;3C": "word_right",
     "[1;3D": "word_left", "f": "word_right", "b": "word_left",
-    "\x7f": "kill_word", "\x08": "kill_word"}
+    "\x7f": "kill_alnum_word", "\x08": "kill_alnum_word"}
 
 #: What an editing key shows as once the line is not known exactly.
 _EDIT_MARKS = {
     "backspace": "<bs>", "delete": "<del>", "left": "<left>",
     "right": "<right>", "home": "<home>", "end": "<end>",
     "kill_start": "<^U>", "kill_end": "<^K>", "kill_word": "<^W>",
+    "kill_alnum_word": "<M-bs>",
     "word_left": "<M-b>", "word_right": "<M-f>", "eof": "<^D>"}
 
 #: One key: an escape sequence (whole, or cut off at the end of the data),
@@ -2814,8 +2815,10 @@ class _LineEditor:
             self.cursor = len(tokens)
         elif action == "kill_end":
             del tokens[cursor:]
-        elif action == "kill_word":  # back to the start of a word
-            start = self._word_start(cursor, str.isspace)
+        elif action in ("kill_word", "kill_alnum_word"):
+            # Ctrl-W: back to a blank; Alt-Backspace: to a non-alphanumeric
+            start = self._word_start(cursor, str.isspace if
+                                     action == "kill_word" else _not_word)
             del tokens[start:cursor]
             self.cursor = start
         elif action == "word_left":
@@ -2879,7 +2882,7 @@ def decode_keystrokes(data, carry=NO_CARRY):
             position = match.start() + whole
     pending = data[position:]
     return editor.lines, KeyCarry(tuple(editor.tokens), editor.cursor,
-                                  pending[-16:], editor.after_cr, editor.cut)
+                                  pending[-64:], editor.after_cr, editor.cut)
 
 
 def unfinished_line(carry):

@@ -145,7 +145,10 @@ class AuditedSshd(object):
         return path
 
     def start(self, timeout=20):
-        realsys.require_binaries("unshare", realsys.SSHD)
+        realsys.require_binaries("unshare", "ssh-keygen", realsys.SSHD)
+        if not any(os.path.exists("/etc/ssh/ssh_host_%s_key" % kind)
+                   for kind in ("ed25519", "ecdsa", "rsa")):
+            subprocess.run(["ssh-keygen", "-A"], check=True, timeout=60)
         config = self._config()
         os.makedirs("/run/sshd", exist_ok=True)
         subprocess.run([realsys.SSHD, "-t", "-f", config], check=True,
@@ -167,6 +170,11 @@ class AuditedSshd(object):
     def _listening(self):
         return os.path.exists(self.pidfile) and \
             realsys._ssh_banner("127.0.0.1", self.port)
+
+    def session_processes(self):
+        """PIDs of the session processes (the privileged sshd children that
+        run PAM) of the logins it serves now."""
+        return realsys.child_processes(self.pid) if self.pid else []
 
     def stop(self):
         if self.pid is not None:
@@ -201,11 +209,12 @@ def _read_until(master, shown, awaited, timeout):
     return output
 
 
-def type_into_root_session(port, key_path, steps, timeout=60):
+def type_into_root_session(port, key_path, steps, timeout=60, between=None):
     """Log in as root by key on a real pty and type each step: (bytes to
     type, text the terminal must show before the next step, or None to go
-    on once anything was echoed).  The last step should end the shell.
-    Returns what the terminal showed."""
+    on once anything was echoed), calling between(step index) after each.
+    The last step should end the shell.  Returns what the terminal
+    showed."""
     master, slave = os.openpty()
     command = ["ssh", "-tt", "-F", "/dev/null", "-o", "BatchMode=yes",
                "-o", "StrictHostKeyChecking=no",
@@ -213,7 +222,8 @@ def type_into_root_session(port, key_path, steps, timeout=60):
                "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes",
                "-o", "IdentityAgent=none", "-i", key_path,
                "-p", str(port), "root@127.0.0.1",
-               "env PS1=%s HISTFILE=/dev/null bash --norc -i" % shlex.quote(PROMPT)]
+               "env PS1=%s HISTFILE=/dev/null bash --norc -i"
+               % shlex.quote(PROMPT)]
     process = subprocess.Popen(command, stdin=slave, stdout=slave,
                                stderr=slave, start_new_session=True,
                                close_fds=True)
@@ -221,10 +231,12 @@ def type_into_root_session(port, key_path, steps, timeout=60):
     shown = b""
     try:
         shown = _read_until(master, shown, PROMPT.encode(), timeout)
-        for keys, awaited in steps:
+        for index, (keys, awaited) in enumerate(steps):
             os.write(master, keys)
             shown = _read_until(master, shown, awaited and awaited.encode(),
                                 timeout)
+            if between is not None:
+                between(index)
         process.wait(timeout=timeout)
     finally:
         if process.poll() is None:
