@@ -70,22 +70,32 @@ def forge_tty_record(session):
                   "major=136 minor=9 comm=\"bash\" data=%s" % (session, data))
 
 
-def test_root_session_closed_shows_what_was_typed(audited, tmp_path):
-    sshd, key = audited
+@pytest.fixture
+def tty_agent(audited, tmp_path):
+    """`pamsignal.py run --json` with tty_audit on, for one test."""
     agent = configured_agent(str(tmp_path / "agent"),
                              "[detection]\ntty_audit = yes\n")
     agent.start()
-    try:
-        cursor = realsys.journal_cursor()
-        since = time.time()
-        shown = ttyaudit_sys.type_into_root_session(sshd.port, key, STEPS)
-        assert SECRET not in shown  # echo was off: the premise holds
-        closed = agent.wait_event(
-            lambda event: field(event, "event.action") == "session_closed"
-            and field(event, "user.name") == "root"
-            and field(event, "pamsignal.typed_lines"), timeout=30)
-    finally:
-        agent.stop(signal.SIGTERM)
+    yield agent
+    agent.stop(signal.SIGTERM)
+
+
+def typed_close(agent):
+    """The agent's session_closed of a root session with typed lines."""
+    return agent.wait_event(
+        lambda event: field(event, "event.action") == "session_closed"
+        and field(event, "user.name") == "root"
+        and field(event, "pamsignal.typed_lines"), timeout=30)
+
+
+def test_root_session_closed_shows_what_was_typed(audited, tty_agent,
+                                                  tmp_path):
+    sshd, key = audited
+    cursor = realsys.journal_cursor()
+    since = time.time()
+    shown = ttyaudit_sys.type_into_root_session(sshd.port, key, STEPS)
+    assert SECRET not in shown  # echo was off: the premise holds
+    closed = typed_close(tty_agent)
     assert closed["pamsignal"]["typed_lines"] == TYPED
     assert closed["service"]["name"] == "sshd"
     entries = realsys.journal_entries(cursor)
@@ -133,31 +143,24 @@ def audit_session_of(sshd, cursor):
     return found["session"]
 
 
-def test_a_forged_record_is_never_typed_input(audited, tmp_path):
+def test_a_forged_record_is_never_typed_input(audited, tty_agent,
+                                              tmp_path):
     """While root's session is open, nobody writes a TTY record's text
     through syslog for its audit session: it reaches the journal, and
     neither `run` nor `scan` of the export takes it."""
     sshd, key = audited
-    agent = configured_agent(str(tmp_path / "agent"),
-                             "[detection]\ntty_audit = yes\n")
-    agent.start()
     cursor = realsys.journal_cursor()
     steps = [(b"echo first\r", ttyaudit_sys.PROMPT),
              (b"sleep 0.1\r", ttyaudit_sys.PROMPT),
              (b"exit\r", None)]
-    try:
-        def forge_when_open(step):
-            if step == 0:
-                forge_tty_record(audit_session_of(sshd, cursor))
 
-        ttyaudit_sys.type_into_root_session(sshd.port, key, steps,
-                                            between=forge_when_open)
-        closed = agent.wait_event(
-            lambda event: field(event, "event.action") == "session_closed"
-            and field(event, "user.name") == "root"
-            and field(event, "pamsignal.typed_lines"), timeout=30)
-    finally:
-        agent.stop(signal.SIGTERM)
+    def forge_when_open(step):
+        if step == 0:
+            forge_tty_record(audit_session_of(sshd, cursor))
+
+    ttyaudit_sys.type_into_root_session(sshd.port, key, steps,
+                                        between=forge_when_open)
+    closed = typed_close(tty_agent)
     assert closed["pamsignal"]["typed_lines"] == [
         "echo first", "sleep 0.1", "exit"]
     entries = realsys.journal_entries(cursor)
