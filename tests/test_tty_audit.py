@@ -14,6 +14,7 @@ three USER_TTY records (user_tty.json).  Pure: no journald needed.
 import io
 import json
 import os
+import re
 
 import pytest
 
@@ -442,6 +443,28 @@ def test_report_shows_what_root_typed(tmp_path, monkeypatch):
         "  " + line for line in SESSION_LINES]
     off = json.loads(run_report(tmp_path, "--json", config=""))
     assert "typed" not in off["sessions"][0]
+
+
+def test_the_typed_keys_are_documented():
+    """Every key the report prints for typed input is in the README's
+    table of them (the JSON document's own table, checked by
+    tests/test_report.py, is for the keys every report has)."""
+    with open(os.path.join(HERE, "..", "README.md")) as handle:
+        readme = handle.read()
+    part = readme.split("## Privileged sessions (pam_tty_audit)", 1)[1]
+    documented = set(re.findall(r"^\| `(sessions\[\]\.[^`]+)` \|",
+                                part.split("\n## ", 1)[0], re.M))
+    builder = pamsignal.ReportBuilder()
+    builder.add(pamsignal.Event(
+        action="session_closed", user="root", service="sshd",
+        timestamp_us=1, context_key="b/1/sshd", typed_lines=("id",),
+        typed_more=2))
+    (session,) = builder.document()["sessions"]
+    assert session["typed"] == ["id"] and session["typed_more"] == 2
+    printed = {"sessions[]." + key for key in session
+               if key.startswith("typed")}
+    assert printed == documented == {"sessions[].typed",
+                                     "sessions[].typed_more"}
 
 
 # ---------------------------------------------------------------- properties

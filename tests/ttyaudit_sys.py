@@ -41,8 +41,19 @@ AUDIT_STATUS_ENABLED = 0x1
 NLMSG_ERROR = 2
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 
-#: The line the README tells admins to add (root's sessions audited).
-PAM_TTY_AUDIT_LINE = "session required pam_tty_audit.so disable=* enable=root"
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                      "README.md")
+
+
+def readme_pam_line():
+    """The pam_tty_audit line the README tells admins to add to sshd's PAM
+    file (the tests use exactly that line)."""
+    with open(README) as readme:
+        for line in readme:
+            if line.startswith("session ") and "pam_tty_audit.so" in line \
+                    and "open_only" not in line:
+                return line.strip()
+    raise AssertionError("the README gives no pam_tty_audit line")
 
 
 def _audit_request(kind, payload=b""):
@@ -99,9 +110,10 @@ def kernel_audit_on():
             set_audit_enabled(0)
 
 
-def pam_file_with_tty_audit(path, base="/etc/pam.d/sshd",
-                            line=PAM_TTY_AUDIT_LINE):
-    """Write the sshd PAM stack with the pam_tty_audit line added."""
+def pam_file_with_tty_audit(path, base="/etc/pam.d/sshd", line=None):
+    """Write the sshd PAM stack with the README's pam_tty_audit line (or
+    `line`) added at its end."""
+    line = line or readme_pam_line()
     with open(base) as stack:
         text = stack.read()
     with open(path, "w") as out:
