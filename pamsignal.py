@@ -2609,9 +2609,20 @@ def decode_line(line):
 # typed in. Everything here is pure.
 
 #: _AUDIT_TYPE of the records read: the kernel's keystrokes (TTY), a line a
-#: shell pushed (USER_TTY), and PAM's session start (USER_START), whose
-#: _PID and _AUDIT_SESSION tie a session's process to its audit session.
-AUDIT_TTY, AUDIT_USER_TTY, AUDIT_USER_START = "1319", "1124", "1105"
+#: shell pushed (USER_TTY), and PAM's session start and end (USER_START,
+#: USER_END), whose _PID and _AUDIT_SESSION tie a session's process to its
+#: audit session.
+AUDIT_TTY, AUDIT_USER_TTY = "1319", "1124"
+AUDIT_USER_START, AUDIT_USER_END = "1105", "1106"
+
+#: The record kinds read, in the order of journal_matches().
+AUDIT_KINDS = (AUDIT_TTY, AUDIT_USER_TTY, AUDIT_USER_START, AUDIT_USER_END)
+
+#: How long a session_closed waits for PAM's USER_END record of its
+#: process: the kernel sends the audit records in order, so the shell's
+#: last keystrokes come before it, though journald may store the sshd line
+#: that closes the session first (another socket).
+TTY_HOLD_US = 5 * 1000000
 
 #: The audit session id of a process in no login session.
 NO_AUDIT_SESSION = "4294967295"
@@ -2636,9 +2647,9 @@ MAX_TYPED_SESSIONS = 1000
 
 AuditRecord = collections.namedtuple(
     "AuditRecord", "kind boot pid audit_session uid data")
-AuditRecord.__doc__ = """A trusted audit record: `kind` one of AUDIT_TTY,
-AUDIT_USER_TTY, AUDIT_USER_START; the writer's boot, PID, audit session id
-and UID (text); `data` the typed bytes (b"" for USER_START)."""
+AuditRecord.__doc__ = """A trusted audit record: `kind` one of AUDIT_KINDS;
+the writer's boot, PID, audit session id and UID (text); `data` the typed
+bytes (b"" for USER_START and USER_END)."""
 
 _HEX_DATA = re.compile(r"\A(?:[0-9A-Fa-f]{2})+\Z")
 
@@ -2663,20 +2674,20 @@ def audit_session_of(entry):
 
 
 def parse_audit_record(entry):
-    """A TTY, USER_TTY or USER_START record journald took from the kernel
-    -> AuditRecord; None for anything else (every other transport, other
-    types, records outside a login session, data that is not hex)."""
+    """A TTY, USER_TTY, USER_START or USER_END record journald took from the
+    kernel -> AuditRecord; None for anything else (every other transport,
+    other types, records outside a login session, data that is not hex)."""
     if journal_text(entry.get("_TRANSPORT")) != "audit":
         return None
     kind = journal_text(entry.get("_AUDIT_TYPE"))
-    if kind not in (AUDIT_TTY, AUDIT_USER_TTY, AUDIT_USER_START):
+    if kind not in AUDIT_KINDS:
         return None
     session = audit_session_of(entry)
     pid = journal_text(entry.get("_PID"))
     if session is None or not pid:
         return None
     data = b""
-    if kind != AUDIT_USER_START:
+    if kind in (AUDIT_TTY, AUDIT_USER_TTY):
         data = audit_data(journal_text(entry.get("_AUDIT_FIELD_DATA")))
         if data is None:
             return None
@@ -3964,16 +3975,25 @@ class TypedInput:
     and that process writes the session_opened line. The lines go to the
     most recent session still open in that audit session whose account is
     root exactly when the reader is (su or sudo to root inside a user's
-    login shares the user's audit session). Bounded: MAX_TYPED_SESSIONS
-    sessions, MAX_TYPED_LINES lines and MAX_TYPED_CHARS characters each.
+    login shares the user's audit session). A close waits for PAM's
+    USER_END record of its process (at most TTY_HOLD_US of the events'
+    time), after which no keystroke of the session can come. Bounded:
+    MAX_TYPED_SESSIONS sessions, MAX_TYPED_LINES lines and MAX_TYPED_CHARS
+    characters each.
     """
 
     def __init__(self, limit=MAX_TYPED_SESSIONS):
+        self.limit = limit
         self.audit_session_of = BoundedTable(MAX_OPEN_SESSIONS)  # boot/pid
         self.waiting = BoundedTable(MAX_OPEN_SESSIONS)  # boot/pid -> opened
         self.open = BoundedTable(MAX_OPEN_SESSIONS)  # boot/ses/root -> keys
         self.typed = BoundedTable(limit)  # context key -> _Typed
+        self.closing = collections.OrderedDict()  # boot/pid -> closed event
+        self.ended = BoundedTable(MAX_OPEN_SESSIONS)  # boot/pid: USER_END
+        # boot/pid of each session's own process -> its audit session
+        self.session_processes = BoundedTable(MAX_OPEN_SESSIONS)
         self.unclaimed = 0  # records of no open session known
+        self.relayed = 0  # records of sudo relaying the user's terminal
 
     def note(self, event, entry):
         """A session line's own _AUDIT_SESSION, where journald gave one (a
@@ -3984,20 +4004,32 @@ class TypedInput:
             self.audit_session_of.put(_process_key(event), session)
 
     def record(self, record):
-        """Take one AuditRecord."""
+        """Take one AuditRecord; returns the closed sessions it completes."""
         process = "%s/%s" % (record.boot, record.pid)
         if record.kind == AUDIT_USER_START:
             self.audit_session_of.put(process, record.audit_session)
             opened = self.waiting.pop(process, None)
             if opened is not None:
                 self._register(opened, record.audit_session)
-            return
+            return []
+        if record.kind == AUDIT_USER_END:
+            closed = self.closing.pop(process, None)
+            if closed is None:  # before the close line (another socket)
+                self.ended.put(process, True)
+                return []
+            return [self._release(closed)]
+        if self.session_processes.get(process) == record.audit_session:
+            # sudo (use_pty) reads the user's terminal and writes the keys
+            # to its command's pty, whose reader is recorded too; its own
+            # record comes when it exits, after its session's end.
+            self.relayed += 1
+            return []
         keys = self.open.get("%s/%s/%s" % (record.boot, record.audit_session,
                                            record.uid == "0"))
         typed = keys and self.typed.get(keys[-1])
         if not typed:
             self.unclaimed += 1
-            return
+            return []
         carry = typed.carries.pop(record.pid, NO_CARRY)
         data = record.data
         if record.kind == AUDIT_USER_TTY and not data.endswith(b"\n"):
@@ -4006,30 +4038,89 @@ class TypedInput:
         for line in lines:
             typed.add(line)
         typed.carries.put(record.pid, carry)
+        return []
 
     def observe(self, event):
-        """Return the event; a session_closed one with what was typed."""
+        """The events to send now for this one: [event], or none while a
+        session_closed of a session with TTY audit waits for its last
+        keystrokes (then more may come from record(), due() or drain())."""
         if not event.context_key:
-            return event
+            return [event]
+        process = _process_key(event)
         if event.action == "session_opened":
-            session = self.audit_session_of.get(_process_key(event))
+            self.ended.pop(process, None)
+            session = self.audit_session_of.get(process)
             if session is None:
-                self.waiting.put(_process_key(event), event)
+                self.waiting.put(process, event)
             else:
                 self._register(event, session)
         elif event.action == "session_closed":
-            self.waiting.pop(_process_key(event), None)
-            typed = self.typed.pop(event.context_key, None)
-            if typed is not None:
-                self._unregister(typed.where, event.context_key)
-                for carry in typed.carries.values():
-                    line = unfinished_line(carry)
-                    if line is not None:
-                        typed.add(line)
-                if typed.lines or typed.more:
-                    return event._replace(typed_lines=tuple(typed.lines),
-                                          typed_more=typed.more or None)
-        return event
+            self.waiting.pop(process, None)
+            if self.ended.pop(process, None):
+                return [self._release(event)]
+            if event.context_key in self.typed:
+                released = [self._release(self.closing.pop(process))] \
+                    if process in self.closing else []
+                self.closing[process] = event
+                while len(self.closing) > self.limit:
+                    released.append(self._release(
+                        self.closing.popitem(last=False)[1]))
+                return released
+        return [event]
+
+    def due(self, now_us):
+        """The held closes whose wait ended by `now_us`."""
+        released = []
+        while self.closing:
+            process, event = next(iter(self.closing.items()))
+            if event.timestamp_us + TTY_HOLD_US > now_us:
+                break
+            released.append(self._release(self.closing.pop(process)))
+        return released
+
+    def drain(self):
+        """Every held close (the end of the input)."""
+        return [self._release(event) for event in
+                [self.closing.pop(key) for key in list(self.closing)]]
+
+    def to_state(self):
+        """The held closes with what was typed so far, for a restart."""
+        return [[process, event_to_record(self._with_lines(event))]
+                for process, event in self.closing.items()]
+
+    def load_state(self, saved):
+        self.closing.clear()
+        for item in saved if isinstance(saved, list) else ():
+            event = event_from_record(item[1]) if isinstance(item, list) \
+                and len(item) == 2 and isinstance(item[0], str) else None
+            if event is not None and event.action == "session_closed":
+                self.closing[item[0]] = event
+
+    def _release(self, event):
+        typed = self.typed.pop(event.context_key, None) \
+            if event.context_key else None
+        if typed is not None:
+            self._unregister(typed.where, event.context_key)
+        return self._with_lines(event, typed)
+
+    def _with_lines(self, event, typed=None):
+        """The close with what was typed (and never entered) added."""
+        if typed is None:
+            typed = self.typed.get(event.context_key) \
+                if event.context_key else None
+        if typed is None:
+            return event
+        whole = _Typed(typed.where)  # the session's own stays as it is
+        whole.lines, whole.chars, whole.more = \
+            list(typed.lines), typed.chars, typed.more
+        for carry in typed.carries.values():
+            line = unfinished_line(carry)
+            if line is not None:
+                whole.add(line)
+        if not whole.lines and not whole.more:
+            return event
+        return event._replace(typed_lines=tuple(whole.lines),
+                              typed_more=whole.more or None)
 
     def _register(self, opened, session):
         account = opened.target_user or opened.user
@@ -4037,6 +4128,7 @@ class TypedInput:
         self._unregister(where, opened.context_key)
         self.open.put(where, self.open.get(where, []) + [opened.context_key])
         self.typed.put(opened.context_key, _Typed(where))
+        self.session_processes.put(_process_key(opened), session)
 
     def _unregister(self, where, context_key):
         keys = [key for key in self.open.get(where, ()) if key != context_key]
@@ -8728,8 +8820,7 @@ def journal_matches(tty_audit=False):
         WATCHED_SERVICES)] + ["+", "MESSAGE_ID=" + JOURNAL_DROPPED_MESSAGE_ID]
     if tty_audit:
         matches += ["+", "_TRANSPORT=audit"] + [
-            "_AUDIT_TYPE=" + kind
-            for kind in (AUDIT_TTY, AUDIT_USER_TTY, AUDIT_USER_START)]
+            "_AUDIT_TYPE=" + kind for kind in AUDIT_KINDS]
     return matches
 
 
@@ -9624,8 +9715,8 @@ class Pipeline:
         if self.typing is not None:
             record = parse_audit_record(entry)
             if record is not None:
-                self.typing.record(record)
-                return 0
+                return sum(self._deliver(closed, now_s)
+                           for closed in self.typing.record(record))
         event = parse_entry(entry, int((self.clock() if now_s is None
                                         else now_s) * 1000000))
         if event is not None:
@@ -9637,6 +9728,9 @@ class Pipeline:
         if attempts.held:  # a held sshd failure whose wait is over
             for released in attempts.due(_entry_timestamp(entry) or 0):
                 sent += self._process(released, now_s)
+        if self.typing is not None and self.typing.closing:
+            for closed in self.typing.due(_entry_timestamp(entry) or 0):
+                sent += self._deliver(closed, now_s)
         if event is not None:
             for paired in attempts.observe(event):
                 sent += self._process(paired, now_s)
@@ -9646,8 +9740,15 @@ class Pipeline:
         """Send one event and what it made the detectors find; returns how
         many events were sent."""
         event = self.sessions.observe(event)
-        if self.typing is not None:
-            event = self.typing.observe(event)
+        if self.typing is None:
+            return self._deliver(event, now_s)
+        # A close of a session with TTY audit waits for its last keystrokes.
+        return sum(self._deliver(ready, now_s)
+                   for ready in self.typing.observe(event))
+
+    def _deliver(self, event, now_s):
+        """Send an event the sessions are done with, and what it made the
+        detectors find; returns how many events were sent."""
         event = self._enriched(privileged_severity(event), now_s)
         self._send(event)
         try:
@@ -9708,6 +9809,9 @@ class Pipeline:
         if now_s is not None:
             sent = sum(self._process(event, now_s) for event in
                        self.ssh_attempts.due(int(now_s * 1000000)))
+            if self.typing is not None:
+                sent += sum(self._deliver(event, now_s) for event in
+                            self.typing.due(int(now_s * 1000000)))
         now_us = int(self.clock() * 1000000)
         self._each_channel(lambda gate: gate.due(now_us))
         return sent
@@ -9715,8 +9819,10 @@ class Pipeline:
     def finish(self):
         """The end of the input (scan): the held sshd failures are events
         of their own."""
-        return sum(self._process(event, None)
+        sent = sum(self._process(event, None)
                    for event in self.ssh_attempts.drain())
+        return sent + sum(self._deliver(event, None) for event in (
+            self.typing.drain() if self.typing is not None else ()))
 
     def drain(self):
         """Send every digest still held (before stopping)."""
@@ -9868,6 +9974,8 @@ class Agent:
         self.pipeline.sessions.load_state(state.get("sessions"))
         self.pipeline.sudo_attempts.load_state(state.get("sudo_attempts"))
         self.pipeline.ssh_attempts.load_state(state.get("ssh_attempts"))
+        if self.pipeline.typing is not None:
+            self.pipeline.typing.load_state(state.get("typed_closes"))
 
     # -- saving -------------------------------------------------------------
 
@@ -9880,7 +9988,9 @@ class Agent:
                 "since_us": self.source.since_us,
                 "sessions": self.pipeline.sessions.to_state(),
                 "sudo_attempts": self.pipeline.sudo_attempts.to_state(),
-                "ssh_attempts": self.pipeline.ssh_attempts.to_state()},
+                "ssh_attempts": self.pipeline.ssh_attempts.to_state(),
+                "typed_closes": [] if self.pipeline.typing is None
+                else self.pipeline.typing.to_state()},
                 durable)):
             self.unsaved = False
         if durable:
@@ -11227,6 +11337,7 @@ def command_report(args, stdout):
             not pipeline.entries:
         raise PamSignalError("no journal entries found; export them with "
                              "`journalctl -o json`")
+    pipeline.finish()  # what waits for more input is all there is
     document = builder.document(args.since_us, args.until_us,
                                 pipeline.entries)
     if args.json:

@@ -287,6 +287,97 @@ def test_the_records_before_or_after_the_session_line():
     assert list(closed[0].typed_lines) == SESSION_LINES
 
 
+SUDO = os.path.join(FIXTURES, "sudo_in_user_session.json")
+
+
+def sudo_lines():
+    """A user's ssh login (not audited) with a root shell run by sudo
+    (use_pty, pam_tty_audit open_only), captured: the shell's record, then
+    sudo's USER_END, then sudo's own record of relaying the user's
+    terminal, then sudo's "session closed" line."""
+    with open(SUDO, "rb") as export:
+        return export.readlines()
+
+
+def closes(events):
+    return {event.service: event for event in events
+            if event.action == "session_closed"}
+
+
+def test_sudo_to_root_is_typed_once_in_the_sudo_session():
+    closed = closes(scan(sudo_lines()))
+    assert list(closed["sudo"].typed_lines) == ["id -u", "echo as-root",
+                                                "exit"]
+    assert closed["sudo"].target_user == "root"
+    # sudo's relay of the same keys (its own PID, the user's UID) is
+    # neither the user's typing nor a second copy.
+    assert closed["sshd"].typed_lines is None
+
+
+def test_a_close_waits_for_the_last_keystrokes():
+    """journald may store the close line before the shell's last record
+    (two sockets); the close waits for PAM's USER_END, which the kernel
+    sends after every record of the session."""
+    lines = sudo_lines()
+    shell = next(i for i, line in enumerate(lines)
+                 if b'"_COMM": "bash"' in line)
+    close = next(i for i, line in enumerate(lines)
+                 if b"sudo:session): session closed" in line)
+    moved = list(lines)
+    moved.insert(shell, moved.pop(close))
+    events = scan(moved)
+    assert list(closes(events)["sudo"].typed_lines) == [
+        "id -u", "echo as-root", "exit"]
+    # Without USER_END at all, the end of the input releases it.
+    no_end = [line for line in moved if b'"1106"' not in line]
+    assert list(closes(scan(no_end))["sudo"].typed_lines) == [
+        "id -u", "echo as-root", "exit"]
+
+
+def held_close():
+    """A TypedInput holding the captured sudo session's close (its
+    USER_END not seen yet); the close event and the USER_END record."""
+    typing = pamsignal.TypedInput()
+    parsed = [json.loads(line) for line in sudo_lines()]
+    end = None
+    for item in parsed:
+        record = pamsignal.parse_audit_record(item)
+        if record is not None and record.kind == pamsignal.AUDIT_USER_END \
+                and item["AUDIT_FIELD_EXE"] == "/usr/bin/sudo":
+            end = record
+        elif record is not None:
+            typing.record(record)
+        event = pamsignal.parse_entry(item)
+        if event is not None and event.action == "session_opened":
+            typing.note(event, item)
+            typing.observe(event)
+        elif event is not None and event.action == "session_closed" and \
+                event.service == "sudo":
+            closed = event
+    assert typing.observe(closed) == []  # held
+    return typing, closed, end
+
+
+def test_a_held_close_is_let_go_after_its_wait():
+    typing, closed, _ = held_close()
+    assert typing.due(closed.timestamp_us + pamsignal.TTY_HOLD_US - 1) == []
+    (released,) = typing.due(closed.timestamp_us + pamsignal.TTY_HOLD_US)
+    assert list(released.typed_lines) == ["id -u", "echo as-root", "exit"]
+    assert typing.drain() == []
+
+
+def test_a_held_close_survives_a_restart():
+    typing, closed, end = held_close()
+    saved = json.loads(json.dumps(typing.to_state()))
+    again = pamsignal.TypedInput()
+    again.load_state(saved)
+    (released,) = again.record(end)
+    assert released.action == "session_closed"
+    assert list(released.typed_lines) == ["id -u", "echo as-root", "exit"]
+    again.load_state([["x", {"action": "login_success"}], "junk", [1, {}]])
+    assert again.drain() == []
+
+
 def entry(pid, message=None, identifier="su", uid="1000", session=None,
           transport="syslog", realtime=1000000, **fields):
     """A journal entry of the fixture's boot (for the cases not captured:
@@ -407,7 +498,8 @@ def test_the_journal_is_read_for_records_only_when_on():
     matches = pamsignal.journal_matches(tty_audit=True)
     group = matches[len(pamsignal.journal_matches()):]
     assert group == ["+", "_TRANSPORT=audit", "_AUDIT_TYPE=1319",
-                     "_AUDIT_TYPE=1124", "_AUDIT_TYPE=1105"]
+                     "_AUDIT_TYPE=1124", "_AUDIT_TYPE=1105",
+                     "_AUDIT_TYPE=1106"]
     command = pamsignal.follow_command("journalctl", [], tty_audit=True)
     assert "_AUDIT_FIELD_DATA" in command[7] and \
         "_AUDIT_SESSION" in command[7]

@@ -51,10 +51,13 @@ def audited(journald, tmp_path_factory):
     realsys.require_binaries("ssh", "ssh-keygen", "unshare", "logger")
     workdir = str(tmp_path_factory.mktemp("ttyaudit"))
     key, _ = realsys.make_keypair(workdir)
-    pam_file = ttyaudit_sys.pam_file_with_tty_audit(
-        os.path.join(workdir, "sshd.pam"))
+    pam_files = {
+        "/etc/pam.d/" + service: ttyaudit_sys.pam_file_with_tty_audit(
+            os.path.join(workdir, service + ".pam"),
+            base="/etc/pam.d/" + service)
+        for service in ("sshd", "sudo")}
     with open(key + ".pub") as public:
-        sshd = ttyaudit_sys.AuditedSshd(workdir, pam_file, public.read())
+        sshd = ttyaudit_sys.AuditedSshd(workdir, pam_files, public.read())
     with ttyaudit_sys.kernel_audit_on():
         sshd.start()
         try:
@@ -93,7 +96,7 @@ def test_root_session_closed_shows_what_was_typed(audited, tty_agent,
     sshd, key = audited
     cursor = realsys.journal_cursor()
     since = time.time()
-    shown = ttyaudit_sys.type_into_root_session(sshd.port, key, STEPS)
+    shown = ttyaudit_sys.type_into_session(sshd.port, key, STEPS)
     assert SECRET not in shown  # echo was off: the premise holds
     closed = typed_close(tty_agent)
     assert closed["pamsignal"]["typed_lines"] == TYPED
@@ -158,7 +161,7 @@ def test_a_forged_record_is_never_typed_input(audited, tty_agent,
         if step == 0:
             forge_tty_record(audit_session_of(sshd, cursor))
 
-    ttyaudit_sys.type_into_root_session(sshd.port, key, steps,
+    ttyaudit_sys.type_into_session(sshd.port, key, steps,
                                         between=forge_when_open)
     closed = typed_close(tty_agent)
     assert closed["pamsignal"]["typed_lines"] == [
@@ -182,3 +185,34 @@ def test_a_forged_record_is_never_typed_input(audited, tty_agent,
         if field(event, "pamsignal.typed_lines")]
     assert typed == [["echo first", "sleep 0.1", "exit"]]
     assert pamsignal.parse_audit_record(forged[0]) is None
+
+
+def test_sudo_to_root_inside_a_users_login(audited, tty_agent, make_user):
+    """A user logs in (not audited: the line enables root only) and runs a
+    root shell through sudo (the README's open_only line in sudo's PAM
+    file): what is typed as root goes to the sudo session, which shares the
+    user's audit session, and the user's own session has none."""
+    sshd, key = audited
+    user, password = make_user(groups=("sudo",))
+    root_prompt = "PSROOT# "
+    steps = [(b"echo as-user\r", ttyaudit_sys.PROMPT),
+             (("sudo env PS1='%s' bash --norc -i\r" % root_prompt).encode(),
+              "password for"),
+             (password.encode() + b"\r", root_prompt),
+             (b"id -u\r", root_prompt),
+             (b"echo as-rooX\x7ft\r", root_prompt),
+             (b"exit\r", ttyaudit_sys.PROMPT),
+             (b"echo user-again\r", ttyaudit_sys.PROMPT),
+             (b"exit\r", None)]
+    ttyaudit_sys.type_into_session(sshd.port, key, steps, user=user)
+    closed = tty_agent.wait_event(
+        lambda event: field(event, "event.action") == "session_closed"
+        and field(event, "service.name") == "sshd"
+        and field(event, "user.name") == user, timeout=30)
+    sudo_closed = [event for event in tty_agent.events()
+                   if field(event, "event.action") == "session_closed" and
+                   field(event, "service.name") == "sudo"]
+    assert [field(event, "pamsignal.typed_lines")
+            for event in sudo_closed] == [["id -u", "echo as-root", "exit"]]
+    assert "typed_lines" not in closed["pamsignal"]
+    assert password not in json.dumps(tty_agent.events())

@@ -30,7 +30,9 @@ import select
 import socket
 import struct
 import subprocess
+import tempfile
 import shlex
+import shutil
 import time
 
 import realsys
@@ -45,13 +47,13 @@ README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                       "README.md")
 
 
-def readme_pam_line():
+def readme_pam_line(open_only=False):
     """The pam_tty_audit line the README tells admins to add to sshd's PAM
-    file (the tests use exactly that line)."""
+    file (or, open_only, to sudo's): the tests use exactly that line."""
     with open(README) as readme:
         for line in readme:
             if line.startswith("session ") and "pam_tty_audit.so" in line \
-                    and "open_only" not in line:
+                    and ("open_only" in line) == open_only:
                 return line.strip()
     raise AssertionError("the README gives no pam_tty_audit line")
 
@@ -111,9 +113,10 @@ def kernel_audit_on():
 
 
 def pam_file_with_tty_audit(path, base="/etc/pam.d/sshd", line=None):
-    """Write the sshd PAM stack with the README's pam_tty_audit line (or
-    `line`) added at its end."""
-    line = line or readme_pam_line()
+    """Write the PAM stack `base` with the README's pam_tty_audit line for
+    it (or `line`) added at its end."""
+    line = line or readme_pam_line(open_only=base.startswith(
+        "/etc/pam.d/sudo"))
     with open(base) as stack:
         text = stack.read()
     with open(path, "w") as out:
@@ -122,27 +125,33 @@ def pam_file_with_tty_audit(path, base="/etc/pam.d/sshd", line=None):
 
 
 class AuditedSshd(object):
-    """An sshd on 127.0.0.1:PORT for root logins by key, run in a mount
-    namespace of its own with `pam_file` bind-mounted on /etc/pam.d/sshd,
-    so only its logins get pam_tty_audit."""
+    """An sshd on 127.0.0.1:PORT for logins by key, run in a mount
+    namespace of its own where each of `pam_files` ({PAM file: the test's
+    version}) is bind-mounted on the PAM file it names, so only its logins
+    (and the su run in them) get pam_tty_audit."""
 
-    def __init__(self, workdir, pam_file, public_key, port=None):
+    def __init__(self, workdir, pam_files, public_key, port=None):
         self.workdir = workdir
-        self.pam_file = pam_file
+        self.pam_files = pam_files
         self.public_key = public_key
         self.port = port or realsys.free_port()
         self.pidfile = os.path.join(workdir, "sshd.pid")
         self.pid = None
+        self.keys_dir = None
 
     def _config(self):
-        keys = os.path.join(self.workdir, "authorized_keys")
+        # sshd reads the key file as the user logging in: a directory any
+        # user can pass through, a file any user can read.
+        self.keys_dir = tempfile.mkdtemp(prefix="pamsignal-ttyaudit-keys-")
+        os.chmod(self.keys_dir, 0o755)
+        keys = os.path.join(self.keys_dir, "authorized_keys")
         with open(keys, "w") as out:
             out.write(self.public_key)
-        os.chmod(keys, 0o600)
+        os.chmod(keys, 0o644)
         lines = ["Port %d" % self.port, "ListenAddress 127.0.0.1",
                  "PidFile " + self.pidfile,
                  "AuthorizedKeysFile " + keys,
-                 "StrictModes no",  # the key file lives under /tmp
+                 "StrictModes no",  # the key file lives under TMPDIR
                  "PermitRootLogin prohibit-password",
                  "PasswordAuthentication no",
                  "KbdInteractiveAuthentication no",
@@ -167,10 +176,14 @@ class AuditedSshd(object):
                        timeout=30)
         # sshd daemonises itself and keeps the namespace (and its mount)
         # alive; the namespace goes with it.
+        mounts = [argument for target, source in sorted(
+            self.pam_files.items()) for argument in (source, target)]
         subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "sh", "-euc",
-             'mount --bind "$1" /etc/pam.d/sshd && exec "$2" -f "$3"',
-             "sh", self.pam_file, realsys.SSHD, config],
+             'sshd=$1 config=$2; shift 2\n'
+             'while [ "$#" -gt 0 ]; do mount --bind "$1" "$2"; shift 2; done\n'
+             'exec "$sshd" -f "$config"',
+             "sh", realsys.SSHD, config] + mounts,
             check=True, timeout=30, stdin=subprocess.DEVNULL)
         if not realsys.wait_for(self._listening, timeout):
             raise RuntimeError("the TTY audit sshd did not come up on port "
@@ -193,6 +206,9 @@ class AuditedSshd(object):
             with contextlib.suppress(OSError):
                 os.kill(self.pid, 15)
             self.pid = None
+        if self.keys_dir is not None:
+            shutil.rmtree(self.keys_dir, ignore_errors=True)
+            self.keys_dir = None
 
 
 #: The test shell's prompt: each command is done when it shows again.
@@ -221,8 +237,9 @@ def _read_until(master, shown, awaited, timeout):
     return output
 
 
-def type_into_root_session(port, key_path, steps, timeout=60, between=None):
-    """Log in as root by key on a real pty and type each step: (bytes to
+def type_into_session(port, key_path, steps, timeout=60, between=None,
+                      user="root"):
+    """Log in as `user` by key on a real pty and type each step: (bytes to
     type, text the terminal must show before the next step, or None to go
     on once anything was echoed), calling between(step index) after each.
     The last step should end the shell.  Returns what the terminal
@@ -233,7 +250,7 @@ def type_into_root_session(port, key_path, steps, timeout=60, between=None):
                "-o", "UserKnownHostsFile=/dev/null",
                "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes",
                "-o", "IdentityAgent=none", "-i", key_path,
-               "-p", str(port), "root@127.0.0.1",
+               "-p", str(port), "%s@127.0.0.1" % user,
                "env PS1=%s HISTFILE=/dev/null bash --norc -i"
                % shlex.quote(PROMPT)]
     process = subprocess.Popen(command, stdin=slave, stdout=slave,
