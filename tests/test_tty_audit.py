@@ -610,3 +610,35 @@ else:
         for line in lines + [pamsignal.unfinished_line(carry) or ""]:
             assert not any(ord(c) < 0x20 or ord(c) == 0x7f for c in line)
         assert len(carry.pending) <= 64
+
+
+# ---------------------------------------------------------------- the agent
+
+
+def test_the_agent_follows_the_records_and_keeps_a_held_close(tmp_path,
+                                                              capsys):
+    text = "[pamsignal]\nstate_dir = %s\n[detection]\ntty_audit = yes\n" \
+        % tmp_path
+    config = pamsignal.parse_config(text)
+    agent = pamsignal.Agent(config, [])
+    assert agent.source.tty_audit
+    assert "_TRANSPORT=audit" in pamsignal.follow_command(
+        "journalctl", [], agent.source.tty_audit)
+    # Only a restart changes what journalctl is asked for.
+    kept = agent._restart_only_kept(pamsignal.parse_config(
+        text.replace("yes", "no")))
+    assert kept.detection.tty_audit is True
+    assert "tty_audit changed: takes effect at the next start" in \
+        capsys.readouterr().err
+    # A close held at a stop comes back at the next start.
+    typing, closed, end = held_close()
+    agent.pipeline.typing = typing
+    agent.save(0.0)
+    again = pamsignal.Agent(config, [])
+    again.restore()
+    (released,) = again.pipeline.typing.record(end)
+    assert list(released.typed_lines) == ["id -u", "echo as-root", "exit"]
+    off = pamsignal.Agent(pamsignal.parse_config(
+        "[pamsignal]\nstate_dir = %s\n" % tmp_path), [])
+    assert off.pipeline.typing is None and not off.source.tty_audit
+    off.restore()  # a state with held closes, read with tty_audit off

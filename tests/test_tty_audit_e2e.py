@@ -216,3 +216,28 @@ def test_sudo_to_root_inside_a_users_login(audited, tty_agent, make_user):
             for event in sudo_closed] == [["id -u", "echo as-root", "exit"]]
     assert "typed_lines" not in closed["pamsignal"]
     assert password not in json.dumps(tty_agent.events())
+
+
+def test_with_auditd_the_records_come_once_all_the_same(audited, tty_agent,
+                                                       tmp_path):
+    """With auditd connected the kernel sends each record to it and no
+    copy to its log; journald still gets them from the audit multicast
+    group, and the lines are the same."""
+    sshd, key = audited
+    auditd = ttyaudit_sys.PrivateAuditd(str(tmp_path)).start()
+    try:
+        cursor = realsys.journal_cursor()
+        steps = [(b"echo with-auditd\r", ttyaudit_sys.PROMPT),
+                 (b"exit\r", None)]
+        ttyaudit_sys.type_into_session(sshd.port, key, steps)
+        closed = typed_close(tty_agent)
+        assert realsys.wait_for(
+            lambda: "type=USER_END" in auditd.output(), 15)
+    finally:
+        auditd.stop()
+    assert closed["pamsignal"]["typed_lines"] == ["echo with-auditd", "exit"]
+    data = b"echo with-auditd\r".hex().upper()
+    assert data in auditd.output()  # auditd had the record
+    entries = [entry for entry in realsys.journal_entries(cursor)
+               if data in realsys._text(entry.get("MESSAGE"))]
+    assert [entry["_TRANSPORT"] for entry in entries] == ["audit"]

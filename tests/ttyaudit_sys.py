@@ -25,7 +25,9 @@ audit multicast group, no auditd, Debian 12's Linux-PAM 1.5.2 and OpenSSH
 """
 
 import contextlib
+import fcntl
 import os
+import re
 import select
 import socket
 import struct
@@ -83,9 +85,15 @@ def _audit_request(kind, payload=b""):
         return answer
 
 
+def audit_status():
+    """(enabled, audit daemon PID) as the kernel reports them: enabled 0
+    off, 1 on, 2 on and locked; PID 0 when no auditd is connected."""
+    _, enabled, _, pid = struct.unpack("=4I", _audit_request(AUDIT_GET)[:16])
+    return enabled, pid
+
+
 def audit_enabled():
-    """The kernel's audit switch: 0 off, 1 on, 2 on and locked."""
-    return struct.unpack("=II", _audit_request(AUDIT_GET)[:8])[1]
+    return audit_status()[0]
 
 
 def set_audit_enabled(value):
@@ -110,6 +118,106 @@ def kernel_audit_on():
     finally:
         if before == 0:
             set_audit_enabled(0)
+
+
+#: Debian's auditd, unpacked (apt-get download, dpkg -x) once and kept
+#: between runs: never installed, so no service of it is ever started.
+AUDITD_CACHE = "/var/cache/pamsignal-tests/auditd"
+AUDITD_PACKAGES = ("auditd", "libauparse0")
+
+
+def unpacked_auditd():
+    """The auditd program of the cached unpacked tree, and its libraries'
+    directory (unpacked here when missing)."""
+    program = os.path.join(AUDITD_CACHE, "sbin", "auditd")
+    os.makedirs(os.path.dirname(AUDITD_CACHE), exist_ok=True)
+    with open(AUDITD_CACHE + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(program):
+            work = tempfile.mkdtemp(dir=os.path.dirname(AUDITD_CACHE))
+            try:
+                os.chmod(work, 0o755)
+                fetched = subprocess.run(
+                    ["apt-get", "download"] + list(AUDITD_PACKAGES),
+                    cwd=work, stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, timeout=300)
+                debs = sorted(name for name in os.listdir(work)
+                              if name.endswith(".deb"))
+                if len(debs) != len(AUDITD_PACKAGES):
+                    realsys.unavailable(
+                        "apt-get download %s failed: %s" % (
+                            " ".join(AUDITD_PACKAGES),
+                            fetched.stdout.decode()[-500:]))
+                for deb in debs:
+                    subprocess.run(["dpkg", "-x", deb, "tree"], cwd=work,
+                                   check=True, timeout=120)
+                shutil.rmtree(AUDITD_CACHE, ignore_errors=True)
+                os.rename(os.path.join(work, "tree"), AUDITD_CACHE)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    libraries = ":".join(os.path.join(AUDITD_CACHE, part) for part in (
+        "lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"))
+    return program, libraries
+
+
+class PrivateAuditd(object):
+    """Debian's auditd run by the test in the foreground (`-f -n`, its
+    records on its own output, never a log of the host's), leaving the
+    kernel's audit switch as it found it (`-s nochange`)."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.process = None
+        self.output_path = os.path.join(workdir, "auditd.out")
+
+    def start(self, timeout=20):
+        enabled, daemon = audit_status()
+        if daemon:
+            realsys.unavailable("an audit daemon already runs here (PID "
+                                "%d): the test's cannot take its place"
+                                % daemon)
+        program, libraries = unpacked_auditd()
+        conf_dir = os.path.join(self.workdir, "audit")
+        os.makedirs(conf_dir, exist_ok=True)
+        with open(os.path.join(AUDITD_CACHE, "etc", "audit",
+                               "auditd.conf")) as shipped:
+            conf = shipped.read()
+        conf = re.sub(r"(?m)^log_file = .*$", "log_file = " + os.path.join(
+            self.workdir, "audit.log"), conf)
+        conf = re.sub(r"(?m)^plugin_dir = .*$", "plugin_dir = " +
+                      os.path.join(self.workdir, "plugins"), conf)
+        path = os.path.join(conf_dir, "auditd.conf")
+        with open(path, "w") as out:
+            out.write(conf)
+        os.chmod(path, 0o640)
+        with open(self.output_path, "wb") as output:
+            self.process = subprocess.Popen(
+                [program, "-f", "-n", "-s", "nochange", "-c", conf_dir],
+                stdin=subprocess.DEVNULL, stdout=output,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, LD_LIBRARY_PATH=libraries))
+        if not realsys.wait_for(
+                lambda: audit_status()[1] == self.process.pid or
+                self.process.poll() is not None, timeout) or \
+                self.process.poll() is not None:
+            self.stop()
+            raise RuntimeError("auditd did not connect to the kernel: %s"
+                               % self.output())
+        return self
+
+    def output(self):
+        with open(self.output_path, "rb") as output:
+            return output.read().decode("utf-8", "replace")
+
+    def stop(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
 
 
 def pam_file_with_tty_audit(path, base="/etc/pam.d/sshd", line=None):
