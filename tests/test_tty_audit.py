@@ -553,6 +553,9 @@ def test_the_typed_keys_are_documented():
         typed_more=2))
     (session,) = builder.document()["sessions"]
     assert session["typed"] == ["id"] and session["typed_more"] == 2
+    text = pamsignal.render_report(builder.document(), 80)
+    start = text.index("Typed in sessions (1)")
+    assert text[start + 2:start + 4] == ["  id", "  ... and 2 more lines"]
     printed = {"sessions[]." + key for key in session
                if key.startswith("typed")}
     assert printed == documented == {"sessions[].typed",
