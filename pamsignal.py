@@ -10632,6 +10632,8 @@ class ReportBuilder:
         self.source = source
         self.logins = BoundedTable(MAX_OPEN_SESSIONS)  # boot/pid -> event
         self.open_sessions = BoundedTable(MAX_OPEN_SESSIONS)
+        # sudo's sessions, listed only when something was typed in them
+        self.sudo_opens = BoundedTable(MAX_OPEN_SESSIONS)
         self.sessions = collections.deque(maxlen=MAX_REPORT_SESSIONS)
         self.sessions_seen = 0
         self.failures = 0
@@ -10656,9 +10658,10 @@ class ReportBuilder:
             self.logins.put(event.context_key.rsplit("/", 1)[0], event)
         elif event.action == "session_opened" and event.user is None:
             event = self._acting_user(event)
-        if event.session_id is not None or event.service in \
-                SUDO_PAM_SERVICES:
-            pass  # logind repeats the PAM session; sudo's are commands
+        if event.session_id is not None:
+            pass  # logind repeats the PAM session
+        elif event.service in SUDO_PAM_SERVICES:
+            self._sudo_session(event)  # a command, unless typed into
         elif event.action == "session_opened" and event.context_key:
             self._opened(event)
         elif event.action == "session_closed":
@@ -10674,6 +10677,26 @@ class ReportBuilder:
             self.detections_seen += 1
             self.detections.append(event_to_ecs(event))
             self._mark_failures(event)
+
+    def _sudo_session(self, event):
+        """A sudo session is a row only when TTY audit recorded typing in
+        it (a root shell); it is named after the sudo command's user."""
+        if not event.context_key:
+            return
+        if event.action == "sudo_command":
+            self.sudo_opens.put(event.context_key, event)
+        elif event.action == "session_opened":
+            command = self.sudo_opens.pop(event.context_key, None)
+            self.sudo_opens.put(event.context_key, event._replace(
+                user=event.user or (command and command.user)))
+        elif event.action == "session_closed":
+            opened = self.sudo_opens.pop(event.context_key, None)
+            if not (event.typed_lines or event.typed_more):
+                return
+            if opened is not None and opened.action == "session_opened":
+                self._opened(opened)
+            self._closed(event._replace(user=event.user or (
+                opened and opened.user)))
 
     def _mark_failures(self, event):
         """Flag the failure rows a brute force or a success after

@@ -511,12 +511,13 @@ def test_the_journal_is_read_for_records_only_when_on():
 # ---------------------------------------------------------------- report
 
 
-def run_report(tmp_path, *arguments, config="[detection]\ntty_audit = yes\n"):
+def run_report(tmp_path, *arguments, config="[detection]\ntty_audit = yes\n",
+               export=SESSION):
     path = tmp_path / "pamsignal.conf"
     path.write_text(config)
     out = io.StringIO()
     code = pamsignal.main(["--config", str(path), "report"] +
-                          list(arguments) + [SESSION], stdout=out)
+                          list(arguments) + [export], stdout=out)
     assert code == 0
     return out.getvalue()
 
@@ -535,6 +536,29 @@ def test_report_shows_what_root_typed(tmp_path, monkeypatch):
         "  " + line for line in SESSION_LINES]
     off = json.loads(run_report(tmp_path, "--json", config=""))
     assert "typed" not in off["sessions"][0]
+
+
+def test_report_lists_a_sudo_session_typed_into(tmp_path):
+    """sudo's sessions are commands, not rows, unless TTY audit recorded
+    typing in one (a root shell): then it is a session of its own."""
+    document = json.loads(run_report(tmp_path, "--json", export=SUDO))
+    by_service = {session["service"]: session
+                  for session in document["sessions"]}
+    assert set(by_service) == {"sshd", "sudo"}
+    sudo = by_service["sudo"]
+    assert sudo["typed"] == ["id -u", "echo as-root", "exit"]
+    assert sudo["target_user"] == "root"
+    assert sudo["user"] == by_service["sshd"]["user"]  # who ran sudo
+    assert sudo["state"] == "closed" and "start" in sudo
+    assert "typed" not in by_service["sshd"]
+    only_root = json.loads(run_report(tmp_path, "--json", "--user", "root",
+                                      export=SUDO))
+    assert [session["service"] for session in only_root["sessions"]] == [
+        "sudo"]
+    # Without TTY audit, sudo's session is a command again.
+    off = json.loads(run_report(tmp_path, "--json", config="",
+                                export=SUDO))
+    assert [session["service"] for session in off["sessions"]] == ["sshd"]
 
 
 def test_the_typed_keys_are_documented():
