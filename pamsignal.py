@@ -3976,8 +3976,11 @@ class TypedInput:
     most recent session still open in that audit session whose account is
     root exactly when the reader is (su or sudo to root inside a user's
     login shares the user's audit session). A close waits for PAM's
-    USER_END record of its process (at most TTY_HOLD_US of the events'
-    time), after which no keystroke of the session can come. Bounded:
+    USER_END record of its process, after which no keystroke of the
+    session can come: at most TTY_HOLD_US of the entries' time, and live
+    also of the wall clock since it was held (a backlog read after a
+    restart is old by the wall clock, yet its USER_END is on its way).
+    Bounded:
     MAX_TYPED_SESSIONS sessions, MAX_TYPED_LINES lines and MAX_TYPED_CHARS
     characters each.
     """
@@ -3988,7 +3991,8 @@ class TypedInput:
         self.waiting = BoundedTable(MAX_OPEN_SESSIONS)  # boot/pid -> opened
         self.open = BoundedTable(MAX_OPEN_SESSIONS)  # boot/ses/root -> keys
         self.typed = BoundedTable(limit)  # context key -> _Typed
-        self.closing = collections.OrderedDict()  # boot/pid -> closed event
+        # boot/pid -> (closed event, wall clock µs when held or None)
+        self.closing = collections.OrderedDict()
         self.ended = BoundedTable(MAX_OPEN_SESSIONS)  # boot/pid: USER_END
         # boot/pid of each session's own process -> its audit session
         self.session_processes = BoundedTable(MAX_OPEN_SESSIONS)
@@ -4017,7 +4021,7 @@ class TypedInput:
             if closed is None:  # before the close line (another socket)
                 self.ended.put(process, True)
                 return []
-            return [self._release(closed)]
+            return [self._release(closed[0])]
         if self.session_processes.get(process) == record.audit_session:
             # sudo (use_pty) reads the user's terminal and writes the keys
             # to its command's pty, whose reader is recorded too; its own
@@ -4040,10 +4044,11 @@ class TypedInput:
         typed.carries.put(record.pid, carry)
         return []
 
-    def observe(self, event):
+    def observe(self, event, now_us=None):
         """The events to send now for this one: [event], or none while a
         session_closed of a session with TTY audit waits for its last
-        keystrokes (then more may come from record(), due() or drain())."""
+        keystrokes (then more may come from record(), due() or drain()).
+        `now_us`: the wall clock, when the event is live."""
         if not event.context_key:
             return [event]
         process = _process_key(event)
@@ -4059,42 +4064,46 @@ class TypedInput:
             if self.ended.pop(process, None):
                 return [self._release(event)]
             if event.context_key in self.typed:
-                released = [self._release(self.closing.pop(process))] \
+                released = [self._release(self.closing.pop(process)[0])] \
                     if process in self.closing else []
-                self.closing[process] = event
+                self.closing[process] = (event, now_us)
                 while len(self.closing) > self.limit:
                     released.append(self._release(
-                        self.closing.popitem(last=False)[1]))
+                        self.closing.popitem(last=False)[1][0]))
                 return released
         return [event]
 
-    def due(self, now_us):
-        """The held closes whose wait ended by `now_us`."""
-        released = []
-        while self.closing:
-            process, event = next(iter(self.closing.items()))
-            if event.timestamp_us + TTY_HOLD_US > now_us:
-                break
-            released.append(self._release(self.closing.pop(process)))
-        return released
+    def due(self, entry_us=None, wall_us=None):
+        """The held closes whose wait ended by the entries' time
+        `entry_us`, or (live) by the wall clock `wall_us`."""
+        over = [process for process, (event, held_us) in self.closing.items()
+                if (entry_us is not None and
+                    event.timestamp_us + TTY_HOLD_US <= entry_us) or
+                (wall_us is not None and
+                 (event.timestamp_us if held_us is None else held_us) +
+                 TTY_HOLD_US <= wall_us)]
+        return [self._release(self.closing.pop(process)[0])
+                for process in over]
 
     def drain(self):
         """Every held close (the end of the input)."""
-        return [self._release(event) for event in
-                [self.closing.pop(key) for key in list(self.closing)]]
+        return [self._release(self.closing.pop(key)[0])
+                for key in list(self.closing)]
 
     def to_state(self):
         """The held closes with what was typed so far, for a restart."""
         return [[process, event_to_record(self._with_lines(event))]
-                for process, event in self.closing.items()]
+                for process, (event, _) in self.closing.items()]
 
-    def load_state(self, saved):
+    def load_state(self, saved, now_us=None):
+        """Held closes saved by to_state(); live, their wait starts again
+        at `now_us`."""
         self.closing.clear()
         for item in saved if isinstance(saved, list) else ():
             event = event_from_record(item[1]) if isinstance(item, list) \
                 and len(item) == 2 and isinstance(item[0], str) else None
             if event is not None and event.action == "session_closed":
-                self.closing[item[0]] = event
+                self.closing[item[0]] = (event, now_us)
 
     def _release(self, event):
         typed = self.typed.pop(event.context_key, None) \
@@ -9743,8 +9752,9 @@ class Pipeline:
         if self.typing is None:
             return self._deliver(event, now_s)
         # A close of a session with TTY audit waits for its last keystrokes.
+        live_us = None if now_s is None else int(now_s * 1000000)
         return sum(self._deliver(ready, now_s)
-                   for ready in self.typing.observe(event))
+                   for ready in self.typing.observe(event, live_us))
 
     def _deliver(self, event, now_s):
         """Send an event the sessions are done with, and what it made the
@@ -9811,7 +9821,7 @@ class Pipeline:
                        self.ssh_attempts.due(int(now_s * 1000000)))
             if self.typing is not None:
                 sent += sum(self._deliver(event, now_s) for event in
-                            self.typing.due(int(now_s * 1000000)))
+                            self.typing.due(wall_us=int(now_s * 1000000)))
         now_us = int(self.clock() * 1000000)
         self._each_channel(lambda gate: gate.due(now_us))
         return sent
@@ -9975,7 +9985,8 @@ class Agent:
         self.pipeline.sudo_attempts.load_state(state.get("sudo_attempts"))
         self.pipeline.ssh_attempts.load_state(state.get("ssh_attempts"))
         if self.pipeline.typing is not None:
-            self.pipeline.typing.load_state(state.get("typed_closes"))
+            self.pipeline.typing.load_state(state.get("typed_closes"),
+                                            now_us)
 
     # -- saving -------------------------------------------------------------
 

@@ -366,6 +366,21 @@ def test_a_held_close_is_let_go_after_its_wait():
     assert typing.drain() == []
 
 
+def test_live_the_wait_runs_from_when_it_was_held():
+    """A backlog read after a restart is old by the wall clock; its close
+    still waits for USER_END (a few entries on), not for nothing."""
+    typing, closed, end = held_close()
+    # held_close() held it as scan does; hold it again as live, an hour on
+    typing.closing.clear()
+    wall_us = closed.timestamp_us + 3600 * 1000000
+    assert typing.observe(closed, wall_us) == []
+    assert typing.due(wall_us=wall_us + pamsignal.TTY_HOLD_US - 1) == []
+    (released,) = typing.record(end)
+    assert list(released.typed_lines) == ["id -u", "echo as-root", "exit"]
+    # Released once: a repeated close line is no longer held.
+    assert typing.observe(closed, wall_us) == [closed]
+
+
 def test_a_held_close_survives_a_restart():
     typing, closed, end = held_close()
     saved = json.loads(json.dumps(typing.to_state()))
