@@ -35,14 +35,18 @@ STEPS = [
     (b"echo twX\x7fo\r", ttyaudit_sys.PROMPT),
     (b"echo thee\x1b[D\x1b[Dr\r", ttyaudit_sys.PROMPT),
     (b"echo garbage\x15echo four\r", ttyaudit_sys.PROMPT),
-    (b"read -s -p 'SECRET? ' S\r", "SECRET? "),
+    # The secret is read in line mode with echo off, as a password prompt
+    # reads. The prompt is printed once echo is off, and is not in the
+    # command line itself (whose echo must not be taken for it).
+    (b"stty -echo; printf '%s? ' SECRET; read S; stty echo\r", "SECRET? "),
     (SECRET.encode() + b"\r", ttyaudit_sys.PROMPT),
     (b"cat /etc/hostnam\t", "e "),  # completed to /etc/hostname
     (b"\r", ttyaudit_sys.PROMPT),
     (b"exit\r", None),
 ]
 TYPED = ["echo one", "echo two", "echo three", "echo four",
-         "read -s -p 'SECRET? ' S", "cat /etc/hostnam<tab>", "exit"]
+         "stty -echo; printf '%s? ' SECRET; read S; stty echo",
+         "cat /etc/hostnam<tab>", "exit"]
 
 
 @pytest.fixture(scope="module")
