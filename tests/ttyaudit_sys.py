@@ -25,7 +25,6 @@ audit multicast group, no auditd, Debian 12's Linux-PAM 1.5.2 and OpenSSH
 """
 
 import contextlib
-import fcntl
 import os
 import re
 import select
@@ -129,35 +128,10 @@ AUDITD_PACKAGES = ("auditd", "libauparse0")
 def unpacked_auditd():
     """The auditd program of the cached unpacked tree, and its libraries'
     directory (unpacked here when missing)."""
-    program = os.path.join(AUDITD_CACHE, "sbin", "auditd")
-    os.makedirs(os.path.dirname(AUDITD_CACHE), exist_ok=True)
-    with open(AUDITD_CACHE + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(program):
-            work = tempfile.mkdtemp(dir=os.path.dirname(AUDITD_CACHE))
-            try:
-                os.chmod(work, 0o755)
-                fetched = subprocess.run(
-                    ["apt-get", "download"] + list(AUDITD_PACKAGES),
-                    cwd=work, stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT, timeout=300)
-                debs = sorted(name for name in os.listdir(work)
-                              if name.endswith(".deb"))
-                if len(debs) != len(AUDITD_PACKAGES):
-                    realsys.unavailable(
-                        "apt-get download %s failed: %s" % (
-                            " ".join(AUDITD_PACKAGES),
-                            fetched.stdout.decode()[-500:]))
-                for deb in debs:
-                    subprocess.run(["dpkg", "-x", deb, "tree"], cwd=work,
-                                   check=True, timeout=120)
-                shutil.rmtree(AUDITD_CACHE, ignore_errors=True)
-                os.rename(os.path.join(work, "tree"), AUDITD_CACHE)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-    libraries = ":".join(os.path.join(AUDITD_CACHE, part) for part in (
+    tree = realsys.unpacked_packages(AUDITD_CACHE, AUDITD_PACKAGES)
+    libraries = ":".join(os.path.join(tree, part) for part in (
         "lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"))
-    return program, libraries
+    return os.path.join(tree, "sbin", "auditd"), libraries
 
 
 class PrivateAuditd(object):
