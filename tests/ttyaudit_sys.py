@@ -18,6 +18,9 @@ audit multicast group, no auditd, Debian 12's Linux-PAM 1.5.2 and OpenSSH
   bash (readline, raw mode) collects several command lines into one record,
   and a `read -s` (canonical, no echo) flushes what came before.  What is
   typed at a prompt with echo off is not in any record.
+- In a PID namespace of its own (a booted container) the kernel answers
+  every audit status request, TTY audit's too, with EPERM: pam_tty_audit
+  cannot work there, so the tests use the host's sshd instead.
 - Nothing here persists: the test's sshd runs in a mount namespace of its
   own, where a PAM file of the test's is bind-mounted over /etc/pam.d/sshd
   (the host's file and every other sshd are untouched), and the kernel's
