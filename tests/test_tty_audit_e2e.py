@@ -235,13 +235,13 @@ def test_with_auditd_the_records_come_once_all_the_same(audited, tty_agent,
                  (b"exit\r", None)]
         ttyaudit_sys.type_into_session(sshd.port, key, steps)
         closed = typed_close(tty_agent)
-        assert realsys.wait_for(
+        assert auditd.foreign or realsys.wait_for(
             lambda: "type=USER_END" in auditd.output(), 15)
     finally:
         auditd.stop()
     assert closed["pamsignal"]["typed_lines"] == ["echo with-auditd", "exit"]
     data = b"echo with-auditd\r".hex().upper()
-    assert data in auditd.output()  # auditd had the record
+    assert auditd.foreign or data in auditd.output()  # auditd had it
     entries = [entry for entry in realsys.journal_entries(cursor)
                if data in realsys._text(entry.get("MESSAGE"))]
     assert [entry["_TRANSPORT"] for entry in entries] == ["audit"]
