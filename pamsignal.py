@@ -3996,8 +3996,9 @@ class TypedInput:
         self.ended = BoundedTable(MAX_OPEN_SESSIONS)  # boot/pid: USER_END
         # boot/pid of each session's own process -> its audit session
         self.session_processes = BoundedTable(MAX_OPEN_SESSIONS)
-        self.unclaimed = 0  # records of no open session known
-        self.relayed = 0  # records of sudo relaying the user's terminal
+        # TTY records: typed (in a session), unclaimed (no open session
+        # known), relayed (sudo passing the user's terminal on)
+        self.records = collections.Counter()
 
     def note(self, event, entry):
         """A session line's own _AUDIT_SESSION, where journald gave one (a
@@ -4026,14 +4027,15 @@ class TypedInput:
             # sudo (use_pty) reads the user's terminal and writes the keys
             # to its command's pty, whose reader is recorded too; its own
             # record comes when it exits, after its session's end.
-            self.relayed += 1
+            self.records["relayed"] += 1
             return []
         keys = self.open.get("%s/%s/%s" % (record.boot, record.audit_session,
                                            record.uid == "0"))
         typed = keys and self.typed.get(keys[-1])
         if not typed:
-            self.unclaimed += 1
+            self.records["unclaimed"] += 1
             return []
+        self.records["typed"] += 1
         carry = typed.carries.pop(record.pid, NO_CARRY)
         data = record.data
         if record.kind == AUDIT_USER_TTY and not data.endswith(b"\n"):
@@ -9535,6 +9537,10 @@ METRICS = collections.OrderedDict((
     ("pamsignal_login_records_total",
      ("counter", "Sessions in the login records, by verdict: accounted "
       "(the journal showed the login) or unaccounted.")),
+    ("pamsignal_tty_records_total",
+     ("counter", "TTY audit records read (tty_audit), by verdict: typed "
+      "(in a session), unclaimed (no open session known) or relayed "
+      "(sudo passing the terminal on).")),
     ("pamsignal_journal_last_suppression_time_seconds",
      ("gauge", "When journald last said it dropped lines of a login unit "
       "(Unix time; unit and dropped lines in the labels).")),
@@ -10190,6 +10196,10 @@ class Agent:
             samples += [("pamsignal_login_records_total", {"verdict": verdict},
                          pipeline.witness.verdicts[verdict])
                         for verdict in ("accounted", "unaccounted")]
+        if pipeline.typing is not None:
+            samples += [("pamsignal_tty_records_total", {"verdict": verdict},
+                         pipeline.typing.records[verdict])
+                        for verdict in ("typed", "unclaimed", "relayed")]
         sent, failed = collections.Counter(pipeline.sent), \
             collections.Counter(pipeline.failed)
         # Network channels count deliveries (of earlier couriers too, as

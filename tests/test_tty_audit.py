@@ -657,6 +657,23 @@ else:
 # ---------------------------------------------------------------- the agent
 
 
+def test_records_are_counted_by_verdict(tmp_path):
+    config = pamsignal.parse_config(
+        "[pamsignal]\nstate_dir = %s\n[detection]\ntty_audit = yes\n"
+        % tmp_path)
+    agent = pamsignal.Agent(config, [])
+    for line in sudo_lines() + [tty(700, "45", "0", b"id\r")]:
+        entry = agent.pipeline.decode(line)
+        if entry is not None:
+            agent.pipeline.report(entry)
+    samples = {labels["verdict"]: value for name, labels, value in
+               agent.metric_samples(0.0)
+               if name == "pamsignal_tty_records_total"}
+    assert samples == {"typed": 1, "unclaimed": 1, "relayed": 1}
+    text = pamsignal.render_metrics(agent.metric_samples(0.0))
+    assert 'pamsignal_tty_records_total{verdict="relayed"} 1' in text
+
+
 def test_the_agent_follows_the_records_and_keeps_a_held_close(tmp_path,
                                                               capsys):
     text = "[pamsignal]\nstate_dir = %s\n[detection]\ntty_audit = yes\n" \
