@@ -475,6 +475,7 @@ EVENT_FIELDS = (
     "unit", "dropped", "login_record", "tty_kind",
     "source_as_number", "source_as_org", "source_country", "source_city",
     "source_network_type", "source_provider", "host_provider",
+    "typed_lines", "typed_more",
     "cursor", "message", "context_key", "pairing")
 
 Event = collections.namedtuple("Event", EVENT_FIELDS)
@@ -581,6 +582,8 @@ _ECS_LAYOUT = (
     ("pamsignal.tty_kind", "tty_kind"),
     ("pamsignal.source_network_type", "source_network_type"),
     ("pamsignal.source_provider", "source_provider"),
+    ("pamsignal.typed_lines", "typed_lines"),
+    ("pamsignal.typed_more", "typed_more"),
     ("pamsignal.cursor", "cursor"),
 )
 
@@ -645,7 +648,7 @@ NO_THRESHOLD = Threshold(0, 0)
 DetectionConfig = collections.namedtuple(
     "DetectionConfig", "brute_force_fast brute_force_slow user_enumeration "
     "distributed_attack success_after_failures learning_period "
-    "login_records ssh_probes")
+    "login_records ssh_probes tty_audit")
 
 #: The MaxMind DB files of [geoip]; None where a field is off.
 GeoipConfig = collections.namedtuple("GeoipConfig",
@@ -1365,6 +1368,12 @@ DETECTION_OPTIONS = collections.OrderedDict((
         "common algorithm, timeout before login) from one source that make "
         "a brute_force_detected (reason repeated_probes): counted only when "
         "set, such as 20 in 10m; a scanner is no login attempt.")),
+    ("tty_audit", Option(
+        _switch, "no",
+        "What root typed in its sessions, from the kernel's TTY audit "
+        "records (pam_tty_audit; see the README): yes reads them from the "
+        "journal and adds the command lines to each session_closed and to "
+        "`report`; takes effect at the next start.")),
 ))
 
 #: [alerts] keys, which a [channel:NAME] may override. The defaults fit a
@@ -2957,6 +2966,321 @@ def decode_line(line):
 
 
 # ---------------------------------------------------------------------------
+# 7b privileged sessions: TTY audit records (pam_tty_audit)
+# ---------------------------------------------------------------------------
+#
+# With pam_tty_audit in a session's PAM stack the kernel records what is
+# typed on the session's terminal: TTY records (type 1319) hold the bytes
+# the shell read, hex-encoded, and USER_TTY (1124) a line a shell pushed
+# itself. journald stores each with _TRANSPORT=audit and the kernel's
+# fields as trusted ones (_PID, _UID, _AUDIT_SESSION, _AUDIT_FIELD_DATA).
+# Only that transport is read: no user can write it (a `logger -t audit`
+# copy arrives as syslog), and the kernel log's copy of each record
+# (_TRANSPORT=kernel, "audit: type=1319 ..."), written when no auditd runs,
+# is never read, so a record never counts twice.
+#
+# decode_keystrokes() turns the bytes into command lines the way readline
+# edits them; TypedInput (section 9) hands them to the session they were
+# typed in. Everything here is pure.
+
+#: _AUDIT_TYPE of the records read: the kernel's keystrokes (TTY), a line a
+#: shell pushed (USER_TTY), and PAM's session start and end (USER_START,
+#: USER_END), whose _PID and _AUDIT_SESSION tie a session's process to its
+#: audit session.
+AUDIT_TTY, AUDIT_USER_TTY = "1319", "1124"
+AUDIT_USER_START, AUDIT_USER_END = "1105", "1106"
+
+#: The record kinds read, in the order of journal_matches().
+AUDIT_KINDS = (AUDIT_TTY, AUDIT_USER_TTY, AUDIT_USER_START, AUDIT_USER_END)
+
+#: How long a session_closed waits for PAM's USER_END record of its
+#: process: the kernel sends the audit records in order, so the shell's
+#: last keystrokes come before it, though journald may store the sshd line
+#: that closes the session first (another socket).
+TTY_HOLD_US = 5 * 1000000
+
+#: The audit session id of a process in no login session.
+NO_AUDIT_SESSION = "4294967295"
+
+#: Journal fields read besides JOURNAL_FIELDS when tty_audit is on.
+TTY_AUDIT_FIELDS = ("_AUDIT_TYPE", "_AUDIT_SESSION", "_AUDIT_FIELD_DATA")
+
+#: Longest data= field decoded (hex digits); the kernel's buffer is 4 KiB
+#: (8 KiB of hex) and a USER_TTY message at most 8,970 bytes.
+MAX_AUDIT_DATA_HEX = 32768
+
+#: Longest line kept of what was typed; the rest is cut ("…").
+MAX_TYPED_LINE_CHARS = 500
+
+#: Lines and characters of typed input kept per session; further lines are
+#: counted ("N more").
+MAX_TYPED_LINES = 100
+MAX_TYPED_CHARS = 16384
+
+#: Sessions whose typed input is kept at once (the oldest go first).
+MAX_TYPED_SESSIONS = 1000
+
+AuditRecord = collections.namedtuple(
+    "AuditRecord", "kind boot pid audit_session uid data")
+AuditRecord.__doc__ = """A trusted audit record: `kind` one of AUDIT_KINDS;
+the writer's boot, PID, audit session id and UID (text); `data` the typed
+bytes (b"" for USER_START and USER_END)."""
+
+_HEX_DATA = re.compile(r"\A(?:[0-9A-Fa-f]{2})+\Z")
+
+
+def audit_data(value):
+    """The bytes of an audit `data=` field: hex (TTY records, and USER_TTY
+    text with spaces or controls) or a plain "quoted" string (USER_TTY
+    text without); None when it is neither or too long."""
+    if not value or len(value) > MAX_AUDIT_DATA_HEX:
+        return None
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1].encode("utf-8", "replace")
+    return bytes.fromhex(value) if _HEX_DATA.match(value) else None
+
+
+def audit_session_of(entry):
+    """The entry's trusted _AUDIT_SESSION, or None outside a session."""
+    session = journal_text(entry.get("_AUDIT_SESSION"))
+    if not session or session == NO_AUDIT_SESSION or not session.isdigit():
+        return None
+    return session
+
+
+def parse_audit_record(entry):
+    """A TTY, USER_TTY, USER_START or USER_END record journald took from the
+    kernel -> AuditRecord; None for anything else (every other transport,
+    other types, records outside a login session, data that is not hex)."""
+    if journal_text(entry.get("_TRANSPORT")) != "audit":
+        return None
+    kind = journal_text(entry.get("_AUDIT_TYPE"))
+    if kind not in AUDIT_KINDS:
+        return None
+    session = audit_session_of(entry)
+    pid = journal_text(entry.get("_PID"))
+    if session is None or not pid:
+        return None
+    data = b""
+    if kind in (AUDIT_TTY, AUDIT_USER_TTY):
+        data = audit_data(journal_text(entry.get("_AUDIT_FIELD_DATA")))
+        if data is None:
+            return None
+    return AuditRecord(kind, journal_text(entry.get("_BOOT_ID")) or "", pid,
+                       session, journal_text(entry.get("_UID")), data)
+
+
+# -- keystrokes -> command lines ----------------------------------------------
+#
+# readline's default (emacs) keys, applied to a model of the line: text
+# and a cursor. Keys whose effect depends on text that is not in the data
+# (tab completion, history, reverse search) leave a mark such as <tab> or
+# <up> in the line; from then on the line is no longer known exactly, so
+# further editing keys are shown as marks too (<bs>, <left>, ...) rather
+# than applied to the wrong text.
+
+#: Control bytes -> the editing they do (None: no effect on the line).
+_CONTROL_KEYS = {
+    0x01: "home", 0x02: "left", 0x03: "cancel", 0x04: "eof", 0x05: "end",
+    0x06: "right", 0x07: None, 0x08: "backspace", 0x09: "<tab>",
+    0x0a: "enter", 0x0b: "kill_end", 0x0c: None, 0x0d: "enter",
+    0x0e: "<down>", 0x10: "<up>", 0x12: "<^R>", 0x13: "<^S>",
+    0x15: "kill_start", 0x17: "kill_word", 0x19: "<^Y>", 0x1f: "<^_>",
+    0x7f: "backspace"}
+
+#: The tail of an escape sequence (after ESC [ or ESC O, or the byte after
+#: a lone ESC) -> the editing it does.
+_ESCAPE_KEYS = {
+    "[A": "<up>", "[B": "<down>", "[C": "right", "[D": "left",
+    "OA": "<up>", "OB": "<down>", "OC": "right", "OD": "left",
+    "[H": "home", "[F": "end", "OH": "home", "OF": "end", "[1~": "home",
+    "[7~": "home", "[4~": "end", "[8~": "end", "[3~": "delete",
+    "[2~": None, "[200~": None, "[201~": None,  # insert, bracketed paste
+    "[5~": "<pgup>", "[6~": "<pgdn>",
+    "[1;5C": "word_right", "[1;5D": "word_left", "[1;3C": "word_right",
+    "[1;3D": "word_left", "f": "word_right", "b": "word_left",
+    "\x7f": "kill_alnum_word", "\x08": "kill_alnum_word"}
+
+#: What an editing key shows as once the line is not known exactly.
+_EDIT_MARKS = {
+    "backspace": "<bs>", "delete": "<del>", "left": "<left>",
+    "right": "<right>", "home": "<home>", "end": "<end>",
+    "kill_start": "<^U>", "kill_end": "<^K>", "kill_word": "<^W>",
+    "kill_alnum_word": "<M-bs>",
+    "word_left": "<M-b>", "word_right": "<M-f>", "eof": "<^D>"}
+
+#: One key: an escape sequence (whole, or cut off at the end of the data),
+#: a control byte, or a run of text.
+_KEY_TOKEN = re.compile(
+    rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1bO[ -~]|\x1b\[[0-?]*[ -/]*\Z|\x1bO?\Z"
+    rb"|\x1b[\x08\x20-\x7f]|[\x00-\x1f\x7f]|[\x20-\x7e\x80-\xff]+")
+
+KeyCarry = collections.namedtuple("KeyCarry",
+                                  "tokens cursor pending after_cr cut")
+KeyCarry.__doc__ = """The line being typed when a record ended: its tokens
+(characters and marks), the cursor, bytes of a key cut off, whether the
+last key was a CR (a LF right after it ends no second line), and whether
+the line was cut at MAX_TYPED_LINE_CHARS."""
+
+#: Nothing typed yet.
+NO_CARRY = KeyCarry((), 0, b"", False, False)
+
+
+def _utf8_cut(run):
+    """Where the run ends in a whole UTF-8 character: the bytes after it
+    may be a character the next record completes."""
+    for back in range(1, min(4, len(run)) + 1):
+        byte = run[-back]
+        if byte < 0x80:
+            return len(run)
+        if byte >= 0xc0:  # the lead byte: does its character fit?
+            needed = 2 if byte < 0xe0 else 3 if byte < 0xf0 else 4
+            return len(run) if back >= needed else len(run) - back
+    return len(run)
+
+
+class _LineEditor:
+    """The line as readline would hold it (used by decode_keystrokes)."""
+
+    def __init__(self, carry):
+        self.tokens = list(carry.tokens)
+        self.cursor = carry.cursor
+        self.after_cr = carry.after_cr
+        self.cut = carry.cut
+        self.lines = []
+
+    def exact(self):
+        return not any(len(token) > 1 for token in self.tokens)
+
+    def insert(self, token):
+        if len(self.tokens) >= MAX_TYPED_LINE_CHARS:
+            self.cut = True
+            return
+        self.tokens.insert(self.cursor, token)
+        self.cursor += 1
+
+    def end_line(self, mark=""):
+        text = "".join(self.tokens) + ("\u2026" if self.cut else "") + mark
+        if text:
+            self.lines.append(text)
+        self.tokens, self.cursor, self.cut = [], 0, False
+
+    def key(self, action):
+        """Apply one named key (or insert its mark)."""
+        if action is None:
+            return
+        if action.startswith("<"):
+            self.cursor = len(self.tokens)
+            self.insert(action)
+        elif action == "enter":
+            self.end_line()
+        elif action == "cancel":
+            self.end_line("<^C>")
+        elif action == "eof" and not self.tokens:
+            self.lines.append("<^D>")
+        elif not self.exact():
+            self.key(_EDIT_MARKS[action])
+        else:
+            self._edit(action)
+
+    def _edit(self, action):
+        tokens, cursor = self.tokens, self.cursor
+        if action == "backspace" and cursor:
+            del tokens[cursor - 1]
+            self.cursor -= 1
+        elif action in ("delete", "eof"):
+            del tokens[cursor:cursor + 1]
+        elif action in ("left", "right"):
+            self.cursor = max(0, min(len(tokens), cursor + (
+                -1 if action == "left" else 1)))
+        elif action in ("home", "kill_start"):
+            if action == "kill_start":
+                del tokens[:cursor]
+            self.cursor = 0
+        elif action == "end":
+            self.cursor = len(tokens)
+        elif action == "kill_end":
+            del tokens[cursor:]
+        elif action in ("kill_word", "kill_alnum_word"):
+            # Ctrl-W: back to a blank; Alt-Backspace: to a non-alphanumeric
+            start = self._word_start(cursor, str.isspace if
+                                     action == "kill_word" else _not_word)
+            del tokens[start:cursor]
+            self.cursor = start
+        elif action == "word_left":
+            self.cursor = self._word_start(cursor, _not_word)
+        elif action == "word_right":
+            while cursor < len(tokens) and _not_word(tokens[cursor]):
+                cursor += 1
+            while cursor < len(tokens) and not _not_word(tokens[cursor]):
+                cursor += 1
+            self.cursor = cursor
+
+    def _word_start(self, cursor, separates):
+        while cursor and separates(self.tokens[cursor - 1]):
+            cursor -= 1
+        while cursor and not separates(self.tokens[cursor - 1]):
+            cursor -= 1
+        return cursor
+
+
+def _not_word(character):
+    return not character.isalnum()
+
+
+def decode_keystrokes(data, carry=NO_CARRY):
+    """Bytes a terminal's reader got (a TTY record's data) -> (the command
+    lines they finished, the carry for the next record of that reader).
+
+    Pure. CR or LF ends a line (CR LF ends one); Ctrl-C ends it with
+    <^C> (typed, not run); Ctrl-D on an empty line is <^D>. Backspace, DEL,
+    Delete, arrows, Home/End, Ctrl-A/E/B/F/K/U/W and Alt-B/F edit the line;
+    tab, history and search keys leave a mark (<tab>, <up>, <^R>); other
+    control bytes show as <^X>, other escape sequences as <esc>. Input
+    that is not UTF-8 becomes U+FFFD. Empty lines are left out.
+    """
+    editor = _LineEditor(carry)
+    data = carry.pending + data
+    position = 0
+    for match in _KEY_TOKEN.finditer(data):
+        token = match.group(0)
+        position = match.end()
+        if token[0] == 0x1b and match.end() == len(data) and (
+                len(token) == 1 or token[:2] in (b"\x1b[", b"\x1bO")) and \
+                not (len(token) > 2 and 0x40 <= token[-1] <= 0x7e):
+            position = match.start()  # cut off: the next record ends it
+            break
+        after_cr, editor.after_cr = editor.after_cr, token == b"\r"
+        if token == b"\n" and after_cr:
+            continue
+        if token[0] == 0x1b:
+            tail = token[1:].decode("ascii", "replace")
+            editor.key(_ESCAPE_KEYS.get(tail, "<esc>" if tail[:1] in "[O"
+                                        else "<M-%s>" % tail))
+        elif len(token) == 1 and (token[0] < 0x20 or token[0] == 0x7f):
+            editor.key(_CONTROL_KEYS.get(token[0], "<^%s>" % chr(
+                token[0] + 0x40)))
+        else:
+            whole = _utf8_cut(token) if match.end() == len(data) \
+                else len(token)
+            for character in token[:whole].decode("utf-8", "replace"):
+                editor.insert(character)
+            position = match.start() + whole
+    pending = data[position:]
+    return editor.lines, KeyCarry(tuple(editor.tokens), editor.cursor,
+                                  pending[-64:], editor.after_cr, editor.cut)
+
+
+def unfinished_line(carry):
+    """What was typed but never entered when the reader's session ended,
+    marked <no enter>; None when nothing was."""
+    if not carry.tokens:
+        return None
+    return "".join(carry.tokens) + ("\u2026" if carry.cut else "") + \
+        "<no enter>"
+
+
+# ---------------------------------------------------------------------------
 # 8 enrichment
 # ---------------------------------------------------------------------------
 #
@@ -3994,6 +4318,215 @@ class SessionTracker:
         # Each carried field in its event type, or left out.
         return dict({field: _record_value(field, saved.get(field))
                      for field in cls.CARRIED}, opened_us=saved["opened_us"])
+
+
+class _Typed:
+    """What was typed in one session: its lines (bounded) and the carry of
+    each reader (a line goes on in the next record of the same PID)."""
+
+    def __init__(self, where):
+        self.where = where  # its key in TypedInput.open
+        self.lines = []
+        self.chars = 0
+        self.more = 0
+        self.carries = BoundedTable(16)  # reader PID -> KeyCarry
+
+    def add(self, line):
+        line = shorten(line, MAX_TYPED_LINE_CHARS)
+        if len(self.lines) >= MAX_TYPED_LINES or \
+                self.chars + len(line) > MAX_TYPED_CHARS:
+            self.more += 1
+            return
+        self.lines.append(line)
+        self.chars += len(line)
+
+
+class TypedInput:
+    """Hands the lines typed in a session (TTY audit records) to that
+    session, and gives them to its session_closed event.
+
+    A record names its audit session (`ses`) and the reader's UID; PAM's
+    USER_START record names the session's process and its audit session,
+    and that process writes the session_opened line. The lines go to the
+    most recent session still open in that audit session whose account is
+    root exactly when the reader is (su or sudo to root inside a user's
+    login shares the user's audit session). A close waits for PAM's
+    USER_END record of its process, after which no keystroke of the
+    session can come: at most TTY_HOLD_US of the entries' time, and live
+    also of the wall clock since it was held (a backlog read after a
+    restart is old by the wall clock, yet its USER_END is on its way).
+    Bounded:
+    MAX_TYPED_SESSIONS sessions, MAX_TYPED_LINES lines and MAX_TYPED_CHARS
+    characters each.
+    """
+
+    def __init__(self, limit=MAX_TYPED_SESSIONS):
+        self.limit = limit
+        self.audit_session_of = BoundedTable(MAX_OPEN_SESSIONS)  # boot/pid
+        self.waiting = BoundedTable(MAX_OPEN_SESSIONS)  # boot/pid -> opened
+        self.open = BoundedTable(MAX_OPEN_SESSIONS)  # boot/ses/root -> keys
+        self.typed = BoundedTable(limit)  # context key -> _Typed
+        # boot/pid -> (closed event, wall clock µs when held or None)
+        self.closing = collections.OrderedDict()
+        self.ended = BoundedTable(MAX_OPEN_SESSIONS)  # boot/pid: USER_END
+        # boot/pid of each session's own process -> its audit session
+        self.session_processes = BoundedTable(MAX_OPEN_SESSIONS)
+        # TTY records: typed (in a session), unclaimed (no open session
+        # known), relayed (sudo passing the user's terminal on)
+        self.records = collections.Counter()
+
+    def note(self, event, entry):
+        """A session line's own _AUDIT_SESSION, where journald gave one (a
+        fresh su or sudo process; sshd's is usually missing, as journald
+        looked the process up before PAM set its session)."""
+        session = audit_session_of(entry)
+        if session is not None and event.context_key:
+            self.audit_session_of.put(_process_key(event), session)
+
+    def record(self, record):
+        """Take one AuditRecord; returns the closed sessions it completes."""
+        process = "%s/%s" % (record.boot, record.pid)
+        if record.kind == AUDIT_USER_START:
+            self.audit_session_of.put(process, record.audit_session)
+            opened = self.waiting.pop(process, None)
+            if opened is not None:
+                self._register(opened, record.audit_session)
+            return []
+        if record.kind == AUDIT_USER_END:
+            closed = self.closing.pop(process, None)
+            if closed is None:  # before the close line (another socket)
+                self.ended.put(process, True)
+                return []
+            return [self._release(closed[0])]
+        if self.session_processes.get(process) == record.audit_session:
+            # sudo (use_pty) reads the user's terminal and writes the keys
+            # to its command's pty, whose reader is recorded too; its own
+            # record comes when it exits, after its session's end.
+            self.records["relayed"] += 1
+            return []
+        keys = self.open.get("%s/%s/%s" % (record.boot, record.audit_session,
+                                           record.uid == "0"))
+        typed = keys and self.typed.get(keys[-1])
+        if not typed:
+            self.records["unclaimed"] += 1
+            return []
+        self.records["typed"] += 1
+        carry = typed.carries.pop(record.pid, NO_CARRY)
+        data = record.data
+        if record.kind == AUDIT_USER_TTY and not data.endswith(b"\n"):
+            data += b"\n"  # a whole line the shell pushed
+        lines, carry = decode_keystrokes(data, carry)
+        for line in lines:
+            typed.add(line)
+        typed.carries.put(record.pid, carry)
+        return []
+
+    def observe(self, event, now_us=None):
+        """The events to send now for this one: [event], or none while a
+        session_closed of a session with TTY audit waits for its last
+        keystrokes (then more may come from record(), due() or drain()).
+        `now_us`: the wall clock, when the event is live."""
+        if not event.context_key:
+            return [event]
+        process = _process_key(event)
+        if event.action == "session_opened":
+            self.ended.pop(process, None)
+            session = self.audit_session_of.get(process)
+            if session is None:
+                self.waiting.put(process, event)
+            else:
+                self._register(event, session)
+        elif event.action == "session_closed":
+            self.waiting.pop(process, None)
+            if self.ended.pop(process, None):
+                return [self._release(event)]
+            if event.context_key in self.typed:
+                released = [self._release(self.closing.pop(process)[0])] \
+                    if process in self.closing else []
+                self.closing[process] = (event, now_us)
+                while len(self.closing) > self.limit:
+                    released.append(self._release(
+                        self.closing.popitem(last=False)[1][0]))
+                return released
+        return [event]
+
+    def due(self, entry_us=None, wall_us=None):
+        """The held closes whose wait ended by the entries' time
+        `entry_us`, or (live) by the wall clock `wall_us`."""
+        over = [process for process, (event, held_us) in self.closing.items()
+                if (entry_us is not None and
+                    event.timestamp_us + TTY_HOLD_US <= entry_us) or
+                (wall_us is not None and
+                 (event.timestamp_us if held_us is None else held_us) +
+                 TTY_HOLD_US <= wall_us)]
+        return [self._release(self.closing.pop(process)[0])
+                for process in over]
+
+    def drain(self):
+        """Every held close (the end of the input)."""
+        return [self._release(self.closing.pop(key)[0])
+                for key in list(self.closing)]
+
+    def to_state(self):
+        """The held closes with what was typed so far, for a restart."""
+        return [[process, event_to_record(self._with_lines(event))]
+                for process, (event, _) in self.closing.items()]
+
+    def load_state(self, saved, now_us=None):
+        """Held closes saved by to_state(); live, their wait starts again
+        at `now_us`."""
+        self.closing.clear()
+        for item in saved if isinstance(saved, list) else ():
+            event = event_from_record(item[1]) if isinstance(item, list) \
+                and len(item) == 2 and isinstance(item[0], str) else None
+            if event is not None and event.action == "session_closed":
+                self.closing[item[0]] = (event, now_us)
+
+    def _release(self, event):
+        typed = self.typed.pop(event.context_key, None) \
+            if event.context_key else None
+        if typed is not None:
+            self._unregister(typed.where, event.context_key)
+        return self._with_lines(event, typed)
+
+    def _with_lines(self, event, typed=None):
+        """The close with what was typed (and never entered) added."""
+        if typed is None:
+            typed = self.typed.get(event.context_key) \
+                if event.context_key else None
+        if typed is None:
+            return event
+        whole = _Typed(typed.where)  # the session's own stays as it is
+        whole.lines, whole.chars, whole.more = \
+            list(typed.lines), typed.chars, typed.more
+        for carry in typed.carries.values():
+            line = unfinished_line(carry)
+            if line is not None:
+                whole.add(line)
+        if not whole.lines and not whole.more:
+            return event
+        return event._replace(typed_lines=tuple(whole.lines),
+                              typed_more=whole.more or None)
+
+    def _register(self, opened, session):
+        account = opened.target_user or opened.user
+        where = "%s/%s/%s" % (boot_of(opened), session, account == "root")
+        self._unregister(where, opened.context_key)
+        self.open.put(where, self.open.get(where, []) + [opened.context_key])
+        self.typed.put(opened.context_key, _Typed(where))
+        self.session_processes.put(_process_key(opened), session)
+
+    def _unregister(self, where, context_key):
+        keys = [key for key in self.open.get(where, ()) if key != context_key]
+        if keys:
+            self.open.put(where, keys)
+        else:
+            self.open.pop(where, None)
+
+
+def _process_key(event):
+    """boot/PID of the process that wrote a session line."""
+    return "%s/%s" % (boot_of(event), event.pid)
 
 
 class SudoAttempts:
@@ -5291,6 +5824,7 @@ def event_text(event):
         ("command", event.command_line),
         ("duration", None if event.session_duration_s is None
          else "%gs" % event.session_duration_s),
+        ("typed", typed_summary(event.typed_lines, event.typed_more)),
         ("counted_by", event.counted_by), ("network", event.network),
         ("attempts", event.attempts),
         ("window", None if event.window_s is None
@@ -5314,6 +5848,26 @@ def event_text(event):
     return "%s %s" % (event.action, " ".join(
         "%s=%s" % (name, _text_value(value)) for name, value in pairs
         if value is not None and value != ""))
+
+
+#: Between the lines typed in a session, where they share one line.
+TYPED_SEPARATOR = " \u23ce "
+
+
+def typed_summary(lines, more=None, limit=None):
+    """The lines typed in a session on one line ("ls ⏎ id"), as many as fit
+    `limit` characters, then "(+N more)"; None when nothing was typed."""
+    if not lines and not more:
+        return None
+    lines = list(lines or ())
+    more = more or 0
+    while True:
+        text = TYPED_SEPARATOR.join(lines)
+        tail = "%s(+%d more)" % (" " if text else "", more) if more else ""
+        if limit is None or len(text) + len(tail) <= limit or not lines:
+            return text + tail
+        lines.pop()
+        more += 1
 
 
 def render_json(event):
@@ -5737,6 +6291,8 @@ def alert_text(event, delay_s=0):
         ("Network", event.network), ("Service", method or None),
         ("TTY", _tty_text(quoted(event.tty), event)),
         ("Command", quoted(event.command_line)),
+        ("Typed", typed_summary(event.typed_lines, event.typed_more,
+                                MAX_ALERT_VALUE_CHARS)),
         ("Reason", event.reason), ("Counted by", event.counted_by),
         ("Attempts", event.attempts and "%d%s" % (
             event.attempts, " in %s" % window if window else "")),
@@ -7884,9 +8440,9 @@ def event_to_record(event):
 _INT_FIELDS = frozenset((
     "timestamp_us", "severity", "source_port", "destination_port", "pid",
     "certificate_serial", "attempts", "writer_uid", "window_s", "held_back",
-    "repeat", "dropped", "source_as_number"))
+    "repeat", "dropped", "source_as_number", "typed_more"))
 _NUMBER_FIELDS = frozenset(("session_duration_s",))
-_LIST_FIELDS = frozenset(("users_tried", "sources"))
+_LIST_FIELDS = frozenset(("users_tried", "sources", "typed_lines"))
 
 
 def _is_text(value):
@@ -8796,12 +9352,24 @@ def valid_cursor(cursor):
 # ---------------------------------------------------------------------------
 
 
-def journal_matches():
+def journal_matches(tty_audit=False):
     """journalctl match arguments: one field repeated means OR; `+` ORs
     the group of journald's suppression entries (any writer: the parser
-    tells journald's own from a forgery)."""
-    return ["SYSLOG_IDENTIFIER=%s" % name for name in sorted(
+    tells journald's own from a forgery) and, with tty_audit, the group of
+    the kernel's TTY, USER_TTY and USER_START records (audit transport
+    only: never the kernel log's copies)."""
+    matches = ["SYSLOG_IDENTIFIER=%s" % name for name in sorted(
         WATCHED_SERVICES)] + ["+", "MESSAGE_ID=" + JOURNAL_DROPPED_MESSAGE_ID]
+    if tty_audit:
+        matches += ["+", "_TRANSPORT=audit"] + [
+            "_AUDIT_TYPE=" + kind for kind in AUDIT_KINDS]
+    return matches
+
+
+def journal_fields(tty_audit=False):
+    """The --output-fields= argument: the fields the parser reads."""
+    return "--output-fields=" + ",".join(
+        JOURNAL_FIELDS + (TTY_AUDIT_FIELDS if tty_audit else ()))
 
 
 def first_start_time_us(first_start, now_s):
@@ -8814,12 +9382,11 @@ def first_start_time_us(first_start, now_s):
     return None
 
 
-def follow_command(journalctl, position):
+def follow_command(journalctl, position, tty_audit=False):
     """The journalctl command line that follows the watched services."""
     return ([journalctl, "--follow", "--output=json", "--no-pager",
-             "--all", "--quiet", "--no-tail",
-             "--output-fields=" + ",".join(JOURNAL_FIELDS)]
-            + position + journal_matches())
+             "--all", "--quiet", "--no-tail", journal_fields(tty_audit)]
+            + position + journal_matches(tty_audit))
 
 
 def journald_absence(socket_path):
@@ -8849,8 +9416,10 @@ class JournalSource:
     """
 
     def __init__(self, journalctl, first_start, cursor=None,
-                 last_realtime_us=None, socket_path=JOURNAL_SOCKET):
+                 last_realtime_us=None, socket_path=JOURNAL_SOCKET,
+                 tty_audit=False):
         self.journalctl = journalctl
+        self.tty_audit = tty_audit  # also read the TTY audit records
         self.socket_path = socket_path
         self.journald_was_missing = False
         self.unannounced_exit = None  # a signalled exit, said if restarted
@@ -8903,7 +9472,8 @@ class JournalSource:
 
     def start(self, now):
         self.pin_first_start(time.time())
-        command = follow_command(self.journalctl, self.position())
+        command = follow_command(self.journalctl, self.position(),
+                                 self.tty_audit)
         try:
             self.process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -9050,7 +9620,7 @@ class JournalSource:
         follower has not delivered."""
         command = [self.journalctl, "--output=json", "--no-pager", "--quiet",
                    "--lines=1", "--output-fields=MESSAGE"] + \
-            self.position() + journal_matches()
+            self.position() + journal_matches(self.tty_audit)
         try:
             result = subprocess.run(command, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE,
@@ -9498,6 +10068,10 @@ METRICS = collections.OrderedDict((
     ("pamsignal_login_records_total",
      ("counter", "Sessions in the login records, by verdict: accounted "
       "(the journal showed the login) or unaccounted.")),
+    ("pamsignal_tty_records_total",
+     ("counter", "TTY audit records read (tty_audit), by verdict: typed "
+      "(in a session), unclaimed (no open session known) or relayed "
+      "(sudo passing the terminal on).")),
     ("pamsignal_journal_last_suppression_time_seconds",
      ("gauge", "When journald last said it dropped lines of a login unit "
       "(Unix time; unit and dropped lines in the labels).")),
@@ -9654,6 +10228,8 @@ class Pipeline:
         self.failed = collections.Counter()  # channel -> errors
         self.failing = {}  # channel -> its error, until it works again
         self.audit = None  # the AuditLog, when the agent keeps one
+        # What was typed in sessions (TTY audit), when tty_audit is on.
+        self.typing = TypedInput() if detection.tty_audit else None
 
     def decode(self, line):
         """One journalctl output line -> entry dict, or None (counted, and
@@ -9664,7 +10240,8 @@ class Pipeline:
         most of a full export is other programs.
         """
         if self.skip_unwatched and isinstance(line, bytes) and \
-                _WATCHED_NAME_BYTES.search(line) is None:
+                _WATCHED_NAME_BYTES.search(line) is None and (
+                    self.typing is None or b'"audit"' not in line):
             if line.lstrip().startswith(b"{") and \
                     line.rstrip().endswith(b"}"):
                 self.entries += 1
@@ -9683,9 +10260,16 @@ class Pipeline:
         """Parse one entry and send its event, then what it made the
         detector find; returns how many events were sent. `now_s` (wall
         clock) is given when the entry is live (`run`, not `scan`)."""
+        if self.typing is not None:
+            record = parse_audit_record(entry)
+            if record is not None:
+                return sum(self._deliver(closed, now_s)
+                           for closed in self.typing.record(record))
         event = parse_entry(entry, int((self.clock() if now_s is None
                                         else now_s) * 1000000))
         if event is not None:
+            if self.typing is not None and event.action == "session_opened":
+                self.typing.note(event, entry)
             event = self.sudo_attempts.observe(event)
         attempts, programs = self.ssh_attempts, self.program_attempts
         sent = 0
@@ -9693,6 +10277,9 @@ class Pipeline:
             entry_us = _entry_timestamp(entry) or 0
             for released in attempts.due(entry_us) + programs.due(entry_us):
                 sent += self._process(released, now_s)
+        if self.typing is not None and self.typing.closing:
+            for closed in self.typing.due(_entry_timestamp(entry) or 0):
+                sent += self._deliver(closed, now_s)
         if event is not None:
             for program_event in programs.observe(event):
                 for paired in attempts.observe(program_event):
@@ -9702,9 +10289,19 @@ class Pipeline:
     def _process(self, event, now_s):
         """Send one event and what it made the detectors find; returns how
         many events were sent."""
-        event = self._enriched(privileged_severity(self.sessions.observe(
-            self.acting_users.observe(event, live=now_s is not None))),
-            now_s)
+        event = self.sessions.observe(
+            self.acting_users.observe(event, live=now_s is not None))
+        if self.typing is None:
+            return self._deliver(event, now_s)
+        # A close of a session with TTY audit waits for its last keystrokes.
+        live_us = None if now_s is None else int(now_s * 1000000)
+        return sum(self._deliver(ready, now_s)
+                   for ready in self.typing.observe(event, live_us))
+
+    def _deliver(self, event, now_s):
+        """Send an event the sessions are done with, and what it made the
+        detectors find; returns how many events were sent."""
+        event = self._enriched(privileged_severity(event), now_s)
         self._send(event)
         try:
             found = self.detector.observe(event) + \
@@ -9766,6 +10363,9 @@ class Pipeline:
             sent = sum(self._process(event, now_s) for event in
                        self.ssh_attempts.due(now_us) +
                        self.program_attempts.due(now_us))
+            if self.typing is not None:
+                sent += sum(self._deliver(event, now_s) for event in
+                            self.typing.due(wall_us=now_us))
         now_us = int(self.clock() * 1000000)
         self._each_channel(lambda gate: gate.due(now_us))
         return sent
@@ -9773,9 +10373,11 @@ class Pipeline:
     def finish(self):
         """The end of the input (scan): the held sshd failures are events
         of their own."""
-        return sum(self._process(event, None)
+        sent = sum(self._process(event, None)
                    for event in self.ssh_attempts.drain() +
                    self.program_attempts.drain())
+        return sent + sum(self._deliver(event, None) for event in (
+            self.typing.drain() if self.typing is not None else ()))
 
     def drain(self):
         """Send every digest still held (before stopping)."""
@@ -9857,7 +10459,8 @@ class Agent:
         self.couriers = []
         self.delivered = collections.Counter()  # of couriers now stopped
         self.undelivered = collections.Counter()
-        self.source = JournalSource(config.journalctl, config.first_start)
+        self.source = JournalSource(config.journalctl, config.first_start,
+                                    tty_audit=config.detection.tty_audit)
         self.notifier = Notifier(environ)
         self.health = Health(time.time())
         self.stopping = False
@@ -9928,6 +10531,9 @@ class Agent:
         self.pipeline.ssh_attempts.load_state(state.get("ssh_attempts"))
         self.pipeline.program_attempts.load_state(
             state.get("program_attempts"))
+        if self.pipeline.typing is not None:
+            self.pipeline.typing.load_state(state.get("typed_closes"),
+                                            now_us)
 
     # -- saving -------------------------------------------------------------
 
@@ -9942,7 +10548,9 @@ class Agent:
                 "sudo_attempts": self.pipeline.sudo_attempts.to_state(),
                 "ssh_attempts": self.pipeline.ssh_attempts.to_state(),
                 "program_attempts":
-                    self.pipeline.program_attempts.to_state()},
+                    self.pipeline.program_attempts.to_state(),
+                "typed_closes": [] if self.pipeline.typing is None
+                else self.pipeline.typing.to_state()},
                 durable)):
             self.unsaved = False
         if durable:
@@ -10131,6 +10739,10 @@ class Agent:
             samples += [("pamsignal_login_records_total", {"verdict": verdict},
                          pipeline.witness.verdicts[verdict])
                         for verdict in ("accounted", "unaccounted")]
+        if pipeline.typing is not None:
+            samples += [("pamsignal_tty_records_total", {"verdict": verdict},
+                         pipeline.typing.records[verdict])
+                        for verdict in ("typed", "unclaimed", "relayed")]
         sent, failed = collections.Counter(pipeline.sent), \
             collections.Counter(pipeline.failed)
         # Network channels count deliveries (of earlier couriers too, as
@@ -10277,6 +10889,11 @@ class Agent:
                 say("warning", "%s changed: takes effect at the next start"
                     % key)
                 config = config._replace(**{key: getattr(self.config, key)})
+        if config.detection.tty_audit != self.config.detection.tty_audit:
+            say("warning", "tty_audit changed: takes effect at the next "
+                "start")
+            config = config._replace(detection=config.detection._replace(
+                tty_audit=self.config.detection.tty_audit))
         return config
 
     def _apply(self, config, channels):
@@ -10579,6 +11196,8 @@ class ReportBuilder:
         self.source = source
         self.logins = BoundedTable(MAX_OPEN_SESSIONS)  # boot/pid -> event
         self.open_sessions = BoundedTable(MAX_OPEN_SESSIONS)
+        # sudo's sessions, listed only when something was typed in them
+        self.sudo_opens = BoundedTable(MAX_OPEN_SESSIONS)
         self.sessions = collections.deque(maxlen=MAX_REPORT_SESSIONS)
         self.sessions_seen = 0
         self.failures = 0
@@ -10603,9 +11222,10 @@ class ReportBuilder:
             self.logins.put(event.context_key.rsplit("/", 1)[0], event)
         elif event.action == "session_opened" and event.user is None:
             event = self._acting_user(event)
-        if event.session_id is not None or event.service in \
-                SUDO_PAM_SERVICES:
-            pass  # logind repeats the PAM session; sudo's are commands
+        if event.session_id is not None:
+            pass  # logind repeats the PAM session
+        elif event.service in SUDO_PAM_SERVICES:
+            self._sudo_session(event)  # a command, unless typed into
         elif event.action == "session_opened" and event.context_key:
             self._opened(event)
         elif event.action == "session_closed":
@@ -10621,6 +11241,26 @@ class ReportBuilder:
             self.detections_seen += 1
             self.detections.append(event_to_ecs(event))
             self._mark_failures(event)
+
+    def _sudo_session(self, event):
+        """A sudo session is a row only when TTY audit recorded typing in
+        it (a root shell); it is named after the sudo command's user."""
+        if not event.context_key:
+            return
+        if event.action == "sudo_command":
+            self.sudo_opens.put(event.context_key, event)
+        elif event.action == "session_opened":
+            command = self.sudo_opens.pop(event.context_key, None)
+            self.sudo_opens.put(event.context_key, event._replace(
+                user=event.user or (command and command.user)))
+        elif event.action == "session_closed":
+            opened = self.sudo_opens.pop(event.context_key, None)
+            if not (event.typed_lines or event.typed_more):
+                return
+            if opened is not None and opened.action == "session_opened":
+                self._opened(opened)
+            self._closed(event._replace(user=event.user or (
+                opened and opened.user)))
 
     def _mark_failures(self, event):
         """Flag the failure rows a brute force or a success after
@@ -10670,6 +11310,9 @@ class ReportBuilder:
         opened[1]["end_us"] = event.timestamp_us
         if event.session_duration_s is not None:
             opened[1]["duration_s"] = event.session_duration_s
+        if event.typed_lines or event.typed_more:
+            opened[1]["typed"] = list(event.typed_lines or ())
+            opened[1]["typed_more"] = event.typed_more
         self._finish(opened, "closed")
 
     def _finish(self, opened, state):
@@ -10969,7 +11612,25 @@ def _sessions_part(document, width, time_format):
                            for session in sessions],
                           width, fixed=(0, 2, 6, 7, 8)) if sessions \
         else ["  none"]
-    return lines + _more_line(document["sessions_more"], "earlier sessions")
+    return lines + _more_line(document["sessions_more"],
+                              "earlier sessions") + _typed_part(
+                                  sessions, time_format)
+
+
+def _typed_part(sessions, time_format):
+    """What was typed in each session that has TTY audit records."""
+    typed = [session for session in sessions
+             if session.get("typed") or session.get("typed_more")]
+    lines = ["", "Typed in sessions (%d)" % len(typed)] if typed else []
+    for session in typed:
+        who, service, source, _, _, _, start, _, _ = _session_row(
+            session, time_format)
+        lines.append(escape_text("  ".join(
+            part for part in (who, service, source, start) if part)))
+        lines += ["  " + escape_text(line) for line in session["typed"]]
+        lines += ["  " + more for more in _more_line(
+            session.get("typed_more"), "lines")]
+    return lines
 
 
 #: How a failure row names the detections about it.
@@ -11185,7 +11846,7 @@ def command_scan(args, stdout):
     return EXIT_OK
 
 
-def report_command(journalctl, since_us, until_us):
+def report_command(journalctl, since_us, until_us, tty_audit=False):
     """The journalctl command line a report reads: the range (as @EPOCH,
     read the same way by every journalctl) and the matches `run` uses."""
     bounds = ["--since=@%d" % (since_us // 1000000)] \
@@ -11193,8 +11854,7 @@ def report_command(journalctl, since_us, until_us):
     if until_us is not None:
         bounds.append("--until=@%d" % -(-until_us // 1000000))
     return ([journalctl, "--output=json", "--no-pager", "--all", "--quiet",
-             "--output-fields=" + ",".join(JOURNAL_FIELDS)]
-            + bounds + journal_matches())
+             journal_fields(tty_audit)] + bounds + journal_matches(tty_audit))
 
 
 def in_range(entry, since_us, until_us):
@@ -11219,7 +11879,8 @@ def _report_lines(args, config):
         except OSError as error:
             raise PamSignalError("cannot read %s: %s" % (
                 args.file, error.strerror or error)) from None
-    command = report_command(config.journalctl, args.since_us, args.until_us)
+    command = report_command(config.journalctl, args.since_us, args.until_us,
+                             config.detection.tty_audit)
     try:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE)
@@ -11263,6 +11924,7 @@ def command_report(args, stdout):
             not pipeline.entries:
         raise PamSignalError("no journal entries found; export them with "
                              "`journalctl -o json`")
+    pipeline.finish()  # what waits for more input is all there is
     document = builder.document(args.since_us, args.until_us,
                                 pipeline.entries)
     if args.json:
