@@ -182,7 +182,12 @@ TRUSTED_TRANSPORTS = frozenset(("syslog", "journal", "stdout"))
 TRUSTED_EXE_DIRS = frozenset((
     "/usr/bin", "/bin", "/usr/sbin", "/sbin", "/usr/local/bin",
     "/usr/local/sbin", "/usr/lib/openssh", "/usr/libexec/openssh",
-    "/usr/libexec", "/usr/lib/systemd", "/lib/systemd"))
+    "/usr/libexec", "/usr/lib/systemd", "/lib/systemd",
+    # polkitd and its agent helper, Cockpit's session helper, sddm's
+    # helper (Debian's multiarch directories).
+    "/usr/lib/polkit-1", "/usr/libexec/polkit-1", "/usr/lib/cockpit",
+    "/usr/libexec/cockpit", "/usr/lib/x86_64-linux-gnu/sddm",
+    "/usr/lib/aarch64-linux-gnu/sddm"))
 
 #: Restart delays for journalctl, in seconds; the last one repeats.
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
@@ -1724,10 +1729,14 @@ def refuse_exposed_secrets(config, path, mode):
 # one event out. RULES is the single table of what each service writes; the
 # journalctl match arguments are derived from WATCHED_SERVICES.
 
-Service = collections.namedtuple("Service", "family name programs setuid")
+Service = collections.namedtuple(
+    "Service", "family name programs setuid account pam_services")
+Service.__new__.__defaults__ = (None, None)
 Service.__doc__ = """A watched journal identifier: which rules apply, the
 service name to report, the program names its real writer runs as, and
-whether it is setuid (logs with the caller's UID)."""
+whether it is setuid (logs with the caller's UID). `account`: a service
+account whose UID counts as root's for it (polkitd); `pam_services`: the
+only PAM services whose lines it reports (None: any)."""
 
 _SSHD_PROGRAMS = frozenset(("sshd", "sshd-session", "sshd-auth"))
 
@@ -1741,11 +1750,61 @@ WATCHED_SERVICES = {
     "login": Service("login", "login", frozenset(("login",)), False),
     "systemd-logind": Service("logind", "systemd-logind",
                               frozenset(("systemd-logind",)), False),
+    # The other doors in (section 7b): polkit and pkexec, doas, Cockpit,
+    # display managers. _COMM is cut to 15 characters, so both spellings.
+    "pkexec": Service("pkexec", "pkexec", frozenset(("pkexec",)), True,
+                      pam_services=frozenset(("polkit-1",))),
+    "polkit-agent-helper-1": Service(
+        "door", "polkit-agent-helper-1",
+        frozenset(("polkit-agent-helper-1", "polkit-agent-he")), True,
+        pam_services=frozenset(("polkit-1",))),
+    "polkitd": Service("polkitd", "polkit", frozenset(("polkitd",)), False,
+                       account="polkitd", pam_services=frozenset()),
+    "doas": Service("doas", "doas", frozenset(("doas",)), True,
+                    pam_services=frozenset(("doas",))),
+    "cockpit-session": Service("door", "cockpit-session",
+                               frozenset(("cockpit-session",)), True,
+                               pam_services=frozenset(("cockpit",))),
+    "lightdm": Service("door", "lightdm", frozenset(("lightdm",)), False,
+                       pam_services=frozenset(("lightdm",
+                                               "lightdm-autologin"))),
+    "sddm-helper": Service("door", "sddm-helper",
+                           frozenset(("sddm-helper",)), False,
+                           pam_services=frozenset(("sddm",
+                                                   "sddm-autologin"))),
 }
+#: gdm's session worker calls itself "gdm-session-worker [pam/SERVICE]", so
+#: syslog(3) names it "SERVICE]" (the greeter's gdm-launch-environment is
+#: no login and not watched).
+WATCHED_SERVICES.update(
+    ("%s]" % pam_service, Service(
+        "door", "gdm-session-worker",
+        frozenset(("gdm-session-worker", "gdm-session-wor")), False,
+        pam_services=frozenset((pam_service,))))
+    for pam_service in ("gdm-password", "gdm-autologin", "gdm-fingerprint",
+                        "gdm-smartcard"))
+
+#: systemd-executor (systemd 255+) runs a unit's PAM stack under the name
+#: of the command it starts, "(id)" or "(bash)", so it is asked for by its
+#: program (journal_matches) and known by the parentheses; of its PAM
+#: lines only run0's are logins ("(systemd)" is a user's service manager).
+EXECUTOR_SERVICE = Service("door", "systemd-executor",
+                           frozenset(("systemd-executor",)), False,
+                           pam_services=frozenset(("systemd-run0",)))
+#: Where systemd-executor lives (systemd 255+).
+EXECUTOR_EXE = "/usr/lib/systemd/systemd-executor"
+
+
+def executor_service(identifier):
+    """EXECUTOR_SERVICE for an identifier "(NAME)", else None."""
+    if identifier and identifier[0] == "(" and identifier[-1] == ")":
+        return EXECUTOR_SERVICE
+    return None
 
 #: PAM services that switch identity: their session's user is the target.
 SWITCHING_PAM_SERVICES = frozenset(("sudo", "sudo-i", "su", "su-l",
-                                    "runuser", "runuser-l"))
+                                    "runuser", "runuser-l", "doas",
+                                    "polkit-1", "systemd-run0"))
 
 #: sshd method -> reason of a failure with it.
 _METHOD_REASONS = {"password": "bad_password",
@@ -1902,7 +1961,8 @@ def _companion(match):
 def _build_session_opened(match):
     service, user = match.group("pam_service"), match.group("user")
     by_name, by_uid = match.group("by"), match.group("by_uid")
-    fields = {"action": "session_opened", "service": service}
+    fields = {"action": "login_success" if service in DOOR_LOGIN_SERVICES
+              else "session_opened", "service": service}
     if service in SWITCHING_PAM_SERVICES:
         fields.update(target_user=user, user=by_name or None,
                       user_id=None if by_name else by_uid)
@@ -2080,17 +2140,25 @@ def _build_pam_auth_failure(match):
                 "service": "sudo", "tty": found.get("tty") or None,
                 "user": found.get("ruser") or found.get("logname") or
                 found.get("user") or None}
+    if service in DOOR_AUTH_SERVICES:
+        return _door_auth_failure(service, pairs)
     if service != "sshd":
         return None
-    at = pairs.rfind("rhost=")  # the last: sshd's, after the others
+    fields, user = _pam_source_and_user(pairs)
+    return dict(fields, action="login_failure", reason="bad_password",
+                pairing="pam", user=user,
+                detail="%s: authentication failure" % match.group("module"))
+
+
+def _pam_source_and_user(pairs):
+    """(source fields, user) from the end of a PAM failure line."""
+    at = pairs.rfind("rhost=")  # the last: the caller's, after the others
     tail = _PAM_RHOST.match(pairs, at - 1 if at > 0 else 0) \
         if at >= 0 else None
     fields = _source(tail.group("rhost")) if tail else {}
     user = tail.group("user") if tail else \
         dict(_PAM_PAIR.findall(pairs)).get("user")
-    return dict(fields, action="login_failure", reason="bad_password",
-                pairing="pam", user=user or None,
-                detail="%s: authentication failure" % match.group("module"))
+    return fields, user or None
 
 
 def _build_pam_lockout(match):
@@ -2348,6 +2416,161 @@ RULES = (
         _build_logind_removed),
 )
 
+# ---------------------------------------------------------------------------
+# 7b the other doors in: polkit and pkexec, doas, run0, Cockpit, gdm,
+# lightdm, sddm
+# ---------------------------------------------------------------------------
+#
+# They report as the same kinds as sshd, sudo and su, with the service
+# named: a failed password is a login_failure, a command run as another
+# user a sudo_command, a graphical or Cockpit session a login_success.
+# The forms are those of polkit 0.105-127 (pkexec.c log_message(),
+# polkitbackendinteractiveauthority.c), OpenDoas 6.6-6.8 (doas.c, pam.c,
+# shadow.c), systemd 256-257 (run0) and Cockpit's session helper (PAM
+# service "cockpit"); their README table says which wrote what.
+
+#: PAM services whose own failure line is the only word of a failed login
+#: (the agent helper's is paired with polkitd's verdict: PolkitAttempts).
+DOOR_AUTH_SERVICES = frozenset((
+    "polkit-1", "cockpit", "gdm-password", "gdm-autologin",
+    "gdm-fingerprint", "gdm-smartcard", "lightdm", "lightdm-autologin",
+    "sddm", "sddm-autologin"))
+
+#: PAM services whose session is a login: nothing else logs the success.
+DOOR_LOGIN_SERVICES = DOOR_AUTH_SERVICES - frozenset(("polkit-1",))
+
+
+def _door_auth_failure(service, pairs):
+    """A failed password at a door whose PAM line is all there is: the
+    address is PAM's rhost (Cockpit's web client), the terminal its tty."""
+    fields, user = _pam_source_and_user(pairs)
+    tty = dict(_PAM_PAIR.findall(pairs.split(" rhost=", 1)[0])).get("tty")
+    return dict(fields, action="login_failure", reason="bad_password",
+                service=service, user=user,
+                tty=(tty or "")[len("/dev/"):] if (tty or "").startswith(
+                    "/dev/") else tty or None)
+
+
+#: pamsignal.detail of a pkexec or doas line whose directory or command
+#: imitates the words around them (as SUDO_AMBIGUOUS).
+DOOR_AMBIGUOUS = "ambiguous: the directory or command imitates the log text"
+
+_PKEXEC_COMMAND = "] [COMMAND="
+
+
+def _build_pkexec(match):
+    """pkexec's log_message(): `U: WHAT [USER=T] [TTY=t] [CWD=d]
+    [COMMAND=c]`. The directory and the command are the caller's text:
+    the command is everything after the first "] [COMMAND=" (so the real
+    one is in it), and an imitation is flagged."""
+    rest = match.group("rest")
+    at = rest.find(_PKEXEC_COMMAND)
+    if at < 0:
+        return None
+    what, tty = match.group("what"), match.group("tty")
+    fields = {"user": match.group("user"),
+              "target_user": match.group("target"),
+              "tty": None if tty == "unknown" else tty[len("/dev/"):]
+              if tty.startswith("/dev/") else tty,
+              "working_directory": rest[:at],
+              "command_line": rest[at + len(_PKEXEC_COMMAND):],
+              "detail": DOOR_AMBIGUOUS if rest.count(_PKEXEC_COMMAND) > 1
+              else None}
+    if what == "Executing command":
+        fields["action"] = "sudo_command"
+    else:
+        fields.update(action="login_failure", reason="not_authorized",
+                      detail=fields["detail"] or what)
+    return fields
+
+
+def _build_pkexec_environment(match):
+    """pkexec refused a hostile environment (what PwnKit, CVE-2021-4034,
+    leaves behind): not a guess, but worth an alert."""
+    return {"action": "login_failure", "reason": "refused_environment",
+            "user": match.group("user"), "detail": match.group("why")}
+
+
+def _build_polkit_verdict(match):
+    """polkitd's verdict on an authentication. The user is the owner of
+    the process that asked (a unix-user:NAME at the very end, after the
+    process's command line, the caller's own text)."""
+    identity = match.group("identity")
+    fields = {"user": match.group("owner"),
+              "command_line": match.group("cmdline"),
+              "detail": match.group("action_id") if identity is None else
+              "%s, authenticated as %s" % (match.group("action_id"),
+                                           identity),
+              "context_pid": match.group("subject_pid")}
+    if identity is None:
+        fields.update(action="login_failure", reason="bad_password")
+    else:
+        fields["action"] = "login_success"
+    return fields
+
+
+def _build_doas_failed(match):
+    return {"action": "login_failure", "reason": "bad_password",
+            "user": match.group("user")}
+
+
+def _build_doas_refused(match):
+    return {"action": "login_failure", "reason": "command_not_allowed",
+            "user": match.group("user"), "command_line": match.group("command")}
+
+
+_DOAS_AS = re.compile(r" as (\S+) from ")
+
+
+def _build_doas_ran(match):
+    """`U ran command CMD as T from CWD`: CMD and CWD are the caller's
+    text. With more than one reading the target is root if any says so,
+    the command runs to the last " as T from " (the real one is in it)."""
+    rest = match.group("rest")
+    readings = list(_DOAS_AS.finditer(rest))
+    if not readings:
+        return None
+    last = readings[-1]
+    target = next((r.group(1) for r in readings if r.group(1) == "root"),
+                  readings[0].group(1))
+    return {"action": "sudo_command", "user": match.group("user"),
+            "target_user": target if len(readings) > 1 else last.group(1),
+            "command_line": rest[:last.start()] if len(readings) > 1
+            else rest[:readings[0].start()],
+            "working_directory": None if len(readings) > 1
+            else rest[readings[0].end():],
+            "detail": DOOR_AMBIGUOUS if len(readings) > 1 else None}
+
+
+DOOR_RULES = (
+    Rule("pkexec", "pkexec", None, re.compile(
+        r"^(?P<user>[^\s:]+): (?P<what>Executing command|Error executing "
+        r"command as another user: [^\[\]]*?) \[USER=(?P<target>[^\]\s]+)\] "
+        r"\[TTY=(?P<tty>[^\]\s]*)\] \[CWD=(?P<rest>.*)\]\Z", re.S),
+        _build_pkexec),
+    Rule("pkexec", "pkexec_environment", None, re.compile(
+        r"^(?P<user>[^\s:]+): (?P<why>The value for (?:the SHELL variable|"
+        r"environment variable \S+) [^\[]*) \[USER=", re.S),
+        _build_pkexec_environment),
+    Rule("polkitd", "polkit_verdict", ("Operator",), re.compile(
+        r"^Operator of \S+ (?:FAILED to authenticate|successfully "
+        r"authenticated as unix-user:(?P<identity>\S+)) to gain (?:\S+ )?"
+        r"authorization for action (?P<action_id>\S+) for (?:unix-process:"
+        r"(?P<subject_pid>\d+):\S+|\S+) \[(?P<cmdline>.*)\] \(owned "
+        r"by unix-user:(?P<owner>[^\s()]+)\)\Z", re.S),
+        _build_polkit_verdict),
+    Rule("doas", "doas_failed", ("failed",), re.compile(
+        r"^failed auth for (?P<user>\S+)\Z"), _build_doas_failed),
+    Rule("doas", "doas_refused", ("command",), re.compile(
+        r"^command not permitted for (?P<user>[^\s:]+): (?P<command>.*)\Z",
+        re.S), _build_doas_refused),
+    Rule("doas", "doas_ran", None, re.compile(
+        r"^(?P<user>\S+) ran command (?P<rest>.*)\Z", re.S), _build_doas_ran),
+)
+
+RULES = RULES + DOOR_RULES
+
+
 #: The leading word a rule's `words` name: letters, "_" and ":" only, so
 #: "pam_unix(sshd:auth)" gives "pam_unix" and "(to root)" gives "".
 _FIRST_WORD = re.compile(r"[A-Za-z_:]*")
@@ -2407,19 +2630,27 @@ def classify_message(family, message):
 _DELETED = " (deleted)"
 
 
-def writer_is_genuine(entry, service):
+def writer_is_genuine(entry, service, accounts=None):
     """Whether the trusted journal fields show the real service wrote this.
 
     Anyone can `logger -t sshd`; only journald sets the underscore fields.
     `_EXE` is missing when the writer exited before journald looked; then
     the program name decides, but only for root writers: any process can
     name itself "sudo" (prctl) and exit, so a non-root writer (the caller
-    of setuid sudo or su) must show the real executable.
+    of setuid sudo or su) must show the real executable. A service that
+    runs as an account of its own (polkitd) is trusted as root only with
+    that account's UID, from `accounts` (name -> UID text, see
+    service_account_uids).
     """
-    return _writer_verdict(journal_text(entry.get("_TRANSPORT")),
-                           journal_text(entry.get("_UID")),
-                           journal_text(entry.get("_EXE")),
-                           journal_text(entry.get("_COMM")), service)
+    uid = journal_text(entry.get("_UID"))
+    if service.account is not None and uid is not None and \
+            uid == (accounts or {}).get(service.account):
+        uid = "0"
+    comm = journal_text(entry.get("_COMM"))
+    if service is EXECUTOR_SERVICE:
+        comm = None  # its name is the command's; its _EXE decides
+    return _writer_verdict(journal_text(entry.get("_TRANSPORT")), uid,
+                           journal_text(entry.get("_EXE")), comm, service)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -2458,21 +2689,24 @@ def _context_key(entry, fields, service):
     boot = journal_text(entry.get("_BOOT_ID")) or ""
     if fields.get("session_id") is not None:
         return "%s/logind/%s" % (boot, fields["session_id"])
-    return "%s/%s/%s" % (boot, journal_text(entry.get("_PID")),
-                         fields.get("service") or service.name)
+    # A polkit verdict is about another process (pkexec's): its PID.
+    pid = fields.pop("context_pid", None) or journal_text(entry.get("_PID"))
+    return "%s/%s/%s" % (boot, pid, fields.get("service") or service.name)
 
 
-def parse_entry(entry, read_at_us=0):
+def parse_entry(entry, read_at_us=0, accounts=None):
     """One journal entry (dict as journalctl -o json gives it) -> Event|None.
 
     Pure: no clock, file or socket. Entries of unwatched identifiers, unknown
     messages and companion lines give None; an auth message written by a
     process that is not the real service gives a `spoofed_entry`. An entry
     whose own time is impossible keeps its event, stamped `read_at_us` (when
-    it was read), with the claimed time in `journal_time`.
+    it was read), with the claimed time in `journal_time`. `accounts` maps
+    service accounts to their UIDs (see writer_is_genuine).
     """
-    service = WATCHED_SERVICES.get(
-        journal_text(entry.get("SYSLOG_IDENTIFIER")))
+    identifier = journal_text(entry.get("SYSLOG_IDENTIFIER"))
+    service = WATCHED_SERVICES.get(identifier) or \
+        executor_service(identifier)
     if service is None:
         return parse_suppression(entry)
     message = journal_text(entry.get("MESSAGE"))
@@ -2481,15 +2715,18 @@ def parse_entry(entry, read_at_us=0):
     genuine = None
     if len(message) > MAX_UNTRUSTED_MESSAGE_CHARS:
         # A forger's text only needs reading far enough to see its claim.
-        genuine = writer_is_genuine(entry, service)
+        genuine = writer_is_genuine(entry, service, accounts)
         message = message[:MAX_MESSAGE_CHARS if genuine else
                           MAX_UNTRUSTED_MESSAGE_CHARS]
     rule, fields = classify_message(service.family, message)
     if fields is None:  # most lines: read no more of them
         return None
+    if rule.family == "pam" and service.pam_services is not None and \
+            fields.get("service") not in service.pam_services:
+        return None  # e.g. a greeter's session, a user's service manager
     timestamp_us = _entry_timestamp(entry)
     if genuine is None:
-        genuine = writer_is_genuine(entry, service)
+        genuine = writer_is_genuine(entry, service, accounts)
     common = {"timestamp_us": read_at_us if timestamp_us is None
               else timestamp_us,
               "journal_time": None if timestamp_us is not None
@@ -2558,7 +2795,7 @@ def parse_suppression(entry):
 #: (journald's suppression entries are watched too).
 _WATCHED_NAME_BYTES = re.compile(("\"(?:%s)\"" % "|".join(
     re.escape(name) for name in sorted(WATCHED_SERVICES) + [
-        JOURNAL_DROPPED_MESSAGE_ID])).encode())
+        JOURNAL_DROPPED_MESSAGE_ID, EXECUTOR_EXE])).encode())
 
 
 #: One decoder for every line: json.loads costs a third more per line.
@@ -3874,6 +4111,62 @@ class SshAttempts:
             saved.get("connections"),
             lambda value: value if isinstance(value, dict) and
             type(value.get("failures")) is int else None)
+
+
+class PolkitAttempts:
+    """One attempt, one event, for polkit (pkexec, run0 as a user, ...).
+
+    A wrong password gives three lines from three processes: the agent
+    helper's `pam_unix(polkit-1:auth)` failure, polkitd's FAILED verdict
+    and pkexec's "Not authorized" for its own process. The helper's
+    failure is held until polkitd's next verdict on that boot: a FAILED
+    one takes it (the event, with polkitd's action and command line and
+    the helper's user ID); a success releases it as a guess of its own,
+    and so does SSH_HOLD_US without a verdict. pkexec's refusal of a
+    process polkitd has just judged adds nothing.
+    """
+
+    def __init__(self, limit=MAX_OPEN_SESSIONS):
+        self.held = BoundedTable(limit)  # boot -> helper failures
+        self.judged = BoundedTable(limit)  # boot/PID of a FAILED process
+
+    def observe(self, event):
+        """The events to send now for this one (a list)."""
+        key = event.context_key
+        if key is None or event.service not in ("polkit-1", "polkit",
+                                                "pkexec"):
+            return [event]
+        boot, pid = key.split("/")[:2]
+        if event.service == "polkit-1" and event.action == "login_failure":
+            self.held.put(boot, (self.held.pop(boot, None) or []) + [event])
+            return []
+        if event.service == "pkexec" and event.reason == "not_authorized":
+            return [] if self.judged.pop(boot + "/" + pid, None) else [event]
+        if event.service != "polkit":
+            return [event]
+        held = self.held.pop(boot, None) or []
+        if event.action == "login_failure":
+            self.judged.put(boot + "/" + pid, True)
+            if held:
+                event = event._replace(
+                    user_id=held[-1].user_id,
+                    attempts=len(held) if len(held) > 1 else None)
+                held = []
+        return held + [event]
+
+    def due(self, now_us):
+        """Held failures no verdict came for within SSH_HOLD_US."""
+        out = []
+        for boot, held in list(self.held.items()):
+            if held[-1].timestamp_us <= now_us - SSH_HOLD_US:
+                out += self.held.pop(boot)
+        return out
+
+    def drain(self):
+        """Every held failure (the end of a scan)."""
+        out = [event for held in self.held.values() for event in held]
+        self.held.clear()
+        return out
 
 
 #: The rules that remember when they last fired, per counter.
@@ -8275,7 +8568,9 @@ def journal_matches():
     the group of journald's suppression entries (any writer: the parser
     tells journald's own from a forgery)."""
     return ["SYSLOG_IDENTIFIER=%s" % name for name in sorted(
-        WATCHED_SERVICES)] + ["+", "MESSAGE_ID=" + JOURNAL_DROPPED_MESSAGE_ID]
+        WATCHED_SERVICES)] + ["+", "MESSAGE_ID=" + JOURNAL_DROPPED_MESSAGE_ID,
+                              "+", "_EXE=" + EXECUTOR_EXE,
+                              "SYSLOG_FACILITY=10"]
 
 
 def first_start_time_us(first_start, now_s):
@@ -9088,6 +9383,30 @@ def suppression_samples(pipeline):
     return samples
 
 
+#: The highest UID of a system account (login.defs SYS_UID_MAX): a
+#: service account above it could be a person's.
+SYSTEM_UID_MAX = 999
+
+
+def service_account_uids(getpwnam=pwd.getpwnam):
+    """Service account name -> UID (text) for the watched services that
+    log as an account of their own (polkitd), looked up by name once at
+    start. An account that is missing, root's, or not a system account
+    (a UID people's accounts get) is left out: its lines are then
+    trusted only from root."""
+    uids = {}
+    for service in WATCHED_SERVICES.values():
+        if service.account is None:
+            continue
+        try:
+            uid = getpwnam(service.account).pw_uid
+        except KeyError:
+            continue
+        if 0 < uid <= SYSTEM_UID_MAX:
+            uids[service.account] = str(uid)
+    return uids
+
+
 def agent_event(action, now_s, component=None, message=None):
     """An event about the agent itself (not from the journal)."""
     return Event(timestamp_us=int(now_s * 1e6), action=action,
@@ -9100,16 +9419,19 @@ class Pipeline:
     (policy gate, then sink or spool), shared by `run` and `scan`.
 
     A failing sink is reported and never stops the others or the reader.
-    `clock` gives the wall time that cooldowns and rate limits run on.
+    `clock` gives the wall time that cooldowns and rate limits run on;
+    `accounts` the UIDs of service accounts (service_account_uids).
     """
 
     def __init__(self, channels, detection, skip_unwatched=False,
-                 clock=time.time, enricher=None):
+                 clock=time.time, enricher=None, accounts=None):
         self.channels = channels
         self.enricher = enricher
         self.sessions = SessionTracker()
         self.sudo_attempts = SudoAttempts()
         self.ssh_attempts = SshAttempts()
+        self.polkit_attempts = PolkitAttempts()
+        self.accounts = accounts
         self.detector = FailureDetector(detection)
         self.baseline = Baseline(detection.learning_period)
         self.skip_unwatched = skip_unwatched
@@ -9156,7 +9478,7 @@ class Pipeline:
         detector find; returns how many events were sent. `now_s` (wall
         clock) is given when the entry is live (`run`, not `scan`)."""
         event = parse_entry(entry, int((self.clock() if now_s is None
-                                        else now_s) * 1000000))
+                                        else now_s) * 1000000), self.accounts)
         if event is not None:
             event = self.sudo_attempts.observe(event)
         attempts = self.ssh_attempts
@@ -9164,9 +9486,14 @@ class Pipeline:
         if attempts.held:  # a held sshd failure whose wait is over
             for released in attempts.due(_entry_timestamp(entry) or 0):
                 sent += self._process(released, now_s)
+        if self.polkit_attempts.held:
+            for released in self.polkit_attempts.due(
+                    _entry_timestamp(entry) or 0):
+                sent += self._process(released, now_s)
         if event is not None:
             for paired in attempts.observe(event):
-                sent += self._process(paired, now_s)
+                for told in self.polkit_attempts.observe(paired):
+                    sent += self._process(told, now_s)
         return sent
 
     def _process(self, event, now_s):
@@ -9231,8 +9558,10 @@ class Pipeline:
         returns how many of those were sent."""
         sent = 0
         if now_s is not None:
+            now_us = int(now_s * 1000000)
             sent = sum(self._process(event, now_s) for event in
-                       self.ssh_attempts.due(int(now_s * 1000000)))
+                       self.ssh_attempts.due(now_us) +
+                       self.polkit_attempts.due(now_us))
         now_us = int(self.clock() * 1000000)
         self._each_channel(lambda gate: gate.due(now_us))
         return sent
@@ -9241,7 +9570,8 @@ class Pipeline:
         """The end of the input (scan): the held sshd failures are events
         of their own."""
         return sum(self._process(event, None)
-                   for event in self.ssh_attempts.drain())
+                   for event in self.ssh_attempts.drain() +
+                   self.polkit_attempts.drain())
 
     def drain(self):
         """Send every digest still held (before stopping)."""
@@ -9319,7 +9649,8 @@ class Agent:
         self.last_detection_save = 0.0
         self.events_at_detection_save = 0
         self.pipeline = Pipeline(channels, config.detection,
-                                 enricher=Enricher.from_config(config, True))
+                                 enricher=Enricher.from_config(config, True),
+                                 accounts=service_account_uids())
         self.couriers = []
         self.delivered = collections.Counter()  # of couriers now stopped
         self.undelivered = collections.Counter()
@@ -10633,7 +10964,8 @@ def command_scan(args, stdout):
         "format": "json" if args.json else "text"}, stream=stdout)
     pipeline = Pipeline([Channel(sink, ChannelGate(SHOW_EVERYTHING))],
                         config.detection, skip_unwatched=True,
-                        enricher=Enricher.from_config(config, False))
+                        enricher=Enricher.from_config(config, False),
+                        accounts=service_account_uids())
     with stream:
         for line in stream:
             entry = None if line.isspace() else pipeline.decode(line)
@@ -10704,7 +11036,8 @@ def command_report(args, stdout):
     builder = ReportBuilder(user=args.user, source=source)
     pipeline = Pipeline([Channel(ReportSink(builder), PassGate())],
                         config.detection, skip_unwatched=True,
-                        enricher=Enricher.from_config(config, False))
+                        enricher=Enricher.from_config(config, False),
+                        accounts=service_account_uids())
     stream, process = _report_lines(args, config)
     progress = Progress(sys.stderr)
     try:
