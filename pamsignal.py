@@ -185,7 +185,8 @@ TRUSTED_EXE_DIRS = frozenset((
     "/usr/libexec", "/usr/lib/systemd", "/lib/systemd",
     # polkitd and its agent helper, Cockpit's session helper, sddm's
     # helper (Debian's multiarch directories).
-    "/usr/lib/polkit-1", "/usr/libexec/polkit-1", "/usr/lib/cockpit",
+    "/usr/lib/polkit-1", "/usr/libexec/polkit-1", "/usr/lib/policykit-1",
+    "/usr/lib/cockpit",
     "/usr/libexec/cockpit", "/usr/lib/x86_64-linux-gnu/sddm",
     "/usr/lib/aarch64-linux-gnu/sddm"))
 
@@ -2479,8 +2480,9 @@ def _build_pkexec(match):
     if what == "Executing command":
         fields["action"] = "sudo_command"
     else:
-        fields.update(action="login_failure", reason="not_authorized",
-                      detail=fields["detail"] or what)
+        fields.update(action="login_failure", detail=fields["detail"] or what,
+                      reason="dismissed" if what.endswith("dismissed")
+                      else "not_authorized")
     return fields
 
 
@@ -2560,7 +2562,7 @@ DOOR_RULES = (
         r"by unix-user:(?P<owner>[^\s()]+)\)\Z", re.S),
         _build_polkit_verdict),
     Rule("doas", "doas_failed", ("failed",), re.compile(
-        r"^failed auth for (?P<user>\S+)\Z"), _build_doas_failed),
+        r"^failed auth for (?P<user>.+)\Z"), _build_doas_failed),
     Rule("doas", "doas_refused", ("command",), re.compile(
         r"^command not permitted for (?P<user>[^\s:]+): (?P<command>.*)\Z",
         re.S), _build_doas_refused),
@@ -4140,7 +4142,7 @@ class PolkitAttempts:
         if event.service == "polkit-1" and event.action == "login_failure":
             self.held.put(boot, (self.held.pop(boot, None) or []) + [event])
             return []
-        if event.service == "pkexec" and event.reason == "not_authorized":
+        if event.service == "pkexec" and event.action == "login_failure":
             return [] if self.judged.pop(boot + "/" + pid, None) else [event]
         if event.service != "polkit":
             return [event]
@@ -4179,6 +4181,8 @@ _RULE_NAMES = frozenset(("fast", "slow", "enumeration", "distributed",
 #: are policy, not a wrong password.
 _NOT_GUESSES = frozenset(("max_attempts", "root_refused", "user_change",
                           "not_in_sudoers", "command_not_allowed",
+                          # pkexec's refusals (see PolkitAttempts)
+                          "not_authorized", "dismissed", "refused_environment",
                           "password_required"))
 
 #: Times further ahead than this are a clock that was wrong: dropped.

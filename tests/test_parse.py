@@ -14,7 +14,8 @@ from support import flatten, make_entry, pamsignal, parse_flat
 #: sshd_forms.json for each form of a failed, refused, abandoned or
 #: probing sshd connection, with the OpenSSH versions that write it.
 FIXTURES = [os.path.join(os.path.dirname(__file__), "fixtures", name)
-            for name in ("messages.json", "sshd_forms.json")]
+            for name in ("messages.json", "sshd_forms.json",
+                         "doors_forms.json")]
 
 CASES = []
 for _path in FIXTURES:
