@@ -2518,7 +2518,8 @@ def _build_doas_failed(match):
 
 def _build_doas_refused(match):
     return {"action": "login_failure", "reason": "command_not_allowed",
-            "user": match.group("user"), "command_line": match.group("command")}
+            "user": match.group("user"),
+            "command_line": match.group("command")}
 
 
 _DOAS_AS = re.compile(r" as (\S+) from ")
