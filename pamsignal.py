@@ -2502,8 +2502,7 @@ def _build_polkit_verdict(match):
               "command_line": match.group("cmdline"),
               "detail": match.group("action_id") if identity is None else
               "%s, authenticated as %s" % (match.group("action_id"),
-                                           identity),
-              "context_pid": match.group("subject_pid")}
+                                           identity)}
     if identity is None:
         fields.update(action="login_failure", reason="bad_password")
     else:
@@ -2558,8 +2557,8 @@ DOOR_RULES = (
     Rule("polkitd", "polkit_verdict", ("Operator",), re.compile(
         r"^Operator of \S+ (?:FAILED to authenticate|successfully "
         r"authenticated as unix-user:(?P<identity>\S+)) to gain (?:\S+ )?"
-        r"authorization for action (?P<action_id>\S+) for (?:unix-process:"
-        r"(?P<subject_pid>\d+):\S+|\S+) \[(?P<cmdline>.*)\] \(owned "
+        r"authorization for action (?P<action_id>\S+) for \S+ "
+        r"\[(?P<cmdline>.*)\] \(owned "
         r"by unix-user:(?P<owner>[^\s()]+)\)\Z", re.S),
         _build_polkit_verdict),
     Rule("doas", "doas_failed", ("failed",), re.compile(
@@ -2692,9 +2691,8 @@ def _context_key(entry, fields, service):
     boot = journal_text(entry.get("_BOOT_ID")) or ""
     if fields.get("session_id") is not None:
         return "%s/logind/%s" % (boot, fields["session_id"])
-    # A polkit verdict is about another process (pkexec's): its PID.
-    pid = fields.pop("context_pid", None) or journal_text(entry.get("_PID"))
-    return "%s/%s/%s" % (boot, pid, fields.get("service") or service.name)
+    return "%s/%s/%s" % (boot, journal_text(entry.get("_PID")),
+                         fields.get("service") or service.name)
 
 
 def parse_entry(entry, read_at_us=0, accounts=None):
@@ -4121,17 +4119,18 @@ class PolkitAttempts:
 
     A wrong password gives three lines from three processes: the agent
     helper's `pam_unix(polkit-1:auth)` failure, polkitd's FAILED verdict
-    and pkexec's "Not authorized" for its own process. The helper's
-    failure is held until polkitd's next verdict on that boot: a FAILED
-    one takes it (the event, with polkitd's action and command line and
-    the helper's user ID); a success releases it as a guess of its own,
-    and so does SSH_HOLD_US without a verdict. pkexec's refusal of a
-    process polkitd has just judged adds nothing.
+    and pkexec's "Not authorized". The helper's failure is held until
+    polkitd's next verdict on that boot: a FAILED one takes it (the
+    event, with polkitd's action and command line and the helper's user
+    ID); a success releases it as a guess of its own, and so does
+    SSH_HOLD_US without a verdict. pkexec's refusal for a user polkitd
+    has just refused (within SSH_HOLD_US) adds nothing: polkitd names
+    pkexec's parent process, not pkexec, so the user ties them.
     """
 
     def __init__(self, limit=MAX_OPEN_SESSIONS):
         self.held = BoundedTable(limit)  # boot -> helper failures
-        self.judged = BoundedTable(limit)  # boot/PID of a FAILED process
+        self.refused = BoundedTable(limit)  # boot/user -> time of FAILED
 
     def observe(self, event):
         """The events to send now for this one (a list)."""
@@ -4139,17 +4138,20 @@ class PolkitAttempts:
         if key is None or event.service not in ("polkit-1", "polkit",
                                                 "pkexec"):
             return [event]
-        boot, pid = key.split("/")[:2]
+        boot = key.split("/", 1)[0]
         if event.service == "polkit-1" and event.action == "login_failure":
             self.held.put(boot, (self.held.pop(boot, None) or []) + [event])
             return []
         if event.service == "pkexec" and event.action == "login_failure":
-            return [] if self.judged.pop(boot + "/" + pid, None) else [event]
+            refused_us = self.refused.pop("%s/%s" % (boot, event.user), None)
+            told = refused_us is not None and \
+                event.timestamp_us - refused_us <= SSH_HOLD_US
+            return [] if told else [event]
         if event.service != "polkit":
             return [event]
         held = self.held.pop(boot, None) or []
         if event.action == "login_failure":
-            self.judged.put(boot + "/" + pid, True)
+            self.refused.put("%s/%s" % (boot, event.user), event.timestamp_us)
             if held:
                 event = event._replace(
                     user_id=held[-1].user_id,
