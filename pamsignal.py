@@ -2673,6 +2673,20 @@ def _writer_verdict(transport, uid, exe, comm, service):
     return comm is None or comm in service.programs
 
 
+#: Rules for lines whose writer, as root, executes the command it names
+#: at once (doas's child, pkexec): journald may then see the command's
+#: program and executable. Only root can write them, so root's UID is
+#: trusted for them whatever the program (measured: doas's "ran command
+#: id" came with _COMM=id and no _EXE).
+_LOGGED_BEFORE_EXEC = frozenset(("doas_ran", "pkexec"))
+
+
+def _logged_before_exec(entry, rule):
+    return rule.name in _LOGGED_BEFORE_EXEC and \
+        journal_text(entry.get("_UID")) == "0" and \
+        journal_text(entry.get("_TRANSPORT")) in TRUSTED_TRANSPORTS
+
+
 def _entry_timestamp(entry):
     """The entry's own time in microseconds, or None if it has none that
     can be: missing, not a number, or past MAX_TIMESTAMP_US."""
@@ -2727,7 +2741,8 @@ def parse_entry(entry, read_at_us=0, accounts=None):
         return None  # e.g. a greeter's session, a user's service manager
     timestamp_us = _entry_timestamp(entry)
     if genuine is None:
-        genuine = writer_is_genuine(entry, service, accounts)
+        genuine = writer_is_genuine(entry, service, accounts) or \
+            _logged_before_exec(entry, rule)
     common = {"timestamp_us": read_at_us if timestamp_us is None
               else timestamp_us,
               "journal_time": None if timestamp_us is not None
