@@ -106,7 +106,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 #: and timestamps), which roughly doubles its throughput.
 JOURNAL_FIELDS = ("MESSAGE", "SYSLOG_IDENTIFIER", "_PID", "_UID", "_COMM",
                   "_EXE", "_TRANSPORT", "_HOSTNAME", "_BOOT_ID",
-                  "MESSAGE_ID", "N_DROPPED", "OBJECT_SYSTEMD_UNIT")
+                  "MESSAGE_ID", "N_DROPPED", "OBJECT_SYSTEMD_UNIT",
+                  "_SYSTEMD_UNIT")
 
 #: MESSAGE_ID of journald's own "Suppressed N messages from UNIT" entry,
 #: written when a unit passed its rate limit and lines were dropped.
@@ -1796,11 +1797,21 @@ EXECUTOR_SERVICE = Service("door", "systemd-executor",
 EXECUTOR_EXE = "/usr/lib/systemd/systemd-executor"
 
 
-def executor_service(identifier):
-    """EXECUTOR_SERVICE for an identifier "(NAME)", else None."""
+#: PID 1 itself: the journal is asked only for its "Starting UNIT -
+#: DESCRIPTION..." lines (SD_MESSAGE_UNIT_STARTING), and of those only
+#: run0's units are read ("[run0] COMMAND").
+PID1_SERVICE = Service("pid1", "run0", frozenset(("systemd",)), False,
+                       pam_services=frozenset())
+#: MESSAGE_ID of PID 1's "Starting UNIT - DESCRIPTION..." (systemd 209+).
+UNIT_STARTING_MESSAGE_ID = "7d4958e842da4a758f6c1cdc7b36dcc5"
+
+
+def unlisted_service(identifier):
+    """A watched writer with no fixed identifier: EXECUTOR_SERVICE for
+    "(NAME)", PID1_SERVICE for "systemd", else None."""
     if identifier and identifier[0] == "(" and identifier[-1] == ")":
         return EXECUTOR_SERVICE
-    return None
+    return PID1_SERVICE if identifier == "systemd" else None
 
 #: PAM services that switch identity: their session's user is the target.
 SWITCHING_PAM_SERVICES = frozenset(("sudo", "sudo-i", "su", "su-l",
@@ -2544,6 +2555,13 @@ def _build_doas_ran(match):
             "detail": DOOR_AMBIGUOUS if len(readings) > 1 else None}
 
 
+def _build_run0_unit(match):
+    """PID 1 starting run0's unit: the command, as its description says
+    (Run0Commands adds who ran it from the unit's PAM session)."""
+    return {"action": "sudo_command", "unit": match.group("unit"),
+            "command_line": match.group("command")}
+
+
 DOOR_RULES = (
     Rule("pkexec", "pkexec", None, re.compile(
         r"^(?P<user>[^\s:]+): (?P<what>Executing command|Error executing "
@@ -2568,6 +2586,9 @@ DOOR_RULES = (
         re.S), _build_doas_refused),
     Rule("doas", "doas_ran", None, re.compile(
         r"^(?P<user>\S+) ran command (?P<rest>.*)\Z", re.S), _build_doas_ran),
+    Rule("pid1", "run0_unit", ("Starting",), re.compile(
+        r"^Starting (?P<unit>run-p\d+-i\d+\.service) - \[run0\] "
+        r"(?P<command>.*)\.\.\.\Z", re.S), _build_run0_unit),
 )
 
 RULES = RULES + DOOR_RULES
@@ -2590,7 +2611,8 @@ def _rule_index(family):
 
 _RULES_BY_FAMILY = {
     family: _rule_index(family)
-    for family in set(service.family for service in WATCHED_SERVICES.values())
+    for family in set(service.family for service in list(
+        WATCHED_SERVICES.values()) + [EXECUTOR_SERVICE, PID1_SERVICE])
 }
 
 
@@ -2721,7 +2743,7 @@ def parse_entry(entry, read_at_us=0, accounts=None):
     """
     identifier = journal_text(entry.get("SYSLOG_IDENTIFIER"))
     service = WATCHED_SERVICES.get(identifier) or \
-        executor_service(identifier)
+        unlisted_service(identifier)
     if service is None:
         return parse_suppression(entry)
     message = journal_text(entry.get("MESSAGE"))
@@ -2760,6 +2782,8 @@ def parse_entry(entry, read_at_us=0, accounts=None):
                      process_executable=journal_text(entry.get("_EXE")),
                      claimed_action=fields["action"], **common)
     fields.setdefault("service", service.name)
+    if service is EXECUTOR_SERVICE:  # its unit ties it to run0's command
+        fields["unit"] = journal_text(entry.get("_SYSTEMD_UNIT"))
     writer_uid = journal_text(entry.get("_UID"))
     if service.setuid and writer_uid != "0" and not fields.get("user_id"):
         fields["user_id"] = writer_uid  # the caller of setuid sudo or su
@@ -2811,7 +2835,8 @@ def parse_suppression(entry):
 #: (journald's suppression entries are watched too).
 _WATCHED_NAME_BYTES = re.compile(("\"(?:%s)\"" % "|".join(
     re.escape(name) for name in sorted(WATCHED_SERVICES) + [
-        JOURNAL_DROPPED_MESSAGE_ID, EXECUTOR_EXE])).encode())
+        JOURNAL_DROPPED_MESSAGE_ID, EXECUTOR_EXE,
+        UNIT_STARTING_MESSAGE_ID])).encode())
 
 
 #: One decoder for every line: json.loads costs a third more per line.
@@ -4185,6 +4210,53 @@ class PolkitAttempts:
     def drain(self):
         """Every held failure (the end of a scan)."""
         out = [event for held in self.held.values() for event in held]
+        self.held.clear()
+        return out
+
+
+class Run0Commands:
+    """run0's command and who ran it are two lines: PID 1 starts the unit
+    ("[run0] COMMAND" is its description), then the unit's PAM session
+    names who became whom. The command waits for the session of its unit
+    and becomes one sudo_command with both (the session is still told);
+    alone after SSH_HOLD_US, or at the end of a scan, it goes out as it
+    is."""
+
+    def __init__(self, limit=MAX_OPEN_SESSIONS):
+        self.held = BoundedTable(limit)  # boot/unit -> the command
+
+    @staticmethod
+    def _key(event):
+        return "%s/%s" % ((event.context_key or "").split("/", 1)[0],
+                          event.unit)
+
+    def observe(self, event):
+        """The events to send now for this one (a list)."""
+        if event.unit is None:
+            return [event]
+        if event.service == "run0":
+            self.held.put(self._key(event), event)
+            return []
+        command = self.held.pop(self._key(event), None) \
+            if event.service == "systemd-run0" else None
+        if command is None or event.action != "session_opened":
+            return [event]
+        return [command._replace(user=event.user, user_id=event.user_id,
+                                 target_user=event.target_user), event]
+
+    def due(self, now_us):
+        """Commands no session came for within SSH_HOLD_US."""
+        out = []
+        while self.held:
+            key, command = next(iter(self.held.items()))
+            if command.timestamp_us > now_us - SSH_HOLD_US:
+                break
+            out.append(self.held.pop(key))
+        return out
+
+    def drain(self):
+        """Every held command (the end of a scan)."""
+        out = list(self.held.values())
         self.held.clear()
         return out
 
@@ -8592,7 +8664,8 @@ def journal_matches():
     return ["SYSLOG_IDENTIFIER=%s" % name for name in sorted(
         WATCHED_SERVICES)] + ["+", "MESSAGE_ID=" + JOURNAL_DROPPED_MESSAGE_ID,
                               "+", "_EXE=" + EXECUTOR_EXE,
-                              "SYSLOG_FACILITY=10"]
+                              "SYSLOG_FACILITY=10", "+", "_PID=1",
+                              "MESSAGE_ID=" + UNIT_STARTING_MESSAGE_ID]
 
 
 def first_start_time_us(first_start, now_s):
@@ -9452,7 +9525,8 @@ class Pipeline:
         self.sessions = SessionTracker()
         self.sudo_attempts = SudoAttempts()
         self.ssh_attempts = SshAttempts()
-        self.polkit_attempts = PolkitAttempts()
+        #: Lines of the other doors in that pair up (section 7b).
+        self.door_pairs = (PolkitAttempts(), Run0Commands())
         self.accounts = accounts
         self.detector = FailureDetector(detection)
         self.baseline = Baseline(detection.learning_period)
@@ -9508,15 +9582,22 @@ class Pipeline:
         if attempts.held:  # a held sshd failure whose wait is over
             for released in attempts.due(_entry_timestamp(entry) or 0):
                 sent += self._process(released, now_s)
-        if self.polkit_attempts.held:
-            for released in self.polkit_attempts.due(
-                    _entry_timestamp(entry) or 0):
-                sent += self._process(released, now_s)
+        for pairs in self.door_pairs:
+            if pairs.held:
+                for released in pairs.due(_entry_timestamp(entry) or 0):
+                    sent += self._process(released, now_s)
         if event is not None:
             for paired in attempts.observe(event):
-                for told in self.polkit_attempts.observe(paired):
+                for told in self._door_paired(paired):
                     sent += self._process(told, now_s)
         return sent
+
+    def _door_paired(self, event):
+        """The events to send for one, through each pairing of doors."""
+        events = [event]
+        for pairs in self.door_pairs:
+            events = [told for one in events for told in pairs.observe(one)]
+        return events
 
     def _process(self, event, now_s):
         """Send one event and what it made the detectors find; returns how
@@ -9583,7 +9664,8 @@ class Pipeline:
             now_us = int(now_s * 1000000)
             sent = sum(self._process(event, now_s) for event in
                        self.ssh_attempts.due(now_us) +
-                       self.polkit_attempts.due(now_us))
+                       [released for pairs in self.door_pairs
+                        for released in pairs.due(now_us)])
         now_us = int(self.clock() * 1000000)
         self._each_channel(lambda gate: gate.due(now_us))
         return sent
@@ -9593,7 +9675,8 @@ class Pipeline:
         of their own."""
         return sum(self._process(event, None)
                    for event in self.ssh_attempts.drain() +
-                   self.polkit_attempts.drain())
+                   [held for pairs in self.door_pairs
+                    for held in pairs.drain()])
 
     def drain(self):
         """Send every digest still held (before stopping)."""

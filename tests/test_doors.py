@@ -133,10 +133,56 @@ def test_service_account_uids_takes_only_system_accounts(uid, expected):
     assert pamsignal.service_account_uids(getpwnam) == expected
 
 
-def test_the_journal_is_asked_for_run0s_pam_lines_by_program():
+RUN0_UNIT = ("systemd", "Starting run-p92-i6.service - [run0] /usr/bin/id...",
+             {"_EXE": "/usr/lib/systemd/systemd", "_PID": "1",
+              "_TRANSPORT": "journal"})
+RUN0_SESSION = ("(id)", "pam_unix(systemd-run0:session): session opened for "
+                "user bob(uid=1001) by (uid=1000)",
+                {"_EXE": pamsignal.EXECUTOR_EXE, "_COMM": "(id)",
+                 "_SYSTEMD_UNIT": "run-p92-i6.service"})
+
+
+def run0_events(*lines):
+    pairs = pamsignal.Run0Commands()
+    out = []
+    for second, (identifier, message, fields) in enumerate(lines, 1):
+        out += pairs.observe(pamsignal.parse_entry(make_entry(
+            identifier, message, sequence=second, **fields)))
+    return out, pairs
+
+
+def test_run0s_command_takes_who_from_its_units_session():
+    (command, opened), pairs = run0_events(RUN0_UNIT, RUN0_SESSION)
+    assert (command.action, command.service, command.command_line) == (
+        "sudo_command", "run0", "/usr/bin/id")
+    assert (command.user_id, command.target_user) == ("1000", "bob")
+    assert (opened.action, opened.service) == ("session_opened",
+                                               "systemd-run0")
+    assert pairs.drain() == []
+
+
+def test_run0s_command_is_not_paired_with_another_units_session():
+    other = RUN0_SESSION[:2] + (dict(RUN0_SESSION[2],
+                                     _SYSTEMD_UNIT="run-p5-i7.service"),)
+    (opened,), pairs = run0_events(RUN0_UNIT, other)
+    assert opened.service == "systemd-run0"
+    (alone,) = pairs.drain()
+    assert alone.command_line == "/usr/bin/id" and alone.user_id is None
+
+
+def test_run0s_command_without_a_session_goes_out_in_time():
+    (), pairs = run0_events(RUN0_UNIT)
+    (held,) = pairs.held.values()
+    assert pairs.due(held.timestamp_us + 1000000) == []
+    assert pairs.due(held.timestamp_us + pamsignal.SSH_HOLD_US) == [held]
+
+
+def test_the_journal_is_asked_for_run0s_lines_by_program_and_pid():
     matches = pamsignal.journal_matches()
-    group = matches[len(matches) - matches[::-1].index("+"):]
-    assert group == ["_EXE=" + pamsignal.EXECUTOR_EXE, "SYSLOG_FACILITY=10"]
+    at = matches.index("_EXE=" + pamsignal.EXECUTOR_EXE)
+    assert matches[at - 1:] == [
+        "+", "_EXE=" + pamsignal.EXECUTOR_EXE, "SYSLOG_FACILITY=10",
+        "+", "_PID=1", "MESSAGE_ID=" + pamsignal.UNIT_STARTING_MESSAGE_ID]
     for identifier in ("pkexec", "polkitd", "polkit-agent-helper-1", "doas",
                        "cockpit-session", "gdm-password]", "lightdm",
                        "sddm-helper"):
@@ -272,12 +318,17 @@ def test_pkexec_wrong_password_is_one_event_and_right_one_a_command(doors):
 
 
 @pytest.mark.e2e
-def test_run0_names_whom_root_became(doors):
+def test_run0_names_whom_root_became_and_the_command(doors):
     events, names, runs = doors
     assert runs["run0"].returncode == 0, runs["run0"].stderr
     opened = [e for e in of(events, "systemd-run0", "session_opened")
               if e["user"]["target"]["name"] == names["other"]]
     assert len(opened) == 1 and opened[0]["user"]["id"] == "0"
+    (command,) = [e for e in of(events, "run0", "sudo_command")
+                  if e["user"]["target"]["name"] == names["other"]]
+    assert command["process"]["command_line"] == "/usr/bin/true"
+    assert command["user"]["id"] == "0"
+    assert command["pamsignal"]["unit"] == opened[0]["pamsignal"]["unit"]
 
 
 @pytest.mark.e2e
