@@ -3961,6 +3961,18 @@ def _held_from_state(saved):
     return Event(**fields)
 
 
+def expired(table, now_us, time_of=lambda event: event.timestamp_us):
+    """Take from a BoundedTable of held events (oldest first) those held
+    SSH_HOLD_US by `now_us` (event time), oldest first."""
+    out = []
+    while table:
+        key, held = next(iter(table.items()))
+        if time_of(held) > now_us - SSH_HOLD_US:
+            break
+        out.append(table.pop(key))
+    return out
+
+
 class SshAttempts:
     """One attempt, one event, for sshd: pairs the lines of a connection
     (one sshd process, its context_key) by their `pairing`.
@@ -4125,14 +4137,7 @@ class SshAttempts:
 
     def due(self, now_us):
         """Held events older than SSH_HOLD_US at `now_us` (event time)."""
-        out = []
-        while self.held:
-            key, held = next(iter(self.held.items()))
-            if held.timestamp_us > now_us - SSH_HOLD_US:
-                break
-            del self.held[key]
-            out += self._released([held])
-        return out
+        return self._released(expired(self.held, now_us))
 
     def drain(self):
         """Every held event (the end of a scan)."""
@@ -4201,11 +4206,9 @@ class PolkitAttempts:
 
     def due(self, now_us):
         """Held failures no verdict came for within SSH_HOLD_US."""
-        out = []
-        for boot, held in list(self.held.items()):
-            if held[-1].timestamp_us <= now_us - SSH_HOLD_US:
-                out += self.held.pop(boot)
-        return out
+        return [event for held in expired(
+            self.held, now_us, lambda held: held[-1].timestamp_us)
+            for event in held]
 
     def drain(self):
         """Every held failure (the end of a scan)."""
@@ -4246,13 +4249,7 @@ class Run0Commands:
 
     def due(self, now_us):
         """Commands no session came for within SSH_HOLD_US."""
-        out = []
-        while self.held:
-            key, command = next(iter(self.held.items()))
-            if command.timestamp_us > now_us - SSH_HOLD_US:
-                break
-            out.append(self.held.pop(key))
-        return out
+        return expired(self.held, now_us)
 
     def drain(self):
         """Every held command (the end of a scan)."""
