@@ -1797,9 +1797,10 @@ EXECUTOR_SERVICE = Service("door", "systemd-executor",
 EXECUTOR_EXE = "/usr/lib/systemd/systemd-executor"
 
 
-#: PID 1 itself: the journal is asked only for its "Starting UNIT -
-#: DESCRIPTION..." lines (SD_MESSAGE_UNIT_STARTING), and of those only
-#: run0's units are read ("[run0] COMMAND").
+#: PID 1 itself: the journal is asked only for "Starting UNIT -
+#: DESCRIPTION..." lines (SD_MESSAGE_UNIT_STARTING; one match term, as
+#: each AND-ed term slowed journalctl), and of those only run0's units are
+#: read ("[run0] COMMAND"); a user's own manager writing one is not root.
 PID1_SERVICE = Service("pid1", "run0", frozenset(("systemd",)), False,
                        pam_services=frozenset())
 #: MESSAGE_ID of PID 1's "Starting UNIT - DESCRIPTION..." (systemd 209+).
@@ -8661,8 +8662,7 @@ def journal_matches():
     return ["SYSLOG_IDENTIFIER=%s" % name for name in sorted(
         WATCHED_SERVICES)] + ["+", "MESSAGE_ID=" + JOURNAL_DROPPED_MESSAGE_ID,
                               "+", "_EXE=" + EXECUTOR_EXE,
-                              "SYSLOG_FACILITY=10", "+", "_PID=1",
-                              "MESSAGE_ID=" + UNIT_STARTING_MESSAGE_ID]
+                              "+", "MESSAGE_ID=" + UNIT_STARTING_MESSAGE_ID]
 
 
 def first_start_time_us(first_start, now_s):

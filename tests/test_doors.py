@@ -181,8 +181,8 @@ def test_the_journal_is_asked_for_run0s_lines_by_program_and_pid():
     matches = pamsignal.journal_matches()
     at = matches.index("_EXE=" + pamsignal.EXECUTOR_EXE)
     assert matches[at - 1:] == [
-        "+", "_EXE=" + pamsignal.EXECUTOR_EXE, "SYSLOG_FACILITY=10",
-        "+", "_PID=1", "MESSAGE_ID=" + pamsignal.UNIT_STARTING_MESSAGE_ID]
+        "+", "_EXE=" + pamsignal.EXECUTOR_EXE,
+        "+", "MESSAGE_ID=" + pamsignal.UNIT_STARTING_MESSAGE_ID]
     for identifier in ("pkexec", "polkitd", "polkit-agent-helper-1", "doas",
                        "cockpit-session", "gdm-password]", "lightdm",
                        "sddm-helper"):
