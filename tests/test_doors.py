@@ -7,11 +7,13 @@ the boot tree with opendoas, pkexec, polkitd and libpam-systemd; run0 is
 systemd 257's): wrong and right passwords through doas and pkexec's own
 text agent, a refused doas command, run0 as root, and forged copies of
 every form written with `logger` by an unprivileged user. The journal of
-the container is read back by `pamsignal.py scan` inside it, where the
-polkitd account exists. Cockpit and the display managers do not run here:
+the container is read back with the agent's own journalctl fields and
+matches, by `pamsignal.py scan` inside it, where the polkitd account
+exists. Cockpit and the display managers do not run here:
 their forms are fixtures from their sources (fixtures/doors_forms.json)."""
 import json
 import secrets
+import shlex
 
 import pytest
 
@@ -265,9 +267,16 @@ def doors(tmp_path_factory):
             box.run(["runuser", "-u", "nobody", "--", "logger", "-t",
                      identifier, "--", message])
         box.run(["journalctl", "--sync"])
-        scan = box.run(["sh", "-c", 'journalctl -o json --after-cursor "$1" '
-                        '| python3 "$2"/pamsignal.py scan --json -', "sh",
-                        cursor, INSIDE_SRC], timeout=120)
+        # Read as the agent asks journalctl (its fields and matches), so
+        # that what they leave out is missing here too.
+        read = ["journalctl", "-o", "json", "--no-pager", "--all",
+                "--after-cursor", cursor, "--output-fields=" +
+                ",".join(pamsignal.JOURNAL_FIELDS)] + \
+            pamsignal.journal_matches()
+        scan = box.run(["sh", "-c", '%s | python3 %s/pamsignal.py scan '
+                        '--json -' % (" ".join(shlex.quote(word) for word in
+                                               read), INSIDE_SRC)],
+                       timeout=120)
         events = [json.loads(line) for line in scan.stdout.splitlines()]
         with open(str(tmp_path_factory.mktemp("scan") / "events.json"),
                   "w") as record:  # for a failure's post-mortem
