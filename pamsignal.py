@@ -3951,9 +3951,9 @@ def _held_to_state(event):
             if value is not None and field in _HELD_FIELDS}
 
 
-def _held_from_state(saved):
+def _held_from_state(saved, action="login_failure"):
     if not isinstance(saved, dict) or type(saved.get("timestamp_us")) \
-            is not int or saved.get("action") != "login_failure":
+            is not int or saved.get("action") != action:
         return None
     fields = {field: value for field, value in saved.items()
               if field in _HELD_FIELDS and
@@ -4211,6 +4211,18 @@ class PolkitAttempts:
             self.held, now_us, lambda held: held[-1].timestamp_us)
             for event in held]
 
+    def to_state(self):
+        return {"held": [[boot, [_held_to_state(event) for event in held]]
+                         for boot, held in self.held.items()],
+                "refused": self.refused.to_state()}
+
+    def load_state(self, saved):
+        saved = saved if isinstance(saved, dict) else {}
+        self.held.load_state(saved.get("held"), lambda held: [
+            event for event in map(_held_from_state, held) if event] or None
+            if isinstance(held, list) else None)
+        self.refused.load_state(saved.get("refused"), saved_time_us)
+
     def drain(self):
         """Every held failure (the end of a scan)."""
         out = [event for held in self.held.values() for event in held]
@@ -4251,6 +4263,14 @@ class Run0Commands:
     def due(self, now_us):
         """Commands no session came for within SSH_HOLD_US."""
         return expired(self.held, now_us)
+
+    def to_state(self):
+        return [[key, _held_to_state(event)]
+                for key, event in self.held.items()]
+
+    def load_state(self, saved):
+        self.held.load_state(saved, lambda command: _held_from_state(
+            command, "sudo_command"))
 
     def drain(self):
         """Every held command (the end of a scan)."""
@@ -9825,6 +9845,10 @@ class Agent:
         self.pipeline.sessions.load_state(state.get("sessions"))
         self.pipeline.sudo_attempts.load_state(state.get("sudo_attempts"))
         self.pipeline.ssh_attempts.load_state(state.get("ssh_attempts"))
+        door_pairs = state.get("door_pairs")
+        for pairs, saved in zip(self.pipeline.door_pairs, door_pairs if
+                                isinstance(door_pairs, list) else ()):
+            pairs.load_state(saved)
 
     # -- saving -------------------------------------------------------------
 
@@ -9837,7 +9861,9 @@ class Agent:
                 "since_us": self.source.since_us,
                 "sessions": self.pipeline.sessions.to_state(),
                 "sudo_attempts": self.pipeline.sudo_attempts.to_state(),
-                "ssh_attempts": self.pipeline.ssh_attempts.to_state()},
+                "ssh_attempts": self.pipeline.ssh_attempts.to_state(),
+                "door_pairs": [pairs.to_state() for pairs in
+                               self.pipeline.door_pairs]},
                 durable)):
             self.unsaved = False
         if durable:

@@ -179,6 +179,47 @@ def test_run0s_command_without_a_session_goes_out_in_time():
     assert pairs.due(held.timestamp_us + pamsignal.SSH_HOLD_US) == [held]
 
 
+def restarted(pairs):
+    """A new pairing of the same kind, from the state `pairs` saved (as
+    JSON, as the state file keeps it)."""
+    again = type(pairs)()
+    again.load_state(json.loads(json.dumps(pairs.to_state())))
+    return again
+
+
+def test_a_held_polkit_failure_survives_a_restart():
+    attempts = pamsignal.PolkitAttempts()
+    failure = pamsignal.parse_entry(make_entry(HELPER[0], HELPER[1],
+                                               **HELPER[2]))
+    assert attempts.observe(failure) == []
+    verdict = pamsignal.parse_entry(make_entry(
+        "polkitd", FAILED, sequence=2, **POLKITD), accounts=ACCOUNTS)
+    again = restarted(attempts)
+    (event,) = again.observe(verdict)
+    assert (event.service, event.user_id) == ("polkit", "1000")
+    refusal = pamsignal.parse_entry(make_entry(
+        PKEXEC_REFUSAL[0], PKEXEC_REFUSAL[1], sequence=3,
+        **PKEXEC_REFUSAL[2]))
+    assert restarted(again).observe(refusal) == []
+
+
+def test_a_held_run0_command_survives_a_restart():
+    (), pairs = run0_events(RUN0_UNIT)
+    session = pamsignal.parse_entry(make_entry(
+        RUN0_SESSION[0], RUN0_SESSION[1], sequence=2, **RUN0_SESSION[2]))
+    command, _ = restarted(pairs).observe(session)
+    assert (command.command_line, command.user_id) == ("/usr/bin/id",
+                                                        "1000")
+
+
+@pytest.mark.parametrize("saved", [None, [], {"held": [["b", [{}]]]},
+                                   {"held": "x", "refused": [["k", "1"]]}])
+def test_damaged_door_state_is_skipped(saved):
+    for pairs in (pamsignal.PolkitAttempts(), pamsignal.Run0Commands()):
+        pairs.load_state(saved)
+        assert not pairs.held and pairs.drain() == []
+
+
 def test_the_journal_is_asked_for_run0s_lines_by_program_and_pid():
     matches = pamsignal.journal_matches()
     at = matches.index("_EXE=" + pamsignal.EXECUTOR_EXE)
