@@ -14,6 +14,7 @@ their forms are fixtures from their sources (fixtures/doors_forms.json)."""
 import json
 import secrets
 import shlex
+import subprocess
 
 import pytest
 
@@ -233,6 +234,34 @@ def test_the_journal_is_asked_for_run0s_lines_by_program_and_pid():
 
 
 # ---------------------------------------------------------------- real
+
+
+@pytest.mark.e2e
+def test_the_running_agent_hears_forged_doors_as_forgeries(agent):
+    """Live, through the agent's own journalctl on this machine: forged
+    door lines (and a unit start with PID 1's MESSAGE_ID, sent with
+    `logger --journald`) reach it and are spoofed entries."""
+    mark = agent.mark()
+    token = secrets.token_hex(4)
+    forged = [("doas", "failed auth for %s %s" % (HOSTILE, token)),
+              ("polkitd", FAILED.replace("/usr/bin/id", token)),
+              ("gdm-password]", "pam_unix(gdm-password:session): session "
+               "opened for user r%s(uid=0) by (uid=0)" % token)]
+    for identifier, message in forged:
+        realsys.forge("nobody", identifier, message)
+    unit_start = "Starting run-p1-i1.service - [run0] /bin/sh %s..." % token
+    subprocess.run(["runuser", "-u", "nobody", "--", "logger", "--journald"],
+                   input="MESSAGE_ID=%s\nSYSLOG_IDENTIFIER=systemd\n"
+                   "MESSAGE=%s\n" % (pamsignal.UNIT_STARTING_MESSAGE_ID,
+                                      unit_start),
+                   universal_newlines=True, check=True, timeout=30)
+    for message in [message for _, message in forged] + [unit_start]:
+        event = agent.wait_event(
+            lambda e, message=message: e.get("message") == message,
+            since=mark)
+        assert event["event"]["action"] == "spoofed_entry", event
+        assert event["pamsignal"]["writer_uid"] == 65534
+        assert "user" not in event and "source" not in event
 
 
 #: Forged copies of each door's forms, written by `logger` as nobody;
