@@ -2502,7 +2502,8 @@ def _build_pkexec_environment(match):
     """pkexec refused a hostile environment (what PwnKit, CVE-2021-4034,
     leaves behind): not a guess, but worth an alert."""
     return {"action": "login_failure", "reason": "refused_environment",
-            "user": match.group("user"), "detail": match.group("why")}
+            "severity": 8, "user": match.group("user"),
+            "detail": match.group("why")}
 
 
 def _build_polkit_verdict(match):
