@@ -9,8 +9,10 @@ text agent, a refused doas command, run0 as root, and forged copies of
 every form written with `logger` by an unprivileged user. The journal of
 the container is read back with the agent's own journalctl fields and
 matches, by `pamsignal.py scan` inside it, where the polkitd account
-exists. Cockpit and the display managers do not run here:
-their forms are fixtures from their sources (fixtures/doors_forms.json)."""
+exists; meanwhile the agent runs there as the hardened service
+(`pamsignal.py install`) and follows it all live. Cockpit and the display
+managers do not run here: their forms are fixtures from their sources
+(fixtures/doors_forms.json)."""
 import json
 import secrets
 import shlex
@@ -19,7 +21,7 @@ import subprocess
 import pytest
 
 import realsys
-from support import REPO, make_entry, pamsignal
+from support import REPO, make_entry, pamsignal, wait_for
 
 INSIDE_SRC = realsys.INSIDE_SRC
 HOSTILE = "x from 1.2.3.4 port 22 ssh2"
@@ -310,6 +312,9 @@ def doors(tmp_path_factory):
             box.run(["useradd", "-m", "-s", "/bin/bash"] +
                     (["-G", "sudo"] if role == "admin" else []) + [name])
             box.run(["chpasswd"], input="%s:%s\n" % (name, password))
+        # The agent as a hardened service (DynamicUser), following live.
+        box.run(["python3", INSIDE_SRC + "/pamsignal.py", "install"],
+                timeout=120)
         # The tree's /etc/doas.conf: --volatile=overlay forgets it.
         box.write("/etc/doas.conf", "permit %s as root\n" % names["admin"])
         box.run(["chmod", "0600", "/etc/doas.conf"])
@@ -337,6 +342,10 @@ def doors(tmp_path_factory):
             box.run(["runuser", "-u", "nobody", "--", "logger", "-t",
                      identifier, "--", message])
         box.run(["journalctl", "--sync"])
+        # The service has read everything once it told the last forgery.
+        last = FORGERIES[-1][1]
+        wait_for(lambda: last in box.unit_log(), timeout=60)
+        runs["service"] = box.unit_log()
         # Read as the agent asks journalctl (its fields and matches), so
         # that what they leave out is missing here too.
         read = ["journalctl", "-o", "json", "--no-pager", "--all",
@@ -408,6 +417,21 @@ def test_run0_names_whom_root_became_and_the_command(doors):
     assert command["process"]["command_line"] == "/usr/bin/true"
     assert command["user"]["id"] == "0"
     assert command["pamsignal"]["unit"] == opened[0]["pamsignal"]["unit"]
+
+
+@pytest.mark.e2e
+def test_the_service_in_its_sandbox_trusts_polkitd_by_its_account(doors):
+    """pamsignal.service (DynamicUser) looked polkitd's account up: the
+    wrong pkexec password is one event, polkitd's lines no forgery."""
+    _, names, runs = doors
+    told = [line for line in runs["service"].splitlines()
+            if " user=%s " % names["admin"] in line]
+    assert len([line for line in told if "login_failure" in line]) == 2, \
+        told  # pkexec's (polkit) and doas's
+    assert len([line for line in told if "service=polkit " in line]) == 2
+    spoofed = [line for line in runs["service"].splitlines()
+               if "spoofed_entry service=polkit " in line]
+    assert spoofed and all("writer_uid=65534" in line for line in spoofed)
 
 
 @pytest.mark.e2e
