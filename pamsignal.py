@@ -3,8 +3,9 @@
 """pamsignal - see who gets into this server, the moment they do.
 
 Follows the systemd journal, recognises every SSH, sudo, su and console login
-and every failed attempt, and reports each as one event (Elastic Common Schema
-JSON, or a readable line).
+(and pkexec, doas, run0, Cockpit and gdm/lightdm/sddm logins) and every failed
+attempt, and reports each as one event (Elastic Common Schema JSON, or a
+readable line).
 
 commands:
   run [--json]             follow the journal and report each event (default)
