@@ -10359,8 +10359,10 @@ REPORT_DETECTIONS = frozenset((
     "unaccounted_session"))
 
 #: PAM services whose sessions are privilege use (reported with the sudo
-#: commands), not logins.
-SUDO_PAM_SERVICES = frozenset(("sudo", "sudo-i"))
+#: commands; doas's, pkexec's and run0's commands count as sudo's), not
+#: logins.
+SUDO_PAM_SERVICES = frozenset(("sudo", "sudo-i", "doas", "polkit-1",
+                               "systemd-run0"))
 
 #: `--since` / `--until` words journalctl also knows, as days from today.
 _DAY_WORDS = {"today": 0, "yesterday": -1, "tomorrow": 1}
