@@ -68,6 +68,11 @@ def test_a_wrong_pkexec_password_is_one_event():
     assert event.detail == "org.freedesktop.policykit.exec"
 
 
+def test_an_agent_that_asked_twice_is_one_event_of_two_attempts():
+    (event,) = polkit_events(HELPER, HELPER, ("polkitd", FAILED, POLKITD))
+    assert (event.service, event.attempts) == ("polkit", 2)
+
+
 def test_a_failure_then_success_in_one_agent_session_is_two_events():
     events = polkit_events(HELPER, ("polkitd", SUCCEEDED, POLKITD))
     assert [(e.action, e.service) for e in events] == [
