@@ -1790,10 +1790,12 @@ WATCHED_SERVICES.update(
 #: systemd-executor (systemd 255+) runs a unit's PAM stack under the name
 #: of the command it starts, "(id)" or "(bash)", so it is asked for by its
 #: program (journal_matches) and known by the parentheses; of its PAM
-#: lines only run0's are logins ("(systemd)" is a user's service manager).
+#: lines run0's and those of PAM service login (machinectl shell,
+#: systemd-run -p PAMName=login) are doors in, not "(systemd)", a user's
+#: own service manager.
 EXECUTOR_SERVICE = Service("door", "systemd-executor",
                            frozenset(("systemd-executor",)), False,
-                           pam_services=frozenset(("systemd-run0",)))
+                           pam_services=frozenset(("systemd-run0", "login")))
 #: Where systemd-executor lives (systemd 255+).
 EXECUTOR_EXE = "/usr/lib/systemd/systemd-executor"
 
