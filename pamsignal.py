@@ -2701,15 +2701,17 @@ def _writer_verdict(transport, uid, exe, comm, service):
 
 
 #: Rules for lines whose writer, as root, executes the command it names
-#: at once (doas's child, pkexec): journald may then see the command's
-#: program and executable. Only root can write them, so root's UID is
-#: trusted for them whatever the program (measured: doas's "ran command
-#: id" came with _COMM=id and no _EXE).
+#: at once (doas's child, pkexec; and systemd-executor, whatever it
+#: logs): journald may then see the command's program and executable.
+#: Only root can write them, so root's UID is trusted for them whatever
+#: the program (measured: doas's "ran command id" came with _COMM=id and
+#: no _EXE).
 _LOGGED_BEFORE_EXEC = frozenset(("doas_ran", "pkexec"))
 
 
-def _logged_before_exec(entry, rule):
-    return rule.name in _LOGGED_BEFORE_EXEC and \
+def _logged_before_exec(entry, rule, service):
+    return (rule.name in _LOGGED_BEFORE_EXEC or
+            service is EXECUTOR_SERVICE) and \
         journal_text(entry.get("_UID")) == "0" and \
         journal_text(entry.get("_TRANSPORT")) in TRUSTED_TRANSPORTS
 
@@ -2769,7 +2771,7 @@ def parse_entry(entry, read_at_us=0, accounts=None):
     timestamp_us = _entry_timestamp(entry)
     if genuine is None:
         genuine = writer_is_genuine(entry, service, accounts) or \
-            _logged_before_exec(entry, rule)
+            _logged_before_exec(entry, rule, service)
     common = {"timestamp_us": read_at_us if timestamp_us is None
               else timestamp_us,
               "journal_time": None if timestamp_us is not None
