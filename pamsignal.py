@@ -3,8 +3,9 @@
 """pamsignal - see who gets into this server, the moment they do.
 
 Follows the systemd journal, recognises every SSH, sudo, su and console login
-and every failed attempt, and reports each as one event (Elastic Common Schema
-JSON, or a readable line).
+(and pkexec, doas, run0, Cockpit and gdm/lightdm/sddm logins) and every failed
+attempt, and reports each as one event (Elastic Common Schema JSON, or a
+readable line).
 
 commands:
   run [--json]             follow the journal and report each event (default)
@@ -129,7 +130,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 #: and timestamps), which roughly doubles its throughput.
 JOURNAL_FIELDS = ("MESSAGE", "SYSLOG_IDENTIFIER", "_PID", "_UID", "_COMM",
                   "_EXE", "_TRANSPORT", "_HOSTNAME", "_BOOT_ID",
-                  "MESSAGE_ID", "N_DROPPED", "OBJECT_SYSTEMD_UNIT")
+                  "MESSAGE_ID", "N_DROPPED", "OBJECT_SYSTEMD_UNIT",
+                  "_SYSTEMD_UNIT")
 
 #: MESSAGE_ID of journald's own "Suppressed N messages from UNIT" entry,
 #: written when a unit passed its rate limit and lines were dropped.
@@ -205,7 +207,13 @@ TRUSTED_TRANSPORTS = frozenset(("syslog", "journal", "stdout"))
 TRUSTED_EXE_DIRS = frozenset((
     "/usr/bin", "/bin", "/usr/sbin", "/sbin", "/usr/local/bin",
     "/usr/local/sbin", "/usr/lib/openssh", "/usr/libexec/openssh",
-    "/usr/libexec", "/usr/lib/systemd", "/lib/systemd"))
+    "/usr/libexec", "/usr/lib/systemd", "/lib/systemd",
+    # polkitd and its agent helper, Cockpit's session helper, sddm's
+    # helper (Debian's multiarch directories).
+    "/usr/lib/polkit-1", "/usr/libexec/polkit-1", "/usr/lib/policykit-1",
+    "/usr/lib/cockpit",
+    "/usr/libexec/cockpit", "/usr/lib/x86_64-linux-gnu/sddm",
+    "/usr/lib/aarch64-linux-gnu/sddm"))
 
 #: Restart delays for journalctl, in seconds; the last one repeats.
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
@@ -1946,10 +1954,14 @@ def refuse_exposed_secrets(config, path, mode):
 # one event out. RULES is the single table of what each service writes; the
 # journalctl match arguments are derived from WATCHED_SERVICES.
 
-Service = collections.namedtuple("Service", "family name programs setuid")
+Service = collections.namedtuple(
+    "Service", "family name programs setuid account pam_services")
+Service.__new__.__defaults__ = (None, None)
 Service.__doc__ = """A watched journal identifier: which rules apply, the
 service name to report, the program names its real writer runs as, and
-whether it is setuid (logs with the caller's UID)."""
+whether it is setuid (logs with the caller's UID). `account`: a service
+account whose UID counts as root's for it (polkitd); `pam_services`: the
+only PAM services whose lines it reports (None: any)."""
 
 _SSHD_PROGRAMS = frozenset(("sshd", "sshd-session", "sshd-auth"))
 
@@ -1963,11 +1975,74 @@ WATCHED_SERVICES = {
     "login": Service("login", "login", frozenset(("login",)), False),
     "systemd-logind": Service("logind", "systemd-logind",
                               frozenset(("systemd-logind",)), False),
+    # The other doors in (section 7b): polkit and pkexec, doas, Cockpit,
+    # display managers. _COMM is cut to 15 characters, so both spellings.
+    "pkexec": Service("pkexec", "pkexec", frozenset(("pkexec",)), True,
+                      pam_services=frozenset(("polkit-1",))),
+    "polkit-agent-helper-1": Service(
+        "door", "polkit-agent-helper-1",
+        frozenset(("polkit-agent-helper-1", "polkit-agent-he")), True,
+        pam_services=frozenset(("polkit-1",))),
+    "polkitd": Service("polkitd", "polkit", frozenset(("polkitd",)), False,
+                       account="polkitd", pam_services=frozenset()),
+    "doas": Service("doas", "doas", frozenset(("doas",)), True,
+                    pam_services=frozenset(("doas",))),
+    "cockpit-session": Service("door", "cockpit-session",
+                               frozenset(("cockpit-session",)), True,
+                               pam_services=frozenset(("cockpit",))),
+    "lightdm": Service("door", "lightdm", frozenset(("lightdm",)), False,
+                       pam_services=frozenset(("lightdm",
+                                               "lightdm-autologin"))),
+    "sddm-helper": Service("door", "sddm-helper",
+                           frozenset(("sddm-helper",)), False,
+                           pam_services=frozenset(("sddm",
+                                                   "sddm-autologin"))),
 }
+#: gdm's session worker calls itself "gdm-session-worker [pam/SERVICE]", so
+#: syslog(3) names it "SERVICE]" (the greeter's gdm-launch-environment is
+#: no login and not watched).
+WATCHED_SERVICES.update(
+    ("%s]" % pam_service, Service(
+        "door", "gdm-session-worker",
+        frozenset(("gdm-session-worker", "gdm-session-wor")), False,
+        pam_services=frozenset((pam_service,))))
+    for pam_service in ("gdm-password", "gdm-autologin", "gdm-fingerprint",
+                        "gdm-smartcard"))
+
+#: systemd-executor (systemd 255+) runs a unit's PAM stack under the name
+#: of the command it starts, "(id)" or "(bash)", so it is asked for by its
+#: program (journal_matches) and known by the parentheses; of its PAM
+#: lines run0's and those of PAM service login (machinectl shell,
+#: systemd-run -p PAMName=login) are doors in, not "(systemd)", a user's
+#: own service manager.
+EXECUTOR_SERVICE = Service("door", "systemd-executor",
+                           frozenset(("systemd-executor",)), False,
+                           pam_services=frozenset(("systemd-run0", "login")))
+#: Where systemd-executor lives (systemd 255+).
+EXECUTOR_EXE = "/usr/lib/systemd/systemd-executor"
+
+
+#: PID 1 itself: the journal is asked only for "Starting UNIT -
+#: DESCRIPTION..." lines (SD_MESSAGE_UNIT_STARTING; one match term, as
+#: each AND-ed term slowed journalctl), and of those only run0's units are
+#: read ("[run0] COMMAND"); a user's own manager writing one is not root.
+PID1_SERVICE = Service("pid1", "run0", frozenset(("systemd",)), False,
+                       pam_services=frozenset())
+#: MESSAGE_ID of PID 1's "Starting UNIT - DESCRIPTION..." (systemd 209+).
+UNIT_STARTING_MESSAGE_ID = "7d4958e842da4a758f6c1cdc7b36dcc5"
+
+
+def unlisted_service(identifier):
+    """A watched writer with no fixed identifier: EXECUTOR_SERVICE for
+    "(NAME)", PID1_SERVICE for "systemd", else None."""
+    if identifier and identifier[0] == "(" and identifier[-1] == ")":
+        return EXECUTOR_SERVICE
+    return PID1_SERVICE if identifier == "systemd" else None
 
 #: PAM services that switch identity: their session's user is the target.
 SWITCHING_PAM_SERVICES = frozenset(("sudo", "sudo-i", "su", "su-l",
-                                    "runuser", "runuser-l"))
+                                    "runuser", "runuser-l", "doas",
+                                    "polkit-1", "systemd-run0"))
 
 #: sshd method -> reason of a failure with it.
 _METHOD_REASONS = {"password": "bad_password",
@@ -2124,7 +2199,8 @@ def _companion(match):
 def _build_session_opened(match):
     service, user = match.group("pam_service"), match.group("user")
     by_name, by_uid = match.group("by"), match.group("by_uid")
-    fields = {"action": "session_opened", "service": service}
+    fields = {"action": "login_success" if service in DOOR_LOGIN_SERVICES
+              else "session_opened", "service": service}
     if service in SWITCHING_PAM_SERVICES:
         # Who acted, by name and UID (the name is missing when PAM found
         # no login name: no terminal, no utmp entry; ActingUsers fills it).
@@ -2414,17 +2490,25 @@ def _build_pam_auth_failure(match):
                 found.get("user") or None}
     if service in _PROGRAM_PAM_SERVICES:
         return _program_pam_failure(service, pairs, match.group("module"))
+    if service in DOOR_AUTH_SERVICES:
+        return _door_auth_failure(service, pairs)
     if service != "sshd":
         return None
-    at = pairs.rfind("rhost=")  # the last: sshd's, after the others
+    fields, user = _pam_source_and_user(pairs)
+    return dict(fields, action="login_failure", reason="bad_password",
+                pairing="pam", user=user,
+                detail="%s: authentication failure" % match.group("module"))
+
+
+def _pam_source_and_user(pairs):
+    """(source fields, user) from the end of a PAM failure line."""
+    at = pairs.rfind("rhost=")  # the last: the caller's, after the others
     tail = _PAM_RHOST.match(pairs, at - 1 if at > 0 else 0) \
         if at >= 0 else None
     fields = _source(tail.group("rhost")) if tail else {}
     user = tail.group("user") if tail else \
         dict(_PAM_PAIR.findall(pairs)).get("user")
-    return dict(fields, action="login_failure", reason="bad_password",
-                pairing="pam", user=user or None,
-                detail="%s: authentication failure" % match.group("module"))
+    return fields, user or None
 
 
 #: PAM services of programs that write their own line for each failed
@@ -2727,6 +2811,173 @@ RULES = (
         _build_logind_removed),
 )
 
+# ---------------------------------------------------------------------------
+# 7b the other doors in: polkit and pkexec, doas, run0, Cockpit, gdm,
+# lightdm, sddm
+# ---------------------------------------------------------------------------
+#
+# They report as the same kinds as sshd, sudo and su, with the service
+# named: a failed password is a login_failure, a command run as another
+# user a sudo_command, a graphical or Cockpit session a login_success.
+# The forms are those of polkit 0.105-127 (pkexec.c log_message(),
+# polkitbackendinteractiveauthority.c), OpenDoas 6.6-6.8 (doas.c, pam.c,
+# shadow.c), systemd 256-257 (run0) and Cockpit's session helper (PAM
+# service "cockpit"); their README table says which wrote what.
+
+#: PAM services whose own failure line is the only word of a failed login
+#: (the agent helper's is paired with polkitd's verdict: PolkitAttempts).
+DOOR_AUTH_SERVICES = frozenset((
+    "polkit-1", "cockpit", "gdm-password", "gdm-autologin",
+    "gdm-fingerprint", "gdm-smartcard", "lightdm", "lightdm-autologin",
+    "sddm", "sddm-autologin"))
+
+#: PAM services whose session is a login: nothing else logs the success.
+DOOR_LOGIN_SERVICES = DOOR_AUTH_SERVICES - frozenset(("polkit-1",))
+
+
+def _door_auth_failure(service, pairs):
+    """A failed password at a door whose PAM line is all there is: the
+    address is PAM's rhost (Cockpit's web client), the terminal its tty."""
+    fields, user = _pam_source_and_user(pairs)
+    tty = dict(_PAM_PAIR.findall(pairs.split(" rhost=", 1)[0])).get("tty")
+    return dict(fields, action="login_failure", reason="bad_password",
+                service=service, user=user,
+                tty=(tty or "")[len("/dev/"):] if (tty or "").startswith(
+                    "/dev/") else tty or None)
+
+
+#: pamsignal.detail of a pkexec or doas line whose directory or command
+#: imitates the words around them (as SUDO_AMBIGUOUS).
+DOOR_AMBIGUOUS = "ambiguous: the directory or command imitates the log text"
+
+_PKEXEC_COMMAND = "] [COMMAND="
+
+
+def _build_pkexec(match):
+    """pkexec's log_message(): `U: WHAT [USER=T] [TTY=t] [CWD=d]
+    [COMMAND=c]`. The directory and the command are the caller's text:
+    the command is everything after the first "] [COMMAND=" (so the real
+    one is in it), and an imitation is flagged."""
+    rest = match.group("rest")
+    at = rest.find(_PKEXEC_COMMAND)
+    if at < 0:
+        return None
+    what, tty = match.group("what"), match.group("tty")
+    fields = {"user": match.group("user"),
+              "target_user": match.group("target"),
+              "tty": None if tty == "unknown" else tty[len("/dev/"):]
+              if tty.startswith("/dev/") else tty,
+              "working_directory": rest[:at],
+              "command_line": rest[at + len(_PKEXEC_COMMAND):],
+              "detail": DOOR_AMBIGUOUS if rest.count(_PKEXEC_COMMAND) > 1
+              else None}
+    if what == "Executing command":
+        fields["action"] = "sudo_command"
+    else:
+        fields.update(action="login_failure", detail=fields["detail"] or what,
+                      reason="dismissed" if what.endswith("dismissed")
+                      else "not_authorized")
+    return fields
+
+
+def _build_pkexec_environment(match):
+    """pkexec refused a hostile environment (what PwnKit, CVE-2021-4034,
+    leaves behind): not a guess, but worth an alert."""
+    return {"action": "login_failure", "reason": "refused_environment",
+            "severity": 8, "user": match.group("user"),
+            "detail": match.group("why")}
+
+
+def _build_polkit_verdict(match):
+    """polkitd's verdict on an authentication. The user is the owner of
+    the process that asked (a unix-user:NAME at the very end, after the
+    process's command line, the caller's own text)."""
+    identity = match.group("identity")
+    fields = {"user": match.group("owner"),
+              "command_line": match.group("cmdline"),
+              "detail": match.group("action_id") if identity is None else
+              "%s, authenticated as %s" % (match.group("action_id"),
+                                           identity)}
+    if identity is None:
+        fields.update(action="login_failure", reason="bad_password")
+    else:
+        fields["action"] = "login_success"
+    return fields
+
+
+def _build_doas_failed(match):
+    return {"action": "login_failure", "reason": "bad_password",
+            "user": match.group("user")}
+
+
+def _build_doas_refused(match):
+    return {"action": "login_failure", "reason": "command_not_allowed",
+            "user": match.group("user"),
+            "command_line": match.group("command")}
+
+
+_DOAS_AS = re.compile(r" as (\S+) from ")
+
+
+def _build_doas_ran(match):
+    """`U ran command CMD as T from CWD`: CMD and CWD are the caller's
+    text. With more than one reading the target is root if any says so,
+    the command runs to the last " as T from " (the real one is in it)."""
+    rest = match.group("rest")
+    readings = list(_DOAS_AS.finditer(rest))
+    if not readings:
+        return None
+    last = readings[-1]
+    target = next((r.group(1) for r in readings if r.group(1) == "root"),
+                  readings[0].group(1))
+    return {"action": "sudo_command", "user": match.group("user"),
+            "target_user": target if len(readings) > 1 else last.group(1),
+            "command_line": rest[:last.start()] if len(readings) > 1
+            else rest[:readings[0].start()],
+            "working_directory": None if len(readings) > 1
+            else rest[readings[0].end():],
+            "detail": DOOR_AMBIGUOUS if len(readings) > 1 else None}
+
+
+def _build_run0_unit(match):
+    """PID 1 starting run0's unit: the command, as its description says
+    (Run0Commands adds who ran it from the unit's PAM session)."""
+    return {"action": "sudo_command", "unit": match.group("unit"),
+            "command_line": match.group("command")}
+
+
+DOOR_RULES = (
+    Rule("pkexec", "pkexec", None, re.compile(
+        r"^(?P<user>[^\s:]+): (?P<what>Executing command|Error executing "
+        r"command as another user: [^\[\]]*?) \[USER=(?P<target>[^\]\s]+)\] "
+        r"\[TTY=(?P<tty>[^\]\s]*)\] \[CWD=(?P<rest>.*)\]\Z", re.S),
+        _build_pkexec),
+    Rule("pkexec", "pkexec_environment", None, re.compile(
+        r"^(?P<user>[^\s:]+): (?P<why>The value for (?:the SHELL variable|"
+        r"environment variable \S+) [^\[]*) \[USER=", re.S),
+        _build_pkexec_environment),
+    Rule("polkitd", "polkit_verdict", ("Operator",), re.compile(
+        r"^Operator of \S+ (?:FAILED to authenticate|successfully "
+        r"authenticated as unix-user:(?P<identity>\S+)) to gain (?:\S+ )?"
+        r"authorization for action (?P<action_id>\S+) for \S+ "
+        r"\[(?P<cmdline>.*)\] \(owned "
+        r"by unix-user:(?P<owner>[^\s()]+)\)\Z", re.S),
+        _build_polkit_verdict),
+    Rule("doas", "doas_failed", ("failed",), re.compile(
+        r"^failed auth for (?P<user>.+)\Z"), _build_doas_failed),
+    Rule("doas", "doas_refused", ("command",), re.compile(
+        r"^command not permitted for (?P<user>[^\s:]+): (?P<command>.*)\Z",
+        re.S), _build_doas_refused),
+    Rule("doas", "doas_ran", None, re.compile(
+        r"^(?P<user>\S+) ran command (?P<rest>.*)\Z", re.S), _build_doas_ran),
+    Rule("pid1", "run0_unit", ("Starting",), re.compile(
+        r"^Starting (?P<unit>run-p\d+-i\d+\.service) - \[run0\] "
+        r"(?P<command>.*)\.\.\.\Z", re.S), _build_run0_unit),
+)
+
+RULES = RULES + DOOR_RULES
+
+
 #: The leading word a rule's `words` name: letters, "_" and ":" only, so
 #: "pam_unix(sshd:auth)" gives "pam_unix" and "(to root)" gives "".
 _FIRST_WORD = re.compile(r"[A-Za-z_:]*")
@@ -2744,7 +2995,8 @@ def _rule_index(family):
 
 _RULES_BY_FAMILY = {
     family: _rule_index(family)
-    for family in set(service.family for service in WATCHED_SERVICES.values())
+    for family in set(service.family for service in list(
+        WATCHED_SERVICES.values()) + [EXECUTOR_SERVICE, PID1_SERVICE])
 }
 
 
@@ -2786,19 +3038,27 @@ def classify_message(family, message):
 _DELETED = " (deleted)"
 
 
-def writer_is_genuine(entry, service):
+def writer_is_genuine(entry, service, accounts=None):
     """Whether the trusted journal fields show the real service wrote this.
 
     Anyone can `logger -t sshd`; only journald sets the underscore fields.
     `_EXE` is missing when the writer exited before journald looked; then
     the program name decides, but only for root writers: any process can
     name itself "sudo" (prctl) and exit, so a non-root writer (the caller
-    of setuid sudo or su) must show the real executable.
+    of setuid sudo or su) must show the real executable. A service that
+    runs as an account of its own (polkitd) is trusted as root only with
+    that account's UID, from `accounts` (name -> UID text, see
+    service_account_uids).
     """
-    return _writer_verdict(journal_text(entry.get("_TRANSPORT")),
-                           journal_text(entry.get("_UID")),
-                           journal_text(entry.get("_EXE")),
-                           journal_text(entry.get("_COMM")), service)
+    uid = journal_text(entry.get("_UID"))
+    if service.account is not None and uid is not None and \
+            uid == (accounts or {}).get(service.account):
+        uid = "0"
+    comm = journal_text(entry.get("_COMM"))
+    if service is EXECUTOR_SERVICE:
+        comm = None  # its name is the command's; its _EXE decides
+    return _writer_verdict(journal_text(entry.get("_TRANSPORT")), uid,
+                           journal_text(entry.get("_EXE")), comm, service)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -2817,6 +3077,22 @@ def _writer_verdict(transport, uid, exe, comm, service):
     if uid != "0":
         return False
     return comm is None or comm in service.programs
+
+
+#: Rules for lines whose writer, as root, executes the command it names
+#: at once (doas's child, pkexec; and systemd-executor, whatever it
+#: logs): journald may then see the command's program and executable.
+#: Only root can write them, so root's UID is trusted for them whatever
+#: the program (measured: doas's "ran command id" came with _COMM=id and
+#: no _EXE).
+_LOGGED_BEFORE_EXEC = frozenset(("doas_ran", "pkexec"))
+
+
+def _logged_before_exec(entry, rule, service):
+    return (rule.name in _LOGGED_BEFORE_EXEC or
+            service is EXECUTOR_SERVICE) and \
+        journal_text(entry.get("_UID")) == "0" and \
+        journal_text(entry.get("_TRANSPORT")) in TRUSTED_TRANSPORTS
 
 
 def _entry_timestamp(entry):
@@ -2841,17 +3117,19 @@ def _context_key(entry, fields, service):
                          fields.get("service") or service.name)
 
 
-def parse_entry(entry, read_at_us=0):
+def parse_entry(entry, read_at_us=0, accounts=None):
     """One journal entry (dict as journalctl -o json gives it) -> Event|None.
 
     Pure: no clock, file or socket. Entries of unwatched identifiers, unknown
     messages and companion lines give None; an auth message written by a
     process that is not the real service gives a `spoofed_entry`. An entry
     whose own time is impossible keeps its event, stamped `read_at_us` (when
-    it was read), with the claimed time in `journal_time`.
+    it was read), with the claimed time in `journal_time`. `accounts` maps
+    service accounts to their UIDs (see writer_is_genuine).
     """
-    service = WATCHED_SERVICES.get(
-        journal_text(entry.get("SYSLOG_IDENTIFIER")))
+    identifier = journal_text(entry.get("SYSLOG_IDENTIFIER"))
+    service = WATCHED_SERVICES.get(identifier) or \
+        unlisted_service(identifier)
     if service is None:
         return parse_suppression(entry)
     message = journal_text(entry.get("MESSAGE"))
@@ -2860,15 +3138,19 @@ def parse_entry(entry, read_at_us=0):
     genuine = None
     if len(message) > MAX_UNTRUSTED_MESSAGE_CHARS:
         # A forger's text only needs reading far enough to see its claim.
-        genuine = writer_is_genuine(entry, service)
+        genuine = writer_is_genuine(entry, service, accounts)
         message = message[:MAX_MESSAGE_CHARS if genuine else
                           MAX_UNTRUSTED_MESSAGE_CHARS]
     rule, fields = classify_message(service.family, message)
     if fields is None:  # most lines: read no more of them
         return None
+    if rule.family == "pam" and service.pam_services is not None and \
+            fields.get("service") not in service.pam_services:
+        return None  # e.g. a greeter's session, a user's service manager
     timestamp_us = _entry_timestamp(entry)
     if genuine is None:
-        genuine = writer_is_genuine(entry, service)
+        genuine = writer_is_genuine(entry, service, accounts) or \
+            _logged_before_exec(entry, rule, service)
     common = {"timestamp_us": read_at_us if timestamp_us is None
               else timestamp_us,
               "journal_time": None if timestamp_us is not None
@@ -2886,6 +3168,8 @@ def parse_entry(entry, read_at_us=0):
                      process_executable=journal_text(entry.get("_EXE")),
                      claimed_action=fields["action"], **common)
     fields.setdefault("service", service.name)
+    if service is EXECUTOR_SERVICE:  # its unit ties it to run0's command
+        fields["unit"] = journal_text(entry.get("_SYSTEMD_UNIT"))
     writer_uid = journal_text(entry.get("_UID"))
     if service.setuid and writer_uid != "0" and not fields.get("user_id"):
         fields["user_id"] = writer_uid  # the caller of setuid sudo or su
@@ -2937,7 +3221,8 @@ def parse_suppression(entry):
 #: (journald's suppression entries are watched too).
 _WATCHED_NAME_BYTES = re.compile(("\"(?:%s)\"" % "|".join(
     re.escape(name) for name in sorted(WATCHED_SERVICES) + [
-        JOURNAL_DROPPED_MESSAGE_ID])).encode())
+        JOURNAL_DROPPED_MESSAGE_ID, EXECUTOR_EXE,
+        UNIT_STARTING_MESSAGE_ID])).encode())
 
 
 #: One decoder for every line: json.loads costs a third more per line.
@@ -4601,7 +4886,7 @@ class ProgramAttempts:
     def due(self, now_us):
         """Held failures older than SSH_HOLD_US at `now_us` (event time)."""
         return [held._replace(pairing=None)
-                for held in pop_due(self.held, now_us)]
+                for held in expired(self.held, now_us)]
 
     def drain(self):
         """Every held failure (the end of a scan)."""
@@ -4701,33 +4986,32 @@ _HELD_FIELDS = tuple(field for field in EVENT_FIELDS
                      if field not in ("users_tried", "sources"))
 
 
-def pop_due(held, now_us):
-    """Take the held events (a BoundedTable, oldest first) that have waited
-    SSH_HOLD_US at `now_us`, in the events' own time."""
-    out = []
-    while held:
-        key, event = next(iter(held.items()))
-        if event.timestamp_us > now_us - SSH_HOLD_US:
-            break
-        del held[key]
-        out.append(event)
-    return out
-
-
 def _held_to_state(event):
     return {field: value for field, value in zip(EVENT_FIELDS, event)
             if value is not None and field in _HELD_FIELDS}
 
 
-def _held_from_state(saved):
+def _held_from_state(saved, action="login_failure"):
     if not isinstance(saved, dict) or type(saved.get("timestamp_us")) \
-            is not int or saved.get("action") != "login_failure":
+            is not int or saved.get("action") != action:
         return None
     fields = {field: value for field, value in saved.items()
               if field in _HELD_FIELDS and
               isinstance(value, (str, int, float)) and
               not isinstance(value, bool)}
     return Event(**fields)
+
+
+def expired(table, now_us, time_of=lambda event: event.timestamp_us):
+    """Take from a BoundedTable of held events (oldest first) those held
+    SSH_HOLD_US by `now_us` (event time), oldest first."""
+    out = []
+    while table:
+        key, held = next(iter(table.items()))
+        if time_of(held) > now_us - SSH_HOLD_US:
+            break
+        out.append(table.pop(key))
+    return out
 
 
 class SshAttempts:
@@ -4894,7 +5178,7 @@ class SshAttempts:
 
     def due(self, now_us):
         """Held events older than SSH_HOLD_US at `now_us` (event time)."""
-        return self._released(pop_due(self.held, now_us))
+        return self._released(expired(self.held, now_us))
 
     def drain(self):
         """Every held event (the end of a scan)."""
@@ -4916,6 +5200,125 @@ class SshAttempts:
             type(value.get("failures")) is int else None)
 
 
+class PolkitAttempts:
+    """One attempt, one event, for polkit (pkexec, run0 as a user, ...).
+
+    A wrong password gives three lines from three processes: the agent
+    helper's `pam_unix(polkit-1:auth)` failure, polkitd's FAILED verdict
+    and pkexec's "Not authorized". The helper's failure is held until
+    polkitd's next verdict on that boot: a FAILED one takes it (the
+    event, with polkitd's action and command line and the helper's user
+    ID); a success releases it as a guess of its own, and so does
+    SSH_HOLD_US without a verdict. pkexec's refusal for a user polkitd
+    has just refused (within SSH_HOLD_US) adds nothing: polkitd names
+    pkexec's parent process, not pkexec, so the user ties them.
+    """
+
+    def __init__(self, limit=MAX_OPEN_SESSIONS):
+        self.held = BoundedTable(limit)  # boot -> helper failures
+        self.refused = BoundedTable(limit)  # boot/user -> time of FAILED
+
+    def observe(self, event):
+        """The events to send now for this one (a list)."""
+        key = event.context_key
+        if key is None or event.service not in ("polkit-1", "polkit",
+                                                "pkexec"):
+            return [event]
+        boot = key.split("/", 1)[0]
+        if event.service == "polkit-1" and event.action == "login_failure":
+            self.held.put(boot, (self.held.pop(boot, None) or []) + [event])
+            return []
+        if event.service == "pkexec" and event.action == "login_failure":
+            refused_us = self.refused.pop("%s/%s" % (boot, event.user), None)
+            told = refused_us is not None and \
+                event.timestamp_us - refused_us <= SSH_HOLD_US
+            return [] if told else [event]
+        if event.service != "polkit":
+            return [event]
+        held = self.held.pop(boot, None) or []
+        if event.action == "login_failure":
+            self.refused.put("%s/%s" % (boot, event.user), event.timestamp_us)
+            if held:
+                event = event._replace(
+                    user_id=held[-1].user_id,
+                    attempts=len(held) if len(held) > 1 else None)
+                held = []
+        return held + [event]
+
+    def due(self, now_us):
+        """Held failures no verdict came for within SSH_HOLD_US."""
+        return [event for held in expired(
+            self.held, now_us, lambda held: held[-1].timestamp_us)
+            for event in held]
+
+    def to_state(self):
+        return {"held": [[boot, [_held_to_state(event) for event in held]]
+                         for boot, held in self.held.items()],
+                "refused": self.refused.to_state()}
+
+    def load_state(self, saved):
+        saved = saved if isinstance(saved, dict) else {}
+        self.held.load_state(saved.get("held"), lambda held: [
+            event for event in map(_held_from_state, held) if event] or None
+            if isinstance(held, list) else None)
+        self.refused.load_state(saved.get("refused"), saved_time_us)
+
+    def drain(self):
+        """Every held failure (the end of a scan)."""
+        out = [event for held in self.held.values() for event in held]
+        self.held.clear()
+        return out
+
+
+class Run0Commands:
+    """run0's command and who ran it are two lines: PID 1 starts the unit
+    ("[run0] COMMAND" is its description), then the unit's PAM session
+    names who became whom. The command waits for the session of its unit
+    and becomes one sudo_command with both (the session is still told);
+    alone after SSH_HOLD_US, or at the end of a scan, it goes out as it
+    is."""
+
+    def __init__(self, limit=MAX_OPEN_SESSIONS):
+        self.held = BoundedTable(limit)  # boot/unit -> the command
+
+    @staticmethod
+    def _key(event):
+        return "%s/%s" % ((event.context_key or "").split("/", 1)[0],
+                          event.unit)
+
+    def observe(self, event):
+        """The events to send now for this one (a list)."""
+        if event.unit is None:
+            return [event]
+        if event.service == "run0":
+            self.held.put(self._key(event), event)
+            return []
+        command = self.held.pop(self._key(event), None) \
+            if event.service == "systemd-run0" else None
+        if command is None or event.action != "session_opened":
+            return [event]
+        return [command._replace(user=event.user, user_id=event.user_id,
+                                 target_user=event.target_user), event]
+
+    def due(self, now_us):
+        """Commands no session came for within SSH_HOLD_US."""
+        return expired(self.held, now_us)
+
+    def to_state(self):
+        return [[key, _held_to_state(event)]
+                for key, event in self.held.items()]
+
+    def load_state(self, saved):
+        self.held.load_state(saved, lambda command: _held_from_state(
+            command, "sudo_command"))
+
+    def drain(self):
+        """Every held command (the end of a scan)."""
+        out = list(self.held.values())
+        self.held.clear()
+        return out
+
+
 #: The rules that remember when they last fired, per counter.
 _RULE_NAMES = frozenset(("fast", "slow", "enumeration", "distributed",
                          "success", "probes"))
@@ -4926,6 +5329,8 @@ _RULE_NAMES = frozenset(("fast", "slow", "enumeration", "distributed",
 #: are policy, not a wrong password.
 _NOT_GUESSES = frozenset(("max_attempts", "root_refused", "user_change",
                           "not_in_sudoers", "command_not_allowed",
+                          # pkexec's refusals (see PolkitAttempts)
+                          "not_authorized", "dismissed", "refused_environment",
                           "password_required"))
 
 #: Times further ahead than this are a clock that was wrong: dropped.
@@ -9355,11 +9760,14 @@ def valid_cursor(cursor):
 def journal_matches(tty_audit=False):
     """journalctl match arguments: one field repeated means OR; `+` ORs
     the group of journald's suppression entries (any writer: the parser
-    tells journald's own from a forgery) and, with tty_audit, the group of
-    the kernel's TTY, USER_TTY and USER_START records (audit transport
-    only: never the kernel log's copies)."""
+    tells journald's own from a forgery), the other doors' lines that carry
+    no identifier of theirs (systemd-executor's, PID 1's unit starts) and,
+    with tty_audit, the group of the kernel's TTY, USER_TTY and USER_START
+    records (audit transport only: never the kernel log's copies)."""
     matches = ["SYSLOG_IDENTIFIER=%s" % name for name in sorted(
-        WATCHED_SERVICES)] + ["+", "MESSAGE_ID=" + JOURNAL_DROPPED_MESSAGE_ID]
+        WATCHED_SERVICES)] + ["+", "MESSAGE_ID=" + JOURNAL_DROPPED_MESSAGE_ID,
+                              "+", "_EXE=" + EXECUTOR_EXE,
+                              "+", "MESSAGE_ID=" + UNIT_STARTING_MESSAGE_ID]
     if tty_audit:
         matches += ["+", "_TRANSPORT=audit"] + [
             "_AUDIT_TYPE=" + kind for kind in AUDIT_KINDS]
@@ -10188,6 +10596,30 @@ def suppression_samples(pipeline):
     return samples
 
 
+#: The highest UID of a system account (login.defs SYS_UID_MAX): a
+#: service account above it could be a person's.
+SYSTEM_UID_MAX = 999
+
+
+def service_account_uids(getpwnam=pwd.getpwnam):
+    """Service account name -> UID (text) for the watched services that
+    log as an account of their own (polkitd), looked up by name once at
+    start. An account that is missing, root's, or not a system account
+    (a UID people's accounts get) is left out: its lines are then
+    trusted only from root."""
+    uids = {}
+    for service in WATCHED_SERVICES.values():
+        if service.account is None:
+            continue
+        try:
+            uid = getpwnam(service.account).pw_uid
+        except KeyError:
+            continue
+        if 0 < uid <= SYSTEM_UID_MAX:
+            uids[service.account] = str(uid)
+    return uids
+
+
 def agent_event(action, now_s, component=None, message=None):
     """An event about the agent itself (not from the journal)."""
     return Event(timestamp_us=int(now_s * 1e6), action=action,
@@ -10200,11 +10632,12 @@ class Pipeline:
     (policy gate, then sink or spool), shared by `run` and `scan`.
 
     A failing sink is reported and never stops the others or the reader.
-    `clock` gives the wall time that cooldowns and rate limits run on.
+    `clock` gives the wall time that cooldowns and rate limits run on;
+    `accounts` the UIDs of service accounts (service_account_uids).
     """
 
     def __init__(self, channels, detection, skip_unwatched=False,
-                 clock=time.time, enricher=None):
+                 clock=time.time, enricher=None, accounts=None):
         self.channels = channels
         self.enricher = enricher
         self.sessions = SessionTracker()
@@ -10212,6 +10645,9 @@ class Pipeline:
         self.ssh_attempts = SshAttempts()
         self.program_attempts = ProgramAttempts()
         self.acting_users = ActingUsers(account_of)
+        #: Lines of the other doors in that pair up (section 7b).
+        self.door_pairs = (PolkitAttempts(), Run0Commands())
+        self.accounts = accounts
         self.detector = FailureDetector(detection)
         self.baseline = Baseline(detection.learning_period)
         self.skip_unwatched = skip_unwatched
@@ -10266,7 +10702,7 @@ class Pipeline:
                 return sum(self._deliver(closed, now_s)
                            for closed in self.typing.record(record))
         event = parse_entry(entry, int((self.clock() if now_s is None
-                                        else now_s) * 1000000))
+                                        else now_s) * 1000000), self.accounts)
         if event is not None:
             if self.typing is not None and event.action == "session_opened":
                 self.typing.note(event, entry)
@@ -10277,14 +10713,26 @@ class Pipeline:
             entry_us = _entry_timestamp(entry) or 0
             for released in attempts.due(entry_us) + programs.due(entry_us):
                 sent += self._process(released, now_s)
+        for pairs in self.door_pairs:
+            if pairs.held:
+                for released in pairs.due(_entry_timestamp(entry) or 0):
+                    sent += self._process(released, now_s)
         if self.typing is not None and self.typing.closing:
             for closed in self.typing.due(_entry_timestamp(entry) or 0):
                 sent += self._deliver(closed, now_s)
         if event is not None:
             for program_event in programs.observe(event):
                 for paired in attempts.observe(program_event):
-                    sent += self._process(paired, now_s)
+                    for told in self._door_paired(paired):
+                        sent += self._process(told, now_s)
         return sent
+
+    def _door_paired(self, event):
+        """The events to send for one, through each pairing of doors."""
+        events = [event]
+        for pairs in self.door_pairs:
+            events = [told for one in events for told in pairs.observe(one)]
+        return events
 
     def _process(self, event, now_s):
         """Send one event and what it made the detectors find; returns how
@@ -10362,7 +10810,9 @@ class Pipeline:
             now_us = int(now_s * 1000000)
             sent = sum(self._process(event, now_s) for event in
                        self.ssh_attempts.due(now_us) +
-                       self.program_attempts.due(now_us))
+                       self.program_attempts.due(now_us) +
+                       [released for pairs in self.door_pairs
+                        for released in pairs.due(now_us)])
             if self.typing is not None:
                 sent += sum(self._deliver(event, now_s) for event in
                             self.typing.due(wall_us=now_us))
@@ -10375,7 +10825,9 @@ class Pipeline:
         of their own."""
         sent = sum(self._process(event, None)
                    for event in self.ssh_attempts.drain() +
-                   self.program_attempts.drain())
+                   self.program_attempts.drain() +
+                   [held for pairs in self.door_pairs
+                    for held in pairs.drain()])
         return sent + sum(self._deliver(event, None) for event in (
             self.typing.drain() if self.typing is not None else ()))
 
@@ -10455,7 +10907,8 @@ class Agent:
         self.last_detection_save = 0.0
         self.events_at_detection_save = 0
         self.pipeline = Pipeline(channels, config.detection,
-                                 enricher=Enricher.from_config(config, True))
+                                 enricher=Enricher.from_config(config, True),
+                                 accounts=service_account_uids())
         self.couriers = []
         self.delivered = collections.Counter()  # of couriers now stopped
         self.undelivered = collections.Counter()
@@ -10534,6 +10987,10 @@ class Agent:
         if self.pipeline.typing is not None:
             self.pipeline.typing.load_state(state.get("typed_closes"),
                                             now_us)
+        door_pairs = state.get("door_pairs")
+        for pairs, saved in zip(self.pipeline.door_pairs, door_pairs if
+                                isinstance(door_pairs, list) else ()):
+            pairs.load_state(saved)
 
     # -- saving -------------------------------------------------------------
 
@@ -10550,7 +11007,9 @@ class Agent:
                 "program_attempts":
                     self.pipeline.program_attempts.to_state(),
                 "typed_closes": [] if self.pipeline.typing is None
-                else self.pipeline.typing.to_state()},
+                else self.pipeline.typing.to_state(),
+                "door_pairs": [pairs.to_state() for pairs in
+                               self.pipeline.door_pairs]},
                 durable)):
             self.unsaved = False
         if durable:
@@ -11053,8 +11512,10 @@ REPORT_DETECTIONS = frozenset((
     "unaccounted_session"))
 
 #: PAM services whose sessions are privilege use (reported with the sudo
-#: commands), not logins.
-SUDO_PAM_SERVICES = frozenset(("sudo", "sudo-i"))
+#: commands; doas's, pkexec's and run0's commands count as sudo's), not
+#: logins.
+SUDO_PAM_SERVICES = frozenset(("sudo", "sudo-i", "doas", "polkit-1",
+                               "systemd-run0"))
 
 #: `--since` / `--until` words journalctl also knows, as days from today.
 _DAY_WORDS = {"today": 0, "yesterday": -1, "tomorrow": 1}
@@ -11832,7 +12293,8 @@ def command_scan(args, stdout):
         "format": "json" if args.json else "text"}, stream=stdout)
     pipeline = Pipeline([Channel(sink, ChannelGate(SHOW_EVERYTHING))],
                         config.detection, skip_unwatched=True,
-                        enricher=Enricher.from_config(config, False))
+                        enricher=Enricher.from_config(config, False),
+                        accounts=service_account_uids())
     with stream:
         for line in stream:
             entry = None if line.isspace() else pipeline.decode(line)
@@ -11903,7 +12365,8 @@ def command_report(args, stdout):
     builder = ReportBuilder(user=args.user, source=source)
     pipeline = Pipeline([Channel(ReportSink(builder), PassGate())],
                         config.detection, skip_unwatched=True,
-                        enricher=Enricher.from_config(config, False))
+                        enricher=Enricher.from_config(config, False),
+                        accounts=service_account_uids())
     stream, process = _report_lines(args, config)
     progress = Progress(sys.stderr)
     try:

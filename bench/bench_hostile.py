@@ -31,6 +31,13 @@ HOSTILE = (
     ("sudo", "a : " + " ; COMMAND=" * (SIZE // 11)),
     ("su", "FAILED SU (to " + " " * SIZE),
     ("systemd-logind", "New session " + "'" * SIZE),
+    ("pkexec", "a: Executing command [USER=root] [TTY=t] [CWD="
+     + "] [COMMAND=" * (SIZE // 12)),
+    ("pkexec", "a: Error executing command as another user: " + "[" * SIZE),
+    ("polkitd", "Operator of x FAILED to authenticate to gain authorization"
+     " for action a for b [" + "] (owned by unix-user:" * (SIZE // 22)),
+    ("doas", "a ran command" + " as root from" * (SIZE // 13)),
+    ("doas", "command not permitted for a: " + ":" * SIZE),
 )
 
 

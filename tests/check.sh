@@ -83,8 +83,9 @@ prepare() {
     # bookworm and bullseye (with trixie-tree): the Debian package tests;
     # ansible-tree: the boot tree with python3-apt, for the Ansible role.
     # bare-tree: a Debian 12 minbase without python3 (tests/test_fresh.py).
+    # doors-tree: the boot tree with doas, pkexec, polkitd (test_doors.py).
     for tree in trixie-tree boot-tree bookworm-tree bullseye-tree \
-        ansible-tree bare-tree; do
+        ansible-tree bare-tree doors-tree; do
         step "Debian tree: $tree (cached under /var/cache/pamsignal-tests)"
         started=$SECONDS
         python3 tests/realsys.py "$tree"

@@ -743,6 +743,30 @@ def build_boot_tree(tree=None, mirror=None, timeout=900):
     )
 
 
+# The boot tree and the other doors in (tests/test_doors.py): OpenDoas,
+# pkexec with polkitd (and pkttyagent), libpam-systemd for logind's
+# sessions; run0 comes with Debian 13's systemd 257.
+DOORS_TREE = os.environ.get(
+    "PAMSIGNAL_DOORS_TREE", "/var/cache/pamsignal-tests/trixie-doors"
+)
+DOORS_PACKAGES = BOOT_PACKAGES + ("opendoas", "pkexec", "polkitd",
+                                  "libpam-systemd")
+DOORS_NEEDS = BOOT_NEEDS + ("usr/bin/doas", "usr/bin/pkexec",
+                            "usr/bin/pkttyagent", "usr/bin/run0")
+
+
+def build_doors_tree(tree=None, mirror=None, timeout=900):
+    """The bootable tree with doas, pkexec and polkitd, built once."""
+    return build_debian_tree(
+        "trixie",
+        tree or DOORS_TREE,
+        mirror,
+        timeout,
+        packages=DOORS_PACKAGES,
+        needs=DOORS_NEEDS,
+    )
+
+
 # Minimal trees of the releases the Debian package is installed on
 # (tests/test_deb.py): minbase and python3, nothing else, so the package's
 # own dependencies are what makes it work.  Debian 13's is the tree above.
@@ -1636,6 +1660,8 @@ def _main(argv):
         "ansible-tree": ("Debian 13 boot tree with python3-apt",
                          build_ansible_tree),
         "bare-tree": ("Debian 12 minbase tree", build_bare_tree),
+        "doors-tree": ("Debian 13 boot tree with doas, pkexec, polkitd",
+                       build_doors_tree),
     }
     for suite, number in sorted(PACKAGE_SUITES.items()):
         if suite != "trixie":  # trixie-tree above is its package tree

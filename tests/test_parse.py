@@ -17,7 +17,7 @@ from support import flatten, make_entry, pamsignal, parse_flat
 #: forms, with the sudo, util-linux or shadow release that writes each.
 FIXTURES = [os.path.join(os.path.dirname(__file__), "fixtures", name)
             for name in ("messages.json", "sshd_forms.json",
-                         "sudosu_forms.json")]
+                         "sudosu_forms.json", "doors_forms.json")]
 
 CASES = []
 for _path in FIXTURES:
@@ -54,7 +54,9 @@ def test_fixtures_cover_every_rule_and_action():
     rules = set()
     for case in CASES:
         entry = entry_of(case)
-        service = pamsignal.WATCHED_SERVICES.get(entry["SYSLOG_IDENTIFIER"])
+        service = pamsignal.WATCHED_SERVICES.get(
+            entry["SYSLOG_IDENTIFIER"]) or pamsignal.unlisted_service(
+                entry["SYSLOG_IDENTIFIER"])
         if service is not None:
             rule, _ = pamsignal.classify_message(service.family,
                                                  entry["MESSAGE"])
