@@ -636,7 +636,7 @@ AuditConfig = collections.namedtuple(
 
 #: [report]: the channels `report --send-configured` (the daily timer)
 #: sends the summary to.
-ReportConfig = collections.namedtuple("ReportConfig", "send_to")
+ReportConfig = collections.namedtuple("ReportConfig", "send_to retry_for")
 
 ConfigProblem = collections.namedtuple("ConfigProblem",
                                        "path line section key message")
@@ -1225,6 +1225,7 @@ def _channel_names(value):
 #: [report] keys: key -> (validator, default).
 REPORT_OPTIONS = collections.OrderedDict((
     ("send_to", (_channel_names, "")),
+    ("retry_for", (_cooldown, "10m")),  # off: one attempt
 ))
 
 #: [detection] keys: key -> (validator, default).
@@ -1356,8 +1357,7 @@ def parse_config(text, path="<config>"):
             problem(section, None, "unknown section; expected [pamsignal], "
                     "[detection], [alerts], [geoip], [audit], [report] or "
                     "[channel:NAME]")
-    for name, message in summary_channel_problems(report["send_to"],
-                                                  channels):
+    for message in summary_channel_problems(report["send_to"], channels):
         problem("report", "send_to", message)
     if problems:
         raise ConfigError(problems)
@@ -1433,19 +1433,19 @@ SUMMARY_CHANNEL_TYPES = frozenset((
 
 
 def summary_channel_problems(names, channels):
-    """(name, why) for each name that is no channel a summary can go to."""
+    """Why, for each name that is no channel a summary can go to."""
     types = {channel.name: channel.type for channel in channels}
     problems = []
     for name in names:
         if name not in types:
-            problems.append((name, "no [channel:%s] is configured%s" % (
+            problems.append("no [channel:%s] is configured%s" % (
                 name, _suggest(name, types) or "; configured: %s" % (
-                    ", ".join(sorted(types)) or "none"))))
+                    ", ".join(sorted(types)) or "none")))
         elif types[name] not in SUMMARY_CHANNEL_TYPES:
-            problems.append((name, "channel %s is of type %s, which a "
-                             "report cannot be sent to (use one of: %s)" % (
-                                 name, types[name],
-                                 ", ".join(sorted(SUMMARY_CHANNEL_TYPES)))))
+            problems.append("channel %s is of type %s, which a report "
+                            "cannot be sent to (use one of: %s)" % (
+                                name, types[name],
+                                ", ".join(sorted(SUMMARY_CHANNEL_TYPES))))
     return problems
 
 
@@ -10831,12 +10831,8 @@ def write_report_html(path, document):
 # in a spool of the channel's own under state_dir/report-spool (the
 # running service never reads it, so the two never send one thing twice)
 # and delivered from there by a Courier, retried as alerts are for up to
-# SUMMARY_SEND_S. What is still undelivered stays, and the next
+# [report] retry_for. What is still undelivered stays, and the next
 # `report --send` to that channel delivers it first.
-
-#: How long `report --send` retries a channel before leaving the summary
-#: in its spool for the next run.
-SUMMARY_SEND_S = 600
 
 #: Where report summaries wait, below state_dir (one directory a channel).
 REPORT_SPOOL_DIR = "report-spool"
@@ -10859,11 +10855,13 @@ def summary_text(document, hostname=None):
 
 def summary_event(document, hostname, now_us):
     """The report_summary event of a report document: stamped with the
-    end of its range (so the same range gives the same event, sent once)."""
+    end of its range, or its last event (so the same report gives the same
+    event, which the spool sends once)."""
     head = document["report"]
-    until = head.get("until")
+    until = head.get("until") or head.get("last_event")
     timestamp_us = now_us if until is None else calendar.timegm(
-        time.strptime(until[:19], "%Y-%m-%dT%H:%M:%S")) * 1000000
+        time.strptime(until[:19], "%Y-%m-%dT%H:%M:%S")) * 1000000 + int(
+        until[20:26])
     return Event(action="report_summary", timestamp_us=timestamp_us,
                  hostname=hostname, detail=report_range_text(head),
                  message=summary_text(document, hostname))
@@ -10878,7 +10876,7 @@ def summary_targets(names, config):
                    wanted]
     problems = summary_channel_problems(wanted, config.channels)
     if problems:
-        raise UsageError("; ".join(why for _, why in problems))
+        raise UsageError("; ".join(problems))
     return [channel for name in wanted for channel in config.channels
             if channel.name == name]
 
@@ -10907,14 +10905,14 @@ class SummaryDelivery:
     `report --send`: put the summary, deliver what the spool holds (older
     summaries first), and say what became of this one."""
 
-    def __init__(self, channel, config, send_s=SUMMARY_SEND_S):
+    def __init__(self, channel, config):
         self.sink = CHANNEL_TYPES[channel.type](channel.name,
                                                 dict(channel.options))
         self.directory = os.path.join(config.state_dir, REPORT_SPOOL_DIR,
                                       spool_directory_name(channel.name))
         self.spool = Spool(self.directory, config.spool_max_alerts,
                            config.spool_max_age)
-        self.send_s = send_s
+        self.retry_for_s = config.report.retry_for
         self.lock = None
 
     def send(self, event, clock=time.monotonic):
@@ -10940,9 +10938,10 @@ class SummaryDelivery:
         self.spool.flush()
         courier = Courier(self.sink, self.spool)
         courier.start()
-        deadline = clock() + self.send_s
-        try:
-            while self.spool.depth() and clock() < deadline:
+        deadline = clock() + self.retry_for_s
+        try:  # at least one attempt, then retries until the deadline
+            while self.spool.depth() and (clock() < deadline or not (
+                    courier.delivered or courier.failed)):
                 time.sleep(0.1)
         finally:
             courier.stop(timeout=self.sink.timeout + 2)
@@ -10962,12 +10961,12 @@ _SUMMARY_OUTCOMES = {"sent": "sent", "sent before": "already sent within "
                      "refused": "refused"}
 
 
-def send_summary(channels, config, event, stdout, send_s=SUMMARY_SEND_S):
+def send_summary(channels, config, event, stdout):
     """Send the summary to each channel; a line per channel on stdout.
     True when every channel has it."""
     every = True
     for channel in channels:
-        delivery = SummaryDelivery(channel, config, send_s)
+        delivery = SummaryDelivery(channel, config)
         try:
             outcome, detail = delivery.send(event)
         except OSError as error:
@@ -12143,6 +12142,10 @@ anchor_interval = 10m
 # Types: telegram, slack, discord, teams, ntfy, gotify, whatsapp and
 # webhook get the text cut to their message limit, email gets it whole.
 send_to =
+# A channel that fails is retried (as alerts are) for this long; then the
+# summary waits in state_dir/report-spool and the next run sends it first.
+# off: one attempt.
+retry_for = 10m
 
 [alerts]
 # The alert policy of every channel; a [channel:NAME] may override any of
