@@ -11973,6 +11973,104 @@ RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
 WantedBy=multi-user.target
 """
 
+#: pamsignal-report.service and pamsignal-report.timer, as `install`
+#: writes them (the files at the top of the source tree are these texts; a
+#: test keeps them the same). Off until the admin enables the timer.
+REPORT_SERVICE_UNIT = """\
+# PAMSignal's daily summary (`pamsignal install` writes this file), run by
+# pamsignal-report.timer: yesterday's report to the channels named in
+# [report] send_to. Off until: systemctl enable --now pamsignal-report.timer
+# Sandboxed as pamsignal.service and as the same (dynamic) user, whose
+# state directory holds the summaries' spool: it reads the journal and the
+# configuration, writes /var/lib/pamsignal/report-spool and reaches the
+# network, nothing else.
+[Unit]
+Description=PAMSignal daily login report
+Documentation=man:pamsignal(8)
+After=systemd-journald.service network-online.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+ExecStartPre=+/usr/bin/pamsignal stage-config \\
+    /run/pamsignal-report/pamsignal.conf
+ExecStart=/usr/bin/pamsignal --config /run/pamsignal-report/pamsignal.conf \\
+    report --since yesterday --until today --send-configured
+# Reading a day of the journal, then [report] retry_for (10m) per channel.
+TimeoutStartSec=1h
+
+DynamicUser=yes
+User=pamsignal
+SupplementaryGroups=systemd-journal
+StateDirectory=pamsignal
+StateDirectoryMode=0700
+# Its own runtime directory: pamsignal.service's goes when that stops.
+RuntimeDirectory=pamsignal-report
+RuntimeDirectoryMode=0700
+UMask=0077
+
+# Channels need the network: no PrivateNetwork= or IPAddressDeny=.
+NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateIPC=yes
+PrivateMounts=yes
+PrivateUsers=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectControlGroups=yes
+ProtectProc=invisible
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+RemoveIPC=yes
+KeyringMode=private
+DevicePolicy=closed
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+SystemCallErrorNumber=EPERM
+SystemCallArchitectures=native
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+
+"""
+
+REPORT_TIMER_UNIT = """\
+# PAMSignal's daily summary: starts pamsignal-report.service shortly after
+# midnight (`pamsignal install` writes this file). Off until enabled:
+#     systemctl enable --now pamsignal-report.timer
+[Unit]
+Description=PAMSignal daily login report
+Documentation=man:pamsignal(8)
+
+[Timer]
+OnCalendar=*-*-* 00:10:00
+RandomizedDelaySec=10m
+# A day the machine was off at that time is sent when it next boots.
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+"""
+
+#: The daily summary's units by file name, in the order they are written.
+REPORT_UNITS = collections.OrderedDict((
+    ("pamsignal-report.service", REPORT_SERVICE_UNIT),
+    ("pamsignal-report.timer", REPORT_TIMER_UNIT)))
+
+#: What install says about the daily summary (it leaves the timer off).
+REPORT_TIMER_HINT = (
+    "the daily report is off: set [report] send_to in the configuration, "
+    "then `systemctl enable --now pamsignal-report.timer`\n")
+
 #: The program's path in SERVICE_UNIT; `install --prefix` replaces it.
 UNIT_PROGRAM = DEFAULT_PREFIX + "/bin/pamsignal"
 
@@ -12339,6 +12437,8 @@ def install_paths(root, prefix):
         return os.path.join(root, path.lstrip("/"))
     return {"program": under(prefix + "/bin/pamsignal"),
             "unit": under(SYSTEMD_UNIT_DIR + "/pamsignal.service"),
+            "report_units": [under(SYSTEMD_UNIT_DIR + "/" + name)
+                             for name in REPORT_UNITS],
             "config_dir": under(os.path.dirname(DEFAULT_CONFIG_PATH)),
             "config": under(DEFAULT_CONFIG_PATH),
             "ratelimit": [under("%s/%s.d/%s" % (
@@ -12377,6 +12477,9 @@ def command_install(args, stdout):
         os.makedirs(os.path.dirname(paths["unit"]), exist_ok=True)
         replace_file(paths["unit"], SERVICE_UNIT.replace(UNIT_PROGRAM,
                                                          program), mode=0o644)
+        for path, text in zip(paths["report_units"], REPORT_UNITS.values()):
+            replace_file(path, text.replace(UNIT_PROGRAM, program),
+                         mode=0o644)
         os.makedirs(paths["config_dir"], mode=0o700, exist_ok=True)
         if os.path.lexists(paths["config"]):
             stdout.write("kept %s\n" % paths["config"])
@@ -12403,10 +12506,12 @@ def command_install(args, stdout):
         _systemctl(stdout, "restart", "pamsignal.service")
         stdout.write("pamsignal is running: `pamsignal status`, "
                      "`journalctl -u pamsignal -f`\n")
+        stdout.write(REPORT_TIMER_HINT)
     else:
         stdout.write("systemd is not managing %s: on the target system run\n"
                      "  systemctl daemon-reload\n"
                      "  systemctl enable --now pamsignal.service\n" % root)
+        stdout.write(REPORT_TIMER_HINT)
     return EXIT_OK
 
 
@@ -12414,11 +12519,14 @@ def command_uninstall(args, stdout):
     root = os.path.abspath(args.root or "/")
     paths = install_paths(root, args.prefix)
     managed = root == "/" and systemd_is_running()
+    if managed and os.path.exists(paths["report_units"][1]):
+        _systemctl(stdout, "disable", "--now", "pamsignal-report.timer")
     if managed and os.path.exists(paths["unit"]):
         _systemctl(stdout, "disable", "--now", "pamsignal.service")
     removed = []
     try:
-        for path in [paths["unit"], paths["program"]] + paths["ratelimit"]:
+        for path in [paths["unit"]] + paths["report_units"] + [
+                paths["program"]] + paths["ratelimit"]:
             if os.path.lexists(path):
                 os.unlink(path)
                 removed.append(path)
