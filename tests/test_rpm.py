@@ -126,8 +126,9 @@ def test_the_distribution_systemd_macros_win(tmp_path):
     post, preun, postun = scripts.split("|")
     assert post.splitlines()[0] == "distro-post pamsignal.service"
     assert "systemctl restart sshd" in post  # the drop-in's hint
-    assert (preun, postun) == ("distro-preun pamsignal.service",
-                               "distro-postun pamsignal.service")
+    assert (preun, postun) == (
+        "distro-preun pamsignal.service pamsignal-report.timer "
+        "pamsignal-report.service", "distro-postun pamsignal.service")
     files = rpmsupport.query(package, "[%{FILENAMES}\n]").split()
     assert "/opt/units/pamsignal.service" in files
 
