@@ -10708,9 +10708,9 @@ def html_text(value):
         '"', "&quot;").replace("'", "&#39;")
 
 
-def html_table(headers, rows):
-    """A table of text cells; columns empty in every row are left out,
-    as in the text report."""
+def html_table(kind, headers, rows):
+    """A table (class `kind`) of text cells; columns empty in every row
+    are left out, as in the text report."""
     kept = [index for index in range(len(headers))
             if any(row[index] for row in rows)]
     head = "".join("<th>%s</th>" % html_text(headers[index])
@@ -10718,7 +10718,7 @@ def html_table(headers, rows):
     body = "".join("<tr>%s</tr>" % "".join(
         "<td>%s</td>" % html_text(row[index]) for index in kept)
         for row in rows)
-    return "<table><tr>%s</tr>%s</table>" % (head, body)
+    return '<table class="%s"><tr>%s</tr>%s</table>' % (kind, head, body)
 
 
 def failures_svg(per_hour):
@@ -10763,7 +10763,7 @@ def render_report_html(document):
     sessions = document["sessions"]
     parts.append("<h2>Sessions (%d)</h2>" % (len(sessions) +
                                               document["sessions_more"]))
-    parts.append(html_table(SESSION_HEADERS, [
+    parts.append(html_table("sessions", SESSION_HEADERS, [
         _session_row(session, REPORT_TIME_FORMAT) for session in sessions])
         if sessions else '<p class="note">none</p>')
     parts.append(_html_more(document["sessions_more"], "earlier sessions"))
@@ -10772,8 +10772,9 @@ def render_report_html(document):
     for key, group, names in FAILURE_TABLES:
         rows = failure_rows(failures, key, group, names, REPORT_TIME_FORMAT)
         if rows:
-            parts.append(html_table((key.upper(), "COUNT", "FIRST", "LAST",
-                                     "DETECTED", names.upper()), rows))
+            parts.append(html_table(group, (key.upper(), "COUNT", "FIRST",
+                                            "LAST", "DETECTED",
+                                            names.upper()), rows))
         parts.append(_html_more(failures[group + "_more"],
                                 "failures from further %ss" % key))
     parts.append(failures_svg(failures["per_hour"]))
@@ -10803,7 +10804,7 @@ def _privileged_html(document):
             html_text(row["user"]), row["sudo"], row["su"],
             html_text(", ".join(row["targets"]) or "?")))
         if row["commands"]:
-            parts.append(html_table(("COUNT", "COMMAND"), [
+            parts.append(html_table("commands", ("COUNT", "COMMAND"), [
                 (str(item["count"]), item["command"])
                 for item in row["commands"]]))
         parts.append(_html_more(row["commands_more"], "commands"))
