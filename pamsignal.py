@@ -10651,6 +10651,45 @@ def _event_of_ecs(ecs):
     return Event(action=ecs["event"]["action"], timestamp_us=0, **flat)
 
 
+# Colour, on a terminal only (https://no-color.org: NO_COLOR set and not
+# empty turns it off). Whole lines are painted after they are cut to the
+# width, so escapes never count against it.
+
+#: SGR sequences: section headings bold, detections red, table heads dim.
+COLOUR_HEADING, COLOUR_DETECTION, COLOUR_TABLE_HEAD, COLOUR_OFF = \
+    "\033[1m", "\033[31m", "\033[2m", "\033[0m"
+
+_REPORT_HEADING = re.compile(
+    r"^(PAMSignal report: |(Sessions|Failures|Detections|sudo and su, by "
+    r"user) \(\d+\)$|Failures per )")
+_TABLE_HEAD = re.compile(r"^(USER|SOURCE) {2,}")
+
+
+def wants_colour(stream, environ):
+    """Colour only on a terminal, and never with NO_COLOR set."""
+    return not environ.get("NO_COLOR") and stream.isatty()
+
+
+def paint_report(lines):
+    """The text report's lines with headings, table heads and detections
+    coloured."""
+    painted, in_detections = [], False
+    for line in lines:
+        colour = None
+        if _REPORT_HEADING.match(line):
+            colour = COLOUR_HEADING
+            in_detections = line.startswith("Detections (")
+        elif _TABLE_HEAD.match(line):
+            colour = COLOUR_TABLE_HEAD
+        elif in_detections and line and not line.startswith(("  none",
+                                                              "... ")):
+            colour = COLOUR_DETECTION
+        elif not line:
+            in_detections = False
+        painted.append(colour + line + COLOUR_OFF if colour else line)
+    return painted
+
+
 class Progress:
     """Entries read and the rate, on a terminal's stderr only, at most
     once a second; cleared at the end."""
@@ -11221,7 +11260,10 @@ def command_report(args, stdout):
         stdout.write(dumps_safe(document) + "\n")
     else:
         width = shutil.get_terminal_size().columns
-        stdout.write("\n".join(render_report(document, width)) + "\n")
+        lines = render_report(document, width)
+        if wants_colour(stdout, os.environ):
+            lines = paint_report(lines)
+        stdout.write("\n".join(lines) + "\n")
     return EXIT_OK
 
 
