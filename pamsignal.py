@@ -5470,21 +5470,23 @@ def summary_title(event):
 
 
 def _more_lines_text(count, hostname):
-    return "... %d more line%s: `pamsignal report` on %s shows them all" % (
+    return "... %d more line%s: pamsignal report on %s shows them all" % (
         count, "" if count == 1 else "s", hostname or "the server")
 
 
-def summary_message(event, heading, limit, escape, fence=("", "")):
+def summary_message(event, heading, limit, escape, block=None):
     """A report summary in one markup: the title as `heading` (None: no
-    title), the report's lines escaped inside `fence` (a code block), as
-    many as fit in `limit` characters (None: all), then "... N more
-    lines" for the rest. A fence is never cut in half."""
+    title), the report's lines inside `block` (start, end and the escape
+    inside it: a code block; None: plain lines), as many as fit in `limit`
+    characters (None: all), then "... N more lines" for the rest. A block
+    is never cut in half."""
+    start, end, inside = block or ("", "", escape)
     head = [heading % escape(summary_title(event))] if heading else []
-    lines = [escape(line) for line in (event.message or "").split("\n")]
+    lines = [inside(line) for line in (event.message or "").split("\n")]
 
     def message(count):
         more = len(lines) - count
-        body = fence[0] + "\n".join(lines[:count]) + fence[1]
+        body = start + "\n".join(lines[:count]) + end
         return "\n".join(head + [body] + (
             [escape(_more_lines_text(more, event.hostname))] if more
             else []))
@@ -6618,9 +6620,8 @@ class RemoteSink:
         """The alert in this channel's markup: the default layout, or the
         admin's template. A report summary has a layout of its own."""
         if event.action == "report_summary":
-            start, end, escape = self.SUMMARY_BLOCK or ("", "", escape)
             return summary_message(event, heading, limit, escape,
-                                   (start, end))
+                                   self.SUMMARY_BLOCK)
         alert = alert_text(event, delay_s)
         values = template_values(event, alert) if self.template else None
         return compose(alert, line, heading, limit, escape, self.template,

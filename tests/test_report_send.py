@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import receivers
-from support import PAMSIGNAL, json_line, make_entry, write_config
+from support import PAMSIGNAL, json_line, make_entry, pamsignal, write_config
 from test_report import T0, story
 
 #: The summary's first line, as the text report prints it.
@@ -114,7 +114,7 @@ def test_a_chat_channel_gets_the_summary_cut_with_how_many_more(
     whole = text_report(config, exports["busy"])
     shown = pre_lines(text)
     assert shown[0].startswith(HEAD) and shown == whole[:len(shown)]
-    more = re.search(r"</pre>\n\.\.\. (\d+) more lines: `pamsignal report` "
+    more = re.search(r"</pre>\n\.\.\. (\d+) more lines: pamsignal report "
                      r"on \S+ shows them all\Z", text)
     assert more, text[-200:]
     assert int(more.group(1)) == len(whole) - len(shown) > 0
@@ -253,7 +253,6 @@ def test_without_send_the_report_is_printed_as_before(tmp_path, exports):
 
 
 def test_the_summary_event_is_stamped_with_the_end_of_its_range():
-    import pamsignal
     document = {"report": {"until": pamsignal.format_timestamp(
         (T0 + 3600) * 1000000), "entries": 0}, "sessions": [],
         "sessions_more": 0, "failures": {
@@ -267,3 +266,67 @@ def test_the_summary_event_is_stamped_with_the_end_of_its_range():
     assert event.message.split("\n")[0].startswith(HEAD)
     again = pamsignal.summary_event(document, "web1", 2)
     assert pamsignal.alert_id(event) == pamsignal.alert_id(again)
+
+
+def more_count(text):
+    """N of the last line "... N more lines: ...", or None."""
+    found = re.search(r"\n\.\.\. (\d+) more lines: pamsignal report on "
+                      r"\S+ shows them all\Z", text)
+    return int(found.group(1)) if found else None
+
+
+def test_every_kind_of_chat_channel_gets_its_own_cut(tmp_path, exports):
+    """Slack (3,000), ntfy (4,000) cut the text; Teams (20,000), Gotify
+    (8,000) and the webhook (the event) carry it whole."""
+    answers = {"slack": receivers.slack_ok(), "teams": receivers.teams_ok(),
+               "ntfy": receivers.ntfy_ok(), "gotify": receivers.gotify_ok(),
+               "webhook": receivers.Respond(200, b"ok")}
+    found = {}
+    running = [receivers.HttpReceiver(default=answer).__enter__()
+               for answer in answers.values()]
+    try:
+        rx = dict(zip(answers, running))
+        config = configure(tmp_path, (
+            "[channel:sl]\ntype = slack\nurl = %s/s\n"
+            "[channel:tm]\ntype = teams\nurl = %s/t\n"
+            "[channel:nt]\ntype = ntfy\nurl = %s/daily\n"
+            "[channel:go]\ntype = gotify\nurl = %s\ntoken = T\n"
+            "[channel:wh]\ntype = webhook\nurl = %s/h\n" % tuple(
+                rx[kind].url for kind in answers)))
+        done = run(config, "--send", "sl,tm,nt", "--send", "go,wh",
+                   exports["busy"])
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count(": sent\n") == 5
+        for kind in answers:
+            (found[kind],) = [request.json for request in rx[kind].requests]
+    finally:
+        for receiver in running:
+            receiver.__exit__(None, None, None)
+    whole = text_report(config, exports["busy"])
+
+    slack = found["slack"]["blocks"][0]["text"]["text"]
+    assert len(slack) <= 3000 and slack.startswith("*Login report on ")
+    block = slack.split("```\n", 1)[1].split("\n```", 1)[0]
+    shown = html.unescape(block).split("\n")  # Slack reads &, < and >
+    assert shown == whole[:len(shown)]
+    assert more_count(slack) == len(whole) - len(shown)
+
+    ntfy = found["ntfy"]
+    assert ntfy["topic"] == "daily"
+    assert ntfy["title"].startswith("Login report on ")
+    assert len(ntfy["message"]) <= 4000
+    shown = ntfy["message"].split("\n")[:-1]
+    assert shown == whole[:len(shown)]
+    assert more_count(ntfy["message"]) == len(whole) - len(shown)
+
+    card = found["teams"]["attachments"][0]["content"]["body"]
+    assert card[0]["text"].startswith("Login report on ")
+    assert card[1]["fontType"] == "Monospace"
+    # Teams' markdown has no escape: its marks (#, *, ...) as look-alikes.
+    assert card[1]["text"] == pamsignal.escape_teams("\n".join(whole))
+
+    assert found["gotify"]["message"].split("\n") == whole
+    event = found["webhook"]
+    assert event["event"]["action"] == "report_summary"
+    assert event["message"].split("\n") == whole
+    assert event["pamsignal"]["detail"] == whole[0][len(HEAD):]
