@@ -12054,38 +12054,8 @@ RuntimeDirectoryMode=0700
 UMask=0077
 
 # Channels need the network: no PrivateNetwork= or IPAddressDeny=.
-NoNewPrivileges=yes
-CapabilityBoundingSet=
-AmbientCapabilities=
-ProtectSystem=strict
-ProtectHome=yes
-PrivateTmp=yes
-PrivateDevices=yes
-PrivateIPC=yes
-PrivateMounts=yes
-PrivateUsers=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectClock=yes
-ProtectHostname=yes
-ProtectControlGroups=yes
-ProtectProc=invisible
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
-LockPersonality=yes
-MemoryDenyWriteExecute=yes
-RemoveIPC=yes
-KeyringMode=private
-DevicePolicy=closed
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged @resources
-SystemCallErrorNumber=EPERM
-SystemCallArchitectures=native
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
-
-"""
+""" + SERVICE_UNIT[SERVICE_UNIT.index("NoNewPrivileges="):SERVICE_UNIT.index(
+    "\n[Install]") + 1]  # the agent's sandbox, word for word
 
 REPORT_TIMER_UNIT = """\
 # PAMSignal's daily summary: starts pamsignal-report.service shortly after
