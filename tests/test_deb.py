@@ -423,20 +423,28 @@ def test_upgrade_restarts_the_service_and_keeps_its_spool(booted,
         "pamsignal %s\n" % VERSION
     assert booted.run(["cat", "/var/lib/private/pamsignal/spool/hook/"
                        "0001.json"]).stdout == '{"waiting": true}'
+    # The daily report came with it, off; the admin turns it on.
+    timer = ["pamsignal-report.timer"]
+    assert booted.run(["systemctl", "is-enabled"] + timer,
+                      check=False).stdout.strip() == "disabled"
+    assert booted.show("ActiveState", timer[0]) == "inactive"
+    booted.run(["systemctl", "enable", "--now"] + timer)
+    assert booted.show("ActiveState", timer[0]) == "active"
 
 
 def test_remove_stops_the_service(booted):
     assert booted.show("ActiveState") == "active"
     booted.run(["dpkg", "-r", "pamsignal"])
-    assert booted.run(["systemctl", "is-active", "pamsignal"],
-                      check=False).stdout.strip() == "inactive"
+    for unit in ("pamsignal", "pamsignal-report.timer"):
+        assert booted.run(["systemctl", "is-active", unit],
+                          check=False).stdout.strip() == "inactive"
     assert booted.run(["test", "-e", "/var/lib/private/pamsignal/"
                        "state.json"], check=False).returncode == 0
 
 
 def test_purge_removes_what_the_service_wrote(booted):
     booted.run(["dpkg", "-P", "pamsignal"])
-    for path in ("/etc/pamsignal", WANTS) + SERVICE_DIRS:
+    for path in ("/etc/pamsignal", WANTS, TIMER_WANTS) + SERVICE_DIRS:
         left = booted.run(["sh", "-c", 'test -e "$1" || test -L "$1"',
                            "sh", path], check=False)
         assert left.returncode != 0, path
