@@ -330,3 +330,29 @@ def test_every_kind_of_chat_channel_gets_its_own_cut(tmp_path, exports):
     assert event["event"]["action"] == "report_summary"
     assert event["message"].split("\n") == whole
     assert event["pamsignal"]["detail"] == whole[0][len(HEAD):]
+
+
+def test_a_cut_summary_always_fits_and_counts_what_it_left_out():
+    """For every limit: within it, the block closed, the lines shown a
+    prefix of the report, the count right (9 more -> 10 more grows the
+    line by a digit)."""
+    lines = ["line %02d <&> %s" % (number, "x" * (number % 7))
+             for number in range(40)]
+    event = pamsignal.Event(action="report_summary", timestamp_us=0,
+                            hostname="web1", detail="today",
+                            message="\n".join(lines))
+    block = pamsignal.TelegramSink.SUMMARY_BLOCK
+    whole = pamsignal.summary_message(event, "<b>%s</b>", None,
+                                      pamsignal.escape_telegram, block)
+    for limit in range(120, len(whole) + 1):
+        text = pamsignal.summary_message(event, "<b>%s</b>", limit,
+                                         pamsignal.escape_telegram, block)
+        assert len(text) <= limit
+        assert text.count("<pre>") == text.count("</pre>") == 1
+        inside = html.unescape(re.search(r"<pre>(.*)</pre>", text, re.S)
+                               .group(1))
+        shown = inside.split("\n") if inside else []
+        assert shown == lines[:len(shown)]
+        left = more_count(text)
+        assert (left or 0) == len(lines) - len(shown)
+    assert more_count(whole) is None and shown == lines
