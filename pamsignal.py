@@ -10922,23 +10922,32 @@ def summary_targets(names, config):
             if channel.name == name]
 
 
-def _hand_to_state_owner(state_dir, path):
-    """Run as root, what `report --send` wrote in the state directory goes
-    to that directory's owner (the service's DynamicUser), so the timer's
-    run can go on with it."""
+def enter_state_dir(state_dir):
+    """Where the report spools are reached from. Run as root with a state
+    directory another user owns (the service's DynamicUser), the process
+    moves into it and becomes that user: root then follows no path that
+    user could have changed, and what it writes stays that user's, for
+    the timer's run to go on with. The way in, /var/lib/private, only root
+    may cross, so it is crossed before, and the directory is then named by
+    the process's own working directory link (tempfile makes every name
+    absolute). Returns that name, or state_dir."""
+    if os.geteuid() != 0:
+        return state_dir
     try:
-        owner = os.stat(state_dir)
+        directory = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
-        return
-    if os.geteuid() != 0 or owner.st_uid == 0:
-        return
-    for directory, _, names in os.walk(path):
-        for name in [""] + names:
-            try:
-                os.lchown(os.path.join(directory, name), owner.st_uid,
-                          owner.st_gid)
-            except OSError:
-                pass
+        return state_dir  # not there yet: root's, until the service runs
+    try:
+        owner = os.fstat(directory)
+        if owner.st_uid == 0:
+            return state_dir
+        os.fchdir(directory)
+    finally:
+        os.close(directory)
+    os.setgroups([])
+    os.setgid(owner.st_gid)
+    os.setuid(owner.st_uid)
+    return "/proc/self/cwd"
 
 
 class SummaryDelivery:
@@ -10949,13 +10958,18 @@ class SummaryDelivery:
     def __init__(self, channel, config):
         self.sink = CHANNEL_TYPES[channel.type](channel.name,
                                                 dict(channel.options))
-        self.directory = os.path.join(config.state_dir, REPORT_SPOOL_DIR,
-                                      spool_directory_name(channel.name))
+        self.name = os.path.join(REPORT_SPOOL_DIR,
+                                 spool_directory_name(channel.name))
+        #: As it is named to the admin.
+        self.shown = os.path.join(config.state_dir, self.name)
+        self.retry_for_s = config.report.retry_for
+        self.directory = self.spool = self.lock = None
+
+    def enter(self, base, config):
+        """Its spool below `base` (see enter_state_dir)."""
+        self.directory = os.path.join(base, self.name)
         self.spool = Spool(self.directory, config.spool_max_alerts,
                            config.spool_max_age)
-        self.retry_for_s = config.report.retry_for
-        self.lock = None
-
     def send(self, event, clock=time.monotonic):
         """(outcome, detail): "sent", "sent before" (within the hour),
         "waiting" (kept for the next run) or "refused"."""
@@ -10989,8 +11003,7 @@ class SummaryDelivery:
             self.sink.close()
         if os.path.exists(os.path.join(self.directory, name + ".alert")):
             return "waiting", "%s; kept in %s, the next report --send to " \
-                "this channel delivers it" % (courier.last_error,
-                                               self.directory)
+                "this channel delivers it" % (courier.last_error, self.shown)
         if os.path.exists(os.path.join(self.directory, name + ".sent")):
             return ("sent before" if sent_before else "sent"), None
         return "refused", courier.last_error
@@ -10999,22 +11012,32 @@ class SummaryDelivery:
 #: What `report --send` prints for each outcome.
 _SUMMARY_OUTCOMES = {"sent": "sent", "sent before": "already sent within "
                      "the hour (not again)", "waiting": "not delivered yet",
-                     "refused": "refused"}
+                     "refused": "refused", "unready": "not sent"}
 
 
 def send_summary(channels, config, event, stdout):
     """Send the summary to each channel; a line per channel on stdout.
     True when every channel has it."""
-    every = True
+    deliveries, unready = [], {}
     for channel in channels:
         delivery = SummaryDelivery(channel, config)
-        try:
-            outcome, detail = delivery.send(event)
-        except OSError as error:
-            outcome, detail = "waiting", io_error_text(error)
-        finally:
-            _hand_to_state_owner(config.state_dir, os.path.join(
-                config.state_dir, REPORT_SPOOL_DIR))
+        try:  # TLS files only root may read: before becoming the owner
+            delivery.sink.open()
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            unready[channel.name] = "cannot set up TLS: %s" % error
+        deliveries.append(delivery)
+    base = enter_state_dir(config.state_dir)
+    every = True
+    for channel, delivery in zip(channels, deliveries):
+        if channel.name in unready:
+            outcome, detail = "unready", unready[channel.name]
+        else:
+            delivery.enter(base, config)
+            try:
+                outcome, detail = delivery.send(event)
+            except OSError as error:  # named as the admin knows it
+                outcome, detail = "waiting", io_error_text(error).replace(
+                    base, config.state_dir)
         every = every and outcome in ("sent", "sent before")
         stdout.write("report to %s: %s%s\n" % (
             channel.name, _SUMMARY_OUTCOMES[outcome],

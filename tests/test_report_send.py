@@ -66,10 +66,10 @@ def configure(tmp_path, channels, report="retry_for = off\n"):
                                                           channels)))
 
 
-def run(config, *argv):
+def run(config, *argv, python=sys.executable):
     environment = dict(os.environ, TZ="UTC", COLUMNS="100")
     return subprocess.run(
-        [sys.executable, PAMSIGNAL, "--config", config, "report"]
+        [python, PAMSIGNAL, "--config", config, "report"]
         + list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         universal_newlines=True, env=environment, timeout=120)
 
@@ -356,3 +356,39 @@ def test_a_cut_summary_always_fits_and_counts_what_it_left_out():
         left = more_count(text)
         assert (left or 0) == len(lines) - len(shown)
     assert more_count(whole) is None and shown == lines
+
+
+def test_root_becomes_the_owner_of_a_state_directory_it_does_not_own(
+        tmp_path, exports, telegram):
+    """As with the service's DynamicUser: run as root, --send writes the
+    spool as the state directory's owner (here nobody), so a link that
+    owner planted leads root nowhere; the way in (pytest's 0700 root
+    directories, like /var/lib/private) is crossed before."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to change users")
+    # The system's python3: one that nobody may read (a pyenv build under
+    # /root) could not load its codecs once it is nobody.
+    python = "/usr/bin/python3"
+    nobody = 65534
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(str(state), nobody, nobody)
+    config = configure(tmp_path, telegram_channel(telegram))
+    done = run(config, "--send", "ops", exports["short"], python=python)
+    assert done.returncode == 0, done.stderr
+    spool = state / "report-spool" / "ops"
+    assert {os.lstat(str(path)).st_uid for path in [
+        spool.parent, spool] + list(spool.iterdir())} == {nobody}
+
+    # The owner swaps the spool for a link into a directory of root's.
+    guarded = tmp_path / "roots"
+    guarded.mkdir(mode=0o700)
+    for path in spool.iterdir():
+        path.unlink()
+    spool.rmdir()
+    os.symlink(str(guarded), str(spool))
+    done = run(config, "--send", "ops", exports["busy"], python=python)
+    assert done.returncode == 1
+    assert done.stdout.startswith("report to ops: not delivered yet: %s: "
+                                  % spool)
+    assert list(guarded.iterdir()) == []
