@@ -10865,7 +10865,7 @@ def write_report_html(path, document):
 
 
 # ---------------------------------------------------------------------------
-# 14c sending a report
+# 14d sending a report
 # ---------------------------------------------------------------------------
 # `report --send CHANNEL`: the report's text as one `report_summary` event
 # (no policy: it is asked for, never filtered, held back or folded), put
@@ -10963,26 +10963,27 @@ class SummaryDelivery:
         #: As it is named to the admin.
         self.shown = os.path.join(config.state_dir, self.name)
         self.retry_for_s = config.report.retry_for
-        self.directory = self.spool = self.lock = None
+        self.directory = self.spool = None
 
     def enter(self, base, config):
         """Its spool below `base` (see enter_state_dir)."""
         self.directory = os.path.join(base, self.name)
         self.spool = Spool(self.directory, config.spool_max_alerts,
                            config.spool_max_age)
+
     def send(self, event, clock=time.monotonic):
         """(outcome, detail): "sent", "sent before" (within the hour),
         "waiting" (kept for the next run) or "refused"."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         # One sender a spool: a second run waits rather than send twice.
-        self.lock = os.open(os.path.join(self.directory, "send.lock"),
-                            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW |
-                            os.O_CLOEXEC, 0o600)
+        lock = os.open(os.path.join(self.directory, "send.lock"),
+                       os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o600)
         try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX)
             return self._send_locked(event, clock)
         finally:
-            os.close(self.lock)
+            os.close(lock)
 
     def _send_locked(self, event, clock):
         self.spool.open()
