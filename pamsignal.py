@@ -7092,6 +7092,10 @@ class EmailSink(RemoteSink):
         message.set_content(self.text(
             event, delay_s, "%s: %s", "%s\n", None if event.action ==
             "report_summary" else 100000, escape_plain))
+        if event.action == "report_summary":  # its tables need fixed width
+            message.add_alternative(summary_message(
+                event, "<p><b>%s</b></p>", None, html_text,
+                ("<pre>", "</pre>", html_text)), subtype="html")
         return message
 
     def deliver(self, event, delay_s):

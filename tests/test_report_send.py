@@ -137,6 +137,10 @@ def test_mail_gets_the_whole_text(tmp_path, exports):
     assert body[0] == subject[len("[PAMSignal] "):]
     assert body[1] == "" and body[2:] == whole
     assert "more lines" not in mail.text
+    # And as HTML, where the tables keep their columns in any mail reader.
+    page = mail.message.get_body(preferencelist=("html",)).get_content()
+    block = re.search(r"<pre>(.*)</pre>", page, re.S).group(1)
+    assert html.unescape(block).split("\n") == whole
 
 
 def test_hostile_names_stay_text_in_the_channels_markup(tmp_path, exports,
