@@ -396,3 +396,27 @@ def test_root_becomes_the_owner_of_a_state_directory_it_does_not_own(
     assert done.stdout.startswith("report to ops: not delivered yet: %s: "
                                   % spool)
     assert list(guarded.iterdir()) == []
+
+
+def test_whatsapp_gets_the_cut_text_the_api_accepts(tmp_path, exports):
+    """WhatsApp's stand-in API refuses a text over 4,096 characters, as
+    the Cloud API does: each recipient gets the cut summary, accepted."""
+    api = receivers.WhatsAppAPI("wa-token", "106540352242922")
+    with receivers.HttpReceiver(default=api) as rx:
+        config = configure(tmp_path, (
+            "[channel:wa]\ntype = whatsapp\ntoken = wa-token\n"
+            "phone_number_id = 106540352242922\n"
+            "recipients = 4915112345678, 15551234567\napi_url = %s\n"
+            % rx.url))
+        done = run(config, "--send", "wa", exports["busy"])
+        assert done.returncode == 0, done.stderr + done.stdout
+    assert api.refusals == []
+    first, second = api.accepted
+    assert [request.json["to"] for request in (first, second)] == [
+        "4915112345678", "15551234567"]
+    text = first.json["text"]["body"]
+    assert text == second.json["text"]["body"] and len(text) <= 4096
+    whole = text_report(config, exports["busy"])
+    shown = text.split("\n")[1:-1]  # the title, then the lines
+    assert shown == whole[:len(shown)]
+    assert more_count(text) == len(whole) - len(shown)
