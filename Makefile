@@ -81,6 +81,13 @@ install:
 	sed 's|/usr/bin/pamsignal|$(PREFIX)/bin/pamsignal|g' pamsignal.service \
 		> $(DESTDIR)$(UNITDIR)/pamsignal.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/pamsignal.service
+	# The daily report's service and timer, off until the admin enables
+	# the timer (README, "Looking back: reports").
+	for unit in pamsignal-report.service pamsignal-report.timer; do \
+		sed 's|/usr/bin/pamsignal|$(PREFIX)/bin/pamsignal|g' $$unit \
+			> $(DESTDIR)$(UNITDIR)/$$unit && \
+		chmod 0644 $(DESTDIR)$(UNITDIR)/$$unit || exit 1; \
+	done
 	# journald's rate limit lifted for sshd (Debian's and Fedora/EL's name).
 	for unit in ssh sshd; do \
 		install -d -m 0755 $(DESTDIR)$(UNITDIR)/$$unit.service.d && \
@@ -96,6 +103,8 @@ uninstall:
 	rm -f $(BINDIR)/pamsignal $(MANDIR)/man8/pamsignal.8 \
 		$(MANDIR)/man5/pamsignal.conf.5
 	rm -f $(DESTDIR)$(UNITDIR)/pamsignal.service \
+		$(DESTDIR)$(UNITDIR)/pamsignal-report.service \
+		$(DESTDIR)$(UNITDIR)/pamsignal-report.timer \
 		$(DESTDIR)$(UNITDIR)/ssh.service.d/pamsignal-ratelimit.conf \
 		$(DESTDIR)$(UNITDIR)/sshd.service.d/pamsignal-ratelimit.conf
 	# The drop-in directories go too, unless they hold other drop-ins.
@@ -113,7 +122,8 @@ RPMBUILD ?= rpmbuild
 # The spec's SourceN files, flat in the build's SOURCES.
 RPM_SOURCES = pamsignal.py pamsignal.service pamsignal.conf.example \
 	pamsignal.8 pamsignal.conf.5 README.md \
-	contrib/systemd/pamsignal-ratelimit.conf
+	contrib/systemd/pamsignal-ratelimit.conf \
+	pamsignal-report.service pamsignal-report.timer
 rpm:
 	@command -v $(RPMBUILD) >/dev/null || { echo "make rpm: $(RPMBUILD) not found (Debian: apt-get install rpm; Fedora/EL: dnf install rpm-build)" >&2; exit 1; }
 	set -eu; topdir=$$(mktemp -d); trap 'rm -rf "$$topdir"' EXIT; \
@@ -199,7 +209,8 @@ dist-clean:
 # dpkg-buildpackage writes into the parent directory) and put in
 # $(DISTDIR).
 DEB_SOURCES = pamsignal.py pamsignal.service pamsignal.conf.example \
-	pamsignal.8 pamsignal.conf.5 README.md debian contrib
+	pamsignal.8 pamsignal.conf.5 README.md debian contrib \
+	pamsignal-report.service pamsignal-report.timer
 DEB = $(DISTDIR)/pamsignal_$(VERSION)_all.deb
 
 deb:

@@ -106,6 +106,11 @@ class LazyModule:
         return "<lazy module %s>" % self._name
 
 
+#: What sending through a channel imports (see enter_state_dir).
+SENDING_MODULES = ("ssl", "http.client", "urllib.error", "urllib.parse",
+                   "urllib.request", "smtplib", "email.errors",
+                   "email.message", "email.utils")
+
 #: Used by some configurations and commands only (see LazyModule).
 calendar = LazyModule("calendar")
 difflib = LazyModule("difflib")
@@ -514,6 +519,7 @@ ACTIONS = {
     "config_reload_failed": ("configuration", "change", "failure", 6),
     "monitoring_degraded": ("process", "change", "failure", 7),
     "monitoring_restored": ("process", "change", "success", 3),
+    "report_summary": ("host", "info", "success", 2),
 }
 
 #: What a small server does not alert on by default: it is counted (and
@@ -634,7 +640,7 @@ def event_to_ecs(event):
 Config = collections.namedtuple(
     "Config", "path state_dir log_dir first_start journalctl host_provider "
     "spool_max_alerts spool_max_age metrics_file channels detection alerts "
-    "geoip audit")
+    "geoip audit report")
 Config.__doc__ = "The validated configuration; `channels` is a tuple."
 
 ChannelConfig = collections.namedtuple("ChannelConfig",
@@ -667,6 +673,10 @@ GeoipConfig = collections.namedtuple("GeoipConfig",
 AuditConfig = collections.namedtuple(
     "AuditConfig", "enabled key rotate_size rotate_age retention "
     "anchor_every anchor_interval")
+
+#: [report]: the channels `report --send-configured` (the daily timer)
+#: sends the summary to.
+ReportConfig = collections.namedtuple("ReportConfig", "send_to retry_for")
 
 ConfigProblem = collections.namedtuple("ConfigProblem",
                                        "path line section key message")
@@ -1336,6 +1346,30 @@ GEOIP_OPTIONS = collections.OrderedDict((
         "the country.")),
 ))
 
+def _channel_names(value):
+    """A comma-separated list of [channel:NAME] names."""
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+#: [report] keys.
+REPORT_OPTIONS = collections.OrderedDict((
+    ("send_to", Option(
+        _channel_names, "",
+        "The channels (names of [channel:NAME] sections, comma-separated) "
+        "that the daily summary goes to: pamsignal-report.timer runs "
+        "`pamsignal report --since yesterday --until today "
+        "--send-configured` once enabled with `systemctl enable --now "
+        "pamsignal-report.timer`. telegram, slack, discord, teams, ntfy, "
+        "gotify, whatsapp and webhook get the text cut to their message "
+        "limit; email gets it whole. Empty: the timer's run says so and "
+        "fails.")),
+    ("retry_for", Option(
+        _cooldown, "10m",
+        "A channel that fails is retried (as alerts are) for this long; "
+        "then the summary waits in state_dir/report-spool and the next run "
+        "sends it first. off: one attempt.")),
+))
+
 #: [detection] keys.
 DETECTION_OPTIONS = collections.OrderedDict((
     ("brute_force_fast", Option(
@@ -1466,6 +1500,9 @@ CONFIG_SECTIONS = (
      "refuses a record (full, read-only) degrades the audit_log "
      "component; the channels go on alerting, and a not_written record "
      "says how many were lost once writing works again."),
+    ("report", REPORT_OPTIONS,
+     "The daily summary (`pamsignal report --send-configured`, sent by "
+     "pamsignal-report.timer once enabled)."),
     ("alerts", ALERT_OPTIONS,
      "The alert policy of every channel; a [channel:NAME] may set any of "
      "these keys for itself. With no channel configured, `run` prints "
@@ -1556,10 +1593,12 @@ def parse_config(text, path="<config>"):
                                           problem))
     geoip = _plain_section(parser, "geoip", GEOIP_OPTIONS, problem)
     audit = _plain_section(parser, "audit", AUDIT_OPTIONS, problem)
+    report = _plain_section(parser, "report", REPORT_OPTIONS, problem)
     channels = []
     for section in parser.sections():
         values = parser[section]
-        if section in ("pamsignal", "detection", "alerts", "geoip", "audit"):
+        if section in ("pamsignal", "detection", "alerts", "geoip", "audit",
+                       "report"):
             continue
         if section.startswith("channel:") and section[8:].strip():
             channel = _parse_channel(section, values, alerts, problem)
@@ -1567,14 +1606,16 @@ def parse_config(text, path="<config>"):
                 channels.append(channel)
         else:
             problem(section, None, "unknown section; expected [pamsignal], "
-                    "[detection], [alerts], [geoip], [audit] or "
+                    "[detection], [alerts], [geoip], [audit], [report] or "
                     "[channel:NAME]")
+    for message in summary_channel_problems(report["send_to"], channels):
+        problem("report", "send_to", message)
     if problems:
         raise ConfigError(problems)
     return Config(path=path, channels=tuple(channels),
                   detection=DetectionConfig(**detection), alerts=alerts,
                   geoip=GeoipConfig(**geoip), audit=AuditConfig(**audit),
-                  **settings)
+                  report=ReportConfig(**report), **settings)
 
 
 def _plain_section(parser, section, options, problem):
@@ -1631,6 +1672,32 @@ def _parse_channel(section, values, alerts, problem):
                                 for key, text in defaults.items()})
     return ChannelConfig(section[8:].strip(), kind,
                          policy._replace(**overrides), options)
+
+
+#: Channel types a report summary can go to: those that show text to a
+#: person, and the webhook (the event with the text). Not the console or
+#: journal (nothing is sent), syslog (one line) or PagerDuty (a summary
+#: is no incident).
+SUMMARY_CHANNEL_TYPES = frozenset((
+    "telegram", "slack", "discord", "teams", "ntfy", "gotify", "email",
+    "webhook", "whatsapp"))
+
+
+def summary_channel_problems(names, channels):
+    """Why, for each name that is no channel a summary can go to."""
+    types = {channel.name: channel.type for channel in channels}
+    problems = []
+    for name in names:
+        if name not in types:
+            problems.append("no [channel:%s] is configured%s" % (
+                name, _suggest(name, types) or "; configured: %s" % (
+                    ", ".join(sorted(types)) or "none")))
+        elif types[name] not in SUMMARY_CHANNEL_TYPES:
+            problems.append("channel %s is of type %s, which a report "
+                            "cannot be sent to (use one of: %s)" % (
+                                name, types[name],
+                                ", ".join(sorted(SUMMARY_CHANNEL_TYPES))))
+    return problems
 
 
 def default_config(path=DEFAULT_CONFIG_PATH):
@@ -6560,6 +6627,7 @@ ALERT_HEADLINES = {
     "key_file_refused": "sshd refuses a key file",
     "journal_suppressed": "Login lines dropped by the journal",
     "unaccounted_session": "Session with no login in the journal",
+    "report_summary": "Login report",
 }
 
 #: What an admin should do about the alerts that call for action.
@@ -6673,6 +6741,8 @@ def alert_text(event, delay_s=0):
     who = _who(event)
     title = headline + (": %s" % who if who else "") + (
         " on %s" % event.hostname if event.hostname else "")
+    if event.action == "report_summary":
+        title = summary_title(event)
     stamp = format_timestamp(event.timestamp_us)
     when = "%s %s UTC" % (stamp[:10], stamp[11:19])
     if delay_s >= LATE_AFTER_S:
@@ -6864,6 +6934,74 @@ def compose(text, line, heading, limit, escape, template=None,
         text.title, limit, escape)
 
 
+# A report summary (`report --send`) is an event of its own kind: its
+# message holds the report's text, which a channel shows as a block of
+# fixed-width lines, cut to the channel's limit with a line that says how
+# many more there were.
+
+#: How many columns a sent report is laid out for (a phone shows less,
+#: a code block scrolls).
+SUMMARY_COLUMNS = 100
+
+#: The longest report text a summary carries (a spooled event stays well
+#: under MAX_SPOOL_FILE_BYTES even with every character \u-escaped).
+MAX_SUMMARY_CHARS = 100000
+
+
+def escape_code_block(text):
+    """Inside a ``` code block nothing but the fence itself is markup:
+    a backtick becomes a look-alike, so no name can close the block."""
+    return text.replace("`", "\u02cb")
+
+
+def escape_slack_code(text):
+    """Slack's ``` block still reads &, < and > (links, mentions)."""
+    return escape_code_block(escape_html(text))
+
+
+def summary_title(event):
+    """"Login report on web1, 2026-12-05 00:00 to 2026-12-06 00:00"."""
+    return _shown(ALERT_HEADLINES["report_summary"] + (
+        " on %s" % event.hostname if event.hostname else "") + (
+        ", %s" % event.detail if event.detail else ""))
+
+
+def _more_lines_text(count, hostname):
+    return "... %d more line%s: pamsignal report on %s shows them all" % (
+        count, "" if count == 1 else "s", hostname or "the server")
+
+
+def summary_message(event, heading, limit, escape, block=None):
+    """A report summary in one markup: the title as `heading` (None: no
+    title), the report's lines inside `block` (start, end and the escape
+    inside it: a code block; None: plain lines), as many as fit in `limit`
+    characters (None: all), then "... N more lines" for the rest. A block
+    is never cut in half."""
+    start, end, inside = block or ("", "", escape)
+    head = [heading % escape(summary_title(event))] if heading else []
+    lines = [inside(line) for line in (event.message or "").split("\n")]
+
+    def message(count):
+        more = len(lines) - count
+        body = start + "\n".join(lines[:count]) + end
+        return "\n".join(head + [body] + (
+            [escape(_more_lines_text(more, event.hostname))] if more
+            else []))
+
+    if limit is None or len(message(len(lines))) <= limit:
+        return message(len(lines))
+    count, size = 0, len(message(0))
+    while count < len(lines) and size + len(lines[count]) + 1 <= limit:
+        size += len(lines[count]) + 1
+        count += 1
+    text = message(count)
+    while len(text) > limit and count:  # the "more" line grew a digit
+        count -= 1
+        text = message(count)
+    return text if len(text) <= limit else fit_escaped(
+        summary_title(event), limit, escape)
+
+
 # ---------------------------------------------------------------------------
 # 11 integrity log
 # ---------------------------------------------------------------------------
@@ -6915,6 +7053,7 @@ EVENT_MESSAGE_IDS = {
     "ssh_probe": "aa865113e2424f079e19ae26063cfbee",
     "source_throttled": "6b059555720b462087e61c0c7f253ddd",
     "key_file_refused": "960654756b5f4c7fa6f31c05fd55ba05",
+    "report_summary": "4b1f0e6a1d9c4c3f8a52e7d1c06b93a2",
 }
 
 #: What the agent's own journal entries are written as (never watched).
@@ -7975,9 +8114,16 @@ class RemoteSink:
         return [secret.value for value in self.options.values()
                 for secret in option_secrets(value)]
 
+    #: How a report summary's lines are set off: (start, end, escape);
+    #: None: no block, the channel's own escape.
+    SUMMARY_BLOCK = None
+
     def text(self, event, delay_s, line, heading, limit, escape):
         """The alert in this channel's markup: the default layout, or the
-        admin's template."""
+        admin's template. A report summary has a layout of its own."""
+        if event.action == "report_summary":
+            return summary_message(event, heading, limit, escape,
+                                   self.SUMMARY_BLOCK)
         alert = alert_text(event, delay_s)
         values = template_values(event, alert) if self.template else None
         return compose(alert, line, heading, limit, escape, self.template,
@@ -8046,6 +8192,7 @@ class TelegramSink(HttpSink):
     OPTIONS = dict(HttpSink.OPTIONS, bot_token=_secret, chat_id=_chat_id,
                    api_url=_url)
     REQUIRED = ("bot_token", "chat_id")
+    SUMMARY_BLOCK = ("<pre>", "</pre>", escape_telegram)
 
     def request(self, event, delay_s):
         api = self.options.get("api_url", "https://api.telegram.org")
@@ -8072,6 +8219,7 @@ class SlackSink(HttpSink):
 
     OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url)
     REQUIRED = ("url",)
+    SUMMARY_BLOCK = ("```\n", "\n```", escape_slack_code)
 
     def request(self, event, delay_s):
         text = self.text(event, delay_s, "*%s:* %s", "*%s*", 3000,
@@ -8087,6 +8235,7 @@ class DiscordSink(HttpSink):
 
     OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url)
     REQUIRED = ("url",)
+    SUMMARY_BLOCK = ("```\n", "\n```", escape_code_block)
 
     def request(self, event, delay_s):
         text = self.text(event, delay_s, "**%s:** %s", "**%s**", 2000,
@@ -8105,7 +8254,13 @@ class TeamsSink(HttpSink):
 
     def request(self, event, delay_s):
         alert = alert_text(event, delay_s)
-        if self.template:
+        if event.action == "report_summary":
+            body = [{"type": "TextBlock", "text": escape_teams(
+                summary_title(event)), "weight": "Bolder", "wrap": True},
+                {"type": "TextBlock", "fontType": "Monospace", "wrap": True,
+                 "text": self.text(event, delay_s, "%s: %s", None, 20000,
+                                   escape_teams)}]
+        elif self.template:
             body = [{"type": "TextBlock", "wrap": True, "text": self.text(
                 event, delay_s, "%s: %s", None, 20000, escape_teams)}]
         else:
@@ -8441,8 +8596,14 @@ class EmailSink(RemoteSink):
         message["To"] = ", ".join(self.options["recipients"])
         message["Date"] = email.utils.formatdate(localtime=False)
         message["Message-ID"] = email.utils.make_msgid("pamsignal")
-        message.set_content(self.text(event, delay_s, "%s: %s", "%s\n",
-                                      100000, escape_plain))
+        # A report summary goes whole: mail has room for it.
+        message.set_content(self.text(
+            event, delay_s, "%s: %s", "%s\n", None if event.action ==
+            "report_summary" else 100000, escape_plain))
+        if event.action == "report_summary":  # its tables need fixed width
+            message.add_alternative(summary_message(
+                event, "<p><b>%s</b></p>", None, html_text,
+                ("<pre>", "</pre>", html_text)), subtype="html")
         return message
 
     def deliver(self, event, delay_s):
@@ -12007,11 +12168,9 @@ def _session_row(session, time_format):
             start, end, duration)
 
 
-def failures_chart(per_hour, width):
-    """The failures per hour as text bars: one row per hour (or per few
-    hours when the range is long), the count at the end."""
-    if not per_hour:
-        return []
+def chart_rows(per_hour):
+    """(hours per row, [(first hour since the epoch, failures)]): one row
+    per hour, or per few hours so a long range has at most CHART_ROWS."""
     hours = {calendar.timegm(time.strptime(row["hour"][:19],
                                            "%Y-%m-%dT%H:%M:%S")) // 3600:
              row["count"] for row in per_hour}
@@ -12021,7 +12180,20 @@ def failures_chart(per_hour, width):
     for start in range(first, last + 1, step):
         rows.append((start, sum(hours.get(hour, 0)
                                 for hour in range(start, start + step))))
-    label = "%Y-%m-%d %H:00"
+    return step, rows
+
+
+#: How a chart row is labelled (local time).
+CHART_LABEL_FORMAT = "%Y-%m-%d %H:00"
+
+
+def failures_chart(per_hour, width):
+    """The failures per hour as text bars: one row per hour (or per few
+    hours when the range is long), the count at the end."""
+    if not per_hour:
+        return []
+    step, rows = chart_rows(per_hour)
+    label = CHART_LABEL_FORMAT
     most = max(count for _, count in rows)
     bar_room = max(1, min(CHART_WIDTH, width - 16 - 2 - len(str(most)) - 1))
     lines = ["Failures per %s" % ("hour" if step == 1 else "%d hours" % step)]
@@ -12038,16 +12210,21 @@ def _more_line(count, what):
     return ["... and %d more %s" % (count, what)] if count else []
 
 
+def report_range_text(head):
+    """"2026-12-05 00:00 to 2026-12-06 00:00 (UTC)", in local time."""
+    return "%s to %s (%s)" % (
+        _local_time(head.get("since") or head.get("first_event")),
+        _local_time(head.get("until") or head.get("last_event")),
+        time.strftime("%Z"))
+
+
 def render_report(document, width):
     """The report as lines of text for `width` columns."""
     time_format = REPORT_TIME_FORMAT if width >= NARROW_COLUMNS \
         else NARROW_TIME_FORMAT
     head = document["report"]
-    lines = ["PAMSignal report: %s to %s (%s)" % (
-        _local_time(head.get("since") or head.get("first_event")),
-        _local_time(head.get("until") or head.get("last_event")),
-        time.strftime("%Z")),
-        "%d journal entries read" % head.get("entries", 0)]
+    lines = ["PAMSignal report: " + report_range_text(head),
+             "%d journal entries read" % head.get("entries", 0)]
     lines += ["only %s %s" % (name, escape_text(head[name]))
               for name in ("user", "source") if name in head]
     lines += _sessions_part(document, width, time_format)
@@ -12063,12 +12240,16 @@ def render_report(document, width):
     return [shorten(line, width) for line in lines]
 
 
+#: The columns of the sessions table.
+SESSION_HEADERS = ("USER", "SERVICE", "FROM", "NETWORK", "CC", "METHOD",
+                   "START", "END", "DURATION")
+
+
 def _sessions_part(document, width, time_format):
     sessions = document["sessions"]
     lines = ["", "Sessions (%d)" % (len(sessions) +
                                     document["sessions_more"])]
-    lines += render_table(("USER", "SERVICE", "FROM", "NETWORK", "CC",
-                           "METHOD", "START", "END", "DURATION"),
+    lines += render_table(SESSION_HEADERS,
                           [_session_row(session, time_format)
                            for session in sessions],
                           width, fixed=(0, 2, 6, 7, 8)) if sessions \
@@ -12099,18 +12280,27 @@ _DETECTED_WORDS = {"brute_force_detected": "brute force",
                    "success_after_failures": "then logged in"}
 
 
+#: The two failure tables: (row key, document group, names column).
+FAILURE_TABLES = (("source", "by_source", "users"),
+                  ("user", "by_account", "sources"))
+
+
+def failure_rows(failures, key, group, names, time_format):
+    """One failures table as rows of text cells."""
+    return [(row[key], str(row["count"]),
+             _local_time(row["first"], time_format),
+             _local_time(row["last"], time_format),
+             ", ".join(_DETECTED_WORDS[action]
+                       for action in row["detected"]),
+             ", ".join(row[names]) + (" +%d" % row[names + "_more"]
+                                      if row[names + "_more"] else ""))
+            for row in failures[group]]
+
+
 def _failures_part(failures, width, time_format):
     lines = ["", "Failures (%d)" % failures["total"]]
-    for key, group, names in (("source", "by_source", "users"),
-                              ("user", "by_account", "sources")):
-        rows = [(row[key], str(row["count"]),
-                 _local_time(row["first"], time_format),
-                 _local_time(row["last"], time_format),
-                 ", ".join(_DETECTED_WORDS[action]
-                           for action in row["detected"]),
-                 ", ".join(row[names]) + (" +%d" % row[names + "_more"]
-                                          if row[names + "_more"] else ""))
-                for row in failures[group]]
+    for key, group, names in FAILURE_TABLES:
+        rows = failure_rows(failures, key, group, names, time_format)
         if rows:
             lines += [""] + render_table(
                 (key.upper(), "COUNT", "FIRST", "LAST", "DETECTED",
@@ -12147,6 +12337,45 @@ def _event_of_ecs(ecs):
     return Event(action=ecs["event"]["action"], timestamp_us=0, **flat)
 
 
+# Colour, on a terminal only (https://no-color.org: NO_COLOR set and not
+# empty turns it off). Whole lines are painted after they are cut to the
+# width, so escapes never count against it.
+
+#: SGR sequences: section headings bold, detections red, table heads dim.
+COLOUR_HEADING, COLOUR_DETECTION, COLOUR_TABLE_HEAD, COLOUR_OFF = \
+    "\033[1m", "\033[31m", "\033[2m", "\033[0m"
+
+_REPORT_HEADING = re.compile(
+    r"^(PAMSignal report: |(Sessions|Failures|Detections|sudo and su, by "
+    r"user) \(\d+\)$|Failures per )")
+_TABLE_HEAD = re.compile(r"^(USER|SOURCE) {2,}")
+
+
+def wants_colour(stream, environ):
+    """Colour only on a terminal, and never with NO_COLOR set."""
+    return not environ.get("NO_COLOR") and stream.isatty()
+
+
+def paint_report(lines):
+    """The text report's lines with headings, table heads and detections
+    coloured."""
+    painted, in_detections = [], False
+    for line in lines:
+        colour = None
+        if _REPORT_HEADING.match(line):
+            colour = COLOUR_HEADING
+            in_detections = line.startswith("Detections (")
+        elif _TABLE_HEAD.match(line):
+            colour = COLOUR_TABLE_HEAD
+        elif in_detections and line and not line.startswith(("  none",
+                                                              "... ")):
+            colour = COLOUR_DETECTION
+        elif not line:
+            in_detections = False
+        painted.append(colour + line + COLOUR_OFF if colour else line)
+    return painted
+
+
 class Progress:
     """Entries read and the rate, on a terminal's stderr only, at most
     once a second; cleared at the end."""
@@ -12171,6 +12400,340 @@ class Progress:
         if self.stream is not None and self.shown != self.started:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+
+# ---------------------------------------------------------------------------
+# 14c the report as an HTML page
+# ---------------------------------------------------------------------------
+# `report --html FILE`: the text report's content as one self-contained
+# page: inline CSS, the chart as inline SVG, no script and nothing fetched
+# (its Content-Security-Policy forbids both). Every value is attacker text
+# until escaped: user names, commands and log lines go through html_text.
+
+#: The page's policy: nothing loads, nothing runs; only its own styles.
+HTML_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+
+HTML_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1d2329}
+h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}
+th,td{padding:.2em .7em;text-align:left;border-bottom:1px solid #dde}
+th{background:#f2f4f7}td{font-family:ui-monospace,monospace}
+.note{color:#5a6570}.bar{fill:#c0392b}svg text{font:11px sans-serif}
+"""
+
+#: The chart's size in SVG units: a label column, then the bars.
+SVG_LABEL_WIDTH, SVG_BAR_WIDTH, SVG_ROW_HEIGHT = 120, 400, 16
+
+
+def html_text(value):
+    """Text for HTML content or a quoted attribute: control characters
+    escaped as in the text report, then &, <, >, " and '."""
+    return escape_html(escape_text(str(value))).replace(
+        '"', "&quot;").replace("'", "&#39;")
+
+
+def html_table(kind, headers, rows):
+    """A table (class `kind`) of text cells; columns empty in every row
+    are left out, as in the text report."""
+    kept = [index for index in range(len(headers))
+            if any(row[index] for row in rows)]
+    head = "".join("<th>%s</th>" % html_text(headers[index])
+                   for index in kept)
+    body = "".join("<tr>%s</tr>" % "".join(
+        "<td>%s</td>" % html_text(row[index]) for index in kept)
+        for row in rows)
+    return '<table class="%s"><tr>%s</tr>%s</table>' % (kind, head, body)
+
+
+def failures_svg(per_hour):
+    """The failures per hour as an inline SVG bar chart (or "")."""
+    if not per_hour:
+        return ""
+    step, rows = chart_rows(per_hour)
+    most = max(count for _, count in rows)
+    height = SVG_ROW_HEIGHT * len(rows)
+    parts = []
+    for index, (start, count) in enumerate(rows):
+        y = index * SVG_ROW_HEIGHT
+        width = count * SVG_BAR_WIDTH // most
+        parts.append(
+            '<text x="0" y="%d">%s</text><rect class="bar" x="%d" y="%d" '
+            'width="%d" height="%d"/><text x="%d" y="%d">%d</text>' % (
+                y + 12, html_text(time.strftime(
+                    CHART_LABEL_FORMAT, time.localtime(start * 3600))),
+                SVG_LABEL_WIDTH, y + 2, width, SVG_ROW_HEIGHT - 4,
+                SVG_LABEL_WIDTH + width + 4, y + 12, count))
+    return ('<h3>Failures per %s</h3><svg xmlns="http://www.w3.org/2000/svg"'
+            ' role="img" width="%d" height="%d" viewBox="0 0 %d %d">%s</svg>'
+            % ("hour" if step == 1 else "%d hours" % step,
+               SVG_LABEL_WIDTH + SVG_BAR_WIDTH + 60, height,
+               SVG_LABEL_WIDTH + SVG_BAR_WIDTH + 60, height, "".join(parts)))
+
+
+def _html_more(count, what):
+    return "".join('<p class="note">%s</p>' % html_text(line)
+                   for line in _more_line(count, what))
+
+
+def render_report_html(document):
+    """The report as one HTML page (str)."""
+    head = document["report"]
+    title = "PAMSignal report: " + report_range_text(head)
+    parts = ["<h1>%s</h1>" % html_text(title),
+             '<p class="note">%d journal entries read%s</p>' % (
+                 head.get("entries", 0), "".join(
+                     ", only %s %s" % (name, html_text(head[name]))
+                     for name in ("user", "source") if name in head))]
+    sessions = document["sessions"]
+    parts.append("<h2>Sessions (%d)</h2>" % (len(sessions) +
+                                              document["sessions_more"]))
+    parts.append(html_table("sessions", SESSION_HEADERS, [
+        _session_row(session, REPORT_TIME_FORMAT) for session in sessions])
+        if sessions else '<p class="note">none</p>')
+    parts.append(_html_more(document["sessions_more"], "earlier sessions"))
+    failures = document["failures"]
+    parts.append("<h2>Failures (%d)</h2>" % failures["total"])
+    for key, group, names in FAILURE_TABLES:
+        rows = failure_rows(failures, key, group, names, REPORT_TIME_FORMAT)
+        if rows:
+            parts.append(html_table(group, (key.upper(), "COUNT", "FIRST",
+                                            "LAST", "DETECTED",
+                                            names.upper()), rows))
+        parts.append(_html_more(failures[group + "_more"],
+                                "failures from further %ss" % key))
+    parts.append(failures_svg(failures["per_hour"]))
+    detections = document["detections"]
+    parts.append("<h2>Detections (%d)</h2>" % (
+        len(detections) + document["detections_more"]))
+    parts.append("<ul>%s</ul>" % "".join("<li><code>%s  %s</code></li>" % (
+        html_text(_local_time(ecs["@timestamp"])),
+        html_text(event_text(_event_of_ecs(ecs)))) for ecs in detections)
+        if detections else '<p class="note">none</p>')
+    parts.append(_html_more(document["detections_more"],
+                            "earlier detections"))
+    parts.append(_privileged_html(document))
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<meta http-equiv="Content-Security-Policy" content="%s">'
+            "<title>%s</title><style>%s</style></head><body>\n%s\n"
+            "</body></html>\n" % (HTML_CSP, html_text(title), HTML_STYLE,
+                                   "\n".join(part for part in parts
+                                             if part)))
+
+
+def _privileged_html(document):
+    privileged = document["privileged"]
+    parts = ["<h2>sudo and su, by user (%d)</h2>" % len(privileged)]
+    for row in privileged:
+        parts.append("<h3>%s: sudo %d, su %d, as %s</h3>" % (
+            html_text(row["user"]), row["sudo"], row["su"],
+            html_text(", ".join(row["targets"]) or "?")))
+        if row["commands"]:
+            parts.append(html_table("commands", ("COUNT", "COMMAND"), [
+                (str(item["count"]), item["command"])
+                for item in row["commands"]]))
+        parts.append(_html_more(row["commands_more"], "commands"))
+    parts.append(_html_more(document["privileged_more"],
+                            "uses by further users"))
+    return "".join(parts) if privileged else \
+        parts[0] + '<p class="note">none</p>'
+
+
+def write_report_html(path, document):
+    """Write the page to `path` (replaced atomically, mode 0644: a report
+    is meant to be read)."""
+    try:
+        replace_file(path, render_report_html(document), mode=0o644)
+    except OSError as error:
+        raise PamSignalError("cannot write %s: %s" % (
+            path, io_error_text(error))) from None
+
+
+# ---------------------------------------------------------------------------
+# 14d sending a report
+# ---------------------------------------------------------------------------
+# `report --send CHANNEL`: the report's text as one `report_summary` event
+# (no policy: it is asked for, never filtered, held back or folded), put
+# in a spool of the channel's own under state_dir/report-spool (the
+# running service never reads it, so the two never send one thing twice)
+# and delivered from there by a Courier, retried as alerts are for up to
+# [report] retry_for. What is still undelivered stays, and the next
+# `report --send` to that channel delivers it first.
+
+#: Where report summaries wait, below state_dir (one directory a channel).
+REPORT_SPOOL_DIR = "report-spool"
+
+
+def summary_text(document, hostname=None):
+    """The report as a summary carries it: SUMMARY_COLUMNS wide, at most
+    MAX_SUMMARY_CHARS, cut at a line with "... N more lines"."""
+    lines = render_report(document, SUMMARY_COLUMNS)
+    size, kept = 0, 0
+    for line in lines:
+        if size + len(line) + 1 > MAX_SUMMARY_CHARS - 100:
+            break
+        size += len(line) + 1
+        kept += 1
+    more = lines[kept:]
+    return "\n".join(lines[:kept] + (
+        [_more_lines_text(len(more), hostname)] if more else []))
+
+
+def summary_event(document, hostname, now_us):
+    """The report_summary event of a report document: stamped with the
+    end of its range, or its last event (so the same report gives the same
+    event, which the spool sends once)."""
+    head = document["report"]
+    until = head.get("until") or head.get("last_event")
+    timestamp_us = now_us if until is None else calendar.timegm(
+        time.strptime(until[:19], "%Y-%m-%dT%H:%M:%S")) * 1000000 + int(
+        until[20:26])
+    return Event(action="report_summary", timestamp_us=timestamp_us,
+                 hostname=hostname, detail=report_range_text(head),
+                 message=summary_text(document, hostname))
+
+
+def summary_targets(names, config):
+    """The channels a summary goes to, by name (commas allowed), checked;
+    UsageError naming each that cannot take one."""
+    wanted = []
+    for name in names:
+        wanted += [part for part in _channel_names(name) if part not in
+                   wanted]
+    problems = summary_channel_problems(wanted, config.channels)
+    if problems:
+        raise UsageError("; ".join(problems))
+    return [channel for name in wanted for channel in config.channels
+            if channel.name == name]
+
+
+def enter_state_dir(state_dir):
+    """Where the report spools are reached from. Run as root with a state
+    directory another user owns (the service's DynamicUser), the process
+    moves into it and becomes that user: root then follows no path that
+    user could have changed, and what it writes stays that user's, for
+    the timer's run to go on with. The way in, /var/lib/private, only root
+    may cross, so it is crossed before, and the directory is then named by
+    the process's own working directory link (tempfile makes every name
+    absolute). Returns that name, or state_dir."""
+    if os.geteuid() != 0:
+        return state_dir
+    try:
+        directory = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return state_dir  # not there yet: root's, until the service runs
+    try:
+        owner = os.fstat(directory)
+        if owner.st_uid == 0:
+            return state_dir
+        os.fchdir(directory)
+    finally:
+        os.close(directory)
+    # What the sinks import on first use is imported now, as root: the
+    # user may not be able to read the interpreter's library (a Python
+    # installed under /root).
+    for name in SENDING_MODULES:
+        importlib.import_module(name)
+    os.setgroups([])
+    os.setgid(owner.st_gid)
+    os.setuid(owner.st_uid)
+    return "/proc/self/cwd"
+
+
+class SummaryDelivery:
+    """One channel's report spool and its courier, for one run of
+    `report --send`: put the summary, deliver what the spool holds (older
+    summaries first), and say what became of this one."""
+
+    def __init__(self, channel, config):
+        self.sink = CHANNEL_TYPES[channel.type](channel.name,
+                                                dict(channel.options))
+        self.name = os.path.join(REPORT_SPOOL_DIR,
+                                 spool_directory_name(channel.name))
+        #: As it is named to the admin.
+        self.shown = os.path.join(config.state_dir, self.name)
+        self.retry_for_s = config.report.retry_for
+        self.directory = self.spool = None
+
+    def enter(self, base, config):
+        """Its spool below `base` (see enter_state_dir)."""
+        self.directory = os.path.join(base, self.name)
+        self.spool = Spool(self.directory, config.spool_max_alerts,
+                           config.spool_max_age)
+
+    def send(self, event, clock=time.monotonic):
+        """(outcome, detail): "sent", "sent before" (within the hour),
+        "waiting" (kept for the next run) or "refused"."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        # One sender a spool: a second run waits rather than send twice.
+        lock = os.open(os.path.join(self.directory, "send.lock"),
+                       os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._send_locked(event, clock)
+        finally:
+            os.close(lock)
+
+    def _send_locked(self, event, clock):
+        self.spool.open()
+        name = alert_id(event)
+        sent_before = os.path.exists(os.path.join(self.directory,
+                                                  name + ".sent"))
+        self.spool.put(event)
+        self.spool.flush()
+        courier = Courier(self.sink, self.spool)
+        courier.start()
+        deadline = clock() + self.retry_for_s
+        try:  # at least one attempt, then retries until the deadline
+            while self.spool.depth() and (clock() < deadline or not (
+                    courier.delivered or courier.failed)):
+                time.sleep(0.1)
+        finally:
+            courier.stop(timeout=self.sink.timeout + 2)
+            self.sink.close()
+        if os.path.exists(os.path.join(self.directory, name + ".alert")):
+            return "waiting", "%s; kept in %s, the next report --send to " \
+                "this channel delivers it" % (courier.last_error, self.shown)
+        if os.path.exists(os.path.join(self.directory, name + ".sent")):
+            return ("sent before" if sent_before else "sent"), None
+        return "refused", courier.last_error
+
+
+#: What `report --send` prints for each outcome.
+_SUMMARY_OUTCOMES = {"sent": "sent", "sent before": "already sent within "
+                     "the hour (not again)", "waiting": "not delivered yet",
+                     "refused": "refused", "unready": "not sent"}
+
+
+def send_summary(channels, config, event, stdout):
+    """Send the summary to each channel; a line per channel on stdout.
+    True when every channel has it."""
+    deliveries, unready = [], {}
+    for channel in channels:
+        delivery = SummaryDelivery(channel, config)
+        try:  # TLS files only root may read: before becoming the owner
+            delivery.sink.open()
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            unready[channel.name] = "cannot set up TLS: %s" % error
+        deliveries.append(delivery)
+    base = enter_state_dir(config.state_dir)
+    every = True
+    for channel, delivery in zip(channels, deliveries):
+        if channel.name in unready:
+            outcome, detail = "unready", unready[channel.name]
+        else:
+            delivery.enter(base, config)
+            try:
+                outcome, detail = delivery.send(event)
+            except OSError as error:  # named as the admin knows it
+                outcome, detail = "waiting", io_error_text(error).replace(
+                    base, config.state_dir)
+        every = every and outcome in ("sent", "sent before")
+        stdout.write("report to %s: %s%s\n" % (
+            channel.name, _SUMMARY_OUTCOMES[outcome],
+            ": %s" % detail if detail else ""))
+    return every
 
 
 # ---------------------------------------------------------------------------
@@ -12212,8 +12775,19 @@ def build_parser():
                         help="only what concerns this account")
     report.add_argument("--source", metavar="ADDR",
                         help="only what came from this address or host")
-    report.add_argument("--json", action="store_true",
+    output = report.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true",
                         help="print the report as one JSON document")
+    output.add_argument("--html", metavar="FILE",
+                        help="write the report as one self-contained HTML "
+                        "page to FILE")
+    report.add_argument("--send", metavar="CHANNEL", action="append",
+                        help="send the summary through this channel and "
+                        "its spool instead of printing it (repeatable, "
+                        "or comma-separated)")
+    report.add_argument("--send-configured", action="store_true",
+                        help="send it to the channels of [report] send_to "
+                        "(what pamsignal-report.timer runs)")
     report.add_argument("file", nargs="?", metavar="FILE|-",
                         help="a journalctl -o json export (- reads standard"
                         " input); without it, the journal")
@@ -12359,6 +12933,7 @@ def command_report(args, stdout):
     args.until_us = None if args.until is None \
         else parse_when(args.until, now_s)
     config = load_config(args.config)
+    targets = _summary_targets_of(args, config)
     source = None if args.source is None else \
         next((part for part in normalise_address(args.source) if part),
              args.source)
@@ -12390,12 +12965,39 @@ def command_report(args, stdout):
     pipeline.finish()  # what waits for more input is all there is
     document = builder.document(args.since_us, args.until_us,
                                 pipeline.entries)
+    if args.html:
+        write_report_html(args.html, document)
+    if targets:
+        event = summary_event(document, socket.gethostname(),
+                              int(now_s * 1e6))
+        return EXIT_OK if send_summary(targets, config, event, stdout) \
+            else EXIT_FAILURE
+    if args.html:
+        return EXIT_OK
     if args.json:
         stdout.write(dumps_safe(document) + "\n")
     else:
         width = shutil.get_terminal_size().columns
-        stdout.write("\n".join(render_report(document, width)) + "\n")
+        lines = render_report(document, width)
+        if wants_colour(stdout, os.environ):
+            lines = paint_report(lines)
+        stdout.write("\n".join(lines) + "\n")
     return EXIT_OK
+
+
+def _summary_targets_of(args, config):
+    """The channels --send and --send-configured name (checked before the
+    journal is read, so a wrong name fails at once)."""
+    names = list(args.send or ())
+    if args.send_configured:
+        if not config.report.send_to:
+            raise ConfigError([ConfigProblem(
+                config.path, None, "report", "send_to",
+                "names no channel, so there is nothing to send the report"
+                " to: set send_to = CHANNEL, or stop the timer with "
+                "`systemctl disable --now pamsignal-report.timer`")])
+        names += config.report.send_to
+    return summary_targets(names, config) if names else []
 
 
 def command_check_config(args, stdout):
@@ -13132,6 +13734,74 @@ RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
 WantedBy=multi-user.target
 """
 
+#: pamsignal-report.service and pamsignal-report.timer, as `install`
+#: writes them (the files at the top of the source tree are these texts; a
+#: test keeps them the same). Off until the admin enables the timer.
+REPORT_SERVICE_UNIT = """\
+# PAMSignal's daily summary (`pamsignal install` writes this file), run by
+# pamsignal-report.timer: yesterday's report to the channels named in
+# [report] send_to. Off until: systemctl enable --now pamsignal-report.timer
+# Sandboxed as pamsignal.service and as the same (dynamic) user, whose
+# state directory holds the summaries' spool: it reads the journal and the
+# configuration, writes /var/lib/pamsignal/report-spool and reaches the
+# network, nothing else.
+[Unit]
+Description=PAMSignal daily login report
+Documentation=man:pamsignal(8)
+After=systemd-journald.service network-online.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+ExecStartPre=+/usr/bin/pamsignal stage-config \\
+    /run/pamsignal-report/pamsignal.conf
+ExecStart=/usr/bin/pamsignal --config /run/pamsignal-report/pamsignal.conf \\
+    report --since yesterday --until today --send-configured
+# Reading a day of the journal, then [report] retry_for (10m) per channel.
+TimeoutStartSec=1h
+
+DynamicUser=yes
+User=pamsignal
+SupplementaryGroups=systemd-journal
+StateDirectory=pamsignal
+StateDirectoryMode=0700
+# Its own runtime directory: pamsignal.service's goes when that stops.
+RuntimeDirectory=pamsignal-report
+RuntimeDirectoryMode=0700
+UMask=0077
+
+# Channels need the network: no PrivateNetwork= or IPAddressDeny=.
+""" + SERVICE_UNIT[SERVICE_UNIT.index("NoNewPrivileges="):SERVICE_UNIT.index(
+    "\n[Install]") + 1]  # the agent's sandbox, word for word
+
+REPORT_TIMER_UNIT = """\
+# PAMSignal's daily summary: starts pamsignal-report.service shortly after
+# midnight (`pamsignal install` writes this file). Off until enabled:
+#     systemctl enable --now pamsignal-report.timer
+[Unit]
+Description=PAMSignal daily login report
+Documentation=man:pamsignal(8)
+
+[Timer]
+OnCalendar=*-*-* 00:10:00
+RandomizedDelaySec=10m
+# A day the machine was off at that time is sent when it next boots.
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+"""
+
+#: The daily summary's units by file name, in the order they are written.
+REPORT_UNITS = collections.OrderedDict((
+    ("pamsignal-report.service", REPORT_SERVICE_UNIT),
+    ("pamsignal-report.timer", REPORT_TIMER_UNIT)))
+
+#: What install says about the daily summary (it leaves the timer off).
+REPORT_TIMER_HINT = (
+    "the daily report is off: set [report] send_to in the configuration, "
+    "then `systemctl enable --now pamsignal-report.timer`\n")
+
 #: The program's path in SERVICE_UNIT; `install --prefix` replaces it.
 UNIT_PROGRAM = DEFAULT_PREFIX + "/bin/pamsignal"
 
@@ -13372,6 +14042,8 @@ def install_paths(root, prefix):
         return os.path.join(root, path.lstrip("/"))
     return {"program": under(prefix + "/bin/pamsignal"),
             "unit": under(SYSTEMD_UNIT_DIR + "/pamsignal.service"),
+            "report_units": [under(SYSTEMD_UNIT_DIR + "/" + name)
+                             for name in REPORT_UNITS],
             "config_dir": under(os.path.dirname(DEFAULT_CONFIG_PATH)),
             "config": under(DEFAULT_CONFIG_PATH),
             "ratelimit": [under("%s/%s.d/%s" % (
@@ -13410,6 +14082,9 @@ def command_install(args, stdout):
         os.makedirs(os.path.dirname(paths["unit"]), exist_ok=True)
         replace_file(paths["unit"], SERVICE_UNIT.replace(UNIT_PROGRAM,
                                                          program), mode=0o644)
+        for path, text in zip(paths["report_units"], REPORT_UNITS.values()):
+            replace_file(path, text.replace(UNIT_PROGRAM, program),
+                         mode=0o644)
         os.makedirs(paths["config_dir"], mode=0o700, exist_ok=True)
         if os.path.lexists(paths["config"]):
             stdout.write("kept %s\n" % paths["config"])
@@ -13436,10 +14111,12 @@ def command_install(args, stdout):
         _systemctl(stdout, "restart", "pamsignal.service")
         stdout.write("pamsignal is running: `pamsignal status`, "
                      "`journalctl -u pamsignal -f`\n")
+        stdout.write(REPORT_TIMER_HINT)
     else:
         stdout.write("systemd is not managing %s: on the target system run\n"
                      "  systemctl daemon-reload\n"
                      "  systemctl enable --now pamsignal.service\n" % root)
+        stdout.write(REPORT_TIMER_HINT)
     return EXIT_OK
 
 
@@ -13447,11 +14124,14 @@ def command_uninstall(args, stdout):
     root = os.path.abspath(args.root or "/")
     paths = install_paths(root, args.prefix)
     managed = root == "/" and systemd_is_running()
+    if managed and os.path.exists(paths["report_units"][1]):
+        _systemctl(stdout, "disable", "--now", "pamsignal-report.timer")
     if managed and os.path.exists(paths["unit"]):
         _systemctl(stdout, "disable", "--now", "pamsignal.service")
     removed = []
     try:
-        for path in [paths["unit"], paths["program"]] + paths["ratelimit"]:
+        for path in [paths["unit"]] + paths["report_units"] + [
+                paths["program"]] + paths["ratelimit"]:
             if os.path.lexists(path):
                 os.unlink(path)
                 removed.append(path)

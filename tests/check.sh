@@ -39,6 +39,8 @@ PACKAGES=(
     # tests/test_syslog.py, bench/bench_syslog.py: a real collector (the
     # tests start their own rsyslogd; the system's is never used)
     rsyslog rsyslog-gnutls
+    # tests/test_report_html.py: the report page in a real headless browser
+    chromium
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml atheris hypothesis)

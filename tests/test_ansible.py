@@ -241,7 +241,9 @@ def play_variables(deployment):
                 "detection": {"brute_force_fast": "6 in 10m"},
                 "alerts": {"ignore_sources": ["192.0.2.0/24",
                                               "198.51.100.0/24"],
-                           "cooldown": False}},
+                           "cooldown": False},
+                "report": {"send_to": "hook"}},
+            "pamsignal_report_timer": True,
             "pamsignal_channels": [{
                 "name": "hook", "type": "webhook",
                 "options": {"url": deployment.receiver.url + "/pamsignal",
@@ -357,9 +359,18 @@ def test_the_configuration_holds_the_channel_root_only(deployment):
     assert "\ncooldown = off\n" in text
     assert "\nignore_sources = 192.0.2.0/24, 198.51.100.0/24\n" in text
     assert "\n[detection]\nbrute_force_fast = 6 in 10m\n" in text
+    assert "\n[report]\nsend_to = hook\n" in text
     check = box.run(["pamsignal", "check-config"], check=False)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "OK (1 channel)" in check.stdout
+
+
+def test_the_daily_report_timer_is_enabled_when_asked(deployment):
+    box = deployment.container
+    assert box.show("UnitFileState", "pamsignal-report.timer") == "enabled"
+    assert box.show("ActiveState", "pamsignal-report.timer") == "active"
+    assert box.show("FragmentPath", "pamsignal-report.service") == \
+        "/etc/systemd/system/pamsignal-report.service"  # from install
 
 
 def test_the_service_alerts_the_configured_webhook(deployment):

@@ -65,7 +65,8 @@ def test_every_problem_is_reported_with_line_and_expectation():
         "comma-separated list of actions (-action leaves one out): %s; got "
         "'logout'" % ", ".join(sorted(pamsignal.ACTIONS)),
         "/etc/p.conf:12: [geoip2]: unknown section; expected [pamsignal], "
-        "[detection], [alerts], [geoip], [audit] or [channel:NAME]",
+        "[detection], [alerts], [geoip], [audit], [report] or "
+        "[channel:NAME]",
     ]
 
 
@@ -80,7 +81,7 @@ def test_every_problem_is_reported_with_line_and_expectation():
      "got 'just words'"),
     ("[DEFAULT]\nstate_dir = /x\n", "/etc/p.conf:1: [DEFAULT]: unknown "
      "section; expected [pamsignal], [detection], [alerts], [geoip], "
-     "[audit] or [channel:NAME]"),
+     "[audit], [report] or [channel:NAME]"),
     ("[channel:x]\nformat = json\n", "/etc/p.conf:1: [channel:x] type: "
      "expected one of: console, discord, email, gotify, journal, ntfy, "
      "pagerduty, slack, syslog, teams, telegram, webhook, whatsapp; got "

@@ -39,6 +39,8 @@ VERSION = pamsignal.__version__
 OLD_VERSION = VERSION + "~old"
 CONFIG = "/etc/pamsignal/pamsignal.conf"
 WANTS = "/etc/systemd/system/multi-user.target.wants/pamsignal.service"
+TIMER_WANTS = "/etc/systemd/system/timers.target.wants/" \
+    "pamsignal-report.timer"
 #: What the service writes (DynamicUser= keeps the real directories under
 #: private/, reached by a symlink) and purge must remove.
 SERVICE_DIRS = ("/var/lib/pamsignal", "/var/lib/private/pamsignal",
@@ -262,6 +264,10 @@ def test_installed_files_owners_and_modes(bookworm, debian_package):
     assert status(bookworm) == "ii |%s" % VERSION
     expected = {"/usr/bin/pamsignal": "755 root:root",
                 "/lib/systemd/system/pamsignal.service": "644 root:root",
+                "/lib/systemd/system/pamsignal-report.service":
+                    "644 root:root",
+                "/lib/systemd/system/pamsignal-report.timer":
+                    "644 root:root",
                 "/etc/pamsignal": "700 root:root",
                 CONFIG: "600 root:root",
                 "/usr/share/man/man8/pamsignal.8.gz": "644 root:root",
@@ -274,6 +280,10 @@ def test_installed_files_owners_and_modes(bookworm, debian_package):
         assert read(bookworm, "/usr/bin/pamsignal") == handle.read()
     assert read(bookworm, "/lib/systemd/system/pamsignal.service") == \
         pamsignal.SERVICE_UNIT
+    for name, text in pamsignal.REPORT_UNITS.items():
+        assert read(bookworm, "/lib/systemd/system/" + name) == text
+    # The daily report stays off until the admin enables its timer.
+    assert not exists(bookworm, TIMER_WANTS)
     # journald's rate limit lifted for sshd, under both of its unit names
     for unit in ("ssh", "sshd"):
         drop_in = "/usr/lib/systemd/system/%s.service.d/" \
@@ -304,6 +314,8 @@ def test_remove_keeps_configuration_and_state(bookworm):
     assert status(bookworm) == "rc |%s" % VERSION
     assert not exists(bookworm, "/usr/bin/pamsignal")
     assert not exists(bookworm, "/lib/systemd/system/pamsignal.service")
+    for name in pamsignal.REPORT_UNITS:
+        assert not exists(bookworm, "/lib/systemd/system/" + name)
     assert read(bookworm, CONFIG).endswith(ADMIN_CHANNEL)
     for path, text in SERVICE_FILES.items():
         assert read(bookworm, path) == text
@@ -411,20 +423,28 @@ def test_upgrade_restarts_the_service_and_keeps_its_spool(booted,
         "pamsignal %s\n" % VERSION
     assert booted.run(["cat", "/var/lib/private/pamsignal/spool/hook/"
                        "0001.json"]).stdout == '{"waiting": true}'
+    # The daily report came with it, off; the admin turns it on.
+    timer = ["pamsignal-report.timer"]
+    assert booted.run(["systemctl", "is-enabled"] + timer,
+                      check=False).stdout.strip() == "disabled"
+    assert booted.show("ActiveState", timer[0]) == "inactive"
+    booted.run(["systemctl", "enable", "--now"] + timer)
+    assert booted.show("ActiveState", timer[0]) == "active"
 
 
 def test_remove_stops_the_service(booted):
     assert booted.show("ActiveState") == "active"
     booted.run(["dpkg", "-r", "pamsignal"])
-    assert booted.run(["systemctl", "is-active", "pamsignal"],
-                      check=False).stdout.strip() == "inactive"
+    for unit in ("pamsignal", "pamsignal-report.timer"):
+        assert booted.run(["systemctl", "is-active", unit],
+                          check=False).stdout.strip() == "inactive"
     assert booted.run(["test", "-e", "/var/lib/private/pamsignal/"
                        "state.json"], check=False).returncode == 0
 
 
 def test_purge_removes_what_the_service_wrote(booted):
     booted.run(["dpkg", "-P", "pamsignal"])
-    for path in ("/etc/pamsignal", WANTS) + SERVICE_DIRS:
+    for path in ("/etc/pamsignal", WANTS, TIMER_WANTS) + SERVICE_DIRS:
         left = booted.run(["sh", "-c", 'test -e "$1" || test -L "$1"',
                            "sh", path], check=False)
         assert left.returncode != 0, path

@@ -36,12 +36,21 @@ def test_install_into_destdir_gives_a_runnable_command(tmp_path):
     unit = (tmp_path / "lib/systemd/system/pamsignal.service").read_text()
     assert unit == pamsignal.SERVICE_UNIT.replace(
         "/usr/bin/pamsignal", "/usr/local/bin/pamsignal")
+    for name, text in pamsignal.REPORT_UNITS.items():
+        report_unit = tmp_path / "lib/systemd/system" / name
+        assert report_unit.read_text() == text.replace(
+            "/usr/bin/pamsignal", "/usr/local/bin/pamsignal")
+        assert mode(report_unit) == 0o644
     version = subprocess.run([str(command), "--version"],
                              stdout=subprocess.PIPE, universal_newlines=True)
     assert version.stdout.startswith("pamsignal ")
     check = subprocess.run([str(command), "--config", str(config),
                             "check-config"], stdout=subprocess.PIPE)
     assert check.returncode == 0
+    result = make("uninstall", "DESTDIR=%s" % tmp_path, "PREFIX=/usr/local")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(str(tmp_path / "lib/systemd/system"))) == []
+    assert config.exists()
 
 
 @needs_make
@@ -68,17 +77,33 @@ def test_the_embedded_unit_is_the_shipped_unit():
         assert pamsignal.SERVICE_UNIT == handle.read()
 
 
-def test_unit_exposure_is_at_most_1_1():
+def exposure(unit):
+    """systemd-analyze security's overall exposure of a unit file."""
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager",
-         UNIT], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+         unit], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         universal_newlines=True, timeout=120)
-    found = re.search(r"Overall exposure level for pamsignal\.service: "
-                      r"(\d+\.\d)", result.stdout)
+    found = re.search(r"Overall exposure level for %s: (\d+\.\d)"
+                      % re.escape(os.path.basename(unit)), result.stdout)
     assert found, result.stdout
-    assert float(found.group(1)) <= 1.1, result.stdout
+    return float(found.group(1))
+
+
+def test_unit_exposure_is_at_most_1_1():
+    assert exposure(UNIT) <= 1.1
+
+
+def test_the_embedded_report_units_are_the_shipped_ones():
+    for name, text in pamsignal.REPORT_UNITS.items():
+        with open(os.path.join(REPO, name)) as handle:
+            assert handle.read() == text
+
+
+def test_the_report_service_is_sandboxed_no_worse_than_the_agent():
+    assert exposure(os.path.join(REPO, "pamsignal-report.service")) <= \
+        exposure(UNIT)
 
 
 def test_install_writes_program_unit_and_example_config(tmp_path):
@@ -91,6 +116,10 @@ def test_install_writes_program_unit_and_example_config(tmp_path):
         assert program.read_bytes() == handle.read()
     assert mode(program) == 0o755
     assert unit.read_text() == pamsignal.SERVICE_UNIT and mode(unit) == 0o644
+    for name, text in pamsignal.REPORT_UNITS.items():
+        report_unit = tmp_path / "etc/systemd/system" / name
+        assert report_unit.read_text() == text and mode(report_unit) == 0o644
+    assert "systemctl enable --now pamsignal-report.timer" in result.stdout
     assert mode(config) == 0o600
     assert mode(config.parent) == 0o700
     # Not PID 1 below --root: it says what to run instead of running it.
@@ -120,7 +149,8 @@ def test_example_config_sets_every_key_to_its_default():
                              ("geoip", pamsignal.GEOIP_OPTIONS),
                              ("detection", pamsignal.DETECTION_OPTIONS),
                              ("alerts", pamsignal.ALERT_OPTIONS),
-                             ("audit", pamsignal.AUDIT_OPTIONS)):
+                             ("audit", pamsignal.AUDIT_OPTIONS),
+                             ("report", pamsignal.REPORT_OPTIONS)):
         assert sorted(ini[section]) == sorted(options), section
     # Its one live channel is the console as a log, as with no file at all.
     (console,) = example.channels
@@ -140,6 +170,10 @@ def test_install_keeps_an_edited_config_and_honours_prefix(tmp_path):
     unit = (tmp_path / "etc/systemd/system/pamsignal.service").read_text()
     assert "ExecStart=/usr/local/bin/pamsignal --config" in unit
     assert "/usr/bin/pamsignal" not in unit
+    report_unit = (tmp_path / "etc/systemd/system/pamsignal-report.service"
+                   ).read_text()
+    assert "ExecStart=/usr/local/bin/pamsignal --config" in report_unit
+    assert "/usr/bin/pamsignal" not in report_unit
     assert (tmp_path / "usr/local/bin/pamsignal").exists()
 
 
@@ -153,6 +187,8 @@ def test_uninstall_keeps_data_unless_purged(tmp_path):
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "usr/bin/pamsignal").exists()
     assert not (tmp_path / "etc/systemd/system/pamsignal.service").exists()
+    for name in pamsignal.REPORT_UNITS:
+        assert not (tmp_path / "etc/systemd/system" / name).exists()
     assert (tmp_path / "etc/pamsignal/pamsignal.conf").exists()
     assert (state / "state.json").exists()
     assert "--purge removes them" in result.stdout

@@ -735,6 +735,13 @@ def test_curl_pipe_bash_installs_enables_and_starts(booted, dist):
     assert "running: systemctl restart pamsignal.service" in result.stdout
     assert booted.show("UnitFileState") == "enabled"
     assert booted.show("ActiveState") == "active"
+    # The daily report's units, the timer left off.
+    for name, text in pamsignal.REPORT_UNITS.items():
+        assert booted.run(["cat", "/etc/systemd/system/" + name]).stdout \
+            == text
+    assert booted.show("UnitFileState", "pamsignal-report.timer") == \
+        "disabled"
+    assert "systemctl enable --now pamsignal-report.timer" in result.stdout
     installed = ["/usr/bin/pamsignal"] + [
         "/usr/share/man/man%s/%s" % (name[-1], name) for name in MANPAGES]
     sums = booted.run(["sha256sum"] + installed).stdout.split()
@@ -782,7 +789,9 @@ def test_uninstall_then_purge(booted, dist):
     assert "removed /usr/share/man/man8/pamsignal.8" in result.stdout
     assert "kept the configuration" in result.stdout
     for path in ("/usr/bin/pamsignal", "/etc/systemd/system/"
-                 "pamsignal.service", "/usr/share/man/man8/pamsignal.8"):
+                 "pamsignal.service", "/etc/systemd/system/"
+                 "pamsignal-report.service", "/etc/systemd/system/"
+                 "pamsignal-report.timer", "/usr/share/man/man8/pamsignal.8"):
         assert booted.run(["test", "-e", path], check=False).returncode == 1
     assert booted.show("ActiveState") == "inactive"
     assert booted.run(["test", "-e", "/etc/pamsignal/pamsignal.conf"],

@@ -87,7 +87,8 @@ def configuration_keys():
                              ("detection", pamsignal.DETECTION_OPTIONS),
                              ("alerts", pamsignal.ALERT_OPTIONS),
                              ("geoip", pamsignal.GEOIP_OPTIONS),
-                             ("audit", pamsignal.AUDIT_OPTIONS)):
+                             ("audit", pamsignal.AUDIT_OPTIONS),
+                             ("report", pamsignal.REPORT_OPTIONS)):
         for key, option in options.items():
             yield section, key, option.default
     for sink in pamsignal.CHANNEL_TYPES.values():
@@ -115,4 +116,4 @@ def test_every_configuration_key_is_in_pamsignal_conf_5():
             missing.append((section, key, default, entry.group(1)))
     assert missing == []
     assert set(sections) == {"pamsignal", "detection", "alerts", "geoip",
-                             "audit", "channel:NAME"}
+                             "audit", "report", "channel:NAME"}

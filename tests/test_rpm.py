@@ -29,6 +29,11 @@ NEXT_VERSION = pamsignal.__version__ + ".1"
 CONFIG = "/etc/pamsignal/pamsignal.conf"
 PROGRAM = "/usr/bin/pamsignal"
 UNIT = "/usr/lib/systemd/system/pamsignal.service"
+#: The daily report's units, shipped off (no preset enables them).
+REPORT_UNITS = {"/usr/lib/systemd/system/" + name: text
+                for name, text in pamsignal.REPORT_UNITS.items()}
+TIMER_ENABLED = "/etc/systemd/system/timers.target.wants/" \
+    "pamsignal-report.timer"
 MAN5 = "/usr/share/man/man5/pamsignal.conf.5.gz"
 RATELIMIT_DIR = "/usr/lib/systemd/system/sshd.service.d"
 RATELIMIT = RATELIMIT_DIR + "/pamsignal-ratelimit.conf"
@@ -121,8 +126,9 @@ def test_the_distribution_systemd_macros_win(tmp_path):
     post, preun, postun = scripts.split("|")
     assert post.splitlines()[0] == "distro-post pamsignal.service"
     assert "systemctl restart sshd" in post  # the drop-in's hint
-    assert (preun, postun) == ("distro-preun pamsignal.service",
-                               "distro-postun pamsignal.service")
+    assert (preun, postun) == (
+        "distro-preun pamsignal.service pamsignal-report.timer "
+        "pamsignal-report.service", "distro-postun pamsignal.service")
     files = rpmsupport.query(package, "[%{FILENAMES}\n]").split()
     assert "/opt/units/pamsignal.service" in files
 
@@ -165,6 +171,7 @@ def test_files_modes_owners_and_config_flags(packages):
         RATELIMIT_DIR: ("drwxr-xr-x", ""),
         RATELIMIT: ("-rw-r--r--", ""),
     }
+    expected.update((unit, ("-rw-r--r--", "")) for unit in REPORT_UNITS)
     assert rest == expected
 
 
@@ -181,6 +188,9 @@ def test_install_lays_out_a_working_service(packages, tree):
     assert program.split("\n", 1) == [
         "#!/usr/bin/python3", shipped.split("\n", 1)[1]]
     assert read(in_tree(tree, UNIT)) == pamsignal.SERVICE_UNIT
+    for unit, text in REPORT_UNITS.items():
+        assert read(in_tree(tree, unit)) == text
+    assert not os.path.lexists(in_tree(tree, TIMER_ENABLED))  # off
     assert read(in_tree(tree, CONFIG)) == read(
         os.path.join(REPO, "pamsignal.conf.example"))
     with gzip.open(in_tree(tree, "/usr/share/man/man8/pamsignal.8.gz"),
@@ -238,7 +248,7 @@ def test_erase_removes_the_program_and_saves_an_edited_config(packages,
     erase = rpm_in(tree, "-e", "pamsignal")
 
     assert erase.returncode == 0, erase.stdout + erase.stderr
-    for path in (PROGRAM, UNIT, CONFIG, ENABLED):
+    for path in [PROGRAM, UNIT, CONFIG, ENABLED] + list(REPORT_UNITS):
         assert not os.path.lexists(in_tree(tree, path)), path
     saved = in_tree(tree, CONFIG + ".rpmsave")
     assert read(saved) == EDITED

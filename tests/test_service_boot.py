@@ -154,6 +154,91 @@ def test_a_login_reaches_a_webhook_from_the_sandbox(container):
     assert owner != "0"
 
 
+REPORT_UNITS = ("/etc/systemd/system/pamsignal-report.service",
+                "/etc/systemd/system/pamsignal-report.timer")
+
+
+def exposure(container, unit):
+    """systemd-analyze security's overall exposure of a loaded unit."""
+    found = re.search(r"Overall exposure level for %s: (\d+\.\d)" % (
+        re.escape(unit)), container.run(["systemd-analyze", "security",
+                                         "--no-pager", unit]).stdout)
+    assert found
+    return float(found.group(1))
+
+
+def test_the_report_units_load_cleanly_and_are_sandboxed_as_the_agent(
+        container):
+    # --man=no: `install` (the bare file) installs no man page.
+    verify = container.run(["systemd-analyze", "verify", "--man=no"] +
+                           list(REPORT_UNITS), check=False)
+    assert verify.returncode == 0 and verify.stderr == "", verify.stderr
+    assert exposure(container, "pamsignal-report.service") <= \
+        exposure(container, "pamsignal.service")
+    # Off until the admin enables it.
+    assert container.show("UnitFileState", "pamsignal-report.timer") == \
+        "disabled"
+
+
+def test_the_report_service_without_send_to_says_so_and_fails(container):
+    assert container.run(["systemctl", "start", "pamsignal-report.service"],
+                         check=False).returncode != 0
+    assert container.show("ExecMainStatus", "pamsignal-report.service") \
+        == "78"
+    log = container.run(["journalctl", "-u", "pamsignal-report.service",
+                         "-o", "cat", "--no-pager"]).stdout
+    assert "[report] send_to: names no channel" in log
+
+
+def summaries(container):
+    found = container.run(["cat", "/root/hook.jsonl"], check=False)
+    return [json.loads(line) for line in found.stdout.splitlines()
+            if '"report_summary"' in line]
+
+
+def test_the_report_service_sends_yesterday_once_after_a_run_by_hand(
+        container):
+    """A run by hand as root, then the service as its dynamic user: the
+    service can use the spool root wrote (handed to the state's owner),
+    and the same report reaches the webhook once."""
+    container.write("/etc/pamsignal/pamsignal.conf",
+                    "[report]\nsend_to = hook\n[channel:hook]\n"
+                    "type = webhook\nurl = http://127.0.0.1:8088/hook\n"
+                    "events = login_success\ncooldown = off\n")
+    by_hand = container.run(["pamsignal", "report", "--since", "yesterday",
+                             "--until", "today", "--send", "hook"])
+    assert by_hand.stdout == "report to hook: sent\n"
+    container.run(["systemctl", "start", "pamsignal-report.service"])
+    assert container.show("Result", "pamsignal-report.service") == "success"
+    log = container.run(["journalctl", "-u", "pamsignal-report.service",
+                         "-o", "cat", "--no-pager"]).stdout
+    assert "report to hook: already sent within the hour" in log
+    (summary,) = summaries(container)
+    day = container.run(["date", "-d", "yesterday", "+%Y-%m-%d"]).stdout
+    assert summary["message"].startswith("PAMSignal report: %s 00:00 to "
+                                         % day.strip())
+    assert summary["pamsignal"]["detail"] in summary["message"]
+    owner = container.run(["stat", "-L", "-c", "%u", "/var/lib/pamsignal/"
+                           "report-spool/hook"]).stdout.strip()
+    assert owner == container.run(["stat", "-L", "-c", "%u",
+                                   "/var/lib/pamsignal"]).stdout.strip()
+    assert owner != "0"
+
+
+def test_the_enabled_timer_is_listed(container):
+    container.run(["systemctl", "enable", "--now",
+                   "pamsignal-report.timer"])
+    listed = container.run(["systemctl", "list-timers", "--all",
+                            "--no-pager", "pamsignal-report.timer"]).stdout
+    (line,) = [line for line in listed.splitlines()
+               if "pamsignal-report.timer" in line]
+    assert "pamsignal-report.service" in line
+    assert container.show("UnitFileState", "pamsignal-report.timer") == \
+        "enabled"
+    container.run(["systemctl", "disable", "--now",
+                   "pamsignal-report.timer"])
+
+
 SYSLOG_RECEIVER = """\
 import ssl, socket
 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -341,6 +426,9 @@ def test_stop_and_uninstall(container):
     assert "kept the configuration, state and logs" in result.stdout
     assert container.run(["systemctl", "cat", "pamsignal"],
                          check=False).returncode != 0
+    for unit in REPORT_UNITS:
+        assert container.run(["test", "-e", unit],
+                             check=False).returncode != 0
     assert container.run(["test", "-e", "/var/lib/private/pamsignal/"
                           "state.json"], check=False).returncode == 0
     assert container.run(["test", "-e", "/usr/bin/pamsignal"],
