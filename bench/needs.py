@@ -1,9 +1,12 @@
 """What a benchmark needs from the machine: a missing program or module is
 named with the Debian or PyPI package that brings it, instead of a
 traceback halfway through a run."""
+import fcntl
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 
 
 def program(path_or_name, package):
@@ -13,3 +16,40 @@ def program(path_or_name, package):
     if not found:
         sys.exit("%s is missing: apt-get install -y %s"
                  % (path_or_name, package))
+
+
+#: Where Debian packages are unpacked once and kept (shared with tests).
+UNPACKED = "/var/cache/pamsignal-tests"
+
+
+def unpacked(package):
+    """The directory of a Debian package unpacked with `dpkg -x` (never
+    installed), downloaded and unpacked on first use, under a lock so
+    that parallel runs unpack it once."""
+    tree = os.path.join(UNPACKED, package)
+    program("apt-get", "apt")
+    program("dpkg", "dpkg")
+    os.makedirs(UNPACKED, exist_ok=True)
+    with open(tree + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isdir(os.path.join(tree, "usr")):
+            return tree
+        work = tempfile.mkdtemp(dir=UNPACKED)
+        try:
+            os.chmod(work, 0o755)  # apt's sandbox user writes the .deb
+            fetched = subprocess.run(
+                ["apt-get", "download", package], cwd=work,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                universal_newlines=True)
+            debs = [name for name in os.listdir(work)
+                    if name.endswith(".deb")]
+            if not debs:
+                sys.exit("apt-get download %s failed: %s"
+                         % (package, fetched.stdout[-500:]))
+            subprocess.run(["dpkg", "-x", debs[0], "tree"], cwd=work,
+                           check=True)
+            shutil.rmtree(tree, ignore_errors=True)
+            os.rename(os.path.join(work, "tree"), tree)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return tree

@@ -39,6 +39,9 @@ PACKAGES=(
     # tests/test_syslog.py, bench/bench_syslog.py: a real collector (the
     # tests start their own rsyslogd; the system's is never used)
     rsyslog rsyslog-gnutls
+    # bench/bench_versus.py (tests/test_bench.py): peak RSS of each tool
+    # (fail2ban and sshguard themselves are unpacked, never installed)
+    time
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml atheris hypothesis)
