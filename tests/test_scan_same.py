@@ -15,10 +15,13 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 
-from support import PAMSIGNAL, make_entry
+from support import PAMSIGNAL, make_entry, pamsignal
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEFORE = os.path.join(HERE, "fixtures", "scan_before.json")
@@ -151,3 +154,38 @@ if __name__ == "__main__":
     with open(BEFORE, "w") as handle:
         json.dump(capture(), handle, indent=1, sort_keys=True)
         handle.write("\n")
+
+
+# ------------------------------------------- fast paths, same text as before
+
+def plain_dumps_safe(obj):
+    """dumps_safe as it was: the readable encoder, then every unsafe
+    character escaped."""
+    return pamsignal._UNSAFE_CHARS.sub(
+        pamsignal._json_escape_char, pamsignal._JSON_ENCODER.encode(obj))
+
+
+@pytest.mark.parametrize("text", [
+    "plain", "caf\u00e9", "\x7f", "a\\u0041", "\u2028", "\x1b[31m", "\t\n",
+    "\ud800", "\U0001f600", "\u00ad", "\\", '"'])
+def test_json_of_any_text_is_what_it_was(text):
+    obj = {"message": text, "user": {"name": text}, "list": [text, 1]}
+    assert pamsignal.dumps_safe(obj) == plain_dumps_safe(obj)
+
+
+@hypothesis.settings(max_examples=500, deadline=None)
+@hypothesis.given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) |
+    st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8))
+def test_json_of_anything_is_what_it_was(obj):
+    assert pamsignal.dumps_safe(obj) == plain_dumps_safe(obj)
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.integers(min_value=-2 ** 63, max_value=2 ** 63))
+def test_a_time_formats_as_it_did(timestamp_us):
+    seconds, micros = divmod(min(max(timestamp_us, 0),
+                                 pamsignal.MAX_TIMESTAMP_US), 1000000)
+    assert pamsignal.format_timestamp(timestamp_us) == "%s.%06dZ" % (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)), micros)
