@@ -4592,6 +4592,9 @@ class Throttle:
                 return out + self._repeat(event, now_us)
             self._count_send(now_us)
             return out + [event]
+        if not (self.cooldown_us or self.rate_count) and \
+                self.flood_until is None:
+            return out + [event]  # nothing holds it (the console): no key
         key = throttle_key(event)
         cooling = self.cooling.get(key)
         if cooling is not None:
