@@ -5,14 +5,12 @@ anchored in the journal and checked by `verify-log --journal`, fail2ban's
 own fail2ban-regex banning on the agent's brute_force_detected entries,
 and a full disk (a tiny tmpfs) that leaves the other channels alerting."""
 
-import fcntl
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -21,13 +19,17 @@ import pamsignal
 import realsys
 from conftest import AGENT_SCRIPT, configured_agent, random_name
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "bench"))
+import needs  # noqa: E402 (bench/needs.py unpacks Debian packages)
+
 pytestmark = pytest.mark.e2e
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FILTER = os.path.join(HERE, "..", "contrib", "fail2ban", "filter.d",
                       "pamsignal.conf")
 #: Debian's fail2ban, unpacked (dpkg -x) once and kept between runs.
-FAIL2BAN_CACHE = "/var/cache/pamsignal-tests/fail2ban"
+FAIL2BAN_CACHE = os.path.join(needs.UNPACKED, "fail2ban")
 
 
 def journal(*matches):
@@ -141,29 +143,13 @@ def fail2ban_regex():
                       stderr=subprocess.DEVNULL).returncode:
         realsys.unavailable("python3-systemd is missing (tests/check.sh "
                             "installs it)")
-    program = os.path.join(FAIL2BAN_CACHE, "usr", "bin", "fail2ban-regex")
-    os.makedirs(os.path.dirname(FAIL2BAN_CACHE), exist_ok=True)
-    with open(FAIL2BAN_CACHE + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(program):
-            work = tempfile.mkdtemp(dir=os.path.dirname(FAIL2BAN_CACHE))
-            try:
-                os.chmod(work, 0o755)
-                fetched = subprocess.run(
-                    ["apt-get", "download", "fail2ban"], cwd=work,
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                debs = [n for n in os.listdir(work) if n.endswith(".deb")]
-                if not debs:
-                    realsys.unavailable("apt-get download fail2ban failed: "
-                                        + fetched.stdout.decode()[-500:])
-                subprocess.run(["dpkg", "-x", debs[0], "tree"], cwd=work,
-                               check=True)
-                shutil.rmtree(FAIL2BAN_CACHE, ignore_errors=True)
-                os.rename(os.path.join(work, "tree"), FAIL2BAN_CACHE)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+    try:
+        tree = needs.unpacked("fail2ban")  # into FAIL2BAN_CACHE, once
+    except SystemExit as error:  # apt-get could not fetch it
+        realsys.unavailable(str(error))
+    program = os.path.join(tree, "usr", "bin", "fail2ban-regex")
     return ["env", "PYTHONPATH=" + os.path.join(
-        FAIL2BAN_CACHE, "usr", "lib", "python3", "dist-packages"),
+        tree, "usr", "lib", "python3", "dist-packages"),
         "/usr/bin/python3", program]
 
 
