@@ -5,9 +5,9 @@ export and for larger mixes of real sshd, sudo and noise lines.
 The "before" outputs were captured from pamsignal.py as it was before
 any speed-up, into tests/fixtures/scan_before.json (inputs of the
 fixture exports included, so fixtures added later do not change what is
-compared). A change that alters an event on purpose re-captures them:
-`python3 tests/test_scan_same.py --capture`, and the diff shows what
-changed.
+compared; the version number is left out). A change that alters an
+event on purpose re-captures them: `python3 tests/test_scan_same.py
+--capture [PAMSIGNAL.PY]`, and the diff shows what changed.
 """
 import hashlib
 import json
@@ -86,35 +86,42 @@ def mix_export(count):
     return "\n".join(lines) + "\n"
 
 
-def scan(export, *flags):
+def scan(export, *flags, program=PAMSIGNAL):
+    """What `scan` prints, the program's version in it as VERSION (a new
+    release number is no change of output)."""
     with tempfile.NamedTemporaryFile(suffix=".conf") as config:  # defaults
         result = subprocess.run(
-            [sys.executable, PAMSIGNAL, "--config", config.name, "scan"]
+            [sys.executable, program, "--config", config.name, "scan"]
             + list(flags) + ["-"], input=export.encode(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, env=dict(os.environ, TZ="UTC"),
             timeout=300)
     assert result.returncode == 0, result.stderr
-    return result.stdout.decode()
+    version = subprocess.run([sys.executable, program, "--version"],
+                             stdout=subprocess.PIPE, universal_newlines=True,
+                             check=True).stdout.split()[-1]
+    return result.stdout.decode().replace(
+        '"version": "%s"' % version, '"version": "VERSION"')
 
 
 def digest(text):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def capture():
-    """What `scan` prints now, per export (the fixture exports in full,
-    the mixes by digest: they are large)."""
+def capture(program):
+    """What `scan` of `program` prints, per export (the fixture exports
+    in full, the mixes by digest: they are large)."""
     before = {}
     for name in FIXTURE_FILES:
         export = fixture_export(name)
-        before[name] = {"export": export, "json": scan(export, "--json"),
-                        "text": scan(export)}
+        before[name] = {"export": export,
+                        "json": scan(export, "--json", program=program),
+                        "text": scan(export, program=program)}
     for count in (600, 6000):
         export = mix_export(count)
         before["mix%d" % count] = {
-            "json_sha256": digest(scan(export, "--json")),
-            "text_sha256": digest(scan(export))}
+            "json_sha256": digest(scan(export, "--json", program=program)),
+            "text_sha256": digest(scan(export, program=program))}
     return before
 
 
@@ -148,11 +155,12 @@ def test_a_mix_of_many_entries_scans_to_the_same_bytes(before, count):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["--capture"]:
-        sys.exit("usage: python3 tests/test_scan_same.py --capture")
-    sys.path.insert(0, HERE)
+    if sys.argv[1:2] != ["--capture"] or len(sys.argv) > 3:
+        sys.exit("usage: python3 tests/test_scan_same.py --capture "
+                 "[PAMSIGNAL.PY]")
     with open(BEFORE, "w") as handle:
-        json.dump(capture(), handle, indent=1, sort_keys=True)
+        json.dump(capture(sys.argv[2] if len(sys.argv) == 3 else PAMSIGNAL),
+                  handle, indent=1, sort_keys=True)
         handle.write("\n")
 
 
