@@ -340,10 +340,16 @@ def _json_escape_char(match):
 
 #: Built once: json.dumps() with options makes a new encoder every call.
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
+#: The same escaping all but printable ASCII: its text is the same whenever
+#: it has no \u escape (and looking for one is quicker than _UNSAFE_CHARS).
+_JSON_ASCII_ENCODER = json.JSONEncoder(separators=(", ", ": "))
 
 
 def dumps_safe(obj):
     """JSON that is readable UTF-8 yet carries no raw control characters."""
+    text = _JSON_ASCII_ENCODER.encode(obj)
+    if "\\u" not in text:
+        return text  # printable ASCII only: nothing to keep or to escape
     return _UNSAFE_CHARS.sub(_json_escape_char, _JSON_ENCODER.encode(obj))
 
 
@@ -361,8 +367,14 @@ def format_timestamp(timestamp_us):
     a time outside 1970 to 9999 is shown as the nearest end."""
     seconds, micros = divmod(min(max(timestamp_us, 0), MAX_TIMESTAMP_US),
                              1000000)
-    return "%s.%06dZ" % (time.strftime("%Y-%m-%dT%H:%M:%S",
-                                       time.gmtime(seconds)), micros)
+    return "%s.%06dZ" % (_utc_second(seconds), micros)
+
+
+@functools.lru_cache(maxsize=64)
+def _utc_second(seconds):
+    """YYYY-MM-DDTHH:MM:SS of a second: events come many to a second, and
+    strftime costs more than the rest of an event's time."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 #: The last microsecond of the year 9999: the latest time read back from
@@ -6092,6 +6104,9 @@ class Throttle:
                 return out + self._repeat(event, now_us)
             self._count_send(now_us)
             return out + [event]
+        if not (self.cooldown_us or self.rate_count) and \
+                self.flood_until is None:
+            return out + [event]  # nothing holds it (the console): no key
         key = throttle_key(event)
         cooling = self.cooling.get(key)
         if cooling is not None:

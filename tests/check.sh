@@ -41,6 +41,9 @@ PACKAGES=(
     rsyslog rsyslog-gnutls
     # tests/test_report_html.py: the report page in a real headless browser
     chromium
+    # bench/bench_versus.py (tests/test_bench.py): peak RSS of each tool
+    # (fail2ban and sshguard themselves are unpacked, never installed)
+    time
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml atheris hypothesis)

@@ -1277,35 +1277,6 @@ def build_deb(source, dist):
 # installs into one works on an overlay of it instead.
 
 
-def unpacked_packages(cache, packages):
-    """Debian packages unpacked (apt-get download, dpkg -x) into the
-    directory `cache` once and kept between runs, never installed (so no
-    service of theirs starts); returns `cache`."""
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    with open(cache + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isdir(cache):
-            return cache
-        work = tempfile.mkdtemp(dir=os.path.dirname(cache))
-        try:
-            os.chmod(work, 0o755)
-            fetched = subprocess.run(
-                ["apt-get", "download"] + list(packages), cwd=work,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                timeout=300)
-            debs = sorted(n for n in os.listdir(work) if n.endswith(".deb"))
-            if len(debs) != len(packages):
-                unavailable("apt-get download %s failed: %s" % (
-                    " ".join(packages), fetched.stdout.decode()[-500:]))
-            for deb in debs:
-                subprocess.run(["dpkg", "-x", deb, "tree"], cwd=work,
-                               check=True, timeout=120)
-            os.rename(os.path.join(work, "tree"), cache)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    return cache
-
-
 def wait_for(predicate, timeout=20.0, interval=0.1):
     """Poll until predicate() is true or the time is up; its last value."""
     deadline = time.monotonic() + timeout

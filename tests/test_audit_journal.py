@@ -19,13 +19,17 @@ import pamsignal
 import realsys
 from conftest import AGENT_SCRIPT, configured_agent, random_name
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "bench"))
+import needs  # noqa: E402 (bench/needs.py unpacks Debian packages)
+
 pytestmark = pytest.mark.e2e
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FILTER = os.path.join(HERE, "..", "contrib", "fail2ban", "filter.d",
                       "pamsignal.conf")
 #: Debian's fail2ban, unpacked (dpkg -x) once and kept between runs.
-FAIL2BAN_CACHE = "/var/cache/pamsignal-tests/fail2ban"
+FAIL2BAN_CACHE = os.path.join(needs.UNPACKED, "fail2ban")
 
 
 def journal(*matches):
@@ -139,10 +143,13 @@ def fail2ban_regex():
                       stderr=subprocess.DEVNULL).returncode:
         realsys.unavailable("python3-systemd is missing (tests/check.sh "
                             "installs it)")
-    program = os.path.join(realsys.unpacked_packages(
-        FAIL2BAN_CACHE, ["fail2ban"]), "usr", "bin", "fail2ban-regex")
+    try:
+        tree = needs.unpacked("fail2ban")  # into FAIL2BAN_CACHE, once
+    except SystemExit as error:  # apt-get could not fetch it
+        realsys.unavailable(str(error))
+    program = os.path.join(tree, "usr", "bin", "fail2ban-regex")
     return ["env", "PYTHONPATH=" + os.path.join(
-        FAIL2BAN_CACHE, "usr", "lib", "python3", "dist-packages"),
+        tree, "usr", "lib", "python3", "dist-packages"),
         "/usr/bin/python3", program]
 
 

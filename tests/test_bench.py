@@ -1,11 +1,14 @@
 """The benchmarks name what they need: a missing program is reported with
 the package that brings it, not as a traceback halfway through."""
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+import realsys
 from support import REPO
 
 
@@ -42,3 +45,39 @@ def test_compare_feeds_both_versions_the_same_lines():
     events = [row.rsplit("(", 1)[1] for row in rows]
     assert events[0] == events[1] and events[2] == events[3], rows
     assert events[2] != "0 events)", rows
+
+
+def test_the_side_by_side_bench_prints_its_tables(tmp_path):
+    """bench_versus.py on a tiny size: every contender ran (Debian's
+    fail2ban and sshguard unpacked into the test cache) and each table
+    has its rows; the figures themselves are not judged."""
+    for program in ("/usr/bin/time", "apt-get", "dpkg"):
+        if not shutil.which(program):
+            realsys.unavailable("%s is missing (tests/check.sh installs it)"
+                                % program)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "bench_versus.py"),
+         "--lines", "40", "--attempts", "30", "--rounds", "1", "--profile"],
+        env=dict(os.environ, TMPDIR=str(tmp_path)), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    rows = re.findall(r"^\| (.+?) \| ([\d,]+) \| (\d+) MB \| (.*) \|$", out,
+                      re.MULTILINE)
+    names = [name for name, _, _, _ in rows]
+    contenders = ["`pamsignal.py scan --json` (journal export)",
+                  "`pamsignal.py scan` (text)",
+                  "fail2ban-regex, sshd filter (syslog text)",
+                  "sshguard's parser (C, syslog text)",
+                  "a bare `json.loads` loop over the export"]
+    assert names == contenders * 2  # the README mix, then the stress mix
+    for name, _, _, ratio in rows:
+        assert bool(re.match(r"^\d+\.\d\dx / \d+\.\d\dx$", ratio)) == \
+            (not name.startswith("`pamsignal.py"))
+    assert "README mix, 40 lines:" in out and "stress mix" in out
+    stages = re.findall(r"^\| (.+?) \| [+-]\d+\.\d\d us \| \d+\.\d\d us \|$",
+                        out, re.MULTILINE)
+    assert len(stages) == 5 and stages[0] == "decoding the JSON line"
+    assert "pamsignal.py" in out.split("cProfile")[1]  # its own functions
+    assert re.search(r"^30 distinct failed attempts, `scan --json`: [\d,]+ "
+                     r"entries/s, peak RSS \d+ MB$", out, re.MULTILINE)

@@ -37,9 +37,14 @@ import subprocess
 import tempfile
 import shlex
 import shutil
+import sys
 import time
 
 import realsys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "bench"))
+import needs  # noqa: E402 (bench/needs.py unpacks Debian packages)
 
 NETLINK_AUDIT = 9
 AUDIT_GET, AUDIT_SET = 1000, 1001
@@ -124,14 +129,17 @@ def kernel_audit_on():
 
 #: Debian's auditd, unpacked (apt-get download, dpkg -x) once and kept
 #: between runs: never installed, so no service of it is ever started.
-AUDITD_CACHE = "/var/cache/pamsignal-tests/auditd"
+AUDITD_CACHE = os.path.join(needs.UNPACKED, "auditd")
 AUDITD_PACKAGES = ("auditd", "libauparse0")
 
 
 def unpacked_auditd():
     """The auditd program of the cached unpacked tree, and its libraries'
     directory (unpacked here when missing)."""
-    tree = realsys.unpacked_packages(AUDITD_CACHE, AUDITD_PACKAGES)
+    try:
+        tree = needs.unpacked("auditd", AUDITD_PACKAGES)  # AUDITD_CACHE
+    except SystemExit as error:  # apt-get could not fetch them
+        realsys.unavailable(str(error))
     libraries = ":".join(os.path.join(tree, part) for part in (
         "lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu"))
     return os.path.join(tree, "sbin", "auditd"), libraries

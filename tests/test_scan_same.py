@@ -1,0 +1,199 @@
+"""`scan` prints exactly what it printed before the hot path was made
+faster (issue 19): the same bytes, JSON and text, for every fixture
+export and for larger mixes of real sshd, sudo and noise lines.
+
+The "before" outputs were captured from pamsignal.py as it was before
+any speed-up, into tests/fixtures/scan_before.json (inputs of the
+fixture exports included, so fixtures added later do not change what is
+compared; the version number is left out). A change that alters an
+event on purpose re-captures them: `python3 tests/test_scan_same.py
+--capture [PAMSIGNAL.PY]`, and the diff shows what changed.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import hypothesis
+import hypothesis.strategies as st
+import pytest
+
+from support import PAMSIGNAL, make_entry, pamsignal
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BEFORE = os.path.join(HERE, "fixtures", "scan_before.json")
+FIXTURE_FILES = ("messages.json", "sshd_forms.json")
+
+
+def fixture_export(name):
+    """All entries of one fixture file, in order, as a journal export."""
+    with open(os.path.join(HERE, "fixtures", name)) as handle:
+        fixtures = json.load(handle)
+    lines = []
+    for sequence, fixture in enumerate(fixtures, 1):
+        entry = dict(fixture["entry"])
+        lines.append(json.dumps(make_entry(
+            entry.pop("SYSLOG_IDENTIFIER"), entry.pop("MESSAGE"), sequence,
+            **entry)))
+    return "\n".join(lines) + "\n"
+
+
+#: (identifier, uid, message) of a busy server, cycled: brute force from
+#: IPv4 and IPv6 sources with pam_unix companions, logins, sessions
+#: opening and closing, sudo, and lines of programs nobody watches.
+_MIX = (
+    ("sshd", "0", "pam_unix(sshd:auth): authentication failure; logname= "
+     "uid=0 euid=0 tty=ssh ruser= rhost={ip}  user=root"),
+    ("sshd", "0", "Failed password for root from {ip} port {port} ssh2"),
+    ("sshd", "0", "Failed password for invalid user admin{n} from {ip} "
+     "port {port} ssh2"),
+    ("sshd", "0", "Invalid user admin{n} from {ip} port {port}"),
+    ("sshd", "0", "Connection closed by authenticating user root {ip} "
+     "port {port} [preauth]"),
+    ("CRON", "0", "pam_unix(cron:session): session opened for user "
+     "root(uid=0) by (uid=0)"),
+    ("sshd-session", "0", "Accepted publickey for alice from {ip} port "
+     "{port} ssh2: ED25519 SHA256:Yx1c0FfZ4u3q0Wm1bqjz0Wj2n7I1s5r7m3x2kP4"),
+    ("sshd-session", "0", "pam_unix(sshd:session): session opened for user"
+     " alice(uid=1000) by alice(uid=0)"),
+    ("sudo", "1000", "   alice : TTY=pts/{n} ; PWD=/home/alice ; USER=root"
+     " ; COMMAND=/usr/bin/systemctl restart app{n}"),
+    ("sshd", "1000", "Accepted password for root from {ip} port {port} "
+     "ssh2"),  # forged: written by a user, not by sshd
+    ("sshd-session", "0", "pam_unix(sshd:session): session closed for user"
+     " alice"),
+    ("kernel", "0", "audit: type=1400 apparmor=\"DENIED\" pid={port}"),
+)
+
+
+def mix_export(count):
+    """`count` entries cycling through _MIX, sources spread so that some
+    repeat (brute force) and most do not."""
+    lines = []
+    for number in range(count):
+        identifier, uid, template = _MIX[number % len(_MIX)]
+        source = number // 3 % 40
+        ip = ("2001:db8:%x::%x" % (source, number % 5) if source % 4 == 0
+              else "198.51.100.%d" % source if source % 2 else
+              "203.0.113.%d" % (source % 7))
+        lines.append(json.dumps(make_entry(
+            identifier, template.format(ip=ip, port=1024 + number, n=number
+                                        % 9), number + 1, _UID=uid,
+            _PID=str(4000 + number // 6)), sort_keys=True))
+    return "\n".join(lines) + "\n"
+
+
+def scan(export, *flags, program=PAMSIGNAL):
+    """What `scan` prints, the program's version in it as VERSION (a new
+    release number is no change of output)."""
+    with tempfile.NamedTemporaryFile(suffix=".conf") as config:  # defaults
+        result = subprocess.run(
+            [sys.executable, program, "--config", config.name, "scan"]
+            + list(flags) + ["-"], input=export.encode(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=dict(os.environ, TZ="UTC"),
+            timeout=300)
+    assert result.returncode == 0, result.stderr
+    version = subprocess.run([sys.executable, program, "--version"],
+                             stdout=subprocess.PIPE, universal_newlines=True,
+                             check=True).stdout.split()[-1]
+    return result.stdout.decode().replace(
+        '"version": "%s"' % version, '"version": "VERSION"')
+
+
+def digest(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def capture(program):
+    """What `scan` of `program` prints, per export (the fixture exports
+    in full, the mixes by digest: they are large)."""
+    before = {}
+    for name in FIXTURE_FILES:
+        export = fixture_export(name)
+        before[name] = {"export": export,
+                        "json": scan(export, "--json", program=program),
+                        "text": scan(export, program=program)}
+    for count in (600, 6000):
+        export = mix_export(count)
+        before["mix%d" % count] = {
+            "json_sha256": digest(scan(export, "--json", program=program)),
+            "text_sha256": digest(scan(export, program=program))}
+    return before
+
+
+@pytest.fixture(scope="module")
+def before():
+    with open(BEFORE) as handle:
+        return json.load(handle)
+
+
+@pytest.mark.parametrize("name", FIXTURE_FILES)
+@pytest.mark.parametrize("flags", [("--json",), ()])
+def test_a_fixture_export_scans_to_the_same_bytes(before, name, flags):
+    expected = before[name]
+    assert expected["json"].count("\n") > 50  # the capture holds events
+    assert scan(expected["export"], *flags) == \
+        expected["json" if flags else "text"]
+
+
+@pytest.mark.parametrize("count", [600, 6000])
+def test_a_mix_of_many_entries_scans_to_the_same_bytes(before, count):
+    expected = before["mix%d" % count]
+    export = mix_export(count)
+    printed = scan(export, "--json")
+    actions = {json.loads(line)["event"]["action"]
+               for line in printed.splitlines()}
+    assert {"login_failure", "login_success", "session_opened",
+            "session_closed", "sudo_command", "brute_force_detected",
+            "spoofed_entry"} <= actions
+    assert digest(printed) == expected["json_sha256"]
+    assert digest(scan(export)) == expected["text_sha256"]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--capture"] or len(sys.argv) > 3:
+        sys.exit("usage: python3 tests/test_scan_same.py --capture "
+                 "[PAMSIGNAL.PY]")
+    with open(BEFORE, "w") as handle:
+        json.dump(capture(sys.argv[2] if len(sys.argv) == 3 else PAMSIGNAL),
+                  handle, indent=1, sort_keys=True)
+        handle.write("\n")
+
+
+# ------------------------------------------- fast paths, same text as before
+
+def plain_dumps_safe(obj):
+    """dumps_safe as it was: the readable encoder, then every unsafe
+    character escaped."""
+    return pamsignal._UNSAFE_CHARS.sub(
+        pamsignal._json_escape_char, pamsignal._JSON_ENCODER.encode(obj))
+
+
+@pytest.mark.parametrize("text", [
+    "plain", "caf\u00e9", "\x7f", "a\\u0041", "\u2028", "\x1b[31m", "\t\n",
+    "\ud800", "\U0001f600", "\u00ad", "\\", '"'])
+def test_json_of_any_text_is_what_it_was(text):
+    obj = {"message": text, "user": {"name": text}, "list": [text, 1]}
+    assert pamsignal.dumps_safe(obj) == plain_dumps_safe(obj)
+
+
+@hypothesis.settings(max_examples=500, deadline=None)
+@hypothesis.given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) |
+    st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8))
+def test_json_of_anything_is_what_it_was(obj):
+    assert pamsignal.dumps_safe(obj) == plain_dumps_safe(obj)
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.integers(min_value=-2 ** 63, max_value=2 ** 63))
+def test_a_time_formats_as_it_did(timestamp_us):
+    seconds, micros = divmod(min(max(timestamp_us, 0),
+                                 pamsignal.MAX_TIMESTAMP_US), 1000000)
+    assert pamsignal.format_timestamp(timestamp_us) == "%s.%06dZ" % (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)), micros)
