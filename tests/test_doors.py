@@ -1,4 +1,4 @@
-"""The other doors in (README "Other doors in"): pkexec and polkit, doas,
+"""The other doors in (pamsignal(8), "Other doors in"): pkexec and polkit, doas,
 run0, Cockpit, gdm, lightdm, sddm.
 
 Unit tests of what pairs their lines and of polkitd's trust rule, then the

@@ -43,7 +43,7 @@ def no_nulls(obj, path=""):
 
 
 def check_common(ev, service=None):
-    """Fields every event carries (the README's event reference)."""
+    """Fields every event carries (the event reference in pamsignal(8))."""
     no_nulls(ev)
     assert RFC3339_UTC.match(ev.get("@timestamp", "")), ev
     assert field(ev, "event.outcome") in ("success", "failure", "unknown"), ev

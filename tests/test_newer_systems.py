@@ -213,7 +213,7 @@ def test_openssh10_as_written_in_a_chroot_is_spoofed_entry(openssh10):
     copied a program named sshd-session somewhere and runs it as root in a
     chroot.  Saying so loudly (severity 8, with the writer's UID and
     executable and what the line claimed) and reporting no user or source
-    is the trust rule of README.md working as documented."""
+    is the trust rule of pamsignal(8) working as documented."""
     run = openssh10
     as_written = scan(run.entries)
     # One spoofed_entry per line that claims something: what the parser
@@ -246,7 +246,7 @@ def test_openssh10_on_a_trixie_host_gives_the_readme_events(openssh10):
     """With _EXE as on a real Debian 13 host and everything else as
     written: one login_failure per attempt (the PAM and "Connection
     closed" lines add none, and "Invalid user" is folded into its "Failed
-    password for invalid user", README "One attempt, one event"), then
+    password for invalid user", pamsignal(8) "One attempt, one event"), then
     login_success, session_opened and session_closed with the duration of
     `sleep 1`. Two guesses at a password, fewer than the 3 that make a
     success suspicious (README "Detection")."""
