@@ -1,5 +1,5 @@
-"""The other doors in (pamsignal(8), "Other doors in"): pkexec and polkit, doas,
-run0, Cockpit, gdm, lightdm, sddm.
+"""The other doors in (pamsignal(8), "Other doors in"): pkexec and polkit,
+doas, run0, Cockpit, gdm, lightdm, sddm.
 
 Unit tests of what pairs their lines and of polkitd's trust rule, then the
 real programs in one booted Debian 13 tree (tests/realsys.py doors-tree:

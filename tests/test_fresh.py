@@ -17,7 +17,7 @@ journald cannot be reached from it (a chroot sees neither its socket nor
 its files), so check.sh starts the chroot's own.  The cached Debian trees
 are seen through an overlay too, so check.sh finds them built and nothing
 shared is written.  What cannot work in a chroot at all (systemd-nspawn
-refuses to boot a container from inside one) is in the README."""
+refuses to boot a container from inside one) is in docs/CONTRIBUTING.md."""
 import os
 import re
 import shlex

@@ -2,7 +2,7 @@
 replayed (bounded in time and memory, no atheris needed), then each target
 run under atheris for a short time, as CI does on every run.
 
-`make fuzz` runs them for longer (README, "Fuzzing").
+`make fuzz` runs them for longer (docs/CONTRIBUTING.md, "Fuzzing").
 """
 
 import base64
