@@ -36,9 +36,9 @@ lint:
 	vermin -t=3.6- --violations pamsignal.py
 	ruff check pamsignal.py tests bench
 
-# pamsignal.conf.example, the key sections of pamsignal.conf.5 and the
-# README's key table, made from the option tables in pamsignal.py (one
-# source for every configuration key; tests/test_docs.py checks them).
+# pamsignal.conf.example and the key sections of pamsignal.conf.5, made
+# from the option tables in pamsignal.py (one source for every
+# configuration key; tests/test_docs.py checks them).
 docs:
 	$(PYTHON) tests/docgen.py
 

@@ -1,8 +1,8 @@
 """One source for every configuration key: the option tables in
 pamsignal.py (each key's check, default and help). The example
-configuration, the key sections of pamsignal.conf(5) and the README's key
-table are made from them by tests/docgen.py (`make docs`); these tests fail
-on any difference, and on a key a reader would find unexplained."""
+configuration and the key sections of pamsignal.conf(5) are made from them
+by tests/docgen.py (`make docs`); these tests fail on any difference, and
+on a key a reader would find unexplained."""
 import glob
 import os
 import re
@@ -50,8 +50,10 @@ def test_each_key_appears_with_its_help_in_every_document():
         first_words = " ".join(option.help.split()[:3])
         setting = ("%s = %s" % (key, option.default)).rstrip()
         assert "\n%s\n" % setting in texts[docgen.EXAMPLE], key
-        assert "\n.BR %s " % key in texts[docgen.MAN_PAGE], key
-        assert "| `[%s] %s` |" % (section, key) in texts[docgen.README], key
+        in_its_section = re.search(
+            r"(?s)\n\.SH \[%s\]\n(.*?)(?:\n\.SH |\Z)" % re.escape(section),
+            texts[docgen.MAN_PAGE]).group(1)
+        assert "\n.BR %s " % key in in_its_section, (section, key)
         for name, text in texts.items():
             assert first_words in " ".join(text.split()), (name, key)
 
