@@ -79,7 +79,8 @@ SSH_HOSTS = ("127.0.0.1", "::1")
 # finds the sshd this module started.
 SSHD_DIR = os.path.join(tempfile.gettempdir(), "pamsignal-e2e-sshd")
 
-_state = {"sshd_pid": None, "sshd_foreign": [], "users": [], "keydir": None}
+_state = {"sshd_pid": None, "sshd_owned": False, "sshd_foreign": [],
+          "users": [], "keydir": None}
 
 
 # ---------------------------------------------------------------- skipping
@@ -324,7 +325,8 @@ def ensure_sshd(timeout=20):
         and _pid_alive_sshd(pid)
         and all(_ssh_banner(h, SSH_PORT) for h in SSH_HOSTS)
     ):
-        _state["sshd_pid"] = pid
+        # Started by another run on this machine: used, never stopped here.
+        _state["sshd_pid"], _state["sshd_owned"] = pid, False
         return SSH_PORT
     if not any(
         os.path.exists("/etc/ssh/ssh_host_%s_key" % t)
@@ -372,15 +374,16 @@ def ensure_sshd(timeout=20):
                 "sshd did not come up on %s port %d" % (free, SSH_PORT)
             )
         time.sleep(0.1)
-    _state["sshd_pid"] = pid
+    _state["sshd_pid"], _state["sshd_owned"] = pid, True
     return SSH_PORT
 
 
 def stop_sshd():
-    """Stop the sshd this module started (listener only, by its pid)."""
-    pid = _state.get("sshd_pid")
-    _state["sshd_pid"] = None
-    if not pid or not _pid_alive_sshd(pid):
+    """Stop the sshd this process started (listener only, by its pid); one
+    another run started is left to it."""
+    pid, owned = _state.get("sshd_pid"), _state.get("sshd_owned")
+    _state["sshd_pid"], _state["sshd_owned"] = None, False
+    if not pid or not owned or not _pid_alive_sshd(pid):
         return
     try:
         os.kill(pid, 15)
