@@ -64,6 +64,7 @@ import grp  # noqa: E402
 import hashlib  # noqa: E402
 import hmac  # noqa: E402
 import importlib  # noqa: E402
+import importlib.util  # noqa: E402
 import io  # noqa: E402
 import ipaddress  # noqa: E402
 import json  # noqa: E402
@@ -14195,18 +14196,27 @@ def utf8_stdout():
 
 
 #: How `run` starts over lighter (rerun_lighter), on one line for ps: the
-#: compiled file read back from file descriptor argv[1] (marshal, as a .pyc
-#: holds it), run as module pamsignal, with sys.path[0] as for a script
+#: import system loads the compiled file, as it loads any .pyc, from file
+#: descriptor argv[1] as module pamsignal, with sys.path[0] as for a script
 #: (never the current directory, where anyone may have put a json.py).
 RERUN_PROGRAM = (
-    "import marshal, os, sys, types; path = sys.argv[2]; "
+    "import importlib.machinery as m, importlib.util as u, os, sys; "
+    "path = sys.argv[2]; "
     "sys.path[:1] = [os.path.dirname(path) if entry == '' else entry "
     "for entry in sys.path[:1]]; "
-    "module = sys.modules['pamsignal'] = types.ModuleType('pamsignal'); "
-    "module.__file__ = path; "
-    "exec(marshal.load(os.fdopen(int(sys.argv[1]), 'rb')), "
-    "module.__dict__); "
+    "loader = m.SourcelessFileLoader('pamsignal', "
+    "'/proc/self/fd/' + sys.argv[1]); "
+    "module = u.module_from_spec(u.spec_from_loader('pamsignal', loader)); "
+    "module.__file__ = path; sys.modules['pamsignal'] = module; "
+    "loader.exec_module(module); "
     "sys.exit(module.main(sys.argv[3:]))")
+
+
+def compiled_file(code):
+    """`code` as a .pyc file holds it: the interpreter's magic number, a
+    header of zeros (no source to compare with), the marshalled code."""
+    padding = 12 if sys.version_info >= (3, 7) else 8  # flags from 3.7
+    return importlib.util.MAGIC_NUMBER + bytes(padding) + marshal.dumps(code)
 
 
 def rerun_lighter(argv, code):
@@ -14220,9 +14230,8 @@ def rerun_lighter(argv, code):
         return
     try:
         handoff = tempfile.TemporaryFile()
-        marshal.dump(code, handoff)
+        handoff.write(compiled_file(code))
         handoff.flush()
-        handoff.seek(0)
         os.set_inheritable(handoff.fileno(), True)
         os.execv(sys.executable, [sys.executable] +
                  subprocess._args_from_interpreter_flags() +
