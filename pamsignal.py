@@ -10868,7 +10868,7 @@ class Pipeline:
         self.entries += 1
         return entry
 
-    def report(self, entry, now_s=None):
+    def process_entry(self, entry, now_s=None):
         """Parse one entry and send its event, then what it made the
         detector find; returns how many events were sent. `now_s` (wall
         clock) is given when the entry is live (`run`, not `scan`)."""
@@ -11577,7 +11577,7 @@ class Agent:
             cursor = journal_text(entry.get("__CURSOR"))
             if cursor is not None and cursor == self.source.skip_cursor:
                 continue  # the last entry before a refused cursor, again
-            produced += self.pipeline.report(entry, time.time())
+            produced += self.pipeline.process_entry(entry, time.time())
             if cursor is not None and valid_cursor(cursor):
                 self.source.advance(cursor, _entry_timestamp(entry))
                 self.unsaved = True
@@ -12888,7 +12888,7 @@ def command_scan(args, stdout):
         for line in stream:
             entry = None if line.isspace() else pipeline.decode(line)
             if entry is not None:
-                pipeline.report(entry)
+                pipeline.process_entry(entry)
     pipeline.finish()
     sink.close()
     if pipeline.malformed and not pipeline.entries:
@@ -12965,7 +12965,7 @@ def command_report(args, stdout):
                 entry = None if line.isspace() else pipeline.decode(line)
                 if entry is not None and in_range(entry, args.since_us,
                                                   args.until_us):
-                    pipeline.report(entry)
+                    pipeline.process_entry(entry)
                 progress.update(pipeline.entries)
     finally:
         progress.done()

@@ -98,7 +98,7 @@ def replay(export, config):
     for line in export:
         entry = pipeline.decode(line)
         if entry is not None:
-            pipeline.report(entry)
+            pipeline.process_entry(entry)
         lines += 1
     pipeline.drain()
     seconds = time.perf_counter() - started
@@ -156,7 +156,7 @@ def stage_costs(count):
     def whole(pipeline, line):
         entry = pipeline.decode(line)
         if entry is not None:
-            pipeline.report(entry)
+            pipeline.process_entry(entry)
 
     def without_enrichment(pipeline):
         pipeline.enricher = None

@@ -241,7 +241,7 @@ def scan(lines, config="[detection]\ntty_audit = yes\n"):
     for line in lines:
         entry = pipeline.decode(line)
         if entry is not None:
-            pipeline.report(entry)
+            pipeline.process_entry(entry)
     pipeline.finish()
     return sent
 
@@ -665,7 +665,7 @@ def test_records_are_counted_by_verdict(tmp_path):
     for line in sudo_lines() + [tty(700, "45", "0", b"id\r")]:
         entry = agent.pipeline.decode(line)
         if entry is not None:
-            agent.pipeline.report(entry)
+            agent.pipeline.process_entry(entry)
     samples = {labels["verdict"]: value for name, labels, value in
                agent.metric_samples(0.0)
                if name == "pamsignal_tty_records_total"}
