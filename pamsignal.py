@@ -131,6 +131,10 @@ DEFAULT_CONFIG_PATH = "/etc/pamsignal/pamsignal.conf"
 #: Exit codes of main(), as documented in the README and pamsignal(8).
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
 
+#: What a channel's name is prefixed with, as a configuration section
+#: ([channel:NAME]) and as a health component ("channel:NAME").
+CHANNEL_PREFIX = "channel:"
+
 #: Journal fields the parser reads; journalctl prints only these (plus cursor
 #: and timestamps), which roughly doubles its throughput.
 JOURNAL_FIELDS = ("MESSAGE", "SYSLOG_IDENTIFIER", "_PID", "_UID", "_COMM",
@@ -322,6 +326,19 @@ class StateError(PamSignalError):
 _UNSAFE_CHARS = re.compile(
     "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
     "\u2060-\u206f\ufeff\ufff9-\ufffb]")
+
+
+def channel_section(name):
+    """A channel's name -> "channel:NAME" (its section, its component)."""
+    return CHANNEL_PREFIX + name
+
+
+def channel_named(section):
+    """The NAME of "channel:NAME" (surrounding blanks dropped), or None
+    when it names no channel."""
+    if not section.startswith(CHANNEL_PREFIX):
+        return None
+    return section[len(CHANNEL_PREFIX):].strip() or None
 
 
 def _escape_char(match):
@@ -1612,7 +1629,7 @@ def parse_config(text, path="<config>"):
         if section in ("pamsignal", "detection", "alerts", "geoip", "audit",
                        "report"):
             continue
-        if section.startswith("channel:") and section[8:].strip():
+        if channel_named(section):
             channel = _parse_channel(section, values, alerts, problem)
             if channel is not None:
                 channels.append(channel)
@@ -1682,7 +1699,7 @@ def _parse_channel(section, values, alerts, problem):
     defaults = getattr(CHANNEL_TYPES[kind], "POLICY_DEFAULTS", {})
     policy = alerts._replace(**{key: ALERT_OPTIONS[key].check(text)
                                 for key, text in defaults.items()})
-    return ChannelConfig(section[8:].strip(), kind,
+    return ChannelConfig(channel_named(section), kind,
                          policy._replace(**overrides), options)
 
 
@@ -1900,7 +1917,7 @@ def files_root_reads(config, environ, credentials=True):
               zip(GeoipConfig._fields, config.geoip) if path]
     directory = environ.get("CREDENTIALS_DIRECTORY")
     for channel in config.channels:
-        section = "channel:" + channel.name
+        section = channel_section(channel.name)
         for key, value in sorted(channel.options.items()):
             if key == "ca_file":
                 files.append((section, key, value))
@@ -1949,7 +1966,7 @@ def check_ca_files(config):
             tls_context(ca_file)
         except (OSError, ssl.SSLError) as error:
             problems.append(ConfigProblem(
-                config.path, None, "channel:" + channel.name, "ca_file",
+                config.path, None, channel_section(channel.name), "ca_file",
                 "cannot load %s: %s" % (ca_file, getattr(
                     error, "strerror", None) or error)))
     if problems:
@@ -1980,7 +1997,7 @@ def check_client_certificates(config):
         key_file = channel.options.get("key_file")
         if key_file is None:
             continue
-        section = "channel:" + channel.name
+        section = channel_section(channel.name)
         try:
             exposed = _readable_by_others(key_file, os.stat(key_file))
         except OSError as error:
@@ -11295,11 +11312,11 @@ class Agent:
         names = set(channel.sink.name for channel in self.pipeline.channels)
         failing = self.failing_channels()
         for name, error in sorted(failing.items()):
-            self.impair("channel:" + name, error)
+            self.impair(channel_section(name), error)
         for component in list(self.health.impaired):
-            if component.startswith("channel:") and (
-                    component[8:] not in failing or
-                    component[8:] not in names):
+            name = channel_named(component)
+            if name is not None and (name not in failing or
+                                     name not in names):
                 self.restore_component(component)
 
     def check_login_records(self, now):
@@ -11412,7 +11429,7 @@ class Agent:
                         sources=",".join(lost.sources)), 1))
         samples += [("pamsignal_config_reloads_total", {"result": result},
                      health.reloads[result]) for result in ("ok", "failed")]
-        health.known.update("channel:" + name for name in channels)
+        health.known.update(channel_section(name) for name in channels)
         samples += [("pamsignal_degraded", {"component": component},
                      int(component in health.impaired))
                     for component in sorted(health.known)]
@@ -11434,7 +11451,7 @@ class Agent:
             try:
                 channel.sink.open()
             except (OSError, ssl.SSLError) as error:  # retried on each send
-                self.impair("channel:" + channel.sink.name, str(error))
+                self.impair(channel_section(channel.sink.name), str(error))
             if channel.spool is not None:
                 try:
                     channel.spool.open()
