@@ -10051,6 +10051,22 @@ class JournalSource:
         if realtime_us is not None:
             self.last_realtime_us = realtime_us
 
+    def to_state(self):
+        """Where to resume (state.json)."""
+        return {"cursor": self.cursor, "realtime_us": self.last_realtime_us,
+                "since_us": self.since_us}
+
+    def load_state(self, state):
+        """Resume where to_state() said; a malformed cursor is ignored."""
+        cursor = state.get("cursor")
+        if cursor is not None and not valid_cursor(cursor):
+            say("warning", "ignoring a malformed saved cursor")
+            cursor = None
+        since_us = saved_time_us(state.get("since_us"))
+        self.advance(cursor, saved_time_us(state.get("realtime_us")))
+        if since_us is not None:
+            self.since_us = since_us
+
     def pin_first_start(self, now_s):
         """Fix `now` or `-1h` to an absolute time, once, so that a restart
         before any entry was handled does not skip what happened since."""
@@ -10860,6 +10876,95 @@ class Pipeline:
         # What was typed in sessions (TTY audit), when tty_audit is on.
         self.typing = TypedInput() if detection.tty_audit else None
 
+    # -- state --------------------------------------------------------------
+
+    def to_state(self):
+        """The open sessions and the lines held for pairing (state.json)."""
+        return {"sessions": self.sessions.to_state(),
+                "sudo_attempts": self.sudo_attempts.to_state(),
+                "ssh_attempts": self.ssh_attempts.to_state(),
+                "program_attempts": self.program_attempts.to_state(),
+                "typed_closes": [] if self.typing is None
+                else self.typing.to_state(),
+                "door_pairs": [pairs.to_state() for pairs in
+                               self.door_pairs]}
+
+    def load_state(self, state, now_us):
+        """What to_state() saved; what is malformed is left out."""
+        self.sessions.load_state(state.get("sessions"))
+        self.sudo_attempts.load_state(state.get("sudo_attempts"))
+        self.ssh_attempts.load_state(state.get("ssh_attempts"))
+        self.program_attempts.load_state(state.get("program_attempts"))
+        if self.typing is not None:
+            self.typing.load_state(state.get("typed_closes"), now_us)
+        door_pairs = state.get("door_pairs")
+        for pairs, saved in zip(self.door_pairs, door_pairs if
+                                isinstance(door_pairs, list) else ()):
+            pairs.load_state(saved)
+
+    def detection_state(self):
+        """The detectors' counters and baseline (detection.json)."""
+        return {"counters": self.detector.to_state(),
+                "baseline": self.baseline.to_state()}
+
+    def load_detection_state(self, state, now_us):
+        self.detector.load_state(state.get("counters"), now_us)
+        self.baseline.load_state(state.get("baseline"), now_us)
+
+    def reconfigure(self, old, config, now_s):
+        """A reloaded configuration's detection settings (counters and
+        baseline carried over) and databases."""
+        if config.detection != old.detection:
+            now_us = int(now_s * 1e6)
+            detector = FailureDetector(config.detection)
+            detector.load_state(self.detector.to_state(), now_us)
+            baseline = Baseline(config.detection.learning_period)
+            baseline.load_state(self.baseline.to_state(), now_us)
+            self.detector, self.baseline = detector, baseline
+        if config.geoip != old.geoip or \
+                config.host_provider != old.host_provider:
+            self.enricher.close()
+            self.enricher = Enricher.from_config(config, True)
+            self.enricher.open(now_s)
+
+    def forget_failures(self):
+        """New channels (a reload): the old ones' failures are over."""
+        self.failing.clear()
+
+    def follow_witness(self, witness):
+        """Check logins against these login records (at the start, and when
+        a reload changed which); the logins seen so far carry over."""
+        if self.witness is not None:
+            witness.logins.extend(self.witness.logins)
+        self.witness = witness
+
+    # -- databases and closing ----------------------------------------------
+
+    def open(self, now_s):
+        """Read the databases now, so a wrong path is said at the start."""
+        if self.enricher is not None:
+            self.enricher.open(now_s)
+
+    def host_provider(self):
+        return None if self.enricher is None else self.enricher.host_provider
+
+    def database_health(self, now_s):
+        """("geoip:ROLE", its problem or None) of each configured database,
+        looked at now (a replaced file is read again)."""
+        for database in (self.enricher.databases if self.enricher is not None
+                         else ()):
+            database.current(now_s)
+            yield "geoip:" + database.role, database.problem
+
+    def close(self):
+        """The audit log and the databases, at the stop."""
+        if self.audit is not None:
+            self.audit.close()
+        if self.enricher is not None:
+            self.enricher.close()
+
+    # -- entries ------------------------------------------------------------
+
     def decode(self, line):
         """One journalctl output line -> entry dict, or None (counted, and
         complained about when it is not a journal JSON object).
@@ -11082,33 +11187,236 @@ class Pipeline:
                 decision, detail))
 
 
+class ChannelSet:
+    """The channels of a running agent with the couriers that deliver their
+    spools: opened at the start, checked each round, replaced by a reload,
+    closed at the stop. The pipeline sends through it (it iterates as its
+    channels); delivery counts outlive the couriers a reload replaces.
+    `monotonic` is the clock the stop's deadline runs on."""
+
+    def __init__(self, channels, monotonic=time.monotonic):
+        self.channels = list(channels)
+        self.monotonic = monotonic
+        self.couriers = []
+        self.delivered = collections.Counter()  # of couriers now stopped
+        self.undelivered = collections.Counter()
+
+    def __iter__(self):
+        return iter(self.channels)
+
+    def __len__(self):
+        return len(self.channels)
+
+    def names(self):
+        return set(channel.sink.name for channel in self.channels)
+
+    def open(self, impair):
+        """Open every sink and spool, and start a courier for each spooled
+        one. A sink that cannot open yet is told to `impair(component,
+        reason)` (it is retried on each send); a spool that cannot be
+        opened degrades its channel (alerts then wait in memory)."""
+        couriers = []
+        for channel in self.channels:
+            try:
+                channel.sink.open()
+            except (OSError, ssl.SSLError) as error:  # retried on each send
+                impair(channel_section(channel.sink.name), str(error))
+            if channel.spool is not None:
+                try:
+                    channel.spool.open()
+                except OSError as error:  # alerts wait in memory meanwhile
+                    channel.spool.disk_error = "cannot open %s: %s" % (
+                        channel.spool.directory, error.strerror or error)
+                couriers.append(Courier(channel.sink, channel.spool))
+        for courier in couriers:
+            courier.start()
+        self.couriers = couriers
+
+    def close(self, reloading=False):
+        """Stop the couriers (what they did not deliver stays in the spool)
+        and close the sinks. Returns, per spool directory, the alerts kept
+        in memory because the disk refused them: a reload hands them on, a
+        stop says they are lost."""
+        # All told at once, then joined against one deadline; on reload a
+        # new courier takes each spool, so a request in flight may finish
+        # (or be sent twice).
+        for courier in self.couriers:
+            courier.stop(0)
+        deadline = self.monotonic() + (RELOAD_JOIN_S if reloading else 2.0)
+        for courier in self.couriers:
+            courier.join(max(0.0, deadline - self.monotonic()))
+            self.delivered[courier.sink.name] += courier.delivered
+            self.undelivered[courier.sink.name] += courier.failed
+        self.couriers = []
+        held = {}
+        for channel in self.channels:
+            _close_sink(channel.sink)
+            if channel.spool is not None and channel.spool.in_memory:
+                held[channel.spool.directory] = channel.spool
+                if not reloading:
+                    say("error", "channel %s: %d alert%s the disk refused "
+                        "could not be delivered before stopping and are lost"
+                        % (channel.sink.name, len(channel.spool.in_memory),
+                           "" if len(channel.spool.in_memory) == 1 else "s"))
+        return held
+
+    def replace(self, channels, held, impair):
+        """A reload's channels take over, with the alerts the closed ones
+        kept in memory (`held`, from close()), and are opened."""
+        self.channels = list(channels)
+        for channel in self.channels:  # alerts the disk refused go on waiting
+            if channel.spool is not None:
+                channel.spool.adopt(held.get(channel.spool.directory))
+        self.open(impair)
+
+    def failing(self, in_reader):
+        """channel -> error: `in_reader` (sinks that failed in the reader),
+        couriers whose last delivery attempt failed or whose request runs
+        long, and spools the disk refuses."""
+        failing = dict(in_reader)
+        for courier in self.couriers:
+            if courier.failures:
+                failing.setdefault(courier.sink.name, courier.last_error)
+            slow = courier.slow_request()
+            if slow is not None:
+                failing.setdefault(courier.sink.name, slow)
+        for channel in self.channels:
+            if channel.spool is not None and channel.spool.disk_error:
+                failing.setdefault(channel.sink.name, "its spool: %s"
+                                   % channel.spool.disk_error)
+        return failing
+
+    def counts(self, sent, failed):
+        """(sent, failed) Counters per channel: the reader's counts, except
+        that network channels count deliveries (of earlier couriers too,
+        as a reload replaces them), not hand-overs to their spool."""
+        sent, failed = collections.Counter(sent), collections.Counter(failed)
+        for name in set(self.delivered) | set(
+                courier.sink.name for courier in self.couriers):
+            sent[name] = self.delivered[name]
+        failed.update(self.undelivered)
+        for courier in self.couriers:
+            sent[courier.sink.name] += courier.delivered
+            failed[courier.sink.name] += courier.failed
+        return sent, failed
+
+
+def _close_sink(sink):
+    try:
+        sink.close()
+    except Exception as error:  # closing must not stop the others
+        say("error", "channel %s failed to close: %s" % (sink.name, error))
+
+
+def gather_metrics(now_s, health, pipeline, source, channels, running=True):
+    """The health of a running agent as (name, labels, value) for
+    render_metrics. Every channel it names becomes a known component of
+    `health` (so a degraded one reads 0 once it recovers)."""
+    samples = [
+        ("pamsignal_info", {"version": __version__}, 1),
+        ("pamsignal_running", {}, 1 if running else 0),
+        ("pamsignal_pid", {}, os.getpid()),
+        ("pamsignal_start_time_seconds", {}, health.started_s),
+        ("pamsignal_uptime_seconds", {}, now_s - health.started_s),
+        ("pamsignal_metrics_time_seconds", {}, now_s),
+        ("pamsignal_journal_entries_total", {}, pipeline.entries),
+        ("pamsignal_journal_malformed_lines_total", {},
+         pipeline.malformed),
+        ("pamsignal_journalctl_restarts_total", {},
+         max(0, source.starts - 1))]
+    if pipeline.audit is not None:
+        samples += [("pamsignal_audit_records_total", {},
+                     pipeline.audit.records),
+                    ("pamsignal_audit_unwritten_total", {},
+                     pipeline.audit.unwritten)]
+    if source.last_realtime_us is not None:
+        samples.append(("pamsignal_journal_lag_seconds", {}, max(
+            0.0, now_s - source.last_realtime_us / 1e6)))
+    samples += [("pamsignal_events_total", {"action": action}, count)
+                for action, count in sorted(pipeline.by_action.items())]
+    samples += suppression_samples(pipeline)
+    if pipeline.witness is not None:
+        samples += [("pamsignal_login_records_total", {"verdict": verdict},
+                     pipeline.witness.verdicts[verdict])
+                    for verdict in ("accounted", "unaccounted")]
+    if pipeline.typing is not None:
+        samples += [("pamsignal_tty_records_total", {"verdict": verdict},
+                     pipeline.typing.records[verdict])
+                    for verdict in ("typed", "unclaimed", "relayed")]
+    sent, failed = channels.counts(pipeline.sent, pipeline.failed)
+    names = sorted(channels.names() | set(sent) | set(failed))
+    samples += channel_samples(channels, names, sent, failed)
+    samples += [("pamsignal_config_reloads_total", {"result": result},
+                 health.reloads[result]) for result in ("ok", "failed")]
+    health.known.update(channel_section(name) for name in names)
+    samples += [("pamsignal_degraded", {"component": component},
+                 int(component in health.impaired))
+                for component in sorted(health.known)]
+    if health.last_error is not None:
+        samples += [
+            ("pamsignal_last_error_time_seconds", {}, health.last_error_s),
+            ("pamsignal_last_error_info", {"message": health.last_error},
+             1)]
+    return samples
+
+
+def channel_samples(channels, names, sent, failed):
+    """The metrics of the channels `names` and of each channel's spool."""
+    samples = [("pamsignal_alerts_sent_total", {"channel": name},
+                sent[name]) for name in names]
+    samples += [("pamsignal_alerts_failed_total", {"channel": name},
+                 failed[name]) for name in names]
+    for channel in channels:
+        if channel.spool is None:
+            continue
+        labels = {"channel": channel.sink.name}
+        samples += [
+            ("pamsignal_spool_alerts", labels, channel.spool.depth()),
+            ("pamsignal_spool_oldest_age_seconds", labels,
+             channel.spool.oldest_age_s())]
+        lost = channel.spool.lost_since_start()
+        samples += [("pamsignal_alerts_dropped_total", dict(
+            labels, action=action), count) for action, count
+            in sorted(lost.actions.items())]
+        if lost.reasons:
+            samples.append(("pamsignal_alerts_dropped_info", dict(
+                labels, users=",".join(lost.users),
+                sources=",".join(lost.sources)), 1))
+    return samples
+
+
 class Agent:
     """The `run` command: follows the journal until told to stop.
 
+    It only wires: the journal source reads, the pipeline handles entries
+    (and saves, loads and reconfigures itself), the channel set opens,
+    checks, replaces and closes the channels, the health keeps what is
+    impaired. The agent starts them, runs the loop, reloads and stops.
     Under systemd it reports through sd_notify (READY, STATUS, WATCHDOG,
     RELOADING, STOPPING); SIGHUP reloads the configuration; its health goes
-    to a Prometheus textfile that `status` reads.
+    to a Prometheus textfile that `status` reads. `clock` is the wall
+    clock, `monotonic` the one its intervals run on.
     """
 
     def __init__(self, config, channels, config_path=None, json_output=False,
-                 environ=None):
+                 environ=None, clock=time.time, monotonic=time.monotonic):
         self.config = config
         self.config_path = config_path  # as given: None means the default
         self.json_output = json_output
+        self.clock = clock
+        self.monotonic = monotonic
         self.store = StateStore(config.state_dir)
         self.detection_store = StateStore(config.state_dir, "detection.json")
         self.last_detection_save = 0.0
         self.events_at_detection_save = 0
-        self.pipeline = Pipeline(channels, config.detection,
+        self.channels = ChannelSet(channels, monotonic)
+        self.pipeline = Pipeline(self.channels, config.detection, clock=clock,
                                  enricher=Enricher.from_config(config, True),
                                  accounts=service_account_uids())
-        self.couriers = []
-        self.delivered = collections.Counter()  # of couriers now stopped
-        self.undelivered = collections.Counter()
         self.source = JournalSource(config.journalctl, config.first_start,
                                     tty_audit=config.detection.tty_audit)
         self.notifier = Notifier(environ)
-        self.health = Health(time.time())
+        self.health = Health(clock())
         self.stopping = False
         self.reload_requested = False
         self.last_save = 0.0
@@ -11151,6 +11459,8 @@ class Agent:
         self.reload_requested = True
 
     def restore(self):
+        """Where to resume, the sessions and held lines, and the detection
+        counters, from the state files."""
         state = self.store.load()
         if self.store.damaged_at is not None:
             # Some repeats, never lost logins: from before its last write.
@@ -11161,68 +11471,49 @@ class Agent:
             say("warning", "ignoring %s of another version"
                 % self.detection_store.path)
             detection = {}
-        now_us = int(time.time() * 1e6)
-        self.pipeline.detector.load_state(detection.get("counters"), now_us)
-        self.pipeline.baseline.load_state(detection.get("baseline"), now_us)
-        cursor = state.get("cursor")
-        if cursor is not None and not valid_cursor(cursor):
-            say("warning", "ignoring a malformed saved cursor")
-            cursor = None
-        since_us = saved_time_us(state.get("since_us"))
-        self.source.advance(cursor, saved_time_us(state.get("realtime_us")))
-        if since_us is not None:
-            self.source.since_us = since_us
-        self.pipeline.sessions.load_state(state.get("sessions"))
-        self.pipeline.sudo_attempts.load_state(state.get("sudo_attempts"))
-        self.pipeline.ssh_attempts.load_state(state.get("ssh_attempts"))
-        self.pipeline.program_attempts.load_state(
-            state.get("program_attempts"))
-        if self.pipeline.typing is not None:
-            self.pipeline.typing.load_state(state.get("typed_closes"),
-                                            now_us)
-        door_pairs = state.get("door_pairs")
-        for pairs, saved in zip(self.pipeline.door_pairs, door_pairs if
-                                isinstance(door_pairs, list) else ()):
-            pairs.load_state(saved)
+        now_us = int(self.clock() * 1e6)
+        self.pipeline.load_detection_state(detection, now_us)
+        self.source.load_state(state)
+        self.pipeline.load_state(state, now_us)
 
     # -- saving -------------------------------------------------------------
 
     def save(self, now, durable=True):
         """Save cursor and sessions; a failure degrades, never stops, the
         agent (it keeps the state in memory and tries again)."""
-        if self._guarded("state", lambda: self.store.save({
-                "version": 1, "cursor": self.source.cursor,
-                "realtime_us": self.source.last_realtime_us,
-                "since_us": self.source.since_us,
-                "sessions": self.pipeline.sessions.to_state(),
-                "sudo_attempts": self.pipeline.sudo_attempts.to_state(),
-                "ssh_attempts": self.pipeline.ssh_attempts.to_state(),
-                "program_attempts":
-                    self.pipeline.program_attempts.to_state(),
-                "typed_closes": [] if self.pipeline.typing is None
-                else self.pipeline.typing.to_state(),
-                "door_pairs": [pairs.to_state() for pairs in
-                               self.pipeline.door_pairs]},
-                durable)):
+        if self._guarded("state", lambda: self.store.save(
+                self._state(), durable)):
             self.unsaved = False
         if durable:
             self.last_save = now
+
+    def _state(self):
+        state = {"version": 1}
+        state.update(self.source.to_state())
+        state.update(self.pipeline.to_state())
+        return state
 
     def save_detection(self, now):
         """Save counters and baseline if any event came since last time."""
         self.last_detection_save = now
         if self.pipeline.events == self.events_at_detection_save:
             return
-        if self._guarded("detection_state", lambda: self.detection_store.save({
-                "version": 1, "counters": self.pipeline.detector.to_state(),
-                "baseline": self.pipeline.baseline.to_state()})):
+        state = {"version": 1}
+        state.update(self.pipeline.detection_state())
+        if self._guarded("detection_state",
+                         lambda: self.detection_store.save(state)):
             self.events_at_detection_save = self.pipeline.events
 
     def write_metrics(self, now, running=True):
         self.last_metrics = now
-        text = render_metrics(self.metric_samples(time.time(), running))
+        text = render_metrics(self.metric_samples(self.clock(), running))
         self._guarded("metrics", lambda: replace_file(
             metrics_path(self.config), text, mode=0o644))
+
+    def metric_samples(self, now_s, running=True):
+        """The health as (name, labels, value) for render_metrics."""
+        return gather_metrics(now_s, self.health, self.pipeline, self.source,
+                              self.channels, running)
 
     def _guarded(self, component, write):
         """Run a write; True if it worked. Its failure impairs the
@@ -11240,7 +11531,7 @@ class Agent:
     def impair(self, component, reason):
         """Something the monitoring needs broke: say so once (log, event,
         STATUS=), however often it is retried."""
-        now_s = time.time()
+        now_s = self.clock()
         if self.health.impair(component, reason, now_s):
             say("error", "monitoring degraded: %s: %s" % (component, reason))
             self.pipeline.announce(agent_event(
@@ -11251,7 +11542,7 @@ class Agent:
         if self.health.restore(component):
             say("info", "monitoring restored: %s" % component)
             self.pipeline.announce(agent_event(
-                "monitoring_restored", time.time(), component,
+                "monitoring_restored", self.clock(), component,
                 "%s works again" % component))
             self.update_status()
 
@@ -11276,40 +11567,27 @@ class Agent:
         elif now - source.started_at >= JOURNAL_RECOVERED_S:
             self.restore_component("journal")
 
-    def failing_channels(self):
-        """channel -> error: sinks that failed in the reader, and couriers
-        whose last delivery attempt failed."""
-        failing = dict(self.pipeline.failing)
-        for courier in self.couriers:
-            if courier.failures:
-                failing.setdefault(courier.sink.name, courier.last_error)
-            slow = courier.slow_request()
-            if slow is not None:
-                failing.setdefault(courier.sink.name, slow)
-        for channel in self.pipeline.channels:
-            if channel.spool is not None and channel.spool.disk_error:
-                failing.setdefault(channel.sink.name, "its spool: %s"
-                                   % channel.spool.disk_error)
-        return failing
-
     def check_databases(self, now_s):
         """A configured [geoip] file that is missing or broken is impaired
         until a usable file replaces it (looked at every few seconds)."""
         configured = set()
-        for database in self.pipeline.enricher.databases:
-            database.current(now_s)
-            configured.add("geoip:" + database.role)
-            if database.problem is not None:
-                self.impair("geoip:" + database.role, database.problem)
+        for component, problem in self.pipeline.database_health(now_s):
+            configured.add(component)
+            if problem is not None:
+                self.impair(component, problem)
             else:
-                self.restore_component("geoip:" + database.role)
+                self.restore_component(component)
         for component in list(self.health.impaired):
             if component.startswith("geoip:") and component not in configured:
                 self.restore_component(component)  # no longer configured
 
+    def failing_channels(self):
+        """channel -> error, in the reader or in delivery."""
+        return self.channels.failing(self.pipeline.failing)
+
     def check_channels(self):
         """A channel that failed is impaired until it works again."""
-        names = set(channel.sink.name for channel in self.pipeline.channels)
+        names = self.channels.names()
         failing = self.failing_channels()
         for name, error in sorted(failing.items()):
             self.impair(channel_section(name), error)
@@ -11329,10 +11607,8 @@ class Agent:
             self.witness_setting = setting
             witness = LoginWitness([LoginRecordFile(path) for path in
                                     login_record_paths(setting)])
-            witness.open(int(time.time() * 1e6))
-            if self.pipeline.witness is not None:
-                witness.logins.extend(self.pipeline.witness.logins)
-            self.pipeline.witness = witness
+            witness.open(int(self.clock() * 1e6))
+            self.pipeline.follow_witness(witness)
             say("info", "login records: %s" % (", ".join(
                 records.path for records in witness.files) or "off"))
         if now - self.last_witness_check < LOGIN_RECORDS_POLL_S:
@@ -11341,7 +11617,7 @@ class Agent:
         witness = self.pipeline.witness
         quiet = self.source.process is not None and \
             now - self.source.last_activity >= LOGIN_RECORDS_POLL_S
-        now_s = time.time()
+        now_s = self.clock()
         found = witness.check(self.source.last_realtime_us,
                               int(now_s * 1e6) if quiet else None)
         hostname = socket.gethostname()
@@ -11361,138 +11637,18 @@ class Agent:
         self.notifier.set_status(self.health.summary(
             self.pipeline.entries, self.pipeline.events), *fields)
 
-    def metric_samples(self, now_s, running=True):
-        """The health as (name, labels, value) for render_metrics."""
-        health, pipeline = self.health, self.pipeline
-        samples = [
-            ("pamsignal_info", {"version": __version__}, 1),
-            ("pamsignal_running", {}, 1 if running else 0),
-            ("pamsignal_pid", {}, os.getpid()),
-            ("pamsignal_start_time_seconds", {}, health.started_s),
-            ("pamsignal_uptime_seconds", {}, now_s - health.started_s),
-            ("pamsignal_metrics_time_seconds", {}, now_s),
-            ("pamsignal_journal_entries_total", {}, pipeline.entries),
-            ("pamsignal_journal_malformed_lines_total", {},
-             pipeline.malformed),
-            ("pamsignal_journalctl_restarts_total", {},
-             max(0, self.source.starts - 1))]
-        if pipeline.audit is not None:
-            samples += [("pamsignal_audit_records_total", {},
-                         pipeline.audit.records),
-                        ("pamsignal_audit_unwritten_total", {},
-                         pipeline.audit.unwritten)]
-        if self.source.last_realtime_us is not None:
-            samples.append(("pamsignal_journal_lag_seconds", {}, max(
-                0.0, now_s - self.source.last_realtime_us / 1e6)))
-        samples += [("pamsignal_events_total", {"action": action}, count)
-                    for action, count in sorted(pipeline.by_action.items())]
-        samples += suppression_samples(pipeline)
-        if pipeline.witness is not None:
-            samples += [("pamsignal_login_records_total", {"verdict": verdict},
-                         pipeline.witness.verdicts[verdict])
-                        for verdict in ("accounted", "unaccounted")]
-        if pipeline.typing is not None:
-            samples += [("pamsignal_tty_records_total", {"verdict": verdict},
-                         pipeline.typing.records[verdict])
-                        for verdict in ("typed", "unclaimed", "relayed")]
-        sent, failed = collections.Counter(pipeline.sent), \
-            collections.Counter(pipeline.failed)
-        # Network channels count deliveries (of earlier couriers too, as
-        # a reload replaces them), not hand-overs to their spool.
-        for name in set(self.delivered) | set(
-                courier.sink.name for courier in self.couriers):
-            sent[name] = self.delivered[name]
-        failed.update(self.undelivered)
-        for courier in self.couriers:
-            sent[courier.sink.name] += courier.delivered
-            failed[courier.sink.name] += courier.failed
-        channels = sorted(set(channel.sink.name for channel
-                              in pipeline.channels) | set(sent) | set(failed))
-        samples += [("pamsignal_alerts_sent_total", {"channel": name},
-                     sent[name]) for name in channels]
-        samples += [("pamsignal_alerts_failed_total", {"channel": name},
-                     failed[name]) for name in channels]
-        for channel in pipeline.channels:
-            if channel.spool is not None:
-                labels = {"channel": channel.sink.name}
-                samples += [
-                    ("pamsignal_spool_alerts", labels, channel.spool.depth()),
-                    ("pamsignal_spool_oldest_age_seconds", labels,
-                     channel.spool.oldest_age_s())]
-                lost = channel.spool.lost_since_start()
-                samples += [("pamsignal_alerts_dropped_total", dict(
-                    labels, action=action), count) for action, count
-                    in sorted(lost.actions.items())]
-                if lost.reasons:
-                    samples.append(("pamsignal_alerts_dropped_info", dict(
-                        labels, users=",".join(lost.users),
-                        sources=",".join(lost.sources)), 1))
-        samples += [("pamsignal_config_reloads_total", {"result": result},
-                     health.reloads[result]) for result in ("ok", "failed")]
-        health.known.update(channel_section(name) for name in channels)
-        samples += [("pamsignal_degraded", {"component": component},
-                     int(component in health.impaired))
-                    for component in sorted(health.known)]
-        if health.last_error is not None:
-            samples += [
-                ("pamsignal_last_error_time_seconds", {}, health.last_error_s),
-                ("pamsignal_last_error_info", {"message": health.last_error},
-                 1)]
-        return samples
-
     # -- channels -------------------------------------------------------------
 
-    def open_channels(self, channels):
-        """Open every sink and spool, and start a courier for each spooled
-        one; a spool that cannot be opened degrades its channel (alerts
-        then wait in memory)."""
-        couriers = []
-        for channel in channels:
-            try:
-                channel.sink.open()
-            except (OSError, ssl.SSLError) as error:  # retried on each send
-                self.impair(channel_section(channel.sink.name), str(error))
-            if channel.spool is not None:
-                try:
-                    channel.spool.open()
-                except OSError as error:  # alerts wait in memory meanwhile
-                    channel.spool.disk_error = "cannot open %s: %s" % (
-                        channel.spool.directory, error.strerror or error)
-                couriers.append(Courier(channel.sink, channel.spool))
-        for courier in couriers:
-            courier.start()
-        return couriers
+    def open_channels(self):
+        """Open the channels; one whose sink cannot open yet is impaired."""
+        self.channels.open(self.impair)
 
     def close_channels(self, reloading=False):
-        """Send held digests, make spools durable, stop the couriers (what
-        they did not deliver stays in the spool) and close the sinks.
-        Returns, per spool directory, the alerts kept in memory because
-        the disk refused them: a reload hands them on, a stop says they are
-        lost."""
+        """Send held digests, make spools durable, then close the channels
+        (ChannelSet.close: what the disk refused, per spool directory)."""
         self.pipeline.drain()
         self.pipeline.flush()
-        # All told at once, then joined against one deadline; on reload a
-        # new courier takes each spool, so a request in flight may finish
-        # (or be sent twice).
-        for courier in self.couriers:
-            courier.stop(0)
-        deadline = time.monotonic() + (RELOAD_JOIN_S if reloading else 2.0)
-        for courier in self.couriers:
-            courier.join(max(0.0, deadline - time.monotonic()))
-            self.delivered[courier.sink.name] += courier.delivered
-            self.undelivered[courier.sink.name] += courier.failed
-        self.couriers = []
-        held = {}
-        for channel in self.pipeline.channels:
-            self._close_sink(channel.sink)
-            if channel.spool is not None and channel.spool.in_memory:
-                held[channel.spool.directory] = channel.spool
-                if not reloading:
-                    say("error", "channel %s: %d alert%s the disk refused "
-                        "could not be delivered before stopping and are lost"
-                        % (channel.sink.name, len(channel.spool.in_memory),
-                           "" if len(channel.spool.in_memory) == 1 else "s"))
-        return held
+        return self.channels.close(reloading)
 
     # -- reloading ------------------------------------------------------------
 
@@ -11517,7 +11673,7 @@ class Agent:
         self.update_status("READY=1")
 
     def _reload_failed(self, problems):
-        now_s = time.time()
+        now_s = self.clock()
         self.health.reloads["failed"] += 1
         self.health.reload_problem = "%s%s" % (problems[0], "" if len(
             problems) == 1 else " (and %d more)" % (len(problems) - 1))
@@ -11549,39 +11705,16 @@ class Agent:
         return config
 
     def _apply(self, config, channels):
-        old, pipeline = self.config, self.pipeline
         held = self.close_channels(reloading=True)
-        pipeline.channels = channels
-        pipeline.failing.clear()
-        for channel in channels:  # alerts the disk refused go on waiting
-            if channel.spool is not None:
-                channel.spool.adopt(held.get(channel.spool.directory))
-        self.couriers = self.open_channels(channels)
-        if config.detection != old.detection:
-            now_us = int(time.time() * 1e6)
-            detector = FailureDetector(config.detection)
-            detector.load_state(pipeline.detector.to_state(), now_us)
-            baseline = Baseline(config.detection.learning_period)
-            baseline.load_state(pipeline.baseline.to_state(), now_us)
-            pipeline.detector, pipeline.baseline = detector, baseline
-        if config.geoip != old.geoip or \
-                config.host_provider != old.host_provider:
-            pipeline.enricher.close()
-            pipeline.enricher = Enricher.from_config(config, True)
-            pipeline.enricher.open(time.time())
+        self.pipeline.forget_failures()
+        self.channels.replace(channels, held, self.impair)
+        self.pipeline.reconfigure(self.config, config, self.clock())
         self.config = config
         self.health.reloads["ok"] += 1
         self.health.reload_problem = None
         say("info", "configuration reloaded from %s (%d channel%s)" % (
             config.path, len(channels), "" if len(channels) == 1 else "s"))
         self.check_channels()
-
-    @staticmethod
-    def _close_sink(sink):
-        try:
-            sink.close()
-        except Exception as error:  # closing must not stop the others
-            say("error", "channel %s failed to close: %s" % (sink.name, error))
 
     # -- running --------------------------------------------------------------
 
@@ -11594,7 +11727,7 @@ class Agent:
             cursor = journal_text(entry.get("__CURSOR"))
             if cursor is not None and cursor == self.source.skip_cursor:
                 continue  # the last entry before a refused cursor, again
-            produced += self.pipeline.process_entry(entry, time.time())
+            produced += self.pipeline.process_entry(entry, self.clock())
             if cursor is not None and valid_cursor(cursor):
                 self.source.advance(cursor, _entry_timestamp(entry))
                 self.unsaved = True
@@ -11615,9 +11748,9 @@ class Agent:
         self.store.prepare()
         self.restore()
         self.open_audit_log()
-        self.couriers = self.open_channels(self.pipeline.channels)
-        self.pipeline.enricher.open(time.time())
-        now = time.monotonic()
+        self.open_channels()
+        self.pipeline.open(self.clock())
+        now = self.monotonic()
         self.source.start(now)
         self.save(now)  # the start position, should it stop before any entry
         say("info", "pamsignal %s following the journal (%s)" % (
@@ -11626,7 +11759,7 @@ class Agent:
             % self.config.first_start))
         addresses = host_addresses()
         say("info", "this host: %s; addresses %s" % (
-            self.pipeline.enricher.host_provider or "provider unknown",
+            self.pipeline.host_provider() or "provider unknown",
             ", ".join(addresses[:16]) or "unknown"))
         self.update_status("READY=1")
         # Wake up often enough to ping the watchdog in time.
@@ -11635,9 +11768,9 @@ class Agent:
             while not self.stopping:
                 self.notifier.ping(now)
                 lines = self.source.read(wait_s)
-                now = time.monotonic()
+                now = self.monotonic()
                 self.follow_lines(lines, now)
-                if self.pipeline.tick(time.time()):
+                if self.pipeline.tick(self.clock()):
                     self.unsaved = True
                 self.pipeline.flush()
                 if self.reload_requested and not self.stopping:
@@ -11651,7 +11784,7 @@ class Agent:
                     self.check_journal(now)
                 self.check_channels()
                 self.check_audit_log()
-                self.check_databases(time.time())
+                self.check_databases(self.clock())
                 self.check_login_records(now)
                 if self.last_metrics is None or \
                         now - self.last_metrics >= METRICS_FLUSH_S:
@@ -11659,7 +11792,7 @@ class Agent:
                     self.update_status()
         finally:
             self.notifier.notify("STOPPING=1", "STATUS=Stopping")
-            now = time.monotonic()
+            now = self.monotonic()
             self.pipeline.drain()
             self.pipeline.flush()
             if self.unsaved:
@@ -11668,9 +11801,7 @@ class Agent:
             self.source.stop()
             self.write_metrics(now, running=False)
             self.close_channels()
-            if self.pipeline.audit is not None:
-                self.pipeline.audit.close()
-            self.pipeline.enricher.close()
+            self.pipeline.close()
         say("info", "stopped after %d entries, %d events"
             % (self.pipeline.entries, self.pipeline.events))
         return EXIT_OK
