@@ -6932,12 +6932,21 @@ def _shortened_values(values, size):
     return {key: shorten(value, size) for key, value in values.items()}
 
 
-def compose(text, line, heading, limit, escape, template=None,
-            values=None):
-    """A message in one markup: the title as `heading`, then one `line` per
-    fact and the advice; facts from the end are dropped until it fits
-    `limit` characters, so markup is never cut in half. With a template,
-    the admin's text with escaped values instead."""
+Markup = collections.namedtuple("Markup", "line heading limit escape block")
+Markup.__new__.__defaults__ = (None,)
+Markup.__doc__ = """How a channel lays out an alert's text: `line` % (label,
+value) for each fact, `heading` % title (None: no title line), at most
+`limit` characters (None: any length), every value through `escape`; a
+report summary's lines inside `block` (start, end, and the escape inside
+it: a code block; None: plain lines)."""
+
+
+def compose(text, markup, template=None, values=None):
+    """A message in a channel's `markup`: the title as its heading, then one
+    line per fact and the advice; facts from the end are dropped until it
+    fits the limit, so markup is never cut in half. With a template, the
+    admin's text with escaped values instead."""
+    line, heading, limit, escape = markup[:4]
     if template is not None:
         body = fill_template(template, values, escape)
         if len(body) <= limit:
@@ -7003,12 +7012,11 @@ def _more_lines_text(count, hostname):
         count, "" if count == 1 else "s", hostname or "the server")
 
 
-def summary_message(event, heading, limit, escape, block=None):
-    """A report summary in one markup: the title as `heading` (None: no
-    title), the report's lines inside `block` (start, end and the escape
-    inside it: a code block; None: plain lines), as many as fit in `limit`
-    characters (None: all), then "... N more lines" for the rest. A block
-    is never cut in half."""
+def summary_message(event, markup):
+    """A report summary in a channel's `markup`: the title as its heading,
+    the report's lines inside its block, as many as fit in its limit, then
+    "... N more lines" for the rest. A block is never cut in half."""
+    _, heading, limit, escape, block = markup
     start, end, inside = block or ("", "", escape)
     head = [heading % escape(summary_title(event))] if heading else []
     lines = [inside(line) for line in (event.message or "").split("\n")]
@@ -7795,16 +7803,45 @@ def say(level, message, stream=None):
         pass  # nowhere left to complain to
 
 
-class ConsoleSink:
+class Sink:
+    """The one interface of every channel (CHANNEL_TYPES holds them by
+    type): its `name`, the options it takes (OPTIONS: key -> check) and
+    needs (REQUIRED), whether a spool and its courier stand in front of it
+    (SPOOLED), and how it lays out alert text (MARKUP, a Markup; None: no
+    layout of its own). The constructor does no I/O, open() does; send()
+    hands one alert over (or raises); flush() pushes out what was sent
+    (after each batch); close() at the end."""
+
+    OPTIONS = {}
+    REQUIRED = ()
+    SPOOLED = False
+    MARKUP = None
+
+    def __init__(self, name, options=None):
+        self.name = name
+        self.options = dict(options or {})
+
+    def open(self):
+        pass
+
+    def send(self, event, delay_s=0):
+        raise NotImplementedError
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class ConsoleSink(Sink):
     """Prints each event on standard output: a readable line or ECS JSON."""
 
     OPTIONS = {"format": _console_format}
-    REQUIRED = ()
-    SPOOLED = False
 
     def __init__(self, name, options=None, stream=None):
-        self.name = name
-        self.format = (options or {}).get("format", "text")
+        Sink.__init__(self, name, options)
+        self.format = self.options.get("format", "text")
         self.stream = stream
 
     def open(self):
@@ -8115,7 +8152,7 @@ def _json_body(payload):
     return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
 
-class RemoteSink:
+class RemoteSink(Sink):
     """A channel that delivers over the network, behind the spool.
 
     Shared here: options, secrets (redacted from every error), TLS, the
@@ -8125,11 +8162,9 @@ class RemoteSink:
     SPOOLED = True
     OPTIONS = {"timeout": _timeout, "ca_file": _absolute_path,
                "template": _template}
-    REQUIRED = ()
 
     def __init__(self, name, options=None):
-        self.name = name
-        self.options = dict(options or {})
+        Sink.__init__(self, name, options)
         self.timeout = self.options.get("timeout", 10)
         self.template = self.options.get("template")
         self.context = None
@@ -8146,20 +8181,16 @@ class RemoteSink:
         return [secret.value for value in self.options.values()
                 for secret in option_secrets(value)]
 
-    #: How a report summary's lines are set off: (start, end, escape);
-    #: None: no block, the channel's own escape.
-    SUMMARY_BLOCK = None
-
-    def text(self, event, delay_s, line, heading, limit, escape):
-        """The alert in this channel's markup: the default layout, or the
-        admin's template. A report summary has a layout of its own."""
+    def text(self, event, delay_s, markup=None):
+        """The alert in this channel's markup (MARKUP, unless `markup` is
+        given): the default layout, or the admin's template. A report
+        summary has a layout of its own."""
+        markup = markup or self.MARKUP
         if event.action == "report_summary":
-            return summary_message(event, heading, limit, escape,
-                                   self.SUMMARY_BLOCK)
+            return summary_message(event, markup)
         alert = alert_text(event, delay_s)
         values = template_values(event, alert) if self.template else None
-        return compose(alert, line, heading, limit, escape, self.template,
-                       values)
+        return compose(alert, markup, self.template, values)
 
     def send(self, event, delay_s=0):
         """Deliver one alert now or raise DeliveryError (secrets redacted).
@@ -8173,12 +8204,6 @@ class RemoteSink:
 
     def deliver(self, event, delay_s):
         raise NotImplementedError
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 class HttpSink(RemoteSink):
@@ -8224,12 +8249,12 @@ class TelegramSink(HttpSink):
     OPTIONS = dict(HttpSink.OPTIONS, bot_token=_secret, chat_id=_chat_id,
                    api_url=_url)
     REQUIRED = ("bot_token", "chat_id")
-    SUMMARY_BLOCK = ("<pre>", "</pre>", escape_telegram)
+    MARKUP = Markup("<b>%s:</b> %s", "<b>%s</b>", 4096, escape_telegram,
+                    ("<pre>", "</pre>", escape_telegram))
 
     def request(self, event, delay_s):
         api = self.options.get("api_url", "https://api.telegram.org")
-        text = self.text(event, delay_s, "<b>%s:</b> %s", "<b>%s</b>",
-                         4096, escape_telegram)
+        text = self.text(event, delay_s)
         return ("%s/bot%s/sendMessage" % (api.rstrip("/"),
                                           self.secret("bot_token")),
                 {"Content-Type": "application/json"},
@@ -8251,11 +8276,11 @@ class SlackSink(HttpSink):
 
     OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url)
     REQUIRED = ("url",)
-    SUMMARY_BLOCK = ("```\n", "\n```", escape_slack_code)
+    MARKUP = Markup("*%s:* %s", "*%s*", 3000, escape_slack,
+                    ("```\n", "\n```", escape_slack_code))
 
     def request(self, event, delay_s):
-        text = self.text(event, delay_s, "*%s:* %s", "*%s*", 3000,
-                         escape_slack)
+        text = self.text(event, delay_s)
         return (self.secret("url"), {"Content-Type": "application/json"},
                 _json_body({"text": escape_slack(alert_text(event).title),
                             "blocks": [{"type": "section", "text": {
@@ -8267,11 +8292,11 @@ class DiscordSink(HttpSink):
 
     OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url)
     REQUIRED = ("url",)
-    SUMMARY_BLOCK = ("```\n", "\n```", escape_code_block)
+    MARKUP = Markup("**%s:** %s", "**%s**", 2000, escape_markdown,
+                    ("```\n", "\n```", escape_code_block))
 
     def request(self, event, delay_s):
-        text = self.text(event, delay_s, "**%s:** %s", "**%s**", 2000,
-                         escape_markdown)
+        text = self.text(event, delay_s)
         return (self.secret("url"), {"Content-Type": "application/json"},
                 _json_body({"content": text, "username": "PAMSignal",
                             "allowed_mentions": {"parse": []},
@@ -8283,6 +8308,7 @@ class TeamsSink(HttpSink):
 
     OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url)
     REQUIRED = ("url",)
+    MARKUP = Markup("%s: %s", None, 20000, escape_teams)
 
     def request(self, event, delay_s):
         alert = alert_text(event, delay_s)
@@ -8290,11 +8316,10 @@ class TeamsSink(HttpSink):
             body = [{"type": "TextBlock", "text": escape_teams(
                 summary_title(event)), "weight": "Bolder", "wrap": True},
                 {"type": "TextBlock", "fontType": "Monospace", "wrap": True,
-                 "text": self.text(event, delay_s, "%s: %s", None, 20000,
-                                   escape_teams)}]
+                 "text": self.text(event, delay_s)}]
         elif self.template:
-            body = [{"type": "TextBlock", "wrap": True, "text": self.text(
-                event, delay_s, "%s: %s", None, 20000, escape_teams)}]
+            body = [{"type": "TextBlock", "wrap": True,
+                     "text": self.text(event, delay_s)}]
         else:
             body = [{"type": "TextBlock", "text": escape_teams(alert.title),
                      "weight": "Bolder", "size": "Medium", "wrap": True},
@@ -8318,6 +8343,7 @@ class NtfySink(HttpSink):
 
     OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url, token=_secret)
     REQUIRED = ("url",)
+    MARKUP = Markup("%s: %s", None, 4000, escape_plain)
 
     def request(self, event, delay_s):
         parts = urllib.parse.urlsplit(self.secret("url"))
@@ -8329,8 +8355,7 @@ class NtfySink(HttpSink):
             headers["Authorization"] = "Bearer " + self.secret("token")
         return (server, headers, _json_body({
             "topic": parts.path.strip("/"), "title": alert.title,
-            "message": self.text(event, delay_s, "%s: %s", None, 4000,
-                                 escape_plain),
+            "message": self.text(event, delay_s),
             "priority": severity_level(event, ((5, 9), (4, 7), (3, 5),
                                                (2, 0))),
             "tags": ["rotating_light" if event_severity(event) >= 7
@@ -8342,6 +8367,7 @@ class GotifySink(HttpSink):
 
     OPTIONS = dict(HttpSink.OPTIONS, url=_url, token=_secret)
     REQUIRED = ("url", "token")
+    MARKUP = Markup("%s: %s", None, 8000, escape_plain)
 
     def request(self, event, delay_s):
         alert = alert_text(event, delay_s)
@@ -8349,9 +8375,8 @@ class GotifySink(HttpSink):
                 {"Content-Type": "application/json",
                  "X-Gotify-Key": self.secret("token")},
                 _json_body({"title": alert.title, "priority":
-                            event_severity(event), "message": self.text(
-                                event, delay_s, "%s: %s", None, 8000,
-                                escape_plain)}))
+                            event_severity(event),
+                            "message": self.text(event, delay_s)}))
 
 
 def webhook_signature(key, message_id, timestamp, body):
@@ -8449,6 +8474,9 @@ class WhatsAppSink(HttpSink):
                    recipients=_phone_numbers, api_url=_url,
                    api_version=_graph_version)
     REQUIRED = ("token", "phone_number_id", "recipients")
+    # Plain text: WhatsApp has no escape for its *bold* marks, and no
+    # markup means none an attacker's name could use either.
+    MARKUP = Markup("%s: %s", "%s", 4096, escape_plain)
 
     #: The Graph API version used unless api_version says otherwise.
     API_VERSION = "v23.0"
@@ -8461,9 +8489,7 @@ class WhatsAppSink(HttpSink):
         """(url, headers, body bytes) of the alert for one recipient (by
         default the first)."""
         api = self.options.get("api_url", "https://graph.facebook.com")
-        # Plain text: WhatsApp has no escape for its *bold* marks, and
-        # no markup means none an attacker's name could use either.
-        text = self.text(event, delay_s, "%s: %s", "%s", 4096, escape_plain)
+        text = self.text(event, delay_s)
         return ("%s/%s/%s/messages" % (
             api.rstrip("/"), self.options.get("api_version",
                                               self.API_VERSION),
@@ -8618,6 +8644,7 @@ class EmailSink(RemoteSink):
                "password": _secret, "sender": _email_address,
                "recipients": _email_addresses}
     REQUIRED = ("host", "sender", "recipients")
+    MARKUP = Markup("%s: %s", "%s\n", 100000, escape_plain)
 
     def message(self, event, delay_s):
         alert = alert_text(event, delay_s)
@@ -8629,13 +8656,12 @@ class EmailSink(RemoteSink):
         message["Date"] = email.utils.formatdate(localtime=False)
         message["Message-ID"] = email.utils.make_msgid("pamsignal")
         # A report summary goes whole: mail has room for it.
-        message.set_content(self.text(
-            event, delay_s, "%s: %s", "%s\n", None if event.action ==
-            "report_summary" else 100000, escape_plain))
+        message.set_content(self.text(event, delay_s, self.MARKUP._replace(
+            limit=None) if event.action == "report_summary" else None))
         if event.action == "report_summary":  # its tables need fixed width
-            message.add_alternative(summary_message(
-                event, "<p><b>%s</b></p>", None, html_text,
-                ("<pre>", "</pre>", html_text)), subtype="html")
+            message.add_alternative(summary_message(event, Markup(
+                None, "<p><b>%s</b></p>", None, html_text,
+                ("<pre>", "</pre>", html_text))), subtype="html")
         return message
 
     def deliver(self, event, delay_s):
@@ -8701,30 +8727,21 @@ def _journal_identifier(value):
     return value
 
 
-class JournalSink:
+class JournalSink(Sink):
     """Writes each event back to the journal (native protocol) with its
     own SYSLOG_IDENTIFIER, a MESSAGE_ID per kind and the ECS fields as
     journal fields, for Alloy, Vector, Promtail or fail2ban."""
 
     OPTIONS = {"identifier": _journal_identifier}
-    REQUIRED = ()
-    SPOOLED = False
     POLICY_DEFAULTS = EVERY_EVENT_POLICY
 
     def __init__(self, name, options=None, writer=None):
-        self.name = name
-        self.identifier = (options or {}).get("identifier",
-                                              JOURNAL_IDENTIFIER)
+        Sink.__init__(self, name, options)
+        self.identifier = self.options.get("identifier", JOURNAL_IDENTIFIER)
         self.writer = writer or JournalWriter()
-
-    def open(self):
-        pass
 
     def send(self, event, delay_s=0):
         self.writer.send(event_journal_fields(event, self.identifier))
-
-    def flush(self):
-        pass
 
     def close(self):
         self.writer.close()
@@ -12224,18 +12241,15 @@ class PassGate:
         return []
 
 
-class ReportSink:
+class ReportSink(Sink):
     """The Pipeline's channel for a report: each event to the builder."""
 
     def __init__(self, builder):
-        self.name = "report"
+        Sink.__init__(self, "report")
         self.builder = builder
 
     def send(self, event, delay_s=0):
         self.builder.add(event)
-
-    def flush(self):
-        pass
 
 
 # Rendering: the document as text for a terminal or a file.

@@ -61,19 +61,15 @@ def peak_rss_mib():
     return float("nan")
 
 
-class CountingSink:
+class CountingSink(pamsignal.Sink):
     """A channel that only counts what reaches it (the policy decides)."""
 
-    name = "counting"
-
     def __init__(self):
+        pamsignal.Sink.__init__(self, "counting")
         self.alerts = 0
 
-    def send(self, alert):
+    def send(self, event, delay_s=0):
         self.alerts += 1
-
-    def flush(self):
-        pass
 
 
 def scan_pipeline(config, sink):

@@ -376,12 +376,11 @@ def test_redirects_are_not_followed(receiver):
     assert "GOTIFYKEY" not in str(raised.value)
 
 
-class Broken:
+class Broken(pamsignal.Sink):
     """A sink with a bug for one alert: it raises something unexpected."""
 
-    name = "broken"
-
     def __init__(self):
+        pamsignal.Sink.__init__(self, "broken")
         self.sent = []
 
     def send(self, event, delay_s=0):

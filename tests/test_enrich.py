@@ -330,18 +330,15 @@ def test_host_provider_only_on_live_events():
 # ---------------------------------------------------------------- pipeline
 
 
-class Collect:
-    name = "collect"
+class Collect(pamsignal.Sink):
     events = frozenset(pamsignal.ACTIONS)
 
     def __init__(self):
+        pamsignal.Sink.__init__(self, "collect")
         self.sent = []
 
-    def send(self, event):
+    def send(self, event, delay_s=0):
         self.sent.append(event)
-
-    def flush(self):
-        pass
 
 
 def everything_to(sink):

@@ -578,27 +578,19 @@ def test_failing_console_channel_is_degraded_not_fatal(tmp_path):
     assert "No space left on device: 'standard output'" in stderr
 
 
-class FlakySink:
+class FlakySink(pamsignal.Sink):
     """A channel that fails `failures` times, then works."""
 
     def __init__(self, name, failures):
-        self.name, self.failures = name, failures
+        pamsignal.Sink.__init__(self, name)
+        self.failures = failures
         self.sent = []
-
-    def open(self):
-        pass
 
     def send(self, event, delay_s=0):
         if self.failures:
             self.failures -= 1
             raise OSError("connection refused")
         self.sent.append(event)
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 def test_a_channel_failing_many_times_is_one_degraded_one_restored(

@@ -226,17 +226,12 @@ def scan(lines, config="[detection]\ntty_audit = yes\n"):
     detection = pamsignal.parse_config(config).detection
     sent = []
 
-    class Keep(object):
-        name = "keep"
-
-        def send(self, alert):
-            sent.append(alert)
-
-        def flush(self):
-            pass
+    class Keep(pamsignal.Sink):
+        def send(self, event, delay_s=0):
+            sent.append(event)
 
     pipeline = pamsignal.Pipeline(
-        [pamsignal.Channel(Keep(), pamsignal.ChannelGate(
+        [pamsignal.Channel(Keep("keep"), pamsignal.ChannelGate(
             pamsignal.SHOW_EVERYTHING))], detection, skip_unwatched=True)
     for line in lines:
         entry = pipeline.decode(line)
