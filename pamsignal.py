@@ -51,6 +51,8 @@ if sys.version_info < (3, 6):  # pragma: no cover - needs an old interpreter
 # ---------------------------------------------------------------------------
 # 1 imports
 # ---------------------------------------------------------------------------
+# The standard library only. What only some configurations or commands use
+# is bound lazily (LazyModule): imported at its first use.
 import argparse  # noqa: E402
 import base64  # noqa: E402
 import bisect  # noqa: E402
@@ -124,6 +126,8 @@ urllib = LazyModule("urllib")
 # ---------------------------------------------------------------------------
 # 2 constants
 # ---------------------------------------------------------------------------
+# Fixed facts the sections share: paths, exit codes, the journal fields
+# read, limits and intervals. Constants of one section live in it.
 
 #: Where the service looks for its configuration when --config is not given.
 DEFAULT_CONFIG_PATH = "/etc/pamsignal/pamsignal.conf"
@@ -277,6 +281,8 @@ SYSTEMD_UNIT_DIR = "/etc/systemd/system"
 # ---------------------------------------------------------------------------
 # 3 errors
 # ---------------------------------------------------------------------------
+# One root, PamSignalError, whose exit_code main() returns; each kind of
+# failure a subclass.
 
 
 class PamSignalError(Exception):
@@ -319,6 +325,9 @@ class StateError(PamSignalError):
 # ---------------------------------------------------------------------------
 # 4 small pure helpers
 # ---------------------------------------------------------------------------
+# Text made safe for terminals and JSON, times, IP addresses, journal
+# values, channel names: small functions with no I/O that later sections
+# use.
 
 #: Characters that must never reach a terminal raw: C0/C1 controls, DEL, and
 #: Unicode format characters that reorder or hide text (bidi overrides, zero
@@ -499,6 +508,9 @@ def split_at_from(text, tail_pattern, accept=None, marker=" from "):
 # ---------------------------------------------------------------------------
 # 5 model
 # ---------------------------------------------------------------------------
+# What flows through the pipeline: Event (immutable, every field named
+# here), the actions there are (ACTIONS), and the event contract an event
+# is rendered to (event_to_ecs).
 
 #: Every field an event can carry. `context_key` and `pairing` are internal
 #: and never rendered: the first ties lines of one process or session
@@ -665,6 +677,9 @@ def event_to_ecs(event):
 # ---------------------------------------------------------------------------
 # 6 config
 # ---------------------------------------------------------------------------
+# The option tables (one per section: key -> default, check, help), the
+# checks they name, parse_config(text) -> Config, and what only a root
+# run checks: files others could change, secrets others could read.
 
 Config = collections.namedtuple(
     "Config", "path state_dir log_dir first_start journalctl host_provider "
@@ -3347,7 +3362,7 @@ def decode_line(line):
 
 
 # ---------------------------------------------------------------------------
-# 7b privileged sessions: TTY audit records (pam_tty_audit)
+# 7c privileged sessions: TTY audit records (pam_tty_audit)
 # ---------------------------------------------------------------------------
 #
 # With pam_tty_audit in a session's PAM stack the kernel records what is
@@ -3670,6 +3685,9 @@ def unfinished_line(carry):
 # (/proc/net/tcp*), and which provider runs this server (DMI). Every byte
 # of a database is hostile: the reader bounds every read, nesting and size
 # and says DatabaseError rather than crash, hang or fill the memory.
+
+
+# -- the MaxMind DB reader ----------------------------------------------------
 
 
 class DatabaseError(PamSignalError):
@@ -4128,6 +4146,8 @@ class GeoDatabase:
             self.reader = None
 
 
+# -- the source's context: address scope, ASN, provider -----------------------
+
 #: Address ranges that need no lookup: (network, prefix length, label),
 #: the more specific first.
 SPECIAL_RANGES = tuple(
@@ -4313,6 +4333,8 @@ def source_provider(as_number, as_organization):
     return None
 
 
+# -- this server's provider (DMI) ---------------------------------------------
+
 #: Files of /sys/class/dmi/id that name the maker of a (virtual) machine.
 DMI_FIELDS = ("sys_vendor", "product_name", "product_version", "bios_vendor",
               "bios_version", "board_vendor", "chassis_vendor",
@@ -4374,6 +4396,9 @@ def detect_host_provider(setting, root="/"):
     if setting == "auto":
         return host_provider_from_dmi(read_dmi(root))
     return setting
+
+
+# -- local addresses and connections (/proc/net) ------------------------------
 
 
 def _proc_address(hex_text, byteorder):
@@ -4488,6 +4513,8 @@ def host_addresses(root="/"):
     return sorted(ipv4, key=_packed_address) + sorted(ipv6,
                                                       key=_packed_address)
 
+
+# -- the Enricher: context added to events ------------------------------------
 
 #: Only events this recent are matched against the live connections.
 LIVE_EVENT_S = 120
@@ -4623,6 +4650,12 @@ class Enricher:
 # ---------------------------------------------------------------------------
 # 9 detection
 # ---------------------------------------------------------------------------
+# Pure, time from the events: sessions and what was typed in them, lines
+# that pair up into one event, failures and brute force, the baseline of
+# what is new, and each channel's policy and throttle (ChannelGate).
+
+
+# -- sessions and what was typed in them --------------------------------------
 
 
 class BoundedTable(collections.OrderedDict):
@@ -4908,6 +4941,9 @@ class TypedInput:
 def _process_key(event):
     """boot/PID of the process that wrote a session line."""
     return "%s/%s" % (boot_of(event), event.pid)
+
+
+# -- lines that pair up into one event ----------------------------------------
 
 
 class SudoAttempts:
@@ -5415,6 +5451,8 @@ class Run0Commands:
         return out
 
 
+# -- failures and brute force -------------------------------------------------
+
 #: The rules that remember when they last fired, per counter.
 _RULE_NAMES = frozenset(("fast", "slow", "enumeration", "distributed",
                          "success", "probes"))
@@ -5818,6 +5856,9 @@ class FailureDetector:
         return restored
 
 
+# -- the baseline: what is new ------------------------------------------------
+
+
 def network_of(event):
     """The network a login came from, as the baseline remembers it: the
     /24 of an IPv4 source, the /64 of an IPv6 one, or the host name."""
@@ -5945,6 +5986,9 @@ def _restore_seen(kind, seen):
         return None
     return [value for value in seen if type(value) is kind][
         -MAX_NETWORKS_PER_USER:]
+
+
+# -- policy and throttling: which events alert, and how often -----------------
 
 
 def _matches_any(name, patterns):
@@ -6273,6 +6317,8 @@ class ChannelGate:
 # ---------------------------------------------------------------------------
 # 10 rendering
 # ---------------------------------------------------------------------------
+# Pure: events as text, JSON, chat markup (Markup, compose) and SIEM
+# records; every value escaped for where it goes.
 
 _NEEDS_QUOTES = re.compile(r'[\s"\\=]')
 
@@ -7782,6 +7828,12 @@ class AuditLog:
 # ---------------------------------------------------------------------------
 # 12 sinks and state (I/O)
 # ---------------------------------------------------------------------------
+# Every channel is a Sink (one interface, CHANNEL_TYPES the registry);
+# network channels sit behind a durable Spool that a Courier thread
+# delivers. Also the state files and the safe way to read and write them.
+
+
+# -- diagnostics, the sink contract, the console ------------------------------
 
 
 def say(level, message, stream=None):
@@ -7867,6 +7919,8 @@ class ConsoleSink(Sink):
     def close(self):
         self.flush()
 
+
+# -- under the network channels: answers, TLS, deadlines, HTTP ----------------
 
 #: The most of a service's answer read (error text, JSON status).
 MAX_RESPONSE_BYTES = 65536
@@ -8150,6 +8204,9 @@ def http_post(url, body, headers, timeout, context):
 
 def _json_body(payload):
     return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
+# -- network channels ---------------------------------------------------------
 
 
 class RemoteSink(Sink):
@@ -8594,6 +8651,9 @@ class PagerDutySink(HttpSink):
         return failure
 
 
+# -- e-mail -------------------------------------------------------------------
+
+
 class _DeadlineSMTPConnection:
     """An SMTP session whose connect, TLS, and every command and reply
     share one `deadline` (smtplib's timeout is per read)."""
@@ -8706,6 +8766,8 @@ class EmailSink(RemoteSink):
                 host, _timed_out(_network_reason(error), self.timeout))) \
                 from None
 
+
+# -- the journal and syslog (SIEM) channels -----------------------------------
 
 #: The policy a log-like channel (syslog, journal) starts from: a SIEM or
 #: a log pipeline wants every event at once, so no [alerts] filtering,
@@ -8999,6 +9061,8 @@ class SyslogSink(RemoteSink):
             self.datagrams.close()
             self.datagrams = None
 
+
+# -- the registry; delivery: spool and courier --------------------------------
 
 #: channel type -> sink class; a new destination is one class here.
 CHANNEL_TYPES = {"console": ConsoleSink, "telegram": TelegramSink,
@@ -9686,6 +9750,9 @@ class Courier(threading.Thread):
         self.spool.flush()
 
 
+# -- channels as configured ---------------------------------------------------
+
+
 class GroupDirectory:
     """Which groups a user is in (primary and supplementary), from the
     account databases, reread after GROUP_CACHE_S so a change is seen."""
@@ -9750,6 +9817,9 @@ def build_channels(config, json_output=False):
             if sink.SPOOLED else None
         channels.append(Channel(sink, gate, spool))
     return channels
+
+
+# -- state files --------------------------------------------------------------
 
 
 class StateStore:
@@ -9965,6 +10035,8 @@ def valid_cursor(cursor):
 # ---------------------------------------------------------------------------
 # 13 journal source (I/O)
 # ---------------------------------------------------------------------------
+# journalctl -f -o json as a child process: its command line, its lines,
+# its cursor, and restarting it when it exits or stops following.
 
 
 def journal_matches(tty_audit=False):
@@ -10556,6 +10628,12 @@ class LoginWitness:
 # ---------------------------------------------------------------------------
 # 14 runtime
 # ---------------------------------------------------------------------------
+# `run`: systemd notify and health, the metrics file, the Pipeline that
+# takes each entry to the channels (shared with scan and report), the
+# ChannelSet with its couriers, and the Agent that wires them.
+
+
+# -- systemd notify and health ------------------------------------------------
 
 
 def notify_address(environ):
@@ -10674,6 +10752,8 @@ class Health:
                          "previous one: %s" % self.reload_problem)
         return "; ".join(parts)
 
+
+# -- the metrics file ---------------------------------------------------------
 
 #: Metric name -> (type, help), in the order they are written.
 METRICS = collections.OrderedDict((
@@ -10821,6 +10901,8 @@ def suppression_samples(pipeline):
                         last.timestamp_us / 1e6))
     return samples
 
+
+# -- the pipeline -------------------------------------------------------------
 
 #: The highest UID of a system account (login.defs SYS_UID_MAX): a
 #: service account above it could be a person's.
@@ -11202,6 +11284,9 @@ class Pipeline:
             self.audit.append(decision_record(
                 channel, known_id or alert_id(alert), alert.action,
                 decision, detail))
+
+
+# -- the channel set and the agent --------------------------------------------
 
 
 class ChannelSet:
@@ -12916,6 +13001,8 @@ def send_summary(channels, config, event, stdout):
 # ---------------------------------------------------------------------------
 # 15 CLI
 # ---------------------------------------------------------------------------
+# build_parser() and main(argv): each command a command_NAME(args, stdout)
+# function; the errors of section 3 become exit codes here.
 
 
 def build_parser():
