@@ -593,6 +593,27 @@ class FlakySink(pamsignal.Sink):
         self.sent.append(event)
 
 
+def test_the_agent_keeps_time_by_the_clock_it_is_given(tmp_path):
+    """Agent takes its wall clock as Pipeline and Spool do: its start, a
+    degradation's event and the error's time come from that clock."""
+    config = pamsignal.parse_config("[pamsignal]\nstate_dir = %s\n"
+                                    % tmp_path)
+    record = FlakySink("record", 0)
+    agent = pamsignal.Agent(config, [pamsignal.Channel(
+        record, pamsignal.ChannelGate(pamsignal.SHOW_EVERYTHING))],
+        clock=lambda: 1796544000.5)
+    agent.impair("journal", "journalctl is not running")
+    (degraded,) = [e for e in record.sent
+                   if e.action == "monitoring_degraded"]
+    assert degraded.timestamp_us == 1796544000500000
+    metrics = pamsignal.parse_metrics(pamsignal.render_metrics(
+        agent.metric_samples(1796544060.5)))
+    assert metrics["pamsignal_start_time_seconds"] == [({}, 1796544000.5)]
+    assert metrics["pamsignal_uptime_seconds"] == [({}, 60.0)]
+    assert metrics["pamsignal_last_error_time_seconds"] == [
+        ({}, 1796544000.5)]
+
+
 def test_a_channel_failing_many_times_is_one_degraded_one_restored(
         tmp_path):
     config = pamsignal.parse_config("[pamsignal]\nstate_dir = %s\n"
