@@ -10940,8 +10940,10 @@ class Pipeline:
     (policy gate, then sink or spool), shared by `run` and `scan`.
 
     A failing sink is reported and never stops the others or the reader.
-    `clock` gives the wall time that cooldowns and rate limits run on;
-    `accounts` the UIDs of service accounts (service_account_uids).
+    `channels` are iterated for each alert (a list, or the agent's
+    ChannelSet, which a reload refills); `clock` gives the wall time that
+    cooldowns and rate limits run on; `accounts` the UIDs of service
+    accounts (service_account_uids).
     """
 
     def __init__(self, channels, detection, skip_unwatched=False,
@@ -11305,9 +11307,6 @@ class ChannelSet:
 
     def __iter__(self):
         return iter(self.channels)
-
-    def __len__(self):
-        return len(self.channels)
 
     def names(self):
         return set(channel.sink.name for channel in self.channels)
