@@ -51,6 +51,8 @@ if sys.version_info < (3, 6):  # pragma: no cover - needs an old interpreter
 # ---------------------------------------------------------------------------
 # 1 imports
 # ---------------------------------------------------------------------------
+# The standard library only. What only some configurations or commands use
+# is bound lazily (LazyModule): imported at its first use.
 import argparse  # noqa: E402
 import base64  # noqa: E402
 import bisect  # noqa: E402
@@ -125,12 +127,18 @@ urllib = LazyModule("urllib")
 # ---------------------------------------------------------------------------
 # 2 constants
 # ---------------------------------------------------------------------------
+# Fixed facts the sections share: paths, exit codes, the journal fields
+# read, limits and intervals. Constants of one section live in it.
 
 #: Where the service looks for its configuration when --config is not given.
 DEFAULT_CONFIG_PATH = "/etc/pamsignal/pamsignal.conf"
 
 #: Exit codes of main(), as documented in the README and pamsignal(8).
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 78
+
+#: What a channel's name is prefixed with, as a configuration section
+#: ([channel:NAME]) and as a health component ("channel:NAME").
+CHANNEL_PREFIX = "channel:"
 
 #: Journal fields the parser reads; journalctl prints only these (plus cursor
 #: and timestamps), which roughly doubles its throughput.
@@ -274,6 +282,8 @@ SYSTEMD_UNIT_DIR = "/etc/systemd/system"
 # ---------------------------------------------------------------------------
 # 3 errors
 # ---------------------------------------------------------------------------
+# One root, PamSignalError, whose exit_code main() returns; each kind of
+# failure a subclass.
 
 
 class PamSignalError(Exception):
@@ -316,6 +326,9 @@ class StateError(PamSignalError):
 # ---------------------------------------------------------------------------
 # 4 small pure helpers
 # ---------------------------------------------------------------------------
+# Text made safe for terminals and JSON, times, IP addresses, journal
+# values, channel names: small functions with no I/O that later sections
+# use.
 
 #: Characters that must never reach a terminal raw: C0/C1 controls, DEL, and
 #: Unicode format characters that reorder or hide text (bidi overrides, zero
@@ -323,6 +336,19 @@ class StateError(PamSignalError):
 _UNSAFE_CHARS = re.compile(
     "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
     "\u2060-\u206f\ufeff\ufff9-\ufffb]")
+
+
+def channel_section(name):
+    """A channel's name -> "channel:NAME" (its section, its component)."""
+    return CHANNEL_PREFIX + name
+
+
+def channel_named(section):
+    """The NAME of "channel:NAME" (surrounding blanks dropped), or None
+    when it names no channel."""
+    if not section.startswith(CHANNEL_PREFIX):
+        return None
+    return section[len(CHANNEL_PREFIX):].strip() or None
 
 
 def _escape_char(match):
@@ -483,6 +509,9 @@ def split_at_from(text, tail_pattern, accept=None, marker=" from "):
 # ---------------------------------------------------------------------------
 # 5 model
 # ---------------------------------------------------------------------------
+# What flows through the pipeline: Event (immutable, every field named
+# here), the actions there are (ACTIONS), and the event contract an event
+# is rendered to (event_to_ecs).
 
 #: Every field an event can carry. `context_key` and `pairing` are internal
 #: and never rendered: the first ties lines of one process or session
@@ -649,6 +678,9 @@ def event_to_ecs(event):
 # ---------------------------------------------------------------------------
 # 6 config
 # ---------------------------------------------------------------------------
+# The option tables (one per section: key -> default, check, help), the
+# checks they name, parse_config(text) -> Config, and what only a root
+# run checks: files others could change, secrets others could read.
 
 Config = collections.namedtuple(
     "Config", "path state_dir log_dir first_start journalctl host_provider "
@@ -1613,7 +1645,7 @@ def parse_config(text, path="<config>"):
         if section in ("pamsignal", "detection", "alerts", "geoip", "audit",
                        "report"):
             continue
-        if section.startswith("channel:") and section[8:].strip():
+        if channel_named(section):
             channel = _parse_channel(section, values, alerts, problem)
             if channel is not None:
                 channels.append(channel)
@@ -1683,7 +1715,7 @@ def _parse_channel(section, values, alerts, problem):
     defaults = getattr(CHANNEL_TYPES[kind], "POLICY_DEFAULTS", {})
     policy = alerts._replace(**{key: ALERT_OPTIONS[key].check(text)
                                 for key, text in defaults.items()})
-    return ChannelConfig(section[8:].strip(), kind,
+    return ChannelConfig(channel_named(section), kind,
                          policy._replace(**overrides), options)
 
 
@@ -1901,7 +1933,7 @@ def files_root_reads(config, environ, credentials=True):
               zip(GeoipConfig._fields, config.geoip) if path]
     directory = environ.get("CREDENTIALS_DIRECTORY")
     for channel in config.channels:
-        section = "channel:" + channel.name
+        section = channel_section(channel.name)
         for key, value in sorted(channel.options.items()):
             if key == "ca_file":
                 files.append((section, key, value))
@@ -1950,7 +1982,7 @@ def check_ca_files(config):
             tls_context(ca_file)
         except (OSError, ssl.SSLError) as error:
             problems.append(ConfigProblem(
-                config.path, None, "channel:" + channel.name, "ca_file",
+                config.path, None, channel_section(channel.name), "ca_file",
                 "cannot load %s: %s" % (ca_file, getattr(
                     error, "strerror", None) or error)))
     if problems:
@@ -1981,7 +2013,7 @@ def check_client_certificates(config):
         key_file = channel.options.get("key_file")
         if key_file is None:
             continue
-        section = "channel:" + channel.name
+        section = channel_section(channel.name)
         try:
             exposed = _readable_by_others(key_file, os.stat(key_file))
         except OSError as error:
@@ -3331,7 +3363,7 @@ def decode_line(line):
 
 
 # ---------------------------------------------------------------------------
-# 7b privileged sessions: TTY audit records (pam_tty_audit)
+# 7c privileged sessions: TTY audit records (pam_tty_audit)
 # ---------------------------------------------------------------------------
 #
 # With pam_tty_audit in a session's PAM stack the kernel records what is
@@ -3654,6 +3686,9 @@ def unfinished_line(carry):
 # (/proc/net/tcp*), and which provider runs this server (DMI). Every byte
 # of a database is hostile: the reader bounds every read, nesting and size
 # and says DatabaseError rather than crash, hang or fill the memory.
+
+
+# -- the MaxMind DB reader ----------------------------------------------------
 
 
 class DatabaseError(PamSignalError):
@@ -4112,6 +4147,8 @@ class GeoDatabase:
             self.reader = None
 
 
+# -- the source's context: address scope, ASN, provider -----------------------
+
 #: Address ranges that need no lookup: (network, prefix length, label),
 #: the more specific first.
 SPECIAL_RANGES = tuple(
@@ -4297,6 +4334,8 @@ def source_provider(as_number, as_organization):
     return None
 
 
+# -- this server's provider (DMI) ---------------------------------------------
+
 #: Files of /sys/class/dmi/id that name the maker of a (virtual) machine.
 DMI_FIELDS = ("sys_vendor", "product_name", "product_version", "bios_vendor",
               "bios_version", "board_vendor", "chassis_vendor",
@@ -4358,6 +4397,9 @@ def detect_host_provider(setting, root="/"):
     if setting == "auto":
         return host_provider_from_dmi(read_dmi(root))
     return setting
+
+
+# -- local addresses and connections (/proc/net) ------------------------------
 
 
 def _proc_address(hex_text, byteorder):
@@ -4472,6 +4514,8 @@ def host_addresses(root="/"):
     return sorted(ipv4, key=_packed_address) + sorted(ipv6,
                                                       key=_packed_address)
 
+
+# -- the Enricher: context added to events ------------------------------------
 
 #: Only events this recent are matched against the live connections.
 LIVE_EVENT_S = 120
@@ -4607,6 +4651,12 @@ class Enricher:
 # ---------------------------------------------------------------------------
 # 9 detection
 # ---------------------------------------------------------------------------
+# Pure, time from the events: sessions and what was typed in them, lines
+# that pair up into one event, failures and brute force, the baseline of
+# what is new, and each channel's policy and throttle (ChannelGate).
+
+
+# -- sessions and what was typed in them --------------------------------------
 
 
 class BoundedTable(collections.OrderedDict):
@@ -4892,6 +4942,9 @@ class TypedInput:
 def _process_key(event):
     """boot/PID of the process that wrote a session line."""
     return "%s/%s" % (boot_of(event), event.pid)
+
+
+# -- lines that pair up into one event ----------------------------------------
 
 
 class SudoAttempts:
@@ -5399,6 +5452,8 @@ class Run0Commands:
         return out
 
 
+# -- failures and brute force -------------------------------------------------
+
 #: The rules that remember when they last fired, per counter.
 _RULE_NAMES = frozenset(("fast", "slow", "enumeration", "distributed",
                          "success", "probes"))
@@ -5802,6 +5857,9 @@ class FailureDetector:
         return restored
 
 
+# -- the baseline: what is new ------------------------------------------------
+
+
 def network_of(event):
     """The network a login came from, as the baseline remembers it: the
     /24 of an IPv4 source, the /64 of an IPv6 one, or the host name."""
@@ -5929,6 +5987,9 @@ def _restore_seen(kind, seen):
         return None
     return [value for value in seen if type(value) is kind][
         -MAX_NETWORKS_PER_USER:]
+
+
+# -- policy and throttling: which events alert, and how often -----------------
 
 
 def _matches_any(name, patterns):
@@ -6257,6 +6318,8 @@ class ChannelGate:
 # ---------------------------------------------------------------------------
 # 10 rendering
 # ---------------------------------------------------------------------------
+# Pure: events as text, JSON, chat markup (Markup, compose) and SIEM
+# records; every value escaped for where it goes.
 
 _NEEDS_QUOTES = re.compile(r'[\s"\\=]')
 
@@ -6916,12 +6979,21 @@ def _shortened_values(values, size):
     return {key: shorten(value, size) for key, value in values.items()}
 
 
-def compose(text, line, heading, limit, escape, template=None,
-            values=None):
-    """A message in one markup: the title as `heading`, then one `line` per
-    fact and the advice; facts from the end are dropped until it fits
-    `limit` characters, so markup is never cut in half. With a template,
-    the admin's text with escaped values instead."""
+Markup = collections.namedtuple("Markup", "line heading limit escape block")
+Markup.__new__.__defaults__ = (None,)
+Markup.__doc__ = """How a channel lays out an alert's text: `line` % (label,
+value) for each fact, `heading` % title (None: no title line), at most
+`limit` characters (None: any length), every value through `escape`; a
+report summary's lines inside `block` (start, end, and the escape inside
+it: a code block; None: plain lines)."""
+
+
+def compose(text, markup, template=None, values=None):
+    """A message in a channel's `markup`: the title as its heading, then one
+    line per fact and the advice; facts from the end are dropped until it
+    fits the limit, so markup is never cut in half. With a template, the
+    admin's text with escaped values instead."""
+    line, heading, limit, escape = markup[:4]
     if template is not None:
         body = fill_template(template, values, escape)
         if len(body) <= limit:
@@ -6987,12 +7059,11 @@ def _more_lines_text(count, hostname):
         count, "" if count == 1 else "s", hostname or "the server")
 
 
-def summary_message(event, heading, limit, escape, block=None):
-    """A report summary in one markup: the title as `heading` (None: no
-    title), the report's lines inside `block` (start, end and the escape
-    inside it: a code block; None: plain lines), as many as fit in `limit`
-    characters (None: all), then "... N more lines" for the rest. A block
-    is never cut in half."""
+def summary_message(event, markup):
+    """A report summary in a channel's `markup`: the title as its heading,
+    the report's lines inside its block, as many as fit in its limit, then
+    "... N more lines" for the rest. A block is never cut in half."""
+    _, heading, limit, escape, block = markup
     start, end, inside = block or ("", "", escape)
     head = [heading % escape(summary_title(event))] if heading else []
     lines = [inside(line) for line in (event.message or "").split("\n")]
@@ -7758,6 +7829,12 @@ class AuditLog:
 # ---------------------------------------------------------------------------
 # 12 sinks and state (I/O)
 # ---------------------------------------------------------------------------
+# Every channel is a Sink (one interface, CHANNEL_TYPES the registry);
+# network channels sit behind a durable Spool that a Courier thread
+# delivers. Also the state files and the safe way to read and write them.
+
+
+# -- diagnostics, the sink contract, the console ------------------------------
 
 
 def say(level, message, stream=None):
@@ -7779,16 +7856,45 @@ def say(level, message, stream=None):
         pass  # nowhere left to complain to
 
 
-class ConsoleSink:
+class Sink:
+    """The one interface of every channel (CHANNEL_TYPES holds them by
+    type): its `name`, the options it takes (OPTIONS: key -> check) and
+    needs (REQUIRED), whether a spool and its courier stand in front of it
+    (SPOOLED), and how it lays out alert text (MARKUP, a Markup; None: no
+    layout of its own). The constructor does no I/O, open() does; send()
+    hands one alert over (or raises); flush() pushes out what was sent
+    (after each batch); close() at the end."""
+
+    OPTIONS = {}
+    REQUIRED = ()
+    SPOOLED = False
+    MARKUP = None
+
+    def __init__(self, name, options=None):
+        self.name = name
+        self.options = dict(options or {})
+
+    def open(self):
+        pass
+
+    def send(self, event, delay_s=0):
+        raise NotImplementedError
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class ConsoleSink(Sink):
     """Prints each event on standard output: a readable line or ECS JSON."""
 
     OPTIONS = {"format": _console_format}
-    REQUIRED = ()
-    SPOOLED = False
 
     def __init__(self, name, options=None, stream=None):
-        self.name = name
-        self.format = (options or {}).get("format", "text")
+        Sink.__init__(self, name, options)
+        self.format = self.options.get("format", "text")
         self.stream = stream
 
     def open(self):
@@ -7814,6 +7920,8 @@ class ConsoleSink:
     def close(self):
         self.flush()
 
+
+# -- under the network channels: answers, TLS, deadlines, HTTP ----------------
 
 #: The most of a service's answer read (error text, JSON status).
 MAX_RESPONSE_BYTES = 65536
@@ -8099,7 +8207,10 @@ def _json_body(payload):
     return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
 
-class RemoteSink:
+# -- network channels ---------------------------------------------------------
+
+
+class RemoteSink(Sink):
     """A channel that delivers over the network, behind the spool.
 
     Shared here: options, secrets (redacted from every error), TLS, the
@@ -8109,11 +8220,9 @@ class RemoteSink:
     SPOOLED = True
     OPTIONS = {"timeout": _timeout, "ca_file": _absolute_path,
                "template": _template}
-    REQUIRED = ()
 
     def __init__(self, name, options=None):
-        self.name = name
-        self.options = dict(options or {})
+        Sink.__init__(self, name, options)
         self.timeout = self.options.get("timeout", 10)
         self.template = self.options.get("template")
         self.context = None
@@ -8130,20 +8239,16 @@ class RemoteSink:
         return [secret.value for value in self.options.values()
                 for secret in option_secrets(value)]
 
-    #: How a report summary's lines are set off: (start, end, escape);
-    #: None: no block, the channel's own escape.
-    SUMMARY_BLOCK = None
-
-    def text(self, event, delay_s, line, heading, limit, escape):
-        """The alert in this channel's markup: the default layout, or the
-        admin's template. A report summary has a layout of its own."""
+    def text(self, event, delay_s, markup=None):
+        """The alert in this channel's markup (MARKUP, unless `markup` is
+        given): the default layout, or the admin's template. A report
+        summary has a layout of its own."""
+        markup = markup or self.MARKUP
         if event.action == "report_summary":
-            return summary_message(event, heading, limit, escape,
-                                   self.SUMMARY_BLOCK)
+            return summary_message(event, markup)
         alert = alert_text(event, delay_s)
         values = template_values(event, alert) if self.template else None
-        return compose(alert, line, heading, limit, escape, self.template,
-                       values)
+        return compose(alert, markup, self.template, values)
 
     def send(self, event, delay_s=0):
         """Deliver one alert now or raise DeliveryError (secrets redacted).
@@ -8157,12 +8262,6 @@ class RemoteSink:
 
     def deliver(self, event, delay_s):
         raise NotImplementedError
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 class HttpSink(RemoteSink):
@@ -8208,12 +8307,12 @@ class TelegramSink(HttpSink):
     OPTIONS = dict(HttpSink.OPTIONS, bot_token=_secret, chat_id=_chat_id,
                    api_url=_url)
     REQUIRED = ("bot_token", "chat_id")
-    SUMMARY_BLOCK = ("<pre>", "</pre>", escape_telegram)
+    MARKUP = Markup("<b>%s:</b> %s", "<b>%s</b>", 4096, escape_telegram,
+                    ("<pre>", "</pre>", escape_telegram))
 
     def request(self, event, delay_s):
         api = self.options.get("api_url", "https://api.telegram.org")
-        text = self.text(event, delay_s, "<b>%s:</b> %s", "<b>%s</b>",
-                         4096, escape_telegram)
+        text = self.text(event, delay_s)
         return ("%s/bot%s/sendMessage" % (api.rstrip("/"),
                                           self.secret("bot_token")),
                 {"Content-Type": "application/json"},
@@ -8235,11 +8334,11 @@ class SlackSink(HttpSink):
 
     OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url)
     REQUIRED = ("url",)
-    SUMMARY_BLOCK = ("```\n", "\n```", escape_slack_code)
+    MARKUP = Markup("*%s:* %s", "*%s*", 3000, escape_slack,
+                    ("```\n", "\n```", escape_slack_code))
 
     def request(self, event, delay_s):
-        text = self.text(event, delay_s, "*%s:* %s", "*%s*", 3000,
-                         escape_slack)
+        text = self.text(event, delay_s)
         return (self.secret("url"), {"Content-Type": "application/json"},
                 _json_body({"text": escape_slack(alert_text(event).title),
                             "blocks": [{"type": "section", "text": {
@@ -8251,11 +8350,11 @@ class DiscordSink(HttpSink):
 
     OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url)
     REQUIRED = ("url",)
-    SUMMARY_BLOCK = ("```\n", "\n```", escape_code_block)
+    MARKUP = Markup("**%s:** %s", "**%s**", 2000, escape_markdown,
+                    ("```\n", "\n```", escape_code_block))
 
     def request(self, event, delay_s):
-        text = self.text(event, delay_s, "**%s:** %s", "**%s**", 2000,
-                         escape_markdown)
+        text = self.text(event, delay_s)
         return (self.secret("url"), {"Content-Type": "application/json"},
                 _json_body({"content": text, "username": "PAMSignal",
                             "allowed_mentions": {"parse": []},
@@ -8267,6 +8366,7 @@ class TeamsSink(HttpSink):
 
     OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url)
     REQUIRED = ("url",)
+    MARKUP = Markup("%s: %s", None, 20000, escape_teams)
 
     def request(self, event, delay_s):
         alert = alert_text(event, delay_s)
@@ -8274,11 +8374,10 @@ class TeamsSink(HttpSink):
             body = [{"type": "TextBlock", "text": escape_teams(
                 summary_title(event)), "weight": "Bolder", "wrap": True},
                 {"type": "TextBlock", "fontType": "Monospace", "wrap": True,
-                 "text": self.text(event, delay_s, "%s: %s", None, 20000,
-                                   escape_teams)}]
+                 "text": self.text(event, delay_s)}]
         elif self.template:
-            body = [{"type": "TextBlock", "wrap": True, "text": self.text(
-                event, delay_s, "%s: %s", None, 20000, escape_teams)}]
+            body = [{"type": "TextBlock", "wrap": True,
+                     "text": self.text(event, delay_s)}]
         else:
             body = [{"type": "TextBlock", "text": escape_teams(alert.title),
                      "weight": "Bolder", "size": "Medium", "wrap": True},
@@ -8302,6 +8401,7 @@ class NtfySink(HttpSink):
 
     OPTIONS = dict(HttpSink.OPTIONS, url=_secret_url, token=_secret)
     REQUIRED = ("url",)
+    MARKUP = Markup("%s: %s", None, 4000, escape_plain)
 
     def request(self, event, delay_s):
         parts = urllib.parse.urlsplit(self.secret("url"))
@@ -8313,8 +8413,7 @@ class NtfySink(HttpSink):
             headers["Authorization"] = "Bearer " + self.secret("token")
         return (server, headers, _json_body({
             "topic": parts.path.strip("/"), "title": alert.title,
-            "message": self.text(event, delay_s, "%s: %s", None, 4000,
-                                 escape_plain),
+            "message": self.text(event, delay_s),
             "priority": severity_level(event, ((5, 9), (4, 7), (3, 5),
                                                (2, 0))),
             "tags": ["rotating_light" if event_severity(event) >= 7
@@ -8326,6 +8425,7 @@ class GotifySink(HttpSink):
 
     OPTIONS = dict(HttpSink.OPTIONS, url=_url, token=_secret)
     REQUIRED = ("url", "token")
+    MARKUP = Markup("%s: %s", None, 8000, escape_plain)
 
     def request(self, event, delay_s):
         alert = alert_text(event, delay_s)
@@ -8333,9 +8433,8 @@ class GotifySink(HttpSink):
                 {"Content-Type": "application/json",
                  "X-Gotify-Key": self.secret("token")},
                 _json_body({"title": alert.title, "priority":
-                            event_severity(event), "message": self.text(
-                                event, delay_s, "%s: %s", None, 8000,
-                                escape_plain)}))
+                            event_severity(event),
+                            "message": self.text(event, delay_s)}))
 
 
 def webhook_signature(key, message_id, timestamp, body):
@@ -8433,6 +8532,9 @@ class WhatsAppSink(HttpSink):
                    recipients=_phone_numbers, api_url=_url,
                    api_version=_graph_version)
     REQUIRED = ("token", "phone_number_id", "recipients")
+    # Plain text: WhatsApp has no escape for its *bold* marks, and no
+    # markup means none an attacker's name could use either.
+    MARKUP = Markup("%s: %s", "%s", 4096, escape_plain)
 
     #: The Graph API version used unless api_version says otherwise.
     API_VERSION = "v23.0"
@@ -8445,9 +8547,7 @@ class WhatsAppSink(HttpSink):
         """(url, headers, body bytes) of the alert for one recipient (by
         default the first)."""
         api = self.options.get("api_url", "https://graph.facebook.com")
-        # Plain text: WhatsApp has no escape for its *bold* marks, and
-        # no markup means none an attacker's name could use either.
-        text = self.text(event, delay_s, "%s: %s", "%s", 4096, escape_plain)
+        text = self.text(event, delay_s)
         return ("%s/%s/%s/messages" % (
             api.rstrip("/"), self.options.get("api_version",
                                               self.API_VERSION),
@@ -8552,6 +8652,9 @@ class PagerDutySink(HttpSink):
         return failure
 
 
+# -- e-mail -------------------------------------------------------------------
+
+
 class _DeadlineSMTPConnection:
     """An SMTP session whose connect, TLS, and every command and reply
     share one `deadline` (smtplib's timeout is per read)."""
@@ -8602,6 +8705,7 @@ class EmailSink(RemoteSink):
                "password": _secret, "sender": _email_address,
                "recipients": _email_addresses}
     REQUIRED = ("host", "sender", "recipients")
+    MARKUP = Markup("%s: %s", "%s\n", 100000, escape_plain)
 
     def message(self, event, delay_s):
         alert = alert_text(event, delay_s)
@@ -8613,13 +8717,12 @@ class EmailSink(RemoteSink):
         message["Date"] = email.utils.formatdate(localtime=False)
         message["Message-ID"] = email.utils.make_msgid("pamsignal")
         # A report summary goes whole: mail has room for it.
-        message.set_content(self.text(
-            event, delay_s, "%s: %s", "%s\n", None if event.action ==
-            "report_summary" else 100000, escape_plain))
+        message.set_content(self.text(event, delay_s, self.MARKUP._replace(
+            limit=None) if event.action == "report_summary" else None))
         if event.action == "report_summary":  # its tables need fixed width
-            message.add_alternative(summary_message(
-                event, "<p><b>%s</b></p>", None, html_text,
-                ("<pre>", "</pre>", html_text)), subtype="html")
+            message.add_alternative(summary_message(event, Markup(
+                None, "<p><b>%s</b></p>", None, html_text,
+                ("<pre>", "</pre>", html_text))), subtype="html")
         return message
 
     def deliver(self, event, delay_s):
@@ -8665,6 +8768,8 @@ class EmailSink(RemoteSink):
                 from None
 
 
+# -- the journal and syslog (SIEM) channels -----------------------------------
+
 #: The policy a log-like channel (syslog, journal) starts from: a SIEM or
 #: a log pipeline wants every event at once, so no [alerts] filtering,
 #: cooldown, rate limit or repeat digest unless the channel sets them.
@@ -8685,30 +8790,21 @@ def _journal_identifier(value):
     return value
 
 
-class JournalSink:
+class JournalSink(Sink):
     """Writes each event back to the journal (native protocol) with its
     own SYSLOG_IDENTIFIER, a MESSAGE_ID per kind and the ECS fields as
     journal fields, for Alloy, Vector, Promtail or fail2ban."""
 
     OPTIONS = {"identifier": _journal_identifier}
-    REQUIRED = ()
-    SPOOLED = False
     POLICY_DEFAULTS = EVERY_EVENT_POLICY
 
     def __init__(self, name, options=None, writer=None):
-        self.name = name
-        self.identifier = (options or {}).get("identifier",
-                                              JOURNAL_IDENTIFIER)
+        Sink.__init__(self, name, options)
+        self.identifier = self.options.get("identifier", JOURNAL_IDENTIFIER)
         self.writer = writer or JournalWriter()
-
-    def open(self):
-        pass
 
     def send(self, event, delay_s=0):
         self.writer.send(event_journal_fields(event, self.identifier))
-
-    def flush(self):
-        pass
 
     def close(self):
         self.writer.close()
@@ -8966,6 +9062,8 @@ class SyslogSink(RemoteSink):
             self.datagrams.close()
             self.datagrams = None
 
+
+# -- the registry; delivery: spool and courier --------------------------------
 
 #: channel type -> sink class; a new destination is one class here.
 CHANNEL_TYPES = {"console": ConsoleSink, "telegram": TelegramSink,
@@ -9653,6 +9751,9 @@ class Courier(threading.Thread):
         self.spool.flush()
 
 
+# -- channels as configured ---------------------------------------------------
+
+
 class GroupDirectory:
     """Which groups a user is in (primary and supplementary), from the
     account databases, reread after GROUP_CACHE_S so a change is seen."""
@@ -9717,6 +9818,9 @@ def build_channels(config, json_output=False):
             if sink.SPOOLED else None
         channels.append(Channel(sink, gate, spool))
     return channels
+
+
+# -- state files --------------------------------------------------------------
 
 
 class StateStore:
@@ -9932,6 +10036,8 @@ def valid_cursor(cursor):
 # ---------------------------------------------------------------------------
 # 13 journal source (I/O)
 # ---------------------------------------------------------------------------
+# journalctl -f -o json as a child process: its command line, its lines,
+# its cursor, and restarting it when it exits or stops following.
 
 
 def journal_matches(tty_audit=False):
@@ -10034,6 +10140,22 @@ class JournalSource:
         self.cursor_rejections = 0  # journalctl took the cursor it was given
         if realtime_us is not None:
             self.last_realtime_us = realtime_us
+
+    def to_state(self):
+        """Where to resume (state.json)."""
+        return {"cursor": self.cursor, "realtime_us": self.last_realtime_us,
+                "since_us": self.since_us}
+
+    def load_state(self, state):
+        """Resume where to_state() said; a malformed cursor is ignored."""
+        cursor = state.get("cursor")
+        if cursor is not None and not valid_cursor(cursor):
+            say("warning", "ignoring a malformed saved cursor")
+            cursor = None
+        since_us = saved_time_us(state.get("since_us"))
+        self.advance(cursor, saved_time_us(state.get("realtime_us")))
+        if since_us is not None:
+            self.since_us = since_us
 
     def pin_first_start(self, now_s):
         """Fix `now` or `-1h` to an absolute time, once, so that a restart
@@ -10507,6 +10629,12 @@ class LoginWitness:
 # ---------------------------------------------------------------------------
 # 14 runtime
 # ---------------------------------------------------------------------------
+# `run`: systemd notify and health, the metrics file, the Pipeline that
+# takes each entry to the channels (shared with scan and report), the
+# ChannelSet with its couriers, and the Agent that wires them.
+
+
+# -- systemd notify and health ------------------------------------------------
 
 
 def notify_address(environ):
@@ -10625,6 +10753,8 @@ class Health:
                          "previous one: %s" % self.reload_problem)
         return "; ".join(parts)
 
+
+# -- the metrics file ---------------------------------------------------------
 
 #: Metric name -> (type, help), in the order they are written.
 METRICS = collections.OrderedDict((
@@ -10773,6 +10903,8 @@ def suppression_samples(pipeline):
     return samples
 
 
+# -- the pipeline -------------------------------------------------------------
+
 #: The highest UID of a system account (login.defs SYS_UID_MAX): a
 #: service account above it could be a person's.
 SYSTEM_UID_MAX = 999
@@ -10809,8 +10941,10 @@ class Pipeline:
     (policy gate, then sink or spool), shared by `run` and `scan`.
 
     A failing sink is reported and never stops the others or the reader.
-    `clock` gives the wall time that cooldowns and rate limits run on;
-    `accounts` the UIDs of service accounts (service_account_uids).
+    `channels` are iterated for each alert (a list, or the agent's
+    ChannelSet, which a reload refills); `clock` gives the wall time that
+    cooldowns and rate limits run on; `accounts` the UIDs of service
+    accounts (service_account_uids).
     """
 
     def __init__(self, channels, detection, skip_unwatched=False,
@@ -10844,6 +10978,95 @@ class Pipeline:
         # What was typed in sessions (TTY audit), when tty_audit is on.
         self.typing = TypedInput() if detection.tty_audit else None
 
+    # -- state --------------------------------------------------------------
+
+    def to_state(self):
+        """The open sessions and the lines held for pairing (state.json)."""
+        return {"sessions": self.sessions.to_state(),
+                "sudo_attempts": self.sudo_attempts.to_state(),
+                "ssh_attempts": self.ssh_attempts.to_state(),
+                "program_attempts": self.program_attempts.to_state(),
+                "typed_closes": [] if self.typing is None
+                else self.typing.to_state(),
+                "door_pairs": [pairs.to_state() for pairs in
+                               self.door_pairs]}
+
+    def load_state(self, state, now_us):
+        """What to_state() saved; what is malformed is left out."""
+        self.sessions.load_state(state.get("sessions"))
+        self.sudo_attempts.load_state(state.get("sudo_attempts"))
+        self.ssh_attempts.load_state(state.get("ssh_attempts"))
+        self.program_attempts.load_state(state.get("program_attempts"))
+        if self.typing is not None:
+            self.typing.load_state(state.get("typed_closes"), now_us)
+        door_pairs = state.get("door_pairs")
+        for pairs, saved in zip(self.door_pairs, door_pairs if
+                                isinstance(door_pairs, list) else ()):
+            pairs.load_state(saved)
+
+    def detection_state(self):
+        """The detectors' counters and baseline (detection.json)."""
+        return {"counters": self.detector.to_state(),
+                "baseline": self.baseline.to_state()}
+
+    def load_detection_state(self, state, now_us):
+        self.detector.load_state(state.get("counters"), now_us)
+        self.baseline.load_state(state.get("baseline"), now_us)
+
+    def reconfigure(self, old, config, now_s):
+        """A reloaded configuration's detection settings (counters and
+        baseline carried over) and databases."""
+        if config.detection != old.detection:
+            now_us = int(now_s * 1e6)
+            detector = FailureDetector(config.detection)
+            detector.load_state(self.detector.to_state(), now_us)
+            baseline = Baseline(config.detection.learning_period)
+            baseline.load_state(self.baseline.to_state(), now_us)
+            self.detector, self.baseline = detector, baseline
+        if config.geoip != old.geoip or \
+                config.host_provider != old.host_provider:
+            self.enricher.close()
+            self.enricher = Enricher.from_config(config, True)
+            self.enricher.open(now_s)
+
+    def forget_failures(self):
+        """New channels (a reload): the old ones' failures are over."""
+        self.failing.clear()
+
+    def follow_witness(self, witness):
+        """Check logins against these login records (at the start, and when
+        a reload changed which); the logins seen so far carry over."""
+        if self.witness is not None:
+            witness.logins.extend(self.witness.logins)
+        self.witness = witness
+
+    # -- databases and closing ----------------------------------------------
+
+    def open(self, now_s):
+        """Read the databases now, so a wrong path is said at the start."""
+        if self.enricher is not None:
+            self.enricher.open(now_s)
+
+    def host_provider(self):
+        return None if self.enricher is None else self.enricher.host_provider
+
+    def database_health(self, now_s):
+        """("geoip:ROLE", its problem or None) of each configured database,
+        looked at now (a replaced file is read again)."""
+        for database in (self.enricher.databases if self.enricher is not None
+                         else ()):
+            database.current(now_s)
+            yield "geoip:" + database.role, database.problem
+
+    def close(self):
+        """The audit log and the databases, at the stop."""
+        if self.audit is not None:
+            self.audit.close()
+        if self.enricher is not None:
+            self.enricher.close()
+
+    # -- entries ------------------------------------------------------------
+
     def decode(self, line):
         """One journalctl output line -> entry dict, or None (counted, and
         complained about when it is not a journal JSON object).
@@ -10869,7 +11092,7 @@ class Pipeline:
         self.entries += 1
         return entry
 
-    def report(self, entry, now_s=None):
+    def process_entry(self, entry, now_s=None):
         """Parse one entry and send its event, then what it made the
         detector find; returns how many events were sent. `now_s` (wall
         clock) is given when the entry is live (`run`, not `scan`)."""
@@ -11066,33 +11289,236 @@ class Pipeline:
                 decision, detail))
 
 
+# -- the channel set and the agent --------------------------------------------
+
+
+class ChannelSet:
+    """The channels of a running agent with the couriers that deliver their
+    spools: opened at the start, checked each round, replaced by a reload,
+    closed at the stop. The pipeline sends through it (it iterates as its
+    channels); delivery counts outlive the couriers a reload replaces.
+    `monotonic` is the clock the stop's deadline runs on."""
+
+    def __init__(self, channels, monotonic=time.monotonic):
+        self.channels = list(channels)
+        self.monotonic = monotonic
+        self.couriers = []
+        self.delivered = collections.Counter()  # of couriers now stopped
+        self.undelivered = collections.Counter()
+
+    def __iter__(self):
+        return iter(self.channels)
+
+    def names(self):
+        return set(channel.sink.name for channel in self.channels)
+
+    def open(self, impair):
+        """Open every sink and spool, and start a courier for each spooled
+        one. A sink that cannot open yet is told to `impair(component,
+        reason)` (it is retried on each send); a spool that cannot be
+        opened degrades its channel (alerts then wait in memory)."""
+        couriers = []
+        for channel in self.channels:
+            try:
+                channel.sink.open()
+            except (OSError, ssl.SSLError) as error:  # retried on each send
+                impair(channel_section(channel.sink.name), str(error))
+            if channel.spool is not None:
+                try:
+                    channel.spool.open()
+                except OSError as error:  # alerts wait in memory meanwhile
+                    channel.spool.disk_error = "cannot open %s: %s" % (
+                        channel.spool.directory, error.strerror or error)
+                couriers.append(Courier(channel.sink, channel.spool))
+        for courier in couriers:
+            courier.start()
+        self.couriers = couriers
+
+    def close(self, reloading=False):
+        """Stop the couriers (what they did not deliver stays in the spool)
+        and close the sinks. Returns, per spool directory, the alerts kept
+        in memory because the disk refused them: a reload hands them on, a
+        stop says they are lost."""
+        # All told at once, then joined against one deadline; on reload a
+        # new courier takes each spool, so a request in flight may finish
+        # (or be sent twice).
+        for courier in self.couriers:
+            courier.stop(0)
+        deadline = self.monotonic() + (RELOAD_JOIN_S if reloading else 2.0)
+        for courier in self.couriers:
+            courier.join(max(0.0, deadline - self.monotonic()))
+            self.delivered[courier.sink.name] += courier.delivered
+            self.undelivered[courier.sink.name] += courier.failed
+        self.couriers = []
+        held = {}
+        for channel in self.channels:
+            _close_sink(channel.sink)
+            if channel.spool is not None and channel.spool.in_memory:
+                held[channel.spool.directory] = channel.spool
+                if not reloading:
+                    say("error", "channel %s: %d alert%s the disk refused "
+                        "could not be delivered before stopping and are lost"
+                        % (channel.sink.name, len(channel.spool.in_memory),
+                           "" if len(channel.spool.in_memory) == 1 else "s"))
+        return held
+
+    def replace(self, channels, held, impair):
+        """A reload's channels take over, with the alerts the closed ones
+        kept in memory (`held`, from close()), and are opened."""
+        self.channels = list(channels)
+        for channel in self.channels:  # alerts the disk refused go on waiting
+            if channel.spool is not None:
+                channel.spool.adopt(held.get(channel.spool.directory))
+        self.open(impair)
+
+    def failing(self, in_reader):
+        """channel -> error: `in_reader` (sinks that failed in the reader),
+        couriers whose last delivery attempt failed or whose request runs
+        long, and spools the disk refuses."""
+        failing = dict(in_reader)
+        for courier in self.couriers:
+            if courier.failures:
+                failing.setdefault(courier.sink.name, courier.last_error)
+            slow = courier.slow_request()
+            if slow is not None:
+                failing.setdefault(courier.sink.name, slow)
+        for channel in self.channels:
+            if channel.spool is not None and channel.spool.disk_error:
+                failing.setdefault(channel.sink.name, "its spool: %s"
+                                   % channel.spool.disk_error)
+        return failing
+
+    def counts(self, sent, failed):
+        """(sent, failed) Counters per channel: the reader's counts, except
+        that network channels count deliveries (of earlier couriers too,
+        as a reload replaces them), not hand-overs to their spool."""
+        sent, failed = collections.Counter(sent), collections.Counter(failed)
+        for name in set(self.delivered) | set(
+                courier.sink.name for courier in self.couriers):
+            sent[name] = self.delivered[name]
+        failed.update(self.undelivered)
+        for courier in self.couriers:
+            sent[courier.sink.name] += courier.delivered
+            failed[courier.sink.name] += courier.failed
+        return sent, failed
+
+
+def _close_sink(sink):
+    try:
+        sink.close()
+    except Exception as error:  # closing must not stop the others
+        say("error", "channel %s failed to close: %s" % (sink.name, error))
+
+
+def gather_metrics(now_s, health, pipeline, source, channels, running=True):
+    """The health of a running agent as (name, labels, value) for
+    render_metrics. Every channel it names becomes a known component of
+    `health` (so a degraded one reads 0 once it recovers)."""
+    samples = [
+        ("pamsignal_info", {"version": __version__}, 1),
+        ("pamsignal_running", {}, 1 if running else 0),
+        ("pamsignal_pid", {}, os.getpid()),
+        ("pamsignal_start_time_seconds", {}, health.started_s),
+        ("pamsignal_uptime_seconds", {}, now_s - health.started_s),
+        ("pamsignal_metrics_time_seconds", {}, now_s),
+        ("pamsignal_journal_entries_total", {}, pipeline.entries),
+        ("pamsignal_journal_malformed_lines_total", {},
+         pipeline.malformed),
+        ("pamsignal_journalctl_restarts_total", {},
+         max(0, source.starts - 1))]
+    if pipeline.audit is not None:
+        samples += [("pamsignal_audit_records_total", {},
+                     pipeline.audit.records),
+                    ("pamsignal_audit_unwritten_total", {},
+                     pipeline.audit.unwritten)]
+    if source.last_realtime_us is not None:
+        samples.append(("pamsignal_journal_lag_seconds", {}, max(
+            0.0, now_s - source.last_realtime_us / 1e6)))
+    samples += [("pamsignal_events_total", {"action": action}, count)
+                for action, count in sorted(pipeline.by_action.items())]
+    samples += suppression_samples(pipeline)
+    if pipeline.witness is not None:
+        samples += [("pamsignal_login_records_total", {"verdict": verdict},
+                     pipeline.witness.verdicts[verdict])
+                    for verdict in ("accounted", "unaccounted")]
+    if pipeline.typing is not None:
+        samples += [("pamsignal_tty_records_total", {"verdict": verdict},
+                     pipeline.typing.records[verdict])
+                    for verdict in ("typed", "unclaimed", "relayed")]
+    sent, failed = channels.counts(pipeline.sent, pipeline.failed)
+    names = sorted(channels.names() | set(sent) | set(failed))
+    samples += channel_samples(channels, names, sent, failed)
+    samples += [("pamsignal_config_reloads_total", {"result": result},
+                 health.reloads[result]) for result in ("ok", "failed")]
+    health.known.update(channel_section(name) for name in names)
+    samples += [("pamsignal_degraded", {"component": component},
+                 int(component in health.impaired))
+                for component in sorted(health.known)]
+    if health.last_error is not None:
+        samples += [
+            ("pamsignal_last_error_time_seconds", {}, health.last_error_s),
+            ("pamsignal_last_error_info", {"message": health.last_error},
+             1)]
+    return samples
+
+
+def channel_samples(channels, names, sent, failed):
+    """The metrics of the channels `names` and of each channel's spool."""
+    samples = [("pamsignal_alerts_sent_total", {"channel": name},
+                sent[name]) for name in names]
+    samples += [("pamsignal_alerts_failed_total", {"channel": name},
+                 failed[name]) for name in names]
+    for channel in channels:
+        if channel.spool is None:
+            continue
+        labels = {"channel": channel.sink.name}
+        samples += [
+            ("pamsignal_spool_alerts", labels, channel.spool.depth()),
+            ("pamsignal_spool_oldest_age_seconds", labels,
+             channel.spool.oldest_age_s())]
+        lost = channel.spool.lost_since_start()
+        samples += [("pamsignal_alerts_dropped_total", dict(
+            labels, action=action), count) for action, count
+            in sorted(lost.actions.items())]
+        if lost.reasons:
+            samples.append(("pamsignal_alerts_dropped_info", dict(
+                labels, users=",".join(lost.users),
+                sources=",".join(lost.sources)), 1))
+    return samples
+
+
 class Agent:
     """The `run` command: follows the journal until told to stop.
 
+    It only wires: the journal source reads, the pipeline handles entries
+    (and saves, loads and reconfigures itself), the channel set opens,
+    checks, replaces and closes the channels, the health keeps what is
+    impaired. The agent starts them, runs the loop, reloads and stops.
     Under systemd it reports through sd_notify (READY, STATUS, WATCHDOG,
     RELOADING, STOPPING); SIGHUP reloads the configuration; its health goes
-    to a Prometheus textfile that `status` reads.
+    to a Prometheus textfile that `status` reads. `clock` is the wall
+    clock, `monotonic` the one its intervals run on.
     """
 
     def __init__(self, config, channels, config_path=None, json_output=False,
-                 environ=None):
+                 environ=None, clock=time.time, monotonic=time.monotonic):
         self.config = config
         self.config_path = config_path  # as given: None means the default
         self.json_output = json_output
+        self.clock = clock
+        self.monotonic = monotonic
         self.store = StateStore(config.state_dir)
         self.detection_store = StateStore(config.state_dir, "detection.json")
         self.last_detection_save = 0.0
         self.events_at_detection_save = 0
-        self.pipeline = Pipeline(channels, config.detection,
+        self.channels = ChannelSet(channels, monotonic)
+        self.pipeline = Pipeline(self.channels, config.detection, clock=clock,
                                  enricher=Enricher.from_config(config, True),
                                  accounts=service_account_uids())
-        self.couriers = []
-        self.delivered = collections.Counter()  # of couriers now stopped
-        self.undelivered = collections.Counter()
         self.source = JournalSource(config.journalctl, config.first_start,
                                     tty_audit=config.detection.tty_audit)
         self.notifier = Notifier(environ)
-        self.health = Health(time.time())
+        self.health = Health(clock())
         self.stopping = False
         self.reload_requested = False
         self.last_save = 0.0
@@ -11135,6 +11561,8 @@ class Agent:
         self.reload_requested = True
 
     def restore(self):
+        """Where to resume, the sessions and held lines, and the detection
+        counters, from the state files."""
         state = self.store.load()
         if self.store.damaged_at is not None:
             # Some repeats, never lost logins: from before its last write.
@@ -11145,68 +11573,49 @@ class Agent:
             say("warning", "ignoring %s of another version"
                 % self.detection_store.path)
             detection = {}
-        now_us = int(time.time() * 1e6)
-        self.pipeline.detector.load_state(detection.get("counters"), now_us)
-        self.pipeline.baseline.load_state(detection.get("baseline"), now_us)
-        cursor = state.get("cursor")
-        if cursor is not None and not valid_cursor(cursor):
-            say("warning", "ignoring a malformed saved cursor")
-            cursor = None
-        since_us = saved_time_us(state.get("since_us"))
-        self.source.advance(cursor, saved_time_us(state.get("realtime_us")))
-        if since_us is not None:
-            self.source.since_us = since_us
-        self.pipeline.sessions.load_state(state.get("sessions"))
-        self.pipeline.sudo_attempts.load_state(state.get("sudo_attempts"))
-        self.pipeline.ssh_attempts.load_state(state.get("ssh_attempts"))
-        self.pipeline.program_attempts.load_state(
-            state.get("program_attempts"))
-        if self.pipeline.typing is not None:
-            self.pipeline.typing.load_state(state.get("typed_closes"),
-                                            now_us)
-        door_pairs = state.get("door_pairs")
-        for pairs, saved in zip(self.pipeline.door_pairs, door_pairs if
-                                isinstance(door_pairs, list) else ()):
-            pairs.load_state(saved)
+        now_us = int(self.clock() * 1e6)
+        self.pipeline.load_detection_state(detection, now_us)
+        self.source.load_state(state)
+        self.pipeline.load_state(state, now_us)
 
     # -- saving -------------------------------------------------------------
 
     def save(self, now, durable=True):
         """Save cursor and sessions; a failure degrades, never stops, the
         agent (it keeps the state in memory and tries again)."""
-        if self._guarded("state", lambda: self.store.save({
-                "version": 1, "cursor": self.source.cursor,
-                "realtime_us": self.source.last_realtime_us,
-                "since_us": self.source.since_us,
-                "sessions": self.pipeline.sessions.to_state(),
-                "sudo_attempts": self.pipeline.sudo_attempts.to_state(),
-                "ssh_attempts": self.pipeline.ssh_attempts.to_state(),
-                "program_attempts":
-                    self.pipeline.program_attempts.to_state(),
-                "typed_closes": [] if self.pipeline.typing is None
-                else self.pipeline.typing.to_state(),
-                "door_pairs": [pairs.to_state() for pairs in
-                               self.pipeline.door_pairs]},
-                durable)):
+        if self._guarded("state", lambda: self.store.save(
+                self._state(), durable)):
             self.unsaved = False
         if durable:
             self.last_save = now
+
+    def _state(self):
+        state = {"version": 1}
+        state.update(self.source.to_state())
+        state.update(self.pipeline.to_state())
+        return state
 
     def save_detection(self, now):
         """Save counters and baseline if any event came since last time."""
         self.last_detection_save = now
         if self.pipeline.events == self.events_at_detection_save:
             return
-        if self._guarded("detection_state", lambda: self.detection_store.save({
-                "version": 1, "counters": self.pipeline.detector.to_state(),
-                "baseline": self.pipeline.baseline.to_state()})):
+        state = {"version": 1}
+        state.update(self.pipeline.detection_state())
+        if self._guarded("detection_state",
+                         lambda: self.detection_store.save(state)):
             self.events_at_detection_save = self.pipeline.events
 
     def write_metrics(self, now, running=True):
         self.last_metrics = now
-        text = render_metrics(self.metric_samples(time.time(), running))
+        text = render_metrics(self.metric_samples(self.clock(), running))
         self._guarded("metrics", lambda: replace_file(
             metrics_path(self.config), text, mode=0o644))
+
+    def metric_samples(self, now_s, running=True):
+        """The health as (name, labels, value) for render_metrics."""
+        return gather_metrics(now_s, self.health, self.pipeline, self.source,
+                              self.channels, running)
 
     def _guarded(self, component, write):
         """Run a write; True if it worked. Its failure impairs the
@@ -11224,7 +11633,7 @@ class Agent:
     def impair(self, component, reason):
         """Something the monitoring needs broke: say so once (log, event,
         STATUS=), however often it is retried."""
-        now_s = time.time()
+        now_s = self.clock()
         if self.health.impair(component, reason, now_s):
             say("error", "monitoring degraded: %s: %s" % (component, reason))
             self.pipeline.announce(agent_event(
@@ -11235,7 +11644,7 @@ class Agent:
         if self.health.restore(component):
             say("info", "monitoring restored: %s" % component)
             self.pipeline.announce(agent_event(
-                "monitoring_restored", time.time(), component,
+                "monitoring_restored", self.clock(), component,
                 "%s works again" % component))
             self.update_status()
 
@@ -11260,47 +11669,34 @@ class Agent:
         elif now - source.started_at >= JOURNAL_RECOVERED_S:
             self.restore_component("journal")
 
-    def failing_channels(self):
-        """channel -> error: sinks that failed in the reader, and couriers
-        whose last delivery attempt failed."""
-        failing = dict(self.pipeline.failing)
-        for courier in self.couriers:
-            if courier.failures:
-                failing.setdefault(courier.sink.name, courier.last_error)
-            slow = courier.slow_request()
-            if slow is not None:
-                failing.setdefault(courier.sink.name, slow)
-        for channel in self.pipeline.channels:
-            if channel.spool is not None and channel.spool.disk_error:
-                failing.setdefault(channel.sink.name, "its spool: %s"
-                                   % channel.spool.disk_error)
-        return failing
-
     def check_databases(self, now_s):
         """A configured [geoip] file that is missing or broken is impaired
         until a usable file replaces it (looked at every few seconds)."""
         configured = set()
-        for database in self.pipeline.enricher.databases:
-            database.current(now_s)
-            configured.add("geoip:" + database.role)
-            if database.problem is not None:
-                self.impair("geoip:" + database.role, database.problem)
+        for component, problem in self.pipeline.database_health(now_s):
+            configured.add(component)
+            if problem is not None:
+                self.impair(component, problem)
             else:
-                self.restore_component("geoip:" + database.role)
+                self.restore_component(component)
         for component in list(self.health.impaired):
             if component.startswith("geoip:") and component not in configured:
                 self.restore_component(component)  # no longer configured
 
+    def failing_channels(self):
+        """channel -> error, in the reader or in delivery."""
+        return self.channels.failing(self.pipeline.failing)
+
     def check_channels(self):
         """A channel that failed is impaired until it works again."""
-        names = set(channel.sink.name for channel in self.pipeline.channels)
+        names = self.channels.names()
         failing = self.failing_channels()
         for name, error in sorted(failing.items()):
-            self.impair("channel:" + name, error)
+            self.impair(channel_section(name), error)
         for component in list(self.health.impaired):
-            if component.startswith("channel:") and (
-                    component[8:] not in failing or
-                    component[8:] not in names):
+            name = channel_named(component)
+            if name is not None and (name not in failing or
+                                     name not in names):
                 self.restore_component(component)
 
     def check_login_records(self, now):
@@ -11313,10 +11709,8 @@ class Agent:
             self.witness_setting = setting
             witness = LoginWitness([LoginRecordFile(path) for path in
                                     login_record_paths(setting)])
-            witness.open(int(time.time() * 1e6))
-            if self.pipeline.witness is not None:
-                witness.logins.extend(self.pipeline.witness.logins)
-            self.pipeline.witness = witness
+            witness.open(int(self.clock() * 1e6))
+            self.pipeline.follow_witness(witness)
             say("info", "login records: %s" % (", ".join(
                 records.path for records in witness.files) or "off"))
         if now - self.last_witness_check < LOGIN_RECORDS_POLL_S:
@@ -11325,7 +11719,7 @@ class Agent:
         witness = self.pipeline.witness
         quiet = self.source.process is not None and \
             now - self.source.last_activity >= LOGIN_RECORDS_POLL_S
-        now_s = time.time()
+        now_s = self.clock()
         found = witness.check(self.source.last_realtime_us,
                               int(now_s * 1e6) if quiet else None)
         hostname = socket.gethostname()
@@ -11345,138 +11739,18 @@ class Agent:
         self.notifier.set_status(self.health.summary(
             self.pipeline.entries, self.pipeline.events), *fields)
 
-    def metric_samples(self, now_s, running=True):
-        """The health as (name, labels, value) for render_metrics."""
-        health, pipeline = self.health, self.pipeline
-        samples = [
-            ("pamsignal_info", {"version": __version__}, 1),
-            ("pamsignal_running", {}, 1 if running else 0),
-            ("pamsignal_pid", {}, os.getpid()),
-            ("pamsignal_start_time_seconds", {}, health.started_s),
-            ("pamsignal_uptime_seconds", {}, now_s - health.started_s),
-            ("pamsignal_metrics_time_seconds", {}, now_s),
-            ("pamsignal_journal_entries_total", {}, pipeline.entries),
-            ("pamsignal_journal_malformed_lines_total", {},
-             pipeline.malformed),
-            ("pamsignal_journalctl_restarts_total", {},
-             max(0, self.source.starts - 1))]
-        if pipeline.audit is not None:
-            samples += [("pamsignal_audit_records_total", {},
-                         pipeline.audit.records),
-                        ("pamsignal_audit_unwritten_total", {},
-                         pipeline.audit.unwritten)]
-        if self.source.last_realtime_us is not None:
-            samples.append(("pamsignal_journal_lag_seconds", {}, max(
-                0.0, now_s - self.source.last_realtime_us / 1e6)))
-        samples += [("pamsignal_events_total", {"action": action}, count)
-                    for action, count in sorted(pipeline.by_action.items())]
-        samples += suppression_samples(pipeline)
-        if pipeline.witness is not None:
-            samples += [("pamsignal_login_records_total", {"verdict": verdict},
-                         pipeline.witness.verdicts[verdict])
-                        for verdict in ("accounted", "unaccounted")]
-        if pipeline.typing is not None:
-            samples += [("pamsignal_tty_records_total", {"verdict": verdict},
-                         pipeline.typing.records[verdict])
-                        for verdict in ("typed", "unclaimed", "relayed")]
-        sent, failed = collections.Counter(pipeline.sent), \
-            collections.Counter(pipeline.failed)
-        # Network channels count deliveries (of earlier couriers too, as
-        # a reload replaces them), not hand-overs to their spool.
-        for name in set(self.delivered) | set(
-                courier.sink.name for courier in self.couriers):
-            sent[name] = self.delivered[name]
-        failed.update(self.undelivered)
-        for courier in self.couriers:
-            sent[courier.sink.name] += courier.delivered
-            failed[courier.sink.name] += courier.failed
-        channels = sorted(set(channel.sink.name for channel
-                              in pipeline.channels) | set(sent) | set(failed))
-        samples += [("pamsignal_alerts_sent_total", {"channel": name},
-                     sent[name]) for name in channels]
-        samples += [("pamsignal_alerts_failed_total", {"channel": name},
-                     failed[name]) for name in channels]
-        for channel in pipeline.channels:
-            if channel.spool is not None:
-                labels = {"channel": channel.sink.name}
-                samples += [
-                    ("pamsignal_spool_alerts", labels, channel.spool.depth()),
-                    ("pamsignal_spool_oldest_age_seconds", labels,
-                     channel.spool.oldest_age_s())]
-                lost = channel.spool.lost_since_start()
-                samples += [("pamsignal_alerts_dropped_total", dict(
-                    labels, action=action), count) for action, count
-                    in sorted(lost.actions.items())]
-                if lost.reasons:
-                    samples.append(("pamsignal_alerts_dropped_info", dict(
-                        labels, users=",".join(lost.users),
-                        sources=",".join(lost.sources)), 1))
-        samples += [("pamsignal_config_reloads_total", {"result": result},
-                     health.reloads[result]) for result in ("ok", "failed")]
-        health.known.update("channel:" + name for name in channels)
-        samples += [("pamsignal_degraded", {"component": component},
-                     int(component in health.impaired))
-                    for component in sorted(health.known)]
-        if health.last_error is not None:
-            samples += [
-                ("pamsignal_last_error_time_seconds", {}, health.last_error_s),
-                ("pamsignal_last_error_info", {"message": health.last_error},
-                 1)]
-        return samples
-
     # -- channels -------------------------------------------------------------
 
-    def open_channels(self, channels):
-        """Open every sink and spool, and start a courier for each spooled
-        one; a spool that cannot be opened degrades its channel (alerts
-        then wait in memory)."""
-        couriers = []
-        for channel in channels:
-            try:
-                channel.sink.open()
-            except (OSError, ssl.SSLError) as error:  # retried on each send
-                self.impair("channel:" + channel.sink.name, str(error))
-            if channel.spool is not None:
-                try:
-                    channel.spool.open()
-                except OSError as error:  # alerts wait in memory meanwhile
-                    channel.spool.disk_error = "cannot open %s: %s" % (
-                        channel.spool.directory, error.strerror or error)
-                couriers.append(Courier(channel.sink, channel.spool))
-        for courier in couriers:
-            courier.start()
-        return couriers
+    def open_channels(self):
+        """Open the channels; one whose sink cannot open yet is impaired."""
+        self.channels.open(self.impair)
 
     def close_channels(self, reloading=False):
-        """Send held digests, make spools durable, stop the couriers (what
-        they did not deliver stays in the spool) and close the sinks.
-        Returns, per spool directory, the alerts kept in memory because
-        the disk refused them: a reload hands them on, a stop says they are
-        lost."""
+        """Send held digests, make spools durable, then close the channels
+        (ChannelSet.close: what the disk refused, per spool directory)."""
         self.pipeline.drain()
         self.pipeline.flush()
-        # All told at once, then joined against one deadline; on reload a
-        # new courier takes each spool, so a request in flight may finish
-        # (or be sent twice).
-        for courier in self.couriers:
-            courier.stop(0)
-        deadline = time.monotonic() + (RELOAD_JOIN_S if reloading else 2.0)
-        for courier in self.couriers:
-            courier.join(max(0.0, deadline - time.monotonic()))
-            self.delivered[courier.sink.name] += courier.delivered
-            self.undelivered[courier.sink.name] += courier.failed
-        self.couriers = []
-        held = {}
-        for channel in self.pipeline.channels:
-            self._close_sink(channel.sink)
-            if channel.spool is not None and channel.spool.in_memory:
-                held[channel.spool.directory] = channel.spool
-                if not reloading:
-                    say("error", "channel %s: %d alert%s the disk refused "
-                        "could not be delivered before stopping and are lost"
-                        % (channel.sink.name, len(channel.spool.in_memory),
-                           "" if len(channel.spool.in_memory) == 1 else "s"))
-        return held
+        return self.channels.close(reloading)
 
     # -- reloading ------------------------------------------------------------
 
@@ -11501,7 +11775,7 @@ class Agent:
         self.update_status("READY=1")
 
     def _reload_failed(self, problems):
-        now_s = time.time()
+        now_s = self.clock()
         self.health.reloads["failed"] += 1
         self.health.reload_problem = "%s%s" % (problems[0], "" if len(
             problems) == 1 else " (and %d more)" % (len(problems) - 1))
@@ -11533,39 +11807,16 @@ class Agent:
         return config
 
     def _apply(self, config, channels):
-        old, pipeline = self.config, self.pipeline
         held = self.close_channels(reloading=True)
-        pipeline.channels = channels
-        pipeline.failing.clear()
-        for channel in channels:  # alerts the disk refused go on waiting
-            if channel.spool is not None:
-                channel.spool.adopt(held.get(channel.spool.directory))
-        self.couriers = self.open_channels(channels)
-        if config.detection != old.detection:
-            now_us = int(time.time() * 1e6)
-            detector = FailureDetector(config.detection)
-            detector.load_state(pipeline.detector.to_state(), now_us)
-            baseline = Baseline(config.detection.learning_period)
-            baseline.load_state(pipeline.baseline.to_state(), now_us)
-            pipeline.detector, pipeline.baseline = detector, baseline
-        if config.geoip != old.geoip or \
-                config.host_provider != old.host_provider:
-            pipeline.enricher.close()
-            pipeline.enricher = Enricher.from_config(config, True)
-            pipeline.enricher.open(time.time())
+        self.pipeline.forget_failures()
+        self.channels.replace(channels, held, self.impair)
+        self.pipeline.reconfigure(self.config, config, self.clock())
         self.config = config
         self.health.reloads["ok"] += 1
         self.health.reload_problem = None
         say("info", "configuration reloaded from %s (%d channel%s)" % (
             config.path, len(channels), "" if len(channels) == 1 else "s"))
         self.check_channels()
-
-    @staticmethod
-    def _close_sink(sink):
-        try:
-            sink.close()
-        except Exception as error:  # closing must not stop the others
-            say("error", "channel %s failed to close: %s" % (sink.name, error))
 
     # -- running --------------------------------------------------------------
 
@@ -11578,7 +11829,7 @@ class Agent:
             cursor = journal_text(entry.get("__CURSOR"))
             if cursor is not None and cursor == self.source.skip_cursor:
                 continue  # the last entry before a refused cursor, again
-            produced += self.pipeline.report(entry, time.time())
+            produced += self.pipeline.process_entry(entry, self.clock())
             if cursor is not None and valid_cursor(cursor):
                 self.source.advance(cursor, _entry_timestamp(entry))
                 self.unsaved = True
@@ -11599,9 +11850,9 @@ class Agent:
         self.store.prepare()
         self.restore()
         self.open_audit_log()
-        self.couriers = self.open_channels(self.pipeline.channels)
-        self.pipeline.enricher.open(time.time())
-        now = time.monotonic()
+        self.open_channels()
+        self.pipeline.open(self.clock())
+        now = self.monotonic()
         self.source.start(now)
         self.save(now)  # the start position, should it stop before any entry
         say("info", "pamsignal %s following the journal (%s)" % (
@@ -11610,7 +11861,7 @@ class Agent:
             % self.config.first_start))
         addresses = host_addresses()
         say("info", "this host: %s; addresses %s" % (
-            self.pipeline.enricher.host_provider or "provider unknown",
+            self.pipeline.host_provider() or "provider unknown",
             ", ".join(addresses[:16]) or "unknown"))
         self.update_status("READY=1")
         # Wake up often enough to ping the watchdog in time.
@@ -11619,9 +11870,9 @@ class Agent:
             while not self.stopping:
                 self.notifier.ping(now)
                 lines = self.source.read(wait_s)
-                now = time.monotonic()
+                now = self.monotonic()
                 self.follow_lines(lines, now)
-                if self.pipeline.tick(time.time()):
+                if self.pipeline.tick(self.clock()):
                     self.unsaved = True
                 self.pipeline.flush()
                 if self.reload_requested and not self.stopping:
@@ -11635,7 +11886,7 @@ class Agent:
                     self.check_journal(now)
                 self.check_channels()
                 self.check_audit_log()
-                self.check_databases(time.time())
+                self.check_databases(self.clock())
                 self.check_login_records(now)
                 if self.last_metrics is None or \
                         now - self.last_metrics >= METRICS_FLUSH_S:
@@ -11643,7 +11894,7 @@ class Agent:
                     self.update_status()
         finally:
             self.notifier.notify("STOPPING=1", "STATUS=Stopping")
-            now = time.monotonic()
+            now = self.monotonic()
             self.pipeline.drain()
             self.pipeline.flush()
             if self.unsaved:
@@ -11652,9 +11903,7 @@ class Agent:
             self.source.stop()
             self.write_metrics(now, running=False)
             self.close_channels()
-            if self.pipeline.audit is not None:
-                self.pipeline.audit.close()
-            self.pipeline.enricher.close()
+            self.pipeline.close()
         say("info", "stopped after %d entries, %d events"
             % (self.pipeline.entries, self.pipeline.events))
         return EXIT_OK
@@ -12077,18 +12326,15 @@ class PassGate:
         return []
 
 
-class ReportSink:
+class ReportSink(Sink):
     """The Pipeline's channel for a report: each event to the builder."""
 
     def __init__(self, builder):
-        self.name = "report"
+        Sink.__init__(self, "report")
         self.builder = builder
 
     def send(self, event, delay_s=0):
         self.builder.add(event)
-
-    def flush(self):
-        pass
 
 
 # Rendering: the document as text for a terminal or a file.
@@ -12755,6 +13001,8 @@ def send_summary(channels, config, event, stdout):
 # ---------------------------------------------------------------------------
 # 15 CLI
 # ---------------------------------------------------------------------------
+# build_parser() and main(argv): each command a command_NAME(args, stdout)
+# function; the errors of section 3 become exit codes here.
 
 
 def build_parser():
@@ -12889,7 +13137,7 @@ def command_scan(args, stdout):
         for line in stream:
             entry = None if line.isspace() else pipeline.decode(line)
             if entry is not None:
-                pipeline.report(entry)
+                pipeline.process_entry(entry)
     pipeline.finish()
     sink.close()
     if pipeline.malformed and not pipeline.entries:
@@ -12966,7 +13214,7 @@ def command_report(args, stdout):
                 entry = None if line.isspace() else pipeline.decode(line)
                 if entry is not None and in_range(entry, args.since_us,
                                                   args.until_us):
-                    pipeline.report(entry)
+                    pipeline.process_entry(entry)
                 progress.update(pipeline.entries)
     finally:
         progress.done()

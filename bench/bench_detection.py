@@ -61,19 +61,15 @@ def peak_rss_mib():
     return float("nan")
 
 
-class CountingSink:
+class CountingSink(pamsignal.Sink):
     """A channel that only counts what reaches it (the policy decides)."""
 
-    name = "counting"
-
     def __init__(self):
+        pamsignal.Sink.__init__(self, "counting")
         self.alerts = 0
 
-    def send(self, alert):
+    def send(self, event, delay_s=0):
         self.alerts += 1
-
-    def flush(self):
-        pass
 
 
 def scan_pipeline(config, sink):
@@ -98,7 +94,7 @@ def replay(export, config):
     for line in export:
         entry = pipeline.decode(line)
         if entry is not None:
-            pipeline.report(entry)
+            pipeline.process_entry(entry)
         lines += 1
     pipeline.drain()
     seconds = time.perf_counter() - started
@@ -156,7 +152,7 @@ def stage_costs(count):
     def whole(pipeline, line):
         entry = pipeline.decode(line)
         if entry is not None:
-            pipeline.report(entry)
+            pipeline.process_entry(entry)
 
     def without_enrichment(pipeline):
         pipeline.enricher = None

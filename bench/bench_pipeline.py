@@ -183,7 +183,7 @@ def in_process_rate(lines, module=pamsignal):
     for line in lines:
         entry = pipeline.decode(line)
         if entry is not None:
-            pipeline.report(entry)
+            pipeline.process_entry(entry)
     return len(lines) / (time.perf_counter() - started), pipeline.events
 
 

@@ -271,7 +271,7 @@ def stage_costs(export):
     def report(flow, line):
         entry = flow.decode(line)
         if entry is not None:
-            flow.report(entry)
+            flow.process_entry(entry)
 
     def best(step):
         runs = []

@@ -255,8 +255,8 @@ def test_long_alerts_are_shortened_never_refused():
         text = visible_text(kind, body)
         assert len(text) <= LIMITS.get(kind, 30000), kind
         assert "Login: " in text or "Login\\: " in text, kind
-    tight = pamsignal.compose(pamsignal.alert_text(huge), "<b>%s:</b> %s",
-                              "<b>%s</b>", 120, pamsignal.escape_html)
+    tight = pamsignal.compose(pamsignal.alert_text(huge), pamsignal.Markup(
+        "<b>%s:</b> %s", "<b>%s</b>", 120, pamsignal.escape_html))
     assert len(tight) <= 120 and tight.count("<b>") == tight.count("</b>")
 
 
@@ -473,8 +473,9 @@ def test_escaping_that_lengthens_text_still_fills_the_limit():
     long_command = event("sudo_command", command_line="&" * 290)
     alert = pamsignal.alert_text(long_command)
     values = pamsignal.template_values(long_command, alert)
-    text = pamsignal.compose(alert, "", "", 4096, pamsignal.escape_html,
-                             "<b>{title}</b>" + "{command}" * 15, values)
+    text = pamsignal.compose(
+        alert, pamsignal.Markup("", "", 4096, pamsignal.escape_html),
+        "<b>{title}</b>" + "{command}" * 15, values)
     assert text.startswith('<b>sudo: alice on web1</b>"&amp;')
     assert 4000 < len(text) <= 4096
 

@@ -376,12 +376,11 @@ def test_redirects_are_not_followed(receiver):
     assert "GOTIFYKEY" not in str(raised.value)
 
 
-class Broken:
+class Broken(pamsignal.Sink):
     """A sink with a bug for one alert: it raises something unexpected."""
 
-    name = "broken"
-
     def __init__(self):
+        pamsignal.Sink.__init__(self, "broken")
         self.sent = []
 
     def send(self, event, delay_s=0):
@@ -432,7 +431,7 @@ def test_a_spool_that_cannot_be_opened_keeps_its_channel_degraded(
         "[pamsignal]\nstate_dir = %s\n[channel:hook]\ntype = webhook\n"
         "url = %s/hook\n" % (state, receiver.url))
     agent = pamsignal.Agent(config, pamsignal.build_channels(config))
-    agent.couriers = agent.open_channels(agent.pipeline.channels)
+    agent.open_channels()
     try:
         for _ in range(3):
             agent.check_channels()
@@ -447,11 +446,12 @@ def test_delivery_counts_survive_a_reload(receiver, tmp_path):
         "[pamsignal]\nstate_dir = %s\n[channel:hook]\ntype = webhook\n"
         "url = %s/hook\n" % (tmp_path / "state", receiver.url))
     agent = pamsignal.Agent(config, pamsignal.build_channels(config))
-    agent.couriers = agent.open_channels(agent.pipeline.channels)
+    agent.open_channels()
     (channel,) = agent.pipeline.channels
     channel.spool.put(login())
     channel.spool.flush()
-    assert wait_for(lambda: agent.couriers[0].delivered == 1, timeout=20)
+    assert wait_for(lambda: agent.channels.couriers[0].delivered == 1,
+                    timeout=20)
     agent._apply(config, pamsignal.build_channels(config))
     try:
         metrics = pamsignal.parse_metrics(pamsignal.render_metrics(
@@ -530,7 +530,7 @@ def test_a_request_past_its_deadline_fails_and_degrades_the_channel(
     agent, channel = spooled_agent(
         tmp_path, "[channel:slow]\ntype = webhook\nurl = %s/hook\n"
         "timeout = 60s\n" % receiver.url, [login()])
-    agent.couriers = agent.open_channels([channel])
+    agent.open_channels()
     try:
         # A request in flight longer than SLOW_REQUEST_S: degraded already.
         assert wait_for(lambda: "slow" in agent.failing_channels(),
@@ -542,7 +542,7 @@ def test_a_request_past_its_deadline_fails_and_degrades_the_channel(
         assert ({"component": "channel:slow"}, 1.0) in metrics[
             "pamsignal_degraded"]
     finally:
-        for courier in agent.couriers:
+        for courier in agent.channels.couriers:
             courier.stop(0)
     receiver.stop()
 

@@ -330,18 +330,15 @@ def test_host_provider_only_on_live_events():
 # ---------------------------------------------------------------- pipeline
 
 
-class Collect:
-    name = "collect"
+class Collect(pamsignal.Sink):
     events = frozenset(pamsignal.ACTIONS)
 
     def __init__(self):
+        pamsignal.Sink.__init__(self, "collect")
         self.sent = []
 
-    def send(self, event):
+    def send(self, event, delay_s=0):
         self.sent.append(event)
-
-    def flush(self):
-        pass
 
 
 def everything_to(sink):
@@ -356,7 +353,7 @@ def test_the_pipeline_enriches_before_detection(databases):
         everything_to(sink), pamsignal.parse_config(
             "[detection]\nlearning_period = 0s\n").detection,
         enricher=enricher_for(databases))
-    pipeline.report(make_entry(
+    pipeline.process_entry(make_entry(
         "sshd", "Accepted password for alice from 8.8.8.8 port 4242 ssh2"))
     login_event, new_source = sink.sent
     assert login_event.source_as_number == 15169
@@ -373,7 +370,7 @@ def test_a_brute_force_alert_carries_its_sources_context(databases):
                                   pamsignal.default_config().detection,
                                   enricher=enricher_for(databases))
     for sequence in range(1, 6):
-        pipeline.report(make_entry(
+        pipeline.process_entry(make_entry(
             "sshd", "Failed password for root from 31.13.64.7 port %d ssh2"
             % (4000 + sequence), sequence=sequence))
     (alert,) = [e for e in sink.sent if e.action == "brute_force_detected"]
@@ -391,7 +388,7 @@ def test_a_failing_enricher_never_costs_the_event(capsys):
     pipeline = pamsignal.Pipeline(everything_to(sink),
                                   pamsignal.default_config().detection,
                                   enricher=Failing())
-    assert pipeline.report(make_entry(
+    assert pipeline.process_entry(make_entry(
         "sshd", "Accepted password for bob from 8.8.8.8 port 1 ssh2")) >= 1
     assert sink.sent[0].user == "bob"
     assert "enrichment failed on login_success" in capsys.readouterr().err

@@ -306,7 +306,7 @@ def test_pipeline_routes_each_channel_through_its_own_policy():
     pipeline = pamsignal.Pipeline(channels, config.detection,
                                   clock=lambda: clock[0])
     for n in range(8):
-        pipeline.report(pamsignal.decode_line(json.dumps(
+        pipeline.process_entry(pamsignal.decode_line(json.dumps(
             failed_entry(n)).encode()))
     seen = [json.loads(line)["event"]["action"]
             for line in screen.getvalue().splitlines()]

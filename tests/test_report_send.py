@@ -345,12 +345,13 @@ def test_a_cut_summary_always_fits_and_counts_what_it_left_out():
     event = pamsignal.Event(action="report_summary", timestamp_us=0,
                             hostname="web1", detail="today",
                             message="\n".join(lines))
-    block = pamsignal.TelegramSink.SUMMARY_BLOCK
-    whole = pamsignal.summary_message(event, "<b>%s</b>", None,
-                                      pamsignal.escape_telegram, block)
+    markup = pamsignal.TelegramSink.MARKUP
+    assert markup.heading == "<b>%s</b>"
+    assert markup.escape is pamsignal.escape_telegram
+    whole = pamsignal.summary_message(event, markup._replace(limit=None))
     for limit in range(120, len(whole) + 1):
-        text = pamsignal.summary_message(event, "<b>%s</b>", limit,
-                                         pamsignal.escape_telegram, block)
+        text = pamsignal.summary_message(event,
+                                         markup._replace(limit=limit))
         assert len(text) <= limit
         assert text.count("<pre>") == text.count("</pre>") == 1
         inside = html.unescape(re.search(r"<pre>(.*)</pre>", text, re.S)

@@ -578,15 +578,13 @@ def test_failing_console_channel_is_degraded_not_fatal(tmp_path):
     assert "No space left on device: 'standard output'" in stderr
 
 
-class FlakySink:
+class FlakySink(pamsignal.Sink):
     """A channel that fails `failures` times, then works."""
 
     def __init__(self, name, failures):
-        self.name, self.failures = name, failures
+        pamsignal.Sink.__init__(self, name)
+        self.failures = failures
         self.sent = []
-
-    def open(self):
-        pass
 
     def send(self, event, delay_s=0):
         if self.failures:
@@ -594,11 +592,26 @@ class FlakySink:
             raise OSError("connection refused")
         self.sent.append(event)
 
-    def flush(self):
-        pass
 
-    def close(self):
-        pass
+def test_the_agent_keeps_time_by_the_clock_it_is_given(tmp_path):
+    """Agent takes its wall clock as Pipeline and Spool do: its start, a
+    degradation's event and the error's time come from that clock."""
+    config = pamsignal.parse_config("[pamsignal]\nstate_dir = %s\n"
+                                    % tmp_path)
+    record = FlakySink("record", 0)
+    agent = pamsignal.Agent(config, [pamsignal.Channel(
+        record, pamsignal.ChannelGate(pamsignal.SHOW_EVERYTHING))],
+        clock=lambda: 1796544000.5)
+    agent.impair("journal", "journalctl is not running")
+    (degraded,) = [e for e in record.sent
+                   if e.action == "monitoring_degraded"]
+    assert degraded.timestamp_us == 1796544000500000
+    metrics = pamsignal.parse_metrics(pamsignal.render_metrics(
+        agent.metric_samples(1796544060.5)))
+    assert metrics["pamsignal_start_time_seconds"] == [({}, 1796544000.5)]
+    assert metrics["pamsignal_uptime_seconds"] == [({}, 60.0)]
+    assert metrics["pamsignal_last_error_time_seconds"] == [
+        ({}, 1796544000.5)]
 
 
 def test_a_channel_failing_many_times_is_one_degraded_one_restored(

@@ -407,12 +407,12 @@ def test_a_wrong_ca_or_host_name_is_refused_and_the_alert_waits(
                 certs.other_ca_file if wrong == "ca" else certs.ca_file)))
         channels = pamsignal.build_channels(config)
         agent = pamsignal.Agent(config, channels)
-        agent.couriers = agent.open_channels(channels)
+        agent.open_channels()
         (channel,) = channels
         login = numbered(1)[0]
         channel.spool.put(login)
         channel.spool.flush()
-        (courier,) = agent.couriers
+        (courier,) = agent.channels.couriers
         assert wait_for(lambda: courier.failed >= 1, timeout=20)
         agent.check_channels()
         reason = agent.failing_channels()["siem"]

@@ -226,22 +226,17 @@ def scan(lines, config="[detection]\ntty_audit = yes\n"):
     detection = pamsignal.parse_config(config).detection
     sent = []
 
-    class Keep(object):
-        name = "keep"
-
-        def send(self, alert):
-            sent.append(alert)
-
-        def flush(self):
-            pass
+    class Keep(pamsignal.Sink):
+        def send(self, event, delay_s=0):
+            sent.append(event)
 
     pipeline = pamsignal.Pipeline(
-        [pamsignal.Channel(Keep(), pamsignal.ChannelGate(
+        [pamsignal.Channel(Keep("keep"), pamsignal.ChannelGate(
             pamsignal.SHOW_EVERYTHING))], detection, skip_unwatched=True)
     for line in lines:
         entry = pipeline.decode(line)
         if entry is not None:
-            pipeline.report(entry)
+            pipeline.process_entry(entry)
     pipeline.finish()
     return sent
 
@@ -665,7 +660,7 @@ def test_records_are_counted_by_verdict(tmp_path):
     for line in sudo_lines() + [tty(700, "45", "0", b"id\r")]:
         entry = agent.pipeline.decode(line)
         if entry is not None:
-            agent.pipeline.report(entry)
+            agent.pipeline.process_entry(entry)
     samples = {labels["verdict"]: value for name, labels, value in
                agent.metric_samples(0.0)
                if name == "pamsignal_tty_records_total"}

@@ -119,12 +119,12 @@ def test_suppressions_and_unaccounted_sessions_are_never_held_back():
 
 def test_suppressions_are_counted_and_shown_by_status():
     pipeline = pamsignal.Pipeline([], pamsignal.parse_config("").detection)
-    pipeline.report(suppression(N_DROPPED="100"))
-    pipeline.report(suppression(N_DROPPED="23", __REALTIME_TIMESTAMP=str(
-        1796544100 * SECOND)))
-    pipeline.report(suppression(OBJECT_SYSTEMD_UNIT="session-3.scope",
-                                N_DROPPED="7", __REALTIME_TIMESTAMP=str(
-                                    1796544000 * SECOND)))
+    pipeline.process_entry(suppression(N_DROPPED="100"))
+    pipeline.process_entry(suppression(
+        N_DROPPED="23", __REALTIME_TIMESTAMP=str(1796544100 * SECOND)))
+    pipeline.process_entry(suppression(
+        OBJECT_SYSTEMD_UNIT="session-3.scope", N_DROPPED="7",
+        __REALTIME_TIMESTAMP=str(1796544000 * SECOND)))
     text = pamsignal.render_metrics(pamsignal.suppression_samples(pipeline))
     assert 'pamsignal_journal_suppressed_total{unit="ssh.service"} 2' in text
     assert 'pamsignal_journal_dropped_lines_total{unit="ssh.service"} 123' \
@@ -139,7 +139,8 @@ def test_suppressions_are_counted_and_shown_by_status():
         "unit": "session-3.scope", "dropped": 7,
         "time": "2026-12-06T08:00:00.000000Z"}
     for n in range(pamsignal.MAX_SUPPRESSED_UNITS + 10):  # bounded labels
-        pipeline.report(suppression(OBJECT_SYSTEMD_UNIT="sshd@%d.service" % n))
+        pipeline.process_entry(suppression(
+            OBJECT_SYSTEMD_UNIT="sshd@%d.service" % n))
     assert len(pipeline.suppressions) == pamsignal.MAX_SUPPRESSED_UNITS + 1
     assert pipeline.suppressions["other"] == 12
     shown = pamsignal.render_status(report, "/x.prom")
