@@ -1235,9 +1235,9 @@ def _spool_size(value):
 
 
 #: One configuration key: its check (text -> value, or ValueError), its
-#: default as written in the file, and its help. The example configuration,
-#: the key sections of pamsignal.conf(5) and the README's key table are made
-#: from these (CONFIG_SECTIONS). Help is plain text; a line that starts with
+#: default as written in the file, and its help. The example configuration
+#: and the key sections of pamsignal.conf(5) are made from these
+#: (CONFIG_SECTIONS; `make docs`). Help is plain text; a line that starts with
 #: two spaces is kept as it is (a list).
 Option = collections.namedtuple("Option", "check default help")
 
@@ -1522,9 +1522,8 @@ ALERT_OPTIONS = collections.OrderedDict((
         "one.")),
 ))
 
-#: The sections of fixed keys, in the order the example configuration,
-#: pamsignal.conf(5) and the README show them: (name, keys, what the
-#: section is for).
+#: The sections of fixed keys, in the order the example configuration and
+#: pamsignal.conf(5) show them: (name, keys, what the section is for).
 CONFIG_SECTIONS = (
     ("pamsignal", GLOBAL_OPTIONS, "The agent itself."),
     ("detection", DETECTION_OPTIONS,
@@ -2934,7 +2933,7 @@ RULES = (
 # The forms are those of polkit 0.105-127 (pkexec.c log_message(),
 # polkitbackendinteractiveauthority.c), OpenDoas 6.6-6.8 (doas.c, pam.c,
 # shadow.c), systemd 256-257 (run0) and Cockpit's session helper (PAM
-# service "cockpit"); their README table says which wrote what.
+# service "cockpit"); pamsignal(8), EVENTS, says which wrote what.
 
 #: PAM services whose own failure line is the only word of a failed login
 #: (the agent helper's is paired with polkitd's verdict: PolkitAttempts).
