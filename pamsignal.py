@@ -323,12 +323,16 @@ class StateError(PamSignalError):
     """The state directory cannot be created or written."""
 
 
+class DatabaseError(PamSignalError):
+    """A MaxMind DB file is unreadable, corrupt or hostile."""
+
+
 # ---------------------------------------------------------------------------
 # 4 small pure helpers
 # ---------------------------------------------------------------------------
 # Text made safe for terminals and JSON, times, IP addresses, journal
 # values, channel names: small functions with no I/O that later sections
-# use.
+# use; and say(), the one helper that writes (a diagnostic on stderr).
 
 #: Characters that must never reach a terminal raw: C0/C1 controls, DEL, and
 #: Unicode format characters that reorder or hide text (bidi overrides, zero
@@ -504,6 +508,28 @@ def split_at_from(text, tail_pattern, accept=None, marker=" from "):
             found.append((text[:position], tail))
         position = text.find(marker, position + 1)
     return found
+
+
+# -- diagnostics: the one helper that writes (stderr, or the journal) ---------
+
+
+def say(level, message, stream=None):
+    """A diagnostic on stderr; under systemd with the journal's priority."""
+    stream = stream or sys.stderr
+    if os.environ.get("JOURNAL_STREAM"):
+        prefix = {"error": "<3>", "warning": "<4>", "info": "<6>"}[level]
+    else:
+        prefix = "pamsignal: " if level == "info" else \
+            "pamsignal: %s: " % level
+    text = prefix + escape_text(message) + "\n"
+    try:
+        try:
+            stream.write(text)
+        except UnicodeEncodeError:  # an ASCII locale (Python 3.6, LANG=C)
+            stream.write(text.encode("ascii", "backslashreplace").decode())
+        stream.flush()
+    except (OSError, ValueError):
+        pass  # nowhere left to complain to
 
 
 # ---------------------------------------------------------------------------
@@ -3690,10 +3716,6 @@ def unfinished_line(carry):
 # -- the MaxMind DB reader ----------------------------------------------------
 
 
-class DatabaseError(PamSignalError):
-    """A MaxMind DB file is unreadable, corrupt or hostile."""
-
-
 #: What precedes the metadata map of every MaxMind DB file.
 MMDB_MARKER = b"\xab\xcd\xefMaxMind.com"
 
@@ -6288,6 +6310,38 @@ class Throttle:
                 self.sent.popleft()
 
 
+class GroupDirectory:
+    """Which groups a user is in (primary and supplementary), from the
+    account databases, reread after GROUP_CACHE_S so a change is seen."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.members = None
+        self.read_at = None
+
+    def groups_of(self, user):
+        now = self.clock()
+        if self.members is None or now - self.read_at >= GROUP_CACHE_S:
+            self.members, self.read_at = self._read(), now
+        return self.members.get(user, ())
+
+    @staticmethod
+    def _read():
+        by_gid, members = {}, collections.defaultdict(set)
+        try:
+            for group in grp.getgrall():
+                by_gid[group.gr_gid] = group.gr_name
+                for user in group.gr_mem:
+                    members[user].add(group.gr_name)
+            for account in pwd.getpwall():
+                if account.pw_gid in by_gid:
+                    members[account.pw_name].add(by_gid[account.pw_gid])
+        except (OSError, KeyError) as error:
+            say("warning", "cannot read the group database: %s" % error)
+        return {user: tuple(sorted(groups))
+                for user, groups in members.items()}
+
+
 class ChannelGate:
     """A channel's policy and throttle in front of its sink."""
 
@@ -7833,26 +7887,7 @@ class AuditLog:
 # delivers. Also the state files and the safe way to read and write them.
 
 
-# -- diagnostics, the sink contract, the console ------------------------------
-
-
-def say(level, message, stream=None):
-    """A diagnostic on stderr; under systemd with the journal's priority."""
-    stream = stream or sys.stderr
-    if os.environ.get("JOURNAL_STREAM"):
-        prefix = {"error": "<3>", "warning": "<4>", "info": "<6>"}[level]
-    else:
-        prefix = "pamsignal: " if level == "info" else \
-            "pamsignal: %s: " % level
-    text = prefix + escape_text(message) + "\n"
-    try:
-        try:
-            stream.write(text)
-        except UnicodeEncodeError:  # an ASCII locale (Python 3.6, LANG=C)
-            stream.write(text.encode("ascii", "backslashreplace").decode())
-        stream.flush()
-    except (OSError, ValueError):
-        pass  # nowhere left to complain to
+# -- the sink contract, the console ------------------------------------------
 
 
 class Sink:
@@ -9750,73 +9785,10 @@ class Courier(threading.Thread):
         self.spool.flush()
 
 
-# -- channels as configured ---------------------------------------------------
-
-
-class GroupDirectory:
-    """Which groups a user is in (primary and supplementary), from the
-    account databases, reread after GROUP_CACHE_S so a change is seen."""
-
-    def __init__(self, clock=time.monotonic):
-        self.clock = clock
-        self.members = None
-        self.read_at = None
-
-    def groups_of(self, user):
-        now = self.clock()
-        if self.members is None or now - self.read_at >= GROUP_CACHE_S:
-            self.members, self.read_at = self._read(), now
-        return self.members.get(user, ())
-
-    @staticmethod
-    def _read():
-        by_gid, members = {}, collections.defaultdict(set)
-        try:
-            for group in grp.getgrall():
-                by_gid[group.gr_gid] = group.gr_name
-                for user in group.gr_mem:
-                    members[user].add(group.gr_name)
-            for account in pwd.getpwall():
-                if account.pw_gid in by_gid:
-                    members[account.pw_name].add(by_gid[account.pw_gid])
-        except (OSError, KeyError) as error:
-            say("warning", "cannot read the group database: %s" % error)
-        return {user: tuple(sorted(groups))
-                for user, groups in members.items()}
-
-
 Channel = collections.namedtuple("Channel", "sink gate spool")
 Channel.__new__.__defaults__ = (None,)
 Channel.__doc__ = """A destination: its sink behind its policy gate, and
 for network sinks the spool its courier delivers from."""
-
-
-def _uses_groups(policy):
-    return bool(policy.ignore_groups or policy.always_groups)
-
-
-def build_channels(config, json_output=False):
-    """The configured channels, or the console showing every event when
-    none is configured."""
-    configured = config.channels or (
-        ChannelConfig("console", "console", SHOW_EVERYTHING, {}),)
-    directory = GroupDirectory() if any(
-        _uses_groups(channel.policy) for channel in configured) else None
-    channels = []
-    for channel in configured:
-        options = dict(channel.options)
-        if json_output and channel.type == "console":
-            options["format"] = "json"
-        gate = ChannelGate(channel.policy, directory.groups_of
-                           if _uses_groups(channel.policy) else
-                           lambda user: ())
-        sink = CHANNEL_TYPES[channel.type](channel.name, options)
-        spool = Spool(os.path.join(config.state_dir, "spool",
-                                   spool_directory_name(channel.name)),
-                      config.spool_max_alerts, config.spool_max_age) \
-            if sink.SPOOLED else None
-        channels.append(Channel(sink, gate, spool))
-    return channels
 
 
 # -- state files --------------------------------------------------------------
@@ -11289,6 +11261,34 @@ class Pipeline:
 
 
 # -- the channel set and the agent --------------------------------------------
+
+
+def _uses_groups(policy):
+    return bool(policy.ignore_groups or policy.always_groups)
+
+
+def build_channels(config, json_output=False):
+    """The configured channels, or the console showing every event when
+    none is configured."""
+    configured = config.channels or (
+        ChannelConfig("console", "console", SHOW_EVERYTHING, {}),)
+    directory = GroupDirectory() if any(
+        _uses_groups(channel.policy) for channel in configured) else None
+    channels = []
+    for channel in configured:
+        options = dict(channel.options)
+        if json_output and channel.type == "console":
+            options["format"] = "json"
+        gate = ChannelGate(channel.policy, directory.groups_of
+                           if _uses_groups(channel.policy) else
+                           lambda user: ())
+        sink = CHANNEL_TYPES[channel.type](channel.name, options)
+        spool = Spool(os.path.join(config.state_dir, "spool",
+                                   spool_directory_name(channel.name)),
+                      config.spool_max_alerts, config.spool_max_age) \
+            if sink.SPOOLED else None
+        channels.append(Channel(sink, gate, spool))
+    return channels
 
 
 class ChannelSet:
