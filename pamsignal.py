@@ -374,6 +374,9 @@ _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": "))
 #: The same escaping all but printable ASCII: its text is the same whenever
 #: it has no \u escape (and looking for one is quicker than _UNSAFE_CHARS).
 _JSON_ASCII_ENCODER = json.JSONEncoder(separators=(", ", ": "))
+#: The two encoders' way with a single string (C functions).
+_json_string = json.encoder.encode_basestring
+_json_ascii_string = json.encoder.encode_basestring_ascii
 
 
 def dumps_safe(obj):
@@ -6475,8 +6478,87 @@ def typed_summary(lines, more=None, limit=None):
 
 
 def render_json(event):
-    """The event contract, one line, safe for a terminal."""
-    return dumps_safe(event_to_ecs(event))
+    """The event contract, one line, safe for a terminal: the text of
+    dumps_safe(event_to_ecs(event)), written straight from the event
+    (every event `scan --json` and `run --json` print comes here, and
+    building the object first costs as much again)."""
+    category, kind, outcome, _ = ACTIONS[event.action]
+    text = [_JSON_HEAD % (format_timestamp(event.timestamp_us),
+                          event.action, category, kind, outcome,
+                          event_severity(event))]
+    opened = _JSON_EVENT_GROUP
+    for index, group, member in _JSON_PLAN:
+        value = event[index]
+        if value is None or value == "":
+            continue  # the contract has no nulls
+        if group == opened:
+            text.append(", ")
+        else:  # close and open objects to reach the member's own
+            text.append(_JSON_BETWEEN[opened][group])
+            opened = group
+        text.append(member)
+        if type(value) is str:
+            quoted = _json_ascii_string(value)
+            text.append(quoted if "\\u" not in quoted else _safe_json_string(value))
+        elif type(value) is int:
+            text.append(str(value))
+        else:
+            text.append(dumps_safe(value))
+    text.append(_JSON_BETWEEN[opened][_JSON_PAMSIGNAL_GROUP])
+    text.append(_JSON_VERSION)
+    if event.message:
+        text.append('}, "message": ')
+        text.append(_safe_json_string(event.message))
+        text.append("}")
+    else:
+        text.append("}}")
+    return "".join(text)
+
+
+def _safe_json_string(text):
+    """A JSON string as dumps_safe writes it."""
+    quoted = _json_ascii_string(text)
+    if "\\u" not in quoted:
+        return quoted  # printable ASCII only, as in dumps_safe
+    return _UNSAFE_CHARS.sub(_json_escape_char, _json_string(text))
+
+
+def _json_writing_plan():
+    """How render_json writes the layout: (field index, group, '"leaf": ')
+    per ECS field, where a group numbers the nest of objects around it
+    (event first, pamsignal's for the version), and the text that goes
+    from after one group's member to before another's."""
+    groups = [("event",)]
+    plan = []
+    for path, field in _ECS_LAYOUT:
+        parents = tuple(path.split(".")[:-1])
+        if parents not in groups:
+            groups.append(parents)
+        plan.append((EVENT_FIELDS.index(field), groups.index(parents),
+                     '"%s": ' % path.split(".")[-1]))
+    between = []
+    for before in groups:
+        row = []
+        for after in groups:
+            kept = 0
+            while kept < min(len(before), len(after)) and \
+                    before[kept] == after[kept]:
+                kept += 1
+            row.append("}" * (len(before) - kept) + (
+                ', "%s": {' % '": {"'.join(after[kept:])
+                if kept < len(after) else ", "))
+        between.append(row)
+    return tuple(plan), groups.index(("pamsignal",)), between
+
+
+#: See _json_writing_plan; the event object is group 0.
+_JSON_PLAN, _JSON_PAMSIGNAL_GROUP, _JSON_BETWEEN = _json_writing_plan()
+_JSON_EVENT_GROUP = 0
+#: The start of every event's JSON (actions and their ECS words need no
+#: escaping), and the version that ends its pamsignal object.
+_JSON_HEAD = ('{"@timestamp": "%s", "event": {"action": "%s", "category": '
+              '["%s"], "type": ["%s"], "outcome": "%s", "severity": %d')
+_JSON_VERSION = '"version": %s' % json.dumps(__version__)
 
 
 # -- SIEM records (CEF, LEEF 2.0, ECS JSON) in syslog (RFC 5424, 3164) --------

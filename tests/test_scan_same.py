@@ -197,3 +197,28 @@ def test_a_time_formats_as_it_did(timestamp_us):
                                  pamsignal.MAX_TIMESTAMP_US), 1000000)
     assert pamsignal.format_timestamp(timestamp_us) == "%s.%06dZ" % (
         time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)), micros)
+
+
+#: Any value an event field may hold: text of any kind, numbers, lists.
+_FIELD_VALUES = st.none() | st.just("") | st.text(max_size=12) | \
+    st.integers(min_value=0, max_value=2 ** 40) | \
+    st.floats(allow_nan=False, allow_infinity=False) | \
+    st.tuples(st.text(max_size=5), st.text(max_size=5))
+
+
+@hypothesis.settings(max_examples=800, deadline=None)
+@hypothesis.given(st.sampled_from(sorted(pamsignal.ACTIONS)),
+                  st.one_of(st.none(), st.integers(0, 10)),
+                  st.integers(-2 ** 40, 2 ** 60),
+                  st.dictionaries(st.sampled_from(
+                      pamsignal.EVENT_FIELDS[4:-3]), _FIELD_VALUES),
+                  st.none() | st.text(max_size=12))
+def test_an_event_is_written_as_its_object_encodes(action, severity, time_us,
+                                                   fields, message):
+    # render_json writes the text itself: it must be the contract's
+    # object as dumps_safe encodes it, member for member, whatever fields
+    # are present, nested or not, and whatever text they hold.
+    event = pamsignal.Event(action=action, severity=severity,
+                            timestamp_us=time_us, message=message, **fields)
+    assert pamsignal.render_json(event) == \
+        pamsignal.dumps_safe(pamsignal.event_to_ecs(event))
