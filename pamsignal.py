@@ -6499,7 +6499,8 @@ def render_json(event):
         text.append(member)
         if type(value) is str:
             quoted = _json_ascii_string(value)
-            text.append(quoted if "\\u" not in quoted else _safe_json_string(value))
+            text.append(quoted if "\\u" not in quoted
+                        else _safe_json_string(value))
         elif type(value) is int:
             text.append(str(value))
         else:
