@@ -5649,26 +5649,28 @@ class FailureDetector:
         touched = []
         plain = guess and (event.attempts or 1) == 1 and \
             event.reason != "invalid_user" and not self.fires_at_once
+        user = event.user
         for kind, value in failure_counters(event):
             key = kind + " " + value
-            record = self.counters.pop(key, None) or _full_record(
-                self.probation.pop(key, None))
+            record, table = self.counters.pop(key, None), self.counters
+            if record is None:
+                record = _full_record(self.probation.pop(key, None))
             if record is None and plain and kind != "user":
                 # The flood case, a first guess from somewhere: nothing can
                 # fire yet, so probation keeps only (time, user).
-                self.probation.put(key, (now, event.user))
+                self.probation.put(key, (now, user))
                 continue
             if record is None:  # seen once so far: on probation
                 record, table = {"times": [], "users": [], "fired": {}}, \
                     self.probation
-            else:
-                table = self.counters
             if guess:
                 self._add_times(record["times"], now, event.attempts or 1)
             users = record["users"]
-            if event.user and (not users or users[-1] != event.user):
-                record["users"] = ([u for u in users if u != event.user]
-                                   + [event.user])[-MAX_USERS_TRIED:]
+            if user and (not users or users[-1] != user):
+                if user in users:  # tried again: last, and only once
+                    users[:] = [tried for tried in users if tried != user]
+                users.append(user)
+                del users[:-MAX_USERS_TRIED]
             table.put(key, record)
             touched.append((kind, value, record))
         found = []
@@ -5777,8 +5779,9 @@ class FailureDetector:
         if seen is None:
             seen = record[field] = {}
         latest = now + _FUTURE_SLACK_US
-        for stale in [item for item, at in seen.items() if at > latest]:
-            del seen[stale]  # from a clock that was far ahead, as for times
+        if seen and max(seen.values()) > latest:
+            for stale in [item for item, at in seen.items() if at > latest]:
+                del seen[stale]  # from a clock far ahead, as for times
         seen.pop(value, None)
         seen[value] = now
         if len(seen) > self.keep_distinct:
@@ -6345,6 +6348,16 @@ class GroupDirectory:
                 for user, groups in members.items()}
 
 
+def passes_everything(policy):
+    """Whether a policy lets every event through at once: every action, any
+    severity, nobody ignored, nothing held back or folded."""
+    return policy.events >= frozenset(ACTIONS) and \
+        policy.min_severity <= 0 and not (
+            policy.ignore_users or policy.ignore_groups or
+            policy.ignore_sources or policy.cooldown or
+            policy.rate_limit.attempts or policy.repeats.attempts)
+
+
 class ChannelGate:
     """A channel's policy and throttle in front of its sink."""
 
@@ -6353,8 +6366,11 @@ class ChannelGate:
         self.groups_of = groups_of
         self.throttle = Throttle(policy.cooldown, policy.rate_limit,
                                  repeats=policy.repeats)
+        self.passes_all = passes_everything(policy)
 
     def admit(self, event, now_us):
+        if self.passes_all:
+            return [event]  # `scan`'s console: nothing to weigh per event
         try:
             if not policy_admits(self.policy, event, self.groups_of):
                 return self.throttle.due(now_us)
@@ -11317,9 +11333,10 @@ class Pipeline:
                         channel.spool.put(alert)
                     else:
                         channel.sink.send(alert)
-                    self._decided(name, alert, event_id if alert is event
-                                  else None, "spooled" if channel.spool
-                                  is not None else "sent")
+                    if self.audit is not None:
+                        self._decided(name, alert, event_id if alert is
+                                      event else None, "spooled" if
+                                      channel.spool is not None else "sent")
                     self.sent[name] += 1
                     self.failing.pop(name, None)
             except BrokenPipeError:

@@ -432,3 +432,29 @@ def test_no_repeat_is_lost_past_the_key_limit():
     individual = [a for a in sent if a.action != "alert_digest"]
     assert len(individual) == 20  # every distinct command once
     assert len(individual) + held_total(sent) == admitted
+
+
+@pytest.mark.parametrize("change", [
+    {"events": pamsignal.SHOW_EVERYTHING.events - {"session_closed"}},
+    {"min_severity": 1}, {"ignore_users": ("bob",)},
+    {"ignore_groups": ("staff",)},
+    {"ignore_sources": (ipaddress.ip_network("10.0.0.0/8"),)},
+    {"cooldown": 60}, {"rate_limit": pamsignal.Threshold(5, 60)},
+    {"repeats": pamsignal.Threshold(3, 60)}])
+def test_only_a_policy_that_holds_nothing_lets_events_straight_through(
+        change):
+    # The gate skips its policy and throttle only when neither could
+    # ever keep an event back; any restriction makes it weigh each one.
+    assert pamsignal.passes_everything(pamsignal.SHOW_EVERYTHING)
+    policy = pamsignal.SHOW_EVERYTHING._replace(**change)
+    assert not pamsignal.passes_everything(policy)
+    gate = pamsignal.ChannelGate(policy, groups_of=lambda user: ("staff",))
+    events = [pamsignal.Event(action=("session_closed", "login_success")[
+        n % 2], user="bob", source_ip="10.0.0.1", service="sshd",
+        timestamp_us=1000000 * n, severity=0) for n in range(12)]
+    admitted = [alert for number, event in enumerate(events)
+                for alert in gate.admit(event, 1000000 * number)]
+    assert admitted != events  # something was kept back or filtered
+    straight = pamsignal.ChannelGate(pamsignal.SHOW_EVERYTHING)
+    assert [alert for number, event in enumerate(events)
+            for alert in straight.admit(event, 1000000 * number)] == events
