@@ -562,11 +562,42 @@ EVENT_FIELDS = (
     "typed_lines", "typed_more",
     "cursor", "message", "context_key", "pairing")
 
-Event = collections.namedtuple("Event", EVENT_FIELDS)
-Event.__new__.__defaults__ = (None,) * len(EVENT_FIELDS)
-Event.__doc__ = """One thing that happened, in the shape of the event contract.
+_EventTuple = collections.namedtuple("Event", EVENT_FIELDS)
+_EventTuple.__new__.__defaults__ = (None,) * len(EVENT_FIELDS)
+#: Where each field is in an event.
+_FIELD_INDEX = {name: index for index, name in enumerate(EVENT_FIELDS)}
+#: An event with no field set, as a list to fill in.
+_NO_FIELDS = (None,) * len(EVENT_FIELDS)
 
-Immutable; stages add to it with `_replace`. Render with `event_to_ecs`."""
+
+class Event(_EventTuple):
+    """One thing that happened, in the shape of the event contract.
+
+    Immutable; stages add to it with `_replace`. Render with `event_to_ecs`.
+    """
+    __slots__ = ()
+
+    @classmethod
+    def from_fields(cls, fields):
+        """Event(**fields), for the parsers' dicts: naming few of the many
+        fields, it is a third of keyword matching's cost."""
+        return cls._make(cls._changed(_NO_FIELDS, fields))
+
+    def _replace(self, **changes):
+        """The event with these fields changed: a copy and a few stores,
+        where namedtuple's own maps every field through the changes (an
+        event is changed at most stages, so this is paid many times)."""
+        return self._make(self._changed(self, changes))
+
+    @staticmethod
+    def _changed(values, changes):
+        values = list(values)
+        for name, value in changes.items():
+            try:
+                values[_FIELD_INDEX[name]] = value
+            except KeyError:
+                raise ValueError("an event has no field %r" % name) from None
+        return values
 
 #: action -> (ECS category, ECS type, outcome, default severity 0-10).
 ACTIONS = {
@@ -3315,7 +3346,7 @@ def parse_entry(entry, read_at_us=0, accounts=None):
         fields["user_id"] = writer_uid  # the caller of setuid sudo or su
     fields["context_key"] = _context_key(entry, fields, service)
     fields.update(common)
-    return Event(**fields)
+    return Event.from_fields(fields)
 
 
 def is_login_unit(unit):
@@ -5156,7 +5187,7 @@ def _held_from_state(saved, action="login_failure"):
               if field in _HELD_FIELDS and
               isinstance(value, (str, int, float)) and
               not isinstance(value, bool)}
-    return Event(**fields)
+    return Event.from_fields(fields)
 
 
 def expired(table, now_us, time_of=lambda event: event.timestamp_us):
@@ -5652,9 +5683,12 @@ class FailureDetector:
         user = event.user
         for kind, value in failure_counters(event):
             key = kind + " " + value
-            record, table = self.counters.pop(key, None), self.counters
-            if record is None:
-                record = _full_record(self.probation.pop(key, None))
+            record, table = self.counters.get(key), None
+            if record is not None:  # kept: now the most recently seen
+                self.counters.move_to_end(key)
+            else:  # promoted from probation when seen there before
+                record, table = _full_record(self.probation.pop(key, None)), \
+                    self.counters
             if record is None and plain and kind != "user":
                 # The flood case, a first guess from somewhere: nothing can
                 # fire yet, so probation keeps only (time, user).
@@ -5671,7 +5705,8 @@ class FailureDetector:
                     users[:] = [tried for tried in users if tried != user]
                 users.append(user)
                 del users[:-MAX_USERS_TRIED]
-            table.put(key, record)
+            if table is not None:
+                table.put(key, record)
             touched.append((kind, value, record))
         found = []
         for name, threshold in self.windows if guess else ():
@@ -5688,11 +5723,19 @@ class FailureDetector:
         if event.reason == "invalid_user" and event.user and \
                 self.enumeration.attempts:
             window_us = self.enumeration.window_s * 1000000
-            found += self._fire_once(event, "enumeration", self.enumeration, [
-                (kind, value, record, _seen_within(self._remember(
-                    record, "invalid", event.user, now), now, window_us))
-                for kind, value, record in touched if kind != "user"],
-                "user_enumeration")
+            candidates = []
+            for kind, value, record in touched:
+                if kind == "user":
+                    continue
+                seen = self._remember(record, "invalid", event.user, now)
+                if self._may_fire(record, "enumeration", seen,
+                                  self.enumeration, now):
+                    candidates.append((kind, value, record,
+                                       _seen_within(seen, now, window_us)))
+            if candidates:
+                found += self._fire_once(event, "enumeration",
+                                         self.enumeration, candidates,
+                                         "user_enumeration")
         attacker = attacker_of(event)
         if guess and attacker and self.distributed.attempts:
             window_us = self.distributed.window_s * 1000000
@@ -5701,7 +5744,8 @@ class FailureDetector:
                 if kind != "user":
                     continue
                 seen = self._remember(record, "sources", attacker, now)
-                if not _fired_within(record, "distributed", now, window_us):
+                if self._may_fire(record, "distributed", seen,
+                                  self.distributed, now):
                     candidates.append((kind, value, record,
                                        _seen_within(seen, now, window_us)))
             if candidates:
@@ -5709,6 +5753,14 @@ class FailureDetector:
                                          self.distributed, candidates,
                                          "distributed_attack")
         return found
+
+    @staticmethod
+    def _may_fire(record, rule, seen, threshold, now):
+        """Whether the rule can fire for this counter now: enough values
+        seen at all (within the window or not), and not fired within it.
+        Only then is it worth counting those within the window."""
+        return len(seen) >= threshold.attempts and not _fired_within(
+            record, rule, now, threshold.window_s * 1000000)
 
     def _with_throttling(self, event, found):
         """A brute force from a source sshd itself throttled (9.8+
@@ -6396,9 +6448,16 @@ class ChannelGate:
 _NEEDS_QUOTES = re.compile(r'[\s"\\=]')
 
 
+#: Text that shows as itself in key=value output: printable ASCII with no
+#: space, quote, backslash or equals sign (most values: the quick way).
+_SHOWN_AS_IS = re.compile(r'[!#-<>-\[\]-~]+\Z')
+
+
 def _text_value(value):
     """A value for key=value output: escaped, and quoted when it has spaces,
     so a hostile user name cannot pose as another field."""
+    if type(value) is str and _SHOWN_AS_IS.match(value):
+        return value
     text = escape_text(str(value).replace("\\", "\\\\"))
     if not text or _NEEDS_QUOTES.search(text):
         return '"%s"' % text.replace('"', '\\"')
@@ -6468,9 +6527,11 @@ def event_text(event):
     ]
     if event.action == "spoofed_entry" or event.action in AGENT_ACTIONS:
         pairs.append(("message", event.message))
-    return "%s %s" % (event.action, " ".join(
-        "%s=%s" % (name, _text_value(value)) for name, value in pairs
-        if value is not None and value != ""))
+    shown = [event.action]
+    for name, value in pairs:  # a loop: a generator costs more per pair
+        if value is not None and value != "":
+            shown.append("%s=%s" % (name, _text_value(value)))
+    return " ".join(shown)
 
 
 #: Between the lines typed in a session, where they share one line.
@@ -9308,7 +9369,7 @@ def event_from_record(record):
     if saved_time_us(fields.get("timestamp_us")) is None or \
             not 0 <= fields.get("severity", 0) <= 10:
         return None
-    return Event(**fields)
+    return Event.from_fields(fields)
 
 
 #: Alerts a full spool drops last: someone got into root, a guessed
