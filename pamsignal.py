@@ -474,6 +474,8 @@ def journal_text(value):
     journalctl prints non-UTF-8 values as arrays of byte values and repeated
     fields as arrays; the first value of a repeated field is used.
     """
+    if type(value) is str:  # nearly always: the quickest test first
+        return value
     if isinstance(value, str):
         return value
     if isinstance(value, list) and value:
@@ -3388,12 +3390,19 @@ def parse_suppression(entry):
                  **common)
 
 
+def _quoted_names_pattern(names):
+    """A bytes regex of any of the names as a JSON string; the lookahead on
+    their first letters lets most of a line's quotes fail at once, where
+    the alternation alone is tried name by name after each of them."""
+    return re.compile(('"(?=[%s])(?:%s)"' % (
+        "".join(sorted(set(re.escape(name[0]) for name in names))),
+        "|".join(re.escape(name) for name in names))).encode())
+
+
 #: '"sshd"', '"sudo"', ...: an entry lacking all of them cannot be watched
 #: (journald's suppression entries are watched too).
-_WATCHED_NAME_BYTES = re.compile(("\"(?:%s)\"" % "|".join(
-    re.escape(name) for name in sorted(WATCHED_SERVICES) + [
-        JOURNAL_DROPPED_MESSAGE_ID, EXECUTOR_EXE,
-        UNIT_STARTING_MESSAGE_ID])).encode())
+_WATCHED_NAME_BYTES = _quoted_names_pattern(sorted(WATCHED_SERVICES) + [
+    JOURNAL_DROPPED_MESSAGE_ID, EXECUTOR_EXE, UNIT_STARTING_MESSAGE_ID])
 
 
 #: One decoder for every line: json.loads costs a third more per line.
@@ -3408,7 +3417,7 @@ def decode_line(line):
             else line).lstrip(_JSON_WHITE_SPACE)
     try:
         entry, end = _JSON_DECODER.raw_decode(text)
-        if "\\ud" in text or "\\uD" in text:
+        if "\\u" in text and ("\\ud" in text or "\\uD" in text):
             # An escape can make a lone surrogate, which no UTF-8 text can
             # carry (journalctl never writes one): U+FFFD instead, as for
             # any other bytes that are not UTF-8.
