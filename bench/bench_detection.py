@@ -23,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import pamsignal  # noqa: E402
+import stages  # noqa: E402
 
 
 def attack_lines(count):
@@ -137,22 +138,11 @@ def stage_costs(count):
     whole pipeline less the enrichment or the failure counters (best of
     3 each)."""
     config = pamsignal.default_config()
-    export = tempfile.TemporaryFile()
-    for line in attack_lines(count):
-        export.write(line + b"\n")
+    lines = list(attack_lines(count))
 
-    def decode_only(pipeline, line):
-        pipeline.decode(line)
-
-    def decode_parse(pipeline, line):
-        entry = pipeline.decode(line)
-        if entry is not None:
-            pamsignal.parse_entry(entry)
-
-    def whole(pipeline, line):
-        entry = pipeline.decode(line)
-        if entry is not None:
-            pipeline.process_entry(entry)
+    def best(step, change=None):
+        return stages.best_us(lines, lambda: scan_pipeline(
+            config, CountingSink()), step, change) * len(lines) / count
 
     def without_enrichment(pipeline):
         pipeline.enricher = None
@@ -160,32 +150,19 @@ def stage_costs(count):
     def without_counters(pipeline):
         pipeline.detector.observe = lambda event: []
 
-    def best(step, change=None):
-        seconds = []
-        for _ in range(3):
-            pipeline = scan_pipeline(config, CountingSink())
-            if change is not None:
-                change(pipeline)
-            export.seek(0)
-            started = time.perf_counter()
-            for line in export:
-                step(pipeline, line)
-            seconds.append(time.perf_counter() - started)
-        return min(seconds) / count * 1e6
-
-    decoding, parsed, total = best(decode_only), best(decode_parse), \
-        best(whole)
+    decoding, parsed, total = best(stages.decoding), \
+        best(stages.parsing), best(stages.processing)
     print("per attempt, what each stage adds (best of 3 replays of %d):"
           % count)
     for name, cost in (
             ("decoding the two JSON lines", decoding),
             ("parsing them", parsed - decoding),
             ("enrichment (no database)",
-             total - best(whole, without_enrichment)),
-            ("failure counters", total - best(whole, without_counters)),
+             total - best(stages.processing, without_enrichment)),
+            ("failure counters", total - best(stages.processing,
+                                              without_counters)),
             ("whole pipeline", total)):
         print("  %-34s %8.1f us" % (name, cost))
-    export.close()
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ REPO = os.path.dirname(HERE)
 PAMSIGNAL = os.path.join(REPO, "pamsignal.py")
 
 from needs import program, unpacked  # noqa: E402
+import stages  # noqa: E402
 
 #: GNU time: measures a child's peak RSS from outside without the
 #: benchmark's own memory (Linux carries ru_maxrss across fork and exec).
@@ -260,29 +261,6 @@ def stage_costs(export):
             [], defaults.detection, skip_unwatched=True,
             enricher=pamsignal.Enricher.from_config(defaults, False))
 
-    def decode(flow, line):
-        flow.decode(line)
-
-    def parse(flow, line):
-        entry = flow.decode(line)
-        if entry is not None:
-            pamsignal.parse_entry(entry)
-
-    def report(flow, line):
-        entry = flow.decode(line)
-        if entry is not None:
-            flow.process_entry(entry)
-
-    def best(step):
-        runs = []
-        for _ in range(3):
-            flow = pipeline()
-            started = time.perf_counter()
-            for line in lines:
-                step(flow, line)
-            runs.append(time.perf_counter() - started)
-        return min(runs) / len(lines) * 1e6
-
     def scan(*flags):
         runs = []
         for _ in range(3):
@@ -293,9 +271,12 @@ def stage_costs(export):
                 runs.append(time.perf_counter() - started)
         return min(runs) / len(lines) * 1e6
 
-    costs = (("decoding the JSON line", best(decode)),
-             ("parsing (trust checks, rules)", best(parse)),
-             ("sessions, pairing, enrichment, detection", best(report)),
+    costs = (("decoding the JSON line",
+              stages.best_us(lines, pipeline, stages.decoding)),
+             ("parsing (trust checks, rules)",
+              stages.best_us(lines, pipeline, stages.parsing)),
+             ("sessions, pairing, enrichment, detection",
+              stages.best_us(lines, pipeline, stages.processing)),
              ("`scan --json`: policy, rendering, printing", scan("--json")),
              ("`scan` (text) instead", scan()))
     print("\nper entry, Python %s, %d entries (best of 3):\n"
