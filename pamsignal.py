@@ -568,8 +568,6 @@ _EventTuple = collections.namedtuple("Event", EVENT_FIELDS)
 _EventTuple.__new__.__defaults__ = (None,) * len(EVENT_FIELDS)
 #: Where each field is in an event.
 _FIELD_INDEX = {name: index for index, name in enumerate(EVENT_FIELDS)}
-#: An event with no field set, as a list to fill in.
-_NO_FIELDS = (None,) * len(EVENT_FIELDS)
 
 
 class Event(_EventTuple):
@@ -579,27 +577,17 @@ class Event(_EventTuple):
     """
     __slots__ = ()
 
-    @classmethod
-    def from_fields(cls, fields):
-        """Event(**fields), for the parsers' dicts: naming few of the many
-        fields, it is a third of keyword matching's cost."""
-        return cls._make(cls._changed(_NO_FIELDS, fields))
-
     def _replace(self, **changes):
         """The event with these fields changed: a copy and a few stores,
         where namedtuple's own maps every field through the changes (an
         event is changed at most stages, so this is paid many times)."""
-        return self._make(self._changed(self, changes))
-
-    @staticmethod
-    def _changed(values, changes):
-        values = list(values)
-        for name, value in changes.items():
-            try:
+        values = list(self)
+        try:
+            for name, value in changes.items():
                 values[_FIELD_INDEX[name]] = value
-            except KeyError:
-                raise ValueError("an event has no field %r" % name) from None
-        return values
+        except KeyError as error:
+            raise ValueError("an event has no field %s" % error) from None
+        return tuple.__new__(Event, values)
 
 #: action -> (ECS category, ECS type, outcome, default severity 0-10).
 ACTIONS = {
@@ -3348,7 +3336,7 @@ def parse_entry(entry, read_at_us=0, accounts=None):
         fields["user_id"] = writer_uid  # the caller of setuid sudo or su
     fields["context_key"] = _context_key(entry, fields, service)
     fields.update(common)
-    return Event.from_fields(fields)
+    return Event(**fields)
 
 
 def is_login_unit(unit):
@@ -5196,7 +5184,7 @@ def _held_from_state(saved, action="login_failure"):
               if field in _HELD_FIELDS and
               isinstance(value, (str, int, float)) and
               not isinstance(value, bool)}
-    return Event.from_fields(fields)
+    return Event(**fields)
 
 
 def expired(table, now_us, time_of=lambda event: event.timestamp_us):
@@ -5711,7 +5699,7 @@ class FailureDetector:
             users = record["users"]
             if user and (not users or users[-1] != user):
                 if user in users:  # tried again: last, and only once
-                    users[:] = [tried for tried in users if tried != user]
+                    users.remove(user)  # (the list never holds it twice)
                 users.append(user)
                 del users[:-MAX_USERS_TRIED]
             if table is not None:
@@ -5930,8 +5918,8 @@ class FailureDetector:
         restored = {
             "times": sorted(t for t in times if type(t) is int and
                             t <= latest)[-self.keep:],
-            "users": [u for u in users if isinstance(u, str)]
-            [-MAX_USERS_TRIED:],
+            "users": list(collections.OrderedDict.fromkeys(
+                u for u in users if isinstance(u, str)))[-MAX_USERS_TRIED:],
             "fired": {k: v for k, v in fired.items() if k in _RULE_NAMES
                       and type(v) is int and v <= latest}}
         for field in _DISTINCT_FIELDS:
@@ -9378,7 +9366,7 @@ def event_from_record(record):
     if saved_time_us(fields.get("timestamp_us")) is None or \
             not 0 <= fields.get("severity", 0) <= 10:
         return None
-    return Event.from_fields(fields)
+    return Event(**fields)
 
 
 #: Alerts a full spool drops last: someone got into root, a guessed
@@ -11271,7 +11259,10 @@ class Pipeline:
         """The events to send for one, through each pairing of doors."""
         events = [event]
         for pairs in self.door_pairs:
-            events = [told for one in events for told in pairs.observe(one)]
+            paired = []
+            for one in events:  # nearly always one: no comprehension
+                paired += pairs.observe(one)
+            events = paired
         return events
 
     def _process(self, event, now_s):

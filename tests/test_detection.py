@@ -212,6 +212,19 @@ def test_foreign_or_corrupt_state_is_skipped():
     assert len(found.counters) == 0 and len(found.probation) == 0
 
 
+def test_a_saved_name_repeated_is_restored_once_and_tried_again_last():
+    # A record's users tried never holds a name twice (the counters rely
+    # on it); a state file written otherwise is read that way.
+    found = detector()
+    found.load_state({"repeated": [
+        ["source 203.0.113.5", {"times": [1, 2, 3], "users": [
+            "a", "b", "a", "c"], "fired": {}}]]}, now_us=MINUTE)
+    assert found.counters["source 203.0.113.5"]["users"] == ["a", "b", "c"]
+    (fired,) = by(feed(found, [failure(0.5, user="a"),
+                               failure(0.6, user="d")]), "source")
+    assert fired.users_tried == ("b", "c", "a", "d")
+
+
 def test_counters_are_bounded_and_a_flood_cannot_evict_repeat_offenders():
     found = pamsignal.FailureDetector(
         pamsignal.default_config().detection, limit=100)

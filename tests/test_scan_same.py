@@ -222,3 +222,22 @@ def test_an_event_is_written_as_its_object_encodes(action, severity, time_us,
                             timestamp_us=time_us, message=message, **fields)
     assert pamsignal.render_json(event) == \
         pamsignal.dumps_safe(pamsignal.event_to_ecs(event))
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.dictionaries(st.sampled_from(pamsignal.EVENT_FIELDS),
+                                  _FIELD_VALUES, max_size=4),
+                  st.dictionaries(st.sampled_from(pamsignal.EVENT_FIELDS),
+                                  _FIELD_VALUES, max_size=4))
+def test_an_event_changes_as_a_namedtuple_would(fields, changes):
+    event = pamsignal.Event(**fields)
+    changed = event._replace(**changes)
+    assert type(changed) is pamsignal.Event
+    assert tuple(changed) == tuple(
+        pamsignal._EventTuple._replace(event, **changes))
+    assert tuple(event) == tuple(pamsignal.Event(**fields))  # untouched
+
+
+def test_an_event_has_no_field_it_was_not_given():
+    with pytest.raises(ValueError, match="colour"):
+        pamsignal.Event(action="login_success")._replace(colour="red")
