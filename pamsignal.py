@@ -6472,8 +6472,14 @@ def _endpoint(ip, domain, port):
 
 def render_text(event):
     """One readable line: time, action, then who/where/how as key=value."""
-    stamp = format_timestamp(event.timestamp_us)
-    return "%sZ %s" % (stamp[:19].replace("T", " "), event_text(event))
+    seconds = min(max(event.timestamp_us, 0), MAX_TIMESTAMP_US) // 1000000
+    return "%sZ %s" % (_text_second(seconds), event_text(event))
+
+
+@functools.lru_cache(maxsize=64)
+def _text_second(seconds):
+    """YYYY-MM-DD HH:MM:SS of a second, as the text line shows it."""
+    return _utc_second(seconds).replace("T", " ")
 
 
 def _tty_text(tty, event):
@@ -6495,15 +6501,16 @@ def event_text(event):
         ("city", event.source_city),
         ("source_type", event.source_network_type),
         ("provider", event.source_provider),
-        ("destination", _endpoint(event.destination_ip, None,
-                                  event.destination_port)),
+        ("destination", event.destination_ip and _endpoint(
+            event.destination_ip, None, event.destination_port)),
         ("service", event.service), ("method", event.auth_method),
         ("reason", event.reason), ("key", event.key),
-        ("tty", _tty_text(event.tty, event)),
+        ("tty", event.tty and _tty_text(event.tty, event)),
         ("command", event.command_line),
         ("duration", None if event.session_duration_s is None
          else "%gs" % event.session_duration_s),
-        ("typed", typed_summary(event.typed_lines, event.typed_more)),
+        ("typed", typed_summary(event.typed_lines, event.typed_more)
+         if event.typed_lines or event.typed_more else None),
         ("counted_by", event.counted_by), ("network", event.network),
         ("attempts", event.attempts),
         ("window", None if event.window_s is None

@@ -241,3 +241,46 @@ def test_an_event_changes_as_a_namedtuple_would(fields, changes):
 def test_an_event_has_no_field_it_was_not_given():
     with pytest.raises(ValueError, match="colour"):
         pamsignal.Event(action="login_success")._replace(colour="red")
+
+
+def plain_render_text(event):
+    """render_text as it was: the time cut from the JSON time."""
+    stamp = pamsignal.format_timestamp(event.timestamp_us)
+    return "%sZ %s" % (stamp[:19].replace("T", " "),
+                       pamsignal.event_text(event))
+
+
+@hypothesis.settings(max_examples=500, deadline=None)
+@hypothesis.given(st.sampled_from(sorted(pamsignal.ACTIONS)),
+                  st.integers(-2 ** 40, 2 ** 60),
+                  st.dictionaries(st.sampled_from(
+                      pamsignal.EVENT_FIELDS[4:-3]), _FIELD_VALUES,
+                      max_size=6))
+def test_an_event_is_shown_as_before(action, time_us, fields):
+    event = pamsignal.Event(action=action, timestamp_us=time_us, **fields)
+    try:
+        before = plain_render_text(event)
+    except (TypeError, ValueError) as error:  # a value no event can hold
+        with pytest.raises(type(error)):
+            pamsignal.render_text(event)
+        return
+    assert pamsignal.render_text(event) == before
+
+
+@pytest.mark.parametrize("fields, shown", [
+    ({"typed_more": 0}, "session_closed host=web1"),
+    ({"typed_lines": (), "tty": ""}, "session_closed host=web1"),
+    ({"typed_lines": ("id",), "typed_more": 2},
+     "session_closed typed=\"id (+2 more)\" host=web1"),
+    ({"destination_ip": "", "destination_port": 22},
+     "session_closed host=web1"),
+    ({"destination_ip": "192.0.2.1", "destination_port": 22},
+     "session_closed destination=192.0.2.1:22 host=web1"),
+    ({"tty": "ttyS0", "tty_kind": "serial"},
+     "session_closed tty=\"ttyS0 (serial console)\" host=web1")])
+def test_only_what_an_event_holds_is_shown(fields, shown):
+    # The line skips the parts an event lacks before working them out: a
+    # part that is empty, zero or absent shows nothing, as it did.
+    event = pamsignal.Event(action="session_closed", hostname="web1",
+                            **fields)
+    assert pamsignal.event_text(event) == shown
