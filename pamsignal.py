@@ -5599,11 +5599,16 @@ def _saved_record(record):
 
 def _full_record(value):
     """A failure counter's record from what probation may keep instead, a
-    single guess as (time, user); None stays None."""
+    single guess as (time, user), or (time, user, True) when the user was
+    an invalid one (the first name its source tried, for enumeration);
+    None stays None."""
     if type(value) is tuple:
-        time_us, user = value
-        return {"times": [time_us], "users": [user] if user else [],
-                "fired": {}}
+        time_us, user = value[:2]
+        record = {"times": [time_us], "users": [user] if user else [],
+                  "fired": {}}
+        if value[2:]:
+            record["invalid"] = {user: time_us}
+        return record
     return value
 
 
@@ -5675,9 +5680,15 @@ class FailureDetector:
     def _failure(self, event):
         now, guess = event.timestamp_us, is_guess(event)
         touched = []
-        plain = guess and (event.attempts or 1) == 1 and \
-            event.reason != "invalid_user" and not self.fires_at_once
         user = event.user
+        # An invalid user's name is the first its source tried: enumeration
+        # remembers it, and can fire on it at once only with a threshold of
+        # one.
+        named = event.reason == "invalid_user" and bool(user) and \
+            self.enumeration.attempts > 0
+        plain = guess and (event.attempts or 1) == 1 and \
+            not self.fires_at_once and not (
+                named and self.enumeration.attempts == 1)
         for kind, value in failure_counters(event):
             key = kind + " " + value
             record, table = self.counters.get(key), None
@@ -5688,8 +5699,9 @@ class FailureDetector:
                     self.counters
             if record is None and plain and kind != "user":
                 # The flood case, a first guess from somewhere: nothing can
-                # fire yet, so probation keeps only (time, user).
-                self.probation.put(key, (now, user))
+                # fire yet, so probation keeps only (time, user[, named]).
+                self.probation.put(key, (now, user, True) if named
+                                   else (now, user))
                 continue
             if record is None:  # seen once so far: on probation
                 record, table = {"times": [], "users": [], "fired": {}}, \
@@ -14634,6 +14646,11 @@ def compiled_file(code):
     return importlib.util.MAGIC_NUMBER + bytes(padding) + marshal.dumps(code)
 
 
+#: The commands that may run long or read much (the service, a month's
+#: export): they start over lighter, without the script's syntax tree.
+LONG_COMMANDS = frozenset(("run", "scan", "report"))
+
+
 def rerun_lighter(argv, code):
     """Replace this process (same PID, so systemd's MAINPID holds) with one
     that runs main(argv) from `code`, this script's compiled module, handed
@@ -14665,7 +14682,7 @@ def main(argv=None, stdout=None):
         return exit_request.code
     if args.command is None:
         args.command, args.json = "run", False
-    if args.command == "run" and __name__ == "__main__":
+    if args.command in LONG_COMMANDS and __name__ == "__main__":
         # the caller is the script's module code: what the rerun runs
         rerun_lighter(sys.argv[1:] if argv is None else argv,
                       sys._getframe(1).f_code)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from support import (COMPILE_PEAK_PROBE, PAMSIGNAL, REPO, FakeJournal,
-                     pamsignal, wait_for, write_config)
+                     make_entry, pamsignal, wait_for, write_config)
 
 #: Modules of TLS, HTTP, e-mail and the config's spelling hints.
 OPTIONAL_MODULES = ("ssl", "urllib.request", "urllib.error", "http.client",
@@ -142,3 +142,35 @@ def test_run_never_imports_from_the_current_directory(agent_in, tmp_path):
     agent_in(here)
     assert not marker.exists()
     assert os.path.isdir(str(tmp_path / "state"))
+
+
+@pytest.mark.parametrize("command", [["scan", "--json", "-"],
+                                     ["report", "--json", "-"]])
+def test_a_long_read_of_an_export_starts_over_from_the_compiled_file(
+        tmp_path, command):
+    # scan and report may read a month of a journal: they drop the
+    # script's syntax tree as run does, and print what they always did.
+    config = write_config(tmp_path / "pamsignal.conf", "")
+    lines = "".join(json.dumps(make_entry(
+        "sshd", "Failed password for root from 203.0.113.%d port 22 ssh2"
+        % number, number)) + "\n" for number in range(1, 8))
+    process = subprocess.Popen(
+        [sys.executable, PAMSIGNAL, "--config", config] + command,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True)
+
+    def started_over():
+        with open("/proc/%d/cmdline" % process.pid, "rb") as handle:
+            argv = handle.read().decode().split("\0")
+        return "-c" in argv and \
+            argv[argv.index("-c") + 1] == pamsignal.RERUN_PROGRAM
+
+    assert wait_for(started_over, timeout=60)
+    printed, errors = process.communicate(lines, timeout=120)
+    assert process.returncode == 0, errors
+    assert printed == subprocess.check_output(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, %r); "
+         "import pamsignal; sys.exit(pamsignal.main(sys.argv[1:]))"
+         % REPO, "--config", config] + command, input=lines,
+        universal_newlines=True, timeout=120)
+    assert printed.count("203.0.113.") >= 7
