@@ -5731,37 +5731,33 @@ class FailureDetector:
                                          "repeated_failures")
         if event.reason == "invalid_user" and event.user and \
                 self.enumeration.attempts:
-            window_us = self.enumeration.window_s * 1000000
-            candidates = []
-            for kind, value, record in touched:
-                if kind == "user":
-                    continue
-                seen = self._remember(record, "invalid", event.user, now)
-                if self._may_fire(record, "enumeration", seen,
-                                  self.enumeration, now):
-                    candidates.append((kind, value, record,
-                                       _seen_within(seen, now, window_us)))
-            if candidates:
-                found += self._fire_once(event, "enumeration",
-                                         self.enumeration, candidates,
-                                         "user_enumeration")
+            found += self._count_distinct(
+                event, [counter for counter in touched if counter[0] !=
+                        "user"], "invalid", event.user, "enumeration",
+                self.enumeration, "user_enumeration")
         attacker = attacker_of(event)
         if guess and attacker and self.distributed.attempts:
-            window_us = self.distributed.window_s * 1000000
-            candidates = []
-            for kind, value, record in touched:
-                if kind != "user":
-                    continue
-                seen = self._remember(record, "sources", attacker, now)
-                if self._may_fire(record, "distributed", seen,
-                                  self.distributed, now):
-                    candidates.append((kind, value, record,
-                                       _seen_within(seen, now, window_us)))
-            if candidates:
-                found += self._fire_once(event, "distributed",
-                                         self.distributed, candidates,
-                                         "distributed_attack")
+            found += self._count_distinct(
+                event, [counter for counter in touched if counter[0] ==
+                        "user"], "sources", attacker, "distributed",
+                self.distributed, "distributed_attack")
         return found
+
+    def _count_distinct(self, event, counters, field, value, rule,
+                        threshold, reason):
+        """A rule on the distinct values counters saw (invalid names from
+        a source, sources failing for an account): `value` noted in each
+        record's `field`, then fired as _fire_once does."""
+        now = event.timestamp_us
+        window_us = threshold.window_s * 1000000
+        candidates = []
+        for kind, counted, record in counters:
+            seen = self._remember(record, field, value, now)
+            if self._may_fire(record, rule, seen, threshold, now):
+                candidates.append((kind, counted, record,
+                                   _seen_within(seen, now, window_us)))
+        return self._fire_once(event, rule, threshold, candidates,
+                               reason) if candidates else []
 
     @staticmethod
     def _may_fire(record, rule, seen, threshold, now):
