@@ -14658,6 +14658,8 @@ def rerun_lighter(argv, code):
         return
     try:
         handoff = tempfile.TemporaryFile()
+        if not os.path.exists("/proc/self/fd/%d" % handoff.fileno()):
+            return  # no /proc (a bare chroot): the rerun could not read it
         handoff.write(compiled_file(code))
         handoff.flush()
         os.set_inheritable(handoff.fileno(), True)
