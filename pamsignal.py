@@ -4651,7 +4651,7 @@ class Enricher:
                 changes += zip(_DESTINATION_INDEXES, found)
         if not changes:
             return event
-        values = list(event)  # faster than _replace, which names them all
+        values = list(event)  # the changes come by field index
         for index, value in changes:
             values[index] = value
         return Event._make(values)
@@ -6587,9 +6587,7 @@ def render_json(event):
             opened = group
         text.append(member)
         if type(value) is str:
-            quoted = _json_ascii_string(value)
-            text.append(quoted if "\\u" not in quoted
-                        else _safe_json_string(value))
+            text.append(_safe_json_string(value))
         elif type(value) is int:
             text.append(str(value))
         else:
