@@ -10,7 +10,9 @@ file (systemd-journal-remote), then times:
   scan (in process)             decode + parse + sessions, one core
   scan (command)                `pamsignal.py scan --json FILE`, end to end
   run (command)                 `pamsignal.py run [--json]` fed by the real
-                                journalctl over the journal file
+                                journalctl over the journal file, with its
+                                audit log (the default, kept in the bench's
+                                directory) and without
 
 and the peak memory of scan for N and 4N entries (flat memory means the
 same peak). Usage: python3 bench/bench_pipeline.py [N]   (default 200000)
@@ -135,8 +137,10 @@ def scan_peak_rss_mib(export):
     return int(result.stdout) / 1024.0
 
 
-def run_command_seconds(directory, journal, last_cursor, *flags):
-    """`pamsignal run` with the real journalctl reading the journal file."""
+def run_command_seconds(directory, journal, last_cursor, *flags, audit=True):
+    """`pamsignal run` with the real journalctl reading the journal file,
+    keeping its audit log (as by default) in the bench's directory, or
+    none."""
     wrapper = os.path.join(directory, "journalctl-file")
     with open(wrapper, "w") as handle:
         handle.write("#!/bin/sh\n# journalctl over the bench file; no "
@@ -146,10 +150,14 @@ def run_command_seconds(directory, journal, last_cursor, *flags):
                      "\"$@\"\n" % journal)
     os.chmod(wrapper, 0o755)
     config = os.path.join(directory, "run.conf")
-    state = os.path.join(directory, "state" + "".join(flags))
+    name = "".join(flags) + ("" if audit else "-no-audit")
+    state = os.path.join(directory, "state" + name)
     with open(config, "w") as handle:
-        handle.write("[pamsignal]\nstate_dir = %s\njournalctl = %s\n"
-                     "first_start = all\n" % (state, wrapper))
+        handle.write("[pamsignal]\nstate_dir = %s\nlog_dir = %s\n"
+                     "journalctl = %s\nfirst_start = all\n[audit]\n"
+                     "enabled = %s\n" % (state, os.path.join(
+                         directory, "log" + name), wrapper,
+                         "yes" if audit else "no"))
     started = time.perf_counter()
     with open(os.devnull, "w") as sink:
         agent = subprocess.Popen([sys.executable, PAMSIGNAL, "--config",
@@ -220,6 +228,9 @@ def main():
                                           "--json")
         run_text_seconds = run_command_seconds(directory, journal,
                                                last_cursor)
+        run_bare_seconds = run_command_seconds(directory, journal,
+                                               last_cursor, "--json",
+                                               audit=False)
         big = os.path.join(directory, "export4.json")
         with open(big, "wb") as handle:
             for _ in range(4):
@@ -241,6 +252,8 @@ def main():
                                        count / run_seconds))
     print("%-44s %10.0f entries/s" % ("pamsignal.py run, text (+journalctl)",
                                        count / run_text_seconds))
+    print("%-44s %10.0f entries/s" % ("pamsignal.py run --json, no audit log",
+                                       count / run_bare_seconds))
     print("%-44s %7.1f MiB / %.1f MiB" % (
         "scan peak RSS, N / 4N entries", rss_small, rss_big))
 
