@@ -6611,19 +6611,20 @@ def _safe_json_string(text):
     return _UNSAFE_CHARS.sub(_json_escape_char, _json_string(text))
 
 
-def _json_writing_plan():
-    """How render_json writes the layout: (field index, group, '"leaf": ')
-    per ECS field, where a group numbers the nest of objects around it
-    (event first, pamsignal's for the version), and the text that goes
-    from after one group's member to before another's."""
-    groups = [("event",)]
+def _json_writing_plan(layout, opened, comma=", ", colon=": "):
+    """How to write an object of nested objects straight from an event:
+    (row index, group, '"leaf": ') per (path, row index) of the layout, in
+    its order, where a group numbers the nest of objects around a leaf
+    (`opened`, where the writing starts, is group 0); the groups; and the
+    text that goes from after one group's member to before another's."""
+    groups = [opened]
     plan = []
-    for path, field in _ECS_LAYOUT:
+    for path, index in layout:
         parents = tuple(path.split(".")[:-1])
         if parents not in groups:
             groups.append(parents)
-        plan.append((EVENT_FIELDS.index(field), groups.index(parents),
-                     '"%s": ' % path.split(".")[-1]))
+        plan.append((index, groups.index(parents),
+                     '"%s"%s' % (path.split(".")[-1], colon)))
     between = []
     for before in groups:
         row = []
@@ -6632,16 +6633,18 @@ def _json_writing_plan():
             while kept < min(len(before), len(after)) and \
                     before[kept] == after[kept]:
                 kept += 1
-            row.append("}" * (len(before) - kept) + (
-                ', "%s": {' % '": {"'.join(after[kept:])
-                if kept < len(after) else ", "))
+            row.append("}" * (len(before) - kept) + comma + "".join(
+                '"%s"%s{' % (name, colon) for name in after[kept:]))
         between.append(row)
-    return tuple(plan), groups.index(("pamsignal",)), between
+    return tuple(plan), groups, between
 
 
-#: See _json_writing_plan; the event object is group 0.
-_JSON_PLAN, _JSON_PAMSIGNAL_GROUP, _JSON_BETWEEN = _json_writing_plan()
+#: See _json_writing_plan: the layout of the event contract, from inside
+#: the event object (group 0), where _JSON_HEAD leaves off.
+_JSON_PLAN, _JSON_GROUPS, _JSON_BETWEEN = _json_writing_plan(
+    [(path, _FIELD_INDEX[field]) for path, field in _ECS_LAYOUT], ("event",))
 _JSON_EVENT_GROUP = 0
+_JSON_PAMSIGNAL_GROUP = _JSON_GROUPS.index(("pamsignal",))
 #: The start of every event's JSON (actions and their ECS words need no
 #: escaping), and the version that ends its pamsignal object.
 _JSON_HEAD = ('{"@timestamp": "%s", "event": {"action": "%s", "category": '
@@ -7376,10 +7379,80 @@ _HASH_TAIL = re.compile(br',"hash":"([0-9a-f]{64})"\}\n?\Z')
 _JOURNAL_NAME = re.compile(r"^[A-Z][A-Z0-9_]{0,63}\Z")
 
 
+#: The canonical form of the banner, built once (see _JSON_ENCODER).
+_CHAIN_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"),
+                                  ensure_ascii=True)
+
+
 def chain_bytes(record):
-    """The bytes a record's hash is computed over (see the banner)."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True).encode("ascii")
+    """The bytes a record's hash is computed over (see the banner): its
+    members in key order, each value in the canonical form (an event as
+    its ECS object)."""
+    return ("{%s}" % ",".join([
+        "%s:%s" % (_json_ascii_string(key), _canonical(record[key]))
+        for key in sorted(record)])).encode("ascii")
+
+
+def _canonical(value):
+    """One value as _CHAIN_ENCODER writes it, an Event as event_to_ecs's
+    object; text and whole numbers at once (the encoder's own setup costs
+    more than a small record)."""
+    if type(value) is str:
+        return _json_ascii_string(value)
+    if type(value) is int:
+        return str(value)
+    if type(value) is Event:
+        return canonical_ecs(value)
+    return _CHAIN_ENCODER.encode(value)
+
+
+def canonical_ecs(event):
+    """The text of _CHAIN_ENCODER.encode(event_to_ecs(event)), written
+    straight from the event as render_json does (building the object and
+    sorting it costs three times as much): the plan walks a row of the
+    event's fields and the values of the event contract that are not
+    fields, already written."""
+    row = event + _CANONICAL_ACTIONS[event.action] + (
+        _canonical(event_severity(event)), _CANONICAL_VERSION)
+    text = ['{"@timestamp":"%s"' % format_timestamp(event.timestamp_us)]
+    opened = 0  # the top level
+    for index, group, member in _CANONICAL_PLAN:
+        value = row[index]
+        if value is None or value == "":
+            continue  # the contract has no nulls
+        if group == opened:
+            text.append(",")
+        else:
+            text.append(_CANONICAL_BETWEEN[opened][group])
+            opened = group
+        text.append(member)
+        if index >= _FIELD_COUNT:
+            text.append(value)  # written already
+        elif type(value) is str:
+            text.append(_json_ascii_string(value))
+        else:
+            text.append(_canonical(value))
+    text.append("}" * (len(_CANONICAL_GROUPS[opened]) + 1))
+    return "".join(text)
+
+
+_FIELD_COUNT = len(EVENT_FIELDS)
+#: action -> its event.action, category, type and outcome, written.
+_CANONICAL_ACTIONS = {
+    action: ('"%s"' % action, '["%s"]' % category, '["%s"]' % kind,
+             '"%s"' % outcome)
+    for action, (category, kind, outcome, _) in ACTIONS.items()}
+_CANONICAL_VERSION = _json_ascii_string(__version__)
+#: The event contract in key order, each level sorted as sort_keys does
+#: (paths sorted as tuples), row indexes past the fields for the values
+#: canonical_ecs adds; @timestamp, first of all, is written before.
+_CANONICAL_PLAN, _CANONICAL_GROUPS, _CANONICAL_BETWEEN = _json_writing_plan(
+    sorted([(path, _FIELD_INDEX[field]) for path, field in
+            _ECS_LAYOUT + (("message", "message"),)] + [
+        (path, _FIELD_COUNT + number) for number, path in enumerate((
+            "event.action", "event.category", "event.type", "event.outcome",
+            "event.severity", "pamsignal.version"))],
+        key=lambda leaf: leaf[0].split(".")), (), ",", ":")
 
 
 def record_hash(data, key=None):
@@ -9422,11 +9495,15 @@ def spool_item(event):
                      else 0)
 
 
+#: What alert_id hashes an event's record as (json.dumps(record,
+#: sort_keys=True)), built once (see _JSON_ENCODER).
+_ID_ENCODER = json.JSONEncoder(sort_keys=True)
+
+
 def alert_id(event):
     """The same alert always gets the same name in the spool."""
-    return hashlib.sha256(json.dumps(
-        event_to_record(event), sort_keys=True).encode("utf-8")).hexdigest(
-    )[:32]
+    return hashlib.sha256(_ID_ENCODER.encode(event_to_record(
+        event)).encode("utf-8")).hexdigest()[:32]
 
 
 def spool_directory_name(channel):
@@ -11332,7 +11409,7 @@ class Pipeline:
         if self.audit is not None:
             event_id = alert_id(event)
             self.audit.append({"kind": "event", "id": event_id,
-                               "event": event_to_ecs(event)})
+                               "event": event})  # written as its ECS
         self._each_channel(lambda gate: gate.admit(event, now_us), event,
                            event_id)
 
