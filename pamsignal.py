@@ -7333,6 +7333,10 @@ def summary_message(event, markup):
 #: The `prev` of the first record of a chain.
 GENESIS_HASH = "0" * 64
 
+#: Records made but not yet written that are written at once (a batch of
+#: journal entries is written at its end, or about every 80 records).
+AUDIT_PENDING_BYTES = 65536
+
 #: The audit log being written, in log_dir.
 AUDIT_LOG_NAME = "audit.jsonl"
 
@@ -7868,9 +7872,13 @@ class AuditLog:
     counted (`unwritten`) and said (`error`), and the chain goes on from
     the last record written, with a record saying how many were lost.
 
-    Each record is written with one write(2) in append mode, so a crash
-    loses at most the record being written; flush() (after each batch,
-    before the journal cursor moves) fsyncs, as the spool does."""
+    Records are gathered and written with one write(2) in append mode at
+    flush() (after each batch, before the journal cursor moves), which
+    then fsyncs as the spool does, or sooner when AUDIT_PENDING_BYTES are
+    waiting: a crash loses at most records of the batch in hand, whose
+    entries are read again (their cursor was not saved). While something
+    is wrong (a write failed, lost records or a torn tail to say) each
+    record is written at once, so the log says so without delay."""
 
     def __init__(self, settings, directory, key=None, journal=None,
                  clock=time.time):
@@ -7881,9 +7889,12 @@ class AuditLog:
         self.journal = journal
         self.clock = clock
         self.fd = None
-        self.seq, self.head = 0, GENESIS_HASH
+        self.seq, self.head = 0, GENESIS_HASH  # of the last record made
+        self.written = (0, GENESIS_HASH)  # seq and head of the last written
+        self.pending = []  # lines made, not yet written
+        self.pending_bytes = 0
         self.file_started_s = None
-        self.size = 0
+        self.size = 0  # of the file as written
         self.records = 0
         self.unwritten = 0  # all told, for the metrics
         self.lost = 0  # not yet said in the log
@@ -7920,6 +7931,7 @@ class AuditLog:
                                   "audit*.jsonl files aside to start a new "
                                   "chain")
                 self.seq, self.head = item[0]["seq"], item[2]
+                self.written = (self.seq, self.head)
                 break
         # O_NOFOLLOW: a link planted in a log_dir others can write must
         # not make the agent append to another file.
@@ -7972,8 +7984,6 @@ class AuditLog:
                            now_s):
                 self.lost = 0
         if not self._write(body, now_s):
-            self.lost += 1
-            self.unwritten += 1
             return False
         if self.settings.anchor_every and \
                 self.seq - self.anchored_seq >= self.settings.anchor_every:
@@ -7991,42 +8001,69 @@ class AuditLog:
             self._close_fd()
 
     def _write(self, body, now_s):
+        """Make the record that follows the last one; False (counted) when
+        it could not be written."""
         if self.fd is None:
+            self.lost += 1
+            self.unwritten += 1
             return False
         line, digest = chain_record(body, self.seq + 1, self.head,
                                     int(now_s * 1e6), self.key)
+        self.seq, self.head = self.seq + 1, digest
+        self.pending.append(line)
+        self.pending_bytes += len(line)
+        if self.file_started_s is None:
+            self.file_started_s = now_s
+        if self.error is not None or self.lost or self.torn_bytes or \
+                self.pending_bytes >= AUDIT_PENDING_BYTES:
+            return self._write_out()
+        return True
+
+    def _write_out(self):
+        """Write the records made so far with one write(2); if the disk
+        refuses them, they are counted as lost and the chain goes on from
+        the last record written."""
+        if not self.pending:
+            return True
+        data, count = b"".join(self.pending), len(self.pending)
+        self.pending, self.pending_bytes = [], 0
         written = 0
         try:
-            written = os.write(self.fd, line)
-            if written != len(line):
+            written = os.write(self.fd, data)
+            if written != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         except OSError as error:
             self.error = "cannot write %s: %s" % (self.path,
                                                    error.strerror or error)
             if written:
                 self._cut_to(self.size)  # no half record left behind
+            self.seq, self.head = self.written
+            self.lost += count
+            self.unwritten += count
             return False
         self.error = None
-        self.seq, self.head = self.seq + 1, digest
-        self.size += len(line)
-        self.records += 1
+        self.written = (self.seq, self.head)
+        self.size += len(data)
+        self.records += count
         self.dirty = True
-        if self.file_started_s is None:
-            self.file_started_s = now_s
         return True
 
     def _rotation_due(self, now_s):
         """The current file is full or old: the next record starts a new
         one (so no empty file is left behind)."""
         settings = self.settings
-        return self.fd is not None and self.size > 0 and (
-            self.size >= settings.rotate_size or (
+        size = self.size + self.pending_bytes
+        return self.fd is not None and size > 0 and (
+            size >= settings.rotate_size or (
                 settings.rotate_age and self.file_started_s is not None and
                 now_s - self.file_started_s >= settings.rotate_age))
 
     def flush(self):
-        """fsync what was written; anchor and apply retention when due."""
+        """Write what was made and fsync it; anchor and apply retention
+        when due."""
         now_s = self.clock()
+        if self.fd is not None:
+            self._write_out()
         if self.dirty and self.fd is not None:
             try:
                 os.fsync(self.fd)
@@ -8045,7 +8082,7 @@ class AuditLog:
     def rotate(self, now_s):
         """Close the file under a name that sorts in chain order; the next
         record, in a new file, still follows the last one of this."""
-        if self.fd is None or not self.size:
+        if self.fd is None or not self._write_out() or not self.size:
             return
         target = os.path.join(self.directory, rotated_name(now_s, self.seq))
         try:
@@ -8083,7 +8120,10 @@ class AuditLog:
                      "last_hash": last[2] if last else None})
 
     def anchor(self, now_s):
-        """Write the head to the journal (off this file's reach)."""
+        """Write the head to the journal (off this file's reach): only a
+        record that is in the file."""
+        if self.fd is not None:
+            self._write_out()
         if self.journal is None or self.seq == self.anchored_seq:
             return
         try:
@@ -8098,8 +8138,8 @@ class AuditLog:
     def close(self):
         if self.fd is None and self.error is None:
             return
-        self.append({"kind": "agent_stopped", "records": self.records,
-                     "not_written": self.unwritten})
+        self.append({"kind": "agent_stopped", "records": self.records +
+                     len(self.pending), "not_written": self.unwritten})
         self.flush()
         self.anchor(self.clock())
         self._close_fd()

@@ -400,6 +400,52 @@ def test_a_full_disk_keeps_the_other_channels_alerting(
     assert source not in [e.get("source", {}).get("ip") for e in events]
 
 
+def test_a_batch_the_disk_refuses_is_counted_whole(tmp_path):
+    """Records are written a batch at a time: a batch the disk refuses
+    (full: a short write) leaves no part of itself in the file, each of
+    its records is counted, and the chain goes on from the last record
+    written, with a record saying how many were lost."""
+    realsys.require_root()
+    mount = str(tmp_path / "log")
+    os.mkdir(mount)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs",
+                       mount]).returncode:
+        realsys.unavailable("cannot mount a tmpfs")
+    try:
+        filler = os.path.join(mount, "filler")
+        with open(filler, "wb") as handle:
+            handle.write(b"\0" * 40 * 1024)  # about 24 KiB left
+        settings = pamsignal.parse_config(
+            "[audit]\nanchor_every = off\nanchor_interval = off\n").audit
+        log = pamsignal.AuditLog(settings, mount)
+        log.open()
+        for number in range(5):
+            assert log.append({"kind": "event", "n": number})
+        log.flush()
+        assert log.error is None and log.records == 6
+        size = os.path.getsize(os.path.join(mount, "audit.jsonl"))
+        for number in range(30):  # about 30 KiB: more than is left
+            log.append({"kind": "event", "n": 100 + number, "pad": "x" * 1000})
+        log.flush()
+        assert "No space left" in log.error
+        assert (log.lost, log.unwritten, log.records) == (30, 30, 6)
+        assert os.path.getsize(os.path.join(mount, "audit.jsonl")) == size
+        os.unlink(filler)
+        assert log.append({"kind": "event", "n": 200})  # at once, now
+        assert log.error is None and log.lost == 0
+        log.close()
+        lines = pamsignal.ChainLines(pamsignal.audit_files(mount))
+        assert pamsignal.verify_chain(lines).problem is None
+        kinds = [(json.loads(line)["kind"], json.loads(line).get("records"),
+                  json.loads(line).get("n")) for _, _, line in lines]
+        assert kinds == [("agent_started", None, None)] + [
+            ("event", None, number) for number in range(5)] + [
+            ("not_written", 30, None), ("event", None, 200),
+            ("agent_stopped", 8, None)]
+    finally:
+        subprocess.run(["umount", "-l", mount])
+
+
 def login_seen(agent, users):
     """A real ssh login from a loopback address of its own, once the agent
     has reported it; returns that address."""
