@@ -5,6 +5,7 @@ anchored in the journal and checked by `verify-log --journal`, fail2ban's
 own fail2ban-regex banning on the agent's brute_force_detected entries,
 and a full disk (a tiny tmpfs) that leaves the other channels alerting."""
 
+import contextlib
 import json
 import os
 import re
@@ -400,18 +401,27 @@ def test_a_full_disk_keeps_the_other_channels_alerting(
     assert source not in [e.get("source", {}).get("ip") for e in events]
 
 
+@contextlib.contextmanager
+def small_tmpfs(tmp_path, size):
+    """A tmpfs of `size` under tmp_path, unmounted after."""
+    realsys.require_root()
+    mount = str(tmp_path / "log")
+    os.mkdir(mount)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=" + size, "tmpfs",
+                       mount]).returncode:
+        realsys.unavailable("cannot mount a tmpfs")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", mount])
+
+
 def test_a_batch_the_disk_refuses_is_counted_whole(tmp_path):
     """Records are written a batch at a time: a batch the disk refuses
     (full: a short write) leaves no part of itself in the file, each of
     its records is counted, and the chain goes on from the last record
     written, with a record saying how many were lost."""
-    realsys.require_root()
-    mount = str(tmp_path / "log")
-    os.mkdir(mount)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs",
-                       mount]).returncode:
-        realsys.unavailable("cannot mount a tmpfs")
-    try:
+    with small_tmpfs(tmp_path, "64k") as mount:
         filler = os.path.join(mount, "filler")
         with open(filler, "wb") as handle:
             handle.write(b"\0" * 40 * 1024)  # about 24 KiB left
@@ -442,8 +452,6 @@ def test_a_batch_the_disk_refuses_is_counted_whole(tmp_path):
             ("event", None, number) for number in range(5)] + [
             ("not_written", 30, None), ("event", None, 200),
             ("agent_stopped", 8, None)]
-    finally:
-        subprocess.run(["umount", "-l", mount])
 
 
 def login_seen(agent, users):
@@ -471,13 +479,7 @@ def test_a_read_only_disk_is_counted_and_the_gap_said(tmp_path):
     """The log's file system turned read-only (as after an I/O error):
     records are counted, not written; once it is writable again the chain
     goes on with a record saying how many were lost."""
-    realsys.require_root()
-    mount = str(tmp_path / "log")
-    os.mkdir(mount)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
-                       mount]).returncode:
-        realsys.unavailable("cannot mount a tmpfs")
-    try:
+    with small_tmpfs(tmp_path, "1m") as mount:
         settings = pamsignal.parse_config("").audit
         log = pamsignal.AuditLog(settings, mount)
         log.open()
@@ -499,5 +501,4 @@ def test_a_read_only_disk_is_counted_and_the_gap_said(tmp_path):
         assert kinds == [("agent_started", None), ("agent_stopped", 1),
                          ("not_written", 2), ("event", None),
                          ("agent_stopped", 2)]
-    finally:
-        subprocess.run(["umount", "-l", mount])
+
