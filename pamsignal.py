@@ -7893,6 +7893,7 @@ class AuditLog:
         self.written = (0, GENESIS_HASH)  # seq and head of the last written
         self.pending = []  # lines made, not yet written
         self.pending_bytes = 0
+        self.pending_counted = 0  # of them, those lost if not written
         self.file_started_s = None
         self.size = 0  # of the file as written
         self.records = 0
@@ -7975,13 +7976,15 @@ class AuditLog:
             self._retry_open()
         if self._rotation_due(now_s):
             self.rotate(now_s)
+        # What the log says of itself is not counted as lost: it is said
+        # again until it is written.
         if self.torn_bytes and self._write(
                 {"kind": "repaired", "dropped_bytes": self.torn_bytes},
-                now_s):
+                now_s, counted=False):
             self.torn_bytes = 0
         if self.lost and self.fd is not None:
             if self._write({"kind": "not_written", "records": self.lost},
-                           now_s):
+                           now_s, counted=False):
                 self.lost = 0
         if not self._write(body, now_s):
             return False
@@ -8000,18 +8003,19 @@ class AuditLog:
                                                   error.strerror or error)
             self._close_fd()
 
-    def _write(self, body, now_s):
-        """Make the record that follows the last one; False (counted) when
-        it could not be written."""
+    def _write(self, body, now_s, counted=True):
+        """Make the record that follows the last one; False when it could
+        not be written (then lost, if `counted`)."""
         if self.fd is None:
-            self.lost += 1
-            self.unwritten += 1
+            self.lost += counted
+            self.unwritten += counted
             return False
         line, digest = chain_record(body, self.seq + 1, self.head,
                                     int(now_s * 1e6), self.key)
         self.seq, self.head = self.seq + 1, digest
         self.pending.append(line)
         self.pending_bytes += len(line)
+        self.pending_counted += counted
         if self.file_started_s is None:
             self.file_started_s = now_s
         if self.error is not None or self.lost or self.torn_bytes or \
@@ -8026,7 +8030,8 @@ class AuditLog:
         if not self.pending:
             return True
         data, count = b"".join(self.pending), len(self.pending)
-        self.pending, self.pending_bytes = [], 0
+        lost = self.pending_counted
+        self.pending, self.pending_bytes, self.pending_counted = [], 0, 0
         written = 0
         try:
             written = os.write(self.fd, data)
@@ -8038,8 +8043,8 @@ class AuditLog:
             if written:
                 self._cut_to(self.size)  # no half record left behind
             self.seq, self.head = self.written
-            self.lost += count
-            self.unwritten += count
+            self.lost += lost
+            self.unwritten += lost
             return False
         self.error = None
         self.written = (self.seq, self.head)

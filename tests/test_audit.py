@@ -7,6 +7,8 @@ import io
 import json
 import os
 import re
+import resource
+import signal
 import stat
 
 import hypothesis
@@ -463,6 +465,39 @@ def test_every_alert_decision_is_recorded(tmp_path):
         "login_success", "login_failure", "login_failure"]
     assert events[0]["id"] == [r for r in records if r["kind"] == "alert"][
         0]["id"]
+
+
+def test_a_refused_record_is_counted_once(tmp_path):
+    """While the disk refuses records, each is written at once and counted
+    once: the not_written record that says so, refused with it, is said
+    again, never counted as a lost record itself."""
+    log = AuditLog(settings("anchor_every = off\n"), str(tmp_path), None,
+                   None, Clock())
+    log.open()
+    log.flush()
+    path = str(tmp_path / "audit.jsonl")
+    # No write may make the file larger (EFBIG): a disk that refuses all.
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path), hard))
+    try:
+        assert log.append({"kind": "event", "n": 1})  # in the batch
+        log.flush()
+        assert "File too large" in log.error and log.lost == 1
+        for number in range(2, 5):
+            assert not log.append({"kind": "event", "n": number})
+        assert (log.lost, log.unwritten, log.records) == (4, 4, 1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert log.append({"kind": "event", "n": 5})
+    log.close()
+    lines = pamsignal.ChainLines(files_of(tmp_path))
+    assert pamsignal.verify_chain(lines).problem is None
+    assert [(json.loads(line)["kind"], json.loads(line).get("records"))
+            for _, _, line in lines] == [
+        ("agent_started", None), ("not_written", 4), ("event", None),
+        ("agent_stopped", 3)]
 
 
 def test_the_log_file_is_private(tmp_path):

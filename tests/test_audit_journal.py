@@ -337,6 +337,18 @@ def test_fail2ban_ignores_an_entry_forged_by_an_unprivileged_user(
 # ------------------------------------------------------------- a full disk
 
 
+def fill_up(path):
+    """Write to a new file at `path` until its file system is full."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(descriptor, b"\0" * 1024):
+            pass
+    except OSError:
+        pass  # full
+    finally:
+        os.close(descriptor)
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A 64 KiB tmpfs, filled up."""
@@ -348,14 +360,7 @@ def full_disk(tmp_path):
     if result.returncode:
         realsys.unavailable("cannot mount a tmpfs: %s" % result.stderr)
     filler = str(mount / "filler")
-    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while os.write(descriptor, b"\0" * 1024):
-            pass
-    except OSError:
-        pass  # full
-    finally:
-        os.close(descriptor)
+    fill_up(filler)
     try:
         yield str(mount), filler
     finally:
