@@ -11,13 +11,10 @@ import resource
 import signal
 import stat
 
-import hypothesis
-import hypothesis.strategies as st
 import pytest
 
 import pamsignal
 from pamsignal import AuditLog, Event, parse_config
-from test_scan_same import ANY_EVENT
 
 
 class Clock:
@@ -111,35 +108,6 @@ def test_a_record_hashes_its_documented_canonical_bytes():
         ',"hash":"%s"}\n' % digest).encode()
     assert (record["seq"], record["prev"], record["alg"]) == (
         7, "ab" * 32, "sha256")
-
-
-def canonical(record):
-    """The banner's canonical bytes, by the json module itself."""
-    return json.dumps(record, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=True).encode("ascii")
-
-
-@hypothesis.settings(max_examples=400, deadline=None)
-@hypothesis.given(st.dictionaries(st.text(max_size=6), st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text() |
-    st.floats(allow_nan=False),
-    lambda inner: st.lists(inner, max_size=3) |
-    st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8),
-    max_size=8))
-def test_any_record_is_hashed_over_its_canonical_bytes(record):
-    # chain_bytes writes text and numbers itself: whatever the keys and
-    # values, the bytes must be json's, key for key.
-    assert pamsignal.chain_bytes(record) == canonical(record)
-
-
-@hypothesis.settings(max_examples=400, deadline=None)
-@hypothesis.given(ANY_EVENT)
-def test_an_event_record_holds_the_event_contract(event):
-    # The pipeline hands the event itself; the record must be the one of
-    # its ECS object, in the canonical form, for any event.
-    body = {"kind": "event", "id": "1f" * 16, "seq": 3}
-    assert pamsignal.chain_bytes(dict(body, event=event)) == canonical(
-        dict(body, event=pamsignal.event_to_ecs(event)))
 
 
 def test_a_keyed_record_is_an_hmac_of_the_same_bytes():

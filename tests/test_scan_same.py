@@ -8,6 +8,11 @@ fixture exports included, so fixtures added later do not change what is
 compared; the version number is left out). A change that alters an
 event on purpose re-captures them: `python3 tests/test_scan_same.py
 --capture [PAMSIGNAL.PY]`, and the diff shows what changed.
+
+What the hot path writes itself instead of building objects for json
+(render_json, the audit log's canonical records) is held to json's text
+for any value by property tests here (hypothesis is not installed for
+the other Pythons of .ci/pythons).
 """
 import hashlib
 import json
@@ -228,6 +233,35 @@ def test_an_event_is_written_as_its_object_encodes(event):
     # are present, nested or not, and whatever text they hold.
     assert pamsignal.render_json(event) == \
         pamsignal.dumps_safe(pamsignal.event_to_ecs(event))
+
+
+def canonical(record):
+    """The banner's canonical bytes, by the json module itself."""
+    return json.dumps(record, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True).encode("ascii")
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(st.dictionaries(st.text(max_size=6), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text() |
+    st.floats(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=3) |
+    st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8),
+    max_size=8))
+def test_any_record_is_hashed_over_its_canonical_bytes(record):
+    # chain_bytes writes text and numbers itself: whatever the keys and
+    # values, the bytes must be json's, key for key.
+    assert pamsignal.chain_bytes(record) == canonical(record)
+
+
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(ANY_EVENT)
+def test_an_event_record_holds_the_event_contract(event):
+    # The pipeline hands the event itself; the record must be the one of
+    # its ECS object, in the canonical form, for any event.
+    body = {"kind": "event", "id": "1f" * 16, "seq": 3}
+    assert pamsignal.chain_bytes(dict(body, event=event)) == canonical(
+        dict(body, event=pamsignal.event_to_ecs(event)))
 
 
 @hypothesis.settings(max_examples=300, deadline=None)
