@@ -8045,6 +8045,8 @@ class AuditLog:
             self.seq, self.head = self.written
             self.lost += lost
             self.unwritten += lost
+            if not self.size:
+                self.file_started_s = None  # the file still holds none
             return False
         self.error = None
         self.written = (self.seq, self.head)
@@ -8123,6 +8125,10 @@ class AuditLog:
                      "retention_s": self.settings.retention,
                      "last_seq": last[0]["seq"] if last else None,
                      "last_hash": last[2] if last else None})
+        if self.fd is not None:
+            # The files are gone: what explains the gap cannot wait for
+            # the batch (no journal entry read again would make it).
+            self._write_out()
 
     def anchor(self, now_s):
         """Write the head to the journal (off this file's reach): only a

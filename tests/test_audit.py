@@ -366,6 +366,26 @@ def test_retention_removes_old_files_and_records_it(tmp_path):
     assert verify(tmp_path)[0] == 1
 
 
+def test_a_removal_is_in_the_file_before_a_crash_can_lose_it(tmp_path):
+    # Records wait for the end of their batch, but not the one explaining
+    # files that are already deleted: no entry read again would make it.
+    clock = Clock()
+    log = AuditLog(settings("rotate_size=1K\nretention=1h\n"),
+                   str(tmp_path), None, None, clock)
+    log.open()
+    for number in range(20):
+        log.append({"kind": "event", "n": number, "pad": "x" * 100})
+        log.flush()
+    clock.now_s += 7200
+    log.flush()  # retention is due: rotated files go
+    assert log.pending == []
+    os.close(log.fd)  # the agent is killed here, before its next batch
+    os.close(log.lock_fd)
+    lines = pamsignal.ChainLines(files_of(tmp_path))
+    assert pamsignal.verify_chain(lines).problem is None
+    assert "removed" in [json.loads(line)["kind"] for _, _, line in lines]
+
+
 def test_a_record_cut_short_by_a_crash_is_dropped_and_said(tmp_path):
     write_log(tmp_path, records=3, config="")
     (path,) = files_of(tmp_path)
