@@ -8026,7 +8026,9 @@ class AuditLog:
     def _write_out(self):
         """Write the records made so far with one write(2); if the disk
         refuses them, they are counted as lost and the chain goes on from
-        the last record written."""
+        the last record written. (Records are made only with the file
+        open, and it is closed only with none pending: nothing is pending
+        while it is closed.)"""
         if not self.pending:
             return True
         data, count = b"".join(self.pending), len(self.pending)
@@ -8069,8 +8071,7 @@ class AuditLog:
         """Write what was made and fsync it; anchor and apply retention
         when due."""
         now_s = self.clock()
-        if self.fd is not None:
-            self._write_out()
+        self._write_out()
         if self.dirty and self.fd is not None:
             try:
                 os.fsync(self.fd)
@@ -8125,16 +8126,14 @@ class AuditLog:
                      "retention_s": self.settings.retention,
                      "last_seq": last[0]["seq"] if last else None,
                      "last_hash": last[2] if last else None})
-        if self.fd is not None:
-            # The files are gone: what explains the gap cannot wait for
-            # the batch (no journal entry read again would make it).
-            self._write_out()
+        # The files are gone: what explains the gap cannot wait for the
+        # batch (no journal entry read again would make it).
+        self._write_out()
 
     def anchor(self, now_s):
         """Write the head to the journal (off this file's reach): only a
         record that is in the file."""
-        if self.fd is not None:
-            self._write_out()
+        self._write_out()
         if self.journal is None or self.seq == self.anchored_seq:
             return
         try:
