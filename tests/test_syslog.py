@@ -222,7 +222,7 @@ def test_a_collector_restarted_while_alerts_flow_loses_nothing(
     app = app_name()
     courier, spool = stream_courier(collector, transport, tmp_path, certs,
                                     app)
-    total, restarted = 600, threading.Event()
+    total, stopped, restarted = 600, threading.Event(), threading.Event()
 
     def feed():
         for first in range(0, total, 20):
@@ -231,6 +231,10 @@ def test_a_collector_restarted_while_alerts_flow_loses_nothing(
             spool.flush()
             time.sleep(0.01)
             if first == 200:
+                # the next ones while it is down: were all sent before it
+                # stopped, no delivery would fail
+                stopped.wait(60)
+            if first == 300:
                 restarted.wait(60)  # the rest while it comes back
 
     courier.start()
@@ -239,6 +243,7 @@ def test_a_collector_restarted_while_alerts_flow_loses_nothing(
     try:
         assert wait_for(lambda: courier.delivered >= 100, timeout=60)
         collector.stop()
+        stopped.set()
         assert wait_for(lambda: courier.failed >= 1, timeout=30)
         collector.start()
         restarted.set()
@@ -246,6 +251,7 @@ def test_a_collector_restarted_while_alerts_flow_loses_nothing(
         assert wait_for(lambda: courier.delivered >= total and
                         spool.depth() == 0, timeout=120), courier.last_error
     finally:
+        stopped.set()
         restarted.set()
         courier.stop()
         collector.stop()
