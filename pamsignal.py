@@ -6496,53 +6496,79 @@ def _tty_text(tty, event):
                           if event.tty_kind == "serial" else "")
 
 
+def _text_user(event):
+    return event.user or (event.user_id and "uid " + event.user_id)
+
+
+def _text_source(event):
+    return _endpoint(event.source_ip, event.source_domain, event.source_port)
+
+
+def _text_typed(event):
+    return typed_summary(event.typed_lines, event.typed_more) \
+        if event.typed_lines or event.typed_more else None
+
+
+#: What event_text shows, in order: (key=, the Event field whose value it
+#: is, how it is worked out from the event and that value, or None for
+#: the value itself). A field that is unset (None or "") shows nothing
+#: and costs no call; a pair of several fields is keyed on the action,
+#: which every event has, and works itself out.
+_TEXT_LAYOUT = (
+    ("user", "action", lambda event, _: _text_user(event)),
+    ("as", "target_user", None),
+    ("source", "action", lambda event, _: _text_source(event)),
+    ("asn", "source_as_number", lambda _, number: "AS%d" % number),
+    ("org", "source_as_org", None), ("country", "source_country", None),
+    ("city", "source_city", None),
+    ("source_type", "source_network_type", None),
+    ("provider", "source_provider", None),
+    ("destination", "destination_ip", lambda event, ip: ip and _endpoint(
+        ip, None, event.destination_port)),
+    ("service", "service", None), ("method", "auth_method", None),
+    ("reason", "reason", None), ("key", "key", None),
+    ("tty", "tty", lambda event, tty: _tty_text(tty, event)),
+    ("command", "command_line", None),
+    ("duration", "session_duration_s", lambda _, seconds: "%gs" % seconds),
+    ("typed", "action", lambda event, _: _text_typed(event)),
+    ("counted_by", "counted_by", None), ("network", "network", None),
+    ("attempts", "attempts", None),
+    ("window", "window_s", lambda _, seconds: "%ds" % seconds),
+    ("users_tried", "users_tried", lambda _, names: ",".join(names or ())),
+    ("sources", "sources", lambda _, addresses: ",".join(addresses or ())),
+    ("held_back", "held_back", None),
+    ("kinds", "detail", lambda event, kinds: kinds if event.held_back
+     else None),
+    ("unit", "unit", None), ("dropped", "dropped", None),
+    ("record", "login_record", None), ("repeat", "repeat", None),
+    ("writer_uid", "writer_uid", None), ("program", "process_name", None),
+    ("claimed", "claimed_action", None),
+    ("detail", "detail", lambda event, detail: detail
+     if event.action in DETAIL_SHOWN else None),
+    ("host", "hostname", None), ("journal_time", "journal_time", None),
+    ("host_provider", "host_provider", None),
+    ("message", "message", lambda event, message: message
+     if event.action == "spoofed_entry" or event.action in AGENT_ACTIONS
+     else None))
+_TEXT_PLAN = tuple((key + "=", _FIELD_INDEX[field], shown)
+                   for key, field, shown in _TEXT_LAYOUT)
+
+
 def event_text(event):
     """The action, then who/where/how as key=value (no time)."""
-    pairs = [
-        ("user", event.user or (event.user_id and "uid " + event.user_id)),
-        ("as", event.target_user),
-        ("source", _endpoint(event.source_ip, event.source_domain,
-                             event.source_port)),
-        ("asn", None if event.source_as_number is None
-         else "AS%d" % event.source_as_number),
-        ("org", event.source_as_org), ("country", event.source_country),
-        ("city", event.source_city),
-        ("source_type", event.source_network_type),
-        ("provider", event.source_provider),
-        ("destination", event.destination_ip and _endpoint(
-            event.destination_ip, None, event.destination_port)),
-        ("service", event.service), ("method", event.auth_method),
-        ("reason", event.reason), ("key", event.key),
-        ("tty", event.tty and _tty_text(event.tty, event)),
-        ("command", event.command_line),
-        ("duration", None if event.session_duration_s is None
-         else "%gs" % event.session_duration_s),
-        ("typed", typed_summary(event.typed_lines, event.typed_more)
-         if event.typed_lines or event.typed_more else None),
-        ("counted_by", event.counted_by), ("network", event.network),
-        ("attempts", event.attempts),
-        ("window", None if event.window_s is None
-         else "%ds" % event.window_s),
-        ("users_tried", ",".join(event.users_tried or ()) or None),
-        ("sources", ",".join(event.sources or ()) or None),
-        ("held_back", event.held_back), ("kinds", event.detail
-                                          if event.held_back else None),
-        ("unit", event.unit), ("dropped", event.dropped),
-        ("record", event.login_record),
-        ("repeat", event.repeat),
-        ("writer_uid", event.writer_uid), ("program", event.process_name),
-        ("claimed", event.claimed_action),
-        ("detail", event.detail if event.action in DETAIL_SHOWN else None),
-        ("host", event.hostname),
-        ("journal_time", event.journal_time),
-        ("host_provider", event.host_provider),
-    ]
-    if event.action == "spoofed_entry" or event.action in AGENT_ACTIONS:
-        pairs.append(("message", event.message))
     shown = [event.action]
-    for name, value in pairs:  # a loop: a generator costs more per pair
-        if value is not None and value != "":
-            shown.append("%s=%s" % (name, _text_value(value)))
+    for key, index, worked_out in _TEXT_PLAN:
+        value = event[index]
+        if value is None or value == "":
+            continue
+        if worked_out is not None:
+            value = worked_out(event, value)
+            if value is None or value == "":
+                continue
+        if type(value) is str and _SHOWN_AS_IS.match(value):
+            shown.append(key + value)  # most values: no call
+        else:
+            shown.append(key + _text_value(value))
     return " ".join(shown)
 
 
