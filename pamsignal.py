@@ -4505,25 +4505,38 @@ def established_connections(root="/"):
 #: only when that reading is older than this (a flood stays cheap).
 CONNECTIONS_REREAD_S = 0.2
 
+#: Nor sooner than this many times what the last reading took: under a
+#: flood the tables are long and the machine busy, and a reading took
+#: about a second (bench_flood.py): read every 0.2 s, the agent did
+#: nothing else and fell behind the journal by 10 s. So readings are at
+#: most a tenth of its time.
+CONNECTIONS_REREAD_FACTOR = 10
+
 
 class ConnectionTable:
     """Finds which local address and port a TCP client is connected to."""
 
-    def __init__(self, root="/"):
+    def __init__(self, root="/", clock=time.monotonic):
         self.root = root
+        self.clock = clock  # times the readings themselves
         self.peers = {}
         self.read_at = None
+        self.reread_s = CONNECTIONS_REREAD_S
 
     def destination(self, ip, port, now, always=False):
         """(local ip, local port) of the connection from ip:port, or None.
-        A missing peer is looked for again at most every
-        CONNECTIONS_REREAD_S, unless `always` (a login: rare, and the
-        one that matters; a second login within that time has a new port
-        that the last reading cannot hold)."""
+        A missing peer is looked for again only once `reread_s` (at least
+        CONNECTIONS_REREAD_S, more when reading is slow) passed since the
+        last reading, unless `always` (a login: rare, and the one that
+        matters; a second login within that time has a new port that the
+        last reading cannot hold)."""
         found = self.peers.get((ip, port))
         if found is None and (always or self.read_at is None or not
-                              0 <= now - self.read_at < CONNECTIONS_REREAD_S):
+                              0 <= now - self.read_at < self.reread_s):
+            started = self.clock()
             self.peers = established_connections(self.root)
+            self.reread_s = max(CONNECTIONS_REREAD_S, CONNECTIONS_REREAD_FACTOR
+                                * (self.clock() - started))
             self.read_at = now
             found = self.peers.get((ip, port))
         return found
@@ -12198,7 +12211,11 @@ class Agent:
                 lines = self.source.read(wait_s)
                 now = self.monotonic()
                 self.follow_lines(lines, now)
-                if self.pipeline.tick(self.clock()):
+                # Held failures wait for the rest of their attempt's lines;
+                # the clock ends that wait only while the journal has no
+                # more to give: an agent catching up has those lines still
+                # unread, and would split each attempt in two.
+                if self.pipeline.tick(None if lines else self.clock()):
                     self.unsaved = True
                 self.pipeline.flush()
                 if self.reload_requested and not self.stopping:

@@ -81,3 +81,29 @@ def test_the_side_by_side_bench_prints_its_tables(tmp_path):
     assert "pamsignal.py" in out.split("cProfile")[1]  # its own functions
     assert re.search(r"^30 distinct failed attempts, `scan --json`: [\d,]+ "
                      r"entries/s, peak RSS \d+ MB$", out, re.MULTILINE)
+
+
+def test_the_flood_bench_sees_every_failed_attempt_of_a_real_sshd():
+    """bench_flood.py for a few seconds: a real sshd was tried, the agent
+    followed the real journal and printed an event for every failed
+    password sshd logged; the figures themselves are not judged."""
+    realsys.require_root()
+    realsys.require_binaries("/usr/sbin/sshd", "ssh", "sshpass",
+                             "journalctl")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "bench_flood.py"),
+         "--clients", "2", "--seconds", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    made = int(re.search(r"^attempts made +(\d+) ", out, re.M).group(1))
+    events, failures = map(int, re.search(
+        r"^failed passwords with an event (\d+) of (\d+); ", out,
+        re.M).groups())
+    assert made >= failures > 0 and events == failures, out
+    for name in ("journal to agent output", "journal to journalctl -f"):
+        assert re.search(r"^%s +median \d+ ms, 99%% \d+ ms, largest \d+ ms$"
+                         % name, out, re.M), out
+    assert re.search(r"^agent CPU \(with its journalctl\) [\d.]+ s: ", out,
+                     re.M), out

@@ -230,6 +230,37 @@ def test_connections_are_read_again_only_when_a_peer_is_missing(tmp_path):
 
 
 @little_endian_only
+def test_a_slow_reading_of_the_connections_is_repeated_less_often(tmp_path):
+    """Under a flood /proc/net/tcp is long and the machine busy: a reading
+    that took a second is not repeated for ten (the agent would do nothing
+    else), one that took a millisecond after CONNECTIONS_REREAD_S."""
+    root = str(tmp_path / "root")
+    shutil.copytree(NET_ROOT, root)
+    took = [1.0]
+    readings = []
+
+    def clock():  # each reading takes took[0] seconds
+        readings.append(len(readings))
+        return len(readings) // 2 * took[0]
+
+    table = pamsignal.ConnectionTable(root, clock=clock)
+    assert table.destination("203.0.113.5", 51234, 100.0) is not None
+    os.unlink(os.path.join(root, "proc/net/tcp"))  # a new reading: empty
+    for now in (100.3, 105.0, 109.9):
+        assert table.destination("192.0.2.99", 1, now) is None
+        assert table.destination("203.0.113.5", 51234, now) is not None
+    took[0] = 0.001
+    assert table.destination("192.0.2.99", 1, 110.1) is None  # read again
+    assert table.destination("203.0.113.5", 51234, 110.1) is None
+    shutil.copy(os.path.join(NET_ROOT, "proc/net/tcp"),
+                os.path.join(root, "proc/net/tcp"))
+    assert table.destination("203.0.113.5", 51234, 110.2) is None
+    assert table.destination("203.0.113.5", 51234, 110.35) == (
+        "198.51.100.7", 22)
+    assert len(readings) == 6  # three readings, timed at both ends
+
+
+@little_endian_only
 def test_a_second_login_within_the_reread_time_gets_its_destination(
         tmp_path):
     """Two logins from one client in quick succession: the second came on

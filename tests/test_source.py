@@ -261,3 +261,31 @@ def test_journalctl_killed_while_running_is_said_when_restarted(tmp_path):
     _, stderr, code = agent.stop()
     assert "journalctl exited with status -9; restarting it" in stderr
     assert code == 0
+
+
+def test_an_agent_catching_up_keeps_each_attempt_one_event(tmp_path):
+    """A backlog (entries days old, as after a stop or a stall) comes in
+    two reads, the second a moment later: an invalid user's guess held
+    for the rest of its connection's lines must wait for them, not be let
+    go by the wall clock in between, or the one attempt is two events."""
+    attempt = [make_entry("sshd", message, sequence=number) for number,
+               message in enumerate((
+                   "Invalid user eve from 203.0.113.7 port 4001",
+                   "pam_unix(sshd:auth): authentication failure; logname= "
+                   "uid=0 euid=0 tty=ssh ruser= rhost=203.0.113.7",
+                   "Failed password for invalid user eve from 203.0.113.7 "
+                   "port 4001 ssh2",
+                   "Connection closed by invalid user eve 203.0.113.7 port "
+                   "4001 [preauth]"), 1)]
+    fake = FakeJournal(tmp_path, {"follow": [{"output": [
+        json_line(attempt[0]), json_line(attempt[1]), 0.6,
+        json_line(attempt[2]), json_line(attempt[3])], "hang": True}]})
+    agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
+    state = tmp_path / "state" / "state.json"
+    assert wait_for(lambda: state.exists() and read_state(tmp_path).get(
+        "cursor") == attempt[3]["__CURSOR"])
+    events, _, code = agent.stop()
+    assert code == 0
+    failures = [e for e in events if e["event"]["action"] == "login_failure"]
+    assert [(e["user"]["name"], e["event"]["reason"], e["source"]["port"])
+            for e in failures] == [("eve", "invalid_user", 4001)]
