@@ -4509,8 +4509,12 @@ CONNECTIONS_REREAD_S = 0.2
 #: flood the tables are long and the machine busy, and a reading took
 #: about a second (bench_flood.py): read every 0.2 s, the agent did
 #: nothing else and fell behind the journal by 10 s. So readings are at
-#: most a tenth of its time.
+#: most a tenth of its time...
 CONNECTIONS_REREAD_FACTOR = 10
+
+#: ... but are never further apart than this (a reading that a paused
+#: machine stretched to minutes must not stop the lookups for an hour).
+CONNECTIONS_REREAD_MAX_S = 10.0
 
 
 class ConnectionTable:
@@ -4535,8 +4539,10 @@ class ConnectionTable:
                               0 <= now - self.read_at < self.reread_s):
             started = self.clock()
             self.peers = established_connections(self.root)
-            self.reread_s = max(CONNECTIONS_REREAD_S, CONNECTIONS_REREAD_FACTOR
-                                * (self.clock() - started))
+            self.reread_s = min(max(
+                CONNECTIONS_REREAD_S,
+                CONNECTIONS_REREAD_FACTOR * (self.clock() - started)),
+                CONNECTIONS_REREAD_MAX_S)
             self.read_at = now
             found = self.peers.get((ip, port))
         return found
@@ -11284,6 +11290,9 @@ class Pipeline:
         self.audit = None  # the AuditLog, when the agent keeps one
         # What was typed in sessions (TTY audit), when tty_audit is on.
         self.typing = TypedInput() if detection.tty_audit else None
+        #: (own time in µs, wall clock in s) of the newest entry read live:
+        #: the journal's time as far as the agent has read it.
+        self.journal_read = None
 
     # -- state --------------------------------------------------------------
 
@@ -11403,6 +11412,8 @@ class Pipeline:
         """Parse one entry and send its event, then what it made the
         detector find; returns how many events were sent. `now_s` (wall
         clock) is given when the entry is live (`run`, not `scan`)."""
+        if now_s is not None:
+            self._note_read(entry, now_s)
         if self.typing is not None:
             record = parse_audit_record(entry)
             if record is not None:
@@ -11433,6 +11444,25 @@ class Pipeline:
                     for told in self._door_paired(paired):
                         sent += self._process(told, now_s)
         return sent
+
+    def _note_read(self, entry, now_s):
+        entry_us = _entry_timestamp(entry)
+        if entry_us is not None and (self.journal_read is None or
+                                     entry_us >= self.journal_read[0]):
+            self.journal_read = (entry_us, now_s)
+
+    def journal_now_us(self, now_s):
+        """The journal's time now, as far as the agent has read it: the
+        newest entry's own time, plus what the clock says passed since it
+        was read (the clock itself before any). A held failure waits
+        SSH_HOLD_US of this time: an agent catching up on a backlog
+        (after a restart, behind a flood) has the rest of an attempt's
+        lines still to read, and the wall clock alone would let it go
+        first and make two events of it."""
+        if self.journal_read is None:
+            return int(now_s * 1000000)
+        entry_us, read_s = self.journal_read
+        return entry_us + int(max(0.0, now_s - read_s) * 1000000)
 
     def _door_paired(self, event):
         """The events to send for one, through each pairing of doors."""
@@ -11513,16 +11543,18 @@ class Pipeline:
 
     def tick(self, now_s=None):
         """Send the digests whose cooldown or rate window ended, and the
-        held sshd failures whose wait ended at `now_s` (live, wall clock);
-        returns how many of those were sent."""
+        held failures whose wait ended by `now_s` (live, wall clock: in the
+        journal's time, see journal_now_us); returns how many of those
+        were sent."""
         sent = 0
         if now_s is not None:
-            now_us = int(now_s * 1000000)
+            journal_us = self.journal_now_us(now_s)
             sent = sum(self._process(event, now_s) for event in
-                       self.ssh_attempts.due(now_us) +
-                       self.program_attempts.due(now_us) +
+                       self.ssh_attempts.due(journal_us) +
+                       self.program_attempts.due(journal_us) +
                        [released for pairs in self.door_pairs
-                        for released in pairs.due(now_us)])
+                        for released in pairs.due(journal_us)])
+            now_us = int(now_s * 1000000)  # a close waits from its holding
             if self.typing is not None:
                 sent += sum(self._deliver(event, now_s) for event in
                             self.typing.due(wall_us=now_us))
@@ -12211,11 +12243,7 @@ class Agent:
                 lines = self.source.read(wait_s)
                 now = self.monotonic()
                 self.follow_lines(lines, now)
-                # Held failures wait for the rest of their attempt's lines;
-                # the clock ends that wait only while the journal has no
-                # more to give: an agent catching up has those lines still
-                # unread, and would split each attempt in two.
-                if self.pipeline.tick(None if lines else self.clock()):
+                if self.pipeline.tick(self.clock()):
                     self.unsaved = True
                 self.pipeline.flush()
                 if self.reload_requested and not self.stopping:

@@ -16,7 +16,8 @@ output as it comes. Printed:
   attempts made, and the lines sshd wrote to the journal (per second)
   the agent's CPU (its own and its journalctl's) over the flood, as a
   share of one core and per line sshd wrote; its peak resident memory
-  how many of the wrong passwords sshd logged became events, and the
+  how many of the wrong passwords sshd logged (by source address and
+  port) have an event and how many events they have (one each), and the
   delay from each one's journal time to its event on the agent's output
   (median, 99th percentile, largest), beside the same delay to a plain
   `journalctl -f` (journald tells its followers in batches)
@@ -77,6 +78,7 @@ def start_sshd(directory, port):
     deadline = time.time() + 20
     while not realsys._ssh_banner("127.0.0.1", port):
         if sshd.poll() is not None or time.time() > deadline:
+            stop([sshd])
             raise SystemExit("the bench's sshd did not come up")
         time.sleep(0.1)
     return sshd
@@ -194,11 +196,17 @@ def peak_rss_mib(pid):
     return 0.0
 
 
+#: What sshd's processes log as: OpenSSH 9.8 and later log each
+#: connection as sshd-session (10.x also sshd-auth).
+SSHD_IDENTIFIERS = ("sshd", "sshd-session", "sshd-auth")
+
+
 def sshd_lines(cursor, prefix, listener_pid):
     """The lines the bench's sshd wrote since `cursor`: its listener's and
     those of every connection process that named one of its users."""
     entries = [entry for entry in realsys.journal_entries(cursor)
-               if realsys._text(entry.get("SYSLOG_IDENTIFIER")) == "sshd"]
+               if realsys._text(entry.get("SYSLOG_IDENTIFIER"))
+               in SSHD_IDENTIFIERS]
     pids = {realsys._text(entry.get("_PID")) for entry in entries
             if prefix in realsys._text(entry.get("MESSAGE"))}
     pids.add(str(listener_pid))
@@ -241,6 +249,98 @@ def parse_arguments(argv):
     return parser.parse_args(argv)
 
 
+def wait_until_ready(port, prefix, agent, output):
+    """Until the agent has printed a first attempt (tried again every few
+    seconds: the agent follows only from when it started)."""
+    deadline = time.time() + 90
+    while not output.events(prefix):
+        if agent.poll() is not None or time.time() > deadline:
+            raise SystemExit("the agent never printed a first attempt")
+        attempt(port, prefix, realsys.unique_loopback())
+        for _ in range(25):
+            if output.events(prefix):
+                return
+            time.sleep(0.2)
+
+
+def wait_until_caught_up(output, longest_s=180):
+    """Until the agent's output has been quiet for QUIET_S (other logins
+    on the machine may keep it busy: then for at most `longest_s`)."""
+    deadline = time.time() + longest_s
+    while not output.quiet_for(QUIET_S) and time.time() < deadline:
+        time.sleep(0.5)
+
+
+def cpu_of(pids):
+    """CPU seconds of the processes that are still there."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            pass  # a journalctl the agent replaced
+    return total
+
+
+def stop(processes):
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def measure(args, directory, started_processes):
+    """The flood and what it cost; returns the figures to print."""
+    port = realsys.free_port()
+    prefix = "fl%s" % secrets.token_hex(3)
+    sshd = start_sshd(directory, port)
+    started_processes.append(sshd)
+    agent = start_agent(directory, args.python)
+    started_processes.append(agent)
+    output = Output(agent.stdout)
+    # journalctl -f alone, for what journald's own notice of new entries
+    # takes (it tells followers in batches, up to a quarter second late)
+    follower = subprocess.Popen(["journalctl", "-f", "-o", "json", "-n", "0"]
+                                + ["SYSLOG_IDENTIFIER=%s" % name
+                                   for name in SSHD_IDENTIFIERS],
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+    started_processes.append(follower)
+    followed = Output(follower.stdout)
+    wait_until_ready(port, prefix + "w", agent, output)
+    journalctl = children(agent.pid)
+    cursor = realsys.journal_cursor()
+    cpu_before = cpu_of([agent.pid] + journalctl)
+    started = time.time()
+    made = flood(port, prefix + "x", args.clients, args.seconds)
+    flooded_s = time.time() - started
+    wait_until_caught_up(output)
+    cpu = cpu_of([agent.pid] + journalctl) - cpu_before
+    entries = sshd_lines(cursor, prefix + "x", sshd.pid)
+    failures = failed_passwords(entries, prefix + "x")
+    events = output.events(prefix + "x")
+    told = {}
+    for printed, event in events:
+        told.setdefault(source_of(event), []).append(printed)
+    return {"flooded_s": flooded_s, "made": made, "cpu": cpu,
+            "peak": peak_rss_mib(agent.pid), "entries": len(entries),
+            "failures": len(failures),
+            "with_event": sum(1 for key in failures if key in told),
+            "their_events": sum(len(told[key]) for key in failures
+                                if key in told),
+            "others": sum(len(times) for key, times in told.items()
+                          if key not in failures),
+            "delays": [min(told[key]) - logged
+                       for key, logged in failures.items() if key in told],
+            "plain_delays": [printed - logged for printed, logged
+                             in followed.failures(prefix + "x")]}
+
+
 def main(argv=None):
     args = parse_arguments(argv)
     if os.geteuid() != 0:
@@ -249,78 +349,39 @@ def main(argv=None):
     program("sshpass", "sshpass")
     realsys.ensure_journald()
     directory = tempfile.mkdtemp(prefix="pamsignal-flood-")
-    port = realsys.free_port()
-    prefix = "fl%s" % secrets.token_hex(3)
-    sshd = start_sshd(directory, port)
-    agent = start_agent(directory, args.python)
-    output = Output(agent.stdout)
-    # journalctl -f alone, for what journald's own notice of new entries
-    # takes (it tells followers in batches, up to a quarter second late)
-    follower = subprocess.Popen(["journalctl", "-f", "-o", "json", "-n", "0",
-                                 "SYSLOG_IDENTIFIER=sshd"],
-                                stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL)
-    followed = Output(follower.stdout)
+    started_processes = []
     try:
-        # Ready when a first attempt's event is out.
-        attempt(port, prefix + "w", realsys.unique_loopback())
-        deadline = time.time() + 60
-        while not output.events(prefix + "w"):
-            if agent.poll() is not None or time.time() > deadline:
-                raise SystemExit("the agent never printed the first attempt")
-            time.sleep(0.2)
-        journalctl = children(agent.pid)
-        cursor = realsys.journal_cursor()
-        cpu_before = cpu_seconds(agent.pid) + sum(map(cpu_seconds,
-                                                      journalctl))
-        started = time.time()
-        made = flood(port, prefix + "x", args.clients, args.seconds)
-        flooded_s = time.time() - started
-        while not output.quiet_for(QUIET_S):
-            time.sleep(0.5)
-        cpu = cpu_seconds(agent.pid) + sum(map(cpu_seconds, journalctl)) \
-            - cpu_before
-        peak = peak_rss_mib(agent.pid)
-        entries = sshd_lines(cursor, prefix + "x", sshd.pid)
-        failures = failed_passwords(entries, prefix + "x")
-        events = output.events(prefix + "x")
-        delays = [printed - failures[source_of(event)]
-                  for printed, event in events
-                  if source_of(event) in failures]
-        others = len(events) - len(delays)
-        plain_delays = [printed - logged for printed, logged
-                        in followed.failures(prefix + "x")]
+        figures = measure(args, directory, started_processes)
     finally:
-        for process in (agent, follower):
-            process.terminate()
-            process.wait()
-        sshd.terminate()
-        sshd.wait()
+        stop(started_processes)
         shutil.rmtree(directory, ignore_errors=True)
+    flooded_s = figures["flooded_s"]
     print("sshd flooded for %.0f s by %d clients, Python %s for the agent; "
           "load average %.1f at the end" % (
               flooded_s, args.clients, args.python, os.getloadavg()[0]))
-    print("attempts made            %8d  (%.0f/s)" % (made, made / flooded_s))
+    print("attempts made            %8d  (%.0f/s)" % (
+        figures["made"], figures["made"] / flooded_s))
     print("failed-password lines    %8d  (%.0f/s)" % (
-        len(failures), len(failures) / flooded_s))
+        figures["failures"], figures["failures"] / flooded_s))
     print("sshd lines in the journal %7d  (%.0f/s)" % (
-        len(entries), len(entries) / flooded_s))
+        figures["entries"], figures["entries"] / flooded_s))
     print("agent CPU (with its journalctl) %.2f s: %.1f%% of one core, "
-          "%.0f us per sshd line" % (cpu, 100 * cpu / flooded_s,
-                                     1e6 * cpu / max(len(entries), 1)))
-    print("agent peak RSS           %8.1f MiB" % peak)
-    print("failed passwords with an event %d of %d; other failures "
-          "(cut off before a password) %d" % (len(delays), len(failures),
-                                              others))
-    for name, values in (("journal to agent output", delays),
-                         ("journal to journalctl -f", plain_delays)):
+          "%.0f us per sshd line" % (
+              figures["cpu"], 100 * figures["cpu"] / flooded_s,
+              1e6 * figures["cpu"] / max(figures["entries"], 1)))
+    print("agent peak RSS           %8.1f MiB" % figures["peak"])
+    print("failed passwords with an event %d of %d (events for them %d); "
+          "other failures (cut off before a password) %d" % (
+              figures["with_event"], figures["failures"],
+              figures["their_events"], figures["others"]))
+    for name, values in (("journal to agent output", figures["delays"]),
+                         ("journal to journalctl -f",
+                          figures["plain_delays"])):
         if values:
             print("%-24s median %.0f ms, 99%% %.0f ms, largest %.0f ms" % (
                 name, 1000 * percentile(values, 0.5),
                 1000 * percentile(values, 0.99), 1000 * max(values)))
     return 0
-
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -277,8 +277,10 @@ def test_an_agent_catching_up_keeps_each_attempt_one_event(tmp_path):
                    "port 4001 ssh2",
                    "Connection closed by invalid user eve 203.0.113.7 port "
                    "4001 [preauth]"), 1)]
+    # 1.5 s: longer than the agent waits for a line, so it sees the
+    # journal quiet in between, as when journalctl pauses in a backlog.
     fake = FakeJournal(tmp_path, {"follow": [{"output": [
-        json_line(attempt[0]), json_line(attempt[1]), 0.6,
+        json_line(attempt[0]), json_line(attempt[1]), 1.5,
         json_line(attempt[2]), json_line(attempt[3])], "hang": True}]})
     agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
     state = tmp_path / "state" / "state.json"
@@ -289,3 +291,47 @@ def test_an_agent_catching_up_keeps_each_attempt_one_event(tmp_path):
     failures = [e for e in events if e["event"]["action"] == "login_failure"]
     assert [(e["user"]["name"], e["event"]["reason"], e["source"]["port"])
             for e in failures] == [("eve", "invalid_user", 4001)]
+
+
+def test_a_stream_of_keystrokes_does_not_hold_a_guess_back(tmp_path):
+    """With TTY audit on, keystroke records come without a pause while a
+    user types; an invalid user's guess held for the rest of its lines
+    must still go out about 10 s on (by the journal's time), not wait
+    for the typing to stop."""
+    start = time.time()
+    guess = [make_entry("sshd", message, sequence=number,
+                        __REALTIME_TIMESTAMP=str(int(start * 1e6) + number))
+             for number, message in enumerate((
+                 "Invalid user eve from 203.0.113.7 port 4001",
+                 "pam_unix(sshd:auth): authentication failure; logname= "
+                 "uid=0 euid=0 tty=ssh ruser= rhost=203.0.113.7"), 1)]
+    typing = []
+    for step in range(1, 120):  # a record every 0.3 s for 36 s
+        typing += [0.3, json_line({
+            "_TRANSPORT": "audit", "_AUDIT_TYPE": "1319", "_PID": "777",
+            "_UID": "1000", "_AUDIT_SESSION": "5", "_BOOT_ID": "feedface",
+            "_AUDIT_FIELD_DATA": b"ls\r".hex().upper(),
+            "__CURSOR": "s=0123456789abcdef;i=%x;b=feedface;m=1;t=2;x=3"
+                        % (100 + step),
+            "__REALTIME_TIMESTAMP": str(int((start + 0.3 * step) * 1e6))})]
+    fake = FakeJournal(tmp_path, {"follow": [{"output": [
+        json_line(guess[0]), json_line(guess[1])] + typing, "hang": True}]})
+    agent = AgentProcess(agent_config(tmp_path, fake, "[detection]\n"
+                                      "tty_audit = yes\n"), env=fake.env())
+    state = tmp_path / "state" / "state.json"
+
+    def guess_told():
+        saved = read_state(tmp_path) if state.exists() else {}
+        cursor = saved.get("cursor") or ""
+        return cursor.endswith("x=3") and \
+            int(cursor.split(";i=")[1].split(";")[0], 16) > 100 \
+            and not saved.get("pipeline", saved).get(
+                "ssh_attempts", {"held": [1]})["held"]
+
+    assert wait_for(guess_told, timeout=25)
+    elapsed = time.time() - start
+    events, _, code = agent.stop()
+    assert code == 0 and elapsed < 30  # the typing had not stopped
+    assert [(e["user"]["name"], e["event"]["reason"]) for e in events
+            if e["event"]["action"] == "login_failure"] == [
+                ("eve", "invalid_user")]

@@ -366,3 +366,77 @@ def test_new_kinds_say_what_happened():
 def test_what_counts_as_a_guess(message, guess):
     event = pamsignal.parse_entry(make_entry("sshd", message))
     assert pamsignal.is_guess(event._replace(pairing=None)) is guess
+
+
+# ---------------------------------------------------------------- live
+
+
+class Kept:
+    """A channel's sink that keeps what it is given."""
+    name = "kept"
+
+    def __init__(self):
+        self.events = []
+
+    def send(self, alert):
+        self.events.append(getattr(alert, "event", alert))
+
+    def flush(self):
+        pass
+
+
+def live_pipeline(config_text=""):
+    kept = Kept()
+    pipeline = pamsignal.Pipeline(
+        [pamsignal.Channel(kept, pamsignal.ChannelGate(
+            pamsignal.SHOW_EVERYTHING))],
+        pamsignal.parse_config(config_text).detection)
+    return pipeline, kept
+
+
+def at(entry, seconds):
+    """The entry with its own time `seconds` after the epoch."""
+    return dict(entry, __REALTIME_TIMESTAMP=str(int(seconds * 1000000)))
+
+
+ATTEMPT = ("Invalid user eve from %s port 4001" % SOURCE,
+           "pam_unix(sshd:auth): authentication failure; logname= uid=0 "
+           "euid=0 tty=ssh ruser= rhost=%s" % SOURCE,
+           "Failed password for invalid user eve from %s port 4001 ssh2"
+           % SOURCE,
+           "Connection closed by invalid user eve %s port 4001 [preauth]"
+           % SOURCE)
+
+
+def failures_of(kept):
+    return [(e.user, e.reason, e.source_port) for e in kept.events
+            if e.action == "login_failure"]
+
+
+def test_live_an_attempt_read_behind_the_journal_stays_one_event():
+    # The agent reads a backlog an hour old (after a restart, behind a
+    # flood); the journal pauses 1.5 s between two reads. The held lines
+    # wait 10 s of the journal's time, not of the wall clock.
+    pipeline, kept = live_pipeline()
+    first, second, third, last = lines(*ATTEMPT)
+    wall = 1795780000.0
+    for entry, own in ((first, wall - 3600), (second, wall - 3599.9)):
+        pipeline.process_entry(at(entry, own), wall)
+    pipeline.tick(wall + 1.5)
+    assert failures_of(kept) == []
+    for entry, own in ((third, wall - 3597.2), (last, wall - 3597)):
+        pipeline.process_entry(at(entry, own), wall + 1.6)
+    pipeline.tick(wall + 30)
+    assert failures_of(kept) == [("eve", "invalid_user", 4001)]
+
+
+def test_live_a_held_guess_goes_out_when_the_journal_stays_quiet():
+    pipeline, kept = live_pipeline()
+    wall = 1795780000.0
+    for entry in lines(*ATTEMPT[:2]):
+        pipeline.process_entry(at(entry, wall), wall)
+    pipeline.tick(wall + 9.9)
+    assert failures_of(kept) == []
+    pipeline.tick(wall + 10.1)
+    assert failures_of(kept) == [("eve", "invalid_user", 4001)]
+
