@@ -11451,6 +11451,12 @@ class Pipeline:
                                      entry_us >= self.journal_read[0]):
             self.journal_read = (entry_us, now_s)
 
+    def resume_journal_time(self, entry_us, now_s):
+        """After a restart: the journal's time is that of the last entry
+        handled (`entry_us`, when known), read `now_s`."""
+        if entry_us is not None and self.journal_read is None:
+            self.journal_read = (entry_us, now_s)
+
     def journal_now_us(self, now_s):
         """The journal's time now, as far as the agent has read it: the
         newest entry's own time, plus what the clock says passed since it
@@ -11948,6 +11954,10 @@ class Agent:
         self.pipeline.load_detection_state(detection, now_us)
         self.source.load_state(state)
         self.pipeline.load_state(state, now_us)
+        # The held lines restored wait on from where the journal was left,
+        # not from today: the rest of their attempts may be in the backlog.
+        self.pipeline.resume_journal_time(self.source.last_realtime_us,
+                                          now_us / 1e6)
 
     # -- saving -------------------------------------------------------------
 

@@ -440,3 +440,25 @@ def test_live_a_held_guess_goes_out_when_the_journal_stays_quiet():
     pipeline.tick(wall + 10.1)
     assert failures_of(kept) == [("eve", "invalid_user", 4001)]
 
+
+
+def test_live_a_restored_guess_waits_on_from_where_the_journal_was_left():
+    # Stopped an hour ago holding an invalid user's guess: after the
+    # restart the rest of its attempt is in the backlog, so the guess
+    # waits 10 s of journal time from the last entry handled.
+    before, kept_before = live_pipeline()
+    wall = 1795780000.0
+    first, second, third, last = lines(*ATTEMPT)
+    for entry, own in ((first, wall - 3600), (second, wall - 3599.9)):
+        before.process_entry(at(entry, own), wall - 3599.9)
+    saved = json.loads(json.dumps(before.to_state()))
+    after, kept = live_pipeline()
+    after.load_state(saved, int(wall * 1e6))
+    after.resume_journal_time(int((wall - 3599.9) * 1e6), wall)
+    after.tick(wall + 2)  # journalctl slow to start on the backlog
+    assert failures_of(kept) == []
+    for entry, own in ((third, wall - 3597.2), (last, wall - 3597)):
+        after.process_entry(at(entry, own), wall + 2.5)
+    after.tick(wall + 30)
+    assert failures_of(kept) == [("eve", "invalid_user", 4001)]
+    assert kept_before.events == []
