@@ -11468,7 +11468,10 @@ class Pipeline:
         if self.journal_read is None:
             return int(now_s * 1000000)
         entry_us, read_s = self.journal_read
-        return entry_us + int(max(0.0, now_s - read_s) * 1000000)
+        if now_s < read_s:  # the clock was set back: count from now
+            self.journal_read = (entry_us, now_s)
+            return entry_us
+        return entry_us + int((now_s - read_s) * 1000000)
 
     def _door_paired(self, event):
         """The events to send for one, through each pairing of doors."""
@@ -11954,10 +11957,6 @@ class Agent:
         self.pipeline.load_detection_state(detection, now_us)
         self.source.load_state(state)
         self.pipeline.load_state(state, now_us)
-        # The held lines restored wait on from where the journal was left,
-        # not from today: the rest of their attempts may be in the backlog.
-        self.pipeline.resume_journal_time(self.source.last_realtime_us,
-                                          now_us / 1e6)
 
     # -- saving -------------------------------------------------------------
 
@@ -12233,6 +12232,10 @@ class Agent:
         self.open_audit_log()
         self.open_channels()
         self.pipeline.open(self.clock())
+        # The held lines restored wait on from where the journal was left,
+        # not from today: the rest of their attempts may be in the backlog.
+        self.pipeline.resume_journal_time(self.source.last_realtime_us,
+                                          self.clock())
         now = self.monotonic()
         self.source.start(now)
         self.save(now)  # the start position, should it stop before any entry

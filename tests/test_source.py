@@ -263,20 +263,33 @@ def test_journalctl_killed_while_running_is_said_when_restarted(tmp_path):
     assert code == 0
 
 
+def backlog_attempt():
+    """An invalid user's guess, its four lines a day old and a second
+    apart, as journalctl gives them."""
+    day_ago_us = int((time.time() - 86400) * 1e6)
+    return [make_entry("sshd", message, sequence=number,
+                       __REALTIME_TIMESTAMP=str(day_ago_us + number * 10**6))
+            for number, message in enumerate((
+                "Invalid user eve from 203.0.113.7 port 4001",
+                "pam_unix(sshd:auth): authentication failure; logname= "
+                "uid=0 euid=0 tty=ssh ruser= rhost=203.0.113.7",
+                "Failed password for invalid user eve from 203.0.113.7 "
+                "port 4001 ssh2",
+                "Connection closed by invalid user eve 203.0.113.7 port "
+                "4001 [preauth]"), 1)]
+
+
+def guesses(events):
+    return [(e["user"]["name"], e["event"]["reason"], e["source"]["port"])
+            for e in events if e["event"]["action"] == "login_failure"]
+
+
 def test_an_agent_catching_up_keeps_each_attempt_one_event(tmp_path):
     """A backlog (entries days old, as after a stop or a stall) comes in
     two reads, the second a moment later: an invalid user's guess held
     for the rest of its connection's lines must wait for them, not be let
     go by the wall clock in between, or the one attempt is two events."""
-    attempt = [make_entry("sshd", message, sequence=number) for number,
-               message in enumerate((
-                   "Invalid user eve from 203.0.113.7 port 4001",
-                   "pam_unix(sshd:auth): authentication failure; logname= "
-                   "uid=0 euid=0 tty=ssh ruser= rhost=203.0.113.7",
-                   "Failed password for invalid user eve from 203.0.113.7 "
-                   "port 4001 ssh2",
-                   "Connection closed by invalid user eve 203.0.113.7 port "
-                   "4001 [preauth]"), 1)]
+    attempt = backlog_attempt()
     # 1.5 s: longer than the agent waits for a line, so it sees the
     # journal quiet in between, as when journalctl pauses in a backlog.
     fake = FakeJournal(tmp_path, {"follow": [{"output": [
@@ -335,3 +348,31 @@ def test_a_stream_of_keystrokes_does_not_hold_a_guess_back(tmp_path):
     assert [(e["user"]["name"], e["event"]["reason"]) for e in events
             if e["event"]["action"] == "login_failure"] == [
                 ("eve", "invalid_user")]
+
+
+def test_a_guess_held_at_a_stop_waits_for_the_backlog_after_it(tmp_path):
+    """Stopped while holding an invalid user's guess, restarted with the
+    rest of the attempt in the backlog (and journalctl slow to give it):
+    the guess waits on from the last entry handled, and is one event."""
+    attempt = backlog_attempt()
+    fake = FakeJournal(tmp_path, {"follow": [
+        {"output": [json_line(attempt[0]), json_line(attempt[1])],
+         "hang": True},
+        {"output": [1.5, json_line(attempt[2]), json_line(attempt[3])],
+         "hang": True}]})
+    config = agent_config(tmp_path, fake)
+    state = tmp_path / "state" / "state.json"
+
+    def handled(entry):
+        return lambda: state.exists() and read_state(tmp_path).get(
+            "cursor") == entry["__CURSOR"]
+
+    first = AgentProcess(config, env=fake.env())
+    assert wait_for(handled(attempt[1]))
+    told_first, _, code = first.stop()
+    assert code == 0 and guesses(told_first) == []
+    again = AgentProcess(config, env=fake.env())
+    assert wait_for(handled(attempt[3]))
+    told_again, _, code = again.stop()
+    assert code == 0
+    assert guesses(told_again) == [("eve", "invalid_user", 4001)]

@@ -462,3 +462,16 @@ def test_live_a_restored_guess_waits_on_from_where_the_journal_was_left():
     after.tick(wall + 30)
     assert failures_of(kept) == [("eve", "invalid_user", 4001)]
     assert kept_before.events == []
+
+
+def test_live_a_clock_set_back_does_not_hold_a_guess_for_as_long():
+    # NTP sets a fast clock back an hour right after a guess was held: the
+    # guess still goes out about 10 s later, not an hour later.
+    pipeline, kept = live_pipeline()
+    wall = 1795780000.0
+    for entry in lines(*ATTEMPT[:2]):
+        pipeline.process_entry(at(entry, wall), wall)
+    pipeline.tick(wall - 3600 + 5)
+    assert failures_of(kept) == []
+    pipeline.tick(wall - 3600 + 15.1)
+    assert failures_of(kept) == [("eve", "invalid_user", 4001)]
