@@ -6469,7 +6469,11 @@ class ChannelGate:
 # Pure: events as text, JSON, chat markup (Markup, compose) and SIEM
 # records; every value escaped for where it goes.
 
-_NEEDS_QUOTES = re.compile(r'[\s"\\=]')
+#: What makes a key=value value quoted: space, quote, backslash, equals,
+#: and anything beyond printable ASCII (U+2800 looks like a space and
+#: U+FF1D like "=": a user "eve\u2800source\uff1d6.6.6.6" must not pass
+#: for two pairs).
+_NEEDS_QUOTES = re.compile(r'[\s"\\=]|[^!-~]')
 
 
 #: Text that shows as itself in key=value output: printable ASCII with no
@@ -6478,8 +6482,9 @@ _SHOWN_AS_IS = re.compile(r'[!#-<>-\[\]-~]+\Z')
 
 
 def _text_value(value):
-    """A value for key=value output: escaped, and quoted when it has spaces,
-    so a hostile user name cannot pose as another field."""
+    """A value for key=value output: escaped, and quoted when it has spaces
+    or anything but printable ASCII, so a hostile user name cannot pose as
+    another field."""
     if type(value) is str and _SHOWN_AS_IS.match(value):
         return value
     text = escape_text(str(value).replace("\\", "\\\\"))

@@ -159,6 +159,19 @@ def test_hostile_text_cannot_forge_fields_or_reach_the_terminal_raw(
     assert json.loads(out)["user"]["name"] == name
 
 
+@pytest.mark.parametrize("name", [
+    "eve\u2800source\uff1d6.6.6.6",  # a blank and a fullwidth equals sign
+    "eve\u3000source=6.6.6.6",  # an ideographic space
+    "jos\u00e9"])
+def test_a_name_beyond_printable_ascii_is_shown_quoted(tmp_path, name):
+    # Look-alikes of a space or "=" must not make one value pass for two
+    # pairs: anything beyond printable ASCII is quoted, so its extent shows.
+    entries = sequence(("sshd", "Invalid user %s from 203.0.113.5 port 7"
+                        % name))
+    code, text = scan(tmp_path, entries)
+    assert 'user="%s" source=203.0.113.5:7' % name in text
+
+
 def test_scan_skips_garbage_and_says_so(tmp_path, capsys):
     code, out = scan(tmp_path, sequence(
         ("sshd", "Failed password for bob from 203.0.113.5 port 9 ssh2")),
