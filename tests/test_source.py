@@ -297,9 +297,11 @@ def test_an_agent_catching_up_keeps_each_attempt_one_event(tmp_path):
         json_line(attempt[2]), json_line(attempt[3])], "hang": True}]})
     agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
     state = tmp_path / "state" / "state.json"
-    assert wait_for(lambda: state.exists() and read_state(tmp_path).get(
-        "cursor") == attempt[3]["__CURSOR"])
-    events, _, code = agent.stop()
+    try:
+        assert wait_for(lambda: state.exists() and read_state(tmp_path).get(
+            "cursor") == attempt[3]["__CURSOR"])
+    finally:
+        events, _, code = agent.stop()
     assert code == 0
     failures = [e for e in events if e["event"]["action"] == "login_failure"]
     assert [(e["user"]["name"], e["event"]["reason"], e["source"]["port"])
@@ -341,9 +343,11 @@ def test_a_stream_of_keystrokes_does_not_hold_a_guess_back(tmp_path):
             and not saved.get("pipeline", saved).get(
                 "ssh_attempts", {"held": [1]})["held"]
 
-    assert wait_for(guess_told, timeout=25)
-    elapsed = time.time() - start
-    events, _, code = agent.stop()
+    try:
+        assert wait_for(guess_told, timeout=25)
+        elapsed = time.time() - start
+    finally:
+        events, _, code = agent.stop()
     assert code == 0 and elapsed < 30  # the typing had not stopped
     assert [(e["user"]["name"], e["event"]["reason"]) for e in events
             if e["event"]["action"] == "login_failure"] == [
@@ -368,11 +372,15 @@ def test_a_guess_held_at_a_stop_waits_for_the_backlog_after_it(tmp_path):
             "cursor") == entry["__CURSOR"]
 
     first = AgentProcess(config, env=fake.env())
-    assert wait_for(handled(attempt[1]))
-    told_first, _, code = first.stop()
+    try:
+        assert wait_for(handled(attempt[1]))
+    finally:
+        told_first, _, code = first.stop()
     assert code == 0 and guesses(told_first) == []
     again = AgentProcess(config, env=fake.env())
-    assert wait_for(handled(attempt[3]))
-    told_again, _, code = again.stop()
+    try:
+        assert wait_for(handled(attempt[3]))
+    finally:
+        told_again, _, code = again.stop()
     assert code == 0
     assert guesses(told_again) == [("eve", "invalid_user", 4001)]
