@@ -45,6 +45,7 @@ REPO = os.path.dirname(HERE)
 PAMSIGNAL = os.path.join(REPO, "pamsignal.py")
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+from bench_memory import memory_kib  # noqa: E402
 from needs import program  # noqa: E402
 import realsys  # noqa: E402
 
@@ -183,19 +184,6 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def children(pid):
-    with open("/proc/%d/task/%d/children" % (pid, pid)) as handle:
-        return [int(child) for child in handle.read().split()]
-
-
-def peak_rss_mib(pid):
-    with open("/proc/%d/status" % pid) as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return 0.0
-
-
 #: What sshd's processes log as: OpenSSH 9.8 and later log each
 #: connection as sshd-session (10.x also sshd-auth).
 SSHD_IDENTIFIERS = ("sshd", "sshd-session", "sshd-auth")
@@ -313,7 +301,7 @@ def measure(args, directory, started_processes):
     started_processes.append(follower)
     followed = Output(follower.stdout)
     wait_until_ready(port, prefix + "w", agent, output)
-    journalctl = children(agent.pid)
+    journalctl = realsys.child_processes(agent.pid)
     cursor = realsys.journal_cursor()
     cpu_before = cpu_of([agent.pid] + journalctl)
     started = time.time()
@@ -328,7 +316,8 @@ def measure(args, directory, started_processes):
     for printed, event in events:
         told.setdefault(source_of(event), []).append(printed)
     return {"flooded_s": flooded_s, "made": made, "cpu": cpu,
-            "peak": peak_rss_mib(agent.pid), "entries": len(entries),
+            "peak": memory_kib(agent.pid)[1] / 1024.0,
+            "entries": len(entries),
             "failures": len(failures),
             "with_event": sum(1 for key in failures if key in told),
             "their_events": sum(len(told[key]) for key in failures
