@@ -79,6 +79,18 @@ def free_port(kind="tcp"):
         probe.close()
 
 
+def written_lines(path):
+    """The lines rsyslog has finished writing to `path` (none while it does
+    not exist): a line still being written is left for the next look (seen
+    once: read half-written, it was not JSON)."""
+    try:
+        with open(path, "rb") as handle:
+            return [line.decode("utf-8")
+                    for line in handle.read().split(b"\n")[:-1]]
+    except FileNotFoundError:
+        return []
+
+
 class Collector(object):
     """rsyslogd on 127.0.0.1:`port` for `transport` udp, tcp or tls.
 
@@ -195,22 +207,14 @@ class Collector(object):
 
     def messages(self):
         """Every message received so far, as bytes, in arrival order."""
-        try:
-            with open(self.log, "rb") as handle:
-                lines = handle.read().decode("utf-8").splitlines()
-        except FileNotFoundError:
-            return []
         return [json.loads('"%s"' % line).encode("utf-8", "surrogateescape")
-                for line in lines]
+                for line in written_lines(self.log)]
 
     def cef_records(self):
         """What liblognorm's CEF parser made of each message (parse_cef):
         {"DeviceVendor", ..., "Extensions": {key: value}}."""
-        try:
-            with open(self.cef_log, encoding="utf-8") as handle:
-                return [json.loads(line) for line in handle if line.strip()]
-        except FileNotFoundError:
-            return []
+        return [json.loads(line) for line in written_lines(self.cef_log)
+                if line.strip()]
 
     def wait_for(self, count, timeout=30):
         """At least `count` messages (all of them), waiting up to
