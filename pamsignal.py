@@ -1421,7 +1421,8 @@ AUDIT_OPTIONS = collections.OrderedDict((
         "host to keep the anchors out of an intruder's reach.")),
     ("anchor_interval", Option(
         _cooldown, "10m",
-        "... and at least this often while records come.")),
+        "... and at least this often while records come. An anchor the "
+        "journal refuses is tried again by the same two rules.")),
 ))
 
 #: [geoip] keys; empty means off.
@@ -7952,7 +7953,7 @@ class AuditLog:
         self.error = None
         self.dirty = False
         self.anchored_seq = 0
-        self.anchored_s = clock()
+        self.anchor_tried = (0, clock())  # seq and time, anchored or not
         self.anchor_error = None
         self.retention_checked_s = None
         self.torn_bytes = 0  # of a record a crash cut short
@@ -8038,8 +8039,8 @@ class AuditLog:
                 self.lost = 0
         if not self._write(body, now_s):
             return False
-        if self.settings.anchor_every and \
-                self.seq - self.anchored_seq >= self.settings.anchor_every:
+        if self.settings.anchor_every and self.seq - \
+                self.anchor_tried[0] >= self.settings.anchor_every:
             self.anchor(now_s)
         return True
 
@@ -8131,7 +8132,7 @@ class AuditLog:
                     self.path, error.strerror or error)
         if self.settings.anchor_interval and \
                 self.seq > self.anchored_seq and \
-                now_s - self.anchored_s >= self.settings.anchor_interval:
+                now_s - self.anchor_tried[1] >= self.settings.anchor_interval:
             self.anchor(now_s)
         if self.retention_checked_s is None or \
                 now_s - self.retention_checked_s >= 3600:
@@ -8183,9 +8184,12 @@ class AuditLog:
     def anchor(self, now_s):
         """Write the head to the journal (off this file's reach): only a
         record that is in the file."""
-        self._write_out()
         if self.journal is None or self.seq == self.anchored_seq:
             return
+        self._write_out()
+        # Tried again after anchor_every more records (or anchor_interval),
+        # not after each: that would undo the batching of every write.
+        self.anchor_tried = (self.seq, now_s)
         try:
             self.journal.send(anchor_fields(self.seq, self.head))
             self.anchor_error = None
@@ -8193,7 +8197,7 @@ class AuditLog:
             self.anchor_error = "cannot anchor in the journal: %s" % (
                 error.strerror or error)
             return
-        self.anchored_seq, self.anchored_s = self.seq, now_s
+        self.anchored_seq = self.seq
 
     def close(self):
         if self.fd is None and self.error is None:

@@ -2,6 +2,7 @@
 the key, and `verify-log` against each kind of tampering.  Pure and file
 level: no journald needed (anchors go to a writer that records them)."""
 
+import errno
 import hashlib
 import io
 import json
@@ -412,6 +413,61 @@ def test_anchors_carry_the_head_every_n_records_and_at_close(tmp_path):
     lines = pamsignal.ChainLines(files_of(tmp_path))
     for seq, head in heads:
         assert pamsignal.head_position(lines, head) == seq
+
+
+class RefusingJournal(Anchors):
+    """A journal that refuses every anchor (journald gone)."""
+
+    def send(self, fields):
+        Anchors.send(self, fields)
+        raise OSError(errno.ENOENT, "No such file or directory")
+
+
+def records_on_disk(log):
+    return len(lines_of(log.path))
+
+
+@pytest.mark.parametrize("journal", [None, RefusingJournal()],
+                         ids=["no journal", "journal refusing"])
+def test_an_anchor_that_cannot_be_made_leaves_the_records_batched(
+        tmp_path, journal):
+    """Without a journal, or with one that refuses, the records of a batch
+    are still written together at its end (an anchor tried after every
+    record wrote each with a write(2) of its own); a refused anchor is
+    tried again after anchor_every more records and said in the status."""
+    clock = Clock()
+    log = AuditLog(settings("anchor_every=10\nanchor_interval=10m\n"),
+                   str(tmp_path), None, journal, clock)
+    log.open()
+    log.flush()
+    on_disk = records_on_disk(log)
+    for number in range(25):
+        event = login(port=1000 + number)
+        assert log.append({"kind": "event", "id": pamsignal.alert_id(event),
+                           "event": event})
+    if journal is None:
+        assert records_on_disk(log) == on_disk  # all 25 wait for the flush
+    else:
+        # Tried at records 10 and 20 of the log (the first is its start),
+        # each writing out the records it would anchor, no more.
+        assert [int(entry["PAMSIGNAL_AUDIT_SEQ"]) for entry in
+                journal.sent] == [10, 20]
+        assert records_on_disk(log) == 20
+        assert "cannot anchor in the journal" in log.anchor_error
+    log.flush()
+    assert records_on_disk(log) == on_disk + 25
+    if journal is not None:  # nor after each batch, once refused
+        clock.now_s += 599
+        log.flush()
+        assert len(journal.sent) == 2
+        clock.now_s += 1
+        log.flush()
+        assert [int(entry["PAMSIGNAL_AUDIT_SEQ"]) for entry in
+                journal.sent] == [10, 20, log.seq]
+        log.flush()  # the next batch, at once: the next try is 10 min off
+        assert len(journal.sent) == 3
+    log.close()
+    assert verify(tmp_path)[0] == 0
 
 
 # ------------------------------------------------------------ alert decisions
