@@ -11466,6 +11466,14 @@ class Pipeline:
         if entry_us is not None and self.journal_read is None:
             self.journal_read = (entry_us, now_s)
 
+    def journal_not_followed(self, now_s):
+        """journalctl is not running (it died and waits to be restarted):
+        the journal's time stands still until it reads again, so a held
+        line still waits for the rest of its attempt in what it will
+        give."""
+        if self.journal_read is not None:
+            self.journal_read = (self.journal_read[0], now_s)
+
     def journal_now_us(self, now_s):
         """The journal's time now, as far as the agent has read it: the
         newest entry's own time, plus what the clock says passed since it
@@ -12265,6 +12273,8 @@ class Agent:
                 lines = self.source.read(wait_s)
                 now = self.monotonic()
                 self.follow_lines(lines, now)
+                if self.source.process is None:  # restarting journalctl
+                    self.pipeline.journal_not_followed(self.clock())
                 if self.pipeline.tick(self.clock()):
                     self.unsaved = True
                 self.pipeline.flush()

@@ -380,3 +380,30 @@ def test_a_guess_held_at_a_stop_waits_for_the_backlog_after_it(tmp_path):
         told_again, _, code = again.stop()
     assert code == 0
     assert guesses(told_again) == [("eve", "invalid_user", 4001)]
+
+
+def test_a_guess_waits_while_journalctl_is_restarting(tmp_path):
+    """journalctl dies just after giving the first half of an attempt and
+    fails twice more before it comes back (2 + 5 + 10 s of backoff): the
+    time it was not running is no journal time, so the guess held for
+    the rest of its lines is still one event with them."""
+    attempt = backlog_attempt()
+    fake = FakeJournal(tmp_path, {"follow": [
+        {"output": [json_line(attempt[0]), json_line(attempt[1])],
+         "exit": 1},
+        {"exit": 1}, {"exit": 1},
+        {"output": [json_line(attempt[2]), json_line(attempt[3])],
+         "hang": True}]})
+    started = time.time()
+    agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
+    state = tmp_path / "state" / "state.json"
+    try:
+        assert wait_for(lambda: state.exists() and read_state(tmp_path).get(
+            "cursor") == attempt[3]["__CURSOR"], timeout=40)
+        # The case itself: journalctl was away longer than a guess waits.
+        assert time.time() - started > pamsignal.SSH_HOLD_US / 1e6
+    finally:
+        events, stderr, code = agent.stop()
+    assert code == 0 and len(fake.calls()) >= 4
+    assert stderr.count("journalctl exited with status 1; restarting") == 3
+    assert guesses(events) == [("eve", "invalid_user", 4001)]

@@ -475,3 +475,22 @@ def test_live_a_clock_set_back_does_not_hold_a_guess_for_as_long():
     assert failures_of(kept) == []
     pipeline.tick(wall - 3600 + 15.1)
     assert failures_of(kept) == [("eve", "invalid_user", 4001)]
+
+
+def test_live_a_held_guess_waits_while_journalctl_is_restarting():
+    # journalctl died right after a guess was held and comes back 17 s
+    # later (its backoff): that time is no journal time, so the rest of
+    # the attempt it then gives still joins the guess.
+    pipeline, kept = live_pipeline()
+    wall = 1795780000.0
+    first, second, third, last = lines(*ATTEMPT)
+    for entry in (first, second):
+        pipeline.process_entry(at(entry, wall), wall)
+    for down_s in (1, 5, 12, 17):
+        pipeline.journal_not_followed(wall + down_s)
+        pipeline.tick(wall + down_s)
+    assert failures_of(kept) == []
+    for entry in (third, last):
+        pipeline.process_entry(at(entry, wall + 0.2), wall + 17.5)
+    pipeline.tick(wall + 40)
+    assert failures_of(kept) == [("eve", "invalid_user", 4001)]
