@@ -1416,9 +1416,10 @@ AUDIT_OPTIONS = collections.OrderedDict((
         _record_count, "100",
         "The head (last hash) is written to the journal (MESSAGE_ID "
         "c4e1a13543184b559638dfda03ddef47, PAMSIGNAL_AUDIT_SEQ, "
-        "PAMSIGNAL_AUDIT_HEAD) every this many records, and at stop; off: "
-        "only at stop and by anchor_interval. Forward the journal off the "
-        "host to keep the anchors out of an intruder's reach.")),
+        "PAMSIGNAL_AUDIT_HEAD) every this many records (once they are on "
+        "disk), and at stop; off: only at stop and by anchor_interval. "
+        "Forward the journal off the host to keep the anchors out of an "
+        "intruder's reach.")),
     ("anchor_interval", Option(
         _cooldown, "10m",
         "... and at least this often while records come. An anchor the "
@@ -4949,6 +4950,12 @@ class TypedInput:
         return [self._release(self.closing.pop(process)[0])
                 for process in over]
 
+    def wait_again(self, now_us):
+        """Every held close waits TTY_HOLD_US again from `now_us` (the
+        journal is read again after a time it was not)."""
+        for process, (event, _) in list(self.closing.items()):
+            self.closing[process] = (event, now_us)
+
     def drain(self):
         """Every held close (the end of the input)."""
         return [self._release(self.closing.pop(key)[0])
@@ -8037,12 +8044,7 @@ class AuditLog:
             if self._write({"kind": "not_written", "records": self.lost},
                            now_s, counted=False):
                 self.lost = 0
-        if not self._write(body, now_s):
-            return False
-        if self.settings.anchor_every and self.seq - \
-                self.anchor_tried[0] >= self.settings.anchor_every:
-            self.anchor(now_s)
-        return True
+        return self._write(body, now_s)
 
     def _retry_open(self):
         try:
@@ -8130,9 +8132,12 @@ class AuditLog:
             except OSError as error:
                 self.error = "cannot fsync %s: %s" % (
                     self.path, error.strerror or error)
-        if self.settings.anchor_interval and \
-                self.seq > self.anchored_seq and \
-                now_s - self.anchor_tried[1] >= self.settings.anchor_interval:
+        tried_seq, tried_s = self.anchor_tried
+        if (self.settings.anchor_every and self.seq - tried_seq >=
+                self.settings.anchor_every) or (
+                    self.settings.anchor_interval and
+                    self.seq > self.anchored_seq and
+                    now_s - tried_s >= self.settings.anchor_interval):
             self.anchor(now_s)
         if self.retention_checked_s is None or \
                 now_s - self.retention_checked_s >= 3600:
@@ -8182,22 +8187,24 @@ class AuditLog:
         self._write_out()
 
     def anchor(self, now_s):
-        """Write the head to the journal (off this file's reach): only a
-        record that is in the file."""
-        if self.journal is None or self.seq == self.anchored_seq:
+        """Write the head to the journal (off this file's reach): only the
+        last record written and synced (at a flush; a head anchored but
+        lost in a power cut would read as records removed)."""
+        seq, head = self.written
+        if self.journal is None or self.dirty or self.pending or \
+                seq == self.anchored_seq:
             return
-        self._write_out()
-        # Tried again after anchor_every more records (or anchor_interval),
-        # not after each: that would undo the batching of every write.
-        self.anchor_tried = (self.seq, now_s)
+        # A refused anchor is tried again after anchor_every more records
+        # or anchor_interval, not at every batch.
+        self.anchor_tried = (seq, now_s)
         try:
-            self.journal.send(anchor_fields(self.seq, self.head))
+            self.journal.send(anchor_fields(seq, head))
             self.anchor_error = None
         except OSError as error:
             self.anchor_error = "cannot anchor in the journal: %s" % (
                 error.strerror or error)
             return
-        self.anchored_seq = self.seq
+        self.anchored_seq = seq
 
     def close(self):
         if self.fd is None and self.error is None:
@@ -11302,6 +11309,7 @@ class Pipeline:
         #: (own time in µs, wall clock in s) of the newest entry read live:
         #: the journal's time as far as the agent has read it.
         self.journal_read = None
+        self.following = True  # journalctl is running (see journal_followed)
 
     # -- state --------------------------------------------------------------
 
@@ -11466,13 +11474,21 @@ class Pipeline:
         if entry_us is not None and self.journal_read is None:
             self.journal_read = (entry_us, now_s)
 
-    def journal_not_followed(self, now_s):
-        """journalctl is not running (it died and waits to be restarted):
-        the journal's time stands still until it reads again, so a held
-        line still waits for the rest of its attempt in what it will
-        give."""
+    def journal_followed(self, following, now_s):
+        """Whether journalctl is running, live. The time it is not (dead,
+        waiting to be restarted) is not waited: the journal's time stands
+        still, and a close held for its last keystrokes waits again from
+        the restart, so neither lets go of a line whose rest journalctl
+        has still to give."""
+        if following == self.following:
+            return
         if self.journal_read is not None:
-            self.journal_read = (self.journal_read[0], now_s)
+            reached_us = self.journal_now_us(now_s) if self.following \
+                else self.journal_read[0]  # it stood still since
+            self.journal_read = (reached_us, now_s)
+        if following and self.typing is not None:
+            self.typing.wait_again(int(now_s * 1000000))
+        self.following = following
 
     def journal_now_us(self, now_s):
         """The journal's time now, as far as the agent has read it: the
@@ -11573,7 +11589,7 @@ class Pipeline:
         journal's time, see journal_now_us); returns how many of those
         were sent."""
         sent = 0
-        if now_s is not None:
+        if now_s is not None and self.following:
             journal_us = self.journal_now_us(now_s)
             sent = sum(self._process(event, now_s) for event in
                        self.ssh_attempts.due(journal_us) +
@@ -12272,9 +12288,9 @@ class Agent:
                 self.notifier.ping(now)
                 lines = self.source.read(wait_s)
                 now = self.monotonic()
+                self.pipeline.journal_followed(
+                    self.source.process is not None, self.clock())
                 self.follow_lines(lines, now)
-                if self.source.process is None:  # restarting journalctl
-                    self.pipeline.journal_not_followed(self.clock())
                 if self.pipeline.tick(self.clock()):
                     self.unsaved = True
                 self.pipeline.flush()

@@ -28,16 +28,6 @@ class Clock:
         return self.now_s
 
 
-class Anchors:
-    """A JournalWriter that keeps what it was given."""
-
-    def __init__(self):
-        self.sent = []
-
-    def send(self, fields):
-        self.sent.append(dict(fields))
-
-
 def settings(text=""):
     return parse_config("[audit]\n" + text).audit
 
@@ -401,10 +391,47 @@ def test_a_record_cut_short_by_a_crash_is_dropped_and_said(tmp_path):
     assert verify(tmp_path)[0] == 0
 
 
+def append_events(log, count, flush_each=False):
+    for number in range(count):
+        event = login(port=1000 + number)
+        assert log.append({"kind": "event", "id": pamsignal.alert_id(event),
+                           "event": event})
+        if flush_each:
+            log.flush()
+
+
+def anchored_seqs(anchors):
+    return [int(entry["PAMSIGNAL_AUDIT_SEQ"]) for entry in anchors.sent]
+
+
+class Anchors:
+    """A JournalWriter that keeps what it was given, and checks that the
+    head it is given is a record already in the log's files."""
+
+    def __init__(self, directory=None, refuse=False):
+        self.directory = directory
+        self.refuse = refuse
+        self.sent = []
+
+    def send(self, fields):
+        entry = dict(fields)
+        self.sent.append(entry)
+        if self.directory is not None:
+            lines = pamsignal.ChainLines(files_of(self.directory))
+            assert pamsignal.head_position(
+                lines, entry["PAMSIGNAL_AUDIT_HEAD"]) == int(
+                    entry["PAMSIGNAL_AUDIT_SEQ"])
+        if self.refuse:  # journald gone
+            raise OSError(errno.ENOENT, "No such file or directory")
+
+
 def test_anchors_carry_the_head_every_n_records_and_at_close(tmp_path):
-    anchors = Anchors()
-    log = write_log(tmp_path, records=25, anchors=anchors,
-                    config="anchor_every=10\n")
+    anchors = Anchors(tmp_path)
+    log = AuditLog(settings("anchor_every=10\n"), str(tmp_path), None,
+                   anchors, Clock())
+    log.open()
+    append_events(log, 25, flush_each=True)  # a batch each, as when quiet
+    log.close()
     heads = [(int(entry["PAMSIGNAL_AUDIT_SEQ"]), entry["PAMSIGNAL_AUDIT_HEAD"])
              for entry in anchors.sent]
     assert [seq for seq, _ in heads] == [10, 20, log.seq]
@@ -415,57 +442,53 @@ def test_anchors_carry_the_head_every_n_records_and_at_close(tmp_path):
         assert pamsignal.head_position(lines, head) == seq
 
 
-class RefusingJournal(Anchors):
-    """A journal that refuses every anchor (journald gone)."""
-
-    def send(self, fields):
-        Anchors.send(self, fields)
-        raise OSError(errno.ENOENT, "No such file or directory")
-
-
 def records_on_disk(log):
     return len(lines_of(log.path))
 
 
-@pytest.mark.parametrize("journal", [None, RefusingJournal()],
-                         ids=["no journal", "journal refusing"])
-def test_an_anchor_that_cannot_be_made_leaves_the_records_batched(
-        tmp_path, journal):
-    """Without a journal, or with one that refuses, the records of a batch
-    are still written together at its end (an anchor tried after every
-    record wrote each with a write(2) of its own); a refused anchor is
-    tried again after anchor_every more records and said in the status."""
+@pytest.mark.parametrize("refuse", [False, True],
+                         ids=["journal taking", "journal refusing"])
+def test_an_anchor_waits_for_its_batch_on_disk(tmp_path, refuse):
+    """A batch's records are written together at its end, anchors or not
+    (an anchor made mid-batch wrote every later record with a write(2) of
+    its own); the head is anchored once its batch is written and synced
+    (Anchors checks it is in the file), and a refused anchor is tried
+    again after anchor_every more records or anchor_interval, not at
+    every batch, and said in the status until one is made."""
     clock = Clock()
+    anchors = Anchors(tmp_path, refuse)
     log = AuditLog(settings("anchor_every=10\nanchor_interval=10m\n"),
-                   str(tmp_path), None, journal, clock)
+                   str(tmp_path), None, anchors, clock)
     log.open()
     log.flush()
     on_disk = records_on_disk(log)
-    for number in range(25):
-        event = login(port=1000 + number)
-        assert log.append({"kind": "event", "id": pamsignal.alert_id(event),
-                           "event": event})
-    if journal is None:
-        assert records_on_disk(log) == on_disk  # all 25 wait for the flush
-    else:
-        # Tried at records 10 and 20 of the log (the first is its start),
-        # each writing out the records it would anchor, no more.
-        assert [int(entry["PAMSIGNAL_AUDIT_SEQ"]) for entry in
-                journal.sent] == [10, 20]
-        assert records_on_disk(log) == 20
-        assert "cannot anchor in the journal" in log.anchor_error
+    append_events(log, 25)
+    assert records_on_disk(log) == on_disk and anchors.sent == []
     log.flush()
     assert records_on_disk(log) == on_disk + 25
-    if journal is not None:  # nor after each batch, once refused
-        clock.now_s += 599
-        log.flush()
-        assert len(journal.sent) == 2
-        clock.now_s += 1
-        log.flush()
-        assert [int(entry["PAMSIGNAL_AUDIT_SEQ"]) for entry in
-                journal.sent] == [10, 20, log.seq]
-        log.flush()  # the next batch, at once: the next try is 10 min off
-        assert len(journal.sent) == 3
+    assert anchored_seqs(anchors) == [log.seq]
+    if not refuse:
+        assert log.anchor_error is None
+        log.close()
+        return
+    assert "cannot anchor in the journal" in log.anchor_error
+    append_events(log, 9)
+    log.flush()
+    clock.now_s += 599
+    log.flush()
+    assert len(anchors.sent) == 1  # 9 records and 599 s: not yet
+    append_events(log, 1)
+    log.flush()  # the tenth record since
+    clock.now_s += 599
+    log.flush()
+    clock.now_s += 1
+    log.flush()  # 600 s since
+    assert anchored_seqs(anchors) == [on_disk + 25, on_disk + 35, log.seq]
+    anchors.refuse = False
+    append_events(log, 10)
+    log.flush()
+    assert log.anchor_error is None
+    assert anchored_seqs(anchors)[-1] == log.seq
     log.close()
     assert verify(tmp_path)[0] == 0
 

@@ -478,19 +478,37 @@ def test_live_a_clock_set_back_does_not_hold_a_guess_for_as_long():
 
 
 def test_live_a_held_guess_waits_while_journalctl_is_restarting():
-    # journalctl died right after a guess was held and comes back 17 s
-    # later (its backoff): that time is no journal time, so the rest of
-    # the attempt it then gives still joins the guess.
+    # journalctl dies 1 s after a guess was held and is back 17 s later
+    # (its backoff): that time is no journal time, so the rest of the
+    # attempt it then gives still joins the guess.
     pipeline, kept = live_pipeline()
     wall = 1795780000.0
     first, second, third, last = lines(*ATTEMPT)
     for entry in (first, second):
         pipeline.process_entry(at(entry, wall), wall)
-    for down_s in (1, 5, 12, 17):
-        pipeline.journal_not_followed(wall + down_s)
+    pipeline.journal_followed(False, wall + 1)
+    for down_s in (5, 12, 17):
         pipeline.tick(wall + down_s)
+    pipeline.journal_followed(True, wall + 17)
+    pipeline.tick(wall + 17.5)
     assert failures_of(kept) == []
     for entry in (third, last):
         pipeline.process_entry(at(entry, wall + 0.2), wall + 17.5)
     pipeline.tick(wall + 40)
+    assert failures_of(kept) == [("eve", "invalid_user", 4001)]
+
+
+def test_live_journalctl_dying_again_and_again_still_lets_a_guess_go():
+    # A quiet journal, journalctl running 9 s and dead 1 s over and over:
+    # the time it ran adds up, so the guess goes out after 10 s of it.
+    pipeline, kept = live_pipeline()
+    wall = 1795780000.0
+    for entry in lines(*ATTEMPT[:2]):
+        pipeline.process_entry(at(entry, wall), wall)
+    pipeline.journal_followed(False, wall + 9)
+    pipeline.tick(wall + 9.5)
+    pipeline.journal_followed(True, wall + 10)
+    pipeline.tick(wall + 10.9)  # 9.9 s followed
+    assert failures_of(kept) == []
+    pipeline.tick(wall + 11.2)  # 10.2 s
     assert failures_of(kept) == [("eve", "invalid_user", 4001)]

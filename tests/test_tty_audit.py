@@ -221,24 +221,35 @@ def test_user_tty_data_is_quoted_text_or_hex():
 # ---------------------------------------------------------------- sessions
 
 
+class Keep(pamsignal.Sink):
+    """A channel's sink that keeps the events it is given."""
+
+    def __init__(self):
+        pamsignal.Sink.__init__(self, "keep")
+        self.sent = []
+
+    def send(self, event, delay_s=0):
+        self.sent.append(event)
+
+
+def keeping_pipeline(config="[detection]\ntty_audit = yes\n", **options):
+    """(Pipeline showing every event to a Keep, the Keep)."""
+    keep = Keep()
+    return pamsignal.Pipeline(
+        [pamsignal.Channel(keep, pamsignal.ChannelGate(
+            pamsignal.SHOW_EVERYTHING))],
+        pamsignal.parse_config(config).detection, **options), keep
+
+
 def scan(lines, config="[detection]\ntty_audit = yes\n"):
     """The events `scan` gives for export lines (bytes), as Events."""
-    detection = pamsignal.parse_config(config).detection
-    sent = []
-
-    class Keep(pamsignal.Sink):
-        def send(self, event, delay_s=0):
-            sent.append(event)
-
-    pipeline = pamsignal.Pipeline(
-        [pamsignal.Channel(Keep("keep"), pamsignal.ChannelGate(
-            pamsignal.SHOW_EVERYTHING))], detection, skip_unwatched=True)
+    pipeline, keep = keeping_pipeline(config, skip_unwatched=True)
     for line in lines:
         entry = pipeline.decode(line)
         if entry is not None:
             pipeline.process_entry(entry)
     pipeline.finish()
-    return sent
+    return keep.sent
 
 
 def session_lines():
@@ -374,6 +385,36 @@ def test_live_the_wait_runs_from_when_it_was_held():
     assert list(released.typed_lines) == ["id -u", "echo as-root", "exit"]
     # Released once: a repeated close line is no longer held.
     assert typing.observe(closed, wall_us) == [closed]
+
+
+def test_a_held_close_waits_again_when_journalctl_is_back():
+    """journalctl dead for 20 s right after a close was held: its wait
+    starts again when journalctl is back, so USER_END, which it then
+    gives, still finds the close held with its last keystrokes."""
+    pipeline, keep = keeping_pipeline()
+    parsed = [json.loads(line) for line in sudo_lines()]
+    end = next(i for i, item in enumerate(parsed)
+               if item.get("_AUDIT_TYPE") == pamsignal.AUDIT_USER_END and
+               item["AUDIT_FIELD_EXE"] == "/usr/bin/sudo")
+    close = next(i for i, item in enumerate(parsed) if
+                 "(sudo:session): session closed" in item.get("MESSAGE", ""))
+    parsed.insert(end, parsed.pop(close))  # stored before USER_END
+    wall = int(parsed[-1]["__REALTIME_TIMESTAMP"]) / 1e6 + 3600
+    for item in parsed[:end + 1]:
+        pipeline.process_entry(item, wall)
+    assert "sudo" not in [e.service for e in keep.sent
+                          if e.action == "session_closed"]  # held
+    pipeline.journal_followed(False, wall + 1)
+    pipeline.tick(wall + 10)
+    pipeline.journal_followed(True, wall + 21)
+    pipeline.tick(wall + 21 + pamsignal.TTY_HOLD_US / 1e6 - 0.5)
+    assert "sudo" not in [e.service for e in keep.sent
+                          if e.action == "session_closed"]
+    for item in parsed[end + 1:]:
+        pipeline.process_entry(item, wall + 22)
+    (closed,) = [e for e in keep.sent
+                 if e.action == "session_closed" and e.service == "sudo"]
+    assert list(closed.typed_lines) == ["id -u", "echo as-root", "exit"]
 
 
 def test_a_held_close_survives_a_restart():
