@@ -53,6 +53,7 @@ bench:
 	$(PYTHON) bench/bench_syslog.py
 	$(PYTHON) bench/bench_memory.py
 	$(PYTHON) bench/bench_versus.py
+	$(PYTHON) bench/bench_instructions.py
 	$(PYTHON) bench/bench_flood.py
 
 # Each atheris target in tests/fuzz/ for FUZZ_SECONDS (default 300),

@@ -44,6 +44,8 @@ PACKAGES=(
     # bench/bench_versus.py (tests/test_bench.py): peak RSS of each tool
     # (fail2ban and sshguard themselves are unpacked, never installed)
     time
+    # bench/bench_instructions.py (tests/test_bench.py): instruction counts
+    valgrind
 )
 # Python packages, CI-only: never imported by pamsignal.py.
 PIP_PACKAGES=(pytest vermin ruff maxminddb pyyaml atheris hypothesis)

@@ -18,11 +18,14 @@ from support import REPO
     ("bench_report.py", "journalctl", "systemd"),
     ("bench_delivery.py", "openssl", "openssl"),
     ("bench_syslog.py", "openssl", "openssl"),
+    ("bench_instructions.py", "valgrind", "valgrind"),
 ])
 def test_a_missing_program_is_named_with_its_package(tmp_path, script,
                                                      program, package):
+    arguments = ["--entries", "10"] if script == "bench_instructions.py" \
+        else ["10"]
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "bench", script), "10"],
+        [sys.executable, os.path.join(REPO, "bench", script)] + arguments,
         env=dict(os.environ, PATH=str(tmp_path)), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
     assert result.returncode == 1
@@ -46,6 +49,35 @@ def test_compare_feeds_both_versions_the_same_lines():
     events = [row.rsplit("(", 1)[1] for row in rows]
     assert events[0] == events[1] and events[2] == events[3], rows
     assert events[2] != "0 events)", rows
+
+
+def test_the_instruction_bench_counts_each_stage():
+    """bench_instructions.py on a few entries: a row per stage, each count
+    an instruction count (the first one base, each stage adding to the one
+    before, the text line instead of the JSON one); the figures
+    themselves are not judged."""
+    if not shutil.which("valgrind"):
+        realsys.unavailable("valgrind is missing (tests/check.sh installs "
+                            "it)")
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "bench_instructions.py"),
+         "--entries", "4", "--mix", "stress"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = re.findall(r"^\| (.+?) \| ([+-]\d+) \| (\d+) \|$",
+                      result.stdout, re.MULTILINE)
+    assert [name for name, _, _ in rows] == [
+        "decoding the JSON line", "parsing (trust checks, rules)",
+        "sessions, pairing, enrichment, detection",
+        "`scan --json`: policy, rendering, printing",
+        "`scan` (text) instead"]
+    adds = [int(added) for _, added, _ in rows]
+    totals = [int(total) for _, _, total in rows]
+    assert adds[0] == totals[0] > 1000  # decoding an entry is real work
+    for index in (1, 2, 3):
+        assert totals[index] == totals[index - 1] + adds[index]
+    assert totals[4] == totals[2] + adds[4]
+    assert "stress mix, 4 entries" in result.stdout
 
 
 def test_the_side_by_side_bench_prints_its_tables(tmp_path):
