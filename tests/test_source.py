@@ -31,6 +31,13 @@ def read_state(tmp_path):
         return json.load(handle)
 
 
+def cursor_saved(tmp_path, entry):
+    """A wait_for condition: the agent has saved `entry`'s cursor."""
+    state = tmp_path / "state" / "state.json"
+    return lambda: state.exists() and read_state(tmp_path).get(
+        "cursor") == entry["__CURSOR"]
+
+
 def test_follow_command_asks_only_for_watched_services_from_now(tmp_path):
     fake = FakeJournal(tmp_path, {"follow": [{"hang": True}]})
     agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
@@ -55,8 +62,7 @@ def test_restarts_after_death_mid_line_and_resumes_after_cursor(tmp_path):
         {"output": [json_line(second)], "hang": True}]})
     agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
     assert wait_for(lambda: len(fake.calls()) >= 2)
-    assert wait_for(lambda: read_state(tmp_path)["cursor"] ==
-                    second["__CURSOR"])
+    assert wait_for(cursor_saved(tmp_path, second))
     events, stderr, code = agent.stop()
     assert ports(events) == [1001, 1002]
     assert "--after-cursor=%s" % first["__CURSOR"] in fake.calls()[1]
@@ -79,9 +85,7 @@ def test_garbage_huge_and_unknown_fields_do_not_stop_it(tmp_path):
         json_line(huge), oversized, json_line(odd), json_line(binary),
         "\n"], "hang": True}]})
     agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
-    assert wait_for(lambda: os.path.exists(
-        str(tmp_path / "state" / "state.json")) and
-        read_state(tmp_path)["cursor"] == binary["__CURSOR"])
+    assert wait_for(cursor_saved(tmp_path, binary))
     events, stderr, _ = agent.stop()
     assert ports(events) == [2002, 2003]
     assert events[1]["user"]["name"] == "al\ufffdce"
@@ -116,8 +120,7 @@ def test_refused_cursor_falls_back_to_time_of_last_entry(tmp_path):
         refusal, refusal, refusal,
         {"output": [json_line(handled), json_line(new)], "hang": True}]})
     agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
-    assert wait_for(lambda: read_state(tmp_path)["cursor"] ==
-                    new["__CURSOR"], timeout=30)
+    assert wait_for(cursor_saved(tmp_path, new), timeout=30)
     events, stderr, _ = agent.stop()
     calls = fake.calls()
     assert all("--after-cursor=s=dead;i=1" in c for c in calls[:3])
@@ -263,12 +266,15 @@ def test_journalctl_killed_while_running_is_said_when_restarted(tmp_path):
     assert code == 0
 
 
-def backlog_attempt():
-    """An invalid user's guess, its four lines a day old and a second
-    apart, as journalctl gives them."""
-    day_ago_us = int((time.time() - 86400) * 1e6)
+def backlog_attempt(first_us=None, apart_us=10**6):
+    """An invalid user's guess, its four lines as journalctl gives them:
+    `apart_us` apart from `first_us` (by default a day old, a second
+    apart)."""
+    if first_us is None:
+        first_us = int((time.time() - 86400) * 1e6)
     return [make_entry("sshd", message, sequence=number,
-                       __REALTIME_TIMESTAMP=str(day_ago_us + number * 10**6))
+                       __REALTIME_TIMESTAMP=str(first_us +
+                                                (number - 1) * apart_us))
             for number, message in enumerate((
                 "Invalid user eve from 203.0.113.7 port 4001",
                 "pam_unix(sshd:auth): authentication failure; logname= "
@@ -296,10 +302,8 @@ def test_an_agent_catching_up_keeps_each_attempt_one_event(tmp_path):
         json_line(attempt[0]), json_line(attempt[1]), 1.5,
         json_line(attempt[2]), json_line(attempt[3])], "hang": True}]})
     agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
-    state = tmp_path / "state" / "state.json"
     try:
-        assert wait_for(lambda: state.exists() and read_state(tmp_path).get(
-            "cursor") == attempt[3]["__CURSOR"])
+        assert wait_for(cursor_saved(tmp_path, attempt[3]))
     finally:
         events, _, code = agent.stop()
     assert code == 0
@@ -312,12 +316,7 @@ def test_a_stream_of_keystrokes_does_not_hold_a_guess_back(tmp_path):
     must still go out about 10 s on (by the journal's time), not wait
     for the typing to stop."""
     start = time.time()
-    guess = [make_entry("sshd", message, sequence=number,
-                        __REALTIME_TIMESTAMP=str(int(start * 1e6) + number))
-             for number, message in enumerate((
-                 "Invalid user eve from 203.0.113.7 port 4001",
-                 "pam_unix(sshd:auth): authentication failure; logname= "
-                 "uid=0 euid=0 tty=ssh ruser= rhost=203.0.113.7"), 1)]
+    guess = backlog_attempt(int(start * 1e6) + 1, apart_us=1)[:2]
     typing = []
     for step in range(1, 120):  # a record every 0.3 s for 36 s
         typing += [0.3, json_line({
@@ -361,21 +360,15 @@ def test_a_guess_held_at_a_stop_waits_for_the_backlog_after_it(tmp_path):
         {"output": [1.5, json_line(attempt[2]), json_line(attempt[3])],
          "hang": True}]})
     config = agent_config(tmp_path, fake)
-    state = tmp_path / "state" / "state.json"
-
-    def handled(entry):
-        return lambda: state.exists() and read_state(tmp_path).get(
-            "cursor") == entry["__CURSOR"]
-
     first = AgentProcess(config, env=fake.env())
     try:
-        assert wait_for(handled(attempt[1]))
+        assert wait_for(cursor_saved(tmp_path, attempt[1]))
     finally:
         told_first, _, code = first.stop()
     assert code == 0 and guesses(told_first) == []
     again = AgentProcess(config, env=fake.env())
     try:
-        assert wait_for(handled(attempt[3]))
+        assert wait_for(cursor_saved(tmp_path, attempt[3]))
     finally:
         told_again, _, code = again.stop()
     assert code == 0
@@ -396,10 +389,8 @@ def test_a_guess_waits_while_journalctl_is_restarting(tmp_path):
          "hang": True}]})
     started = time.time()
     agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
-    state = tmp_path / "state" / "state.json"
     try:
-        assert wait_for(lambda: state.exists() and read_state(tmp_path).get(
-            "cursor") == attempt[3]["__CURSOR"], timeout=40)
+        assert wait_for(cursor_saved(tmp_path, attempt[3]), timeout=40)
         # The case itself: journalctl was away longer than a guess waits.
         assert time.time() - started > pamsignal.SSH_HOLD_US / 1e6
     finally:

@@ -413,6 +413,15 @@ def failures_of(kept):
             if e.action == "login_failure"]
 
 
+def guess_held(wall):
+    """(live pipeline, its kept events) holding an invalid user's guess:
+    the first two lines of ATTEMPT, of time `wall`, read at `wall`."""
+    pipeline, kept = live_pipeline()
+    for entry in lines(*ATTEMPT[:2]):
+        pipeline.process_entry(at(entry, wall), wall)
+    return pipeline, kept
+
+
 def test_live_an_attempt_read_behind_the_journal_stays_one_event():
     # The agent reads a backlog an hour old (after a restart, behind a
     # flood); the journal pauses 1.5 s between two reads. The held lines
@@ -431,15 +440,12 @@ def test_live_an_attempt_read_behind_the_journal_stays_one_event():
 
 
 def test_live_a_held_guess_goes_out_when_the_journal_stays_quiet():
-    pipeline, kept = live_pipeline()
     wall = 1795780000.0
-    for entry in lines(*ATTEMPT[:2]):
-        pipeline.process_entry(at(entry, wall), wall)
+    pipeline, kept = guess_held(wall)
     pipeline.tick(wall + 9.9)
     assert failures_of(kept) == []
     pipeline.tick(wall + 10.1)
     assert failures_of(kept) == [("eve", "invalid_user", 4001)]
-
 
 
 def test_live_a_restored_guess_waits_on_from_where_the_journal_was_left():
@@ -467,10 +473,8 @@ def test_live_a_restored_guess_waits_on_from_where_the_journal_was_left():
 def test_live_a_clock_set_back_does_not_hold_a_guess_for_as_long():
     # NTP sets a fast clock back an hour right after a guess was held: the
     # guess still goes out about 10 s later, not an hour later.
-    pipeline, kept = live_pipeline()
     wall = 1795780000.0
-    for entry in lines(*ATTEMPT[:2]):
-        pipeline.process_entry(at(entry, wall), wall)
+    pipeline, kept = guess_held(wall)
     pipeline.tick(wall - 3600 + 5)
     assert failures_of(kept) == []
     pipeline.tick(wall - 3600 + 15.1)
@@ -481,18 +485,15 @@ def test_live_a_held_guess_waits_while_journalctl_is_restarting():
     # journalctl dies 1 s after a guess was held and is back 17 s later
     # (its backoff): that time is no journal time, so the rest of the
     # attempt it then gives still joins the guess.
-    pipeline, kept = live_pipeline()
     wall = 1795780000.0
-    first, second, third, last = lines(*ATTEMPT)
-    for entry in (first, second):
-        pipeline.process_entry(at(entry, wall), wall)
+    pipeline, kept = guess_held(wall)
     pipeline.journal_followed(False, wall + 1)
     for down_s in (5, 12, 17):
         pipeline.tick(wall + down_s)
     pipeline.journal_followed(True, wall + 17)
     pipeline.tick(wall + 17.5)
     assert failures_of(kept) == []
-    for entry in (third, last):
+    for entry in lines(*ATTEMPT[2:], start=3):
         pipeline.process_entry(at(entry, wall + 0.2), wall + 17.5)
     pipeline.tick(wall + 40)
     assert failures_of(kept) == [("eve", "invalid_user", 4001)]
@@ -501,10 +502,8 @@ def test_live_a_held_guess_waits_while_journalctl_is_restarting():
 def test_live_journalctl_dying_again_and_again_still_lets_a_guess_go():
     # A quiet journal, journalctl running 9 s and dead 1 s over and over:
     # the time it ran adds up, so the guess goes out after 10 s of it.
-    pipeline, kept = live_pipeline()
     wall = 1795780000.0
-    for entry in lines(*ATTEMPT[:2]):
-        pipeline.process_entry(at(entry, wall), wall)
+    pipeline, kept = guess_held(wall)
     pipeline.journal_followed(False, wall + 9)
     pipeline.tick(wall + 9.5)
     pipeline.journal_followed(True, wall + 10)
