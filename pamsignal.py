@@ -7465,7 +7465,15 @@ def _canonical(value):
         return str(value)
     if type(value) is Event:
         return canonical_ecs(value)
+    if type(value) is CanonicalText:
+        return value
     return _CHAIN_ENCODER.encode(value)
+
+
+class CanonicalText(str):
+    """A value written in the canonical form already: an event's ECS text,
+    made once for both its id and its record."""
+    __slots__ = ()
 
 
 def canonical_ecs(event):
@@ -7515,6 +7523,18 @@ _CANONICAL_PLAN, _CANONICAL_GROUPS, _CANONICAL_BETWEEN = _json_writing_plan(
             "event.action", "event.category", "event.type", "event.outcome",
             "event.severity", "pamsignal.version"))],
         key=lambda leaf: leaf[0].split(".")), (), ",", ":")
+
+
+def alert_id(event):
+    """The same alert always gets the same name: in the spool, the audit
+    log and what a SIEM is sent."""
+    return canonical_id(canonical_ecs(event))
+
+
+def canonical_id(ecs_text):
+    """An alert's name, from its ECS object in the canonical form (the
+    text the audit log hashes the event as, so it is written once)."""
+    return hashlib.sha256(ecs_text.encode("ascii")).hexdigest()[:32]
 
 
 def record_hash(data, key=None):
@@ -8045,6 +8065,15 @@ class AuditLog:
                            now_s, counted=False):
                 self.lost = 0
         return self._write(body, now_s)
+
+    def record_event(self, event):
+        """Add the record of an event (its ECS object); the event's id,
+        which the records of what the channels did with it name."""
+        ecs_text = canonical_ecs(event)
+        event_id = canonical_id(ecs_text)
+        self.append({"kind": "event", "id": event_id,
+                     "event": CanonicalText(ecs_text)})
+        return event_id
 
     def _retry_open(self):
         try:
@@ -9604,17 +9633,6 @@ def spool_item(event):
                      event.source_ip or event.source_domain,
                      event.held_back if event.action == "alert_digest"
                      else 0)
-
-
-#: What alert_id hashes an event's record as (json.dumps(record,
-#: sort_keys=True)), built once (see _JSON_ENCODER).
-_ID_ENCODER = json.JSONEncoder(sort_keys=True)
-
-
-def alert_id(event):
-    """The same alert always gets the same name in the spool."""
-    return hashlib.sha256(_ID_ENCODER.encode(event_to_record(
-        event)).encode("utf-8")).hexdigest()[:32]
 
 
 def spool_directory_name(channel):
@@ -11568,9 +11586,7 @@ class Pipeline:
         now_us = int(self.clock() * 1000000)
         event_id = None
         if self.audit is not None:
-            event_id = alert_id(event)
-            self.audit.append({"kind": "event", "id": event_id,
-                               "event": event})  # written as its ECS
+            event_id = self.audit.record_event(event)
         self._each_channel(lambda gate: gate.admit(event, now_us), event,
                            event_id)
 

@@ -391,6 +391,24 @@ def test_a_record_cut_short_by_a_crash_is_dropped_and_said(tmp_path):
     assert verify(tmp_path)[0] == 0
 
 
+def test_an_event_record_names_the_event_as_its_alerts_do(tmp_path):
+    # The id the pipeline's decision records use is the one the spool and
+    # the SIEM give the same event; the record holds its ECS object.
+    log = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    log.open()
+    events = [login(port=2000), login(user="bob", port=2000)]
+    ids = [log.record_event(event) for event in events]
+    log.close()
+    assert ids == [pamsignal.alert_id(event) for event in events]
+    assert ids[0] != ids[1]
+    records = [json.loads(line) for line in lines_of(tmp_path / "audit.jsonl")]
+    assert [(record["id"], record["event"]) for record in records
+            if record["kind"] == "event"] == [
+        (event_id, json.loads(pamsignal.dumps_safe(pamsignal.event_to_ecs(
+            event)))) for event_id, event in zip(ids, events)]
+    assert verify(tmp_path)[0] == 0
+
+
 def append_events(log, count, flush_each=False):
     for number in range(count):
         event = login(port=1000 + number)

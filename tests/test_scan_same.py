@@ -264,6 +264,18 @@ def test_an_event_record_holds_the_event_contract(event):
         dict(body, event=pamsignal.event_to_ecs(event)))
 
 
+@hypothesis.settings(max_examples=400, deadline=None)
+@hypothesis.given(ANY_EVENT)
+def test_an_event_is_named_by_its_canonical_ecs_text(event):
+    # The pipeline writes an event's ECS text once, for its id and its
+    # record: both must be what the event contract's object gives.
+    ecs = canonical(pamsignal.event_to_ecs(event))
+    text = pamsignal.CanonicalText(pamsignal.canonical_ecs(event))
+    assert pamsignal.alert_id(event) == hashlib.sha256(ecs).hexdigest()[:32]
+    assert pamsignal.chain_bytes({"kind": "event", "event": text}) == \
+        canonical({"kind": "event", "event": pamsignal.event_to_ecs(event)})
+
+
 @hypothesis.settings(max_examples=300, deadline=None)
 @hypothesis.given(st.dictionaries(st.sampled_from(pamsignal.EVENT_FIELDS),
                                   _FIELD_VALUES, max_size=4),
