@@ -8294,6 +8294,10 @@ class Sink:
     def open(self):
         pass
 
+    def secrets(self):
+        """Secret values in the options, never to be shown in an error."""
+        return []
+
     def send(self, event, delay_s=0):
         raise NotImplementedError
 
@@ -8350,12 +8354,51 @@ MAX_RETRY_AFTER_S = 3600
 USER_AGENT = "pamsignal/%s" % __version__
 
 
+def secret_forms(value):
+    """The ways a service may echo a secret back: as sent, percent-encoded
+    (a URL path or query) and JSON-escaped (PHP's also escapes "/")."""
+    escaped = json.dumps(value)[1:-1]
+    return {value, urllib.parse.quote(value, safe=""),
+            urllib.parse.quote(value), urllib.parse.quote_plus(value),
+            escaped, escaped.replace("/", "\\/"),
+            json.dumps(value, ensure_ascii=False)[1:-1]}
+
+
 def redact(text, secrets):
-    """`text` with every secret value replaced by ***."""
-    for value in secrets:
-        if value:
-            text = text.replace(value, "***")
+    """`text` with every secret value, in any form a service may echo it
+    (secret_forms), replaced by ***. Longest first, so that no part of a
+    longer one is left."""
+    forms = {form for value in secrets if value
+             for form in secret_forms(value)}
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, "***")
     return text
+
+
+def answer_json(body):
+    """A service's answer body as JSON, or None when it is not JSON (or too
+    deeply nested to parse: "[[[[..." raises RecursionError)."""
+    try:
+        return json.loads(body.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _json_retry_after(answer):
+    """The `retry_after` of a JSON answer: at its top (Discord) or in its
+    `parameters` (Telegram); None when neither is a number."""
+    if not isinstance(answer, dict):
+        return None
+    parameters = answer.get("parameters")
+    for hint in (answer.get("retry_after"), parameters.get("retry_after")
+                 if isinstance(parameters, dict) else None):
+        if hint is None or isinstance(hint, bool):
+            continue
+        try:
+            return float(hint)
+        except (TypeError, ValueError, OverflowError):
+            continue
+    return None
 
 
 def _retry_after_s(headers, body):
@@ -8374,29 +8417,48 @@ def _retry_after_s(headers, body):
             except (TypeError, ValueError, IndexError, OverflowError):
                 seconds = None
     if seconds is None:
-        try:
-            answer = json.loads(body.decode("utf-8", "replace"))
-            hint = answer.get("retry_after", (answer.get(
-                "parameters") or {}).get("retry_after"))
-            seconds = float(hint) if not isinstance(hint, bool) else None
-        except (ValueError, TypeError, AttributeError, OverflowError):
-            seconds = None
+        seconds = _json_retry_after(answer_json(body))
     if seconds is None or seconds != seconds:  # absent, or NaN
         return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
-#: Answers that say the channel's address or credentials are wrong (moved,
-#: unauthorised, forbidden, gone), not this alert: the alerts wait in the
-#: spool, retried with backoff, until the admin fixes the channel.
-CHANNEL_PROBLEM_STATUSES = frozenset((301, 302, 303, 307, 308, 401, 403,
-                                      404, 410))
+#: Answers that say the channel's credentials or address are wrong
+#: (unauthorised, forbidden, not found, gone), not this alert. So does any
+#: 1xx or 3xx (channel_problem).
+CHANNEL_PROBLEM_STATUSES = frozenset((401, 403, 404, 410))
+
+
+def channel_problem(status):
+    """Whether an answer is the channel's fault, not the alert's: the
+    alerts wait in the spool, retried with backoff, until the admin fixes
+    it. An interim answer with no final one (1xx) and every 3xx (a
+    redirect, never followed; 300, 304, 305 from a proxy in the way) are
+    too: none of them says the service looked at the alert."""
+    return status < 200 or 300 <= status < 400 or \
+        status in CHANNEL_PROBLEM_STATUSES
+
+
+def _channel_problem_hint(status, headers):
+    """What to look at, for an answer that is the channel's fault."""
+    if status < 200:
+        return "no final answer after an interim one"
+    if status >= 400:
+        return "check the channel's URL and credentials"
+    moved = headers.get("Location") if headers is not None else None
+    try:
+        where = urllib.parse.urlsplit(moved).hostname if moved else None
+    except ValueError:  # "http://[x": no host to name
+        where = None
+    return "the service moved%s; pamsignal does not follow redirects" % (
+        " to " + escape_text(where) if where else "")
 
 
 def judge_response(status, headers, body):
     """None when the service took the alert, else the DeliveryError: 429
-    waits as asked; 408, 425, 5xx and a wrong address or credential are
-    retried; any other answer refuses this very alert, for good."""
+    waits as asked; 408, 425, 5xx and a channel problem are retried; any
+    other answer refuses this very alert, for good. `body` has had its
+    secrets redacted (HttpSink.post), so a cut cannot leave part of one."""
     if 200 <= status < 300:
         return None
     text = escape_text(body[:200].decode("utf-8", "replace").strip())
@@ -8404,19 +8466,10 @@ def judge_response(status, headers, body):
     if status == 429:
         return DeliveryError("rate limited, " + reason,
                              retry_after=_retry_after_s(headers, body))
-    if status in CHANNEL_PROBLEM_STATUSES:
-        moved = headers.get("Location") if headers is not None and \
-            300 <= status < 400 else None
-        try:
-            where = urllib.parse.urlsplit(moved).hostname if moved else None
-        except ValueError:  # "http://[x": no host to name
-            where = None
-        return DeliveryError(
-            "%s (%s; alerts wait in the spool until it is fixed)" % (
-                reason, "the service moved%s; pamsignal does not follow "
-                "redirects" % (" to " + escape_text(where) if where else "")
-                if status < 400 else "check the channel's URL and "
-                "credentials"))
+    if channel_problem(status):
+        return DeliveryError("%s (%s; alerts wait in the spool until it is "
+                             "fixed)" % (reason, _channel_problem_hint(
+                                 status, headers)))
     if status >= 500 or status in (408, 425):
         return DeliveryError(reason)
     return DeliveryError(reason, permanent=True)
@@ -8555,11 +8608,23 @@ def _http_handlers():
     refuses redirects. They subclass http.client and urllib.request, which
     only an agent that posts imports: so they are made on first use."""
 
+    class _FinalResponse(http.client.HTTPResponse):
+        """Reads past every interim answer (103 Early Hints, ...), not
+        only 100 Continue as http.client does, so that the final answer
+        is the one judged."""
+
+        def _read_status(self):
+            while True:
+                version, status, reason = super()._read_status()
+                if not 100 <= status < 200 or status == 101:
+                    return version, status, reason
+                http.client.parse_headers(self.fp)  # the interim one's
+
     class _DeadlineHTTP(_DeadlineConnection, http.client.HTTPConnection):
-        pass
+        response_class = _FinalResponse
 
     class _DeadlineHTTPS(_DeadlineConnection, http.client.HTTPSConnection):
-        pass
+        response_class = _FinalResponse
 
     class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
         def __init__(self, deadline):
@@ -8692,11 +8757,18 @@ class HttpSink(RemoteSink):
     def judge(self, status, headers, body):
         return judge_response(status, headers, body)
 
-    def deliver(self, event, delay_s):
-        url, headers, body = self.request(event, delay_s)
+    def post(self, url, headers, body):
+        """POST one request: (status, headers, answer body). The body comes
+        with every secret redacted, before any part of it is cut out to be
+        shown: a cut could leave a piece of one that redact misses."""
         status, answer_headers, answer = http_post(
             url, body, headers, self.timeout, self.context)
-        failure = self.judge(status, answer_headers, answer)
+        return status, answer_headers, redact(
+            answer.decode("utf-8", "replace"), self.secrets()).encode("utf-8")
+
+    def deliver(self, event, delay_s):
+        url, headers, body = self.request(event, delay_s)
+        failure = self.judge(*self.post(url, headers, body))
         if failure is not None:
             raise failure
 
@@ -8737,9 +8809,18 @@ class TelegramSink(HttpSink):
                             "parse_mode": "HTML",
                             "link_preview_options": {"is_disabled": True}}))
 
+    def secrets(self):
+        # A service may echo the token's secret part (after "id:") alone;
+        # a real one is 35 characters, a short one (tests) would redact
+        # common words.
+        return [part for secret in HttpSink.secrets(self)
+                for part in (secret, secret.partition(":")[2])
+                if part == secret or len(part) >= 16]
+
     def judge(self, status, headers, body):
         failure = judge_response(status, headers, body)
-        if failure is None and b'"ok":false' in body.replace(b" ", b""):
+        answer = answer_json(body) if failure is None else None
+        if isinstance(answer, dict) and answer.get("ok") is False:
             return DeliveryError("Telegram refused the message: %s"
                                  % escape_text(body[:200].decode(
                                      "utf-8", "replace")), permanent=True)
@@ -8905,16 +8986,17 @@ def graph_api_failure(status, headers, body):
     retry; a bad or expired token (code 190, HTTP 401) keeps the alerts
     in the spool until it is fixed; anything else refuses this alert."""
     try:
-        error = json.loads(body.decode("utf-8", "replace"))["error"]
+        error = answer_json(body)["error"]
         code = int(error.get("code"))
         text = "WhatsApp error %d: %s" % (code, escape_text(
             str(error.get("message", ""))[:200]))
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError,
+            RecursionError):  # not Graph's form: 1e999, [[[...]]]
         return judge_response(status, headers, body)
     if code in WHATSAPP_RATE_LIMITS or status == 429:
         return DeliveryError("rate limited, " + text,
                              retry_after=_retry_after_s(headers, body))
-    if code == 190 or status in CHANNEL_PROBLEM_STATUSES:
+    if code == 190 or channel_problem(status):
         return DeliveryError("%s (check the token and phone_number_id; "
                              "alerts wait in the spool until it is fixed)"
                              % text)
@@ -8996,9 +9078,7 @@ class WhatsAppSink(HttpSink):
             if recipient in served:
                 continue
             url, headers, body = self.request(event, delay_s, recipient)
-            status, answer_headers, answer = http_post(
-                url, body, headers, self.timeout, self.context)
-            failure = self.judge(status, answer_headers, answer)
+            failure = self.judge(*self.post(url, headers, body))
             if failure is not None:
                 if failure.permanent:
                     del self.served[alert]
@@ -9113,6 +9193,15 @@ def _timed_out(reason, timeout):
     return reason
 
 
+def smtp_refused(error):
+    """Whether an SMTP error refuses this message for good: a 5xx reply of
+    the server. smtplib's own "500 Line too long." (its text a str, a
+    server's is bytes) says only that a reply was too long to read: that
+    is retried like a lost connection."""
+    return 500 <= error.smtp_code < 600 and isinstance(error.smtp_error,
+                                                       bytes)
+
+
 class EmailSink(RemoteSink):
     """E-mail through an SMTP server: STARTTLS or TLS, login optional."""
 
@@ -9177,8 +9266,7 @@ class EmailSink(RemoteSink):
                                if isinstance(error.smtp_error, bytes)
                                else str(error.smtp_error))
             raise DeliveryError("SMTP %d: %s" % (error.smtp_code, text),
-                                permanent=500 <= error.smtp_code < 600) \
-                from None
+                                permanent=smtp_refused(error)) from None
         except (smtplib.SMTPException, OSError) as error:
             raise DeliveryError("cannot reach %s: %s" % (
                 host, _timed_out(_network_reason(error), self.timeout))) \
@@ -9522,6 +9610,16 @@ def retry_delay_s(failures, jitter=random.random):
     """Exponential backoff with jitter: about 2, 4, 8 s ... 10 minutes."""
     base = min(RETRY_FIRST_S * 2 ** min(failures - 1, 20), RETRY_MAX_S)
     return base * (0.8 + 0.4 * jitter())
+
+
+def retry_wait_s(failures, retry_after=None, jitter=random.random):
+    """How long to wait before the next attempt: the backoff, or as long
+    as a 429 asked, but never less than the backoff's first step: a
+    "retry now" (Retry-After: 0, a date gone by) said again and again
+    must not become a busy loop."""
+    if retry_after is None:
+        return retry_delay_s(failures, jitter)
+    return max(retry_after, RETRY_FIRST_S)
 
 
 def event_to_record(event):
@@ -10102,7 +10200,8 @@ class Courier(threading.Thread):
             same = self.unexpected[0] == name
             self.unexpected = (name, self.unexpected[1] + 1 if same else 1)
             self._failed(name, event, DeliveryError(
-                "unexpected %s: %s" % (type(error).__name__, error),
+                "unexpected %s: %s" % (type(error).__name__, redact(
+                    str(error), self.sink.secrets())),
                 permanent=self.unexpected[1] >= MAX_UNEXPECTED_FAILURES))
             return
         self.sending_since = None
@@ -10129,8 +10228,7 @@ class Courier(threading.Thread):
             self.spool.refused(name)
             return
         self.failures += 1
-        wait_s = error.retry_after if error.retry_after is not None \
-            else retry_delay_s(self.failures)
+        wait_s = retry_wait_s(self.failures, error.retry_after)
         self.last_wait_s = wait_s
         if self.failures == 1 or self.failures % 10 == 0:
             say("warning", "channel %s: %s; retrying in %.0f s (%d alert%s "

@@ -704,6 +704,20 @@ class Truncated(Respond):
         handler.close_connection = True
 
 
+class Interim(Respond):
+    """Answer like Respond, after an interim answer (`interim`, by
+    default 103 Early Hints) that http.client itself does not skip."""
+
+    def __init__(self, status=200, body=b"ok", headers=None, interim=103):
+        Respond.__init__(self, status, body, headers)
+        self.interim = interim
+
+    def _perform(self, handler, request):
+        handler.wfile.write(b"HTTP/1.1 %d Early Hints\r\nLink: </a.css>; "
+                            b"rel=preload\r\n\r\n" % self.interim)
+        Respond._perform(self, handler, request)
+
+
 class Dynamic(object):
     """Answer with whatever `fn(request)` returns (a response object):
     for answers that depend on the request (signatures, ?wait=true)."""

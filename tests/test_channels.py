@@ -328,6 +328,18 @@ class Headers(dict):
     (403, {}, b"\x1b[31mred", False, None),
     (401, {}, b"invalid_token", False, None),
     (302, {"Location": "https://elsewhere.example/x"}, b"", False, None),
+    # Any 3xx (a proxy in the way) and an interim answer left as the last
+    # one say nothing of the alert: retried too.
+    (300, {}, b"", False, None),
+    (304, {}, b"", False, None),
+    (305, {"Location": "http://proxy.example/"}, b"", False, None),
+    (306, {}, b"", False, None),
+    (103, {}, b"", False, None),
+    # retry_after read robustly, whatever else the answer holds.
+    (429, {}, b'{"retry_after":7,"parameters":"x"}', False, 7.0),
+    (429, {}, b'{"parameters":{"retry_after":"9"}}', False, 9.0),
+    pytest.param(429, {}, b"[" * 5000, False, None,
+                 id="too-deep-for-json"),  # taken as no JSON
 ])
 def test_answers_are_judged_retry_or_give_up(status, headers, body,
                                               permanent, retry_after):
@@ -353,6 +365,29 @@ def test_backoff_grows_with_jitter_to_a_cap():
 def test_errors_never_show_secrets():
     assert pamsignal.redact("GET /bot1:SECRET/sendMessage failed",
                             ["1:SECRET"]) == "GET /bot***/sendMessage failed"
+    # As a service may echo it: percent-encoded, JSON-escaped.
+    assert pamsignal.redact("GET /bot1%3ASECRET/x", ["1:SECRET"]) == \
+        "GET /bot***/x"
+    assert pamsignal.redact('{"key": "a\\"b\\u00e9", "url": "h:\\/\\/x"}',
+                            ['a"b\u00e9', "h://x"]) == \
+        '{"key": "***", "url": "***"}'
+
+
+def test_telegram_says_what_its_ok_false_means():
+    sink = sink_for("[channel:t]\ntype = telegram\nbot_token = 1:T\n"
+                    "chat_id = 5\n")
+    refused = sink.judge(200, Headers(), b'{"ok":\nfalse,"description":"x"}')
+    assert refused.permanent and "Telegram refused" in str(refused)
+    for taken in (b'{"ok":true}', b"<html>portal</html>", b"[" * 5000,
+                  b'{"result":{"text":"\\"ok\\":false"}}'):
+        assert sink.judge(200, Headers(), taken) is None
+
+
+def test_a_retry_now_still_waits_the_first_backoff_step():
+    for asked in (0.0, 0.5, -3.0):
+        assert pamsignal.retry_wait_s(7, asked) == pamsignal.RETRY_FIRST_S
+    assert pamsignal.retry_wait_s(1, 30.0) == 30.0
+    assert pamsignal.retry_wait_s(3, None, lambda: 0.5) == 8.0
 
 
 # -------------------------------------------------------------------- spool

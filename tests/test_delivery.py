@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.parse
 
 import pytest
 
@@ -167,6 +168,16 @@ def test_email_over_implicit_tls(certs):
     assert mail.tls
 
 
+def test_an_smtp_reply_too_long_to_read_is_retried(certs):
+    """smtplib's own "500 Line too long." is no refusal by the server."""
+    with SmtpReceiver(tls=certs, user="ps", password="s3cret") as mx:
+        mx.fail_next(451, "x" * 9000, command="MAIL")
+        with pytest.raises(pamsignal.DeliveryError) as raised:
+            email_sink(mx, certs).send(login())
+    assert not raised.value.permanent
+    assert "Line too long" in str(raised.value)
+
+
 def test_email_failures_say_retry_or_give_up(certs):
     with SmtpReceiver(tls=certs, user="ps", password="s3cret") as mx:
         with pytest.raises(pamsignal.DeliveryError) as raised:
@@ -201,7 +212,7 @@ def run_courier(courier, done, timeout=20):
 
 
 def test_courier_waits_as_a_429_asks_then_delivers(receiver, tmp_path):
-    receiver.script([receivers.telegram_429(1), receivers.telegram_ok()])
+    receiver.script([receivers.telegram_429(3), receivers.telegram_ok()])
     sink = sink_for("[channel:t]\ntype = telegram\nbot_token = 1:T\n"
                     "chat_id = 5\napi_url = %s\n" % receiver.url)
     courier, spool = courier_for(sink, tmp_path)
@@ -209,8 +220,34 @@ def test_courier_waits_as_a_429_asks_then_delivers(receiver, tmp_path):
     spool.flush()
     run_courier(courier, lambda: courier.delivered == 1)
     assert len(receiver.requests) == 2
-    assert courier.last_wait_s == 1.0
+    assert courier.last_wait_s == 3.0
     assert courier.failed == 1 and spool.depth() == 0
+
+
+@pytest.mark.parametrize("retry_after", [
+    {"Retry-After": "0"}, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"},
+    {"Content-Type": "application/json"}])
+def test_a_429_saying_retry_now_is_not_a_busy_loop(receiver, tmp_path,
+                                                   capsys, retry_after):
+    """Retry-After: 0, a date gone by, or a JSON retry_after of 0: the
+    courier still waits the backoff's first step between attempts."""
+    receiver.default = receivers.Respond(
+        429, b'{"ok":false,"parameters":{"retry_after":0}}', retry_after)
+    sink = sink_for("[channel:t]\ntype = telegram\nbot_token = 1:T\n"
+                    "chat_id = 5\napi_url = %s\n" % receiver.url)
+    courier, spool = courier_for(sink, tmp_path)
+    spool.put(login())
+    spool.flush()
+    courier.start()
+    try:
+        assert wait_for(lambda: courier.failures >= 1)
+        courier.stopping.wait(1.0)
+    finally:
+        courier.stop()
+    assert len(receiver.requests) == 1
+    assert courier.last_wait_s >= pamsignal.RETRY_FIRST_S
+    assert capsys.readouterr().err.count("warning") == 1
+    assert spool.depth() == 1
 
 
 def test_courier_drops_what_is_refused_and_goes_on(receiver, tmp_path,
@@ -374,6 +411,69 @@ def test_redirects_are_not_followed(receiver):
     assert not raised.value.permanent
     assert "the service moved to 127.0.0.1" in str(raised.value)
     assert "GOTIFYKEY" not in str(raised.value)
+
+
+def test_an_interim_answer_before_the_final_one_is_skipped(receiver):
+    """103 Early Hints, then 200: delivered (http.client skips only 100)."""
+    receiver.script(receivers.Interim(200, b"ok"))
+    sink = sink_for("[channel:h]\ntype = webhook\nurl = %s/hook\n"
+                    % receiver.url)
+    sink.send(login())
+    assert len(receiver.requests) == 1
+
+
+TOKEN = "123456789:AAHsecretSECRETsecretSECRETsecret123"
+
+
+@pytest.mark.parametrize("echo", [
+    lambda path: "x" * 150 + "Cannot POST " + path,  # cut inside the token
+    lambda path: "Cannot POST " + urllib.parse.quote(path, safe="/"),
+    lambda path: "bad token " + path.split(":")[1],
+], ids=["cut-at-200", "percent-encoded", "secret-part-alone"])
+def test_a_token_the_service_echoes_is_never_shown(receiver, echo):
+    """However the service echoes the token (cut at 200 characters,
+    percent-encoded, JSON-escaped, its secret part alone), the error, and
+    so the log, status and audit log, never holds any of it."""
+    receiver.script(receivers.Dynamic(lambda request: receivers.Respond(
+        404, echo(request.path))))
+    sink = sink_for("[channel:t]\ntype = telegram\nbot_token = %s\n"
+                    "chat_id = 5\napi_url = %s\n" % (TOKEN, receiver.url))
+    with pytest.raises(pamsignal.DeliveryError) as raised:
+        sink.send(login())
+    shown = str(raised.value)
+    assert "***" in shown
+    for piece in ("AAHsecret", "secret123", "SECRETsecret"):
+        assert piece not in shown
+
+
+@pytest.mark.parametrize("status", [429, 400, 200])
+def test_a_deeply_nested_answer_is_just_not_json(receiver, tmp_path, status):
+    """"[[[[..." makes json.loads raise RecursionError: the answer is then
+    judged as one that is not JSON, never as a bug that drops the alert,
+    and test-alert says what happened instead of crashing."""
+    receiver.default = receivers.Respond(status, b"[" * 5000)
+    for kind, options in (("telegram", "bot_token = 1:T\nchat_id = 5\n"),
+                          ("whatsapp", "token = T\nphone_number_id = 1\n"
+                           "recipients = 4915112345678\n")):
+        done = run_test_alert(tmp_path, "[channel:deep]\ntype = %s\n%s"
+                              "api_url = %s\ntimeout = 3s\n"
+                              % (kind, options, receiver.url), "deep JSON")
+        assert "Traceback" not in done.stderr.decode(), done.stderr
+        assert done.stdout.decode().startswith("deep (%s): " % kind)
+        assert done.returncode == (0 if status == 200 else 1)
+
+
+def test_a_url_echoed_json_escaped_is_never_shown(receiver):
+    """A secret URL echoed in JSON the way PHP writes it (\\/ for /)."""
+    receiver.script(receivers.Dynamic(lambda request: receivers.Respond(
+        400, json.dumps({"url": receiver.url + request.path}).replace(
+            "/", "\\/"))))
+    sink = sink_for("[channel:h]\ntype = webhook\nurl = %s/hook/S3CRETPATH"
+                    "\n" % receiver.url)
+    with pytest.raises(pamsignal.DeliveryError) as raised:
+        sink.send(login())
+    assert "S3CRETPATH" not in str(raised.value)
+    assert "***" in str(raised.value)
 
 
 class Broken(pamsignal.Sink):
