@@ -216,6 +216,11 @@ MAX_OPEN_SESSIONS = 10000
 #: journal API, or stdout of a unit); kernel and audit lines are never logins.
 TRUSTED_TRANSPORTS = frozenset(("syslog", "journal", "stdout"))
 
+#: ... and those trusted from a writer that is not root (the caller of a
+#: setuid program): never stdout, which is a program's output, steered by
+#: whoever started it (`systemd-cat sudo -p PROMPT` writes the prompt).
+CALLER_TRANSPORTS = frozenset(("syslog", "journal"))
+
 #: Directories a genuine service binary lives in; an unprivileged user cannot
 #: put a program there, so `_EXE` in them cannot be faked.
 TRUSTED_EXE_DIRS = frozenset((
@@ -2133,8 +2138,12 @@ WATCHED_SERVICES = {
     "sshd": Service("sshd", "sshd", _SSHD_PROGRAMS, False),
     "sshd-session": Service("sshd", "sshd", _SSHD_PROGRAMS, False),
     "sshd-auth": Service("sshd", "sshd", _SSHD_PROGRAMS, False),
-    "sudo": Service("sudo", "sudo", frozenset(("sudo",)), True),
-    "su": Service("su", "su", frozenset(("su",)), True),
+    # sudo's PAM services are sudo and, for sudo -i, sudo-i (Debian, EL);
+    # util-linux su's su and, for su -, su-l; shadow's su only su.
+    "sudo": Service("sudo", "sudo", frozenset(("sudo",)), True,
+                    pam_services=frozenset(("sudo", "sudo-i"))),
+    "su": Service("su", "su", frozenset(("su",)), True,
+                  pam_services=frozenset(("su", "su-l"))),
     "login": Service("login", "login", frozenset(("login",)), False),
     "systemd-logind": Service("logind", "systemd-logind",
                               frozenset(("systemd-logind",)), False),
@@ -3231,6 +3240,8 @@ def _writer_verdict(transport, uid, exe, comm, service):
         return False
     if uid is None or (uid != "0" and not service.setuid):
         return False
+    if uid != "0" and transport not in CALLER_TRANSPORTS:
+        return False
     if exe is not None:
         if exe.endswith(_DELETED):  # the binary was upgraded while running
             exe = exe[:-len(_DELETED)]
@@ -3256,6 +3267,56 @@ def _logged_before_exec(entry, rule, service):
             service is EXECUTOR_SERVICE) and \
         journal_text(entry.get("_UID")) == "0" and \
         journal_text(entry.get("_TRANSPORT")) in TRUSTED_TRANSPORTS
+
+
+#: Rules whose acting user a setuid program names from its real UID
+#: (getpwuid(getuid())), the UID journald records: sudo's text and JSON
+#: lines, doas's and pkexec's. (su's may name the terminal's login name,
+#: and pam_unix's `by NAME` always does: their names are not tied.)
+_CALLER_NAMED_RULES = frozenset(("sudo", "json", "doas_failed",
+                                 "doas_refused", "pkexec",
+                                 "pkexec_environment"))
+#: The PAM service a PAM module's line names: `pam_unix(SERVICE:...)`.
+_PAM_SERVICE = re.compile(r"^\w+\(([^:()\s]+):")
+#: pam_unix's `uid=N` in its failure line: getuid() of the writer.
+_PAM_FAILURE_UID = re.compile(r"(?:; |\s)uid=(\d+)\s")
+
+
+def untied_claim(entry, rule, fields, service, pam_service=None):
+    """Why a line a setuid program's caller wrote (journald's `_UID` is
+    not root) claims more than that caller can, or None.
+
+    Such a writer's `_EXE` proves little: in a user and mount namespace of
+    its own, a user can bind any program over /usr/bin/sudo and run it, and
+    journald sees the user's own UID with sudo's path. So what the line
+    says must be about that UID: the `by (uid=N)` of a session and the
+    `uid=N` of a PAM failure are the writer's; a name the program takes
+    from its real UID is not root's; a PAM service is the program's own;
+    and no session it opens is a login (the doors in log those as root).
+    Names of other accounts are compared by the running agent, which can
+    read the account database (ActingUsers)."""
+    uid = journal_text(entry.get("_UID"))
+    if not service.setuid or uid == "0":
+        return None
+    if rule.family == "pam":
+        if pam_service not in (service.pam_services or ()):
+            return "a PAM line of service %s from %s's caller" % (
+                pam_service, service.name)
+        if fields.get("action") == "login_success":
+            return "a login written by UID %s" % uid
+        if rule.name == "session_opened" and fields.get("user_id") != uid:
+            return "the session names UID %s, but UID %s wrote it" % (
+                fields.get("user_id"), uid)
+        if rule.name == "auth_failure":
+            found = _PAM_FAILURE_UID.search(journal_text(entry.get(
+                "MESSAGE")) or "")
+            if found is None or found.group(1) != uid:
+                return "the failure names UID %s, but UID %s wrote it" % (
+                    found and found.group(1), uid)
+    if (rule.name in _CALLER_NAMED_RULES or rule.name == "auth_failure" and
+            fields.get("service") == "sudo") and fields.get("user") == "root":
+        return "the line names root, but UID %s wrote it" % uid
+    return None
 
 
 def _entry_timestamp(entry):
@@ -3307,13 +3368,18 @@ def parse_entry(entry, read_at_us=0, accounts=None):
     rule, fields = classify_message(service.family, message)
     if fields is None:  # most lines: read no more of them
         return None
+    pam_service = _PAM_SERVICE.match(message).group(1) \
+        if rule.family == "pam" else None
     if rule.family == "pam" and service.pam_services is not None and \
-            fields.get("service") not in service.pam_services:
+            pam_service not in service.pam_services and \
+            (not service.setuid or journal_text(entry.get("_UID")) == "0"):
         return None  # e.g. a greeter's session, a user's service manager
     timestamp_us = _entry_timestamp(entry)
     if genuine is None:
         genuine = writer_is_genuine(entry, service, accounts) or \
             _logged_before_exec(entry, rule, service)
+    untied = untied_claim(entry, rule, fields, service, pam_service) \
+        if genuine else None
     common = {"timestamp_us": read_at_us if timestamp_us is None
               else timestamp_us,
               "journal_time": None if timestamp_us is not None
@@ -3322,14 +3388,15 @@ def parse_entry(entry, read_at_us=0, accounts=None):
               "pid": parse_int(journal_text(entry.get("_PID"))),
               "cursor": journal_text(entry.get("__CURSOR")),
               "message": message.rstrip("\n")}
-    if not genuine:
+    if not genuine or untied:
         if rule.name in _USER_MAY_WRITE:
             return None
         return Event(action="spoofed_entry", service=service.name,
                      writer_uid=parse_int(journal_text(entry.get("_UID"))),
                      process_name=journal_text(entry.get("_COMM")),
                      process_executable=journal_text(entry.get("_EXE")),
-                     claimed_action=fields["action"], **common)
+                     claimed_action=fields["action"], detail=untied,
+                     **common)
     fields.setdefault("service", service.name)
     if service is EXECUTOR_SERVICE:  # its unit ties it to run0's command
         fields["unit"] = journal_text(entry.get("_SYSTEMD_UNIT"))
@@ -5135,17 +5202,26 @@ class ActingUsers:
     #: The services whose events say or need who acted.
     SERVICES = SWITCHING_PAM_SERVICES
 
+    #: Services whose commands and failures name the caller by its real
+    #: UID (getpwuid(getuid())), which is the event's user_id when the
+    #: caller wrote the line.
+    CALLER_NAMING = frozenset(("sudo", "doas", "pkexec"))
+
     def observe(self, event, live=False):
         """The event, a su or sudo session's completed with its caller."""
+        if live and self.lookup is not None and \
+                event.service in self.CALLER_NAMING and event.user and \
+                event.user_id and event.action in ("sudo_command",
+                                                   "login_failure"):
+            named_uid = self.lookup(event.user, None)[1]
+            owner = self.lookup(None, event.user_id)[0]
+            if named_uid != event.user_id and (
+                    named_uid is not None or
+                    owner is not None and owner != event.user):
+                return _not_the_writers(event, owner)
         if event.service not in self.SERVICES or event.context_key is None:
             return event  # sshd's, most of them: nothing to do
         process = event.context_key.rsplit("/", 1)[0]
-        if live and self.lookup is not None and event.service == "sudo" \
-                and event.user and event.user_id and event.action in (
-                    "sudo_command", "login_failure"):
-            owner = self.lookup(None, event.user_id)[0]
-            if owner is not None and owner != event.user:
-                return _not_the_writers(event, owner)
         if event.action in ("sudo_command", "login_success") and \
                 event.service in ("sudo", "su") and event.user:
             self.callers.put(process, [event.user, event.user_id])
@@ -5164,16 +5240,17 @@ class ActingUsers:
 
 
 def _not_the_writers(event, owner):
-    """A sudo line naming someone other than the account of the UID that
-    wrote it. sudo writes the caller's own name (getpwuid of its real
-    UID), so this is the race the trust rules cannot see: a user sends a
-    forged line and at once execs the real sudo, so that journald finds
-    its executable."""
+    """A sudo, doas or pkexec line naming someone other than the account
+    of the UID that wrote it. They write the caller's own name (getpwuid
+    of its real UID), so this is what the trust rules cannot see: a user
+    sends a forged line and at once execs the real sudo, so that journald
+    finds its executable, or binds a program of their own over sudo's path
+    in a mount namespace of their own."""
     return Event(action="spoofed_entry", service=event.service,
                  writer_uid=parse_int(event.user_id),
                  claimed_action=event.action,
                  detail="the line names %s, but UID %s that wrote it is %s"
-                 % (event.user, event.user_id, owner),
+                 % (event.user, event.user_id, owner or "no account"),
                  timestamp_us=event.timestamp_us,
                  journal_time=event.journal_time, hostname=event.hostname,
                  pid=event.pid, cursor=event.cursor, message=event.message)

@@ -486,3 +486,245 @@ def test_uninstall_purge_removes_links_not_what_they_point_at(tmp_path):
     assert result.returncode == 0, result.stderr
     assert not state.exists()
     assert (keep / "file").read_text() == "root's\n"
+
+
+# ---------------------------------------------------------------- part 6:
+# a setuid program's caller writes only about itself (the journal's
+# trusted fields: _UID, _EXE, _COMM, _TRANSPORT)
+
+#: What the caller of setuid sudo chose as a prompt, or wrote from a
+#: program of its own bound over /usr/bin/sudo in a namespace of its own.
+FORGED_DOOR = ("pam_unix(cockpit:session): session opened for user "
+               "root(uid=0) by (uid=0)")
+FORGED_GDM = ("pam_unix(gdm-password:session): session opened for user "
+              "root(uid=0) by (uid=0)")
+FORGED_SUDO = "  root : TTY=pts/0 ; PWD=/%s ; USER=root ; COMMAND=/bin/sh"
+SETUID_EXE = {"cockpit-session": "/usr/lib/cockpit/cockpit-session"}
+
+
+def parsed(identifier, message, uid, **fields):
+    event = pamsignal.parse_entry(make_entry(identifier, message,
+                                             _UID=uid, **fields))
+    return event and event._asdict()
+
+
+@pytest.mark.parametrize("message", [FORGED_DOOR, FORGED_SUDO % "root"])
+def test_a_setuid_programs_output_is_not_its_log(message):
+    """`runuser -u nobody -- systemd-cat -t sudo sudo -S -p PROMPT true`:
+    the prompt reaches the journal as sudo's (_TRANSPORT=stdout, sudo's
+    _EXE, nobody's UID), worded as its caller chose."""
+    event = parsed("sudo", message, "65534", _TRANSPORT="stdout")
+    assert event["action"] == "spoofed_entry"
+    assert event["writer_uid"] == 65534
+    # Root's own stdout (a unit's) stays trusted.
+    assert parsed("sshd", "Accepted password for alice from 192.0.2.1 "
+                  "port 22 ssh2", "0", _TRANSPORT="stdout")["action"] == \
+        "login_success"
+
+
+@pytest.mark.parametrize("identifier,message,claimed", [
+    # PAM lines of a service not the program's own
+    ("sudo", FORGED_GDM, "login_success"),
+    ("sudo", FORGED_DOOR, "login_success"),
+    ("su", FORGED_GDM, "login_success"),
+    ("sudo", "pam_unix(su:session): session opened for user root(uid=0) "
+     "by alice(uid=1000)", "session_opened"),
+    # a door's login, from a caller
+    ("cockpit-session", "pam_unix(cockpit:session): session opened for user "
+     "root(uid=0) by (uid=65534)", "login_success"),
+    # a session naming another UID than the writer's
+    ("sudo", "pam_unix(sudo:session): session opened for user root(uid=0) "
+     "by (uid=0)", "session_opened"),
+    ("su", "pam_unix(su-l:session): session opened for user root(uid=0) "
+     "by alice(uid=1000)", "session_opened"),
+    ("doas", "pam_unix(doas:session): session opened for user root(uid=0) "
+     "by (uid=0)", "session_opened"),
+    ("pkexec", "pam_unix(polkit-1:session): session opened for user "
+     "root(uid=0) by (uid=1000)", "session_opened"),
+    # a PAM failure naming another UID
+    ("sudo", "pam_unix(sudo:auth): authentication failure; logname= uid=1000 "
+     "euid=0 tty=/dev/pts/0 ruser=alice rhost=  user=alice",
+     "login_failure"),
+    # the acting user, named from the real UID, is root
+    ("sudo", FORGED_SUDO % "root", "sudo_command"),
+    ("sudo", "root : 3 incorrect password attempts ; TTY=pts/0 ; PWD=/ ; "
+     "USER=root ; COMMAND=/bin/sh", "login_failure"),
+    ("sudo", '@cee:{"sudo":{"accept":{"submituser":"root","runuser":"root",'
+     '"command":"/bin/sh"}}}', "sudo_command"),
+    ("sudo", "pam_unix(sudo:auth): authentication failure; logname= "
+     "uid=65534 euid=0 tty=/dev/pts/0 ruser=root rhost=  user=root",
+     "login_failure"),
+    ("doas", "failed auth for root", "login_failure"),
+    ("pkexec", "root: Error executing command as another user: Not "
+     "authorized [USER=root] [TTY=unknown] [CWD=/] [COMMAND=/bin/sh]",
+     "login_failure"),
+])
+def test_a_callers_line_about_someone_else_is_spoofed(identifier, message,
+                                                       claimed):
+    """A user's own program bound over /usr/bin/sudo in a user and mount
+    namespace (`unshare -Urm`) shows sudo's _EXE and _COMM with the user's
+    UID: only what is about that UID counts."""
+    event = parsed(identifier, message, "65534",
+                   _EXE=SETUID_EXE.get(identifier, "/usr/bin/" + identifier),
+                   _COMM=identifier)
+    assert event["action"] == "spoofed_entry", event
+    assert event["claimed_action"] == claimed
+    assert event["writer_uid"] == 65534
+    assert event["detail"]
+
+
+@pytest.mark.parametrize("identifier,message,action", [
+    # measured here (sudo 1.9.13, util-linux su 2.38, Debian 12), the
+    # writer's UID 65534 as in the real lines' own UID
+    ("sudo", "nobody : PWD=/work ; USER=root ; COMMAND=/usr/bin/id",
+     "sudo_command"),
+    ("sudo", "pam_unix(sudo:session): session opened for user root(uid=0) "
+     "by (uid=65534)", "session_opened"),
+    ("sudo", "pam_unix(sudo-i:session): session opened for user "
+     "root(uid=0) by (uid=65534)", "session_opened"),
+    ("sudo", "pam_unix(sudo:session): session closed for user root",
+     "session_closed"),
+    ("sudo", "pam_unix(sudo:auth): authentication failure; logname= "
+     "uid=65534 euid=0 tty= ruser=nobody rhost=  user=nobody",
+     "login_failure"),
+    ("su", "(to alice) nobody on none", "login_success"),
+    ("su", "pam_unix(su:session): session opened for user alice(uid=1000) "
+     "by (uid=65534)", "session_opened"),
+    ("su", "pam_unix(su:auth): authentication failure; logname= uid=65534 "
+     "euid=0 tty=/dev/pts/1 ruser=nobody rhost=  user=root",
+     "login_failure"),
+    # pam_unix's `by NAME` is the terminal's login name: not tied
+    ("sudo", "pam_unix(sudo:session): session opened for user root(uid=0) "
+     "by root(uid=65534)", "session_opened"),
+])
+def test_a_callers_line_about_itself_counts(identifier, message, action):
+    assert parsed(identifier, message, "65534")["action"] == action
+
+
+def test_root_writers_are_not_tied():
+    """sudo and su run by root write as root: no tie, and a PAM line of
+    another service from root is no event, as before."""
+    assert parsed("sudo", FORGED_SUDO % "root", "0")["action"] == \
+        "sudo_command"
+    assert parsed("sudo", FORGED_GDM, "0") is None
+
+
+@pytest.mark.parametrize("identifier,message", [
+    ("doas", "failed auth for alice"),
+    ("doas", "command not permitted for alice: /bin/sh"),
+    ("pkexec", "alice: Error executing command as another user: Not "
+     "authorized [USER=root] [TTY=unknown] [CWD=/] [COMMAND=/bin/sh]"),
+    ("sudo", "alice : PWD=/ ; USER=root ; COMMAND=/bin/sh"),
+])
+def test_the_agent_ties_a_callers_name_to_its_uid(identifier, message):
+    """`run` asks the account database: a caller's line naming another
+    account than its UID's is spoofed; an alias of the same UID is not."""
+    accounts = {"alice": "1000", "bob": "1001", "alias": "1001"}
+    owners = {"1000": "alice", "1001": "bob"}
+
+    def lookup(name, uid):
+        if uid is None:
+            return name, accounts.get(name)
+        return owners.get(uid), uid
+
+    def observed(uid, name="alice"):
+        acting = pamsignal.ActingUsers(lookup)
+        return acting.observe(pamsignal.parse_entry(make_entry(
+            identifier, message.replace("alice", name), _UID=uid,
+            _COMM=identifier, _EXE="/usr/bin/" + identifier)), live=True)
+
+    forged = observed("1001")
+    assert forged.action == "spoofed_entry", forged
+    assert "UID 1001 that wrote it is bob" in forged.detail
+    assert observed("1000").action != "spoofed_entry"
+    assert observed("1001", "alias").action != "spoofed_entry"
+
+
+def _scan_own_entries(cursor, marker):
+    """scan --json of the entries after `cursor` written by the processes
+    that wrote `marker` (each test reads only its own)."""
+    deadline = time.time() + 15
+    while True:
+        entries = realsys.journal_entries(cursor)
+        pids = set(entry.get("_PID") for entry in entries
+                   if marker in realsys._text(entry.get("MESSAGE")))
+        if len(pids) and time.time() > deadline - 13 or \
+                time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert pids, "the forged lines never reached the journal"
+    own = [entry for entry in entries if entry.get("_PID") in pids]
+    result = subprocess.run(
+        [sys.executable, PAMSIGNAL, "scan", "--json", "-"],
+        input="".join(json.dumps(entry) + "\n" for entry in own),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=HANG_S)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    return own, [event["event"]["action"] for event in events]
+
+
+@pytest.fixture
+def real_journal():
+    realsys.ensure_journald()
+    realsys.require_binaries("systemd-cat", "sudo", "unshare", "logger")
+
+
+def test_e2e_a_setuid_programs_prompt_is_no_login(real_journal):
+    """The real attack: nobody runs the real sudo under systemd-cat with
+    a prompt worded as a Cockpit login and a sudo command."""
+    marker = "psetrust%d" % os.getpid()
+    cursor = realsys.journal_cursor()
+    prompt = "%s\n%s\n" % (FORGED_DOOR, FORGED_SUDO % marker)
+    subprocess.run(["runuser", "-u", "nobody", "--", "systemd-cat", "-t",
+                    "sudo", "/usr/bin/sudo", "-S", "-p", prompt, "true"],
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=HANG_S)
+    own, actions = _scan_own_entries(cursor, marker)
+    assert any(entry.get("_TRANSPORT") == "stdout" and
+               entry.get("_EXE") == "/usr/bin/sudo" for entry in own), own
+    assert "login_success" not in actions and \
+        "sudo_command" not in actions, actions
+    assert actions.count("spoofed_entry") >= 2, actions
+
+
+@pytest.fixture
+def open_dir():
+    """A directory nobody can read (pytest's tmp_path is root's only)."""
+    path = tempfile.mkdtemp(prefix="psetrust")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_e2e_a_program_bound_over_sudo_is_no_login(real_journal, open_dir):
+    """The real attack: in a user and mount namespace of its own, nobody
+    binds a copy of logger over /usr/bin/sudo and writes a gdm login and a
+    sudo command by root; journald records sudo's _EXE and _COMM."""
+    fake = os.path.join(open_dir, "fakesudo")
+    shutil.copy("/usr/bin/logger", fake)
+    os.chmod(fake, 0o755)
+    probe = subprocess.run(["runuser", "-u", "nobody", "--", "unshare",
+                            "-Urm", "true"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT,
+                           universal_newlines=True, timeout=HANG_S)
+    if probe.returncode != 0:
+        pytest.skip("an unprivileged user namespace is not permitted "
+                    "here: %s" % probe.stdout.strip())
+    marker = "psetrust%d" % os.getpid()
+    cursor = realsys.journal_cursor()
+    script = ('mount --bind %s /usr/bin/sudo && (echo "%s"; echo "%s"; '
+              'sleep 2) | /usr/bin/sudo -t sudo'
+              % (fake, FORGED_GDM, (FORGED_SUDO % marker).replace(
+                  "/bin/sh", "/usr/bin/id")))
+    result = subprocess.run(["runuser", "-u", "nobody", "--", "unshare",
+                             "-Urm", "sh", "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True, timeout=HANG_S)
+    assert result.returncode == 0, result.stdout
+    own, actions = _scan_own_entries(cursor, marker)
+    assert all(entry.get("_UID") == str(pwd.getpwnam("nobody").pw_uid)
+               for entry in own), own
+    assert "login_success" not in actions and \
+        "sudo_command" not in actions, actions
+    assert actions.count("spoofed_entry") == 2, actions
