@@ -3276,8 +3276,12 @@ _LOGGED_BEFORE_EXEC = frozenset(("doas_ran", "pkexec"))
 
 def _logged_before_exec(entry, rule, service):
     return (rule.name in _LOGGED_BEFORE_EXEC or
-            service is EXECUTOR_SERVICE) and \
-        journal_text(entry.get("_UID")) == "0" and \
+            service is EXECUTOR_SERVICE) and _root_writer(entry)
+
+
+def _root_writer(entry):
+    """Root wrote it through a transport only journald fills in."""
+    return journal_text(entry.get("_UID")) == "0" and \
         journal_text(entry.get("_TRANSPORT")) in TRUSTED_TRANSPORTS
 
 
@@ -3321,11 +3325,15 @@ def parse_entry(entry, read_at_us=0, accounts=None):
     message = journal_text(entry.get("MESSAGE"))
     if not message:
         return None
-    genuine = None
     if len(message) > MAX_UNTRUSTED_MESSAGE_CHARS:
         # A forger's text only needs reading far enough to see its claim.
-        genuine = writer_is_genuine(entry, service, accounts)
-        message = message[:MAX_MESSAGE_CHARS if genuine else
+        # Root may be doas or pkexec logging just before it executes the
+        # command, under the command's name: whether that is genuine is
+        # known only from the rule (_logged_before_exec), so root's text
+        # is read as far as a genuine writer's.
+        whole = writer_is_genuine(entry, service, accounts) or \
+            _root_writer(entry)
+        message = message[:MAX_MESSAGE_CHARS if whole else
                           MAX_UNTRUSTED_MESSAGE_CHARS]
     rule, fields = classify_message(service.family, message)
     if fields is None:  # most lines: read no more of them
@@ -3334,9 +3342,8 @@ def parse_entry(entry, read_at_us=0, accounts=None):
             fields.get("service") not in service.pam_services:
         return None  # e.g. a greeter's session, a user's service manager
     timestamp_us = _entry_timestamp(entry)
-    if genuine is None:
-        genuine = writer_is_genuine(entry, service, accounts) or \
-            _logged_before_exec(entry, rule, service)
+    genuine = writer_is_genuine(entry, service, accounts) or \
+        _logged_before_exec(entry, rule, service)
     common = {"timestamp_us": read_at_us if timestamp_us is None
               else timestamp_us,
               "journal_time": None if timestamp_us is not None

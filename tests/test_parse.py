@@ -194,6 +194,29 @@ def test_forged_text_is_read_only_as_far_as_its_claim():
     assert genuine["user.name"] == long_name
 
 
+@pytest.mark.parametrize("identifier, message", [
+    ("doas", "alice ran command /usr/bin/id %s as root from /home/alice"),
+    ("pkexec", "alice: Executing command [USER=root] [TTY=/dev/pts/1] "
+               "[CWD=/home/alice] [COMMAND=/usr/bin/id %s]"),
+])
+@pytest.mark.parametrize("length", [10, 1100, 4000])
+def test_a_long_command_logged_just_before_exec_is_read(identifier, message,
+                                                        length):
+    """doas's child and pkexec log as root just before they execute the
+    command, so journald names the command (_COMM=id, no _EXE): a line
+    past 1024 characters is as genuine as a short one."""
+    arguments = "A" * length
+    got = parse_flat(make_entry(identifier, message % arguments,
+                                _COMM="id", _EXE=None, _UID="0"))
+    assert got["event.action"] == "sudo_command"
+    assert got["user.name"] == "alice"
+    assert got["user.target.name"] == "root"
+    assert got["process.command_line"] == "/usr/bin/id " + arguments
+    forged = parse_flat(make_entry(identifier, message % arguments,
+                                   _COMM="id", _EXE=None, _UID="1000"))
+    assert forged is None or forged["event.action"] == "spoofed_entry"
+
+
 def test_forged_line_that_claims_nothing_is_ignored():
     assert pamsignal.parse_entry(make_entry(
         "sshd", "hello", _UID="65534", _EXE="/usr/bin/logger",
