@@ -2498,13 +2498,15 @@ def _json_text(record, key):
 _SUDO_JSON_HEAD = re.compile(r'\{\s*(?:"sudo"\s*:\s*\{\s*)?"(?P<kind>accept|'
                              r'reject|alert|exit)"\s*:\s*\{')
 #: One key of the record and its colon (the first one without a comma).
-_JSON_KEY = re.compile(r'\s*,?\s*"(?P<key>[a-z_]+)"\s*:\s*')
+#: No two \s* side by side: they could split a run of white space in
+#: every way, quadratic work on a long run.
+_JSON_KEY = re.compile(r'\s*(?:,\s*)?"(?P<key>[a-z_]+)"\s*:\s*')
 #: pamsignal.detail of a JSON line that ends before its record does.
 SUDO_JSON_CUT = "sudo's JSON line is cut short"
 
 
 #: What closes sudo's JSON line after its record.
-_SUDO_JSON_END = re.compile(r"\}\s*\}?\s*\}\s*\Z")
+_SUDO_JSON_END = re.compile(r"\}\s*(?:\}\s*)?\}\s*\Z")
 
 
 def sudo_json_record(text):
