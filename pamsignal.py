@@ -2222,15 +2222,20 @@ _METHOD_REASONS = {"password": "bad_password",
                    "publickey": "bad_key", "hostbased": "bad_key",
                    "none": "no_credentials"}
 
-#: A key as sshd names it: type and fingerprint (before 6.8 a bare MD5).
+#: A key as sshd names it: type and fingerprint (before 6.8 a bare MD5;
+#: "(null)" when the fingerprint could not be made).
 _KEY = (r"[A-Za-z0-9@._-]+ (?:(?:SHA256|MD5):[A-Za-z0-9+/=:]+|"
-        r"[0-9a-f]{2}(?::[0-9a-f]{2}){15})")
-#: What sshd writes after "ssh2: ": a key, a certificate with its ID, or
-#: (hostbased) a key with the client's claimed user and host.
+        r"[0-9a-f]{2}(?::[0-9a-f]{2}){15}|\(null\))")
+#: What sshd writes after "ssh2: " for a key (auth.c format_method_key):
+#: the key, a certificate with its ID, then ", " and the method's own
+#: text, e.g. hostbased's `client user "U", client host "H"`, both the
+#: client's own words (quotes and all), or a FIDO key's signature count.
+#: The ID and that text may hold anything, so they are matched loosely:
+#: a stricter pattern would throw out the real reading (and keep a forged
+#: one).
 _KEY_INFO = re.compile(
     r"(?P<key>%s)(?: ID (?P<cert_id>.*) \(serial (?P<serial>\d+)\) "
-    r"CA (?P<ca>%s)|(?P<client>, client user \"[^\"]*\", "
-    r"client host \"[^\"]*\"))?\Z" % (_KEY, _KEY))
+    r"CA (?P<ca>%s))?(?:, (?P<client>.+))?\Z" % (_KEY, _KEY))
 #: What sshd writes after the user name in an auth_log() line.
 _SSHD_AUTH_TAIL = re.compile(r"(?P<addr>\S+) port (?P<port>\d+)"
                              r"(?: ssh[12](?:: (?P<info>.*))?)?\Z")
@@ -2268,16 +2273,24 @@ AMBIGUOUS = "ambiguous: the user name imitates the address text"
 def _user_and_source(rest, tail_pattern, accept=None, account=False):
     """(fields, tail) for `USER from TAIL`.
 
-    One reading gives user and source. Several mean the user name imitates
-    sshd's text: if the account exists (`account`), its name has no white
-    space, which settles it; otherwise no side is picked and the event has
-    neither user nor source, only the AMBIGUOUS detail. No reading at all
-    gives (None, None).
+    One reading gives user and source. Several mean the user name (or the
+    client's text after the address) imitates sshd's text. If the account
+    exists (`account`), its name has no white space, which settles it: only
+    the first " from " can end it. Otherwise `accept(tail)` may rule out
+    readings, but only those sshd cannot have written: it must never say
+    no to text that holds the client's words, or the forged reading is all
+    that is left. When more than one is left, no side is picked and the
+    event has neither user nor source, only the AMBIGUOUS detail. No
+    reading at all gives (None, None).
     """
-    readings = split_at_from(rest, tail_pattern, accept)
-    if len(readings) > 1 and account:
+    readings = split_at_from(rest, tail_pattern)
+    if account:
         readings = [(user, tail) for user, tail in readings
                     if not _WHITE_SPACE.search(user)] or readings
+    if len(readings) > 1 and accept is not None:
+        # If it says no to all of them the form is new: keep them all.
+        readings = [(user, tail) for user, tail in readings
+                    if accept(tail)] or readings
     if len(readings) > 1:
         return {"detail": AMBIGUOUS}, None
     if not readings:
@@ -2289,8 +2302,21 @@ def _user_and_source(rest, tail_pattern, accept=None, account=False):
     return fields, tail
 
 
+#: Methods whose text after "ssh2: " is the client's (a Kerberos
+#: principal) and may be anything; any reading may be sshd's.
+_FREE_INFO_METHODS = ("gssapi",)
+
+
+def _auth_info_check(method):
+    """accept() for an auth_log() line of this method: says no only to a
+    tail sshd cannot have written for it. publickey and hostbased write a
+    key (the monitor records it before it logs), gssapi a principal
+    (anything), the others nothing."""
+    return None if method.startswith(_FREE_INFO_METHODS) else _known_key_info
+
+
 def _known_key_info(tail):
-    """The text after "ssh2: " is a key sshd writes (or absent)."""
+    """The text after "ssh2: " is a key as sshd writes it (or absent)."""
     info = tail.groupdict().get("info")
     return info is None or _KEY_INFO.match(info) is not None
 
@@ -2299,12 +2325,9 @@ def _build_auth_log(match):
     """sshd auth_log(): Accepted/Failed METHOD for [invalid user ]U from ..."""
     verb, method = match.group("verb"), match.group("method")
     invalid, rest = _split_invalid(match.group("rest"))
-    fields, tail = _user_and_source(rest, _SSHD_AUTH_TAIL, _known_key_info,
+    fields, tail = _user_and_source(rest, _SSHD_AUTH_TAIL,
+                                    _auth_info_check(method),
                                     account=not invalid)
-    if fields is None:
-        # Key text of a form this version does not know.
-        fields, tail = _user_and_source(rest, _SSHD_AUTH_TAIL,
-                                        account=not invalid)
     if fields is None:
         fields, tail = _user_and_source(rest, _SSHD_BARE_TAIL,
                                         account=not invalid)
@@ -2320,7 +2343,7 @@ def _build_auth_log(match):
                       certificate_id=key_info.group("cert_id"),
                       certificate_serial=parse_int(key_info.group("serial")),
                       certificate_ca=key_info.group("ca"),
-                      detail=(key_info.group("client") or "")[2:] or None)
+                      detail=key_info.group("client"))
     elif info:
         fields["detail"] = info  # e.g. a Kerberos principal
     if verb == "Accepted":
@@ -2484,13 +2507,15 @@ def _json_text(record, key):
 _SUDO_JSON_HEAD = re.compile(r'\{\s*(?:"sudo"\s*:\s*\{\s*)?"(?P<kind>accept|'
                              r'reject|alert|exit)"\s*:\s*\{')
 #: One key of the record and its colon (the first one without a comma).
-_JSON_KEY = re.compile(r'\s*,?\s*"(?P<key>[a-z_]+)"\s*:\s*')
+#: No two \s* side by side: they could split a run of white space in
+#: every way, quadratic work on a long run.
+_JSON_KEY = re.compile(r'\s*(?:,\s*)?"(?P<key>[a-z_]+)"\s*:\s*')
 #: pamsignal.detail of a JSON line that ends before its record does.
 SUDO_JSON_CUT = "sudo's JSON line is cut short"
 
 
 #: What closes sudo's JSON line after its record.
-_SUDO_JSON_END = re.compile(r"\}\s*\}?\s*\}\s*\Z")
+_SUDO_JSON_END = re.compile(r"\}\s*(?:\}\s*)?\}\s*\Z")
 
 
 def sudo_json_record(text):
@@ -3264,8 +3289,12 @@ _LOGGED_BEFORE_EXEC = frozenset(("doas_ran", "pkexec"))
 
 def _logged_before_exec(entry, rule, service):
     return (rule.name in _LOGGED_BEFORE_EXEC or
-            service is EXECUTOR_SERVICE) and \
-        journal_text(entry.get("_UID")) == "0" and \
+            service is EXECUTOR_SERVICE) and _root_writer(entry)
+
+
+def _root_writer(entry):
+    """Root wrote it through a transport only journald fills in."""
+    return journal_text(entry.get("_UID")) == "0" and \
         journal_text(entry.get("_TRANSPORT")) in TRUSTED_TRANSPORTS
 
 
@@ -3359,11 +3388,15 @@ def parse_entry(entry, read_at_us=0, accounts=None):
     message = journal_text(entry.get("MESSAGE"))
     if not message:
         return None
-    genuine = None
     if len(message) > MAX_UNTRUSTED_MESSAGE_CHARS:
         # A forger's text only needs reading far enough to see its claim.
-        genuine = writer_is_genuine(entry, service, accounts)
-        message = message[:MAX_MESSAGE_CHARS if genuine else
+        # Root may be doas or pkexec logging just before it executes the
+        # command, under the command's name: whether that is genuine is
+        # known only from the rule (_logged_before_exec), so root's text
+        # is read as far as a genuine writer's.
+        whole = writer_is_genuine(entry, service, accounts) or \
+            _root_writer(entry)
+        message = message[:MAX_MESSAGE_CHARS if whole else
                           MAX_UNTRUSTED_MESSAGE_CHARS]
     rule, fields = classify_message(service.family, message)
     if fields is None:  # most lines: read no more of them
@@ -3375,9 +3408,8 @@ def parse_entry(entry, read_at_us=0, accounts=None):
             (not service.setuid or journal_text(entry.get("_UID")) == "0"):
         return None  # e.g. a greeter's session, a user's service manager
     timestamp_us = _entry_timestamp(entry)
-    if genuine is None:
-        genuine = writer_is_genuine(entry, service, accounts) or \
-            _logged_before_exec(entry, rule, service)
+    genuine = writer_is_genuine(entry, service, accounts) or \
+        _logged_before_exec(entry, rule, service)
     untied = untied_claim(entry, rule, fields, service, pam_service) \
         if genuine else None
     common = {"timestamp_us": read_at_us if timestamp_us is None

@@ -4,6 +4,7 @@ import datetime
 import io
 import json
 import os
+import re
 import time
 
 import pytest
@@ -192,6 +193,116 @@ def test_forged_text_is_read_only_as_far_as_its_claim():
     genuine = parse_flat(make_entry(
         "sshd", "Invalid user %s from 203.0.113.5 port 1" % long_name))
     assert genuine["user.name"] == long_name
+
+
+@pytest.mark.parametrize("identifier, message", [
+    ("doas", "alice ran command /usr/bin/id %s as root from /home/alice"),
+    ("pkexec", "alice: Executing command [USER=root] [TTY=/dev/pts/1] "
+               "[CWD=/home/alice] [COMMAND=/usr/bin/id %s]"),
+])
+@pytest.mark.parametrize("length", [10, 1100, 4000])
+def test_a_long_command_logged_just_before_exec_is_read(identifier, message,
+                                                        length):
+    """doas's child and pkexec log as root just before they execute the
+    command, so journald names the command (_COMM=id, no _EXE): a line
+    past 1024 characters is as genuine as a short one."""
+    arguments = "A" * length
+    got = parse_flat(make_entry(identifier, message % arguments,
+                                _COMM="id", _EXE=None, _UID="0"))
+    assert got["event.action"] == "sudo_command"
+    assert got["user.name"] == "alice"
+    assert got["user.target.name"] == "root"
+    assert got["process.command_line"] == "/usr/bin/id " + arguments
+    forged = parse_flat(make_entry(identifier, message % arguments,
+                                   _COMM="id", _EXE=None, _UID="1000"))
+    assert forged is None or forged["event.action"] == "spoofed_entry"
+
+
+def _white_space_runs_split(parsed):
+    r"""Places in a parsed pattern where two \s* meet with nothing but
+    optional items between: both can take any share of one run of white
+    space, so a long run that fails to match costs quadratic work."""
+    try:
+        from re import _constants as codes, _parser as parser  # 3.11+
+    except ImportError:
+        import sre_constants as codes
+        import sre_parse as parser  # noqa: F401
+
+    def white_star(item):
+        op, av = item
+        return op in (codes.MAX_REPEAT, codes.MIN_REPEAT) and \
+            av[0] == 0 and av[1] == codes.MAXREPEAT and \
+            [(o, a) for o, a in av[2]] == [
+                (codes.IN, [(codes.CATEGORY, codes.CATEGORY_SPACE)])]
+
+    def optional(item):
+        return item[0] in (codes.MAX_REPEAT, codes.MIN_REPEAT) and \
+            item[1][0] == 0
+
+    found, items = [], list(parsed)
+    for at, (op, av) in enumerate(items):
+        if white_star(items[at]):
+            after = at + 1
+            while after < len(items) and optional(items[after]) and \
+                    not white_star(items[after]):
+                after += 1
+            if after < len(items) and white_star(items[after]):
+                found.append(at)
+        if op == codes.SUBPATTERN:
+            found += _white_space_runs_split(av[-1])
+        elif op == codes.BRANCH:
+            for branch in av[1]:
+                found += _white_space_runs_split(branch)
+        elif op in (codes.MAX_REPEAT, codes.MIN_REPEAT):
+            found += _white_space_runs_split(av[2])
+    return found
+
+
+def test_no_pattern_splits_a_run_of_white_space_two_ways():
+    r"""Linear work on long white space, checked on the patterns themselves
+    (no timing): `\s*,?\s*"` tried every split of an 8000-space run."""
+    try:
+        from re import _parser as parser
+    except ImportError:
+        import sre_parse as parser
+    pattern_type = type(re.compile(""))
+    patterns = [(name, value) for name, value in vars(pamsignal).items()
+                if isinstance(value, pattern_type)]
+    patterns += [(rule.name, rule.pattern) for rule in pamsignal.RULES]
+    assert ("_JSON_KEY", pamsignal._JSON_KEY) in patterns
+    quadratic = [name for name, pattern in patterns
+                 if isinstance(pattern.pattern, str) and
+                 _white_space_runs_split(parser.parse(pattern.pattern,
+                                                      pattern.flags))]
+    assert quadratic == []
+    assert _white_space_runs_split(parser.parse(r'\s*,?\s*"'))
+
+
+@pytest.mark.parametrize("text, record, whole", [
+    ('{"accept":{"submituser":"alice","command":"/bin/id"}}',
+     {"submituser": "alice", "command": "/bin/id"}, True),
+    ('{"sudo":{"accept":{"submituser":"alice","command":"/bin/id"}}}',
+     {"submituser": "alice", "command": "/bin/id"}, True),
+    ('{ "sudo" : { "accept" : {\n  "submituser" : "alice" ,\n'
+     '  "command" : "/bin/id"}\n }\n}\n',
+     {"submituser": "alice", "command": "/bin/id"}, True),
+    ('{"sudo":{"accept":{"submituser":"alice",%s"command":"/bin/id"}%s}%s}'
+     '%s' % ((" " * 8000,) * 4),
+     {"submituser": "alice", "command": "/bin/id"}, True),
+    ('{"accept":{"submituser":"alice"%s,%s"command":"/bin/id"}}'
+     % (" " * 8000, "\t" * 8000),
+     {"submituser": "alice", "command": "/bin/id"}, True),
+    # A long run that ends in no key, or in no end, is read no further.
+    ('{"accept":{"submituser":"alice",%sx' % (" " * 8000),
+     {"submituser": "alice"}, False),
+    ('{"accept":{"submituser":"alice"}%sx' % (" " * 8000),
+     {"submituser": "alice"}, False),
+    ('{"accept":{"submituser":"alice",,"command":"/bin/id"}}',
+     {"submituser": "alice"}, False),
+])
+def test_sudo_json_record_reads_white_space_around_its_keys(text, record,
+                                                            whole):
+    assert pamsignal.sudo_json_record(text) == ("accept", record, whole)
 
 
 def test_forged_line_that_claims_nothing_is_ignored():
