@@ -676,10 +676,15 @@ def test_e2e_a_setuid_programs_prompt_is_no_login(real_journal):
     marker = "psetrust%d" % os.getpid()
     cursor = realsys.journal_cursor()
     prompt = "%s\n%s\n" % (FORGED_DOOR, FORGED_SUDO % marker)
-    subprocess.run(["runuser", "-u", "nobody", "--", "systemd-cat", "-t",
-                    "sudo", "/usr/bin/sudo", "-S", "-p", prompt, "true"],
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, timeout=HANG_S)
+    # sudo waits for a password while journald reads its /proc entry (a
+    # sudo gone by then leaves the entry without _EXE)
+    forger = subprocess.Popen(
+        ["runuser", "-u", "nobody", "--", "systemd-cat", "-t", "sudo",
+         "/usr/bin/sudo", "-S", "-p", prompt, "true"], stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.5)
+    forger.stdin.close()
+    forger.wait(timeout=HANG_S)
     own, actions = _scan_own_entries(cursor, marker)
     assert any(entry.get("_TRANSPORT") == "stdout" and
                entry.get("_EXE") == "/usr/bin/sudo" for entry in own), own
