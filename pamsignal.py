@@ -7740,6 +7740,16 @@ def _record_problem(item, key):
     return None
 
 
+def _removal(record):
+    """The (seq, hash) a `removed` record says the chain went on from, or
+    None for one whose values no agent writes (a list cannot be a key):
+    it is not yet verified, and a forged one must not crash the check."""
+    last_seq, last_hash = record.get("last_seq"), record.get("last_hash")
+    if type(last_seq) is int and isinstance(last_hash, str):
+        return last_seq, last_hash
+    return None
+
+
 def verify_chain(lines, key=None):
     """Check a chain given as (file, line number, bytes) in order: each
     record's hash, and that each follows the one before. Returns a
@@ -7751,8 +7761,7 @@ def verify_chain(lines, key=None):
         if item is not None:
             locations.setdefault(item[0]["seq"], (file_name, number))
             if item[0].get("kind") == "removed":
-                removals.add((item[0].get("last_seq"),
-                              item[0].get("last_hash")))
+                removals.add(_removal(item[0]))
     head, head_seq, first_seq, seen, before = None, None, None, {}, None
     count = 0
     for count, (file_name, number, line) in enumerate(lines):
@@ -9713,6 +9722,9 @@ SLOW_REQUEST_S = 5.0
 
 #: Largest spool file read back (an alert is a few KiB).
 MAX_SPOOL_FILE_BYTES = 1024 * 1024
+#: Largest state file read back: the bounded tables save a few MiB at
+#: most; a bigger file is damaged (or planted), not read into memory.
+MAX_STATE_FILE_BYTES = 64 * 1024 * 1024
 
 
 def retry_delay_s(failures, jitter=random.random):
@@ -10404,9 +10416,12 @@ class StateStore:
         with a warning, and `damaged_at` is when the file was written)."""
         self.damaged_at = None
         try:
-            text = read_state_file(self.path)
+            text = read_state_file(self.path, MAX_STATE_FILE_BYTES + 1)
             if text is None:
                 return {}
+            if len(text) > MAX_STATE_FILE_BYTES:
+                raise ValueError("larger than %d bytes, not read" %
+                                 MAX_STATE_FILE_BYTES)
             state = json.loads(text.decode("utf-8"))
             if isinstance(state, dict):
                 return state

@@ -182,6 +182,22 @@ def test_a_removed_record_is_named(tmp_path, keying):
     assert "records seq %d removed" % removed[0] in out
 
 
+@pytest.mark.parametrize("last", [{"last_seq": 1, "last_hash": [1]},
+                                  {"last_seq": [1], "last_hash": "ab"},
+                                  {"last_seq": {}, "last_hash": {}}])
+def test_a_forged_removal_record_is_named_not_a_crash(tmp_path, last):
+    # verify-log reads the removal records before it checks any record: a
+    # value no agent writes (unhashable) must be a finding, not a crash.
+    write_log(tmp_path, records=3, config="")
+    target = files_of(tmp_path)[-1]
+    forged = pamsignal.chain_record(dict(last, kind="removed"), 9,
+                                    "0" * 64, 0)[0]
+    rewrite(target, [forged] + lines_of(target))
+    code, out = verify(tmp_path)
+    assert code == 1
+    assert at(target, 1) in out and "missing" in out
+
+
 def test_an_inserted_copy_is_named(tmp_path, keying):
     def insert(lines):
         copy = lines_of(files_of(tmp_path)[0])[1]  # seq 2, copied later

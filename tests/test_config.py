@@ -1,6 +1,7 @@
 """Configuration: built-in defaults, validation with file/line/key, the
 check-config command and the state directory."""
 import io
+import json
 import os
 import subprocess
 import sys
@@ -190,6 +191,24 @@ def test_corrupt_state_resumes_a_minute_before_it_was_written(
     assert "ignoring unreadable state %s" % (tmp_path / "detection.json") \
         in err
     assert "resuming from a minute before it was written" in err
+
+
+def test_an_oversized_state_file_is_damaged_not_read(tmp_path, capsys,
+                                                     monkeypatch):
+    # A state file past the bound is taken as damaged (planted, or a
+    # disk error), whatever it holds, rather than read whole into memory.
+    monkeypatch.setattr(pamsignal, "MAX_STATE_FILE_BYTES", 4096)
+    (tmp_path / "state.json").write_text(json.dumps(
+        {"cursor": "s=1;i=2", "padding": "x" * 5000}))
+    os.utime(str(tmp_path / "state.json"), (1795780000, 1795780000))
+    config = pamsignal.parse_config("[pamsignal]\nstate_dir = %s\n"
+                                    % tmp_path)
+    agent = pamsignal.Agent(config, [])
+    agent.restore()
+    assert agent.source.cursor is None
+    assert agent.source.since_us == (1795780000 - 60) * 1000000
+    assert "ignoring unreadable state %s: larger than 4096 bytes" % (
+        tmp_path / "state.json") in capsys.readouterr().err
 
 
 def test_version_and_usage_exit_codes():
