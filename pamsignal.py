@@ -5212,10 +5212,12 @@ def _sudo_at_limit(user, rest, continued):
 
 
 def _may_be_split(message):
-    """A first sudo line that may have continuation lines: long enough, or
+    """A first sudo line that may have continuation lines: long enough,
     ending inside an argument sudo quoted (a break at the space before a
-    word too long for the rest of the line leaves a short first line)."""
-    return len(message) >= SUDO_SPLIT_CHARS or message.count("'") % 2 == 1
+    word too long for the rest of the line leaves a short first line), or
+    without its COMMAND= (no event alone: holding it delays nothing)."""
+    return len(message) >= SUDO_SPLIT_CHARS or \
+        message.count("'") % 2 == 1 or _SUDO_COMMAND not in message
 
 
 class SudoContinuations:
@@ -5249,11 +5251,15 @@ class SudoContinuations:
         message = journal_text(entry.get("MESSAGE")) or ""
         fragment = _SUDO_FRAGMENT.match(message)
         key = self._key(entry)
-        held = self.held.pop(key, None) if self.held else None
+        held = self.held.get(key) if self.held else None
+        if held is not None and not self._same_writer(held, entry):
+            return [entry]  # another writer: not the held line's process
         out = []
         if held is not None:
+            del self.held[key]
             if fragment is not None and fragment.group("continued") and \
-                    self._same_writer(held, entry, fragment):
+                    fragment.group("user") == _SUDO_FRAGMENT.match(
+                        held["MESSAGE"]).group("user"):
                 joined = self._joined(held, fragment)
                 if joined.get(SUDO_CUT_KEY):
                     return [joined]
@@ -5275,13 +5281,11 @@ class SudoContinuations:
         return out
 
     @staticmethod
-    def _same_writer(held, entry, fragment):
-        """The continuation is the held line's writer's: the same process
-        (boot, PID) and program, the same UID, transport and user."""
+    def _same_writer(held, entry):
+        """The entry is the held line's writer's: the same process (boot,
+        PID) and program, the same UID and transport."""
         return all(held.get(field) == journal_text(entry.get(field))
-                   for field in _SUDO_WRITER_FIELDS) and \
-            _SUDO_FRAGMENT.match(held["MESSAGE"]).group("user") == \
-            fragment.group("user")
+                   for field in _SUDO_WRITER_FIELDS)
 
     @staticmethod
     def _joined(held, fragment):
@@ -11865,7 +11869,8 @@ class Pipeline:
             event = self.sudo_attempts.observe(event)
         attempts, programs = self.ssh_attempts, self.program_attempts
         sent = 0
-        if due and (attempts.held or programs.held):  # held failures whose wait is over
+        # Held failures whose wait is over (by the time of a read entry).
+        if due and (attempts.held or programs.held):
             entry_us = _entry_timestamp(entry) or 0
             for released in attempts.due(entry_us) + programs.due(entry_us):
                 sent += self._process(released, now_s)
