@@ -3436,6 +3436,10 @@ def parse_entry(entry, read_at_us=0, accounts=None):
     if service.setuid and writer_uid != "0" and not fields.get("user_id"):
         fields["user_id"] = writer_uid  # the caller of setuid sudo or su
     fields["context_key"] = _context_key(entry, fields, service)
+    if entry.get(SUDO_CUT_KEY) and rule.family == "sudo":
+        # A joined line whose continuation was not read (SudoContinuations).
+        fields["detail"] = "; ".join(filter(None, (fields.get("detail"),
+                                                   SUDO_TEXT_CUT)))
     fields.update(common)
     return Event(**fields)
 
@@ -5155,6 +5159,182 @@ class SudoAttempts:
     def load_state(self, saved):
         self.reported.load_state(
             saved, lambda count: count if type(count) is int else None)
+
+
+# -- sudo's long lines, split by sudo itself ----------------------------------
+
+#: A text-form sudo line at least this long (characters of MESSAGE) may
+#: have been split (sudo breaks a line past MAXSYSLOGLEN, 960 bytes by
+#: default, into continuation lines): it waits for them. Shorter lines,
+#: nearly all, go on at once.
+SUDO_SPLIT_CHARS = 800
+
+#: sudo's MAXSYSLOGLEN (sudoers `syslog_maxlen`): a fragment exactly at
+#: it was broken mid-word, and is joined to the next without a space.
+SUDO_SYSLOG_MAXLEN = 960
+
+#: sudo lines of processes held for their continuations at most; past it
+#: the oldest is let go as it is (marked cut if more was due).
+MAX_HELD_SUDO_LINES = 1000
+
+#: pamsignal.detail of a sudo line whose continuation was not read (or
+#: past MAX_MESSAGE_CHARS): its command is not the whole command.
+SUDO_TEXT_CUT = "sudo's line is cut short: its continuation is missing"
+
+#: A key journald cannot write (field names are A-Z, 0-9 and _): set on a
+#: joined sudo entry whose command is not whole (parse_entry reads it).
+SUDO_CUT_KEY = "pamsignal cut"
+
+#: ... and whether the last fragment joined was at its limit.
+_SUDO_AT_LIMIT_KEY = "pamsignal at limit"
+
+#: The fields of a held sudo line: who wrote it (all must match for a
+#: continuation to join), and what parse_entry reads of it.
+_SUDO_WRITER_FIELDS = ("SYSLOG_IDENTIFIER", "_BOOT_ID", "_PID", "_UID",
+                       "_COMM", "_EXE", "_TRANSPORT")
+_SUDO_HELD_FIELDS = _SUDO_WRITER_FIELDS + (
+    "MESSAGE", "__REALTIME_TIMESTAMP", "__CURSOR", "_HOSTNAME",
+    SUDO_CUT_KEY, _SUDO_AT_LIMIT_KEY)
+
+#: One of sudo's text lines, `%8s : %s` or `%8s : (command continued) %s`.
+_SUDO_FRAGMENT = re.compile(
+    r"^\s*(?P<user>\S+) : (?P<continued>\(command continued\) )?"
+    r"(?P<rest>.*)\Z", re.DOTALL)
+
+
+def _sudo_at_limit(user, rest, continued):
+    """Whether sudo broke this fragment mid-word: it is exactly as long as
+    do_syslog_sudo() allows (MAXSYSLOGLEN less its format and the user's
+    name; a break at a space is shorter, the space dropped)."""
+    overhead = 23 if continued else 3
+    return len(rest.encode("utf-8", "replace")) == SUDO_SYSLOG_MAXLEN - \
+        overhead - len(user.encode("utf-8", "replace"))
+
+
+def _may_be_split(message):
+    """A first sudo line that may have continuation lines: long enough,
+    ending inside an argument sudo quoted (a break at the space before a
+    word too long for the rest of the line leaves a short first line), or
+    without its COMMAND= (no event alone: holding it delays nothing)."""
+    return len(message) >= SUDO_SPLIT_CHARS or \
+        message.count("'") % 2 == 1 or _SUDO_COMMAND not in message
+
+
+class SudoContinuations:
+    """Joins sudo's split text lines into one, before they are parsed.
+
+    sudo (do_syslog_sudo in lib/eventlog/eventlog.c) breaks a log line
+    longer than MAXSYSLOGLEN at the last space before it (dropping the
+    spaces there), or mid-word when there is none, and writes the rest as
+    `USER : (command continued) REST` lines; a long directory can push
+    COMMAND= into one. A first line that may have been split
+    (_may_be_split) is held per process (boot and PID) and the
+    continuations of the same writer (every field of _SUDO_WRITER_FIELDS,
+    and the user named, the same) are joined to it. It is let go, as one
+    entry, when the process writes anything else, SSH_HOLD_US pass in the
+    journal's time, or the input ends. Works on journal entries (dicts),
+    so parse_entry reads the joined line as any other.
+    """
+
+    def __init__(self, limit=MAX_HELD_SUDO_LINES):
+        self.held = BoundedTable(limit)  # boot/pid -> the entry so far
+
+    @staticmethod
+    def _key(entry):
+        return "%s/%s" % (journal_text(entry.get("_BOOT_ID")),
+                          journal_text(entry.get("_PID")))
+
+    def observe(self, entry):
+        """The entries to parse now for this one, in order (a list)."""
+        if entry.get("SYSLOG_IDENTIFIER") != "sudo":
+            return [entry]
+        message = journal_text(entry.get("MESSAGE")) or ""
+        fragment = _SUDO_FRAGMENT.match(message)
+        key = self._key(entry)
+        held = self.held.get(key) if self.held else None
+        if held is not None and not self._same_writer(held, entry):
+            return [entry]  # another writer: not the held line's process
+        out = []
+        if held is not None:
+            del self.held[key]
+            if fragment is not None and fragment.group("continued") and \
+                    fragment.group("user") == _SUDO_FRAGMENT.match(
+                        held["MESSAGE"]).group("user"):
+                joined = self._joined(held, fragment)
+                if joined.get(SUDO_CUT_KEY):
+                    return [joined]
+                self.held.put(key, joined)
+                return []
+            out.append(self._released(held))
+        if fragment is None or fragment.group("continued") or \
+                message.startswith(("{", "@cee:")) or \
+                not _may_be_split(message) or \
+                not writer_is_genuine(entry, WATCHED_SERVICES["sudo"]):
+            return out + [entry]
+        if len(self.held) >= self.held.limit:
+            out.append(self._released(self.held.popitem(last=False)[1]))
+        kept = {field: journal_text(entry.get(field))
+                for field in _SUDO_HELD_FIELDS if field in entry}
+        kept[_SUDO_AT_LIMIT_KEY] = "1" if _sudo_at_limit(
+            fragment.group("user"), fragment.group("rest"), False) else ""
+        self.held.put(key, kept)
+        return out
+
+    @staticmethod
+    def _same_writer(held, entry):
+        """The entry is the held line's writer's: the same process (boot,
+        PID) and program, the same UID and transport."""
+        return all(held.get(field) == journal_text(entry.get(field))
+                   for field in _SUDO_WRITER_FIELDS)
+
+    @staticmethod
+    def _joined(held, fragment):
+        """The held line with one more fragment: after a space, or without
+        one after a fragment broken mid-word; cut at MAX_MESSAGE_CHARS."""
+        rest = fragment.group("rest")
+        message = held["MESSAGE"] + ("" if held.get(_SUDO_AT_LIMIT_KEY)
+                                     else " ") + rest
+        joined = dict(held, MESSAGE=message[:MAX_MESSAGE_CHARS])
+        joined[_SUDO_AT_LIMIT_KEY] = "1" if _sudo_at_limit(
+            fragment.group("user"), rest, True) else ""
+        if len(message) > MAX_MESSAGE_CHARS:
+            joined[SUDO_CUT_KEY] = "1"
+        return joined
+
+    @staticmethod
+    def _released(held):
+        """A held line let go: cut when its last fragment wanted more."""
+        if held.get(_SUDO_AT_LIMIT_KEY):
+            return dict(held, **{SUDO_CUT_KEY: "1"})
+        return held
+
+    def due(self, now_us):
+        """Held lines older than SSH_HOLD_US at `now_us` (journal time)."""
+        return [self._released(held) for held in expired(
+            self.held, now_us, lambda held: _entry_timestamp(held) or 0)]
+
+    def drain(self):
+        """Every held line (the end of a scan)."""
+        out = [self._released(held) for held in self.held.values()]
+        self.held.clear()
+        return out
+
+    def to_state(self):
+        return self.held.to_state()
+
+    def load_state(self, saved):
+        self.held.load_state(saved, _held_sudo_line)
+
+
+def _held_sudo_line(saved):
+    """A held sudo line from the state file, or None if malformed."""
+    if not isinstance(saved, dict) or not all(
+            field in _SUDO_HELD_FIELDS and isinstance(value, str)
+            for field, value in saved.items()) or \
+            _SUDO_FRAGMENT.match(saved.get("MESSAGE") or "") is None or \
+            len(saved["MESSAGE"]) > MAX_MESSAGE_CHARS:
+        return None
+    return saved
 
 
 class ProgramAttempts:
@@ -11522,6 +11702,7 @@ class Pipeline:
         self.enricher = enricher
         self.sessions = SessionTracker()
         self.sudo_attempts = SudoAttempts()
+        self.sudo_lines = SudoContinuations()
         self.ssh_attempts = SshAttempts()
         self.program_attempts = ProgramAttempts()
         self.acting_users = ActingUsers(account_of)
@@ -11557,6 +11738,7 @@ class Pipeline:
         """The open sessions and the lines held for pairing (state.json)."""
         return {"sessions": self.sessions.to_state(),
                 "sudo_attempts": self.sudo_attempts.to_state(),
+                "sudo_lines": self.sudo_lines.to_state(),
                 "ssh_attempts": self.ssh_attempts.to_state(),
                 "program_attempts": self.program_attempts.to_state(),
                 "typed_closes": [] if self.typing is None
@@ -11568,6 +11750,7 @@ class Pipeline:
         """What to_state() saved; what is malformed is left out."""
         self.sessions.load_state(state.get("sessions"))
         self.sudo_attempts.load_state(state.get("sudo_attempts"))
+        self.sudo_lines.load_state(state.get("sudo_lines"))
         self.ssh_attempts.load_state(state.get("ssh_attempts"))
         self.program_attempts.load_state(state.get("program_attempts"))
         if self.typing is not None:
@@ -11676,6 +11859,23 @@ class Pipeline:
             if record is not None:
                 return sum(self._deliver(closed, now_s)
                            for closed in self.typing.record(record))
+        sent = 0
+        if self.sudo_lines.held:  # split sudo lines whose wait is over
+            for released in self.sudo_lines.due(_entry_timestamp(entry) or 0):
+                sent += self._parse(released, now_s)
+        ready = self.sudo_lines.observe(entry)
+        if ready and ready[-1] is entry:
+            ready.pop()
+            for released in ready:
+                sent += self._parse(released, now_s)
+            return sent + self._parse(entry, now_s, True)
+        return sent + sum(self._parse(released, now_s) for released in ready)
+
+    def _parse(self, entry, now_s, due=False):
+        """Parse one entry (or sudo's joined lines) and send its event and
+        what it made the detector find; with `due`, the held failures
+        whose wait the entry's time ended first. Returns how many events
+        were sent."""
         event = parse_entry(entry, int((self.clock() if now_s is None
                                         else now_s) * 1000000), self.accounts)
         if event is not None:
@@ -11684,15 +11884,16 @@ class Pipeline:
             event = self.sudo_attempts.observe(event)
         attempts, programs = self.ssh_attempts, self.program_attempts
         sent = 0
-        if attempts.held or programs.held:  # held failures whose wait is over
+        # Held failures whose wait is over (by the time of a read entry).
+        if due and (attempts.held or programs.held):
             entry_us = _entry_timestamp(entry) or 0
             for released in attempts.due(entry_us) + programs.due(entry_us):
                 sent += self._process(released, now_s)
-        for pairs in self.door_pairs:
+        for pairs in self.door_pairs if due else ():
             if pairs.held:
                 for released in pairs.due(_entry_timestamp(entry) or 0):
                     sent += self._process(released, now_s)
-        if self.typing is not None and self.typing.closing:
+        if due and self.typing is not None and self.typing.closing:
             for closed in self.typing.due(_entry_timestamp(entry) or 0):
                 sent += self._deliver(closed, now_s)
         if event is not None:
@@ -11829,11 +12030,13 @@ class Pipeline:
         sent = 0
         if now_s is not None and self.following:
             journal_us = self.journal_now_us(now_s)
-            sent = sum(self._process(event, now_s) for event in
-                       self.ssh_attempts.due(journal_us) +
-                       self.program_attempts.due(journal_us) +
-                       [released for pairs in self.door_pairs
-                        for released in pairs.due(journal_us)])
+            sent = sum(self._parse(entry, now_s) for entry in
+                       self.sudo_lines.due(journal_us))
+            sent += sum(self._process(event, now_s) for event in
+                        self.ssh_attempts.due(journal_us) +
+                        self.program_attempts.due(journal_us) +
+                        [released for pairs in self.door_pairs
+                         for released in pairs.due(journal_us)])
             now_us = int(now_s * 1000000)  # a close waits from its holding
             if self.typing is not None:
                 sent += sum(self._deliver(event, now_s) for event in
@@ -11844,12 +12047,14 @@ class Pipeline:
 
     def finish(self):
         """The end of the input (scan): the held sshd failures are events
-        of their own."""
-        sent = sum(self._process(event, None)
-                   for event in self.ssh_attempts.drain() +
-                   self.program_attempts.drain() +
-                   [held for pairs in self.door_pairs
-                    for held in pairs.drain()])
+        of their own, and sudo's held lines are read as they are."""
+        sent = sum(self._parse(entry, None)
+                   for entry in self.sudo_lines.drain())
+        sent += sum(self._process(event, None)
+                    for event in self.ssh_attempts.drain() +
+                    self.program_attempts.drain() +
+                    [held for pairs in self.door_pairs
+                     for held in pairs.drain()])
         return sent + sum(self._deliver(event, None) for event in (
             self.typing.drain() if self.typing is not None else ()))
 

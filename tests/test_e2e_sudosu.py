@@ -116,6 +116,25 @@ def test_sudo_wrong_then_right_password(agent, make_user):
     assert count(events, is_event("sudo_command", user__name=user)) == 1
 
 
+def test_sudo_command_past_sudos_line_length_is_whole(agent, make_user):
+    """sudo 1.9.13 splits a line past 960 bytes into `(command continued)`
+    lines (a short first line here: the break is at the space before the
+    1000-character word). The event's command is the whole command, its
+    hidden end included."""
+    user, password = make_user(groups=("sudo",))
+    script = "true %s; echo end-of-%s" % ("x" * 1000, user)
+    mark = agent.mark()
+    result = realsys._run(["runuser", "-u", user, "--", "sudo", "-S", "-k",
+                           "-p", "", "--", "/bin/sh", "-c", script],
+                          input="%s\n" % password, timeout=60)
+    assert result.returncode == 0, result
+    command = agent.wait_event(is_event("sudo_command", user__name=user),
+                               since=mark)
+    line = field(command, "process.command_line")
+    assert line.endswith("; echo end-of-%s'" % user), line
+    assert "x" * 1000 in line and field(command, "pamsignal.detail") is None
+
+
 def test_su_sessions_name_who_acted(agent, make_user):
     """util-linux su 2.38: one wrong password (one failure, PAM's line and
     FAILED SU paired), then the right one: the session's events name the

@@ -322,3 +322,121 @@ def test_a_sudo_line_naming_another_user_is_spoofed_live(message):
     assert "UID 1005 that wrote it is bob" in spoofed.detail
     genuine = pamsignal.ActingUsers(lambda name, uid: ("alice", uid))
     assert genuine.observe(event, live=True) == event
+
+
+# ---------------------------------------------------------------- sudo's
+# long lines: do_syslog_sudo (lib/eventlog/eventlog.c) splits a line past
+# MAXSYSLOGLEN (960) into `(command continued)` lines.
+
+
+def sudo_split(user, line, maxlen=960):
+    """The messages sudo 1.9.13 writes for one log line, as its
+    do_syslog_sudo() splits it: at the last space before the limit
+    (spaces dropped), mid-word when there is none."""
+    messages, prefix, overhead = [], "%8s : " % user, 3
+    while line:
+        limit = maxlen - overhead - len(user)
+        if len(line) > limit:
+            cut = line.rfind(" ", 0, limit)
+            cut = limit if cut < 0 else cut
+            messages.append(prefix + line[:cut])
+            line = line[cut:].lstrip(" ")
+        else:
+            messages.append(prefix + line)
+            line = ""
+        prefix, overhead = "%8s : (command continued) " % user, 23
+    return messages
+
+
+SUDO_OPENED = ("pam_unix(sudo:session): session opened for user root(uid=0)"
+                " by %s(uid=%s)" % (CALLER, CALLER_UID))
+#: The brief's `sudo /bin/sh -c "true $(printf 'x%.0s' $(seq 1000)); id"`
+#: (sudo 1.9.13 quotes the argument): a short first line, then 1000 x's
+#: broken mid-word, then the end.
+LONG_WORD = "/bin/sh -c 'true %s; id'" % ("x" * 1000)
+#: Many short words: a long first line broken at a space.
+MANY_WORDS = "/bin/sh -c 'cd /tmp; %s id'" % ("echo abcdefg; " * 150)
+#: A directory with blanks so long that COMMAND= is in a continuation.
+LONG_PWD = "/srv/" + "/".join("dir %03d" % n for n in range(125))
+
+
+def commands(events):
+    return [(e.get("process", {}).get("command_line"),
+             e.get("pamsignal", {}).get("detail"))
+            for e in events if e["event"]["action"] == "sudo_command"]
+
+
+@pytest.mark.parametrize("command, pwd", [
+    (LONG_WORD, "/tmp"), (MANY_WORDS, "/tmp"), ("/usr/bin/id", LONG_PWD),
+], ids=["long-word", "many-words", "command-in-continuation"])
+def test_split_sudo_command_is_joined(tmp_path, command, pwd):
+    line = "TTY=pts/0 ; PWD=%s ; USER=root ; COMMAND=%s" % (pwd, command)
+    messages = sudo_split(CALLER, line)
+    assert len(messages) > 1 and all(len(m) <= 975 for m in messages)
+    events = scan(tmp_path, run_of("sudo", *messages + [SUDO_OPENED]))
+    assert commands(events) == [(command, None)]
+    command_event = [e for e in events
+                     if e["event"]["action"] == "sudo_command"][0]
+    assert command_event["process"]["working_directory"] == pwd
+    assert command_event["user"]["target"]["name"] == "root"
+    actions = [e["event"]["action"] for e in events]
+    assert actions.index("sudo_command") < actions.index("session_opened")
+
+
+def test_continuation_of_another_writer_is_not_joined(tmp_path):
+    """Only the same process (PID) and writer (UID, program) continues a
+    line: another's `(command continued)` line in between is not joined,
+    nor does it let the held line go."""
+    first, *rest = sudo_split(CALLER, "TTY=pts/0 ; PWD=/tmp ; USER=root ; "
+                              "COMMAND=" + MANY_WORDS)
+    forged = "%s : (command continued) ; rm -rf /" % CALLER
+    for writer in ({"pid": "22709"}, {"uid": "1006"}):
+        events = scan(tmp_path, run_of("sudo", first) +
+                      run_of("sudo", forged, start=2, **writer) +
+                      run_of("sudo", *rest, start=3))
+        assert commands(events) == [(MANY_WORDS, None)]
+
+
+def test_held_sudo_line_is_let_go_by_time_and_at_the_end(tmp_path):
+    """A held line with no continuation goes out once the journal is
+    SSH_HOLD_US past it, before what came later; or at the end of a scan.
+    A fragment broken mid-word whose rest never came is marked cut."""
+    first = sudo_split(CALLER, "TTY=pts/0 ; PWD=/tmp ; USER=root ; "
+                       "COMMAND=" + LONG_WORD)[:2]
+    late = make_entry("su", "(to root) alice on pts/0", sequence=30,
+                      _PID="30000", _UID="1000")
+    events = scan(tmp_path, run_of("sudo", *first) + [late])
+    assert [e["event"]["action"] for e in events][:2] == [
+        "sudo_command", "login_success"]
+    (command, detail), = commands(events)
+    assert command == LONG_WORD[:len(command)] and "; id" not in command
+    assert detail == pamsignal.SUDO_TEXT_CUT
+    events = scan(tmp_path, run_of("sudo", *first))
+    assert commands(events) == [(command, pamsignal.SUDO_TEXT_CUT)]
+
+
+def test_short_sudo_lines_are_not_held():
+    lines = pamsignal.SudoContinuations()
+    entry = run_of("sudo", "%s :%s" % (CALLER, SUDO_TAIL))[0]
+    assert lines.observe(entry) == [entry] and not lines.held
+
+
+def test_held_sudo_line_survives_a_restart_and_is_bounded():
+    messages = sudo_split(CALLER, "TTY=pts/0 ; PWD=/tmp ; USER=root ; "
+                          "COMMAND=" + MANY_WORDS)
+    entries = run_of("sudo", *messages)
+    lines = pamsignal.SudoContinuations()
+    assert lines.observe(entries[0]) == []
+    restored = pamsignal.SudoContinuations()
+    restored.load_state(json.loads(json.dumps(lines.to_state())))
+    for entry in entries[1:]:
+        assert restored.observe(entry) == []
+    joined, = restored.drain()
+    assert pamsignal.parse_entry(joined).command_line == MANY_WORDS
+    small = pamsignal.SudoContinuations(limit=2)
+    for pid in ("1", "2", "3"):
+        let_go = small.observe(run_of("sudo", messages[0], pid=pid)[0])
+    assert len(small.held) == 2 and [e["_PID"] for e in let_go] == ["1"]
+    bad = pamsignal.SudoContinuations()
+    bad.load_state([["b/1", {"MESSAGE": 5}], ["b/2", {"EVIL": "x"}], "x"])
+    assert not bad.held
