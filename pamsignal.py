@@ -10740,6 +10740,8 @@ def read_state_file(path, limit=-1):
     another file."""
     try:
         with open_regular(path) as handle:
+            if limit >= 0:  # read(n) sets n bytes aside before reading
+                limit = min(limit, os.fstat(handle.fileno()).st_size + 1)
             return handle.read(limit)
     except FileNotFoundError:
         return None
