@@ -64,6 +64,7 @@ import fnmatch  # noqa: E402
 import functools  # noqa: E402
 import grp  # noqa: E402
 import hashlib  # noqa: E402
+import heapq  # noqa: E402
 import hmac  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
@@ -10155,11 +10156,25 @@ class Spool:
 
     def _enforce_bounds(self):
         """Drop by value, not age: the least valuable (then the oldest)
-        first, so a flood of repeats cannot push out a root login."""
-        while len(self.ready) > self.max_alerts:
-            victim = min(self.ready, key=lambda item: (
-                self._value(item[1]), item[0]))
-            self._drop_locked(victim[1], "spool_full")
+        first, so a flood of repeats cannot push out a root login. All
+        chosen in one pass, written once: an admin who lowers the bound
+        after an outage must not wait on thousands of rescans."""
+        excess = len(self.ready) - self.max_alerts
+        if excess <= 0:
+            return
+        # Each dropped name takes at least one entry with it, so the
+        # `excess` least valuable entries are all that can be chosen;
+        # nsmallest keeps min()'s order among equals (first in `ready`).
+        left, victims = len(self.ready), collections.OrderedDict()
+        entries = collections.Counter(name for _, name in self.ready)
+        for _, name in heapq.nsmallest(excess, self.ready, key=lambda item: (
+                self._value(item[1]), item[0])):
+            if left <= self.max_alerts:
+                break
+            if name not in victims:
+                victims[name] = True
+                left -= entries[name]
+        self._drop_many_locked(victims, "spool_full")
 
     def _value(self, name):
         item = self.items.get(name)
@@ -10172,6 +10187,21 @@ class Spool:
         self._forget(name)
         for lost in (self.dropped, self.lost):
             lost.add(reason, item)
+        self._write_json("dropped.json", self.dropped.to_json())
+
+    def _drop_many_locked(self, names, reason):
+        """_drop_locked for many at once: `ready` rebuilt once and
+        dropped.json written once."""
+        if not names:
+            return
+        for name in names:
+            if self.in_memory.pop(name, None) is None:
+                self._unlink(name + ".alert")
+            item = self.items.pop(name, None)
+            for lost in (self.dropped, self.lost):
+                lost.add(reason, item)
+        self.ready = collections.deque(
+            item for item in self.ready if item[1] not in names)
         self._write_json("dropped.json", self.dropped.to_json())
 
     def _forget(self, name):
