@@ -1398,8 +1398,9 @@ AUDIT_OPTIONS = collections.OrderedDict((
         _audit_key, "",
         "An HMAC key makes the chain unforgeable by whoever can write the "
         "log but not read the key: credential:NAME (a systemd credential, "
-        "LoadCredential= in the unit) or a root-owned 0600 file outside "
-        "log_dir, at least 16 bytes; never logged. Make one with:\n"
+        "LoadCredential= in the unit) or a root-owned 0600 regular file "
+        "(not a symlink) outside log_dir, in directories only root can "
+        "change, at least 16 bytes; never logged. Make one with:\n"
         "    head -c 32 /dev/urandom | base64 > /etc/pamsignal/audit.key\n"
         "Empty: plain SHA-256 (anchors still catch a rewritten or cut "
         "log).")),
@@ -1983,11 +1984,15 @@ def resolve_program(name, environ):
 
 def files_root_reads(config, environ, credentials=True):
     """(section, key, path) of every file the configuration makes the
-    agent run or read: journalctl, the MaxMind databases, each channel's
-    ca_file and (with `credentials`) each systemd credential."""
+    agent run or read: journalctl, the MaxMind databases, the audit key
+    file, each channel's ca_file and (with `credentials`) each systemd
+    credential."""
     files = [("pamsignal", "journalctl", config.journalctl)]
     files += [("geoip", role, path) for role, path in
               zip(GeoipConfig._fields, config.geoip) if path]
+    if config.audit.key and not _CREDENTIAL.match(config.audit.key):
+        # Else whoever owns its directory swaps in their key, or a FIFO.
+        files.append(("audit", "key", config.audit.key))
     directory = environ.get("CREDENTIALS_DIRECTORY")
     for channel in config.channels:
         section = channel_section(channel.name)
@@ -8018,7 +8023,9 @@ def _first_record_s(path):
 def load_audit_key(spec, log_dir, credentials_dir, euid=None):
     """The key bytes for [audit] key: empty (no key), credential:NAME
     (systemd credential) or an absolute path outside log_dir, which as
-    root must be root's own and not readable by group or others."""
+    root must be root's own and not readable by group or others. Either
+    must be a regular file, not a symlink (load_config checks the
+    directories above it)."""
     if not spec:
         return None
     credential = _CREDENTIAL.match(spec)
@@ -8034,8 +8041,8 @@ def load_audit_key(spec, log_dir, credentials_dir, euid=None):
         if os.path.realpath(path).startswith(inside):
             raise ConfigError(["[audit] key: %s is inside log_dir: whoever "
                                "can write the log could read it" % path])
-    try:
-        with open(path, "rb") as handle:
+    try:  # never a FIFO (it would hang the agent) nor a symlink
+        with open_regular(path) as handle:
             status = os.fstat(handle.fileno())
             key = handle.read(4096).strip()
     except OSError as error:
