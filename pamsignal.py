@@ -64,6 +64,7 @@ import fnmatch  # noqa: E402
 import functools  # noqa: E402
 import grp  # noqa: E402
 import hashlib  # noqa: E402
+import heapq  # noqa: E402
 import hmac  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
@@ -1397,8 +1398,9 @@ AUDIT_OPTIONS = collections.OrderedDict((
         _audit_key, "",
         "An HMAC key makes the chain unforgeable by whoever can write the "
         "log but not read the key: credential:NAME (a systemd credential, "
-        "LoadCredential= in the unit) or a root-owned 0600 file outside "
-        "log_dir, at least 16 bytes; never logged. Make one with:\n"
+        "LoadCredential= in the unit) or a root-owned 0600 regular file "
+        "(not a symlink) outside log_dir, in directories only root can "
+        "change, at least 16 bytes; never logged. Make one with:\n"
         "    head -c 32 /dev/urandom | base64 > /etc/pamsignal/audit.key\n"
         "Empty: plain SHA-256 (anchors still catch a rewritten or cut "
         "log).")),
@@ -1982,11 +1984,15 @@ def resolve_program(name, environ):
 
 def files_root_reads(config, environ, credentials=True):
     """(section, key, path) of every file the configuration makes the
-    agent run or read: journalctl, the MaxMind databases, each channel's
-    ca_file and (with `credentials`) each systemd credential."""
+    agent run or read: journalctl, the MaxMind databases, the audit key
+    file, each channel's ca_file and (with `credentials`) each systemd
+    credential."""
     files = [("pamsignal", "journalctl", config.journalctl)]
     files += [("geoip", role, path) for role, path in
               zip(GeoipConfig._fields, config.geoip) if path]
+    if config.audit.key and not _CREDENTIAL.match(config.audit.key):
+        # Else whoever owns its directory swaps in their key, or a FIFO.
+        files.append(("audit", "key", config.audit.key))
     directory = environ.get("CREDENTIALS_DIRECTORY")
     for channel in config.channels:
         section = channel_section(channel.name)
@@ -8206,7 +8212,9 @@ def _first_record_s(path):
 def load_audit_key(spec, log_dir, credentials_dir, euid=None):
     """The key bytes for [audit] key: empty (no key), credential:NAME
     (systemd credential) or an absolute path outside log_dir, which as
-    root must be root's own and not readable by group or others."""
+    root must be root's own and not readable by group or others. Either
+    must be a regular file, not a symlink (load_config checks the
+    directories above it)."""
     if not spec:
         return None
     credential = _CREDENTIAL.match(spec)
@@ -8222,8 +8230,8 @@ def load_audit_key(spec, log_dir, credentials_dir, euid=None):
         if os.path.realpath(path).startswith(inside):
             raise ConfigError(["[audit] key: %s is inside log_dir: whoever "
                                "can write the log could read it" % path])
-    try:
-        with open(path, "rb") as handle:
+    try:  # never a FIFO (it would hang the agent) nor a symlink
+        with open_regular(path) as handle:
             status = os.fstat(handle.fileno())
             key = handle.read(4096).strip()
     except OSError as error:
@@ -10347,11 +10355,25 @@ class Spool:
 
     def _enforce_bounds(self):
         """Drop by value, not age: the least valuable (then the oldest)
-        first, so a flood of repeats cannot push out a root login."""
-        while len(self.ready) > self.max_alerts:
-            victim = min(self.ready, key=lambda item: (
-                self._value(item[1]), item[0]))
-            self._drop_locked(victim[1], "spool_full")
+        first, so a flood of repeats cannot push out a root login. All
+        chosen in one pass, written once: an admin who lowers the bound
+        after an outage must not wait on thousands of rescans."""
+        excess = len(self.ready) - self.max_alerts
+        if excess <= 0:
+            return
+        # Each dropped name takes at least one entry with it, so the
+        # `excess` least valuable entries are all that can be chosen;
+        # nsmallest keeps min()'s order among equals (first in `ready`).
+        left, victims = len(self.ready), collections.OrderedDict()
+        entries = collections.Counter(name for _, name in self.ready)
+        for _, name in heapq.nsmallest(excess, self.ready, key=lambda item: (
+                self._value(item[1]), item[0])):
+            if left <= self.max_alerts:
+                break
+            if name not in victims:
+                victims[name] = True
+                left -= entries[name]
+        self._drop_many_locked(victims, "spool_full")
 
     def _value(self, name):
         item = self.items.get(name)
@@ -10364,6 +10386,21 @@ class Spool:
         self._forget(name)
         for lost in (self.dropped, self.lost):
             lost.add(reason, item)
+        self._write_json("dropped.json", self.dropped.to_json())
+
+    def _drop_many_locked(self, names, reason):
+        """_drop_locked for many at once: `ready` rebuilt once and
+        dropped.json written once."""
+        if not names:
+            return
+        for name in names:
+            if self.in_memory.pop(name, None) is None:
+                self._unlink(name + ".alert")
+            item = self.items.pop(name, None)
+            for lost in (self.dropped, self.lost):
+                lost.add(reason, item)
+        self.ready = collections.deque(
+            item for item in self.ready if item[1] not in names)
         self._write_json("dropped.json", self.dropped.to_json())
 
     def _forget(self, name):

@@ -7,10 +7,13 @@ import hashlib
 import io
 import json
 import os
+import pwd
 import re
 import resource
 import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -653,6 +656,58 @@ def test_check_config_reads_the_key_as_the_service_would(tmp_path):
     os.chmod(str(tmp_path / "missing.key"), 0o600)
     assert pamsignal.main(["--config", str(config), "check-config"],
                           stdout=out) == 0
+
+
+def test_check_config_refuses_a_key_in_a_directory_another_user_owns(
+        tmp_path, capsys):
+    """Whoever owns the key's directory could swap in their own key (or a
+    FIFO): as root, check-config names the line and the fix."""
+    if os.geteuid() != 0:
+        pytest.skip("the trust check applies to root")
+    nobody = pwd.getpwnam("nobody")
+    keys = tmp_path / "kd"
+    keys.mkdir()
+    (keys / "audit.key").write_bytes(b"k" * 32)
+    os.chmod(str(keys / "audit.key"), 0o600)
+    config = tmp_path / "pamsignal.conf"
+    config.write_text("[audit]\nkey = %s\n" % (keys / "audit.key"))
+    assert pamsignal.main(["--config", str(config), "check-config"],
+                          stdout=io.StringIO()) == 0
+    os.chown(str(keys), nobody.pw_uid, nobody.pw_gid)
+    capsys.readouterr()
+    assert pamsignal.main(["--config", str(config), "check-config"],
+                          stdout=io.StringIO()) == 78
+    assert "%s:2: [audit] key: %s is owned by nobody (uid %d), so whoever " \
+        "can change it" % (config, keys, nobody.pw_uid) \
+        in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink"])
+def test_a_key_that_is_not_a_plain_file_is_refused_not_waited_on(
+        tmp_path, planted):
+    """`mkfifo audit.key`: opening a FIFO waits for a writer for ever, so
+    the agent would hang before it is ready. Run in a process of its own
+    with a timeout, so a hang fails the test instead of the suite."""
+    key = tmp_path / "audit.key"
+    if planted == "fifo":
+        os.mkfifo(str(key), 0o600)
+    else:
+        (tmp_path / "real.key").write_bytes(b"k" * 32)
+        os.chmod(str(tmp_path / "real.key"), 0o600)
+        os.symlink(str(tmp_path / "real.key"), str(key))
+    config = tmp_path / "pamsignal.conf"
+    config.write_text("[audit]\nkey = %s\n" % key)
+    try:
+        result = subprocess.run(
+            [sys.executable, pamsignal.__file__, "--config", str(config),
+             "check-config"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("check-config hung opening the key")
+    assert result.returncode == 78
+    assert "[audit] key: cannot read %s: is %s, not a regular file" % (
+        key, "a FIFO" if planted == "fifo" else "a symbolic link") \
+        in result.stderr
 
 
 def test_a_second_agent_on_the_same_log_keeps_none(tmp_path):

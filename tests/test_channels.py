@@ -608,6 +608,98 @@ def test_what_a_spool_lost_is_kept_across_a_restart(tmp_path):
         "users": ["alice"], "sources": ["192.0.2.9"], "held": 0}
 
 
+def old_enforce_bounds(queue):
+    """How a full spool chose what to drop before it chose all at once:
+    the least valuable, then the oldest, then the first in line, one by
+    one."""
+    while len(queue.ready) > queue.max_alerts:
+        victim = min(queue.ready, key=lambda item: (
+            queue._value(item[1]), item[0]))
+        queue._drop_locked(victim[1], "spool_full")
+
+
+def fill_mixed(queue, clock):
+    """Alerts of every value, with ties in age and in value and age."""
+    kinds = [
+        lambda n: event("login_success", user="root%d" % n),
+        lambda n: event("login_failure", user="bob%d" % n),
+        lambda n: event("sudo_command", user="sam%d" % n, source_ip=None,
+                        target_user="root", command_line="/bin/sh"),
+        lambda n: event("sudo_command", user="rep%d" % n, source_ip=None,
+                        target_user="root", command_line="/bin/sh",
+                        repeat=n + 1),
+        lambda n: event("alert_digest", user="dig%d" % n, reason="repeat",
+                        held_back=n),
+        lambda n: event("login_success", user="al%d" % n)]
+    for n in range(40):
+        if n % 3:  # two in three share a second with the one before
+            clock[0] += 1
+        queue.put(kinds[(n * 7) % len(kinds)](n))
+        queue.put(kinds[n % len(kinds)](n + 100))
+    queue.flush()
+
+
+def test_a_cut_spool_drops_and_counts_what_it_did_one_at_a_time(tmp_path):
+    outcomes = []
+    for how in ("now", "before"):
+        clock = [1000.0]
+        queue = spool(tmp_path / how, clock, max_alerts=1000)
+        if how == "before":
+            queue._enforce_bounds = lambda queue=queue: old_enforce_bounds(
+                queue)
+        fill_mixed(queue, clock)
+        queue.max_alerts = 17  # the admin lowers the bound
+        queue.put(event("login_failure", user="last"))
+        queue.flush()
+        directory = tmp_path / how / "spool"
+        with open(str(directory / "dropped.json")) as saved:
+            on_disk = json.load(saved)
+        outcomes.append((
+            list(queue.ready), sorted(os.listdir(str(directory))), on_disk,
+            queue.lost_since_start().to_json(), queue.take_dropped()))
+    assert outcomes[0] == outcomes[1]
+    ready, _, _, _, dropped = outcomes[0]
+    assert len(ready) == 17
+    assert dropped["reasons"] == {"spool_full": 81 - 17}
+    kept = [pamsignal.alert_value(queue._load(name)) for _, name in ready]
+    assert min(kept) >= (1, 4) and (0, 5) not in kept
+
+
+def test_cutting_a_big_spool_down_is_one_pass(tmp_path, monkeypatch):
+    """5,000 alerts left by an outage, a bound of 1,000: one scan of
+    their values and one write of dropped.json, not one per alert."""
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    for n in range(5000):
+        alert = event("login_failure", user="u%d" % n,
+                      timestamp_us=1795780000000000 + n)
+        (directory / (pamsignal.alert_id(alert) + ".alert")).write_text(
+            json.dumps({"version": 1,
+                        "event": pamsignal.event_to_record(alert)}))
+    writes, looks = [], [0]
+    replace_file, value = pamsignal.replace_file, pamsignal.Spool._value
+
+    def counted_replace(path, text, *args, **kwargs):
+        writes.append(os.path.basename(path))
+        return replace_file(path, text, *args, **kwargs)
+
+    def counted_value(queue, name):
+        looks[0] += 1
+        if looks[0] > 3 * 5000:  # quadratic: stop it here, not in minutes
+            raise AssertionError("alert values looked up %d times"
+                                 % looks[0])
+        return value(queue, name)
+
+    monkeypatch.setattr(pamsignal, "replace_file", counted_replace)
+    monkeypatch.setattr(pamsignal.Spool, "_value", counted_value)
+    queue = spool(tmp_path, [2e9], max_alerts=1000)
+    assert queue.depth() == 1000
+    assert writes.count("dropped.json") == 1
+    assert queue.take_dropped()["reasons"] == {"spool_full": 4000}
+    assert len([name for name in os.listdir(str(directory))
+                if name.endswith(".alert")]) == 1000
+
+
 def visible_title(kind, body):
     """The first line a person reads, with the channel's own escaping of
     &, < and > undone (every channel leaves double quotes as they are)."""
