@@ -9241,6 +9241,11 @@ def _tls_closed(error):
         or "unexpected eof" in str(error).lower()
 
 
+#: The most a syslog collector may send back on one connection (a
+#: greeting, acknowledgements) while PAMSignal waits for it to close.
+MAX_COLLECTOR_BYTES = 1024 * 1024
+
+
 def _connection_reason(error):
     """_network_reason of an error a socket raised itself."""
     return _network_reason(urllib.error.URLError(error))
@@ -9403,7 +9408,7 @@ class SyslogSink(RemoteSink):
                                     self.where(), alerts, error)) from None
         try:
             self._wait_until_read(probe)
-        except OSError:
+        except (OSError, DeliveryError):
             pass  # the batch is confirmed; this was only a probe
         finally:
             probe.close()
@@ -9421,7 +9426,8 @@ class SyslogSink(RemoteSink):
         try:
             if self.context is not None:
                 connection = self.context.wrap_socket(
-                    connection, server_hostname=self.target.host)
+                    connection, server_hostname=self.target.host,
+                    suppress_ragged_eofs=False)  # b"": a close_notify
             if not self._hung_up(connection, time.monotonic() - started):
                 return connection
             failure = DeliveryError(
@@ -9460,19 +9466,76 @@ class SyslogSink(RemoteSink):
 
     def _wait_until_read(self, connection):
         """End our side and wait for the collector to end its own: it
-        closes cleanly only once it has read everything we sent."""
+        closes cleanly only once it has read everything we sent. What it
+        sends meanwhile (a greeting, acknowledgements) is read and
+        dropped, all within one timeout."""
+        deadline = Deadline(self.timeout)
+        received = [0]
+        plain = connection
         if isinstance(connection, ssl.SSLSocket):
-            try:
-                connection = connection.unwrap()  # close_notify both ways
-            except ssl.SSLError as error:
-                if _tls_closed(error):
-                    return  # closed without its close_notify, nothing unread
+            plain = self._end_tls(connection, deadline, received)
+            if plain is None:
+                return  # closed without its close_notify, nothing unread
+        try:
+            plain.shutdown(socket.SHUT_WR)
+            while self._read_some(plain, deadline.left(), received):
+                pass
+        finally:
+            if plain is not connection:
+                plain.close()
+
+    def _end_tls(self, connection, deadline, received):
+        """Send our close_notify and wait for the collector's: the plain
+        socket under `connection`, or None if the collector closed without
+        one. OpenSSL 3 refuses to close over data the collector sent and
+        we did not read (APPLICATION_DATA_AFTER_CLOSE_NOTIFY): what has
+        come is read first, our close_notify goes alone, and what comes
+        after it is read until the collector's."""
+        try:
+            while True:
+                try:
+                    while self._read_some(connection, 0.0, received):
+                        pass  # b"": its close_notify came before ours
+                except ssl.SSLWantReadError:
+                    pass  # nothing more has come
+                try:
+                    return connection.unwrap()  # theirs had come too
+                except ssl.SSLWantReadError:
+                    break  # ours went out, theirs is still to come
+                except ssl.SSLWantWriteError:  # the batch is still queued
+                    if select.select([connection], [connection], [],
+                                     deadline.left()) == ([], [], []):
+                        raise socket.timeout("timed out") from None
+            while self._read_some(connection, deadline.left(), received):
+                pass
+        except ssl.SSLZeroReturnError:  # its close_notify, after ours
+            pass
+        except ssl.SSLError as error:
+            if _tls_closed(error):
+                return None
+            if error.reason != "APPLICATION_DATA_AFTER_CLOSE_NOTIFY":
                 raise
-        connection.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + self.timeout
-        while connection.recv(4096):
-            if time.monotonic() > deadline:
-                raise socket.timeout()
+            # Data came just as our close_notify went out, and OpenSSL
+            # will read no more: the rest of the stream is plain bytes.
+            return socket.socket(connection.family, connection.type,
+                                 connection.proto, connection.detach())
+        connection.settimeout(deadline.left())
+        return connection.unwrap()  # both close_notify are through
+
+    def _read_some(self, connection, timeout, received):
+        """Read what the collector sent and drop it, waiting at most
+        `timeout` seconds (0: only what has come): False at the end of the
+        stream. `received` ([bytes so far]) is bounded by
+        MAX_COLLECTOR_BYTES."""
+        connection.settimeout(timeout)
+        chunk = connection.recv(4096)
+        received[0] += len(chunk)
+        if received[0] > MAX_COLLECTOR_BYTES:
+            raise DeliveryError(
+                "%s sent more than %d bytes while it should have been "
+                "reading ours and closing; sending them again" % (
+                    self.where(), MAX_COLLECTOR_BYTES))
+        return bool(chunk)
 
     def close(self):
         if self.datagrams is not None:
