@@ -8479,17 +8479,26 @@ class Deadline:
         return left
 
 
+class _TooMuchRead(OSError):
+    """A peer sent more than its _DeadlineSocket may read (an OSError, so
+    that smtplib closes the session on it as on a broken connection)."""
+
+
 class _DeadlineSocket:
     """A connected socket each send and read of which gets only what is
     left of the request's deadline. A socket timeout alone bounds one read,
     so a receiver dripping its answer a byte at a time would never time
-    out. Closed for real once its reader (the response) is closed too."""
+    out. With `max_read`, reading more than that many bytes in all (`read`
+    counts them, from `read`) raises _TooMuchRead. Closed for real once its
+    reader (the response) is closed too."""
 
-    def __init__(self, sock, deadline):
+    def __init__(self, sock, deadline, max_read=None, read=0):
         self._sock = sock
         self._deadline = deadline
         self._readers = 0
         self._closed = False
+        self.max_read = max_read
+        self.read = read
 
     def sendall(self, *args):
         self._sock.settimeout(self._deadline.left())
@@ -8497,7 +8506,11 @@ class _DeadlineSocket:
 
     def recv_into(self, *args):
         self._sock.settimeout(self._deadline.left())
-        return self._sock.recv_into(*args)
+        count = self._sock.recv_into(*args)
+        self.read += count
+        if self.max_read is not None and self.read > self.max_read:
+            raise _TooMuchRead("more than %d bytes" % self.max_read)
+        return count
 
     def makefile(self, mode="rb", *args, **kwargs):
         if mode != "rb":  # http.client only ever reads its answer
@@ -9072,9 +9085,15 @@ class PagerDutySink(HttpSink):
 # -- e-mail -------------------------------------------------------------------
 
 
+#: The most an SMTP server may send in one session (its replies take a
+#: few KiB; smtplib keeps every line of a multi-line reply, however many).
+MAX_SMTP_SESSION_BYTES = 1024 * 1024
+
+
 class _DeadlineSMTPConnection:
     """An SMTP session whose connect, TLS, and every command and reply
-    share one `deadline` (smtplib's timeout is per read)."""
+    share one `deadline` (smtplib's timeout is per read), and that reads
+    at most MAX_SMTP_SESSION_BYTES."""
 
     def __init__(self, host, port, deadline, **options):
         self.deadline = deadline
@@ -9082,12 +9101,14 @@ class _DeadlineSMTPConnection:
 
     def _get_socket(self, host, port, timeout):
         sock = super()._get_socket(host, port, self.deadline.left())
-        return _DeadlineSocket(sock, self.deadline)
+        return _DeadlineSocket(sock, self.deadline, MAX_SMTP_SESSION_BYTES)
 
     def starttls(self, *args, **kwargs):
         self.sock.settimeout(self.deadline.left())  # the TLS handshake
+        read = self.sock.read
         reply = super().starttls(*args, **kwargs)
-        self.sock = _DeadlineSocket(self.sock, self.deadline)
+        self.sock = _DeadlineSocket(self.sock, self.deadline,
+                                    MAX_SMTP_SESSION_BYTES, read)
         return reply
 
 
@@ -9180,6 +9201,12 @@ class EmailSink(RemoteSink):
                                 permanent=500 <= error.smtp_code < 600) \
                 from None
         except (smtplib.SMTPException, OSError) as error:
+            if isinstance(error, _TooMuchRead) or isinstance(
+                    error.__context__, _TooMuchRead):  # smtplib wraps it
+                raise DeliveryError(
+                    "%s sent more than %d bytes in one SMTP session (a "
+                    "reply that never ends?)" % (
+                        host, MAX_SMTP_SESSION_BYTES)) from None
             raise DeliveryError("cannot reach %s: %s" % (
                 host, _timed_out(_network_reason(error), self.timeout))) \
                 from None

@@ -1314,6 +1314,17 @@ class _SmtpHandler(socketserver.BaseRequestHandler):
                       for i, line in enumerate(lines))
         self.sock.sendall(out.encode("utf-8"))
 
+    def _long_reply(self, where, code):
+        """Continuation lines ("220-aaa...") of about `long_reply[1]`
+        bytes in all, as fast as the client reads, when `where` is the
+        `long_reply[0]` (the greeting, or the EHLO reply over TLS)."""
+        kind, size = self.rx.long_reply or (None, 0)
+        if kind != where or (where == "EHLO" and not self.tls):
+            return
+        lines = (b"%d-" % code + b"a" * 994 + b"\r\n") * 64
+        for _ in range(size // len(lines) + 1):
+            self.sock.sendall(lines)
+
     # -- session
 
     def _drip_greeting(self, seconds, interval):
@@ -1333,6 +1344,7 @@ class _SmtpHandler(socketserver.BaseRequestHandler):
                 self._drip_greeting(self.rx.drip_greeting,
                                     self.rx.drip_interval)
             else:
+                self._long_reply("greeting", 220)
                 self._reply(220, "localhost ESMTP PAMSignal test receiver")
             while True:
                 line = self._readline().rstrip(b"\r\n")
@@ -1383,6 +1395,7 @@ class _SmtpHandler(socketserver.BaseRequestHandler):
             features.append("STARTTLS")
         if self._auth_offered():
             features.append("AUTH " + " ".join(self.rx.mechanisms))
+        self._long_reply("EHLO", 250)
         self._reply(250, "localhost", features)
 
     def smtp_HELO(self, arg):
@@ -1595,6 +1608,9 @@ class SmtpReceiver(_Receiver):
     require_tls    MAIL before STARTTLS gets 530.
     drip_greeting  seconds over which the greeting is sent, a byte every
                    drip_interval seconds (default 1).
+    long_reply     ("greeting" or "EHLO", bytes): that reply (EHLO: over
+                   TLS only) starts with that many bytes of continuation
+                   lines, a reply that seems never to end.
 
     `messages` (snapshot), `wait_for(count, timeout)`, `commands` (every
     command line, AUTH payloads left out), `auth_failures` [(mechanism,
@@ -1607,7 +1623,7 @@ class SmtpReceiver(_Receiver):
                  password=None, mechanisms=("PLAIN", "LOGIN"),
                  require_auth=None, require_tls=False,
                  auth_without_tls=None, drip_greeting=None,
-                 drip_interval=1.0):
+                 drip_interval=1.0, long_reply=None):
         if implicit_tls and tls is None:
             raise ValueError("implicit_tls needs tls=CertBundle")
         _Receiver.__init__(self, tls if implicit_tls else None)
@@ -1623,6 +1639,7 @@ class SmtpReceiver(_Receiver):
         self.require_tls = require_tls
         self.drip_greeting = drip_greeting
         self.drip_interval = drip_interval
+        self.long_reply = long_reply
         self.auth_without_tls = (tls is None if auth_without_tls is None
                                  else auth_without_tls)
         self._messages = []

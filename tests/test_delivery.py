@@ -181,6 +181,30 @@ def test_email_failures_say_retry_or_give_up(certs):
         assert len(mx.wait_for(1)) == 1
 
 
+@pytest.mark.parametrize("where, security", [
+    ("greeting", "none"), ("EHLO", "starttls"), ("EHLO", "tls")])
+def test_an_smtp_reply_that_never_ends_is_not_read_forever(certs, where,
+                                                            security):
+    """smtplib keeps every line of a multi-line reply, however many: a
+    server sending "220-..." lines without end grew memory until the
+    timeout (478 MB in 2 s). At most 1 MiB is read in one session, then
+    the delivery fails, to be retried."""
+    with SmtpReceiver(tls=certs, implicit_tls=security == "tls",
+                      long_reply=(where, 8 * 1024 * 1024)) as mx:
+        sink = sink_for(
+            "[channel:m]\ntype = email\nhost = 127.0.0.1\nport = %d\n"
+            "security = %s\nca_file = %s\nsender = p@example.com\n"
+            "recipients = a@example.com\ntimeout = 60s\n" % (
+                mx.port, security, certs.ca_file))
+        with pytest.raises(pamsignal.DeliveryError) as raised:
+            sink.send(login())
+        assert str(raised.value) == (
+            "127.0.0.1 sent more than 1048576 bytes in one SMTP session (a "
+            "reply that never ends?)")
+        assert not raised.value.permanent
+        assert mx.messages == []
+
+
 # ----------------------------------------------------------------- courier
 
 
