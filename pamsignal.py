@@ -8548,6 +8548,19 @@ class _DeadlineConnection:
             raise
         return sock
 
+    def _tunnel(self):
+        # http.client reads the proxy's answer to CONNECT from the socket
+        # itself, a timeout per read: a proxy dripping header lines would
+        # hold the request for ever.
+        sock = self.sock
+        self.sock = _DeadlineSocket(sock, self.deadline)
+        try:
+            super()._tunnel()
+        finally:
+            if self.sock is not None:  # None: closed on a refusal
+                self.sock = sock
+        sock.settimeout(self.deadline.left())  # TLS: what is left
+
     def connect(self):
         self._create_connection = self._open_socket
         super().connect()

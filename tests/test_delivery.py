@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -113,6 +114,41 @@ def test_a_proxy_from_the_environment_is_used(receiver, monkeypatch):
         (request,) = proxy.wait_for(1)
     assert request.target == receiver.url + "/hook"
     assert receiver.requests == []
+
+
+def https_proxy(monkeypatch, proxy):
+    monkeypatch.setenv("https_proxy", proxy.url)
+    for name in ("HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_https_goes_through_the_proxys_tunnel(certs, monkeypatch):
+    with HttpReceiver(tls=certs) as rx, receivers.ConnectProxy() as proxy:
+        https_proxy(monkeypatch, proxy)
+        sink_for("[channel:h]\ntype = webhook\nurl = %s/hook\n"
+                 "ca_file = %s\n" % (rx.localhost_url, certs.ca_file)
+                 ).send(login())
+        (request,) = rx.wait_for(1)
+    assert request.tls and request.path == "/hook"
+    assert proxy.targets == ["localhost:%d" % rx.port]
+
+
+def test_a_proxy_dripping_its_answer_to_connect_times_out(monkeypatch):
+    """The proxy's answer to CONNECT shares the request's one deadline: a
+    header line every 0.3 s held the request for as long as it went on."""
+    with receivers.ConnectProxy(drip=30) as proxy:
+        https_proxy(monkeypatch, proxy)
+        sink = sink_for("[channel:h]\ntype = webhook\nurl = https://"
+                        "hooks.example.com/hook\ntimeout = 2s\n")
+        started = time.monotonic()
+        with pytest.raises(pamsignal.DeliveryError) as raised:
+            sink.send(login())
+        took = time.monotonic() - started
+    assert str(raised.value) == ("cannot reach hooks.example.com: timed out "
+                                 "(no complete answer within the 2 s "
+                                 "timeout)")
+    assert took < 6
+    assert proxy.targets == ["hooks.example.com:443"]
 
 
 @pytest.mark.parametrize("response, permanent, text", [
