@@ -8838,17 +8838,26 @@ class Deadline:
         return left
 
 
+class _TooMuchRead(OSError):
+    """A peer sent more than its _DeadlineSocket may read (an OSError, so
+    that smtplib closes the session on it as on a broken connection)."""
+
+
 class _DeadlineSocket:
     """A connected socket each send and read of which gets only what is
     left of the request's deadline. A socket timeout alone bounds one read,
     so a receiver dripping its answer a byte at a time would never time
-    out. Closed for real once its reader (the response) is closed too."""
+    out. With `max_read`, reading more than that many bytes in all (`read`
+    counts them, from `read`) raises _TooMuchRead. Closed for real once its
+    reader (the response) is closed too."""
 
-    def __init__(self, sock, deadline):
+    def __init__(self, sock, deadline, max_read=None, read=0):
         self._sock = sock
         self._deadline = deadline
         self._readers = 0
         self._closed = False
+        self.max_read = max_read
+        self.read = read
 
     def sendall(self, *args):
         self._sock.settimeout(self._deadline.left())
@@ -8856,7 +8865,11 @@ class _DeadlineSocket:
 
     def recv_into(self, *args):
         self._sock.settimeout(self._deadline.left())
-        return self._sock.recv_into(*args)
+        count = self._sock.recv_into(*args)
+        self.read += count
+        if self.max_read is not None and self.read > self.max_read:
+            raise _TooMuchRead("more than %d bytes" % self.max_read)
+        return count
 
     def makefile(self, mode="rb", *args, **kwargs):
         if mode != "rb":  # http.client only ever reads its answer
@@ -8893,6 +8906,19 @@ class _DeadlineConnection:
             sock.close()
             raise
         return sock
+
+    def _tunnel(self):
+        # http.client reads the proxy's answer to CONNECT from the socket
+        # itself, a timeout per read: a proxy dripping header lines would
+        # hold the request for ever.
+        sock = self.sock
+        self.sock = _DeadlineSocket(sock, self.deadline)
+        try:
+            super()._tunnel()
+        finally:
+            if self.sock is not None:  # None: closed on a refusal
+                self.sock = sock
+        sock.settimeout(self.deadline.left())  # TLS: what is left
 
     def connect(self):
         self._create_connection = self._open_socket
@@ -9458,9 +9484,15 @@ class PagerDutySink(HttpSink):
 # -- e-mail -------------------------------------------------------------------
 
 
+#: The most an SMTP server may send in one session (its replies take a
+#: few KiB; smtplib keeps every line of a multi-line reply, however many).
+MAX_SMTP_SESSION_BYTES = 1024 * 1024
+
+
 class _DeadlineSMTPConnection:
     """An SMTP session whose connect, TLS, and every command and reply
-    share one `deadline` (smtplib's timeout is per read)."""
+    share one `deadline` (smtplib's timeout is per read), and that reads
+    at most MAX_SMTP_SESSION_BYTES."""
 
     def __init__(self, host, port, deadline, **options):
         self.deadline = deadline
@@ -9468,12 +9500,14 @@ class _DeadlineSMTPConnection:
 
     def _get_socket(self, host, port, timeout):
         sock = super()._get_socket(host, port, self.deadline.left())
-        return _DeadlineSocket(sock, self.deadline)
+        return _DeadlineSocket(sock, self.deadline, MAX_SMTP_SESSION_BYTES)
 
     def starttls(self, *args, **kwargs):
         self.sock.settimeout(self.deadline.left())  # the TLS handshake
+        read = self.sock.read
         reply = super().starttls(*args, **kwargs)
-        self.sock = _DeadlineSocket(self.sock, self.deadline)
+        self.sock = _DeadlineSocket(self.sock, self.deadline,
+                                    MAX_SMTP_SESSION_BYTES, read)
         return reply
 
 
@@ -9574,6 +9608,12 @@ class EmailSink(RemoteSink):
             raise DeliveryError("SMTP %d: %s" % (error.smtp_code, text),
                                 permanent=smtp_refused(error)) from None
         except (smtplib.SMTPException, OSError) as error:
+            if isinstance(error, _TooMuchRead) or isinstance(
+                    error.__context__, _TooMuchRead):  # smtplib wraps it
+                raise DeliveryError(
+                    "%s sent more than %d bytes in one SMTP session (a "
+                    "reply that never ends?)" % (
+                        host, MAX_SMTP_SESSION_BYTES)) from None
             raise DeliveryError("cannot reach %s: %s" % (
                 host, _timed_out(_network_reason(error), self.timeout))) \
                 from None
@@ -9633,6 +9673,11 @@ def _tls_closed(error):
     with OpenSSL 3 names it by a wrong code; its text says it."""
     return isinstance(error, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) \
         or "unexpected eof" in str(error).lower()
+
+
+#: The most a syslog collector may send back on one connection (a
+#: greeting, acknowledgements) while PAMSignal waits for it to close.
+MAX_COLLECTOR_BYTES = 1024 * 1024
 
 
 def _connection_reason(error):
@@ -9797,7 +9842,7 @@ class SyslogSink(RemoteSink):
                                     self.where(), alerts, error)) from None
         try:
             self._wait_until_read(probe)
-        except OSError:
+        except (OSError, DeliveryError):
             pass  # the batch is confirmed; this was only a probe
         finally:
             probe.close()
@@ -9815,7 +9860,8 @@ class SyslogSink(RemoteSink):
         try:
             if self.context is not None:
                 connection = self.context.wrap_socket(
-                    connection, server_hostname=self.target.host)
+                    connection, server_hostname=self.target.host,
+                    suppress_ragged_eofs=False)  # b"": a close_notify
             if not self._hung_up(connection, time.monotonic() - started):
                 return connection
             failure = DeliveryError(
@@ -9854,19 +9900,77 @@ class SyslogSink(RemoteSink):
 
     def _wait_until_read(self, connection):
         """End our side and wait for the collector to end its own: it
-        closes cleanly only once it has read everything we sent."""
+        closes cleanly only once it has read everything we sent. What it
+        sends meanwhile (a greeting, acknowledgements) is read and
+        dropped, all within one timeout."""
+        deadline = Deadline(self.timeout)
+        received = [0]
+        plain = connection
         if isinstance(connection, ssl.SSLSocket):
-            try:
-                connection = connection.unwrap()  # close_notify both ways
-            except ssl.SSLError as error:
-                if _tls_closed(error):
-                    return  # closed without its close_notify, nothing unread
+            plain = self._end_tls(connection, deadline, received)
+            if plain is None:
+                return  # closed without its close_notify, nothing unread
+        try:
+            plain.shutdown(socket.SHUT_WR)
+            while self._read_some(plain, deadline.left(), received):
+                pass
+        finally:
+            if plain is not connection:
+                plain.close()
+
+    def _end_tls(self, connection, deadline, received):
+        """Send our close_notify and wait for the collector's: the plain
+        socket under `connection`, or None if the collector closed without
+        one. OpenSSL 3 refuses to close over data the collector sent and
+        we did not read (APPLICATION_DATA_AFTER_CLOSE_NOTIFY): what has
+        come is read first, our close_notify goes alone, and what comes
+        after it is read until the collector's."""
+        try:
+            while True:
+                try:
+                    while self._read_some(connection, 0.0, received):
+                        pass  # b"": its close_notify came before ours
+                except ssl.SSLWantReadError:
+                    pass  # nothing more has come
+                try:
+                    return connection.unwrap()  # theirs had come too
+                except ssl.SSLWantReadError:
+                    break  # ours went out, theirs is still to come
+                except ssl.SSLWantWriteError:  # the batch is still queued
+                    if select.select([connection], [connection], [],
+                                     deadline.left()) == ([], [], []):
+                        raise socket.timeout("timed out") from None
+            while self._read_some(connection, deadline.left(), received):
+                pass
+        except ssl.SSLZeroReturnError:  # its close_notify, after ours
+            pass
+        except ssl.SSLError as error:
+            if _tls_closed(error):
+                return None
+            if "application data after close notify" not in str(
+                    error).lower():  # by its text: Python 3.6 misnames it
                 raise
-        connection.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + self.timeout
-        while connection.recv(4096):
-            if time.monotonic() > deadline:
-                raise socket.timeout()
+            # Data came just as our close_notify went out, and OpenSSL
+            # will read no more: the rest of the stream is plain bytes.
+            return socket.socket(connection.family, connection.type,
+                                 connection.proto, connection.detach())
+        connection.settimeout(deadline.left())
+        return connection.unwrap()  # both close_notify are through
+
+    def _read_some(self, connection, timeout, received):
+        """Read what the collector sent and drop it, waiting at most
+        `timeout` seconds (0: only what has come): False at the end of the
+        stream. `received` ([bytes so far]) is bounded by
+        MAX_COLLECTOR_BYTES."""
+        connection.settimeout(timeout)
+        chunk = connection.recv(4096)
+        received[0] += len(chunk)
+        if received[0] > MAX_COLLECTOR_BYTES:
+            raise DeliveryError(
+                "%s sent more than %d bytes while it should have been "
+                "reading ours and closing; sending them again" % (
+                    self.where(), MAX_COLLECTOR_BYTES))
+        return bool(chunk)
 
     def close(self):
         if self.datagrams is not None:

@@ -1,8 +1,8 @@
 """Real receivers for the notification tests (see docs/CONTRIBUTING.md,
-"What the tests run against"): an HTTP(S) server and an SMTP server on
-127.0.0.1, each in a thread, recording what they get and answering as
-each test scripts them, plus self-signed certificates made with the
-`openssl` command.
+"What the tests run against"): an HTTP(S) server, an SMTP server and an
+HTTPS proxy (CONNECT) on 127.0.0.1, each in a thread, recording what they
+get and answering as each test scripts them, plus self-signed
+certificates made with the `openssl` command.
 
 Test-only, standard library only.  Nothing here is timed: tests wait for
 conditions (`wait_for`) with generous timeouts.
@@ -35,6 +35,7 @@ import math
 import os
 import re
 import secrets
+import select
 import shutil
 import socket
 import socketserver
@@ -1328,6 +1329,17 @@ class _SmtpHandler(socketserver.BaseRequestHandler):
                       for i, line in enumerate(lines))
         self.sock.sendall(out.encode("utf-8"))
 
+    def _long_reply(self, where, code):
+        """Continuation lines ("220-aaa...") of about `long_reply[1]`
+        bytes in all, as fast as the client reads, when `where` is the
+        `long_reply[0]` (the greeting, or the EHLO reply over TLS)."""
+        kind, size = self.rx.long_reply or (None, 0)
+        if kind != where or (where == "EHLO" and not self.tls):
+            return
+        lines = (b"%d-" % code + b"a" * 994 + b"\r\n") * 64
+        for _ in range(size // len(lines) + 1):
+            self.sock.sendall(lines)
+
     # -- session
 
     def _drip_greeting(self, seconds, interval):
@@ -1347,6 +1359,7 @@ class _SmtpHandler(socketserver.BaseRequestHandler):
                 self._drip_greeting(self.rx.drip_greeting,
                                     self.rx.drip_interval)
             else:
+                self._long_reply("greeting", 220)
                 self._reply(220, "localhost ESMTP PAMSignal test receiver")
             while True:
                 line = self._readline().rstrip(b"\r\n")
@@ -1397,6 +1410,7 @@ class _SmtpHandler(socketserver.BaseRequestHandler):
             features.append("STARTTLS")
         if self._auth_offered():
             features.append("AUTH " + " ".join(self.rx.mechanisms))
+        self._long_reply("EHLO", 250)
         self._reply(250, "localhost", features)
 
     def smtp_HELO(self, arg):
@@ -1609,6 +1623,9 @@ class SmtpReceiver(_Receiver):
     require_tls    MAIL before STARTTLS gets 530.
     drip_greeting  seconds over which the greeting is sent, a byte every
                    drip_interval seconds (default 1).
+    long_reply     ("greeting" or "EHLO", bytes): that reply (EHLO: over
+                   TLS only) starts with that many bytes of continuation
+                   lines, a reply that seems never to end.
 
     `messages` (snapshot), `wait_for(count, timeout)`, `commands` (every
     command line, AUTH payloads left out), `auth_failures` [(mechanism,
@@ -1621,7 +1638,7 @@ class SmtpReceiver(_Receiver):
                  password=None, mechanisms=("PLAIN", "LOGIN"),
                  require_auth=None, require_tls=False,
                  auth_without_tls=None, drip_greeting=None,
-                 drip_interval=1.0):
+                 drip_interval=1.0, long_reply=None):
         if implicit_tls and tls is None:
             raise ValueError("implicit_tls needs tls=CertBundle")
         _Receiver.__init__(self, tls if implicit_tls else None)
@@ -1637,6 +1654,7 @@ class SmtpReceiver(_Receiver):
         self.require_tls = require_tls
         self.drip_greeting = drip_greeting
         self.drip_interval = drip_interval
+        self.long_reply = long_reply
         self.auth_without_tls = (tls is None if auth_without_tls is None
                                  else auth_without_tls)
         self._messages = []
@@ -1722,3 +1740,84 @@ class SmtpReceiver(_Receiver):
     def __repr__(self):
         return "<SmtpReceiver %s:%d%s>" % (
             self.host, self._port, " smtps" if self.implicit_tls else "")
+
+
+# --------------------------------------------------- an HTTPS proxy (CONNECT)
+
+
+class ConnectProxy(object):
+    """What `https_proxy` names: a proxy on 127.0.0.1 that answers CONNECT
+    to a loopback port (any host name stands for 127.0.0.1) and relays
+    both ways. With `drip`, it answers 200 and then a header line every
+    `drip_interval` seconds for `drip` seconds, never the blank line that
+    ends its answer. `targets`: the host:port each CONNECT asked for."""
+
+    def __init__(self, drip=None, drip_interval=0.3):
+        self.drip = drip
+        self.drip_interval = drip_interval
+        self.targets = []
+        self.stopping = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind((HOST, 0))
+        self.listener.listen(16)
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.url = "http://%s:%d" % (HOST, self.port)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.thread.join(10)
+        self.listener.close()
+
+    def _serve(self):
+        while not self.stopping.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=self._connection, args=(client,),
+                             daemon=True).start()
+
+    def _connection(self, client):
+        try:
+            client.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            target = head.split(b" ")[1]
+            self.targets.append(target.decode("ascii", "replace"))
+            if self.drip is not None:
+                self._drip(client)
+            else:
+                self._relay(client, int(target.rpartition(b":")[2]))
+        except _NETWORK_ERRORS:
+            pass
+        finally:
+            client.close()
+
+    def _drip(self, client):
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n")
+        ends = time.monotonic() + self.drip
+        while time.monotonic() < ends and not self.stopping.wait(
+                self.drip_interval):
+            client.sendall(b"X-Drip: %d\r\n" % int(time.monotonic()))
+
+    def _relay(self, client, port):
+        with socket.create_connection((HOST, port), 10) as server:
+            client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            ends = {client: server, server: client}
+            while not self.stopping.is_set():
+                readable, _, _ = select.select(list(ends), [], [], 0.1)
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    ends[sock].sendall(data)

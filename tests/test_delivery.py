@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.parse
 
 import pytest
@@ -116,6 +117,41 @@ def test_a_proxy_from_the_environment_is_used(receiver, monkeypatch):
     assert receiver.requests == []
 
 
+def https_proxy(monkeypatch, proxy):
+    monkeypatch.setenv("https_proxy", proxy.url)
+    for name in ("HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_https_goes_through_the_proxys_tunnel(certs, monkeypatch):
+    with HttpReceiver(tls=certs) as rx, receivers.ConnectProxy() as proxy:
+        https_proxy(monkeypatch, proxy)
+        sink_for("[channel:h]\ntype = webhook\nurl = %s/hook\n"
+                 "ca_file = %s\n" % (rx.localhost_url, certs.ca_file)
+                 ).send(login())
+        (request,) = rx.wait_for(1)
+    assert request.tls and request.path == "/hook"
+    assert proxy.targets == ["localhost:%d" % rx.port]
+
+
+def test_a_proxy_dripping_its_answer_to_connect_times_out(monkeypatch):
+    """The proxy's answer to CONNECT shares the request's one deadline: a
+    header line every 0.3 s held the request for as long as it went on."""
+    with receivers.ConnectProxy(drip=30) as proxy:
+        https_proxy(monkeypatch, proxy)
+        sink = sink_for("[channel:h]\ntype = webhook\nurl = https://"
+                        "hooks.example.com/hook\ntimeout = 2s\n")
+        started = time.monotonic()
+        with pytest.raises(pamsignal.DeliveryError) as raised:
+            sink.send(login())
+        took = time.monotonic() - started
+    assert str(raised.value) == ("cannot reach hooks.example.com: timed out "
+                                 "(no complete answer within the 2 s "
+                                 "timeout)")
+    assert took < 6
+    assert proxy.targets == ["hooks.example.com:443"]
+
+
 @pytest.mark.parametrize("response, permanent, text", [
     (receivers.Respond(500, b"boom"), False, "HTTP 500: boom"),
     (receivers.slack_error(400, "invalid_payload"), True,
@@ -190,6 +226,30 @@ def test_email_failures_say_retry_or_give_up(certs):
         assert not raised.value.permanent and "SMTP 451" in str(raised.value)
         email_sink(mx, certs).send(login())
         assert len(mx.wait_for(1)) == 1
+
+
+@pytest.mark.parametrize("where, security", [
+    ("greeting", "none"), ("EHLO", "starttls"), ("EHLO", "tls")])
+def test_an_smtp_reply_that_never_ends_is_not_read_forever(certs, where,
+                                                            security):
+    """smtplib keeps every line of a multi-line reply, however many: a
+    server sending "220-..." lines without end grew memory until the
+    timeout (478 MB in 2 s). At most 1 MiB is read in one session, then
+    the delivery fails, to be retried."""
+    with SmtpReceiver(tls=certs, implicit_tls=security == "tls",
+                      long_reply=(where, 8 * 1024 * 1024)) as mx:
+        sink = sink_for(
+            "[channel:m]\ntype = email\nhost = 127.0.0.1\nport = %d\n"
+            "security = %s\nca_file = %s\nsender = p@example.com\n"
+            "recipients = a@example.com\ntimeout = 60s\n" % (
+                mx.port, security, certs.ca_file))
+        with pytest.raises(pamsignal.DeliveryError) as raised:
+            sink.send(login())
+        assert str(raised.value) == (
+            "127.0.0.1 sent more than 1048576 bytes in one SMTP session (a "
+            "reply that never ends?)")
+        assert not raised.value.permanent
+        assert mx.messages == []
 
 
 # ----------------------------------------------------------------- courier

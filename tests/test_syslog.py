@@ -8,6 +8,8 @@ import grp
 import json
 import os
 import secrets
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -530,3 +532,120 @@ def test_the_agent_forwards_every_event_to_the_collector(tmp_path,
     # Stopped and all read: each event went once.
     assert len(received(collectors["tcp"], app, 99, timeout=1)) == len(
         messages)
+
+
+# ----------------------------------- a collector that talks back (not rsyslog)
+
+
+@pytest.fixture(scope="module")
+def own_certs(tmp_path_factory):
+    """Certificates for a collector of the test's own (no rsyslog)."""
+    return receivers.make_cert(str(tmp_path_factory.mktemp("own-certs")),
+                               ("localhost", "127.0.0.1"))
+
+
+class TalkingCollector(object):
+    """A TCP or TLS syslog collector in a thread that sends back what
+    some collectors do and rsyslog does not: `greeting` as soon as a
+    client is connected, `ack` once it has read everything (the client's
+    end of stream) and before it closes in turn. `flood` bytes are sent
+    (before reading) instead. What each connection brought, in order:
+    `batches`."""
+
+    def __init__(self, transport, certs, greeting=b"", ack=b"", flood=0):
+        self.context = None
+        if transport == "tls":
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.load_cert_chain(certs.cert_file, certs.key_file)
+        self.greeting, self.ack, self.flood = greeting, ack, flood
+        self.batches = []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.thread.join(10)
+        self.listener.close()
+
+    def _serve(self):
+        while not self.stopping.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            try:
+                client.settimeout(10)
+                self._talk(client)
+            except (OSError, ValueError):
+                pass  # the sender gave up on us
+            finally:
+                client.close()
+
+    def _talk(self, client):
+        if self.context is not None:
+            client = self.context.wrap_socket(client, server_side=True)
+        client.sendall(self.greeting + b"x" * self.flood)
+        data = b""
+        while True:
+            chunk = client.recv(65536)  # b"": FIN, or TLS close_notify
+            if not chunk:
+                break
+            data += chunk
+        self.batches.append(data)
+        client.sendall(self.ack)
+        if self.context is not None:
+            client.unwrap()  # close_notify in turn
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+@pytest.mark.parametrize("greeting, ack", [
+    (b"220 collector ready\n", b""), (b"", b"OK\n" * 5),
+    (b"hello\n", b"OK\n" * 5)], ids=["greeting", "ack", "both"])
+def test_a_collector_that_talks_back_still_confirms_the_batch(
+        own_certs, transport, greeting, ack):
+    """What the collector sends is read and dropped while PAMSignal waits
+    for it to close (OpenSSL 3 refused to close TLS over it: the batch
+    was sent again and again, forever)."""
+    with TalkingCollector(transport, own_certs, greeting, ack) as collector:
+        sink = sink_for(config_for(
+            collector, transport, "timeout = 5s\nformat = json\n" + (
+                "ca_file = %s\n" % own_certs.ca_file
+                if transport == "tls" else "")))
+        sink.send_batch([(event, 0) for event in numbered(5)])
+    batch, probe = collector.batches
+    assert [json.loads(siem_formats.parse_rfc5424(message)["msg"])["user"][
+        "name"] for message in siem_formats.octet_frames(batch)] == [
+            "user%d" % number for number in range(5)]
+    assert probe == b""
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_a_collector_that_never_stops_talking_is_not_read_forever(
+        own_certs, transport):
+    """At most 1 MiB (MAX_COLLECTOR_BYTES) is read from it, then the
+    batch is to go again; long before the timeout."""
+    with TalkingCollector(transport, own_certs,
+                          flood=8 * 1024 * 1024) as collector:
+        sink = sink_for(config_for(
+            collector, transport, "timeout = 30s\n" + (
+                "ca_file = %s\n" % own_certs.ca_file
+                if transport == "tls" else "")))
+        started = time.monotonic()
+        with pytest.raises(pamsignal.DeliveryError) as failure:
+            sink.send_batch([(event, 0) for event in numbered(2)])
+        took = time.monotonic() - started
+    assert str(failure.value) == (
+        "127.0.0.1:%d sent more than %d bytes while it should have been "
+        "reading ours and closing; sending them again" % (
+            collector.port, 1024 * 1024))
+    assert not failure.value.permanent
+    assert took < 10
