@@ -303,6 +303,23 @@ def test_a_keyed_log_needs_its_key(tmp_path, key_file):
     assert code == 1 and "hash does not match" in out
 
 
+def test_a_fifo_given_as_the_key_file_is_refused_at_once(tmp_path):
+    # verify-log run by root must not wait for ever on a FIFO someone put
+    # where the key was (the old code opened it and blocked).
+    write_log(tmp_path / "log", records=2)
+    fifo = tmp_path / "audit.key"
+    os.mkfifo(str(fifo))
+    config = tmp_path / "none.conf"
+    config.write_text("[pamsignal]\nlog_dir = %s\n" % (tmp_path / "log"))
+    result = subprocess.run(
+        [sys.executable, pamsignal.__file__, "--config", str(config),
+         "verify-log", "--key-file", str(fifo)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert result.returncode == 2
+    assert "--key-file %s" % fifo in result.stderr and "FIFO" in \
+        result.stderr, result.stderr
+
+
 def test_a_keyed_log_cannot_be_rewritten_without_the_key(tmp_path, key_file):
     logs = tmp_path / "log"
     write_log(logs, key=pamsignal.read_key_file(key_file), config="")
