@@ -7792,7 +7792,8 @@ def audit_files(directory):
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
-    rotated = sorted(name for name in names if ROTATED_AUDIT.match(name))
+    rotated = sorted(name for name in names
+                     if rotated_time_s(name) is not None)
     if AUDIT_LOG_NAME in names:
         rotated.append(AUDIT_LOG_NAME)
     return [os.path.join(directory, name) for name in rotated]
@@ -7818,17 +7819,31 @@ def rotated_name(now_s, last_seq):
 
 
 def rotated_time_s(name):
-    """When a rotated file was rotated, from its name."""
-    stamp = ROTATED_AUDIT.match(name).group(1)
-    return calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%SZ"))
+    """When a rotated file was rotated, from its name; None when the name
+    is not one of a rotated file (an impossible date is not ours)."""
+    match = ROTATED_AUDIT.match(name)
+    if match is None:
+        return None
+    try:
+        return calendar.timegm(time.strptime(match.group(1),
+                                             "%Y%m%dT%H%M%SZ"))
+    except ValueError:
+        return None
+
+
+def misnamed_files(names):
+    """Names shaped as rotated files but with an impossible date."""
+    return sorted(name for name in names if ROTATED_AUDIT.match(name) and
+                  rotated_time_s(name) is None)
 
 
 def expired_files(names, now_s, retention_s):
     """Rotated files older than the retention, oldest first."""
     if not retention_s:
         return []
-    return sorted(name for name in names if ROTATED_AUDIT.match(name) and
-                  rotated_time_s(name) < now_s - retention_s)
+    cutoff_s = now_s - retention_s
+    return sorted(name for name in names if
+                  (rotated_time_s(name) or cutoff_s) < cutoff_s)
 
 
 def decision_record(channel, event_id, action, decision, detail=None):
@@ -8094,6 +8109,7 @@ class AuditLog:
         self.retention_checked_s = None
         self.torn_bytes = 0  # of a record a crash cut short
         self.lock_fd = None
+        self.misnamed = set()  # files not ours, already said
 
     # -- opening --------------------------------------------------------------
 
@@ -8304,8 +8320,13 @@ class AuditLog:
         removal so that verify-log knows the gap is explained."""
         self.retention_checked_s = now_s
         try:
-            expired = expired_files(os.listdir(self.directory), now_s,
-                                    self.settings.retention)
+            names = os.listdir(self.directory)
+            for name in sorted(set(misnamed_files(names)) - self.misnamed):
+                say("warning", "%s is not a rotated audit log (its name "
+                    "holds an impossible date): ignored" % os.path.join(
+                        self.directory, name))
+                self.misnamed.add(name)
+            expired = expired_files(names, now_s, self.settings.retention)
             if not expired:
                 return
             last = parse_record(_last_line(os.path.join(

@@ -731,3 +731,27 @@ def test_the_agent_takes_its_key_from_a_credential(tmp_path):
     assert verify(tmp_path / "log", "--key-file", str(key_file))[0] == 0
     with pytest.raises(pamsignal.ConfigError):  # no credentials passed
         pamsignal.Agent(config, [], environ={}).open_audit_log()
+
+
+# ------------------------------------------------- what log_dir may hold
+
+
+def test_a_rotated_name_with_an_impossible_date_is_not_ours(tmp_path,
+                                                              capsys):
+    # It matched the name pattern and its date crashed every start.
+    write_log(tmp_path, records=3, config="")
+    odd = tmp_path / "audit-20241399T999999Z-000000000001.jsonl"
+    odd.write_bytes(b"x\n")
+    clock = Clock()
+    log = AuditLog(settings("retention=1d\n"), str(tmp_path), None, None,
+                   clock)
+    log.open()
+    log.flush()
+    clock.now_s += 7200
+    log.apply_retention(clock.now_s)
+    log.close()
+    assert log.error is None
+    assert odd.read_bytes() == b"x\n"
+    assert str(odd) not in files_of(tmp_path)
+    assert capsys.readouterr().err.count(str(odd)) == 1  # said once
+    assert verify(tmp_path)[0] == 0
