@@ -8004,8 +8004,10 @@ def anchor_fields(seq, head, identifier=JOURNAL_IDENTIFIER):
 # -- the audit log file -------------------------------------------------------
 
 def _last_line(path):
-    """The last line of a file (bytes, may lack its newline), or None."""
-    with open(path, "rb") as handle:
+    """The last line of a file (bytes, may lack its newline), or None.
+    Read only from a regular file: a FIFO or link planted in log_dir is
+    an error (NotRegularFile), never a read that blocks."""
+    with open_regular(path) as handle:
         size = handle.seek(0, os.SEEK_END)
         block = b""
         while size > 0 and block.count(b"\n") < 2:
@@ -8020,7 +8022,7 @@ def _last_line(path):
 def _first_record_s(path):
     """When the file's first record was written (its age for rotation),
     or None when it cannot be told."""
-    with open(path, "rb") as handle:
+    with open_regular(path) as handle:
         item = parse_record(handle.readline())
     try:
         return calendar.timegm(time.strptime(item[0]["time"][:19],

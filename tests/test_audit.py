@@ -755,3 +755,37 @@ def test_a_rotated_name_with_an_impossible_date_is_not_ours(tmp_path,
     assert str(odd) not in files_of(tmp_path)
     assert capsys.readouterr().err.count(str(odd)) == 1  # said once
     assert verify(tmp_path)[0] == 0
+
+
+class Hung(Exception):
+    """Not an OSError: the code under test must not catch it."""
+
+
+class within:
+    """Fail, rather than hang the suite, when the block takes longer."""
+
+    def __init__(self, seconds=10):
+        self.seconds = seconds
+
+    def __enter__(self):
+        def expire(signum, frame):
+            raise Hung("hung for %d s" % self.seconds)
+        self.before = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.before)
+
+
+@pytest.mark.parametrize("name", [
+    "audit.jsonl", "audit-20250101T000000Z-000000000005.jsonl"])
+def test_a_fifo_in_log_dir_is_an_error_not_a_hang(tmp_path, name):
+    os.mkfifo(str(tmp_path / name))
+    log = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    with within():
+        log.open()
+        assert not log.append({"kind": "event"})
+        log.close()
+    assert "is a FIFO, not a regular file" in log.error
+    assert stat.S_ISFIFO(os.lstat(str(tmp_path / name)).st_mode)
