@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import pwd
 import re
 import resource
 import signal
@@ -789,3 +790,53 @@ def test_a_fifo_in_log_dir_is_an_error_not_a_hang(tmp_path, name):
         log.close()
     assert "is a FIFO, not a regular file" in log.error
     assert stat.S_ISFIFO(os.lstat(str(tmp_path / name)).st_mode)
+
+
+def test_a_planted_link_is_never_cut(tmp_path):
+    # A victim whose last line lacks a newline looked like a torn record:
+    # root cut it through the link before the O_NOFOLLOW open.
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root:x:0:0\nno newline at the end")
+    logs = tmp_path / "log"
+    logs.mkdir()
+    os.symlink(str(victim), str(logs / "audit.jsonl"))
+    log = AuditLog(settings(""), str(logs), None, None, Clock())
+    log.open()
+    log.close()
+    assert victim.read_bytes() == b"root:x:0:0\nno newline at the end"
+    assert "is a symbolic link, not a regular file" in log.error
+
+
+def test_run_as_root_refuses_a_log_dir_another_user_owns(tmp_path, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    nobody = pwd.getpwnam("nobody")
+    logs = tmp_path / "log"
+    logs.mkdir()
+    os.chown(str(logs), nobody.pw_uid, nobody.pw_gid)
+    config = tmp_path / "pamsignal.conf"
+    config.write_text("[pamsignal]\nstate_dir = %s\nlog_dir = %s\n"
+                      % (tmp_path / "state", logs))
+    with within():
+        code = pamsignal.main(["--config", str(config), "run"],
+                              stdout=io.StringIO())
+    assert code == 78
+    err = capsys.readouterr().err
+    assert "[pamsignal] log_dir" in err and str(logs) in err
+    assert os.listdir(str(logs)) == []
+
+
+def test_a_huge_torn_tail_is_dropped_in_one_pass(tmp_path):
+    # A 40 MiB line without a newline took minutes (each step re-read and
+    # re-counted everything read so far).
+    write_log(tmp_path, records=2, config="")
+    (path,) = files_of(tmp_path)
+    with open(path, "ab") as handle:
+        handle.write(b"a" * (40 << 20))
+    log = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    with within(5):
+        log.open()
+        log.close()
+    assert log.error is None
+    assert json.loads(lines_of(path)[-3])["dropped_bytes"] == 40 << 20
+    assert verify(tmp_path)[0] == 0
