@@ -8173,21 +8173,30 @@ class AuditLog:
         self.size = os.fstat(self.fd).st_size
         for path in reversed(audit_files(self.directory)):
             if path == self.path:
-                line = _last_line_at(self.fd)[2]
+                _, size, line = _last_line_at(self.fd)
             else:
-                line = _last_line(path)
+                with open_regular(path) as handle:
+                    _, size, line = _last_line_at(handle.fileno())
+            if not size:
+                continue  # just rotated: the chain ends in the file before
             item = parse_record(line) if line else None
-            if item is not None:
-                if _record_problem(item, self.key):
-                    # another key (or none): going on would make a chain
-                    # that never verifies
-                    raise OSError(errno.EINVAL, "its last record was written"
-                                  " with another key or none; move the "
-                                  "audit*.jsonl files aside to start a new "
-                                  "chain")
-                self.seq, self.head = item[0]["seq"], item[2]
-                self.written = (self.seq, self.head)
-                break
+            if item is None:
+                # changed or damaged (a crash leaves no newline): going on
+                # from an older record would fork the chain unseen
+                raise OSError(errno.EINVAL, "the last line of %s is not an "
+                              "intact record (changed or damaged): `pamsignal"
+                              " verify-log` names it; move the audit*.jsonl "
+                              "files aside to start a new chain" % path)
+            if _record_problem(item, self.key):
+                # another key (or none): going on would make a chain
+                # that never verifies
+                raise OSError(errno.EINVAL, "its last record was written"
+                              " with another key or none; move the "
+                              "audit*.jsonl files aside to start a new "
+                              "chain")
+            self.seq, self.head = item[0]["seq"], item[2]
+            self.written = (self.seq, self.head)
+            break
         self.file_started_s = _first_record_s(self.fd) if self.size \
             else None
 

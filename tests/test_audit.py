@@ -840,3 +840,26 @@ def test_a_huge_torn_tail_is_dropped_in_one_pass(tmp_path):
     assert log.error is None
     assert json.loads(lines_of(path)[-3])["dropped_bytes"] == 40 << 20
     assert verify(tmp_path)[0] == 0
+
+
+@pytest.mark.parametrize("damage", [
+    b'{"kind":"event","seq":99}\n',  # changed, a newline at its end
+    b"b" * (5 << 20) + b"\n"], ids=["changed", "over_long"])  # over long
+def test_a_damaged_last_line_stops_the_log_rather_than_fork_it(
+        tmp_path, damage):
+    # It was skipped, and the chain began again at seq 1 in the same file:
+    # verify-log failed for ever after, and nothing said why.
+    write_log(tmp_path, records=2, config="")
+    (path,) = files_of(tmp_path)
+    with open(path, "ab") as handle:
+        handle.write(damage)
+    before = open(path, "rb").read()
+    log = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    with within():
+        log.open()
+        assert not log.append({"kind": "event"})
+        log.close()
+    assert "the last line of %s is not an intact record" % path in log.error
+    assert open(path, "rb").read() == before
+    code, out = verify(tmp_path)
+    assert code == 1 and at(path, 5) in out  # the same line, named
