@@ -863,3 +863,25 @@ def test_a_damaged_last_line_stops_the_log_rather_than_fork_it(
     assert open(path, "rb").read() == before
     code, out = verify(tmp_path)
     assert code == 1 and at(path, 5) in out  # the same line, named
+
+
+def test_verify_log_names_a_fifo_rather_than_hang(tmp_path, capsys):
+    write_log(tmp_path, records=2, config="")
+    fifo = tmp_path / "audit-20250101T000000Z-000000000009.jsonl"
+    os.mkfifo(str(fifo))
+    with within():
+        code, _ = verify(tmp_path)
+    assert code == 1
+    assert "cannot read %s: is a FIFO, not a regular file" % fifo in \
+        capsys.readouterr().err
+
+
+def test_verify_log_reads_no_line_longer_than_a_record(tmp_path):
+    write_log(tmp_path, records=2, config="")
+    (path,) = files_of(tmp_path)
+    lines = lines_of(path)
+    rewrite(path, lines[:2] + [b"c" * (64 << 20) + b"\n"] + lines[2:])
+    code, out = verify(tmp_path)
+    assert code == 1
+    assert "%s longer than %d bytes" % (
+        at(path, 3), pamsignal.MAX_AUDIT_RECORD_BYTES) in out
