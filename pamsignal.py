@@ -7690,6 +7690,10 @@ GENESIS_HASH = "0" * 64
 #: journal entries is written at its end, or about every 80 records).
 AUDIT_PENDING_BYTES = 65536
 
+#: Longest line read back as a record: a longer one is damaged. No record
+#: comes near it (an event's message is cut at MAX_MESSAGE_CHARS).
+MAX_AUDIT_RECORD_BYTES = 4 * 1024 * 1024
+
 #: The audit log being written, in log_dir.
 AUDIT_LOG_NAME = "audit.jsonl"
 
@@ -7953,6 +7957,9 @@ def verify_chain(lines, key=None):
     for count, (file_name, number, line) in enumerate(lines):
         location, item = (file_name, number), parse_record(line)
         problem = _record_problem(item, key)
+        if isinstance(line, OverlongLine):
+            problem = "longer than %d bytes: not a record (damaged)" % \
+                MAX_AUDIT_RECORD_BYTES
         if problem is None:
             seq, prev = item[0]["seq"], item[0]["prev"]
             if head is None:
@@ -7987,7 +7994,8 @@ def audit_files(directory):
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
-    rotated = sorted(name for name in names if ROTATED_AUDIT.match(name))
+    rotated = sorted(name for name in names
+                     if rotated_time_s(name) is not None)
     if AUDIT_LOG_NAME in names:
         rotated.append(AUDIT_LOG_NAME)
     return [os.path.join(directory, name) for name in rotated]
@@ -8002,9 +8010,25 @@ class ChainLines:
 
     def __iter__(self):
         for path in self.paths:
-            with open(path, "rb") as handle:
-                for number, line in enumerate(handle, 1):
+            # never blocks on a FIFO, nor follows a planted link (root runs
+            # this); a line longer than any record is not held whole
+            with open_regular(path) as handle:
+                number = 0
+                while True:
+                    line = handle.readline(MAX_AUDIT_RECORD_BYTES + 1)
+                    if not line:
+                        break
+                    number += 1
+                    if len(line) > MAX_AUDIT_RECORD_BYTES:
+                        while line and not line.endswith(b"\n"):
+                            line = handle.readline(65536)
+                        line = OverlongLine()
                     yield path, number, line
+
+
+class OverlongLine(bytes):
+    """What ChainLines gives for a line longer than any record: damaged,
+    and never read whole."""
 
 
 def rotated_name(now_s, last_seq):
@@ -8013,17 +8037,31 @@ def rotated_name(now_s, last_seq):
 
 
 def rotated_time_s(name):
-    """When a rotated file was rotated, from its name."""
-    stamp = ROTATED_AUDIT.match(name).group(1)
-    return calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%SZ"))
+    """When a rotated file was rotated, from its name; None when the name
+    is not one of a rotated file (an impossible date is not ours)."""
+    match = ROTATED_AUDIT.match(name)
+    if match is None:
+        return None
+    try:
+        return calendar.timegm(time.strptime(match.group(1),
+                                             "%Y%m%dT%H%M%SZ"))
+    except ValueError:
+        return None
+
+
+def misnamed_files(names):
+    """Names shaped as rotated files but with an impossible date."""
+    return sorted(name for name in names if ROTATED_AUDIT.match(name) and
+                  rotated_time_s(name) is None)
 
 
 def expired_files(names, now_s, retention_s):
     """Rotated files older than the retention, oldest first."""
     if not retention_s:
         return []
-    return sorted(name for name in names if ROTATED_AUDIT.match(name) and
-                  rotated_time_s(name) < now_s - retention_s)
+    cutoff_s = now_s - retention_s
+    return sorted(name for name in names if
+                  (rotated_time_s(name) or cutoff_s) < cutoff_s)
 
 
 def decision_record(channel, event_id, action, decision, detail=None):
@@ -8183,30 +8221,72 @@ def anchor_fields(seq, head, identifier=JOURNAL_IDENTIFIER):
 
 # -- the audit log file -------------------------------------------------------
 
+def _last_line_at(descriptor):
+    """(start, size, line) of an open file's last line: its offset, the
+    file's size, and its bytes (which may lack the newline), or None when
+    the file is empty or the line is longer than MAX_AUDIT_RECORD_BYTES
+    (then never read whole). Scanned backwards block by block: a huge
+    line costs one pass, never a block's bytes more than once."""
+    size = os.fstat(descriptor).st_size
+    start = max(size - 1, 0)  # a final newline ends the line, not starts it
+    while start > 0:
+        step = min(start, 65536)
+        found = os.pread(descriptor, step, start - step).rfind(b"\n")
+        if found >= 0:
+            start += found + 1 - step
+            break
+        start -= step
+    if not size or size - start > MAX_AUDIT_RECORD_BYTES:
+        return start, size, None
+    return start, size, os.pread(descriptor, size - start, start)
+
+
 def _last_line(path):
-    """The last line of a file (bytes, may lack its newline), or None."""
-    with open(path, "rb") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        block = b""
-        while size > 0 and block.count(b"\n") < 2:
-            step = min(size, 65536)
-            size -= step
-            handle.seek(size)
-            block = handle.read(step) + block
-        lines = block.splitlines(True)
-        return lines[-1] if lines else None
+    """The last line of a rotated file, as _last_line_at. Read only from
+    a regular file: a FIFO or link planted in log_dir is an error
+    (NotRegularFile), never a read that blocks."""
+    with open_regular(path) as handle:
+        return _last_line_at(handle.fileno())[2]
 
 
-def _first_record_s(path):
-    """When the file's first record was written (its age for rotation),
-    or None when it cannot be told."""
-    with open(path, "rb") as handle:
-        item = parse_record(handle.readline())
+def _first_record_s(descriptor):
+    """When an open file's first record was written (its age for
+    rotation), or None when it cannot be told."""
+    blocks, length = [], 0
+    while length <= MAX_AUDIT_RECORD_BYTES:
+        block = os.pread(descriptor, 65536, length)
+        end = block.find(b"\n") + 1
+        blocks.append(block[:end] if end else block)
+        if end or not block:
+            break
+        length += len(block)
+    item = parse_record(b"".join(blocks))
     try:
         return calendar.timegm(time.strptime(item[0]["time"][:19],
                                              "%Y-%m-%dT%H:%M:%S"))
     except (TypeError, KeyError, ValueError):
         return None
+
+
+def _open_log_file(path):
+    """A descriptor on log_dir/audit.jsonl (created if missing) to read,
+    cut and append to. O_NOFOLLOW and O_NONBLOCK, then fstat: a link or
+    FIFO planted in a log_dir others can write must make the agent
+    neither write to nor cut another file, nor block."""
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT |
+                             os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                             0o600)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise NotRegularFile(path, "a symbolic link") from None
+        raise
+    kind = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(descriptor)
+        raise NotRegularFile(path, file_kind(kind))
+    os.set_blocking(descriptor, True)
+    return descriptor
 
 
 def load_audit_key(spec, log_dir, credentials_dir, euid=None):
@@ -8291,6 +8371,7 @@ class AuditLog:
         self.retention_checked_s = None
         self.torn_bytes = 0  # of a record a crash cut short
         self.lock_fd = None
+        self.misnamed = set()  # files not ours, already said
 
     # -- opening --------------------------------------------------------------
 
@@ -8301,29 +8382,38 @@ class AuditLog:
         self.append({"kind": "agent_started", "version": __version__})
 
     def _resume(self):
-        files = audit_files(self.directory)
-        for path in reversed(files):
-            line = _last_line(path)
-            if path == self.path and line and not line.endswith(b"\n"):
-                line = self._drop_torn_tail(len(line))
-            item = parse_record(line) if line else None
-            if item is not None:
-                if _record_problem(item, self.key):
-                    # another key (or none): going on would make a chain
-                    # that never verifies
-                    raise OSError(errno.EINVAL, "its last record was written"
-                                  " with another key or none; move the "
-                                  "audit*.jsonl files aside to start a new "
-                                  "chain")
-                self.seq, self.head = item[0]["seq"], item[2]
-                self.written = (self.seq, self.head)
-                break
-        # O_NOFOLLOW: a link planted in a log_dir others can write must
-        # not make the agent append to another file.
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND |
-                          os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        """Open the file and take the chain up from the last record of
+        the newest file that holds one."""
+        self.fd = _open_log_file(self.path)
+        self._drop_torn_tail()
         self.size = os.fstat(self.fd).st_size
-        self.file_started_s = _first_record_s(self.path) if self.size \
+        for path in reversed(audit_files(self.directory)):
+            if path == self.path:
+                _, size, line = _last_line_at(self.fd)
+            else:
+                with open_regular(path) as handle:
+                    _, size, line = _last_line_at(handle.fileno())
+            if not size:
+                continue  # just rotated: the chain ends in the file before
+            item = parse_record(line) if line else None
+            if item is None:
+                # changed or damaged (a crash leaves no newline): going on
+                # from an older record would fork the chain unseen
+                raise OSError(errno.EINVAL, "the last line of %s is not an "
+                              "intact record (changed or damaged): `pamsignal"
+                              " verify-log` names it; move the audit*.jsonl "
+                              "files aside to start a new chain" % path)
+            if _record_problem(item, self.key):
+                # another key (or none): going on would make a chain
+                # that never verifies
+                raise OSError(errno.EINVAL, "its last record was written"
+                              " with another key or none; move the "
+                              "audit*.jsonl files aside to start a new "
+                              "chain")
+            self.seq, self.head = item[0]["seq"], item[2]
+            self.written = (self.seq, self.head)
+            break
+        self.file_started_s = _first_record_s(self.fd) if self.size \
             else None
 
     def _lock(self):
@@ -8343,13 +8433,14 @@ class AuditLog:
                           "log") from None
         self.lock_fd = descriptor
 
-    def _drop_torn_tail(self, length):
-        """A crash cut the last record short: it was never part of the
-        chain, so its bytes go and a record says so."""
-        size = os.path.getsize(self.path)
-        os.truncate(self.path, size - length)
-        self.torn_bytes = length
-        return _last_line(self.path)
+    def _drop_torn_tail(self):
+        """A crash cut the last record short (no newline ends the file):
+        it was never part of the chain, so its bytes go and a record says
+        so. Cut on the descriptor opened without following links."""
+        start, size, _ = _last_line_at(self.fd)
+        if size and os.pread(self.fd, 1, size - 1) != b"\n":
+            os.ftruncate(self.fd, start)
+            self.torn_bytes = size - start
 
     # -- writing --------------------------------------------------------------
 
@@ -8501,8 +8592,13 @@ class AuditLog:
         removal so that verify-log knows the gap is explained."""
         self.retention_checked_s = now_s
         try:
-            expired = expired_files(os.listdir(self.directory), now_s,
-                                    self.settings.retention)
+            names = os.listdir(self.directory)
+            for name in sorted(set(misnamed_files(names)) - self.misnamed):
+                say("warning", "%s is not a rotated audit log (its name "
+                    "holds an impossible date): ignored" % os.path.join(
+                        self.directory, name))
+                self.misnamed.add(name)
+            expired = expired_files(names, now_s, self.settings.retention)
             if not expired:
                 return
             last = parse_record(_last_line(os.path.join(
@@ -14476,10 +14572,16 @@ def command_run(args, stdout):
         # Root reads its cursor, counters and spooled alerts back from
         # here: whoever could change them could silence or forge alerts.
         # (The service's own user owns its state directory; it is not root.)
-        reason = trust_problem(config.state_dir)
-        if reason:
-            raise ConfigError([ConfigProblem(config.path, None, "pamsignal",
-                                             "state_dir", reason)])
+        # So with the audit log: root reads its tail back, cuts a torn
+        # record and appends there; whoever could change log_dir could
+        # plant what root then writes to or cuts.
+        for key, path in (("state_dir", config.state_dir),
+                          ("log_dir", config.audit.enabled and
+                           config.log_dir)):
+            reason = path and trust_problem(path)
+            if reason:
+                raise ConfigError([ConfigProblem(config.path, None,
+                                                 "pamsignal", key, reason)])
     return Agent(config, build_channels(config, args.json), args.config,
                  args.json).run()
 

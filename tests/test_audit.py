@@ -819,3 +819,156 @@ def test_the_agent_takes_its_key_from_a_credential(tmp_path):
     assert verify(tmp_path / "log", "--key-file", str(key_file))[0] == 0
     with pytest.raises(pamsignal.ConfigError):  # no credentials passed
         pamsignal.Agent(config, [], environ={}).open_audit_log()
+
+
+# ------------------------------------------------- what log_dir may hold
+
+
+def test_a_rotated_name_with_an_impossible_date_is_not_ours(tmp_path,
+                                                              capsys):
+    # It matched the name pattern and its date crashed every start.
+    write_log(tmp_path, records=3, config="")
+    odd = tmp_path / "audit-20241399T999999Z-000000000001.jsonl"
+    odd.write_bytes(b"x\n")
+    clock = Clock()
+    log = AuditLog(settings("retention=1d\n"), str(tmp_path), None, None,
+                   clock)
+    log.open()
+    log.flush()
+    clock.now_s += 7200
+    log.apply_retention(clock.now_s)
+    log.close()
+    assert log.error is None
+    assert odd.read_bytes() == b"x\n"
+    assert str(odd) not in files_of(tmp_path)
+    assert capsys.readouterr().err.count(str(odd)) == 1  # said once
+    assert verify(tmp_path)[0] == 0
+
+
+class Hung(Exception):
+    """Not an OSError: the code under test must not catch it."""
+
+
+class within:
+    """Fail, rather than hang the suite, when the block takes longer."""
+
+    def __init__(self, seconds=10):
+        self.seconds = seconds
+
+    def __enter__(self):
+        def expire(signum, frame):
+            raise Hung("hung for %d s" % self.seconds)
+        self.before = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc):
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.before)
+
+
+@pytest.mark.parametrize("name", [
+    "audit.jsonl", "audit-20250101T000000Z-000000000005.jsonl"])
+def test_a_fifo_in_log_dir_is_an_error_not_a_hang(tmp_path, name):
+    os.mkfifo(str(tmp_path / name))
+    log = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    with within():
+        log.open()
+        assert not log.append({"kind": "event"})
+        log.close()
+    assert "is a FIFO, not a regular file" in log.error
+    assert stat.S_ISFIFO(os.lstat(str(tmp_path / name)).st_mode)
+
+
+def test_a_planted_link_is_never_cut(tmp_path):
+    # A victim whose last line lacks a newline looked like a torn record:
+    # root cut it through the link before the O_NOFOLLOW open.
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root:x:0:0\nno newline at the end")
+    logs = tmp_path / "log"
+    logs.mkdir()
+    os.symlink(str(victim), str(logs / "audit.jsonl"))
+    log = AuditLog(settings(""), str(logs), None, None, Clock())
+    log.open()
+    log.close()
+    assert victim.read_bytes() == b"root:x:0:0\nno newline at the end"
+    assert "is a symbolic link, not a regular file" in log.error
+
+
+def test_run_as_root_refuses_a_log_dir_another_user_owns(tmp_path, capsys):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    nobody = pwd.getpwnam("nobody")
+    logs = tmp_path / "log"
+    logs.mkdir()
+    os.chown(str(logs), nobody.pw_uid, nobody.pw_gid)
+    config = tmp_path / "pamsignal.conf"
+    config.write_text("[pamsignal]\nstate_dir = %s\nlog_dir = %s\n"
+                      % (tmp_path / "state", logs))
+    with within():
+        code = pamsignal.main(["--config", str(config), "run"],
+                              stdout=io.StringIO())
+    assert code == 78
+    err = capsys.readouterr().err
+    assert "[pamsignal] log_dir" in err and str(logs) in err
+    assert os.listdir(str(logs)) == []
+
+
+def test_a_huge_torn_tail_is_dropped_in_one_pass(tmp_path):
+    # A 40 MiB line without a newline took minutes (each step re-read and
+    # re-counted everything read so far).
+    write_log(tmp_path, records=2, config="")
+    (path,) = files_of(tmp_path)
+    with open(path, "ab") as handle:
+        handle.write(b"a" * (40 << 20))
+    log = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    with within(5):
+        log.open()
+        log.close()
+    assert log.error is None
+    assert json.loads(lines_of(path)[-3])["dropped_bytes"] == 40 << 20
+    assert verify(tmp_path)[0] == 0
+
+
+@pytest.mark.parametrize("damage", [
+    b'{"kind":"event","seq":99}\n',  # changed, a newline at its end
+    b"b" * (5 << 20) + b"\n"], ids=["changed", "over_long"])  # over long
+def test_a_damaged_last_line_stops_the_log_rather_than_fork_it(
+        tmp_path, damage):
+    # It was skipped, and the chain began again at seq 1 in the same file:
+    # verify-log failed for ever after, and nothing said why.
+    write_log(tmp_path, records=2, config="")
+    (path,) = files_of(tmp_path)
+    with open(path, "ab") as handle:
+        handle.write(damage)
+    before = open(path, "rb").read()
+    log = AuditLog(settings(""), str(tmp_path), None, None, Clock())
+    with within():
+        log.open()
+        assert not log.append({"kind": "event"})
+        log.close()
+    assert "the last line of %s is not an intact record" % path in log.error
+    assert open(path, "rb").read() == before
+    code, out = verify(tmp_path)
+    assert code == 1 and at(path, 5) in out  # the same line, named
+
+
+def test_verify_log_names_a_fifo_rather_than_hang(tmp_path, capsys):
+    write_log(tmp_path, records=2, config="")
+    fifo = tmp_path / "audit-20250101T000000Z-000000000009.jsonl"
+    os.mkfifo(str(fifo))
+    with within():
+        code, _ = verify(tmp_path)
+    assert code == 1
+    assert "cannot read %s: is a FIFO, not a regular file" % fifo in \
+        capsys.readouterr().err
+
+
+def test_verify_log_reads_no_line_longer_than_a_record(tmp_path):
+    write_log(tmp_path, records=2, config="")
+    (path,) = files_of(tmp_path)
+    lines = lines_of(path)
+    rewrite(path, lines[:2] + [b"c" * (64 << 20) + b"\n"] + lines[2:])
+    code, out = verify(tmp_path)
+    assert code == 1
+    assert "%s longer than %d bytes" % (
+        at(path, 3), pamsignal.MAX_AUDIT_RECORD_BYTES) in out
