@@ -12102,6 +12102,8 @@ class Pipeline:
         if self.sudo_lines.held:  # split sudo lines whose wait is over
             for released in self.sudo_lines.due(_entry_timestamp(entry) or 0):
                 sent += self._parse(released, now_s)
+        if entry.get("SYSLOG_IDENTIFIER") != "sudo":  # nearly every entry
+            return sent + self._parse(entry, now_s, True)
         ready = self.sudo_lines.observe(entry)
         if ready and ready[-1] is entry:
             ready.pop()
