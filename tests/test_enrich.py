@@ -7,10 +7,11 @@ import json
 import os
 import shutil
 import sys
+import tracemalloc
 
 import pytest
 
-from mmdb_writer import MMDBWriter, Typed
+from mmdb_writer import MMDBWriter, Typed, heavy_records_database
 from support import make_entry, pamsignal, write_config
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -627,3 +628,24 @@ def test_status_and_lookup_need_no_credentials(tmp_path):
     assert "private" in out.getvalue()
     assert pamsignal.main(["--config", str(path), "status"], out) == 1
     assert "no health file" in out.getvalue()
+
+
+def test_many_sources_of_one_heavy_record_stay_small(tmp_path):
+    # A crafted database answering every address with one record of
+    # ~90 KB in memory: the enricher keeps the record once, and a small
+    # context per source (an attacker's many addresses).
+    path = tmp_path / "heavy.mmdb"
+    path.write_bytes(heavy_records_database(1))
+    enricher = enricher_for([str(path)])
+    enricher.enrich(login(ip="8.8.8.8"))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(300):
+            event = enricher.enrich(login(ip="8.8.%d.%d" % (n >> 8,
+                                                           n & 255)))
+            assert event.source_network_type == "public"
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 2 * 1024 * 1024  # the old cache: 27 MB
