@@ -4602,9 +4602,16 @@ def detect_host_provider(setting, root="/"):
 # -- local addresses and connections (/proc/net) ------------------------------
 
 
+#: An address and a port as /proc/net/tcp* prints them: 1 or 4 words of
+#: 8 hex digits, 4 hex digits (int() would also take "-1", "0x1", "1_0").
+_PROC_ADDRESS = re.compile(r"\A[0-9A-Fa-f]{8}(?:[0-9A-Fa-f]{24})?\Z")
+_PROC_PORT = re.compile(r"\A[0-9A-Fa-f]{4}\Z")
+
+
 def _proc_address(hex_text, byteorder):
-    """An address as /proc/net/tcp* prints it: 32-bit words in host order."""
-    if len(hex_text) not in (8, 32):
+    """An address as /proc/net/tcp* prints it: 32-bit words in host order;
+    ValueError for anything else."""
+    if not _PROC_ADDRESS.match(hex_text):
         raise ValueError(hex_text)
     packed = b"".join(int(hex_text[at:at + 8], 16).to_bytes(4, byteorder)
                       for at in range(0, len(hex_text), 8))
@@ -4625,6 +4632,9 @@ def parse_tcp_table(text, byteorder=sys.byteorder):
         try:
             local_ip, local_port = columns[1].split(":")
             remote_ip, remote_port = columns[2].split(":")
+            if not (_PROC_PORT.match(local_port) and
+                    _PROC_PORT.match(remote_port)):
+                continue
             found[(_proc_address(remote_ip, byteorder),
                    int(remote_port, 16))] = (
                 _proc_address(local_ip, byteorder), int(local_port, 16))

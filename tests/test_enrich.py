@@ -212,6 +212,37 @@ def test_live_sshd_logins_get_their_destination(tmp_path):
 
 
 @little_endian_only
+def test_rows_not_in_the_exact_hex_form_are_skipped(tmp_path):
+    # int(text, 16) takes "-100007F" (to_bytes: OverflowError), "0x..",
+    # "+..", "1_0" and spaces: only 8 or 32 hex digits and 4 for a port.
+    net = tmp_path / "root" / "proc" / "net"
+    net.mkdir(parents=True)
+    good = "   9: 076433C6:0016 057100CB:C822 01 00000000:00000000\n"
+    bad = ["-100007F:0016 057100CB:C823", "076433C6:0016 -57100CB:C824",
+           "+76433C6:0016 057100CB:C825", "0x6433C6:0016 057100CB:C826",
+           "076433C6:-016 057100CB:C827", "076433C6:0016 057100CB:+827",
+           "076433C6:0016 057100CB:0x28", "0_6433C6:0016 057100CB:C829",
+           "076433C6:0016 057100CB:C82A0", "076433C6:16 057100CB:C82B",
+           "0000000000000000FFFF0000-100007F:0016 057100CB:C82C",
+           "076433C6:0016 0000000000000000FFFF0000057100C:C82D"]
+    (net / "tcp").write_text("  sl  local_address rem_address   st\n" +
+                             "".join("   %d: %s 01 0\n" % (n, row)
+                                     for n, row in enumerate(bad)) + good)
+    (net / "tcp6").write_text("  sl  local_address rem_address   st\n"
+                              "   0: %s:0016 %s:C822 01 0\n"
+                              % ("-" + "0" * 31, "0" * 32))
+    assert pamsignal.established_connections(str(tmp_path / "root")) == {
+        ("203.0.113.5", 51234): ("198.51.100.7", 22)}
+    enricher = enricher_for([], root=str(tmp_path / "root"))
+    event = enricher.enrich(login("203.0.113.5", 51234, at_s=990), 1000.0)
+    assert (event.destination_ip, event.destination_port) == (
+        "198.51.100.7", 22)
+    for port in range(0xC823, 0xC82E):
+        assert enricher.enrich(login("203.0.113.5", port, at_s=990),
+                               1000.0).destination_ip is None
+
+
+@little_endian_only
 def test_connections_are_read_again_only_when_a_peer_is_missing(tmp_path):
     root = str(tmp_path / "root")
     shutil.copytree(NET_ROOT, root)
