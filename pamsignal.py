@@ -4711,12 +4711,17 @@ _FIB_LOCAL = re.compile(r"^\s*/32 host LOCAL$")
 
 
 def parse_fib_trie(text):
-    """The local IPv4 addresses in /proc/net/fib_trie."""
+    """The local IPv4 addresses in /proc/net/fib_trie (words that are no
+    IPv4 address are skipped)."""
     found, last = set(), None
     for line in text.splitlines():
         address = _FIB_ADDRESS.match(line)
         if address:
-            last = address.group(1)
+            try:
+                last = socket.inet_ntop(socket.AF_INET, socket.inet_pton(
+                    socket.AF_INET, address.group(1)))
+            except (OSError, ValueError):
+                last = None
         elif last and _FIB_LOCAL.match(line):
             found.add(last)
     return found

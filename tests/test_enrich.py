@@ -325,6 +325,21 @@ def test_host_addresses_from_fib_trie_and_if_inet6():
     assert pamsignal.host_addresses(os.path.join(FIXTURES, "dmi")) == []
 
 
+def test_fib_trie_words_that_are_no_ipv4_address_are_skipped(tmp_path):
+    net = tmp_path / "proc" / "net"
+    net.mkdir(parents=True)
+    (net / "fib_trie").write_text(
+        "Main:\n  +-- 0.0.0.0/0 3 0 5\n" + "".join(
+            "     |-- %s\n        /32 host LOCAL\n" % word
+            for word in ("bogus", "10.0.0.1", "2001:db8::1", "10.0.0.256",
+                         "1.2.3", "-1.2.3.4", "10.0.0.2x", "\u00e9.1.1.1",
+                         "10.0.0.3")))
+    assert pamsignal.parse_fib_trie((net / "fib_trie").read_text()) == {
+        "10.0.0.1", "10.0.0.3"}
+    assert pamsignal.host_addresses(str(tmp_path)) == ["10.0.0.1",
+                                                      "10.0.0.3"]
+
+
 def test_this_hosts_addresses_include_loopback():
     addresses = pamsignal.host_addresses("/")
     if not os.path.exists("/proc/net/fib_trie"):
