@@ -3874,8 +3874,16 @@ MMDB_MAX_VALUES = 65536
 #: Most bytes of text and bytes one record may decode to.
 MMDB_MAX_RECORD_BYTES = 2 * 1024 * 1024
 
-#: Answers remembered per database, by address.
+#: Answers remembered per database, by address (where its record lies).
 MMDB_CACHE_SIZE = 4096
+
+#: Decoded records are remembered per database by where they lie, so the
+#: addresses of one network share one copy, up to this much memory...
+MMDB_RECORD_CACHE_BYTES = 16 * 1024 * 1024
+
+#: ... counting each value as this many bytes and each byte of text as
+#: four (more than Python takes: the bound holds whatever the file says).
+MMDB_VALUE_BYTES = 128
 
 #: Shared values (map keys, country maps: what pointers point at)
 #: remembered per database, by offset...
@@ -3914,11 +3922,18 @@ class _Decoder:
 
     def decode(self, offset):
         """The value at absolute `offset` (one whole record)."""
+        return self.decode_sized(offset)[0]
+
+    def decode_sized(self, offset):
+        """(value at absolute `offset`, most bytes of memory it can take:
+        MMDB_VALUE_BYTES a value, four a byte of text)."""
         budget = [MMDB_MAX_VALUES, MMDB_MAX_RECORD_BYTES]
         try:
-            return self._value(offset, 0, budget)[0]
+            value = self._value(offset, 0, budget)[0]
         except RecursionError:  # a very deep stack at the caller already
             raise DatabaseError("data nested too deeply") from None
+        return value, (MMDB_VALUE_BYTES * (MMDB_MAX_VALUES - budget[0]) +
+                       4 * (MMDB_MAX_RECORD_BYTES - budget[1]))
 
     def _fail(self, offset, message):
         raise DatabaseError("corrupt data at byte %d: %s" % (offset, message))
@@ -4082,8 +4097,9 @@ def _metadata_problem(metadata):
 class MMDBReader:
     """A MaxMind DB (format 2) in a buffer: bytes, or a file mapped with
     `MMDBReader.open(path)`. `lookup(address)` gives the record of the
-    network holding the address, or None; answers are cached per address
-    (records are shared: do not modify them)."""
+    network holding the address, or None; where the record lies is cached
+    per address, and the record itself once per place, within
+    MMDB_RECORD_CACHE_BYTES (records are shared: do not modify them)."""
 
     def __init__(self, buffer, name="<buffer>"):
         self.name = name
@@ -4119,7 +4135,9 @@ class MMDBReader:
         self.data_start = tree_size + 16
         self.data_end = marker
         self.decoder = _Decoder(buffer, self.data_start, marker)
-        self.cache = collections.OrderedDict()
+        self.cache = collections.OrderedDict()  # address: (offset, prefix)
+        self.records = collections.OrderedDict()  # offset: (record, bytes)
+        self.records_bytes = 0
         self.ipv4_start = 0
         if self.ip_version == 6:  # IPv4 lives at ::/96: 96 left turns
             self.ipv4_start = self._walk(0, 0, 96)[0]
@@ -4177,9 +4195,31 @@ class MMDBReader:
             if len(self.cache) >= MMDB_CACHE_SIZE:
                 self.cache.popitem(last=False)
             self.cache[packed] = answer
-        return answer
+        offset, prefix = answer
+        return (None if offset is None else self._record(offset)), prefix
+
+    def _record(self, offset):
+        """The record at `offset`, decoded once while the cache keeps it:
+        a crafted file may point every address at one record of 65,536
+        values, and a copy per address would fill the memory."""
+        kept = self.records.get(offset)
+        if kept is not None:
+            self.records.move_to_end(offset)
+            return kept[0]
+        try:
+            record, size = self.decoder.decode_sized(offset)
+        except DatabaseError as error:
+            raise DatabaseError("%s: %s" % (self.name, error)) from None
+        if size <= MMDB_RECORD_CACHE_BYTES:
+            while self.records and \
+                    self.records_bytes + size > MMDB_RECORD_CACHE_BYTES:
+                self.records_bytes -= self.records.popitem(last=False)[1][1]
+            self.records[offset] = (record, size)
+            self.records_bytes += size
+        return record
 
     def _find(self, packed):
+        """(absolute offset of the record or None, prefix length)."""
         if len(packed) == 16 and self.ip_version == 4:
             raise ValueError("an IPv6 address cannot be looked up in the "
                              "IPv4-only %s" % self.name)
@@ -4196,10 +4236,7 @@ class MMDBReader:
         if not self.data_start <= offset < self.data_end:
             raise DatabaseError("%s: corrupt search tree: record %d points "
                                 "outside the data section" % (self.name, node))
-        try:
-            return self.decoder.decode(offset), depth
-        except DatabaseError as error:
-            raise DatabaseError("%s: %s" % (self.name, error)) from None
+        return offset, depth
 
     def _walk(self, node, number, bits):
         """(record, bits used): follow the `bits` low bits of `number`,
@@ -4565,9 +4602,16 @@ def detect_host_provider(setting, root="/"):
 # -- local addresses and connections (/proc/net) ------------------------------
 
 
+#: An address and a port as /proc/net/tcp* prints them: 1 or 4 words of
+#: 8 hex digits, 4 hex digits (int() would also take "-1", "0x1", "1_0").
+_PROC_ADDRESS = re.compile(r"\A[0-9A-Fa-f]{8}(?:[0-9A-Fa-f]{24})?\Z")
+_PROC_PORT = re.compile(r"\A[0-9A-Fa-f]{4}\Z")
+
+
 def _proc_address(hex_text, byteorder):
-    """An address as /proc/net/tcp* prints it: 32-bit words in host order."""
-    if len(hex_text) not in (8, 32):
+    """An address as /proc/net/tcp* prints it: 32-bit words in host order;
+    ValueError for anything else."""
+    if not _PROC_ADDRESS.match(hex_text):
         raise ValueError(hex_text)
     packed = b"".join(int(hex_text[at:at + 8], 16).to_bytes(4, byteorder)
                       for at in range(0, len(hex_text), 8))
@@ -4588,6 +4632,9 @@ def parse_tcp_table(text, byteorder=sys.byteorder):
         try:
             local_ip, local_port = columns[1].split(":")
             remote_ip, remote_port = columns[2].split(":")
+            if not (_PROC_PORT.match(local_port) and
+                    _PROC_PORT.match(remote_port)):
+                continue
             found[(_proc_address(remote_ip, byteorder),
                    int(remote_port, 16))] = (
                 _proc_address(local_ip, byteorder), int(local_port, 16))
@@ -4664,12 +4711,17 @@ _FIB_LOCAL = re.compile(r"^\s*/32 host LOCAL$")
 
 
 def parse_fib_trie(text):
-    """The local IPv4 addresses in /proc/net/fib_trie."""
+    """The local IPv4 addresses in /proc/net/fib_trie (words that are no
+    IPv4 address are skipped)."""
     found, last = set(), None
     for line in text.splitlines():
         address = _FIB_ADDRESS.match(line)
         if address:
-            last = address.group(1)
+            try:
+                last = socket.inet_ntop(socket.AF_INET, socket.inet_pton(
+                    socket.AF_INET, address.group(1)))
+            except (OSError, ValueError):
+                last = None
         elif last and _FIB_LOCAL.match(line):
             found.add(last)
     return found

@@ -101,6 +101,7 @@ def main(argv):
         ours = pamsignal.MMDBReader.open(handle.name)
         ours_nocache = pamsignal.MMDBReader.open(handle.name)
         ours_nocache.cache = _NoCache()
+        ours_nocache.records = _NoCache()
         rows.append(("pamsignal MMDBReader", rate(ours_nocache.lookup, fresh),
                      rate(ours.lookup, repeat)))
         try:

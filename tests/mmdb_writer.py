@@ -296,3 +296,34 @@ def raw_database(tree, data, **metadata):
     fields.update(metadata)
     fields = {k: v for k, v in fields.items() if v is not None}
     return tree + bytes(16) + data + metadata_block(**fields)
+
+
+def heavy_records_database(leaves, text=4000, maps=1000, texts=5):
+    """An IPv4 database whose first address byte picks one of `leaves`
+    records (1, 2, 4, ... 256), each an array of `texts` pointers to one
+    long string and one to an array of `maps` empty maps: a small file
+    whose every record decodes to far more memory than it takes."""
+    data = control("utf8_string", text) + b"A" * text
+    maps_at = len(data)
+    data += control("array", maps) + bytes([0xE0]) * maps
+    heavy = control("array", texts + 1) + pointer(0) * texts + pointer(
+        maps_at)
+    depth = leaves.bit_length() - 1
+    node_count = (1 << depth) - 1 if depth else 1
+    records = []
+    for _ in range(leaves):
+        records.append(len(data))
+        data += heavy
+    if not depth:  # one node, both halves on the one record
+        tree = pack_node(24, 1 + 16 + records[0], 1 + 16 + records[0])
+    else:
+        def child(index):
+            if index < node_count:
+                return index
+            return node_count + 16 + records[index - node_count]
+        tree = b"".join(pack_node(24, child(2 * node + 1),
+                                  child(2 * node + 2))
+                        for node in range(node_count))
+    return raw_database(tree, data,
+                        node_count=Typed("uint32", node_count))
+

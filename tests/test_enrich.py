@@ -7,10 +7,11 @@ import json
 import os
 import shutil
 import sys
+import tracemalloc
 
 import pytest
 
-from mmdb_writer import MMDBWriter, Typed
+from mmdb_writer import MMDBWriter, Typed, heavy_records_database
 from support import make_entry, pamsignal, write_config
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -211,6 +212,37 @@ def test_live_sshd_logins_get_their_destination(tmp_path):
 
 
 @little_endian_only
+def test_rows_not_in_the_exact_hex_form_are_skipped(tmp_path):
+    # int(text, 16) takes "-100007F" (to_bytes: OverflowError), "0x..",
+    # "+..", "1_0" and spaces: only 8 or 32 hex digits and 4 for a port.
+    net = tmp_path / "root" / "proc" / "net"
+    net.mkdir(parents=True)
+    good = "   9: 076433C6:0016 057100CB:C822 01 00000000:00000000\n"
+    bad = ["-100007F:0016 057100CB:C823", "076433C6:0016 -57100CB:C824",
+           "+76433C6:0016 057100CB:C825", "0x6433C6:0016 057100CB:C826",
+           "076433C6:-016 057100CB:C827", "076433C6:0016 057100CB:+827",
+           "076433C6:0016 057100CB:0x28", "0_6433C6:0016 057100CB:C829",
+           "076433C6:0016 057100CB:C82A0", "076433C6:16 057100CB:C82B",
+           "0000000000000000FFFF0000-100007F:0016 057100CB:C82C",
+           "076433C6:0016 0000000000000000FFFF0000057100C:C82D"]
+    (net / "tcp").write_text("  sl  local_address rem_address   st\n" +
+                             "".join("   %d: %s 01 0\n" % (n, row)
+                                     for n, row in enumerate(bad)) + good)
+    (net / "tcp6").write_text("  sl  local_address rem_address   st\n"
+                              "   0: %s:0016 %s:C822 01 0\n"
+                              % ("-" + "0" * 31, "0" * 32))
+    assert pamsignal.established_connections(str(tmp_path / "root")) == {
+        ("203.0.113.5", 51234): ("198.51.100.7", 22)}
+    enricher = enricher_for([], root=str(tmp_path / "root"))
+    event = enricher.enrich(login("203.0.113.5", 51234, at_s=990), 1000.0)
+    assert (event.destination_ip, event.destination_port) == (
+        "198.51.100.7", 22)
+    for port in range(0xC823, 0xC82E):
+        assert enricher.enrich(login("203.0.113.5", port, at_s=990),
+                               1000.0).destination_ip is None
+
+
+@little_endian_only
 def test_connections_are_read_again_only_when_a_peer_is_missing(tmp_path):
     root = str(tmp_path / "root")
     shutil.copytree(NET_ROOT, root)
@@ -291,6 +323,21 @@ def test_host_addresses_from_fib_trie_and_if_inet6():
         "127.0.0.1", "198.51.100.7", "198.51.100.8", "::1", "2001:db8::7",
         "fe80::1"]
     assert pamsignal.host_addresses(os.path.join(FIXTURES, "dmi")) == []
+
+
+def test_fib_trie_words_that_are_no_ipv4_address_are_skipped(tmp_path):
+    net = tmp_path / "proc" / "net"
+    net.mkdir(parents=True)
+    (net / "fib_trie").write_text(
+        "Main:\n  +-- 0.0.0.0/0 3 0 5\n" + "".join(
+            "     |-- %s\n        /32 host LOCAL\n" % word
+            for word in ("bogus", "10.0.0.1", "2001:db8::1", "10.0.0.256",
+                         "1.2.3", "-1.2.3.4", "10.0.0.2x", "\u00e9.1.1.1",
+                         "10.0.0.3")))
+    assert pamsignal.parse_fib_trie((net / "fib_trie").read_text()) == {
+        "10.0.0.1", "10.0.0.3"}
+    assert pamsignal.host_addresses(str(tmp_path)) == ["10.0.0.1",
+                                                      "10.0.0.3"]
 
 
 def test_this_hosts_addresses_include_loopback():
@@ -627,3 +674,24 @@ def test_status_and_lookup_need_no_credentials(tmp_path):
     assert "private" in out.getvalue()
     assert pamsignal.main(["--config", str(path), "status"], out) == 1
     assert "no health file" in out.getvalue()
+
+
+def test_many_sources_of_one_heavy_record_stay_small(tmp_path):
+    # A crafted database answering every address with one record of
+    # ~90 KB in memory: the enricher keeps the record once, and a small
+    # context per source (an attacker's many addresses).
+    path = tmp_path / "heavy.mmdb"
+    path.write_bytes(heavy_records_database(1))
+    enricher = enricher_for([str(path)])
+    enricher.enrich(login(ip="8.8.8.8"))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(300):
+            event = enricher.enrich(login(ip="8.8.%d.%d" % (n >> 8,
+                                                           n & 255)))
+            assert event.source_network_type == "public"
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 2 * 1024 * 1024  # the old cache: 27 MB

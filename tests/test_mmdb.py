@@ -7,11 +7,13 @@ import ipaddress
 import os
 import random
 import socket
+import tracemalloc
 
 import pytest
 
-from mmdb_writer import (MMDBWriter, Typed, control, encode, pack_node,
-                         pointer, raw_database)
+from mmdb_writer import (MMDBWriter, Typed, control, encode,
+                         heavy_records_database, pack_node, pointer,
+                         raw_database)
 from support import pamsignal
 
 DatabaseError = pamsignal.DatabaseError
@@ -674,3 +676,56 @@ def test_maxminds_geolite2_records_are_normalised():
     assert context("2001:218::1") == (None, None, "JP", None)
     for reader in readers:
         reader.close()
+
+
+def traced_growth(action):
+    """Bytes still allocated after `action()` that were not before."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        action()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_addresses_of_one_heavy_record_share_one_copy():
+    # Every address of a 12 KB file answers one record of ~90 KB in
+    # memory: kept once, not once per address (an attacker's /64).
+    reader = reader_of(heavy_records_database(1))
+    first = reader.lookup("1.0.0.1")
+    assert len(first) == 6 and first[0] == "A" * 4000 and \
+        first[-1] == [{}] * 1000
+
+    def many():
+        for n in range(400):
+            assert reader.lookup("2.0.%d.%d" % (n >> 8, n & 255)) is first
+    assert traced_growth(many) < 1024 * 1024  # the old cache: 36 MB
+
+
+def test_records_kept_are_bounded_by_memory_not_count(monkeypatch):
+    monkeypatch.setattr(pamsignal, "MMDB_RECORD_CACHE_BYTES",
+                        2 * 1024 * 1024, raising=False)
+    reader = reader_of(heavy_records_database(256))
+
+    def many():
+        for n in range(256):  # 256 records: each decoded on its own
+            assert reader.lookup("%d.0.0.1" % n)[-1] == [{}] * 1000
+    assert traced_growth(many) < 3 * 1024 * 1024  # the old cache: 23 MB
+    assert 0 < reader.records_bytes <= 2 * 1024 * 1024
+    assert 1 < len(reader.records) < 256
+    assert reader.lookup("255.0.0.1") is reader.lookup("255.1.2.3")
+
+
+def test_a_record_past_the_limits_is_refused_clearly():
+    data = control("utf8_string", 60000) + b"A" * 60000
+    data += control("array", 40) + pointer(0) * 40  # 2.4 MB of text
+    reader = reader_of(raw_database(pack_node(24, 1 + 16 + 60003,
+                                              1 + 16 + 60003), data))
+    with pytest.raises(DatabaseError, match="record larger than 2097152 "
+                       "bytes"):
+        reader.lookup("1.2.3.4")
+    data = control("array", 70000) + bytes([0xE0]) * 70000
+    reader = reader_of(one_record_database(data))
+    with pytest.raises(DatabaseError, match="more than 65536 values"):
+        reader.lookup("1.2.3.4")
