@@ -13052,35 +13052,64 @@ _WHEN_ABSOLUTE = re.compile(
     r"^(\d{4})-(\d\d)-(\d\d)(?:[ T](\d\d):(\d\d)(?::(\d\d))?)?\Z")
 
 
-def parse_when(text, now_s, localtime=time.localtime, mktime=time.mktime):
+#: The latest time a --since/--until may name, 9999-12-31 23:59:59 UTC:
+#: journalctl refuses years past 9999 and times before 1970.
+LATEST_WHEN_S = 253402300799
+
+
+def parse_when(text, now_s, localtime=time.localtime, mktime=time.mktime,
+               option="--since"):
     """A --since/--until value -> microseconds since the epoch.
 
     The forms journalctl reads the same way (local time): now, today,
-    yesterday, tomorrow, YYYY-MM-DD[ HH:MM[:SS]], @EPOCH, -2h, 2h ago."""
+    yesterday, tomorrow, YYYY-MM-DD[ HH:MM[:SS]], @EPOCH, -2h, 2h ago.
+    A date that does not exist (2025-02-31) or a time outside 1970..9999
+    is a UsageError naming `option`, never an argument journalctl refuses."""
     text = text.strip()
+    seconds = _when_seconds(text, now_s, localtime, mktime, option)
+    if not 0 <= seconds <= LATEST_WHEN_S:
+        raise UsageError("%s %s lies outside the times a journal can hold"
+                         " (1970-01-01 to 9999-12-31 UTC)" % (option, text))
+    return int(seconds * 1e6)
+
+
+def _when_seconds(text, now_s, localtime, mktime, option):
     if text == "now":
-        return int(now_s * 1e6)
+        return now_s
     if text in _DAY_WORDS:
         day = localtime(now_s)
-        return int(mktime((day.tm_year, day.tm_mon, day.tm_mday
-                           + _DAY_WORDS[text], 0, 0, 0, 0, 0, -1)) * 1e6)
+        return mktime((day.tm_year, day.tm_mon, day.tm_mday
+                       + _DAY_WORDS[text], 0, 0, 0, 0, 0, -1))
     if re.match(r"^@\d{1,12}\Z", text):
-        return int(text[1:]) * 1000000
+        return int(text[1:])
     relative = _WHEN_RELATIVE.match(text)
     if relative and (relative.group(1) or text.endswith(" ago")):
         seconds = int(relative.group(2)) * \
             _SECONDS_PER_UNIT[relative.group(3)]
         sign = 1 if relative.group(1) == "+" else -1
-        return int((now_s + sign * seconds) * 1e6)
+        return now_s + sign * seconds
     absolute = _WHEN_ABSOLUTE.match(text)
     if absolute:
         parts = [int(part or 0) for part in absolute.groups()]
         if 1 <= parts[1] <= 12 and 1 <= parts[2] <= 31 and parts[3] < 24 \
                 and parts[4] < 60 and parts[5] < 60:
-            return int(mktime(tuple(parts) + (0, 0, -1)) * 1e6)
-    raise UsageError("cannot read the time %r: use YYYY-MM-DD [HH:MM[:SS]],"
-                     " today, yesterday, now, @EPOCH or -2h / 2h ago"
-                     % text)
+            try:
+                seconds = mktime(tuple(parts) + (0, 0, -1))
+                day = localtime(seconds)
+            except (OverflowError, ValueError, OSError):
+                seconds = day = None  # far outside what time_t holds
+            if day is not None and (day.tm_year, day.tm_mon,
+                                    day.tm_mday) != tuple(parts[:3]):
+                raise UsageError("%s %s: there is no such day"
+                                 % (option, text))
+            if seconds is not None:
+                return seconds
+            raise UsageError("%s %s lies outside the times a journal can"
+                             " hold (1970-01-01 to 9999-12-31 UTC)"
+                             % (option, text))
+    raise UsageError("%s: cannot read the time %r: use YYYY-MM-DD"
+                     " [HH:MM[:SS]], today, yesterday, now, @EPOCH or -2h /"
+                     " 2h ago" % (option, text))
 
 
 def boot_of(event):
@@ -14294,9 +14323,9 @@ def _report_lines(args, config):
 def command_report(args, stdout):
     now_s = time.time()
     args.since_us = None if args.since is None \
-        else parse_when(args.since, now_s)
+        else parse_when(args.since, now_s, option="--since")
     args.until_us = None if args.until is None \
-        else parse_when(args.until, now_s)
+        else parse_when(args.until, now_s, option="--until")
     config = load_config(args.config)
     targets = _summary_targets_of(args, config)
     source = None if args.source is None else \

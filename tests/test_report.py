@@ -278,6 +278,44 @@ def test_when_refuses_what_it_cannot_read(text):
         pamsignal.parse_when(text, T0, time.gmtime, calendar.timegm)
 
 
+@pytest.mark.parametrize("text, why", [
+    ("1969-12-31", "lies outside"), ("0000-01-01", "lies outside"),
+    ("-999999999d", "lies outside"), ("+999999999d", "lies outside"),
+    ("999999999d ago", "lies outside"), ("@999999999999", "lies outside"),
+    ("2025-02-31", "no such day"), ("2023-02-29", "no such day"),
+    ("2026-04-31 10:00", "no such day")])
+def test_when_refuses_a_time_journalctl_would_refuse(text, why):
+    """No @-86400 for journalctl to reject, no 2025-02-31 read as 3 March:
+    a usage error naming the option."""
+    with pytest.raises(pamsignal.UsageError) as caught:
+        pamsignal.parse_when(text, T0, time.gmtime, calendar.timegm,
+                             option="--until")
+    assert why in str(caught.value) and "--until" in str(caught.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1970-01-01", 0), ("9999-12-31 23:59:59", 253402300799),
+    ("2024-02-29", 1709164800), ("@0", 0)])
+def test_when_takes_the_edges_of_what_a_journal_holds(text, expected):
+    assert pamsignal.parse_when(text, T0, time.gmtime, calendar.timegm) \
+        == expected * 1000000
+
+
+def test_an_impossible_since_is_a_usage_error_before_journalctl(workdir):
+    """Exit 2 with the option named; journalctl is never started."""
+    (workdir / "never").mkdir()
+    fake = FakeJournal(workdir / "never", {"once": [{"output": []}]})
+    config = write_config(workdir / "never.conf", "[pamsignal]\n"
+                          "journalctl = %s\n" % fake.program)
+    for option in ("--since=1969-12-31", "--until=2025-02-31"):
+        result = run_cli("report", option, config=config,
+                         env={"FAKE_PLAN": fake.plan_path})
+        assert (result.returncode, result.stdout) == (2, ""), result.stderr
+        assert option.split("=")[0] + " " in result.stderr
+        assert "journalctl failed" not in result.stderr
+    assert fake.calls() == []
+
+
 # ------------------------------------------------------------ the output
 
 def documented_keys():
