@@ -13568,11 +13568,13 @@ def chart_rows(per_hour):
              row["count"] for row in per_hour}
     first, last = min(hours), max(hours)
     step = -(-(last - first + 1) // CHART_ROWS)  # hours per row, rounded up
-    rows = []
-    for start in range(first, last + 1, step):
-        rows.append((start, sum(hours.get(hour, 0)
-                                for hour in range(start, start + step))))
-    return step, rows
+    # Each hour into its row: the work follows the rows, not the span (a
+    # failure in 1970 and one in 9999 are 70 million hours apart).
+    counts = [0] * (-(-(last - first + 1) // step))
+    for hour, count in hours.items():
+        counts[(hour - first) // step] += count
+    return step, [(first + row * step, count)
+                  for row, count in enumerate(counts)]
 
 
 #: How a chart row is labelled (local time).

@@ -537,6 +537,63 @@ def test_a_long_range_puts_several_hours_in_a_bar():
     assert sum(int(line.rsplit(" ", 1)[1]) for line in lines[1:]) == 10
 
 
+def old_chart_rows(per_hour):
+    """chart_rows as it was (walking every hour of the span): the oracle."""
+    hours = {calendar.timegm(time.strptime(row["hour"][:19],
+                                           "%Y-%m-%dT%H:%M:%S")) // 3600:
+             row["count"] for row in per_hour}
+    first, last = min(hours), max(hours)
+    step = -(-(last - first + 1) // pamsignal.CHART_ROWS)
+    return step, [(start, sum(hours.get(hour, 0)
+                              for hour in range(start, start + step)))
+                  for start in range(first, last + 1, step)]
+
+
+def hourly(*hours_and_counts):
+    return [{"hour": pamsignal.format_timestamp((T0 // 3600 + hour) *
+                                                3600 * 1000000),
+             "count": count} for hour, count in hours_and_counts]
+
+
+@pytest.mark.parametrize("per_hour", [
+    hourly((0, 3)), hourly((0, 10), (2, 5)),
+    hourly(*((n, n + 1) for n in range(0, 100, 10))),
+    hourly(*((n * 7, n % 4) for n in range(60))),
+    hourly((0, 1), (47, 2)), hourly((0, 1), (48, 2)), hourly((0, 1), (49, 2)),
+    hourly((-5000, 4), (0, 1), (24 * 365, 9))])
+def test_the_chart_rows_are_those_of_the_hour_by_hour_walk(per_hour):
+    assert pamsignal.chart_rows(per_hour) == old_chart_rows(per_hour)
+
+
+def test_a_chart_over_eight_thousand_years_costs_its_rows_only():
+    """A failure in 1970 and one in 9999 are 70 million hours apart: the
+    chart's work follows its rows (counted as lines run, not timed)."""
+    per_hour = [{"hour": pamsignal.format_timestamp(0), "count": 1},
+                {"hour": pamsignal.format_timestamp(253402300000000000),
+                 "count": 2}]
+    budget = [1000]  # lines run in pamsignal.py (strptime's are not)
+
+    def count_lines(frame, event, arg):
+        if frame.f_code.co_filename != pamsignal.__file__:
+            return None
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise RuntimeError("chart_rows walks the span")
+        return count_lines
+
+    sys.settrace(count_lines)
+    try:
+        step, rows = pamsignal.chart_rows(per_hour)
+    finally:
+        sys.settrace(None)
+    assert len(rows) <= pamsignal.CHART_ROWS
+    assert (rows[0], rows[-1][1], sum(count for _, count in rows)) == \
+        ((0, 1), 2, 3)
+    assert rows[-1][0] <= 253402300000 // 3600 < rows[-1][0] + step
+    assert len(pamsignal.failures_chart(per_hour, 80)) == len(rows) + 1
+    assert "<svg" in pamsignal.failures_svg(per_hour)
+
+
 def test_attacker_text_cannot_reach_the_terminal_raw():
     builder = pamsignal.ReportBuilder()
     hostile = "root\x1b[2J\u202eevil"
