@@ -14245,6 +14245,32 @@ def build_parser():
     return parser
 
 
+#: How much of an over-long export line is read at a time while it is
+#: skipped.
+SKIP_CHUNK_BYTES = 65536
+
+
+def export_lines(stream, warn=say):
+    """The lines of a `journalctl -o json` export (a file, stdin or
+    journalctl's output), for scan and report. A line longer than
+    MAX_LINE_BYTES (the live source's cap) is read past in chunks, never
+    held whole, and counted in a warning; the lines after it follow."""
+    skipped = 0
+    while True:
+        line = stream.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = stream.readline(SKIP_CHUNK_BYTES)
+        skipped += 1
+        if skipped <= 5 or skipped % 1000 == 0:
+            warn("warning", "skipped a line longer than %d bytes (%d so "
+                 "far)" % (MAX_LINE_BYTES, skipped))
+
+
 def command_scan(args, stdout):
     if args.file in (None, "-"):
         if args.file is None and sys.stdin.isatty():
@@ -14266,7 +14292,7 @@ def command_scan(args, stdout):
                         enricher=Enricher.from_config(config, False),
                         accounts=service_account_uids())
     with stream:
-        for line in stream:
+        for line in export_lines(stream):
             entry = None if line.isspace() else pipeline.decode(line)
             if entry is not None:
                 pipeline.process_entry(entry)
@@ -14342,7 +14368,7 @@ def command_report(args, stdout):
     progress = Progress(sys.stderr)
     try:
         with stream:  # closing it ends a journalctl cut short
-            for line in stream:
+            for line in export_lines(stream):
                 entry = None if line.isspace() else pipeline.decode(line)
                 if entry is not None and in_range(entry, args.since_us,
                                                   args.until_us):

@@ -212,6 +212,23 @@ def test_standard_input_gives_the_same_report(export, workdir):
     assert json.loads(result.stdout) == report_json(export)
 
 
+def test_an_over_long_line_on_standard_input_is_skipped(export, workdir):
+    """The cap of the live source: the line past it is left out with a
+    warning and the report reads on (the same reader as scan)."""
+    lines = story()
+    huge = dict(lines[3], MESSAGE="Failed password for bob from "
+                "198.51.100.9 port 1 ssh2" + " " * (
+                    pamsignal.MAX_LINE_BYTES + 1))
+    text = "".join(json_line(line) for line in lines[:3] + [huge] +
+                   lines[3:])
+    result = run_cli("report", "--json", "-", stdin=text,
+                     config=str(workdir / "pamsignal.conf"))
+    assert result.returncode == 0, result.stderr
+    assert "skipped a line longer than %d bytes" % \
+        pamsignal.MAX_LINE_BYTES in result.stderr
+    assert json.loads(result.stdout) == report_json(export)
+
+
 # ------------------------------------------------------------ the range
 
 def test_since_makes_an_earlier_open_a_session_before_the_range(export):
