@@ -13106,35 +13106,64 @@ _WHEN_ABSOLUTE = re.compile(
     r"^(\d{4})-(\d\d)-(\d\d)(?:[ T](\d\d):(\d\d)(?::(\d\d))?)?\Z")
 
 
-def parse_when(text, now_s, localtime=time.localtime, mktime=time.mktime):
+#: The latest time a --since/--until may name, 9999-12-31 23:59:59 UTC:
+#: journalctl refuses years past 9999 and times before 1970.
+LATEST_WHEN_S = 253402300799
+
+
+def parse_when(text, now_s, localtime=time.localtime, mktime=time.mktime,
+               option="--since"):
     """A --since/--until value -> microseconds since the epoch.
 
     The forms journalctl reads the same way (local time): now, today,
-    yesterday, tomorrow, YYYY-MM-DD[ HH:MM[:SS]], @EPOCH, -2h, 2h ago."""
+    yesterday, tomorrow, YYYY-MM-DD[ HH:MM[:SS]], @EPOCH, -2h, 2h ago.
+    A date that does not exist (2025-02-31) or a time outside 1970..9999
+    is a UsageError naming `option`, never an argument journalctl refuses."""
     text = text.strip()
+    seconds = _when_seconds(text, now_s, localtime, mktime, option)
+    if not 0 <= seconds <= LATEST_WHEN_S:
+        raise UsageError("%s %s lies outside the times a journal can hold"
+                         " (1970-01-01 to 9999-12-31 UTC)" % (option, text))
+    return int(seconds * 1e6)
+
+
+def _when_seconds(text, now_s, localtime, mktime, option):
     if text == "now":
-        return int(now_s * 1e6)
+        return now_s
     if text in _DAY_WORDS:
         day = localtime(now_s)
-        return int(mktime((day.tm_year, day.tm_mon, day.tm_mday
-                           + _DAY_WORDS[text], 0, 0, 0, 0, 0, -1)) * 1e6)
+        return mktime((day.tm_year, day.tm_mon, day.tm_mday
+                       + _DAY_WORDS[text], 0, 0, 0, 0, 0, -1))
     if re.match(r"^@\d{1,12}\Z", text):
-        return int(text[1:]) * 1000000
+        return int(text[1:])
     relative = _WHEN_RELATIVE.match(text)
     if relative and (relative.group(1) or text.endswith(" ago")):
         seconds = int(relative.group(2)) * \
             _SECONDS_PER_UNIT[relative.group(3)]
         sign = 1 if relative.group(1) == "+" else -1
-        return int((now_s + sign * seconds) * 1e6)
+        return now_s + sign * seconds
     absolute = _WHEN_ABSOLUTE.match(text)
     if absolute:
         parts = [int(part or 0) for part in absolute.groups()]
         if 1 <= parts[1] <= 12 and 1 <= parts[2] <= 31 and parts[3] < 24 \
                 and parts[4] < 60 and parts[5] < 60:
-            return int(mktime(tuple(parts) + (0, 0, -1)) * 1e6)
-    raise UsageError("cannot read the time %r: use YYYY-MM-DD [HH:MM[:SS]],"
-                     " today, yesterday, now, @EPOCH or -2h / 2h ago"
-                     % text)
+            try:
+                seconds = mktime(tuple(parts) + (0, 0, -1))
+                day = localtime(seconds)
+            except (OverflowError, ValueError, OSError):
+                seconds = day = None  # far outside what time_t holds
+            if day is not None and (day.tm_year, day.tm_mon,
+                                    day.tm_mday) != tuple(parts[:3]):
+                raise UsageError("%s %s: there is no such day"
+                                 % (option, text))
+            if seconds is not None:
+                return seconds
+            raise UsageError("%s %s lies outside the times a journal can"
+                             " hold (1970-01-01 to 9999-12-31 UTC)"
+                             % (option, text))
+    raise UsageError("%s: cannot read the time %r: use YYYY-MM-DD"
+                     " [HH:MM[:SS]], today, yesterday, now, @EPOCH or -2h /"
+                     " 2h ago" % (option, text))
 
 
 def boot_of(event):
@@ -13593,11 +13622,13 @@ def chart_rows(per_hour):
              row["count"] for row in per_hour}
     first, last = min(hours), max(hours)
     step = -(-(last - first + 1) // CHART_ROWS)  # hours per row, rounded up
-    rows = []
-    for start in range(first, last + 1, step):
-        rows.append((start, sum(hours.get(hour, 0)
-                                for hour in range(start, start + step))))
-    return step, rows
+    # Each hour into its row: the work follows the rows, not the span (a
+    # failure in 1970 and one in 9999 are 70 million hours apart).
+    counts = [0] * (-(-(last - first + 1) // step))
+    for hour, count in hours.items():
+        counts[(hour - first) // step] += count
+    return step, [(first + row * step, count)
+                  for row, count in enumerate(counts)]
 
 
 #: How a chart row is labelled (local time).
@@ -14268,6 +14299,32 @@ def build_parser():
     return parser
 
 
+#: How much of an over-long export line is read at a time while it is
+#: skipped.
+SKIP_CHUNK_BYTES = 65536
+
+
+def export_lines(stream, warn=say):
+    """The lines of a `journalctl -o json` export (a file, stdin or
+    journalctl's output), for scan and report. A line longer than
+    MAX_LINE_BYTES (the live source's cap) is read past in chunks, never
+    held whole, and counted in a warning; the lines after it follow."""
+    skipped = 0
+    while True:
+        line = stream.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line
+            continue
+        while line and not line.endswith(b"\n"):
+            line = stream.readline(SKIP_CHUNK_BYTES)
+        skipped += 1
+        if skipped <= 5 or skipped % 1000 == 0:
+            warn("warning", "skipped a line longer than %d bytes (%d so "
+                 "far)" % (MAX_LINE_BYTES, skipped))
+
+
 def command_scan(args, stdout):
     if args.file in (None, "-"):
         if args.file is None and sys.stdin.isatty():
@@ -14289,7 +14346,7 @@ def command_scan(args, stdout):
                         enricher=Enricher.from_config(config, False),
                         accounts=service_account_uids())
     with stream:
-        for line in stream:
+        for line in export_lines(stream):
             entry = None if line.isspace() else pipeline.decode(line)
             if entry is not None:
                 pipeline.process_entry(entry)
@@ -14348,9 +14405,9 @@ def _report_lines(args, config):
 def command_report(args, stdout):
     now_s = time.time()
     args.since_us = None if args.since is None \
-        else parse_when(args.since, now_s)
+        else parse_when(args.since, now_s, option="--since")
     args.until_us = None if args.until is None \
-        else parse_when(args.until, now_s)
+        else parse_when(args.until, now_s, option="--until")
     config = load_config(args.config)
     targets = _summary_targets_of(args, config)
     source = None if args.source is None else \
@@ -14365,7 +14422,7 @@ def command_report(args, stdout):
     progress = Progress(sys.stderr)
     try:
         with stream:  # closing it ends a journalctl cut short
-            for line in stream:
+            for line in export_lines(stream):
                 entry = None if line.isspace() else pipeline.decode(line)
                 if entry is not None and in_range(entry, args.since_us,
                                                   args.until_us):

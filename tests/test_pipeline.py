@@ -2,6 +2,7 @@
 `scan` command, driven by journal entries as journalctl exports them."""
 import io
 import json
+import tracemalloc
 
 import pytest
 
@@ -208,6 +209,65 @@ def test_scan_of_missing_file_is_a_plain_error(tmp_path, capsys):
                           stdout=io.StringIO())
     assert code == 1
     assert "cannot read" in capsys.readouterr().err
+
+
+class ChunkCounter(io.BytesIO):
+    """An export that remembers the longest piece anyone read of it."""
+
+    longest = 0
+
+    def _seen(self, data):
+        self.longest = max(self.longest, len(data))
+        return data
+
+    def readline(self, size=-1):
+        return self._seen(io.BytesIO.readline(self, size))
+
+    def read(self, size=-1):
+        return self._seen(io.BytesIO.read(self, size))
+
+    def __next__(self):
+        return self._seen(io.BytesIO.__next__(self))
+
+
+def test_an_over_long_export_line_is_skipped_without_being_held():
+    cap = pamsignal.MAX_LINE_BYTES
+    stream = ChunkCounter(b"one\n" + b"x" * (3 * cap) + b"\n" +
+                          b"y" * cap + b"\n" + b"z" * (cap + 1) + b"\n"
+                          b"last")
+    warnings = []
+    lines = list(pamsignal.export_lines(
+        stream, lambda level, text: warnings.append((level, text))))
+    assert lines == [b"one\n", b"y" * cap + b"\n", b"last"]
+    assert stream.longest <= cap + 1
+    assert warnings == [("warning", "skipped a line longer than %d bytes "
+                         "(%d so far)" % (cap, count)) for count in (1, 2)]
+
+
+def test_scan_skips_an_over_long_line_and_reads_on(tmp_path, capsys):
+    """The live source's cap holds for an export: the events on either
+    side, a warning, and the long line never in memory whole."""
+    good = sequence(("sshd", "Failed password for bob from 203.0.113.5 "
+                     "port 9 ssh2"), ("sshd", "Failed password for carol "
+                                      "from 203.0.113.6 port 9 ssh2"))
+    long_entry = dict(good[0], MESSAGE="Failed password for " + "A" * (
+        5 * pamsignal.MAX_LINE_BYTES) + " from 203.0.113.7 port 9 ssh2")
+    export = tmp_path / "export.json"
+    export.write_text("".join(json.dumps(entry) + "\n" for entry in (
+        good[0], long_entry, good[1])))
+    del long_entry
+    out = io.StringIO()
+    tracemalloc.start()
+    try:
+        code = pamsignal.main(["scan", "--json", str(export)], stdout=out)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 3 * pamsignal.MAX_LINE_BYTES, peak
+    assert code == 0
+    assert [event["user"]["name"] for event in
+            map(json.loads, out.getvalue().splitlines())] == ["bob", "carol"]
+    assert "skipped a line longer than" in capsys.readouterr().err
 
 
 def test_sudo_attempt_ledger_survives_a_restart():

@@ -212,6 +212,23 @@ def test_standard_input_gives_the_same_report(export, workdir):
     assert json.loads(result.stdout) == report_json(export)
 
 
+def test_an_over_long_line_on_standard_input_is_skipped(export, workdir):
+    """The cap of the live source: the line past it is left out with a
+    warning and the report reads on (the same reader as scan)."""
+    lines = story()
+    huge = dict(lines[3], MESSAGE="Failed password for bob from "
+                "198.51.100.9 port 1 ssh2" + " " * (
+                    pamsignal.MAX_LINE_BYTES + 1))
+    text = "".join(json_line(line) for line in lines[:3] + [huge] +
+                   lines[3:])
+    result = run_cli("report", "--json", "-", stdin=text,
+                     config=str(workdir / "pamsignal.conf"))
+    assert result.returncode == 0, result.stderr
+    assert "skipped a line longer than %d bytes" % \
+        pamsignal.MAX_LINE_BYTES in result.stderr
+    assert json.loads(result.stdout) == report_json(export)
+
+
 # ------------------------------------------------------------ the range
 
 def test_since_makes_an_earlier_open_a_session_before_the_range(export):
@@ -276,6 +293,44 @@ def test_when_reads_like_journalctl(text, expected):
 def test_when_refuses_what_it_cannot_read(text):
     with pytest.raises(pamsignal.UsageError):
         pamsignal.parse_when(text, T0, time.gmtime, calendar.timegm)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("1969-12-31", "lies outside"), ("0000-01-01", "lies outside"),
+    ("-999999999d", "lies outside"), ("+999999999d", "lies outside"),
+    ("999999999d ago", "lies outside"), ("@999999999999", "lies outside"),
+    ("2025-02-31", "no such day"), ("2023-02-29", "no such day"),
+    ("2026-04-31 10:00", "no such day")])
+def test_when_refuses_a_time_journalctl_would_refuse(text, why):
+    """No @-86400 for journalctl to reject, no 2025-02-31 read as 3 March:
+    a usage error naming the option."""
+    with pytest.raises(pamsignal.UsageError) as caught:
+        pamsignal.parse_when(text, T0, time.gmtime, calendar.timegm,
+                             option="--until")
+    assert why in str(caught.value) and "--until" in str(caught.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1970-01-01", 0), ("9999-12-31 23:59:59", 253402300799),
+    ("2024-02-29", 1709164800), ("@0", 0)])
+def test_when_takes_the_edges_of_what_a_journal_holds(text, expected):
+    assert pamsignal.parse_when(text, T0, time.gmtime, calendar.timegm) \
+        == expected * 1000000
+
+
+def test_an_impossible_since_is_a_usage_error_before_journalctl(workdir):
+    """Exit 2 with the option named; journalctl is never started."""
+    (workdir / "never").mkdir()
+    fake = FakeJournal(workdir / "never", {"once": [{"output": []}]})
+    config = write_config(workdir / "never.conf", "[pamsignal]\n"
+                          "journalctl = %s\n" % fake.program)
+    for option in ("--since=1969-12-31", "--until=2025-02-31"):
+        result = run_cli("report", option, config=config,
+                         env={"FAKE_PLAN": fake.plan_path})
+        assert (result.returncode, result.stdout) == (2, ""), result.stderr
+        assert option.split("=")[0] + " " in result.stderr
+        assert "journalctl failed" not in result.stderr
+    assert fake.calls() == []
 
 
 # ------------------------------------------------------------ the output
@@ -497,6 +552,63 @@ def test_a_long_range_puts_several_hours_in_a_bar():
     assert lines[0] == "Failures per 2 hours"  # 91 hours in 46 rows
     assert len(lines) - 1 == 46 <= pamsignal.CHART_ROWS
     assert sum(int(line.rsplit(" ", 1)[1]) for line in lines[1:]) == 10
+
+
+def old_chart_rows(per_hour):
+    """chart_rows as it was (walking every hour of the span): the oracle."""
+    hours = {calendar.timegm(time.strptime(row["hour"][:19],
+                                           "%Y-%m-%dT%H:%M:%S")) // 3600:
+             row["count"] for row in per_hour}
+    first, last = min(hours), max(hours)
+    step = -(-(last - first + 1) // pamsignal.CHART_ROWS)
+    return step, [(start, sum(hours.get(hour, 0)
+                              for hour in range(start, start + step)))
+                  for start in range(first, last + 1, step)]
+
+
+def hourly(*hours_and_counts):
+    return [{"hour": pamsignal.format_timestamp((T0 // 3600 + hour) *
+                                                3600 * 1000000),
+             "count": count} for hour, count in hours_and_counts]
+
+
+@pytest.mark.parametrize("per_hour", [
+    hourly((0, 3)), hourly((0, 10), (2, 5)),
+    hourly(*((n, n + 1) for n in range(0, 100, 10))),
+    hourly(*((n * 7, n % 4) for n in range(60))),
+    hourly((0, 1), (47, 2)), hourly((0, 1), (48, 2)), hourly((0, 1), (49, 2)),
+    hourly((-5000, 4), (0, 1), (24 * 365, 9))])
+def test_the_chart_rows_are_those_of_the_hour_by_hour_walk(per_hour):
+    assert pamsignal.chart_rows(per_hour) == old_chart_rows(per_hour)
+
+
+def test_a_chart_over_eight_thousand_years_costs_its_rows_only():
+    """A failure in 1970 and one in 9999 are 70 million hours apart: the
+    chart's work follows its rows (counted as lines run, not timed)."""
+    per_hour = [{"hour": pamsignal.format_timestamp(0), "count": 1},
+                {"hour": pamsignal.format_timestamp(253402300000000000),
+                 "count": 2}]
+    budget = [1000]  # lines run in pamsignal.py (strptime's are not)
+
+    def count_lines(frame, event, arg):
+        if frame.f_code.co_filename != pamsignal.__file__:
+            return None
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise RuntimeError("chart_rows walks the span")
+        return count_lines
+
+    sys.settrace(count_lines)
+    try:
+        step, rows = pamsignal.chart_rows(per_hour)
+    finally:
+        sys.settrace(None)
+    assert len(rows) <= pamsignal.CHART_ROWS
+    assert (rows[0], rows[-1][1], sum(count for _, count in rows)) == \
+        ((0, 1), 2, 3)
+    assert rows[-1][0] <= 253402300000 // 3600 < rows[-1][0] + step
+    assert len(pamsignal.failures_chart(per_hour, 80)) == len(rows) + 1
+    assert "<svg" in pamsignal.failures_svg(per_hour)
 
 
 def test_attacker_text_cannot_reach_the_terminal_raw():
