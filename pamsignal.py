@@ -1621,21 +1621,65 @@ SHOW_EVERYTHING = AlertPolicy(
     repeats=NO_THRESHOLD)
 
 
-def _index_lines(text):
-    """(section, key) -> line number, so problems can point at the file."""
-    index = {}
-    section = None
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped[0] in "#;":
+#: What starts a comment, as _read_ini tells configparser: a whole line
+#: whose first non-blank is one of these, or one after a blank.
+_COMMENT_PREFIXES = (";", "#")
+
+
+def _uncommented(line):
+    """A line without its comment, cut as configparser cuts it."""
+    if line.strip().startswith(_COMMENT_PREFIXES):
+        return ""
+    cut = len(line)
+    for prefix in _COMMENT_PREFIXES:
+        found = line.find(prefix)
+        while found > 0 and not line[found - 1].isspace():
+            found = line.find(prefix, found + 1)
+        if found != -1:
+            cut = min(cut, found)
+    return line[:cut]
+
+
+def _ini_lines(text):
+    """(line number, section, key, continued) of each section header (key
+    None), key and continuation line, read as configparser reads them: its
+    own patterns, lines split at \\n only, section names as written
+    between the brackets, and a line indented deeper than the key above
+    it (no blank line between) continuing that key's value."""
+    section = key = indent = None
+    for number, line in enumerate(io.StringIO(text), 1):
+        value = _uncommented(line).strip()
+        if not value:
+            indent = None  # a blank line ends a value
             continue
-        header = re.match(r"^\[([^\]]*)\]", stripped)
+        depth = len(line) - len(line.lstrip())
+        if key is not None and indent is not None and depth > indent:
+            yield number, section, key, True
+            continue
+        indent = depth
+        header = configparser.ConfigParser.SECTCRE.match(value)
         if header:
-            section = header.group(1).strip()
-            index.setdefault((section, None), number)
-        elif line[:1] not in " \t":
-            key = re.split(r"\s*[=:]", stripped, maxsplit=1)[0].strip().lower()
-            index.setdefault((section, key), number)
+            section, key = header.group("header"), None
+            yield number, section, None, False
+        elif section is not None:
+            option = configparser.ConfigParser.OPTCRE.match(value)
+            if option and option.group("option").rstrip():
+                key = option.group("option").rstrip().lower()
+                yield number, section, key, False
+
+
+def _index_lines(text):
+    """(section, key) -> line number, so problems can point at the file;
+    (section, None) is the section's header. A channel's section is also
+    found by its NAME without blanks, as the channel calls it."""
+    index = {}
+    for number, section, key, continued in _ini_lines(text):
+        if continued:
+            continue
+        index.setdefault((section, key), number)
+        name = channel_named(section)
+        if name is not None:
+            index.setdefault((channel_section(name), key), number)
     return index
 
 
@@ -1663,7 +1707,8 @@ def _ini_syntax_problems(error, path, text):
 def _read_ini(text, path):
     parser = configparser.ConfigParser(
         interpolation=None, strict=True, empty_lines_in_values=False,
-        inline_comment_prefixes=(";", "#"), default_section="\0none")
+        comment_prefixes=_COMMENT_PREFIXES,
+        inline_comment_prefixes=_COMMENT_PREFIXES, default_section="\0none")
     try:
         parser.read_string(text, source=path)
     except configparser.Error as error:
@@ -1818,14 +1863,15 @@ def inline_secrets(config):
 
 def _resolve_secret(value, validate, directory, where, problems):
     """A credential:NAME secret read and checked by `validate` (a problem
-    noted when it cannot be); any other value as it is."""
+    noted, (section, key, message) with `where` the (section, key), when
+    it cannot be); any other value as it is."""
     if value.credential is None:
         return value
     if not directory:
-        problems.append("%s: credential:%s, but no credentials were"
-                        " passed ($CREDENTIALS_DIRECTORY is unset; "
-                        "LoadCredential= in the unit)" % (
-                            where, value.credential))
+        problems.append(where + ("credential:%s, but no credentials were"
+                                 " passed ($CREDENTIALS_DIRECTORY is unset; "
+                                 "LoadCredential= in the unit)"
+                                 % value.credential,))
         return value
     path = os.path.join(directory, value.credential)
     try:
@@ -1833,13 +1879,12 @@ def _resolve_secret(value, validate, directory, where, problems):
             secret = handle.read(65536).strip()
         resolved = validate(secret)
     except (OSError, UnicodeDecodeError) as error:
-        problems.append("%s: cannot read credential %s: %s" % (
-            where, value.credential,
-            getattr(error, "strerror", None) or error))
+        problems.append(where + ("cannot read credential %s: %s" % (
+            value.credential, getattr(error, "strerror", None) or error),))
         return value
     except ValueError as error:
-        problems.append("%s: credential %s: %s" % (
-            where, value.credential, error))
+        problems.append(where + ("credential %s: %s" % (
+            value.credential, error),))
         return value
     return Secret(resolved.value if isinstance(resolved, Secret)
                   else resolved)
@@ -1852,7 +1897,7 @@ def resolve_credentials(config, directory):
     for channel in config.channels:
         options = dict(channel.options)
         for key, value in sorted(options.items()):
-            where = "[channel:%s] %s" % (channel.name, key)
+            where = (channel_section(channel.name), key)
             if isinstance(value, Secret):
                 options[key] = _resolve_secret(
                     value, CHANNEL_TYPES[channel.type].OPTIONS[key],
@@ -1863,8 +1908,9 @@ def resolve_credentials(config, directory):
                     problems)) for header in value)
         channels.append(channel._replace(options=options))
     if problems:
-        raise ConfigError([ConfigProblem(config.path, None, None, None, text)
-                           for text in problems])
+        raise ConfigError([ConfigProblem(config.path, None, section, key,
+                                         message)
+                           for section, key, message in problems])
     return config._replace(channels=tuple(channels))
 
 
@@ -1899,9 +1945,22 @@ def load_config(path=None, environ=None, channels=True, as_root=None):
                                         credentials=channels)
     if not channels:
         return config
-    check_ca_files(config)
-    check_client_certificates(config)
-    return resolve_credentials(config, environ.get("CREDENTIALS_DIRECTORY"))
+    try:
+        check_ca_files(config)
+        check_client_certificates(config)
+        return resolve_credentials(config,
+                                   environ.get("CREDENTIALS_DIRECTORY"))
+    except ConfigError as error:
+        raise ConfigError(_placed(error.problems, text)) from None
+
+
+def _placed(problems, text):
+    """Problems found after parsing, given the line of their key."""
+    lines = _index_lines(text)
+    return [problem._replace(line=lines.get((problem.section, problem.key))
+                             or lines.get((problem.section, None)))
+            if problem.line is None and problem.section else problem
+            for problem in problems]
 
 
 def _owner_name(uid):

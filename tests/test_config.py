@@ -268,3 +268,52 @@ def test_log_like_channels_get_every_event_unless_they_say(kind, options):
     assert (log.policy.cooldown, log.policy.rate_limit, log.policy.repeats) \
         == (0, pamsignal.NO_THRESHOLD, pamsignal.NO_THRESHOLD)
     assert tuned.policy.repeats == pamsignal.Threshold(2, 60)
+
+
+@pytest.mark.parametrize("text, expected", [
+    # configparser keeps the blanks of "[ pamsignal ]": its own section
+    ("[ pamsignal ]\nstate_dir = /x\n", "/etc/p.conf:1: [ pamsignal ]: "
+     "unknown section"),
+    ("[pamsignal]\n\n[ detection ] ; note\nbogus = 1\n", "/etc/p.conf:3: "
+     "[ detection ]: unknown section"),
+    # lines end at \n only, as configparser splits them
+    ("[pamsignal]\nhost_provider = a\x0cb\n\n[geoip2]\n", "/etc/p.conf:2: "
+     "[pamsignal] host_provider: expected auto"),
+    ("[pamsignal]\nhost_provider = a\x0cb\n\n[geoip2]\n", "/etc/p.conf:4: "
+     "[geoip2]: unknown section"),
+    # an indented first key is a key, not a continuation
+    ("[pamsignal]\n  bogus = 1\n", "/etc/p.conf:2: [pamsignal] bogus: "
+     "unknown key"),
+])
+def test_problems_find_their_line_as_configparser_reads_it(text, expected):
+    assert any(found.startswith(expected) for found in problems_of(text)), \
+        problems_of(text)
+
+
+def test_credential_and_ca_file_problems_name_their_line(tmp_path):
+    path = str(tmp_path / "p.conf")
+    with open(path, "w") as handle:
+        handle.write("[channel: bot ]\ntype = telegram\nchat_id = 1\n\n"
+                     "bot_token = credential:tok\n[channel:hook]\n"
+                     "type = webhook\nurl = https://a.example/\n"
+                     "ca_file = %s\n" % (tmp_path / "none.pem"))
+    os.chmod(path, 0o600)
+    with pytest.raises(pamsignal.ConfigError) as caught:
+        pamsignal.load_config(path, environ={}, as_root=False)
+    assert [str(p) for p in caught.value.problems] == [
+        "%s:9: [channel:hook] ca_file: cannot load %s: No such file or "
+        "directory" % (path, tmp_path / "none.pem")]
+    with open(path, "w") as handle:
+        handle.write("[channel: bot ]\ntype = telegram\nchat_id = 1\n\n"
+                     "bot_token = credential:tok\n")
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "tok").write_text("not a token\n")
+    for environ, message in [
+            ({}, "credential:tok, but no credentials were passed"),
+            ({"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")},
+             "credential tok: expected a secret without spaces")]:
+        with pytest.raises(pamsignal.ConfigError) as caught:
+            pamsignal.load_config(path, environ=environ, as_root=False)
+        (problem,) = caught.value.problems
+        assert str(problem).startswith(
+            "%s:5: [channel:bot] bot_token: %s" % (path, message))
