@@ -1742,13 +1742,22 @@ def parse_config(text, path="<config>"):
     geoip = _plain_section(parser, "geoip", GEOIP_OPTIONS, problem)
     audit = _plain_section(parser, "audit", AUDIT_OPTIONS, problem)
     report = _plain_section(parser, "report", REPORT_OPTIONS, problem)
-    channels = []
+    channels, named = [], {}
     for section in parser.sections():
         values = parser[section]
         if section in ("pamsignal", "detection", "alerts", "geoip", "audit",
                        "report"):
             continue
-        if channel_named(section):
+        name = channel_named(section)
+        if name in named:
+            # One name is one spool directory, one component, one target
+            # of send_to: a second channel of it would never alert.
+            problem(section, None, "channel %s is already [%s] on line %s "
+                    "(blanks around a name do not count); give each channel "
+                    "a name of its own" % (name, named[name], lines.get(
+                        (named[name], None), "?")))
+        elif name:
+            named[name] = section
             channel = _parse_channel(section, values, alerts, problem)
             if channel is not None:
                 channels.append(channel)

@@ -317,3 +317,22 @@ def test_credential_and_ca_file_problems_name_their_line(tmp_path):
         (problem,) = caught.value.problems
         assert str(problem).startswith(
             "%s:5: [channel:bot] bot_token: %s" % (path, message))
+
+
+def test_a_channel_name_is_used_once():
+    # [channel: tg] and [channel:tg ] are channel tg too: they would share
+    # its spool, and one of them would never alert
+    found = problems_of(
+        "[channel:tg]\ntype = console\n\n[channel: tg]\ntype = webhook\n"
+        "url = https://a.example/\n[channel:tg ]\ntype = console\n"
+        "[channel:TG]\ntype = console\n")
+    assert found == [
+        "/etc/p.conf:4: [channel: tg]: channel tg is already [channel:tg] "
+        "on line 1 (blanks around a name do not count); give each channel "
+        "a name of its own",
+        "/etc/p.conf:7: [channel:tg ]: channel tg is already [channel:tg] "
+        "on line 1 (blanks around a name do not count); give each channel "
+        "a name of its own"]
+    assert [channel.name for channel in pamsignal.parse_config(
+        "[channel:tg]\ntype = console\n[channel:TG]\ntype = console\n"
+    ).channels] == ["tg", "TG"]
