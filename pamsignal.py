@@ -795,9 +795,16 @@ def _problem_text(problem):
 ConfigProblem.__str__ = _problem_text
 
 
+#: Control characters: never in a path, a program name or a line of text.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _absolute_path(value):
-    if not value.startswith("/") or "\0" in value:
+    if not value.startswith("/"):
         raise ValueError("expected an absolute path, got %r" % value)
+    if _CONTROL_CHARACTERS.search(value):
+        raise ValueError("expected an absolute path without control "
+                         "characters, got %r" % value)
     return os.path.normpath(value)
 
 
@@ -811,7 +818,7 @@ def _login_records(value):
         return "auto" if value.lower() == "auto" else ()
     paths = tuple(path.strip() for path in value.split(","))
     for path in paths:
-        if not path.startswith("/") or "\0" in path:
+        if not path.startswith("/") or _CONTROL_CHARACTERS.search(path):
             raise ValueError("expected auto, off or absolute paths of "
                              "wtmp or wtmpdb files, got %r" % path)
     return paths
@@ -834,10 +841,10 @@ def _metrics_file(value):
 
 
 def _program_path(value):
-    if not value or "\0" in value or (
+    if not value or _CONTROL_CHARACTERS.search(value) or (
             "/" in value and not value.startswith("/")):
         raise ValueError("expected a program name or an absolute path, "
-                         "got %r" % value)
+                         "without control characters, got %r" % value)
     return value
 
 
@@ -1641,11 +1648,12 @@ def _uncommented(line):
 
 
 def _ini_lines(text):
-    """(line number, section, key, continued) of each section header (key
-    None), key and continuation line, read as configparser reads them: its
-    own patterns, lines split at \\n only, section names as written
-    between the brackets, and a line indented deeper than the key above
-    it (no blank line between) continuing that key's value."""
+    """(line number, section, key, continued, text) of each section header
+    (key None), key and continuation line (text: without its comment),
+    read as configparser reads them: its own patterns, lines split at \\n
+    only, section names as written between the brackets, and a line
+    indented deeper than the key above it (no blank line between)
+    continuing that key's value."""
     section = key = indent = None
     for number, line in enumerate(io.StringIO(text), 1):
         value = _uncommented(line).strip()
@@ -1654,18 +1662,18 @@ def _ini_lines(text):
             continue
         depth = len(line) - len(line.lstrip())
         if key is not None and indent is not None and depth > indent:
-            yield number, section, key, True
+            yield number, section, key, True, value
             continue
         indent = depth
         header = configparser.ConfigParser.SECTCRE.match(value)
         if header:
             section, key = header.group("header"), None
-            yield number, section, None, False
+            yield number, section, None, False, value
         elif section is not None:
             option = configparser.ConfigParser.OPTCRE.match(value)
             if option and option.group("option").rstrip():
                 key = option.group("option").rstrip().lower()
-                yield number, section, key, False
+                yield number, section, key, False, value
 
 
 def _index_lines(text):
@@ -1673,7 +1681,7 @@ def _index_lines(text):
     (section, None) is the section's header. A channel's section is also
     found by its NAME without blanks, as the channel calls it."""
     index = {}
-    for number, section, key, continued in _ini_lines(text):
+    for number, section, key, continued, _ in _ini_lines(text):
         if continued:
             continue
         index.setdefault((section, key), number)
@@ -1730,10 +1738,11 @@ def parse_config(text, path="<config>"):
     lines = _index_lines(text)
     problems = []
 
-    def problem(section, key, message):
-        line = lines.get((section, key)) or lines.get((section, None))
+    def problem(section, key, message, line=None):
+        line = line or lines.get((section, key)) or lines.get((section, None))
         problems.append(ConfigProblem(path, line, section, key, message))
 
+    _cut_continuations(parser, text, problem)
     settings = _plain_section(parser, "pamsignal", GLOBAL_OPTIONS, problem)
     detection = _plain_section(parser, "detection", DETECTION_OPTIONS,
                                problem)
@@ -1773,6 +1782,72 @@ def parse_config(text, path="<config>"):
                   detection=DetectionConfig(**detection), alerts=alerts,
                   geoip=GeoipConfig(**geoip), audit=AuditConfig(**audit),
                   report=ReportConfig(**report), **settings)
+
+
+#: Checks of values that take several lines: one header a line.
+_MULTI_LINE_CHECKS = frozenset((_headers,))
+
+#: Checks of comma-separated lists, which may go on to an indented line
+#: after a comma (or after `key =` with nothing on its line).
+_LIST_CHECKS = frozenset((_event_filter, _names, _networks, _channel_names,
+                          _login_records, _phone_numbers, _email_addresses))
+
+
+def _options_of(parser, section):
+    """The checks of a section's keys (a channel's by its type); None for
+    a section that has none."""
+    for name, options, _ in CONFIG_SECTIONS:
+        if section == name:
+            return {key: option.check for key, option in options.items()}
+    if not channel_named(section):
+        return None
+    kind = CHANNEL_TYPES.get(parser[section].get("type", "").strip())
+    return dict(((key, option.check) for key, option in
+                 ALERT_OPTIONS.items()), type=_plain_text,
+                **(kind.OPTIONS if kind else {}))
+
+
+def _continuation_problem(key, value_lines, continued, checks):
+    """Why the indented line that continues a value is wrong, or None:
+    configparser joins it to the value of the key above, so an indented
+    `key = value` would vanish into it."""
+    check = checks.get(key) if checks else None
+    if check in _MULTI_LINE_CHECKS:
+        return None
+    before = value_lines[-1]
+    indented_key = re.match(r"^([A-Za-z0-9_.-]+)\s*(=|:(?!:))", continued)
+    if indented_key and (indented_key.group(2) == "=" or (
+            checks and indented_key.group(1).lower() in checks)):
+        return ("%r is indented, so it is not a key: an indented line "
+                "continues the one above (%s); write it at the start of its "
+                "line" % (continued, key))
+    if check in _LIST_CHECKS and (not before or before.endswith(",")):
+        return None
+    return ("an indented line continues the one above, and %s: write %r "
+            "at the start of its line, or join it to the line above" % (
+                "a list goes on to the next line only after a comma"
+                if check in _LIST_CHECKS else key + " takes one line",
+                continued))
+
+
+def _cut_continuations(parser, text, problem):
+    """A problem at each indented line that continues a value it should
+    not, and that value cut to its first line (checked as usual)."""
+    value_lines = {}
+    for number, section, key, continued, value in _ini_lines(text):
+        if key is None or not parser.has_option(section, key):
+            continue
+        if not continued:
+            value_lines[section, key] = [configparser.ConfigParser.OPTCRE
+                                         .match(value).group("value").strip()]
+            continue
+        message = _continuation_problem(
+            key, value_lines[section, key], value,
+            _options_of(parser, section))
+        value_lines[section, key].append(value)
+        if message:
+            problem(section, key, message, number)
+            parser.set(section, key, parser.get(section, key).split("\n")[0])
 
 
 def _plain_section(parser, section, options, problem):

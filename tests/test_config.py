@@ -336,3 +336,49 @@ def test_a_channel_name_is_used_once():
     assert [channel.name for channel in pamsignal.parse_config(
         "[channel:tg]\ntype = console\n[channel:TG]\ntype = console\n"
     ).channels] == ["tg", "TG"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[geoip]\nasn_db = /a.mmdb\n country_db = /b.mmdb\n",
+     "/etc/p.conf:3: [geoip] asn_db: 'country_db = /b.mmdb' is indented, "
+     "so it is not a key: an indented line continues the one above "
+     "(asn_db); write it at the start of its line"),
+    ("[pamsignal]\nstate_dir = /srv/x\n  continued\n",
+     "/etc/p.conf:3: [pamsignal] state_dir: an indented line continues the "
+     "one above, and state_dir takes one line: write 'continued' at the "
+     "start of its line, or join it to the line above"),
+    ("[audit]\nkey = /etc/k\n\tmore\n", "/etc/p.conf:3: [audit] key: an "
+     "indented line continues the one above, and key takes one line"),
+    ("[pamsignal]\njournalctl = journalctl\n  -x\n", "/etc/p.conf:3: "
+     "[pamsignal] journalctl: an indented line continues"),
+    ("[channel:t]\ntype = telegram\nbot_token = 1:A ; c\n  chat_id: 5\n",
+     "/etc/p.conf:4: [channel:t] bot_token: 'chat_id: 5' is indented"),
+    ("[alerts]\nignore_users = a,\n  always_users = root\n",
+     "/etc/p.conf:3: [alerts] ignore_users: 'always_users = root' is "
+     "indented"),
+    ("[alerts]\nevents = login_success\n  sudo_command\n", "/etc/p.conf:3: "
+     "[alerts] events: an indented line continues the one above, and a list"
+     " goes on to the next line only after a comma"),
+    ("[pamsignal]\nstate_dir = /srv/a\x0bb\n", "/etc/p.conf:2: [pamsignal] "
+     "state_dir: expected an absolute path without control characters"),
+    ("[pamsignal]\njournalctl = /bin/j\x01\n", "/etc/p.conf:2: [pamsignal] "
+     "journalctl: expected a program name or an absolute path, without "
+     "control characters"),
+])
+def test_an_indented_line_continuing_a_one_line_value_is_an_error(
+        text, expected):
+    found = problems_of(text)
+    assert found[0].startswith(expected), found
+
+
+def test_lists_and_headers_may_go_on_to_indented_lines():
+    config = pamsignal.parse_config(
+        "[alerts]\nevents =\n    login_success,\n    sudo_command\n"
+        "ignore_sources = 10.0.0.0/8,\n  ::1, 2001:db8::/32\n\n"
+        "[channel:hook]\ntype = webhook\nurl = https://a.example/\n"
+        "headers = X-One: 1\n  X-Two: 2\n")
+    assert config.alerts.events == {"login_success", "sudo_command"}
+    assert [str(n) for n in config.alerts.ignore_sources] == [
+        "10.0.0.0/8", "::1/128", "2001:db8::/32"]
+    (channel,) = config.channels
+    assert [h.name for h in channel.options["headers"]] == ["X-One", "X-Two"]
