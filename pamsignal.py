@@ -982,14 +982,28 @@ class Secret:
     __str__ = __repr__
 
 
-_CREDENTIAL = re.compile(r"^credential:([A-Za-z0-9_.@-]{1,128})$")
+_CREDENTIAL = re.compile(r"^credential:(?!\.\.?$)([A-Za-z0-9_.@-]{1,128})$")
+
+
+def _credential_name(value):
+    """NAME of credential:NAME, or None for a value that is no credential;
+    a bad NAME is an error, never a secret or path written as it is."""
+    credential = _CREDENTIAL.match(value)
+    if credential:
+        return credential.group(1)
+    if value.startswith("credential:"):
+        raise ValueError("invalid credential name %r, expected "
+                         "credential:NAME, NAME of 1 to 128 letters, digits "
+                         "and _.@- (not . or ..)"
+                         % value[len("credential:"):])
+    return None
 
 
 def _secret(value):
     """A secret written in the file, or credential:NAME."""
-    credential = _CREDENTIAL.match(value)
+    credential = _credential_name(value)
     if credential:
-        return Secret(None, credential.group(1))
+        return Secret(None, credential)
     if not value or re.search(r"[\s\x00-\x1f\x7f]", value):
         raise ValueError("expected a secret without spaces, or "
                          "credential:NAME for a systemd credential")
@@ -1078,7 +1092,7 @@ RESERVED_HEADERS = frozenset((
     "connection", "user-agent", "webhook-id", "webhook-timestamp",
     "webhook-signature"))
 
-_HEADER_CREDENTIAL = re.compile(r"^(.*?)(credential:[A-Za-z0-9_.@-]{1,128})$")
+_HEADER_CREDENTIAL = re.compile(r"^(.*?)(credential:\S*)$")
 
 
 def _header_value(value):
@@ -1377,7 +1391,7 @@ def _size_bytes(value):
 
 def _audit_key(value):
     """Empty (no key), credential:NAME or an absolute path."""
-    if not value or _CREDENTIAL.match(value):
+    if not value or _credential_name(value):
         return value
     return _absolute_path(value)
 

@@ -382,3 +382,23 @@ def test_lists_and_headers_may_go_on_to_indented_lines():
         "10.0.0.0/8", "::1/128", "2001:db8::/32"]
     (channel,) = config.channels
     assert [h.name for h in channel.options["headers"]] == ["X-One", "X-Two"]
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("[channel:t]\ntype = telegram\nchat_id = 1\n", "bot_token",
+     "credential:../../etc/shadow"),
+    ("[channel:t]\ntype = telegram\nchat_id = 1\n", "bot_token",
+     "credential:.."),
+    ("[channel:t]\ntype = webhook\n", "url", "credential:../x"),
+    ("[channel:t]\ntype = webhook\nurl = https://a.example/\n", "headers",
+     "Authorization: Bearer credential:a/b"),
+    ("[audit]\n", "key", "credential:"),
+])
+def test_a_bad_credential_name_is_an_error_not_a_secret(section, key,
+                                                        value):
+    found = problems_of("%s%s = %s\n" % (section, key, value))
+    name = value.partition("credential:")[2]
+    assert found[0].startswith(
+        "/etc/p.conf:%d: " % (section.count("\n") + 1)), found
+    assert "invalid credential name %r, expected credential:NAME" % name \
+        in found[0], found
