@@ -795,9 +795,16 @@ def _problem_text(problem):
 ConfigProblem.__str__ = _problem_text
 
 
+#: Control characters: never in a path, a program name or a line of text.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _absolute_path(value):
-    if not value.startswith("/") or "\0" in value:
+    if not value.startswith("/"):
         raise ValueError("expected an absolute path, got %r" % value)
+    if _CONTROL_CHARACTERS.search(value):
+        raise ValueError("expected an absolute path without control "
+                         "characters, got %r" % value)
     return os.path.normpath(value)
 
 
@@ -811,7 +818,7 @@ def _login_records(value):
         return "auto" if value.lower() == "auto" else ()
     paths = tuple(path.strip() for path in value.split(","))
     for path in paths:
-        if not path.startswith("/") or "\0" in path:
+        if not path.startswith("/") or _CONTROL_CHARACTERS.search(path):
             raise ValueError("expected auto, off or absolute paths of "
                              "wtmp or wtmpdb files, got %r" % path)
     return paths
@@ -834,10 +841,10 @@ def _metrics_file(value):
 
 
 def _program_path(value):
-    if not value or "\0" in value or (
+    if not value or _CONTROL_CHARACTERS.search(value) or (
             "/" in value and not value.startswith("/")):
         raise ValueError("expected a program name or an absolute path, "
-                         "got %r" % value)
+                         "without control characters, got %r" % value)
     return value
 
 
@@ -975,14 +982,28 @@ class Secret:
     __str__ = __repr__
 
 
-_CREDENTIAL = re.compile(r"^credential:([A-Za-z0-9_.@-]{1,128})$")
+_CREDENTIAL = re.compile(r"^credential:(?!\.\.?$)([A-Za-z0-9_.@-]{1,128})$")
+
+
+def _credential_name(value):
+    """NAME of credential:NAME, or None for a value that is no credential;
+    a bad NAME is an error, never a secret or path written as it is."""
+    credential = _CREDENTIAL.match(value)
+    if credential:
+        return credential.group(1)
+    if value.startswith("credential:"):
+        raise ValueError("invalid credential name %r, expected "
+                         "credential:NAME, NAME of 1 to 128 letters, digits "
+                         "and _.@- (not . or ..)"
+                         % value[len("credential:"):])
+    return None
 
 
 def _secret(value):
     """A secret written in the file, or credential:NAME."""
-    credential = _CREDENTIAL.match(value)
+    credential = _credential_name(value)
     if credential:
-        return Secret(None, credential.group(1))
+        return Secret(None, credential)
     if not value or re.search(r"[\s\x00-\x1f\x7f]", value):
         raise ValueError("expected a secret without spaces, or "
                          "credential:NAME for a systemd credential")
@@ -1071,7 +1092,7 @@ RESERVED_HEADERS = frozenset((
     "connection", "user-agent", "webhook-id", "webhook-timestamp",
     "webhook-signature"))
 
-_HEADER_CREDENTIAL = re.compile(r"^(.*?)(credential:[A-Za-z0-9_.@-]{1,128})$")
+_HEADER_CREDENTIAL = re.compile(r"^(.*?)(credential:\S*)$")
 
 
 def _header_value(value):
@@ -1370,7 +1391,7 @@ def _size_bytes(value):
 
 def _audit_key(value):
     """Empty (no key), credential:NAME or an absolute path."""
-    if not value or _CREDENTIAL.match(value):
+    if not value or _credential_name(value):
         return value
     return _absolute_path(value)
 
@@ -1621,21 +1642,66 @@ SHOW_EVERYTHING = AlertPolicy(
     repeats=NO_THRESHOLD)
 
 
-def _index_lines(text):
-    """(section, key) -> line number, so problems can point at the file."""
-    index = {}
-    section = None
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped[0] in "#;":
+#: What starts a comment, as _read_ini tells configparser: a whole line
+#: whose first non-blank is one of these, or one after a blank.
+_COMMENT_PREFIXES = (";", "#")
+
+
+def _uncommented(line):
+    """A line without its comment, cut as configparser cuts it."""
+    if line.strip().startswith(_COMMENT_PREFIXES):
+        return ""
+    cut = len(line)
+    for prefix in _COMMENT_PREFIXES:
+        found = line.find(prefix)
+        while found > 0 and not line[found - 1].isspace():
+            found = line.find(prefix, found + 1)
+        if found != -1:
+            cut = min(cut, found)
+    return line[:cut]
+
+
+def _ini_lines(text):
+    """(line number, section, key, continued, text) of each section header
+    (key None), key and continuation line (text: without its comment),
+    read as configparser reads them: its own patterns, lines split at \\n
+    only, section names as written between the brackets, and a line
+    indented deeper than the key above it (no blank line between)
+    continuing that key's value."""
+    section = key = indent = None
+    for number, line in enumerate(io.StringIO(text), 1):
+        value = _uncommented(line).strip()
+        if not value:
+            indent = None  # a blank line ends a value
             continue
-        header = re.match(r"^\[([^\]]*)\]", stripped)
+        depth = len(line) - len(line.lstrip())
+        if key is not None and indent is not None and depth > indent:
+            yield number, section, key, True, value
+            continue
+        indent = depth
+        header = configparser.ConfigParser.SECTCRE.match(value)
         if header:
-            section = header.group(1).strip()
-            index.setdefault((section, None), number)
-        elif line[:1] not in " \t":
-            key = re.split(r"\s*[=:]", stripped, maxsplit=1)[0].strip().lower()
-            index.setdefault((section, key), number)
+            section, key = header.group("header"), None
+            yield number, section, None, False, value
+        elif section is not None:
+            option = configparser.ConfigParser.OPTCRE.match(value)
+            if option and option.group("option").rstrip():
+                key = option.group("option").rstrip().lower()
+                yield number, section, key, False, value
+
+
+def _index_lines(text):
+    """(section, key) -> line number, so problems can point at the file;
+    (section, None) is the section's header. A channel's section is also
+    found by its NAME without blanks, as the channel calls it."""
+    index = {}
+    for number, section, key, continued, _ in _ini_lines(text):
+        if continued:
+            continue
+        index.setdefault((section, key), number)
+        name = channel_named(section)
+        if name is not None:
+            index.setdefault((channel_section(name), key), number)
     return index
 
 
@@ -1663,7 +1729,8 @@ def _ini_syntax_problems(error, path, text):
 def _read_ini(text, path):
     parser = configparser.ConfigParser(
         interpolation=None, strict=True, empty_lines_in_values=False,
-        inline_comment_prefixes=(";", "#"), default_section="\0none")
+        comment_prefixes=_COMMENT_PREFIXES,
+        inline_comment_prefixes=_COMMENT_PREFIXES, default_section="\0none")
     try:
         parser.read_string(text, source=path)
     except configparser.Error as error:
@@ -1685,10 +1752,11 @@ def parse_config(text, path="<config>"):
     lines = _index_lines(text)
     problems = []
 
-    def problem(section, key, message):
-        line = lines.get((section, key)) or lines.get((section, None))
+    def problem(section, key, message, line=None):
+        line = line or lines.get((section, key)) or lines.get((section, None))
         problems.append(ConfigProblem(path, line, section, key, message))
 
+    _cut_continuations(parser, text, problem)
     settings = _plain_section(parser, "pamsignal", GLOBAL_OPTIONS, problem)
     detection = _plain_section(parser, "detection", DETECTION_OPTIONS,
                                problem)
@@ -1697,13 +1765,22 @@ def parse_config(text, path="<config>"):
     geoip = _plain_section(parser, "geoip", GEOIP_OPTIONS, problem)
     audit = _plain_section(parser, "audit", AUDIT_OPTIONS, problem)
     report = _plain_section(parser, "report", REPORT_OPTIONS, problem)
-    channels = []
+    channels, named = [], {}
     for section in parser.sections():
         values = parser[section]
         if section in ("pamsignal", "detection", "alerts", "geoip", "audit",
                        "report"):
             continue
-        if channel_named(section):
+        name = channel_named(section)
+        if name in named:
+            # One name is one spool directory, one component, one target
+            # of send_to: a second channel of it would never alert.
+            problem(section, None, "channel %s is already [%s] on line %s "
+                    "(blanks around a name do not count); give each channel "
+                    "a name of its own" % (name, named[name], lines.get(
+                        (named[name], None), "?")))
+        elif name:
+            named[name] = section
             channel = _parse_channel(section, values, alerts, problem)
             if channel is not None:
                 channels.append(channel)
@@ -1719,6 +1796,72 @@ def parse_config(text, path="<config>"):
                   detection=DetectionConfig(**detection), alerts=alerts,
                   geoip=GeoipConfig(**geoip), audit=AuditConfig(**audit),
                   report=ReportConfig(**report), **settings)
+
+
+#: Checks of values that take several lines: one header a line.
+_MULTI_LINE_CHECKS = frozenset((_headers,))
+
+#: Checks of comma-separated lists, which may go on to an indented line
+#: after a comma (or after `key =` with nothing on its line).
+_LIST_CHECKS = frozenset((_event_filter, _names, _networks, _channel_names,
+                          _login_records, _phone_numbers, _email_addresses))
+
+
+def _options_of(parser, section):
+    """The checks of a section's keys (a channel's by its type); None for
+    a section that has none."""
+    for name, options, _ in CONFIG_SECTIONS:
+        if section == name:
+            return {key: option.check for key, option in options.items()}
+    if not channel_named(section):
+        return None
+    kind = CHANNEL_TYPES.get(parser[section].get("type", "").strip())
+    return dict(((key, option.check) for key, option in
+                 ALERT_OPTIONS.items()), type=_plain_text,
+                **(kind.OPTIONS if kind else {}))
+
+
+def _continuation_problem(key, value_lines, continued, checks):
+    """Why the indented line that continues a value is wrong, or None:
+    configparser joins it to the value of the key above, so an indented
+    `key = value` would vanish into it."""
+    check = checks.get(key) if checks else None
+    if check in _MULTI_LINE_CHECKS:
+        return None
+    before = value_lines[-1]
+    indented_key = re.match(r"^([A-Za-z0-9_.-]+)\s*(=|:(?!:))", continued)
+    if indented_key and (indented_key.group(2) == "=" or (
+            checks and indented_key.group(1).lower() in checks)):
+        return ("%r is indented, so it is not a key: an indented line "
+                "continues the one above (%s); write it at the start of its "
+                "line" % (continued, key))
+    if check in _LIST_CHECKS and (not before or before.endswith(",")):
+        return None
+    return ("an indented line continues the one above, and %s: write %r "
+            "at the start of its line, or join it to the line above" % (
+                "a list goes on to the next line only after a comma"
+                if check in _LIST_CHECKS else key + " takes one line",
+                continued))
+
+
+def _cut_continuations(parser, text, problem):
+    """A problem at each indented line that continues a value it should
+    not, and that value cut to its first line (checked as usual)."""
+    value_lines = {}
+    for number, section, key, continued, value in _ini_lines(text):
+        if key is None or not parser.has_option(section, key):
+            continue
+        if not continued:
+            value_lines[section, key] = [configparser.ConfigParser.OPTCRE
+                                         .match(value).group("value").strip()]
+            continue
+        message = _continuation_problem(
+            key, value_lines[section, key], value,
+            _options_of(parser, section))
+        value_lines[section, key].append(value)
+        if message:
+            problem(section, key, message, number)
+            parser.set(section, key, parser.get(section, key).split("\n")[0])
 
 
 def _plain_section(parser, section, options, problem):
@@ -1818,14 +1961,15 @@ def inline_secrets(config):
 
 def _resolve_secret(value, validate, directory, where, problems):
     """A credential:NAME secret read and checked by `validate` (a problem
-    noted when it cannot be); any other value as it is."""
+    noted, (section, key, message) with `where` the (section, key), when
+    it cannot be); any other value as it is."""
     if value.credential is None:
         return value
     if not directory:
-        problems.append("%s: credential:%s, but no credentials were"
-                        " passed ($CREDENTIALS_DIRECTORY is unset; "
-                        "LoadCredential= in the unit)" % (
-                            where, value.credential))
+        problems.append(where + ("credential:%s, but no credentials were"
+                                 " passed ($CREDENTIALS_DIRECTORY is unset; "
+                                 "LoadCredential= in the unit)"
+                                 % value.credential,))
         return value
     path = os.path.join(directory, value.credential)
     try:
@@ -1833,13 +1977,12 @@ def _resolve_secret(value, validate, directory, where, problems):
             secret = handle.read(65536).strip()
         resolved = validate(secret)
     except (OSError, UnicodeDecodeError) as error:
-        problems.append("%s: cannot read credential %s: %s" % (
-            where, value.credential,
-            getattr(error, "strerror", None) or error))
+        problems.append(where + ("cannot read credential %s: %s" % (
+            value.credential, getattr(error, "strerror", None) or error),))
         return value
     except ValueError as error:
-        problems.append("%s: credential %s: %s" % (
-            where, value.credential, error))
+        problems.append(where + ("credential %s: %s" % (
+            value.credential, error),))
         return value
     return Secret(resolved.value if isinstance(resolved, Secret)
                   else resolved)
@@ -1852,7 +1995,7 @@ def resolve_credentials(config, directory):
     for channel in config.channels:
         options = dict(channel.options)
         for key, value in sorted(options.items()):
-            where = "[channel:%s] %s" % (channel.name, key)
+            where = (channel_section(channel.name), key)
             if isinstance(value, Secret):
                 options[key] = _resolve_secret(
                     value, CHANNEL_TYPES[channel.type].OPTIONS[key],
@@ -1863,8 +2006,9 @@ def resolve_credentials(config, directory):
                     problems)) for header in value)
         channels.append(channel._replace(options=options))
     if problems:
-        raise ConfigError([ConfigProblem(config.path, None, None, None, text)
-                           for text in problems])
+        raise ConfigError([ConfigProblem(config.path, None, section, key,
+                                         message)
+                           for section, key, message in problems])
     return config._replace(channels=tuple(channels))
 
 
@@ -1899,9 +2043,22 @@ def load_config(path=None, environ=None, channels=True, as_root=None):
                                         credentials=channels)
     if not channels:
         return config
-    check_ca_files(config)
-    check_client_certificates(config)
-    return resolve_credentials(config, environ.get("CREDENTIALS_DIRECTORY"))
+    try:
+        check_ca_files(config)
+        check_client_certificates(config)
+        return resolve_credentials(config,
+                                   environ.get("CREDENTIALS_DIRECTORY"))
+    except ConfigError as error:
+        raise ConfigError(_placed(error.problems, text)) from None
+
+
+def _placed(problems, text):
+    """Problems found after parsing, given the line of their key."""
+    lines = _index_lines(text)
+    return [problem._replace(line=lines.get((problem.section, problem.key))
+                             or lines.get((problem.section, None)))
+            if problem.line is None and problem.section else problem
+            for problem in problems]
 
 
 def _owner_name(uid):

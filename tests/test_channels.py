@@ -525,7 +525,7 @@ def test_an_unloadable_ca_file_is_a_configuration_error(tmp_path):
         pamsignal.load_config(path, environ={})
     (problem,) = raised.value.problems
     assert str(problem).startswith(
-        "%s: [channel:h] ca_file: cannot load %s: " % (path, bad))
+        "%s:4: [channel:h] ca_file: cannot load %s: " % (path, bad))
 
 
 def test_tombstones_are_pruned_by_age_and_number(tmp_path):

@@ -268,3 +268,137 @@ def test_log_like_channels_get_every_event_unless_they_say(kind, options):
     assert (log.policy.cooldown, log.policy.rate_limit, log.policy.repeats) \
         == (0, pamsignal.NO_THRESHOLD, pamsignal.NO_THRESHOLD)
     assert tuned.policy.repeats == pamsignal.Threshold(2, 60)
+
+
+@pytest.mark.parametrize("text, expected", [
+    # configparser keeps the blanks of "[ pamsignal ]": its own section
+    ("[ pamsignal ]\nstate_dir = /x\n", "/etc/p.conf:1: [ pamsignal ]: "
+     "unknown section"),
+    ("[pamsignal]\n\n[ detection ] ; note\nbogus = 1\n", "/etc/p.conf:3: "
+     "[ detection ]: unknown section"),
+    # lines end at \n only, as configparser splits them
+    ("[pamsignal]\nhost_provider = a\x0cb\n\n[geoip2]\n", "/etc/p.conf:2: "
+     "[pamsignal] host_provider: expected auto"),
+    ("[pamsignal]\nhost_provider = a\x0cb\n\n[geoip2]\n", "/etc/p.conf:4: "
+     "[geoip2]: unknown section"),
+    # an indented first key is a key, not a continuation
+    ("[pamsignal]\n  bogus = 1\n", "/etc/p.conf:2: [pamsignal] bogus: "
+     "unknown key"),
+])
+def test_problems_find_their_line_as_configparser_reads_it(text, expected):
+    assert any(found.startswith(expected) for found in problems_of(text)), \
+        problems_of(text)
+
+
+def test_credential_and_ca_file_problems_name_their_line(tmp_path):
+    path = str(tmp_path / "p.conf")
+    with open(path, "w") as handle:
+        handle.write("[channel: bot ]\ntype = telegram\nchat_id = 1\n\n"
+                     "bot_token = credential:tok\n[channel:hook]\n"
+                     "type = webhook\nurl = https://a.example/\n"
+                     "ca_file = %s\n" % (tmp_path / "none.pem"))
+    os.chmod(path, 0o600)
+    with pytest.raises(pamsignal.ConfigError) as caught:
+        pamsignal.load_config(path, environ={}, as_root=False)
+    assert [str(p) for p in caught.value.problems] == [
+        "%s:9: [channel:hook] ca_file: cannot load %s: No such file or "
+        "directory" % (path, tmp_path / "none.pem")]
+    with open(path, "w") as handle:
+        handle.write("[channel: bot ]\ntype = telegram\nchat_id = 1\n\n"
+                     "bot_token = credential:tok\n")
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "tok").write_text("not a token\n")
+    for environ, message in [
+            ({}, "credential:tok, but no credentials were passed"),
+            ({"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")},
+             "credential tok: expected a secret without spaces")]:
+        with pytest.raises(pamsignal.ConfigError) as caught:
+            pamsignal.load_config(path, environ=environ, as_root=False)
+        (problem,) = caught.value.problems
+        assert str(problem).startswith(
+            "%s:5: [channel:bot] bot_token: %s" % (path, message))
+
+
+def test_a_channel_name_is_used_once():
+    # [channel: tg] and [channel:tg ] are channel tg too: they would share
+    # its spool, and one of them would never alert
+    found = problems_of(
+        "[channel:tg]\ntype = console\n\n[channel: tg]\ntype = webhook\n"
+        "url = https://a.example/\n[channel:tg ]\ntype = console\n"
+        "[channel:TG]\ntype = console\n")
+    assert found == [
+        "/etc/p.conf:4: [channel: tg]: channel tg is already [channel:tg] "
+        "on line 1 (blanks around a name do not count); give each channel "
+        "a name of its own",
+        "/etc/p.conf:7: [channel:tg ]: channel tg is already [channel:tg] "
+        "on line 1 (blanks around a name do not count); give each channel "
+        "a name of its own"]
+    assert [channel.name for channel in pamsignal.parse_config(
+        "[channel:tg]\ntype = console\n[channel:TG]\ntype = console\n"
+    ).channels] == ["tg", "TG"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[geoip]\nasn_db = /a.mmdb\n country_db = /b.mmdb\n",
+     "/etc/p.conf:3: [geoip] asn_db: 'country_db = /b.mmdb' is indented, "
+     "so it is not a key: an indented line continues the one above "
+     "(asn_db); write it at the start of its line"),
+    ("[pamsignal]\nstate_dir = /srv/x\n  continued\n",
+     "/etc/p.conf:3: [pamsignal] state_dir: an indented line continues the "
+     "one above, and state_dir takes one line: write 'continued' at the "
+     "start of its line, or join it to the line above"),
+    ("[audit]\nkey = /etc/k\n\tmore\n", "/etc/p.conf:3: [audit] key: an "
+     "indented line continues the one above, and key takes one line"),
+    ("[pamsignal]\njournalctl = journalctl\n  -x\n", "/etc/p.conf:3: "
+     "[pamsignal] journalctl: an indented line continues"),
+    ("[channel:t]\ntype = telegram\nbot_token = 1:A ; c\n  chat_id: 5\n",
+     "/etc/p.conf:4: [channel:t] bot_token: 'chat_id: 5' is indented"),
+    ("[alerts]\nignore_users = a,\n  always_users = root\n",
+     "/etc/p.conf:3: [alerts] ignore_users: 'always_users = root' is "
+     "indented"),
+    ("[alerts]\nevents = login_success\n  sudo_command\n", "/etc/p.conf:3: "
+     "[alerts] events: an indented line continues the one above, and a list"
+     " goes on to the next line only after a comma"),
+    ("[pamsignal]\nstate_dir = /srv/a\x0bb\n", "/etc/p.conf:2: [pamsignal] "
+     "state_dir: expected an absolute path without control characters"),
+    ("[pamsignal]\njournalctl = /bin/j\x01\n", "/etc/p.conf:2: [pamsignal] "
+     "journalctl: expected a program name or an absolute path, without "
+     "control characters"),
+])
+def test_an_indented_line_continuing_a_one_line_value_is_an_error(
+        text, expected):
+    found = problems_of(text)
+    assert found[0].startswith(expected), found
+
+
+def test_lists_and_headers_may_go_on_to_indented_lines():
+    config = pamsignal.parse_config(
+        "[alerts]\nevents =\n    login_success,\n    sudo_command\n"
+        "ignore_sources = 10.0.0.0/8,\n  ::1, 2001:db8::/32\n\n"
+        "[channel:hook]\ntype = webhook\nurl = https://a.example/\n"
+        "headers = X-One: 1\n  X-Two: 2\n")
+    assert config.alerts.events == {"login_success", "sudo_command"}
+    assert [str(n) for n in config.alerts.ignore_sources] == [
+        "10.0.0.0/8", "::1/128", "2001:db8::/32"]
+    (channel,) = config.channels
+    assert [h.name for h in channel.options["headers"]] == ["X-One", "X-Two"]
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("[channel:t]\ntype = telegram\nchat_id = 1\n", "bot_token",
+     "credential:../../etc/shadow"),
+    ("[channel:t]\ntype = telegram\nchat_id = 1\n", "bot_token",
+     "credential:.."),
+    ("[channel:t]\ntype = webhook\n", "url", "credential:../x"),
+    ("[channel:t]\ntype = webhook\nurl = https://a.example/\n", "headers",
+     "Authorization: Bearer credential:a/b"),
+    ("[audit]\n", "key", "credential:"),
+])
+def test_a_bad_credential_name_is_an_error_not_a_secret(section, key,
+                                                        value):
+    found = problems_of("%s%s = %s\n" % (section, key, value))
+    name = value.partition("credential:")[2]
+    assert found[0].startswith(
+        "/etc/p.conf:%d: " % (section.count("\n") + 1)), found
+    assert "invalid credential name %r, expected credential:NAME" % name \
+        in found[0], found
