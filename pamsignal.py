@@ -15444,15 +15444,29 @@ def _systemctl(stdout, *arguments):
 
 
 def command_install(args, stdout):
+    # Every directory made below (and the ones above it makedirs adds)
+    # gets 0755, or 0700 where asked, whatever the caller's umask: under
+    # umask 000 sshd.service.d would be 0777, and anyone could add an
+    # ExecStartPre= that systemd runs as root.
+    umask = os.umask(0o022)
+    try:
+        return _install(args, stdout)
+    finally:
+        os.umask(umask)
+
+
+def _install(args, stdout):
     root = os.path.abspath(args.root or "/")
     paths = install_paths(root, args.prefix)
     program = args.prefix + "/bin/pamsignal"
     try:
         with open(os.path.abspath(__file__), "rb") as handle:
             source = handle.read()
-        os.makedirs(os.path.dirname(paths["program"]), exist_ok=True)
+        os.makedirs(os.path.dirname(paths["program"]), mode=0o755,
+                    exist_ok=True)
         replace_file(paths["program"], source.decode("utf-8"), mode=0o755)
-        os.makedirs(os.path.dirname(paths["unit"]), exist_ok=True)
+        os.makedirs(os.path.dirname(paths["unit"]), mode=0o755,
+                    exist_ok=True)
         replace_file(paths["unit"], SERVICE_UNIT.replace(UNIT_PROGRAM,
                                                          program), mode=0o644)
         for path, text in zip(paths["report_units"], REPORT_UNITS.values()):
@@ -15465,7 +15479,7 @@ def command_install(args, stdout):
             replace_file(paths["config"], example_config(), mode=0o600)
             stdout.write("wrote %s\n" % paths["config"])
         for dropin in paths["ratelimit"]:
-            os.makedirs(os.path.dirname(dropin), exist_ok=True)
+            os.makedirs(os.path.dirname(dropin), mode=0o755, exist_ok=True)
             replace_file(dropin, SSH_RATELIMIT_DROPIN, mode=0o644)
             stdout.write("wrote %s (journald's rate limit lifted for sshd: "
                          "a flood cannot hide a login)\n" % dropin)

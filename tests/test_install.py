@@ -132,6 +132,27 @@ def test_install_writes_program_unit_and_example_config(tmp_path):
     assert config.read_text() == pamsignal.example_config()
 
 
+def test_install_makes_no_directory_others_can_write_under_umask_000(
+        tmp_path):
+    """A 0777 sshd.service.d would let anyone add an ExecStartPre= that
+    systemd runs as root."""
+    result = subprocess.run(
+        ["sh", "-c", 'umask 000 && exec "$0" "$1" install --root "$2"',
+         sys.executable, PAMSIGNAL, str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    made = [os.path.join(top, name) for top, names, _ in
+            os.walk(str(tmp_path)) for name in names]
+    assert any(path.endswith("/sshd.service.d") for path in made)
+    for path in made:
+        expected = 0o700 if path.endswith("/etc/pamsignal") else 0o755
+        assert mode(path) == expected, path
+    for top, _, names in os.walk(str(tmp_path)):
+        for name in names:
+            assert not mode(os.path.join(top, name)) & 0o022, name
+
+
 def test_one_example_configuration_everywhere():
     """install writes the very file make install and the packages ship."""
     with open(os.path.join(REPO, "pamsignal.conf.example")) as handle:
