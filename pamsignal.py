@@ -15306,10 +15306,12 @@ repeats = off
 #secret = whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
 # Extra headers, one "Name: value" a line, the next ones indented (values
 # are secrets; one may end in credential:NAME), and a client certificate
-# for mutual TLS (the key file mode 0600, or a systemd credential):
+# for mutual TLS (the key file mode 0600, or a systemd credential). The
+# service cannot read /etc/pamsignal/ (root's, mode 0700): keep the
+# certificate where all may read it.
 #headers = Authorization: Bearer credential:hook-token
 #    X-Team: ops
-#cert_file = /etc/pamsignal/client.pem
+#cert_file = /etc/ssl/pamsignal/client.pem
 #key_file = /run/credentials/pamsignal.service/hook-key
 #events = *
 #cooldown = off

@@ -159,6 +159,17 @@ def test_one_example_configuration_everywhere():
         assert pamsignal.example_config() == handle.read()
 
 
+def test_example_certificates_are_where_the_service_can_read_them():
+    """/etc/pamsignal is root's, mode 0700, and the service runs as its
+    DynamicUser: a certificate there makes it fail at start."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    for text in (pamsignal.example_config(), readme):
+        named = re.findall(r"^#?(?:cert|ca)_file = (\S+)", text, re.M)
+        assert named and not [path for path in named
+                              if path.startswith("/etc/pamsignal/")]
+
+
 def test_example_config_sets_every_key_to_its_default():
     text = pamsignal.example_config()
     example = pamsignal.parse_config(text)
