@@ -15430,6 +15430,62 @@ def install_paths(root, prefix):
                 "/var/log/private/pamsignal")]}
 
 
+#: Each package manager: its name, its database below the root it acts
+#: on, how it names the package owning a file there (reading only that
+#: database, so an unprivileged --root works too), and the commands that
+#: upgrade and remove the package instead.
+PACKAGE_MANAGERS = (
+    ("dpkg", ("var/lib/dpkg",),
+     lambda root, path: ["dpkg-query", "--admindir=%s/var/lib/dpkg" % (
+         root.rstrip("/")), "-S", path],
+     "apt install pamsignal", "apt remove pamsignal (apt purge pamsignal: "
+     "its configuration too)"),
+    ("rpm", ("var/lib/rpm", "usr/lib/sysimage/rpm"),
+     lambda root, path: ["rpm", "--root", root, "-qf", "--queryformat",
+                         "%{NAME}\\n", path],
+     "dnf upgrade pamsignal", "dnf remove pamsignal"))
+
+
+def package_owner(root, paths):
+    """(the package, the file, its manager's entry in PACKAGE_MANAGERS)
+    when a .deb or .rpm installed below `root` owns one of `paths` (as
+    seen on that system), else None. No package manager (its tool, or its
+    database below `root`, missing) means no package."""
+    for manager in PACKAGE_MANAGERS:
+        if not any(os.path.isdir(os.path.join(root, database))
+                   for database in manager[1]):
+            continue
+        for path in paths:
+            try:
+                result = subprocess.run(
+                    manager[2](root, path), stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                    universal_newlines=True, timeout=60)
+            except (OSError, subprocess.SubprocessError):
+                break  # the tool is not installed (or hangs): no package
+            owner = result.stdout.strip().splitlines()[:1]
+            if result.returncode == 0 and owner:
+                # dpkg-query says "package: /path", rpm the name
+                return owner[0].split(": ")[0], path, manager
+    return None
+
+
+def refuse_packaged(root, prefix, command):
+    """Refuse to install over, or remove, what a package owns: uninstall
+    would delete the package's program and conffile, and install's unit
+    in /etc/systemd/system would override the package's."""
+    owned = package_owner(root, (prefix + "/bin/pamsignal",
+                                 DEFAULT_CONFIG_PATH))
+    if owned is None:
+        return
+    package, path, manager = owned
+    raise PamSignalError(
+        "%s belongs to the installed package %s (%s): use the package "
+        "manager, not `pamsignal %s`: %s" % (
+            path, package, manager[0], command,
+            manager[3] if command == "install" else manager[4]))
+
+
 def _systemctl(stdout, *arguments):
     command = ["systemctl"] + list(arguments)
     stdout.write("running: %s\n" % " ".join(command))
@@ -15459,6 +15515,7 @@ def command_install(args, stdout):
 
 def _install(args, stdout):
     root = os.path.abspath(args.root or "/")
+    refuse_packaged(root, args.prefix, "install")
     paths = install_paths(root, args.prefix)
     program = args.prefix + "/bin/pamsignal"
     try:
@@ -15511,6 +15568,7 @@ def _install(args, stdout):
 
 def command_uninstall(args, stdout):
     root = os.path.abspath(args.root or "/")
+    refuse_packaged(root, args.prefix, "uninstall")
     paths = install_paths(root, args.prefix)
     managed = root == "/" and systemd_is_running()
     if managed and os.path.exists(paths["report_units"][1]):

@@ -250,3 +250,64 @@ def test_stage_config_copies_for_the_owner_of_the_directory(tmp_path):
     missing = cli("--config", str(tmp_path / "nothing"), "stage-config",
                   str(staged))
     assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+def tree(top):
+    """Every path below `top` with its mode and contents."""
+    found = {}
+    for directory, _, names in os.walk(str(top)):
+        found[directory] = mode(directory)
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as handle:
+                found[path] = (mode(path), handle.read())
+    return found
+
+
+@pytest.mark.parametrize("command", [["install"], ["uninstall"],
+                                     ["uninstall", "--purge"]])
+def test_install_and_uninstall_leave_a_packaged_pamsignal_alone(tmp_path,
+                                                                command):
+    """A .deb owns /usr/bin/pamsignal and the conffile: uninstall would
+    delete them, install override the package's unit."""
+    root = tmp_path / "root"
+    assert cli("install", "--root", str(root)).returncode == 0
+    (root / "var/lib/dpkg").mkdir(parents=True)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    asked = tmp_path / "asked"
+    fake = tools / "dpkg-query"
+    fake.write_text('#!/bin/sh\necho "$*" >> %s\n'
+                    'echo "pamsignal: /usr/bin/pamsignal"\n' % asked)
+    fake.chmod(0o755)
+    before = tree(root)
+    result = subprocess.run(
+        [sys.executable, PAMSIGNAL] + command + ["--root", str(root)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=60,
+        env=dict(os.environ, PATH="%s:%s" % (tools, os.environ["PATH"])))
+    assert result.returncode == 1
+    assert "/usr/bin/pamsignal belongs to the installed package pamsignal" \
+        in result.stderr
+    assert "apt " in result.stderr and not result.stdout
+    assert tree(root) == before
+    # It asked root's package database, not this host's.
+    assert "--admindir=%s/var/lib/dpkg -S /usr/bin/pamsignal" % root \
+        in asked.read_text()
+
+
+def test_install_goes_on_when_no_package_owns_the_program(tmp_path):
+    (tmp_path / "var/lib/dpkg").mkdir(parents=True)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    fake = tools / "dpkg-query"
+    fake.write_text("#!/bin/sh\necho 'dpkg-query: no path found' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    result = subprocess.run(
+        [sys.executable, PAMSIGNAL, "install", "--root", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=60,
+        env=dict(os.environ, PATH="%s:%s" % (tools, os.environ["PATH"])))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "usr/bin/pamsignal").exists()
