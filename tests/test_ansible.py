@@ -154,6 +154,35 @@ def test_fit_values_pass_the_checks(tmp_path):
     assert recap(result.stdout)[3] == 0
 
 
+@pytest.mark.parametrize("keys,refused", [
+    ({"pamsignal_apt_key_url": "http://192.0.2.1/key.gpg"}, True),
+    ({"pamsignal_rpm_repository_url": "https://192.0.2.1/rpm",
+      "pamsignal_rpm_key_url": "http://192.0.2.1/key.asc"}, True),
+    ({"pamsignal_apt_key_url": "https://192.0.2.1/key.gpg"}, False),
+    ({"pamsignal_apt_key_url": "http://192.0.2.1/key.gpg",
+      "pamsignal_apt_key_checksum": "sha256:" + "0" * 64}, False),
+], ids=["apt-http", "rpm-http", "apt-https", "apt-http-pinned"])
+def test_a_signing_key_comes_over_https_or_pinned(tmp_path, keys, refused):
+    """Over plain http a man in the middle could hand over his own key,
+    which would then vouch for his packages."""
+    require_ansible()
+    play = check_play({"name": "hook", "type": "webhook",
+                       "options": {"url": "http://127.0.0.1:9/"}})
+    play[0]["gather_facts"] = True  # the repository check names the OS
+    play[0]["vars"].update(dict({
+        "pamsignal_install_method": "repository",
+        "pamsignal_apt_repository_url": "http://192.0.2.1/apt",
+        "pamsignal_apt_key_url": "https://192.0.2.1/key.gpg",
+        "pamsignal_rpm_repository_url": "http://192.0.2.1/rpm",
+        "pamsignal_rpm_key_url": "https://192.0.2.1/key.asc"}, **keys))
+    (tmp_path / "check.yml").write_text(json.dumps(play))
+    result = run(["ansible-playbook", "-i", "localhost,",
+                  str(tmp_path / "check.yml")], str(tmp_path), timeout=120)
+    said = "pamsignal_apt_key_url is https:// (or file://)" in result.stdout
+    assert (result.returncode != 0, said) == (refused, refused), \
+        result.stdout
+
+
 def test_a_release_file_is_checked_against_its_checksum(tmp_path):
     """On the controller, before anything is copied (--check: the copy
     itself is only simulated)."""
