@@ -1868,21 +1868,33 @@ def resolve_credentials(config, directory):
     return config._replace(channels=tuple(channels))
 
 
-def load_config(path=None, environ=None, channels=True, as_root=None):
+#: What the configuration read from standard input is called in problems.
+STDIN_NAME = "<stdin>"
+
+
+def load_config(path=None, environ=None, channels=True, as_root=None,
+                stdin=None):
     """Read the configuration file; a missing default file means defaults,
     a missing explicitly named file is an error. A file holding secrets
     must not be readable by other users; run as root, no file it names
     may be changeable by anyone but root. Commands that send nothing
     (`channels=False`: status, lookup) do not read credentials or CA
-    files, which only the service may have."""
+    files, which only the service may have. Given `stdin` (a binary
+    stream: check-config's), the path "-" reads the text from it as
+    "<stdin>": a file not yet in place (as Ansible's validate checks),
+    so its owner and mode are not judged; everything else is."""
     environ = os.environ if environ is None else environ
     as_root = os.geteuid() == 0 if as_root is None else as_root
     named = path is not None
     path = path or DEFAULT_CONFIG_PATH
     try:
-        with open_regular(path, True, "utf-8") as handle:
-            text = handle.read()
-            status = os.fstat(handle.fileno())
+        if stdin is not None and path == "-":
+            path, status = STDIN_NAME, None
+            text = stdin.read().decode("utf-8")
+        else:
+            with open_regular(path, True, "utf-8") as handle:
+                text = handle.read()
+                status = os.fstat(handle.fileno())
     except FileNotFoundError:
         if named:
             raise ConfigError([ConfigProblem(path, None, None, None,
@@ -14113,7 +14125,8 @@ def build_parser():
         epilog=doc_body[2] if len(doc_body) > 2 else None,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="PATH",
-                        help="configuration file (default %s)"
+                        help="configuration file (default %s); "
+                        "check-config reads - as standard input"
                         % DEFAULT_CONFIG_PATH)
     parser.add_argument("--version", action="version",
                         version="pamsignal %s" % __version__)
@@ -14366,7 +14379,8 @@ def _summary_targets_of(args, config):
 
 
 def command_check_config(args, stdout):
-    config = load_config(args.config)
+    config = load_config(args.config, stdin=sys.stdin.buffer
+                         if args.config == "-" else None)
     if config.audit.enabled:  # a key the service could not read: now
         load_audit_key(config.audit.key, config.log_dir,
                        os.environ.get("CREDENTIALS_DIRECTORY"))

@@ -253,9 +253,9 @@ class Deployment(object):
         return output
 
 
-def write_inventory(path, port, key):
+def write_inventory(path, port, key, user="root"):
     host = {"ansible_host": "127.0.0.1", "ansible_port": port,
-            "ansible_user": "root", "ansible_ssh_private_key_file": key,
+            "ansible_user": user, "ansible_ssh_private_key_file": key,
             "ansible_python_interpreter": "/usr/bin/python3",
             "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o "
             "UserKnownHostsFile=/dev/null -o IdentitiesOnly=yes"}
@@ -452,6 +452,42 @@ def test_a_bad_setting_is_refused_and_a_good_one_reloaded(deployment):
     assert wait_for(lambda: box.unit_log().count(reloaded) > reloads,
                     timeout=30), box.unit_log()[-3000:]
     assert "reload failed" not in box.show("StatusText")
+
+
+def test_a_login_user_made_root_by_become_can_configure(deployment):
+    """site.yml's setup: an admin's login, root through sudo (become).
+    The template's validate then checks Ansible's copy in that user's
+    ~/.ansible/tmp, a directory root's check-config would not trust."""
+    box = deployment.container
+    config = "/etc/pamsignal/pamsignal.conf"
+    box.run(["useradd", "-m", "-s", "/bin/bash", "admin"])
+    box.run(["sh", "-c", "echo 'admin ALL=(ALL) NOPASSWD:ALL' > "
+             "/etc/sudoers.d/admin && chmod 440 /etc/sudoers.d/admin && "
+             "install -d -o admin -m 700 /home/admin/.ssh && "
+             "install -o admin -m 600 /root/.ssh/authorized_keys "
+             "/home/admin/.ssh/authorized_keys"])
+    as_root = deployment.inventory
+    deployment.inventory = os.path.join(deployment.work, "admin.yml")
+    write_inventory(deployment.inventory, deployment.port, deployment.key,
+                    "admin")
+    try:
+        variables = file_variables(deployment)
+        detection = variables["pamsignal_settings"]["detection"]
+        detection["brute_force_fast"] = "8 in 10m"
+        changed = deployment.play(variables)
+        assert recap(changed)[2:] == (0, 0), changed[-4000:]
+        assert "\nbrute_force_fast = 8 in 10m\n" in box.run(
+            ["cat", config]).stdout
+        # The check did run: a bad value is still refused.
+        detection["brute_force_fast"] = "lots"
+        refused = deployment.play(variables)
+        assert recap(refused)[3] == 1, refused
+        assert "Write /etc/pamsignal/pamsignal.conf" in refused.split(
+            "fatal: ", 1)[0].rsplit("TASK [", 1)[1]
+        assert "\nbrute_force_fast = 8 in 10m\n" in box.run(
+            ["cat", config]).stdout
+    finally:
+        deployment.inventory = as_root
 
 
 def test_the_secret_is_never_shown(deployment):
