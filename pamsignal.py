@@ -2012,21 +2012,33 @@ def resolve_credentials(config, directory):
     return config._replace(channels=tuple(channels))
 
 
-def load_config(path=None, environ=None, channels=True, as_root=None):
+#: What the configuration read from standard input is called in problems.
+STDIN_NAME = "<stdin>"
+
+
+def load_config(path=None, environ=None, channels=True, as_root=None,
+                stdin=None):
     """Read the configuration file; a missing default file means defaults,
     a missing explicitly named file is an error. A file holding secrets
     must not be readable by other users; run as root, no file it names
     may be changeable by anyone but root. Commands that send nothing
     (`channels=False`: status, lookup) do not read credentials or CA
-    files, which only the service may have."""
+    files, which only the service may have. Given `stdin` (a binary
+    stream: check-config's), the path "-" reads the text from it as
+    "<stdin>": a file not yet in place (as Ansible's validate checks),
+    so its owner and mode are not judged; everything else is."""
     environ = os.environ if environ is None else environ
     as_root = os.geteuid() == 0 if as_root is None else as_root
     named = path is not None
     path = path or DEFAULT_CONFIG_PATH
     try:
-        with open_regular(path, True, "utf-8") as handle:
-            text = handle.read()
-            status = os.fstat(handle.fileno())
+        if stdin is not None and path == "-":
+            path, status = STDIN_NAME, None
+            text = stdin.read().decode("utf-8")
+        else:
+            with open_regular(path, True, "utf-8") as handle:
+                text = handle.read()
+                status = os.fstat(handle.fileno())
     except FileNotFoundError:
         if named:
             raise ConfigError([ConfigProblem(path, None, None, None,
@@ -14355,7 +14367,8 @@ def build_parser():
         epilog=doc_body[2] if len(doc_body) > 2 else None,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="PATH",
-                        help="configuration file (default %s)"
+                        help="configuration file (default %s); "
+                        "check-config reads - as standard input"
                         % DEFAULT_CONFIG_PATH)
     parser.add_argument("--version", action="version",
                         version="pamsignal %s" % __version__)
@@ -14634,7 +14647,8 @@ def _summary_targets_of(args, config):
 
 
 def command_check_config(args, stdout):
-    config = load_config(args.config)
+    config = load_config(args.config, stdin=sys.stdin.buffer
+                         if args.config == "-" else None)
     if config.audit.enabled:  # a key the service could not read: now
         load_audit_key(config.audit.key, config.log_dir,
                        os.environ.get("CREDENTIALS_DIRECTORY"))
@@ -15574,10 +15588,12 @@ repeats = off
 #secret = whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
 # Extra headers, one "Name: value" a line, the next ones indented (values
 # are secrets; one may end in credential:NAME), and a client certificate
-# for mutual TLS (the key file mode 0600, or a systemd credential):
+# for mutual TLS (the key file mode 0600, or a systemd credential). The
+# service cannot read /etc/pamsignal/ (root's, mode 0700): keep the
+# certificate where all may read it.
 #headers = Authorization: Bearer credential:hook-token
 #    X-Team: ops
-#cert_file = /etc/pamsignal/client.pem
+#cert_file = /etc/ssl/pamsignal/client.pem
 #key_file = /run/credentials/pamsignal.service/hook-key
 #events = *
 #cooldown = off
@@ -15696,6 +15712,62 @@ def install_paths(root, prefix):
                 "/var/log/private/pamsignal")]}
 
 
+#: Each package manager: its name, its database below the root it acts
+#: on, how it names the package owning a file there (reading only that
+#: database, so an unprivileged --root works too), and the commands that
+#: upgrade and remove the package instead.
+PACKAGE_MANAGERS = (
+    ("dpkg", ("var/lib/dpkg",),
+     lambda root, path: ["dpkg-query", "--admindir=%s/var/lib/dpkg" % (
+         root.rstrip("/")), "-S", path],
+     "apt install pamsignal", "apt remove pamsignal (apt purge pamsignal: "
+     "its configuration too)"),
+    ("rpm", ("var/lib/rpm", "usr/lib/sysimage/rpm"),
+     lambda root, path: ["rpm", "--root", root, "-qf", "--queryformat",
+                         "%{NAME}\\n", path],
+     "dnf upgrade pamsignal", "dnf remove pamsignal"))
+
+
+def package_owner(root, paths):
+    """(the package, the file, its manager's entry in PACKAGE_MANAGERS)
+    when a .deb or .rpm installed below `root` owns one of `paths` (as
+    seen on that system), else None. No package manager (its tool, or its
+    database below `root`, missing) means no package."""
+    for manager in PACKAGE_MANAGERS:
+        if not any(os.path.isdir(os.path.join(root, database))
+                   for database in manager[1]):
+            continue
+        for path in paths:
+            try:
+                result = subprocess.run(
+                    manager[2](root, path), stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                    universal_newlines=True, timeout=60)
+            except (OSError, subprocess.SubprocessError):
+                break  # the tool is not installed (or hangs): no package
+            owner = result.stdout.strip().splitlines()[:1]
+            if result.returncode == 0 and owner:
+                # dpkg-query says "package: /path", rpm the name
+                return owner[0].split(": ")[0], path, manager
+    return None
+
+
+def refuse_packaged(root, prefix, command):
+    """Refuse to install over, or remove, what a package owns: uninstall
+    would delete the package's program and conffile, and install's unit
+    in /etc/systemd/system would override the package's."""
+    owned = package_owner(root, (prefix + "/bin/pamsignal",
+                                 DEFAULT_CONFIG_PATH))
+    if owned is None:
+        return
+    package, path, manager = owned
+    raise PamSignalError(
+        "%s belongs to the installed package %s (%s): use the package "
+        "manager, not `pamsignal %s`: %s" % (
+            path, package, manager[0], command,
+            manager[3] if command == "install" else manager[4]))
+
+
 def _systemctl(stdout, *arguments):
     command = ["systemctl"] + list(arguments)
     stdout.write("running: %s\n" % " ".join(command))
@@ -15712,15 +15784,30 @@ def _systemctl(stdout, *arguments):
 
 
 def command_install(args, stdout):
+    # Every directory made below (and the ones above it makedirs adds)
+    # gets 0755, or 0700 where asked, whatever the caller's umask: under
+    # umask 000 sshd.service.d would be 0777, and anyone could add an
+    # ExecStartPre= that systemd runs as root.
+    umask = os.umask(0o022)
+    try:
+        return _install(args, stdout)
+    finally:
+        os.umask(umask)
+
+
+def _install(args, stdout):
     root = os.path.abspath(args.root or "/")
+    refuse_packaged(root, args.prefix, "install")
     paths = install_paths(root, args.prefix)
     program = args.prefix + "/bin/pamsignal"
     try:
         with open(os.path.abspath(__file__), "rb") as handle:
             source = handle.read()
-        os.makedirs(os.path.dirname(paths["program"]), exist_ok=True)
+        os.makedirs(os.path.dirname(paths["program"]), mode=0o755,
+                    exist_ok=True)
         replace_file(paths["program"], source.decode("utf-8"), mode=0o755)
-        os.makedirs(os.path.dirname(paths["unit"]), exist_ok=True)
+        os.makedirs(os.path.dirname(paths["unit"]), mode=0o755,
+                    exist_ok=True)
         replace_file(paths["unit"], SERVICE_UNIT.replace(UNIT_PROGRAM,
                                                          program), mode=0o644)
         for path, text in zip(paths["report_units"], REPORT_UNITS.values()):
@@ -15733,7 +15820,7 @@ def command_install(args, stdout):
             replace_file(paths["config"], example_config(), mode=0o600)
             stdout.write("wrote %s\n" % paths["config"])
         for dropin in paths["ratelimit"]:
-            os.makedirs(os.path.dirname(dropin), exist_ok=True)
+            os.makedirs(os.path.dirname(dropin), mode=0o755, exist_ok=True)
             replace_file(dropin, SSH_RATELIMIT_DROPIN, mode=0o644)
             stdout.write("wrote %s (journald's rate limit lifted for sshd: "
                          "a flood cannot hide a login)\n" % dropin)
@@ -15763,6 +15850,7 @@ def command_install(args, stdout):
 
 def command_uninstall(args, stdout):
     root = os.path.abspath(args.root or "/")
+    refuse_packaged(root, args.prefix, "uninstall")
     paths = install_paths(root, args.prefix)
     managed = root == "/" and systemd_is_running()
     if managed and os.path.exists(paths["report_units"][1]):

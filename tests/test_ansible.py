@@ -154,6 +154,35 @@ def test_fit_values_pass_the_checks(tmp_path):
     assert recap(result.stdout)[3] == 0
 
 
+@pytest.mark.parametrize("keys,refused", [
+    ({"pamsignal_apt_key_url": "http://192.0.2.1/key.gpg"}, True),
+    ({"pamsignal_rpm_repository_url": "https://192.0.2.1/rpm",
+      "pamsignal_rpm_key_url": "http://192.0.2.1/key.asc"}, True),
+    ({"pamsignal_apt_key_url": "https://192.0.2.1/key.gpg"}, False),
+    ({"pamsignal_apt_key_url": "http://192.0.2.1/key.gpg",
+      "pamsignal_apt_key_checksum": "sha256:" + "0" * 64}, False),
+], ids=["apt-http", "rpm-http", "apt-https", "apt-http-pinned"])
+def test_a_signing_key_comes_over_https_or_pinned(tmp_path, keys, refused):
+    """Over plain http a man in the middle could hand over his own key,
+    which would then vouch for his packages."""
+    require_ansible()
+    play = check_play({"name": "hook", "type": "webhook",
+                       "options": {"url": "http://127.0.0.1:9/"}})
+    play[0]["gather_facts"] = True  # the repository check names the OS
+    play[0]["vars"].update(dict({
+        "pamsignal_install_method": "repository",
+        "pamsignal_apt_repository_url": "http://192.0.2.1/apt",
+        "pamsignal_apt_key_url": "https://192.0.2.1/key.gpg",
+        "pamsignal_rpm_repository_url": "http://192.0.2.1/rpm",
+        "pamsignal_rpm_key_url": "https://192.0.2.1/key.asc"}, **keys))
+    (tmp_path / "check.yml").write_text(json.dumps(play))
+    result = run(["ansible-playbook", "-i", "localhost,",
+                  str(tmp_path / "check.yml")], str(tmp_path), timeout=120)
+    said = "pamsignal_apt_key_url is https:// (or file://)" in result.stdout
+    assert (result.returncode != 0, said) == (refused, refused), \
+        result.stdout
+
+
 def test_a_release_file_is_checked_against_its_checksum(tmp_path):
     """On the controller, before anything is copied (--check: the copy
     itself is only simulated)."""
@@ -224,9 +253,9 @@ class Deployment(object):
         return output
 
 
-def write_inventory(path, port, key):
+def write_inventory(path, port, key, user="root"):
     host = {"ansible_host": "127.0.0.1", "ansible_port": port,
-            "ansible_user": "root", "ansible_ssh_private_key_file": key,
+            "ansible_user": user, "ansible_ssh_private_key_file": key,
             "ansible_python_interpreter": "/usr/bin/python3",
             "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o "
             "UserKnownHostsFile=/dev/null -o IdentitiesOnly=yes"}
@@ -423,6 +452,42 @@ def test_a_bad_setting_is_refused_and_a_good_one_reloaded(deployment):
     assert wait_for(lambda: box.unit_log().count(reloaded) > reloads,
                     timeout=30), box.unit_log()[-3000:]
     assert "reload failed" not in box.show("StatusText")
+
+
+def test_a_login_user_made_root_by_become_can_configure(deployment):
+    """site.yml's setup: an admin's login, root through sudo (become).
+    The template's validate then checks Ansible's copy in that user's
+    ~/.ansible/tmp, a directory root's check-config would not trust."""
+    box = deployment.container
+    config = "/etc/pamsignal/pamsignal.conf"
+    box.run(["useradd", "-m", "-s", "/bin/bash", "admin"])
+    box.run(["sh", "-c", "echo 'admin ALL=(ALL) NOPASSWD:ALL' > "
+             "/etc/sudoers.d/admin && chmod 440 /etc/sudoers.d/admin && "
+             "install -d -o admin -m 700 /home/admin/.ssh && "
+             "install -o admin -m 600 /root/.ssh/authorized_keys "
+             "/home/admin/.ssh/authorized_keys"])
+    as_root = deployment.inventory
+    deployment.inventory = os.path.join(deployment.work, "admin.yml")
+    write_inventory(deployment.inventory, deployment.port, deployment.key,
+                    "admin")
+    try:
+        variables = file_variables(deployment)
+        detection = variables["pamsignal_settings"]["detection"]
+        detection["brute_force_fast"] = "8 in 10m"
+        changed = deployment.play(variables)
+        assert recap(changed)[2:] == (0, 0), changed[-4000:]
+        assert "\nbrute_force_fast = 8 in 10m\n" in box.run(
+            ["cat", config]).stdout
+        # The check did run: a bad value is still refused.
+        detection["brute_force_fast"] = "lots"
+        refused = deployment.play(variables)
+        assert recap(refused)[3] == 1, refused
+        assert "Write /etc/pamsignal/pamsignal.conf" in refused.split(
+            "fatal: ", 1)[0].rsplit("TASK [", 1)[1]
+        assert "\nbrute_force_fast = 8 in 10m\n" in box.run(
+            ["cat", config]).stdout
+    finally:
+        deployment.inventory = as_root
 
 
 def test_the_secret_is_never_shown(deployment):

@@ -135,6 +135,38 @@ def test_check_config_exits_78_and_names_each_problem(tmp_path):
         "pamsignal: error: %s:3: [pamsignal] bogus: unknown key" % path]
 
 
+def test_check_config_reads_standard_input_as_stdin_with_lines():
+    result = run_cli("--config", "-", "check-config",
+                     input="[pamsignal]\nfirst_start = boot\nbogus = 1\n")
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == [
+        "pamsignal: error: <stdin>:3: [pamsignal] bogus: unknown key"]
+    result = run_cli("--config", "-", "check-config",
+                     input="[pamsignal]\nfirst_start = boot\n")
+    assert (result.returncode, result.stdout) == (0, "<stdin>: OK "
+                                                  "(0 channels)\n")
+
+
+def test_standard_input_has_no_owner_to_judge_but_what_it_names_has(
+        tmp_path):
+    """Ansible validates its temporary copy, in the login user's
+    directory: from stdin only the text is judged, and, as root, every
+    file it names."""
+    text = b"[pamsignal]\nfirst_start = boot\n"
+    config = pamsignal.load_config("-", environ={}, as_root=True,
+                                   stdin=io.BytesIO(text))
+    assert config.path == "<stdin>"
+    program = tmp_path / "journalctl"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o777)
+    with pytest.raises(pamsignal.ConfigError) as caught:
+        pamsignal.load_config("-", environ={}, as_root=True, stdin=io.BytesIO(
+            text + b"journalctl = %s\n" % str(program).encode()))
+    (problem,) = caught.value.problems
+    assert str(problem).startswith("<stdin>:3: [pamsignal] journalctl: ")
+    assert "is writable by group and others" in str(problem)
+
+
 def test_check_config_accepts_the_shipped_example():
     example = os.path.join(os.path.dirname(PAMSIGNAL),
                            "pamsignal.conf.example")

@@ -308,6 +308,29 @@ def test_installed_files_owners_and_modes(bookworm, debian_package):
             assert inside.read() == source.read(), name
 
 
+def test_pamsignal_install_and_uninstall_leave_the_package_alone(bookworm):
+    """Its own install would override the package's unit, its uninstall
+    delete the package's program and conffile: both refuse, inside the
+    system and from outside with --root (that root's dpkg database)."""
+    assert status(bookworm) == "ii |%s" % VERSION
+    before = {path: read(bookworm, path)
+              for path in ("/usr/bin/pamsignal", CONFIG)}
+    for command in (["install"], ["uninstall"], ["uninstall", "--purge"]):
+        for result in (
+                bookworm.run(["pamsignal"] + command,
+                             stdin=subprocess.DEVNULL, timeout=120),
+                subprocess.run([sys.executable, PAMSIGNAL] + command +
+                               ["--root", bookworm.path("/")],
+                               stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, timeout=120)):
+            assert result.returncode == 1, result.stdout + result.stderr
+            assert "/usr/bin/pamsignal belongs to the installed package " \
+                "pamsignal (dpkg): use the package manager" in result.stderr
+    assert {path: read(bookworm, path) for path in before} == before
+    assert not exists(bookworm, "/etc/systemd/system/pamsignal.service")
+
+
 def test_remove_keeps_configuration_and_state(bookworm):
     assert status(bookworm) == "ii |%s" % VERSION
     dpkg(bookworm, "-r", "pamsignal")

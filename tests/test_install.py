@@ -132,10 +132,42 @@ def test_install_writes_program_unit_and_example_config(tmp_path):
     assert config.read_text() == pamsignal.example_config()
 
 
+def test_install_makes_no_directory_others_can_write_under_umask_000(
+        tmp_path):
+    """A 0777 sshd.service.d would let anyone add an ExecStartPre= that
+    systemd runs as root."""
+    result = subprocess.run(
+        ["sh", "-c", 'umask 000 && exec "$0" "$1" install --root "$2"',
+         sys.executable, PAMSIGNAL, str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    made = [os.path.join(top, name) for top, names, _ in
+            os.walk(str(tmp_path)) for name in names]
+    assert any(path.endswith("/sshd.service.d") for path in made)
+    for path in made:
+        expected = 0o700 if path.endswith("/etc/pamsignal") else 0o755
+        assert mode(path) == expected, path
+    for top, _, names in os.walk(str(tmp_path)):
+        for name in names:
+            assert not mode(os.path.join(top, name)) & 0o022, name
+
+
 def test_one_example_configuration_everywhere():
     """install writes the very file make install and the packages ship."""
     with open(os.path.join(REPO, "pamsignal.conf.example")) as handle:
         assert pamsignal.example_config() == handle.read()
+
+
+def test_example_certificates_are_where_the_service_can_read_them():
+    """/etc/pamsignal is root's, mode 0700, and the service runs as its
+    DynamicUser: a certificate there makes it fail at start."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        readme = handle.read()
+    for text in (pamsignal.example_config(), readme):
+        named = re.findall(r"^#?(?:cert|ca)_file = (\S+)", text, re.M)
+        assert named and not [path for path in named
+                              if path.startswith("/etc/pamsignal/")]
 
 
 def test_example_config_sets_every_key_to_its_default():
@@ -218,3 +250,64 @@ def test_stage_config_copies_for_the_owner_of_the_directory(tmp_path):
     missing = cli("--config", str(tmp_path / "nothing"), "stage-config",
                   str(staged))
     assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+def tree(top):
+    """Every path below `top` with its mode and contents."""
+    found = {}
+    for directory, _, names in os.walk(str(top)):
+        found[directory] = mode(directory)
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as handle:
+                found[path] = (mode(path), handle.read())
+    return found
+
+
+@pytest.mark.parametrize("command", [["install"], ["uninstall"],
+                                     ["uninstall", "--purge"]])
+def test_install_and_uninstall_leave_a_packaged_pamsignal_alone(tmp_path,
+                                                                command):
+    """A .deb owns /usr/bin/pamsignal and the conffile: uninstall would
+    delete them, install override the package's unit."""
+    root = tmp_path / "root"
+    assert cli("install", "--root", str(root)).returncode == 0
+    (root / "var/lib/dpkg").mkdir(parents=True)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    asked = tmp_path / "asked"
+    fake = tools / "dpkg-query"
+    fake.write_text('#!/bin/sh\necho "$*" >> %s\n'
+                    'echo "pamsignal: /usr/bin/pamsignal"\n' % asked)
+    fake.chmod(0o755)
+    before = tree(root)
+    result = subprocess.run(
+        [sys.executable, PAMSIGNAL] + command + ["--root", str(root)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=60,
+        env=dict(os.environ, PATH="%s:%s" % (tools, os.environ["PATH"])))
+    assert result.returncode == 1
+    assert "/usr/bin/pamsignal belongs to the installed package pamsignal" \
+        in result.stderr
+    assert "apt " in result.stderr and not result.stdout
+    assert tree(root) == before
+    # It asked root's package database, not this host's.
+    assert "--admindir=%s/var/lib/dpkg -S /usr/bin/pamsignal" % root \
+        in asked.read_text()
+
+
+def test_install_goes_on_when_no_package_owns_the_program(tmp_path):
+    (tmp_path / "var/lib/dpkg").mkdir(parents=True)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    fake = tools / "dpkg-query"
+    fake.write_text("#!/bin/sh\necho 'dpkg-query: no path found' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    result = subprocess.run(
+        [sys.executable, PAMSIGNAL, "install", "--root", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        universal_newlines=True, timeout=60,
+        env=dict(os.environ, PATH="%s:%s" % (tools, os.environ["PATH"])))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "usr/bin/pamsignal").exists()
