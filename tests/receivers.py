@@ -1745,24 +1745,21 @@ class SmtpReceiver(_Receiver):
 # --------------------------------------------------- an HTTPS proxy (CONNECT)
 
 
-class ConnectProxy(object):
-    """What `https_proxy` names: a proxy on 127.0.0.1 that answers CONNECT
-    to a loopback port (any host name stands for 127.0.0.1) and relays
-    both ways. With `drip`, it answers 200 and then a header line every
-    `drip_interval` seconds for `drip` seconds, never the blank line that
-    ends its answer. `targets`: the host:port each CONNECT asked for."""
 
-    def __init__(self, drip=None, drip_interval=0.3):
-        self.drip = drip
-        self.drip_interval = drip_interval
-        self.targets = []
+class LoopbackListener(object):
+    """A TCP listener on 127.0.0.1 (a free port) whose thread hands each
+    connection to `_connection(client)` until the `with` block ends: in a
+    thread of its own when `threaded`, else one after another."""
+
+    threaded = True
+
+    def __init__(self):
         self.stopping = threading.Event()
         self.listener = socket.socket()
         self.listener.bind((HOST, 0))
         self.listener.listen(16)
         self.listener.settimeout(0.1)
         self.port = self.listener.getsockname()[1]
-        self.url = "http://%s:%d" % (HOST, self.port)
         self.thread = threading.Thread(target=self._serve, daemon=True)
 
     def __enter__(self):
@@ -1780,8 +1777,26 @@ class ConnectProxy(object):
                 client, _ = self.listener.accept()
             except socket.timeout:
                 continue
-            threading.Thread(target=self._connection, args=(client,),
-                             daemon=True).start()
+            if self.threaded:
+                threading.Thread(target=self._connection, args=(client,),
+                                 daemon=True).start()
+            else:
+                self._connection(client)
+
+
+class ConnectProxy(LoopbackListener):
+    """What `https_proxy` names: a proxy on 127.0.0.1 that answers CONNECT
+    to a loopback port (any host name stands for 127.0.0.1) and relays
+    both ways. With `drip`, it answers 200 and then a header line every
+    `drip_interval` seconds for `drip` seconds, never the blank line that
+    ends its answer. `targets`: the host:port each CONNECT asked for."""
+
+    def __init__(self, drip=None, drip_interval=0.3):
+        super().__init__()
+        self.drip = drip
+        self.drip_interval = drip_interval
+        self.targets = []
+        self.url = "http://%s:%d" % (HOST, self.port)
 
     def _connection(self, client):
         try:

@@ -8,7 +8,6 @@ import grp
 import json
 import os
 import secrets
-import socket
 import ssl
 import subprocess
 import sys
@@ -544,13 +543,15 @@ def own_certs(tmp_path_factory):
                                ("localhost", "127.0.0.1"))
 
 
-class TalkingCollector(object):
+class TalkingCollector(receivers.LoopbackListener):
     """A TCP or TLS syslog collector in a thread that sends back what
     some collectors do and rsyslog does not: `greeting` as soon as a
     client is connected, `ack` once it has read everything (the client's
     end of stream) and before it closes in turn. `flood` bytes are sent
     (before reading) instead. What each connection brought, in order:
     `batches`."""
+
+    threaded = False  # the batches in the order they came
 
     def __init__(self, transport, certs, greeting=b"", ack=b"", flood=0):
         self.context = None
@@ -559,36 +560,16 @@ class TalkingCollector(object):
             self.context.load_cert_chain(certs.cert_file, certs.key_file)
         self.greeting, self.ack, self.flood = greeting, ack, flood
         self.batches = []
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.listener.settimeout(0.1)
-        self.port = self.listener.getsockname()[1]
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
+        super().__init__()
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stopping.set()
-        self.thread.join(10)
-        self.listener.close()
-
-    def _serve(self):
-        while not self.stopping.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            try:
-                client.settimeout(10)
-                self._talk(client)
-            except (OSError, ValueError):
-                pass  # the sender gave up on us
-            finally:
-                client.close()
+    def _connection(self, client):
+        try:
+            client.settimeout(10)
+            self._talk(client)
+        except (OSError, ValueError):
+            pass  # the sender gave up on us
+        finally:
+            client.close()
 
     def _talk(self, client):
         if self.context is not None:
