@@ -3385,11 +3385,17 @@ _NOT_PREAUTH = frozenset(("closed_at_banner",))
 _USER_MAY_WRITE = frozenset(("closed_at_banner",))
 
 
+def _without_log_prefix(message):
+    """The message without sshd's `error: ` (or fatal, warning) prefix."""
+    if message.startswith(_LOG_PREFIXES):
+        return message[message.index(" ") + 1:]
+    return message
+
+
 def classify_message(family, message):
     """(rule, fields) for a message of a service family; fields is None for
     a recognised line that is not an event, rule is None when unknown."""
-    if message.startswith(_LOG_PREFIXES):
-        message = message[message.index(" ") + 1:]
+    message = _without_log_prefix(message)
     preauth = False
     if message.endswith("]"):
         preauth = message.endswith(" [preauth]")
@@ -3482,6 +3488,13 @@ _CALLER_NAMED_RULES = frozenset(("sudo", "json", "doas_failed",
                                  "pkexec_environment"))
 #: The PAM service a PAM module's line names: `pam_unix(SERVICE:...)`.
 _PAM_SERVICE = re.compile(r"^\w+\(([^:()\s]+):")
+
+
+def pam_service_named(message):
+    """The service a PAM module's line names (after any prefix the rules
+    also read past), or None."""
+    match = _PAM_SERVICE.match(_without_log_prefix(message))
+    return match.group(1) if match is not None else None
 #: pam_unix's `uid=N` in its failure line: getuid() of the writer.
 _PAM_FAILURE_UID = re.compile(r"(?:; |\s)uid=(\d+)\s")
 
@@ -3514,9 +3527,11 @@ def untied_claim(entry, rule, fields, service, pam_service=None):
         if rule.name == "auth_failure":
             found = _PAM_FAILURE_UID.search(journal_text(entry.get(
                 "MESSAGE")) or "")
-            if found is None or found.group(1) != uid:
+            # (pam_ldap's failure names no UID: its user is then checked
+            # by name, live, as sudo's are: ActingUsers)
+            if found is not None and found.group(1) != uid:
                 return "the failure names UID %s, but UID %s wrote it" % (
-                    found and found.group(1), uid)
+                    found.group(1), uid)
     if (rule.name in _CALLER_NAMED_RULES or rule.name == "auth_failure" and
             fields.get("service") == "sudo") and fields.get("user") == "root":
         return "the line names root, but UID %s wrote it" % uid
@@ -3576,8 +3591,8 @@ def parse_entry(entry, read_at_us=0, accounts=None):
     rule, fields = classify_message(service.family, message)
     if fields is None:  # most lines: read no more of them
         return None
-    pam_service = _PAM_SERVICE.match(message).group(1) \
-        if rule.family == "pam" else None
+    pam_service = pam_service_named(message) if rule.family == "pam" \
+        else None
     if rule.family == "pam" and service.pam_services is not None and \
             pam_service not in service.pam_services and \
             (not service.setuid or journal_text(entry.get("_UID")) == "0"):
@@ -7279,8 +7294,16 @@ def cef_header_field(text):
 
 
 def cef_value(text):
-    """A CEF extension value (CEF's own escapes; `|` needs none there)."""
-    return text.translate(_CEF_VALUE_ESCAPES)
+    """A CEF extension value: CEF's own escapes (`|` needs none there);
+    what CEF has no escape for (NUL, ESC, other controls, hidden Unicode)
+    is written as the text \\xNN, as on the console, its backslash
+    escaped as CEF wants, so a strict reader still takes the record."""
+    return _UNSAFE_CHARS.sub(_cef_escape_char,
+                             text.translate(_CEF_VALUE_ESCAPES))
+
+
+def _cef_escape_char(match):
+    return "\\" + _escape_char(match)
 
 
 def _cef_users(event):
@@ -11373,13 +11396,16 @@ class JournalSource:
                 self.since_us is None:
             self.since_us = first_start_time_us(self.first_start, now_s)
 
-    def position(self):
+    def position(self, now_s):
         """journalctl arguments: after the last handled entry, else from its
-        time (the cursor was refused), else from the first start."""
+        time (the cursor was refused), but never later than `now_s` (an
+        entry stamped ahead, by a clock set back since, would skip all
+        that comes until then), else from the first start."""
         if self.cursor is not None:
             return ["--after-cursor=%s" % self.cursor]
         if self.last_realtime_us is not None:
-            return ["--since=@%.6f" % (self.last_realtime_us / 1e6)]
+            return ["--since=@%.6f" % (min(self.last_realtime_us / 1e6,
+                                           now_s))]
         if self.since_us is not None:
             return ["--since=@%.6f" % (self.since_us / 1e6)]
         return ["--boot"] if self.first_start == "boot" else []
@@ -11388,7 +11414,7 @@ class JournalSource:
 
     def start(self, now):
         self.pin_first_start(time.time())
-        command = follow_command(self.journalctl, self.position(),
+        command = follow_command(self.journalctl, self.position(time.time()),
                                  self.tty_audit)
         try:
             self.process = subprocess.Popen(
@@ -11536,7 +11562,7 @@ class JournalSource:
         follower has not delivered."""
         command = [self.journalctl, "--output=json", "--no-pager", "--quiet",
                    "--lines=1", "--output-fields=MESSAGE"] + \
-            self.position() + journal_matches(self.tty_audit)
+            self.position(time.time()) + journal_matches(self.tty_audit)
         try:
             result = subprocess.run(command, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE,
@@ -11713,6 +11739,10 @@ def login_record_paths(setting, exists=os.path.lexists):
     return ()
 
 
+def _utf8_or_replaced(data):
+    return data.decode("utf-8", "replace")
+
+
 class LoginRecordFile:
     """Follows one login records file from where it stood when opened:
     wtmp by byte offset like `tail -f` (a shorter or other file: rotated,
@@ -11733,7 +11763,8 @@ class LoginRecordFile:
     def read(self, skip=False):
         """New login records since the last read (a bounded batch)."""
         try:
-            with open(self.path, "rb") as handle:
+            # a FIFO put there would block the whole agent: regular only
+            with open_regular(self.path, True) as handle:
                 magic = handle.read(len(SQLITE_MAGIC))
                 self.kind = "wtmpdb" if magic == SQLITE_MAGIC else "wtmp"
                 if self.kind == "wtmp":
@@ -11774,9 +11805,13 @@ class LoginRecordFile:
             connection = sqlite3.connect(
                 "file:%s?mode=ro" % urllib.parse.quote(self.path),
                 uri=True, timeout=2)
+            # A name not in UTF-8 must not fail every read after it, and
+            # only whole-number IDs order the rows (SQLite keeps any type).
+            connection.text_factory = _utf8_or_replaced
             try:
                 newest = connection.execute(
-                    "SELECT max(ID) FROM wtmp").fetchone()[0] or 0
+                    "SELECT max(ID) FROM wtmp WHERE typeof(ID) = 'integer'"
+                ).fetchone()[0] or 0
                 if skip or self.last_id is None:
                     self.last_id = newest
                     return []
@@ -11784,7 +11819,8 @@ class LoginRecordFile:
                     self.last_id = 0
                 rows = connection.execute(
                     "SELECT ID, Type, User, Login, TTY, RemoteHost, Service "
-                    "FROM wtmp WHERE ID > ? ORDER BY ID LIMIT ?",
+                    "FROM wtmp WHERE typeof(ID) = 'integer' AND ID > ? "
+                    "ORDER BY ID LIMIT ?",
                     (self.last_id, MAX_RECORDS_PER_READ)).fetchall()
             finally:
                 connection.close()
@@ -13145,8 +13181,11 @@ class Agent:
             if entry is None:
                 continue
             cursor = journal_text(entry.get("__CURSOR"))
-            if cursor is not None and cursor == self.source.skip_cursor:
-                continue  # the last entry before a refused cursor, again
+            if cursor is not None and cursor in (self.source.skip_cursor,
+                                                 self.source.cursor):
+                # the last entry before a refused cursor, again, or the one
+                # handled last given back (a journalctl that is not right)
+                continue
             produced += self.pipeline.process_entry(entry, self.clock())
             if cursor is not None and valid_cursor(cursor):
                 self.source.advance(cursor, _entry_timestamp(entry))
@@ -14853,17 +14892,14 @@ def command_run(args, stdout):
     if os.geteuid() == 0:
         # Root reads its cursor, counters and spooled alerts back from
         # here: whoever could change them could silence or forge alerts.
-        # (The service's own user owns its state directory; it is not root.)
-        # So with the audit log: root reads its tail back, cuts a torn
-        # record and appends there; whoever could change log_dir could
-        # plant what root then writes to or cuts.
-        for key, path in (("state_dir", config.state_dir),
-                          ("log_dir", config.audit.enabled and
-                           config.log_dir)):
-            reason = path and trust_problem(path)
-            if reason:
-                raise ConfigError([ConfigProblem(config.path, None,
-                                                 "pamsignal", key, reason)])
+        # (The service's own user owns its state directory; it is not root.
+        # log_dir is not judged so: Ubuntu's /var/log is writable by the
+        # syslog group, and the audit log opens, reads and cuts only
+        # regular files it reached without following a link.)
+        reason = trust_problem(config.state_dir)
+        if reason:
+            raise ConfigError([ConfigProblem(config.path, None, "pamsignal",
+                                             "state_dir", reason)])
     return Agent(config, build_channels(config, args.json), args.config,
                  args.json).run()
 
@@ -15756,8 +15792,10 @@ def refuse_packaged(root, prefix, command):
     """Refuse to install over, or remove, what a package owns: uninstall
     would delete the package's program and conffile, and install's unit
     in /etc/systemd/system would override the package's."""
-    owned = package_owner(root, (prefix + "/bin/pamsignal",
-                                 DEFAULT_CONFIG_PATH))
+    # The programs only: dpkg still names the conffile of a package
+    # removed but not purged (its `rc` state), when nothing is installed.
+    owned = package_owner(root, tuple(sorted({prefix + "/bin/pamsignal",
+                                              "/usr/bin/pamsignal"})))
     if owned is None:
         return
     package, path, manager = owned

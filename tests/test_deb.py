@@ -342,6 +342,9 @@ def test_remove_keeps_configuration_and_state(bookworm):
     assert read(bookworm, CONFIG).endswith(ADMIN_CHANNEL)
     for path, text in SERVICE_FILES.items():
         assert read(bookworm, path) == text
+    # Removed, not purged: dpkg still names the conffile, but nothing is
+    # installed, so the scp path's install may go on (it refused).
+    pamsignal.refuse_packaged(bookworm.path("/"), "/usr", "install")
 
 
 def test_purge_removes_configuration_state_and_logs(bookworm):

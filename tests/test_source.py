@@ -129,6 +129,44 @@ def test_refused_cursor_falls_back_to_time_of_last_entry(tmp_path):
     assert ports(events) == [3002]
 
 
+def test_the_entry_after_which_journalctl_was_asked_is_not_handled_again(
+        tmp_path):
+    # A journalctl that gives back the very entry named by --after-cursor
+    # (not right, but not ours to trust) made one more event each start.
+    entry = make_entry("sshd", FAILED % 4444, sequence=3)
+    again = {"output": [json_line(entry)], "exit": 0}
+    fake = FakeJournal(tmp_path, {"follow": [
+        again, again, dict(again, hang=True)]})
+    agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
+    assert wait_for(lambda: len(fake.calls()) >= 3, timeout=30)
+    assert wait_for(cursor_saved(tmp_path, entry))
+    events, _, _ = agent.stop()
+    assert "--after-cursor=%s" % entry["__CURSOR"] in fake.calls()[2]
+    assert ports(events) == [4444]
+
+
+def test_a_refused_cursor_never_resumes_from_a_time_still_to_come(tmp_path):
+    # The last entry was stamped ahead (the clock was set back since): from
+    # its time, journalctl would skip all that is written until then.
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    ahead_us = int((time.time() + 10 * 365 * 86400) * 1e6)
+    (state_dir / "state.json").write_text(json.dumps(
+        {"version": 1, "cursor": "s=dead;i=1", "realtime_us": ahead_us,
+         "sessions": []}))
+    refusal = {"exit": 1,
+               "stderr": "Failed to seek to cursor: Invalid argument"}
+    fake = FakeJournal(tmp_path, {"follow": [
+        refusal, refusal, refusal, {"hang": True}]})
+    before_s = time.time()
+    agent = AgentProcess(agent_config(tmp_path, fake), env=fake.env())
+    assert wait_for(lambda: len(fake.calls()) >= 4, timeout=30)
+    agent.stop()
+    since = [a for a in fake.calls()[3] if a.startswith("--since=@")]
+    assert len(since) == 1
+    assert before_s <= float(since[0][len("--since=@"):]) <= time.time()
+
+
 def test_journalctl_closing_its_stderr_early_is_no_busy_loop(tmp_path):
     """A wrapper that sends journalctl's stderr away closes the pipe at
     once; the agent must not spin on it (it did, at 100% CPU)."""

@@ -23,7 +23,7 @@ import syslog_collector
 from support import PAMSIGNAL, FakeJournal, json_line, make_entry, \
     pamsignal, wait_for, write_config
 from syslog_collector import Collector
-from test_syslog_render import HOSTILE_NAMES, LEEF_EXACT
+from test_syslog_render import HOSTILE_NAMES, LEEF_EXACT, cef_carried
 
 
 def require_rsyslog(tls=False):
@@ -136,6 +136,9 @@ def test_the_collector_reads_every_record_and_hostile_names_exactly(
         if fmt == "leef" and evt.user not in LEEF_EXACT:
             assert user == pamsignal.escape_text(evt.user).replace(
                 "^", "\\x5e")
+        elif fmt == "cef":
+            assert (user, text) == (cef_carried(evt.user),
+                                    cef_carried(evt.message))
         else:
             assert (user, text) == (evt.user, evt.message)
         if header == "rfc5424":
@@ -163,7 +166,8 @@ def test_rsyslogs_own_cef_parser_reads_hostile_names_exactly(tmp_path):
                 "3")
         values = record["Extensions"]
         assert (values["suser"], values["duser"], values["msg"]) == (
-            evt.user, evt.target_user, evt.message)
+            cef_carried(evt.user), cef_carried(evt.target_user),
+            cef_carried(evt.message))
         assert values["externalId"] == pamsignal.alert_id(evt)
         # liblognorm 2.0.6 drops the first letter of the first key ("rt"
         # reads as "t"); CEF puts the extension right after the last |.
@@ -380,9 +384,9 @@ def test_a_key_file_others_can_read_is_refused(tmp_path, certs, mode,
     with pytest.raises(pamsignal.ConfigError) as refused:
         pamsignal.load_config(config)
     assert str(refused.value) == (
-        "%s: [channel:siem] key_file: %s holds a private key but other "
+        "%s:%d: [channel:siem] key_file: %s holds a private key but other "
         "users can read it (group or world); run: chmod 600 %s"
-        % (config, mine, mine))
+        % (config, line_of(config, "key_file"), mine, mine))
 
 
 def test_a_client_certificate_with_the_wrong_key_is_refused(tmp_path,
@@ -397,8 +401,15 @@ def test_a_client_certificate_with_the_wrong_key_is_refused(tmp_path,
         pamsignal.load_config(config)
     (problem,) = refused.value.problems
     assert str(problem).startswith(
-        "%s: [channel:siem] cert_file: cannot load %s with %s: " % (
-            config, cert, other_key))
+        "%s:%d: [channel:siem] cert_file: cannot load %s with %s: " % (
+            config, line_of(config, "cert_file"), cert, other_key))
+
+
+def line_of(config, key):
+    """The line of the config file that sets `key`."""
+    with open(config) as handle:
+        return next(number for number, line in enumerate(handle, 1)
+                    if line.startswith(key + " "))
 
 
 @pytest.mark.parametrize("wrong", ["ca", "host"])

@@ -181,8 +181,10 @@ def test_hostile_names_come_back_exactly(name, header):
         _, msg = record_of(message, header)
         if fmt == "cef":
             _, ext = siem_formats.parse_cef(msg)
+            carried = cef_carried(name)
             assert (ext["suser"], ext["duser"], ext["shost"], ext["cs3"],
-                    ext["msg"]) == (name, name + "2", name, name, "x " + name)
+                    ext["msg"]) == (carried, carried + "2", carried, carried,
+                                    "x " + carried)
         elif fmt == "leef":
             _, attrs = siem_formats.parse_leef(msg)
             if name in LEEF_EXACT:
@@ -196,6 +198,29 @@ def test_hostile_names_come_back_exactly(name, header):
             assert (ecs["user"]["name"], ecs["user"]["target"]["name"],
                     ecs["source"]["domain"], ecs["message"]) == (
                 name, name + "2", name, "x " + name)
+
+
+def cef_carried(text):
+    """What a CEF reader gets back for `text`: line breaks through CEF's
+    own escapes, every other unsafe character as \\xNN."""
+    return "".join(char if char in "\r\n" else pamsignal.escape_text(char)
+                   for char in text)
+
+
+@pytest.mark.parametrize("header", ["rfc5424", "rfc3164"])
+def test_cef_carries_no_raw_control_character(header):
+    # CEF has no escape of its own for NUL, ESC or hidden Unicode: raw,
+    # a NUL ends the record early for some receivers and ESC reaches the
+    # analyst's console.
+    name = "ro\x00ot\x1b[2J\x07\x85\u2028\u202e"
+    message = render(event(user=name, message="Accepted for " + name),
+                     format="cef", header=header)
+    text = message.decode("utf-8")
+    assert not pamsignal._UNSAFE_CHARS.search(text), repr(text)
+    _, msg = record_of(message, header)
+    _, ext = siem_formats.parse_cef(msg)
+    assert ext["duser"] == "ro\\x00ot\\x1b[2J\\x07\\x85\\u2028\\u202e"
+    assert ext["msg"] == "Accepted for " + ext["duser"]
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
@@ -250,7 +275,8 @@ def test_framing():
                       for name in HOSTILE_NAMES)
     frames = siem_formats.octet_frames(stream)
     assert [siem_formats.parse_cef(record_of(frame)[1])[1]["duser"]
-            for frame in frames] == HOSTILE_NAMES
+            for frame in frames] == [cef_carried(name)
+                                     for name in HOSTILE_NAMES]
 
 
 # ------------------------------------------------------------ configuration

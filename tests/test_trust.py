@@ -502,6 +502,26 @@ FORGED_SUDO = "  root : TTY=pts/0 ; PWD=/%s ; USER=root ; COMMAND=/bin/sh"
 SETUID_EXE = {"cockpit-session": "/usr/lib/cockpit/cockpit-session"}
 
 
+@pytest.mark.parametrize("identifier", ["sshd", "su", "sudo"])
+@pytest.mark.parametrize("prefix", ["error: ", "fatal: ", "warning: "])
+@pytest.mark.parametrize("forged", [True, False])
+def test_a_pam_line_behind_a_log_prefix_is_read_not_a_crash(
+        identifier, prefix, forged):
+    # The rules read past sshd's `error: ` prefix; the PAM service check
+    # did not, and a forged line crashed the agent at every restart (its
+    # cursor never moved past it).
+    message = prefix + "pam_unix(%s:session): session opened for user " \
+        "root(uid=0) by (uid=0)" % identifier
+    forger = {"_UID": "1000", "_COMM": "logger", "_EXE": "/usr/bin/logger"}
+    event = pamsignal.parse_entry(make_entry(identifier, message,
+                                             **(forger if forged else {})))
+    if forged:
+        assert event.action == "spoofed_entry"
+    else:  # the genuine writer's own: read as without the prefix
+        assert event == pamsignal.parse_entry(make_entry(
+            identifier, message[len(prefix):]))._replace(message=message)
+
+
 def parsed(identifier, message, uid, **fields):
     event = pamsignal.parse_entry(make_entry(identifier, message,
                                              _UID=uid, **fields))
@@ -596,6 +616,12 @@ def test_a_callers_line_about_someone_else_is_spoofed(identifier, message,
     # pam_unix's `by NAME` is the terminal's login name: not tied
     ("sudo", "pam_unix(sudo:session): session opened for user root(uid=0) "
      "by root(uid=65534)", "session_opened"),
+    # pam_ldap (nss-pam-ldapd) names no UID in its failure: a mistyped
+    # sudo or su password on an LDAP host is a failure, not a forgery
+    ("sudo", "pam_ldap(sudo:auth): Authentication failure; user=nobody",
+     "login_failure"),
+    ("su", "pam_ldap(su:auth): Authentication failure; user=root",
+     "login_failure"),
 ])
 def test_a_callers_line_about_itself_counts(identifier, message, action):
     assert parsed(identifier, message, "65534")["action"] == action

@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -539,6 +540,62 @@ def test_a_broken_wtmpdb_is_a_problem_not_a_crash(tmp_path, content):
     follower.open()
     assert follower.read() == []
     assert follower.problem.startswith("cannot read %s" % path)
+
+
+def test_a_fifo_as_login_records_is_a_problem_not_a_hang(tmp_path):
+    # The follower is read in the agent's main loop: a FIFO put there
+    # blocked it (the journal, alerts and the watchdog with it).
+    path = tmp_path / "wtmp"
+    os.mkfifo(str(path))
+    follower = pamsignal.LoginRecordFile(str(path))
+    done = threading.Thread(target=follower.open, daemon=True)
+    done.start()
+    done.join(30)
+    if done.is_alive():  # unblock the old code's open() before failing
+        os.close(os.open(str(path), os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("reading a FIFO blocked")
+    assert "is a FIFO, not a regular file" in follower.problem
+
+
+def test_a_wtmpdb_name_not_in_utf8_blinds_nothing(tmp_path):
+    path = tmp_path / "wtmp.db"
+    wtmpdb(path, [])
+    follower = pamsignal.LoginRecordFile(str(path))
+    follower.open()
+    connection = sqlite3.connect(str(path))
+    with connection:
+        connection.execute(
+            "INSERT INTO wtmp (Type, User, Login, TTY, RemoteHost) VALUES "
+            "(3, CAST(x'ff61' AS TEXT), ?, 'pts/1', '192.0.2.7')", (T0,))
+    connection.close()
+    wtmpdb(path, [(3, "dave", T0 + 1, None, "pts/2", "192.0.2.8", None)])
+    records = follower.read()
+    assert follower.problem is None
+    assert [(r.user, r.source_ip) for r in records] == [
+        ("\ufffda", "192.0.2.7"), ("dave", "192.0.2.8")]
+
+
+def test_a_wtmpdb_row_id_that_is_not_a_number_is_passed_over(tmp_path):
+    # Only a table made by hand can hold one (wtmpdb's is STRICT), but the
+    # comparison of text with a number crashed the agent.
+    path = tmp_path / "wtmp.db"
+    connection = sqlite3.connect(str(path))
+    with connection:
+        connection.execute("CREATE TABLE wtmp(ID, Type INTEGER, User TEXT, "
+                           "Login INTEGER, Logout INTEGER, TTY TEXT, "
+                           "RemoteHost TEXT, Service TEXT)")
+        connection.execute("INSERT INTO wtmp VALUES (1, 3, 'old', ?, NULL, "
+                           "'pts/0', '192.0.2.1', NULL)", (T0,))
+    follower = pamsignal.LoginRecordFile(str(path))
+    follower.open()
+    with connection:
+        connection.execute("INSERT INTO wtmp VALUES ('zz', 3, 'odd', ?, "
+                           "NULL, 'pts/3', '192.0.2.9', NULL)", (T0 + 1,))
+        connection.execute("INSERT INTO wtmp VALUES (2, 3, 'erin', ?, NULL, "
+                           "'pts/4', '192.0.2.10', NULL)", (T0 + 2,))
+    connection.close()
+    assert [r.user for r in follower.read()] == ["erin"]
+    assert follower.problem is None
 
 
 def test_a_foreign_sqlite_file_is_a_problem(tmp_path):
