@@ -7252,7 +7252,7 @@ SIEM_VENDOR, SIEM_PRODUCT = "PAMSignal", "pamsignal"
 MAX_SYSLOG_BYTES = 8000
 
 #: Value lengths tried, longest first, until a record fits MAX_SYSLOG_BYTES.
-_VALUE_CAPS = (4000, 1023, 512, 255, 128, 64)
+_VALUE_CAPS = (4000, 1023, 512, 255, 128, 64, 16)
 
 #: RFC 5424 SD-ID of the structured data. 32473 is the Private Enterprise
 #: Number RFC 5612 reserves for examples: PAMSignal has none of its own.
@@ -7454,16 +7454,18 @@ def _header_text(text, limit):
     return re.sub(r"[^\x21-\x7e]", "_", text)[:limit] if text else "-"
 
 
-def sd_value(text):
+def sd_value(text, cap=MAX_SD_VALUE_CHARS):
     """An RFC 5424 SD-PARAM value: `"`, `\\` and `]` escaped; control
     characters written as \\xNN (the format has no escape for them)."""
-    return escape_text(shorten(text, MAX_SD_VALUE_CHARS)).replace(
+    return escape_text(shorten(text, cap)).replace(
         "\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
 
 
-def structured_data(event, event_id):
+def structured_data(event, event_id, cap=None):
     """[pamsignal@32473 ...]: the event's id, action and who/where, for
-    collectors that filter without reading the record."""
+    collectors that filter without reading the record (values cut at
+    `cap` too, when the record must be shorter)."""
+    cap = min(cap or MAX_SD_VALUE_CHARS, MAX_SD_VALUE_CHARS)
     _, _, outcome, _ = ACTIONS[event.action]
     params = (("id", event_id), ("action", event.action),
               ("outcome", outcome), ("severity", event_severity(event)),
@@ -7471,11 +7473,11 @@ def structured_data(event, event_id):
               ("src", event.source_ip or event.source_domain),
               ("service", event.service))
     return "[%s %s]" % (SD_ID, " ".join(
-        '%s="%s"' % (name, sd_value(str(value))) for name, value in params
-        if value is not None and value != ""))
+        '%s="%s"' % (name, sd_value(str(value), cap)) for name, value in
+        params if value is not None and value != ""))
 
 
-def syslog_header(event, layout, event_id):
+def syslog_header(event, layout, event_id, cap=None):
     """The header before the record: RFC 5424 (with structured data) or
     RFC 3164 (in UTC: it has no time zone)."""
     priority = layout.facility * 8 + severity_level(event, SYSLOG_LEVELS)
@@ -7488,7 +7490,7 @@ def syslog_header(event, layout, event_id):
             layout.app_name)
     return "<%d>1 %s %s %s - %s %s %s" % (
         priority, format_timestamp(event.timestamp_us), hostname,
-        layout.app_name, event.action, structured_data(event, event_id),
+        layout.app_name, event.action, structured_data(event, event_id, cap),
         "\ufeff" if layout.bom else "")
 
 
@@ -7496,13 +7498,14 @@ def render_syslog(event, layout):
     """One syslog message as bytes (UTF-8, no framing), at most
     MAX_SYSLOG_BYTES: values are cut shorter until it fits."""
     event_id = alert_id(event)
-    header = syslog_header(event, layout, event_id)
     render = SIEM_RENDERERS[layout.format]
     for cap in (None,) + _VALUE_CAPS:
-        message = (header + render(event, event_id, cap)).encode("utf-8")
+        message = (syslog_header(event, layout, event_id, cap) +
+                   render(event, event_id, cap)).encode("utf-8")
         if len(message) <= MAX_SYSLOG_BYTES:
             return message
-    # Only dozens of huge fields get here: cut, still valid UTF-8.
+    # Hardly reached: at the shortest cap, every value with each character
+    # escaped at its longest still fits. Cut, then, still valid UTF-8.
     return message[:MAX_SYSLOG_BYTES].decode("utf-8", "ignore").encode(
         "utf-8")
 

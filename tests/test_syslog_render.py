@@ -252,17 +252,28 @@ def test_a_10_kb_name_is_cut_and_the_record_stays_whole():
         assert len(user) < len(name)
 
 
-def test_many_huge_fields_still_fit():
-    huge = "\u00e9\n" * 6000
+@pytest.mark.parametrize("huge", [
+    "\u00e9\n" * 6000,
+    # hidden characters, each escaped at its longest (\u200b: 6 bytes),
+    # in the structured data too: the smaller caps must cut those as well
+    "\u200b" * 300])
+@pytest.mark.parametrize("header", ["rfc5424", "rfc3164"])
+def test_many_huge_fields_still_fit_whole(huge, header):
     evt = event(**{field: huge for field in (
         "user", "target_user", "source_domain", "command_line", "key",
-        "tty", "service", "reason", "message", "source_as_org")})
+        "tty", "service", "reason", "message", "source_as_org",
+        "process_name", "process_executable", "detail", "auth_method")},
+        users_tried=(huge,) * 20)
     for fmt in ("cef", "leef", "json"):
-        message = render(evt, format=fmt)
+        message = render(evt, format=fmt, header=header)
         assert len(message) <= pamsignal.MAX_SYSLOG_BYTES
-        _, msg = record_of(message)
+        _, msg = record_of(message, header)
         if fmt == "json":
             json.loads(msg)
+        elif fmt == "cef":
+            siem_formats.parse_cef(msg)
+        else:
+            siem_formats.parse_leef(msg)
 
 
 def test_framing():
