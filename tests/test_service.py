@@ -497,7 +497,9 @@ def test_crashing_then_missing_journalctl_is_one_degradation(
         tmp_path, notify_socket):
     crash = {"exit": 1, "stderr": "Failed to open journal: Bad message\n"}
     service = Service(tmp_path, notify_socket, plan=[
-        dict(crash, output=[json_line(make_entry("sshd", FAILED % 51))]),
+        # (a cursor of its own: append() numbers its entries from 1)
+        dict(crash, output=[json_line(make_entry("sshd", FAILED % 51,
+                                                 sequence=100))]),
         crash])
     notify_socket.wait(lambda m: "Degraded: journal: journalctl exited "
                        "with status 1: Failed to open journal"
