@@ -8520,20 +8520,7 @@ def _open_log_file(path):
     cut and append to. O_NOFOLLOW and O_NONBLOCK, then fstat: a link or
     FIFO planted in a log_dir others can write must make the agent
     neither write to nor cut another file, nor block."""
-    try:
-        descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT |
-                             os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
-                             0o600)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise NotRegularFile(path, "a symbolic link") from None
-        raise
-    kind = os.fstat(descriptor).st_mode
-    if not stat.S_ISREG(kind):
-        os.close(descriptor)
-        raise NotRegularFile(path, file_kind(kind))
-    os.set_blocking(descriptor, True)
-    return descriptor
+    return regular_descriptor(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
 
 
 def load_audit_key(spec, log_dir, credentials_dir, euid=None):
@@ -11179,11 +11166,23 @@ def open_regular(path, follow_links=False, encoding=None):
     (O_NONBLOCK, then fstat), and never through a symlink unless
     `follow_links`. Raises NotRegularFile (an OSError) naming what it
     found instead."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    descriptor = regular_descriptor(path, os.O_RDONLY, follow_links)
+    try:
+        return os.fdopen(descriptor, "r" if encoding else "rb",
+                         encoding=encoding)
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def regular_descriptor(path, flags, follow_links=False, mode=0o600):
+    """os.open(path, flags) only if what it opens is a regular file (see
+    open_regular), as a blocking descriptor; NotRegularFile otherwise."""
+    flags |= os.O_NONBLOCK | os.O_CLOEXEC
     if not follow_links:
         flags |= os.O_NOFOLLOW
     try:
-        descriptor = os.open(path, flags)
+        descriptor = os.open(path, flags, mode)
     except OSError as error:
         if error.errno == errno.ELOOP and not follow_links:
             raise NotRegularFile(path, "a symbolic link") from None
@@ -11193,8 +11192,7 @@ def open_regular(path, follow_links=False, encoding=None):
         if not stat.S_ISREG(kind):
             raise NotRegularFile(path, file_kind(kind))
         os.set_blocking(descriptor, True)
-        return os.fdopen(descriptor, "r" if encoding else "rb",
-                         encoding=encoding)
+        return descriptor
     except BaseException:
         os.close(descriptor)
         raise
