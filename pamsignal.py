@@ -10814,17 +10814,11 @@ class Spool:
         return item.value if item is not None else UNKNOWN_VALUE
 
     def _drop_locked(self, name, reason):
-        if self.in_memory.pop(name, None) is None:
-            self._unlink(name + ".alert")
-        item = self.items.get(name)
-        self._forget(name)
-        for lost in (self.dropped, self.lost):
-            lost.add(reason, item)
-        self._write_json("dropped.json", self.dropped.to_json())
+        self._drop_many_locked({name}, reason)
 
     def _drop_many_locked(self, names, reason):
-        """_drop_locked for many at once: `ready` rebuilt once and
-        dropped.json written once."""
+        """Drop these alerts, each counted: `ready` rebuilt once and
+        dropped.json written once, however many."""
         if not names:
             return
         for name in names:
